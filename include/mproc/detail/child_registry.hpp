@@ -1,0 +1,128 @@
+// mproc — the live children of this process, for reaping, active_children() and ChildGuard.
+//
+// A fixed table of atomics, not a locked container: ChildGuard reads it from a signal handler, and
+// a child forked while another thread was mid-update must be able to wipe its copy. Statuses that
+// one caller reaps are kept for the owner, so active_children() never steals a Process's exit code.
+#pragma once
+
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <optional>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <vector>
+
+#include "../errors.hpp"
+
+namespace mproc::detail {
+
+class ChildRegistry {
+public:
+    static constexpr std::size_t capacity = 4096;
+
+    /// Records a child just forked. Throws when the table is full.
+    void add(pid_t pid) {
+        for (std::size_t i = 0; i < capacity; ++i) {
+            Slot& slot = slots_[i];
+            int expected = free_;
+            if (slot.state.load(std::memory_order_relaxed) == free_ &&
+                slot.state.compare_exchange_strong(expected, claiming_, std::memory_order_acquire)) {
+                slot.pid.store(pid, std::memory_order_relaxed);
+                slot.status.store(0, std::memory_order_relaxed);
+                slot.state.store(live_, std::memory_order_release);
+                std::size_t high = high_water_.load(std::memory_order_relaxed);
+                while (high < i + 1 && !high_water_.compare_exchange_weak(high, i + 1)) {}
+                return;
+            }
+        }
+        throw Error("mproc: more than " + std::to_string(capacity) + " live children");
+    }
+
+    /// Reaps `pid` if it has ended (or waits for it when `block`), keeping its wait status.
+    /// Returns the status, or nullopt while the child runs.
+    std::optional<int> reap(pid_t pid, bool block) {
+        Slot* slot = find(pid);
+        if (slot && slot->state.load(std::memory_order_acquire) == reaped_)
+            return slot->status.load(std::memory_order_relaxed);
+        int status = 0;
+        pid_t got;
+        do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
+        while (got < 0 && errno == EINTR);
+        if (got == pid) {
+            if (slot) {
+                slot->status.store(status, std::memory_order_relaxed);
+                slot->state.store(reaped_, std::memory_order_release);
+            }
+            return status;
+        }
+        if (got < 0 && errno == ECHILD && slot && slot->state.load(std::memory_order_acquire) == reaped_)
+            return slot->status.load(std::memory_order_relaxed);  // another thread reaped it
+        if (got < 0) throw_errno("waitpid(" + std::to_string(pid) + ")");
+        return std::nullopt;
+    }
+
+    /// Drops the record once its owner has the status.
+    void forget(pid_t pid) noexcept {
+        if (Slot* slot = find(pid)) slot->state.store(free_, std::memory_order_release);
+    }
+
+    /// Children that have not ended; reaps (and keeps the status of) those that have.
+    std::vector<pid_t> live() {
+        std::vector<pid_t> alive;
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i) {
+            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
+            const pid_t pid = slots_[i].pid.load(std::memory_order_relaxed);
+            if (!reap(pid, false)) alive.push_back(pid);
+        }
+        return alive;
+    }
+
+    /// Calls fn(pid) for each child not yet reaped. Async-signal-safe if fn is.
+    template <class Fn> void for_each_live(Fn&& fn) const noexcept {
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i)
+            if (slots_[i].state.load(std::memory_order_acquire) == live_)
+                fn(slots_[i].pid.load(std::memory_order_relaxed));
+    }
+
+    /// In a freshly forked child: the parent's children are not ours.
+    void clear_after_fork() noexcept {
+        for (Slot& slot : slots_) slot.state.store(free_, std::memory_order_relaxed);
+        high_water_.store(0, std::memory_order_relaxed);
+    }
+
+private:
+    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3;
+    struct Slot {
+        std::atomic<int> state{free_};
+        std::atomic<pid_t> pid{0};
+        std::atomic<int> status{0};
+    };
+    Slot* find(pid_t pid) noexcept {
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i) {
+            const int state = slots_[i].state.load(std::memory_order_acquire);
+            if ((state == live_ || state == reaped_) && slots_[i].pid.load(std::memory_order_relaxed) == pid)
+                return &slots_[i];
+        }
+        return nullptr;
+    }
+    Slot slots_[capacity];
+    std::atomic<std::size_t> high_water_{0};
+};
+
+inline ChildRegistry& children() noexcept {
+    static ChildRegistry registry;  // constant-initialised: safe to touch from a signal handler
+    return registry;
+}
+
+/// exitcode() from a wait status: N for exit(N), -N for death by signal N.
+inline int exit_code_of(int status) noexcept {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    return -1;
+}
+
+}  // namespace mproc::detail

@@ -1,0 +1,25 @@
+// mproc — readable type names for errors that cross process boundaries.
+#pragma once
+
+#include <cstdlib>
+#include <cxxabi.h>
+#include <memory>
+#include <string>
+#include <typeinfo>
+
+namespace mproc::detail {
+
+inline std::string demangle(const char* mangled) {
+    int status = 0;
+    std::unique_ptr<char, void (*)(void*)> readable(abi::__cxa_demangle(mangled, nullptr, nullptr, &status),
+                                                    std::free);
+    return status == 0 && readable ? std::string(readable.get()) : std::string(mangled);
+}
+
+/// The demangled dynamic type of the exception being handled (call inside a catch block).
+inline std::string current_exception_type_name() {
+    const std::type_info* type = abi::__cxa_current_exception_type();
+    return type ? demangle(type->name()) : std::string("unknown exception");
+}
+
+}  // namespace mproc::detail

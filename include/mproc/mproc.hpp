@@ -1,0 +1,7 @@
+// mproc — Python's multiprocessing for C++20. This header brings in every part.
+#pragma once
+
+#include "errors.hpp"
+#include "serialize.hpp"
+#include "process.hpp"
+#include "pipe.hpp"
