@@ -41,6 +41,19 @@ class Buffer {
 public:
     Buffer() = default;
     explicit Buffer(std::size_t capacity) { reserve(capacity); }
+    // A moved-from Buffer is empty and reusable: the defaulted moves would leave its size and
+    // capacity behind with a null pointer, so the next append wrote through that null pointer.
+    Buffer(Buffer&& other) noexcept
+        : data_(std::move(other.data_)), size_(std::exchange(other.size_, 0)),
+          capacity_(std::exchange(other.capacity_, 0)) {}
+    Buffer& operator=(Buffer&& other) noexcept {
+        if (this != &other) {
+            data_ = std::move(other.data_);
+            size_ = std::exchange(other.size_, 0);
+            capacity_ = std::exchange(other.capacity_, 0);
+        }
+        return *this;
+    }
 
     std::byte* data() noexcept { return data_.get(); }
     const std::byte* data() const noexcept { return data_.get(); }
@@ -206,6 +219,12 @@ template <class T> constexpr std::size_t min_encoded_size() {
     else if constexpr (has_serialize_member<T>) return 0;
     else return sizeof(T);
 }
+// An element type that may encode to no bytes at all (std::monostate, std::tuple<>, an empty
+// std::array, a user type whose serialize() writes nothing) gives a container's length nothing to
+// be checked against: such elements are each preceded by a one-byte marker, so that every element
+// of every container costs at least one byte and a length can never claim more than the input holds.
+template <class T> inline constexpr bool needs_element_marker_v = min_encoded_size<T>() == 0;
+inline constexpr std::uint8_t element_marker = 0xE1;
 template <class T> inline constexpr bool is_bulk_copyable_v =
     (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_enum_v<T>;
 // A vector whose elements are copied as one block of memory.
@@ -231,8 +250,12 @@ public:
 private:
     template <class Range> void write_elements(const Range& range) {
         write_length(std::size(range));
-        for (const auto& element : range) write(element);
+        for (const auto& element : range) {
+            if constexpr (detail::needs_element_marker_v<typename Range::value_type>) write_marker();
+            write(element);
+        }
     }
+    void write_marker() { write_raw(&detail::element_marker, 1); }
     Buffer* out_;
 };
 
@@ -259,6 +282,14 @@ public:
             fail("length " + std::to_string(n) + " exceeds the " + std::to_string(remaining()) +
                  " bytes left");
         return static_cast<std::size_t>(n);
+    }
+    /// Checks the marker that precedes each element that may encode to no bytes.
+    template <class E> void read_marker() {
+        if constexpr (detail::needs_element_marker_v<E>) {
+            std::uint8_t marker = 0;
+            read_raw(&marker, 1);
+            if (marker != detail::element_marker) fail("invalid element marker " + std::to_string(marker));
+        }
     }
     std::size_t remaining() const noexcept { return in_.size() - pos_; }
     [[noreturn]] static void fail(const std::string& why) {
@@ -292,7 +323,12 @@ template <class T> void Writer::write(const T& value) {
         write_elements(value);
     } else if constexpr (is_std_map<T>::value) {
         write_length(value.size());
-        for (const auto& [k, v] : value) { write(k); write(v); }
+        for (const auto& [k, v] : value) {
+            if constexpr (needs_element_marker_v<std::pair<typename T::key_type, typename T::mapped_type>>)
+                write_marker();
+            write(k);
+            write(v);
+        }
     } else if constexpr (is_std_array<T>::value) {
         for (const auto& element : value) write(element);
     } else if constexpr (is_std_pair<T>::value || is_std_tuple<T>::value) {
@@ -341,6 +377,7 @@ template <class T> void Reader::read(T& value) {
             value.clear();
             value.reserve(n);
             for (std::size_t i = 0; i < n; ++i) {
+                read_marker<E>();
                 if constexpr (std::is_same_v<E, bool>) {
                     bool b = false;
                     read(b);
@@ -355,6 +392,7 @@ template <class T> void Reader::read(T& value) {
         const std::size_t n = read_length(min_encoded_size<E>());
         value.clear();
         for (std::size_t i = 0; i < n; ++i) {
+            read_marker<E>();
             E element{};
             read(element);
             value.insert(std::move(element));
@@ -365,6 +403,7 @@ template <class T> void Reader::read(T& value) {
         const std::size_t n = read_length(min_encoded_size<K>() + min_encoded_size<V>());
         value.clear();
         for (std::size_t i = 0; i < n; ++i) {
+            read_marker<std::pair<K, V>>();
             K key{};
             read(key);
             V mapped{};
