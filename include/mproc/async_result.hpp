@@ -1,0 +1,264 @@
+// mproc — AsyncResult: the pending outcome of Pool::apply_async, map_async and starmap_async.
+//
+//     auto ar = pool.apply_async(square, std::tuple{3}, [&](int v) { ... });
+//     ar.get();        // 9; rethrows the task's exception; get(1s) throws TimeoutError if not ready
+//     ar.wait(1s);     // bool
+//     ar.ready(); ar.successful();
+#pragma once
+
+#include <condition_variable>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "detail/clock.hpp"
+#include "detail/demangle.hpp"
+#include "detail/pool_core.hpp"
+#include "detail/pool_task.hpp"
+#include "detail/remote_exception.hpp"
+#include "errors.hpp"
+
+namespace mproc {
+
+namespace detail {
+
+/// Reads one item's outcome: the value into `slot` (when there is one), or the rebuilt exception.
+template <class R, class Store>
+std::exception_ptr read_outcome(Reader& in, Store&& store) {
+    Outcome outcome{};
+    in.read(outcome);
+    if (outcome == Outcome::value) {
+        if constexpr (!std::is_void_v<R>) {
+            R value{};
+            in.read(value);
+            store(std::move(value));
+        }
+        return nullptr;
+    }
+    if (outcome == Outcome::exception) {
+        RemoteException e;
+        in.read(e);
+        return e.rebuild();
+    }
+    Reader::fail("unexpected item outcome");
+}
+
+/// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
+/// could catch it. The AsyncResult's get() rethrows it too.
+inline void report_callback_exception(const char* which) {
+    const std::string type = current_exception_type_name();
+    std::string what;
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        what = e.what();
+    } catch (...) {
+    }
+    std::fprintf(stderr, "mproc: a Pool %s threw %s: %s\n", which, type.c_str(), what.c_str());
+}
+
+/// What an AsyncResult<T> asks of its shared state.
+template <class T>
+class ValueState {
+public:
+    virtual ~ValueState() = default;
+    virtual bool wait(std::optional<Seconds> timeout) = 0;
+    virtual bool ready() = 0;
+    virtual bool successful() = 0;
+    /// After wait() returned true: the value (moved out when `move_out`), or the exception.
+    virtual T take(bool move_out) = 0;
+};
+
+template <class R, bool Many>
+using collected_t = std::conditional_t<std::is_void_v<R>, void, std::conditional_t<Many, std::vector<R>, R>>;
+
+/// The shared state behind an AsyncResult<T>: T is R for apply_async, std::vector<R> for
+/// map_async (void stays void). It collects `items` outcomes, then runs the callback and wakes
+/// the waiters.
+template <class R, bool Many>
+class CollectState final : public ResultSink, public ValueState<collected_t<R, Many>> {
+public:
+    using Value = collected_t<R, Many>;
+    using Callback = std::conditional_t<std::is_void_v<Value>, std::function<void()>, std::function<void(const Value&)>>;
+    using ErrorCallback = std::function<void(std::exception_ptr)>;
+
+    CollectState(std::size_t items, Callback callback, ErrorCallback error_callback, std::thread::id collector)
+        : remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
+          collector_(collector) {
+        if constexpr (Many && !std::is_void_v<R>) values_.resize(items);
+        if (items == 0) complete();
+    }
+
+    void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {
+        std::size_t settled = 0;
+        for (std::uint32_t i = 0; i < count; ++i) {
+            const bool skipped = std::binary_search(skips.begin(), skips.end(), i);
+            if (skipped) {
+                Outcome o{};
+                in.read(o);
+                continue;
+            }
+            const std::size_t index = first + i;
+            std::exception_ptr error = read_outcome<R>(in, [&](auto&& v) { store(index, std::move(v)); });
+            if (error) record_error(index, error);
+            ++settled;
+        }
+        settle(settled);
+    }
+
+    void fail(std::size_t index, std::exception_ptr error) override {
+        record_error(index, error);
+        settle(1);
+    }
+
+    // ---- the AsyncResult side ----
+    bool wait(std::optional<Seconds> timeout) override {
+        std::unique_lock lock(mutex_);
+        if (ready_) return true;
+        if (std::this_thread::get_id() == collector_)
+            throw Error("waiting for a Pool result inside a Pool callback would deadlock");
+        const auto deadline = deadline_after(timeout);
+        if (!deadline) {
+            done_.wait(lock, [&] { return ready_; });
+            return true;
+        }
+        return done_.wait_until(lock, *deadline, [&] { return ready_; });
+    }
+    bool ready() override {
+        std::lock_guard lock(mutex_);
+        return ready_;
+    }
+    bool successful() override {
+        std::lock_guard lock(mutex_);
+        if (!ready_) throw Error("AsyncResult::successful() called before the result is ready");
+        return !error_;
+    }
+    Value take(bool move_out) override {
+        std::lock_guard lock(mutex_);
+        if (error_) std::rethrow_exception(error_);
+        if constexpr (!std::is_void_v<Value>) {
+            if (move_out) return std::move(*value_);
+            return *value_;
+        }
+    }
+
+private:
+    template <class V> void store(std::size_t index, V&& v) {
+        if constexpr (Many) values_[index] = std::forward<V>(v);
+        else single_ = std::forward<V>(v);
+    }
+    void record_error(std::size_t index, std::exception_ptr error) {
+        std::lock_guard lock(mutex_);
+        if (!error_ || index < error_index_) {
+            error_ = error;
+            error_index_ = index;
+        }
+    }
+    void settle(std::size_t n) {
+        {
+            std::lock_guard lock(mutex_);
+            remaining_ -= std::min(remaining_, n);
+            if (remaining_ != 0 || ready_) return;
+        }
+        complete();
+    }
+    // Runs the callback, then publishes: a get() that returns has seen its callback run.
+    void complete() {
+        std::exception_ptr error;
+        {
+            std::lock_guard lock(mutex_);
+            error = error_;
+            if constexpr (!std::is_void_v<Value>) {
+                if (!error) {
+                    if constexpr (Many) value_.emplace(std::move(values_));
+                    else value_.emplace(std::move(*single_));
+                }
+            }
+        }
+        try {
+            if (!error && callback_) {
+                if constexpr (std::is_void_v<Value>) callback_();
+                else callback_(*value_);
+            } else if (error && error_callback_) {
+                error_callback_(error);
+            }
+        } catch (...) {
+            report_callback_exception(error ? "error_callback" : "callback");
+            std::lock_guard lock(mutex_);
+            error_ = std::current_exception();
+        }
+        {
+            std::lock_guard lock(mutex_);
+            ready_ = true;
+        }
+        done_.notify_all();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable done_;
+    std::size_t remaining_;
+    bool ready_ = false;
+    std::exception_ptr error_;
+    std::size_t error_index_ = 0;
+    using Stored = std::conditional_t<std::is_void_v<R>, char, R>;
+    std::conditional_t<Many && !std::is_void_v<R>, std::vector<Stored>, char> values_{};
+    std::optional<Stored> single_;
+    std::optional<std::conditional_t<std::is_void_v<Value>, char, Value>> value_;
+    Callback callback_;
+    ErrorCallback error_callback_;
+    std::thread::id collector_;
+};
+
+}  // namespace detail
+
+/// The outcome of an asynchronous Pool call, available later. Movable; destroying a pending one
+/// does not wait for it.
+template <class T>
+class AsyncResult {
+public:
+    AsyncResult() = default;
+
+    /// Waits (up to `timeout`) and returns the value, or rethrows the task's exception.
+    /// Throws mproc::TimeoutError when the timeout passes first.
+    T get(std::optional<Seconds> timeout = std::nullopt) const& {
+        require_state();
+        if (!state_->wait(timeout)) throw TimeoutError("AsyncResult::get: the result was not ready in time");
+        return state_->take(false);
+    }
+    T get(std::optional<Seconds> timeout = std::nullopt) && {
+        require_state();
+        if (!state_->wait(timeout)) throw TimeoutError("AsyncResult::get: the result was not ready in time");
+        return state_->take(true);
+    }
+    /// Waits until ready; with a timeout, returns false if it passes first.
+    bool wait(std::optional<Seconds> timeout = std::nullopt) const {
+        require_state();
+        return state_->wait(timeout);
+    }
+    bool ready() const { return state_ && state_->ready(); }
+    /// Whether the call completed without an exception. Throws mproc::Error if not ready yet.
+    bool successful() const {
+        require_state();
+        return state_->successful();
+    }
+    bool valid() const noexcept { return state_ != nullptr; }
+
+private:
+    friend class Pool;
+    explicit AsyncResult(std::shared_ptr<detail::ValueState<T>> state) : state_(std::move(state)) {}
+
+    void require_state() const {
+        if (!state_) throw Error("this AsyncResult holds no result (default-constructed or moved from)");
+    }
+    std::shared_ptr<detail::ValueState<T>> state_;
+};
+
+}  // namespace mproc

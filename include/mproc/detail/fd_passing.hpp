@@ -1,0 +1,63 @@
+// mproc — small messages with an optional file descriptor over a Unix socket (SCM_RIGHTS).
+#pragma once
+
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include "unique_fd.hpp"
+
+namespace mproc::detail {
+
+/// Sends `n` bytes (one message on a SOCK_SEQPACKET socket) and, if `fd` >= 0, a copy of it.
+/// Returns false when the peer is gone; never raises SIGPIPE.
+inline bool send_with_fd(int socket, const void* data, std::size_t n, int fd = -1) noexcept {
+    iovec iov{const_cast<void*>(data), n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    if (fd >= 0) {
+        std::memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        std::memcpy(CMSG_DATA(cmsg), &fd, sizeof fd);
+    }
+    ssize_t sent;
+    do sent = ::sendmsg(socket, &msg, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    return sent == static_cast<ssize_t>(n);
+}
+
+/// Receives one message of at most `n` bytes and the descriptor that came with it, if any
+/// (close-on-exec). Returns the bytes received, 0 at end of stream, -1 with errno set.
+inline ssize_t recv_with_fd(int socket, void* data, std::size_t n, UniqueFd* fd, bool nonblocking = false) noexcept {
+    iovec iov{data, n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t got;
+    do got = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | (nonblocking ? MSG_DONTWAIT : 0));
+    while (got < 0 && errno == EINTR);
+    if (got < 0) return got;
+    for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+            int received = -1;
+            std::memcpy(&received, CMSG_DATA(cmsg), sizeof received);
+            if (fd) fd->reset(received);
+            else ::close(received);
+        }
+    }
+    return got;
+}
+
+}  // namespace mproc::detail

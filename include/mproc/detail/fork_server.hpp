@@ -1,0 +1,215 @@
+// mproc — the fork server: a single-threaded child that forks a Pool's workers.
+//
+// A Pool forks its fork server once, from the constructing thread, before it starts any thread of
+// its own. Every worker — the first ones and every replacement — is then forked by the server,
+// which has exactly one thread, so no worker is ever born holding a lock that another thread of
+// the parent held at the moment of fork. The server is the workers' parent: it reaps them and
+// reports each exit status to the Pool, which is how the Pool learns how a worker died.
+//
+// Protocol (SOCK_SEQPACKET, one fixed-size ControlMessage per packet):
+//   pool -> server: spawn{seat} + the worker's end of its channel (SCM_RIGHTS);
+//                   kill{seat, pid, signal}; terminate{} (SIGKILL every worker, reap, exit).
+//   server -> pool: spawned{seat, pid}; exited{seat, pid, wait status}.
+// End of stream on the control socket means "no more workers": the server waits for the ones it
+// has (they end when the pool shuts their channels) and exits.
+#pragma once
+
+#include <cerrno>
+#include <csignal>
+#include <cstdint>
+#include <functional>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+
+#include "../errors.hpp"
+#include "fd_passing.hpp"
+#include "fork.hpp"
+#include "unique_fd.hpp"
+#include "wait.hpp"
+
+namespace mproc::detail {
+
+struct ControlMessage {
+    enum Op : std::int32_t { spawn, kill, terminate, spawned, exited };
+    std::int32_t op = spawn;
+    std::int32_t seat = -1;
+    std::int32_t pid = 0;
+    std::int32_t value = 0;  // the signal for kill, the wait status for exited
+};
+
+/// What a worker runs: given its seat and its channel, returns the exit status.
+using WorkerMain = std::function<int(int seat, UniqueFd channel)>;
+
+class ForkServer {
+public:
+    ForkServer() = default;
+
+    /// Forks the server. `worker_main` is copied into it and runs in every worker.
+    explicit ForkServer(WorkerMain worker_main, std::string name) {
+        int fds[2];
+        if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0) throw_errno("socketpair");
+        control_.reset(fds[0]);
+        UniqueFd server_end(fds[1]);
+        const int parent_end = fds[0];
+        pid_ = fork_child(
+            [&]() -> int {
+                ::close(parent_end);
+                return serve(server_end.get(), worker_main);
+            },
+            std::move(name));
+        server_end.reset();
+        pidfd_ = open_pidfd(pid_);
+    }
+
+    ForkServer(ForkServer&&) noexcept = default;
+    ForkServer& operator=(ForkServer&&) noexcept = default;
+
+    /// Asks for a worker on `seat` that talks over `channel` (the worker's end).
+    bool spawn(int seat, const UniqueFd& channel) {
+        ControlMessage m{ControlMessage::spawn, seat, 0, 0};
+        return send_with_fd(control_.get(), &m, sizeof m, channel.get());
+    }
+    bool kill(int seat, pid_t pid, int sig) {
+        ControlMessage m{ControlMessage::kill, seat, pid, sig};
+        return send_with_fd(control_.get(), &m, sizeof m);
+    }
+    bool terminate_workers() {
+        ControlMessage m{ControlMessage::terminate, -1, 0, 0};
+        return send_with_fd(control_.get(), &m, sizeof m);
+    }
+    /// No more requests: the server exits once its workers have.
+    void finish() noexcept {
+        if (control_) ::shutdown(control_.get(), SHUT_RDWR);
+    }
+
+    /// One report from the server, without waiting. nullopt when none is ready; throws when the
+    /// server is gone.
+    std::optional<ControlMessage> next_report() {
+        ControlMessage m;
+        const ssize_t got = recv_with_fd(control_.get(), &m, sizeof m, nullptr, /*nonblocking=*/true);
+        if (got == static_cast<ssize_t>(sizeof m)) return m;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return std::nullopt;
+        throw Error("the pool's fork server (pid " + std::to_string(pid_) + ") is gone");
+    }
+
+    /// Waits for the server to exit, SIGKILLing it after `grace`. Returns its wait status.
+    int reap(Seconds grace) {
+        if (pid_ == 0) return 0;
+        auto status = wait_child(pid_, deadline_after(grace));
+        if (!status) {
+            ::kill(pid_, SIGKILL);
+            status = wait_child(pid_, std::nullopt);
+        }
+        children().forget(pid_);
+        pid_ = 0;
+        control_.reset();
+        pidfd_.reset();
+        return status.value_or(0);
+    }
+
+    int control_fd() const noexcept { return control_.get(); }
+    /// Readable once the server has exited (-1 where the kernel has no pidfds).
+    int pidfd() const noexcept { return pidfd_.get(); }
+    pid_t pid() const noexcept { return pid_; }
+
+private:
+    struct Worker {
+        pid_t pid;
+        int seat;
+        UniqueFd pidfd;
+    };
+
+    // The server's whole life. Single-threaded by construction: it is a fresh fork.
+    static int serve(int control, const WorkerMain& worker_main) {
+        std::signal(SIGINT, SIG_IGN);  // the parent (its ChildGuard) decides what Ctrl-C does
+        std::vector<Worker> workers;
+        bool open = true;
+        std::vector<pollfd> fds;
+        for (;;) {
+            if (!open && workers.empty()) return 0;
+            fds.clear();
+            if (open) fds.push_back({control, POLLIN, 0});
+            bool blind = false;  // a worker without a pidfd: poll its status on a timer
+            for (const Worker& w : workers) {
+                if (w.pidfd) fds.push_back({w.pidfd.get(), POLLIN, 0});
+                else blind = true;
+            }
+            const int ready = ::poll(fds.data(), fds.size(), blind ? 10 : -1);
+            if (ready < 0 && errno != EINTR) return 1;
+
+            for (std::size_t i = 0; i < workers.size();) {
+                int status = 0;
+                const pid_t got = ::waitpid(workers[i].pid, &status, WNOHANG);
+                if (got == workers[i].pid || (got < 0 && errno == ECHILD)) {
+                    if (open) {
+                        ControlMessage m{ControlMessage::exited, workers[i].seat, workers[i].pid, status};
+                        send_with_fd(control, &m, sizeof m);
+                    }
+                    children().forget(workers[i].pid);
+                    workers.erase(workers.begin() + static_cast<std::ptrdiff_t>(i));
+                } else {
+                    ++i;
+                }
+            }
+            if (!open || fds.empty() || !(fds[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+
+            ControlMessage m;
+            UniqueFd channel;
+            const ssize_t got = recv_with_fd(control, &m, sizeof m, &channel, /*nonblocking=*/true);
+            if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+            if (got != static_cast<ssize_t>(sizeof m)) {  // the pool is done (or gone)
+                open = false;
+                continue;
+            }
+            switch (m.op) {
+                case ControlMessage::spawn: {
+                    const int seat = m.seat;
+                    const int channel_fd = channel.get();
+                    pid_t pid = 0;
+                    try {
+                        pid = fork_child(
+                            [&]() -> int {
+                                ::close(control);
+                                for (Worker& w : workers) w.pidfd.reset();
+                                return worker_main(seat, UniqueFd(channel_fd));
+                            },
+                            "PoolWorker-" + std::to_string(seat + 1));
+                    } catch (const Error&) {
+                        // fork failed: report an exit, so the pool sees the seat empty and tries again
+                        ControlMessage r{ControlMessage::exited, seat, 0, 1 << 8};
+                        send_with_fd(control, &r, sizeof r);
+                        break;
+                    }
+                    channel.reset();
+                    workers.push_back({pid, seat, open_pidfd(pid)});
+                    ControlMessage r{ControlMessage::spawned, seat, pid, 0};
+                    send_with_fd(control, &r, sizeof r);
+                    break;
+                }
+                case ControlMessage::kill:
+                    for (const Worker& w : workers)
+                        if (w.pid == m.pid) ::kill(w.pid, m.value);
+                    break;
+                case ControlMessage::terminate:
+                    for (const Worker& w : workers) ::kill(w.pid, SIGKILL);
+                    for (const Worker& w : workers) {
+                        int status;
+                        while (::waitpid(w.pid, &status, 0) < 0 && errno == EINTR) {}
+                    }
+                    return 0;
+                default:
+                    break;
+            }
+        }
+    }
+
+    UniqueFd control_;
+    UniqueFd pidfd_;
+    pid_t pid_ = 0;
+};
+
+}  // namespace mproc::detail

@@ -1,0 +1,629 @@
+// mproc — the engine of Pool: seats, the backlog, dispatch, results, and worker deaths.
+//
+// The parent side of a Pool is one PoolCore and one thread of its own, the *collector*:
+//
+//   user threads ──submit──▶ backlog ──dispatch──▶ seat i: channel (socketpair) ──▶ worker i
+//                                                                                   │
+//   AsyncResult / imap ◀── deliver + callbacks ◀── collector ◀── results ───────────┘
+//                                                      ▲
+//                           fork server ── spawned / exited{pid, status} reports
+//
+// Any thread may dispatch (under the pool mutex); sends never block — what a full socket does not
+// take waits in the seat's out buffer until the collector sees POLLOUT — so the parent can always
+// read results and no worker can block the pool. Each seat holds a FIFO of the tasks sent to its
+// worker; results come back in that order. When the fork server reports a worker's exit, the
+// collector first reads every result the worker managed to send, then fails the item the worker
+// was running (its WorkerSlot says which) with WorkerLost — or TimeoutError if the pool killed it
+// for overstaying task_timeout — puts the rest of its tasks back at the head of the backlog, and
+// asks for a replacement.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <poll.h>
+#include <string>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <thread>
+#include <vector>
+
+#include "../errors.hpp"
+#include "clock.hpp"
+#include "fork_server.hpp"
+#include "framing.hpp"
+#include "pool_task.hpp"
+#include "pool_worker.hpp"
+#include "unique_fd.hpp"
+
+namespace mproc {
+
+/// How a Pool is built. Every field has a sensible default.
+struct PoolOptions {
+    /// Worker processes; 0 means cpu_count().
+    unsigned processes = 0;
+    /// Runs once in every worker when it starts, replacements included.
+    std::function<void()> initializer = {};
+    /// A worker that has run this many tasks (chunks, as in Python) exits and is replaced; 0: never.
+    unsigned long max_tasks_per_child = 0;
+    /// An item still running after this long is killed with its worker and fails with TimeoutError.
+    std::optional<Seconds> task_timeout = std::nullopt;
+};
+
+namespace detail {
+
+/// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue.
+class ResultSink {
+public:
+    virtual ~ResultSink() = default;
+    /// Decodes `count` outcomes, for items first..first+count-1, skipping `skips` (relative).
+    /// Runs on the collector thread.
+    virtual void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips,
+                         Reader& in) = 0;
+    /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
+    virtual void fail(std::size_t index, std::exception_ptr error) = 0;
+};
+
+/// One chunk of items bound for one worker.
+struct Task {
+    std::uint64_t id = 0;
+    Buffer frame;
+    std::uint32_t count = 0;
+    std::size_t first = 0;
+    std::shared_ptr<ResultSink> sink;
+    std::vector<std::uint32_t> skips;  // sorted; items already failed
+
+    std::string describe(std::uint32_t item) const {
+        std::string s = "task " + std::to_string(id);
+        if (count > 1 || first > 0) s += " (item " + std::to_string(first + item) + ")";
+        return s;
+    }
+};
+
+inline unsigned affinity_cpu_count() noexcept {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n > 0) return static_cast<unsigned>(n);
+    }
+    const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? static_cast<unsigned>(n) : 1u;
+}
+
+class PoolCore {
+public:
+    explicit PoolCore(PoolOptions options)
+        : options_(std::move(options)), owner_(::getpid()) {
+        if (options_.processes == 0) options_.processes = affinity_cpu_count();
+        slots_ = map_slots(options_.processes);
+        wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        if (!wake_) throw_errno("eventfd");
+
+        WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
+        WorkerSlot* slots = slots_;
+        // The server is forked before the collector thread exists: this process may have other
+        // threads, but the server's only thread is this one, and every worker is its fork.
+        server_ = ForkServer(
+            [config, slots](int seat, UniqueFd channel) { return worker_main(std::move(channel), slots[seat], config); },
+            "PoolForkServer");
+        seats_.resize(options_.processes);
+        for (unsigned i = 0; i < options_.processes; ++i) {
+            seats_[i].index = static_cast<int>(i);
+            spawn_locked(seats_[i]);
+        }
+        std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_id_
+        collector_ = std::thread([this] { collect(); });
+        collector_id_ = collector_.get_id();
+    }
+
+    PoolCore(const PoolCore&) = delete;
+    PoolCore& operator=(const PoolCore&) = delete;
+
+    ~PoolCore() {
+        try {
+            terminate();
+        } catch (...) {
+        }
+        if (slots_) ::munmap(slots_, slots_bytes(options_.processes));
+    }
+
+    unsigned processes() const noexcept { return options_.processes; }
+    std::uint64_t next_task_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+
+    /// Queues tasks (already encoded) and sends what the workers have room for.
+    void submit(std::vector<Task>& tasks) {
+        check_owner();
+        std::unique_lock lock(mutex_);
+        check_accepting_locked();
+        outstanding_ += tasks.size();
+        for (Task& t : tasks) backlog_.push_back(std::move(t));
+        tasks.clear();
+        dispatch_locked();
+    }
+    void submit(Task task) {
+        std::vector<Task> one;
+        one.push_back(std::move(task));
+        submit(one);
+    }
+
+    /// No more tasks. Safe to call twice.
+    void close() {
+        std::lock_guard lock(mutex_);
+        if (state_ == State::open) state_ = State::closed;
+    }
+
+    /// After close(): waits for every task (and its callback), then for the workers to exit.
+    void join() {
+        check_owner();
+        if (std::this_thread::get_id() == collector_id_)
+            throw Error("Pool::join() called from a callback: it would wait for itself");
+        {
+            std::unique_lock lock(mutex_);
+            if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
+            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
+            if (state_ != State::terminated) state_ = State::draining;
+        }
+        wake();
+        if (collector_.joinable()) collector_.join();
+        server_.reap(Seconds{30});
+    }
+
+    /// Kills the workers now; every pending task fails with mproc::Error.
+    void terminate() {
+        if (std::this_thread::get_id() == collector_id_)
+            throw Error("Pool::terminate() called from a callback: it would wait for itself");
+        std::vector<Task> doomed;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ != State::terminated) {
+                state_ = State::terminated;
+                doomed = take_all_tasks_locked();
+            }
+        }
+        if (server_.pid() != 0) server_.terminate_workers();
+        wake();
+        // The collector stops before the failures are delivered: callbacks never run on two
+        // threads at once.
+        if (collector_.joinable()) collector_.join();
+        fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+        if (server_.pid() != 0) server_.reap(Seconds{5});
+        idle_.notify_all();
+    }
+
+    /// The collector thread's id (callbacks run there).
+    std::thread::id collector_id() const noexcept { return collector_id_; }
+
+    /// Pids of the live workers (for tests and active-children accounting).
+    std::vector<pid_t> worker_pids() {
+        std::lock_guard lock(mutex_);
+        std::vector<pid_t> pids;
+        for (const Seat& s : seats_)
+            if (s.pid > 0 && s.state != SeatState::dead) pids.push_back(s.pid);
+        return pids;
+    }
+    pid_t fork_server_pid() const noexcept { return server_.pid(); }
+
+private:
+    enum class State { open, closed, draining, broken, terminated };
+    enum class SeatState { starting, ready, dead };
+
+    struct Seat {
+        int index = 0;
+        SeatState state = SeatState::dead;
+        pid_t pid = 0;
+        UniqueFd channel;
+        FrameReader in;
+        Buffer out;
+        std::size_t out_sent = 0;
+        std::deque<Task> inflight;
+        unsigned long assigned = 0;      // tasks given to the current worker
+        bool saw_hello = false;
+        bool eof = false;  // the worker's end is closed; its exit report is on the way
+        std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
+    };
+
+    static std::size_t slots_bytes(unsigned n) { return sizeof(WorkerSlot) * n; }
+    static WorkerSlot* map_slots(unsigned n) {
+        void* p = ::mmap(nullptr, slots_bytes(n), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw_errno("mmap (pool worker slots)");
+        auto* slots = static_cast<WorkerSlot*>(p);
+        for (unsigned i = 0; i < n; ++i) new (&slots[i]) WorkerSlot();
+        return slots;
+    }
+
+    void check_owner() const {
+        if (::getpid() != owner_)
+            throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
+    }
+    void check_accepting_locked() const {
+        switch (state_) {
+            case State::open: return;
+            case State::broken: throw Error(broken_reason_);
+            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
+            default: throw Error("the pool is closed: it takes no more tasks");
+        }
+    }
+
+    void wake() noexcept {
+        const std::uint64_t one = 1;
+        [[maybe_unused]] const ssize_t n = ::write(wake_.get(), &one, sizeof one);
+    }
+
+    // ---- dispatch -------------------------------------------------------------------------
+
+    /// How many tasks a worker may hold: enough queued work to hide a round trip (about half a
+    /// millisecond of it, from the measured task time), at least 2, at most 256.
+    std::size_t window_locked() const noexcept {
+        if (avg_task_ns_ <= 0) return 2;
+        const double w = 500'000.0 / avg_task_ns_;
+        return static_cast<std::size_t>(std::clamp(w, 2.0, 256.0));
+    }
+    bool has_room_locked(const Seat& s, std::size_t window) const noexcept {
+        if (s.state == SeatState::dead || !s.channel) return false;
+        if (options_.max_tasks_per_child != 0 && s.assigned >= options_.max_tasks_per_child) return false;
+        return s.inflight.size() < window;
+    }
+
+    void dispatch_locked() {
+        if (state_ == State::terminated || state_ == State::broken) return;
+        const std::size_t window = window_locked();
+        while (!backlog_.empty()) {
+            Seat* best = nullptr;
+            for (Seat& s : seats_)
+                if (has_room_locked(s, window) && (!best || s.inflight.size() < best->inflight.size())) best = &s;
+            if (!best) break;
+            Task& t = backlog_.front();
+            best->out.append(t.frame.data(), t.frame.size());
+            best->inflight.push_back(std::move(t));
+            backlog_.pop_front();
+            ++best->assigned;
+        }
+        bool needs_collector = false;
+        for (Seat& s : seats_)
+            if (flush_locked(s)) needs_collector = true;
+        if (needs_collector && std::this_thread::get_id() != collector_id_) wake();
+    }
+
+    /// Sends what the socket takes now. Returns true when bytes are left for POLLOUT.
+    bool flush_locked(Seat& s) {
+        while (s.out_sent < s.out.size() && s.channel) {
+            const ssize_t put = write_some(s.channel.get(), s.out.data() + s.out_sent, s.out.size() - s.out_sent,
+                                           /*is_socket=*/true, /*nonblocking=*/true);
+            if (put > 0) {
+                s.out_sent += static_cast<std::size_t>(put);
+                continue;
+            }
+            if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
+            // The worker is gone; the fork server's report will settle its tasks.
+            s.out.clear();
+            s.out_sent = 0;
+            return false;
+        }
+        s.out.clear();
+        s.out_sent = 0;
+        return false;
+    }
+
+    void spawn_locked(Seat& s) {
+        int fds[2];
+        if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw_errno("socketpair");
+        UniqueFd ours(fds[0]);
+        UniqueFd theirs(fds[1]);
+        slots_[s.index].running.store(0, std::memory_order_relaxed);
+        if (!server_.spawn(s.index, theirs)) throw Error("the pool's fork server is gone");
+        s.channel = std::move(ours);
+        s.state = SeatState::starting;
+        s.pid = 0;
+        s.in.clear();
+        s.out.clear();
+        s.out_sent = 0;
+        s.assigned = 0;
+        s.saw_hello = false;
+        s.eof = false;
+        s.timed_out.reset();
+    }
+
+    std::vector<Task> take_all_tasks_locked() {
+        std::vector<Task> all;
+        for (Seat& s : seats_) {
+            for (Task& t : s.inflight) all.push_back(std::move(t));
+            s.inflight.clear();
+        }
+        for (Task& t : backlog_) all.push_back(std::move(t));
+        backlog_.clear();
+        return all;
+    }
+
+    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
+    void fail_tasks(std::vector<Task>& tasks, std::exception_ptr error) {
+        for (Task& t : tasks) {
+            for (std::uint32_t i = 0; i < t.count; ++i)
+                if (!std::binary_search(t.skips.begin(), t.skips.end(), i)) t.sink->fail(t.first + i, error);
+        }
+        finish_tasks(tasks.size());
+        tasks.clear();
+    }
+
+    void finish_tasks(std::size_t n) {
+        if (n == 0) return;
+        std::lock_guard lock(mutex_);
+        outstanding_ -= std::min(outstanding_, n);
+        if (outstanding_ == 0) idle_.notify_all();
+    }
+
+    // ---- the collector ----------------------------------------------------------------------
+
+    void collect() {
+        std::vector<pollfd> fds;
+        std::vector<int> seat_of;  // fds index -> seat
+        for (;;) {
+            int timeout_ms = -1;
+            {
+                std::lock_guard lock(mutex_);
+                if (state_ == State::terminated) return;
+                if (state_ == State::draining || state_ == State::broken) {
+                    if (state_ == State::draining && outstanding_ == 0) {
+                        shut_down_workers_locked();
+                        return;
+                    }
+                }
+                fds.clear();
+                seat_of.clear();
+                fds.push_back({wake_.get(), POLLIN, 0});
+                seat_of.push_back(-1);
+                fds.push_back({server_.control_fd(), POLLIN, 0});
+                seat_of.push_back(-2);
+                for (Seat& s : seats_) {
+                    if (!s.channel || s.eof) continue;
+                    const short events = static_cast<short>(POLLIN | (s.out_sent < s.out.size() ? POLLOUT : 0));
+                    fds.push_back({s.channel.get(), events, 0});
+                    seat_of.push_back(s.index);
+                }
+                timeout_ms = check_timeouts_locked();
+            }
+            const int n = ::poll(fds.data(), fds.size(), timeout_ms);
+            if (n < 0 && errno != EINTR) return;
+            if (n <= 0) continue;
+
+            if (fds[0].revents & POLLIN) {
+                std::uint64_t drained;
+                while (::read(wake_.get(), &drained, sizeof drained) > 0) {}
+            }
+            for (std::size_t i = 2; i < fds.size(); ++i) {
+                if (!fds[i].revents) continue;
+                Seat& s = seats_[static_cast<std::size_t>(seat_of[i])];
+                if (fds[i].revents & POLLOUT) {
+                    std::lock_guard lock(mutex_);
+                    flush_locked(s);
+                }
+                if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) read_results(s);
+            }
+            if (fds[1].revents) {
+                if (!handle_server_reports()) return;
+            }
+        }
+    }
+
+    /// Reads what the seat's worker has sent, and delivers each whole result.
+    void read_results(Seat& s) {
+        for (;;) {
+            const ssize_t got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) s.eof = true;
+            if (got <= 0) break;
+        }
+        while (auto frame = s.in.buffered_frame()) {
+            handle_result(s, *frame);
+            s.in.consume(*frame);
+        }
+    }
+
+    void handle_result(Seat& s, std::span<const std::byte> body) {
+        Reader in(body);
+        std::uint64_t id = 0;
+        std::int64_t spent = 0;
+        in(id, spent);
+        if (id == hello_task_id) {
+            Outcome outcome{};
+            in.read(outcome);
+            std::lock_guard lock(mutex_);
+            s.saw_hello = true;
+            start_failures_ = 0;
+            if (outcome == Outcome::exception) {
+                RemoteException why;
+                in.read(why);
+                break_pool_locked("the pool's initializer failed in worker " + std::to_string(s.pid) + ": " +
+                                  why.type_name + ": " + why.message);
+            }
+            return;
+        }
+        Task task;
+        {
+            std::lock_guard lock(mutex_);
+            if (s.inflight.empty() || s.inflight.front().id != id) return;  // already settled elsewhere
+            task = std::move(s.inflight.front());
+            s.inflight.pop_front();
+            const double per_task = static_cast<double>(spent);
+            avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
+        }
+        try {
+            task.sink->deliver(task.first, task.count, task.skips, in);
+        } catch (...) {
+            // A result that does not decode fails the items it was for.
+            const auto error = std::current_exception();
+            for (std::uint32_t i = 0; i < task.count; ++i) task.sink->fail(task.first + i, error);
+        }
+        std::lock_guard lock(mutex_);
+        outstanding_ -= std::min<std::size_t>(outstanding_, 1);
+        if (outstanding_ == 0) idle_.notify_all();
+        dispatch_locked();
+    }
+
+    /// Spawned / exited reports. Returns false when the server is gone.
+    bool handle_server_reports() {
+        for (;;) {
+            std::optional<ControlMessage> m;
+            try {
+                m = server_.next_report();
+            } catch (const Error& e) {
+                std::vector<Task> doomed;
+                {
+                    std::lock_guard lock(mutex_);
+                    if (state_ == State::terminated || state_ == State::draining) return false;
+                    break_pool_locked(e.what());
+                    doomed = take_all_tasks_locked();
+                }
+                fail_tasks(doomed, std::make_exception_ptr(Error(e.what())));
+                return false;
+            }
+            if (!m) return true;
+            if (m->seat < 0 || static_cast<std::size_t>(m->seat) >= seats_.size()) continue;
+            Seat& s = seats_[static_cast<std::size_t>(m->seat)];
+            if (m->op == ControlMessage::spawned) {
+                std::lock_guard lock(mutex_);
+                s.pid = m->pid;
+                if (s.state == SeatState::starting) s.state = SeatState::ready;
+            } else if (m->op == ControlMessage::exited) {
+                worker_exited(s, m->pid, m->value);
+            }
+        }
+    }
+
+    void worker_exited(Seat& s, pid_t pid, int status) {
+        if (s.channel) read_results(s);  // everything it sent before it died counts
+        std::vector<Task> failed_whole;
+        std::optional<std::pair<Task*, std::uint32_t>> lost;
+        std::exception_ptr lost_error;
+        Task lost_task;
+        bool have_lost = false;
+        {
+            std::lock_guard lock(mutex_);
+            const WorkerSlot& slot = slots_[s.index];
+            if (!s.inflight.empty() && slot.running.load(std::memory_order_acquire) &&
+                slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) {
+                Task& t = s.inflight.front();
+                const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
+                if (s.timed_out && s.timed_out->first == t.id && s.timed_out->second == item) {
+                    lost_error = std::make_exception_ptr(TimeoutError(
+                        t.describe(item) + " ran past the task_timeout of " +
+                        std::to_string(options_.task_timeout->count()) + "s: worker " + std::to_string(pid) + " killed"));
+                } else {
+                    const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+                    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+                    lost_error = std::make_exception_ptr(WorkerLost(t.describe(item), pid, sig, code));
+                }
+                lost_task.sink = t.sink;
+                lost_task.first = t.first + item;
+                have_lost = true;
+                t.skips.insert(std::upper_bound(t.skips.begin(), t.skips.end(), item), item);
+                if (t.skips.size() >= t.count) {
+                    failed_whole.push_back(std::move(t));  // nothing left to run: it is settled
+                    s.inflight.pop_front();
+                } else {
+                    set_task_skips(t.frame, t.skips);
+                }
+            }
+            if (!s.saw_hello && !s.timed_out) ++start_failures_;
+            // Everything else it held goes back to the front of the line, in order.
+            for (auto it = s.inflight.rbegin(); it != s.inflight.rend(); ++it) backlog_.push_front(std::move(*it));
+            s.inflight.clear();
+            s.channel.reset();
+            s.state = SeatState::dead;
+            s.pid = 0;
+            slots_[s.index].running.store(0, std::memory_order_relaxed);
+
+            if (start_failures_ >= max_start_failures) {
+                const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+                break_pool_locked("the pool's workers die as they start: worker " + std::to_string(pid) +
+                                  (sig ? " killed by " + signal_name(sig) : " exited with status " +
+                                                                                 std::to_string(WEXITSTATUS(status))));
+            }
+            const bool wanted = state_ == State::open || state_ == State::closed ||
+                                (state_ == State::draining && outstanding_ > 0);
+            if (wanted) spawn_locked(s);
+        }
+        if (have_lost) lost_task.sink->fail(lost_task.first, lost_error);
+        // failed_whole tasks have had every item failed already; count them done.
+        const std::size_t settled = failed_whole.size();
+        std::vector<Task> doomed;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ == State::broken) doomed = take_all_tasks_locked();
+            else dispatch_locked();
+        }
+        if (!doomed.empty()) fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
+        finish_tasks(settled);
+    }
+
+    void break_pool_locked(std::string reason) {
+        if (state_ == State::terminated || state_ == State::broken) return;
+        state_ = State::broken;
+        broken_reason_ = std::move(reason);
+    }
+
+    /// Returns the poll timeout (ms) until the next item could overstay task_timeout; kills
+    /// the workers whose item already has.
+    int check_timeouts_locked() {
+        if (!options_.task_timeout) return -1;
+        const auto limit_ns = static_cast<std::int64_t>(options_.task_timeout->count() * 1e9);
+        const std::int64_t now = monotonic_ns();
+        std::int64_t next = -1;
+        for (Seat& s : seats_) {
+            if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0) continue;
+            const WorkerSlot& slot = slots_[s.index];
+            if (!slot.running.load(std::memory_order_acquire)) {
+                next = next < 0 ? limit_ns : std::min(next, limit_ns);
+                continue;
+            }
+            const std::int64_t age = now - slot.started_ns.load(std::memory_order_acquire);
+            if (age >= limit_ns) {
+                if (!s.timed_out) {
+                    s.timed_out = {slot.task_id.load(std::memory_order_relaxed), slot.item.load(std::memory_order_relaxed)};
+                    server_.kill(s.index, s.pid, SIGKILL);
+                }
+                continue;
+            }
+            next = next < 0 ? limit_ns - age : std::min(next, limit_ns - age);
+        }
+        if (next < 0) return -1;
+        return static_cast<int>(std::min<std::int64_t>(next / 1'000'000 + 1, 60'000));
+    }
+
+    void shut_down_workers_locked() {
+        for (Seat& s : seats_)
+            if (s.channel) ::shutdown(s.channel.get(), SHUT_RDWR);
+        server_.finish();
+    }
+
+    static constexpr int max_start_failures = 5;
+
+    PoolOptions options_;
+    pid_t owner_;
+    WorkerSlot* slots_ = nullptr;
+    UniqueFd wake_;
+    ForkServer server_;
+
+    std::mutex mutex_;
+    std::condition_variable idle_;
+    State state_ = State::open;
+    std::string broken_reason_;
+    std::vector<Seat> seats_;
+    std::deque<Task> backlog_;
+    std::size_t outstanding_ = 0;  // tasks submitted and not yet settled
+    double avg_task_ns_ = 0;
+    int start_failures_ = 0;
+    std::atomic<std::uint64_t> next_id_{1};
+
+    std::thread collector_;
+    std::thread::id collector_id_;
+};
+
+}  // namespace detail
+}  // namespace mproc

@@ -1,0 +1,77 @@
+// mproc — carrying an exception from the process that threw it to the one that waits for it.
+//
+// The standard exceptions a task is likely to throw are rebuilt as the same type with the same
+// what(); anything else becomes mproc::RemoteError with the demangled type name and message.
+#pragma once
+
+#include <cstdint>
+#include <exception>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "../errors.hpp"
+#include "demangle.hpp"
+
+namespace mproc::detail {
+
+/// An exception in transit: which standard type it was (most derived of those mproc rebuilds),
+/// its demangled dynamic type, and its what().
+struct RemoteException {
+    enum Kind : std::uint8_t {
+        other, logic_error, invalid_argument, domain_error, length_error, out_of_range,
+        runtime_error, range_error, overflow_error, underflow_error, bad_alloc,
+    };
+    std::uint8_t kind = other;
+    std::string type_name;
+    std::string message;
+
+    template <class Archive> void serialize(Archive& ar) { ar(kind, type_name, message); }
+
+    /// Describes the exception being handled. Call inside a catch block.
+    static RemoteException capture() {
+        RemoteException e;
+        e.type_name = current_exception_type_name();
+        try {
+            throw;
+        } catch (const std::invalid_argument& x) { e.set(invalid_argument, x);
+        } catch (const std::domain_error& x) { e.set(domain_error, x);
+        } catch (const std::length_error& x) { e.set(length_error, x);
+        } catch (const std::out_of_range& x) { e.set(out_of_range, x);
+        } catch (const std::logic_error& x) { e.set(logic_error, x);
+        } catch (const std::range_error& x) { e.set(range_error, x);
+        } catch (const std::overflow_error& x) { e.set(overflow_error, x);
+        } catch (const std::underflow_error& x) { e.set(underflow_error, x);
+        } catch (const std::runtime_error& x) { e.set(runtime_error, x);
+        } catch (const std::bad_alloc& x) { e.set(bad_alloc, x);
+        } catch (const std::exception& x) { e.set(other, x);
+        } catch (...) {
+        }
+        return e;
+    }
+
+    /// The exception to rethrow on this side.
+    std::exception_ptr rebuild() const {
+        switch (kind) {
+            case logic_error: return std::make_exception_ptr(std::logic_error(message));
+            case invalid_argument: return std::make_exception_ptr(std::invalid_argument(message));
+            case domain_error: return std::make_exception_ptr(std::domain_error(message));
+            case length_error: return std::make_exception_ptr(std::length_error(message));
+            case out_of_range: return std::make_exception_ptr(std::out_of_range(message));
+            case runtime_error: return std::make_exception_ptr(std::runtime_error(message));
+            case range_error: return std::make_exception_ptr(std::range_error(message));
+            case overflow_error: return std::make_exception_ptr(std::overflow_error(message));
+            case underflow_error: return std::make_exception_ptr(std::underflow_error(message));
+            case bad_alloc: return std::make_exception_ptr(std::bad_alloc());
+            default: return std::make_exception_ptr(RemoteError(type_name, message));
+        }
+    }
+
+private:
+    void set(Kind k, const std::exception& x) {
+        kind = k;
+        message = x.what();
+    }
+};
+
+}  // namespace mproc::detail

@@ -1,0 +1,426 @@
+// mproc — Pool: a set of worker processes that run tasks, as Python's multiprocessing.Pool does —
+// without its failures: a worker that dies fails only the item it was running, and the pool
+// replaces it and goes on.
+//
+//     mproc::Pool pool;                                   // cpu_count() workers
+//     int r = pool.apply(square, 7);                      // 49
+//     auto ar = pool.apply_async(square, std::tuple{3}, [&](int v) { ... });
+//     std::vector<int> sq = pool.map(square, xs);         // ordered
+//     for (int v : pool.imap(square, xs)) { ... }         // lazily, in order
+//     pool.close(); pool.join();
+//
+// Tasks are function pointers or stateless callables: a worker is another process, so values go in
+// as arguments (serialised), never as captures.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "async_result.hpp"
+#include "detail/pool_core.hpp"
+#include "detail/pool_task.hpp"
+#include "errors.hpp"
+#include "serialize.hpp"
+
+namespace mproc {
+
+/// The number of CPUs this process may run on (its affinity mask), not merely the machine's.
+inline unsigned cpu_count() noexcept { return detail::affinity_cpu_count(); }
+
+namespace detail {
+
+template <class F>
+constexpr void require_task_callable() {
+    static_assert(is_task_callable_v<F>,
+                  "mproc::Pool: a task must be a function pointer or a stateless callable (a lambda "
+                  "without captures). A worker is another process and cannot see captured variables: "
+                  "pass values as arguments instead.");
+}
+
+template <class F, class Args>
+constexpr void require_invocable_with() {
+    constexpr bool ok = []<class... A>(std::tuple<A...>*) {
+        return std::is_invocable_v<F&, A&&...>;
+    }(static_cast<Args*>(nullptr));
+    static_assert(ok, "mproc::Pool: the task cannot be called with these arguments");
+}
+
+/// A range element as the argument tuple of one call: map passes the element, starmap unpacks it.
+template <class E, bool Star> struct item_args { using type = std::tuple<E>; };
+template <class E> struct item_args<E, true> {
+    using type = decltype([]<std::size_t... I>(std::index_sequence<I...>) {
+        return std::tuple<std::decay_t<std::tuple_element_t<I, E>>...>{};
+    }(std::make_index_sequence<std::tuple_size_v<E>>{}));
+};
+template <class Range, bool Star>
+using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<Range>>, Star>::type;
+
+/// Encodes up to `n` items from `it` into one task. Returns the items taken.
+template <class F, class Args, class It, class End>
+std::uint32_t encode_chunk(Task& task, PoolCore& core, const F& f, It& it, const End& end, std::size_t n) {
+    task.id = core.next_task_id();
+    begin_task_frame<F, Args>(task.frame, task.id, 0, f);
+    Writer out(task.frame);
+    std::uint32_t taken = 0;
+    for (; taken < n && it != end; ++it, ++taken) out.write(*it);
+    std::memcpy(task.frame.data() + frame_header_size + 16, &taken, sizeof taken);
+    end_task_frame(task.frame, {});
+    task.count = taken;
+    return taken;
+}
+
+/// Python's default: about four chunks per worker.
+inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
+    if (items == 0) return 1;
+    const std::size_t per = std::size_t{processes} * 4;
+    return items / per + (items % per ? 1 : 0);
+}
+
+/// Outcomes of an imap, kept until the loop asks for them.
+template <class R, bool Ordered>
+class ImapState final : public ResultSink {
+public:
+    struct Item {
+        std::optional<R> value;
+        std::exception_ptr error;
+    };
+
+    explicit ImapState(std::thread::id collector) : collector_(collector) {}
+
+    void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {
+        std::vector<std::pair<std::size_t, Item>> got;
+        got.reserve(count);
+        for (std::uint32_t i = 0; i < count; ++i) {
+            if (std::binary_search(skips.begin(), skips.end(), i)) {
+                Outcome o{};
+                in.read(o);
+                continue;
+            }
+            Item item;
+            item.error = read_outcome<R>(in, [&](R&& v) { item.value.emplace(std::move(v)); });
+            got.emplace_back(first + i, std::move(item));
+        }
+        {
+            std::lock_guard lock(mutex_);
+            if (abandoned_) return;
+            for (auto& [index, item] : got) put_locked(index, std::move(item));
+        }
+        arrived_.notify_all();
+    }
+    void fail(std::size_t index, std::exception_ptr error) override {
+        {
+            std::lock_guard lock(mutex_);
+            if (abandoned_) return;
+            put_locked(index, Item{std::nullopt, error});
+        }
+        arrived_.notify_all();
+    }
+
+    /// Waits for the next item in the iteration's order (index `next` when ordered).
+    Item take(std::size_t next) {
+        std::unique_lock lock(mutex_);
+        if (std::this_thread::get_id() == collector_ && !has_locked(next))
+            throw Error("iterating a Pool's imap inside a Pool callback would deadlock");
+        arrived_.wait(lock, [&] { return has_locked(next); });
+        if constexpr (Ordered) {
+            auto node = ordered_.extract(next);
+            return std::move(node.mapped());
+        } else {
+            Item item = std::move(unordered_.front());
+            unordered_.pop_front();
+            return item;
+        }
+    }
+    void abandon() {
+        std::lock_guard lock(mutex_);
+        abandoned_ = true;
+        ordered_.clear();
+        unordered_.clear();
+    }
+
+private:
+    void put_locked(std::size_t index, Item&& item) {
+        if constexpr (Ordered) ordered_.emplace(index, std::move(item));
+        else unordered_.push_back(std::move(item));
+    }
+    bool has_locked(std::size_t next) const {
+        if constexpr (Ordered) return ordered_.count(next) != 0;
+        else return !unordered_.empty();
+    }
+    std::mutex mutex_;
+    std::condition_variable arrived_;
+    bool abandoned_ = false;
+    std::map<std::size_t, Item> ordered_;
+    std::deque<Item> unordered_;
+    std::thread::id collector_;
+};
+
+}  // namespace detail
+
+/// The lazy result of Pool::imap / imap_unordered: an input range. Only a bounded window of
+/// items is in flight; the input is read as the loop advances, so an endless input works when the
+/// loop breaks. Dereferencing an item whose task failed rethrows its exception; the iteration
+/// can go on past it.
+template <class F, class Args, class View, bool Ordered>
+class ImapRange {
+public:
+    using value_type = detail::task_result_t<F, Args>;
+    static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
+
+    ImapRange(detail::PoolCore& core, F f, View view, std::size_t chunksize)
+        : core_(&core), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
+          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(core.collector_id())) {
+        const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{core.processes()} * 4);
+        window_ = chunks_in_flight * chunksize_;
+    }
+    ImapRange(ImapRange&&) noexcept = default;
+    ImapRange& operator=(ImapRange&&) noexcept = default;
+    ImapRange(const ImapRange&) = delete;
+    ImapRange& operator=(const ImapRange&) = delete;
+    ~ImapRange() {
+        if (state_) state_->abandon();  // results still in flight are dropped as they arrive
+    }
+
+    class iterator {
+    public:
+        using value_type = ImapRange::value_type;
+        using difference_type = std::ptrdiff_t;
+        iterator() = default;
+        /// The current item's value; rethrows its task's exception.
+        const value_type& operator*() const {
+            if (range_->current_.error) std::rethrow_exception(range_->current_.error);
+            return *range_->current_.value;
+        }
+        iterator& operator++() {
+            range_->advance();
+            return *this;
+        }
+        void operator++(int) { ++*this; }
+        friend bool operator==(const iterator& it, std::default_sentinel_t) { return it.at_end(); }
+
+    private:
+        friend class ImapRange;
+        explicit iterator(ImapRange* r) : range_(r) {}
+        bool at_end() const noexcept { return !range_ || range_->done_; }
+        ImapRange* range_ = nullptr;
+    };
+
+    /// Starts the iteration (once) and waits for the first item.
+    iterator begin() {
+        if (!started_) {
+            started_ = true;
+            input_ = std::ranges::begin(view_);
+            advance();
+        }
+        return iterator(this);
+    }
+    std::default_sentinel_t end() const noexcept { return {}; }
+
+private:
+    void top_up() {
+        while (!input_done_ && submitted_ - consumed_ < window_) {
+            detail::Task task;
+            task.sink = state_;
+            task.first = submitted_;
+            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *core_, f_, *input_, std::ranges::end(view_), chunksize_);
+            if (n == 0) {
+                input_done_ = true;
+                break;
+            }
+            submitted_ += n;
+            if (n < chunksize_) input_done_ = true;
+            core_->submit(std::move(task));
+        }
+    }
+    void advance() {
+        top_up();
+        if (consumed_ == submitted_ && input_done_) {
+            done_ = true;
+            return;
+        }
+        current_ = state_->take(consumed_);
+        ++consumed_;
+    }
+
+    detail::PoolCore* core_;
+    F f_;
+    View view_;
+    std::optional<std::ranges::iterator_t<View>> input_;
+    std::size_t chunksize_;
+    std::size_t window_ = 0;
+    std::shared_ptr<detail::ImapState<value_type, Ordered>> state_;
+    typename detail::ImapState<value_type, Ordered>::Item current_;
+    std::size_t submitted_ = 0;
+    std::size_t consumed_ = 0;
+    bool started_ = false;
+    bool input_done_ = false;
+    bool done_ = false;
+};
+
+/// A pool of worker processes. Move-only; the destructor terminates the workers (like leaving
+/// Python's `with Pool() as p:`), so call close() and join() to let queued work finish.
+class Pool {
+public:
+    template <class R> using Callback = typename detail::CollectState<R, false>::Callback;
+    using ErrorCallback = std::function<void(std::exception_ptr)>;
+
+    /// cpu_count() workers.
+    Pool() : Pool(PoolOptions{}) {}
+    explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
+    explicit Pool(PoolOptions options) : core_(std::make_unique<detail::PoolCore>(std::move(options))) {}
+    Pool(Pool&&) noexcept = default;
+    Pool& operator=(Pool&&) noexcept = default;
+    ~Pool() = default;
+
+    unsigned processes() const { return core().processes(); }
+
+    // ---- one call ---------------------------------------------------------------------------
+
+    /// Runs f(args...) in a worker and waits for the result.
+    template <class F, class... A>
+    auto apply(F f, A&&... args) {
+        return apply_async(f, std::tuple<std::decay_t<A>...>(std::forward<A>(args)...)).get();
+    }
+
+    /// Runs f(args...) in a worker. `callback` (or `error_callback`) runs in this process, on the
+    /// pool's thread, before get() returns.
+    template <class F, class... A, class R = detail::task_result_t<F, std::tuple<std::decay_t<A>...>>>
+    AsyncResult<R> apply_async(F f, std::tuple<A...> args = {},
+                               std::type_identity_t<typename detail::CollectState<R, false>::Callback> callback = {},
+                               ErrorCallback error_callback = {}) {
+        using Args = std::tuple<std::decay_t<A>...>;
+        detail::require_task_callable<F>();
+        detail::require_invocable_with<F, Args>();
+        auto state = std::make_shared<detail::CollectState<R, false>>(1, std::move(callback), std::move(error_callback),
+                                                                       core().collector_id());
+        detail::Task task;
+        task.sink = state;
+        task.id = core().next_task_id();
+        task.count = 1;
+        detail::begin_task_frame<F, Args>(task.frame, task.id, 1, f);
+        encode_into(task.frame, Args(std::move(args)));
+        detail::end_task_frame(task.frame, {});
+        core().submit(std::move(task));
+        return AsyncResult<R>(std::shared_ptr<detail::ValueState<detail::collected_t<R, false>>>(state));
+    }
+
+    // ---- many calls -------------------------------------------------------------------------
+
+    /// f(x) for every x, results in input order. Waits for every task; if any failed, throws the
+    /// exception of the first (lowest-index) failure. chunksize 0: Python's default.
+    template <class F, std::ranges::input_range Range>
+    auto map(F f, Range&& xs, std::size_t chunksize = 0) {
+        return map_async(f, std::forward<Range>(xs), chunksize).get();
+    }
+    template <class F, std::ranges::input_range Range,
+              class R = detail::task_result_t<F, detail::item_args_t<Range, false>>>
+    AsyncResult<detail::collected_t<R, true>> map_async(
+        F f, Range&& xs, std::size_t chunksize = 0,
+        std::type_identity_t<typename detail::CollectState<R, true>::Callback> callback = {},
+        ErrorCallback error_callback = {}) {
+        return submit_many<F, detail::item_args_t<Range, false>, R>(f, std::forward<Range>(xs), chunksize,
+                                                                    std::move(callback), std::move(error_callback));
+    }
+
+    /// f(a, b, ...) for every tuple (a, b, ...), results in input order (see map).
+    template <class F, std::ranges::input_range Range>
+    auto starmap(F f, Range&& xs, std::size_t chunksize = 0) {
+        return starmap_async(f, std::forward<Range>(xs), chunksize).get();
+    }
+    template <class F, std::ranges::input_range Range,
+              class R = detail::task_result_t<F, detail::item_args_t<Range, true>>>
+    AsyncResult<detail::collected_t<R, true>> starmap_async(
+        F f, Range&& xs, std::size_t chunksize = 0,
+        std::type_identity_t<typename detail::CollectState<R, true>::Callback> callback = {},
+        ErrorCallback error_callback = {}) {
+        return submit_many<F, detail::item_args_t<Range, true>, R>(f, std::forward<Range>(xs), chunksize,
+                                                                   std::move(callback), std::move(error_callback));
+    }
+
+    /// f(x) for every x, lazily and in order, as results arrive.
+    template <class F, std::ranges::input_range Range>
+    auto imap(F f, Range&& xs, std::size_t chunksize = 1) {
+        return make_imap<F, true>(f, std::forward<Range>(xs), chunksize);
+    }
+    /// f(x) for every x, lazily, in the order they complete.
+    template <class F, std::ranges::input_range Range>
+    auto imap_unordered(F f, Range&& xs, std::size_t chunksize = 1) {
+        return make_imap<F, false>(f, std::forward<Range>(xs), chunksize);
+    }
+
+    // ---- lifetime ---------------------------------------------------------------------------
+
+    /// No more tasks; submitting now throws mproc::Error.
+    void close() { core().close(); }
+    /// After close(): waits for every queued task and callback, then for the workers to exit.
+    void join() { core().join(); }
+    /// Stops the workers now; pending results fail with mproc::Error.
+    void terminate() { core().terminate(); }
+
+    /// The live workers' pids (they change as workers are replaced).
+    std::vector<pid_t> worker_pids() { return core().worker_pids(); }
+
+private:
+    detail::PoolCore& core() const {
+        if (!core_) throw Error("this Pool was moved from");
+        return *core_;
+    }
+
+    template <class F, class Args, class R, class Range, class Cb>
+    AsyncResult<detail::collected_t<R, true>> submit_many(F f, Range&& xs, std::size_t chunksize, Cb callback,
+                                                          ErrorCallback error_callback) {
+        detail::require_task_callable<F>();
+        detail::require_invocable_with<F, Args>();
+        if constexpr (!std::ranges::forward_range<Range> && !std::ranges::sized_range<Range>) {
+            // A single-pass input: gather it first to learn its length (map is eager anyway).
+            std::vector<std::ranges::range_value_t<Range>> items;
+            for (auto&& x : xs) items.push_back(std::forward<decltype(x)>(x));
+            return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback));
+        } else {
+            const auto count = static_cast<std::size_t>(std::ranges::distance(xs));
+            if (chunksize == 0) chunksize = detail::default_chunksize(count, core().processes());
+            auto state = std::make_shared<detail::CollectState<R, true>>(count, std::move(callback),
+                                                                         std::move(error_callback), core().collector_id());
+            std::vector<detail::Task> tasks;
+            tasks.reserve(count / chunksize + 1);
+            auto it = std::ranges::begin(xs);
+            const auto end = std::ranges::end(xs);
+            for (std::size_t first = 0; first < count;) {
+                detail::Task& task = tasks.emplace_back();
+                task.sink = state;
+                task.first = first;
+                first += detail::encode_chunk<F, Args>(task, core(), f, it, end, chunksize);
+            }
+            core().submit(tasks);
+            return AsyncResult<detail::collected_t<R, true>>(
+                std::shared_ptr<detail::ValueState<detail::collected_t<R, true>>>(state));
+        }
+    }
+
+    template <class F, bool Ordered, class Range>
+    auto make_imap(F f, Range&& xs, std::size_t chunksize) {
+        using Args = detail::item_args_t<Range, false>;
+        detail::require_task_callable<F>();
+        detail::require_invocable_with<F, Args>();
+        using View = std::views::all_t<Range>;
+        return ImapRange<F, Args, View, Ordered>(core(), f, std::views::all(std::forward<Range>(xs)), chunksize);
+    }
+
+    std::unique_ptr<detail::PoolCore> core_;
+};
+
+}  // namespace mproc
