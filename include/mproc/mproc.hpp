@@ -5,3 +5,5 @@
 #include "serialize.hpp"
 #include "process.hpp"
 #include "pipe.hpp"
+#include "async_result.hpp"
+#include "pool.hpp"
