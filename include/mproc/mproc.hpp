@@ -7,3 +7,4 @@
 #include "pipe.hpp"
 #include "async_result.hpp"
 #include "pool.hpp"
+#include "progress.hpp"
