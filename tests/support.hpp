@@ -1,10 +1,18 @@
-// Test helpers: what processes this test process has left behind.
+// Test helpers: what processes this test process has left behind, and plumbing for child tests.
 #pragma once
 
+#include <cerrno>
+#include <csignal>
+#include <cstddef>
 #include <dirent.h>
+#include <fcntl.h>
 #include <fstream>
+#include <initializer_list>
+#include <poll.h>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <unistd.h>
 #include <vector>
@@ -41,5 +49,92 @@ inline std::vector<ProcEntry> children_of(pid_t parent = ::getpid()) {
 
 /// Number of children, live or zombie, this process has right now.
 inline std::size_t child_count() { return children_of().size(); }
+
+/// In a child: puts the signals the test framework catches back to their default action, so a
+/// child that is sent or raises one dies of it without running the framework's failure report.
+inline void default_fatal_signals() {
+    for (int sig : {SIGTERM, SIGINT, SIGSEGV, SIGABRT, SIGILL, SIGFPE, SIGBUS})
+        ::signal(sig, SIG_DFL);
+}
+
+/// A plain pipe for tests that must not depend on mproc::Pipe: a child writes one byte when it is
+/// ready, the parent waits for it (failing instead of hanging after `timeout_ms`).
+class ReadySignal {
+public:
+    ReadySignal() {
+        if (::pipe2(fds_, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    }
+    ~ReadySignal() {
+        for (int fd : fds_)
+            if (fd >= 0) ::close(fd);
+    }
+    ReadySignal(const ReadySignal&) = delete;
+    ReadySignal& operator=(const ReadySignal&) = delete;
+
+    /// In the child.
+    void notify() const {
+        const char byte = 'r';
+        while (::write(fds_[1], &byte, 1) < 0 && errno == EINTR) {}
+    }
+    /// In the parent: true once the child has notified; false on timeout or if it died first.
+    bool wait(int timeout_ms = 30000) {
+        if (fds_[1] >= 0) {
+            ::close(fds_[1]);
+            fds_[1] = -1;
+        }
+        pollfd p{fds_[0], POLLIN, 0};
+        int n;
+        do n = ::poll(&p, 1, timeout_ms);
+        while (n < 0 && errno == EINTR);
+        if (n <= 0) return false;
+        char byte = 0;
+        return ::read(fds_[0], &byte, 1) == 1;
+    }
+
+private:
+    int fds_[2] = {-1, -1};
+};
+
+/// Sends this process's fd 2 to an in-memory file while alive; children started meanwhile inherit it.
+/// `text()` returns what was written there (by this process or its children), at any time.
+class StderrCapture {
+public:
+    StderrCapture() {
+        file_ = ::memfd_create("mproc-test-stderr", MFD_CLOEXEC);
+        saved_ = ::fcntl(2, F_DUPFD_CLOEXEC, 3);
+        if (file_ < 0 || saved_ < 0 || ::dup2(file_, 2) < 0) throw std::runtime_error("cannot capture stderr");
+    }
+    ~StderrCapture() {
+        restore();
+        if (file_ >= 0) ::close(file_);
+    }
+    StderrCapture(const StderrCapture&) = delete;
+    StderrCapture& operator=(const StderrCapture&) = delete;
+
+    /// Puts the real stderr back (children already started keep writing to the capture).
+    void restore() {
+        if (saved_ >= 0) {
+            ::dup2(saved_, 2);
+            ::close(saved_);
+            saved_ = -1;
+        }
+    }
+    std::string text() const {
+        std::string out;
+        char chunk[4096];
+        off_t at = 0;
+        for (;;) {
+            const ssize_t got = ::pread(file_, chunk, sizeof chunk, at);
+            if (got <= 0) break;
+            out.append(chunk, static_cast<std::size_t>(got));
+            at += got;
+        }
+        return out;
+    }
+
+private:
+    int file_ = -1;
+    int saved_ = -1;
+};
 
 }  // namespace mproc_test

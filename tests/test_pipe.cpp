@@ -1,10 +1,545 @@
+// Pipe: duplex and simplex connections, typed and raw messages, poll, end of stream, closed peers
+// (without SIGPIPE), very large messages, mutual sends, truncated and malformed frames.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
 
-TEST_CASE("a duplex pipe carries a message each way") {
+#include <csignal>
+#include <cstdint>
+#include <cstring>
+#include <fcntl.h>
+#include <string>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <vector>
+
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Point {
+    std::string label;
+    std::vector<double> xs;
+    template <class Archive> void serialize(Archive& ar) { ar(label, xs); }
+    bool operator==(const Point&) const = default;
+};
+
+struct Plain {
+    int id;
+    double weight;
+    bool operator==(const Plain&) const = default;
+};
+
+std::vector<std::byte> pattern_bytes(std::size_t n, unsigned seed = 1) {
+    std::vector<std::byte> out(n);
+    std::uint32_t x = seed * 2654435761u + 1;
+    for (auto& b : out) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        b = static_cast<std::byte>(x);
+    }
+    return out;
+}
+std::string pattern_string(std::size_t n, unsigned seed = 1) {
+    const auto bytes = pattern_bytes(n, seed);
+    return {reinterpret_cast<const char*>(bytes.data()), bytes.size()};
+}
+
+/// Runs `body` in a child process and returns its exit code, killing it (and failing) if it has not
+/// finished in `limit`: a regression that hangs fails instead of stalling the suite.
+template <class Body> int run_guarded(Body body, mproc::Seconds limit = 120s) {
+    mproc::Process p([body]() mutable {
+        mproc_test::default_fatal_signals();
+        try {
+            ::_exit(body() ? 0 : 2);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "guarded body threw: %s\n", e.what());
+            ::_exit(3);
+        }
+    });
+    p.start();
+    if (!p.join(limit)) {
+        p.kill();
+        p.join();
+        FAIL("the guarded exchange did not finish in " << limit.count() << " s (a hang)");
+    }
+    return p.exitcode().value_or(-1000);
+}
+
+/// Writes `bytes` straight into a descriptor, bypassing the connection's framing.
+void write_raw(int fd, const void* data, std::size_t n) {
+    auto* at = static_cast<const char*>(data);
+    while (n != 0) {
+        const ssize_t put = ::write(fd, at, n);
+        if (put < 0 && errno == EINTR) continue;
+        REQUIRE(put > 0);
+        at += put;
+        n -= static_cast<std::size_t>(put);
+    }
+}
+std::vector<std::byte> frame_of(std::span<const std::byte> payload) {
+    std::vector<std::byte> frame(8 + payload.size());
+    const std::uint64_t length = payload.size();
+    std::memcpy(frame.data(), &length, 8);
+    if (!payload.empty()) std::memcpy(frame.data() + 8, payload.data(), payload.size());
+    return frame;
+}
+
+/// SIGPIPE at its default action (which kills) and not blocked, as in a program that never touched it.
+void require_default_sigpipe() {
+    ::signal(SIGPIPE, SIG_DFL);
+    struct sigaction current {};
+    REQUIRE(::sigaction(SIGPIPE, nullptr, &current) == 0);
+    REQUIRE(current.sa_handler == SIG_DFL);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGPIPE);
+    REQUIRE(::pthread_sigmask(SIG_UNBLOCK, &mask, nullptr) == 0);
+    sigset_t blocked;
+    REQUIRE(::pthread_sigmask(SIG_BLOCK, nullptr, &blocked) == 0);
+    REQUIRE(sigismember(&blocked, SIGPIPE) == 0);
+}
+bool sigpipe_pending() {
+    sigset_t pending;
+    sigpending(&pending);
+    return sigismember(&pending, SIGPIPE) == 1;
+}
+
+template <class F> void check_truncated(F&& recv) {
+    try {
+        recv();
+        FAIL("a truncated frame was received as a whole message");
+    } catch (const mproc::SerializationError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("truncated"));
+    } catch (const mproc::EOFError&) {
+        SUCCEED("end of stream");
+    }
+}
+
+}  // namespace
+
+TEST_CASE("a duplex pipe carries messages each way, in order") {
     auto [a, b] = mproc::Pipe<std::string>();
+    CHECK(a.readable());
+    CHECK(a.writable());
+    CHECK(b.readable());
+    CHECK(b.writable());
     a.send("ping");
     CHECK(b.recv() == "ping");
     b.send("pong");
     CHECK(a.recv() == "pong");
+    for (int i = 0; i < 100; ++i) a.send(std::to_string(i));
+    b.send("");
+    for (int i = 0; i < 100; ++i) CHECK(b.recv() == std::to_string(i));
+    CHECK(a.recv().empty());
+}
+
+TEST_CASE("a duplex pipe works between processes, both ways") {
+    auto [parent_conn, child_conn] = mproc::Pipe<std::string>();
+    mproc::Process p([&child_conn = child_conn] {
+        const std::string question = child_conn.recv();
+        child_conn.send("answer to " + question);
+        child_conn.send(mproc::current_process().name());
+    });
+    p.set_name("responder");
+    p.start();
+    parent_conn.send("life");
+    CHECK(parent_conn.recv() == "answer to life");
+    CHECK(parent_conn.recv() == "responder");
+    REQUIRE(p.join());
+    CHECK(p.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("a simplex pipe sends one way, and the wrong direction is an Error") {
+    auto [reader, writer] = mproc::Pipe<int>(/*duplex=*/false);
+    CHECK(reader.readable());
+    CHECK_FALSE(reader.writable());
+    CHECK_FALSE(writer.readable());
+    CHECK(writer.writable());
+    writer.send(7);
+    CHECK(reader.recv() == 7);
+    CHECK_THROWS_AS(reader.send(1), mproc::Error);
+    CHECK_THROWS_AS(writer.recv(), mproc::Error);
+    CHECK_THROWS_AS(writer.poll(), mproc::Error);
+    CHECK_THROWS_AS(writer.recv_bytes(), mproc::Error);
+    const std::byte one{1};
+    CHECK_THROWS_AS(reader.send_bytes({&one, 1}), mproc::Error);
+    // The connection is still good after the refusals.
+    writer.send(8);
+    CHECK(reader.recv() == 8);
+
+    mproc::Process p([&writer = writer] { writer.send(99); });
+    p.start();
+    CHECK(reader.recv() == 99);
+    REQUIRE(p.join());
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("typed messages: user types, trivially copyable structs, nested containers") {
+    {
+        auto [a, b] = mproc::Pipe<Point>();
+        a.send(Point{"p", {1.5, -2.0}});
+        a.send(Point{});
+        CHECK(b.recv() == Point{"p", {1.5, -2.0}});
+        CHECK(b.recv() == Point{});
+    }
+    {
+        auto [a, b] = mproc::Pipe<Plain>(false);
+        b.send(Plain{3, 0.25});
+        CHECK(a.recv() == Plain{3, 0.25});
+    }
+    {
+        using Nested = std::map<std::string, std::vector<std::optional<std::variant<int, std::string>>>>;
+        auto [a, b] = mproc::Pipe<Nested>();
+        const Nested value{{"x", {1, std::nullopt, std::string("s")}}, {"", {}}};
+        mproc::Process p([&b = b, value] { b.send(value); });
+        p.start();
+        CHECK(a.recv() == value);
+        REQUIRE(p.join());
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("send_bytes and recv_bytes carry raw messages, empty and large") {
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        auto [a, b] = mproc::Pipe(duplex);  // the default: std::vector<std::byte>
+        auto& reader = a;
+        auto& writer = b;
+        const auto small = pattern_bytes(100);
+        const auto mib = pattern_bytes(1u << 20, 2);
+        writer.send_bytes({});
+        writer.send_bytes(small);
+        CHECK(reader.recv_bytes().empty());
+        CHECK(reader.recv_bytes() == small);
+        // A MiB does not fit a pipe's buffer: the writer is another process.
+        mproc::Process p([&writer = writer, &mib] { writer.send_bytes(mib); writer.send_bytes({}); });
+        p.start();
+        CHECK(reader.recv_bytes() == mib);
+        CHECK(reader.recv_bytes().empty());
+        REQUIRE(p.join());
+        CHECK(p.exitcode() == 0);
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("raw and typed messages interoperate") {
+    auto [a, b] = mproc::Pipe<std::vector<std::string>>();
+    const std::vector<std::string> value{"a", "", "ccc"};
+    a.send_bytes(mproc::to_bytes(value));
+    CHECK(b.recv() == value);
+    a.send(value);
+    CHECK(b.recv_bytes() == mproc::to_bytes(value));
+}
+
+TEST_CASE("poll reports whether a message is there, without waiting unless asked") {
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        auto [reader, writer] = mproc::Pipe<int>(duplex);
+        CHECK_FALSE(reader.poll());
+        CHECK_FALSE(reader.poll(0s));
+        CHECK_FALSE(reader.poll(100ms));
+        writer.send(1);
+        CHECK(reader.poll());
+        CHECK(reader.poll(100ms));
+        CHECK(reader.poll(std::nullopt));  // waits forever, but the message is there
+        CHECK(reader.recv() == 1);
+        CHECK_FALSE(reader.poll());
+
+        // A message sent later by another process wakes a waiting poll.
+        mproc_test::ReadySignal go;
+        mproc::Process p([&writer = writer, &go] {
+            go.notify();
+            writer.send(2);
+        });
+        p.start();
+        REQUIRE(go.wait());
+        CHECK(reader.poll(60s));
+        CHECK(reader.recv() == 2);
+        REQUIRE(p.join());
+
+        // Closed peers make the end readable: recv will say why.
+        writer.close();
+        CHECK(reader.poll());
+        CHECK_THROWS_AS(reader.recv(), mproc::EOFError);
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("recv after every peer has closed throws EOFError once the messages are read") {
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+        mproc::Process p([&writer = writer] {
+            writer.send("last words");
+            writer.close();
+        });
+        p.start();
+        writer.close();  // the parent's copy; the child's is the only one left
+        CHECK(reader.recv() == "last words");
+        CHECK_THROWS_AS(reader.recv(), mproc::EOFError);
+        CHECK_THROWS_AS(reader.recv(), mproc::EOFError);  // and stays so
+        CHECK_THROWS_AS(reader.recv_bytes(), mproc::EOFError);
+        REQUIRE(p.join());
+        CHECK(p.exitcode() == 0);
+    }
+    {
+        // The peer is a process that exits without closing explicitly.
+        auto [a, b] = mproc::Pipe<int>();
+        mproc::Process p([&b = b] { b.send(1); });
+        p.start();
+        b.close();
+        CHECK(a.recv() == 1);
+        CHECK_THROWS_AS(a.recv(), mproc::EOFError);
+        REQUIRE(p.join());
+    }
+    try {
+        auto [a, b] = mproc::Pipe<int>();
+        b.close();
+        (void)a.recv();
+        FAIL("recv from a closed peer returned");
+    } catch (const mproc::EOFError& e) {
+        CHECK(std::string(e.what()).find('\n') == std::string::npos);
+        CHECK_THAT(e.what(), Catch::Contains("closed"));
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("send to a closed peer throws BrokenPipeError and SIGPIPE never fires") {
+    require_default_sigpipe();
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        {
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            reader.close();
+            CHECK_THROWS_AS(writer.send("anyone?"), mproc::BrokenPipeError);
+            CHECK_THROWS_AS(writer.send("anyone?"), mproc::Error);
+            CHECK_THROWS_AS(writer.send_bytes(pattern_bytes(10)), mproc::BrokenPipeError);
+            CHECK_THROWS_AS(writer.send_bytes(pattern_bytes(1u << 20)), mproc::BrokenPipeError);
+        }
+        {
+            // The peer is a process that reads one message and exits while a large send is under way.
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            mproc::Process p([&reader = reader] { (void)reader.recv(); });
+            p.start();
+            reader.close();
+            writer.send("one");
+            CHECK_THROWS_AS(writer.send(pattern_string(16u << 20)), mproc::BrokenPipeError);
+            REQUIRE(p.join());
+            CHECK(p.exitcode() == 0);
+        }
+        CHECK_FALSE(sigpipe_pending());
+    }
+    struct sigaction after {};
+    REQUIRE(::sigaction(SIGPIPE, nullptr, &after) == 0);
+    CHECK(after.sa_handler == SIG_DFL);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("use after close throws mproc::Error") {
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        auto [reader, writer] = mproc::Pipe<int>(duplex);
+        reader.close();
+        writer.close();
+        CHECK(reader.closed());
+        CHECK(writer.closed());
+        CHECK(reader.fileno() < 0);
+        reader.close();  // closing twice is harmless
+        CHECK_THROWS_AS(writer.send(1), mproc::Error);
+        CHECK_THROWS_AS(writer.send_bytes({}), mproc::Error);
+        CHECK_THROWS_AS(reader.recv(), mproc::Error);
+        CHECK_THROWS_AS(reader.recv_bytes(), mproc::Error);
+        CHECK_THROWS_AS(reader.poll(), mproc::Error);
+        CHECK_THROWS_AS(reader.poll(1s), mproc::Error);
+    }
+}
+
+TEST_CASE("connections move, and a moved-from connection is closed") {
+    auto [a, b] = mproc::Pipe<int>();
+    mproc::Connection<int> moved(std::move(a));
+    CHECK(a.closed());  // NOLINT(bugprone-use-after-move)
+    CHECK_THROWS_AS(a.send(1), mproc::Error);
+    moved.send(5);
+    CHECK(b.recv() == 5);
+    mproc::Connection<int> assigned;
+    CHECK(assigned.closed());
+    CHECK_THROWS_AS(assigned.recv(), mproc::Error);
+    assigned = std::move(b);
+    moved.send(6);
+    CHECK(assigned.recv() == 6);
+}
+
+TEST_CASE("a connection's descriptor is close-on-exec") {
+    auto [a, b] = mproc::Pipe<int>();
+    auto [r, w] = mproc::Pipe<int>(false);
+    for (int fd : {a.fileno(), b.fileno(), r.fileno(), w.fileno()}) CHECK((::fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+}
+
+TEST_CASE("a 64 MiB message goes through while the other side reads") {
+    const std::string big = pattern_string(64u << 20, 3);
+    const bool duplex = GENERATE(true, false);
+    INFO("duplex " << duplex);
+    {
+        auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+        SECTION("from a child") {
+            mproc::Process p([&writer = writer, &big] { writer.send(big); });
+            p.start();
+            CHECK(reader.recv() == big);
+            REQUIRE(p.join(120s));
+            CHECK(p.exitcode() == 0);
+        }
+        SECTION("to a child") {
+            mproc::Process p([&reader = reader, &big] { ::_exit(reader.recv() == big ? 0 : 7); });
+            p.start();
+            writer.send(big);
+            REQUIRE(p.join(120s));
+            CHECK(p.exitcode() == 0);
+        }
+        SECTION("raw bytes") {
+            const auto bytes = pattern_bytes(64u << 20, 4);
+            mproc::Process p([&reader = reader, &bytes] { ::_exit(reader.recv_bytes() == bytes ? 0 : 7); });
+            p.start();
+            writer.send_bytes(bytes);
+            REQUIRE(p.join(120s));
+            CHECK(p.exitcode() == 0);
+        }
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+// Two ends that both send a large message before reading: a duplex send that finds the socket full
+// reads what the peer sends meanwhile into memory, so both sends complete and the messages are then
+// received whole. (Two simplex pipes used as a pair have no such buffering: like OS pipes, and
+// Python's, they deadlock when both writers fill them — use a duplex pipe for that pattern.)
+TEST_CASE("two processes that both send 8 MiB before reading do not deadlock") {
+    const int code = run_guarded([] {
+        const auto to_child = pattern_bytes(8u << 20, 5);
+        const auto to_parent = pattern_bytes(8u << 20, 6);
+        auto [here, there] = mproc::Pipe<std::vector<std::byte>>();
+        mproc::Process peer([&there = there, &to_child, &to_parent] {
+            there.send(to_parent);
+            there.send_bytes(to_parent);
+            ::_exit(there.recv() == to_child && there.recv_bytes() == to_child ? 0 : 7);
+        });
+        peer.start();
+        there.close();
+        here.send(to_child);
+        here.send_bytes(to_child);
+        const bool received = here.recv() == to_parent && here.recv_bytes() == to_parent;
+        const bool joined = peer.join();
+        return received && joined && peer.exitcode() == 0;
+    });
+    CHECK(code == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("messages buffered during a blocked send are all delivered, in order") {
+    const int code = run_guarded([] {
+        auto [here, there] = mproc::Pipe<std::string>();
+        mproc::Process peer([&there = there] {
+            // Many small messages, then a big one, while the parent is busy sending its own big one.
+            for (int i = 0; i < 2000; ++i) there.send(std::to_string(i));
+            there.send(pattern_string(4u << 20, 8));
+            for (int i = 0; i < 3; ++i)
+                if (there.recv() != pattern_string(4u << 20, static_cast<unsigned>(10 + i))) ::_exit(7);
+        });
+        peer.start();
+        there.close();
+        for (int i = 0; i < 3; ++i) here.send(pattern_string(4u << 20, static_cast<unsigned>(10 + i)));
+        // The peer's small messages had to be read into memory for these sends to finish.
+        bool ok = here.poll();
+        for (int i = 0; i < 2000; ++i) ok = ok && here.recv() == std::to_string(i);
+        ok = ok && here.recv() == pattern_string(4u << 20, 8);
+        return ok && peer.join() && peer.exitcode() == 0;
+    });
+    CHECK(code == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("a truncated frame is a SerializationError or EOFError, never a hang") {
+    const bool duplex = GENERATE(true, false);
+    INFO("duplex " << duplex);
+    {
+        SECTION("a writer that sends part of a frame and exits") {
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            mproc::Process p([&writer = writer] {
+                const std::uint64_t claimed = 1u << 20;
+                const auto some = pattern_bytes(1000);
+                write_raw(writer.fileno(), &claimed, sizeof claimed);
+                write_raw(writer.fileno(), some.data(), some.size());
+            });
+            p.start();
+            writer.close();
+            REQUIRE(p.join(60s));
+            check_truncated([&reader = reader] { (void)reader.recv(); });
+            check_truncated([&reader = reader] { (void)reader.recv_bytes(); });  // and again: no hang
+        }
+        SECTION("a writer that sends half a frame header and exits") {
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            mproc::Process p([&writer = writer] {
+                const std::uint32_t half = 12;
+                write_raw(writer.fileno(), &half, sizeof half);
+            });
+            p.start();
+            writer.close();
+            REQUIRE(p.join(60s));
+            check_truncated([&reader = reader] { (void)reader.recv(); });
+        }
+        SECTION("a writer killed by SIGKILL in the middle of a 64 MiB send") {
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            mproc::Process p([&writer = writer] { writer.send(pattern_string(64u << 20)); });
+            p.start();
+            writer.close();
+            // Nothing is read until the writer is dead, so it cannot have sent more than the
+            // descriptor's buffer: it is blocked mid-message when the signal arrives.
+            REQUIRE(reader.poll(60s));
+            p.kill();
+            REQUIRE(p.join(60s));
+            CHECK(p.exitcode() == -SIGKILL);
+            check_truncated([&reader = reader] { (void)reader.recv(); });
+        }
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("malformed frames are SerializationErrors and the connection stays usable") {
+    for (bool duplex : {true, false}) {
+        INFO("duplex " << duplex);
+        auto [reader, writer] = mproc::Pipe<std::vector<std::string>>(duplex);
+        const std::vector<std::string> good{"still", "works"};
+
+        // Garbage sent as a message.
+        const auto garbage = pattern_bytes(37);
+        writer.send_bytes(garbage);
+        writer.send(good);
+        CHECK_THROWS_AS(reader.recv(), mproc::SerializationError);
+        CHECK(reader.recv() == good);
+
+        // A well-framed message whose content claims 2^62 strings.
+        const std::uint64_t huge = std::uint64_t{1} << 62;
+        std::vector<std::byte> lying(8);
+        std::memcpy(lying.data(), &huge, 8);
+        const auto frame = frame_of(lying);
+        write_raw(writer.fileno(), frame.data(), frame.size());
+        writer.send(good);
+        CHECK_THROWS_AS(reader.recv(), mproc::SerializationError);
+        CHECK(reader.recv() == good);
+
+        // A valid value followed by bytes that belong to no value.
+        auto padded = mproc::to_bytes(good);
+        padded.push_back(std::byte{0});
+        writer.send_bytes(padded);
+        // An empty message, where a vector needs at least its length.
+        writer.send_bytes({});
+        writer.send(good);
+        CHECK_THROWS_AS(reader.recv(), mproc::SerializationError);
+        CHECK_THROWS_AS(reader.recv(), mproc::SerializationError);
+        CHECK(reader.recv() == good);
+        CHECK_FALSE(reader.poll());
+    }
 }

@@ -36,7 +36,9 @@ template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<
 /// One end of a Pipe. Move-only; not safe for two threads at once (use one end per thread).
 template <class T>
 class Connection {
-    static_assert(is_serializable_v<T>, "mproc::Connection<T>: T must be serialisable");
+    // The wording matches require_serializable, and the compiler names T in the instantiation note.
+    static_assert(is_serializable_v<T>, "mproc::Connection<T>: T cannot be serialised (see the type in the "
+                                        "instantiation note)");
 
 public:
     Connection() = default;

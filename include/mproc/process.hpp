@@ -124,7 +124,9 @@ public:
     void kill() { signal(SIGKILL); }
     /// Any signal to the child, while it has not been reaped (its pid cannot be reused before).
     void signal(int sig) {
-        if (pid_ != 0 && !status_) ::kill(pid_, sig);
+        // is_alive() first: the registry may have reaped the child for someone else (children().live()),
+        // and then its pid is free for the kernel to give to an unrelated process.
+        if (is_alive()) ::kill(pid_, sig);
     }
 
     /// nullopt while running (or never started); N for an exit with status N; -N if killed by signal N.
