@@ -1,0 +1,72 @@
+// mproc — sleeping on a 32-bit word in shared memory, and waking the sleepers.
+//
+// These are the shared (not _PRIVATE) futex operations: the kernel keys the wait queue by the
+// page behind the address, so processes that map the same memfd at different addresses still
+// meet on the same word. Every wait takes an absolute CLOCK_MONOTONIC deadline (the clock behind
+// std::chrono::steady_clock), so a wait interrupted by a signal resumes with the time that is
+// left rather than starting over.
+//
+// A futex wake is a message that can be lost when the process that should send it is killed
+// between publishing a change and waking the sleepers. mproc never lets that become a hang:
+// every blocking wait sleeps at most `recheck_interval` before it re-checks its condition.
+// Idle waiters thus wake about once a second, which costs microseconds of CPU per second.
+#pragma once
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <ctime>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "clock.hpp"
+
+namespace mproc::detail {
+
+using FutexWord = std::atomic<std::uint32_t>;
+static_assert(sizeof(FutexWord) == sizeof(std::uint32_t) && FutexWord::is_always_lock_free,
+              "a futex word must be a plain lock-free 32-bit integer");
+
+/// The longest a blocked waiter sleeps before it re-checks its condition on its own.
+inline constexpr std::chrono::milliseconds recheck_interval{1000};
+
+/// The end of the next sleep for a wait that must be over by `deadline`.
+inline Clock::time_point sleep_until_for(const Deadline& deadline) noexcept {
+    const Clock::time_point cap = Clock::now() + recheck_interval;
+    return deadline && *deadline < cap ? *deadline : cap;
+}
+
+/// Sleeps while `word` holds `expected`, until woken or `until` passes (absolute, steady clock).
+/// Returns false when the time ran out and true otherwise — woken, the value had already
+/// changed, or a spurious return. Callers re-check their condition either way.
+inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_point until) noexcept {
+    const auto since_epoch = until.time_since_epoch();
+    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+    timespec abs{};
+    abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
+    abs.tv_nsec = secs.count() < 0 ? 0 : static_cast<long>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+    for (;;) {
+        // FUTEX_WAIT_BITSET takes an absolute timeout on CLOCK_MONOTONIC.
+        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET,
+                                  expected, &abs, nullptr, FUTEX_BITSET_MATCH_ANY);
+        if (rc == 0) return true;
+        if (errno == ETIMEDOUT) return false;
+        if (errno == EINTR) {
+            if (word.load(std::memory_order_acquire) != expected) return true;
+            continue;  // same absolute deadline: the signal does not extend the wait
+        }
+        return true;  // EAGAIN (value changed) or anything unexpected: let the caller look
+    }
+}
+
+/// Wakes up to `count` processes sleeping on `word`.
+inline void futex_wake(FutexWord& word, int count) noexcept {
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
+}
+inline void futex_wake_all(FutexWord& word) noexcept { futex_wake(word, INT_MAX); }
+
+}  // namespace mproc::detail

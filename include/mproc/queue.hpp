@@ -1,0 +1,563 @@
+// mproc — Queue: a multi-producer, multi-consumer FIFO between processes.
+//
+//     mproc::Queue<std::vector<int>> q;            // unbounded;  Queue<T> q(16) holds at most 16 items
+//     mproc::Process producer([&] { q.put({42, 7}); });
+//     producer.start();
+//     auto v = q.get();                            // blocks;  q.get(1s) throws mproc::Empty on timeout
+//     q.put(x, 1s);                                // on a full bounded queue: mproc::Full after 1s
+//     std::optional<T> item = q.try_get();         // nullopt when empty
+//
+// There is no feeder thread: put() serialises the item and copies it into a byte ring in shared
+// memory before it returns, so an error surfaces in put(), and an item is in the queue — safe from
+// its producer's exit or death — as soon as put() returns. A producer can put and exit, and the
+// parent can join it before reading, with no deadlock.
+//
+// The ring is a memfd reserved at its full size (buffer_bytes, 1 GiB by default) but sparse:
+// memory is used only as items fill it and is handed back as they are read. An item larger
+// than the ring streams through it in pieces while a consumer reads it (see docs/shared-memory.md
+// for the protocol and for what a process killed mid-put or mid-get leaves behind: nothing torn,
+// nothing that blocks the others).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <span>
+#include <string>
+#include <type_traits>
+
+#include "detail/clock.hpp"
+#include "detail/futex.hpp"
+#include "detail/robust_mutex.hpp"
+#include "detail/shared_memory.hpp"
+#include "detail/shared_object.hpp"
+#include "errors.hpp"
+#include "serialize.hpp"
+
+namespace mproc {
+
+/// How a Queue is made: `mproc::Queue<T> q({.maxsize = 100, .buffer_bytes = 64 << 20});`
+struct QueueOptions {
+    /// At most this many items at once (put waits, or throws Full after its timeout); 0: no limit.
+    std::size_t maxsize = 0;
+    /// Capacity of the shared byte ring. Address space is reserved up front; memory is used only
+    /// as items fill it. An item that does not fit streams through while a consumer reads it.
+    std::size_t buffer_bytes = std::size_t{1} << 30;
+};
+
+namespace detail {
+
+inline constexpr std::uint32_t queue_magic = 0x6d515545u;  // "mQUE"
+/// Marks a record whose payload follows in pieces (a streamed item).
+inline constexpr std::uint64_t stream_flag = std::uint64_t{1} << 63;
+/// The most bytes copied in or out under the queue's lock at once.
+inline constexpr std::size_t queue_piece = std::size_t{1} << 20;
+/// Consumed ring memory beyond the first `queue_resident` bytes goes back to the kernel in
+/// chunks of `queue_chunk`; the first part stays, as the hot area a busy queue cycles through.
+inline constexpr std::size_t queue_chunk = std::size_t{1} << 20;
+inline constexpr std::size_t queue_resident = std::size_t{4} << 20;
+
+/// Where the queue stands. Positions count bytes since the ring was last empty; the byte at
+/// position p lives at ring[p % capacity]. Two copies alternate and one store of `current`
+/// publishes a new one, so a process that dies while holding the lock leaves either the old
+/// state or the new one, never a mix.
+struct QueueCursor {
+    std::uint64_t head;        // next byte to consume
+    std::uint64_t tail;        // end of the committed bytes
+    std::uint64_t count;       // items whose record has been committed and not yet taken
+    std::uint64_t stream_at;   // record position of the item being streamed in (while writing)
+    std::uint64_t write_left;  // its payload bytes not yet committed
+    std::uint64_t read_left;   // payload bytes of the streamed item being drained, not yet read
+    std::uint32_t writing;     // a producer streams an item in (and holds write_claim)
+    std::uint32_t reading;     // a consumer drains a streamed item (and holds read_claim)
+    std::uint32_t aborted;     // the item being drained lost its producer: the reader drops it
+    std::uint32_t reserved;
+};
+
+struct QueueHeader {
+    ObjectHeader header;
+    std::uint64_t capacity;
+    std::uint64_t maxsize;
+    std::uint64_t data_offset;
+    RobustMutex mutex;        // guards the cursor and the ring
+    RobustMutex write_claim;  // held by the producer streaming an item in, across lock holds
+    RobustMutex read_claim;   // held by the consumer draining a streamed item
+    std::atomic<std::uint32_t> current;
+    std::uint32_t reserved;
+    QueueCursor cursors[2];
+    // Futex words: bumped on every change a sleeper of that kind may be waiting for.
+    alignas(64) FutexWord items;  // an item can be taken
+    FutexWord space;              // a put can start
+    FutexWord stream_data;        // more of the streamed item arrived (or it was aborted)
+    FutexWord stream_room;        // the streaming producer has room again
+    std::atomic<std::uint32_t> item_waiters;   // hints: a wake is needed only when nonzero
+    std::atomic<std::uint32_t> space_waiters;
+};
+
+/// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
+class ByteQueue {
+public:
+    static SharedRef create(const QueueOptions& options, std::uint64_t type) {
+        std::size_t capacity = round_up(std::max<std::size_t>(options.buffer_bytes, 4096), page_size());
+        if (capacity > queue_resident) capacity = round_up(capacity, queue_chunk);
+        if (capacity > (std::size_t{1} << 46))
+            throw Error("mproc::Queue: buffer_bytes " + std::to_string(options.buffer_bytes) + " is too large");
+        const std::size_t data_offset = round_up(sizeof(QueueHeader), page_size());
+        SharedRef ref = SharedRef::dedicated(data_offset + capacity, "mproc-queue");
+        auto* h = new (ref.address()) QueueHeader;
+        h->header = {queue_magic, 0, type};
+        h->capacity = capacity;
+        h->maxsize = options.maxsize;
+        h->data_offset = data_offset;
+        h->mutex.init();
+        h->write_claim.init();
+        h->read_claim.init();
+        return ref;
+    }
+
+    static void check(const SharedRef& ref) {
+        const auto* h = reinterpret_cast<const QueueHeader*>(ref.address());
+        if (ref.offset() != 0 || h->data_offset + h->capacity != ref.segment()->size() ||
+            h->data_offset < sizeof(QueueHeader))
+            throw SerializationError("mproc: corrupt Queue handle: its layout does not match its memory");
+    }
+
+    explicit ByteQueue(const SharedRef& ref)
+        : h_(ref.as<QueueHeader>()), ring_(ref.address() + h_->data_offset), cap_(h_->capacity) {}
+
+    /// Copies `msg` into the queue. False if `deadline` passed first (nothing was added).
+    bool put(std::span<const std::byte> msg, const Deadline& deadline) {
+        const std::uint64_t len = msg.size();
+        if (len >= stream_flag) throw Error("mproc::Queue::put: item too large");
+        const bool whole = 8 + len <= std::min<std::uint64_t>(cap_, queue_piece);
+        Wakes wakes;
+        {
+            Guard guard = lock();
+            for (;;) {
+                QueueCursor c = cursor();
+                if (c.writing && probe_writer(c, wakes)) c = cursor();
+                const std::uint64_t room = cap_ - (c.tail - c.head);
+                if (!c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && room >= (whole ? 8 + len : 8))
+                    break;
+                if (expired(deadline)) {
+                    wakes.fire(*h_);
+                    return false;
+                }
+                wait(guard, h_->space, h_->space_waiters, deadline, wakes);
+            }
+            QueueCursor c = cursor();
+            if (whole) {
+                write_word(c.tail, len);
+                copy_in(c.tail + 8, msg.data(), len);
+                c.tail += 8 + len;
+                ++c.count;
+                publish(c);
+                wakes.items = true;
+                guard.unlock();
+                wakes.fire(*h_);
+                return true;
+            }
+            // Streamed: claim the ring for this item, commit its record, then pieces as room allows.
+            const LockResult claim = h_->write_claim.try_lock();
+            if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
+            if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
+            write_word(c.tail, len | stream_flag);
+            c.stream_at = c.tail;
+            c.tail += 8;
+            ++c.count;
+            c.writing = 1;
+            c.write_left = len;
+            publish(c);
+            wakes.items = true;
+            std::uint64_t sent = 0;
+            for (;;) {
+                c = cursor();
+                const std::uint64_t room = cap_ - (c.tail - c.head);
+                const std::uint64_t n = std::min<std::uint64_t>({c.write_left, room, queue_piece});
+                if (n > 0) {
+                    copy_in(c.tail, msg.data() + sent, n);
+                    sent += n;
+                    c.tail += n;
+                    c.write_left -= n;
+                    if (c.write_left == 0) c.writing = 0;
+                    publish(c);
+                    wakes.data = true;
+                    if (c.write_left == 0) {
+                        h_->write_claim.unlock();
+                        wakes.space = true;  // producers waiting for the stream to end
+                        guard.unlock();
+                        wakes.fire(*h_);
+                        return true;
+                    }
+                    // Let consumers (and the reader of this item) in between pieces.
+                    guard.unlock();
+                    wakes.fire(*h_);
+                    wakes = Wakes{};
+                    guard.lock();
+                    continue;
+                }
+                if (expired(deadline)) {
+                    // Withdraw the partial item: a reader that started it drops it.
+                    abort_stream(c);
+                    publish(c);
+                    h_->write_claim.unlock();
+                    wakes.data = wakes.space = wakes.items = true;
+                    guard.unlock();
+                    wakes.fire(*h_);
+                    return false;
+                }
+                const std::uint32_t seen = h_->stream_room.load(std::memory_order_acquire);
+                guard.unlock();
+                wakes.fire(*h_);
+                wakes = Wakes{};
+                futex_wait(h_->stream_room, seen, sleep_until_for(deadline));
+                guard.lock();
+            }
+        }
+    }
+
+    /// Takes the next item into `out`. False if there was none before `deadline` (or at once,
+    /// with `nowait`). Once it has started reading a streamed item it finishes it, whatever the
+    /// deadline — unless its producer dies or gives up, which drops the item.
+    bool get(Buffer& out, const Deadline& deadline, bool nowait) {
+        Wakes wakes;
+        Guard guard = lock();
+        for (;;) {
+            QueueCursor c = cursor();
+            if (c.reading) {
+                // Another consumer drains a streamed item; take it over if that consumer died.
+                const LockResult claim = h_->read_claim.try_lock();
+                if (holds(claim)) {
+                    if (claim == LockResult::owner_died) h_->read_claim.mark_consistent();
+                    drain(guard, nullptr, 0, wakes);  // its first part went with the dead reader
+                    continue;
+                }
+            } else if (c.count > 0) {
+                const std::uint64_t word = read_word(c.head);
+                const std::uint64_t len = word & ~stream_flag;
+                out.resize(static_cast<std::size_t>(len));  // may throw: nothing taken yet
+                if (!(word & stream_flag)) {
+                    copy_out(c.head + 8, out.data(), len);
+                    const std::uint64_t from = c.head;
+                    c.head += 8 + len;
+                    --c.count;
+                    consumed(c, from, wakes);
+                    publish(c);
+                    if (c.count > 0) wakes.items = true;  // pass the wake-up on
+                    guard.unlock();
+                    wakes.fire(*h_);
+                    return true;
+                }
+                const LockResult claim = h_->read_claim.try_lock();
+                if (!holds(claim)) throw Error("mproc::Queue: internal error: the read claim is held with no reader");
+                if (claim == LockResult::owner_died) h_->read_claim.mark_consistent();
+                const std::uint64_t from = c.head;
+                c.head += 8;
+                --c.count;
+                c.reading = 1;
+                c.read_left = len;
+                c.aborted = 0;
+                consumed(c, from, wakes);
+                publish(c);
+                if (drain(guard, out.data(), len, wakes)) {
+                    guard.unlock();
+                    wakes.fire(*h_);
+                    return true;
+                }
+                continue;  // its producer died or gave up: wait for the next item
+            }
+            if (nowait || expired(deadline)) {
+                guard.unlock();
+                wakes.fire(*h_);
+                return false;
+            }
+            wait(guard, h_->items, h_->item_waiters, deadline, wakes);
+        }
+    }
+
+    std::size_t count() {
+        Guard guard = lock();
+        return static_cast<std::size_t>(cursor().count);
+    }
+    std::size_t maxsize() const noexcept { return static_cast<std::size_t>(h_->maxsize); }
+    std::size_t capacity() const noexcept { return static_cast<std::size_t>(cap_); }
+
+private:
+    struct Repair {
+        ByteQueue* q;
+        void operator()() const {
+            // The cursor is whole (double-buffered). A claim holder that died shows up as a
+            // claim whose owner died; check the producer's now, readers' are taken over in get().
+            QueueCursor c = q->cursor();
+            Wakes wakes;
+            if (c.writing) q->probe_writer(c, wakes);
+            wakes.fire(*q->h_);
+        }
+    };
+    using Guard = RobustGuard<Repair>;
+    Guard lock() { return Guard(h_->mutex, Repair{this}); }
+
+    /// Wake-ups decided under the lock and sent after it is released.
+    struct Wakes {
+        bool items = false, space = false, data = false, room = false;
+        void fire(QueueHeader& h) {
+            if (items && h.item_waiters.load(std::memory_order_seq_cst) != 0) futex_wake(h.items, 1);
+            // Producers wait for different amounts of room, so a single wake could pick one
+            // that still cannot go while another could: wake them all.
+            if (space && h.space_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.space);
+            if (data) futex_wake_all(h.stream_data);
+            if (room) futex_wake_all(h.stream_room);
+            *this = Wakes{};
+        }
+    };
+
+    QueueCursor cursor() const noexcept { return h_->cursors[h_->current.load(std::memory_order_relaxed) & 1u]; }
+    void publish(const QueueCursor& c) noexcept {
+        const std::uint32_t next = (h_->current.load(std::memory_order_relaxed) & 1u) ^ 1u;
+        h_->cursors[next] = c;
+        h_->current.store(next, std::memory_order_release);
+        // Every published change may be what some sleeper waits for: bump all the words; the
+        // sleepers re-check their own condition.
+        h_->items.fetch_add(1, std::memory_order_relaxed);
+        h_->space.fetch_add(1, std::memory_order_relaxed);
+        h_->stream_data.fetch_add(1, std::memory_order_relaxed);
+        h_->stream_room.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
+    void wait(Guard& guard, FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline,
+              Wakes& wakes) {
+        wakes.fire(*h_);
+        waiters.fetch_add(1, std::memory_order_seq_cst);
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard.unlock();
+        futex_wait(word, seen, sleep_until_for(deadline));
+        guard.lock();
+        waiters.fetch_sub(1, std::memory_order_relaxed);
+    }
+
+    /// With the lock and the read claim held and a streamed item being drained: copies the rest
+    /// into `dst` (or drops it when `dst` is null), releasing the lock between pieces. Returns
+    /// true when the item is complete, false when it was aborted. Either way the claim is
+    /// released and the lock is held on return.
+    bool drain(Guard& guard, std::byte* dst, std::uint64_t len, Wakes& wakes) {
+        for (;;) {
+            QueueCursor c = cursor();
+            if (c.aborted || (c.read_left > 0 && c.tail == c.head && !c.writing)) {
+                c.aborted = 0;
+                c.reading = 0;
+                c.read_left = 0;
+                consumed(c, c.head, wakes);
+                publish(c);
+                h_->read_claim.unlock();
+                if (c.count > 0) wakes.items = true;
+                return false;
+            }
+            const std::uint64_t n = std::min<std::uint64_t>({c.read_left, c.tail - c.head, queue_piece});
+            if (n > 0 || c.read_left == 0) {
+                if (dst && n > 0) copy_out(c.head, dst + (len - c.read_left), n);
+                const std::uint64_t from = c.head;
+                c.head += n;
+                c.read_left -= n;
+                const bool done = c.read_left == 0;
+                if (done) c.reading = 0;
+                consumed(c, from, wakes);
+                publish(c);
+                if (done) {
+                    h_->read_claim.unlock();
+                    if (c.count > 0) wakes.items = true;
+                    return true;
+                }
+                guard.unlock();
+                wakes.fire(*h_);
+                guard.lock();
+                continue;
+            }
+            // Waiting for the producer's next piece: is it still alive?
+            if (probe_writer(c, wakes)) continue;
+            const std::uint32_t seen = h_->stream_data.load(std::memory_order_acquire);
+            guard.unlock();
+            wakes.fire(*h_);
+            futex_wait(h_->stream_data, seen, sleep_until_for(std::nullopt));
+            guard.lock();
+        }
+    }
+
+    /// With the lock held and an item streaming in: if its producer died, withdraws the item
+    /// (publishing the change) and returns true.
+    bool probe_writer(QueueCursor c, Wakes& wakes) {
+        if (!c.writing) return false;
+        const LockResult claim = h_->write_claim.try_lock();
+        if (claim == LockResult::timed_out || claim == LockResult::would_deadlock) return false;  // alive
+        abort_stream(c);
+        publish(c);
+        if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
+        h_->write_claim.unlock();
+        wakes.items = wakes.space = wakes.data = true;
+        return true;
+    }
+
+    /// Withdraws the item being streamed in: cut off if no consumer took it yet, otherwise
+    /// marked aborted so its reader drops what it has.
+    void abort_stream(QueueCursor& c) noexcept {
+        if (c.reading && c.head > c.stream_at) {
+            c.head = c.tail;  // everything after the record is this item's
+            c.read_left = 0;
+            c.aborted = 1;
+        } else {
+            const std::uint64_t written = c.tail;
+            c.tail = c.stream_at;
+            --c.count;
+            if (cap_ > queue_resident)
+                for (std::uint64_t chunk = round_up(c.tail, queue_chunk); chunk < written; chunk += queue_chunk)
+                    release_chunk(chunk, c);
+        }
+        c.writing = 0;
+        c.write_left = 0;
+        if (c.head == c.tail && !c.reading) c.head = c.tail = 0;
+    }
+
+    /// Called as [from, c.head) is consumed: rewinds an emptied ring to position 0 (so a queue
+    /// that keeps up cycles through the same warm pages) and returns consumed memory beyond
+    /// the resident part to the kernel. Producers may be waiting for this room.
+    void consumed(QueueCursor& c, std::uint64_t from, Wakes& wakes) noexcept {
+        wakes.room = c.writing != 0;
+        wakes.space = true;
+        if (cap_ <= queue_resident) {
+            if (c.head == c.tail && !c.writing && !c.reading) c.head = c.tail = 0;
+            return;
+        }
+        for (std::uint64_t chunk = round_down(from, queue_chunk); chunk + queue_chunk <= c.head; chunk += queue_chunk)
+            release_chunk(chunk, c);
+        if (c.head == c.tail && !c.writing && !c.reading) {
+            release_chunk(round_down(c.head, queue_chunk), c);
+            c.head = c.tail = 0;
+        }
+    }
+    /// Hands back the ring memory of the chunk at stream position `chunk` unless a live byte
+    /// (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
+    void release_chunk(std::uint64_t chunk, const QueueCursor& c) noexcept {
+        const std::uint64_t at = chunk % cap_;
+        if (at < queue_resident) return;
+        // Live bytes span at most one capacity, so only the neighbouring laps can overlap.
+        for (int lap = -1; lap <= 1; ++lap) {
+            if (lap < 0 && chunk < cap_) continue;
+            const std::uint64_t lo = lap < 0 ? chunk - cap_ : chunk + static_cast<std::uint64_t>(lap) * cap_;
+            if (lo < c.tail && lo + queue_chunk > c.head) return;
+        }
+        release_pages(ring_ + at, queue_chunk);
+    }
+
+    void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
+        const std::uint64_t at = pos % cap_;
+        const std::uint64_t first = std::min(n, cap_ - at);
+        if (first) std::memcpy(ring_ + at, src, first);
+        if (n > first) std::memcpy(ring_, src + first, n - first);
+    }
+    void copy_out(std::uint64_t pos, std::byte* dst, std::uint64_t n) const noexcept {
+        const std::uint64_t at = pos % cap_;
+        const std::uint64_t first = std::min(n, cap_ - at);
+        if (first) std::memcpy(dst, ring_ + at, first);
+        if (n > first) std::memcpy(dst + first, ring_, n - first);
+    }
+    void write_word(std::uint64_t pos, std::uint64_t word) noexcept { copy_in(pos, reinterpret_cast<const std::byte*>(&word), 8); }
+    std::uint64_t read_word(std::uint64_t pos) const noexcept {
+        std::uint64_t word = 0;
+        copy_out(pos, reinterpret_cast<std::byte*>(&word), 8);
+        return word;
+    }
+
+    QueueHeader* h_;
+    std::byte* ring_;
+    std::uint64_t cap_;
+};
+
+}  // namespace detail
+
+/// A FIFO of T between processes: many producers, many consumers. A handle: copies share it.
+template <class T>
+class Queue {
+    static_assert(is_serializable_v<T>, "mproc::Queue<T>: T must be serialisable");
+
+public:
+    Queue() : Queue(QueueOptions{}) {}
+    explicit Queue(std::size_t maxsize) : Queue(QueueOptions{.maxsize = maxsize}) {}
+    explicit Queue(const QueueOptions& options) {
+        if (detail::HandleDecodeScope::active()) return;
+        ref_ = detail::ByteQueue::create(options, detail::type_hash<Queue<T>>());
+    }
+
+    /// Adds `item`; with a bounded queue (or a full ring) waits for room, up to `timeout` if
+    /// given, then throws mproc::Full. Serialisation errors surface here. After close(): Error.
+    void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
+        if (closed_) throw Error("mproc::Queue::put: this handle was closed");
+        Buffer& bytes = scratch();
+        bytes.clear();
+        encode_into(bytes, item);
+        if (!queue().put(bytes.bytes(), detail::deadline_after(timeout)))
+            throw Full("mproc::Queue::put: the queue stayed full for the whole timeout");
+    }
+    void put_nowait(const T& item) { put(item, Seconds{0}); }
+
+    /// Removes and returns the next item, waiting for one (up to `timeout`, then mproc::Empty).
+    T get(std::optional<Seconds> timeout = std::nullopt) {
+        Buffer& bytes = scratch();
+        if (!queue().get(bytes, detail::deadline_after(timeout), false))
+            throw Empty("mproc::Queue::get: no item arrived within the timeout");
+        return decode<T>(bytes.bytes());
+    }
+    T get_nowait() {
+        Buffer& bytes = scratch();
+        if (!queue().get(bytes, std::nullopt, true)) throw Empty("mproc::Queue::get_nowait: the queue is empty");
+        return decode<T>(bytes.bytes());
+    }
+    /// The next item if there is one now.
+    std::optional<T> try_get() {
+        Buffer& bytes = scratch();
+        if (!queue().get(bytes, std::nullopt, true)) return std::nullopt;
+        return decode<T>(bytes.bytes());
+    }
+
+    /// Items in the queue (approximate while others put and get).
+    std::size_t qsize() const { return queue().count(); }
+    bool empty() const { return qsize() == 0; }
+    /// True when a bounded queue holds maxsize items.
+    bool full() const {
+        const std::size_t limit = queue().maxsize();
+        return limit != 0 && qsize() >= limit;
+    }
+    std::size_t maxsize() const { return queue().maxsize(); }
+    /// The ring's capacity in bytes.
+    std::size_t buffer_bytes() const { return queue().capacity(); }
+    /// Memory the queue holds right now, in bytes (touched pages not yet handed back).
+    std::size_t memory_in_use() const { return ref_ ? ref_.segment()->memory().resident_bytes() : 0; }
+
+    /// This handle puts no more: put() on it throws mproc::Error. Other handles are unaffected.
+    void close() noexcept { closed_ = true; }
+    bool closed() const noexcept { return closed_; }
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            ref_.encode(ar);
+        } else {
+            ref_.decode(ar, detail::queue_magic, detail::type_hash<Queue<T>>(), sizeof(detail::QueueHeader), "Queue");
+            detail::ByteQueue::check(ref_);
+            closed_ = false;
+        }
+    }
+
+private:
+    detail::ByteQueue queue() const { return detail::ByteQueue(ref_); }
+    static Buffer& scratch() {
+        thread_local Buffer buffer;
+        return buffer;
+    }
+
+    detail::SharedRef ref_;
+    bool closed_ = false;
+};
+
+}  // namespace mproc
