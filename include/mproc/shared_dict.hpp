@@ -1,0 +1,643 @@
+// mproc — SharedDict: a hash table in shared memory, what Python's Manager().dict() is for.
+//
+//     mproc::SharedDict<std::string, int> d;       // create before the processes that use it
+//     d["count"] = 0;
+//     d["count"] += 3;                             // atomic read-modify-write: no lost updates
+//     int n = d["count"];                          // mproc::KeyError if absent (so is d["new"] += 1)
+//     d.update("k", [](std::optional<int> old) { return old.value_or(0) + 1; });   // atomic
+//     fmt::format("dic={}", d);                    // dic={"count": 15}
+//
+// Keys and values are any serialisable types, stored as their encoded bytes (keys compare by
+// their encoding). The table lives in a memfd reserved at max_bytes (1 GiB by default) and
+// grows into it as it fills; an insert that would pass the limit throws mproc::Full and leaves
+// the dict as it was. Every operation runs under one robust lock, so each is atomic and
+// items()/keys()/values() are consistent snapshots; `update` runs the caller's function under
+// that lock (keep it short, and do not touch the same dict from it).
+//
+// A process killed in the middle of an update leaves the dict as it was before or after it:
+// entries are written in full before one store publishes them, and the next lock holder
+// rebuilds the allocator's free lists from what the table reaches (docs/shared-memory.md).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fmt/format.h>
+#include <new>
+#include <optional>
+#include <span>
+#include <string>
+#include <sys/random.h>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "detail/arena.hpp"
+#include "detail/repr.hpp"
+#include "detail/robust_mutex.hpp"
+#include "detail/shared_memory.hpp"
+#include "detail/shared_object.hpp"
+#include "errors.hpp"
+#include "serialize.hpp"
+
+namespace mproc {
+
+/// How a SharedDict is made: `mproc::SharedDict<K, V> d({.max_bytes = 64 << 20});`
+struct SharedDictOptions {
+    /// The most memory the dict may use, table and entries included. Reserved as address space
+    /// up front; memory is used only as entries fill it.
+    std::size_t max_bytes = std::size_t{1} << 30;
+};
+
+namespace detail {
+
+inline constexpr std::uint32_t dict_magic = 0x6d444354u;  // "mDCT"
+inline constexpr std::uint64_t slot_empty = 0;
+inline constexpr std::uint64_t slot_erased = 1;
+
+struct DictHeader {
+    ObjectHeader header;
+    RobustMutex mutex;
+    std::uint64_t seed;        // of the key hash
+    std::uint64_t table;       // payload offset of the slot table; one store publishes a new one
+    std::uint64_t size;        // live entries (recounted after a crash)
+    std::uint64_t erased;      // erased slots not yet reused (recounted after a crash)
+    std::uint64_t next_order;  // insertion counter: snapshots list entries in insertion order
+    ArenaHeader arena;
+};
+
+/// The table: `capacity` (a power of two) then that many slots.
+struct DictSlot {
+    std::uint64_t hash;
+    std::uint64_t entry;  // payload offset of the entry, or slot_empty / slot_erased
+};
+
+/// An entry: this header, then the key's bytes, then the value's.
+struct DictEntry {
+    std::uint64_t hash;
+    std::uint64_t order;
+    std::uint64_t key_len;
+    std::uint64_t value_len;
+};
+
+/// A 64-bit hash of a byte string (multiply-xorshift over 8-byte words).
+inline std::uint64_t hash_bytes(std::span<const std::byte> bytes, std::uint64_t seed) noexcept {
+    constexpr std::uint64_t k = 0xbf58476d1ce4e5b9ull;
+    std::uint64_t h = seed ^ (bytes.size() * 0x9e3779b97f4a7c15ull);
+    const std::byte* p = bytes.data();
+    std::size_t n = bytes.size();
+    for (; n >= 8; p += 8, n -= 8) {
+        std::uint64_t w;
+        std::memcpy(&w, p, 8);
+        h = (h ^ w) * k;
+        h ^= h >> 29;
+    }
+    if (n > 0) {
+        std::uint64_t w = 0;
+        std::memcpy(&w, p, n);
+        h = (h ^ w ^ (std::uint64_t{n} << 59)) * k;
+        h ^= h >> 29;
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    h ^= h >> 33;
+    return h;
+}
+
+/// The dict's logic on encoded keys and values; SharedDict<K, V> adds the types.
+class ByteDict {
+public:
+    static constexpr std::uint64_t npos = ~std::uint64_t{0};
+    static constexpr std::uint64_t min_capacity = 8;
+
+    static SharedRef create(const SharedDictOptions& options, std::uint64_t type) {
+        const std::size_t header = round_up(sizeof(DictHeader), 64);
+        if (options.max_bytes < header + 4096)
+            throw Error("mproc::SharedDict: max_bytes " + std::to_string(options.max_bytes) + " is too small");
+        SharedRef ref = SharedRef::dedicated(options.max_bytes, "mproc-dict");
+        auto* h = new (ref.address()) DictHeader;
+        h->header = {dict_magic, 0, type};
+        h->mutex.init();
+        if (::getrandom(&h->seed, sizeof h->seed, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof h->seed))
+            h->seed = reinterpret_cast<std::uintptr_t>(h) ^ static_cast<std::uint64_t>(::getpid());
+        // Never more than max_bytes, even though the mapping is rounded up to whole pages.
+        Arena::init(h->arena, header, std::min<std::uint64_t>(options.max_bytes, ref.segment()->size()));
+        return ref;
+    }
+
+    static void check(const SharedRef& ref) {
+        const auto* h = reinterpret_cast<const DictHeader*>(ref.address());
+        if (ref.offset() != 0 || h->arena.limit > ref.segment()->size() || h->arena.begin < sizeof(DictHeader))
+            throw SerializationError("mproc: corrupt SharedDict handle: its layout does not match its memory");
+    }
+
+    explicit ByteDict(const SharedRef& ref) : base_(ref.address()), h_(ref.as<DictHeader>()), arena_(base_, h_->arena) {}
+
+    struct Repair {
+        ByteDict* d;
+        void operator()() const { d->repair(); }
+    };
+    using Guard = RobustGuard<Repair>;
+    Guard lock() { return Guard(h_->mutex, Repair{this}); }
+
+    std::uint64_t hash(std::span<const std::byte> key) const noexcept { return hash_bytes(key, h_->seed); }
+
+    // Everything below requires the lock.
+
+    /// The slot holding `key`, or npos.
+    std::uint64_t find(std::span<const std::byte> key, std::uint64_t h) const noexcept {
+        if (h_->table == 0) return npos;
+        const std::uint64_t cap = capacity();
+        const std::uint64_t mask = cap - 1;
+        DictSlot* s = slots();
+        for (std::uint64_t i = h & mask, probes = 0; probes < cap; i = (i + 1) & mask, ++probes) {
+            const std::uint64_t e = s[i].entry;
+            if (e == slot_empty) return npos;
+            if (e != slot_erased && s[i].hash == h && key_matches(e, key)) return i;
+        }
+        return npos;
+    }
+
+    std::span<const std::byte> value_at(std::uint64_t slot) const noexcept {
+        const std::uint64_t e = slots()[slot].entry;
+        const auto* entry = arena_.ptr<DictEntry>(e);
+        return {arena_.ptr<const std::byte>(e + sizeof(DictEntry) + entry->key_len),
+                static_cast<std::size_t>(entry->value_len)};
+    }
+
+    /// Sets key to value (inserting or replacing). Throws Full, changing nothing, when the
+    /// arena cannot hold it.
+    void assign(std::span<const std::byte> key, std::uint64_t h, std::span<const std::byte> value) {
+        if (const std::uint64_t slot = find(key, h); slot != npos) {
+            DictSlot& s = slots()[slot];
+            const std::uint64_t old = s.entry;
+            const std::uint64_t fresh = make_entry(key, h, arena_.ptr<DictEntry>(old)->order, value);
+            s.entry = fresh;  // publishes the new value
+            arena_.free(old);
+            return;
+        }
+        reserve_one();
+        const std::uint64_t fresh = make_entry(key, h, h_->next_order, value);
+        ++h_->next_order;
+        const std::uint64_t mask = capacity() - 1;
+        DictSlot* s = slots();
+        std::uint64_t i = h & mask;
+        while (s[i].entry != slot_empty && s[i].entry != slot_erased) i = (i + 1) & mask;
+        if (s[i].entry == slot_erased) --h_->erased;
+        s[i].hash = h;
+        s[i].entry = fresh;  // publishes the entry
+        ++h_->size;
+    }
+
+    /// Removes the entry in `slot`.
+    void erase_at(std::uint64_t slot) {
+        DictSlot* s = slots();
+        const std::uint64_t mask = capacity() - 1;
+        const std::uint64_t old = s[slot].entry;
+        // A slot before an empty one ends no probe chain: it can be empty again.
+        if (s[(slot + 1) & mask].entry == slot_empty) {
+            s[slot].entry = slot_empty;
+        } else {
+            s[slot].entry = slot_erased;
+            ++h_->erased;
+        }
+        --h_->size;
+        arena_.free(old);
+    }
+
+    void clear() {
+        if (h_->table == 0 || h_->size + h_->erased == 0) return;
+        const std::uint64_t old_table = h_->table;
+        const std::uint64_t cap = capacity();
+        if (const std::uint64_t fresh = new_table(min_capacity)) {
+            h_->table = fresh;  // publishes the empty dict
+            h_->size = 0;
+            h_->erased = 0;
+            free_entries(old_table, cap);
+            arena_.free(old_table);
+            return;
+        }
+        // No room even for an empty table: clear in place, one published step at a time.
+        DictSlot* s = slots();
+        for (std::uint64_t i = 0; i < cap; ++i)
+            if (s[i].entry != slot_empty && s[i].entry != slot_erased) {
+                const std::uint64_t old = s[i].entry;
+                s[i].entry = slot_erased;
+                --h_->size;
+                ++h_->erased;
+                arena_.free(old);
+            }
+        for (std::uint64_t i = 0; i < cap; ++i) s[i].entry = slot_empty;
+        h_->erased = 0;
+    }
+
+    std::uint64_t size() const noexcept { return h_->size; }
+
+    /// Calls fn(key bytes, value bytes, insertion order) for every entry.
+    template <class Fn> void for_each(Fn&& fn) const {
+        if (h_->table == 0) return;
+        const std::uint64_t cap = capacity();
+        const DictSlot* s = slots();
+        for (std::uint64_t i = 0; i < cap; ++i) {
+            const std::uint64_t e = s[i].entry;
+            if (e == slot_empty || e == slot_erased) continue;
+            const auto* entry = arena_.ptr<DictEntry>(e);
+            const auto* bytes = arena_.ptr<const std::byte>(e + sizeof(DictEntry));
+            fn(std::span<const std::byte>(bytes, entry->key_len),
+               std::span<const std::byte>(bytes + entry->key_len, entry->value_len), entry->order);
+        }
+    }
+
+    std::uint64_t limit() const noexcept { return arena_.limit(); }
+
+private:
+    std::uint64_t capacity() const noexcept { return *arena_.ptr<std::uint64_t>(h_->table); }
+    DictSlot* slots() const noexcept { return arena_.ptr<DictSlot>(h_->table + 8); }
+
+    bool key_matches(std::uint64_t e, std::span<const std::byte> key) const noexcept {
+        const auto* entry = arena_.ptr<DictEntry>(e);
+        return entry->key_len == key.size() &&
+               (key.empty() || std::memcmp(arena_.ptr<const std::byte>(e + sizeof(DictEntry)), key.data(), key.size()) == 0);
+    }
+
+    [[noreturn]] void full(std::uint64_t wanted) const {
+        throw Full("mproc::SharedDict: no room for " + std::to_string(wanted) + " more bytes within its max_bytes (" +
+                   std::to_string(arena_.limit()) + "); the dict is unchanged");
+    }
+
+    /// A complete entry, not yet reachable from the table.
+    std::uint64_t make_entry(std::span<const std::byte> key, std::uint64_t h, std::uint64_t order,
+                             std::span<const std::byte> value) {
+        const std::uint64_t bytes = sizeof(DictEntry) + key.size() + value.size();
+        const std::uint64_t e = arena_.allocate(bytes);
+        if (e == 0) full(bytes);
+        auto* entry = arena_.ptr<DictEntry>(e);
+        *entry = {h, order, key.size(), value.size()};
+        auto* out = arena_.ptr<std::byte>(e + sizeof(DictEntry));
+        if (!key.empty()) std::memcpy(out, key.data(), key.size());
+        if (!value.empty()) std::memcpy(out + key.size(), value.data(), value.size());
+        return e;
+    }
+
+    /// An empty table of `cap` slots, not yet published; 0 if there is no room.
+    std::uint64_t new_table(std::uint64_t cap) {
+        const std::uint64_t t = arena_.allocate(8 + cap * sizeof(DictSlot));
+        if (t == 0) return 0;
+        *arena_.ptr<std::uint64_t>(t) = cap;
+        std::memset(arena_.ptr<DictSlot>(t + 8), 0, cap * sizeof(DictSlot));
+        return t;
+    }
+
+    /// Makes sure one more entry fits under the load limit (3/4), rebuilding the table bigger
+    /// (or just without its erased slots) when needed. Throws Full with the dict unchanged.
+    void reserve_one() {
+        const std::uint64_t cap = h_->table ? capacity() : 0;
+        if ((h_->size + h_->erased + 1) * 4 <= cap * 3) return;
+        std::uint64_t want = min_capacity;
+        while (want * 3 < (h_->size + 1) * 4 * 2) want *= 2;  // half full after the rebuild
+        const std::uint64_t fresh = new_table(want);
+        if (fresh == 0) full(8 + want * sizeof(DictSlot));
+        if (cap != 0) {
+            const DictSlot* from = slots();
+            auto* to = arena_.ptr<DictSlot>(fresh + 8);
+            const std::uint64_t mask = want - 1;
+            for (std::uint64_t i = 0; i < cap; ++i) {
+                if (from[i].entry == slot_empty || from[i].entry == slot_erased) continue;
+                std::uint64_t j = from[i].hash & mask;
+                while (to[j].entry != slot_empty) j = (j + 1) & mask;
+                to[j] = from[i];
+            }
+        }
+        const std::uint64_t old = h_->table;
+        h_->table = fresh;  // publishes the rebuilt table
+        h_->erased = 0;
+        if (old != 0) arena_.free(old);
+    }
+
+    void free_entries(std::uint64_t table, std::uint64_t cap) {
+        const auto* s = arena_.ptr<DictSlot>(table + 8);
+        for (std::uint64_t i = 0; i < cap; ++i)
+            if (s[i].entry != slot_empty && s[i].entry != slot_erased) arena_.free(s[i].entry);
+    }
+
+    /// After a holder died: recount, and give every block the table does not reach back to the
+    /// free lists (half-built entries and tables, blocks freed from the table but not yet listed).
+    void repair() {
+        std::vector<std::uint64_t> live;
+        std::uint64_t size = 0, erased = 0;
+        if (h_->table != 0) {
+            if (!arena_.plausible(h_->table)) throw Error("mproc: SharedDict table offset is corrupted");
+            live.push_back(h_->table);
+            const std::uint64_t cap = capacity();
+            const DictSlot* s = slots();
+            for (std::uint64_t i = 0; i < cap; ++i) {
+                const std::uint64_t e = s[i].entry;
+                if (e == slot_empty) continue;
+                if (e == slot_erased) {
+                    ++erased;
+                    continue;
+                }
+                if (!arena_.plausible(e)) throw Error("mproc: SharedDict entry offset is corrupted");
+                live.push_back(e);
+                ++size;
+            }
+        }
+        h_->size = size;
+        h_->erased = erased;
+        arena_.rebuild(std::move(live));
+    }
+
+    std::byte* base_;
+    DictHeader* h_;
+    Arena arena_;
+};
+
+}  // namespace detail
+
+/// A dict shared between processes. A handle: copies (and fork children) share one dict.
+template <class K, class V>
+class SharedDict {
+    static_assert(is_serializable_v<K>, "mproc::SharedDict<K, V>: K must be serialisable");
+    static_assert(is_serializable_v<V>, "mproc::SharedDict<K, V>: V must be serialisable");
+    static_assert(std::is_default_constructible_v<V>, "mproc::SharedDict<K, V>: V must be default-constructible");
+
+public:
+    using key_type = K;
+    using mapped_type = V;
+    using Options = SharedDictOptions;
+
+    SharedDict() : SharedDict(Options{}) {}
+    explicit SharedDict(const Options& options) {
+        if (detail::HandleDecodeScope::active()) return;
+        ref_ = detail::ByteDict::create(options, detail::type_hash<SharedDict<K, V>>());
+    }
+
+    /// What d[key] returns: reads, assignments and atomic compound assignments on one entry.
+    class Item {
+    public:
+        /// d[k] = v
+        Item& operator=(const V& value) {
+            dict_->set(key_, value);
+            return *this;
+        }
+        Item& operator=(const Item& other) { return *this = other.value(); }
+        /// The value; mproc::KeyError if the key is absent.
+        V value() const { return dict_->at(key_); }
+        operator V() const { return value(); }
+
+        // Atomic read-modify-write; mproc::KeyError (and no change) if the key is absent.
+        // Each returns the new value.
+        template <class U> V operator+=(const U& n) requires requires(V& v, const U& u) { v += u; }
+        {
+            return dict_->modify(key_, [&](V& v) { v += n; });
+        }
+        template <class U> V operator-=(const U& n) requires requires(V& v, const U& u) { v -= u; }
+        {
+            return dict_->modify(key_, [&](V& v) { v -= n; });
+        }
+        template <class U> V operator*=(const U& n) requires requires(V& v, const U& u) { v *= u; }
+        {
+            return dict_->modify(key_, [&](V& v) { v *= n; });
+        }
+        template <class U> V operator/=(const U& n) requires requires(V& v, const U& u) { v /= u; }
+        {
+            return dict_->modify(key_, [&](V& v) { v /= n; });
+        }
+        V operator++() requires requires(V& v) { ++v; }
+        {
+            return dict_->modify(key_, [](V& v) { ++v; });
+        }
+        V operator--() requires requires(V& v) { --v; }
+        {
+            return dict_->modify(key_, [](V& v) { --v; });
+        }
+
+        template <class U> bool operator==(const U& other) const requires requires(const V& v, const U& u) { v == u; }
+        {
+            return value() == other;
+        }
+
+    private:
+        friend class SharedDict;
+        Item(SharedDict* dict, K key) : dict_(dict), key_(std::move(key)) {}
+        SharedDict* dict_;
+        K key_;
+    };
+
+    Item operator[](const K& key) { return Item(this, key); }
+
+    /// The value for `key`; mproc::KeyError if absent.
+    V at(const K& key) const {
+        if (auto v = get(key)) return std::move(*v);
+        throw_key_error(key);
+    }
+    std::optional<V> get(const K& key) const {
+        const Buffer k = encode(key);
+        Buffer value;
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
+            if (slot == detail::ByteDict::npos) return std::nullopt;
+            const auto bytes = d.value_at(slot);
+            value.append(bytes.data(), bytes.size());
+        }
+        return decode<V>(value.bytes());
+    }
+    V get(const K& key, const V& default_value) const {
+        if (auto v = get(key)) return std::move(*v);
+        return default_value;
+    }
+
+    /// d[key] = value. mproc::Full (dict unchanged) past max_bytes.
+    void set(const K& key, const V& value) {
+        const Buffer k = encode(key);
+        const Buffer v = encode(value);
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        d.assign(k.bytes(), d.hash(k.bytes()), v.bytes());
+    }
+
+    bool contains(const K& key) const {
+        const Buffer k = encode(key);
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        return d.find(k.bytes(), d.hash(k.bytes())) != detail::ByteDict::npos;
+    }
+
+    /// Removes `key`; false if it was not there.
+    bool erase(const K& key) {
+        const Buffer k = encode(key);
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
+        if (slot == detail::ByteDict::npos) return false;
+        d.erase_at(slot);
+        return true;
+    }
+
+    /// Removes `key` and returns its value, if it was there.
+    std::optional<V> pop(const K& key) {
+        const Buffer k = encode(key);
+        Buffer value;
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
+            if (slot == detail::ByteDict::npos) return std::nullopt;
+            const auto bytes = d.value_at(slot);
+            value.append(bytes.data(), bytes.size());
+            d.erase_at(slot);
+        }
+        return decode<V>(value.bytes());
+    }
+
+    /// Atomically replaces the value of `key` with fn(old) — old is nullopt when absent — and
+    /// returns it. fn runs under the dict's lock; if it throws, nothing changes.
+    template <class F>
+        requires std::is_invocable_r_v<V, F&, std::optional<V>>
+    V update(const K& key, F&& fn) {
+        const Buffer k = encode(key);
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        const std::uint64_t h = d.hash(k.bytes());
+        const std::uint64_t slot = d.find(k.bytes(), h);
+        std::optional<V> old;
+        if (slot != detail::ByteDict::npos) old = decode<V>(d.value_at(slot));
+        V fresh = fn(std::move(old));
+        const Buffer v = encode(fresh);
+        d.assign(k.bytes(), h, v.bytes());
+        return fresh;
+    }
+
+    std::size_t size() const {
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        return static_cast<std::size_t>(d.size());
+    }
+    bool empty() const { return size() == 0; }
+    void clear() {
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        d.clear();
+    }
+
+    /// A consistent snapshot, in insertion order (as Python's dict).
+    std::vector<std::pair<K, V>> items() const {
+        std::vector<std::pair<K, V>> out;
+        snapshot([&](std::span<const std::byte> k, std::span<const std::byte> v) {
+            out.emplace_back(decode<K>(k), decode<V>(v));
+        });
+        return out;
+    }
+    std::vector<K> keys() const {
+        std::vector<K> out;
+        snapshot([&](std::span<const std::byte> k, std::span<const std::byte>) { out.push_back(decode<K>(k)); });
+        return out;
+    }
+    std::vector<V> values() const {
+        std::vector<V> out;
+        snapshot([&](std::span<const std::byte>, std::span<const std::byte> v) { out.push_back(decode<V>(v)); });
+        return out;
+    }
+
+    /// The configured limit, in bytes.
+    std::size_t max_bytes() const { return static_cast<std::size_t>(detail::ByteDict(ref_).limit()); }
+    /// Memory the dict holds right now, in bytes.
+    std::size_t memory_in_use() const { return ref_ ? ref_.segment()->memory().resident_bytes() : 0; }
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            ref_.encode(ar);
+        } else {
+            ref_.decode(ar, detail::dict_magic, detail::type_hash<SharedDict<K, V>>(), sizeof(detail::DictHeader),
+                        "SharedDict");
+            detail::ByteDict::check(ref_);
+        }
+    }
+
+private:
+    static Buffer encode(const auto& value) {
+        Buffer out;
+        encode_into(out, value);
+        return out;
+    }
+
+    [[noreturn]] static void throw_key_error(const K& key) {
+        if constexpr (detail::repr_supported<K>())
+            throw KeyError("mproc::SharedDict: no key " + detail::repr(key));
+        else
+            throw KeyError("mproc::SharedDict: no such key");
+    }
+
+    /// Applies `change` to the value of an existing key, atomically; KeyError if absent.
+    template <class Change> V modify(const K& key, Change&& change) {
+        const Buffer k = encode(key);
+        detail::ByteDict d(ref_);
+        auto guard = d.lock();
+        const std::uint64_t h = d.hash(k.bytes());
+        const std::uint64_t slot = d.find(k.bytes(), h);
+        if (slot == detail::ByteDict::npos) {
+            guard.unlock();
+            throw_key_error(key);
+        }
+        V value = decode<V>(d.value_at(slot));
+        change(value);
+        const Buffer v = encode(value);
+        d.assign(k.bytes(), h, v.bytes());
+        return value;
+    }
+
+    /// Copies every entry's bytes out under the lock, then hands them to fn in insertion order.
+    template <class Fn> void snapshot(Fn&& fn) const {
+        struct Ref {
+            std::uint64_t order;
+            std::size_t key_at, key_len, value_at, value_len;
+        };
+        Buffer bytes;
+        std::vector<Ref> refs;
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            refs.reserve(static_cast<std::size_t>(d.size()));
+            d.for_each([&](std::span<const std::byte> k, std::span<const std::byte> v, std::uint64_t order) {
+                Ref r{order, bytes.size(), k.size(), 0, v.size()};
+                bytes.append(k.data(), k.size());
+                r.value_at = bytes.size();
+                bytes.append(v.data(), v.size());
+                refs.push_back(r);
+            });
+        }
+        std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) { return a.order < b.order; });
+        for (const Ref& r : refs)
+            fn(std::span<const std::byte>(bytes.data() + r.key_at, r.key_len),
+               std::span<const std::byte>(bytes.data() + r.value_at, r.value_len));
+    }
+
+    detail::SharedRef ref_;
+};
+
+}  // namespace mproc
+
+/// `fmt::format("{}", d)` prints a snapshot like a map: {"count": 15, "other": 2}.
+template <class K, class V>
+struct fmt::formatter<mproc::SharedDict<K, V>> {
+    constexpr auto parse(format_parse_context& ctx) -> decltype(ctx.begin()) { return ctx.begin(); }
+    template <class FormatContext>
+    auto format(const mproc::SharedDict<K, V>& dict, FormatContext& ctx) const -> decltype(ctx.out()) {
+        std::string out = "{";
+        bool first = true;
+        for (const auto& [k, v] : dict.items()) {
+            if (!first) out += ", ";
+            first = false;
+            mproc::detail::repr_into(out, k);
+            out += ": ";
+            mproc::detail::repr_into(out, v);
+        }
+        out += '}';
+        return std::copy(out.begin(), out.end(), ctx.out());
+    }
+};
