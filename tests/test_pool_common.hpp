@@ -161,6 +161,36 @@ inline void log_line(long n) {
     if (put != static_cast<ssize_t>(line.size())) throw std::runtime_error("short write to the task log");
 }
 
+/// In a worker: logs `value` (so the test knows the task is running), then blocks like gated().
+inline int gated_logged(int read_fd, int value) {
+    log_line(value);
+    return gated(read_fd, value);
+}
+
+/// Waits (failing instead of hanging) until the log holds at least `n` lines.
+inline void wait_for_log_lines(const TaskLog& log, std::size_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (log.lines().size() < n && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+    REQUIRE(log.lines().size() >= n);
+}
+
+/// Waits (failing instead of hanging) until the pool lists `n` workers and none of `old`.
+inline std::vector<pid_t> wait_until_replaced(mproc::Pool& pool, const std::vector<pid_t>& old, std::size_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    for (;;) {
+        auto now = pool.worker_pids();
+        const bool fresh = std::none_of(now.begin(), now.end(),
+                                        [&](pid_t p) { return std::find(old.begin(), old.end(), p) != old.end(); });
+        if ((fresh && now.size() == n) || std::chrono::steady_clock::now() > deadline) {
+            INFO("workers now: " << now.size());
+            REQUIRE(fresh);
+            REQUIRE(now.size() == n);
+            return now;
+        }
+        std::this_thread::sleep_for(1ms);
+    }
+}
+
 // ---- the ways a worker dies ---------------------------------------------------------------------
 
 enum class Death { segv = 0, abort_ = 1, exit3 = 2, sigkill = 3, oom = 4 };
