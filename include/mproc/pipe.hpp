@@ -59,12 +59,14 @@ public:
     /// bytes do not decode (the message is dropped and the stream stays usable).
     T recv() {
         const auto frame = next_frame("recv");
-        struct Consume {
-            detail::FrameReader& reader;
-            std::span<const std::byte> frame;
-            ~Consume() { reader.consume(frame); }
-        } consume{in_, frame};
-        return decode<T>(frame);
+        try {
+            T value = decode<T>(frame);
+            in_.consume(frame);
+            return value;
+        } catch (...) {
+            in_.consume(frame);  // a message that does not decode is dropped; the stream stays usable
+            throw;
+        }
     }
 
     /// Sends raw bytes as one message, read back whole by recv_bytes().

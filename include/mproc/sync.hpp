@@ -447,6 +447,7 @@ public:
         Lock::init_at(&s->lock);
         if constexpr (!lock_free) s->access.init();
         std::memcpy(&s->value, &initial, sizeof(T));
+        bind_lock();
     }
 
     T load() const {
@@ -497,12 +498,17 @@ public:
     T operator++(int) requires std::is_integral_v<T> { return add(1) - 1; }
     T operator--(int) requires std::is_integral_v<T> { return add(static_cast<T>(-1)) + 1; }
 
-    /// The Lock that goes with this value, for updates of more than one step.
-    Lock get_lock() const { return Lock(ref_.at(ref_.offset() + offsetof(State, lock))); }
+    /// The Lock that goes with this value, for updates of more than one step:
+    /// `std::lock_guard g(v.get_lock());` (Python's `with v.get_lock():`).
+    Lock& get_lock() const { return *lock_; }
 
     template <class Archive> void serialize(Archive& ar) {
-        if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
-        else ref_.decode(ar, detail::value_magic, detail::type_hash<Value<T>>(), sizeof(State), "Value");
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            ref_.encode(ar);
+        } else {
+            ref_.decode(ar, detail::value_magic, detail::type_hash<Value<T>>(), sizeof(State), "Value");
+            bind_lock();
+        }
     }
 
 private:
@@ -524,7 +530,9 @@ private:
         }
     }
     State* state() const { return ref_.as<State>(); }
+    void bind_lock() { lock_.emplace(Lock(ref_.at(ref_.offset() + offsetof(State, lock)))); }
     detail::SharedRef ref_;
+    mutable std::optional<Lock> lock_;  // a handle to State::lock, so get_lock() can return a reference
 };
 
 namespace detail {
@@ -555,7 +563,7 @@ public:
         Lock::init_at(&h->lock);
         h->size = n;
         h->data_offset = data_offset;
-        data_ = reinterpret_cast<T*>(ref_.address() + data_offset);
+        bind();
     }
     Array(std::initializer_list<T> values) : Array(std::span<const T>(values.begin(), values.size())) {}
     explicit Array(std::span<const T> values) : Array(values.size()) {
@@ -577,14 +585,17 @@ public:
 
     Array(const Array&) = default;
     Array& operator=(const Array&) = default;
-    Array(Array&& other) noexcept : ref_(std::move(other.ref_)), data_(std::exchange(other.data_, nullptr)) {}
+    Array(Array&& other) noexcept
+        : ref_(std::move(other.ref_)), data_(std::exchange(other.data_, nullptr)), lock_(std::move(other.lock_)) {}
     Array& operator=(Array&& other) noexcept {
         ref_ = std::move(other.ref_);
         data_ = std::exchange(other.data_, nullptr);
+        lock_ = std::move(other.lock_);
         return *this;
     }
 
-    Lock get_lock() const { return Lock(ref_.at(ref_.offset() + offsetof(Header, lock))); }
+    /// The Lock that goes with this array: `std::lock_guard g(arr.get_lock());`.
+    Lock& get_lock() const { return *lock_; }
 
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) {
@@ -595,14 +606,19 @@ public:
             const std::size_t room = ref_.segment()->size() - ref_.offset();
             if (h->data_offset != data_offset || h->size > (room - data_offset) / sizeof(T))
                 throw SerializationError("mproc: corrupt Array handle: its size does not fit its memory");
-            data_ = reinterpret_cast<T*>(ref_.address() + data_offset);
+            bind();
         }
     }
 
 private:
     Header* header() const { return ref_.as<Header>(); }
+    void bind() {
+        data_ = reinterpret_cast<T*>(ref_.address() + data_offset);
+        lock_.emplace(Lock(ref_.at(ref_.offset() + offsetof(Header, lock))));
+    }
     detail::SharedRef ref_;
     T* data_ = nullptr;
+    mutable std::optional<Lock> lock_;  // a handle to Header::lock, so get_lock() can return a reference
 };
 
 }  // namespace mproc

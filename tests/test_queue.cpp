@@ -1,0 +1,415 @@
+// Queue across processes: order, bounds, timeouts, messages larger than the ring, producers that
+// exit or die, idle consumers, and many producers and consumers at once.
+#include <catch2/catch.hpp>
+#include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
+#include <mproc/queue.hpp>
+#include <mproc/sync.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "shm_support.hpp"
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using mproc_test::checksum;
+using mproc_test::child_count;
+using mproc_test::eventually;
+
+TEST_CASE("The seed's Queue program: a child puts, the parent gets") {
+    using Message = std::tuple<int, std::optional<int>, std::string>;
+    mproc::Queue<Message> q;
+    mproc::Process p([&] { q.put({42, std::nullopt, "hello"}); });
+    p.start();
+    const Message m = q.get(60s);
+    CHECK(m == Message{42, std::nullopt, "hello"});
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Items from one producer arrive in order; qsize, empty, try_get") {
+    mproc::Queue<int> q;
+    CHECK(q.empty());
+    CHECK(q.qsize() == 0);
+    CHECK_FALSE(q.full());
+    CHECK(q.try_get() == std::nullopt);
+    mproc::Process producer([&] {
+        for (int i = 0; i < 10000; ++i) q.put(i);
+    });
+    producer.start();
+    REQUIRE(producer.join(60s));
+    CHECK(q.qsize() == 10000);
+    CHECK_FALSE(q.empty());
+    for (int i = 0; i < 10000; ++i) REQUIRE(q.get(10s) == i);
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(q.empty());
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Timeouts: put on a full bounded queue throws Full, get on an empty one throws Empty") {
+    mproc::Queue<std::string> q(2);
+    CHECK(q.maxsize() == 2);
+    q.put("a");
+    q.put("b", 1s);
+    CHECK(q.full());
+    CHECK_THROWS_AS(q.put("c", 50ms), mproc::Full);
+    CHECK_THROWS_AS(q.put_nowait("c"), mproc::Full);
+    CHECK(q.qsize() == 2);
+    CHECK(q.get() == "a");
+    q.put("c", 1s);
+    CHECK(q.get_nowait() == "b");
+    CHECK(q.get(1s) == "c");
+    CHECK_THROWS_AS(q.get(50ms), mproc::Empty);
+    CHECK_THROWS_AS(q.get_nowait(), mproc::Empty);
+    CHECK(q.try_get() == std::nullopt);
+}
+
+TEST_CASE("A bounded queue never holds more than maxsize; a blocked producer resumes") {
+    mproc::Queue<int> q(4);
+    mproc::Value<int> over(0);
+    mproc::Process producer([&] {
+        for (int i = 0; i < 2000; ++i) q.put(i);
+    });
+    mproc::Process watcher([&] {
+        for (int i = 0; i < 20000; ++i)
+            if (q.qsize() > 4) over += 1;
+    });
+    producer.start();
+    watcher.start();
+    for (int i = 0; i < 2000; ++i) REQUIRE(q.get(60s) == i);
+    REQUIRE(producer.join(60s));
+    REQUIRE(watcher.join(60s));
+    CHECK(over.load() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A producer blocked on a full queue gives up with Full, having added nothing") {
+    mproc::Queue<int> q(1);
+    q.put(1);
+    mproc::Value<int> outcome(0);
+    mproc::Process producer([&] {
+        try {
+            q.put(2, 100ms);
+            outcome.store(1);
+        } catch (const mproc::Full&) {
+            outcome.store(2);
+        }
+    });
+    producer.start();
+    REQUIRE(producer.join(60s));
+    CHECK(outcome.load() == 2);
+    CHECK(q.qsize() == 1);
+    CHECK(q.get() == 1);
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("close(): this handle puts no more, others still can") {
+    mproc::Queue<int> q;
+    mproc::Queue<int> other = q;
+    q.put(1);
+    q.close();
+    CHECK(q.closed());
+    CHECK_THROWS_AS(q.put(2), mproc::Error);
+    other.put(3);
+    CHECK(q.get() == 1);  // a closed handle still reads
+    CHECK(q.get() == 3);
+}
+
+namespace {
+struct Explosive {
+    int value = 0;
+    template <class Archive> void serialize(Archive& ar) {
+        if (value < 0) throw std::runtime_error("cannot serialise a negative value");
+        ar(value);
+    }
+};
+}  // namespace
+
+TEST_CASE("A serialisation error surfaces in put, and the queue is unchanged") {
+    mproc::Queue<Explosive> q;
+    q.put(Explosive{1});
+    CHECK_THROWS_WITH(q.put(Explosive{-1}), "cannot serialise a negative value");
+    CHECK(q.qsize() == 1);
+    CHECK(q.get().value == 1);
+    CHECK(q.try_get() == std::nullopt);
+}
+
+TEST_CASE("A 64 MiB message goes through a 64 KiB ring, between smaller ones") {
+    mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
+    CHECK(q.buffer_bytes() == 64 << 10);
+    std::string big(64 << 20, '\0');
+    std::mt19937_64 rng(7);
+    for (auto& c : big) c = static_cast<char>(rng());
+    const auto sum = checksum(big);
+    mproc::Process producer([&] {
+        q.put("before");
+        q.put(big);
+        q.put("after");
+    });
+    producer.start();
+    CHECK(q.get(60s) == "before");
+    const std::string got = q.get(60s);
+    CHECK(got.size() == big.size());
+    CHECK(checksum(got) == sum);
+    CHECK(q.get(60s) == "after");
+    REQUIRE(producer.join(60s));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Large and small messages from several producers through a small ring keep each producer's order") {
+    mproc::Queue<std::tuple<int, int, std::string>> q({.buffer_bytes = 16 << 10});
+    constexpr int producers = 3, per_producer = 300;
+    std::vector<mproc::Process> ps;
+    for (int p = 0; p < producers; ++p)
+        ps.emplace_back([&, p] {
+            std::mt19937 rng(static_cast<unsigned>(p));
+            for (int i = 0; i < per_producer; ++i) {
+                const std::size_t size = rng() % 10 == 0 ? rng() % (100 << 10) : rng() % 100;
+                q.put({p, i, std::string(size, static_cast<char>('a' + (i % 26)))});
+            }
+        });
+    for (auto& p : ps) p.start();
+    std::vector<int> next(producers, 0);
+    for (int n = 0; n < producers * per_producer; ++n) {
+        auto [p, i, s] = q.get(60s);
+        REQUIRE(i == next[static_cast<std::size_t>(p)]);
+        ++next[static_cast<std::size_t>(p)];
+        REQUIRE(s.find_first_not_of(static_cast<char>('a' + (i % 26))) == std::string::npos);
+    }
+    for (auto& p : ps) REQUIRE(p.join(60s));
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A producer that put 100 MB and exited loses nothing; joining it first does not deadlock") {
+    mproc::Queue<std::vector<std::uint8_t>> q;
+    mproc::Process producer([&] {
+        for (int i = 0; i < 100; ++i) q.put(std::vector<std::uint8_t>(1 << 20, static_cast<std::uint8_t>(i)));
+    });
+    producer.start();
+    REQUIRE(producer.join(120s));  // Python's documented trap: this join would hang there
+    CHECK(producer.exitcode() == 0);
+    CHECK(q.qsize() == 100);
+    for (int i = 0; i < 100; ++i) {
+        const auto v = q.get(10s);
+        REQUIRE(v.size() == (1u << 20));
+        REQUIRE(v.front() == static_cast<std::uint8_t>(i));
+        REQUIRE(v.back() == static_cast<std::uint8_t>(i));
+    }
+    CHECK(q.try_get() == std::nullopt);
+    // Read memory goes back: what is left is the queue's small resident part.
+    CHECK(q.memory_in_use() < (16u << 20));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Idle consumers blocked in get use no CPU") {
+    mproc::Queue<int> q;
+    mproc::Semaphore ready(0);
+    constexpr int consumers = 3;
+    std::vector<mproc::Process> cs;
+    for (int i = 0; i < consumers; ++i)
+        cs.emplace_back([&] {
+            ready.release();
+            (void)q.get();
+        });
+    for (auto& c : cs) c.start();
+    for (int i = 0; i < consumers; ++i) REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);  // let them reach the wait
+    std::vector<long> before;
+    for (auto& c : cs) before.push_back(mproc_test::cpu_ticks(c.pid()));
+    std::this_thread::sleep_for(1s);
+    for (std::size_t i = 0; i < cs.size(); ++i) {
+        const long after = mproc_test::cpu_ticks(cs[i].pid());
+        INFO("consumer " << i << " used " << after - before[i] << " ticks over an idle second");
+        // A consumer that spun would use about one tick per 10 ms: ~100. Allow generous slack.
+        CHECK(after - before[i] <= 10);
+    }
+    for (int i = 0; i < consumers; ++i) q.put(i);
+    for (auto& c : cs) {
+        REQUIRE(c.join(60s));
+        CHECK(c.exitcode() == 0);
+    }
+    CHECK(child_count() == 0);
+}
+
+namespace {
+/// What the stress tests send: producer, sequence number, payload and its checksum.
+struct Message {
+    int producer = 0;
+    int seq = 0;
+    std::string payload;
+    std::uint64_t sum = 0;
+    template <class Archive> void serialize(Archive& ar) { ar(producer, seq, payload, sum); }
+};
+
+std::string random_payload(std::mt19937_64& rng) {
+    const auto roll = rng() % 10000;
+    std::size_t size;
+    if (roll == 0) size = (1 << 20) + rng() % (2 << 20);  // past the piece size: streamed
+    else if (roll < 100) size = rng() % (200 << 10);
+    else size = rng() % 2000;
+    std::string s(size, '\0');
+    for (std::size_t i = 0; i < size; i += 8) {
+        const auto word = rng();
+        std::memcpy(s.data() + i, &word, std::min<std::size_t>(8, size - i));
+    }
+    return s;
+}
+
+/// P producers × C consumers × n messages each; every message must arrive exactly once, intact,
+/// and each consumer must see each producer's messages in increasing order.
+void many_to_many(mproc::Queue<Message> q, int producers, int consumers, int per_producer) {
+    mproc::Array<std::uint32_t> seen(static_cast<std::size_t>(producers) * per_producer);
+    mproc::Value<long> corrupt(0), out_of_order(0), received(0);
+    std::vector<mproc::Process> cs;
+    for (int c = 0; c < consumers; ++c)
+        cs.emplace_back([&] {
+            std::vector<int> last(static_cast<std::size_t>(producers), -1);
+            for (;;) {
+                Message m = q.get();
+                if (m.producer < 0) return;
+                if (checksum(m.payload) != m.sum) corrupt += 1;
+                if (m.seq <= last[static_cast<std::size_t>(m.producer)]) out_of_order += 1;
+                last[static_cast<std::size_t>(m.producer)] = m.seq;
+                std::atomic_ref<std::uint32_t>(seen[static_cast<std::size_t>(m.producer) * per_producer + m.seq])
+                    .fetch_add(1);
+                received += 1;
+            }
+        });
+    std::vector<mproc::Process> ps;
+    for (int p = 0; p < producers; ++p)
+        ps.emplace_back([&, p] {
+            std::mt19937_64 rng(static_cast<std::uint64_t>(p) * 7919 + 1);
+            for (int i = 0; i < per_producer; ++i) {
+                Message m{p, i, random_payload(rng), 0};
+                m.sum = checksum(m.payload);
+                q.put(m);
+            }
+        });
+    for (auto& c : cs) c.start();
+    for (auto& p : ps) p.start();
+    for (auto& p : ps) {
+        REQUIRE(p.join(1000s));
+        CHECK(p.exitcode() == 0);
+    }
+    for (int c = 0; c < consumers; ++c) q.put(Message{-1, 0, {}, 0});
+    for (auto& c : cs) {
+        REQUIRE(c.join(1000s));
+        CHECK(c.exitcode() == 0);
+    }
+    CHECK(corrupt.load() == 0);
+    CHECK(out_of_order.load() == 0);
+    CHECK(received.load() == static_cast<long>(producers) * per_producer);
+    std::size_t not_once = 0;
+    for (std::size_t i = 0; i < seen.size(); ++i) not_once += seen[i] != 1 ? 1 : 0;
+    CHECK(not_once == 0);
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+}  // namespace
+
+TEST_CASE("4 producers x 4 consumers x 200,000 random-size messages arrive exactly once, intact", "[stress]") {
+    // Sanitised builds run 10x slower: they check the same with a tenth of the messages.
+    const int n = mproc_test::under_sanitizer() ? 20000 : 200000;
+    many_to_many(mproc::Queue<Message>(), 4, 4, n);
+}
+
+TEST_CASE("Many producers and consumers through a small bounded ring") {
+    many_to_many(mproc::Queue<Message>({.maxsize = 64, .buffer_bytes = 64 << 10}), 4, 4,
+                 mproc_test::under_sanitizer() ? 1000 : 5000);
+}
+
+TEST_CASE("Threads of one process put and get concurrently") {
+    mproc::Queue<int> q(16);
+    std::atomic<long> sum{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; ++t)
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 5000; ++i) q.put(t * 5000 + i);
+        });
+    for (int t = 0; t < 2; ++t)
+        threads.emplace_back([&] {
+            for (int i = 0; i < 5000; ++i) sum += q.get(60s);
+        });
+    for (auto& t : threads) t.join();
+    CHECK(sum.load() == 10000L * 9999 / 2);
+    CHECK(q.empty());
+}
+
+TEST_CASE("A producer killed while streaming a large message: the partial message is dropped, the queue goes on") {
+    mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
+    mproc::Value<long> streamed(0);
+    mproc::Process victim([&] {
+        q.put("first");
+        streamed.store(1);
+        q.put(std::string(32 << 20, 'v'));  // blocks: nobody reads the rest
+    });
+    victim.start();
+    CHECK(q.get(60s) == "first");
+    REQUIRE(eventually([&] { return streamed.load() == 1; }));
+    std::this_thread::sleep_for(100ms);  // let it fill the ring with the start of the big one
+    victim.kill();
+    REQUIRE(victim.join(60s));
+    // Nothing of the dead producer's last message comes out; the next producer's does.
+    mproc::Process next([&] { q.put("second"); });
+    next.start();
+    CHECK(q.get(60s) == "second");
+    REQUIRE(next.join(60s));
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A consumer killed while reading a large message: another consumer takes over and the queue goes on") {
+    mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
+    mproc::Event slow_reader_started;
+    mproc::Process producer([&] {
+        q.put(std::string(8 << 20, 'p'));
+        q.put("next");
+    });
+    mproc::Process reader([&] {
+        slow_reader_started.set();
+        (void)q.get();  // takes the big one; is killed while it streams or after
+    });
+    reader.start();
+    REQUIRE(slow_reader_started.wait(60s));
+    producer.start();
+    std::this_thread::sleep_for(50ms);
+    reader.kill();
+    REQUIRE(reader.join(60s));
+    // Whatever the reader had taken is gone with it; what follows still arrives.
+    std::string got = q.get(60s);
+    if (got != "next") {
+        CHECK(got == std::string(8 << 20, 'p'));  // the reader died before taking it
+        got = q.get(60s);
+    }
+    CHECK(got == "next");
+    REQUIRE(producer.join(60s));
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A Queue handle crosses a Pipe; a handle of the wrong type is refused") {
+    mproc::Queue<std::string> q;
+    auto [a, b] = mproc::Pipe<mproc::Queue<std::string>>();
+    mproc::Process child([&] {
+        auto received = b.recv();
+        received.put("through the pipe");
+    });
+    child.start();
+    a.send(q);
+    CHECK(q.get(60s) == "through the pipe");
+    REQUIRE(child.join(60s));
+    const auto bytes = mproc::to_bytes(q);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Queue<int>>(bytes), mproc::SerializationError);
+    CHECK(child_count() == 0);
+}

@@ -1,0 +1,366 @@
+// SharedDict across processes: the API, atomic updates, any key and value types, the size limit,
+// printing, snapshots, and processes killed by SIGKILL in the middle of updates.
+#include <catch2/catch.hpp>
+#include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
+#include <mproc/queue.hpp>
+#include <mproc/shared_dict.hpp>
+#include <mproc/sync.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "shm_support.hpp"
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using mproc_test::child_count;
+using mproc_test::eventually;
+
+TEST_CASE("SharedDict: set, get, contains, erase, size, clear, pop, update") {
+    mproc::SharedDict<std::string, int> d;
+    CHECK(d.empty());
+    d["count"] = 0;
+    d.set("k", 1);
+    CHECK(d.size() == 2);
+    CHECK(d.contains("k"));
+    CHECK_FALSE(d.contains("nope"));
+    CHECK(d.get("k") == 1);
+    CHECK(d.get("nope") == std::nullopt);
+    CHECK(d.get("nope", 7) == 7);
+    CHECK(d.at("k") == 1);
+    int n = d["k"];
+    CHECK(n == 1);
+    CHECK(d["k"] == 1);
+    CHECK((d["k"] += 4) == 5);
+    CHECK((d["k"] -= 1) == 4);
+    CHECK(++d["k"] == 5);
+    d["count"] = d["k"];  // assigns the value, not the proxy
+    CHECK(d.at("count") == 5);
+    CHECK(d.update("u", [](std::optional<int> old) { return old.value_or(0) + 1; }) == 1);
+    CHECK(d.update("u", [](std::optional<int> old) { return old.value_or(0) + 1; }) == 2);
+    CHECK(d.pop("u") == 2);
+    CHECK(d.pop("u") == std::nullopt);
+    CHECK(d.erase("k"));
+    CHECK_FALSE(d.erase("k"));
+    CHECK(d.size() == 1);
+    d.clear();
+    CHECK(d.size() == 0);
+    CHECK(d.items().empty());
+    d["again"] = 3;
+    CHECK(d.items() == std::vector<std::pair<std::string, int>>{{"again", 3}});
+}
+
+TEST_CASE("SharedDict: absent keys raise KeyError, for reads and for d[new] += 1, changing nothing") {
+    mproc::SharedDict<std::string, int> d;
+    CHECK_THROWS_AS(d.at("missing"), mproc::KeyError);
+    CHECK_THROWS_AS(static_cast<int>(d["missing"]), mproc::KeyError);
+    CHECK_THROWS_AS(d["new"] += 1, mproc::KeyError);
+    CHECK_THROWS_WITH(d["new"] += 1, Catch::Contains("\"new\""));
+    CHECK_FALSE(d.contains("new"));
+    CHECK(d.size() == 0);
+    // An update whose function throws changes nothing either.
+    d["x"] = 1;
+    CHECK_THROWS_AS(d.update("x", [](std::optional<int>) -> int { throw std::runtime_error("no"); }),
+                    std::runtime_error);
+    CHECK(d.at("x") == 1);
+}
+
+TEST_CASE("The seed's Manager program: 5 processes add 1..5, dic={\"count\": 15}") {
+    mproc::SharedDict<std::string, int> d;
+    d["count"] = 0;
+    std::vector<mproc::Process> ps;
+    for (int c = 1; c <= 5; ++c) ps.emplace_back([&d, c] { d["count"] += c; });
+    for (auto& p : ps) p.start();
+    for (auto& p : ps) {
+        REQUIRE(p.join(60s));
+        CHECK(p.exitcode() == 0);
+    }
+    CHECK(fmt::format("dic={}", d) == "dic={\"count\": 15}");
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("8 processes x 100,000 d[\"count\"] += 1 end at exactly 800,000") {
+    mproc::SharedDict<std::string, long> d;
+    d["count"] = 0;
+    std::vector<mproc::Process> ps;
+    for (int i = 0; i < 8; ++i)
+        ps.emplace_back([&] {
+            for (int j = 0; j < 100000; ++j) d["count"] += 1;
+        });
+    for (auto& p : ps) p.start();
+    for (auto& p : ps) {
+        REQUIRE(p.join(300s));
+        CHECK(p.exitcode() == 0);
+    }
+    CHECK(d.at("count") == 800000);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("update() is atomic across processes") {
+    mproc::SharedDict<std::string, std::vector<int>> d;
+    std::vector<mproc::Process> ps;
+    for (int i = 0; i < 4; ++i)
+        ps.emplace_back([&, i] {
+            for (int j = 0; j < 2000; ++j)
+                d.update("log", [&](std::optional<std::vector<int>> old) {
+                    auto v = old.value_or(std::vector<int>{});
+                    v.push_back(i);
+                    return v;
+                });
+        });
+    for (auto& p : ps) p.start();
+    for (auto& p : ps) REQUIRE(p.join(120s));
+    const auto log = d.at("log");
+    CHECK(log.size() == 8000);
+    for (int i = 0; i < 4; ++i) CHECK(std::count(log.begin(), log.end(), i) == 2000);
+    CHECK(child_count() == 0);
+}
+
+namespace {
+struct Record {
+    std::string name;
+    std::vector<double> xs;
+    bool operator==(const Record&) const = default;
+    template <class Archive> void serialize(Archive& ar) { ar(name, xs); }
+};
+}  // namespace
+
+TEST_CASE("SharedDict holds any serialisable keys and values, of any length, and grows as it fills") {
+    mproc::SharedDict<std::vector<int>, Record> d;
+    const std::string long_name(1 << 20, 'n');
+    d.set({1, 2, 3}, Record{long_name, {1.5, 2.5}});
+    d.set({}, Record{"empty key", {}});
+    mproc::Process child([&] { d.set({4}, Record{"from child", std::vector<double>(100000, 4.0)}); });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(d.at({1, 2, 3}) == Record{long_name, {1.5, 2.5}});
+    CHECK(d.at({}).name == "empty key");
+    CHECK(d.at({4}).xs.size() == 100000);
+
+    mproc::SharedDict<std::string, std::string> big;
+    constexpr int count = 100000;
+    for (int i = 0; i < count; ++i) big.set("key-" + std::to_string(i), std::string(static_cast<std::size_t>(i % 300), 'v'));
+    CHECK(big.size() == count);
+    for (int i = 0; i < count; i += 2) REQUIRE(big.erase("key-" + std::to_string(i)));
+    CHECK(big.size() == count / 2);
+    for (int i = 0; i < count; ++i) {
+        const auto v = big.get("key-" + std::to_string(i));
+        if (i % 2 == 0) REQUIRE_FALSE(v.has_value());
+        else REQUIRE(v == std::string(static_cast<std::size_t>(i % 300), 'v'));
+    }
+    CHECK(big.keys().size() == count / 2);
+    CHECK(big.values().size() == count / 2);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Past max_bytes an insert throws Full and leaves the dict unchanged; freed room is reused") {
+    mproc::SharedDict<std::string, std::string> d({.max_bytes = 1 << 20});
+    CHECK(d.max_bytes() == (1u << 20));
+    int inserted = 0;
+    bool full = false;
+    while (!full) {
+        try {
+            d.set(fmt::format("k{}", inserted), std::string(10000, 'x'));
+            ++inserted;
+        } catch (const mproc::Full&) {
+            full = true;
+        }
+    }
+    CHECK(inserted > 50);
+    const auto before = d.items();
+    CHECK(static_cast<int>(before.size()) == inserted);
+    CHECK_THROWS_AS(d.set("another", std::string(10000, 'y')), mproc::Full);
+    CHECK_THROWS_AS(d.set("k0", std::string(500000, 'z')), mproc::Full);  // a bigger replacement
+    CHECK(d.items() == before);
+    // Removing entries makes room again, many times over.
+    for (int round = 0; round < 20; ++round) {
+        for (int i = 0; i < 10; ++i) REQUIRE(d.erase("k" + std::to_string(i)));
+        for (int i = 0; i < 10; ++i) REQUIRE_NOTHROW(d.set("k" + std::to_string(i), std::string(10000, 'w')));
+    }
+    CHECK(d.size() == before.size());
+    d.clear();
+    CHECK(d.size() == 0);
+    for (int i = 0; i < inserted; ++i) REQUIRE_NOTHROW(d.set("k" + std::to_string(i), std::string(10000, 'x')));
+}
+
+TEST_CASE("fmt prints a SharedDict like a map: strings quoted, numbers bare") {
+    mproc::SharedDict<std::string, int> d;
+    CHECK(fmt::format("{}", d) == "{}");
+    d["count"] = 15;
+    d["other \"q\""] = -2;
+    CHECK(fmt::format("dic={}", d) == "dic={\"count\": 15, \"other \\\"q\\\"\": -2}");
+    mproc::SharedDict<int, std::vector<std::string>> nested;
+    nested.set(1, {"a", "b"});
+    nested.set(2, {});
+    CHECK(fmt::format("{}", nested) == "{1: [\"a\", \"b\"], 2: []}");
+    mproc::SharedDict<std::string, std::optional<double>> opt;
+    opt.set("x", 1.5);
+    opt.set("y", std::nullopt);
+    CHECK(fmt::format("{}", opt) == "{\"x\": 1.5, \"y\": None}");
+}
+
+TEST_CASE("items() is a consistent snapshot while others write") {
+    // The writer inserts key 0, 1, 2, ... in order: any consistent snapshot is a prefix.
+    mproc::SharedDict<int, int> d;
+    mproc::Process writer([&] {
+        for (int i = 0; i < 20000; ++i) d.set(i, i * 2);
+    });
+    writer.start();
+    int torn = 0, snapshots = 0;
+    while (!writer.join(0s)) {
+        const auto items = d.items();
+        ++snapshots;
+        for (std::size_t i = 0; i < items.size(); ++i)
+            if (items[i].first != static_cast<int>(i) || items[i].second != static_cast<int>(i) * 2) ++torn;
+    }
+    CHECK(torn == 0);
+    CHECK(snapshots > 0);
+    CHECK(d.size() == 20000);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A SharedDict handle crosses a Pipe; a handle of the wrong type is refused") {
+    mproc::SharedDict<std::string, int> d;
+    auto [a, b] = mproc::Pipe<mproc::SharedDict<std::string, int>>();
+    mproc::Process child([&] {
+        auto received = b.recv();
+        received["from child"] = 1;
+    });
+    child.start();
+    a.send(d);
+    REQUIRE(child.join(60s));
+    CHECK(d.at("from child") == 1);
+    const auto bytes = mproc::to_bytes(d);
+    CHECK_THROWS_AS((mproc::from_bytes<mproc::SharedDict<std::string, long>>(bytes)), mproc::SerializationError);
+    CHECK(child_count() == 0);
+}
+
+namespace {
+struct Item {
+    int producer = 0;
+    long seq = 0;
+    std::string payload;
+    template <class Archive> void serialize(Archive& ar) { ar(producer, seq, payload); }
+};
+}  // namespace
+
+TEST_CASE("100 rounds of SIGKILL mid-update: survivors go on, nothing that returned is lost or doubled", "[stress]") {
+    const auto shm_before = mproc_test::dev_shm_names();
+    constexpr int rounds = 100;
+    mproc::SharedDict<std::string, long> d;
+    d["k"] = 0;
+    mproc::Queue<Item> q;
+    // Per victim (and, last, the survivor): increments and puts started and finished.
+    mproc::Array<long> inc_started(rounds + 1), inc_done(rounds + 1), put_started(rounds + 1), put_done(rounds + 1);
+    auto worker = [&](int id, std::size_t max_payload, const mproc::Event* stop) {
+        std::mt19937_64 rng(static_cast<std::uint64_t>(id) + 99);
+        const auto slot = static_cast<std::size_t>(id);
+        for (long i = 0; !stop || !stop->is_set(); ++i) {
+            std::atomic_ref<long>(inc_started[slot]).store(i + 1);
+            d["k"] += 1;
+            std::atomic_ref<long>(inc_done[slot]).store(i + 1);
+            // Keys come and go too, so the kill also lands in inserts, erases and table rebuilds.
+            const std::string key = fmt::format("p{}-{}", id, i % 50);
+            if (i % 3 == 0) d.erase(key);
+            else d.set(key, i);
+            std::atomic_ref<long>(put_started[slot]).store(i + 1);
+            q.put(Item{id, i, std::string(rng() % max_payload, 'x')});
+            std::atomic_ref<long>(put_done[slot]).store(i + 1);
+        }
+    };
+    mproc::Event stop;
+    mproc::Process survivor([&] { worker(rounds, 2000, &stop); });
+    survivor.start();
+
+    std::map<int, std::vector<long>> received;
+    auto drain = [&] {
+        while (auto item = q.try_get()) received[item->producer].push_back(item->seq);
+    };
+    std::mt19937 rng(12345);
+    for (int round = 0; round < rounds; ++round) {
+        mproc::Process victim([&, round] { worker(round, 100000, nullptr); });
+        victim.start();
+        const long target = 1 + static_cast<long>(rng() % 300);
+        REQUIRE(eventually([&] {
+            drain();
+            return std::atomic_ref<long>(inc_done[static_cast<std::size_t>(round)]).load() >= target;
+        }));
+        victim.kill();
+        REQUIRE(victim.join(60s));
+        CHECK(victim.exitcode() == -SIGKILL);
+        drain();
+    }
+    stop.set();
+    REQUIRE(survivor.join(120s));
+    CHECK(survivor.exitcode() == 0);
+    drain();
+
+    long done = 0, started = 0;
+    for (int id = 0; id <= rounds; ++id) {
+        done += inc_done[static_cast<std::size_t>(id)];
+        started += inc_started[static_cast<std::size_t>(id)];
+    }
+    // An increment whose process was killed before it could report may or may not have landed;
+    // every increment that returned has.
+    const long k = d.at("k");
+    CHECK(k >= done);
+    CHECK(k <= started);
+    for (int id = 0; id <= rounds; ++id) {
+        const auto& seqs = received[id];
+        const long put_returned = put_done[static_cast<std::size_t>(id)];
+        const long put_begun = put_started[static_cast<std::size_t>(id)];
+        INFO("producer " << id << ": " << seqs.size() << " received, " << put_returned << " puts returned");
+        CHECK(static_cast<long>(seqs.size()) >= put_returned);
+        CHECK(static_cast<long>(seqs.size()) <= put_begun);
+        bool in_order = true;
+        for (std::size_t i = 0; i < seqs.size(); ++i) in_order = in_order && seqs[i] == static_cast<long>(i);
+        CHECK(in_order);
+    }
+    // The structures are whole: every key reads back, sizes agree, and they keep working.
+    const auto items = d.items();
+    CHECK(items.size() == d.size());
+    for (const auto& [key, value] : items) REQUIRE(d.get(key) == value);
+    for (int i = 0; i < 1000; ++i) d.set("after-" + std::to_string(i), i);
+    CHECK(d.size() == items.size() + 1000);
+    q.put(Item{-1, 0, "last"});
+    CHECK(q.get(10s).payload == "last");
+    CHECK(q.try_get() == std::nullopt);
+
+    CHECK(child_count() == 0);
+    CHECK(mproc_test::dev_shm_names() == shm_before);
+}
+
+TEST_CASE("A writer killed while holding the dict's lock leaves it usable and whole") {
+    const auto shm_before = mproc_test::dev_shm_names();
+    mproc::SharedDict<int, std::string> d({.max_bytes = 64 << 20});
+    for (int i = 0; i < 1000; ++i) d.set(i, std::string(100, 'a'));
+    for (int round = 0; round < 20; ++round) {
+        mproc::Event inside;
+        mproc::Process victim([&] {
+            // Holds the lock inside update() while it is killed.
+            d.update(-1, [&](std::optional<std::string> old) {
+                inside.set();
+                while (true) ::pause();
+                return old.value_or("");
+            });
+        });
+        victim.start();
+        REQUIRE(inside.wait(60s));
+        victim.kill();
+        REQUIRE(victim.join(60s));
+        d.set(round, std::string(200, 'b'));  // the next locker repairs and goes on
+    }
+    CHECK(d.size() == 1000);
+    CHECK_FALSE(d.contains(-1));
+    for (int i = 0; i < 20; ++i) CHECK(d.at(i) == std::string(200, 'b'));
+    CHECK(d.at(20) == std::string(100, 'a'));
+    CHECK(child_count() == 0);
+    CHECK(mproc_test::dev_shm_names() == shm_before);
+}

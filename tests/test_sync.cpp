@@ -1,0 +1,522 @@
+// Lock, RLock, Semaphore, Event, Barrier, Value and Array across processes: mutual exclusion,
+// timeouts, robustness against a holder killed by SIGKILL, and handles crossing processes.
+#include <catch2/catch.hpp>
+#include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
+#include <mproc/sync.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <mutex>
+#include <sys/socket.h>
+#include <thread>
+#include <vector>
+
+#include "shm_support.hpp"
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using mproc_test::child_count;
+using mproc_test::eventually;
+
+namespace {
+
+/// Starts `n` processes running `body(i)` and joins them all; each must exit with 0.
+template <class Body> void run_processes(int n, Body body) {
+    std::vector<mproc::Process> processes;
+    for (int i = 0; i < n; ++i) processes.emplace_back([&body, i] { body(i); });
+    for (auto& p : processes) p.start();
+    for (auto& p : processes) {
+        REQUIRE(p.join(120s));
+        CHECK(p.exitcode() == 0);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("Lock gives processes mutual exclusion") {
+    mproc::Lock lock;
+    mproc::Array<long> counter(1);
+    run_processes(4, [&](int) {
+        for (int i = 0; i < 20000; ++i) {
+            std::lock_guard guard(lock);
+            const long v = counter[0];  // a deliberately non-atomic read-modify-write
+            counter[0] = v + 1;
+        }
+    });
+    CHECK(counter[0] == 80000);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Lock::acquire with a timeout fails while another process holds it") {
+    mproc::Lock lock;
+    mproc::Event held, done;
+    mproc::Process holder([&] {
+        lock.acquire();
+        held.set();
+        done.wait(60s);
+        lock.release();
+    });
+    holder.start();
+    REQUIRE(held.wait(60s));
+    CHECK_FALSE(lock.acquire(100ms));
+    CHECK_FALSE(lock.try_lock());
+    done.set();
+    CHECK(lock.acquire(60s));
+    CHECK_FALSE(lock.owner_died());
+    lock.release();
+    REQUIRE(holder.join(60s));
+    CHECK(holder.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Lock: a holder killed by SIGKILL does not block the others") {
+    mproc::Lock lock;
+    mproc::Event held;
+    mproc::Value<int> waiter_saw_owner_died(-1);
+    mproc::Process holder([&] {
+        lock.acquire();
+        held.set();
+        while (true) ::pause();
+    });
+    holder.start();
+    REQUIRE(held.wait(60s));
+    // A second process already blocked in acquire() is woken by the holder's death.
+    mproc::Event waiting;
+    mproc::Process waiter([&] {
+        waiting.set();
+        if (!lock.acquire()) std::_Exit(3);
+        waiter_saw_owner_died.store(lock.owner_died() ? 1 : 0);
+        lock.release();
+    });
+    waiter.start();
+    REQUIRE(waiting.wait(60s));
+    std::this_thread::sleep_for(50ms);  // let it reach the lock (either order is a valid test)
+    holder.kill();
+    REQUIRE(holder.join(60s));
+    REQUIRE(waiter.join(60s));
+    CHECK(waiter.exitcode() == 0);
+    CHECK(waiter_saw_owner_died.load() == 1);
+    // The waiter released it properly: the flag is gone and the lock is free.
+    CHECK(lock.acquire(10s));
+    CHECK_FALSE(lock.owner_died());
+    lock.release();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Lock: the next acquire after a holder's death returns true with owner_died() until release") {
+    mproc::Lock lock;
+    mproc::Process holder([&] {
+        lock.acquire();
+        std::_Exit(0);  // leaves without releasing
+    });
+    holder.start();
+    REQUIRE(holder.join(60s));
+    CHECK(lock.acquire(10s));
+    CHECK(lock.owner_died());
+    lock.release();
+    CHECK_FALSE(lock.owner_died());
+    {
+        std::lock_guard guard(lock);
+        CHECK_FALSE(lock.owner_died());
+    }
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Lock refuses to deadlock its own thread and to be released by a non-holder") {
+    mproc::Lock lock;
+    CHECK_THROWS_AS(lock.release(), mproc::Error);
+    lock.acquire();
+    CHECK_FALSE(lock.acquire(50ms));
+    CHECK_FALSE(lock.try_lock());
+    CHECK_THROWS_AS(lock.acquire(), mproc::Error);
+    std::thread other([&] { CHECK_THROWS_AS(lock.release(), mproc::Error); });
+    other.join();
+    lock.release();
+    CHECK(lock.try_lock());
+    lock.unlock();
+}
+
+TEST_CASE("RLock is recursive for its holder and exclusive for others") {
+    mproc::RLock rlock;
+    REQUIRE(rlock.acquire());
+    REQUIRE(rlock.acquire());
+    mproc::Value<int> other_got(-1);
+    auto probe = [&] {
+        mproc::Process other([&] { other_got.store(rlock.acquire(50ms) ? 1 : 0); });
+        other.start();
+        REQUIRE(other.join(60s));
+        return other_got.load();
+    };
+    CHECK(probe() == 0);
+    rlock.release();
+    CHECK(probe() == 0);  // still held once
+    rlock.release();
+    CHECK(probe() == 1);  // that child took it and exited holding it...
+    CHECK(rlock.acquire(10s));
+    CHECK(rlock.owner_died());  // ...so the next holder learns it
+    CHECK(rlock.acquire());
+    rlock.release();
+    CHECK(rlock.owner_died());  // until it releases its last hold
+    rlock.release();
+    CHECK_FALSE(rlock.owner_died());
+    CHECK_THROWS_AS(rlock.release(), mproc::Error);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Semaphore bounds how many processes hold it at once") {
+    mproc::Semaphore sem(2);
+    mproc::Value<int> inside(0), most(0);
+    run_processes(6, [&](int) {
+        for (int i = 0; i < 200; ++i) {
+            std::lock_guard guard(sem);
+            const int now = (inside += 1);
+            {
+                std::lock_guard g(most.get_lock());
+                if (now > most.load()) most.store(now);
+            }
+            std::this_thread::yield();
+            inside -= 1;
+        }
+    });
+    CHECK(most.load() >= 1);
+    CHECK(most.load() <= 2);
+    CHECK(inside.load() == 0);
+    CHECK(sem.get_value() == 2);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Semaphore: acquire times out at zero and a release in another process wakes a waiter") {
+    mproc::Semaphore sem(0);
+    CHECK_FALSE(sem.acquire(50ms));
+    CHECK_FALSE(sem.try_lock());
+    mproc::Process releaser([&] {
+        std::this_thread::sleep_for(20ms);
+        sem.release();
+    });
+    releaser.start();
+    CHECK(sem.acquire(60s));
+    REQUIRE(releaser.join(60s));
+    sem.release(3);
+    CHECK(sem.get_value() == 3);
+
+    mproc::BoundedSemaphore bounded(1);
+    bounded.acquire();
+    bounded.release();
+    CHECK_THROWS_AS(bounded.release(), mproc::Error);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Event: waiters in other processes see set(); wait times out while clear") {
+    mproc::Event ev;
+    CHECK_FALSE(ev.is_set());
+    CHECK_FALSE(ev.wait(50ms));
+    mproc::Value<int> woken(0);
+    std::vector<mproc::Process> waiters;
+    for (int i = 0; i < 3; ++i)
+        waiters.emplace_back([&] {
+            if (ev.wait(60s)) woken += 1;
+        });
+    for (auto& w : waiters) w.start();
+    std::this_thread::sleep_for(20ms);
+    ev.set();
+    CHECK(ev.is_set());
+    for (auto& w : waiters) REQUIRE(w.join(60s));
+    CHECK(woken.load() == 3);
+    CHECK(ev.wait(0s));
+    ev.clear();
+    CHECK_FALSE(ev.is_set());
+    CHECK_FALSE(ev.wait(20ms));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Event: a waiter asleep through set() and clear() still returns true") {
+    mproc::Event ev, asleep;
+    mproc::Value<int> result(-1);
+    mproc::Process waiter([&] {
+        asleep.set();
+        result.store(ev.wait(60s) ? 1 : 0);
+    });
+    waiter.start();
+    REQUIRE(asleep.wait(60s));
+    std::this_thread::sleep_for(50ms);
+    ev.set();
+    ev.clear();
+    REQUIRE(waiter.join(60s));
+    CHECK(result.load() == 1);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Barrier holds processes until all arrive, round after round") {
+    constexpr int parties = 4, rounds = 100;
+    mproc::Barrier barrier(parties);
+    mproc::Array<int> reached(parties);
+    mproc::Value<int> errors(0), index_sum(0);
+    run_processes(parties, [&](int me) {
+        for (int round = 0; round < rounds; ++round) {
+            std::atomic_ref<int>(reached[me]).store(round + 1);
+            const std::size_t index = barrier.wait(60s);
+            index_sum += static_cast<int>(index);
+            // Past the barrier, everyone has reached this round.
+            for (int other = 0; other < parties; ++other)
+                if (std::atomic_ref<int>(reached[other]).load() < round + 1) errors += 1;
+            barrier.wait(60s);  // keeps the next round's writes after everyone's check
+        }
+    });
+    CHECK(errors.load() == 0);
+    CHECK(index_sum.load() == rounds * (0 + 1 + 2 + 3));
+    CHECK(barrier.n_waiting() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Barrier::wait times out with TimeoutError and withdraws") {
+    mproc::Barrier barrier(2);
+    CHECK_THROWS_AS(barrier.wait(50ms), mproc::TimeoutError);
+    CHECK(barrier.n_waiting() == 0);
+    mproc::Process other([&] { barrier.wait(60s); });
+    other.start();
+    CHECK_NOTHROW(barrier.wait(60s));
+    REQUIRE(other.join(60s));
+    CHECK(other.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Value: atomic += from 8 processes loses nothing") {
+    mproc::Value<long> counter(0);
+    run_processes(8, [&](int) {
+        for (int i = 0; i < 100000; ++i) counter += 1;
+    });
+    CHECK(counter.load() == 800000);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Value: load, store, arithmetic and get_lock for compound updates") {
+    mproc::Value<long> v(5);
+    CHECK(v.load() == 5);
+    v.store(7);
+    CHECK(static_cast<long>(v) == 7);
+    CHECK((v += 3) == 10);
+    CHECK((v -= 4) == 6);
+    CHECK(++v == 7);
+    CHECK(v++ == 7);
+    CHECK(v.load() == 8);
+    CHECK(v.exchange(1) == 8);
+    long expected = 1;
+    CHECK(v.compare_exchange(expected, 2));
+    CHECK(v.value() == 2);
+
+    mproc::Value<double> d(0.5);
+    run_processes(2, [&](int) {
+        for (int i = 0; i < 1000; ++i) d += 0.25;
+    });
+    CHECK(d.load() == 500.5);
+
+    // x = 2x + 1 is two steps: only the lock makes it atomic.
+    mproc::Value<long> x(0);
+    run_processes(4, [&](int) {
+        for (int i = 0; i < 1000; ++i) {
+            std::lock_guard guard(x.get_lock());
+            x.store(x.load() % 1000003 * 2 + 1);
+        }
+    });
+    long model = 0;
+    for (int i = 0; i < 4000; ++i) model = model % 1000003 * 2 + 1;
+    CHECK(x.load() == model);
+
+    struct Pair {
+        double a;
+        long b;
+        char tag[40];
+    };
+    mproc::Value<Pair> big(Pair{1.0, 2, "x"});  // no lock-free atomics: guarded internally
+    big.store(Pair{3.0, 4, "y"});
+    CHECK(big.load().b == 4);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Array is zero-initialised and shared") {
+    mproc::Array<double> arr(1000);
+    CHECK(arr.size() == 1000);
+    for (std::size_t i = 0; i < arr.size(); ++i) REQUIRE(arr[i] == 0.0);
+    arr[3] = 1.5;
+    run_processes(4, [&](int me) {
+        for (std::size_t i = static_cast<std::size_t>(me); i < 1000; i += 4)
+            if (i != 3) arr[i] = static_cast<double>(i) * 2;
+    });
+    CHECK(arr[3] == 1.5);
+    for (std::size_t i = 0; i < 1000; ++i)
+        if (i != 3) REQUIRE(arr[i] == static_cast<double>(i) * 2);
+    CHECK_THROWS_AS(arr.at(1000), mproc::Error);
+
+    mproc::Array<int> init{1, 2, 3};
+    CHECK(init.size() == 3);
+    CHECK(init[2] == 3);
+    mproc::Array<long> big(1 << 20);  // past the small-object size: a segment of its own
+    big[(1 << 20) - 1] = 9;
+    run_processes(1, [&](int) { big[0] = big[(1 << 20) - 1] + 1; });
+    CHECK(big[0] == 10);
+    {
+        std::lock_guard guard(arr.get_lock());
+    }
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Copies and moves of handles") {
+    mproc::Value<int> a(1);
+    mproc::Value<int> b = a;  // the same value
+    b += 1;
+    CHECK(a.load() == 2);
+    mproc::Value<int> c = std::move(b);
+    c += 1;
+    CHECK(a.load() == 3);
+    CHECK_THROWS_AS(b.load(), mproc::Error);  // NOLINT: a moved-from handle is empty
+    mproc::Lock l1;
+    mproc::Lock l2 = l1;
+    CHECK(l1 == l2);
+    l1.acquire();
+    CHECK_FALSE(l2.try_lock());  // same lock, same thread: held
+    l2.release();
+}
+
+TEST_CASE("Handles cross a Pipe and refer to the same objects") {
+    mproc::Lock lock;
+    mproc::Value<long> value(0);
+    mproc::Array<int> arr(10);
+    mproc::Event ev;
+    mproc::Semaphore sem(0);
+    mproc::Barrier barrier(2);
+    using Bundle = std::tuple<mproc::Lock, mproc::Value<long>, mproc::Array<int>, mproc::Event, mproc::Semaphore,
+                              mproc::Barrier>;
+    auto [parent_end, child_end] = mproc::Pipe<Bundle>();
+    mproc::Process child([&] {
+        Bundle got = child_end.recv();
+        auto& [l, v, a, e, s, b] = got;
+        std::lock_guard guard(l);
+        v += 41;
+        a[9] = 7;
+        s.release();
+        b.wait(60s);
+        e.set();
+    });
+    child.start();
+    parent_end.send(Bundle{lock, value, arr, ev, sem, barrier});
+    CHECK(sem.acquire(60s));
+    barrier.wait(60s);
+    CHECK(ev.wait(60s));
+    REQUIRE(child.join(60s));
+    CHECK(value.load() == 41);
+    CHECK(arr[9] == 7);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A handle decoded as the wrong type is a SerializationError") {
+    mproc::Value<long> v(1);
+    const auto bytes = mproc::to_bytes(v);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Value<int>>(bytes), mproc::SerializationError);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Lock>(bytes), mproc::SerializationError);
+    CHECK(mproc::from_bytes<mproc::Value<long>>(bytes).load() == 1);
+    std::vector<std::byte> junk(16, std::byte{0x5a});
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Lock>(junk), mproc::Error);
+}
+
+namespace {
+void send_fd(int socket, std::uint64_t id, int fd) {
+    msghdr msg{};
+    iovec iov{&id, sizeof id};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    REQUIRE(::sendmsg(socket, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof id));
+}
+std::pair<std::uint64_t, int> recv_fd(int socket) {
+    std::uint64_t id = 0;
+    msghdr msg{};
+    iovec iov{&id, sizeof id};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    if (::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC) != static_cast<ssize_t>(sizeof id)) return {0, -1};
+    int fd = -1;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    if (c && c->cmsg_type == SCM_RIGHTS) std::memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return {id, fd};
+}
+}  // namespace
+
+TEST_CASE("An object created after a process was forked: a clear Error there, unless its memory is adopted") {
+    int sockets[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sockets) == 0);
+    auto [to_child, from_parent] = mproc::Pipe<std::vector<std::byte>>();
+    mproc::Value<int> verdict(0);  // created before the fork: the child reports through it
+    const std::uint64_t generation = mproc::detail::segments().generation();
+    mproc::Process early([&] {
+        const auto handle = from_parent.recv();
+        try {
+            (void)mproc::from_bytes<mproc::Array<long>>(handle);
+            verdict.store(1);  // unexpectedly decoded
+        } catch (const mproc::SerializationError&) {
+            verdict.store(2);
+        } catch (const mproc::Error& e) {
+            const std::string what = e.what();
+            verdict.store(what.find("create it before the Pool") != std::string::npos ? 3 : 4);
+        }
+        while (verdict.load() != 5) std::this_thread::sleep_for(1ms);
+        // The parent sent the memory itself: now the same handle decodes.
+        for (;;) {
+            auto [id, fd] = recv_fd(sockets[1]);
+            if (fd < 0) break;
+            mproc::detail::segments().adopt(id, mproc::detail::UniqueFd(fd));
+        }
+        auto late = mproc::from_bytes<mproc::Array<long>>(handle);
+        late[0] += 100;
+        verdict.store(6);
+    });
+    early.start();
+    // Created after `early` was forked, and big enough for a segment of its own (small objects
+    // share chunks, and a chunk that predates the fork would already be there).
+    mproc::Array<long> late(100000);
+    late[0] = 1;
+    to_child.send(mproc::to_bytes(late));
+    REQUIRE(eventually([&] { return verdict.load() != 0; }));
+    CHECK(verdict.load() == 3);
+    const auto fresh = mproc::detail::segments().segments_since(generation);
+    CHECK_FALSE(fresh.empty());
+    for (auto [id, fd] : fresh) send_fd(sockets[0], id, fd);
+    ::shutdown(sockets[0], SHUT_WR);
+    verdict.store(5);
+    REQUIRE(early.join(60s));
+    CHECK(verdict.load() == 6);
+    CHECK(late[0] == 101);
+    ::close(sockets[0]);
+    ::close(sockets[1]);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Threads of one process share the primitives too") {
+    mproc::Lock lock;
+    mproc::Value<long> counter(0);
+    mproc::Array<long> plain(1);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&] {
+            for (int i = 0; i < 5000; ++i) {
+                counter += 1;
+                std::lock_guard guard(lock);
+                plain[0] = plain[0] + 1;
+            }
+        });
+    for (auto& t : threads) t.join();
+    CHECK(counter.load() == 20000);
+    CHECK(plain[0] == 20000);
+}
