@@ -1,8 +1,5 @@
 // Pool tasks that return void: map/starmap return void once every task has run (API.md), and
 // apply_async/map_async give an AsyncResult<void>.
-//
-// This executable is EXCLUDE_FROM_ALL and built by its own CTest (test_pool_void.build), so that
-// while void tasks do not compile, only these tests fail — every other target still builds.
 #include "test_pool_common.hpp"
 
 #include <numeric>

@@ -77,6 +77,11 @@ public:
     virtual T take(bool move_out) = 0;
 };
 
+/// The callback of a result: void(const T&), or void() for a void result. (A std::conditional_t
+/// would name both branches, and `const void&` is ill-formed.)
+template <class T> struct result_callback { using type = std::function<void(const T&)>; };
+template <> struct result_callback<void> { using type = std::function<void()>; };
+
 template <class R, bool Many>
 using collected_t = std::conditional_t<std::is_void_v<R>, void, std::conditional_t<Many, std::vector<R>, R>>;
 
@@ -87,14 +92,22 @@ template <class R, bool Many>
 class CollectState final : public ResultSink, public ValueState<collected_t<R, Many>> {
 public:
     using Value = collected_t<R, Many>;
-    using Callback = std::conditional_t<std::is_void_v<Value>, std::function<void()>, std::function<void(const Value&)>>;
+    using Callback = typename result_callback<Value>::type;
     using ErrorCallback = std::function<void(std::exception_ptr)>;
 
     CollectState(std::size_t items, Callback callback, ErrorCallback error_callback, std::thread::id collector)
         : remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
           collector_(collector) {
         if constexpr (Many && !std::is_void_v<R>) values_.resize(items);
-        if (items == 0) complete();
+    }
+
+    /// For a call with no items: completes it (on the collector thread, see PoolCore::post).
+    void complete_empty() {
+        {
+            std::lock_guard lock(mutex_);
+            if (remaining_ != 0 || ready_) return;
+        }
+        complete();
     }
 
     void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {

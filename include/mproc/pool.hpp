@@ -395,6 +395,7 @@ private:
             if (chunksize == 0) chunksize = detail::default_chunksize(count, core().processes());
             auto state = std::make_shared<detail::CollectState<R, true>>(count, std::move(callback),
                                                                          std::move(error_callback), core().collector_id());
+            if (count == 0) core().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(count / chunksize + 1);
             auto it = std::ranges::begin(xs);

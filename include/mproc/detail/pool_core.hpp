@@ -2,16 +2,18 @@
 //
 // The parent side of a Pool is one PoolCore and one thread of its own, the *collector*:
 //
-//   user threads ──submit──▶ backlog ──dispatch──▶ seat i: channel (socketpair) ──▶ worker i
+//   user threads ──submit──▶ backlog ──dispatch──▶ seat i: task ring (+ socket) ──▶ worker i
 //                                                                                   │
-//   AsyncResult / imap ◀── deliver + callbacks ◀── collector ◀── results ───────────┘
+//   AsyncResult / imap ◀── deliver + callbacks ◀── collector ◀── result ring ───────┘
 //                                                      ▲
 //                           fork server ── spawned / exited{pid, status} reports
 //
-// Any thread may dispatch (under the pool mutex); sends never block — what a full socket does not
-// take waits in the seat's out buffer until the collector sees POLLOUT — so the parent can always
-// read results and no worker can block the pool. Each seat holds a FIFO of the tasks sent to its
-// worker; results come back in that order. When the fork server reports a worker's exit, the
+// Tasks and results travel through two shared-memory rings per worker (detail/spsc_ring.hpp);
+// frames too large for a ring go on the worker's socket, announced in the ring. Any thread may
+// dispatch (under the pool mutex); dispatching never blocks — what a full ring or socket does not
+// take waits until the worker has made room — so the parent can always read results and no worker
+// can block the pool. Each seat holds a FIFO of the tasks sent to its worker; results come back in
+// that order. When the fork server reports a worker's exit, the
 // collector first reads every result the worker managed to send, then fails the item the worker
 // was running (its WorkerSlot says which) with WorkerLost — or TimeoutError if the pool killed it
 // for overstaying task_timeout — puts the rest of its tasks back at the head of the backlog, and
@@ -39,6 +41,7 @@
 #include "clock.hpp"
 #include "fork_server.hpp"
 #include "framing.hpp"
+#include "pool_link.hpp"
 #include "pool_task.hpp"
 #include "pool_worker.hpp"
 #include "unique_fd.hpp"
@@ -103,16 +106,22 @@ public:
     explicit PoolCore(PoolOptions options)
         : options_(std::move(options)), owner_(::getpid()) {
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
-        slots_ = map_slots(options_.processes);
+        link_ = PoolLink(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!wake_) throw_errno("eventfd");
 
         WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
-        WorkerSlot* slots = slots_;
+        const PoolLink* link = &link_;
+        const int wake_fd = wake_.get();
         // The server is forked before the collector thread exists: this process may have other
         // threads, but the server's only thread is this one, and every worker is its fork.
         server_ = ForkServer(
-            [config, slots](int seat, UniqueFd channel) { return worker_main(std::move(channel), slots[seat], config); },
+            [config, link, wake_fd](int seat, UniqueFd channel) {
+                const auto i = static_cast<unsigned>(seat);
+                return worker_main(WorkerLink{link->tasks(i), link->results(i), link->slot(i), link->shared(), wake_fd,
+                                              std::move(channel)},
+                                   config);
+            },
             "PoolForkServer");
         seats_.resize(options_.processes);
         for (unsigned i = 0; i < options_.processes; ++i) {
@@ -132,7 +141,6 @@ public:
             terminate();
         } catch (...) {
         }
-        if (slots_) ::munmap(slots_, slots_bytes(options_.processes));
     }
 
     unsigned processes() const noexcept { return options_.processes; }
@@ -152,6 +160,20 @@ public:
         std::vector<Task> one;
         one.push_back(std::move(task));
         submit(one);
+    }
+
+    /// Runs `job` on the collector thread, where callbacks run, as if it were a task's result:
+    /// for results that need no worker (a map over an empty input), whose callbacks must still
+    /// never run beside another callback. join() waits for it.
+    void post(std::function<void()> job) {
+        check_owner();
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+            ++outstanding_;
+            posted_.push_back(std::move(job));
+        }
+        wake();
     }
 
     /// No more tasks. Safe to call twice.
@@ -193,6 +215,7 @@ public:
         // The collector stops before the failures are delivered: callbacks never run on two
         // threads at once.
         if (collector_.joinable()) collector_.join();
+        run_posted();
         fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
         if (server_.pid() != 0) server_.reap(Seconds{5});
         idle_.notify_all();
@@ -224,20 +247,12 @@ private:
         Buffer out;
         std::size_t out_sent = 0;
         std::deque<Task> inflight;
+        std::size_t placed = 0;          // how many of inflight are in the ring (or socket)
         unsigned long assigned = 0;      // tasks given to the current worker
         bool saw_hello = false;
         bool eof = false;  // the worker's end is closed; its exit report is on the way
         std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
     };
-
-    static std::size_t slots_bytes(unsigned n) { return sizeof(WorkerSlot) * n; }
-    static WorkerSlot* map_slots(unsigned n) {
-        void* p = ::mmap(nullptr, slots_bytes(n), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) throw_errno("mmap (pool worker slots)");
-        auto* slots = static_cast<WorkerSlot*>(p);
-        for (unsigned i = 0; i < n; ++i) new (&slots[i]) WorkerSlot();
-        return slots;
-    }
 
     void check_owner() const {
         if (::getpid() != owner_)
@@ -280,16 +295,37 @@ private:
             for (Seat& s : seats_)
                 if (has_room_locked(s, window) && (!best || s.inflight.size() < best->inflight.size())) best = &s;
             if (!best) break;
-            Task& t = backlog_.front();
-            best->out.append(t.frame.data(), t.frame.size());
-            best->inflight.push_back(std::move(t));
+            best->inflight.push_back(std::move(backlog_.front()));
             backlog_.pop_front();
             ++best->assigned;
         }
         bool needs_collector = false;
-        for (Seat& s : seats_)
+        for (Seat& s : seats_) {
+            place_locked(s);
             if (flush_locked(s)) needs_collector = true;
+        }
         if (needs_collector && std::this_thread::get_id() != collector_id_) wake();
+    }
+
+    /// Puts the seat's tasks that are not yet in its ring there (large ones on its socket,
+    /// announced in the ring), as far as there is room, and wakes the worker if it sleeps.
+    void place_locked(Seat& s) {
+        if (s.state == SeatState::dead || !s.channel) return;
+        SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
+        bool placed_any = false;
+        while (s.placed < s.inflight.size()) {
+            const Buffer& frame = s.inflight[s.placed].frame;
+            const auto body = frame.bytes().subspan(frame_header_size);
+            if (body.size() <= ring.max_payload()) {
+                if (!ring.try_push(SpscRing::data, body)) break;
+            } else {
+                if (!ring.try_push(SpscRing::socket, {})) break;
+                s.out.append(frame.data(), frame.size());
+            }
+            ++s.placed;
+            placed_any = true;
+        }
+        if (placed_any) ring.notify_consumer();
     }
 
     /// Sends what the socket takes now. Returns true when bytes are left for POLLOUT.
@@ -317,7 +353,7 @@ private:
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw_errno("socketpair");
         UniqueFd ours(fds[0]);
         UniqueFd theirs(fds[1]);
-        slots_[s.index].running.store(0, std::memory_order_relaxed);
+        link_.reset_seat(static_cast<unsigned>(s.index));
         if (!server_.spawn(s.index, theirs)) throw Error("the pool's fork server is gone");
         s.channel = std::move(ours);
         s.state = SeatState::starting;
@@ -325,6 +361,7 @@ private:
         s.in.clear();
         s.out.clear();
         s.out_sent = 0;
+        s.placed = 0;
         s.assigned = 0;
         s.saw_hello = false;
         s.eof = false;
@@ -359,21 +396,31 @@ private:
         if (outstanding_ == 0) idle_.notify_all();
     }
 
+    /// Runs the posted jobs (on the collector, or after it stopped).
+    void run_posted() {
+        std::deque<std::function<void()>> jobs;
+        {
+            std::lock_guard lock(mutex_);
+            jobs.swap(posted_);
+        }
+        for (auto& job : jobs) job();
+        finish_tasks(jobs.size());
+    }
+
     // ---- the collector ----------------------------------------------------------------------
 
     void collect() {
         std::vector<pollfd> fds;
         std::vector<int> seat_of;  // fds index -> seat
+        PoolShared& shared = link_.shared();
         for (;;) {
             int timeout_ms = -1;
             {
                 std::lock_guard lock(mutex_);
                 if (state_ == State::terminated) return;
-                if (state_ == State::draining || state_ == State::broken) {
-                    if (state_ == State::draining && outstanding_ == 0) {
-                        shut_down_workers_locked();
-                        return;
-                    }
+                if (state_ == State::draining && outstanding_ == 0) {
+                    shut_down_workers_locked();
+                    return;
                 }
                 fds.clear();
                 seat_of.clear();
@@ -389,7 +436,20 @@ private:
                 }
                 timeout_ms = check_timeouts_locked();
             }
+            run_posted();
+            bool progressed = false;
+            for (Seat& s : seats_) progressed |= service_seat(s);
+            if (progressed) {
+                timeout_ms = 0;  // look at the sockets and the server, then come straight back
+            } else {
+                // About to sleep: say so, then look once more, so a worker that publishes a result
+                // from now on writes the eventfd (see wake_collector).
+                shared.collector_sleeping.store(1, std::memory_order_relaxed);
+                std::atomic_thread_fence(std::memory_order_seq_cst);
+                if (any_results_waiting()) timeout_ms = 0;
+            }
             const int n = ::poll(fds.data(), fds.size(), timeout_ms);
+            shared.collector_sleeping.store(0, std::memory_order_relaxed);
             if (n < 0 && errno != EINTR) return;
             if (n <= 0) continue;
 
@@ -404,7 +464,7 @@ private:
                     std::lock_guard lock(mutex_);
                     flush_locked(s);
                 }
-                if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) read_results(s);
+                if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) fill_from_socket(s);
             }
             if (fds[1].revents) {
                 if (!handle_server_reports()) return;
@@ -412,58 +472,99 @@ private:
         }
     }
 
-    /// Reads what the seat's worker has sent, and delivers each whole result.
-    void read_results(Seat& s) {
+    bool any_results_waiting() const noexcept {
+        for (const Seat& s : seats_)
+            if (s.state != SeatState::dead && !link_.results(static_cast<unsigned>(s.index)).empty()) return true;
+        return false;
+    }
+
+    /// Reads what the worker's socket holds now (large results), without waiting.
+    void fill_from_socket(Seat& s) {
+        if (!s.channel || s.eof) return;
         for (;;) {
             const ssize_t got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) s.eof = true;
-            if (got <= 0) break;
-        }
-        while (auto frame = s.in.buffered_frame()) {
-            handle_result(s, *frame);
-            s.in.consume(*frame);
+            if (got <= 0) return;
         }
     }
 
-    void handle_result(Seat& s, std::span<const std::byte> body) {
-        Reader in(body);
-        std::uint64_t id = 0;
-        std::int64_t spent = 0;
-        in(id, spent);
-        if (id == hello_task_id) {
-            Outcome outcome{};
-            in.read(outcome);
-            std::lock_guard lock(mutex_);
-            s.saw_hello = true;
-            start_failures_ = 0;
-            if (outcome == Outcome::exception) {
-                RemoteException why;
-                in.read(why);
-                break_pool_locked("the pool's initializer failed in worker " + std::to_string(s.pid) + ": " +
-                                  why.type_name + ": " + why.message);
-            }
-            return;
-        }
-        Task task;
+    /// Takes every result the seat's worker has published, delivers them (callbacks run here,
+    /// outside the pool lock), and refills the worker. Returns whether anything was taken.
+    bool service_seat(Seat& s) {
+        if (s.state == SeatState::dead) return false;
+        SpscRing ring = link_.results(static_cast<unsigned>(s.index));
+        std::uint64_t position = ring.head();
+        std::optional<std::span<const std::byte>> socket_frame;
+        bool progressed = false;
+        finished_.clear();
         {
             std::lock_guard lock(mutex_);
-            if (s.inflight.empty() || s.inflight.front().id != id) return;  // already settled elsewhere
-            task = std::move(s.inflight.front());
-            s.inflight.pop_front();
-            const double per_task = static_cast<double>(spent);
-            avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
+            while (auto record = ring.peek(position)) {
+                std::span<const std::byte> body = record->payload;
+                if (record->kind == SpscRing::socket) {
+                    if (!finished_.empty()) break;  // a socket frame is taken on its own
+                    fill_from_socket(s);
+                    const auto frame = s.in.buffered_frame();
+                    if (!frame) break;  // not all here yet: POLLIN brings the rest
+                    body = *frame;
+                    socket_frame = body;
+                }
+                position = record->end;
+                progressed = true;
+                Reader in(body);
+                std::uint64_t id = 0;
+                std::int64_t spent = 0;
+                in(id, spent);
+                if (id == hello_task_id) {
+                    hello_locked(s, in);
+                } else if (!s.inflight.empty() && s.inflight.front().id == id) {
+                    finished_.push_back({std::move(s.inflight.front()), body});
+                    s.inflight.pop_front();
+                    if (s.placed) --s.placed;
+                    const auto per_task = static_cast<double>(spent);
+                    avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
+                }
+                if (socket_frame) break;
+            }
         }
+        for (Finished& f : finished_) deliver(f.task, f.body);
+        if (socket_frame) s.in.consume(*socket_frame);
+        if (progressed) ring.consume_to(position);
+        if (!finished_.empty()) {
+            const std::size_t n = finished_.size();
+            finished_.clear();  // the tasks (and their sinks) go before the lock is taken
+            std::lock_guard lock(mutex_);
+            outstanding_ -= std::min(outstanding_, n);
+            if (outstanding_ == 0) idle_.notify_all();
+            dispatch_locked();
+        }
+        return progressed;
+    }
+
+    void hello_locked(Seat& s, Reader& in) {
+        Outcome outcome{};
+        in.read(outcome);
+        s.saw_hello = true;
+        start_failures_ = 0;
+        if (outcome == Outcome::exception) {
+            RemoteException why;
+            in.read(why);
+            break_pool_locked("the pool's initializer failed in worker " + std::to_string(s.pid) + ": " +
+                              why.type_name + ": " + why.message);
+        }
+    }
+
+    /// Hands a finished task's outcomes to its sink.
+    static void deliver(Task& task, std::span<const std::byte> body) {
+        Reader in(body.subspan(16));  // past the task id and the time spent
         try {
             task.sink->deliver(task.first, task.count, task.skips, in);
         } catch (...) {
             // A result that does not decode fails the items it was for.
             const auto error = std::current_exception();
-            for (std::uint32_t i = 0; i < task.count; ++i) task.sink->fail(task.first + i, error);
+            for (std::uint32_t i = 0; i < task.count; ++i)
+                if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
         }
-        std::lock_guard lock(mutex_);
-        outstanding_ -= std::min<std::size_t>(outstanding_, 1);
-        if (outstanding_ == 0) idle_.notify_all();
-        dispatch_locked();
     }
 
     /// Spawned / exited reports. Returns false when the server is gone.
@@ -497,7 +598,8 @@ private:
     }
 
     void worker_exited(Seat& s, pid_t pid, int status) {
-        if (s.channel) read_results(s);  // everything it sent before it died counts
+        fill_from_socket(s);
+        while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
         std::vector<Task> failed_whole;
         std::optional<std::pair<Task*, std::uint32_t>> lost;
         std::exception_ptr lost_error;
@@ -505,7 +607,7 @@ private:
         bool have_lost = false;
         {
             std::lock_guard lock(mutex_);
-            const WorkerSlot& slot = slots_[s.index];
+            const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
             if (!s.inflight.empty() && slot.running.load(std::memory_order_acquire) &&
                 slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) {
                 Task& t = s.inflight.front();
@@ -534,10 +636,10 @@ private:
             // Everything else it held goes back to the front of the line, in order.
             for (auto it = s.inflight.rbegin(); it != s.inflight.rend(); ++it) backlog_.push_front(std::move(*it));
             s.inflight.clear();
+            s.placed = 0;
             s.channel.reset();
             s.state = SeatState::dead;
             s.pid = 0;
-            slots_[s.index].running.store(0, std::memory_order_relaxed);
 
             if (start_failures_ >= max_start_failures) {
                 const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
@@ -577,7 +679,7 @@ private:
         std::int64_t next = -1;
         for (Seat& s : seats_) {
             if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0) continue;
-            const WorkerSlot& slot = slots_[s.index];
+            const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
             if (!slot.running.load(std::memory_order_acquire)) {
                 next = next < 0 ? limit_ns : std::min(next, limit_ns);
                 continue;
@@ -597,8 +699,11 @@ private:
     }
 
     void shut_down_workers_locked() {
-        for (Seat& s : seats_)
+        for (Seat& s : seats_) {
+            if (s.state == SeatState::dead) continue;
+            link_.tasks(static_cast<unsigned>(s.index)).close();
             if (s.channel) ::shutdown(s.channel.get(), SHUT_RDWR);
+        }
         server_.finish();
     }
 
@@ -606,7 +711,7 @@ private:
 
     PoolOptions options_;
     pid_t owner_;
-    WorkerSlot* slots_ = nullptr;
+    PoolLink link_;
     UniqueFd wake_;
     ForkServer server_;
 
@@ -616,10 +721,17 @@ private:
     std::string broken_reason_;
     std::vector<Seat> seats_;
     std::deque<Task> backlog_;
-    std::size_t outstanding_ = 0;  // tasks submitted and not yet settled
+    std::size_t outstanding_ = 0;  // tasks (and posted jobs) submitted and not yet settled
+    std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
     std::atomic<std::uint64_t> next_id_{1};
+
+    struct Finished {
+        Task task;
+        std::span<const std::byte> body;
+    };
+    std::vector<Finished> finished_;  // the collector's scratch list
 
     std::thread collector_;
     std::thread::id collector_id_;

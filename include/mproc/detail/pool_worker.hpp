@@ -1,4 +1,8 @@
-// mproc — a Pool worker's life: run the initializer, then answer tasks until the channel closes.
+// mproc — a Pool worker's life: run the initializer, then answer tasks until the pool closes.
+//
+// Tasks arrive on the seat's task ring (large ones on the socket, announced in the ring); each
+// result goes back on the result ring (large ones on the socket) as soon as its task is done, so
+// a worker that dies loses no finished result. A worker with nothing to do sleeps on a futex.
 #pragma once
 
 #include <cstdint>
@@ -7,8 +11,10 @@
 
 #include "framing.hpp"
 #include "io.hpp"
+#include "pool_link.hpp"
 #include "pool_task.hpp"
 #include "remote_exception.hpp"
+#include "spsc_ring.hpp"
 #include "unique_fd.hpp"
 
 namespace mproc::detail {
@@ -23,8 +29,17 @@ struct WorkerConfig {
     bool timed = false;
 };
 
-inline bool send_frame_blocking(int fd, const Buffer& frame) {
-    std::span<const std::byte> left = frame.bytes();
+/// What one worker talks through.
+struct WorkerLink {
+    SpscRing tasks;
+    SpscRing results;
+    WorkerSlot& slot;
+    PoolShared& shared;
+    int wake_fd;
+    UniqueFd socket;
+};
+
+inline bool send_frame_blocking(int fd, std::span<const std::byte> left) {
     while (!left.empty()) {
         const ssize_t put = write_some(fd, left.data(), left.size(), /*is_socket=*/true);
         if (put < 0) return false;  // the pool is gone: nothing left to do
@@ -33,42 +48,68 @@ inline bool send_frame_blocking(int fd, const Buffer& frame) {
     return true;
 }
 
+/// Publishes one result frame (with its frame header) and wakes the collector if it sleeps.
+inline bool send_result(WorkerLink& link, const Buffer& frame) {
+    const std::span<const std::byte> body = frame.bytes().subspan(frame_header_size);
+    if (body.size() <= link.results.max_payload()) {
+        link.results.wait_for_room(body.size());
+        link.results.try_push(SpscRing::data, body);
+    } else {
+        link.results.wait_for_room(0);
+        link.results.try_push(SpscRing::socket, {});
+        wake_collector(link.shared, link.wake_fd);
+        if (!send_frame_blocking(link.socket.get(), frame.bytes())) return false;
+    }
+    wake_collector(link.shared, link.wake_fd);
+    return true;
+}
+
 /// The body of a worker process; returns its exit status.
-inline int worker_main(UniqueFd channel, WorkerSlot& slot, const WorkerConfig& config) {
+inline int worker_main(WorkerLink link, const WorkerConfig& config) {
     Buffer out;
     {
         begin_frame(out);
         Writer w(out);
         w(hello_task_id, std::int64_t{0});
+        bool ok = true;
         try {
             if (config.initializer) config.initializer();
             w.write(Outcome::value);
         } catch (...) {
+            ok = false;
             w.write(Outcome::exception);
             w.write(RemoteException::capture());
         }
         finish_frame(out);
-        if (!send_frame_blocking(channel.get(), out)) return 0;
-        if (out.bytes()[frame_header_size + 16] != static_cast<std::byte>(Outcome::value)) return 1;
+        if (!send_result(link, out) || !ok) return ok ? 0 : 1;
     }
 
-    FrameReader in;
+    FrameReader socket_in;
     unsigned long done = 0;
     for (;;) {
-        auto frame = in.buffered_frame();
-        if (!frame) {
-            const ssize_t got = in.fill(channel.get());
-            if (got <= 0) return 0;  // the pool closed the channel: time to go
+        const auto record = link.tasks.peek(link.tasks.head());
+        if (!record) {
+            if (link.tasks.closed()) return 0;  // the pool is done with us
+            link.tasks.wait_for_data(Clock::now() + recheck_interval);
             continue;
         }
-        const TaskView task = parse_task(*frame);
+        std::span<const std::byte> body = record->payload;
+        const bool on_socket = record->kind == SpscRing::socket;
+        if (on_socket) {
+            while (!socket_in.buffered_frame()) {
+                const ssize_t got = socket_in.fill(link.socket.get());
+                if (got <= 0) return 0;
+            }
+            body = *socket_in.buffered_frame();
+        }
+        const TaskView task = parse_task(body);
         const std::int64_t begun = monotonic_ns();
         begin_frame(out);
         Writer w(out);
         w(task.task_id, std::int64_t{0});
         const std::size_t header = out.size();
         Reader r(task.payload);
-        ChunkContext context{r, w, slot, task.skips, task.task_id, task.count, config.timed};
+        ChunkContext context{r, w, link.slot, task.skips, task.task_id, task.count, config.timed};
         try {
             task.invoker(context);
         } catch (...) {
@@ -80,9 +121,10 @@ inline int worker_main(UniqueFd channel, WorkerSlot& slot, const WorkerConfig& c
         const std::int64_t spent = monotonic_ns() - begun;
         std::memcpy(out.data() + frame_header_size + 8, &spent, sizeof spent);
         finish_frame(out);
-        in.consume(*frame);
-        const bool sent = send_frame_blocking(channel.get(), out);
-        slot.running.store(0, std::memory_order_release);
+        if (on_socket) socket_in.consume(body);
+        link.tasks.consume_to(record->end);
+        const bool sent = send_result(link, out);
+        link.slot.running.store(0, std::memory_order_release);
         if (!sent) return 0;
         if (config.max_tasks != 0 && ++done >= config.max_tasks) return 0;
     }
