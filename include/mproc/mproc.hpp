@@ -4,6 +4,7 @@
 #include "errors.hpp"
 #include "serialize.hpp"
 #include "process.hpp"
+#include "guard.hpp"
 #include "pipe.hpp"
 #include "async_result.hpp"
 #include "pool.hpp"

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 #include "detail/child_registry.hpp"
 #include "detail/clock.hpp"
@@ -37,6 +38,11 @@ public:
 
 /// The process this code runs in: "MainProcess", or the name of the Process that started it.
 inline ProcessInfo current_process() { return {}; }
+
+/// The pids of this process's children that mproc started and that are still running: Process
+/// children and each Pool's fork server (a Pool's workers are the server's children, not yours).
+/// Reaps the children that have ended, keeping their statuses for Process::join and exitcode().
+inline std::vector<pid_t> active_children() { return detail::children().live(); }
 
 namespace detail {
 /// A callable bound to its arguments, run once, in the child.

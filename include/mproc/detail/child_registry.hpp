@@ -3,14 +3,20 @@
 // A fixed table of atomics, not a locked container: ChildGuard reads it from a signal handler, and
 // a child forked while another thread was mid-update must be able to wipe its copy. Statuses that
 // one caller reaps are kept for the owner, so active_children() never steals a Process's exit code.
+// The table remembers the process it belongs to: a copy inherited through a fork that did not go
+// through fork_child (which wipes it) lists another process's children and is treated as empty.
 #pragma once
 
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstddef>
+#include <ctime>
 #include <optional>
+#include <sched.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <vector>
 
 #include "../errors.hpp"
@@ -23,6 +29,7 @@ public:
 
     /// Records a child just forked. Throws when the table is full.
     void add(pid_t pid) {
+        adopt();
         for (std::size_t i = 0; i < capacity; ++i) {
             Slot& slot = slots_[i];
             int expected = free_;
@@ -56,8 +63,11 @@ public:
             }
             return status;
         }
-        if (got < 0 && errno == ECHILD && slot && slot->state.load(std::memory_order_acquire) == reaped_)
-            return slot->status.load(std::memory_order_relaxed);  // another thread reaped it
+        if (got < 0 && errno == ECHILD && slot) {
+            // Another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
+            if (await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
+            errno = ECHILD;
+        }
         if (got < 0) throw_errno("waitpid(" + std::to_string(pid) + ")");
         return std::nullopt;
     }
@@ -70,27 +80,60 @@ public:
     /// Children that have not ended; reaps (and keeps the status of) those that have.
     std::vector<pid_t> live() {
         std::vector<pid_t> alive;
+        if (!ours()) return alive;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
             if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
             const pid_t pid = slots_[i].pid.load(std::memory_order_relaxed);
-            if (!reap(pid, false)) alive.push_back(pid);
+            if (reap_slot(slots_[i], pid, false)) alive.push_back(pid);
         }
         return alive;
     }
 
     /// Calls fn(pid) for each child not yet reaped. Async-signal-safe if fn is.
     template <class Fn> void for_each_live(Fn&& fn) const noexcept {
+        if (!ours()) return;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i)
             if (slots_[i].state.load(std::memory_order_acquire) == live_)
                 fn(slots_[i].pid.load(std::memory_order_relaxed));
     }
 
+    /// Async-signal-safe: sends `sig` to every child not yet reaped.
+    void signal_live(int sig) const noexcept {
+        for_each_live([sig](pid_t pid) { ::kill(pid, sig); });
+    }
+
+    /// Async-signal-safe: reaps every child that has ended, keeping its status for its owner.
+    /// Returns how many still run.
+    std::size_t reap_ended() noexcept {
+        std::size_t running = 0;
+        if (!ours()) return running;
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i) {
+            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
+            if (reap_slot(slots_[i], slots_[i].pid.load(std::memory_order_relaxed), false)) ++running;
+        }
+        return running;
+    }
+
+    /// Async-signal-safe: SIGKILL to every child not yet reaped, then waits for each and keeps its
+    /// status. A child that SIGKILL cannot reach (EPERM: it runs a set-user-ID program) is not waited for.
+    void kill_and_reap() noexcept {
+        if (!ours()) return;
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i) {
+            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
+            const pid_t pid = slots_[i].pid.load(std::memory_order_relaxed);
+            if (::kill(pid, SIGKILL) != 0 && errno == EPERM) continue;
+            reap_slot(slots_[i], pid, true);
+        }
+    }
+
     /// In a freshly forked child: the parent's children are not ours.
     void clear_after_fork() noexcept {
-        for (Slot& slot : slots_) slot.state.store(free_, std::memory_order_relaxed);
-        high_water_.store(0, std::memory_order_relaxed);
+        wipe();
+        owner_.store(::getpid(), std::memory_order_release);
     }
 
 private:
@@ -100,6 +143,53 @@ private:
         std::atomic<pid_t> pid{0};
         std::atomic<int> status{0};
     };
+
+    bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
+
+    /// Makes the table this process's: a stale copy (inherited through a plain fork) is wiped.
+    void adopt() noexcept {
+        const pid_t self = ::getpid();
+        pid_t owner = owner_.load(std::memory_order_acquire);
+        if (owner == self) return;
+        if (owner_.compare_exchange_strong(owner, self, std::memory_order_acq_rel) && owner != 0) wipe();
+    }
+
+    void wipe() noexcept {
+        for (Slot& slot : slots_) slot.state.store(free_, std::memory_order_relaxed);
+        high_water_.store(0, std::memory_order_relaxed);
+    }
+
+    /// Async-signal-safe: waitpid for one live slot's child; stores the status if this call reaped
+    /// it. Returns true while the child runs. ECHILD means another caller reaped it (and stores
+    /// the status): it has ended.
+    bool reap_slot(Slot& slot, pid_t pid, bool block) noexcept {
+        int status = 0;
+        pid_t got;
+        do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
+        while (got < 0 && errno == EINTR);
+        if (got == 0) return true;
+        if (got == pid) {
+            slot.status.store(status, std::memory_order_relaxed);
+            slot.state.store(reaped_, std::memory_order_release);
+        }
+        return false;
+    }
+
+    /// After ECHILD: whoever reaped the child stores its status right after its waitpid returned.
+    /// Waits (up to about a second) for that store; false if it never comes (something outside
+    /// mproc reaped the child, e.g. waitpid(-1)).
+    static bool await_status(const Slot& slot) noexcept {
+        for (int i = 0; i < 1100; ++i) {
+            if (slot.state.load(std::memory_order_acquire) == reaped_) return true;
+            if (i < 100) {
+                ::sched_yield();
+            } else {
+                const timespec nap{0, 1'000'000};
+                ::nanosleep(&nap, nullptr);
+            }
+        }
+        return slot.state.load(std::memory_order_acquire) == reaped_;
+    }
     Slot* find(pid_t pid) noexcept {
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
@@ -111,6 +201,7 @@ private:
     }
     Slot slots_[capacity];
     std::atomic<std::size_t> high_water_{0};
+    std::atomic<pid_t> owner_{0};  // the process these children belong to (0: none yet)
 };
 
 inline ChildRegistry& children() noexcept {

@@ -1,22 +1,39 @@
 // mproc — the one place that forks.
 //
 // Before fork: flush every stdio buffer, so output the parent wrote is not written again by the
-// child. In the child: forget the parent's children, arm the parent-death signal (and re-check the
-// parent, which may have died before the signal was armed), run the body, flush, and leave with
-// _exit so the parent's atexit handlers and static destructors never run twice.
+// child. In the child: arm the parent-death signal (and re-check the parent, which may have died
+// before the signal was armed), put back the signal dispositions a ChildGuard replaced, forget the
+// parent's children, run the body, flush, and leave with _exit so the parent's atexit handlers and
+// static destructors never run twice.
+//
+// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. So a fork
+// asked for by any thread but the main one runs on the forker: one long-lived thread per process,
+// started on first use, detached, asleep on a condition variable when idle, with every signal
+// blocked. The child is then a copy of the forker thread; it takes the asking thread's signal
+// mask, CPU affinity and name, but thread_local variables hold the forker thread's values.
 #pragma once
 
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <iostream>
+#include <mutex>
+#include <pthread.h>
+#include <sched.h>
 #include <string>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
+#include <thread>
+#include <type_traits>
 #include <unistd.h>
 #include <utility>
 
 #include "../errors.hpp"
 #include "child_registry.hpp"
+#include "guard_state.hpp"
 
 namespace mproc::detail {
 
@@ -51,31 +68,176 @@ inline void die_with_parent(pid_t expected_parent) noexcept {
     if (::getppid() != expected_parent) ::_exit(128 + SIGKILL);
 }
 
-/// Forks; the child runs `body()` (which returns the exit status) and leaves with _exit.
-/// Returns the child's pid in the parent, registered in children().
-template <class Body>
-pid_t fork_child(Body&& body, std::string child_name) {
+inline pid_t current_tid() noexcept { return static_cast<pid_t>(::syscall(SYS_gettid)); }
+
+/// What a child inherits from the thread it is forked from, carried over when the fork runs on
+/// the forker thread on another thread's behalf.
+struct ThreadTraits {
+    sigset_t mask{};
+    cpu_set_t affinity{};
+    bool has_affinity = false;
+    char name[16] = {};
+
+    static ThreadTraits of_this_thread() noexcept {
+        ThreadTraits t;
+        ::pthread_sigmask(SIG_SETMASK, nullptr, &t.mask);
+        t.has_affinity = ::sched_getaffinity(0, sizeof t.affinity, &t.affinity) == 0;
+        ::prctl(PR_GET_NAME, t.name, 0, 0, 0);
+        return t;
+    }
+    /// In the child: become a copy of the asking thread (the mask last: until then every signal
+    /// stays blocked, as it was on the forker thread).
+    void apply() const noexcept {
+        ::prctl(PR_SET_NAME, name, 0, 0, 0);
+        if (has_affinity) ::sched_setaffinity(0, sizeof affinity, &affinity);
+        ::pthread_sigmask(SIG_SETMASK, &mask, nullptr);
+    }
+};
+
+/// The child's side of a fork. It never returns: it leaves with _exit.
+using ChildEntry = void (*)(void* context) noexcept;
+
+/// Forks from the calling thread. The child arms the parent-death signal, forgets the parent's
+/// guard and children, takes `traits` (when the fork runs for another thread) and runs
+/// entry(context). Returns the child's pid, or -errno if fork failed.
+inline pid_t fork_here(ChildEntry entry, void* context, const ThreadTraits* traits) noexcept {
     flush_stdio();
     const pid_t parent = ::getpid();
     const pid_t pid = ::fork();
-    if (pid < 0) throw_errno("fork");
-    if (pid == 0) {
-        children().clear_after_fork();
-        die_with_parent(parent);
+    if (pid < 0) return -errno;
+    if (pid > 0) return pid;
+    die_with_parent(parent);
+    forget_guard_after_fork();
+    children().clear_after_fork();
+    if (traits) traits->apply();
+    entry(context);
+    ::_exit(1);  // entry never returns
+}
+
+/// The forker thread of this process (see the top of this file).
+class Forker {
+public:
+    /// Forks on the forker thread on behalf of the calling thread; returns what fork_here returned.
+    pid_t fork(ChildEntry entry, void* context) {
+        Request request{entry, context, ThreadTraits::of_this_thread()};
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return pending_ == nullptr; });
+        pending_ = &request;
+        changed_.notify_all();
+        changed_.wait(lock, [&] { return request.done; });
+        return request.result;
+    }
+
+    /// This process's forker, its thread started on first use. A forker inherited through fork
+    /// belongs to the parent (its thread does not exist here) and is replaced, not touched.
+    static Forker& get() {
+        static constinit std::atomic<Forker*> current{nullptr};
+        const pid_t self = ::getpid();
+        for (;;) {
+            Forker* found = current.load(std::memory_order_acquire);
+            if (found && found->owner_ == self) return *found;
+            auto* fresh = new Forker(self, found);
+            try {
+                fresh->start();
+            } catch (const std::exception& e) {
+                delete fresh;
+                throw Error(std::string("cannot start mproc's forker thread: ") + e.what());
+            }
+            if (current.compare_exchange_strong(found, fresh, std::memory_order_acq_rel)) return *fresh;
+            fresh->retire();  // another thread started one first; this one's thread deletes it
+        }
+    }
+
+private:
+    struct Request {
+        ChildEntry entry;
+        void* context;
+        ThreadTraits traits;
+        pid_t result = 0;
+        bool done = false;
+    };
+
+    Forker(pid_t owner, Forker* inherited) noexcept : owner_(owner), inherited_(inherited) {}
+
+    void start() {
+        // The thread starts with every signal blocked: no handler ever runs on it, and what a
+        // child inherits is set explicitly from the asking thread.
+        sigset_t all, old;
+        ::sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &old);
+        try {
+            std::thread(&Forker::loop, this).detach();
+        } catch (...) {
+            ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+            throw;
+        }
+        ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    }
+
+    void retire() {
+        std::lock_guard lock(mutex_);
+        retired_ = true;
+        changed_.notify_all();
+    }
+
+    void loop() noexcept {
+        ::pthread_setname_np(::pthread_self(), "mproc-forker");
+        std::unique_lock lock(mutex_);
+        for (;;) {
+            changed_.wait(lock, [&] { return retired_ || (pending_ != nullptr && !pending_->done); });
+            if (retired_) {
+                lock.unlock();
+                delete this;
+                return;
+            }
+            Request& request = *pending_;
+            lock.unlock();  // a child must not inherit this mutex held by its own thread
+            const pid_t pid = fork_here(request.entry, request.context, &request.traits);
+            lock.lock();
+            request.result = pid;
+            request.done = true;
+            pending_ = nullptr;
+            changed_.notify_all();
+        }
+    }
+
+    const pid_t owner_;
+    [[maybe_unused]] Forker* const inherited_;  // kept reachable: it is the parent's, never freed here
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    Request* pending_ = nullptr;
+    bool retired_ = false;
+};
+
+/// Forks; the child runs `body()` (which returns the exit status) and leaves with _exit.
+/// Returns the child's pid in the parent, registered in children(). From a thread other than the
+/// main one, the fork runs on the forker thread, so that the child's parent-death signal does
+/// not fire when the asking thread exits.
+template <class Body>
+pid_t fork_child(Body&& body, std::string child_name) {
+    struct Job {
+        std::remove_reference_t<Body>* body;
+        std::string* name;
+    };
+    Job job{&body, &child_name};
+    const ChildEntry entry = [](void* context) noexcept {
+        Job& j = *static_cast<Job*>(context);
         Identity& self = identity();
-        self.name = std::move(child_name);
+        self.name = std::move(*j.name);
         self.pid = ::getpid();
         self.process_counter = 0;
         self.is_child = true;
         int status = 1;
         try {
-            status = std::forward<Body>(body)();
+            status = std::forward<Body>(*j.body)();
         } catch (...) {
             // A body reports its own errors; this only keeps an escapee from running the parent's code.
         }
         flush_stdio();
         ::_exit(status);
-    }
+    };
+    const pid_t pid = current_tid() == ::getpid() ? fork_here(entry, &job, nullptr) : Forker::get().fork(entry, &job);
+    if (pid < 0) throw_errno("fork", -pid);
     children().add(pid);
     return pid;
 }

@@ -1,0 +1,211 @@
+// mproc — ChildGuard: no child outlives the program, however the program ends.
+//
+//     int main() {
+//         mproc::ChildGuard guard;   // first thing in main, before any Process or Pool
+//         ...
+//     }
+//
+// From its construction until the last ChildGuard is destroyed, each of these terminates and
+// reaps every live child mproc started in this process (SIGTERM, a grace period, then SIGKILL),
+// and then takes its usual effect:
+//   * SIGINT, SIGTERM  — the program then dies of the signal (the shell sees 130 / 143), or, if the
+//                        program had installed a handler of its own before the guard, that handler
+//                        is called (a signal that was ignored stays ignored: no handler is installed);
+//   * exit(), or returning from main — an atexit hook, and the guard's destructor;
+//   * an exception that leaves main (or any std::terminate) — a terminate handler that then calls
+//                        the one installed before it (by default: print the exception, abort).
+// Grandchildren — a Process child's own children, a Pool's workers — die with their parent
+// through the parent-death signal every mproc child arms.
+//
+// A handler installed *after* the guard replaces the guard's: call
+// mproc::ChildGuard::terminate_children() from it. The guard acts only in the process that
+// constructed it; in every child, the dispositions it replaced are put back (see detail/fork.hpp).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <ctime>
+#include <exception>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "detail/child_registry.hpp"
+#include "detail/clock.hpp"
+#include "detail/guard_state.hpp"
+
+namespace mproc {
+
+/// While one is alive, SIGINT, SIGTERM, exit(), returning from main and an uncaught exception
+/// terminate and reap every child mproc started, then end the program as they otherwise would.
+/// Non-copyable, non-movable; guards nest (the outermost one installs and cleans up).
+class ChildGuard {
+public:
+    /// How long children get to end after SIGTERM before they are sent SIGKILL.
+    static constexpr Seconds default_grace{1.0};
+
+    explicit ChildGuard(Seconds grace = default_grace) {
+        detail::GuardState& g = detail::guard_state();
+        const Lock lock;
+        if (g.owner.load() != ::getpid()) g.depth.store(0);  // none here (or a parent's, copied by fork)
+        if (g.depth.load() == 0) install(grace);
+        g.depth.fetch_add(1);
+    }
+
+    /// The last guard terminates and reaps the children still alive, then puts back the
+    /// dispositions and the terminate handler it replaced (where they are still the guard's).
+    ~ChildGuard() {
+        detail::GuardState& g = detail::guard_state();
+        const Lock lock;
+        if (g.owner.load() != ::getpid() || g.depth.fetch_sub(1) != 1) return;
+        terminate_children();
+        uninstall();
+    }
+
+    ChildGuard(const ChildGuard&) = delete;
+    ChildGuard& operator=(const ChildGuard&) = delete;
+
+    /// SIGTERM to every live child mproc started in this process, up to the grace period for them
+    /// to end, SIGKILL to the rest; every one is reaped and its status kept, so Process::join and
+    /// exitcode() still report it. Async-signal-safe (no allocation, no lock): call it from a
+    /// signal handler of your own. Works with or without a ChildGuard; the grace is the one the
+    /// outermost guard was given (default_grace when there is none).
+    static void terminate_children() noexcept {
+        const int saved_errno = errno;
+        detail::ChildRegistry& registry = detail::children();
+        if (registry.reap_ended() != 0) {
+            registry.signal_live(SIGTERM);
+            const long long grace_ns = detail::guard_state().grace_ns.load();
+            const long long start = monotonic_ns();
+            long nap_ns = 100'000;  // children usually end at once: look again soon, then less often
+            while (registry.reap_ended() != 0) {
+                if (monotonic_ns() - start >= grace_ns) {
+                    registry.kill_and_reap();
+                    break;
+                }
+                const timespec nap{0, nap_ns};
+                ::nanosleep(&nap, nullptr);
+                nap_ns = std::min(nap_ns * 2, 10'000'000L);
+            }
+        }
+        errno = saved_errno;
+    }
+
+private:
+    /// Serialises guards being constructed and destroyed on several threads (never taken in a
+    /// handler). A lock held in another process is a copy a fork caught: it is taken over.
+    struct Lock {
+        Lock() noexcept {
+            std::atomic<pid_t>& busy = detail::guard_state().busy;
+            const pid_t self = ::getpid();
+            for (;;) {
+                pid_t holder = busy.load();
+                if ((holder == 0 || holder != self) && busy.compare_exchange_weak(holder, self)) return;
+                ::sched_yield();
+            }
+        }
+        ~Lock() { detail::guard_state().busy.store(0); }
+        Lock(const Lock&) = delete;
+        Lock& operator=(const Lock&) = delete;
+    };
+
+    static long long monotonic_ns() noexcept {
+        timespec now{};
+        ::clock_gettime(CLOCK_MONOTONIC, &now);
+        return static_cast<long long>(now.tv_sec) * 1'000'000'000LL + now.tv_nsec;
+    }
+
+    static void install(Seconds grace) {
+        detail::GuardState& g = detail::guard_state();
+        const double ns = std::clamp(grace.count(), 0.0, 3600.0) * 1e9;
+        g.grace_ns.store(static_cast<long long>(ns));
+        g.handler.store(&on_signal);
+        g.owner.store(::getpid());
+        unsigned installed = 0;
+        for (int i = 0; i < detail::guarded_signal_count; ++i) {
+            const int sig = detail::guarded_signals[i];
+            struct sigaction current{};
+            if (::sigaction(sig, nullptr, &current) != 0) continue;
+            if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN) continue;  // stays ignored
+            if (detail::guard_handles(sig)) {  // inherited through a plain fork: previous[i] is right
+                installed |= 1u << i;
+                continue;
+            }
+            g.previous[i] = current;
+            struct sigaction ours{};
+            ours.sa_sigaction = &on_signal;
+            ours.sa_flags = SA_SIGINFO | (current.sa_flags & (SA_RESTART | SA_ONSTACK));
+            ours.sa_mask = current.sa_mask;
+            for (int other : detail::guarded_signals) ::sigaddset(&ours.sa_mask, other);
+            if (::sigaction(sig, &ours, nullptr) == 0) installed |= 1u << i;
+        }
+        g.installed.store(installed);
+        if (!g.atexit_registered.exchange(true)) std::atexit(&at_exit);
+        if (!g.terminate_hooked.exchange(true)) g.previous_terminate.store(std::set_terminate(&on_terminate));
+    }
+
+    static void uninstall() noexcept {
+        detail::GuardState& g = detail::guard_state();
+        const unsigned installed = g.installed.exchange(0);
+        for (int i = 0; i < detail::guarded_signal_count; ++i)
+            if ((installed & (1u << i)) && detail::guard_handles(detail::guarded_signals[i]))
+                ::sigaction(detail::guarded_signals[i], &g.previous[i], nullptr);
+        if (std::get_terminate() == &on_terminate) {
+            std::set_terminate(g.previous_terminate.load());
+            g.terminate_hooked.store(false);
+        }
+        g.owner.store(0);
+    }
+
+    static void on_signal(int sig, siginfo_t* info, void* context) noexcept {
+        const int saved_errno = errno;
+        detail::GuardState& g = detail::guard_state();
+        if (g.owner.load() == ::getpid()) terminate_children();
+        const int i = sig == detail::guarded_signals[0] ? 0 : 1;
+        const struct sigaction previous = g.previous[i];
+        if (previous.sa_flags & SA_RESETHAND) {  // a one-shot handler: from now on, the default
+            g.previous[i].sa_handler = SIG_DFL;
+            g.previous[i].sa_flags = 0;
+        }
+        if (previous.sa_flags & SA_SIGINFO) {
+            if (previous.sa_sigaction) previous.sa_sigaction(sig, info, context);
+        } else if (previous.sa_handler == SIG_DFL) {
+            die_of(sig);
+        } else if (previous.sa_handler != SIG_IGN) {
+            previous.sa_handler(sig);
+        }
+        errno = saved_errno;
+    }
+
+    /// The signal's default action: the process dies of it, as the shell and the parent expect.
+    static void die_of(int sig) noexcept {
+        struct sigaction fallback{};
+        fallback.sa_handler = SIG_DFL;
+        ::sigemptyset(&fallback.sa_mask);
+        ::sigaction(sig, &fallback, nullptr);
+        sigset_t only;
+        ::sigemptyset(&only);
+        ::sigaddset(&only, sig);
+        ::pthread_sigmask(SIG_UNBLOCK, &only, nullptr);
+        ::raise(sig);
+        // Delivered by now; if a runtime (a sanitizer's) defers it, it is delivered when the
+        // handler returns, with the default action in place.
+    }
+
+    static void at_exit() noexcept {
+        if (detail::guard_state().owner.load() == ::getpid()) terminate_children();
+    }
+
+    [[noreturn]] static void on_terminate() noexcept {
+        detail::GuardState& g = detail::guard_state();
+        if (g.owner.load() == ::getpid()) terminate_children();
+        if (const std::terminate_handler previous = g.previous_terminate.load()) previous();
+        std::abort();
+    }
+};
+
+}  // namespace mproc
