@@ -1,0 +1,375 @@
+// mproc benchmarks — the raw OS limits: what the kernel and the hardware allow with no library at
+// all. Each measures the same thing as the mproc and Python benchmarks it stands beside.
+//
+//   bench_limits pipe_rtt    --size 64 --n 20000 [--pin] [--socket]   write/read echo over two pipes
+//                                                                     (or one socketpair): p50/p90/p99 µs
+//   bench_limits pipe_oneway --size 1048576 --n 512    write(2) -> read(2) over one pipe: MB/s
+//   bench_limits pipe_sweep  --sizes ... --bytes B     pipe_oneway at each size
+//   bench_limits fork_wait   --n 300                   fork(); child _exit(0); waitpid: p50 µs
+//   bench_limits shm_ring    --size 64 --n 200000      SPSC byte ring in MAP_SHARED memory, producer
+//                                                     process -> consumer process: msgs/s, MB/s
+//   bench_limits ring_sweep  --sizes ... --bytes B     shm_ring at each size
+//   bench_limits shm_memcpy  --size 1048576 --bytes B  memcpy into (pre-faulted) shared memory: MB/s
+//   bench_limits idle_read   --ms 1000                 CPU of a child blocked in read(2): %
+//   bench_limits fork_memory                           private memory of an idle forked child: MiB
+//   bench_limits build_info                            nothing (the build-time rows are timed by run.py)
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstddef>
+#include <cstring>
+#include <string>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+
+#include "../common/bench.hpp"
+
+namespace {
+
+void read_full(int fd, void* dst, std::size_t n) {
+    auto* p = static_cast<char*>(dst);
+    while (n > 0) {
+        const ssize_t got = ::read(fd, p, n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) bench::die("read: " + std::string(got == 0 ? "end of file" : std::strerror(errno)));
+        p += got;
+        n -= static_cast<std::size_t>(got);
+    }
+}
+void write_full(int fd, const void* src, std::size_t n) {
+    const auto* p = static_cast<const char*>(src);
+    while (n > 0) {
+        const ssize_t put = ::write(fd, p, n);
+        if (put < 0 && errno == EINTR) continue;
+        if (put <= 0) bench::die("write: " + std::string(std::strerror(errno)));
+        p += put;
+        n -= static_cast<std::size_t>(put);
+    }
+}
+
+pid_t fork_or_die() {
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) bench::die("fork");
+    return pid;
+}
+void reap(pid_t pid) {
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) bench::die("wrong result: child failed");
+}
+
+// ---- pipe ping-pong ------------------------------------------------------------------------
+
+void pipe_rtt(const bench::Args& args) {
+    const auto size = static_cast<std::size_t>(args.num("size", 64));
+    const long long n = args.num("n", 20'000);
+    const long long warm = args.num("warm", 1000);
+    const bool pin = args.flag("pin");
+    const bool socket = args.flag("socket");
+    if (pin) bench::pin_to_cpu(bench::first_allowed_cpu());
+    int to_child[2], to_parent[2];
+    if (socket) {
+        int sv[2];
+        if (::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) bench::die("socketpair");
+        to_child[0] = sv[1];   // the child reads and writes sv[1]
+        to_child[1] = sv[0];   // the parent reads and writes sv[0]
+        to_parent[0] = sv[0];
+        to_parent[1] = sv[1];
+    } else if (::pipe(to_child) != 0 || ::pipe(to_parent) != 0) {
+        bench::die("pipe");
+    }
+    const pid_t pid = fork_or_die();
+    std::vector<char> buf(size);
+    if (pid == 0) {
+        for (long long i = 0; i < warm + n; ++i) {
+            read_full(to_child[0], buf.data(), size);
+            write_full(to_parent[1], buf.data(), size);
+        }
+        ::_exit(0);
+    }
+    std::vector<std::int64_t> lat;
+    lat.reserve(static_cast<std::size_t>(n));
+    std::vector<char> back(size);
+    for (long long i = 0; i < warm + n; ++i) {
+        bench::stamp(buf.data(), size, static_cast<std::uint64_t>(i));
+        const std::int64_t t0 = bench::now_ns();
+        write_full(to_child[1], buf.data(), size);
+        read_full(to_parent[0], back.data(), size);
+        const std::int64_t t1 = bench::now_ns();
+        if (!bench::stamp_matches(back.data(), size, static_cast<std::uint64_t>(i))) bench::die("wrong result: echo");
+        if (i >= warm) lat.push_back(t1 - t0);
+    }
+    reap(pid);
+    std::string op = pin ? "pipe_rtt_pinned" : "pipe_rtt";
+    if (socket) op += "_socketpair";
+    bench::latency_record(op, "limit", lat).set("size", static_cast<double>(size)).print();
+}
+
+// ---- pipe one-way ----------------------------------------------------------------------------
+
+void pipe_oneway(const std::string& op, std::size_t size, long long n) {
+    int fds[2];
+    if (::pipe(fds) != 0) bench::die("pipe");
+    const pid_t pid = fork_or_die();
+    std::vector<char> buf(size, 'x');
+    if (pid == 0) {
+        ::close(fds[0]);
+        for (long long i = 0; i <= n; ++i) {
+            bench::stamp(buf.data(), size, static_cast<std::uint64_t>(i));
+            write_full(fds[1], buf.data(), size);
+        }
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    read_full(fds[0], buf.data(), size);
+    const std::int64_t t0 = bench::now_ns();
+    for (long long i = 1; i <= n; ++i) {
+        read_full(fds[0], buf.data(), size);
+        if (!bench::stamp_matches(buf.data(), size, static_cast<std::uint64_t>(i))) bench::die("wrong result: message");
+    }
+    const double s = bench::seconds_since(t0);
+    ::close(fds[0]);
+    reap(pid);
+    const double bytes = static_cast<double>(size) * static_cast<double>(n);
+    bench::Record(op, "limit", bytes / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(n))
+        .set("seconds", s)
+        .set("msgs_per_s", static_cast<double>(n) / s)
+        .print();
+}
+
+// ---- fork + waitpid --------------------------------------------------------------------------
+
+void fork_wait(const bench::Args& args) {
+    const long long n = args.num("n", 300);
+    const long long warm = args.num("warm", 20);
+    std::vector<std::int64_t> lat;
+    for (long long i = 0; i < warm + n; ++i) {
+        const std::int64_t t0 = bench::now_ns();
+        const pid_t pid = ::fork();
+        if (pid < 0) bench::die("fork");
+        if (pid == 0) ::_exit(0);
+        reap(pid);
+        const std::int64_t t1 = bench::now_ns();
+        if (i >= warm) lat.push_back(t1 - t0);
+    }
+    bench::latency_record("process_start_join", "limit", lat).print();
+}
+
+// ---- SPSC ring in shared memory ----------------------------------------------------------------
+
+/// A single-producer single-consumer byte ring: each message is an 8-byte length then its bytes,
+/// streamed through in pieces when it is larger than the ring. Indices only grow; each side
+/// caches the other's index and reads it again only when it must wait. Waiting spins briefly,
+/// then yields the CPU (this is the hardware's limit, not a design for idle waiting).
+struct alignas(64) Ring {
+    static constexpr std::size_t capacity = 4u << 20;  // a power of two
+    alignas(64) std::atomic<std::uint64_t> head{0};    // bytes written (producer)
+    alignas(64) std::atomic<std::uint64_t> tail{0};    // bytes read (consumer)
+    alignas(64) char data[capacity];
+};
+
+inline void wait_a_little(unsigned& spins) {
+    if (++spins < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    } else {
+        ::sched_yield();
+    }
+}
+
+class RingWriter {
+public:
+    explicit RingWriter(Ring& r) : r_(r) {}
+    void write(const char* src, std::size_t n) {
+        while (n > 0) {
+            unsigned spins = 0;
+            while (head_ - tail_cache_ == Ring::capacity) {
+                tail_cache_ = r_.tail.load(std::memory_order_acquire);
+                if (head_ - tail_cache_ == Ring::capacity) wait_a_little(spins);
+            }
+            const std::size_t room = Ring::capacity - static_cast<std::size_t>(head_ - tail_cache_);
+            const std::size_t at = static_cast<std::size_t>(head_ & (Ring::capacity - 1));
+            const std::size_t piece = std::min({n, room, Ring::capacity - at});
+            std::memcpy(r_.data + at, src, piece);
+            head_ += piece;
+            src += piece;
+            n -= piece;
+            if (n > 0) r_.head.store(head_, std::memory_order_release);  // let a long message stream
+        }
+    }
+    void publish() { r_.head.store(head_, std::memory_order_release); }
+
+private:
+    Ring& r_;
+    std::uint64_t head_ = 0;
+    std::uint64_t tail_cache_ = 0;
+};
+
+class RingReader {
+public:
+    explicit RingReader(Ring& r) : r_(r) {}
+    void read(char* dst, std::size_t n) {
+        while (n > 0) {
+            unsigned spins = 0;
+            while (head_cache_ == tail_) {
+                head_cache_ = r_.head.load(std::memory_order_acquire);
+                if (head_cache_ == tail_) wait_a_little(spins);
+            }
+            const std::size_t avail = static_cast<std::size_t>(head_cache_ - tail_);
+            const std::size_t at = static_cast<std::size_t>(tail_ & (Ring::capacity - 1));
+            const std::size_t piece = std::min({n, avail, Ring::capacity - at});
+            std::memcpy(dst, r_.data + at, piece);
+            tail_ += piece;
+            dst += piece;
+            n -= piece;
+            r_.tail.store(tail_, std::memory_order_release);
+        }
+    }
+
+private:
+    Ring& r_;
+    std::uint64_t tail_ = 0;
+    std::uint64_t head_cache_ = 0;
+};
+
+Ring* map_ring() {
+    void* p = ::mmap(nullptr, sizeof(Ring), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) bench::die("mmap");
+    return new (p) Ring();
+}
+
+void shm_ring(const std::string& op, std::size_t size, long long n) {
+    Ring* ring = map_ring();
+    const pid_t pid = fork_or_die();
+    if (pid == 0) {
+        RingWriter w(*ring);
+        std::vector<char> msg(size, 'x');
+        for (long long i = 0; i <= n; ++i) {
+            bench::stamp(msg.data(), size, static_cast<std::uint64_t>(i));
+            const std::uint64_t len = size;
+            w.write(reinterpret_cast<const char*>(&len), sizeof len);
+            w.write(msg.data(), size);
+            w.publish();  // every message is visible on its own, as a queue's must be
+        }
+        ::_exit(0);
+    }
+    RingReader r(*ring);
+    std::vector<char> msg(size);
+    auto receive = [&](long long i) {
+        std::uint64_t len = 0;
+        r.read(reinterpret_cast<char*>(&len), sizeof len);
+        if (len != size) bench::die("wrong result: ring length");
+        r.read(msg.data(), size);
+        if (!bench::stamp_matches(msg.data(), size, static_cast<std::uint64_t>(i))) bench::die("wrong result: ring message");
+    };
+    receive(0);
+    const std::int64_t t0 = bench::now_ns();
+    for (long long i = 1; i <= n; ++i) receive(i);
+    const double s = bench::seconds_since(t0);
+    reap(pid);
+    ::munmap(ring, sizeof(Ring));
+    const double bytes = static_cast<double>(size) * static_cast<double>(n);
+    bench::Record(op, "limit", bytes / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(n))
+        .set("seconds", s)
+        .set("msgs_per_s", static_cast<double>(n) / s)
+        .print();
+}
+
+// ---- memcpy into shared memory ---------------------------------------------------------------
+
+void shm_memcpy(const bench::Args& args) {
+    const auto size = static_cast<std::size_t>(args.num("size", 1 << 20));
+    const long long total = args.num("bytes", 1LL << 30);
+    const std::size_t slots = 16;  // larger than the last-level cache, so the copies reach memory
+    auto* shm = static_cast<char*>(
+        ::mmap(nullptr, size * slots, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+    if (shm == MAP_FAILED) bench::die("mmap");
+    std::memset(shm, 0, size * slots);  // fault the pages in first
+    std::vector<char> src(size, 'x');
+    const long long n = std::max(1LL, total / static_cast<long long>(size));
+    const std::int64_t t0 = bench::now_ns();
+    for (long long i = 0; i < n; ++i) {
+        src[0] = static_cast<char>(i);
+        std::memcpy(shm + static_cast<std::size_t>(i % static_cast<long long>(slots)) * size, src.data(), size);
+    }
+    const double s = bench::seconds_since(t0);
+    bench::check(shm[static_cast<std::size_t>((n - 1) % static_cast<long long>(slots)) * size] == static_cast<char>(n - 1),
+                 "memcpy landed");
+    ::munmap(shm, size * slots);
+    bench::Record("shm_memcpy", "limit", static_cast<double>(size) * static_cast<double>(n) / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(n))
+        .set("seconds", s)
+        .print();
+}
+
+// ---- idle and memory floors ------------------------------------------------------------------
+
+void idle_read(const bench::Args& args) {
+    int fds[2];
+    if (::pipe(fds) != 0) bench::die("pipe");
+    const pid_t pid = fork_or_die();
+    if (pid == 0) {
+        ::close(fds[1]);
+        char c;
+        const ssize_t got = ::read(fds[0], &c, 1);
+        ::_exit(got == 1 ? 0 : 3);
+    }
+    ::close(fds[0]);
+    bench::sleep_s(0.2);
+    const std::string op = args.str("as", "idle_read");
+    bench::idle_record(op, "limit", {pid}, static_cast<double>(args.num("ms", 1000)) / 1000.0);
+    write_full(fds[1], "s", 1);
+    reap(pid);
+}
+
+void fork_memory(const bench::Args& args) {
+    int fds[2];
+    if (::pipe(fds) != 0) bench::die("pipe");
+    const pid_t pid = fork_or_die();
+    if (pid == 0) {
+        ::close(fds[1]);
+        char c;
+        const ssize_t got = ::read(fds[0], &c, 1);
+        ::_exit(got == 1 ? 0 : 3);
+    }
+    ::close(fds[0]);
+    bench::sleep_s(static_cast<double>(args.num("settle_ms", 300)) / 1000.0);
+    const double mib = static_cast<double>(bench::private_kib(pid)) / 1024.0;
+    write_full(fds[1], "s", 1);
+    reap(pid);
+    bench::Record("pool_worker_memory", "limit", mib, "MiB").print();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bench::Args args(argc, argv);
+    const std::string& op = args.op();
+    const long long budget = args.num("bytes", 64LL << 20);
+    const std::vector<long long> sizes = args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20});
+    if (op == "pipe_rtt") pipe_rtt(args);
+    else if (op == "pipe_oneway") pipe_oneway("pipe_oneway", static_cast<std::size_t>(args.num("size", 1 << 20)), args.num("n", 512));
+    else if (op == "pipe_sweep") {
+        for (long long size : sizes)
+            pipe_oneway("pipe_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
+    } else if (op == "fork_wait") fork_wait(args);
+    else if (op == "shm_ring") shm_ring("queue_tput", static_cast<std::size_t>(args.num("size", 64)), args.num("n", 200'000));
+    else if (op == "ring_sweep") {
+        for (long long size : sizes)
+            shm_ring("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
+    } else if (op == "shm_memcpy") shm_memcpy(args);
+    else if (op == "idle_read") idle_read(args);
+    else if (op == "fork_memory") fork_memory(args);
+    else bench::die("unknown operation " + op);
+    return 0;
+}

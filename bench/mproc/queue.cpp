@@ -1,0 +1,82 @@
+// mproc benchmarks — Queue. Twin: bench/python/queue_bench.py.
+//
+//   bench_mproc_queue tput  --size 64 --n 200000      1 producer process -> 1 consumer (this process): msgs/s, MB/s
+//   bench_mproc_queue sweep --sizes 64,...,4194304 --bytes 67108864    tput at each size
+//   bench_mproc_queue idle  --ms 1000                 CPU of a consumer blocked on an empty Queue: %
+//
+// The producer builds each message afresh (a std::string of `size` bytes carrying its sequence
+// number), as the Python twin builds a bytes object; the consumer checks every one. The producer
+// puts n + 1 messages; the clock starts when the first arrives, so process start-up is not timed.
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include <mproc/mproc.hpp>
+#include <mproc/queue.hpp>
+
+#include "../common/bench.hpp"
+
+namespace {
+
+void tput(const std::string& op, std::size_t size, long long n) {
+    mproc::Queue<std::string> q;
+    mproc::Process producer([q, size, n]() mutable {
+        for (long long i = 0; i <= n; ++i) {
+            std::string m(size, 'x');
+            bench::stamp(m.data(), size, static_cast<std::uint64_t>(i));
+            q.put(m);
+        }
+    });
+    producer.start();
+    const std::string first = q.get();
+    bench::check(first.size() == size, "first message size");
+    const std::int64_t t0 = bench::now_ns();
+    for (long long i = 1; i <= n; ++i) {
+        const std::string m = q.get();
+        if (m.size() != size || !bench::stamp_matches(m.data(), size, static_cast<std::uint64_t>(i)))
+            bench::die("wrong result: message " + std::to_string(i) + " of " + std::to_string(size) + " B");
+    }
+    const double s = bench::seconds_since(t0);
+    producer.join();
+    bench::check(producer.exitcode() == 0, "producer exit code");
+    const double bytes = static_cast<double>(size) * static_cast<double>(n);
+    bench::Record(op, "mproc", bytes / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(n))
+        .set("seconds", s)
+        .set("msgs_per_s", static_cast<double>(n) / s)
+        .print();
+}
+
+void idle(const bench::Args& args) {
+    mproc::Queue<std::string> q;
+    mproc::Process consumer([q]() mutable {
+        const std::string m = q.get();  // blocks: nothing is put until the measurement is over
+        if (m != "stop") std::_Exit(3);
+    });
+    consumer.start();
+    bench::sleep_s(0.2);
+    bench::idle_record("idle_queue_consumer", "mproc", {consumer.pid()}, static_cast<double>(args.num("ms", 1000)) / 1000.0);
+    q.put("stop");
+    consumer.join();
+    bench::check(consumer.exitcode() == 0, "consumer exit code");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bench::Args args(argc, argv);
+    const std::string& op = args.op();
+    try {
+        if (op == "tput") tput("queue_tput", static_cast<std::size_t>(args.num("size", 64)), args.num("n", 200'000));
+        else if (op == "sweep") {
+            const long long budget = args.num("bytes", 64LL << 20);
+            for (long long size : args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20}))
+                tput("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
+        } else if (op == "idle") idle(args);
+        else bench::die("unknown operation " + op);
+    } catch (const std::exception& e) {
+        bench::die(op + ": " + e.what());
+    }
+    return 0;
+}
