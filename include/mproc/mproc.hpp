@@ -1,4 +1,5 @@
 // mproc — Python's multiprocessing for C++20. This header brings in every part.
+// (<mproc/mpi.hpp>, the Pool over MPI, is separate: it needs MPI, which the rest never does.)
 #pragma once
 
 #include "errors.hpp"
@@ -9,3 +10,6 @@
 #include "async_result.hpp"
 #include "pool.hpp"
 #include "progress.hpp"
+#include "queue.hpp"
+#include "shared_dict.hpp"
+#include "sync.hpp"

@@ -422,7 +422,7 @@ private:
 };
 
 namespace detail {
-template <class T> struct ValueState {
+template <class T> struct SharedValueState {
     ObjectHeader header;
     LockState lock;       // get_lock()
     RobustMutex access;   // guards `value` when T has no lock-free atomics
@@ -436,7 +436,7 @@ template <class T>
 class Value {
     static_assert(std::is_trivially_copyable_v<T>, "mproc::Value<T>: T must be trivially copyable");
     static constexpr bool lock_free = std::atomic_ref<T>::is_always_lock_free;
-    using State = detail::ValueState<T>;
+    using State = detail::SharedValueState<T>;
 
 public:
     explicit Value(T initial = T{}) {
