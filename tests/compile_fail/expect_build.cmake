@@ -1,8 +1,9 @@
-# cmake -DBUILD_DIR=<dir> -DTARGET=<target> -DEXPECT=<success|failure> [-DTYPE_REGEX=<regex>] -P expect_build.cmake
+# cmake -DBUILD_DIR=<dir> -DTARGET=<target> -DEXPECT=<success|failure> [-DTYPE_REGEX=<regex>]
+#       [-DDIAGNOSTIC=<text>] -P expect_build.cmake
 #
 # Builds one target. EXPECT=success: the build must succeed. EXPECT=failure: the build must fail,
-# and its output must contain mproc's "cannot be serialised" diagnostic and match TYPE_REGEX (the
-# name of the rejected type).
+# and its output must contain mproc's diagnostic (DIAGNOSTIC, by default "cannot be serialised")
+# and match TYPE_REGEX (the name of the rejected type).
 foreach(var BUILD_DIR TARGET EXPECT)
     if(NOT DEFINED ${var})
         message(FATAL_ERROR "expect_build.cmake: ${var} is not set")
@@ -26,8 +27,12 @@ endif()
 if(result EQUAL 0)
     message(FATAL_ERROR "${TARGET} compiled, but it must be rejected at compile time")
 endif()
-if(NOT output MATCHES "cannot be serialised")
-    message(FATAL_ERROR "${TARGET} failed to compile without the \"cannot be serialised\" diagnostic:\n${output}")
+if(NOT DEFINED DIAGNOSTIC)
+    set(DIAGNOSTIC "cannot be serialised")
+endif()
+string(FIND "${output}" "${DIAGNOSTIC}" at)
+if(at EQUAL -1)
+    message(FATAL_ERROR "${TARGET} failed to compile without the \"${DIAGNOSTIC}\" diagnostic:\n${output}")
 endif()
 if(NOT output MATCHES "${TYPE_REGEX}")
     message(FATAL_ERROR "${TARGET}'s diagnostic does not name the type (/${TYPE_REGEX}/):\n${output}")
