@@ -153,15 +153,7 @@ private:
             target_->run();
             return 0;
         } catch (...) {
-            const std::string type = detail::current_exception_type_name();
-            std::string what;
-            try {
-                throw;
-            } catch (const std::exception& e) {
-                what = e.what();
-            } catch (...) {
-            }
-            std::fprintf(stderr, "Process %s: %s: %s\n", name_.c_str(), type.c_str(), what.c_str());
+            std::fprintf(stderr, "Process %s: %s\n", name_.c_str(), detail::describe_current_exception().c_str());
             return 1;
         }
     }

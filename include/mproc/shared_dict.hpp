@@ -434,19 +434,7 @@ public:
         if (auto v = get(key)) return std::move(*v);
         throw_key_error(key);
     }
-    std::optional<V> get(const K& key) const {
-        const Buffer k = encode(key);
-        Buffer value;
-        {
-            detail::ByteDict d(ref_);
-            auto guard = d.lock();
-            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
-            if (slot == detail::ByteDict::npos) return std::nullopt;
-            const auto bytes = d.value_at(slot);
-            value.append(bytes.data(), bytes.size());
-        }
-        return decode<V>(value.bytes());
-    }
+    std::optional<V> get(const K& key) const { return copy_out(key, false); }
     V get(const K& key, const V& default_value) const {
         if (auto v = get(key)) return std::move(*v);
         return default_value;
@@ -480,20 +468,7 @@ public:
     }
 
     /// Removes `key` and returns its value, if it was there.
-    std::optional<V> pop(const K& key) {
-        const Buffer k = encode(key);
-        Buffer value;
-        {
-            detail::ByteDict d(ref_);
-            auto guard = d.lock();
-            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
-            if (slot == detail::ByteDict::npos) return std::nullopt;
-            const auto bytes = d.value_at(slot);
-            value.append(bytes.data(), bytes.size());
-            d.erase_at(slot);
-        }
-        return decode<V>(value.bytes());
-    }
+    std::optional<V> pop(const K& key) { return copy_out(key, true); }
 
     /// Atomically replaces the value of `key` with fn(old) — old is nullopt when absent — and
     /// returns it. fn runs under the dict's lock; if it throws, nothing changes.
@@ -560,6 +535,23 @@ public:
     }
 
 private:
+    /// The value of `key` (removed from the dict when `remove`), copied out under the lock and
+    /// decoded after it, so a slow decode never holds up other processes.
+    std::optional<V> copy_out(const K& key, bool remove) const {
+        const Buffer k = encode(key);
+        Buffer value;
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
+            if (slot == detail::ByteDict::npos) return std::nullopt;
+            const auto bytes = d.value_at(slot);
+            value.append(bytes.data(), bytes.size());
+            if (remove) d.erase_at(slot);
+        }
+        return decode<V>(value.bytes());
+    }
+
     static Buffer encode(const auto& value) {
         Buffer out;
         encode_into(out, value);

@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cxxabi.h>
+#include <exception>
 #include <memory>
 #include <string>
 #include <typeinfo>
@@ -20,6 +21,19 @@ inline std::string demangle(const char* mangled) {
 inline std::string current_exception_type_name() {
     const std::type_info* type = abi::__cxa_current_exception_type();
     return type ? demangle(type->name()) : std::string("unknown exception");
+}
+
+/// "<type>: <what()>" of the exception being handled (call inside a catch block); what() is empty
+/// for a type that is not a std::exception.
+inline std::string describe_current_exception() {
+    std::string text = current_exception_type_name() + ": ";
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        text += e.what();
+    } catch (...) {
+    }
+    return text;
 }
 
 }  // namespace mproc::detail
