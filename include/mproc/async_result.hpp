@@ -54,15 +54,7 @@ std::exception_ptr read_outcome(Reader& in, Store&& store) {
 /// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
 /// could catch it. The AsyncResult's get() rethrows it too.
 inline void report_callback_exception(const char* which) {
-    const std::string type = current_exception_type_name();
-    std::string what;
-    try {
-        throw;
-    } catch (const std::exception& e) {
-        what = e.what();
-    } catch (...) {
-    }
-    std::fprintf(stderr, "mproc: a Pool %s threw %s: %s\n", which, type.c_str(), what.c_str());
+    std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
 }
 
 /// What an AsyncResult<T> asks of its shared state.
