@@ -85,3 +85,47 @@ constexpr bool under_sanitizer() {
 }
 
 }  // namespace mproc_test
+
+// ---- Looking inside shared objects (for the robustness and leak tests) ------------------------
+
+#include <cstddef>
+#include <pthread.h>
+#include <stdexcept>
+#include <tuple>
+#include <vector>
+
+#include <mproc/detail/robust_mutex.hpp>
+#include <mproc/detail/shm_registry.hpp>
+#include <mproc/serialize.hpp>
+
+namespace mproc_test {
+
+/// Where the shared object behind `handle` lives in this process: a handle encodes as
+/// (segment id, offset), and the registry maps the id to this process's mapping.
+template <class Handle> std::byte* object_address(const Handle& handle) {
+    const auto bytes = mproc::to_bytes(handle);
+    const auto [id, offset] = mproc::from_bytes<std::tuple<std::uint64_t, std::uint64_t>>(bytes);
+    const auto segment = mproc::detail::segments().find(id);
+    if (!segment) throw std::runtime_error("object_address: segment not mapped here");
+    return segment->base() + offset;
+}
+
+/// True when the last holder of `mutex` died holding it and no one has locked it since: the
+/// kernel marks the futex word FUTEX_OWNER_DIED when it walks a dead thread's robust list.
+/// (glibc keeps that word in __data.__lock; a RobustMutex is a pthread_mutex_t and nothing else.)
+inline bool died_holding(const mproc::detail::RobustMutex& mutex) {
+    static_assert(sizeof(mproc::detail::RobustMutex) == sizeof(pthread_mutex_t));
+    const auto* raw = reinterpret_cast<const pthread_mutex_t*>(&mutex);
+    return (__atomic_load_n(&raw->__data.__lock, __ATOMIC_ACQUIRE) & 0x40000000) != 0;
+}
+
+/// The lines of /proc/<pid>/maps that contain `needle`.
+inline std::vector<std::string> maps_lines(pid_t pid, const std::string& needle) {
+    std::vector<std::string> found;
+    std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
+    for (std::string line; std::getline(maps, line);)
+        if (line.find(needle) != std::string::npos) found.push_back(line);
+    return found;
+}
+
+}  // namespace mproc_test

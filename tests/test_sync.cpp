@@ -2,7 +2,10 @@
 // timeouts, robustness against a holder killed by SIGKILL, and handles crossing processes.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
+#include <mproc/pool.hpp>
 #include <mproc/process.hpp>
+#include <mproc/queue.hpp>
+#include <mproc/shared_dict.hpp>
 #include <mproc/sync.hpp>
 
 #include <atomic>
@@ -10,8 +13,10 @@
 #include <csignal>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <sys/socket.h>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "shm_support.hpp"
@@ -519,4 +524,378 @@ TEST_CASE("Threads of one process share the primitives too") {
     for (auto& t : threads) t.join();
     CHECK(counter.load() == 20000);
     CHECK(plain[0] == 20000);
+}
+
+// ---- Pool tasks, timeouts, idle waiters and leaks ---------------------------------------------
+
+namespace {
+
+bool probe_lock(mproc::Lock lock) {
+    const bool got = lock.acquire(100ms);
+    if (got) lock.release();
+    return got;
+}
+bool probe_rlock(mproc::RLock lock) {
+    const bool got = lock.acquire(100ms);
+    if (got) lock.release();
+    return got;
+}
+long add_under_lock(mproc::Lock lock, mproc::Value<long> total, mproc::Array<int> marks, int i) {
+    std::lock_guard guard(lock);
+    marks[static_cast<std::size_t>(i)] = i + 1;
+    return total += 1;
+}
+void release_unit(mproc::Semaphore sem) { sem.release(); }
+void set_event(mproc::Event ev) { ev.set(); }
+bool wait_event(mproc::Event ev) { return ev.wait(60s); }
+std::size_t meet(mproc::Barrier barrier) { return barrier.wait(60s); }
+long first_element(mproc::Array<long> arr) { return arr[0]; }
+
+/// Seconds `call` took (for lower bounds on timeouts only: a wait must not end early).
+template <class Call> double seconds_taken(Call&& call) {
+    const auto start = std::chrono::steady_clock::now();
+    call();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+TEST_CASE("Pool tasks get handles to the same Lock, RLock, Semaphore, Event, Barrier, Value and Array") {
+    mproc::Lock lock;
+    mproc::RLock rlock;
+    mproc::Semaphore sem(0);
+    mproc::Event ev, ev2;
+    mproc::Barrier barrier(3);
+    mproc::Value<long> total(0);
+    mproc::Array<int> marks(200);
+    mproc::Pool pool(2);
+
+    // The worker's Lock is the parent's: held here, it cannot take it; released, it can.
+    lock.acquire();
+    CHECK_FALSE(pool.apply(probe_lock, lock));
+    lock.release();
+    CHECK(pool.apply(probe_lock, lock));
+    rlock.acquire();
+    rlock.acquire();
+    CHECK_FALSE(pool.apply(probe_rlock, rlock));
+    rlock.release();
+    rlock.release();
+    CHECK(pool.apply(probe_rlock, rlock));
+
+    // Value and Array: every task's update lands in the parent's memory.
+    std::vector<std::tuple<mproc::Lock, mproc::Value<long>, mproc::Array<int>, int>> args;
+    for (int i = 0; i < 200; ++i) args.emplace_back(lock, total, marks, i);
+    const auto returned = pool.starmap(add_under_lock, args, 7);
+    CHECK(total.load() == 200);
+    for (int i = 0; i < 200; ++i) REQUIRE(marks[static_cast<std::size_t>(i)] == i + 1);
+    CHECK(std::set<long>(returned.begin(), returned.end()).size() == 200);  // each += saw its own total
+
+    // Semaphore and Event, both ways.
+    auto released = pool.apply_async(release_unit, std::tuple{sem});
+    CHECK(sem.acquire(60s));
+    released.get();
+    pool.apply(set_event, ev2);
+    CHECK(ev2.is_set());
+    auto waiting = pool.apply_async(wait_event, std::tuple{ev});
+    std::this_thread::sleep_for(50ms);
+    CHECK_FALSE(waiting.ready());
+    ev.set();
+    CHECK(waiting.get(60s));
+
+    // Barrier: two workers and the parent meet at the same barrier.
+    auto a = pool.apply_async(meet, std::tuple{barrier});
+    auto b = pool.apply_async(meet, std::tuple{barrier});
+    const std::size_t mine = barrier.wait(60s);
+    CHECK(mine + a.get(60s) + b.get(60s) == 0 + 1 + 2);
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("An object created after the Pool: its tasks fail with an mproc::Error saying to create it before the Pool") {
+    mproc::Array<long> early(100000);
+    early[0] = 3;
+    mproc::Pool pool(2);
+    // Big enough for a segment of its own, which the workers (forked with the pool) never had.
+    mproc::Array<long> late(100000);
+    late[0] = 5;
+    try {
+        (void)pool.apply(first_element, late);
+        FAIL("a task used shared memory created after its worker was forked");
+    } catch (const mproc::Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("create it before the Pool"));
+    }
+    std::vector<mproc::Array<long>> many(10, late);
+    CHECK_THROWS_WITH(pool.map(first_element, many), Catch::Contains("create it before the Pool"));
+    // Small objects share 1 MiB chunks: one made after the pool may land in a chunk its workers
+    // already map (then it simply works) or in a new one (then the same clear error). Never a
+    // different lock, a hang or a crash.
+    mproc::Lock small;
+    small.acquire();
+    try {
+        CHECK_FALSE(pool.apply(probe_lock, small));  // it works: the worker sees it held
+    } catch (const mproc::Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("create it before the Pool"));
+    }
+    small.release();
+    // The pool goes on.
+    mproc::Array<long> early_in_new_pool(100000);
+    early_in_new_pool[0] = 9;
+    mproc::Pool second(1);
+    CHECK(second.apply(first_element, early_in_new_pool) == 9);
+    second.close();
+    second.join();
+    CHECK(pool.apply(first_element, early) == 3);
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Timed waits across processes: each gives up no sooner than asked, and succeeds when the other side acts in time") {
+    mproc::Lock lock;
+    mproc::RLock rlock;
+    mproc::Semaphore sem(2);
+    mproc::Value<long> value(0);
+    mproc::Array<int> arr(4);
+    mproc::Event held, done, never;
+    mproc::Process holder([&] {
+        lock.acquire();
+        rlock.acquire();
+        rlock.acquire();
+        sem.acquire();
+        sem.acquire();
+        value.get_lock().acquire();
+        arr.get_lock().acquire();
+        held.set();
+        done.wait(60s);
+        arr.get_lock().release();
+        value.get_lock().release();
+        sem.release(2);
+        rlock.release();
+        rlock.release();
+        std::this_thread::sleep_for(100ms);  // the parent's lock.acquire(30s) starts waiting first
+        lock.release();
+    });
+    holder.start();
+    REQUIRE(held.wait(60s));
+    constexpr double asked = 0.2, at_least = asked * 0.95;  // the 5% is clock-rounding slack only
+    const auto timeout = mproc::Seconds{asked};
+    double took = 0;
+    took = seconds_taken([&] { CHECK_FALSE(lock.acquire(timeout)); });
+    CHECK(took >= at_least);
+    took = seconds_taken([&] { CHECK_FALSE(rlock.acquire(timeout)); });
+    CHECK(took >= at_least);
+    took = seconds_taken([&] { CHECK_FALSE(sem.acquire(timeout)); });
+    CHECK(took >= at_least);
+    took = seconds_taken([&] { CHECK_FALSE(value.get_lock().acquire(timeout)); });
+    CHECK(took >= at_least);
+    took = seconds_taken([&] { CHECK_FALSE(arr.get_lock().acquire(timeout)); });
+    CHECK(took >= at_least);
+    took = seconds_taken([&] { CHECK_FALSE(never.wait(timeout)); });
+    CHECK(took >= at_least);
+    {
+        std::unique_lock timed(lock, std::chrono::milliseconds(200));  // TimedLockable
+        CHECK_FALSE(timed.owns_lock());
+    }
+    // A zero timeout is a try: no wait at all is needed to say no.
+    CHECK_FALSE(lock.acquire(0s));
+    CHECK_FALSE(sem.acquire(0s));
+    CHECK_FALSE(never.wait(0s));
+    mproc::Barrier alone(2);
+    took = seconds_taken([&] { CHECK_THROWS_AS(alone.wait(timeout), mproc::TimeoutError); });
+    CHECK(took >= at_least);
+    CHECK(alone.n_waiting() == 0);  // it withdrew
+
+    // Now the holder lets go while we wait: the waits succeed well within their timeouts.
+    done.set();
+    CHECK(lock.acquire(30s));
+    CHECK_FALSE(lock.owner_died());
+    lock.release();
+    CHECK(rlock.acquire(30s));
+    rlock.release();
+    CHECK(sem.acquire(30s));
+    CHECK(sem.acquire(30s));
+    CHECK(value.get_lock().acquire(30s));
+    value.get_lock().release();
+    REQUIRE(holder.join(60s));
+    CHECK(holder.exitcode() == 0);
+
+    // A party that arrives late, but within the other's timeout, passes the barrier with it.
+    mproc::Process late([&] {
+        std::this_thread::sleep_for(100ms);
+        alone.wait(30s);
+    });
+    late.start();
+    CHECK_NOTHROW(alone.wait(30s));
+    REQUIRE(late.join(60s));
+    CHECK(late.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("The locks of Value and Array, and an RLock held twice, survive a holder killed by SIGKILL") {
+    mproc::Value<long> value(1);
+    mproc::Array<int> arr(8);
+    mproc::RLock rlock;
+    mproc::Event held;
+    mproc::Process holder([&] {
+        value.get_lock().acquire();
+        arr.get_lock().acquire();
+        rlock.acquire();
+        rlock.acquire();
+        value += 1;  // the atomic += needs no lock, and is not blocked by it
+        held.set();
+        while (true) ::pause();
+    });
+    holder.start();
+    REQUIRE(held.wait(60s));
+    CHECK(value.load() == 2);
+    holder.kill();
+    REQUIRE(holder.join(60s));
+    CHECK(holder.exitcode() == -SIGKILL);
+    for (mproc::Lock* l : {&value.get_lock(), &arr.get_lock()}) {
+        REQUIRE(l->acquire(10s));
+        CHECK(l->owner_died());
+        l->release();
+        CHECK_FALSE(l->owner_died());
+    }
+    REQUIRE(rlock.acquire(10s));
+    CHECK(rlock.owner_died());
+    rlock.release();  // the dead holder's two holds went with it: one release frees it
+    CHECK_THROWS_AS(rlock.release(), mproc::Error);
+    mproc::Process other([&] { std::_Exit(rlock.acquire(10s) ? 0 : 1); });
+    other.start();
+    REQUIRE(other.join(60s));
+    CHECK(other.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Processes blocked in Lock, RLock, Semaphore, Event, Barrier and get_lock use no CPU while they wait") {
+    mproc::Lock lock;
+    mproc::RLock rlock;
+    mproc::Semaphore sem(0);
+    mproc::Event ev;
+    mproc::Barrier barrier(2);
+    mproc::Value<long> value(0);
+    mproc::Semaphore ready(0);
+    lock.acquire();
+    rlock.acquire();
+    value.get_lock().acquire();
+    std::vector<mproc::Process> waiters;
+    waiters.emplace_back([&] {
+        ready.release();
+        std::_Exit(lock.acquire() ? 0 : 1);
+    });
+    waiters.emplace_back([&] {
+        ready.release();
+        std::_Exit(rlock.acquire() ? 0 : 1);
+    });
+    waiters.emplace_back([&] {
+        ready.release();
+        std::_Exit(sem.acquire() ? 0 : 1);
+    });
+    waiters.emplace_back([&] {
+        ready.release();
+        std::_Exit(ev.wait() ? 0 : 1);
+    });
+    waiters.emplace_back([&] {
+        ready.release();
+        barrier.wait();
+    });
+    waiters.emplace_back([&] {
+        ready.release();
+        std::_Exit(value.get_lock().acquire() ? 0 : 1);
+    });
+    for (auto& w : waiters) w.start();
+    for (std::size_t i = 0; i < waiters.size(); ++i) REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);  // let them reach their waits
+    std::vector<long> before;
+    for (auto& w : waiters) before.push_back(mproc_test::cpu_ticks(w.pid()));
+    std::this_thread::sleep_for(1s);
+    for (std::size_t i = 0; i < waiters.size(); ++i) {
+        const long used = mproc_test::cpu_ticks(waiters[i].pid()) - before[i];
+        INFO("waiter " << i << " used " << used << " ticks over an idle second");
+        // A waiter that spun would use about 100 ticks; one that re-checks once a second, ~0.
+        CHECK(used <= 10);
+        CHECK(waiters[i].is_alive());  // still waiting: nothing let it through early
+    }
+    lock.release();
+    rlock.release();
+    value.get_lock().release();
+    sem.release();
+    ev.set();
+    barrier.wait(60s);
+    for (auto& w : waiters) {
+        REQUIRE(w.join(60s));
+        CHECK(w.exitcode() == 0);
+    }
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: every shared object is a memfd, freed with its last handle") {
+    const auto shm_before = mproc_test::dev_shm_names();
+    const pid_t me = ::getpid();
+    const std::size_t queues_before = mproc_test::maps_lines(me, "memfd:mproc-queue").size();
+    const std::size_t dicts_before = mproc_test::maps_lines(me, "memfd:mproc-dict").size();
+    {
+        mproc::Lock lock;
+        mproc::Value<long> value(0);
+        mproc::Array<double> big(1 << 18);
+        mproc::Event ready;
+        mproc::Queue<std::string> q({.buffer_bytes = 1 << 20});
+        mproc::SharedDict<std::string, long> d;
+        d["n"] = 0;
+        mproc::Pool pool(2);
+        CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before + 1);
+        CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before + 1);
+        for (int round = 0; round < 5; ++round) {
+            mproc::Event inside;
+            mproc::Process victim([&] {
+                q.put(std::string(3 << 20, 'x'));  // streams: blocks on the full ring, claim held
+            });
+            mproc::Process holder([&] {
+                lock.acquire();
+                value.get_lock().acquire();
+                d.update("n", [&](std::optional<long> n) {
+                    inside.set();
+                    while (true) ::pause();
+                    return n.value_or(0);
+                });
+            });
+            victim.start();
+            holder.start();
+            REQUIRE(inside.wait(60s));
+            REQUIRE(eventually([&] { return q.qsize() == 1; }));
+            // Every mproc mapping of a child is a memfd (or anonymous); none is a /dev/shm file.
+            for (const pid_t pid : {victim.pid(), holder.pid()}) {
+                CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
+                const auto ours = mproc_test::maps_lines(pid, "mproc-");
+                CHECK_FALSE(ours.empty());
+                for (const auto& line : ours) CHECK_THAT(line, Catch::Contains("/memfd:mproc-"));
+            }
+            for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
+            victim.kill();
+            holder.kill();
+            ::kill(pool.worker_pids().front(), SIGKILL);  // the pool replaces it
+            REQUIRE(victim.join(60s));
+            REQUIRE(holder.join(60s));
+            // The survivors go on: the locks are free (after a repair), the queue drops the half item.
+            REQUIRE(lock.acquire(10s));
+            lock.release();
+            REQUIRE(value.get_lock().acquire(10s));
+            value.get_lock().release();
+            d["n"] += 1;
+            CHECK(q.try_get() == std::nullopt);
+        }
+        CHECK(d.at("n") == 5);
+        CHECK(pool.apply(probe_lock, lock));
+        pool.close();
+        pool.join();
+    }
+    // The last handles are gone: this process maps none of those segments any more, and since
+    // every process that had them is gone too, the kernel has freed them.
+    CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before);
+    CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before);
+    CHECK(mproc_test::maps_lines(me, "/dev/shm").empty());
+    CHECK(mproc_test::dev_shm_names() == shm_before);
+    CHECK(child_count() == 0);
 }

@@ -1,7 +1,10 @@
 // mproc — carrying an exception from the process that threw it to the one that waits for it.
 //
-// The standard exceptions a task is likely to throw are rebuilt as the same type with the same
-// what(); anything else becomes mproc::RemoteError with the demangled type name and message.
+// The standard exceptions a task is likely to throw, and mproc's own errors, are rebuilt as the
+// same type with the same what(); anything else becomes mproc::RemoteError with the demangled type
+// name and message. (mproc's errors are std::runtime_errors: without their own kinds, a KeyError
+// or a "create it before the Pool" Error thrown in a worker would come back as a bare
+// std::runtime_error that `catch (const mproc::Error&)` misses.)
 #pragma once
 
 #include <cstdint>
@@ -21,6 +24,8 @@ struct RemoteException {
     enum Kind : std::uint8_t {
         other, logic_error, invalid_argument, domain_error, length_error, out_of_range,
         runtime_error, range_error, overflow_error, underflow_error, bad_alloc,
+        // mproc's errors (appended: the numbers above never change)
+        mproc_error, timeout_error, eof_error, broken_pipe_error, empty, full, key_error, serialization_error,
     };
     std::uint8_t kind = other;
     std::string type_name;
@@ -34,6 +39,18 @@ struct RemoteException {
         e.type_name = current_exception_type_name();
         try {
             throw;
+        } catch (const RemoteError& x) {  // passed on as it came: same type name, same message
+            e.kind = other;
+            e.type_name = x.type_name();
+            e.message = x.message();
+        } catch (const TimeoutError& x) { e.set(timeout_error, x);
+        } catch (const EOFError& x) { e.set(eof_error, x);
+        } catch (const BrokenPipeError& x) { e.set(broken_pipe_error, x);
+        } catch (const Empty& x) { e.set(empty, x);
+        } catch (const Full& x) { e.set(full, x);
+        } catch (const KeyError& x) { e.set(key_error, x);
+        } catch (const SerializationError& x) { e.set(serialization_error, x);
+        } catch (const Error& x) { e.set(mproc_error, x);  // WorkerLost too: its message says it all
         } catch (const std::invalid_argument& x) { e.set(invalid_argument, x);
         } catch (const std::domain_error& x) { e.set(domain_error, x);
         } catch (const std::length_error& x) { e.set(length_error, x);
@@ -63,6 +80,14 @@ struct RemoteException {
             case overflow_error: return std::make_exception_ptr(std::overflow_error(message));
             case underflow_error: return std::make_exception_ptr(std::underflow_error(message));
             case bad_alloc: return std::make_exception_ptr(std::bad_alloc());
+            case mproc_error: return std::make_exception_ptr(Error(message));
+            case timeout_error: return std::make_exception_ptr(TimeoutError(message));
+            case eof_error: return std::make_exception_ptr(EOFError(message));
+            case broken_pipe_error: return std::make_exception_ptr(BrokenPipeError(message));
+            case empty: return std::make_exception_ptr(Empty(message));
+            case full: return std::make_exception_ptr(Full(message));
+            case key_error: return std::make_exception_ptr(KeyError(message));
+            case serialization_error: return std::make_exception_ptr(SerializationError(message));
             default: return std::make_exception_ptr(RemoteError(type_name, message));
         }
     }
