@@ -2,35 +2,46 @@
 // every pid of the tree, then ends the way it is asked to. The test checks, from outside, that
 // nothing of the tree survives and that the program's exit status is the conventional one.
 //
-//     lifetime_program <mode> <ending>
+//     lifetime_program <mode> <ending> [handler]
 //
 // mode:
 //   pool    a Pool of 4 workers, each in a long task
 //   tree    a Process tree 3 levels deep: child -> grandchild -> great-grandchild
 //   nested  the same tree, with a ChildGuard in every level
-//   queue   a consumer Process blocked forever reading a Pipe the program keeps open
+//   queue   a consumer Process blocked in mproc::Queue::get on a queue nobody puts to
+//   pipe    a consumer Process blocked reading a Pipe the program keeps open
 // ending:
 //   wait    wait for a signal (the test sends SIGINT, SIGTERM or SIGKILL, or types Ctrl-C)
 //   exit    after a line on stdin, call exit(0)
 //   throw   after a line on stdin, throw std::runtime_error out of main
+// handler (with ending wait): the program's own SIGINT and SIGTERM handler, which prints
+// "handler <signal> <children>" (children: "none" if this process had no child left, not even a
+// zombie, when the handler ran; "some" otherwise) and makes main return 40 + the signal (in the
+// other processes of the tree it dies of the signal):
+//   plain    installed with sa_handler, before the guard
+//   siginfo  installed with SA_SIGINFO, before the guard
+//   after    installed after the guard; it calls mproc::ChildGuard::terminate_children() itself
 //
 // Output, on stdout: one line "pid <pid> <role>" per process of the tree (role: main, server,
 // worker, child, grandchild, great-grandchild, consumer), then "ready". Nothing else is ever
-// written by any process of the tree unless something went wrong.
+// written by any process of the tree unless something went wrong (or a handler ran).
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <ctime>
 #include <mproc/guard.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
+#include <mproc/queue.hpp>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <sys/wait.h>
 #include <tuple>
 #include <unistd.h>
 #include <vector>
@@ -55,7 +66,7 @@ void print_pid(pid_t pid, const char* role) {
 
 /// Waits for one report from the tree; fails rather than hang.
 int next_report() {
-    if (!reports.poll(30s)) fail("a process of the tree did not report in 30 s");
+    if (!reports.poll(60s)) fail("a process of the tree did not report in 60 s");
     return reports.recv();
 }
 
@@ -90,22 +101,85 @@ void tree_level(int level, int depth, bool guarded) {
     std::printf("level %d: child ended\n", level);  // never: the tree ends from the top
 }
 
+// The program's own handler (see the top of this file). Async-signal-safe throughout: it tells
+// main through a pipe (it may run on any thread of the program).
+// In the other processes of the tree, which inherit it, it does what the default would: die of the
+// signal.
+int caught_pipe[2] = {-1, -1};
+pid_t main_pid = 0;
+
+void write_text(const char* text) {
+    std::size_t left = std::strlen(text);
+    while (left > 0) {
+        const ssize_t put = ::write(1, text, left);
+        if (put < 0 && errno == EINTR) continue;
+        if (put <= 0) return;
+        text += put;
+        left -= static_cast<std::size_t>(put);
+    }
+}
+
+void on_signal(int sig) {
+    if (::getpid() != main_pid) {
+        ::signal(sig, SIG_DFL);
+        ::raise(sig);
+        return;
+    }
+    const int saved_errno = errno;
+    siginfo_t info{};
+    const bool none = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) != 0 && errno == ECHILD;
+    write_text(sig == SIGINT ? "handler 2 " : "handler 15 ");
+    write_text(none ? "none\n" : "some\n");
+    const unsigned char byte = static_cast<unsigned char>(sig);
+    while (::write(caught_pipe[1], &byte, 1) < 0 && errno == EINTR) {}
+    errno = saved_errno;
+}
+
+void on_signal_info(int sig, siginfo_t*, void*) { on_signal(sig); }
+
+void on_signal_after_guard(int sig) {
+    mproc::ChildGuard::terminate_children();
+    on_signal(sig);
+}
+
+void install_handler(const std::string& style) {
+    if (::pipe2(caught_pipe, O_CLOEXEC) != 0) fail("pipe2 failed");
+    main_pid = ::getpid();
+    for (int sig : {SIGINT, SIGTERM}) {
+        struct sigaction action{};
+        sigemptyset(&action.sa_mask);
+        if (style == "siginfo") {
+            action.sa_sigaction = on_signal_info;
+            action.sa_flags = SA_SIGINFO;
+        } else {
+            action.sa_handler = style == "after" ? on_signal_after_guard : on_signal;
+        }
+        if (::sigaction(sig, &action, nullptr) != 0) fail("sigaction failed");
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3) fail("usage: lifetime_program pool|tree|nested|queue wait|exit|throw");
+    if (argc != 3 && argc != 4) fail("usage: lifetime_program pool|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
     const std::string mode = argv[1];
     const std::string ending = argv[2];
+    const std::string handler = argc == 4 ? argv[3] : "";
     if (ending != "wait" && ending != "exit" && ending != "throw") fail("unknown ending " + ending);
+    if (!handler.empty() && handler != "plain" && handler != "siginfo" && handler != "after")
+        fail("unknown handler " + handler);
 
+    if (handler == "plain" || handler == "siginfo") install_handler(handler);
     mproc::ChildGuard guard;
+    if (handler == "after") install_handler(handler);
     std::tie(reports, report) = mproc::Pipe<int>(/*duplex=*/false);
 
     // Whatever the mode builds lives until main ends (or never ends, for exit and throw).
     std::optional<mproc::Pool> pool;
     std::vector<mproc::AsyncResult<int>> tasks;
     std::optional<mproc::Process> top;
-    // The queue: the consumer reads, main holds the writing end open and never writes.
+    // The queue and the pipe: the consumer reads, nobody ever writes; main holds the writing end.
+    mproc::Queue<int> queue;
     mproc::Connection<int> work_out, work_in;
     std::tie(work_out, work_in) = mproc::Pipe<int>(/*duplex=*/false);
 
@@ -127,6 +201,13 @@ int main(int argc, char** argv) {
     } else if (mode == "queue") {
         top.emplace([&] {
             report.send(static_cast<int>(::getpid()));
+            for (;;) std::printf("consumer: got %d\n", queue.get());  // blocks: nothing is ever put
+        });
+        top->start();
+        print_pid(next_report(), "consumer");
+    } else if (mode == "pipe") {
+        top.emplace([&] {
+            report.send(static_cast<int>(::getpid()));
             for (;;) std::printf("consumer: got %d\n", work_out.recv());  // blocks: nothing is ever sent
         });
         top->start();
@@ -137,7 +218,13 @@ int main(int argc, char** argv) {
     std::printf("ready\n");
     std::fflush(stdout);
 
-    if (ending == "wait") sleep_forever();
+    if (ending == "wait") {
+        if (handler.empty()) sleep_forever();
+        unsigned char sig = 0;
+        while (::read(caught_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
+        // The handler ran after the guard had reaped every child: what remains is to unwind.
+        return 40 + sig;
+    }
     char line[64];
     if (!std::fgets(line, sizeof line, stdin)) {}  // a line, or the end of stdin: go
     if (ending == "exit") std::exit(0);

@@ -1,0 +1,785 @@
+// Lifetime: however a program that uses mproc ends — SIGINT, Ctrl-C at a terminal, SIGTERM,
+// SIGKILL, exit(0), an exception out of main — no process it started is left alive and none is left
+// a zombie, and the program's exit status is the one that ending conventionally gives. Also: the
+// program's own signal handlers are chained to, a child forked for a thread outlives that thread,
+// active_children() lists exactly the live children, and cpu_count() follows the affinity mask.
+//
+// The programs are driven from outside: this test starts tests/programs/lifetime_program in a
+// process group (or a session on a pseudo-terminal) of its own, and is itself a child subreaper,
+// so any process of the tree orphaned before it was reaped is re-parented here, where it is seen.
+// After the program has ended, its process group must empty within a generous deadline; for
+// every ending but SIGKILL, nothing may have been orphaned at all: each process of the tree was
+// reaped by its own parent.
+#include <catch2/catch.hpp>
+#include <mproc/guard.hpp>
+#include <mproc/pool.hpp>
+#include <mproc/process.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <poll.h>
+#include <sched.h>
+#include <set>
+#include <sstream>
+#include <string>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <thread>
+#include <tuple>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include "support.hpp"
+
+#ifndef MPROC_LIFETIME_PROGRAM
+#error "MPROC_LIFETIME_PROGRAM must name the lifetime_program executable"
+#endif
+
+using namespace std::chrono_literals;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+/// Generous: sanitizer builds on a shared, loaded 2-core machine. Only a hang ever waits this long.
+constexpr auto ready_limit = 120s;
+constexpr auto end_limit = 60s;
+
+void nap() { std::this_thread::sleep_for(5ms); }
+
+/// An fd this test owns.
+class Fd {
+public:
+    Fd() = default;
+    explicit Fd(int fd) : fd_(fd) {}
+    ~Fd() { reset(); }
+    Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    Fd& operator=(Fd&& other) noexcept {
+        if (this != &other) {
+            reset();
+            fd_ = std::exchange(other.fd_, -1);
+        }
+        return *this;
+    }
+    int get() const { return fd_; }
+    void reset() {
+        if (fd_ >= 0) ::close(fd_);
+        fd_ = -1;
+    }
+
+private:
+    int fd_ = -1;
+};
+
+std::pair<Fd, Fd> make_pipe() {
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+    return {Fd(fds[0]), Fd(fds[1])};
+}
+
+/// From /proc/<pid>/stat.
+struct ProcStat {
+    pid_t pid = 0;
+    pid_t ppid = 0;
+    pid_t pgrp = 0;
+    char state = '?';  // 'Z': a zombie
+};
+
+std::optional<ProcStat> proc_stat(pid_t pid) {
+    std::ifstream file("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    if (!std::getline(file, line)) return std::nullopt;
+    const auto close = line.rfind(')');
+    if (close == std::string::npos) return std::nullopt;
+    std::istringstream rest(line.substr(close + 2));
+    ProcStat s;
+    s.pid = pid;
+    rest >> s.state >> s.ppid >> s.pgrp;
+    if (!rest) return std::nullopt;
+    return s;
+}
+
+/// Every process in process group `pgrp`, zombies included.
+std::vector<ProcStat> group_members(pid_t pgrp) {
+    std::vector<ProcStat> found;
+    DIR* proc = ::opendir("/proc");
+    if (!proc) return found;
+    while (dirent* entry = ::readdir(proc)) {
+        const std::string name = entry->d_name;
+        if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+        if (auto s = proc_stat(static_cast<pid_t>(std::stol(name))); s && s->pgrp == pgrp) found.push_back(*s);
+    }
+    ::closedir(proc);
+    return found;
+}
+
+std::string describe(const ProcStat& s) {
+    return "pid " + std::to_string(s.pid) + " (parent " + std::to_string(s.ppid) + ", state " + s.state + ")";
+}
+
+std::string describe_status(int status) {
+    if (WIFEXITED(status)) return "exited with " + std::to_string(WEXITSTATUS(status));
+    if (WIFSIGNALED(status)) return std::string("killed by ") + sigabbrev_np(WTERMSIG(status));
+    return "status " + std::to_string(status);
+}
+
+/// Orphans re-parented to this process are seen (and must be reaped) here.
+void become_subreaper() { REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0); }
+
+std::vector<std::string> split_lines(const std::string& text) {
+    std::vector<std::string> lines;
+    std::string line;
+    for (char c : text) {
+        if (c == '\r') continue;
+        if (c == '\n') {
+            lines.push_back(line);
+            line.clear();
+        } else {
+            line += c;
+        }
+    }
+    if (!line.empty()) lines.push_back(line);
+    return lines;
+}
+
+/// How the program is started.
+struct Launch {
+    std::vector<std::string> args;  // after the program's path
+    bool terminal = false;          // on a pseudo-terminal, as a session leader (Ctrl-C goes there)
+    bool ignore_sigint = false;     // SIGINT ignored, as for a background job of a script or nohup
+};
+
+/// What happened, once the program and every process of its tree are gone.
+struct Ending {
+    int status = 0;                                 // the program's wait status
+    std::vector<std::pair<pid_t, int>> adopted;     // orphans reaped here, with their wait statuses
+    std::vector<std::string> after_ready;           // output lines after "ready"
+    std::string errors;                             // stderr (merged into the output on a terminal)
+};
+
+/// lifetime_program, running. Its destructor kills whatever is left of it (after a failure).
+class Program {
+public:
+    explicit Program(const Launch& how) : terminal_(how.terminal) {
+        become_subreaper();
+        std::vector<std::string> args{MPROC_LIFETIME_PROGRAM};
+        args.insert(args.end(), how.args.begin(), how.args.end());
+        std::vector<char*> argv;
+        for (std::string& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+
+        Fd in_read, in_write, out_read, out_write, err, slave;
+        if (terminal_) {
+            output_ = Fd(::posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC));
+            REQUIRE(output_.get() >= 0);
+            REQUIRE(::grantpt(output_.get()) == 0);
+            REQUIRE(::unlockpt(output_.get()) == 0);
+            char name[128];
+            REQUIRE(::ptsname_r(output_.get(), name, sizeof name) == 0);
+            slave = Fd(::open(name, O_RDWR | O_NOCTTY | O_CLOEXEC));
+            REQUIRE(slave.get() >= 0);
+            termios mode{};
+            REQUIRE(::tcgetattr(slave.get(), &mode) == 0);
+            mode.c_lflag |= ISIG | NOFLSH;  // Ctrl-C signals; output already written is not dropped
+            mode.c_lflag &= ~static_cast<tcflag_t>(ECHO);
+            mode.c_cc[VINTR] = 0x03;
+            REQUIRE(::tcsetattr(slave.get(), TCSANOW, &mode) == 0);
+        } else {
+            std::tie(in_read, in_write) = make_pipe();
+            std::tie(out_read, out_write) = make_pipe();
+            err = Fd(::memfd_create("lifetime-stderr", MFD_CLOEXEC));
+            REQUIRE(err.get() >= 0);
+        }
+
+        // Between fork and exec: async-signal-safe calls only (this process may have threads).
+        const pid_t parent = ::getpid();
+        const pid_t pid = ::fork();
+        REQUIRE(pid >= 0);
+        if (pid == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // if this test dies, so does the program
+            if (::getppid() != parent) ::_exit(126);
+            if (terminal_) {
+                ::setsid();
+                if (::ioctl(slave.get(), TIOCSCTTY, 0) != 0) ::_exit(125);
+                for (int fd = 0; fd < 3; ++fd) ::dup2(slave.get(), fd);
+            } else {
+                ::setpgid(0, 0);
+                ::dup2(in_read.get(), 0);
+                ::dup2(out_write.get(), 1);
+                ::dup2(err.get(), 2);
+            }
+            struct sigaction action{};
+            ::sigemptyset(&action.sa_mask);
+            action.sa_handler = SIG_DFL;
+            ::sigaction(SIGTERM, &action, nullptr);
+            action.sa_handler = how.ignore_sigint ? SIG_IGN : SIG_DFL;
+            ::sigaction(SIGINT, &action, nullptr);
+            sigset_t none;
+            ::sigemptyset(&none);
+            ::sigprocmask(SIG_SETMASK, &none, nullptr);
+            ::execv(argv[0], argv.data());
+            ::_exit(127);
+        }
+        pid_ = pid;
+        if (!terminal_) {
+            ::setpgid(pid, pid);  // also here: whichever runs first, the group exists before we look
+            stdin_ = std::move(in_write);
+            output_ = std::move(out_read);
+            errors_ = std::move(err);
+        }
+        const int flags = ::fcntl(output_.get(), F_GETFL);
+        ::fcntl(output_.get(), F_SETFL, flags | O_NONBLOCK);
+        try {
+            read_until_ready();
+        } catch (...) {
+            kill_what_is_left();
+            throw;
+        }
+    }
+
+    ~Program() { kill_what_is_left(); }
+
+    Program(const Program&) = delete;
+    Program& operator=(const Program&) = delete;
+
+    pid_t pid() const { return pid_; }
+    /// Pids by role, as the program reported them.
+    const std::map<std::string, std::vector<pid_t>>& tree() const { return tree_; }
+    std::vector<pid_t> all_pids() const {
+        std::vector<pid_t> all;
+        for (const auto& [role, pids] : tree_) all.insert(all.end(), pids.begin(), pids.end());
+        return all;
+    }
+
+    void signal(int sig) const { REQUIRE(::kill(pid_, sig) == 0); }
+    void signal_group(int sig) const { REQUIRE(::kill(-pid_, sig) == 0); }
+    void type(const std::string& keys) const {
+        const int fd = terminal_ ? output_.get() : stdin_.get();
+        REQUIRE(::write(fd, keys.data(), keys.size()) == static_cast<ssize_t>(keys.size()));
+    }
+
+    /// Waits for the program to end and for its whole process group to disappear, reaping the
+    /// orphans re-parented here. Fails (and kills what is left) if either takes longer than the limit.
+    Ending wait_for_end() {
+        Ending end;
+        const auto limit = Clock::now() + end_limit;
+        for (;;) {
+            drain();
+            const pid_t got = ::waitpid(pid_, &end.status, WNOHANG);
+            if (got == pid_) break;
+            if (Clock::now() >= limit) FAIL("the program did not end within the limit; output:\n" << text_);
+            nap();
+        }
+        ended_ = true;
+        for (;;) {
+            drain();
+            const std::vector<ProcStat> left = group_members(pid_);
+            if (left.empty()) break;
+            for (const ProcStat& s : left) {
+                int status = 0;
+                if (s.ppid == ::getpid() && ::waitpid(s.pid, &status, WNOHANG) == s.pid)
+                    end.adopted.emplace_back(s.pid, status);
+            }
+            if (Clock::now() >= limit) {
+                std::string what;
+                for (const ProcStat& s : group_members(pid_)) what += "\n  " + describe(s);
+                FAIL("after the program ended (" << describe_status(end.status)
+                                                   << "), processes of its tree remain:" << what);
+            }
+            nap();
+        }
+        settled_ = true;
+        drain();
+        const std::vector<std::string> lines = split_lines(text_);
+        const auto ready = std::find(lines.begin(), lines.end(), "ready");
+        end.after_ready.assign(ready + 1, lines.end());
+        if (errors_.get() >= 0) {
+            char chunk[4096];
+            off_t at = 0;
+            ssize_t got;
+            while ((got = ::pread(errors_.get(), chunk, sizeof chunk, at)) > 0) {
+                end.errors.append(chunk, static_cast<std::size_t>(got));
+                at += got;
+            }
+        }
+        return end;
+    }
+
+private:
+    /// After a failure: SIGKILL to whatever is left of the tree, and every orphan reaped.
+    void kill_what_is_left() {
+        if (pid_ > 0 && !ended_) {
+            ::kill(-pid_, SIGKILL);
+            ::kill(pid_, SIGKILL);
+            int status;
+            ::waitpid(pid_, &status, 0);
+        }
+        if (pid_ > 0 && !settled_) {  // what was left of the tree, once it dies, is re-parented here
+            const auto limit = Clock::now() + end_limit;
+            while (Clock::now() < limit) {
+                const std::vector<ProcStat> left = group_members(pid_);
+                if (left.empty()) break;
+                for (const ProcStat& s : left) {
+                    ::kill(s.pid, SIGKILL);
+                    int status;
+                    if (s.ppid == ::getpid()) ::waitpid(s.pid, &status, WNOHANG);
+                }
+                nap();
+            }
+        }
+    }
+
+    /// Reads what is there of the program's output (never blocks).
+    void drain() {
+        char chunk[4096];
+        for (;;) {
+            const ssize_t got = ::read(output_.get(), chunk, sizeof chunk);
+            if (got > 0) {
+                text_.append(chunk, static_cast<std::size_t>(got));
+                continue;
+            }
+            if (got < 0 && errno == EINTR) continue;
+            return;  // nothing now, end of file, or (a terminal with no process left) EIO
+        }
+    }
+
+    void read_until_ready() {
+        const auto limit = Clock::now() + ready_limit;
+        for (;;) {
+            drain();
+            const std::vector<std::string> lines = split_lines(text_);
+            if (std::find(lines.begin(), lines.end(), "ready") != lines.end()) {
+                for (const std::string& line : lines) {
+                    std::istringstream in(line);
+                    std::string word, role;
+                    pid_t pid = 0;
+                    if (in >> word >> pid >> role && word == "pid") tree_[role].push_back(pid);
+                }
+                return;
+            }
+            int status = 0;
+            if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+                ended_ = true;
+                FAIL("the program ended (" << describe_status(status) << ") before it was ready; output:\n"
+                                           << text_ << error_text());
+            }
+            if (Clock::now() >= limit) FAIL("the program was not ready within the limit; output:\n" << text_);
+            pollfd p{output_.get(), POLLIN, 0};
+            ::poll(&p, 1, 50);
+        }
+    }
+
+    std::string error_text() const {
+        if (errors_.get() < 0) return "";
+        std::string out;
+        char chunk[4096];
+        const ssize_t got = ::pread(errors_.get(), chunk, sizeof chunk, 0);
+        if (got > 0) out.assign(chunk, static_cast<std::size_t>(got));
+        return out;
+    }
+
+    bool terminal_;
+    pid_t pid_ = -1;
+    bool ended_ = false;
+    bool settled_ = false;  // the program ended and its group emptied
+    Fd stdin_, output_, errors_;
+    std::string text_;
+    std::map<std::string, std::vector<pid_t>> tree_;
+};
+
+/// The roles each mode reports, with their counts.
+std::map<std::string, std::size_t> expected_roles(const std::string& mode) {
+    if (mode == "pool") return {{"main", 1}, {"server", 1}, {"worker", 4}};
+    if (mode == "tree" || mode == "nested")
+        return {{"main", 1}, {"child", 1}, {"grandchild", 1}, {"great-grandchild", 1}};
+    return {{"main", 1}, {"consumer", 1}};
+}
+
+/// The program reported the whole tree, every process of it runs, and all share its process group.
+void check_tree(const Program& program, const std::string& mode) {
+    const auto expected = expected_roles(mode);
+    REQUIRE(program.tree().size() == expected.size());
+    for (const auto& [role, count] : expected) {
+        CAPTURE(role);
+        REQUIRE(program.tree().count(role) == 1);
+        REQUIRE(program.tree().at(role).size() == count);
+    }
+    REQUIRE(program.tree().at("main").front() == program.pid());
+    for (pid_t pid : program.all_pids()) {
+        CAPTURE(pid);
+        const auto s = proc_stat(pid);
+        REQUIRE(s);
+        CHECK(s->state != 'Z');
+        CHECK(s->pgrp == program.pid());
+    }
+    CHECK(group_members(program.pid()).size() == program.all_pids().size());
+}
+
+/// Nothing of the tree was orphaned: every process was reaped by its own parent.
+void check_nothing_orphaned(const Ending& end) {
+    for (const auto& [pid, status] : end.adopted)
+        FAIL_CHECK("pid " << pid << " outlived its parent (then " << describe_status(status) << ")");
+}
+
+void check_quiet(const Ending& end) {
+    for (const std::string& line : end.after_ready) FAIL_CHECK("unexpected output: " << line);
+    CHECK(end.errors.empty());
+}
+
+const char* const all_modes[] = {"pool", "tree", "nested", "queue", "pipe"};
+
+}  // namespace
+
+TEST_CASE("SIGINT to the program: every process of its tree is reaped; it dies of SIGINT (130)") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "wait"}});
+    check_tree(program, mode);
+    program.signal(SIGINT);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGINT);
+    check_nothing_orphaned(end);
+    check_quiet(end);
+}
+
+TEST_CASE("SIGINT to the whole process group, as Ctrl-C sends it: same, and no worker says a word") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "wait"}});
+    check_tree(program, mode);
+    program.signal_group(SIGINT);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGINT);
+    check_nothing_orphaned(end);
+    check_quiet(end);
+}
+
+TEST_CASE("Ctrl-C typed at a terminal stops the program with every child gone") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "wait"}, /*terminal=*/true});
+    check_tree(program, mode);
+    program.type("\x03");
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status));
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGINT);
+    check_nothing_orphaned(end);
+    check_quiet(end);  // on a terminal, stderr is there too: nothing from any worker or child
+}
+
+TEST_CASE("SIGTERM: every process of the tree is reaped; the program dies of SIGTERM (143)") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "wait"}});
+    check_tree(program, mode);
+    program.signal(SIGTERM);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGTERM);
+    check_nothing_orphaned(end);
+    check_quiet(end);
+}
+
+TEST_CASE("SIGKILL: no handler runs, yet every child dies with its parent (the parent-death signal)") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "wait"}});
+    check_tree(program, mode);
+    program.signal(SIGKILL);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGKILL);
+    // The orphans came here (as they would to init) and were reaped; each died of the signal its
+    // parent's death sent it, and none of them lingered: the group emptied.
+    std::set<pid_t> reaped;
+    for (const auto& [pid, status] : end.adopted) {
+        CAPTURE(pid, describe_status(status));
+        CHECK(WIFSIGNALED(status));
+        CHECK(WTERMSIG(status) == SIGKILL);
+        reaped.insert(pid);
+    }
+    for (pid_t pid : program.all_pids())
+        if (pid != program.pid()) CHECK(reaped.count(pid) == 1);
+    check_quiet(end);
+}
+
+TEST_CASE("exit(0): every process of the tree is reaped; the program exits with 0") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "exit"}});
+    check_tree(program, mode);
+    program.type("go\n");
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFEXITED(end.status));
+    CHECK(WEXITSTATUS(end.status) == 0);
+    check_nothing_orphaned(end);
+    check_quiet(end);
+}
+
+TEST_CASE("an exception out of main: every process of the tree is reaped, then the usual abort") {
+    const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
+    CAPTURE(mode);
+    Program program({{mode, "throw"}});
+    check_tree(program, mode);
+    program.type("go\n");
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGABRT);
+    // The terminate handler that was there before the guard still ran: it names the exception.
+    CHECK(end.errors.find("thrown out of main") != std::string::npos);
+    check_nothing_orphaned(end);
+    for (const std::string& line : end.after_ready) FAIL_CHECK("unexpected output: " << line);
+}
+
+TEST_CASE("the program's own SIGINT/SIGTERM handler runs after the guard has reaped every child") {
+    const std::string style = GENERATE(as<std::string>{}, "plain", "siginfo", "after");
+    const std::string mode = GENERATE(as<std::string>{}, "pool", "tree");
+    const int sig = GENERATE(SIGINT, SIGTERM);
+    CAPTURE(style, mode, sig);
+    Program program({{mode, "wait", style}});
+    check_tree(program, mode);
+    program.signal(sig);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    // The handler saw no child left, not even a zombie, and main then returned 40 + the signal
+    // (unwinding the Pool and Process objects whose children the guard had already reaped).
+    REQUIRE(end.after_ready.size() == 1);
+    CHECK(end.after_ready[0] == "handler " + std::to_string(sig) + " none");
+    CHECK(WIFEXITED(end.status));
+    CHECK(WEXITSTATUS(end.status) == 40 + sig);
+    check_nothing_orphaned(end);
+    CHECK(end.errors.empty());
+}
+
+TEST_CASE("a SIGINT that was ignored when the guard was made stays ignored (nohup, background jobs)") {
+    const std::string mode = GENERATE(as<std::string>{}, "pool", "tree");
+    CAPTURE(mode);
+    Program program({{mode, "wait"}, /*terminal=*/false, /*ignore_sigint=*/true});
+    check_tree(program, mode);
+    // Sent together: a pending SIGINT would be delivered first, so a guard that handled it would
+    // make the program die of SIGINT. It must die of the SIGTERM.
+    program.signal_group(SIGINT);
+    program.signal(SIGTERM);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == SIGTERM);
+    check_nothing_orphaned(end);
+    check_quiet(end);
+}
+
+namespace {
+
+/// A child body that tells the parent it runs, then waits for signals forever.
+auto sleeper(mproc_test::ReadySignal& ready) {
+    return [&ready] {
+        mproc_test::default_fatal_signals();
+        ready.notify();
+        for (;;) ::pause();
+    };
+}
+
+int nothing(int x) { return x; }
+
+std::set<pid_t> as_set(const std::vector<pid_t>& pids) { return {pids.begin(), pids.end()}; }
+
+/// Waits (without reaping) until `pid`, a child of this process, has ended.
+void await_end_unreaped(pid_t pid) {
+    siginfo_t info{};
+    int rc;
+    do rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT);
+    while (rc != 0 && errno == EINTR);
+    REQUIRE(rc == 0);
+}
+
+}  // namespace
+
+TEST_CASE("active_children() lists exactly the live children mproc started, from any thread") {
+    std::vector<std::unique_ptr<mproc_test::ReadySignal>> readies;
+    std::vector<mproc::Process> processes;
+    for (int i = 0; i < 3; ++i) {
+        readies.push_back(std::make_unique<mproc_test::ReadySignal>());
+        processes.emplace_back(sleeper(*readies.back()));
+        processes.back().start();
+    }
+    // One more, started by another thread (forked on mproc's forker thread).
+    readies.push_back(std::make_unique<mproc_test::ReadySignal>());
+    processes.emplace_back(sleeper(*readies.back()));
+    std::thread([&] { processes.back().start(); }).join();
+    for (auto& r : readies) REQUIRE(r->wait());
+
+    std::set<pid_t> expected;
+    for (mproc::Process& p : processes) expected.insert(p.pid());
+    CHECK(as_set(mproc::active_children()) == expected);
+
+    {
+        mproc::Pool pool(2);
+        CHECK(pool.apply(nothing, 5) == 5);
+        // The pool adds one direct child, its fork server; its workers are the server's children.
+        const std::vector<pid_t> with_pool = mproc::active_children();
+        REQUIRE(with_pool.size() == expected.size() + 1);
+        for (pid_t pid : expected) CHECK(std::count(with_pool.begin(), with_pool.end(), pid) == 1);
+        pool.close();
+        pool.join();
+    }
+    CHECK(as_set(mproc::active_children()) == expected);
+
+    // One ends: it is no longer listed, active_children() reaped it, and its Process still has the status.
+    processes[1].kill();
+    await_end_unreaped(processes[1].pid());
+    expected.erase(processes[1].pid());
+    CHECK(as_set(mproc::active_children()) == expected);
+    CHECK(mproc_test::child_count() == expected.size());  // no zombie
+    CHECK(processes[1].exitcode() == -SIGKILL);
+
+    for (mproc::Process& p : processes) p.terminate();
+    for (mproc::Process& p : processes) REQUIRE(p.join(60s));
+    CHECK(mproc::active_children().empty());
+    CHECK(processes[0].exitcode() == -SIGTERM);
+    CHECK(processes[1].exitcode() == -SIGKILL);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("in a child, active_children() lists the child's own children, never its parent's") {
+    mproc_test::ReadySignal ready;
+    mproc::Process sibling(sleeper(ready));
+    sibling.start();
+    REQUIRE(ready.wait());
+    REQUIRE(mproc::active_children().size() == 1);
+
+    mproc::Process child([] {
+        if (!mproc::active_children().empty()) std::_Exit(10);
+        mproc::Process grandchild([] {});
+        grandchild.start();
+        const std::vector<pid_t> mine = mproc::active_children();
+        // Ended or not, the grandchild is the only one that can be listed.
+        if (mine.size() > 1 || (mine.size() == 1 && mine[0] != grandchild.pid())) std::_Exit(11);
+        if (!grandchild.join() || grandchild.exitcode() != 0) std::_Exit(12);
+        if (!mproc::active_children().empty()) std::_Exit(13);
+        std::_Exit(0);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    sibling.kill();
+    REQUIRE(sibling.join(60s));
+}
+
+TEST_CASE("a ChildGuard's end terminates and reaps the children left; Process still reports how they ended") {
+    mproc_test::ReadySignal polite_ready, stubborn_ready;
+    mproc::Process polite(sleeper(polite_ready));
+    mproc::Process stubborn([&] {
+        ::signal(SIGTERM, SIG_IGN);
+        stubborn_ready.notify();
+        for (;;) ::pause();
+    });
+    {
+        mproc::ChildGuard guard(mproc::Seconds{0.2});
+        polite.start();
+        stubborn.start();
+        REQUIRE(polite_ready.wait());
+        REQUIRE(stubborn_ready.wait());
+        REQUIRE(mproc_test::child_count() == 2);
+    }
+    CHECK(mproc_test::child_count() == 0);  // reaped, not merely signalled
+    CHECK(mproc::active_children().empty());
+    CHECK_FALSE(polite.is_alive());
+    CHECK(polite.exitcode() == -SIGTERM);
+    CHECK(stubborn.exitcode() == -SIGKILL);  // it ignored SIGTERM: SIGKILL after the grace
+    REQUIRE(polite.join());
+}
+
+TEST_CASE("a child forked for a thread outlives that thread (the parent-death signal's thread rule)") {
+    mproc_test::ReadySignal ready;
+    mproc::Process child(sleeper(ready));
+    pid_t thread_id = 0;
+    std::thread([&] {
+        thread_id = static_cast<pid_t>(::gettid());
+        child.start();
+    }).join();
+    REQUIRE(ready.wait());
+    // Once the thread is fully gone from the kernel, any parent-death signal tied to it was sent.
+    const std::string task = "/proc/self/task/" + std::to_string(thread_id);
+    const auto limit = Clock::now() + end_limit;
+    while (::access(task.c_str(), F_OK) == 0) {
+        REQUIRE(Clock::now() < limit);
+        nap();
+    }
+    siginfo_t info{};
+    info.si_pid = 0;
+    REQUIRE(::waitid(P_PID, static_cast<id_t>(child.pid()), &info, WEXITED | WNOHANG | WNOWAIT) == 0);
+    CHECK(info.si_pid == 0);  // still running
+    CHECK(child.is_alive());
+    child.terminate();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == -SIGTERM);
+}
+
+TEST_CASE("cpu_count() honours the CPU affinity mask") {
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    REQUIRE(::sched_getaffinity(0, sizeof allowed, &allowed) == 0);
+    CHECK(mproc::cpu_count() == static_cast<unsigned>(CPU_COUNT(&allowed)));
+
+    int first = 0;
+    while (!CPU_ISSET(first, &allowed)) ++first;
+    // In a child restricted to one CPU: cpu_count() is 1, and so is a default Pool's size.
+    mproc::Process one([first] {
+        cpu_set_t only;
+        CPU_ZERO(&only);
+        CPU_SET(first, &only);
+        if (::sched_setaffinity(0, sizeof only, &only) != 0) std::_Exit(10);
+        if (mproc::cpu_count() != 1) std::_Exit(11);
+        mproc::Pool pool;
+        if (pool.processes() != 1) std::_Exit(12);
+        pool.close();
+        pool.join();
+        std::_Exit(0);
+    });
+    one.start();
+    REQUIRE(one.join(120s));
+    CHECK(one.exitcode() == 0);
+
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    if (CPU_COUNT(&allowed) >= 2) {
+        // Two of the allowed CPUs: 2, whatever the machine has online.
+        mproc::Process two([first, &allowed] {
+            cpu_set_t pair;
+            CPU_ZERO(&pair);
+            CPU_SET(first, &pair);
+            int second = first + 1;
+            while (!CPU_ISSET(second, &allowed)) ++second;
+            CPU_SET(second, &pair);
+            if (::sched_setaffinity(0, sizeof pair, &pair) != 0) std::_Exit(10);
+            std::_Exit(mproc::cpu_count() == 2 ? 0 : 11);
+        });
+        two.start();
+        REQUIRE(two.join(60s));
+        CHECK(two.exitcode() == 0);
+    }
+    CHECK(online >= 1);
+}
