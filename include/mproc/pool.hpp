@@ -71,7 +71,7 @@ using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<R
 
 /// Encodes up to `n` items from `it` into one task. Returns the items taken.
 template <class F, class Args, class It, class End>
-std::uint32_t encode_chunk(Task& task, PoolCore& core, const F& f, It& it, const End& end, std::size_t n) {
+std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n) {
     task.id = core.next_task_id();
     begin_task_frame<F, Args>(task.frame, task.id, 0, f);
     Writer out(task.frame);
@@ -181,7 +181,7 @@ public:
     using value_type = detail::task_result_t<F, Args>;
     static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
 
-    ImapRange(detail::PoolCore& core, F f, View view, std::size_t chunksize)
+    ImapRange(detail::PoolEngine& core, F f, View view, std::size_t chunksize)
         : core_(&core), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
           state_(std::make_shared<detail::ImapState<value_type, Ordered>>(core.collector_id())) {
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{core.processes()} * 4);
@@ -256,7 +256,7 @@ private:
         ++consumed_;
     }
 
-    detail::PoolCore* core_;
+    detail::PoolEngine* core_;
     F f_;
     View view_;
     std::optional<std::ranges::iterator_t<View>> input_;
@@ -374,8 +374,12 @@ public:
     /// The live workers' pids (they change as workers are replaced).
     std::vector<pid_t> worker_pids() { return core().worker_pids(); }
 
+protected:
+    /// A pool whose tasks another engine runs (mproc::mpi::Pool: MPI ranks).
+    explicit Pool(std::unique_ptr<detail::PoolEngine> engine) : core_(std::move(engine)) {}
+
 private:
-    detail::PoolCore& core() const {
+    detail::PoolEngine& core() const {
         if (!core_) throw Error("this Pool was moved from");
         return *core_;
     }
@@ -421,7 +425,7 @@ private:
         return ImapRange<F, Args, View, Ordered>(core(), f, std::views::all(std::forward<Range>(xs)), chunksize);
     }
 
-    std::unique_ptr<detail::PoolCore> core_;
+    std::unique_ptr<detail::PoolEngine> core_;
 };
 
 }  // namespace mproc

@@ -90,6 +90,47 @@ struct Task {
     }
 };
 
+/// What the Pool front end (pool.hpp) asks of the engine that runs its tasks: PoolCore here, with
+/// forked workers; mpi::detail::MpiEngine (mpi.hpp) with MPI ranks.
+class PoolEngine {
+public:
+    virtual ~PoolEngine() = default;
+    virtual unsigned processes() const noexcept = 0;
+    virtual std::uint64_t next_task_id() noexcept = 0;
+    /// Queues tasks (already encoded); throws mproc::Error if the pool takes no more.
+    virtual void submit(std::vector<Task>& tasks) = 0;
+    void submit(Task task) {
+        std::vector<Task> one;
+        one.push_back(std::move(task));
+        submit(one);
+    }
+    /// Runs `job` where callbacks run, as if it were a task's result (see PoolCore::post).
+    virtual void post(std::function<void()> job) = 0;
+    virtual void close() = 0;
+    virtual void join() = 0;
+    virtual void terminate() = 0;
+    /// The thread callbacks run on.
+    virtual std::thread::id collector_id() const noexcept = 0;
+    virtual std::vector<pid_t> worker_pids() = 0;
+
+protected:
+    /// Hands a finished task's result frame body to its sink.
+    static void deliver(Task& task, std::span<const std::byte> body) {
+        Reader in(body.subspan(16));  // past the task id and the time spent
+        try {
+            task.sink->deliver(task.first, task.count, task.skips, in);
+        } catch (...) {
+            // A result that does not decode fails the items it was for.
+            fail_items(task, std::current_exception());
+        }
+    }
+    /// Fails every item of `task` not already failed.
+    static void fail_items(Task& task, std::exception_ptr error) {
+        for (std::uint32_t i = 0; i < task.count; ++i)
+            if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
+    }
+};
+
 inline unsigned affinity_cpu_count() noexcept {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -101,7 +142,7 @@ inline unsigned affinity_cpu_count() noexcept {
     return n > 0 ? static_cast<unsigned>(n) : 1u;
 }
 
-class PoolCore {
+class PoolCore final : public PoolEngine {
 public:
     explicit PoolCore(PoolOptions options)
         : options_(std::move(options)), owner_(::getpid()) {
@@ -156,11 +197,7 @@ public:
         tasks.clear();
         dispatch_locked();
     }
-    void submit(Task task) {
-        std::vector<Task> one;
-        one.push_back(std::move(task));
-        submit(one);
-    }
+    using PoolEngine::submit;
 
     /// Runs `job` on the collector thread, where callbacks run, as if it were a task's result:
     /// for results that need no worker (a map over an empty input), whose callbacks must still
@@ -381,10 +418,7 @@ private:
 
     /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
     void fail_tasks(std::vector<Task>& tasks, std::exception_ptr error) {
-        for (Task& t : tasks) {
-            for (std::uint32_t i = 0; i < t.count; ++i)
-                if (!std::binary_search(t.skips.begin(), t.skips.end(), i)) t.sink->fail(t.first + i, error);
-        }
+        for (Task& t : tasks) fail_items(t, error);
         finish_tasks(tasks.size());
         tasks.clear();
     }
@@ -551,19 +585,6 @@ private:
             in.read(why);
             break_pool_locked("the pool's initializer failed in worker " + std::to_string(s.pid) + ": " +
                               why.type_name + ": " + why.message);
-        }
-    }
-
-    /// Hands a finished task's outcomes to its sink.
-    static void deliver(Task& task, std::span<const std::byte> body) {
-        Reader in(body.subspan(16));  // past the task id and the time spent
-        try {
-            task.sink->deliver(task.first, task.count, task.skips, in);
-        } catch (...) {
-            // A result that does not decode fails the items it was for.
-            const auto error = std::current_exception();
-            for (std::uint32_t i = 0; i < task.count; ++i)
-                if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
         }
     }
 

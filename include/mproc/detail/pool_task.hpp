@@ -1,10 +1,12 @@
 // mproc — how one Pool task is encoded, run in a worker, and answered.
 //
 // Workers are forks of the parent, so a function pointer means the same function there. A task
-// names its code by the address of an *invoker*: a function template instantiated in the parent
-// for the task's (callable, argument types), which decodes the arguments, calls, and encodes the
-// outcome of each item. Task frame body:
-//     u64 task id | u64 invoker | u32 item count | callable | items... | u32 skips... | u32 skip count
+// names its code by the address of a TaskCode: a constant instantiated in the parent for the
+// task's (callable, argument types) that holds the *invoker* — which decodes the arguments, calls,
+// and encodes the outcome of each item — and says whether a function pointer follows, so an engine
+// whose workers load code at other addresses (mproc/mpi.hpp) can find and translate both
+// addresses. Task frame body:
+//     u64 task id | u64 task code | u32 item count | callable | items... | u32 skips... | u32 skip count
 // The trailer lists items not to run (they already failed when an earlier worker died on them).
 // Result frame body:
 //     u64 task id | u64 nanoseconds spent | per item: u8 outcome, then the value or the exception.
@@ -53,6 +55,16 @@ struct ChunkContext {
     bool timed;  // publish start times (only when task_timeout is set)
 };
 using Invoker = void (*)(ChunkContext&);
+
+/// What a task frame names: the invoker, and whether the callable is a function pointer (whose
+/// value follows the item count). `magic` lets a reader check that an address translated from
+/// another process really names a TaskCode.
+struct TaskCode {
+    static constexpr std::uint64_t expected_magic = 0x6d70726f632d7463;  // "mproc-tc"
+    std::uint64_t magic;
+    Invoker invoke;
+    bool pointer_callable;
+};
 
 /// Tasks are function pointers or stateless callables: nothing captured can cross to a worker.
 template <class F>
@@ -118,13 +130,17 @@ void run_chunk(ChunkContext& c) {
     }
 }
 
+/// The TaskCode of tasks calling an F with Args; its address is what a task frame names.
+template <class F, class Args>
+inline constexpr TaskCode task_code{TaskCode::expected_magic, &run_chunk<F, Args>, std::is_pointer_v<F>};
+
 /// The frame for a chunk of items whose encodings are already in `items`, for `count` items.
 template <class F, class Args>
 void begin_task_frame(Buffer& frame, std::uint64_t task_id, std::uint32_t count, const F& f) {
     begin_frame(frame);
     Writer out(frame);
-    const auto invoker = reinterpret_cast<std::uintptr_t>(&run_chunk<F, Args>);
-    out(task_id, static_cast<std::uint64_t>(invoker), count);
+    const auto code = reinterpret_cast<std::uintptr_t>(&task_code<F, Args>);
+    out(task_id, static_cast<std::uint64_t>(code), count);
     write_callable(out, f);
 }
 /// Closes a task frame with its list of items to skip.
@@ -134,6 +150,10 @@ inline void end_task_frame(Buffer& frame, std::span<const std::uint32_t> skips) 
     frame.append(&n, sizeof n);
     finish_frame(frame);
 }
+
+/// Where a task frame's body holds the TaskCode's address, and the callable when it is a pointer.
+inline constexpr std::size_t task_code_at = 8;
+inline constexpr std::size_t task_callable_at = 8 + 8 + 4;
 
 /// The fields of a task frame as the worker reads them.
 struct TaskView {
@@ -148,11 +168,11 @@ inline TaskView parse_task(std::span<const std::byte> body) {
     TaskView t;
     constexpr std::size_t head = 8 + 8 + 4;
     if (body.size() < head + 4) Reader::fail("task frame too short");
-    std::uint64_t invoker = 0;
+    std::uint64_t code = 0;
     std::memcpy(&t.task_id, body.data(), 8);
-    std::memcpy(&invoker, body.data() + 8, 8);
+    std::memcpy(&code, body.data() + 8, 8);
     std::memcpy(&t.count, body.data() + 16, 4);
-    t.invoker = reinterpret_cast<Invoker>(static_cast<std::uintptr_t>(invoker));
+    t.invoker = reinterpret_cast<const TaskCode*>(static_cast<std::uintptr_t>(code))->invoke;
     std::uint32_t nskip = 0;
     std::memcpy(&nskip, body.data() + body.size() - 4, 4);
     if (nskip > (body.size() - head - 4) / 4) Reader::fail("task frame skip list too long");

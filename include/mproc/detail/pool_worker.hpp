@@ -64,6 +64,28 @@ inline bool send_result(WorkerLink& link, const Buffer& frame) {
     return true;
 }
 
+/// Runs one task and writes its result frame into `out` (also used by mproc/mpi.hpp's workers).
+inline void run_task(const TaskView& task, WorkerSlot& slot, bool timed, Buffer& out) {
+    const std::int64_t begun = monotonic_ns();
+    begin_frame(out);
+    Writer w(out);
+    w(task.task_id, std::int64_t{0});
+    const std::size_t header = out.size();
+    Reader r(task.payload);
+    ChunkContext context{r, w, slot, task.skips, task.task_id, task.count, timed};
+    try {
+        task.invoker(context);
+    } catch (...) {
+        // The chunk itself could not be decoded: every item of it fails with the reason.
+        const RemoteException why = RemoteException::capture();
+        out.resize(header);
+        for (std::uint32_t i = 0; i < task.count; ++i) w(Outcome::exception, why);
+    }
+    const std::int64_t spent = monotonic_ns() - begun;
+    std::memcpy(out.data() + frame_header_size + 8, &spent, sizeof spent);
+    finish_frame(out);
+}
+
 /// The body of a worker process; returns its exit status.
 inline int worker_main(WorkerLink link, const WorkerConfig& config) {
     Buffer out;
@@ -102,25 +124,7 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
             }
             body = *socket_in.buffered_frame();
         }
-        const TaskView task = parse_task(body);
-        const std::int64_t begun = monotonic_ns();
-        begin_frame(out);
-        Writer w(out);
-        w(task.task_id, std::int64_t{0});
-        const std::size_t header = out.size();
-        Reader r(task.payload);
-        ChunkContext context{r, w, link.slot, task.skips, task.task_id, task.count, config.timed};
-        try {
-            task.invoker(context);
-        } catch (...) {
-            // The chunk itself could not be decoded: every item of it fails with the reason.
-            const RemoteException why = RemoteException::capture();
-            out.resize(header);
-            for (std::uint32_t i = 0; i < task.count; ++i) w(Outcome::exception, why);
-        }
-        const std::int64_t spent = monotonic_ns() - begun;
-        std::memcpy(out.data() + frame_header_size + 8, &spent, sizeof spent);
-        finish_frame(out);
+        run_task(parse_task(body), link.slot, config.timed, out);
         if (on_socket) socket_in.consume(body);
         link.tasks.consume_to(record->end);
         const bool sent = send_result(link, out);
