@@ -1,0 +1,168 @@
+// mproc — the MPI layer of mproc::mpi::Pool: errors, the messages ranks exchange, and waiting.
+//
+// Every message is one MPI message of bytes on mproc's own communicator (a duplicate of
+// MPI_COMM_WORLD, so the user's own MPI traffic never meets it):
+//     u8 kind | u64 pool | payload
+// Rank 0 sends on tag `to_worker` (modules, open, tasks, cancel, exit), a worker answers on tag
+// `to_master` (hello, results, cancelled). MPI keeps two messages between the same pair of ranks
+// in order, so a worker sees a pool's `open` before its tasks and a `cancel` after them.
+// A batch of tasks or results is a run of mproc frames (u64 length | body) in one message, so a
+// large argument travels as one message, never piece by piece.
+#pragma once
+
+#include <mpi.h>
+
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <optional>
+#include <sched.h>
+#include <span>
+#include <string>
+#include <sys/prctl.h>
+
+#include <fmt/format.h>
+
+#include "../errors.hpp"
+#include "../serialize.hpp"
+#include "framing.hpp"
+
+namespace mproc::mpi::detail {
+
+using mproc::detail::frame_header_size;
+
+enum Tag : int { to_worker = 0x6d70, to_master = 0x6d71 };
+
+enum class Kind : std::uint8_t {
+    modules = 1,    // rank 0 → worker: u32 first id | names... (code objects tasks refer to)
+    open = 2,       // rank 0 → worker: u64 initializer (portable address, 0: none)
+    tasks = 3,      // rank 0 → worker: task frames
+    cancel = 4,     // rank 0 → worker: drop the pool's tasks, answer `cancelled`
+    exit = 5,       // rank 0 → worker: the program is over
+    hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's)
+    results = 7,    // worker → rank 0: result frames, in the order of the tasks
+    cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
+};
+
+inline constexpr std::size_t message_header = 1 + 8;
+
+/// The largest message one MPI call carries: counts are `int`.
+inline constexpr std::size_t max_message = static_cast<std::size_t>(INT_MAX);
+
+/// Throws mproc::Error when an MPI call failed.
+inline void check(int rc, const char* call) {
+    if (rc == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING] = {};
+    int length = 0;
+    MPI_Error_string(rc, text, &length);
+    throw Error(fmt::format("mproc::mpi: {} failed: {}", call, std::string(text, static_cast<std::size_t>(length))));
+}
+
+/// Starts a message in `out`.
+inline void begin_message(Buffer& out, Kind kind, std::uint64_t pool) {
+    out.clear();
+    const auto k = static_cast<std::uint8_t>(kind);
+    out.append(&k, 1);
+    out.append(&pool, sizeof pool);
+}
+
+/// A received message: its kind, its pool, and what follows.
+struct Message {
+    int source = 0;
+    Kind kind{};
+    std::uint64_t pool = 0;
+    Buffer bytes;
+    std::span<const std::byte> payload() const noexcept { return bytes.bytes().subspan(message_header); }
+};
+
+/// Receives the next message on `tag` from `source`, if one is there; never waits.
+inline std::optional<Message> try_receive(MPI_Comm comm, int source, int tag) {
+    int found = 0;
+    MPI_Message handle;
+    MPI_Status status;
+    check(MPI_Improbe(source, tag, comm, &found, &handle, &status), "MPI_Improbe");
+    if (!found) return std::nullopt;
+    int count = 0;
+    check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
+    Message m;
+    m.source = status.MPI_SOURCE;
+    m.bytes.resize(static_cast<std::size_t>(count));
+    check(MPI_Mrecv(m.bytes.data(), count, MPI_BYTE, &handle, MPI_STATUS_IGNORE), "MPI_Mrecv");
+    if (m.bytes.size() < message_header) throw SerializationError("mproc::mpi: a message shorter than its header");
+    std::uint8_t kind = 0;
+    std::memcpy(&kind, m.bytes.data(), 1);
+    std::memcpy(&m.pool, m.bytes.data() + 1, 8);
+    m.kind = static_cast<Kind>(kind);
+    return m;
+}
+
+/// Sends a whole message and waits until MPI has taken it.
+inline void send(MPI_Comm comm, int dest, int tag, const Buffer& message) {
+    if (message.size() > max_message)
+        throw Error(fmt::format("mproc::mpi: a message of {} bytes exceeds MPI's limit of {} bytes", message.size(),
+                                max_message));
+    check(MPI_Send(message.data(), static_cast<int>(message.size()), MPI_BYTE, dest, tag, comm), "MPI_Send");
+}
+
+/// The frames of a tasks/results payload, one at a time.
+class FrameCursor {
+public:
+    explicit FrameCursor(std::span<const std::byte> bytes) noexcept : bytes_(bytes) {}
+    /// The next frame's body, or nothing at the end. Throws SerializationError on a torn frame.
+    std::optional<std::span<const std::byte>> next() {
+        if (bytes_.empty()) return std::nullopt;
+        std::uint64_t length = 0;
+        if (bytes_.size() < frame_header_size) throw SerializationError("mproc::mpi: a torn frame header");
+        std::memcpy(&length, bytes_.data(), sizeof length);
+        if (length > bytes_.size() - frame_header_size) throw SerializationError("mproc::mpi: a torn frame");
+        auto body = bytes_.subspan(frame_header_size, static_cast<std::size_t>(length));
+        bytes_ = bytes_.subspan(frame_header_size + static_cast<std::size_t>(length));
+        return body;
+    }
+    bool empty() const noexcept { return bytes_.empty(); }
+
+private:
+    std::span<const std::byte> bytes_;
+};
+
+/// How long to wait between two looks at MPI that found nothing: a few immediate retries (each
+/// yields the core), then sleeps that double from 16 µs to 1 ms. Anything found resets it. MPI
+/// has no descriptor to sleep on, and its own blocking calls spin a core, so mproc never makes a
+/// blocking MPI call while it waits for work: an idle rank wakes at most 1000 times a second.
+class Backoff {
+public:
+    static constexpr std::chrono::microseconds longest{1000};
+
+    void reset() noexcept { idle_ = 0; }
+    /// The pause before the next look (zero: just yield).
+    std::chrono::microseconds next() noexcept {
+        ++idle_;
+        if (idle_ <= spins) return std::chrono::microseconds{0};
+        const unsigned doublings = idle_ - spins - 1;
+        if (doublings >= 6) return longest;
+        return std::chrono::microseconds{16 << doublings};
+    }
+    /// Sleeps (or yields) for next().
+    void pause() noexcept {
+        const auto d = next();
+        if (d.count() == 0) {
+            ::sched_yield();
+            return;
+        }
+        timespec ts{0, static_cast<long>(d.count()) * 1000};
+        while (::nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+
+    /// Short sleeps mean what they say for this thread (the default slack is 50 µs).
+    static void tighten_timer_slack() noexcept { ::prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL); }
+
+private:
+    static constexpr unsigned spins = 8;
+    unsigned idle_ = 0;
+};
+
+}  // namespace mproc::mpi::detail

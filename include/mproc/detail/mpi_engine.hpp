@@ -1,0 +1,568 @@
+// mproc — rank 0's side of mproc::mpi::Pool: the engine behind the Pool front end.
+//
+//   user threads ──submit──▶ backlog ──dispatch──▶ seat r: window of tasks ══MPI══▶ worker rank r
+//                                                                                    │
+//   AsyncResult / imap ◀── deliver + callbacks ◀── MPI thread ◀══ result batches ════┘
+//
+// MpiEngine is to MPI ranks what PoolCore is to forked workers, behind the same PoolEngine
+// interface, so mpi::Pool *is* mproc::Pool with another engine: same calls, same AsyncResult,
+// same callbacks, same exception transport, same ordering. Each pool has one thread of its own,
+// the *MPI thread*: it alone calls MPI (so MPI_THREAD_SERIALIZED is enough), sends each seat a
+// bounded window of tasks — as many as about 2 ms of work, at least 2, at most 1024, and no more
+// than 64 MiB — so a fast rank comes back for more sooner and takes more of the work, receives
+// result batches, and runs callbacks, one at a time. Sends never block (MPI_Isend): the MPI thread
+// is always ready to receive, so a worker sending a large result can never deadlock against it.
+//
+// Master holds what outlives one pool: the communicator, the object names workers know, sends
+// still in flight, and the `cancelled` answers owed after a terminate. Worker ranks serve one pool
+// at a time, so rank 0 runs one live mpi::Pool at a time.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "../errors.hpp"
+#include "../serialize.hpp"
+#include "mpi_address.hpp"
+#include "mpi_comm.hpp"
+#include "pool_core.hpp"
+#include "pool_task.hpp"
+#include "remote_exception.hpp"
+
+namespace mproc::mpi::detail {
+
+using mproc::detail::Outcome;
+using mproc::detail::Task;
+
+class MpiEngine;
+
+/// Rank 0's state for the whole run.
+class Master {
+public:
+    Master(MPI_Comm comm, int size, std::vector<pid_t> pids)
+        : comm_(comm), size_(size), pids_(std::move(pids)), modules_sent_(static_cast<std::size_t>(size), 0),
+          owed_(static_cast<std::size_t>(size), 0) {}
+
+    MPI_Comm comm() const noexcept { return comm_; }
+    unsigned workers() const noexcept { return static_cast<unsigned>(size_ - 1); }
+    pid_t pid_of(int rank) const { return pids_.at(static_cast<std::size_t>(rank)); }
+
+    /// Rewrites a task frame's addresses as portable ones (any thread).
+    void make_portable(Buffer& frame) {
+        std::lock_guard lock(names_mutex_);
+        names_.make_portable(frame);
+    }
+    std::uint64_t portable(std::uintptr_t address) {
+        std::lock_guard lock(names_mutex_);
+        return names_.portable(address);
+    }
+
+    // ---- the MPI thread of the live pool (or finish()) only ----
+
+    /// Sends `message` to `rank` without waiting; it is kept until MPI is done with it.
+    void post_send(int rank, Buffer message) {
+        if (message.size() > max_message)
+            throw Error(fmt::format("mproc::mpi: a message of {} bytes exceeds MPI's limit", message.size()));
+        send_modules(rank);
+        Pending& p = pending_.emplace_back();
+        p.bytes = std::move(message);
+        check(MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, rank, to_worker, comm_, &p.request),
+              "MPI_Isend");
+    }
+    /// Frees the sends MPI has finished. Returns whether any had.
+    bool test_sends() {
+        bool any = false;
+        for (auto it = pending_.begin(); it != pending_.end();) {
+            int done = 0;
+            check(MPI_Test(&it->request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+            if (!done) break;  // to one rank they finish in order; the rest wait for the next look
+            it = pending_.erase(it);
+            any = true;
+        }
+        return any;
+    }
+    /// Tells `rank` to drop what it holds of `pool`; it answers `cancelled`.
+    void cancel(int rank, std::uint64_t pool) {
+        Buffer m;
+        begin_message(m, Kind::cancel, pool);
+        post_send(rank, std::move(m));
+        ++owed_[static_cast<std::size_t>(rank)];
+    }
+    /// Receives what the workers sent: messages of `pool` go to `handle`, the rest are settled
+    /// here (late results of a cancelled pool are dropped). Returns whether anything came.
+    template <class Handle>
+    bool receive(std::uint64_t pool, Handle&& handle) {
+        bool any = false;
+        for (int n = 0; n < 64; ++n) {
+            auto m = try_receive(comm_, MPI_ANY_SOURCE, to_master);
+            if (!m) break;
+            any = true;
+            if (m->kind == Kind::cancelled) {
+                auto& owed = owed_[static_cast<std::size_t>(m->source)];
+                if (owed) --owed;
+            } else if (m->pool == pool) {
+                handle(*m);
+            }
+        }
+        return any;
+    }
+    bool settled() const noexcept {
+        return pending_.empty() && std::all_of(owed_.begin(), owed_.end(), [](unsigned o) { return o == 0; });
+    }
+
+    /// Ends the run: the live pool (if any) is terminated, every answer still owed is awaited,
+    /// then every worker is told to exit. Called once, on rank 0, before MPI_Finalize.
+    void finish();
+
+    // ---- the pool in use ----
+    MpiEngine* acquire(MpiEngine* engine) {
+        std::lock_guard lock(active_mutex_);
+        if (finished_) throw Error("mproc::mpi: the program is ending (MPI is finalised): no new Pool");
+        if (active_)
+            throw Error("mproc::mpi: another mproc::mpi::Pool is running; close() and join() it, or terminate() it, "
+                        "first (the worker ranks serve one pool at a time)");
+        active_ = engine;
+        return engine;
+    }
+    void release(MpiEngine* engine) {
+        std::lock_guard lock(active_mutex_);
+        if (active_ == engine) active_ = nullptr;
+    }
+    std::uint64_t next_pool() noexcept { return next_pool_++; }
+
+private:
+    struct Pending {
+        MPI_Request request = MPI_REQUEST_NULL;
+        Buffer bytes;
+    };
+
+    /// Sends `rank` the object names it has not had yet: before any task that may name them.
+    void send_modules(int rank) {
+        std::size_t& sent = modules_sent_[static_cast<std::size_t>(rank)];
+        Buffer m;
+        {
+            std::lock_guard lock(names_mutex_);
+            const auto& names = names_.modules();
+            if (sent == names.size()) return;
+            begin_message(m, Kind::modules, 0);
+            Writer w(m);
+            w(static_cast<std::uint32_t>(sent), std::vector<std::string>(names.begin() + static_cast<std::ptrdiff_t>(sent), names.end()));
+            sent = names.size();
+        }
+        Pending& p = pending_.emplace_back();
+        p.bytes = std::move(m);
+        check(MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, rank, to_worker, comm_, &p.request),
+              "MPI_Isend");
+    }
+
+    MPI_Comm comm_;
+    int size_;
+    std::vector<pid_t> pids_;
+    std::mutex names_mutex_;
+    CodeNames names_;
+    std::vector<std::size_t> modules_sent_;
+    std::vector<unsigned> owed_;
+    std::list<Pending> pending_;
+    std::mutex active_mutex_;
+    MpiEngine* active_ = nullptr;
+    bool finished_ = false;
+    std::uint64_t next_pool_ = 1;
+};
+
+class MpiEngine final : public mproc::detail::PoolEngine {
+public:
+    MpiEngine(Master& master, unsigned processes, std::uint64_t initializer)
+        : master_(master), pool_(master.next_pool()), initializer_(initializer) {
+        seats_ = std::vector<Seat>(processes);  // built in place: a Seat does not move
+        for (unsigned i = 0; i < processes; ++i) seats_[i].rank = static_cast<int>(i) + 1;
+        master_.acquire(this);
+        std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
+        thread_ = std::thread([this] { run(); });
+        thread_id_ = thread_.get_id();
+    }
+    MpiEngine(const MpiEngine&) = delete;
+    MpiEngine& operator=(const MpiEngine&) = delete;
+    ~MpiEngine() override {
+        try {
+            terminate();
+        } catch (...) {
+        }
+    }
+
+    unsigned processes() const noexcept override { return static_cast<unsigned>(seats_.size()); }
+    std::uint64_t next_task_id() noexcept override { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+
+    void submit(std::vector<Task>& tasks) override {
+        // Everything that can fail is checked before any task is taken: the call takes all or none.
+        for (Task& t : tasks) {
+            if (t.frame.size() + message_header > max_message)
+                throw Error(fmt::format("mproc::mpi: a task of {} bytes is larger than one MPI message carries ({} "
+                                        "bytes)",
+                                        t.frame.size(), max_message));
+        }
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+        }
+        for (Task& t : tasks) master_.make_portable(t.frame);
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+            outstanding_ += tasks.size();
+            for (Task& t : tasks) backlog_.push_back(std::move(t));
+            tasks.clear();
+        }
+        wake_.notify_one();
+    }
+    using PoolEngine::submit;
+
+    void post(std::function<void()> job) override {
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+            ++outstanding_;
+            posted_.push_back(std::move(job));
+        }
+        wake_.notify_one();
+    }
+
+    void close() override {
+        std::lock_guard lock(mutex_);
+        if (state_ == State::open) state_ = State::closed;
+    }
+
+    void join() override {
+        if (std::this_thread::get_id() == thread_id_)
+            throw Error("Pool::join() called from a callback: it would wait for itself");
+        {
+            std::unique_lock lock(mutex_);
+            if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
+            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
+            if (state_ != State::terminated) state_ = State::draining;
+        }
+        wake_.notify_all();
+        stop_thread();
+    }
+
+    void terminate() override {
+        if (std::this_thread::get_id() == thread_id_)
+            throw Error("Pool::terminate() called from a callback: it would wait for itself");
+        std::vector<Task> doomed;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ != State::terminated) {
+                state_ = State::terminated;
+                doomed = take_all_locked();
+            }
+        }
+        wake_.notify_all();
+        stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
+        run_posted();
+        fail(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+        idle_.notify_all();
+    }
+
+    std::thread::id collector_id() const noexcept override { return thread_id_; }
+
+    std::vector<pid_t> worker_pids() override {
+        std::vector<pid_t> pids;
+        for (const Seat& s : seats_) pids.push_back(master_.pid_of(s.rank));
+        return pids;
+    }
+
+private:
+    enum class State { open, closed, draining, broken, terminated };
+    struct Seat {
+        int rank = 0;
+        std::deque<Task> inflight;
+        std::deque<std::size_t> sizes;  // of each task in flight (its frame is gone once sent)
+        std::size_t bytes = 0;          // their sum
+    };
+    struct Outgoing {
+        int rank;
+        Buffer message;
+    };
+
+    static constexpr std::size_t max_window = 1024;
+    static constexpr std::size_t max_window_bytes = std::size_t{64} << 20;
+    static constexpr std::size_t batch_bytes = std::size_t{4} << 20;
+    static constexpr std::size_t no_batch = SIZE_MAX;
+
+    void check_accepting_locked() const {
+        switch (state_) {
+            case State::open: return;
+            case State::broken: throw Error(broken_reason_);
+            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
+            default: throw Error("the pool is closed: it takes no more tasks");
+        }
+    }
+
+    /// Tasks a seat may hold: about 2 ms of work (from the measured task time), 2 to 1024.
+    std::size_t window_locked() const noexcept {
+        if (avg_task_ns_ <= 0) return 16;
+        return static_cast<std::size_t>(std::clamp(2'000'000.0 / avg_task_ns_, 2.0, static_cast<double>(max_window)));
+    }
+
+    /// Gives each seat what its window has room for, as batches to send.
+    void dispatch_locked(std::vector<Outgoing>& out) {
+        if (state_ == State::terminated || state_ == State::broken) return;
+        const std::size_t window = window_locked();
+        std::vector<std::size_t> batch(seats_.size(), no_batch);  // each seat's open batch in `out`
+        while (!backlog_.empty()) {
+            std::size_t best = seats_.size();
+            for (std::size_t i = 0; i < seats_.size(); ++i) {
+                const Seat& s = seats_[i];
+                const bool room = s.inflight.empty() || (s.inflight.size() < window && s.bytes < max_window_bytes);
+                if (room && (best == seats_.size() || s.inflight.size() < seats_[best].inflight.size())) best = i;
+            }
+            if (best == seats_.size()) break;
+            Seat& seat = seats_[best];
+            Task& task = seat.inflight.emplace_back(std::move(backlog_.front()));
+            backlog_.pop_front();
+            seat.sizes.push_back(task.frame.size());
+            seat.bytes += task.frame.size();
+            if (batch[best] != no_batch && out[batch[best]].message.size() + task.frame.size() > batch_bytes)
+                batch[best] = no_batch;
+            if (batch[best] == no_batch) {
+                batch[best] = out.size();
+                out.push_back(Outgoing{seat.rank, Buffer{}});
+                begin_message(out.back().message, Kind::tasks, pool_);
+            }
+            out[batch[best]].message.append(task.frame.data(), task.frame.size());
+            task.frame = Buffer{};  // sent: a task is never sent twice
+        }
+    }
+
+    // ---- the MPI thread ----
+
+    void run() {
+        { std::lock_guard lock(mutex_); }
+        Backoff::tighten_timer_slack();
+        try {
+            open_pool();
+            loop();
+        } catch (const std::exception& e) {
+            // MPI itself failed: nothing can reach the workers any more.
+            break_pool(fmt::format("mproc::mpi: the pool's MPI thread failed: {}", e.what()));
+        }
+    }
+
+    void open_pool() {
+        for (const Seat& s : seats_) {
+            Buffer m;
+            begin_message(m, Kind::open, pool_);
+            Writer w(m);
+            w(initializer_);
+            master_.post_send(s.rank, std::move(m));
+        }
+    }
+
+    void loop() {
+        Backoff backoff;
+        std::vector<Outgoing> out;
+        for (;;) {
+            bool progressed = false;
+            {
+                std::lock_guard lock(mutex_);
+                if (state_ == State::terminated) break;
+                if (state_ == State::draining && outstanding_ == 0) break;
+                dispatch_locked(out);
+            }
+            for (Outgoing& o : out) master_.post_send(o.rank, std::move(o.message));
+            progressed |= !out.empty();
+            out.clear();
+            progressed |= run_posted();
+            progressed |= master_.receive(pool_, [&](Message& m) { handle(m); });
+            progressed |= master_.test_sends();
+            if (progressed) {
+                backoff.reset();
+                continue;
+            }
+            std::unique_lock lock(mutex_);
+            const auto woken = [&] {
+                return state_ == State::terminated || (state_ == State::draining && outstanding_ == 0) ||
+                       !posted_.empty() || (!backlog_.empty() && state_ != State::broken);
+            };
+            if (outstanding_ == 0 && master_.settled()) wake_.wait(lock, woken);  // nothing can arrive: sleep
+            else wake_.wait_for(lock, backoff.next(), woken);
+        }
+        // Terminated or broken: the workers drop what they still hold of this pool.
+        std::vector<int> to_cancel;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ == State::terminated && !cancelled_)
+                for (const Seat& s : seats_) to_cancel.push_back(s.rank);
+            cancelled_ = true;
+        }
+        for (int rank : to_cancel) master_.cancel(rank, pool_);
+    }
+
+    /// A message of this pool from a worker (on the MPI thread).
+    void handle(Message& m) {
+        Seat* seat = nullptr;
+        for (Seat& s : seats_)
+            if (s.rank == m.source) seat = &s;
+        if (!seat) return;
+        if (m.kind == Kind::hello) {
+            Reader in(m.payload());
+            Outcome outcome{};
+            in.read(outcome);
+            if (outcome == Outcome::exception) {
+                mproc::detail::RemoteException why;
+                in.read(why);
+                break_pool(fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source, why.type_name,
+                                       why.message));
+            }
+            return;
+        }
+        if (m.kind != Kind::results) return;
+        struct Finished {
+            Task task;
+            std::span<const std::byte> body;
+        };
+        std::vector<Finished> finished;
+        {
+            std::lock_guard lock(mutex_);
+            FrameCursor frames(m.payload());
+            while (auto body = frames.next()) {
+                Reader in(*body);
+                std::uint64_t id = 0;
+                std::int64_t spent = 0;
+                in(id, spent);
+                // After a break the seat holds nothing: late results are dropped here.
+                if (seat->inflight.empty() || seat->inflight.front().id != id) continue;
+                seat->bytes -= seat->sizes.front();
+                seat->sizes.pop_front();
+                finished.push_back({std::move(seat->inflight.front()), *body});
+                seat->inflight.pop_front();
+                const auto per_task = static_cast<double>(spent);
+                avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
+            }
+        }
+        for (Finished& f : finished) deliver(f.task, f.body);
+        const std::size_t n = finished.size();
+        finished.clear();  // the tasks (and their sinks) go before the lock is taken
+        settle(n);
+    }
+
+    /// The pool cannot go on: every pending task fails with `reason`, and so does every later call.
+    void break_pool(std::string reason) {
+        std::vector<Task> doomed;
+        std::vector<int> to_cancel;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ == State::terminated || state_ == State::broken) return;
+            state_ = State::broken;
+            broken_reason_ = std::move(reason);
+            doomed = take_all_locked();
+            if (!cancelled_)
+                for (const Seat& s : seats_) to_cancel.push_back(s.rank);
+            cancelled_ = true;
+        }
+        try {
+            for (int rank : to_cancel) master_.cancel(rank, pool_);
+        } catch (...) {
+        }
+        fail(doomed, std::make_exception_ptr(Error(broken_reason_)));
+    }
+
+    std::vector<Task> take_all_locked() {
+        std::vector<Task> all;
+        for (Seat& s : seats_) {
+            for (Task& t : s.inflight) all.push_back(std::move(t));
+            s.inflight.clear();
+            s.sizes.clear();
+            s.bytes = 0;
+        }
+        for (Task& t : backlog_) all.push_back(std::move(t));
+        backlog_.clear();
+        return all;
+    }
+
+    void fail(std::vector<Task>& tasks, std::exception_ptr error) {
+        for (Task& t : tasks) fail_items(t, error);
+        settle(tasks.size());
+        tasks.clear();
+    }
+
+    void settle(std::size_t n) {
+        if (n == 0) return;
+        std::lock_guard lock(mutex_);
+        outstanding_ -= std::min(outstanding_, n);
+        if (outstanding_ == 0) idle_.notify_all();
+    }
+
+    /// Runs the posted jobs (on the MPI thread, or after it stopped). Returns whether there were any.
+    bool run_posted() {
+        std::deque<std::function<void()>> jobs;
+        {
+            std::lock_guard lock(mutex_);
+            jobs.swap(posted_);
+        }
+        for (auto& job : jobs) job();
+        settle(jobs.size());
+        return !jobs.empty();
+    }
+
+    void stop_thread() {
+        if (thread_.joinable()) thread_.join();
+        master_.release(this);
+    }
+
+    Master& master_;
+    std::uint64_t pool_;
+    std::uint64_t initializer_;
+    std::vector<Seat> seats_;
+
+    std::mutex mutex_;
+    std::condition_variable wake_;  // the MPI thread waits here
+    std::condition_variable idle_;  // join() waits here
+    State state_ = State::open;
+    bool cancelled_ = false;
+    std::string broken_reason_;
+    std::deque<Task> backlog_;
+    std::size_t outstanding_ = 0;
+    std::deque<std::function<void()>> posted_;
+    double avg_task_ns_ = 0;
+    std::atomic<std::uint64_t> next_id_{1};
+
+    std::thread thread_;
+    std::thread::id thread_id_;
+};
+
+inline void Master::finish() {
+    MpiEngine* live = nullptr;
+    {
+        std::lock_guard lock(active_mutex_);
+        if (finished_) return;
+        finished_ = true;
+        live = active_;
+    }
+    if (live) live->terminate();
+    Backoff backoff;
+    while (!settled()) {
+        const bool got = receive(0, [](Message&) {});
+        if (test_sends() || got) backoff.reset();
+        else backoff.pause();
+    }
+    for (int rank = 1; rank < size_; ++rank) {
+        Buffer m;
+        begin_message(m, Kind::exit, 0);
+        send(comm_, rank, to_worker, m);
+    }
+}
+
+}  // namespace mproc::mpi::detail

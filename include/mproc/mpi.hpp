@@ -1,0 +1,181 @@
+// mproc — the Pool across machines, on MPI.
+//
+//     #include <mproc/mpi.hpp>
+//
+//     int square(int x) { return x * x; }
+//
+//     int main(int argc, char** argv) {
+//         mproc::mpi::Init mpi(argc, argv);   // the one new line: ranks > 0 serve tasks here and
+//                                             // leave; rank 0 goes on with the program
+//         mproc::mpi::Pool pool;              // one worker per other rank
+//         std::vector<int> sq = pool.map(square, xs);
+//         ...
+//     }
+//
+//     $ mpirun -n 4 ./app                     # rank 0 runs main, ranks 1-3 are the pool's workers
+//
+// mproc::mpi::Pool is an mproc::Pool — apply, apply_async (callback, error_callback), map,
+// map_async, starmap, starmap_async, imap, imap_unordered, close, join, terminate — with the same
+// semantics, ordering and exception transport, whose tasks run on the other MPI ranks instead of
+// forked processes. Tasks are plain functions and stateless callables, as in the local Pool, named
+// across ranks by their offset in the program or library that holds them (detail/mpi_address.hpp).
+//
+// Failure model: a task that throws fails its result, as in the local Pool. A rank that dies (a
+// crash, a kill, a lost host) ends the whole job, as MPI jobs end under Open MPI: mpirun kills the
+// other ranks and exits non-zero — nothing hangs, and nothing is retried. A task cannot be
+// interrupted: terminate() fails every pending result at once and has the ranks drop their queued
+// tasks, but a task already running finishes (its result is dropped), and the program's end waits
+// for it.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <unistd.h>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "detail/mpi_comm.hpp"
+#include "detail/mpi_engine.hpp"
+#include "detail/mpi_worker.hpp"
+#include "errors.hpp"
+#include "pool.hpp"
+
+namespace mproc::mpi {
+
+namespace detail {
+
+/// What Init sets up, for the whole process.
+struct Runtime {
+    bool started = false;
+    bool finished = false;
+    bool owns_mpi = false;  // MPI_Init was ours (so MPI_Finalize is too)
+    MPI_Comm comm = MPI_COMM_NULL;
+    int rank = 0;
+    int size = 1;
+    std::unique_ptr<Master> master;  // rank 0
+
+    static Runtime& get() {
+        static Runtime runtime;
+        return runtime;
+    }
+
+    /// Rank 0: lets the workers go and finalises MPI. Runs once: at the end of main (Init's
+    /// destructor) or at exit().
+    void finish() noexcept {
+        if (!started || finished) return;
+        finished = true;
+        try {
+            if (master) master->finish();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "mproc::mpi: ending the pool's ranks failed: %s\n", e.what());
+            MPI_Abort(comm, 1);
+        }
+        MPI_Comm_free(&comm);
+        if (owns_mpi) MPI_Finalize();
+    }
+};
+
+}  // namespace detail
+
+/// The MPI entry point: the first line of main. On rank 0 it returns and the program goes on;
+/// on every other rank it serves the Pools that rank 0 creates until rank 0 ends, then exits the
+/// process with status 0 — code after it never runs there (code before it runs on every rank).
+/// At the end of main (or at exit()) rank 0 lets the workers go and finalises MPI.
+class Init {
+public:
+    Init() : Init(nullptr, nullptr) {}
+    Init(int& argc, char**& argv) : Init(&argc, &argv) {}
+    Init(const Init&) = delete;
+    Init& operator=(const Init&) = delete;
+    ~Init() { detail::Runtime::get().finish(); }
+
+    int rank() const noexcept { return detail::Runtime::get().rank; }
+    /// The number of ranks: rank 0 and size() - 1 workers.
+    int size() const noexcept { return detail::Runtime::get().size; }
+
+private:
+    Init(int* argc, char*** argv) {
+        auto& rt = detail::Runtime::get();
+        if (rt.started) throw Error("mproc::mpi::Init: MPI is already set up (one Init per program)");
+        int already = 0;
+        detail::check(MPI_Initialized(&already), "MPI_Initialized");
+        int provided = 0;
+        if (already) {
+            detail::check(MPI_Query_thread(&provided), "MPI_Query_thread");
+        } else {
+            detail::check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
+            rt.owns_mpi = true;
+        }
+        if (provided < MPI_THREAD_SERIALIZED)
+            throw Error("mproc::mpi::Init: this MPI library does not allow calls from a second thread "
+                        "(MPI_THREAD_SERIALIZED), which mproc::mpi::Pool needs");
+        detail::check(MPI_Comm_dup(MPI_COMM_WORLD, &rt.comm), "MPI_Comm_dup");
+        detail::check(MPI_Comm_set_errhandler(rt.comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+        detail::check(MPI_Comm_rank(rt.comm, &rt.rank), "MPI_Comm_rank");
+        detail::check(MPI_Comm_size(rt.comm, &rt.size), "MPI_Comm_size");
+        rt.started = true;
+        const int pid = static_cast<int>(::getpid());
+        std::vector<int> pids(rt.rank == 0 ? static_cast<std::size_t>(rt.size) : 0);
+        detail::check(MPI_Gather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, 0, rt.comm), "MPI_Gather");
+        if (rt.rank != 0) serve_and_exit(rt);
+        rt.master = std::make_unique<detail::Master>(rt.comm, rt.size, std::vector<pid_t>(pids.begin(), pids.end()));
+        std::atexit([] { detail::Runtime::get().finish(); });
+    }
+
+    [[noreturn]] static void serve_and_exit(detail::Runtime& rt) {
+        try {
+            detail::WorkerRank(rt.comm, rt.rank).serve();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
+            std::fflush(stderr);
+            MPI_Abort(rt.comm, 1);
+        }
+        rt.finished = true;
+        MPI_Comm_free(&rt.comm);
+        if (rt.owns_mpi) MPI_Finalize();
+        std::exit(0);
+    }
+};
+
+/// How an mpi::Pool is built.
+struct PoolOptions {
+    /// Worker ranks to use (ranks 1..processes); 0: every rank but rank 0.
+    unsigned processes = 0;
+    /// Runs once on each worker rank when the pool starts. A plain function (it is named across
+    /// ranks like a task); if it throws, the pool breaks as the local one does.
+    void (*initializer)() = nullptr;
+};
+
+/// mproc::Pool whose workers are the other MPI ranks. Needs mproc::mpi::Init at the top of main;
+/// one live mpi::Pool at a time (after join() or terminate(), the next may start).
+class Pool : public mproc::Pool {
+public:
+    Pool() : Pool(PoolOptions{}) {}
+    explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
+    explicit Pool(PoolOptions options) : mproc::Pool(make_engine(options)) {}
+
+private:
+    static std::unique_ptr<mproc::detail::PoolEngine> make_engine(const PoolOptions& options) {
+        auto& rt = detail::Runtime::get();
+        if (!rt.started || rt.finished)
+            throw Error("mproc::mpi::Pool needs MPI: put `mproc::mpi::Init mpi(argc, argv);` at the top of main");
+        if (!rt.master) throw Error("mproc::mpi::Pool: only rank 0 creates pools");
+        const unsigned available = rt.master->workers();
+        if (available == 0)
+            throw Error("mproc::mpi::Pool: no worker ranks: start the program with mpirun -n N, N >= 2");
+        if (options.processes > available)
+            throw Error(fmt::format("mproc::mpi::Pool: {} processes asked for, but only {} worker ranks run "
+                                    "(mpirun -n {})",
+                                    options.processes, available, available + 1));
+        const unsigned processes = options.processes == 0 ? available : options.processes;
+        const std::uint64_t initializer =
+            options.initializer ? rt.master->portable(reinterpret_cast<std::uintptr_t>(options.initializer)) : 0;
+        return std::make_unique<detail::MpiEngine>(*rt.master, processes, initializer);
+    }
+};
+
+}  // namespace mproc::mpi

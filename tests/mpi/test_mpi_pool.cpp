@@ -1,0 +1,477 @@
+// mproc::mpi::Pool under mpirun: the local Pool's calls, ordering and exceptions across MPI ranks,
+// tasks named across ranks (dladdr), close/join/terminate, and the seed's Pool programs.
+// Run as `mpirun --oversubscribe -n 3 test_mpi_pool [tag]`: rank 0 runs these cases, ranks 1 and
+// 2 are the pool's workers.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include <mproc/mpi.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <dlfcn.h>
+#include <fstream>
+#include <list>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <ranges>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <sys/mman.h>
+#include <thread>
+#include <tuple>
+#include <unistd.h>
+#include <vector>
+
+#include "mpi/mpi_testlib.hpp"
+#include "test_pool_common.hpp"
+
+using namespace std::chrono_literals;
+using pool_test::Watchdog;
+
+namespace {
+
+int square(int x) { return x * x; }
+int add(int x, int y) { return x + y; }
+long long index_tag(long long i) { return i * 7 + 3; }
+void nothing(int) {}
+
+int my_rank() {
+    int rank = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    return rank;
+}
+int rank_of_task(int) { return my_rank(); }
+pid_t pid_of_task(int) { return ::getpid(); }
+
+/// Sleeps `ms` milliseconds, longer on rank 1 (the slow rank) when `slow_rank_one` is set.
+int nap(int ms, bool slow_rank_one) {
+    const int rank = my_rank();
+    std::this_thread::sleep_for(std::chrono::milliseconds(slow_rank_one && rank == 1 ? ms * 20 : ms));
+    return rank;
+}
+int nap_ms(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+
+struct Unusual : std::exception {
+    const char* what() const noexcept override { return "an unusual failure"; }
+};
+
+int thrower(int kind) {
+    switch (kind) {
+        case 0: return 0;
+        case 1: throw std::invalid_argument("bad argument 1");
+        case 2: throw std::out_of_range("index 2 out of range");
+        case 3: throw std::overflow_error("overflow 3");
+        case 4: throw std::runtime_error("runtime 4");
+        case 5: throw std::bad_alloc();
+        case 6: throw Unusual();
+        default: throw 42;
+    }
+}
+int fail_on_multiples_of(int x, int m) {
+    if (x % m == 0) throw std::domain_error("multiple " + std::to_string(x));
+    return x;
+}
+
+std::pair<std::size_t, std::uint64_t> digest(const std::vector<std::uint8_t>& v) {
+    std::uint64_t sum = 0;
+    for (std::uint8_t b : v) sum = sum * 31 + b;
+    return {v.size(), sum};
+}
+std::string big_string(std::size_t n) { return std::string(n, 'z'); }
+
+int initialized_value = 0;
+void init_worker() { initialized_value = 4242; }
+int read_initialized(int) { return initialized_value; }
+void failing_init() { throw std::runtime_error("no database on this rank"); }
+
+std::uintptr_t where_testlib(int) { return mproc_mpi_testlib_where(); }
+
+struct Cube {
+    long operator()(long x) const { return x * x * x; }
+};
+
+std::vector<int> iota_vector(int n) {
+    std::vector<int> v(static_cast<std::size_t>(n));
+    std::iota(v.begin(), v.end(), 0);
+    return v;
+}
+
+}  // namespace
+
+// ---- the seed's Pool programs ---------------------------------------------------------------------
+
+TEST_CASE("seed: apply_async with a callback over MPI ranks, then close and join", "[seed]") {
+    Watchdog dog(120s, "seed apply_async");
+    std::vector<int> result_list;  // touched only by the callback, on rank 0
+    mproc::mpi::Pool pool;
+    for (int i = 0; i < 10; ++i)
+        pool.apply_async(square, std::tuple{i}, [&](int result) { result_list.push_back(result); });
+    pool.close();
+    pool.join();
+    std::sort(result_list.begin(), result_list.end());
+    CHECK(result_list == std::vector<int>{0, 1, 4, 9, 16, 25, 36, 49, 64, 81});
+}
+
+TEST_CASE("seed: starmap over MPI ranks keeps the input order", "[seed]") {
+    Watchdog dog(120s, "seed starmap");
+    const std::vector<int> x = {1, 2, 3, 4, 5};
+    const std::vector<int> y = {1, 1, 1, 1, 1};
+    std::vector<std::tuple<int, int>> zip_args;
+    for (std::size_t i = 0; i < x.size(); ++i) zip_args.emplace_back(x[i], y[i]);
+    mproc::mpi::Pool pool;
+    const std::vector<int> output = pool.starmap(add, zip_args);
+    pool.close();
+    pool.join();
+    CHECK(output == std::vector<int>{2, 3, 4, 5, 6});
+}
+
+// ---- the calls ------------------------------------------------------------------------------------
+
+TEST_CASE("apply and apply_async run on the worker ranks", "[api]") {
+    Watchdog dog(120s, "apply");
+    mproc::mpi::Pool pool;
+    REQUIRE(pool.processes() == 2);
+    CHECK(pool.apply(square, 7) == 49);
+    CHECK(pool.apply(add, 40, 2) == 42);
+    std::set<int> ranks;
+    for (int i = 0; i < 50; ++i) ranks.insert(pool.apply(rank_of_task, i));
+    CHECK(ranks.count(0) == 0);
+    CHECK(std::all_of(ranks.begin(), ranks.end(), [](int r) { return r == 1 || r == 2; }));
+
+    int seen = 0;
+    auto ar = pool.apply_async(square, std::tuple{9}, [&](int v) { seen = v; });
+    CHECK(ar.get() == 81);
+    CHECK(seen == 81);  // the callback ran before get() returned
+    CHECK(ar.ready());
+    CHECK(ar.successful());
+
+    std::exception_ptr error;
+    auto bad = pool.apply_async(thrower, std::tuple{1}, {}, [&](std::exception_ptr e) { error = e; });
+    CHECK_THROWS_AS(bad.get(), std::invalid_argument);
+    CHECK(error != nullptr);
+    CHECK_FALSE(bad.successful());
+
+    auto slow = pool.apply_async(nap_ms, std::tuple{300});
+    CHECK_THROWS_AS(slow.get(10ms), mproc::TimeoutError);
+    CHECK(slow.get() == 300);
+
+    CHECK(pool.apply(Cube{}, 5L) == 125);  // a stateless callable
+    pool.apply(nothing, 1);                 // a void task
+    const auto pids = pool.worker_pids();
+    CHECK(pids.size() == 2);
+    CHECK(std::find(pids.begin(), pids.end(), ::getpid()) == pids.end());
+    std::set<pid_t> ran_in;
+    for (int i = 0; i < 20; ++i) ran_in.insert(pool.apply(pid_of_task, i));
+    for (pid_t p : ran_in) CHECK(std::find(pids.begin(), pids.end(), p) != pids.end());
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("map, starmap and imap keep the input order over 10,000 tasks", "[order]") {
+    Watchdog dog(300s, "ordering");
+    constexpr int n = 10'000;
+    const std::vector<int> xs = iota_vector(n);
+    std::vector<int> expected(n);
+    for (int i = 0; i < n; ++i) expected[static_cast<std::size_t>(i)] = i * i;
+    mproc::mpi::Pool pool;
+
+    for (std::size_t chunksize : {0, 1, 7, 1000}) {
+        INFO("chunksize " << chunksize);
+        CHECK(pool.map(square, xs, chunksize) == expected);
+    }
+    std::vector<std::tuple<int, int>> pairs;
+    for (int i = 0; i < n; ++i) pairs.emplace_back(i, 2 * i);
+    std::vector<int> sums(n);
+    for (int i = 0; i < n; ++i) sums[static_cast<std::size_t>(i)] = 3 * i;
+    CHECK(pool.starmap(add, pairs) == sums);
+    CHECK(pool.starmap(add, pairs, 1) == sums);
+
+    for (std::size_t chunksize : {1, 16}) {
+        INFO("imap chunksize " << chunksize);
+        std::vector<int> got;
+        for (int v : pool.imap(square, xs, chunksize)) got.push_back(v);
+        CHECK(got == expected);
+        std::multiset<int> unordered;
+        for (int v : pool.imap_unordered(square, xs, chunksize)) unordered.insert(v);
+        CHECK(unordered == std::multiset<int>(expected.begin(), expected.end()));
+    }
+
+    // Any input range; results land at their index.
+    const auto tags = pool.map(index_tag, std::views::iota(0LL, 5000LL));
+    REQUIRE(tags.size() == 5000);
+    for (long long i = 0; i < 5000; ++i) CHECK(tags[static_cast<std::size_t>(i)] == i * 7 + 3);
+    const std::list<int> listed = {5, 4, 3};
+    CHECK(pool.map(square, listed) == std::vector<int>{25, 16, 9});
+    CHECK(pool.map(square, std::vector<int>{}).empty());
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("map_async and starmap_async: results, callbacks and error callbacks", "[api]") {
+    Watchdog dog(120s, "map_async");
+    mproc::mpi::Pool pool;
+    const std::vector<int> xs = iota_vector(1000);
+    std::vector<int> from_callback;
+    auto am = pool.map_async(square, xs, 0, [&](const std::vector<int>& v) { from_callback = v; });
+    const std::vector<int> got = am.get();
+    CHECK(got.size() == 1000);
+    CHECK(got[999] == 999 * 999);
+    CHECK(from_callback == got);
+
+    std::vector<std::pair<int, int>> pairs = {{1, 2}, {3, 4}};
+    auto as = pool.starmap_async(add, pairs);
+    CHECK(as.get() == std::vector<int>{3, 7});
+
+    std::exception_ptr error;
+    std::vector<std::tuple<int, int>> failing;
+    for (int i = 1; i <= 100; ++i) failing.emplace_back(i, 10);
+    auto af = pool.starmap_async(fail_on_multiples_of, failing, 3, {}, [&](std::exception_ptr e) { error = e; });
+    CHECK_THROWS_WITH(af.get(), "multiple 10");  // the lowest failing index
+    CHECK(error != nullptr);
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("large arguments and results cross in one message each", "[api]") {
+    Watchdog dog(300s, "large");
+    mproc::mpi::Pool pool;
+    std::vector<std::uint8_t> big(48u << 20);
+    for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<std::uint8_t>(i * 131 + 7);
+    const auto [size, sum] = pool.apply(digest, big);
+    CHECK(size == big.size());
+    CHECK(sum == digest(big).second);
+    const std::string s = pool.apply(big_string, std::size_t{24u << 20});
+    CHECK(s.size() == (24u << 20));
+    CHECK(s.find_first_not_of('z') == std::string::npos);
+    // Many mid-sized tasks at once stay bounded per rank and all come back.
+    std::vector<std::vector<std::uint8_t>> many(40, std::vector<std::uint8_t>(1u << 20, 9));
+    const auto digests = pool.map(digest, many, 1);
+    REQUIRE(digests.size() == 40);
+    for (const auto& d : digests) CHECK(d.first == (1u << 20));
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("a fast rank takes more of the work than a slow one", "[balance]") {
+    Watchdog dog(300s, "balance");
+    mproc::mpi::Pool pool;
+    std::vector<mproc::AsyncResult<int>> results;
+    for (int i = 0; i < 300; ++i) results.push_back(pool.apply_async(nap, std::tuple{2, true}));
+    std::map<int, int> per_rank;
+    for (auto& r : results) ++per_rank[r.get()];
+    INFO("rank 1 (40 ms a task) ran " << per_rank[1] << ", rank 2 (2 ms a task) ran " << per_rank[2]);
+    CHECK(per_rank[1] + per_rank[2] == 300);
+    CHECK(per_rank[2] > 3 * per_rank[1]);
+    pool.close();
+    pool.join();
+}
+
+// ---- exceptions -----------------------------------------------------------------------------------
+
+TEST_CASE("standard exceptions keep their type and what(); others become mproc::RemoteError", "[exceptions]") {
+    Watchdog dog(120s, "exceptions");
+    mproc::mpi::Pool pool;
+    CHECK(pool.apply(thrower, 0) == 0);
+    CHECK_THROWS_MATCHES(pool.apply(thrower, 1), std::invalid_argument, Catch::Message("bad argument 1"));
+    CHECK_THROWS_MATCHES(pool.apply(thrower, 2), std::out_of_range, Catch::Message("index 2 out of range"));
+    CHECK_THROWS_MATCHES(pool.apply(thrower, 3), std::overflow_error, Catch::Message("overflow 3"));
+    CHECK_THROWS_MATCHES(pool.apply(thrower, 4), std::runtime_error, Catch::Message("runtime 4"));
+    CHECK_THROWS_AS(pool.apply(thrower, 5), std::bad_alloc);
+    try {
+        pool.apply(thrower, 6);
+        FAIL("no exception");
+    } catch (const mproc::RemoteError& e) {
+        CHECK(std::string(e.type_name()).find("Unusual") != std::string::npos);
+        CHECK(std::string(e.what()).find("an unusual failure") != std::string::npos);
+    }
+    try {
+        pool.apply(thrower, 7);
+        FAIL("no exception");
+    } catch (const mproc::RemoteError& e) {
+        CHECK(std::string(e.type_name()) == "int");
+    }
+    // map: the lowest failing index; imap: each failed item rethrows and the iteration goes on.
+    CHECK_THROWS_WITH(pool.map(thrower, std::vector<int>{0, 0, 4, 1, 0}, 1), "runtime 4");
+    std::vector<std::tuple<int, int>> args;
+    for (int i = 1; i <= 30; ++i) args.emplace_back(i, 7);
+    CHECK_THROWS_WITH(pool.starmap(fail_on_multiples_of, args, 4), "multiple 7");
+    int values = 0, failures = 0;
+    const std::vector<int> kinds = {0, 1, 0, 2, 0};
+    auto it = pool.imap(thrower, kinds);
+    for (auto i = it.begin(); i != it.end(); ++i) {
+        try {
+            (void)*i;
+            ++values;
+        } catch (const std::logic_error&) {
+            ++failures;
+        }
+    }
+    CHECK(values == 3);
+    CHECK(failures == 2);
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("the initializer runs on every worker rank; one that throws breaks the pool", "[exceptions]") {
+    Watchdog dog(120s, "initializer");
+    {
+        mproc::mpi::Pool pool({.initializer = init_worker});
+        const auto got = pool.map(read_initialized, iota_vector(40), 1);
+        CHECK(std::all_of(got.begin(), got.end(), [](int v) { return v == 4242; }));
+        pool.close();
+        pool.join();
+    }
+    {
+        mproc::mpi::Pool pool({.initializer = failing_init});
+        CHECK_THROWS_WITH(pool.apply(square, 3), Catch::Contains("initializer failed") &&
+                                                      Catch::Contains("no database on this rank"));
+        CHECK_THROWS_AS(pool.apply_async(square, std::tuple{3}), mproc::Error);
+        pool.close();
+        pool.join();
+    }
+    mproc::mpi::Pool after;  // the ranks serve the next pool as usual
+    CHECK(after.apply(square, 6) == 36);
+}
+
+// ---- naming functions across ranks -----------------------------------------------------------------
+
+TEST_CASE("a task that lives in a shared library is found on every rank by its offset", "[dladdr]") {
+    Watchdog dog(120s, "shared library");
+    mproc::mpi::Pool pool;
+    const auto got = pool.map(mproc_mpi_testlib_scale, iota_vector(1000), 10);
+    REQUIRE(got.size() == 1000);
+    for (int i = 0; i < 1000; ++i) CHECK(got[static_cast<std::size_t>(i)] == 3 * i + 1);
+    CHECK(pool.apply(mproc_mpi_testlib_scale, 14) == 43);
+
+    // With address-space randomisation the library sits elsewhere on the other ranks, so a raw
+    // address would not do.
+    std::ifstream aslr("/proc/sys/kernel/randomize_va_space");
+    int randomised = 0;
+    aslr >> randomised;
+    if (randomised != 0) {
+        std::set<std::uintptr_t> where;
+        for (int i = 0; i < 8; ++i) where.insert(pool.apply(where_testlib, i));
+        where.insert(mproc_mpi_testlib_where());
+        CHECK(where.size() > 1);
+    }
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("a function the other ranks cannot resolve fails with a clear mproc::Error", "[dladdr]") {
+    Watchdog dog(120s, "unresolvable");
+    mproc::mpi::Pool pool;
+
+    // Loaded on rank 0 only: the workers cannot find the library.
+    void* plugin = ::dlopen(MPROC_MPI_PLUGIN, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE(plugin != nullptr);
+    auto twice = reinterpret_cast<int (*)(int)>(::dlsym(plugin, "mproc_mpi_plugin_twice"));
+    REQUIRE(twice != nullptr);
+    CHECK(twice(4) == 8);
+    try {
+        pool.apply(twice, 4);
+        FAIL("no exception");
+    } catch (const mproc::Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("has not loaded") && Catch::Contains("mproc_mpi_plugin"));
+    }
+    CHECK_THROWS_AS(pool.map(twice, iota_vector(10), 3), mproc::Error);
+
+    // Code in no loaded object at all: refused on rank 0, before anything is sent.
+    void* anonymous = ::mmap(nullptr, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(anonymous != MAP_FAILED);
+    auto nowhere = reinterpret_cast<int (*)(int)>(anonymous);
+    CHECK_THROWS_WITH(pool.apply_async(nowhere, std::tuple{1}), Catch::Contains("in no loaded object"));
+    ::munmap(anonymous, 4096);
+
+    CHECK(pool.apply(square, 5) == 25);  // the pool goes on
+    pool.close();
+    pool.join();
+    ::dlclose(plugin);
+}
+
+// ---- lifetime -------------------------------------------------------------------------------------
+
+TEST_CASE("close refuses new tasks; join waits for every task and callback", "[lifetime]") {
+    Watchdog dog(120s, "close/join");
+    mproc::mpi::Pool pool;
+    CHECK_THROWS_AS(pool.join(), mproc::Error);  // before close
+    std::atomic<int> callbacks{0};
+    for (int i = 0; i < 200; ++i) pool.apply_async(nap_ms, std::tuple{1}, [&](int) { ++callbacks; });
+    pool.close();
+    CHECK_THROWS_AS(pool.apply(square, 1), mproc::Error);
+    CHECK_THROWS_AS(pool.map(square, iota_vector(3)), mproc::Error);
+    pool.join();
+    CHECK(callbacks == 200);
+}
+
+TEST_CASE("terminate fails pending results at once; the ranks drop their queued tasks", "[lifetime]") {
+    Watchdog dog(120s, "terminate");
+    {
+        mproc::mpi::Pool pool;
+        std::vector<mproc::AsyncResult<int>> pending;
+        for (int i = 0; i < 40; ++i) pending.push_back(pool.apply_async(nap_ms, std::tuple{250}));
+        const auto begun = std::chrono::steady_clock::now();
+        pool.terminate();
+        CHECK(std::chrono::steady_clock::now() - begun < 5s);  // 40 × 250 ms would take 5 s on two ranks
+        int failed = 0;
+        for (auto& r : pending) {
+            try {
+                r.get();
+            } catch (const mproc::Error&) {
+                ++failed;
+            }
+        }
+        CHECK(failed == 40);
+        CHECK_THROWS_AS(pool.apply(square, 2), mproc::Error);
+    }
+    // The next pool waits at most for the tasks that were running, not for the 40.
+    const auto begun = std::chrono::steady_clock::now();
+    mproc::mpi::Pool next;
+    CHECK(next.map(square, iota_vector(100)) == [] {
+        std::vector<int> v(100);
+        for (int i = 0; i < 100; ++i) v[static_cast<std::size_t>(i)] = i * i;
+        return v;
+    }());
+    CHECK(std::chrono::steady_clock::now() - begun < 4s);
+    next.close();
+    next.join();
+    // A pool destroyed with work pending terminates it too.
+    {
+        mproc::mpi::Pool doomed;
+        auto r = doomed.apply_async(nap_ms, std::tuple{200});
+        (void)r;
+    }
+}
+
+TEST_CASE("one live pool at a time; more processes than worker ranks is an error", "[lifetime]") {
+    Watchdog dog(120s, "one pool");
+    CHECK_THROWS_WITH(mproc::mpi::Pool(5), Catch::Contains("only 2 worker ranks"));
+    mproc::mpi::Pool first;
+    CHECK_THROWS_WITH(mproc::mpi::Pool(), Catch::Contains("another mproc::mpi::Pool is running"));
+    first.close();
+    first.join();
+    mproc::mpi::Pool one(1);  // after join, the next may start; this one uses rank 1 alone
+    CHECK(one.processes() == 1);
+    std::set<int> ranks;
+    for (int i = 0; i < 20; ++i) ranks.insert(one.apply(rank_of_task, i));
+    CHECK(ranks == std::set<int>{1});
+    one.close();
+    one.join();
+    // An mpi::Pool is an mproc::Pool: code written for the local pool takes it.
+    mproc::mpi::Pool as_local;
+    mproc::Pool& base = as_local;
+    CHECK(base.map(square, std::vector<int>{3, 4}) == std::vector<int>{9, 16});
+}
+
+int main(int argc, char** argv) {
+    mproc::mpi::Init mpi(argc, argv);  // ranks 1.. serve tasks here and never return
+    return Catch::Session().run(argc, argv);
+}
