@@ -182,6 +182,14 @@ void frame_stream(std::uint8_t chunk_seed, std::span<const std::byte> stream) {
         if (tail != 0) fail("EOFError inside a frame");
     } catch (const mproc::SerializationError&) {
         if (tail == 0) fail("SerializationError between frames");
+        // The cut frame was dropped with its error: what follows is the plain end of stream.
+        if (!reader.empty()) fail("a truncated frame stayed buffered after its error");
+        try {
+            reader.throw_end_of_stream("fuzz");
+        } catch (const mproc::EOFError&) {
+        } catch (const mproc::SerializationError&) {
+            fail("the same truncated frame was reported twice");
+        }
     }
 }
 

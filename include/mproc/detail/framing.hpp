@@ -82,10 +82,13 @@ public:
     }
 
     /// The error for a stream that ended: EOFError between frames, SerializationError inside one.
-    [[noreturn]] void throw_end_of_stream(const std::string& who) const {
+    /// The partial frame is dropped with its error, so the next read reports the end of stream.
+    [[noreturn]] void throw_end_of_stream(const std::string& who) {
         if (empty()) throw EOFError(who + ": peer closed the connection and nothing is left to read");
-        throw SerializationError(who + ": truncated frame: the peer closed after " + std::to_string(size()) +
+        SerializationError error(who + ": truncated frame: the peer closed after " + std::to_string(size()) +
                                  " bytes of a " + std::to_string(size() + bytes_wanted()) + "-byte frame");
+        clear();
+        throw error;
     }
 
 private:
