@@ -1,0 +1,66 @@
+// Tasks per second of Pool::map over `n` tasks of x*x at a given chunksize, best of `repeat` runs:
+//     mpirun --oversubscribe -n 3 mpi_pool_bench N CHUNKSIZE [REPEAT]     mproc::mpi::Pool, 2 worker ranks
+//     mpi_pool_bench --local N CHUNKSIZE [REPEAT]                       mproc::Pool, 2 forked workers
+// Prints one JSON line: {"op": "pool_map", "impl": ..., "value": tasks/s, "unit": "tasks/s", ...}.
+// mpi4py_pool.py is its twin for mpi4py.futures; run.sh runs them side by side.
+#include <mproc/mpi.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <vector>
+
+long long square(long long x) { return x * x; }
+
+template <class Pool>
+double best_rate(Pool& pool, const std::vector<long long>& xs, std::size_t chunksize, int repeat) {
+    pool.map(square, std::vector<long long>(xs.begin(), xs.begin() + std::min<std::size_t>(xs.size(), 2000)), 1);
+    double best = 0;
+    for (int r = 0; r < repeat; ++r) {
+        const auto begun = std::chrono::steady_clock::now();
+        const auto out = pool.map(square, xs, chunksize);
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - begun).count();
+        for (std::size_t i = 0; i < xs.size(); ++i)
+            if (out[i] != xs[i] * xs[i]) {
+                std::fprintf(stderr, "bench: wrong result at %zu\n", i);
+                std::exit(1);
+            }
+        best = std::max(best, static_cast<double>(xs.size()) / seconds);
+    }
+    return best;
+}
+
+int main(int argc, char** argv) {
+    const bool local = argc > 1 && std::string(argv[1]) == "--local";
+    std::optional<mproc::mpi::Init> mpi;
+    if (!local) mpi.emplace(argc, argv);  // worker ranks serve here
+    const int first = local ? 2 : 1;
+    if (argc < first + 2) {
+        std::fprintf(stderr, "usage: mpi_pool_bench [--local] N CHUNKSIZE [REPEAT]\n");
+        return 2;
+    }
+    const auto n = static_cast<std::size_t>(std::atoll(argv[first]));
+    const auto chunksize = static_cast<std::size_t>(std::atoll(argv[first + 1]));
+    const int repeat = argc > first + 2 ? std::atoi(argv[first + 2]) : 3;
+    std::vector<long long> xs(n);
+    std::iota(xs.begin(), xs.end(), 0LL);
+
+    double rate = 0;
+    unsigned workers = 0;
+    if (local) {
+        mproc::Pool pool(2);
+        workers = pool.processes();
+        rate = best_rate(pool, xs, chunksize, repeat);
+    } else {
+        mproc::mpi::Pool pool;
+        workers = pool.processes();
+        rate = best_rate(pool, xs, chunksize, repeat);
+    }
+    std::printf("{\"op\": \"pool_map\", \"impl\": \"%s\", \"value\": %.0f, \"unit\": \"tasks/s\", \"n\": %zu, "
+                "\"chunksize\": %zu, \"workers\": %u}\n",
+                local ? "mproc.Pool" : "mproc.mpi.Pool", rate, n, chunksize, workers);
+    return 0;
+}
