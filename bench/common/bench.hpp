@@ -115,7 +115,9 @@ private:
     static std::string number(double v) {
         if (!std::isfinite(v)) return "null";
         char buf[64];
-        std::snprintf(buf, sizeof buf, "%.6g", v);
+        // Whole numbers (sizes, counts) exactly, so 1048576 does not read back as 1.04858e+06.
+        if (v == std::floor(v) && std::fabs(v) < 1e15) std::snprintf(buf, sizeof buf, "%.0f", v);
+        else std::snprintf(buf, sizeof buf, "%.6g", v);
         return buf;
     }
     std::string text_;
