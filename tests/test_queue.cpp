@@ -2,13 +2,17 @@
 // exit or die, idle consumers, and many producers and consumers at once.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
+#include <mproc/pool.hpp>
 #include <mproc/process.hpp>
 #include <mproc/queue.hpp>
 #include <mproc/sync.hpp>
 
+#include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <chrono>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <string>
@@ -411,5 +415,209 @@ TEST_CASE("A Queue handle crosses a Pipe; a handle of the wrong type is refused"
     REQUIRE(child.join(60s));
     const auto bytes = mproc::to_bytes(q);
     CHECK_THROWS_AS(mproc::from_bytes<mproc::Queue<int>>(bytes), mproc::SerializationError);
+    CHECK(child_count() == 0);
+}
+
+// ---- Pool tasks, put-then-die, timeouts, idle producers, kills inside the lock ----------------
+
+namespace {
+void put_square(mproc::Queue<int> q, int x) { q.put(x * x); }
+int take_one(mproc::Queue<int> q) { return q.get(60s); }
+std::size_t size_of(mproc::Queue<int> q) { return q.qsize(); }
+
+struct Entry {
+    int round = 0;
+    long seq = 0;
+    std::string payload;
+    template <class Archive> void serialize(Archive& ar) { ar(round, seq, payload); }
+};
+
+/// Seconds `call` took (for lower bounds on timeouts only).
+template <class Call> double seconds_taken(Call&& call) {
+    const auto start = std::chrono::steady_clock::now();
+    call();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+}  // namespace
+
+TEST_CASE("A Queue passed to Pool tasks is the same queue, both ways") {
+    mproc::Queue<int> q;
+    mproc::Pool pool(2);
+    std::vector<std::tuple<mproc::Queue<int>, int>> args;
+    for (int i = 0; i < 200; ++i) args.emplace_back(q, i);
+    pool.starmap(put_square, args, 3);
+    CHECK(pool.apply(size_of, q) == 200);  // the worker sees what the others put
+    std::vector<int> got;
+    for (int i = 0; i < 200; ++i) got.push_back(q.get(10s));
+    std::sort(got.begin(), got.end());
+    for (int i = 0; i < 200; ++i) REQUIRE(got[static_cast<std::size_t>(i)] == i * i);
+    // And workers take what the parent put.
+    for (int i = 1; i <= 100; ++i) q.put(i);
+    const auto taken = pool.map(take_one, std::vector<mproc::Queue<int>>(100, q));
+    CHECK(std::accumulate(taken.begin(), taken.end(), 0) == 5050);
+    CHECK(q.try_get() == std::nullopt);
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A Queue created after the Pool: the task fails with an mproc::Error saying to create it before the Pool") {
+    mproc::Pool pool(1);
+    mproc::Queue<int> late;
+    CHECK_THROWS_WITH(pool.apply(put_square, late, 3), Catch::Contains("create it before the Pool"));
+    CHECK_THROWS_AS(pool.apply(put_square, late, 3), mproc::Error);
+    CHECK(late.try_get() == std::nullopt);  // nothing half-done
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("An item is in the queue as soon as put returns: a producer that SIGKILLs itself right after loses nothing") {
+    mproc::Queue<std::string> q({.buffer_bytes = 8 << 20});
+    mproc::Process producer([&] {
+        for (int i = 0; i < 1000; ++i) q.put(std::to_string(i));
+        q.put(std::string(3 << 20, 's'));  // streamed in pieces, but whole before put returns
+        q.put("last");
+        ::kill(::getpid(), SIGKILL);  // no exit path, no flush, no feeder thread to wait for
+        std::_Exit(1);
+    });
+    producer.start();
+    REQUIRE(producer.join(60s));
+    CHECK(producer.exitcode() == -SIGKILL);
+    CHECK(q.qsize() == 1002);
+    for (int i = 0; i < 1000; ++i) REQUIRE(q.get(10s) == std::to_string(i));
+    CHECK(q.get(10s) == std::string(3 << 20, 's'));
+    CHECK(q.get(10s) == "last");
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Queue timeouts across processes: get and put give up no sooner than asked, and succeed when the other side acts in time") {
+    constexpr double asked = 0.2, at_least = asked * 0.95;
+    mproc::Queue<int> q(1);
+    double took = seconds_taken([&] { CHECK_THROWS_AS(q.get(mproc::Seconds{asked}), mproc::Empty); });
+    CHECK(took >= at_least);
+    q.put(1);
+    took = seconds_taken([&] { CHECK_THROWS_AS(q.put(2, mproc::Seconds{asked}), mproc::Full); });
+    CHECK(took >= at_least);
+    CHECK(q.qsize() == 1);
+
+    // A producer in another process blocked on the full queue gets in when we take the item.
+    mproc::Value<int> outcome(0);
+    mproc::Process producer([&] {
+        try {
+            q.put(2, 30s);
+            outcome.store(1);
+        } catch (const mproc::Full&) {
+            outcome.store(2);
+        }
+    });
+    producer.start();
+    std::this_thread::sleep_for(100ms);
+    CHECK(q.get(10s) == 1);
+    REQUIRE(producer.join(60s));
+    CHECK(outcome.load() == 1);
+    CHECK(q.get(10s) == 2);
+
+    // A consumer in another process waiting with a timeout gets what we put within it.
+    mproc::Value<int> received(0);
+    mproc::Process consumer([&] { received.store(q.get(30s)); });
+    consumer.start();
+    std::this_thread::sleep_for(100ms);
+    q.put(7);
+    REQUIRE(consumer.join(60s));
+    CHECK(consumer.exitcode() == 0);
+    CHECK(received.load() == 7);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Producers blocked in put use no CPU: on a full bounded queue, and streaming into a full ring") {
+    mproc::Queue<int> bounded(1);
+    bounded.put(0);
+    mproc::Queue<std::string> small({.buffer_bytes = 64 << 10});
+    mproc::Semaphore ready(0);
+    mproc::Process blocked_on_count([&] {
+        ready.release();
+        bounded.put(1);
+    });
+    mproc::Process blocked_on_room([&] {
+        ready.release();
+        small.put(std::string(1 << 20, 'r'));  // 16 times the ring: waits for a reader
+    });
+    blocked_on_count.start();
+    blocked_on_room.start();
+    REQUIRE(ready.acquire(60s));
+    REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);
+    const long before_count = mproc_test::cpu_ticks(blocked_on_count.pid());
+    const long before_room = mproc_test::cpu_ticks(blocked_on_room.pid());
+    std::this_thread::sleep_for(1s);
+    const long used_count = mproc_test::cpu_ticks(blocked_on_count.pid()) - before_count;
+    const long used_room = mproc_test::cpu_ticks(blocked_on_room.pid()) - before_room;
+    INFO("blocked on a full bounded queue: " << used_count << " ticks; streaming into a full ring: " << used_room);
+    CHECK(used_count <= 10);
+    CHECK(used_room <= 10);
+    CHECK(blocked_on_count.is_alive());
+    CHECK(blocked_on_room.is_alive());
+    CHECK(bounded.get(10s) == 0);
+    CHECK(bounded.get(10s) == 1);
+    CHECK(small.get(30s) == std::string(1 << 20, 'r'));
+    REQUIRE(blocked_on_count.join(60s));
+    REQUIRE(blocked_on_room.join(60s));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Producers killed while they hold the Queue's lock: the next locker repairs it, and every put that returned is delivered once") {
+    // A producer in a tight put loop is killed at a random point; about a third of the kills land
+    // while it holds the queue's internal lock (the kernel then marks the lock's owner dead, which
+    // the test reads). Rounds go on until 20 such kills — a hang guard caps them at 2000.
+    mproc::Queue<Entry> q({.buffer_bytes = 64 << 20});
+    auto* header = reinterpret_cast<mproc::detail::QueueHeader*>(mproc_test::object_address(q));
+    mproc::Value<long> put_started(0), put_done(0);
+    std::mt19937 rng(2024);
+    int in_lock = 0, rounds = 0;
+    long delivered = 0;
+    for (; in_lock < 20 && rounds < 2000; ++rounds) {
+        put_started.store(0);
+        put_done.store(0);
+        mproc::Process victim([&, rounds] {
+            for (long i = 0;; ++i) {
+                // Every 101st item is larger than the 1 MiB piece: it streams in, and a kill
+                // may land between its pieces, while the producer holds the stream's claim.
+                std::string payload(i % 101 == 100 ? (1 << 20) + 4096 : static_cast<std::size_t>(i % 500), 'q');
+                put_started.store(i + 1);
+                q.put(Entry{rounds, i, std::move(payload)});
+                put_done.store(i + 1);
+            }
+        });
+        victim.start();
+        const long target = 1 + static_cast<long>(rng() % 2000);
+        REQUIRE(eventually([&] { return put_started.load() >= target; }));
+        victim.kill();
+        REQUIRE(victim.join(60s));
+        if (mproc_test::died_holding(header->mutex)) ++in_lock;
+        // Drain: the first lock taken here does the repair.
+        std::vector<long> seqs;
+        while (auto e = q.try_get()) {
+            REQUIRE(e->round == rounds);
+            seqs.push_back(e->seq);
+        }
+        const long done = put_done.load(), started = put_started.load();
+        INFO("round " << rounds << ": " << seqs.size() << " delivered, " << done << " puts returned, " << started
+                      << " begun");
+        REQUIRE(static_cast<long>(seqs.size()) >= done);
+        REQUIRE(static_cast<long>(seqs.size()) <= started);
+        for (std::size_t i = 0; i < seqs.size(); ++i) REQUIRE(seqs[i] == static_cast<long>(i));
+        delivered += static_cast<long>(seqs.size());
+    }
+    INFO(rounds << " rounds, " << delivered << " items delivered");
+    CHECK(in_lock >= 20);
+    CHECK_FALSE(mproc_test::died_holding(header->mutex));  // repaired: nobody sees a dead owner now
+    // The queue is whole: it takes and gives items of every size.
+    q.put(Entry{-1, 0, std::string(3 << 20, 'z')});
+    q.put(Entry{-1, 1, "small"});
+    CHECK(q.get(10s).payload.size() == (3u << 20));
+    CHECK(q.get(10s).payload == "small");
+    CHECK(q.qsize() == 0);
     CHECK(child_count() == 0);
 }
