@@ -239,11 +239,6 @@ public:
         wake_.notify_one();
     }
 
-    void close() override {
-        std::lock_guard lock(mutex_);
-        if (state_ == State::open) state_ = State::closed;
-    }
-
     void join() override {
         if (std::this_thread::get_id() == thread_id_)
             throw Error("Pool::join() called from a callback: it would wait for itself");
@@ -271,7 +266,7 @@ public:
         wake_.notify_all();
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
         run_posted();
-        fail(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+        fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
         idle_.notify_all();
     }
 
@@ -284,7 +279,6 @@ public:
     }
 
 private:
-    enum class State { open, closed, draining, broken, terminated };
     struct Seat {
         int rank = 0;
         std::deque<Task> inflight;
@@ -301,18 +295,9 @@ private:
     static constexpr std::size_t batch_bytes = std::size_t{4} << 20;
     static constexpr std::size_t no_batch = SIZE_MAX;
 
-    void check_accepting_locked() const {
-        switch (state_) {
-            case State::open: return;
-            case State::broken: throw Error(broken_reason_);
-            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
-            default: throw Error("the pool is closed: it takes no more tasks");
-        }
-    }
-
-    /// Tasks a seat may hold: about 2 ms of work (from the measured task time), 2 to 1024.
+    /// Tasks a seat may hold: about 2 ms of work (from the measured task time), 2 to 1024; 4 at first.
     std::size_t window_locked() const noexcept {
-        if (avg_task_ns_ <= 0) return 16;
+        if (avg_task_ns_ <= 0) return 4;  // until a task time is measured
         return static_cast<std::size_t>(std::clamp(2'000'000.0 / avg_task_ns_, 2.0, static_cast<double>(max_window)));
     }
 
@@ -455,7 +440,7 @@ private:
         for (Finished& f : finished) deliver(f.task, f.body);
         const std::size_t n = finished.size();
         finished.clear();  // the tasks (and their sinks) go before the lock is taken
-        settle(n);
+        finish_tasks(n);
     }
 
     /// The pool cannot go on: every pending task fails with `reason`, and so does every later call.
@@ -476,7 +461,7 @@ private:
             for (int rank : to_cancel) master_.cancel(rank, pool_);
         } catch (...) {
         }
-        fail(doomed, std::make_exception_ptr(Error(broken_reason_)));
+        fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
     }
 
     std::vector<Task> take_all_locked() {
@@ -492,31 +477,6 @@ private:
         return all;
     }
 
-    void fail(std::vector<Task>& tasks, std::exception_ptr error) {
-        for (Task& t : tasks) fail_items(t, error);
-        settle(tasks.size());
-        tasks.clear();
-    }
-
-    void settle(std::size_t n) {
-        if (n == 0) return;
-        std::lock_guard lock(mutex_);
-        outstanding_ -= std::min(outstanding_, n);
-        if (outstanding_ == 0) idle_.notify_all();
-    }
-
-    /// Runs the posted jobs (on the MPI thread, or after it stopped). Returns whether there were any.
-    bool run_posted() {
-        std::deque<std::function<void()>> jobs;
-        {
-            std::lock_guard lock(mutex_);
-            jobs.swap(posted_);
-        }
-        for (auto& job : jobs) job();
-        settle(jobs.size());
-        return !jobs.empty();
-    }
-
     void stop_thread() {
         if (thread_.joinable()) thread_.join();
         master_.release(this);
@@ -527,15 +487,9 @@ private:
     std::uint64_t initializer_;
     std::vector<Seat> seats_;
 
-    std::mutex mutex_;
     std::condition_variable wake_;  // the MPI thread waits here
-    std::condition_variable idle_;  // join() waits here
-    State state_ = State::open;
     bool cancelled_ = false;
-    std::string broken_reason_;
     std::deque<Task> backlog_;
-    std::size_t outstanding_ = 0;
-    std::deque<std::function<void()>> posted_;
     double avg_task_ns_ = 0;
     std::atomic<std::uint64_t> next_id_{1};
 

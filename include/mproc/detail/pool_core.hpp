@@ -90,8 +90,10 @@ struct Task {
     }
 };
 
-/// What the Pool front end (pool.hpp) asks of the engine that runs its tasks: PoolCore here, with
-/// forked workers; mpi::detail::MpiEngine (mpi.hpp) with MPI ranks.
+/// What the Pool front end (pool.hpp) asks of the engine that runs its tasks — PoolCore here, with
+/// forked workers; mpi::detail::MpiEngine (mpi.hpp) with MPI ranks — and the bookkeeping both share:
+/// the pool mutex, the pool's state, the count of unsettled tasks that join() waits on, and the
+/// posted jobs.
 class PoolEngine {
 public:
     virtual ~PoolEngine() = default;
@@ -106,7 +108,11 @@ public:
     }
     /// Runs `job` where callbacks run, as if it were a task's result (see PoolCore::post).
     virtual void post(std::function<void()> job) = 0;
-    virtual void close() = 0;
+    /// No more tasks. Safe to call twice.
+    virtual void close() {
+        std::lock_guard lock(mutex_);
+        if (state_ == State::open) state_ = State::closed;
+    }
     virtual void join() = 0;
     virtual void terminate() = 0;
     /// The thread callbacks run on.
@@ -129,6 +135,49 @@ protected:
         for (std::uint32_t i = 0; i < task.count; ++i)
             if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
     }
+
+    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
+    void fail_tasks(std::vector<Task>& tasks, std::exception_ptr error) {
+        for (Task& t : tasks) fail_items(t, error);
+        finish_tasks(tasks.size());
+        tasks.clear();
+    }
+
+    void finish_tasks(std::size_t n) {
+        if (n == 0) return;
+        std::lock_guard lock(mutex_);
+        outstanding_ -= std::min(outstanding_, n);
+        if (outstanding_ == 0) idle_.notify_all();
+    }
+
+    /// Runs the posted jobs (on the collector, or after it stopped). Returns whether there were any.
+    bool run_posted() {
+        std::deque<std::function<void()>> jobs;
+        {
+            std::lock_guard lock(mutex_);
+            jobs.swap(posted_);
+        }
+        for (auto& job : jobs) job();
+        finish_tasks(jobs.size());
+        return !jobs.empty();
+    }
+
+    enum class State { open, closed, draining, broken, terminated };
+    void check_accepting_locked() const {
+        switch (state_) {
+            case State::open: return;
+            case State::broken: throw Error(broken_reason_);
+            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
+            default: throw Error("the pool is closed: it takes no more tasks");
+        }
+    }
+
+    std::mutex mutex_;
+    std::condition_variable idle_;
+    State state_ = State::open;
+    std::string broken_reason_;    // why the pool is broken (State::broken)
+    std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
+    std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
 };
 
 inline unsigned affinity_cpu_count() noexcept {
@@ -213,12 +262,6 @@ public:
         wake();
     }
 
-    /// No more tasks. Safe to call twice.
-    void close() {
-        std::lock_guard lock(mutex_);
-        if (state_ == State::open) state_ = State::closed;
-    }
-
     /// After close(): waits for every task (and its callback), then for the workers to exit.
     void join() {
         check_owner();
@@ -272,7 +315,6 @@ public:
     pid_t fork_server_pid() const noexcept { return server_.pid(); }
 
 private:
-    enum class State { open, closed, draining, broken, terminated };
     enum class SeatState { starting, ready, dead };
 
     struct Seat {
@@ -294,14 +336,6 @@ private:
     void check_owner() const {
         if (::getpid() != owner_)
             throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
-    }
-    void check_accepting_locked() const {
-        switch (state_) {
-            case State::open: return;
-            case State::broken: throw Error(broken_reason_);
-            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
-            default: throw Error("the pool is closed: it takes no more tasks");
-        }
     }
 
     void wake() noexcept {
@@ -414,31 +448,6 @@ private:
         for (Task& t : backlog_) all.push_back(std::move(t));
         backlog_.clear();
         return all;
-    }
-
-    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
-    void fail_tasks(std::vector<Task>& tasks, std::exception_ptr error) {
-        for (Task& t : tasks) fail_items(t, error);
-        finish_tasks(tasks.size());
-        tasks.clear();
-    }
-
-    void finish_tasks(std::size_t n) {
-        if (n == 0) return;
-        std::lock_guard lock(mutex_);
-        outstanding_ -= std::min(outstanding_, n);
-        if (outstanding_ == 0) idle_.notify_all();
-    }
-
-    /// Runs the posted jobs (on the collector, or after it stopped).
-    void run_posted() {
-        std::deque<std::function<void()>> jobs;
-        {
-            std::lock_guard lock(mutex_);
-            jobs.swap(posted_);
-        }
-        for (auto& job : jobs) job();
-        finish_tasks(jobs.size());
     }
 
     // ---- the collector ----------------------------------------------------------------------
@@ -622,7 +631,6 @@ private:
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
         std::vector<Task> failed_whole;
-        std::optional<std::pair<Task*, std::uint32_t>> lost;
         std::exception_ptr lost_error;
         Task lost_task;
         bool have_lost = false;
@@ -736,14 +744,8 @@ private:
     UniqueFd wake_;
     ForkServer server_;
 
-    std::mutex mutex_;
-    std::condition_variable idle_;
-    State state_ = State::open;
-    std::string broken_reason_;
     std::vector<Seat> seats_;
     std::deque<Task> backlog_;
-    std::size_t outstanding_ = 0;  // tasks (and posted jobs) submitted and not yet settled
-    std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
     std::atomic<std::uint64_t> next_id_{1};
