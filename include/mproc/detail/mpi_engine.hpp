@@ -88,7 +88,10 @@ public:
         for (auto it = pending_.begin(); it != pending_.end();) {
             int done = 0;
             check(MPI_Test(&it->request, &done, MPI_STATUS_IGNORE), "MPI_Test");
-            if (!done) break;  // to one rank they finish in order; the rest wait for the next look
+            if (!done) {
+                ++it;
+                continue;
+            }
             it = pending_.erase(it);
             any = true;
         }
