@@ -30,12 +30,23 @@ namespace mproc {
 
 namespace detail {
 
+/// The rest of an item's outcome that is not a value: the rebuilt exception. Out of line, so the
+/// loops that read outcomes inline their common case (a value).
+[[gnu::noinline]] inline std::exception_ptr read_failed_outcome(Reader& in, Outcome outcome) {
+    if (outcome == Outcome::exception) {
+        RemoteException e;
+        in.read(e);
+        return e.rebuild();
+    }
+    Reader::fail("unexpected item outcome");
+}
+
 /// Reads one item's outcome: the value into `slot` (when there is one), or the rebuilt exception.
 template <class R, class Store>
 std::exception_ptr read_outcome(Reader& in, Store&& store) {
     Outcome outcome{};
     in.read(outcome);
-    if (outcome == Outcome::value) {
+    if (outcome == Outcome::value) [[likely]] {
         if constexpr (!std::is_void_v<R>) {
             R value{};
             in.read(value);
@@ -43,12 +54,7 @@ std::exception_ptr read_outcome(Reader& in, Store&& store) {
         }
         return nullptr;
     }
-    if (outcome == Outcome::exception) {
-        RemoteException e;
-        in.read(e);
-        return e.rebuild();
-    }
-    Reader::fail("unexpected item outcome");
+    return read_failed_outcome(in, outcome);
 }
 
 /// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
@@ -105,16 +111,23 @@ public:
     void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {
         std::size_t settled = 0;
         for (std::uint32_t i = 0; i < count; ++i) {
-            const bool skipped = std::binary_search(skips.begin(), skips.end(), i);
-            if (skipped) {
-                Outcome o{};
-                in.read(o);
+            Outcome outcome{};
+            in.read(outcome);
+            if (!skips.empty() && std::binary_search(skips.begin(), skips.end(), i)) continue;
+            const std::size_t index = first + i;
+            ++settled;
+            if (outcome == Outcome::value) [[likely]] {
+                // Straight into its place: one Reader call per value, no temporary.
+                if constexpr (Many && !std::is_void_v<R> && !std::is_same_v<R, bool>) {
+                    in.read(values_[index]);
+                } else if constexpr (!std::is_void_v<R>) {
+                    R value{};
+                    in.read(value);
+                    store(index, std::move(value));
+                }
                 continue;
             }
-            const std::size_t index = first + i;
-            std::exception_ptr error = read_outcome<R>(in, [&](auto&& v) { store(index, std::move(v)); });
-            if (error) record_error(index, error);
-            ++settled;
+            record_error(index, read_failed_outcome(in, outcome));
         }
         settle(settled);
     }

@@ -63,13 +63,7 @@ public:
     void clear() noexcept { size_ = 0; }
 
     void reserve(std::size_t capacity) {
-        if (capacity <= capacity_) return;
-        std::size_t grown = capacity_ < 64 ? 64 : capacity_ * 2;
-        if (grown < capacity) grown = capacity;
-        auto fresh = std::make_unique_for_overwrite<std::byte[]>(grown);
-        if (size_ != 0) std::memcpy(fresh.get(), data_.get(), size_);
-        data_ = std::move(fresh);
-        capacity_ = grown;
+        if (capacity > capacity_) [[unlikely]] grow(capacity);
     }
     /// Grows by n bytes and returns where they start; the caller fills them.
     std::byte* extend(std::size_t n) {
@@ -93,6 +87,16 @@ public:
     }
 
 private:
+    // Out of line, so the common path of append (room enough) inlines to a compare and a copy.
+    [[gnu::noinline]] void grow(std::size_t capacity) {
+        std::size_t grown = capacity_ < 64 ? 64 : capacity_ * 2;
+        if (grown < capacity) grown = capacity;
+        auto fresh = std::make_unique_for_overwrite<std::byte[]>(grown);
+        if (size_ != 0) std::memcpy(fresh.get(), data_.get(), size_);
+        data_ = std::move(fresh);
+        capacity_ = grown;
+    }
+
     std::unique_ptr<std::byte[]> data_;
     std::size_t size_ = 0;
     std::size_t capacity_ = 0;
@@ -268,8 +272,7 @@ public:
 
     template <class T> void read(T& value);
     void read_raw(void* dst, std::size_t n) {
-        if (n > remaining()) fail("truncated input: need " + std::to_string(n) + " bytes, " +
-                                  std::to_string(remaining()) + " left");
+        if (n > remaining()) [[unlikely]] fail_truncated(n);
         if (n != 0) std::memcpy(dst, in_.data() + pos_, n);
         pos_ += n;
     }
@@ -297,6 +300,10 @@ public:
     }
 
 private:
+    // Out of line and cold: building the message must not stop read_raw from inlining.
+    [[noreturn, gnu::noinline, gnu::cold]] void fail_truncated(std::size_t n) const {
+        fail("truncated input: need " + std::to_string(n) + " bytes, " + std::to_string(remaining()) + " left");
+    }
     template <class Variant, std::size_t... I>
     void read_variant(Variant& value, std::size_t index, std::index_sequence<I...>) {
         ((I == index ? (void)read(value.template emplace<I>()) : (void)0), ...);
