@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -69,21 +70,41 @@ template <class E> struct item_args<E, true> {
 template <class Range, bool Star>
 using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<Range>>, Star>::type;
 
-/// Encodes up to `n` items from `it` into one task. Returns the items taken.
+/// How many bytes of items a default-sized chunk holds at most. A chunk this size, and its result
+/// when the values are of similar size, fits a worker's task and result rings
+/// (PoolLink::ring_capacity / 4), so map streams through shared memory with no system call while
+/// the workers are busy; bigger chunks would travel on the worker's socket.
+inline constexpr std::size_t default_chunk_bytes = 32 * 1024;
+
+/// Encodes up to `n` items from `it` into one task, and stops early once the items take
+/// `max_bytes` (at least one item is taken). Returns the items taken.
 template <class F, class Args, class It, class End>
-std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n) {
+std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n,
+                           std::size_t max_bytes = SIZE_MAX) {
     task.id = core.next_task_id();
     begin_task_frame<F, Args>(task.frame, task.id, 0, f);
+    const std::size_t start = task.frame.size();
+    // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
+    constexpr std::size_t item_min = std::max<std::size_t>(1, min_encoded_size<Args>());
+    task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
     Writer out(task.frame);
     std::uint32_t taken = 0;
-    for (; taken < n && it != end; ++it, ++taken) out.write(*it);
+    for (; taken < n && it != end; ++it, ++taken) {
+        out.write(*it);
+        if (task.frame.size() - start >= max_bytes) {
+            ++it;
+            ++taken;
+            break;
+        }
+    }
     std::memcpy(task.frame.data() + frame_header_size + 16, &taken, sizeof taken);
     end_task_frame(task.frame, {});
     task.count = taken;
     return taken;
 }
 
-/// Python's default: about four chunks per worker.
+/// Python's default: about four chunks per worker (map's default chunks are also cut at
+/// default_chunk_bytes).
 inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
     if (items == 0) return 1;
     const std::size_t per = std::size_t{processes} * 4;
@@ -396,7 +417,13 @@ private:
             return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback));
         } else {
             const auto count = static_cast<std::size_t>(std::ranges::distance(xs));
-            if (chunksize == 0) chunksize = detail::default_chunksize(count, core().processes());
+            // The default chunk is Python's, cut short at default_chunk_bytes of items; a chunksize
+            // the caller gives is kept exactly (max_tasks_per_child counts chunks).
+            std::size_t max_bytes = SIZE_MAX;
+            if (chunksize == 0) {
+                chunksize = detail::default_chunksize(count, core().processes());
+                max_bytes = detail::default_chunk_bytes;
+            }
             auto state = std::make_shared<detail::CollectState<R, true>>(count, std::move(callback),
                                                                          std::move(error_callback), core().collector_id());
             if (count == 0) core().post([state] { state->complete_empty(); });
@@ -408,7 +435,7 @@ private:
                 detail::Task& task = tasks.emplace_back();
                 task.sink = state;
                 task.first = first;
-                first += detail::encode_chunk<F, Args>(task, core(), f, it, end, chunksize);
+                first += detail::encode_chunk<F, Args>(task, core(), f, it, end, chunksize, max_bytes);
             }
             core().submit(tasks);
             return AsyncResult<detail::collected_t<R, true>>(
