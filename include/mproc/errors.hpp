@@ -104,8 +104,10 @@ public:
 
 namespace detail {
 /// "what: strerror(errno)" as an mproc::Error, for failed system calls.
+/// strerror_r, not strerror: Pool's parent threads may fail system calls at the same time.
 [[noreturn]] inline void throw_errno(const std::string& what, int err = errno) {
-    throw Error(what + ": " + std::strerror(err));
+    char text[256];
+    throw Error(what + ": " + ::strerror_r(err, text, sizeof text));  // GNU strerror_r: returns the text
 }
 }  // namespace detail
 

@@ -116,7 +116,7 @@ public:
 
 private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
-    static constexpr std::size_t copy_limit = 64 * 1024;
+    static constexpr std::size_t copy_limit = std::size_t{64} * 1024;
 
     Connection(int fd, bool readable, bool writable, bool is_socket)
         : fd_(fd), readable_(readable), writable_(writable), is_socket_(is_socket) {}

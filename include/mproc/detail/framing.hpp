@@ -92,7 +92,7 @@ public:
     }
 
 private:
-    static constexpr std::size_t min_read = 64 * 1024;
+    static constexpr std::size_t min_read = std::size_t{64} * 1024;
     const std::byte* begin() const noexcept { return buffer_.data() + start_; }
     void make_room() {
         if (start_ != 0 && (start_ == buffer_.size() || start_ > buffer_.size() / 2)) {

@@ -24,7 +24,7 @@ struct alignas(64) PoolShared {
 
 class PoolLink {
 public:
-    static constexpr std::size_t ring_capacity = 256 * 1024;
+    static constexpr std::size_t ring_capacity = std::size_t{256} * 1024;
 
     PoolLink() = default;
     explicit PoolLink(unsigned seats) : seats_(seats) {

@@ -82,7 +82,8 @@ template <class F> F read_callable(Reader& in) {
     if constexpr (std::is_pointer_v<F>) {
         std::uintptr_t address = 0;
         in.read_raw(&address, sizeof address);
-        return reinterpret_cast<F>(address);
+        // The same executable runs on both sides of the fork: a function's address is valid there.
+        return reinterpret_cast<F>(address);  // NOLINT(performance-no-int-to-ptr)
     } else {
         return F{};
     }
@@ -172,13 +173,15 @@ inline TaskView parse_task(std::span<const std::byte> body) {
     std::memcpy(&t.task_id, body.data(), 8);
     std::memcpy(&code, body.data() + 8, 8);
     std::memcpy(&t.count, body.data() + 16, 4);
+    // The address of a static TaskCode of this same executable, sent by the parent before the fork.
+    // NOLINTNEXTLINE(performance-no-int-to-ptr)
     t.invoker = reinterpret_cast<const TaskCode*>(static_cast<std::uintptr_t>(code))->invoke;
     std::uint32_t nskip = 0;
     std::memcpy(&nskip, body.data() + body.size() - 4, 4);
     if (nskip > (body.size() - head - 4) / 4) Reader::fail("task frame skip list too long");
     const std::size_t trailer = 4 + std::size_t{nskip} * 4;
     t.skips.resize(nskip);
-    if (nskip) std::memcpy(t.skips.data(), body.data() + body.size() - trailer, nskip * 4);
+    if (nskip) std::memcpy(t.skips.data(), body.data() + body.size() - trailer, std::size_t{nskip} * 4);
     t.payload = body.subspan(head, body.size() - head - trailer);
     return t;
 }

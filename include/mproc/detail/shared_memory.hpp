@@ -40,6 +40,7 @@ inline void release_pages(void* addr, std::size_t length) noexcept {
     const auto begin = reinterpret_cast<std::uintptr_t>(addr);
     const std::uintptr_t first = round_up(begin, page_size());
     const std::uintptr_t last = round_down(begin + length, page_size());
+    // NOLINTNEXTLINE(performance-no-int-to-ptr): page arithmetic on an address we were given
     if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_REMOVE);
 }
 

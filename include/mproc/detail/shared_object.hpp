@@ -70,7 +70,7 @@ private:
 };
 
 /// The size up to which objects share chunks.
-inline constexpr std::size_t small_object_limit = 16 * 1024;
+inline constexpr std::size_t small_object_limit = std::size_t{16} * 1024;
 inline constexpr std::size_t chunk_size = 1 << 20;
 
 struct ChunkHeader {
