@@ -1,8 +1,7 @@
 // mproc::mpi::Pool under mpirun: the local Pool's calls, ordering and exceptions across MPI ranks,
 // tasks named across ranks (dladdr), close/join/terminate, and the seed's Pool programs.
 // Run as `mpirun --oversubscribe -n 3 test_mpi_pool [tag]`: rank 0 runs these cases, ranks 1 and
-// 2 are the pool's workers.
-#define CATCH_CONFIG_RUNNER
+// 2 are the pool's workers (main is in test_mpi_main.cpp).
 #include <catch2/catch.hpp>
 
 #include <mproc/mpi.hpp>
@@ -469,9 +468,4 @@ TEST_CASE("one live pool at a time; more processes than worker ranks is an error
     mproc::mpi::Pool as_local;
     mproc::Pool& base = as_local;
     CHECK(base.map(square, std::vector<int>{3, 4}) == std::vector<int>{9, 16});
-}
-
-int main(int argc, char** argv) {
-    mproc::mpi::Init mpi(argc, argv);  // ranks 1.. serve tasks here and never return
-    return Catch::Session().run(argc, argv);
 }
