@@ -899,3 +899,32 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
     CHECK(mproc_test::dev_shm_names() == shm_before);
     CHECK(child_count() == 0);
 }
+
+namespace {
+/// How many shared segments this process (a worker) has created since it was forked: the
+/// registry's generation counts creations, and a fork child starts from its parent's count.
+std::uint64_t segments_created(mproc::Queue<int>, mproc::SharedDict<int, int>, mproc::Lock, mproc::Value<long>,
+                               mproc::Array<long>) {
+    return mproc::detail::segments().generation();
+}
+}  // namespace
+
+TEST_CASE("Handles passed as Pool task arguments are decoded in the worker, not created anew there") {
+    // Decoding a task's arguments default-constructs them first; a Queue or SharedDict constructed
+    // that way must be an empty handle, not a fresh 1 GiB shared object thrown away at once.
+    mproc::Queue<int> q;
+    mproc::SharedDict<int, int> d;
+    mproc::Lock lock;
+    mproc::Value<long> value(0);
+    mproc::Array<long> arr(100000);
+    mproc::Pool pool(1);
+    using Args = std::tuple<mproc::Queue<int>, mproc::SharedDict<int, int>, mproc::Lock, mproc::Value<long>,
+                            mproc::Array<long>>;
+    const std::vector<Args> args(50, Args{q, d, lock, value, arr});
+    const auto generations = pool.starmap(segments_created, args, 1);
+    REQUIRE(generations.size() == 50);
+    CHECK(generations.front() == generations.back());  // 50 tasks, no segment made for any of them
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}

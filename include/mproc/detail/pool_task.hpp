@@ -25,6 +25,7 @@
 #include "../serialize.hpp"
 #include "framing.hpp"
 #include "remote_exception.hpp"
+#include "shared_object.hpp"
 
 namespace mproc::detail {
 
@@ -96,6 +97,16 @@ template <class F, class... Args> struct task_result<F, std::tuple<Args...>> {
 };
 template <class F, class Args> using task_result_t = typename task_result<F, Args>::type;
 
+/// Decodes one item's arguments. Shared-object handles among them (Queue, SharedDict, Lock, ...)
+/// are default-constructed empty before they are read, not as new shared objects thrown away at
+/// once (for a Queue or a SharedDict that is a 1 GiB memfd per item).
+template <class Args> Args decode_args(Reader& in) {
+    HandleDecodeScope decoding;
+    Args args{};
+    in.read(args);
+    return args;
+}
+
 /// Runs every item of a chunk in the worker. Instantiated in the parent; called by address.
 template <class F, class Args>
 void run_chunk(ChunkContext& c) {
@@ -108,8 +119,7 @@ void run_chunk(ChunkContext& c) {
     for (std::uint32_t i = 0; i < c.count; ++i) {
         c.slot.item.store(i, std::memory_order_relaxed);
         if (c.timed) c.slot.started_ns.store(monotonic_ns(), std::memory_order_release);
-        Args args{};
-        c.in.read(args);  // a decoding failure belongs to the whole chunk; it propagates
+        Args args = decode_args<Args>(c.in);  // a decoding failure belongs to the whole chunk; it propagates
         if (next_skip < c.skips.size() && c.skips[next_skip] == i) {
             ++next_skip;
             c.out.write(Outcome::skipped);
