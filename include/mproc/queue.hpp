@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -59,6 +60,16 @@ inline constexpr std::size_t queue_piece = std::size_t{1} << 20;
 /// chunks of `queue_chunk`; the first part stays, as the hot area a busy queue cycles through.
 inline constexpr std::size_t queue_chunk = std::size_t{1} << 20;
 inline constexpr std::size_t queue_resident = std::size_t{4} << 20;
+/// How long a consumer that finds the queue empty watches it before it sleeps (see spin_for_change).
+inline constexpr std::chrono::microseconds queue_spin{20};
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
 
 /// Where the queue stands. Positions count bytes since the ring was last empty; the byte at
 /// position p lives at ring[p % capacity]. Two copies alternate and one store of `current`
@@ -274,6 +285,7 @@ public:
                 wakes.fire(*h_);
                 return false;
             }
+            if (spin_for_change(guard, h_->items, wakes)) continue;
             wait(guard, h_->items, h_->item_waiters, deadline, wakes);
         }
     }
@@ -327,6 +339,26 @@ private:
         h_->stream_room.fetch_add(1, std::memory_order_relaxed);
     }
 
+    /// Before a consumer sleeps: watches `word` for a few microseconds with the lock released.
+    /// A busy producer publishes again within that time, and a consumer that sees it awake
+    /// spares both sides a futex system call (a sleeper costs the producer a wake on every put).
+    /// Bounded by queue_spin, so an idle consumer still sleeps at once after it. Returns true
+    /// when the word changed (the lock is held again either way).
+    bool spin_for_change(Guard& guard, FutexWord& word, Wakes& wakes) {
+        wakes.fire(*h_);
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard.unlock();
+        const auto until = Clock::now() + queue_spin;
+        bool changed = false;
+        for (unsigned i = 1; !changed; ++i) {
+            cpu_relax();
+            changed = word.load(std::memory_order_acquire) != seen;
+            if (!changed && i % 64 == 0 && Clock::now() >= until) break;
+        }
+        guard.lock();
+        return changed;
+    }
+
     /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
     void wait(Guard& guard, FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline,
               Wakes& wakes) {
@@ -335,8 +367,10 @@ private:
         const std::uint32_t seen = word.load(std::memory_order_acquire);
         guard.unlock();
         futex_wait(word, seen, sleep_until_for(deadline));
-        guard.lock();
+        // No longer a sleeper once awake: deregister before taking the lock, or every put made
+        // while this waiter waits for the lock would pay for a futile wake.
         waiters.fetch_sub(1, std::memory_order_relaxed);
+        guard.lock();
     }
 
     /// With the lock and the read claim held and a streamed item being drained: copies the rest
