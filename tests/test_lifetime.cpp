@@ -430,10 +430,17 @@ void check_tree(const Program& program, const std::string& mode) {
     CHECK(group_members(program.pid()).size() == program.all_pids().size());
 }
 
+std::string role_of(const Program& program, pid_t pid) {
+    for (const auto& [role, pids] : program.tree())
+        if (std::find(pids.begin(), pids.end(), pid) != pids.end()) return role;
+    return "unreported";
+}
+
 /// Nothing of the tree was orphaned: every process was reaped by its own parent.
-void check_nothing_orphaned(const Ending& end) {
+void check_nothing_orphaned(const Program& program, const Ending& end) {
     for (const auto& [pid, status] : end.adopted)
-        FAIL_CHECK("pid " << pid << " outlived its parent (then " << describe_status(status) << ")");
+        FAIL_CHECK("pid " << pid << " (" << role_of(program, pid) << ") outlived its parent (then "
+                          << describe_status(status) << ")");
 }
 
 void check_quiet(const Ending& end) {
@@ -445,7 +452,7 @@ const char* const all_modes[] = {"pool", "tree", "nested", "queue", "pipe"};
 
 }  // namespace
 
-TEST_CASE("SIGINT to the program: every process of its tree is reaped; it dies of SIGINT (130)") {
+TEST_CASE("SIGINT to the program: every process of its tree is reaped, and it dies of SIGINT (130)") {
     const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
     CAPTURE(mode);
     Program program({{mode, "wait"}});
@@ -455,7 +462,7 @@ TEST_CASE("SIGINT to the program: every process of its tree is reaped; it dies o
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGINT);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);
 }
 
@@ -469,7 +476,7 @@ TEST_CASE("SIGINT to the whole process group, as Ctrl-C sends it: same, and no w
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGINT);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);
 }
 
@@ -483,11 +490,11 @@ TEST_CASE("Ctrl-C typed at a terminal stops the program with every child gone") 
     CAPTURE(describe_status(end.status));
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGINT);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);  // on a terminal, stderr is there too: nothing from any worker or child
 }
 
-TEST_CASE("SIGTERM: every process of the tree is reaped; the program dies of SIGTERM (143)") {
+TEST_CASE("SIGTERM: every process of the tree is reaped, and the program dies of SIGTERM (143)") {
     const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
     CAPTURE(mode);
     Program program({{mode, "wait"}});
@@ -497,7 +504,7 @@ TEST_CASE("SIGTERM: every process of the tree is reaped; the program dies of SIG
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGTERM);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);
 }
 
@@ -525,7 +532,7 @@ TEST_CASE("SIGKILL: no handler runs, yet every child dies with its parent (the p
     check_quiet(end);
 }
 
-TEST_CASE("exit(0): every process of the tree is reaped; the program exits with 0") {
+TEST_CASE("exit(0): every process of the tree is reaped, and the program exits with 0") {
     const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
     CAPTURE(mode);
     Program program({{mode, "exit"}});
@@ -535,7 +542,7 @@ TEST_CASE("exit(0): every process of the tree is reaped; the program exits with 
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFEXITED(end.status));
     CHECK(WEXITSTATUS(end.status) == 0);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);
 }
 
@@ -551,7 +558,7 @@ TEST_CASE("an exception out of main: every process of the tree is reaped, then t
     CHECK(WTERMSIG(end.status) == SIGABRT);
     // The terminate handler that was there before the guard still ran: it names the exception.
     CHECK(end.errors.find("thrown out of main") != std::string::npos);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     for (const std::string& line : end.after_ready) FAIL_CHECK("unexpected output: " << line);
 }
 
@@ -571,7 +578,7 @@ TEST_CASE("the program's own SIGINT/SIGTERM handler runs after the guard has rea
     CHECK(end.after_ready[0] == "handler " + std::to_string(sig) + " none");
     CHECK(WIFEXITED(end.status));
     CHECK(WEXITSTATUS(end.status) == 40 + sig);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     CHECK(end.errors.empty());
 }
 
@@ -588,7 +595,7 @@ TEST_CASE("a SIGINT that was ignored when the guard was made stays ignored (nohu
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGTERM);
-    check_nothing_orphaned(end);
+    check_nothing_orphaned(program, end);
     check_quiet(end);
 }
 
@@ -689,7 +696,7 @@ TEST_CASE("in a child, active_children() lists the child's own children, never i
     REQUIRE(sibling.join(60s));
 }
 
-TEST_CASE("a ChildGuard's end terminates and reaps the children left; Process still reports how they ended") {
+TEST_CASE("a ChildGuard's end terminates and reaps the children left, and Process still reports how they ended") {
     mproc_test::ReadySignal polite_ready, stubborn_ready;
     mproc::Process polite(sleeper(polite_ready));
     mproc::Process stubborn([&] {

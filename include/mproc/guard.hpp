@@ -14,12 +14,17 @@
 //   * exit(), or returning from main — an atexit hook, and the guard's destructor;
 //   * an exception that leaves main (or any std::terminate) — a terminate handler that then calls
 //                        the one installed before it (by default: print the exception, abort).
-// Grandchildren — a Process child's own children, a Pool's workers — die with their parent
-// through the parent-death signal every mproc child arms.
+// Every child mproc forks from a guarded process is guarded the same way for its whole life, with
+// the same handlers chained to the same previous dispositions: so the SIGTERM that ends a Process
+// child or a Pool's fork server first makes it end and reap its own children (a Process's
+// children, the Pool's workers), and a Ctrl-C that reaches every process of a tree at once leaves
+// each one to reap its own. Nothing is ever left for init to reap. Grandchildren whose parent is
+// killed outright (SIGKILL) die through the parent-death signal every mproc child arms.
 //
 // A handler installed *after* the guard replaces the guard's: call
-// mproc::ChildGuard::terminate_children() from it. The guard acts only in the process that
-// constructed it; in every child, the dispositions it replaced are put back (see detail/fork.hpp).
+// mproc::ChildGuard::terminate_children() from it. A ChildGuard in a child that is already
+// guarded changes nothing but the cleanup at its destruction; in a child of an unguarded process,
+// or one forked without mproc, the parent's guard does nothing.
 #pragma once
 
 #include <algorithm>
@@ -27,7 +32,6 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
-#include <ctime>
 #include <exception>
 #include <pthread.h>
 #include <sched.h>
@@ -51,13 +55,17 @@ public:
     explicit ChildGuard(Seconds grace = default_grace) {
         detail::GuardState& g = detail::guard_state();
         const Lock lock;
-        if (g.owner.load() != ::getpid()) g.depth.store(0);  // none here (or a parent's, copied by fork)
+        if (g.owner.load() != ::getpid()) {  // none here (or a parent's, copied by a plain fork)
+            g.depth.store(0);
+            g.inherited.store(false);
+        }
         if (g.depth.load() == 0) install(grace);
         g.depth.fetch_add(1);
     }
 
     /// The last guard terminates and reaps the children still alive, then puts back the
-    /// dispositions and the terminate handler it replaced (where they are still the guard's).
+    /// dispositions and the terminate handler it replaced (where they are still the guard's). In a
+    /// child guarded from birth, what it inherited stays.
     ~ChildGuard() {
         detail::GuardState& g = detail::guard_state();
         const Lock lock;
@@ -76,22 +84,7 @@ public:
     /// outermost guard was given (default_grace when there is none).
     static void terminate_children() noexcept {
         const int saved_errno = errno;
-        detail::ChildRegistry& registry = detail::children();
-        if (registry.reap_ended() != 0) {
-            registry.signal_live(SIGTERM);
-            const long long grace_ns = detail::guard_state().grace_ns.load();
-            const long long start = monotonic_ns();
-            long nap_ns = 100'000;  // children usually end at once: look again soon, then less often
-            while (registry.reap_ended() != 0) {
-                if (monotonic_ns() - start >= grace_ns) {
-                    registry.kill_and_reap();
-                    break;
-                }
-                const timespec nap{0, nap_ns};
-                ::nanosleep(&nap, nullptr);
-                nap_ns = std::min(nap_ns * 2, 10'000'000L);
-            }
-        }
+        detail::children().terminate_and_reap(detail::guard_state().grace_ns.load());
         errno = saved_errno;
     }
 
@@ -113,25 +106,25 @@ private:
         Lock& operator=(const Lock&) = delete;
     };
 
-    static long long monotonic_ns() noexcept {
-        timespec now{};
-        ::clock_gettime(CLOCK_MONOTONIC, &now);
-        return static_cast<long long>(now.tv_sec) * 1'000'000'000LL + now.tv_nsec;
-    }
-
+    /// Installs the handlers where they are not in place yet (a guarded child has them from its
+    /// parent), and the atexit and terminate hooks once per program.
     static void install(Seconds grace) {
         detail::GuardState& g = detail::guard_state();
-        const double ns = std::clamp(grace.count(), 0.0, 3600.0) * 1e9;
-        g.grace_ns.store(static_cast<long long>(ns));
+        const bool inherited = g.inherited.load();
+        if (!inherited) {  // a guarded child keeps the grace its parent gave it
+            const double ns = std::clamp(grace.count(), 0.0, 3600.0) * 1e9;
+            g.grace_ns.store(static_cast<long long>(ns));
+        }
         g.handler.store(&on_signal);
         g.owner.store(::getpid());
         unsigned installed = 0;
+        unsigned own = 0;
         for (int i = 0; i < detail::guarded_signal_count; ++i) {
             const int sig = detail::guarded_signals[i];
             struct sigaction current{};
             if (::sigaction(sig, nullptr, &current) != 0) continue;
             if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN) continue;  // stays ignored
-            if (detail::guard_handles(sig)) {  // inherited through a plain fork: previous[i] is right
+            if (detail::guard_handles(sig)) {  // inherited through fork: previous[i] is right
                 installed |= 1u << i;
                 continue;
             }
@@ -141,19 +134,29 @@ private:
             ours.sa_flags = SA_SIGINFO | (current.sa_flags & (SA_RESTART | SA_ONSTACK));
             ours.sa_mask = current.sa_mask;
             for (int other : detail::guarded_signals) ::sigaddset(&ours.sa_mask, other);
-            if (::sigaction(sig, &ours, nullptr) == 0) installed |= 1u << i;
+            if (::sigaction(sig, &ours, nullptr) == 0) {
+                installed |= 1u << i;
+                own |= 1u << i;
+            }
         }
         g.installed.store(installed);
+        g.own.store(own);
         if (!g.atexit_registered.exchange(true)) std::atexit(&at_exit);
         if (!g.terminate_hooked.exchange(true)) g.previous_terminate.store(std::set_terminate(&on_terminate));
     }
 
+    /// Puts back what install() replaced. In a guarded child, only what a ChildGuard of its own
+    /// installed: the rest came from its parent and stays for the child's whole life.
     static void uninstall() noexcept {
         detail::GuardState& g = detail::guard_state();
-        const unsigned installed = g.installed.exchange(0);
+        const bool inherited = g.inherited.load();
+        const unsigned restore = inherited ? g.own.load() : g.installed.load();
         for (int i = 0; i < detail::guarded_signal_count; ++i)
-            if ((installed & (1u << i)) && detail::guard_handles(detail::guarded_signals[i]))
+            if ((restore & (1u << i)) && detail::guard_handles(detail::guarded_signals[i]))
                 ::sigaction(detail::guarded_signals[i], &g.previous[i], nullptr);
+        g.installed.fetch_and(~restore);
+        g.own.store(0);
+        if (inherited) return;
         if (std::get_terminate() == &on_terminate) {
             std::set_terminate(g.previous_terminate.load());
             g.terminate_hooked.store(false);

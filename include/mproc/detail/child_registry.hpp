@@ -27,24 +27,51 @@ class ChildRegistry {
 public:
     static constexpr std::size_t capacity = 4096;
 
-    /// Records a child just forked. Throws when the table is full.
-    void add(pid_t pid) {
+    /// A slot claimed for a fork about to happen: while it is claimed, the fork is in flight and
+    /// terminate_and_reap() waits for it, so that no child is ever born unseen by the guard.
+    class Ticket {
+    public:
+        Ticket() = default;
+        explicit operator bool() const noexcept { return slot_ != 0; }
+
+    private:
+        friend class ChildRegistry;
+        explicit Ticket(std::size_t slot) noexcept : slot_(slot + 1) {}
+        std::size_t slot_ = 0;  // index + 1; 0: none
+    };
+
+    /// Claims a slot for a fork about to happen. Throws when the table is full.
+    Ticket reserve() {
         adopt();
         for (std::size_t i = 0; i < capacity; ++i) {
             Slot& slot = slots_[i];
             int expected = free_;
             if (slot.state.load(std::memory_order_relaxed) == free_ &&
-                slot.state.compare_exchange_strong(expected, claiming_, std::memory_order_acquire)) {
-                slot.pid.store(pid, std::memory_order_relaxed);
-                slot.status.store(0, std::memory_order_relaxed);
-                slot.state.store(live_, std::memory_order_release);
+                slot.state.compare_exchange_strong(expected, claiming_, std::memory_order_acq_rel)) {
                 std::size_t high = high_water_.load(std::memory_order_relaxed);
                 while (high < i + 1 && !high_water_.compare_exchange_weak(high, i + 1)) {}
-                return;
+                return Ticket(i);
             }
         }
         throw Error("mproc: more than " + std::to_string(capacity) + " live children");
     }
+
+    /// Async-signal-safe: the fork of `ticket` made child `pid`, now a live child.
+    void publish(Ticket ticket, pid_t pid) noexcept {
+        if (!ticket) return;
+        Slot& slot = slots_[ticket.slot_ - 1];
+        slot.pid.store(pid, std::memory_order_relaxed);
+        slot.status.store(0, std::memory_order_relaxed);
+        slot.state.store(live_, std::memory_order_release);
+    }
+
+    /// Async-signal-safe: the fork of `ticket` failed; the slot is free again.
+    void release(Ticket ticket) noexcept {
+        if (ticket) slots_[ticket.slot_ - 1].state.store(free_, std::memory_order_release);
+    }
+
+    /// Records a child forked without a ticket. Throws when the table is full.
+    void add(pid_t pid) { publish(reserve(), pid); }
 
     /// Reaps `pid` if it has ended (or waits for it when `block`), keeping its wait status.
     /// Returns the status, or nullopt while the child runs.
@@ -130,6 +157,26 @@ public:
         }
     }
 
+    /// Async-signal-safe: SIGTERM to every live child, up to `grace_ns` for them to end, SIGKILL to
+    /// the rest; every one is reaped and its status kept for its owner.
+    void terminate_and_reap(long long grace_ns) noexcept {
+        if (!ours()) return;
+        await_forks_in_flight();
+        if (reap_ended() == 0) return;
+        signal_live(SIGTERM);
+        const long long start = monotonic_now_ns();
+        long nap_ns = 100'000;  // children usually end at once: look again soon, then less often
+        while (reap_ended() != 0) {
+            if (monotonic_now_ns() - start >= grace_ns) {
+                kill_and_reap();
+                return;
+            }
+            const timespec nap{0, nap_ns};
+            ::nanosleep(&nap, nullptr);
+            nap_ns = nap_ns * 2 < 10'000'000L ? nap_ns * 2 : 10'000'000L;
+        }
+    }
+
     /// In a freshly forked child: the parent's children are not ours.
     void clear_after_fork() noexcept {
         wipe();
@@ -145,6 +192,28 @@ private:
     };
 
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
+
+    /// Async-signal-safe: waits until no fork is in flight (no slot claimed but not yet published),
+    /// up to a few seconds. The thread of a fork in flight has every signal blocked (fork.hpp), so
+    /// this never waits for a fork that the waiting thread itself interrupted.
+    void await_forks_in_flight() const noexcept {
+        const long long start = monotonic_now_ns();
+        for (;;) {
+            bool in_flight = false;
+            const std::size_t high = high_water_.load(std::memory_order_acquire);
+            for (std::size_t i = 0; i < high && !in_flight; ++i)
+                in_flight = slots_[i].state.load(std::memory_order_acquire) == claiming_;
+            if (!in_flight || monotonic_now_ns() - start > 5'000'000'000LL) return;
+            const timespec nap{0, 200'000};
+            ::nanosleep(&nap, nullptr);
+        }
+    }
+
+    static long long monotonic_now_ns() noexcept {
+        timespec now{};
+        ::clock_gettime(CLOCK_MONOTONIC, &now);
+        return static_cast<long long>(now.tv_sec) * 1'000'000'000LL + now.tv_nsec;
+    }
 
     /// Makes the table this process's: a stale copy (inherited through a plain fork) is wiped.
     void adopt() noexcept {

@@ -2,9 +2,10 @@
 //
 // Before fork: flush every stdio buffer, so output the parent wrote is not written again by the
 // child. In the child: arm the parent-death signal (and re-check the parent, which may have died
-// before the signal was armed), put back the signal dispositions a ChildGuard replaced, forget the
-// parent's children, run the body, flush, and leave with _exit so the parent's atexit handlers and
-// static destructors never run twice.
+// before the signal was armed), stay guarded if the parent was (guard_state.hpp) or put back the
+// dispositions a stale copy of a guard replaced, forget the parent's children, run the body,
+// flush, terminate and reap any child of its own still running, and leave with _exit so the
+// parent's atexit handlers and static destructors never run twice.
 //
 // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. So a fork
 // asked for by any thread but the main one runs on the forker: one long-lived thread per process,
@@ -18,6 +19,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <exception>
 #include <iostream>
 #include <mutex>
 #include <pthread.h>
@@ -97,27 +99,54 @@ struct ThreadTraits {
 /// The child's side of a fork. It never returns: it leaves with _exit.
 using ChildEntry = void (*)(void* context) noexcept;
 
-/// Forks from the calling thread. The child arms the parent-death signal, forgets the parent's
-/// guard and children, takes `traits` (when the fork runs for another thread) and runs
-/// entry(context). Returns the child's pid, or -errno if fork failed.
-inline pid_t fork_here(ChildEntry entry, void* context, const ThreadTraits* traits) noexcept {
+/// Forks from the calling thread, with every signal blocked in it from just before the fork until
+/// the child is published in children() under `ticket` (a guard's handler on another thread waits
+/// for that; none can run on this one). The child arms the parent-death signal, keeps or forgets
+/// the parent's guard, forgets the parent's children, takes `traits` (when the fork runs for
+/// another thread) or else `child_mask`, and runs entry(context). Returns the child's pid, or
+/// -errno if fork failed (the ticket is then released).
+inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ticket, const ThreadTraits* traits,
+                       const sigset_t& child_mask) noexcept {
     flush_stdio();
+    sigset_t all, saved;
+    ::sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &saved);
     const pid_t parent = ::getpid();
     const pid_t pid = ::fork();
-    if (pid < 0) return -errno;
-    if (pid > 0) return pid;
+    if (pid != 0) {
+        const int error = errno;
+        if (pid > 0) children().publish(ticket, pid);
+        else children().release(ticket);
+        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+        return pid > 0 ? pid : -error;
+    }
     die_with_parent(parent);
-    forget_guard_after_fork();
+    inherit_guard_after_fork(parent);
     children().clear_after_fork();
     if (traits) traits->apply();
+    else ::pthread_sigmask(SIG_SETMASK, &child_mask, nullptr);
     entry(context);
     ::_exit(1);  // entry never returns
 }
 
+/// Every signal blocked in the calling thread while alive; the mask it replaced is `saved`.
+struct SignalsBlocked {
+    sigset_t saved{};
+    SignalsBlocked() noexcept {
+        sigset_t all;
+        ::sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &saved);
+    }
+    ~SignalsBlocked() { ::pthread_sigmask(SIG_SETMASK, &saved, nullptr); }
+    SignalsBlocked(const SignalsBlocked&) = delete;
+    SignalsBlocked& operator=(const SignalsBlocked&) = delete;
+};
+
 /// The forker thread of this process (see the top of this file).
 class Forker {
 public:
-    /// Forks on the forker thread on behalf of the calling thread; returns what fork_here returned.
+    /// Forks on the forker thread on behalf of the calling thread; returns what fork_here
+    /// returned, or throws what reserving the child's slot threw.
     pid_t fork(ChildEntry entry, void* context) {
         Request request{entry, context, ThreadTraits::of_this_thread()};
         std::unique_lock lock(mutex_);
@@ -125,6 +154,7 @@ public:
         pending_ = &request;
         changed_.notify_all();
         changed_.wait(lock, [&] { return request.done; });
+        if (request.error) std::rethrow_exception(request.error);
         return request.result;
     }
 
@@ -154,6 +184,7 @@ private:
         void* context;
         ThreadTraits traits;
         pid_t result = 0;
+        std::exception_ptr error{};
         bool done = false;
     };
 
@@ -192,7 +223,15 @@ private:
             }
             Request& request = *pending_;
             lock.unlock();  // a child must not inherit this mutex held by its own thread
-            const pid_t pid = fork_here(request.entry, request.context, &request.traits);
+            pid_t pid = 0;
+            try {
+                // Reserved here, where every signal is blocked: a guard's handler never waits for
+                // a fork that the thread it interrupted was about to make.
+                const ChildRegistry::Ticket ticket = children().reserve();
+                pid = fork_here(request.entry, request.context, ticket, &request.traits, request.traits.mask);
+            } catch (...) {
+                request.error = std::current_exception();
+            }
             lock.lock();
             request.result = pid;
             request.done = true;
@@ -210,7 +249,8 @@ private:
 };
 
 /// Forks; the child runs `body()` (which returns the exit status) and leaves with _exit.
-/// Returns the child's pid in the parent, registered in children(). From a thread other than the
+/// Returns the child's pid in the parent, registered in children() before any signal handler
+/// can run. From a thread other than the
 /// main one, the fork runs on the forker thread, so that the child's parent-death signal does
 /// not fire when the asking thread exits.
 template <class Body>
@@ -234,11 +274,19 @@ pid_t fork_child(Body&& body, std::string child_name) {
             // A body reports its own errors; this only keeps an escapee from running the parent's code.
         }
         flush_stdio();
+        // Children of this child that are still running (held by objects never destroyed, say)
+        // would be orphans: end and reap them rather than leave them to the parent-death signal.
+        children().terminate_and_reap(guard_state().grace_ns.load());
         ::_exit(status);
     };
-    const pid_t pid = current_tid() == ::getpid() ? fork_here(entry, &job, nullptr) : Forker::get().fork(entry, &job);
+    pid_t pid;
+    if (current_tid() == ::getpid()) {
+        const SignalsBlocked blocked;  // from the slot's reservation until the child is published
+        pid = fork_here(entry, &job, children().reserve(), nullptr, blocked.saved);
+    } else {
+        pid = Forker::get().fork(entry, &job);
+    }
     if (pid < 0) throw_errno("fork", -pid);
-    children().add(pid);
     return pid;
 }
 

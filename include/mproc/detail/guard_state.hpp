@@ -1,10 +1,12 @@
 // mproc — ChildGuard's process-wide state, and what a freshly forked child does with it.
 //
 // ChildGuard (guard.hpp) replaces the dispositions of SIGINT and SIGTERM and remembers the ones it
-// replaced here. A child is never guarded by its parent's ChildGuard: detail::fork_child calls
-// forget_guard_after_fork() in every child it forks, which puts those dispositions back (and the
-// child may construct a ChildGuard of its own). Everything here is constant-initialised and
-// lock-free, so the signal handler may read it.
+// replaced here. A child that mproc forks from a guarded process is guarded too, for its whole
+// life: detail::fork_child calls inherit_guard_after_fork() in every child, which keeps the
+// guard's handlers (and the atexit and terminate hooks, inherited through fork) working there, so
+// that a child ended by its parent's guard first ends and reaps its own children. A child of an
+// unguarded process gets the dispositions the program had, untouched. Everything here is
+// constant-initialised and lock-free, so the signal handler may read it.
 #pragma once
 
 #include <atomic>
@@ -30,6 +32,12 @@ struct GuardState {
     /// Bit i: the guard's handler is installed for guarded_signals[i] and previous[i] holds the
     /// disposition it replaced (written before the handler is installed, then only read).
     std::atomic<unsigned> installed{0};
+    /// The bits of `installed` that a ChildGuard of this process installed (not inherited): the
+    /// ones the last guard here puts back.
+    std::atomic<unsigned> own{0};
+    /// This process is a child that mproc forked from a guarded process: guarded from birth to
+    /// death, with or without a ChildGuard of its own.
+    std::atomic<bool> inherited{false};
     struct sigaction previous[guarded_signal_count] = {};
     /// The guard's handler (set before it is first installed).
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
@@ -53,18 +61,27 @@ inline bool guard_handles(int sig) noexcept {
     return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == guard_state().handler.load();
 }
 
-/// In a freshly forked child: puts back the SIGINT/SIGTERM dispositions the parent's guard
-/// replaced (where the guard's handler is still in place: a handler the program installed after
-/// the guard stays) and forgets that guard. Async-signal-safe.
-inline void forget_guard_after_fork() noexcept {
+/// In a child that mproc just forked from `parent`. If the parent was guarded, the child is too:
+/// it becomes the owner of its copy of the guard state, with the handlers, hooks and grace it
+/// inherited. Otherwise any copy of a guard there (a grandparent's, copied by a plain fork) is
+/// forgotten, and the dispositions it replaced are put back where its handler is still in place.
+/// Async-signal-safe.
+inline void inherit_guard_after_fork(pid_t parent) noexcept {
     GuardState& g = guard_state();
+    g.depth.store(0);
+    g.busy.store(0);
+    g.own.store(0);
+    if (g.owner.load() == parent) {
+        g.inherited.store(true);
+        g.owner.store(::getpid());
+        return;
+    }
     const unsigned installed = g.installed.exchange(0);
     for (int i = 0; i < guarded_signal_count; ++i)
         if ((installed & (1u << i)) && guard_handles(guarded_signals[i]))
             ::sigaction(guarded_signals[i], &g.previous[i], nullptr);
+    g.inherited.store(false);
     g.owner.store(0);
-    g.depth.store(0);
-    g.busy.store(0);
 }
 
 }  // namespace mproc::detail
