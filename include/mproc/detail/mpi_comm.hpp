@@ -13,6 +13,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <cerrno>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
@@ -129,21 +130,24 @@ private:
 };
 
 /// How long to wait between two looks at MPI that found nothing: a few immediate retries (each
-/// yields the core), then sleeps that double from 16 µs to 1 ms. Anything found resets it. MPI
-/// has no descriptor to sleep on, and its own blocking calls spin a core, so mproc never makes a
-/// blocking MPI call while it waits for work: an idle rank wakes at most 1000 times a second.
+/// yields the core), then sleeps that double from 16 µs to 128 µs while the quiet has lasted less
+/// than 50 ms (work is likely to come back soon), then 1 ms sleeps. Anything found resets it. MPI
+/// has no descriptor to sleep on, and its own blocking calls spin, so mproc never makes a blocking
+/// MPI call while it waits for work: an idle rank wakes at most 1000 times a second.
 class Backoff {
 public:
+    static constexpr std::chrono::microseconds busy_longest{128};
     static constexpr std::chrono::microseconds longest{1000};
+    static constexpr std::chrono::milliseconds busy_for{50};
 
     void reset() noexcept { idle_ = 0; }
     /// The pause before the next look (zero: just yield).
     std::chrono::microseconds next() noexcept {
-        ++idle_;
+        if (idle_++ == 0) quiet_since_ = std::chrono::steady_clock::now();
         if (idle_ <= spins) return std::chrono::microseconds{0};
+        if (std::chrono::steady_clock::now() - quiet_since_ > busy_for) return longest;
         const unsigned doublings = idle_ - spins - 1;
-        if (doublings >= 6) return longest;
-        return std::chrono::microseconds{16 << doublings};
+        return doublings >= 3 ? busy_longest : std::chrono::microseconds{16 << doublings};
     }
     /// Sleeps (or yields) for next().
     void pause() noexcept {
@@ -163,6 +167,7 @@ public:
 private:
     static constexpr unsigned spins = 8;
     unsigned idle_ = 0;
+    std::chrono::steady_clock::time_point quiet_since_{};
 };
 
 }  // namespace mproc::mpi::detail
