@@ -85,7 +85,7 @@ run_tidy() {
 run_cppcheck() {
     command -v cppcheck >/dev/null || { echo "lint.sh: cppcheck is not installed" >&2; return 1; }
     local started=$SECONDS
-    if cppcheck --enable=warning,performance,portability --std=c++20 --language=c++ -I include "${mpi_flags[@]}" \
+    if cppcheck --enable=warning,performance,portability --std=c++20 --language=c++ -I include \
         --inline-suppr --suppressions-list=cmake/cppcheck-suppressions.txt --suppress=missingIncludeSystem \
         --quiet --error-exitcode=1 --template='{file}:{line}: {severity}: {message} [{id}]' "${headers[@]}"; then
         echo "cppcheck: ${#headers[@]} headers: no findings in $((SECONDS - started)) s"

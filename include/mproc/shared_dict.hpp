@@ -383,7 +383,8 @@ public:
             dict_->set(key_, value);
             return *this;
         }
-        Item& operator=(const Item& other) { return *this = other.value(); }
+        // d[a] = d[b] copies the value; d[a] = d[a] writes an entry's value back onto itself.
+        Item& operator=(const Item& other) { return *this = other.value(); }  // NOLINT(bugprone-unhandled-self-assignment)
         /// The value; mproc::KeyError if the key is absent.
         V value() const { return dict_->at(key_); }
         operator V() const { return value(); }

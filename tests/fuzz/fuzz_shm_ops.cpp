@@ -83,6 +83,7 @@ public:
     std::size_t size() const { return values_.size(); }
     std::vector<std::pair<std::string, std::string>> items() const {
         std::vector<std::pair<std::string, std::string>> out;
+        out.reserve(order_.size());
         for (const auto& k : order_) out.emplace_back(k, values_.at(k));
         return out;
     }
