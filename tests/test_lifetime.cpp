@@ -162,6 +162,7 @@ struct Launch {
     std::vector<std::string> args;  // after the program's path
     bool terminal = false;          // on a pseudo-terminal, as a session leader (Ctrl-C goes there)
     bool ignore_sigint = false;     // SIGINT ignored, as for a background job of a script or nohup
+    std::vector<std::string> tsan_options{};  // appended to TSAN_OPTIONS for the program
 };
 
 /// What happened, once the program and every process of its tree are gone.
@@ -182,6 +183,16 @@ public:
         std::vector<char*> argv;
         for (std::string& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
+        std::vector<std::string> environment;
+        std::string tsan = "TSAN_OPTIONS=";
+        if (const char* inherited = std::getenv("TSAN_OPTIONS")) tsan += inherited;
+        for (const std::string& option : how.tsan_options) tsan += (tsan.back() == '=' ? "" : ":") + option;
+        for (char** e = environ; *e; ++e)
+            if (std::strncmp(*e, "TSAN_OPTIONS=", 13) != 0) environment.emplace_back(*e);
+        environment.push_back(tsan);
+        std::vector<char*> envp;
+        for (std::string& e : environment) envp.push_back(e.data());
+        envp.push_back(nullptr);
 
         Fd in_read, in_write, out_read, out_write, err, slave;
         if (terminal_) {
@@ -232,7 +243,7 @@ public:
             sigset_t none;
             ::sigemptyset(&none);
             ::sigprocmask(SIG_SETMASK, &none, nullptr);
-            ::execv(argv[0], argv.data());
+            ::execve(argv[0], argv.data(), envp.data());
             ::_exit(127);
         }
         pid_ = pid;
@@ -535,7 +546,10 @@ TEST_CASE("SIGKILL: no handler runs, yet every child dies with its parent (the p
 TEST_CASE("exit(0): every process of the tree is reaped, and the program exits with 0") {
     const std::string mode = GENERATE(from_range(std::begin(all_modes), std::end(all_modes)));
     CAPTURE(mode);
-    Program program({{mode, "exit"}});
+    // exit() destroys nothing in main: the Pool there is never destroyed, so its collector thread,
+    // which ends once the guard has ended the pool's processes, is never joined. ThreadSanitizer
+    // calls that a thread leak (and exits with 66); it is the program's choice, not a fault.
+    Program program({{mode, "exit"}, false, false, {"report_thread_leaks=0"}});
     check_tree(program, mode);
     program.type("go\n");
     const Ending end = program.wait_for_end();
