@@ -452,7 +452,10 @@ private:
         std::vector<int> to_cancel;
         {
             std::lock_guard lock(mutex_);
-            if (state_ == State::terminated || state_ == State::broken) return;
+            // Only a pool still taking or running tasks breaks: a second rank's failed initializer
+            // after join() began must not turn `draining` back into `broken` (the thread would
+            // then wait for a join that already waits for it).
+            if (state_ != State::open && state_ != State::closed) return;
             state_ = State::broken;
             broken_reason_ = std::move(reason);
             doomed = take_all_locked();
