@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -30,11 +31,13 @@
 #include <mutex>
 #include <optional>
 #include <poll.h>
+#include <pthread.h>
 #include <string>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "../errors.hpp"
@@ -101,7 +104,8 @@ public:
     virtual std::uint64_t next_task_id() noexcept = 0;
     /// Queues tasks (already encoded); throws mproc::Error if the pool takes no more.
     virtual void submit(std::vector<Task>& tasks) = 0;
-    void submit(Task task) {
+    /// One task (apply_async, imap): an engine may take it without the vector.
+    virtual void submit(Task task) {
         std::vector<Task> one;
         one.push_back(std::move(task));
         submit(one);
@@ -180,6 +184,19 @@ protected:
     std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
 };
 
+/// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
+/// forked through fork(3) (all of mproc's forks are).
+inline pid_t this_process_id() noexcept {
+    static std::atomic<pid_t> cached{0};
+    [[maybe_unused]] static const int hooked = ::pthread_atfork(nullptr, nullptr, [] { cached.store(0); });
+    pid_t pid = cached.load(std::memory_order_relaxed);
+    if (pid == 0) {
+        pid = ::getpid();
+        cached.store(pid, std::memory_order_relaxed);
+    }
+    return pid;
+}
+
 inline unsigned affinity_cpu_count() noexcept {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -194,7 +211,7 @@ inline unsigned affinity_cpu_count() noexcept {
 class PoolCore final : public PoolEngine {
 public:
     explicit PoolCore(PoolOptions options)
-        : options_(std::move(options)), owner_(::getpid()) {
+        : options_(std::move(options)), owner_(this_process_id()) {
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
         link_ = PoolLink(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -246,7 +263,14 @@ public:
         tasks.clear();
         dispatch_locked();
     }
-    using PoolEngine::submit;
+    void submit(Task task) {
+        check_owner();
+        std::unique_lock lock(mutex_);
+        check_accepting_locked();
+        ++outstanding_;
+        backlog_.push_back(std::move(task));
+        dispatch_locked();
+    }
 
     /// Runs `job` on the collector thread, where callbacks run, as if it were a task's result:
     /// for results that need no worker (a map over an empty input), whose callbacks must still
@@ -334,7 +358,7 @@ private:
     };
 
     void check_owner() const {
-        if (::getpid() != owner_)
+        if (this_process_id() != owner_)
             throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
     }
 
@@ -458,6 +482,7 @@ private:
         PoolShared& shared = link_.shared();
         for (;;) {
             int timeout_ms = -1;
+            bool streaming = false;  // workers hold several tasks: results are due one after another
             {
                 std::lock_guard lock(mutex_);
                 if (state_ == State::terminated) return;
@@ -478,12 +503,17 @@ private:
                     seat_of.push_back(s.index);
                 }
                 timeout_ms = check_timeouts_locked();
+                std::size_t inflight = 0;
+                for (const Seat& s : seats_) inflight += s.inflight.size();
+                streaming = inflight >= 2;
             }
             run_posted();
             bool progressed = false;
             for (Seat& s : seats_) progressed |= service_seat(s);
             if (progressed) {
                 timeout_ms = 0;  // look at the sockets and the server, then come straight back
+            } else if (streaming && timeout_ms != 0 && spin_until([&] { return any_results_waiting(); }, ring_spin)) {
+                timeout_ms = 0;  // a result came while we watched: no need to sleep for it
             } else {
                 // About to sleep: say so, then look once more, so a worker that publishes a result
                 // from now on writes the eventfd (see wake_collector).

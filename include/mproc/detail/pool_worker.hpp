@@ -108,13 +108,21 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
 
     FrameReader socket_in;
     unsigned long done = 0;
+    unsigned since_sleep = 0;  // tasks run since this worker last slept
     for (;;) {
         const auto record = link.tasks.peek(link.tasks.head());
         if (!record) {
             if (link.tasks.closed()) return 0;  // the pool is done with us
+            // Tasks arriving in a stream: watch for the next one before sleeping. A lone task
+            // (apply, one at a time) does not spin: the CPU is better left to the parent.
+            if (since_sleep >= 2 &&
+                spin_until([&] { return !link.tasks.empty() || link.tasks.closed(); }, ring_spin))
+                continue;
+            since_sleep = 0;
             link.tasks.wait_for_data(Clock::now() + recheck_interval);
             continue;
         }
+        ++since_sleep;
         std::span<const std::byte> body = record->payload;
         const bool on_socket = record->kind == SpscRing::socket;
         if (on_socket) {
