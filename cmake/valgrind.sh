@@ -28,6 +28,7 @@ mkdir -p "$logs"
 
 failed=0
 processes=0
+summarised=0
 for example in $examples; do
     started=$SECONDS
     # --child-silent-after-fork=no: forked children (workers, servers) are checked too, each with its
@@ -40,14 +41,16 @@ for example in $examples; do
         --log-file="$logs/$example.%p.log" "$build/examples/$example" >"$logs/$example.stdout" 2>&1
     status=$?
     set -e
-    count=0 bad=()
+    count=0 checked=0 bad=()
     for log in "$logs/$example".*.log; do
         count=$((count + 1))
         # A process killed by SIGKILL (the Pool ending its workers) writes no summary: nothing to check.
         grep -q 'ERROR SUMMARY:' "$log" || continue
+        checked=$((checked + 1))
         if ! grep -q 'ERROR SUMMARY: 0 errors' "$log"; then bad+=("$log"); fi
     done
     processes=$((processes + count))
+    summarised=$((summarised + checked))
     if ((status != 0)) || ((${#bad[@]} > 0)); then
         failed=1
         echo "$example: FAILED (exit status $status, $count processes, ${#bad[@]} with errors) in $((SECONDS - started)) s"
@@ -57,8 +60,9 @@ for example in $examples; do
         done
         ((status != 0)) && tail -n 20 "$logs/$example.stdout"
     else
-        echo "$example: clean ($count processes checked, exit 0) in $((SECONDS - started)) s"
+        echo "$example: clean (exit 0; $count processes, $checked with a memcheck summary, all 0 errors) in $((SECONDS - started)) s"
     fi
 done
-echo "valgrind memcheck: $processes processes across the examples; logs in $logs"
+echo "valgrind memcheck: $processes processes across the examples, $summarised with a summary" \
+    "(the rest were ended by SIGKILL, as a Pool's destructor ends its workers); logs in $logs"
 exit "$failed"
