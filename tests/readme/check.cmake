@@ -1,7 +1,7 @@
 # cmake -DREADME=<README.md> -DCXX=<compiler> -DFLAGS="<flags>" -DINCLUDES="<dirs>" -DWORK_DIR=<dir> -P check.cmake
 #
-# Every C++ block of the README that is a whole program (it has `int main`) must compile with the
-# project's warnings as errors: the manual's examples cannot rot.
+# Every C++ block of the README that is a whole program (it starts with #include and has `int main`)
+# must compile with the project's warnings as errors: the manual's examples cannot rot.
 cmake_minimum_required(VERSION 3.20)
 file(READ "${README}" text)
 # CMake lists split on ';' and treat brackets specially: hide them while the blocks are lists.
@@ -12,6 +12,13 @@ string(REPLACE ";" "${semicolon}" text "${text}")
 string(REPLACE "[" "${open_bracket}" text "${text}")
 string(REPLACE "]" "${close_bracket}" text "${text}")
 string(REGEX MATCHALL "```cpp\n[^`]*```" blocks "${text}")
+# A backtick inside a block would hide it from the match above: count the fences to notice.
+string(REGEX MATCHALL "```cpp\n" fences "${text}")
+list(LENGTH blocks matched)
+list(LENGTH fences opened)
+if(NOT matched EQUAL opened)
+    message(FATAL_ERROR "README: ${opened} C++ blocks but only ${matched} read whole: a block holds a backtick")
+endif()
 file(REMOVE_RECURSE "${WORK_DIR}")
 file(MAKE_DIRECTORY "${WORK_DIR}")
 separate_arguments(flags UNIX_COMMAND "${FLAGS}")
@@ -21,7 +28,8 @@ foreach(dir IN LISTS INCLUDES)
 endforeach()
 set(n 0)
 foreach(block IN LISTS blocks)
-    if(NOT block MATCHES "int main\\(")
+    # A whole program: it starts with its includes and has a main (fragments start elsewhere).
+    if(NOT block MATCHES "^```cpp\n#include" OR NOT block MATCHES "int main\\(")
         continue()
     endif()
     math(EXPR n "${n} + 1")
