@@ -106,6 +106,8 @@ struct QueueHeader {
     FutexWord stream_room;        // the streaming producer has room again
     std::atomic<std::uint32_t> item_waiters;   // hints: a wake is needed only when nonzero
     std::atomic<std::uint32_t> space_waiters;
+    std::atomic<std::uint32_t> item_wake_sent;  // a wake is on its way to a sleeper (see wait)
+    std::atomic<std::uint32_t> space_wake_sent;
 };
 
 /// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
@@ -157,7 +159,7 @@ public:
                     wakes.fire(*h_);
                     return false;
                 }
-                wait(guard, h_->space, h_->space_waiters, deadline, wakes);
+                wait(guard, h_->space, h_->space_waiters, h_->space_wake_sent, deadline, wakes);
             }
             QueueCursor c = cursor();
             if (whole) {
@@ -286,7 +288,7 @@ public:
                 return false;
             }
             if (spin_for_change(guard, h_->items, wakes)) continue;
-            wait(guard, h_->items, h_->item_waiters, deadline, wakes);
+            wait(guard, h_->items, h_->item_waiters, h_->item_wake_sent, deadline, wakes);
         }
     }
 
@@ -316,10 +318,16 @@ private:
     struct Wakes {
         bool items = false, space = false, data = false, room = false;
         void fire(QueueHeader& h) {
-            if (items && h.item_waiters.load(std::memory_order_seq_cst) != 0) futex_wake(h.items, 1);
+            // A wake already sent and not yet taken by its sleeper (woken but not yet running)
+            // is not sent again: otherwise every put made meanwhile pays a futile system call.
+            if (items && h.item_waiters.load(std::memory_order_seq_cst) != 0 &&
+                h.item_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
+                futex_wake(h.items, 1);
             // Producers wait for different amounts of room, so a single wake could pick one
             // that still cannot go while another could: wake them all.
-            if (space && h.space_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.space);
+            if (space && h.space_waiters.load(std::memory_order_seq_cst) != 0 &&
+                h.space_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
+                futex_wake_all(h.space);
             if (data) futex_wake_all(h.stream_data);
             if (room) futex_wake_all(h.stream_room);
             *this = Wakes{};
@@ -360,8 +368,10 @@ private:
     }
 
     /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
-    void wait(Guard& guard, FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline,
-              Wakes& wakes) {
+    /// `wake_sent` is set by the waker that wakes this word's sleepers and cleared by each
+    /// sleeper that returns, so every other waker holds back only until a woken sleeper runs.
+    void wait(Guard& guard, FutexWord& word, std::atomic<std::uint32_t>& waiters,
+              std::atomic<std::uint32_t>& wake_sent, const Deadline& deadline, Wakes& wakes) {
         wakes.fire(*h_);
         waiters.fetch_add(1, std::memory_order_seq_cst);
         const std::uint32_t seen = word.load(std::memory_order_acquire);
@@ -369,7 +379,8 @@ private:
         futex_wait(word, seen, sleep_until_for(deadline));
         // No longer a sleeper once awake: deregister before taking the lock, or every put made
         // while this waiter waits for the lock would pay for a futile wake.
-        waiters.fetch_sub(1, std::memory_order_relaxed);
+        waiters.fetch_sub(1, std::memory_order_seq_cst);
+        wake_sent.store(0, std::memory_order_seq_cst);
         guard.lock();
     }
 
