@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <sched.h>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -54,6 +55,9 @@ namespace detail {
 inline constexpr std::uint32_t queue_magic = 0x6d515545u;  // "mQUE"
 /// Marks a record whose payload follows in pieces (a streamed item).
 inline constexpr std::uint64_t stream_flag = std::uint64_t{1} << 63;
+/// A record word alone: the rest of this lap of the ring is unused, the next record starts the
+/// next lap (see ByteQueue::lap_back).
+inline constexpr std::uint64_t lap_flag = std::uint64_t{1} << 62;
 /// The most bytes copied in or out under the queue's lock at once.
 inline constexpr std::size_t queue_piece = std::size_t{1} << 20;
 /// Consumed ring memory beyond the first `queue_resident` bytes goes back to the kernel in
@@ -62,6 +66,11 @@ inline constexpr std::size_t queue_chunk = std::size_t{1} << 20;
 inline constexpr std::size_t queue_resident = std::size_t{4} << 20;
 /// How long a consumer that finds the queue empty watches it before it sleeps (see spin_for_change).
 inline constexpr std::chrono::microseconds queue_spin{20};
+/// How long a producer waits, at most, for a busy consumer before it writes past the resident
+/// part of the ring (see ByteQueue::should_pace); how recent a take makes a consumer busy, and
+/// how long producers stop waiting after a wait that did not pay off.
+inline constexpr std::chrono::microseconds queue_pace{500};
+inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -108,6 +117,10 @@ struct QueueHeader {
     std::atomic<std::uint32_t> space_waiters;
     std::atomic<std::uint32_t> item_wake_sent;  // a wake is on its way to a sleeper (see wait)
     std::atomic<std::uint32_t> space_wake_sent;
+    // Hints for a producer deciding whether to wait a moment rather than run ahead (see put):
+    alignas(64) std::atomic<std::uint64_t> used;        // tail - head as last published
+    std::atomic<std::int64_t> last_take_ns;             // when a consumer last took bytes
+    std::atomic<std::int64_t> pace_off_until_ns;        // producers do not wait until then
 };
 
 /// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
@@ -144,17 +157,22 @@ public:
     /// Copies `msg` into the queue. False if `deadline` passed first (nothing was added).
     bool put(std::span<const std::byte> msg, const Deadline& deadline) {
         const std::uint64_t len = msg.size();
-        if (len >= stream_flag) throw Error("mproc::Queue::put: item too large");
+        if (len >= lap_flag) throw Error("mproc::Queue::put: item too large");
         const bool whole = 8 + len <= std::min<std::uint64_t>(cap_, queue_piece);
         Wakes wakes;
         {
             Guard guard = lock();
+            bool paced = false;
             for (;;) {
                 QueueCursor c = cursor();
                 if (c.writing && probe_writer(c, wakes)) c = cursor();
                 const std::uint64_t room = cap_ - (c.tail - c.head);
-                if (!c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && room >= (whole ? 8 + len : 8))
-                    break;
+                if (!c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && room >= (whole ? 8 + len : 8)) {
+                    if (paced || !should_pace(c, whole ? 8 + len : 8)) break;
+                    paced = true;  // once per put: then it goes ahead whatever happened
+                    pace(guard, wakes, whole ? 8 + len : 8);
+                    continue;
+                }
                 if (expired(deadline)) {
                     wakes.fire(*h_);
                     return false;
@@ -163,6 +181,7 @@ public:
             }
             QueueCursor c = cursor();
             if (whole) {
+                lap_back(c, 8 + len);
                 write_word(c.tail, len);
                 copy_in(c.tail + 8, msg.data(), len);
                 c.tail += 8 + len;
@@ -250,6 +269,17 @@ public:
                 }
             } else if (c.count > 0) {
                 const std::uint64_t word = read_word(c.head);
+                if (word == lap_flag) {  // the producer went back to the ring's start
+                    const std::uint64_t from = c.head;
+                    c.head += cap_ - c.head % cap_;
+                    // The rest of the lap holds no memory (each chunk past the resident part
+                    // was handed back when an earlier lap's reader passed it): only the lap
+                    // record's own chunk may, so only it is looked at, not every chunk skipped.
+                    consumed(c, c.head, wakes);
+                    release_chunk(round_down(from, queue_chunk), c);
+                    publish(c);
+                    continue;
+                }
                 const std::uint64_t len = word & ~stream_flag;
                 out.resize(static_cast<std::size_t>(len));  // may throw: nothing taken yet
                 if (!(word & stream_flag)) {
@@ -339,12 +369,48 @@ private:
         const std::uint32_t next = (h_->current.load(std::memory_order_relaxed) & 1u) ^ 1u;
         h_->cursors[next] = c;
         h_->current.store(next, std::memory_order_release);
+        h_->used.store(c.tail - c.head, std::memory_order_relaxed);
         // Every published change may be what some sleeper waits for: bump all the words; the
         // sleepers re-check their own condition.
         h_->items.fetch_add(1, std::memory_order_relaxed);
         h_->space.fetch_add(1, std::memory_order_relaxed);
         h_->stream_data.fetch_add(1, std::memory_order_relaxed);
         h_->stream_room.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    /// A producer about to write past the resident part of the ring, while a consumer is taking
+    /// items right now, would only run ahead into memory the kernel must hand out fresh (and take
+    /// back once read): a page fault and a page release per 4 KiB, which costs more than the copy.
+    /// It waits a moment for the consumer instead. The wait is short and happens once per put, so
+    /// a put still never blocks on an unbounded queue: with no consumer busy, it goes ahead at once.
+    bool should_pace(const QueueCursor& c, std::uint64_t need) const noexcept {
+        if (cap_ <= queue_resident || c.tail - c.head + need <= queue_resident || c.head == c.tail) return false;
+        const std::int64_t now = steady_ns();
+        return now - h_->last_take_ns.load(std::memory_order_relaxed) < queue_pace_active_ns &&
+               now >= h_->pace_off_until_ns.load(std::memory_order_relaxed);
+    }
+    /// With the lock held: releases it and watches the consumer drain the ring back within the
+    /// resident part (or stop taking), for at most queue_pace; the lock is held again on return.
+    void pace(Guard& guard, Wakes& wakes, std::uint64_t need) {
+        wakes.fire(*h_);
+        guard.unlock();
+        const auto until = Clock::now() + queue_pace;
+        for (unsigned i = 1;; ++i) {
+            if (h_->used.load(std::memory_order_relaxed) + need <= queue_resident) break;
+            cpu_relax();
+            if (i % 64 == 0) {
+                if (Clock::now() >= until) {
+                    // The consumer is far behind: stop waiting for it for a while.
+                    h_->pace_off_until_ns.store(steady_ns() + queue_pace_active_ns, std::memory_order_relaxed);
+                    break;
+                }
+                if (i % 256 == 0) ::sched_yield();
+            }
+        }
+        guard.lock();
+    }
+    static std::int64_t steady_ns() noexcept {
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
     }
 
     /// Before a consumer sleeps: watches `word` for a few microseconds with the lock released.
@@ -365,6 +431,22 @@ private:
         }
         guard.lock();
         return changed;
+    }
+
+    /// Positions only grow, so a queue that never quite empties walks its whole reserved ring:
+    /// every page past the resident part is faulted in fresh, read once and handed back — a page
+    /// fault and a page release per 4 KiB, which costs more than the copy. A whole record about
+    /// to go past the resident part therefore goes back to the start of the ring instead,
+    /// when the consumer has already read past the room it needs there: a lap record marks
+    /// the rest of this lap unused. A busy queue thus cycles through the same warm pages; the
+    /// ring grows past its resident part only when the consumer falls that far behind.
+    void lap_back(QueueCursor& c, std::uint64_t need) noexcept {
+        if (cap_ <= queue_resident || c.writing) return;
+        const std::uint64_t at = c.tail % cap_;
+        // The live bytes [head, tail) lie within [need, at) of this lap: [0, need) is free.
+        if (at < queue_resident || at + 8 > cap_ || c.tail - c.head + need > at) return;
+        write_word(c.tail, lap_flag);
+        c.tail += cap_ - at;
     }
 
     /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
@@ -469,6 +551,7 @@ private:
     /// that keeps up cycles through the same warm pages) and returns consumed memory beyond
     /// the resident part to the kernel. Producers may be waiting for this room.
     void consumed(QueueCursor& c, std::uint64_t from, Wakes& wakes) noexcept {
+        if (cap_ > queue_resident) h_->last_take_ns.store(steady_ns(), std::memory_order_relaxed);
         wakes.room = c.writing != 0;
         wakes.space = true;
         if (cap_ <= queue_resident) {
