@@ -20,6 +20,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -357,6 +358,54 @@ private:
 
 }  // namespace detail
 
+namespace detail {
+
+/// Thread-local buffers for the encodings one dict call needs, so `d[k] = v` and `d[k]` allocate
+/// nothing once warm. A call made while another on the same thread holds them (a serialize() or an
+/// update() function that uses a dict) gets fresh buffers instead; big ones are not kept.
+class DictScratch {
+public:
+    DictScratch() noexcept : mine_(!in_use()) {
+        if (mine_) in_use() = true;
+    }
+    ~DictScratch() {
+        if (!mine_) return;
+        for (Buffer& b : pool())
+            if (b.size() > keep_bytes) b = Buffer();
+        in_use() = false;
+    }
+    DictScratch(const DictScratch&) = delete;
+    DictScratch& operator=(const DictScratch&) = delete;
+
+    /// Buffer `i` (0..2), emptied.
+    Buffer& get(std::size_t i) noexcept {
+        Buffer& b = mine_ ? pool()[i] : own_[i];
+        b.clear();
+        return b;
+    }
+    /// Buffer `i` holding the encoding of `value`.
+    template <class T> const Buffer& encode(std::size_t i, const T& value) {
+        Buffer& b = get(i);
+        encode_into(b, value);
+        return b;
+    }
+
+private:
+    static constexpr std::size_t keep_bytes = std::size_t{1} << 16;
+    static bool& in_use() noexcept {
+        thread_local bool flag = false;
+        return flag;
+    }
+    static std::array<Buffer, 3>& pool() noexcept {
+        thread_local std::array<Buffer, 3> buffers;
+        return buffers;
+    }
+    bool mine_;
+    std::array<Buffer, 3> own_;
+};
+
+}  // namespace detail
+
 /// A dict shared between processes. A handle: copies (and fork children) share one dict.
 template <class K, class V>
 class SharedDict {
@@ -443,15 +492,17 @@ public:
 
     /// d[key] = value. mproc::Full (dict unchanged) past max_bytes.
     void set(const K& key, const V& value) {
-        const Buffer k = encode(key);
-        const Buffer v = encode(value);
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
+        const Buffer& v = scratch.encode(1, value);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         d.assign(k.bytes(), d.hash(k.bytes()), v.bytes());
     }
 
     bool contains(const K& key) const {
-        const Buffer k = encode(key);
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         return d.find(k.bytes(), d.hash(k.bytes())) != detail::ByteDict::npos;
@@ -459,7 +510,8 @@ public:
 
     /// Removes `key`; false if it was not there.
     bool erase(const K& key) {
-        const Buffer k = encode(key);
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
@@ -476,7 +528,8 @@ public:
     template <class F>
         requires std::is_invocable_r_v<V, F&, std::optional<V>>
     V update(const K& key, F&& fn) {
-        const Buffer k = encode(key);
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         const std::uint64_t h = d.hash(k.bytes());
@@ -484,7 +537,7 @@ public:
         std::optional<V> old;
         if (slot != detail::ByteDict::npos) old = decode<V>(d.value_at(slot));
         V fresh = fn(std::move(old));
-        const Buffer v = encode(fresh);
+        const Buffer& v = scratch.encode(1, fresh);
         d.assign(k.bytes(), h, v.bytes());
         return fresh;
     }
@@ -539,8 +592,9 @@ private:
     /// The value of `key` (removed from the dict when `remove`), copied out under the lock and
     /// decoded after it, so a slow decode never holds up other processes.
     std::optional<V> copy_out(const K& key, bool remove) const {
-        const Buffer k = encode(key);
-        Buffer value;
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
+        Buffer& value = scratch.get(2);
         {
             detail::ByteDict d(ref_);
             auto guard = d.lock();
@@ -553,12 +607,6 @@ private:
         return decode<V>(value.bytes());
     }
 
-    static Buffer encode(const auto& value) {
-        Buffer out;
-        encode_into(out, value);
-        return out;
-    }
-
     [[noreturn]] static void throw_key_error(const K& key) {
         if constexpr (detail::repr_supported<K>())
             throw KeyError("mproc::SharedDict: no key " + detail::repr(key));
@@ -568,7 +616,8 @@ private:
 
     /// Applies `change` to the value of an existing key, atomically; KeyError if absent.
     template <class Change> V modify(const K& key, Change&& change) {
-        const Buffer k = encode(key);
+        detail::DictScratch scratch;
+        const Buffer& k = scratch.encode(0, key);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         const std::uint64_t h = d.hash(k.bytes());
@@ -579,7 +628,7 @@ private:
         }
         V value = decode<V>(d.value_at(slot));
         change(value);
-        const Buffer v = encode(value);
+        const Buffer& v = scratch.encode(1, value);
         d.assign(k.bytes(), h, v.bytes());
         return value;
     }
