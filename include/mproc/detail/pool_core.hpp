@@ -300,6 +300,7 @@ public:
         wake();
         if (collector_.joinable()) collector_.join();
         server_.reap(Seconds{30});
+        forget_workers();
     }
 
     /// Kills the workers now; every pending task fails with mproc::Error.
@@ -322,7 +323,17 @@ public:
         run_posted();
         fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
         if (server_.pid() != 0) server_.reap(Seconds{5});
+        forget_workers();
         idle_.notify_all();
+    }
+
+    /// After the fork server is reaped its workers are gone too (they die with it): no seat has one.
+    void forget_workers() {
+        std::lock_guard lock(mutex_);
+        for (Seat& s : seats_) {
+            s.state = SeatState::dead;
+            s.pid = 0;
+        }
     }
 
     /// The collector thread's id (callbacks run there).
