@@ -286,7 +286,7 @@ TEST_CASE("Pool of 2: 20,000 tasks while another process SIGKILLs a random worke
 // SharedDict: 8 processes, one SIGKILLed every 200 ms
 // =================================================================================================
 
-TEST_CASE("SharedDict: 8 processes increment while one of them is SIGKILLed every 200 ms; no increment lost or doubled",
+TEST_CASE("SharedDict: 8 processes increment while one of them is SIGKILLed every 200 ms, and no increment is lost or doubled",
           "[stress]") {
     constexpr int slots = 8;
     const int kills_wanted = static_cast<int>(scaled(60));
