@@ -24,7 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fmt/format.h>
+#include <fmt/core.h>
 #include <new>
 #include <optional>
 #include <span>
