@@ -104,10 +104,10 @@ using ChildEntry = void (*)(void* context) noexcept;
 /// for that; none can run on this one). The child arms the parent-death signal, keeps or forgets
 /// the parent's guard, forgets the parent's children, takes `traits` (when the fork runs for
 /// another thread) or else `child_mask`, and runs entry(context). Returns the child's pid, or
-/// -errno if fork failed (the ticket is then released).
+/// -errno if fork failed (the ticket is then released). The caller has flushed stdio (before
+/// blocking signals: a flush into a full pipe must stay interruptible).
 inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ticket, const ThreadTraits* traits,
                        const sigset_t& child_mask) noexcept {
-    flush_stdio();
     sigset_t all, saved;
     ::sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &saved);
@@ -148,6 +148,7 @@ public:
     /// Forks on the forker thread on behalf of the calling thread; returns what fork_here
     /// returned, or throws what reserving the child's slot threw.
     pid_t fork(ChildEntry entry, void* context) {
+        flush_stdio();
         Request request{entry, context, ThreadTraits::of_this_thread()};
         std::unique_lock lock(mutex_);
         changed_.wait(lock, [&] { return pending_ == nullptr; });
@@ -281,6 +282,7 @@ pid_t fork_child(Body&& body, std::string child_name) {
     };
     pid_t pid;
     if (current_tid() == ::getpid()) {
+        flush_stdio();
         const SignalsBlocked blocked;  // from the slot's reservation until the child is published
         pid = fork_here(entry, &job, children().reserve(), nullptr, blocked.saved);
     } else {
