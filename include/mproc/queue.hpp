@@ -427,7 +427,11 @@ private:
         for (unsigned i = 1; !changed; ++i) {
             cpu_relax();
             changed = word.load(std::memory_order_acquire) != seen;
-            if (!changed && i % 64 == 0 && Clock::now() >= until) break;
+            if (!changed && i % 64 == 0) {
+                if (Clock::now() >= until) break;
+                // A producer that shares this CPU must get to run, or the watch only delays it.
+                if (i % 256 == 0) ::sched_yield();
+            }
         }
         guard.lock();
         return changed;
