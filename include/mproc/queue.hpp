@@ -196,6 +196,7 @@ public:
             const LockResult claim = h_->write_claim.try_lock();
             if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
             if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
+            lap_back(c, 8 + len);  // an item that fits the free start of the ring streams there
             write_word(c.tail, len | stream_flag);
             c.stream_at = c.tail;
             c.tail += 8;
@@ -437,6 +438,7 @@ private:
         return changed;
     }
 
+    /// (Also before a streamed record, for an item that fits there whole.)
     /// Positions only grow, so a queue that never quite empties walks its whole reserved ring:
     /// every page past the resident part is faulted in fresh, read once and handed back — a page
     /// fault and a page release per 4 KiB, which costs more than the copy. A whole record about
