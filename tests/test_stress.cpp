@@ -383,6 +383,7 @@ TEST_CASE("SharedDict: 8 processes increment while one of them is SIGKILLed ever
     CHECK(tally[0] == tally_sum);  // each update() landed whole or not at all
     CHECK(tally[0] >= ld);
     CHECK(tally[0] - ld <= kills);
+    CHECK(tally[0] <= lb);
     CHECK(count >= pd);
     CHECK(count <= pb);
     CHECK(count - pd <= kills);
