@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "detail/clock.hpp"
@@ -133,7 +134,7 @@ public:
     }
 
     void fail(std::size_t index, std::exception_ptr error) override {
-        record_error(index, error);
+        record_error(index, std::move(error));  // none of it held here once settle() publishes
         settle(1);
     }
 
@@ -157,15 +158,29 @@ public:
     bool successful() override {
         std::lock_guard lock(mutex_);
         if (!ready_) throw Error("AsyncResult::successful() called before the result is ready");
-        return !error_;
+        return !error_ && !error_taken_;
     }
     Value take(bool move_out) override {
-        std::lock_guard lock(mutex_);
-        if (error_) std::rethrow_exception(error_);
-        if constexpr (!std::is_void_v<Value>) {
-            if (move_out) return std::move(*value_);
-            return *value_;
+        std::exception_ptr error;
+        {
+            std::lock_guard lock(mutex_);
+            if (error_) {
+                // Moved out with the value it replaces: the exception then belongs to the thread
+                // that rethrows it, not to whichever thread drops the last reference to this state
+                // (an exception_ptr's count lives in uninstrumented libstdc++, which would make
+                // that a ThreadSanitizer report).
+                error_taken_ = error_taken_ || move_out;
+                error = move_out ? std::exchange(error_, nullptr) : error_;
+            } else if (error_taken_) {
+                throw Error("AsyncResult::get: the exception was already taken by another get() of this result");
+            } else if constexpr (!std::is_void_v<Value>) {
+                if (move_out) return std::move(*value_);
+                return *value_;
+            } else {
+                return;
+            }
         }
+        std::rethrow_exception(error);
     }
 
 private:
@@ -176,7 +191,7 @@ private:
     void record_error(std::size_t index, std::exception_ptr error) {
         std::lock_guard lock(mutex_);
         if (!error_ || index < error_index_) {
-            error_ = error;
+            error_ = std::move(error);
             error_index_ = index;
         }
     }
@@ -213,6 +228,10 @@ private:
             std::lock_guard lock(mutex_);
             error_ = std::current_exception();
         }
+        // This thread's reference goes before the result is published: a waiter that rethrows
+        // and drops the last one is then ordered after it (an exception_ptr's count is atomic,
+        // but inside uninstrumented libstdc++, so ThreadSanitizer cannot see that).
+        error = nullptr;
         {
             std::lock_guard lock(mutex_);
             ready_ = true;
@@ -225,6 +244,7 @@ private:
     std::size_t remaining_;
     bool ready_ = false;
     std::exception_ptr error_;
+    bool error_taken_ = false;  // error_ was moved out by an rvalue get()
     std::size_t error_index_ = 0;
     using Stored = std::conditional_t<std::is_void_v<R>, char, R>;
     std::conditional_t<Many && !std::is_void_v<R>, std::vector<Stored>, char> values_{};

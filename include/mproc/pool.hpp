@@ -146,7 +146,7 @@ public:
         {
             std::lock_guard lock(mutex_);
             if (abandoned_) return;
-            put_locked(index, Item{std::nullopt, error});
+            put_locked(index, Item{std::nullopt, std::move(error)});
         }
         arrived_.notify_all();
     }

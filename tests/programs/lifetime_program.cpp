@@ -170,7 +170,10 @@ int main(int argc, char** argv) {
         fail("unknown handler " + handler);
 
     if (handler == "plain" || handler == "siginfo") install_handler(handler);
-    mproc::ChildGuard guard;
+    // A generous grace: each process of the tree ends at once on SIGTERM, but a loaded machine
+    // can take more than the default second to schedule a whole chain of them, and a child still
+    // reaping its own children when its parent's grace ran out would be killed, orphaning them.
+    mproc::ChildGuard guard(mproc::Seconds{10});
     if (handler == "after") install_handler(handler);
     std::tie(reports, report) = mproc::Pipe<int>(/*duplex=*/false);
 

@@ -721,7 +721,8 @@ private:
                                 (state_ == State::draining && outstanding_ > 0);
             if (wanted) spawn_locked(s);
         }
-        if (have_lost) lost_task.sink->fail(lost_task.first, lost_error);
+        // Moved: this thread keeps no reference once the sink has published the failure.
+        if (have_lost) lost_task.sink->fail(lost_task.first, std::move(lost_error));
         // failed_whole tasks have had every item failed already; count them done.
         const std::size_t settled = failed_whole.size();
         std::vector<Task> doomed;
