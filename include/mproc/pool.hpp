@@ -74,7 +74,7 @@ using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<R
 /// when the values are of similar size, fits a worker's task and result rings
 /// (PoolLink::ring_capacity / 4), so map streams through shared memory with no system call while
 /// the workers are busy; bigger chunks would travel on the worker's socket.
-inline constexpr std::size_t default_chunk_bytes = 32 * 1024;
+inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
 
 /// Encodes up to `n` items from `it` into one task, and stops early once the items take
 /// `max_bytes` (at least one item is taken). Returns the items taken.

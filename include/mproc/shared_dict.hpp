@@ -379,7 +379,7 @@ public:
 
     /// Buffer `i` (0..2), emptied.
     Buffer& get(std::size_t i) noexcept {
-        Buffer& b = mine_ ? pool()[i] : own_[i];
+        Buffer& b = (mine_ ? pool().data() : own_.data())[i];
         b.clear();
         return b;
     }

@@ -27,6 +27,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -135,13 +136,13 @@ protected:
         }
     }
     /// Fails every item of `task` not already failed.
-    static void fail_items(Task& task, std::exception_ptr error) {
+    static void fail_items(Task& task, const std::exception_ptr& error) {
         for (std::uint32_t i = 0; i < task.count; ++i)
             if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
     }
 
     /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
-    void fail_tasks(std::vector<Task>& tasks, std::exception_ptr error) {
+    void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) {
         for (Task& t : tasks) fail_items(t, error);
         finish_tasks(tasks.size());
         tasks.clear();
@@ -243,18 +244,18 @@ public:
     PoolCore(const PoolCore&) = delete;
     PoolCore& operator=(const PoolCore&) = delete;
 
-    ~PoolCore() {
+    ~PoolCore() override {
         try {
             terminate();
         } catch (...) {
         }
     }
 
-    unsigned processes() const noexcept { return options_.processes; }
-    std::uint64_t next_task_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+    unsigned processes() const noexcept override { return options_.processes; }
+    std::uint64_t next_task_id() noexcept override { return next_id_.fetch_add(1, std::memory_order_relaxed); }
 
     /// Queues tasks (already encoded) and sends what the workers have room for.
-    void submit(std::vector<Task>& tasks) {
+    void submit(std::vector<Task>& tasks) override {
         check_owner();
         std::unique_lock lock(mutex_);
         check_accepting_locked();
@@ -263,7 +264,7 @@ public:
         tasks.clear();
         dispatch_locked();
     }
-    void submit(Task task) {
+    void submit(Task task) override {
         check_owner();
         std::unique_lock lock(mutex_);
         check_accepting_locked();
@@ -275,7 +276,7 @@ public:
     /// Runs `job` on the collector thread, where callbacks run, as if it were a task's result:
     /// for results that need no worker (a map over an empty input), whose callbacks must still
     /// never run beside another callback. join() waits for it.
-    void post(std::function<void()> job) {
+    void post(std::function<void()> job) override {
         check_owner();
         {
             std::lock_guard lock(mutex_);
@@ -287,7 +288,7 @@ public:
     }
 
     /// After close(): waits for every task (and its callback), then for the workers to exit.
-    void join() {
+    void join() override {
         check_owner();
         if (std::this_thread::get_id() == collector_id_)
             throw Error("Pool::join() called from a callback: it would wait for itself");
@@ -304,7 +305,7 @@ public:
     }
 
     /// Kills the workers now; every pending task fails with mproc::Error.
-    void terminate() {
+    void terminate() override {
         if (std::this_thread::get_id() == collector_id_)
             throw Error("Pool::terminate() called from a callback: it would wait for itself");
         std::vector<Task> doomed;
@@ -337,10 +338,10 @@ public:
     }
 
     /// The collector thread's id (callbacks run there).
-    std::thread::id collector_id() const noexcept { return collector_id_; }
+    std::thread::id collector_id() const noexcept override { return collector_id_; }
 
     /// Pids of the live workers (for tests and active-children accounting).
-    std::vector<pid_t> worker_pids() {
+    std::vector<pid_t> worker_pids() override {
         std::lock_guard lock(mutex_);
         std::vector<pid_t> pids;
         for (const Seat& s : seats_)
@@ -704,7 +705,8 @@ private:
             }
             if (!s.saw_hello && !s.timed_out) ++start_failures_;
             // Everything else it held goes back to the front of the line, in order.
-            for (auto it = s.inflight.rbegin(); it != s.inflight.rend(); ++it) backlog_.push_front(std::move(*it));
+            backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
+                            std::make_move_iterator(s.inflight.end()));
             s.inflight.clear();
             s.placed = 0;
             s.channel.reset();
