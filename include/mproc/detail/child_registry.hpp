@@ -224,7 +224,10 @@ private:
     }
 
     void wipe() noexcept {
-        for (Slot& slot : slots_) slot.state.store(free_, std::memory_order_relaxed);
+        // Only the slots ever used: the others are free already, and writing them would make a
+        // fresh child copy the whole table (48 KiB, a dozen copy-on-write faults) for nothing.
+        const std::size_t high = high_water_.load(std::memory_order_relaxed);
+        for (std::size_t i = 0; i < high; ++i) slots_[i].state.store(free_, std::memory_order_relaxed);
         high_water_.store(0, std::memory_order_relaxed);
     }
 

@@ -634,8 +634,10 @@ private:
         if (outcome == Outcome::exception) {
             RemoteException why;
             in.read(why);
-            break_pool_locked("the pool's initializer failed in worker " + std::to_string(s.pid) + ": " +
-                              why.type_name + ": " + why.message);
+            // The fork server's report of the worker's pid may still be on its way.
+            const std::string worker = s.pid != 0 ? " (pid " + std::to_string(s.pid) + ")" : "";
+            break_pool_locked("the pool's initializer failed in a worker" + worker + ": " + why.type_name + ": " +
+                              why.message);
         }
     }
 
