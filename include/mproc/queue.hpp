@@ -557,7 +557,10 @@ private:
     /// that keeps up cycles through the same warm pages) and returns consumed memory beyond
     /// the resident part to the kernel. Producers may be waiting for this room.
     void consumed(QueueCursor& c, std::uint64_t from, Wakes& wakes) noexcept {
-        if (cap_ > queue_resident) h_->last_take_ns.store(steady_ns(), std::memory_order_relaxed);
+        // The time of a take matters to producers only while the ring holds more than its resident
+        // part (should_pace): a queue kept short by its consumers need not read the clock per item.
+        if (cap_ > queue_resident && c.tail - c.head >= queue_resident / 4)
+            h_->last_take_ns.store(steady_ns(), std::memory_order_relaxed);
         wakes.room = c.writing != 0;
         wakes.space = true;
         if (cap_ <= queue_resident) {
