@@ -79,26 +79,19 @@ inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket
     return put;
 }
 
-/// poll(2) on `fds` until one is ready or the deadline; retries EINTR with the time left.
-/// Returns how many are ready (0 on timeout), or -1 with errno set.
-inline int poll_all(pollfd* fds, nfds_t count, const Deadline& deadline) noexcept {
+/// poll(2) on one descriptor until `events` or the deadline; retries EINTR with the time left.
+/// Returns the revents seen (0 on timeout), or -1 with errno set.
+inline int wait_for(int fd, short events, const Deadline& deadline) noexcept {
     for (;;) {
-        const int n = ::poll(fds, count, poll_timeout_ms(deadline));
-        if (n > 0) return n;
+        pollfd p{fd, events, 0};
+        const int n = ::poll(&p, 1, poll_timeout_ms(deadline));
+        if (n > 0) return p.revents;
         if (n == 0) {
             if (expired(deadline)) return 0;
             continue;  // rounded-up millisecond wait woke a hair early
         }
         if (errno != EINTR) return -1;
     }
-}
-
-/// poll(2) on one descriptor until `events` or the deadline; retries EINTR with the time left.
-/// Returns the revents seen (0 on timeout), or -1 with errno set.
-inline int wait_for(int fd, short events, const Deadline& deadline) noexcept {
-    pollfd p{fd, events, 0};
-    const int n = poll_all(&p, 1, deadline);
-    return n > 0 ? p.revents : n;
 }
 
 }  // namespace mproc::detail
