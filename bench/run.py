@@ -592,6 +592,8 @@ def main():
     ap.add_argument("--docs", dest="docs", action="store_true", default=None, help="update docs/performance.md")
     ap.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/performance.md alone")
     ap.add_argument("--timeout", type=int, default=180, help="seconds one program may take")
+    ap.add_argument("--from-results", action="store_true",
+                    help="run nothing: rebuild the table (and, with --docs, the page) from the last results.jsonl")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     docs = args.docs if args.docs is not None else (not args.quick and not args.only)
@@ -599,7 +601,18 @@ def main():
 
     with open(os.path.join(args.build_dir, "bench_build_info.json")) as f:
         build_info = json.load(f)
-    mach = machine(build_info)
+    machine_path = os.path.join(args.build_dir, "machine.json")
+    if args.from_results:
+        # The machine as the run that wrote results.jsonl saw it (its load, its date).
+        if not os.path.exists(machine_path):
+            sys.exit("bench/run.py: --from-results needs %s, written by a run" % machine_path)
+        with open(machine_path) as f:
+            mach = json.load(f)
+    else:
+        mach = machine(build_info)
+        mach["run_date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        with open(machine_path, "w") as f:
+            json.dump(mach, f, indent=1)
     all_groups = groups(bin_dir, args.quick)
     for missing in [c.argv[0] for g in all_groups for c in g.cmds if c.impl != "python" and not os.path.exists(c.argv[0])]:
         sys.exit("bench/run.py: %s is missing (did bench/run.sh build it?)" % missing)
@@ -608,6 +621,18 @@ def main():
     with_build = not args.only or any(s in "build" for s in args.only)
 
     results_path = os.path.join(args.build_dir, "results.jsonl")
+    if args.from_results:
+        with open(results_path) as f:
+            previous = [json.loads(line) for line in f]
+        rounds = max(r.get("round", 0) for r in previous) + 1
+        seconds = sum(r.get("wall_s", r.get("seconds", 0)) or 0 for r in previous)
+    else:
+        seconds = run_all(args, rounds, all_groups, with_build, results_path)
+    return summarise(args, rounds, seconds, results_path, mach, build_info, docs)
+
+
+def run_all(args, rounds, all_groups, with_build, results_path):
+    """Runs every group `rounds` times into results_path (JSON lines); returns the seconds taken."""
     run_id = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     started = time.monotonic()
     out = open(results_path, "w")
@@ -645,7 +670,11 @@ def main():
     finally:
         out.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.monotonic() - started
+    return time.monotonic() - started
+
+
+def summarise(args, rounds, seconds, results_path, mach, build_info, docs):
+    """Medians of results_path: the printed table, medians.json, and (with docs) the page and chart."""
 
     # Medians over the rounds, per (op, impl, size), of every numeric field.
     samples = {}
@@ -691,7 +720,8 @@ def main():
             print("chart: " + err, file=sys.stderr)
             if not os.path.exists(os.path.join(ROOT, "docs", chart_name)):
                 chart_name = None
-        run_info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "seconds": seconds}
+        run_info = {"date": mach.get("run_date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                    "rounds": rounds, "seconds": seconds}
         path = write_docs(generated_block(results, context, mach, run_info, med, chart_name))
         print("updated %s%s" % (os.path.relpath(path, ROOT), "" if not chart_name else " and docs/" + chart_name))
     return 0
