@@ -625,9 +625,12 @@ def main():
         with open(results_path) as f:
             previous = [json.loads(line) for line in f]
         rounds = max(r.get("round", 0) for r in previous) + 1
-        seconds = sum(r.get("wall_s", r.get("seconds", 0)) or 0 for r in previous)
+        seconds = mach.get("run_seconds", 0.0)
     else:
         seconds = run_all(args, rounds, all_groups, with_build, results_path)
+        mach["run_seconds"] = seconds  # the run's own length: a sum of its records would count overlaps
+        with open(machine_path, "w") as f:
+            json.dump(mach, f, indent=1)
     return summarise(args, rounds, seconds, results_path, mach, build_info, docs)
 
 
