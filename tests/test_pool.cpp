@@ -599,6 +599,19 @@ TEST_CASE("imap: dereferencing a failed item rethrows its exception, and the ite
 // exceptions
 // =================================================================================================
 
+TEST_CASE("a task's exception: get() rethrows it every time; an rvalue get() takes it for good") {
+    mproc::Pool pool(2);
+    auto ar = pool.apply_async(throw_kind, std::tuple{int(t_overflow_error)});
+    REQUIRE(ar.wait(60s));
+    CHECK_FALSE(ar.successful());
+    require_rethrown_as<std::overflow_error>([&] { (void)ar.get(); }, "overflowed");
+    require_rethrown_as<std::overflow_error>([&] { (void)ar.get(); }, "overflowed");  // still there
+    require_rethrown_as<std::overflow_error>([&] { (void)std::move(ar).get(); }, "overflowed");
+    // Taken: a later get() says so rather than rethrowing nothing, and the result stays unsuccessful.
+    CHECK_FALSE(ar.successful());
+    CHECK_THROWS_WITH(ar.get(), Catch::Contains("already taken"));
+}
+
 TEST_CASE("standard exceptions come back with their type and what()") {
     mproc::Pool pool(2);
     auto run = [&](int kind) { return [&pool, kind] { (void)pool.apply(throw_kind, kind); }; };
