@@ -6,6 +6,7 @@
 //     ar.ready(); ar.successful();
 #pragma once
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <exception>
@@ -31,31 +32,15 @@ namespace mproc {
 
 namespace detail {
 
-/// The rest of an item's outcome that is not a value: the rebuilt exception. Out of line, so the
-/// loops that read outcomes inline their common case (a value).
-[[gnu::noinline]] inline std::exception_ptr read_failed_outcome(Reader& in, Outcome outcome) {
-    if (outcome == Outcome::exception) {
-        RemoteException e;
-        in.read(e);
-        return e.rebuild();
-    }
-    Reader::fail("unexpected item outcome");
+/// The error of an item whose outcome is not a value: its task's exception, rebuilt.
+[[gnu::noinline]] inline std::exception_ptr outcome_error(const OutcomeRecord& o) {
+    if (o.outcome == Outcome::exception) return rebuild_exception(o.bytes);
+    return std::make_exception_ptr(Error("a worker skipped an item the pool had not failed"));
 }
 
-/// Reads one item's outcome: the value into `slot` (when there is one), or the rebuilt exception.
-template <class R, class Store>
-std::exception_ptr read_outcome(Reader& in, Store&& store) {
-    Outcome outcome{};
-    in.read(outcome);
-    if (outcome == Outcome::value) [[likely]] {
-        if constexpr (!std::is_void_v<R>) {
-            R value{};
-            in.read(value);
-            store(std::move(value));
-        }
-        return nullptr;
-    }
-    return read_failed_outcome(in, outcome);
+/// Whether relative item `i` is one of `skips` (sorted).
+inline bool is_skipped(std::span<const std::uint32_t> skips, std::uint32_t i) noexcept {
+    return !skips.empty() && std::binary_search(skips.begin(), skips.end(), i);
 }
 
 /// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
@@ -109,26 +94,32 @@ public:
         complete();
     }
 
-    void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {
+    void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                 std::span<const std::uint32_t> skips) override {
         std::size_t settled = 0;
-        for (std::uint32_t i = 0; i < count; ++i) {
-            Outcome outcome{};
-            in.read(outcome);
-            if (!skips.empty() && std::binary_search(skips.begin(), skips.end(), i)) continue;
+        for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
+            if (is_skipped(skips, i)) continue;
+            const OutcomeRecord& o = outcomes[i];
             const std::size_t index = first + i;
             ++settled;
-            if (outcome == Outcome::value) [[likely]] {
-                // Straight into its place: one Reader call per value, no temporary.
-                if constexpr (Many && !std::is_void_v<R> && !std::is_same_v<R, bool>) {
-                    in.read(values_[index]);
-                } else if constexpr (!std::is_void_v<R>) {
-                    R value{};
-                    in.read(value);
-                    store(index, std::move(value));
+            if (o.outcome == Outcome::value) [[likely]] {
+                try {
+                    // Straight into its place: no temporary.
+                    if constexpr (Many && !std::is_void_v<R> && !std::is_same_v<R, bool>) {
+                        decode_value_into(o.bytes, values_[index]);
+                    } else if constexpr (!std::is_void_v<R>) {
+                        R value{};
+                        decode_value_into(o.bytes, value);
+                        store(index, std::move(value));
+                    } else if (!o.bytes.empty()) {
+                        Reader::fail("a void result with a value");
+                    }
+                } catch (...) {
+                    record_error(index, std::current_exception());
                 }
                 continue;
             }
-            record_error(index, read_failed_outcome(in, outcome));
+            record_error(index, outcome_error(o));
         }
         settle(settled);
     }

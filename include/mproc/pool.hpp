@@ -85,19 +85,19 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, con
     begin_task_frame<F, Args>(task.frame, task.id, 0, f);
     const std::size_t start = task.frame.size();
     // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
-    constexpr std::size_t item_min = std::max<std::size_t>(1, min_encoded_size<Args>());
+    constexpr std::size_t item_min = sizeof(std::uint32_t) + min_encoded_size<Args>();
     task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
     Writer out(task.frame);
     std::uint32_t taken = 0;
     for (; taken < n && it != end; ++it, ++taken) {
-        out.write(*it);
+        write_record(out, *it);
         if (task.frame.size() - start >= max_bytes) {
             ++it;
             ++taken;
             break;
         }
     }
-    std::memcpy(task.frame.data() + frame_header_size + 16, &taken, sizeof taken);
+    set_task_count(task.frame, taken);
     end_task_frame(task.frame, {});
     task.count = taken;
     return taken;
@@ -122,17 +122,24 @@ public:
 
     explicit ImapState(std::thread::id collector) : collector_(collector) {}
 
-    void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips, Reader& in) override {
+    void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                 std::span<const std::uint32_t> skips) override {
         std::vector<std::pair<std::size_t, Item>> got;
-        got.reserve(count);
-        for (std::uint32_t i = 0; i < count; ++i) {
-            if (std::binary_search(skips.begin(), skips.end(), i)) {
-                Outcome o{};
-                in.read(o);
-                continue;
-            }
+        got.reserve(outcomes.size());
+        for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
+            if (is_skipped(skips, i)) continue;
+            const OutcomeRecord& o = outcomes[i];
             Item item;
-            item.error = read_outcome<R>(in, [&](R&& v) { item.value.emplace(std::move(v)); });
+            if (o.outcome == Outcome::value) {
+                try {
+                    decode_value_into(o.bytes, item.value.emplace());
+                } catch (...) {
+                    item.value.reset();
+                    item.error = std::current_exception();
+                }
+            } else {
+                item.error = outcome_error(o);
+            }
             got.emplace_back(first + i, std::move(item));
         }
         {
@@ -333,7 +340,8 @@ public:
         task.id = core().next_task_id();
         task.count = 1;
         detail::begin_task_frame<F, Args>(task.frame, task.id, 1, f);
-        encode_into(task.frame, Args(std::move(args)));
+        Writer out(task.frame);
+        detail::write_record(out, Args(std::move(args)));
         detail::end_task_frame(task.frame, {});
         core().submit(std::move(task));
         return AsyncResult<R>(std::shared_ptr<detail::ValueState<detail::collected_t<R, false>>>(state));

@@ -250,6 +250,14 @@ public:
         const auto len = static_cast<std::uint64_t>(n);
         write_raw(&len, sizeof len);
     }
+    /// How many bytes the output holds: a mark that rewind() can go back to.
+    std::size_t position() const noexcept { return out_->size(); }
+    /// Drops everything written after `mark` (a position() of this writer).
+    void rewind(std::size_t mark) noexcept {
+        if (mark < out_->size()) out_->resize(mark);
+    }
+    /// The output buffer (for a caller that patches bytes it wrote earlier).
+    Buffer& buffer() noexcept { return *out_; }
 
 private:
     template <class Range> void write_elements(const Range& range) {
@@ -293,6 +301,13 @@ public:
             read_raw(&marker, 1);
             if (marker != detail::element_marker) fail("invalid element marker " + std::to_string(marker));
         }
+    }
+    /// The next `n` bytes, undecoded; the reader moves past them.
+    std::span<const std::byte> read_span(std::size_t n) {
+        if (n > remaining()) [[unlikely]] fail_truncated(n);
+        const std::span<const std::byte> bytes = in_.subspan(pos_, n);
+        pos_ += n;
+        return bytes;
     }
     std::size_t remaining() const noexcept { return in_.size() - pos_; }
     [[noreturn]] static void fail(const std::string& why) {

@@ -319,6 +319,55 @@ TEST_CASE("standard exceptions keep their type and what(); others become mproc::
     pool.join();
 }
 
+namespace {
+/// Encoding throws half-way when n is 13; decoding throws when n is 7.
+struct Fragile {
+    long n = 0;
+    std::string text;
+    template <class Archive> void serialize(Archive& ar) {
+        ar(n);
+        if constexpr (std::is_same_v<Archive, mproc::Writer>)
+            if (n == 13) throw std::runtime_error("13 cannot be encoded");
+        if constexpr (std::is_same_v<Archive, mproc::Reader>)
+            if (n == 7) throw std::invalid_argument("7 is refused on decoding");
+        ar(text);
+    }
+};
+Fragile make_fragile(long n) { return Fragile{n, std::to_string(n)}; }
+long fragile_number(Fragile f) { return f.n; }
+}  // namespace
+
+TEST_CASE("a result that does not encode, or arguments that do not decode, fail only their item", "[exceptions]") {
+    Watchdog dog(120s, "serialisation failures");
+    mproc::mpi::Pool pool;
+    CHECK_THROWS_WITH(pool.apply(make_fragile, 13L), Catch::Contains("13 cannot be encoded") && Catch::Contains("Fragile"));
+    CHECK_THROWS_AS(pool.apply(make_fragile, 13L), mproc::SerializationError);
+    CHECK(pool.apply(make_fragile, 12L).text == "12");
+    std::vector<long> xs = {10, 11, 12, 13, 14, 15};
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{3}, std::size_t{6}}) {
+        INFO("chunksize " << chunksize);
+        CHECK_THROWS_AS(pool.map(make_fragile, xs, chunksize), mproc::SerializationError);
+        std::size_t i = 0;
+        auto results = pool.imap(make_fragile, xs, chunksize);
+        for (auto it = results.begin(); it != results.end(); ++it, ++i) {
+            if (xs[i] == 13) CHECK_THROWS_AS(*it, mproc::SerializationError);
+            else CHECK((*it).text == std::to_string(xs[i]));
+        }
+        CHECK(i == xs.size());
+    }
+    std::vector<Fragile> args;
+    for (long n : {5L, 6L, 7L, 8L}) args.push_back(Fragile{n, "x"});
+    std::size_t i = 0;
+    auto numbers = pool.imap(fragile_number, args, 4);
+    for (auto it = numbers.begin(); it != numbers.end(); ++it, ++i) {
+        if (args[i].n == 7) CHECK_THROWS_WITH(*it, Catch::Contains("7 is refused on decoding"));
+        else CHECK(*it == args[i].n);
+    }
+    CHECK(i == args.size());
+    pool.close();
+    pool.join();
+}
+
 TEST_CASE("the initializer runs on every worker rank; one that throws breaks the pool", "[exceptions]") {
     Watchdog dog(120s, "initializer");
     {

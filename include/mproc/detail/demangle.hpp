@@ -17,6 +17,9 @@ inline std::string demangle(const char* mangled) {
     return status == 0 && readable ? std::string(readable.get()) : std::string(mangled);
 }
 
+/// The demangled name of T.
+template <class T> std::string type_name() { return demangle(typeid(T).name()); }
+
 /// The demangled dynamic type of the exception being handled (call inside a catch block).
 inline std::string current_exception_type_name() {
     const std::type_info* type = abi::__cxa_current_exception_type();

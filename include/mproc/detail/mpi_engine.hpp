@@ -406,13 +406,9 @@ private:
         if (!seat) return;
         if (m.kind == Kind::hello) {
             Reader in(m.payload());
-            Outcome outcome{};
-            in.read(outcome);
-            if (outcome == Outcome::exception) {
-                mproc::detail::RemoteException why;
-                in.read(why);
-                break_pool(fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source, why.type_name,
-                                       why.message));
+            if (const auto why = mproc::detail::read_hello_outcome(in)) {
+                break_pool(fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source, why->type_name,
+                                       why->message));
             }
             return;
         }

@@ -38,13 +38,13 @@ inline void failed_task_frame(Buffer& out, std::span<const std::byte> body, cons
     std::uint64_t id = 0;
     std::uint32_t count = 0;
     if (body.size() >= mproc::detail::task_callable_at) {
-        std::memcpy(&id, body.data(), 8);
-        std::memcpy(&count, body.data() + 16, 4);
+        std::memcpy(&id, body.data() + mproc::detail::task_id_at, sizeof id);
+        std::memcpy(&count, body.data() + mproc::detail::task_count_at, sizeof count);
     }
     mproc::detail::begin_frame(out);
     Writer w(out);
     w(id, std::int64_t{0});
-    for (std::uint32_t i = 0; i < count; ++i) w(Outcome::exception, why);
+    for (std::uint32_t i = 0; i < count; ++i) mproc::detail::write_exception_outcome(w, why);
     mproc::detail::finish_frame(out);
 }
 
@@ -110,11 +110,10 @@ private:
                 try {
                     if (initializer != 0)
                         reinterpret_cast<void (*)()>(resolver_.resolve(initializer, CodeResolver::Use::code))();
-                    w.write(Outcome::value);
+                    mproc::detail::write_void_outcome(w);
                     refused_ = false;
                 } catch (...) {
-                    w.write(Outcome::exception);
-                    w.write(RemoteException::capture());
+                    mproc::detail::write_exception_outcome(w, RemoteException::capture());
                     refused_ = true;  // rank 0 breaks the pool; what it sent meanwhile is dropped
                 }
                 send(comm_, 0, to_master, hello);

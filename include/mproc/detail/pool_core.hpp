@@ -70,10 +70,11 @@ namespace detail {
 class ResultSink {
 public:
     virtual ~ResultSink() = default;
-    /// Decodes `count` outcomes, for items first..first+count-1, skipping `skips` (relative).
-    /// Runs on the collector thread.
-    virtual void deliver(std::size_t first, std::uint32_t count, std::span<const std::uint32_t> skips,
-                         Reader& in) = 0;
+    /// Takes the outcomes of items first, first+1, ... — but those whose relative index is in
+    /// `skips` (already failed). Runs on the collector thread; never throws: an outcome that does
+    /// not decode fails its own item.
+    virtual void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                         std::span<const std::uint32_t> skips) = 0;
     /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
     virtual void fail(std::size_t index, std::exception_ptr error) = 0;
 };
@@ -125,15 +126,21 @@ public:
     virtual std::vector<pid_t> worker_pids() = 0;
 
 protected:
-    /// Hands a finished task's result frame body to its sink.
-    static void deliver(Task& task, std::span<const std::byte> body) {
-        Reader in(body.subspan(16));  // past the task id and the time spent
+    /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
+    /// whose records do not add up fails every item it was for; a record that does not decode
+    /// fails only its own item (in the sink).
+    void deliver(Task& task, std::span<const std::byte> body) {
+        outcomes_.clear();
         try {
-            task.sink->deliver(task.first, task.count, task.skips, in);
+            if (body.size() < result_outcomes_at) Reader::fail("result frame too short");
+            Reader in(body.subspan(result_outcomes_at));
+            for (std::uint32_t i = 0; i < task.count; ++i) outcomes_.push_back(read_outcome_record(in));
+            if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
         } catch (...) {
-            // A result that does not decode fails the items it was for.
             fail_items(task, std::current_exception());
+            return;
         }
+        task.sink->deliver(task.first, outcomes_, task.skips);
     }
     /// Fails every item of `task` not already failed.
     static void fail_items(Task& task, const std::exception_ptr& error) {
@@ -183,6 +190,9 @@ protected:
     std::string broken_reason_;    // why the pool is broken (State::broken)
     std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
     std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
+
+private:
+    std::vector<OutcomeRecord> outcomes_;  // deliver's scratch list (one delivering thread per engine)
 };
 
 /// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
@@ -627,17 +637,13 @@ private:
     }
 
     void hello_locked(Seat& s, Reader& in) {
-        Outcome outcome{};
-        in.read(outcome);
         s.saw_hello = true;
         start_failures_ = 0;
-        if (outcome == Outcome::exception) {
-            RemoteException why;
-            in.read(why);
+        if (const auto why = read_hello_outcome(in)) {
             // The fork server's report of the worker's pid may still be on its way.
             const std::string worker = s.pid != 0 ? " (pid " + std::to_string(s.pid) + ")" : "";
-            break_pool_locked("the pool's initializer failed in a worker" + worker + ": " + why.type_name + ": " +
-                              why.message);
+            break_pool_locked("the pool's initializer failed in a worker" + worker + ": " + why->type_name + ": " +
+                              why->message);
         }
     }
 
@@ -681,7 +687,7 @@ private:
         {
             std::lock_guard lock(mutex_);
             const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            if (!s.inflight.empty() && slot.running.load(std::memory_order_acquire) &&
+            if (!s.inflight.empty() && slot.current_phase() != WorkerPhase::idle &&
                 slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) {
                 Task& t = s.inflight.front();
                 const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
@@ -755,7 +761,7 @@ private:
         for (Seat& s : seats_) {
             if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0) continue;
             const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            if (!slot.running.load(std::memory_order_acquire)) {
+            if (slot.current_phase() != WorkerPhase::running) {
                 next = next < 0 ? limit_ns : std::min(next, limit_ns);
                 continue;
             }

@@ -65,12 +65,18 @@ inline bool send_result(WorkerLink& link, const Buffer& frame) {
 }
 
 /// Runs one task and writes its result frame into `out` (also used by mproc/mpi.hpp's workers).
+/// The slot says `running` from the first item to the last, then `delivering`: the time the
+/// result then takes to reach the pool is not the task's.
 inline void run_task(const TaskView& task, WorkerSlot& slot, bool timed, Buffer& out) {
     const std::int64_t begun = monotonic_ns();
     begin_frame(out);
     Writer w(out);
     w(task.task_id, std::int64_t{0});
     const std::size_t header = out.size();
+    slot.task_id.store(task.task_id, std::memory_order_relaxed);
+    slot.item.store(0, std::memory_order_relaxed);
+    if (timed) slot.started_ns.store(begun, std::memory_order_relaxed);
+    slot.enter(WorkerPhase::running);
     Reader r(task.payload);
     ChunkContext context{r, w, slot, task.skips, task.task_id, task.count, timed};
     try {
@@ -79,10 +85,27 @@ inline void run_task(const TaskView& task, WorkerSlot& slot, bool timed, Buffer&
         // The chunk itself could not be decoded: every item of it fails with the reason.
         const RemoteException why = RemoteException::capture();
         out.resize(header);
-        for (std::uint32_t i = 0; i < task.count; ++i) w(Outcome::exception, why);
+        for (std::uint32_t i = 0; i < task.count; ++i) write_exception_outcome(w, why);
     }
+    slot.enter(WorkerPhase::delivering);
     const std::int64_t spent = monotonic_ns() - begun;
-    std::memcpy(out.data() + frame_header_size + 8, &spent, sizeof spent);
+    std::memcpy(out.data() + frame_header_size + result_spent_at, &spent, sizeof spent);
+    finish_frame(out);
+}
+
+/// The hello frame: task id 0, then the initializer's outcome.
+inline void write_hello(Buffer& out, const std::function<void()>& initializer, bool& ok) {
+    begin_frame(out);
+    Writer w(out);
+    w(hello_task_id, std::int64_t{0});
+    ok = true;
+    try {
+        if (initializer) initializer();
+        write_void_outcome(w);
+    } catch (...) {
+        ok = false;
+        write_exception_outcome(w, RemoteException::capture());
+    }
     finish_frame(out);
 }
 
@@ -90,19 +113,8 @@ inline void run_task(const TaskView& task, WorkerSlot& slot, bool timed, Buffer&
 inline int worker_main(WorkerLink link, const WorkerConfig& config) {
     Buffer out;
     {
-        begin_frame(out);
-        Writer w(out);
-        w(hello_task_id, std::int64_t{0});
         bool ok = true;
-        try {
-            if (config.initializer) config.initializer();
-            w.write(Outcome::value);
-        } catch (...) {
-            ok = false;
-            w.write(Outcome::exception);
-            w.write(RemoteException::capture());
-        }
-        finish_frame(out);
+        write_hello(out, config.initializer, ok);
         if (!send_result(link, out) || !ok) return ok ? 0 : 1;
     }
 
@@ -123,6 +135,7 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
             continue;
         }
         ++since_sleep;
+        link.slot.begun.fetch_add(1, std::memory_order_release);
         std::span<const std::byte> body = record->payload;
         const bool on_socket = record->kind == SpscRing::socket;
         if (on_socket) {
@@ -136,7 +149,7 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
         if (on_socket) socket_in.consume(body);
         link.tasks.consume_to(record->end);
         const bool sent = send_result(link, out);
-        link.slot.running.store(0, std::memory_order_release);
+        link.slot.enter(WorkerPhase::idle);
         if (!sent) return 0;
         if (config.max_tasks != 0 && ++done >= config.max_tasks) return 0;
     }

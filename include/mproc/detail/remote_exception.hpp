@@ -67,6 +67,16 @@ struct RemoteException {
         return e;
     }
 
+    /// A SerializationError "<context>: <type>: <what()>" for the exception being handled: what a
+    /// value that could not be encoded or decoded becomes. Call inside a catch block.
+    static RemoteException capture_as_serialization_error(const std::string& context) {
+        RemoteException e;
+        e.kind = serialization_error;
+        e.type_name = "mproc::SerializationError";
+        e.message = context + ": " + describe_current_exception();
+        return e;
+    }
+
     /// The exception to rethrow on this side.
     std::exception_ptr rebuild() const {
         switch (kind) {

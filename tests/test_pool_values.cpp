@@ -1,0 +1,199 @@
+// Pool: never a wrong value. A result that fails to serialise, arguments that fail to decode in the
+// worker, a result that fails to decode in the parent, and an input range that throws: each fails
+// exactly the item it concerns, with an error that says what happened, and every other item of the
+// same chunk is delivered right, in order.
+#include "test_pool_common.hpp"
+
+#include <mproc/progress.hpp>
+
+#include <numeric>
+#include <ranges>
+#include <stdexcept>
+
+using namespace std::chrono_literals;
+using pool_test::Watchdog;
+
+namespace {
+
+/// A value whose encoding throws half-way when `n` is 13: its first field is already written.
+struct Fragile {
+    long n = 0;
+    std::string text;
+    template <class Archive> void serialize(Archive& ar) {
+        ar(n);
+        if constexpr (std::is_same_v<Archive, mproc::Writer>)
+            if (n == 13) throw std::runtime_error("13 cannot be encoded");
+        ar(text);
+    }
+    bool operator==(const Fragile&) const = default;
+};
+
+/// A value that encodes fine but refuses to be decoded when `n` is 7.
+struct Picky {
+    long n = 0;
+    template <class Archive> void serialize(Archive& ar) {
+        ar(n);
+        if constexpr (std::is_same_v<Archive, mproc::Reader>)
+            if (n == 7) throw std::invalid_argument("7 is refused on decoding");
+    }
+    bool operator==(const Picky&) const = default;
+};
+
+Fragile make(long n) { return Fragile{n * 1000 + 1, "value " + std::to_string(n)}; }
+// make(x) for x with x * 1000 + 1 == 13 does not exist; so the failing item is chosen by the input:
+Fragile make_raw(long n) { return Fragile{n, "value " + std::to_string(n)}; }
+long twice_picky(Picky p) { return p.n * 2; }
+Picky echo_picky(long n) { return Picky{n}; }
+long add(long a, long b) { return a + b; }
+Fragile make_pair_sum(long a, long b) { return make_raw(a + b); }
+
+std::vector<long> inputs(long n) {
+    std::vector<long> xs(static_cast<std::size_t>(n));
+    std::iota(xs.begin(), xs.end(), 10L);  // 10, 11, 12, 13, 14, ...: item 3 is 13
+    return xs;
+}
+
+/// True when `e` is the SerializationError of item 13's result.
+void require_encoding_error(std::exception_ptr e) {
+    REQUIRE(e);
+    try {
+        std::rethrow_exception(e);
+    } catch (const mproc::SerializationError& error) {
+        const std::string what = error.what();
+        CHECK_THAT(what, Catch::Contains("Fragile"));
+        CHECK_THAT(what, Catch::Contains("13 cannot be encoded"));
+    } catch (...) {
+        FAIL("expected mproc::SerializationError, got " << mproc::detail::describe_current_exception());
+    }
+}
+
+}  // namespace
+
+TEST_CASE("a result that fails to serialise: apply throws SerializationError naming the type and the cause") {
+    Watchdog watchdog(120s, "apply of an unencodable result");
+    mproc::Pool pool(2);
+    try {
+        const Fragile f = pool.apply(make_raw, 13L);
+        FAIL("apply returned a value for a result that could not be encoded: n = " << f.n);
+    } catch (const mproc::SerializationError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("Fragile"));
+        CHECK_THAT(e.what(), Catch::Contains("13 cannot be encoded"));
+    }
+    // The pool goes on, on the same workers.
+    CHECK(pool.apply(make_raw, 12L) == Fragile{12, "value 12"});
+    CHECK(pool.apply(make, 2L) == Fragile{2001, "value 2"});
+}
+
+TEST_CASE("a result that fails to serialise: apply_async's error_callback receives the SerializationError") {
+    Watchdog watchdog(120s, "apply_async of an unencodable result");
+    mproc::Pool pool(2);
+    std::exception_ptr seen;
+    bool value_callback_ran = false;
+    auto ar = pool.apply_async(
+        make_raw, std::tuple{13L}, [&](const Fragile&) { value_callback_ran = true; },
+        [&](std::exception_ptr e) { seen = e; });
+    CHECK_THROWS_AS(ar.get(), mproc::SerializationError);
+    CHECK_FALSE(ar.successful());
+    CHECK_FALSE(value_callback_ran);
+    require_encoding_error(seen);
+}
+
+TEST_CASE("a result that fails to serialise inside a chunk: map fails that item only, the others are right") {
+    Watchdog watchdog(120s, "map with an unencodable result");
+    mproc::Pool pool(2);
+    const auto xs = inputs(8);  // item 3 is 13
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{4}, std::size_t{8}}) {
+        INFO("chunksize " << chunksize);
+        std::exception_ptr seen;
+        std::vector<Fragile> delivered;
+        auto am = pool.map_async(make_raw, xs, chunksize, [&](const std::vector<Fragile>& v) { delivered = v; },
+                                 [&](std::exception_ptr e) { seen = e; });
+        CHECK_THROWS_AS(am.get(), mproc::SerializationError);
+        require_encoding_error(seen);
+        CHECK(delivered.empty());
+        // imap shows every item's own outcome: all right but item 3.
+        std::size_t i = 0;
+        auto results = pool.imap(make_raw, xs, chunksize);
+        for (auto it = results.begin(); it != results.end(); ++it, ++i) {
+            if (xs[i] == 13) {
+                CHECK_THROWS_AS(*it, mproc::SerializationError);
+            } else {
+                CHECK(*it == Fragile{xs[i], "value " + std::to_string(xs[i])});
+            }
+        }
+        CHECK(i == xs.size());
+    }
+    CHECK(pool.map(make_raw, std::vector<long>{1, 2}) == std::vector<Fragile>{{1, "value 1"}, {2, "value 2"}});
+}
+
+TEST_CASE("a result that fails to serialise: imap_unordered and starmap fail that item only") {
+    Watchdog watchdog(120s, "imap_unordered and starmap with an unencodable result");
+    mproc::Pool pool(2);
+    const auto xs = inputs(8);
+    std::size_t values = 0, errors = 0;
+    auto results = pool.imap_unordered(make_raw, xs, 4);
+    for (auto it = results.begin(); it != results.end(); ++it) {
+        try {
+            const Fragile& f = *it;
+            CHECK(f.text == "value " + std::to_string(f.n));
+            CHECK(f.n != 13);
+            ++values;
+        } catch (const mproc::SerializationError&) {
+            ++errors;
+        }
+    }
+    CHECK(values == 7);
+    CHECK(errors == 1);
+
+    std::vector<std::tuple<long, long>> pairs = {{1, 2}, {6, 7}, {3, 4}};  // the second sums to 13
+    CHECK_THROWS_AS(pool.starmap(make_pair_sum, pairs, 3), mproc::SerializationError);
+    pairs[1] = {6, 6};
+    CHECK(pool.starmap(make_pair_sum, pairs, 3) ==
+          std::vector<Fragile>{{3, "value 3"}, {12, "value 12"}, {7, "value 7"}});
+}
+
+TEST_CASE("arguments that fail to decode in the worker fail that item with SerializationError; the chunk goes on") {
+    Watchdog watchdog(120s, "undecodable arguments");
+    mproc::Pool pool(2);
+    std::vector<Picky> xs;
+    for (long i = 0; i < 10; ++i) xs.push_back(Picky{i});  // item 7 does not decode
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{5}, std::size_t{10}}) {
+        INFO("chunksize " << chunksize);
+        std::size_t i = 0;
+        auto results = pool.imap(twice_picky, xs, chunksize);
+        for (auto it = results.begin(); it != results.end(); ++it, ++i) {
+            if (i == 7) {
+                try {
+                    (void)*it;
+                    FAIL("item 7 returned a value");
+                } catch (const mproc::SerializationError& e) {
+                    CHECK_THAT(e.what(), Catch::Contains("Picky"));
+                    CHECK_THAT(e.what(), Catch::Contains("7 is refused on decoding"));
+                }
+            } else {
+                CHECK(*it == static_cast<long>(i) * 2);
+            }
+        }
+        CHECK(i == xs.size());
+    }
+    CHECK_THROWS_AS(pool.apply(twice_picky, Picky{7}), mproc::SerializationError);
+    CHECK(pool.apply(twice_picky, Picky{8}) == 16);
+}
+
+TEST_CASE("a result that fails to decode in the parent fails that item only") {
+    Watchdog watchdog(120s, "undecodable result in the parent");
+    mproc::Pool pool(2);
+    std::vector<long> xs = {5, 6, 7, 8, 9};
+    std::size_t i = 0;
+    auto results = pool.imap(echo_picky, xs, 5);
+    for (auto it = results.begin(); it != results.end(); ++it, ++i) {
+        if (xs[i] == 7) {
+            CHECK_THROWS_AS(*it, mproc::SerializationError);
+        } else {
+            CHECK(*it == Picky{xs[i]});
+        }
+    }
+    CHECK(i == xs.size());
+    CHECK_THROWS_WITH(pool.map(echo_picky, xs, 5), Catch::Contains("7 is refused on decoding"));
+    CHECK(pool.apply(add, 2L, 3L) == 5);
+}
