@@ -197,3 +197,106 @@ TEST_CASE("a result that fails to decode in the parent fails that item only") {
     CHECK_THROWS_WITH(pool.map(echo_picky, xs, 5), Catch::Contains("7 is refused on decoding"));
     CHECK(pool.apply(add, 2L, 3L) == 5);
 }
+
+// =================================================================================================
+// an input that throws
+// =================================================================================================
+
+namespace {
+
+long square_long(long x) { return x * x; }
+
+/// 0, 1, ..., 999 that throws when asked for `fail_at` (through the element, or by advancing to it).
+struct FailingInput : std::ranges::view_interface<FailingInput> {
+    long fail_at = 0;
+    bool on_advance = false;
+    struct iterator {
+        using value_type = long;
+        using difference_type = std::ptrdiff_t;
+        long i = 0;
+        const FailingInput* input = nullptr;
+        long operator*() const {
+            if (!input->on_advance && i == input->fail_at) throw std::out_of_range("input item " + std::to_string(i));
+            return i;
+        }
+        iterator& operator++() {
+            if (input->on_advance && i + 1 == input->fail_at)
+                throw std::out_of_range("input advance to " + std::to_string(i + 1));
+            ++i;
+            return *this;
+        }
+        void operator++(int) { ++*this; }
+        bool operator==(std::default_sentinel_t) const { return i >= 1000; }
+    };
+    iterator begin() const { return iterator{0, this}; }
+    std::default_sentinel_t end() const { return {}; }
+};
+static_assert(std::ranges::input_range<FailingInput>);
+
+FailingInput failing_input(long fail_at, bool on_advance) {
+    FailingInput in;
+    in.fail_at = fail_at;
+    in.on_advance = on_advance;
+    return in;
+}
+
+}  // namespace
+
+TEST_CASE("imap over an input that throws: the items before it, then its exception, then the end") {
+    Watchdog watchdog(120s, "imap over a throwing input");
+    mproc::Pool pool(2);
+    for (bool on_advance : {false, true}) {
+        for (std::size_t chunksize : {std::size_t{1}, std::size_t{2}, std::size_t{4}}) {
+            INFO("chunksize " << chunksize << (on_advance ? ", failing advance" : ", failing element"));
+            auto results = pool.imap(square_long, failing_input(3, on_advance), chunksize);
+            std::vector<long> got;
+            std::size_t errors = 0;
+            auto it = results.begin();
+            for (; it != results.end(); ++it) {
+                try {
+                    got.push_back(*it);
+                } catch (const std::out_of_range& e) {
+                    ++errors;
+                    CHECK_THAT(e.what(), Catch::Contains("3"));
+                    CHECK(got.size() == 3);  // in the position of the item that could not be read
+                }
+            }
+            CHECK(got == std::vector<long>{0, 1, 4});
+            CHECK(errors == 1);
+            CHECK_THROWS_AS(results.begin(), mproc::Error);
+
+            // A plain range-for stops at the input's exception, after yielding the items before it.
+            std::vector<long> seen;
+            CHECK_THROWS_AS(
+                [&] {
+                    for (long v : pool.imap(square_long, failing_input(3, on_advance), chunksize)) seen.push_back(v);
+                }(),
+                std::out_of_range);
+            CHECK(seen == std::vector<long>{0, 1, 4});
+        }
+    }
+    // imap_unordered: the three results in some order, then the exception.
+    auto results = pool.imap_unordered(square_long, failing_input(3, false), 2);
+    std::multiset<long> got;
+    std::size_t errors = 0;
+    for (auto it = results.begin(); it != results.end(); ++it) {
+        try {
+            got.insert(*it);
+        } catch (const std::out_of_range&) {
+            ++errors;
+            CHECK(got.size() == 3);
+        }
+    }
+    CHECK(got == std::multiset<long>{0, 1, 4});
+    CHECK(errors == 1);
+    // Failing at once: no value, the exception, the end.
+    auto first = pool.imap(square_long, failing_input(0, false));
+    auto it = first.begin();
+    REQUIRE(it != first.end());
+    CHECK_THROWS_AS(*it, std::out_of_range);
+    ++it;
+    CHECK(it == first.end());
+    // Nothing is left pending: close and join return.
+    pool.close();
+    pool.join();
+}

@@ -77,10 +77,12 @@ using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<R
 inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
 
 /// Encodes up to `n` items from `it` into one task, and stops early once the items take
-/// `max_bytes` (at least one item is taken). Returns the items taken.
+/// `max_bytes` (at least one item is taken). Returns the items taken. An exception from the input
+/// (advancing it, reading an element, encoding one) propagates — or, given `input_error`, is
+/// stored there and ends the chunk after the items already encoded (the partial item is dropped).
 template <class F, class Args, class It, class End>
 std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n,
-                           std::size_t max_bytes = SIZE_MAX) {
+                           std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
     task.id = core.next_task_id();
     begin_task_frame<F, Args>(task.frame, task.id, 0, f);
     const std::size_t start = task.frame.size();
@@ -89,13 +91,19 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, con
     task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
     Writer out(task.frame);
     std::uint32_t taken = 0;
-    for (; taken < n && it != end; ++it, ++taken) {
-        write_record(out, *it);
-        if (task.frame.size() - start >= max_bytes) {
-            ++it;
+    std::size_t whole = out.position();  // where the last complete item record ends
+    try {
+        while (taken < n && it != end) {
+            write_record(out, *it);
+            whole = out.position();
             ++taken;
-            break;
+            ++it;
+            if (task.frame.size() - start >= max_bytes) break;
         }
+    } catch (...) {
+        if (!input_error) throw;
+        *input_error = std::current_exception();
+        out.rewind(whole);
     }
     set_task_count(task.frame, taken);
     end_task_frame(task.frame, {});
@@ -247,13 +255,17 @@ public:
         ImapRange* range_ = nullptr;
     };
 
-    /// Starts the iteration (once) and waits for the first item.
+    /// Starts the iteration and waits for the first item. An imap is a single-pass range:
+    /// calling begin() a second time throws mproc::Error.
     iterator begin() {
-        if (!started_) {
-            started_ = true;
+        if (started_) throw Error("Pool::imap: begin() called twice: an imap range is single-pass");
+        started_ = true;
+        try {
             input_ = std::ranges::begin(view_);
-            advance();
+        } catch (...) {
+            input_failed();
         }
+        advance();
         return iterator(this);
     }
     std::default_sentinel_t end() const noexcept { return {}; }
@@ -264,19 +276,39 @@ private:
             detail::Task task;
             task.sink = state_;
             task.first = submitted_;
-            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *core_, f_, *input_, std::ranges::end(view_), chunksize_);
-            if (n == 0) {
-                input_done_ = true;
-                break;
-            }
-            submitted_ += n;
+            std::exception_ptr input_error;
+            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *core_, f_, *input_, std::ranges::end(view_),
+                                                                  chunksize_, SIZE_MAX, &input_error);
             if (n < chunksize_) input_done_ = true;
+            if (input_error) {
+                input_error_ = std::move(input_error);
+                input_done_ = true;
+            }
+            if (n == 0) break;
+            submitted_ += n;
             core_->submit(std::move(task));
         }
     }
+    /// The input itself threw: every item before it is still yielded, then its exception, then
+    /// the end.
+    void input_failed() {
+        input_error_ = std::current_exception();
+        input_done_ = true;
+    }
     void advance() {
+        if (input_error_shown_) {
+            done_ = true;
+            current_ = {};
+            return;
+        }
         top_up();
         if (consumed_ == submitted_ && input_done_) {
+            if (input_error_) {
+                // The input's exception, in the position of the item it failed to give.
+                current_ = {std::nullopt, std::exchange(input_error_, nullptr)};
+                input_error_shown_ = true;
+                return;
+            }
             done_ = true;
             return;
         }
@@ -294,8 +326,10 @@ private:
     typename detail::ImapState<value_type, Ordered>::Item current_;
     std::size_t submitted_ = 0;
     std::size_t consumed_ = 0;
+    std::exception_ptr input_error_;  // what the input threw, shown after the items before it
     bool started_ = false;
     bool input_done_ = false;
+    bool input_error_shown_ = false;
     bool done_ = false;
 };
 
