@@ -345,8 +345,16 @@ public:
     explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
     explicit Pool(PoolOptions options) : core_(std::make_unique<detail::PoolCore>(std::move(options))) {}
     Pool(Pool&&) noexcept = default;
-    Pool& operator=(Pool&&) noexcept = default;
-    ~Pool() = default;
+    Pool& operator=(Pool&& other) noexcept {
+        if (this != &other) {
+            release_engine();
+            core_ = std::move(other.core_);
+        }
+        return *this;
+    }
+    /// Terminates the workers. Inside one of this pool's own callbacks, the teardown finishes on
+    /// the pool's thread once the callback has returned.
+    ~Pool() { release_engine(); }
 
     unsigned processes() const { return core().processes(); }
 
@@ -445,6 +453,10 @@ private:
     detail::PoolEngine& core() const {
         if (!core_) throw Error("this Pool was moved from");
         return *core_;
+    }
+    void release_engine() noexcept {
+        if (core_ && core_->retire_from_callback()) (void)core_.release();  // it deletes itself
+        core_.reset();
     }
 
     template <class F, class Args, class R, class Range, class Cb>

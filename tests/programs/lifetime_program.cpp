@@ -53,6 +53,9 @@ using namespace std::chrono_literals;
 /// Where every process of the tree reports its pid (a Pool's tasks cannot capture: globals).
 mproc::Connection<int> reports;  // read by main
 mproc::Connection<int> report;   // written by the tree
+/// A Pool's workers report through shared memory: they hold no descriptor of the program's but
+/// mproc's own (the fork server closes the rest).
+std::optional<mproc::Queue<int>> worker_reports;
 
 void print_pid(pid_t pid, const char* role) {
     std::printf("pid %d %s\n", static_cast<int>(pid), role);
@@ -73,7 +76,7 @@ int next_report() {
 /// A long task: sleeps for an hour. It would say so if a signal ever interrupted it or if it ever
 /// finished: a worker must do neither — the parent's guard decides how it ends.
 int long_task(int index) {
-    report.send(static_cast<int>(::getpid()));
+    worker_reports->put(static_cast<int>(::getpid()));
     for (int second = 0; second < 3600; ++second) {
         timespec one{1, 0};
         while (::nanosleep(&one, &one) != 0) {
@@ -188,10 +191,17 @@ int main(int argc, char** argv) {
 
     print_pid(::getpid(), "main");
     if (mode == "pool") {
+        worker_reports.emplace();
         pool.emplace(4u);
         for (int i = 0; i < 4; ++i) tasks.push_back(pool->apply_async(long_task, std::tuple{i}));
         std::vector<pid_t> workers;
-        for (int i = 0; i < 4; ++i) workers.push_back(next_report());
+        for (int i = 0; i < 4; ++i) {
+            try {
+                workers.push_back(worker_reports->get(60s));
+            } catch (const mproc::Empty&) {
+                fail("a worker did not report in 60 s");
+            }
+        }
         const std::vector<pid_t> direct = mproc::active_children();
         if (direct.size() != 1) fail("a Pool should have one direct child, its fork server");
         print_pid(direct[0], "server");

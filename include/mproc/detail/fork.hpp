@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <iostream>
 #include <mutex>
@@ -38,6 +39,20 @@
 #include "guard_state.hpp"
 
 namespace mproc::detail {
+
+/// fork(2) itself failed (EAGAIN at RLIMIT_NPROC, ENOMEM): no child was born.
+class ForkFailed : public Error {
+public:
+    explicit ForkFailed(int error) : Error(message(error)), error_(error) {}
+    int error() const noexcept { return error_; }
+
+private:
+    static std::string message(int error) {
+        char text[256];
+        return std::string("fork: ") + ::strerror_r(error, text, sizeof text);
+    }
+    int error_;
+};
 
 /// Who this process is, as current_process() reports it.
 struct Identity {
@@ -299,7 +314,7 @@ pid_t fork_child(Body&& body, std::string child_name) {
     } else {
         pid = Forker::get().fork(entry, &job);
     }
-    if (pid < 0) throw_errno("fork", -pid);
+    if (pid < 0) throw ForkFailed(-pid);
     return pid;
 }
 

@@ -9,14 +9,29 @@
 // Protocol (SOCK_SEQPACKET, one fixed-size ControlMessage per packet):
 //   pool -> server: spawn{seat} + the worker's end of its channel (SCM_RIGHTS);
 //                   kill{seat, pid, signal}; terminate{} (SIGKILL every worker, reap, exit).
-//   server -> pool: spawned{seat, pid}; exited{seat, pid, wait status}.
+//   server -> pool: spawned{seat, pid}; exited{seat, pid, wait status};
+//                   spawn_failed{seat, errno} (fork itself failed: no worker was born).
 // End of stream on the control socket means "no more workers": the server waits for the ones it
 // has (they end when the pool shuts their channels) and exits.
+//
+// Descriptors: the server starts by closing every close-on-exec descriptor it inherited but its
+// control socket, those the pool names (the collector's eventfd) and mproc's shared memory
+// (memfds). Close-on-exec marks a descriptor as its program's own — every descriptor mproc opens
+// has it, a Pipe's ends included — so a Pipe made before the pool reaches EOF when the program
+// closes its ends, whatever the pool's processes do. Descriptors without it (stdin, stdout,
+// stderr, and what the program opened to be inherited, as by a program it would exec) stay, and
+// tasks may use them.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
 #include <functional>
 #include <poll.h>
 #include <sys/socket.h>
@@ -34,11 +49,11 @@
 namespace mproc::detail {
 
 struct ControlMessage {
-    enum Op : std::int32_t { spawn, kill, terminate, spawned, exited };
+    enum Op : std::int32_t { spawn, kill, terminate, spawned, exited, spawn_failed };
     std::int32_t op = spawn;
     std::int32_t seat = -1;
     std::int32_t pid = 0;
-    std::int32_t value = 0;  // the signal for kill, the wait status for exited
+    std::int32_t value = 0;  // the signal for kill, the wait status for exited, errno for spawn_failed
 };
 
 /// What a worker runs: given its seat and its channel, returns the exit status.
@@ -48,16 +63,18 @@ class ForkServer {
 public:
     ForkServer() = default;
 
-    /// Forks the server. `worker_main` is copied into it and runs in every worker.
-    explicit ForkServer(WorkerMain worker_main, std::string name) {
+    /// Forks the server. `worker_main` is copied into it and runs in every worker; the server and
+    /// its workers keep, of the descriptors this process has open, only `keep` and those named at
+    /// the top of this file.
+    ForkServer(WorkerMain worker_main, std::string name, std::vector<int> keep) {
         int fds[2];
         if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0) throw_errno("socketpair");
         control_.reset(fds[0]);
         UniqueFd server_end(fds[1]);
-        const int parent_end = fds[0];
+        keep.push_back(server_end.get());
         pid_ = fork_child(
             [&]() -> int {
-                ::close(parent_end);
+                close_all_but(keep);
                 return serve(server_end.get(), worker_main);
             },
             std::move(name));
@@ -96,25 +113,61 @@ public:
         throw Error("the pool's fork server (pid " + std::to_string(pid_) + ") is gone");
     }
 
-    /// Waits for the server to exit, SIGKILLing it after `grace`. Returns its wait status.
-    int reap(Seconds grace) {
-        if (pid_ == 0) return 0;
+    /// Waits for the server to exit, SIGKILLing it (and so its workers, through their parent-death
+    /// signal) after `grace`; reaps it. Changes nothing of this object: call forget() after.
+    void wait_exit(Seconds grace) const {
+        if (pid_ == 0) return;
         auto status = wait_child(pid_, deadline_after(grace));
         if (!status) {
             ::kill(pid_, SIGKILL);
             status = wait_child(pid_, std::nullopt);
         }
         children().forget(pid_);
+    }
+    /// After wait_exit: this object no longer names a server.
+    void forget() noexcept {
         pid_ = 0;
         control_.reset();
         pidfd_.reset();
-        return status.value_or(0);
+    }
+    /// wait_exit, then forget.
+    void reap(Seconds grace) {
+        wait_exit(grace);
+        forget();
     }
 
     int control_fd() const noexcept { return control_.get(); }
     /// Readable once the server has exited (-1 where the kernel has no pidfds).
     int pidfd() const noexcept { return pidfd_.get(); }
     pid_t pid() const noexcept { return pid_; }
+
+    /// In a fresh child: closes every close-on-exec descriptor but `keep` and mproc's memfds.
+    static void close_all_but(const std::vector<int>& keep) noexcept {
+        std::vector<int> doomed;
+        if (DIR* dir = ::opendir("/proc/self/fd")) {
+            const int own = ::dirfd(dir);
+            while (const dirent* entry = ::readdir(dir)) {
+                char* end = nullptr;
+                const long fd = std::strtol(entry->d_name, &end, 10);
+                if (end == entry->d_name || *end != '\0' || fd <= 2 || fd == own) continue;
+                if (std::find(keep.begin(), keep.end(), static_cast<int>(fd)) != keep.end()) continue;
+                const int flags = ::fcntl(static_cast<int>(fd), F_GETFD);
+                if (flags < 0 || !(flags & FD_CLOEXEC)) continue;  // meant to be inherited
+                if (is_mproc_memfd(static_cast<int>(fd))) continue;
+                doomed.push_back(static_cast<int>(fd));
+            }
+            ::closedir(dir);
+        }
+        for (int fd : doomed) ::close(fd);
+    }
+    static bool is_mproc_memfd(int fd) noexcept {
+        char path[64];
+        std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        char target[64] = {};
+        const ssize_t n = ::readlink(path, target, sizeof target - 1);
+        static constexpr char prefix[] = "/memfd:mproc-";
+        return n >= static_cast<ssize_t>(sizeof prefix - 1) && std::memcmp(target, prefix, sizeof prefix - 1) == 0;
+    }
 
 private:
     struct Worker {
@@ -178,9 +231,13 @@ private:
                                 return worker_main(seat, UniqueFd(channel_fd));
                             },
                             "PoolWorker-" + std::to_string(seat + 1));
-                    } catch (const Error&) {
-                        // fork failed: report an exit, so the pool sees the seat empty and tries again
-                        ControlMessage r{ControlMessage::exited, seat, 0, 1 << 8};
+                    } catch (const ForkFailed& e) {
+                        // fork failed (EAGAIN at RLIMIT_NPROC, ENOMEM): no worker; the pool tries again
+                        ControlMessage r{ControlMessage::spawn_failed, seat, 0, e.error()};
+                        send_with_fd(control, &r, sizeof r);
+                        break;
+                    } catch (...) {
+                        ControlMessage r{ControlMessage::spawn_failed, seat, 0, ENOMEM};
                         send_with_fd(control, &r, sizeof r);
                         break;
                     }

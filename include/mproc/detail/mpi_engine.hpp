@@ -193,12 +193,16 @@ public:
         for (unsigned i = 0; i < processes; ++i) seats_[i].rank = static_cast<int>(i) + 1;
         master_.acquire(this);
         std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
-        thread_ = std::thread([this] { run(); });
+        thread_ = std::thread([this] {
+            run();
+            if (retired_) finish_retired();
+        });
         thread_id_ = thread_.get_id();
     }
     MpiEngine(const MpiEngine&) = delete;
     MpiEngine& operator=(const MpiEngine&) = delete;
     ~MpiEngine() override {
+        if (retired_) return;  // finish_retired() did the teardown, on the pool's thread
         try {
             terminate();
         } catch (...) {
@@ -271,6 +275,19 @@ public:
         run_posted();
         fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
         idle_.notify_all();
+    }
+
+    /// Destroyed inside one of its own callbacks: terminated as terminate() does, the rest of the
+    /// teardown done by the pool's thread once the callback has returned (see Pool::~Pool).
+    bool retire_from_callback() override {
+        if (std::this_thread::get_id() != thread_id_) return false;
+        std::lock_guard lock(mutex_);
+        if (state_ != State::terminated) {
+            state_ = State::terminated;
+            retired_doomed_ = take_all_locked();
+        }
+        retired_ = true;
+        return true;
     }
 
     std::thread::id collector_id() const noexcept override { return thread_id_; }
@@ -479,9 +496,22 @@ private:
         return all;
     }
 
+    /// One thread at a time (join() and terminate() may race from two threads).
     void stop_thread() {
+        std::lock_guard lock(stop_mutex_);
         if (thread_.joinable()) thread_.join();
         master_.release(this);
+    }
+
+    void finish_retired() noexcept {
+        try {
+            run_posted();
+            fail_tasks(retired_doomed_, std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
+        } catch (...) {
+        }
+        master_.release(this);
+        thread_.detach();
+        delete this;
     }
 
     Master& master_;
@@ -495,8 +525,11 @@ private:
     double avg_task_ns_ = 0;
     std::atomic<std::uint64_t> next_id_{1};
 
+    std::mutex stop_mutex_;
     std::thread thread_;
     std::thread::id thread_id_;
+    bool retired_ = false;
+    std::vector<Task> retired_doomed_;
 };
 
 inline void Master::finish() {

@@ -121,6 +121,10 @@ public:
     }
     virtual void join() = 0;
     virtual void terminate() = 0;
+    /// The front end is being destroyed inside one of this engine's callbacks: an engine that can
+    /// finish its own teardown once the callback returns (and then delete itself) does so and
+    /// returns true; the front end then lets go of it.
+    virtual bool retire_from_callback() { return false; }
     /// The thread callbacks run on.
     virtual std::thread::id collector_id() const noexcept = 0;
     virtual std::vector<pid_t> worker_pids() = 0;
@@ -221,40 +225,35 @@ inline unsigned affinity_cpu_count() noexcept {
 
 class PoolCore final : public PoolEngine {
 public:
+    /// How long join() gives the workers to exit once every task is done; one still alive then
+    /// (stopped by SIGSTOP, or stuck in code of its own) is killed.
+    static constexpr Seconds join_grace{5.0};
+    /// With no live worker, how long failing to start one (fork or socketpair refused) may go on
+    /// before the pool gives up and breaks.
+    static constexpr Seconds respawn_give_up{10.0};
+
     explicit PoolCore(PoolOptions options)
         : options_(std::move(options)), owner_(this_process_id()) {
-        if (options_.processes == 0) options_.processes = affinity_cpu_count();
-        link_ = PoolLink(options_.processes);
-        wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-        if (!wake_) throw_errno("eventfd");
-
-        WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
-        const PoolLink* link = &link_;
-        const int wake_fd = wake_.get();
-        // The server is forked before the collector thread exists: this process may have other
-        // threads, but the server's only thread is this one, and every worker is its fork.
-        server_ = ForkServer(
-            [config, link, wake_fd](int seat, UniqueFd channel) {
-                const auto i = static_cast<unsigned>(seat);
-                return worker_main(WorkerLink{link->tasks(i), link->results(i), link->slot(i), link->shared(), wake_fd,
-                                              std::move(channel)},
-                                   config);
-            },
-            "PoolForkServer");
-        seats_.resize(options_.processes);
-        for (unsigned i = 0; i < options_.processes; ++i) {
-            seats_[i].index = static_cast<int>(i);
-            spawn_locked(seats_[i]);
+        try {
+            start();
+        } catch (...) {
+            // Nothing may outlive a constructor that throws: no process, no descriptor, no mapping.
+            abandon_start();
+            throw_as_error("cannot start the Pool");
         }
-        std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_id_
-        collector_ = std::thread([this] { collect(); });
-        collector_id_ = collector_.get_id();
     }
 
     PoolCore(const PoolCore&) = delete;
     PoolCore& operator=(const PoolCore&) = delete;
 
     ~PoolCore() override {
+        if (this_process_id() != owner_) {
+            // A copy of the parent's pool in a forked child: its thread and its processes are the
+            // parent's. Touch nothing; the thread object (which names no thread here) is let go.
+            (void)collector_.release();
+            return;
+        }
+        if (retired_) return;  // finish_retired() did the teardown, on the collector thread
         try {
             terminate();
         } catch (...) {
@@ -297,7 +296,13 @@ public:
         wake();
     }
 
+    void close() override {
+        check_owner();
+        PoolEngine::close();
+    }
+
     /// After close(): waits for every task (and its callback), then for the workers to exit.
+    /// Safe from any thread of the owner, any number of times, beside terminate().
     void join() override {
         check_owner();
         if (std::this_thread::get_id() == collector_id_)
@@ -309,13 +314,13 @@ public:
             if (state_ != State::terminated) state_ = State::draining;
         }
         wake();
-        if (collector_.joinable()) collector_.join();
-        server_.reap(Seconds{30});
-        forget_workers();
+        tear_down(join_grace);
     }
 
-    /// Kills the workers now; every pending task fails with mproc::Error.
+    /// Kills the workers now; every pending task fails with mproc::Error. Safe from any thread of
+    /// the owner, any number of times, beside join().
     void terminate() override {
+        check_owner();
         if (std::this_thread::get_id() == collector_id_)
             throw Error("Pool::terminate() called from a callback: it would wait for itself");
         std::vector<Task> doomed;
@@ -324,27 +329,26 @@ public:
             if (state_ != State::terminated) {
                 state_ = State::terminated;
                 doomed = take_all_tasks_locked();
+                if (server_.pid() != 0) server_.terminate_workers();
             }
         }
-        if (server_.pid() != 0) server_.terminate_workers();
         wake();
-        // The collector stops before the failures are delivered: callbacks never run on two
-        // threads at once.
-        if (collector_.joinable()) collector_.join();
-        run_posted();
-        fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
-        if (server_.pid() != 0) server_.reap(Seconds{5});
-        forget_workers();
-        idle_.notify_all();
+        tear_down(Seconds{5}, &doomed);
     }
 
-    /// After the fork server is reaped its workers are gone too (they die with it): no seat has one.
-    void forget_workers() {
+    /// The Pool is being destroyed inside one of its own callbacks: terminate as terminate() does,
+    /// but the collector (this thread) finishes the teardown once the callback has returned, and
+    /// then deletes this engine.
+    bool retire_from_callback() override {
+        if (std::this_thread::get_id() != collector_id_) return false;
         std::lock_guard lock(mutex_);
-        for (Seat& s : seats_) {
-            s.state = SeatState::dead;
-            s.pid = 0;
+        if (state_ != State::terminated) {
+            state_ = State::terminated;
+            retired_doomed_ = take_all_tasks_locked();
+            if (server_.pid() != 0) server_.terminate_workers();
         }
+        retired_ = true;
+        return true;
     }
 
     /// The collector thread's id (callbacks run there).
@@ -358,11 +362,15 @@ public:
             if (s.pid > 0 && s.state != SeatState::dead) pids.push_back(s.pid);
         return pids;
     }
-    pid_t fork_server_pid() const noexcept { return server_.pid(); }
+    pid_t fork_server_pid() {
+        std::lock_guard lock(mutex_);
+        return server_.pid();
+    }
 
 private:
     enum class SeatState { starting, ready, dead };
 
+    /// The parent's record of one worker: its process, its channel, the tasks it holds.
     struct Seat {
         int index = 0;
         SeatState state = SeatState::dead;
@@ -373,11 +381,98 @@ private:
         std::size_t out_sent = 0;
         std::deque<Task> inflight;
         std::size_t placed = 0;          // how many of inflight are in the ring (or socket)
+        std::uint64_t placed_total = 0;  // tasks ever placed for the current worker
         unsigned long assigned = 0;      // tasks given to the current worker
         bool saw_hello = false;
         bool eof = false;  // the worker's end is closed; its exit report is on the way
         std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
+        bool stalled = false;  // killed for leaving queued tasks untaken past task_timeout
+        // Stall watch: the worker's `begun` count when last seen, and since when it has not moved
+        // while tasks wait in its ring (0: not waiting).
+        std::uint64_t seen_begun = 0;
+        std::int64_t waiting_since = 0;
+        // No worker: when to try again to start one, and the delay after that (backoff).
+        std::int64_t respawn_at = 0;
+        std::int64_t respawn_delay = 0;
+        std::string respawn_error;
     };
+
+    void start() {
+        if (options_.processes == 0) options_.processes = affinity_cpu_count();
+        link_ = PoolLink(options_.processes);
+        wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        if (!wake_) throw_errno("eventfd");
+
+        WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
+        const PoolLink* link = &link_;
+        const int wake_fd = wake_.get();
+        // The server is forked before the collector thread exists: this process may have other
+        // threads, but the server's only thread is this one, and every worker is its fork.
+        server_ = ForkServer(
+            [config, link, wake_fd](int seat, UniqueFd channel) {
+                const auto i = static_cast<unsigned>(seat);
+                return worker_main(WorkerLink{link->tasks(i), link->results(i), link->slot(i), link->shared(), wake_fd,
+                                              std::move(channel)},
+                                   config);
+            },
+            "PoolForkServer", {wake_fd});
+        seats_.resize(options_.processes);
+        for (unsigned i = 0; i < options_.processes; ++i) {
+            seats_[i].index = static_cast<int>(i);
+            if (!spawn_locked(seats_[i])) throw Error(seats_[i].respawn_error);
+        }
+        std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_id_
+        collector_ = std::make_unique<std::thread>([this] { collector_main(); });
+        collector_id_ = collector_->get_id();
+    }
+
+    /// After start() threw: the server (and through it every worker) is killed and reaped.
+    void abandon_start() noexcept {
+        if (server_.pid() == 0) return;
+        server_.terminate_workers();
+        try {
+            server_.reap(Seconds{5});
+        } catch (...) {
+        }
+    }
+
+    /// Rethrows the exception being handled as an mproc::Error (std::system_error from a thread
+    /// that cannot start, std::bad_alloc, ...), prefixed with `context`.
+    [[noreturn]] static void throw_as_error(const char* context) {
+        try {
+            throw;
+        } catch (const Error&) {
+            throw;
+        } catch (const std::exception& e) {
+            throw Error(std::string(context) + ": " + e.what());
+        } catch (...) {
+            throw Error(std::string(context) + ": " + describe_current_exception());
+        }
+    }
+
+    /// The end of join() and terminate(), one thread at a time: the collector stops, the posted
+    /// jobs and the failures of `doomed` are delivered (never beside a callback), the server is
+    /// reaped (`grace` for its workers to exit).
+    void tear_down(Seconds grace, std::vector<Task>* doomed = nullptr) {
+        std::lock_guard teardown(teardown_mutex_);
+        if (collector_ && collector_->joinable()) collector_->join();
+        run_posted();
+        if (doomed) fail_tasks(*doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+        reap_server(grace);
+        idle_.notify_all();
+    }
+
+    /// Reaps the fork server; its workers are gone with it, so no seat has one.
+    void reap_server(Seconds grace) {
+        server_.wait_exit(grace);
+        std::lock_guard lock(mutex_);
+        server_.forget();
+        for (Seat& s : seats_) {
+            s.state = SeatState::dead;
+            s.pid = 0;
+            s.respawn_at = 0;
+        }
+    }
 
     void check_owner() const {
         if (this_process_id() != owner_)
@@ -417,17 +512,22 @@ private:
             ++best->assigned;
         }
         bool needs_collector = false;
+        bool placed = false;
         for (Seat& s : seats_) {
-            place_locked(s);
+            placed |= place_locked(s);
             if (flush_locked(s)) needs_collector = true;
         }
+        // A collector asleep with no deadline (or a later one) must learn of the new task's
+        // task_timeout: it is the one that enforces it.
+        if (placed && options_.task_timeout && collector_wakes_at_ > monotonic_ns() + timeout_ns()) needs_collector = true;
         if (needs_collector && std::this_thread::get_id() != collector_id_) wake();
     }
 
     /// Puts the seat's tasks that are not yet in its ring there (large ones on its socket,
     /// announced in the ring), as far as there is room, and wakes the worker if it sleeps.
-    void place_locked(Seat& s) {
-        if (s.state == SeatState::dead || !s.channel) return;
+    /// Returns whether it placed any.
+    bool place_locked(Seat& s) {
+        if (s.state == SeatState::dead || !s.channel) return false;
         SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
         bool placed_any = false;
         while (s.placed < s.inflight.size()) {
@@ -440,9 +540,11 @@ private:
                 s.out.append(frame.data(), frame.size());
             }
             ++s.placed;
+            ++s.placed_total;
             placed_any = true;
         }
         if (placed_any) ring.notify_consumer();
+        return placed_any;
     }
 
     /// Sends what the socket takes now. Returns true when bytes are left for POLLOUT.
@@ -465,24 +567,75 @@ private:
         return false;
     }
 
-    void spawn_locked(Seat& s) {
+    /// Asks the server for a worker on seat `s`. Returns false (and schedules a retry, with
+    /// backoff) when that cannot be done now: no descriptor for its channel, say. A server that is
+    /// gone breaks the pool.
+    bool spawn_locked(Seat& s) {
+        s.state = SeatState::dead;
+        s.pid = 0;
+        s.channel.reset();
         int fds[2];
-        if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) throw_errno("socketpair");
+        if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+            char text[256];
+            schedule_respawn_locked(s, std::string("cannot start a worker: socketpair: ") +
+                                           ::strerror_r(errno, text, sizeof text));
+            return false;
+        }
         UniqueFd ours(fds[0]);
         UniqueFd theirs(fds[1]);
         link_.reset_seat(static_cast<unsigned>(s.index));
-        if (!server_.spawn(s.index, theirs)) throw Error("the pool's fork server is gone");
+        if (!server_.spawn(s.index, theirs)) {
+            break_pool_locked("the pool's fork server (pid " + std::to_string(server_.pid()) + ") is gone");
+            s.respawn_error = broken_reason_;
+            return false;
+        }
         s.channel = std::move(ours);
         s.state = SeatState::starting;
-        s.pid = 0;
         s.in.clear();
         s.out.clear();
         s.out_sent = 0;
         s.placed = 0;
+        s.placed_total = 0;
         s.assigned = 0;
         s.saw_hello = false;
         s.eof = false;
         s.timed_out.reset();
+        s.stalled = false;
+        s.seen_begun = 0;
+        s.waiting_since = 0;
+        s.respawn_at = 0;
+        return true;
+    }
+
+    /// The seat has no worker and could not get one: try again later, waiting longer each time
+    /// (10 ms, doubling, at most 1 s).
+    void schedule_respawn_locked(Seat& s, std::string why) {
+        const std::int64_t now = monotonic_ns();
+        s.respawn_delay = s.respawn_delay == 0 ? 10'000'000 : std::min<std::int64_t>(s.respawn_delay * 2, 1'000'000'000);
+        s.respawn_at = now + s.respawn_delay;
+        s.respawn_error = std::move(why);
+        if (failing_since_ == 0) failing_since_ = now;
+    }
+
+    /// Seats whose retry is due get their worker asked for again.
+    void respawn_due_locked(std::int64_t now) {
+        if (state_ == State::terminated || state_ == State::broken || state_ == State::draining) return;
+        for (Seat& s : seats_)
+            if (s.state == SeatState::dead && s.respawn_at != 0 && s.respawn_at <= now) {
+                s.respawn_at = 0;
+                spawn_locked(s);
+            }
+        // No worker at all, and none could be started for a while: nothing would ever run.
+        const bool any_worker = std::any_of(seats_.begin(), seats_.end(),
+                                            [](const Seat& s) { return s.state != SeatState::dead; });
+        if (!any_worker && failing_since_ != 0 &&
+            now - failing_since_ >= static_cast<std::int64_t>(respawn_give_up.count() * 1e9)) {
+            std::string why;
+            for (const Seat& s : seats_)
+                if (!s.respawn_error.empty()) why = s.respawn_error;
+            break_pool_locked("the pool has no worker left and could not start one for " +
+                              std::to_string(static_cast<int>(respawn_give_up.count())) + " s: " + why);
+        }
     }
 
     std::vector<Task> take_all_tasks_locked() {
@@ -490,6 +643,7 @@ private:
         for (Seat& s : seats_) {
             for (Task& t : s.inflight) all.push_back(std::move(t));
             s.inflight.clear();
+            s.placed = 0;
         }
         for (Task& t : backlog_) all.push_back(std::move(t));
         backlog_.clear();
@@ -497,6 +651,46 @@ private:
     }
 
     // ---- the collector ----------------------------------------------------------------------
+
+    /// The collector thread. Nothing escapes it: an exception here breaks the pool (every pending
+    /// and later call fails with mproc::Error saying why) and the program goes on.
+    void collector_main() noexcept {
+        try {
+            collect();
+        } catch (...) {
+            std::string why;
+            try {
+                why = "the pool's collector failed: " + describe_current_exception();
+            } catch (...) {
+            }
+            std::vector<Task> doomed;
+            {
+                std::lock_guard lock(mutex_);
+                break_pool_locked(std::move(why));
+                doomed = take_all_tasks_locked();
+                if (server_.pid() != 0) server_.terminate_workers();
+            }
+            try {
+                fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
+                run_posted();
+            } catch (...) {
+            }
+        }
+        if (retired_) finish_retired();
+    }
+
+    /// After retire_from_callback(): the teardown terminate() would have done, then this engine
+    /// goes (the thread object first lets go of this thread).
+    void finish_retired() noexcept {
+        try {
+            run_posted();
+            fail_tasks(retired_doomed_, std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
+            reap_server(Seconds{5});
+        } catch (...) {
+        }
+        collector_->detach();
+        delete this;
+    }
 
     void collect() {
         std::vector<pollfd> fds;
@@ -512,6 +706,9 @@ private:
                     shut_down_workers_locked();
                     return;
                 }
+                const std::int64_t now = monotonic_ns();
+                respawn_due_locked(now);
+                if (state_ == State::broken) fail_broken_locked();
                 fds.clear();
                 seat_of.clear();
                 fds.push_back({wake_.get(), POLLIN, 0});
@@ -524,10 +721,15 @@ private:
                     fds.push_back({s.channel.get(), events, 0});
                     seat_of.push_back(s.index);
                 }
-                timeout_ms = check_timeouts_locked();
+                timeout_ms = next_deadline_ms_locked(now);
                 std::size_t inflight = 0;
                 for (const Seat& s : seats_) inflight += s.inflight.size();
                 streaming = inflight >= 2;
+            }
+            if (!broken_doomed_.empty()) {
+                std::vector<Task> doomed = std::move(broken_doomed_);
+                broken_doomed_.clear();
+                fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
             }
             run_posted();
             bool progressed = false;
@@ -543,9 +745,22 @@ private:
                 std::atomic_thread_fence(std::memory_order_seq_cst);
                 if (any_results_waiting()) timeout_ms = 0;
             }
+            {
+                // The deadlines again, now that results were delivered and tasks dispatched since
+                // the top of the loop; and from here on a dispatcher compares its new task's
+                // deadline with the one this sleep ends at (see dispatch_locked).
+                std::lock_guard lock(mutex_);
+                const std::int64_t now = monotonic_ns();
+                if (timeout_ms != 0) timeout_ms = next_deadline_ms_locked(now);
+                collector_wakes_at_ = timeout_ms < 0 ? INT64_MAX : now + std::int64_t{timeout_ms} * 1'000'000;
+            }
             const int n = ::poll(fds.data(), fds.size(), timeout_ms);
             shared.collector_sleeping.store(0, std::memory_order_relaxed);
-            if (n < 0 && errno != EINTR) return;
+            {
+                std::lock_guard lock(mutex_);
+                collector_wakes_at_ = 0;  // awake: it will look at every deadline before it sleeps
+            }
+            if (n < 0 && errno != EINTR) throw_errno("poll (pool collector)");
             if (n <= 0) continue;
 
             if (fds[0].revents & POLLIN) {
@@ -565,6 +780,12 @@ private:
                 if (!handle_server_reports()) return;
             }
         }
+    }
+
+    /// A broken pool fails everything it holds (outside the lock: sinks run callbacks).
+    void fail_broken_locked() {
+        std::vector<Task> doomed = take_all_tasks_locked();
+        for (Task& t : doomed) broken_doomed_.push_back(std::move(t));
     }
 
     bool any_results_waiting() const noexcept {
@@ -639,6 +860,8 @@ private:
     void hello_locked(Seat& s, Reader& in) {
         s.saw_hello = true;
         start_failures_ = 0;
+        failing_since_ = 0;
+        s.respawn_delay = 0;
         if (const auto why = read_hello_outcome(in)) {
             // The fork server's report of the worker's pid may still be on its way.
             const std::string worker = s.pid != 0 ? " (pid " + std::to_string(s.pid) + ")" : "";
@@ -673,8 +896,26 @@ private:
                 if (s.state == SeatState::starting) s.state = SeatState::ready;
             } else if (m->op == ControlMessage::exited) {
                 worker_exited(s, m->pid, m->value);
+            } else if (m->op == ControlMessage::spawn_failed) {
+                spawn_failed(s, m->value);
             }
         }
+    }
+
+    /// The server could not fork a worker for `s`: its tasks go back to the others, and the seat
+    /// tries again later. Not a worker that died: it does not count towards max_start_failures.
+    void spawn_failed(Seat& s, int error) {
+        std::lock_guard lock(mutex_);
+        backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
+                        std::make_move_iterator(s.inflight.end()));
+        s.inflight.clear();
+        s.placed = 0;
+        s.channel.reset();
+        s.state = SeatState::dead;
+        s.pid = 0;
+        char text[256];
+        schedule_respawn_locked(s, std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
+        dispatch_locked();
     }
 
     void worker_exited(Seat& s, pid_t pid, int status) {
@@ -687,7 +928,7 @@ private:
         {
             std::lock_guard lock(mutex_);
             const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            if (!s.inflight.empty() && slot.current_phase() != WorkerPhase::idle &&
+            if (!s.inflight.empty() && !s.stalled && slot.current_phase() != WorkerPhase::idle &&
                 slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) {
                 Task& t = s.inflight.front();
                 const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
@@ -711,7 +952,7 @@ private:
                     set_task_skips(t.frame, t.skips);
                 }
             }
-            if (!s.saw_hello && !s.timed_out) ++start_failures_;
+            if (!s.saw_hello && !s.timed_out && !s.stalled) ++start_failures_;
             // Everything else it held goes back to the front of the line, in order.
             backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
                             std::make_move_iterator(s.inflight.end()));
@@ -751,32 +992,62 @@ private:
         broken_reason_ = std::move(reason);
     }
 
-    /// Returns the poll timeout (ms) until the next item could overstay task_timeout; kills
-    /// the workers whose item already has.
-    int check_timeouts_locked() {
-        if (!options_.task_timeout) return -1;
-        const auto limit_ns = static_cast<std::int64_t>(options_.task_timeout->count() * 1e9);
-        const std::int64_t now = monotonic_ns();
-        std::int64_t next = -1;
-        for (Seat& s : seats_) {
-            if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0) continue;
-            const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            if (slot.current_phase() != WorkerPhase::running) {
-                next = next < 0 ? limit_ns : std::min(next, limit_ns);
-                continue;
-            }
-            const std::int64_t age = now - slot.started_ns.load(std::memory_order_acquire);
-            if (age >= limit_ns) {
-                if (!s.timed_out) {
-                    s.timed_out = {slot.task_id.load(std::memory_order_relaxed), slot.item.load(std::memory_order_relaxed)};
-                    server_.kill(s.index, s.pid, SIGKILL);
+    std::int64_t timeout_ns() const noexcept {
+        return static_cast<std::int64_t>(options_.task_timeout->count() * 1e9);
+    }
+
+    /// The poll timeout (ms) until the collector must look again: the next item that could
+    /// overstay task_timeout, the next worker that could be found stalled, the next retry of a
+    /// worker that could not be started. Kills the workers whose item already has overstayed, and
+    /// those that left a queued task untaken for task_timeout (stopped, say: their tasks go to
+    /// other workers, none fails).
+    int next_deadline_ms_locked(std::int64_t now) {
+        std::int64_t next = INT64_MAX;
+        for (const Seat& s : seats_)
+            if (s.state == SeatState::dead && s.respawn_at != 0) next = std::min(next, s.respawn_at);
+        if (options_.task_timeout) {
+            const std::int64_t limit = timeout_ns();
+            for (Seat& s : seats_) {
+                if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled) continue;
+                const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
+                const WorkerPhase phase = slot.current_phase();
+                if (phase == WorkerPhase::running) {
+                    s.waiting_since = 0;
+                    const std::int64_t started = slot.started_ns.load(std::memory_order_acquire);
+                    if (now - started >= limit) {
+                        s.timed_out = {slot.task_id.load(std::memory_order_relaxed),
+                                       slot.item.load(std::memory_order_relaxed)};
+                        server_.kill(s.index, s.pid, SIGKILL);
+                        continue;
+                    }
+                    next = std::min(next, started + limit);
+                    continue;
                 }
-                continue;
+                // A result on its way is not the worker's delay (the collector may be the slow one).
+                if (phase == WorkerPhase::delivering) {
+                    s.waiting_since = 0;
+                    continue;
+                }
+                // Idle: does a task wait in its ring that it has not taken?
+                const std::uint64_t begun = slot.begun.load(std::memory_order_acquire);
+                if (!s.saw_hello || begun >= s.placed_total || begun != s.seen_begun) {
+                    s.seen_begun = begun;
+                    s.waiting_since = begun < s.placed_total && s.saw_hello ? now : 0;
+                } else if (s.waiting_since == 0) {
+                    s.waiting_since = now;
+                }
+                if (s.waiting_since == 0) continue;
+                if (now - s.waiting_since >= limit) {
+                    s.stalled = true;
+                    server_.kill(s.index, s.pid, SIGKILL);
+                    continue;
+                }
+                next = std::min(next, s.waiting_since + limit);
             }
-            next = next < 0 ? limit_ns - age : std::min(next, limit_ns - age);
         }
-        if (next < 0) return -1;
-        return static_cast<int>(std::min<std::int64_t>(next / 1'000'000 + 1, 60'000));
+        if (next == INT64_MAX) return -1;
+        if (next <= now) return 0;
+        return static_cast<int>(std::min<std::int64_t>((next - now) / 1'000'000 + 1, 60'000));
     }
 
     void shut_down_workers_locked() {
@@ -800,16 +1071,22 @@ private:
     std::deque<Task> backlog_;
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
+    std::int64_t failing_since_ = 0;                // since when no worker could be started (0: none failing)
+    std::int64_t collector_wakes_at_ = INT64_MAX;  // when the sleeping collector looks again (0: awake)
     std::atomic<std::uint64_t> next_id_{1};
 
     struct Finished {
         Task task;
         std::span<const std::byte> body;
     };
-    std::vector<Finished> finished_;  // the collector's scratch list
+    std::vector<Finished> finished_;     // the collector's scratch list
+    std::vector<Task> broken_doomed_;    // taken from a broken pool, failed by the collector
 
-    std::thread collector_;
+    std::mutex teardown_mutex_;          // one join()/terminate() teardown at a time
+    std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
+    bool retired_ = false;               // destroyed inside a callback: the collector finishes the job
+    std::vector<Task> retired_doomed_;
 };
 
 }  // namespace detail
