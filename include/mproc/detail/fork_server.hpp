@@ -12,7 +12,8 @@
 //   server -> pool: spawned{seat, pid}; exited{seat, pid, wait status};
 //                   spawn_failed{seat, errno} (fork itself failed: no worker was born).
 // End of stream on the control socket means "no more workers": the server waits for the ones it
-// has (they end when the pool shuts their channels) and exits.
+// has (they end when the pool shuts their channels) — `exit_grace` at most: a worker still there
+// then (stopped, or stuck in code of its own) is killed — reaps them and exits.
 //
 // Descriptors: the server starts by closing every close-on-exec descriptor it inherited but its
 // control socket, those the pool names (the collector's eventfd) and mproc's shared memory
@@ -61,6 +62,9 @@ using WorkerMain = std::function<int(int seat, UniqueFd channel)>;
 
 class ForkServer {
 public:
+    /// How long the workers have to exit once the pool has closed the control socket.
+    static constexpr Seconds exit_grace{5.0};
+
     ForkServer() = default;
 
     /// Forks the server. `worker_main` is copied into it and runs in every worker; the server and
@@ -182,8 +186,19 @@ private:
         std::vector<Worker> workers;
         bool open = true;
         std::vector<pollfd> fds;
+        Deadline closing;  // once the pool is done: until when the workers may take to exit
         for (;;) {
             if (!open && workers.empty()) return 0;
+            if (!open && !closing) closing = deadline_after(exit_grace);
+            if (closing && expired(closing)) {
+                for (const Worker& w : workers) ::kill(w.pid, SIGKILL);
+                for (const Worker& w : workers) {
+                    int status;
+                    while (::waitpid(w.pid, &status, 0) < 0 && errno == EINTR) {}
+                    children().forget(w.pid);
+                }
+                return 0;
+            }
             fds.clear();
             if (open) fds.push_back({control, POLLIN, 0});
             bool blind = false;  // a worker without a pidfd: poll its status on a timer
@@ -191,7 +206,9 @@ private:
                 if (w.pidfd) fds.push_back({w.pidfd.get(), POLLIN, 0});
                 else blind = true;
             }
-            const int ready = ::poll(fds.data(), fds.size(), blind ? 10 : -1);
+            int timeout = blind ? 10 : -1;
+            if (closing) timeout = std::min(timeout < 0 ? INT_MAX : timeout, poll_timeout_ms(closing));
+            const int ready = ::poll(fds.data(), fds.size(), timeout);
             if (ready < 0 && errno != EINTR) return 1;
 
             for (std::size_t i = 0; i < workers.size();) {

@@ -225,9 +225,10 @@ inline unsigned affinity_cpu_count() noexcept {
 
 class PoolCore final : public PoolEngine {
 public:
-    /// How long join() gives the workers to exit once every task is done; one still alive then
-    /// (stopped by SIGSTOP, or stuck in code of its own) is killed.
-    static constexpr Seconds join_grace{5.0};
+    /// How long join() waits for the fork server once every task is done: the server gives the
+    /// workers ForkServer::exit_grace to exit, kills those still there (stopped by SIGSTOP, or
+    /// stuck in code of their own), reaps them and exits.
+    static constexpr Seconds join_grace{ForkServer::exit_grace.count() + 10.0};
     /// With no live worker, how long failing to start one (fork or socketpair refused) may go on
     /// before the pool gives up and breaks.
     static constexpr Seconds respawn_give_up{10.0};

@@ -1,0 +1,332 @@
+// The Pool engine under attack: task_timeout on an idle pool and during delivery, a stopped worker,
+// shutdown from two threads at once, a Pool destroyed inside its own callback, a child process
+// using its parent's pool, descriptors and process limits, and a Pipe's EOF beside a pool.
+#include "test_pool_common.hpp"
+
+#include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
+#include <mproc/sync.hpp>
+
+#include <dirent.h>
+#include <grp.h>
+#include <numeric>
+#include <sys/resource.h>
+
+using namespace std::chrono_literals;
+using pool_test::Watchdog;
+
+namespace {
+
+int square(int x) { return x * x; }
+[[noreturn]] int hang(int) {
+    for (;;) ::pause();
+}
+std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
+
+/// Waits for `done()` (failing instead of hanging).
+template <class Done>
+void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > deadline) FAIL("waited " << limit.count() << " s for: " << what);
+        std::this_thread::sleep_for(10ms);
+    }
+}
+
+/// The number of descriptors this process has open.
+std::size_t open_fds() {
+    std::size_t n = 0;
+    if (DIR* dir = ::opendir("/proc/self/fd")) {
+        while (const dirent* e = ::readdir(dir))
+            if (e->d_name[0] != '.') ++n;
+        ::closedir(dir);
+    }
+    return n - 1;  // the directory's own
+}
+
+/// Runs `body` in a child process (so limits and uids it changes stay there) and requires that it
+/// returned normally: a failure inside throws, and the child reports it on stderr with status 1.
+template <class Body>
+void in_child(Body body) {
+    mproc::Process p(body);
+    p.start();
+    p.join();
+    REQUIRE(p.exitcode() == std::optional<int>(0));
+}
+
+void expect(bool ok, const std::string& what) {
+    if (!ok) throw std::runtime_error("expectation failed: " + what);
+}
+
+}  // namespace
+
+// =================================================================================================
+// task_timeout
+// =================================================================================================
+
+TEST_CASE("task_timeout fires for a task sent to a pool that was idle") {
+    Watchdog dog(120s, "task_timeout on an idle pool");
+    mproc::Pool pool({.processes = 2, .task_timeout = mproc::Seconds{1}});
+    CHECK(pool.map(square, std::vector<int>{1, 2, 3}) == std::vector<int>{1, 4, 9});  // just after a map
+    auto a = pool.apply_async(hang, std::tuple{1});
+    REQUIRE(a.wait(60s));  // the pool's own timeout ends it: nothing else would
+    CHECK_THROWS_WITH(a.get(), Catch::Contains("task_timeout"));
+    std::this_thread::sleep_for(500ms);  // idle for a while
+    auto b = pool.apply_async(hang, std::tuple{2});
+    REQUIRE(b.wait(60s));
+    CHECK_THROWS_AS(b.get(), mproc::TimeoutError);
+    CHECK(pool.apply(square, 5) == 25);
+}
+
+TEST_CASE("task_timeout does not count the time a finished task's result waits for the pool") {
+    Watchdog dog(120s, "task_timeout and delivery");
+    mproc::Pool pool({.processes = 2, .task_timeout = mproc::Seconds{1}});
+    std::atomic<bool> in_callback{false};
+    // The first callback holds the pool's thread for 2.5 s; meanwhile the second task finishes at
+    // once and its 16 MiB result waits on the worker's socket.
+    auto slow = pool.apply_async(square, std::tuple{3}, [&](int) {
+        in_callback = true;
+        std::this_thread::sleep_for(2500ms);
+    });
+    wait_for([&] { return in_callback.load(); }, "the first callback");
+    auto big = pool.apply_async(big_result, std::tuple{16});
+    CHECK(slow.get() == 9);
+    const std::vector<char> r = big.get();
+    CHECK(r.size() == std::size_t{16} << 20);
+}
+
+TEST_CASE("a worker stopped while idle: the tasks queued on it move to another worker after task_timeout") {
+    Watchdog dog(180s, "a stopped worker");
+    mproc::Pool pool({.processes = 2, .task_timeout = mproc::Seconds{1}});
+    const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+    REQUIRE(::kill(workers[0], SIGSTOP) == 0);
+    std::vector<int> xs(20);
+    std::iota(xs.begin(), xs.end(), 0);
+    std::vector<int> expected;
+    for (int x : xs) expected.push_back(x * x);
+    CHECK(pool.map(square, xs, 1) == expected);  // none fails: none ever ran on the stopped worker
+    wait_for([&] { return pool_test::gone(workers[0]); }, "the stopped worker to be replaced and reaped");
+    CHECK(pool.apply(square, 7) == 49);
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("join with a worker stopped while idle returns, and the worker is reaped") {
+    Watchdog dog(120s, "join with a stopped worker");
+    mproc::Pool pool(2);
+    const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+    CHECK(pool.apply(square, 2) == 4);
+    REQUIRE(::kill(workers[1], SIGSTOP) == 0);
+    pool.close();
+    pool.join();  // gives the workers a grace to exit, then kills what is left
+    for (pid_t w : workers) CHECK(pool_test::gone(w));  // the fork server reaps them before it exits
+}
+
+// =================================================================================================
+// lifecycle from several threads, inside callbacks, from other processes
+// =================================================================================================
+
+TEST_CASE("two threads shutting a pool down at once: terminate with terminate, with close+join, join with join") {
+    Watchdog dog(300s, "concurrent shutdown");
+    for (int round = 0; round < 30; ++round) {
+        INFO("round " << round);
+        mproc::Pool pool(2);
+        std::vector<mproc::AsyncResult<int>> pending;
+        for (int i = 0; i < 4; ++i) pending.push_back(pool.apply_async(square, std::tuple{i}));
+        const int kind = round % 3;
+        auto first = [&] {
+            if (kind == 2) {
+                pool.close();
+                pool.join();
+            } else {
+                pool.terminate();
+            }
+        };
+        auto second = [&] {
+            if (kind == 0) {
+                pool.terminate();
+            } else {
+                pool.close();
+                pool.join();
+            }
+        };
+        std::thread a(first), b(second);
+        a.join();
+        b.join();
+        for (auto& r : pending) {
+            REQUIRE(r.wait(60s));
+            if (kind == 2) CHECK(r.successful());
+        }
+        CHECK(pool.worker_pids().empty());
+        pool.terminate();  // once more, after all that: nothing to do
+        pool.join();
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("destroying a Pool inside its own callback tears it down once the callback returns") {
+    Watchdog dog(120s, "a pool destroyed in its callback");
+    pool_test::Gate gate;  // before the pool: its workers inherit it
+    std::optional<mproc::Pool> pool;
+    pool.emplace(2);
+    const std::vector<pid_t> workers = pool_test::all_worker_pids(*pool, 2);
+    const std::vector<pid_t> server = mproc::active_children();
+    REQUIRE(server.size() == 1);
+    auto stuck = pool->apply_async(pool_test::gated, std::tuple{gate.read_fd(), 1});
+    std::atomic<bool> destroyed{false};
+    auto ar = pool->apply_async(square, std::tuple{6}, [&](int) {
+        pool.reset();
+        destroyed = true;
+    });
+    CHECK(ar.get() == 36);
+    CHECK(destroyed);
+    REQUIRE(stuck.wait(60s));  // pending work fails: the pool is gone
+    CHECK_THROWS_AS(stuck.get(), mproc::Error);
+    wait_for([&] { return pool_test::gone(server[0]); }, "the fork server to be reaped");
+    for (pid_t w : workers) wait_for([&] { return pool_test::gone(w); }, "the workers to be gone");
+}
+
+TEST_CASE("a child process calling its parent's Pool gets mproc::Error and changes nothing") {
+    Watchdog dog(120s, "a pool used from a child");
+    mproc::Pool pool(2);
+    const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+    mproc::Process child([&pool] {
+        int refused = 0;
+        try {
+            pool.terminate();
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+        try {
+            pool.close();
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+        try {
+            pool.join();
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+        try {
+            (void)pool.apply(square, 2);
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+        if (refused != 4) throw std::runtime_error("only " + std::to_string(refused) + " of 4 calls refused");
+    });
+    child.start();
+    child.join();
+    CHECK(child.exitcode() == std::optional<int>(0));
+    CHECK(pool.apply(square, 9) == 81);
+    CHECK(pool.worker_pids() == workers);
+    for (pid_t w : workers) CHECK_FALSE(pool_test::gone(w));
+}
+
+// =================================================================================================
+// descriptors and process limits
+// =================================================================================================
+
+TEST_CASE("a Pipe made before the pool reaches EOF when its writer closes: the pool holds no copy of it") {
+    Watchdog dog(120s, "EOF beside a pool");
+    auto [reader, writer] = mproc::Pipe<int>(/*duplex=*/false);
+    mproc::Pool pool(2);
+    CHECK(pool.apply(square, 4) == 16);
+    writer.send(1);
+    writer.close();
+    CHECK(reader.recv() == 1);
+    REQUIRE(reader.poll(30s));
+    CHECK_THROWS_AS(reader.recv(), mproc::EOFError);
+}
+
+TEST_CASE("a pool whose respawn cannot get descriptors keeps serving on the workers it has, then recovers") {
+    Watchdog dog(180s, "respawn at the descriptor limit");
+    in_child([] {
+        mproc::Pool pool(2);
+        const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+        // Use up every descriptor the limit allows, so that a replacement cannot get its channel.
+        rlimit old{};
+        ::getrlimit(RLIMIT_NOFILE, &old);
+        rlimit tight = old;
+        tight.rlim_cur = open_fds() + 8;
+        ::setrlimit(RLIMIT_NOFILE, &tight);
+        std::vector<int> hogs;
+        for (int fd; (fd = ::dup(0)) >= 0;) hogs.push_back(fd);
+        ::kill(workers[0], SIGKILL);
+        for (int i = 0; i < 50; ++i) expect(pool.apply(square, i) == i * i, "a task on the remaining worker");
+        for (int fd : hogs) ::close(fd);
+        ::setrlimit(RLIMIT_NOFILE, &old);
+        const auto deadline = std::chrono::steady_clock::now() + 60s;
+        while (pool.worker_pids().size() != 2) {
+            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
+            std::this_thread::sleep_for(10ms);
+        }
+        std::vector<int> xs(100);
+        std::iota(xs.begin(), xs.end(), 0);
+        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+    });
+}
+
+TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps serving, retries, and recovers") {
+    Watchdog dog(180s, "respawn at the process limit");
+    in_child([] {
+        if (::geteuid() == 0) {  // root is exempt from RLIMIT_NPROC: become nobody
+            ::setgroups(0, nullptr);
+            expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
+        }
+        mproc::Pool pool(2);
+        const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+        const std::vector<pid_t> server = mproc::active_children();
+        expect(server.size() == 1, "one fork server");
+        rlimit old{};
+        expect(::prlimit(server[0], RLIMIT_NPROC, nullptr, &old) == 0, "prlimit");
+        rlimit none = old;
+        none.rlim_cur = 0;  // the server may fork nothing
+        expect(::prlimit(server[0], RLIMIT_NPROC, &none, nullptr) == 0, "prlimit");
+        ::kill(workers[0], SIGKILL);
+        for (int i = 0; i < 50; ++i) expect(pool.apply(square, i) == i * i, "a task on the remaining worker");
+        std::this_thread::sleep_for(300ms);  // several failed forks meanwhile
+        for (int i = 0; i < 20; ++i) expect(pool.apply(square, i) == i * i, "a task after failed forks");
+        expect(::prlimit(server[0], RLIMIT_NPROC, &old, nullptr) == 0, "prlimit");
+        const auto deadline = std::chrono::steady_clock::now() + 60s;
+        while (pool.worker_pids().size() != 2) {
+            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
+            std::this_thread::sleep_for(10ms);
+        }
+        std::vector<int> xs(100);
+        std::iota(xs.begin(), xs.end(), 0);
+        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+    });
+}
+
+TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error and leaves no process, no descriptor") {
+    Watchdog dog(180s, "constructors at the descriptor limit");
+    in_child([] {
+        int failures = 0;
+        for (int spare = 0; spare <= 12; ++spare) {
+            const std::size_t before = open_fds();
+            rlimit old{};
+            ::getrlimit(RLIMIT_NOFILE, &old);
+            rlimit tight = old;
+            tight.rlim_cur = before + static_cast<rlim_t>(spare) + 8;
+            ::setrlimit(RLIMIT_NOFILE, &tight);
+            std::vector<int> hogs;
+            for (int i = 0; i < 8; ++i) hogs.push_back(::dup(0));
+            bool threw = false;
+            try {
+                mproc::Pool pool(4);
+                (void)pool.apply(square, 2);
+            } catch (const mproc::Error&) {
+                threw = true;
+                ++failures;
+            } catch (const std::exception& e) {
+                throw std::runtime_error(std::string("not an mproc::Error: ") + e.what());
+            }
+            for (int fd : hogs) ::close(fd);
+            ::setrlimit(RLIMIT_NOFILE, &old);
+            expect(mproc_test::child_count() == 0,
+                   "no process left after spare " + std::to_string(spare) + (threw ? " (threw)" : ""));
+            expect(open_fds() == before, "no descriptor left after spare " + std::to_string(spare));
+        }
+        expect(failures > 0, "some constructor failed");
+    });
+}
