@@ -416,6 +416,7 @@ private:
 /// The roles each mode reports, with their counts.
 std::map<std::string, std::size_t> expected_roles(const std::string& mode) {
     if (mode == "pool") return {{"main", 1}, {"server", 1}, {"worker", 4}};
+    if (mode == "pool_busy") return {{"main", 1}, {"server", 2}, {"worker", 5}};
     if (mode == "tree" || mode == "nested")
         return {{"main", 1}, {"child", 1}, {"grandchild", 1}, {"great-grandchild", 1}};
     return {{"main", 1}, {"consumer", 1}};
@@ -517,6 +518,24 @@ TEST_CASE("SIGTERM: every process of the tree is reaped, and the program dies of
     CHECK(WTERMSIG(end.status) == SIGTERM);
     check_nothing_orphaned(program, end);
     check_quiet(end);
+}
+
+TEST_CASE("SIGTERM or SIGINT while another thread is using a pool: the guard's path wins, the program dies of the signal") {
+    // The guard ends the children; the other thread's pool call then fails with an mproc::Error it
+    // does not catch. The program must still end by the signal (143 / 130), not by std::terminate.
+    const int sig = GENERATE(SIGTERM, SIGINT);
+    for (int round = 0; round < 4; ++round) {
+        CAPTURE(sig, round);
+        Program program({{"pool_busy", "wait"}});
+        check_tree(program, "pool_busy");
+        std::this_thread::sleep_for(std::chrono::milliseconds(20 * round));  // at varied moments of the loop
+        program.signal(sig);
+        const Ending end = program.wait_for_end();
+        CAPTURE(describe_status(end.status), end.errors);
+        CHECK(WIFSIGNALED(end.status));
+        CHECK(WTERMSIG(end.status) == sig);
+        check_nothing_orphaned(program, end);
+    }
 }
 
 TEST_CASE("SIGKILL: no handler runs, yet every child dies with its parent (the parent-death signal)") {

@@ -167,9 +167,14 @@ private:
     static void on_signal(int sig, siginfo_t* info, void* context) noexcept {
         const int saved_errno = errno;
         detail::GuardState& g = detail::guard_state();
-        if (g.owner.load() == ::getpid()) terminate_children();
         const int i = sig == detail::guarded_signals[0] ? 0 : 1;
         const struct sigaction previous = g.previous[i];
+        const bool fatal = !(previous.sa_flags & SA_SIGINFO) && previous.sa_handler == SIG_DFL;
+        // The program is about to die of this signal: from now on, another thread that fails
+        // because its children are gone (an mproc::Error nobody catches, an exit()) waits for that
+        // death instead of ending the program its own way (see park_while_dying).
+        if (fatal && g.owner.load() == ::getpid()) g.dying_of.store(sig);
+        if (g.owner.load() == ::getpid()) terminate_children();
         if (previous.sa_flags & SA_RESETHAND) {  // a one-shot handler: from now on, the default
             g.previous[i].sa_handler = SIG_DFL;
             g.previous[i].sa_flags = 0;
@@ -199,11 +204,21 @@ private:
         // handler returns, with the default action in place.
     }
 
+    /// While the guard's handler ends the program for a fatal signal: the calling thread sleeps
+    /// until the signal's death takes the process (so the status is the signal's: 130 or 143).
+    static void park_while_dying() noexcept {
+        detail::GuardState& g = detail::guard_state();
+        if (g.dying_of.load() == 0 || g.owner.load() != ::getpid()) return;
+        for (;;) ::pause();
+    }
+
     static void at_exit() noexcept {
+        park_while_dying();
         if (detail::guard_state().owner.load() == ::getpid()) terminate_children();
     }
 
     [[noreturn]] static void on_terminate() noexcept {
+        park_while_dying();
         detail::GuardState& g = detail::guard_state();
         if (g.owner.load() == ::getpid()) terminate_children();
         if (const std::terminate_handler previous = g.previous_terminate.load()) previous();

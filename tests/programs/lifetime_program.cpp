@@ -6,6 +6,8 @@
 //
 // mode:
 //   pool    a Pool of 4 workers, each in a long task
+//   pool_busy  the same, and a thread of the program's own calling apply() on a second pool in a
+//           loop, catching nothing (when the guard ends the children, that call fails)
 //   tree    a Process tree 3 levels deep: child -> grandchild -> great-grandchild
 //   nested  the same tree, with a ChildGuard in every level
 //   queue   a consumer Process blocked in mproc::Queue::get on a queue nobody puts to
@@ -42,6 +44,7 @@
 #include <stdexcept>
 #include <string>
 #include <sys/wait.h>
+#include <thread>
 #include <tuple>
 #include <unistd.h>
 #include <vector>
@@ -87,6 +90,8 @@ int long_task(int index) {
     std::printf("worker %d: finished\n", index);
     return index;
 }
+
+int quick_task(int i) { return i + 1; }
 
 [[noreturn]] void sleep_forever() {
     for (;;) ::pause();
@@ -164,7 +169,7 @@ void install_handler(const std::string& style) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3 && argc != 4) fail("usage: lifetime_program pool|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
+    if (argc != 3 && argc != 4) fail("usage: lifetime_program pool|pool_busy|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
     const std::string mode = argv[1];
     const std::string ending = argv[2];
     const std::string handler = argc == 4 ? argv[3] : "";
@@ -190,7 +195,9 @@ int main(int argc, char** argv) {
     std::tie(work_out, work_in) = mproc::Pipe<int>(/*duplex=*/false);
 
     print_pid(::getpid(), "main");
-    if (mode == "pool") {
+    std::optional<mproc::Pool> busy;
+    std::optional<std::thread> user_thread;
+    if (mode == "pool" || mode == "pool_busy") {
         worker_reports.emplace();
         pool.emplace(4u);
         for (int i = 0; i < 4; ++i) tasks.push_back(pool->apply_async(long_task, std::tuple{i}));
@@ -206,6 +213,22 @@ int main(int argc, char** argv) {
         if (direct.size() != 1) fail("a Pool should have one direct child, its fork server");
         print_pid(direct[0], "server");
         for (pid_t pid : workers) print_pid(pid, "worker");
+        if (mode == "pool_busy") {
+            // A thread of the program's own keeps using a pool, catching nothing: when the guard
+            // ends the children, its call fails — and the program must still end as the signal
+            // says, not by that thread's uncaught exception.
+            busy.emplace(1u);
+            for (pid_t pid : mproc::active_children())
+                if (pid != direct[0]) print_pid(pid, "server");
+            for (int tries = 0; busy->worker_pids().empty(); ++tries) {
+                if (tries > 60000) fail("the second pool's worker did not start");
+                std::this_thread::sleep_for(1ms);
+            }
+            print_pid(busy->worker_pids()[0], "worker");
+            user_thread.emplace([&busy] {
+                for (int i = 0;; i = (i + 1) % 1000) (void)busy->apply(quick_task, i);
+            });
+        }
     } else if (mode == "tree" || mode == "nested") {
         top.emplace(tree_level, 1, 3, mode == "nested");
         top->start();

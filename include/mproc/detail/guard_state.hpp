@@ -41,6 +41,8 @@ struct GuardState {
     struct sigaction previous[guarded_signal_count] = {};
     /// The guard's handler (set before it is first installed).
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
+    /// The signal the guard's handler is ending the program for (0: none).
+    std::atomic<int> dying_of{0};
     /// How long children get between SIGTERM and SIGKILL.
     std::atomic<long long> grace_ns{1'000'000'000};
     /// The atexit and std::terminate hooks are installed once per program and check `owner`.
@@ -68,6 +70,7 @@ inline bool guard_handles(int sig) noexcept {
 /// Async-signal-safe.
 inline void inherit_guard_after_fork(pid_t parent) noexcept {
     GuardState& g = guard_state();
+    g.dying_of.store(0);
     g.depth.store(0);
     g.busy.store(0);
     g.own.store(0);
