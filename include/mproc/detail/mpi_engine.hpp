@@ -194,6 +194,7 @@ public:
         master_.acquire(this);
         std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
         thread_ = std::thread([this] {
+            mark_own_thread();
             run();
             if (retired_) finish_retired();
         });
@@ -247,7 +248,7 @@ public:
     }
 
     void join() override {
-        if (std::this_thread::get_id() == thread_id_)
+        if (on_own_thread())
             throw Error("Pool::join() called from a callback: it would wait for itself");
         {
             std::unique_lock lock(mutex_);
@@ -260,7 +261,7 @@ public:
     }
 
     void terminate() override {
-        if (std::this_thread::get_id() == thread_id_)
+        if (on_own_thread())
             throw Error("Pool::terminate() called from a callback: it would wait for itself");
         std::vector<Task> doomed;
         {
@@ -280,7 +281,7 @@ public:
     /// Destroyed inside one of its own callbacks: terminated as terminate() does, the rest of the
     /// teardown done by the pool's thread once the callback has returned (see Pool::~Pool).
     bool retire_from_callback() override {
-        if (std::this_thread::get_id() != thread_id_) return false;
+        if (!on_own_thread()) return false;
         std::lock_guard lock(mutex_);
         if (state_ != State::terminated) {
             state_ = State::terminated;

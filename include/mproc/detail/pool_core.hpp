@@ -127,9 +127,19 @@ public:
     virtual bool retire_from_callback() { return false; }
     /// The thread callbacks run on.
     virtual std::thread::id collector_id() const noexcept = 0;
+    /// Whether the calling thread is this engine's own thread (callbacks run there). A thread id
+    /// can be reused once its thread is joined; this mark cannot: it lives on that thread only.
+    bool on_own_thread() const noexcept { return own_thread_mark() == this; }
     virtual std::vector<pid_t> worker_pids() = 0;
 
 protected:
+    /// The engine whose thread the calling thread is (set once, first thing on that thread).
+    static const PoolEngine*& own_thread_mark() noexcept {
+        thread_local const PoolEngine* engine = nullptr;
+        return engine;
+    }
+    void mark_own_thread() const noexcept { own_thread_mark() = this; }
+
     /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
     /// whose records do not add up fails every item it was for; a record that does not decode
     /// fails only its own item (in the sink).
@@ -306,7 +316,7 @@ public:
     /// Safe from any thread of the owner, any number of times, beside terminate().
     void join() override {
         check_owner();
-        if (std::this_thread::get_id() == collector_id_)
+        if (on_own_thread())
             throw Error("Pool::join() called from a callback: it would wait for itself");
         {
             std::unique_lock lock(mutex_);
@@ -322,7 +332,7 @@ public:
     /// the owner, any number of times, beside join().
     void terminate() override {
         check_owner();
-        if (std::this_thread::get_id() == collector_id_)
+        if (on_own_thread())
             throw Error("Pool::terminate() called from a callback: it would wait for itself");
         std::vector<Task> doomed;
         {
@@ -341,7 +351,7 @@ public:
     /// but the collector (this thread) finishes the teardown once the callback has returned, and
     /// then deletes this engine.
     bool retire_from_callback() override {
-        if (std::this_thread::get_id() != collector_id_) return false;
+        if (!on_own_thread()) return false;
         std::lock_guard lock(mutex_);
         if (state_ != State::terminated) {
             state_ = State::terminated;
@@ -521,7 +531,7 @@ private:
         // A collector asleep with no deadline (or a later one) must learn of the new task's
         // task_timeout: it is the one that enforces it.
         if (placed && options_.task_timeout && collector_wakes_at_ > monotonic_ns() + timeout_ns()) needs_collector = true;
-        if (needs_collector && std::this_thread::get_id() != collector_id_) wake();
+        if (needs_collector && !on_own_thread()) wake();
     }
 
     /// Puts the seat's tasks that are not yet in its ring there (large ones on its socket,
@@ -656,6 +666,7 @@ private:
     /// The collector thread. Nothing escapes it: an exception here breaks the pool (every pending
     /// and later call fails with mproc::Error saying why) and the program goes on.
     void collector_main() noexcept {
+        mark_own_thread();
         try {
             collect();
         } catch (...) {
