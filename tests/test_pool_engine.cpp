@@ -353,3 +353,56 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
         expect(failures > 0, "some constructor failed");
     });
 }
+
+namespace {
+/// Tasks (processes and threads) the kernel counts against `uid`'s RLIMIT_NPROC.
+long tasks_of_user(uid_t uid) {
+    long n = 0;
+    if (DIR* proc = ::opendir("/proc")) {
+        while (const dirent* e = ::readdir(proc)) {
+            if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+            std::ifstream status(std::string("/proc/") + e->d_name + "/status");
+            std::string line;
+            long owner = -1, threads = 0;
+            while (std::getline(status, line)) {
+                if (line.rfind("Uid:", 0) == 0) owner = std::stol(line.substr(4));
+                if (line.rfind("Threads:", 0) == 0) threads = std::stol(line.substr(8));
+            }
+            if (owner == static_cast<long>(uid)) n += threads;
+        }
+        ::closedir(proc);
+    }
+    return n;
+}
+}  // namespace
+
+TEST_CASE("a Pool constructor whose thread cannot start throws mproc::Error and leaves no process behind") {
+    Watchdog dog(180s, "a constructor whose thread cannot start");
+    if (skip_under_thread_sanitizer()) return;
+    in_child([] {
+        if (::geteuid() == 0) {  // root is exempt from RLIMIT_NPROC: become nobody
+            ::setgroups(0, nullptr);
+            expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
+        }
+        rlimit old{};
+        ::getrlimit(RLIMIT_NPROC, &old);
+        // Room for the fork server, not for the pool's thread (nor for workers).
+        rlimit tight = old;
+        tight.rlim_cur = static_cast<rlim_t>(tasks_of_user(::getuid()) + 1);
+        expect(::setrlimit(RLIMIT_NPROC, &tight) == 0, "setrlimit");
+        bool threw = false;
+        try {
+            mproc::Pool pool(2);
+        } catch (const mproc::Error& e) {
+            threw = true;
+        } catch (const std::exception& e) {
+            throw std::runtime_error(std::string("not an mproc::Error: ") + e.what());
+        }
+        ::setrlimit(RLIMIT_NPROC, &old);
+        expect(threw, "the constructor to fail");
+        expect(mproc_test::child_count() == 0, "no process left");
+        mproc::Pool pool(2);  // and with the limit lifted, a pool starts
+        expect(pool.apply(square, 3) == 9, "a task");
+    });
+}
+
