@@ -11,6 +11,8 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -212,6 +214,39 @@ TEST_CASE("Semaphore: acquire times out at zero and a release in another process
     bounded.acquire();
     bounded.release();
     CHECK_THROWS_AS(bounded.release(), mproc::Error);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Semaphore::release past the 32-bit value is an mproc::Error, never a silent wrap-around") {
+    constexpr std::uint32_t max = 0xFFFFFFFFu;
+    mproc::BoundedSemaphore bounded(2);
+    CHECK_THROWS_AS(bounded.release(max), mproc::Error);  // 2 + 0xFFFFFFFF wraps to 1 in 32 bits
+    CHECK(bounded.get_value() == 2);
+    bounded.acquire();
+    CHECK_THROWS_AS(bounded.release(max), mproc::Error);
+    CHECK_THROWS_AS(bounded.release(2), mproc::Error);    // the bound, as before
+    CHECK(bounded.get_value() == 1);
+    bounded.release(1);
+    CHECK(bounded.get_value() == 2);
+
+    mproc::Semaphore sem(5);
+    CHECK_THROWS_AS(sem.release(max), mproc::Error);
+    CHECK(sem.get_value() == 5);
+    sem.release(max - 5);  // up to the largest value is fine
+    CHECK(sem.get_value() == max);
+    CHECK_THROWS_AS(sem.release(), mproc::Error);
+    CHECK(sem.get_value() == max);
+    CHECK(sem.acquire(0s));
+    CHECK(sem.get_value() == max - 1);
+    // An overflow attempted in another process fails there and changes nothing here either.
+    mproc::Process child([&] { std::_Exit(sem.get_value() == max - 1 && [&] {
+                                              try { sem.release(2); } catch (const mproc::Error&) { return true; }
+                                              return false;
+                                          }() ? 0 : 1); });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK(sem.get_value() == max - 1);
     CHECK(child_count() == 0);
 }
 
