@@ -22,6 +22,7 @@
 
 #include "detail/child_registry.hpp"
 #include "detail/clock.hpp"
+#include "detail/cpu.hpp"
 #include "detail/demangle.hpp"
 #include "detail/fork.hpp"
 #include "detail/wait.hpp"
@@ -35,6 +36,8 @@ public:
     const std::string& name() const { return detail::identity().name; }
     pid_t pid() const noexcept { return ::getpid(); }
 };
+
+// mproc::cpu_count() comes with detail/cpu.hpp (a Pool sizes itself with it too).
 
 /// The process this code runs in: "MainProcess", or the name of the Process that started it.
 inline ProcessInfo current_process() { return {}; }
