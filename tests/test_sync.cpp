@@ -872,8 +872,8 @@ TEST_CASE("Processes blocked in Lock, RLock, Semaphore, Event, Barrier and get_l
 TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: every shared object is a memfd, freed with its last handle") {
     const auto shm_before = mproc_test::dev_shm_names();
     const pid_t me = ::getpid();
-    const std::size_t queues_before = mproc_test::maps_lines(me, "memfd:mproc-queue").size();
-    const std::size_t dicts_before = mproc_test::maps_lines(me, "memfd:mproc-dict").size();
+    const std::size_t queues_before = mproc_test::memfd_mappings(me, "mproc-queue").size();
+    const std::size_t dicts_before = mproc_test::memfd_mappings(me, "mproc-dict").size();
     {
         mproc::Lock lock;
         mproc::Value<long> value(0);
@@ -883,8 +883,8 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
         mproc::SharedDict<std::string, long> d;
         d["n"] = 0;
         mproc::Pool pool(2);
-        CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before + 1);
-        CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before + 1);
+        CHECK(mproc_test::memfd_mappings(me, "mproc-queue").size() == queues_before + 1);
+        CHECK(mproc_test::memfd_mappings(me, "mproc-dict").size() == dicts_before + 1);
         for (int round = 0; round < 5; ++round) {
             mproc::Event inside;
             mproc::Process victim([&] {
@@ -905,12 +905,12 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
             REQUIRE(eventually([&] { return q.qsize() == 1; }));
             // Every mproc mapping of a child is a memfd (or anonymous); none is a /dev/shm file.
             for (const pid_t pid : {victim.pid(), holder.pid()}) {
-                CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
-                const auto ours = mproc_test::maps_lines(pid, "mproc-");
-                CHECK_FALSE(ours.empty());
-                for (const auto& line : ours) CHECK_THAT(line, Catch::Contains("/memfd:mproc-"));
+                CHECK(mproc_test::dev_shm_mappings(pid).empty());
+                CHECK_FALSE(mproc_test::memfd_mappings(pid, "mproc-").empty());
+                for (const auto& path : mproc_test::mproc_named_mappings(pid))
+                    CHECK_THAT(path, Catch::StartsWith("/memfd:mproc-"));
             }
-            for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
+            for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::dev_shm_mappings(pid).empty());
             victim.kill();
             holder.kill();
             if (const auto pids = pool.worker_pids(); !pids.empty()) ::kill(pids.front(), SIGKILL);  // replaced
@@ -931,9 +931,9 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
     }
     // The last handles are gone: this process maps none of those segments any more, and since
     // every process that had them is gone too, the kernel has freed them.
-    CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before);
-    CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before);
-    CHECK(mproc_test::maps_lines(me, "/dev/shm").empty());
+    CHECK(mproc_test::memfd_mappings(me, "mproc-queue").size() == queues_before);
+    CHECK(mproc_test::memfd_mappings(me, "mproc-dict").size() == dicts_before);
+    CHECK(mproc_test::dev_shm_mappings(me).empty());
     CHECK(mproc_test::dev_shm_names() == shm_before);
     CHECK(child_count() == 0);
 }
