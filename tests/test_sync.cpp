@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fork_under_lock.hpp"
 #include "shm_support.hpp"
 #include "support.hpp"
 
@@ -964,5 +965,12 @@ TEST_CASE("Handles passed as Pool task arguments are decoded in the worker, not 
     CHECK(generations.front() == generations.back());  // 50 tasks, no segment made for any of them
     pool.close();
     pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Pools started while other threads create and decode handles: no worker inherits an mproc lock held") {
+    // 50 pools take about a second; test_stress runs 500.
+    const int finished = fork_under_lock::run_pools_while_threads_churn_handles(50, 4);
+    CHECK(finished == 50);
     CHECK(child_count() == 0);
 }
