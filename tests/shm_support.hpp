@@ -119,12 +119,57 @@ inline bool died_holding(const mproc::detail::RobustMutex& mutex) {
     return (__atomic_load_n(&raw->__data.__lock, __ATOMIC_ACQUIRE) & 0x40000000) != 0;
 }
 
-/// The lines of /proc/<pid>/maps that contain `needle`.
-inline std::vector<std::string> maps_lines(pid_t pid, const std::string& needle) {
-    std::vector<std::string> found;
+/// The pathname of every mapping in /proc/<pid>/maps that has one (the sixth field, to the end of
+/// the line: "/usr/lib/libc.so.6", "/memfd:mproc-queue (deleted)", "[heap]").
+inline std::vector<std::string> mapping_paths(pid_t pid) {
+    std::vector<std::string> paths;
     std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
-    for (std::string line; std::getline(maps, line);)
-        if (line.find(needle) != std::string::npos) found.push_back(line);
+    for (std::string line; std::getline(maps, line);) {
+        // address perms offset dev inode, then spaces, then the pathname (which may hold spaces).
+        std::size_t at = 0;
+        for (int field = 0; field < 5 && at != std::string::npos; ++field) {
+            at = line.find(' ', at);
+            if (at != std::string::npos) at = line.find_first_not_of(' ', at);
+        }
+        if (at != std::string::npos) paths.push_back(line.substr(at));
+    }
+    return paths;
+}
+
+/// The mappings of memfds that mproc named `name` ("mproc-queue", "mproc-dict", ...), or every
+/// mproc memfd when `name` is "mproc-": the pathname is exactly "/memfd:<name>" (with " (deleted)"),
+/// so a build folder or program path that happens to contain "mproc-" never counts.
+inline std::vector<std::string> memfd_mappings(pid_t pid, const std::string& name) {
+    std::vector<std::string> found;
+    const std::string token = "/memfd:" + name;
+    for (const std::string& path : mapping_paths(pid)) {
+        if (path.compare(0, token.size(), token) != 0) continue;
+        const std::string rest = path.substr(token.size());
+        const bool exact = rest.empty() || rest == " (deleted)";
+        // "mproc-" alone is a prefix: any mproc memfd ("mproc-queue", "mproc-objects", ...).
+        const bool any_mproc = name == "mproc-" && rest.find('/') == std::string::npos;
+        if (exact || any_mproc) found.push_back(path);
+    }
+    return found;
+}
+
+/// The mappings of files under /dev/shm (POSIX shared memory), by pathname.
+inline std::vector<std::string> dev_shm_mappings(pid_t pid) {
+    std::vector<std::string> found;
+    for (const std::string& path : mapping_paths(pid))
+        if (path.rfind("/dev/shm/", 0) == 0) found.push_back(path);
+    return found;
+}
+
+/// The mappings whose file is named like one of mproc's ("mproc-..." as the last path component,
+/// a memfd's "memfd:mproc-..." included): each must be a memfd, never a file anywhere.
+inline std::vector<std::string> mproc_named_mappings(pid_t pid) {
+    std::vector<std::string> found;
+    for (const std::string& path : mapping_paths(pid)) {
+        std::string file = path.substr(0, path.find(" (deleted)"));
+        file = file.substr(file.rfind('/') + 1);
+        if (file.rfind("mproc-", 0) == 0 || file.rfind("memfd:mproc-", 0) == 0) found.push_back(path);
+    }
     return found;
 }
 

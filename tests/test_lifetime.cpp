@@ -11,6 +11,7 @@
 // every ending but SIGKILL, nothing may have been orphaned at all: each process of the tree was
 // reaped by its own parent.
 #include <catch2/catch.hpp>
+#include <mproc/detail/child_registry.hpp>
 #include <mproc/guard.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
@@ -701,6 +702,54 @@ TEST_CASE("active_children() lists exactly the live children mproc started, from
     CHECK(mproc::active_children().empty());
     CHECK(processes[0].exitcode() == -SIGTERM);
     CHECK(processes[1].exitcode() == -SIGKILL);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("more than 4096 children that ended and were never joined: every start succeeds, and each Process keeps its exit status") {
+    // active_children() reaps the ended ones as the program goes, as Python's does; their Process
+    // objects are kept, unjoined, and must still tell how each ended.
+    constexpr int n = 4500;
+    std::vector<mproc::Process> processes;
+    processes.reserve(n);
+    for (int i = 0; i < n; ++i) {
+        processes.emplace_back([i] { std::_Exit(i % 100); });
+        REQUIRE_NOTHROW(processes.back().start());
+        if (i % 64 == 63) (void)mproc::active_children();
+    }
+    const auto give_up = Clock::now() + 120s;
+    while (!mproc::active_children().empty() && Clock::now() < give_up) std::this_thread::sleep_for(1ms);
+    REQUIRE(mproc::active_children().empty());
+    CHECK(mproc_test::child_count() == 0);  // every one reaped: no zombie left
+    int wrong = 0;
+    for (int i = 0; i < n; ++i) wrong += processes[static_cast<std::size_t>(i)].exitcode() == i % 100 ? 0 : 1;
+    CHECK(wrong == 0);
+    for (auto& p : processes) REQUIRE(p.join(60s));
+    processes.clear();
+    // The records are gone with their owners: as many again start, and are joined, as before.
+    for (int i = 0; i < 8; ++i) {
+        mproc::Process p([] {});
+        p.start();
+        REQUIRE(p.join(60s));
+        CHECK(p.exitcode() == 0);
+    }
+}
+
+TEST_CASE("a child's pid reused by a newer child after active_children() reaped it: each Process still gets its own child's status") {
+    // The kernel may give a reaped child's pid to a new child before the first one's Process
+    // collected its status. Simulated: a record for a new live child with the same pid, in the
+    // slot a joined process freed (so that a lookup by pid alone would find it first).
+    mproc::Process first([] { std::_Exit(3); });
+    mproc::Process reaped([] { std::_Exit(7); });
+    first.start();
+    reaped.start();
+    REQUIRE(first.join(60s));  // frees the record before `reaped`'s
+    await_end_unreaped(reaped.pid());
+    CHECK(mproc::active_children().empty());  // reaps `reaped`, keeping its status
+    mproc::detail::children().add(reaped.pid());  // "the kernel reused the pid" for a live child
+    CHECK(reaped.exitcode() == 7);
+    REQUIRE(reaped.join(1s));
+    mproc::detail::children().forget(reaped.pid());  // the simulated child's record
+    CHECK(mproc::active_children().empty());
     CHECK(mproc_test::child_count() == 0);
 }
 

@@ -1,12 +1,17 @@
 // Serialisation: round trips of every supported type, and decoding that never trusts its input.
 #include <catch2/catch.hpp>
+#include <mproc/pipe.hpp>
+#include <mproc/process.hpp>
 #include <mproc/serialize.hpp>
+
+#include <sys/resource.h>
 
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
@@ -514,6 +519,94 @@ TEST_CASE("a length larger than the input is a SerializationError, never an allo
         CHECK_THROWS_AS((mproc::from_bytes<std::map<int, std::vector<std::string>>>(in_map)),
                         mproc::SerializationError);
     }
+}
+
+namespace {
+
+/// A user type far larger in memory (1 MiB) than the fewest bytes it may claim encoded (none: a
+/// one-byte element marker stands for it inside a container).
+struct BigRecord {
+    std::array<double, 131072> samples{};
+    template <class Archive> void serialize(Archive& ar) { ar(samples); }
+};
+
+/// This process's address space, in bytes (VmSize in /proc/self/status).
+std::size_t address_space_bytes() {
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+        if (line.rfind("VmSize:", 0) == 0) return std::stoull(line.substr(7)) * 1024;
+    return 0;
+}
+
+/// Runs `decode` in a child whose address space may grow by 256 MiB at most, and returns how the
+/// decode ended there: "SerializationError", "bad_alloc", "no error", "other: ...", or how the child died.
+template <class Decode> std::string decode_in_small_address_space(Decode decode) {
+    auto [from_child, to_parent] = mproc::Pipe<std::string>(false);
+    mproc::Process child([&] {
+        const std::size_t limit = address_space_bytes() + (std::size_t{256} << 20);
+        const rlimit lowered{limit, limit};
+        if (::setrlimit(RLIMIT_AS, &lowered) != 0) {
+            to_parent.send("setrlimit failed");
+            return;
+        }
+        std::string outcome;
+        try {
+            decode();
+            outcome = "no error";
+        } catch (const mproc::SerializationError&) {
+            outcome = "SerializationError";
+        } catch (const std::bad_alloc&) {
+            outcome = "bad_alloc";
+        } catch (const std::exception& e) {
+            outcome = std::string("other: ") + e.what();
+        }
+        to_parent.send(outcome);
+    });
+    child.start();
+    to_parent.close();
+    std::string outcome;
+    try {
+        outcome = from_child.recv();
+    } catch (const mproc::Error&) {
+        outcome = "no report";
+    }
+    REQUIRE(child.join(std::chrono::seconds(120)));
+    if (child.exitcode() != 0) outcome += " (child exit code " + std::to_string(*child.exitcode()) + ")";
+    return outcome;
+}
+
+}  // namespace
+
+TEST_CASE("a length of elements small when encoded but large in memory reserves only what the input can hold") {
+    // 64 KiB of element markers claiming 65536 BigRecords: reserving them would take 64 GiB. Each
+    // element needs 1 MiB of input to decode, so the first one runs out of bytes.
+    const Bytes records = length_bytes(65536) + Bytes(65536, std::byte{0xE1});
+    CHECK(decode_in_small_address_space([&] { (void)mproc::from_bytes<std::vector<BigRecord>>(records); }) ==
+          "SerializationError");
+    // The same inside a well-formed outer value, and as a map's values.
+    const Bytes nested = length_bytes(1) + records;
+    CHECK(decode_in_small_address_space([&] {
+              (void)mproc::from_bytes<std::vector<std::vector<BigRecord>>>(nested);
+          }) == "SerializationError");
+
+    // Through a Pipe: 60,000 bytes claiming 60,000 optional<array<double, 4096>> (32 KiB each,
+    // 1.8 GiB in all) whose first presence byte is invalid. (Small enough for the pipe's buffer:
+    // the child writes before it reads.)
+    using Optionals = std::vector<std::optional<std::array<double, 4096>>>;
+    const Bytes optionals = length_bytes(60000) + Bytes(60000, std::byte{2});
+    CHECK(decode_in_small_address_space([&] {
+              auto [reader, writer] = mproc::Pipe<Optionals>(false);
+              writer.send_bytes(optionals);
+              (void)reader.recv();
+          }) == "SerializationError");
+
+    // Valid input of the same shape still decodes: absent optionals, one byte each.
+    const Bytes absent = length_bytes(64) + Bytes(64, std::byte{0});
+    CHECK(mproc::from_bytes<Optionals>(absent).size() == 64);
+    // And so does a real vector of BigRecords.
+    std::vector<BigRecord> two(2);
+    two[1].samples[7] = 3.5;
+    CHECK(mproc::from_bytes<std::vector<BigRecord>>(mproc::to_bytes(two))[1].samples[7] == 3.5);
 }
 
 namespace {

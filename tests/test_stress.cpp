@@ -7,6 +7,9 @@
 //   - SharedDict: 8 processes increment one entry while one of them is SIGKILLed every 200 ms; the
 //     count is exactly the increments that returned plus those the killed ones had in flight that
 //     landed (each killed process had at most one).
+//   - Pools: 500 start one after another while 8 threads create, decode and drop every kind of
+//     handle; each pool's tasks take handles as arguments and use them. None hangs (no worker is
+//     born holding one of mproc's process-local locks).
 //   - Pipe: the writer is killed in the middle of a message; the reader gets every whole message
 //     before it, then SerializationError for the cut one, then EOFError; it never hangs.
 //
@@ -40,6 +43,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "fork_under_lock.hpp"
 #include "shm_support.hpp"
 #include "support.hpp"
 
@@ -518,5 +522,16 @@ TEST_CASE("Pipe: a writer killed mid-message leaves whole messages, then Seriali
             "message (SerializationError), %ld fell between messages (EOFError)",
             rounds, seconds_since(start), messages, cut, rounds - cut);
     CHECK(cut >= 2);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("500 Pools start while 8 threads create, decode and drop every kind of handle: none hangs", "[stress]") {
+    const auto start = std::chrono::steady_clock::now();
+    const int pools = static_cast<int>(scaled(500));
+    long churned = 0;
+    const int finished = fork_under_lock::run_pools_while_threads_churn_handles(pools, 8, &churned);
+    CHECK(finished == pools);
+    figures("fork under lock: %d pools started while 8 threads churned %ld handle sets, none hung, %.1f s", pools,
+            churned, seconds_since(start));
     CHECK(child_count() == 0);
 }

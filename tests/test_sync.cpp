@@ -11,6 +11,8 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -20,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fork_under_lock.hpp"
 #include "shm_support.hpp"
 #include "support.hpp"
 
@@ -212,6 +215,39 @@ TEST_CASE("Semaphore: acquire times out at zero and a release in another process
     bounded.acquire();
     bounded.release();
     CHECK_THROWS_AS(bounded.release(), mproc::Error);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Semaphore::release past the 32-bit value is an mproc::Error, never a silent wrap-around") {
+    constexpr std::uint32_t max = 0xFFFFFFFFu;
+    mproc::BoundedSemaphore bounded(2);
+    CHECK_THROWS_AS(bounded.release(max), mproc::Error);  // 2 + 0xFFFFFFFF wraps to 1 in 32 bits
+    CHECK(bounded.get_value() == 2);
+    bounded.acquire();
+    CHECK_THROWS_AS(bounded.release(max), mproc::Error);
+    CHECK_THROWS_AS(bounded.release(2), mproc::Error);    // the bound, as before
+    CHECK(bounded.get_value() == 1);
+    bounded.release(1);
+    CHECK(bounded.get_value() == 2);
+
+    mproc::Semaphore sem(5);
+    CHECK_THROWS_AS(sem.release(max), mproc::Error);
+    CHECK(sem.get_value() == 5);
+    sem.release(max - 5);  // up to the largest value is fine
+    CHECK(sem.get_value() == max);
+    CHECK_THROWS_AS(sem.release(), mproc::Error);
+    CHECK(sem.get_value() == max);
+    CHECK(sem.acquire(0s));
+    CHECK(sem.get_value() == max - 1);
+    // An overflow attempted in another process fails there and changes nothing here either.
+    mproc::Process child([&] { std::_Exit(sem.get_value() == max - 1 && [&] {
+                                              try { sem.release(2); } catch (const mproc::Error&) { return true; }
+                                              return false;
+                                          }() ? 0 : 1); });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK(sem.get_value() == max - 1);
     CHECK(child_count() == 0);
 }
 
@@ -837,8 +873,8 @@ TEST_CASE("Processes blocked in Lock, RLock, Semaphore, Event, Barrier and get_l
 TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: every shared object is a memfd, freed with its last handle") {
     const auto shm_before = mproc_test::dev_shm_names();
     const pid_t me = ::getpid();
-    const std::size_t queues_before = mproc_test::maps_lines(me, "memfd:mproc-queue").size();
-    const std::size_t dicts_before = mproc_test::maps_lines(me, "memfd:mproc-dict").size();
+    const std::size_t queues_before = mproc_test::memfd_mappings(me, "mproc-queue").size();
+    const std::size_t dicts_before = mproc_test::memfd_mappings(me, "mproc-dict").size();
     {
         mproc::Lock lock;
         mproc::Value<long> value(0);
@@ -848,8 +884,8 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
         mproc::SharedDict<std::string, long> d;
         d["n"] = 0;
         mproc::Pool pool(2);
-        CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before + 1);
-        CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before + 1);
+        CHECK(mproc_test::memfd_mappings(me, "mproc-queue").size() == queues_before + 1);
+        CHECK(mproc_test::memfd_mappings(me, "mproc-dict").size() == dicts_before + 1);
         for (int round = 0; round < 5; ++round) {
             mproc::Event inside;
             mproc::Process victim([&] {
@@ -870,12 +906,12 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
             REQUIRE(eventually([&] { return q.qsize() == 1; }));
             // Every mproc mapping of a child is a memfd (or anonymous); none is a /dev/shm file.
             for (const pid_t pid : {victim.pid(), holder.pid()}) {
-                CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
-                const auto ours = mproc_test::maps_lines(pid, "mproc-");
-                CHECK_FALSE(ours.empty());
-                for (const auto& line : ours) CHECK_THAT(line, Catch::Contains("/memfd:mproc-"));
+                CHECK(mproc_test::dev_shm_mappings(pid).empty());
+                CHECK_FALSE(mproc_test::memfd_mappings(pid, "mproc-").empty());
+                for (const auto& path : mproc_test::mproc_named_mappings(pid))
+                    CHECK_THAT(path, Catch::StartsWith("/memfd:mproc-"));
             }
-            for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::maps_lines(pid, "/dev/shm").empty());
+            for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::dev_shm_mappings(pid).empty());
             victim.kill();
             holder.kill();
             if (const auto pids = pool.worker_pids(); !pids.empty()) ::kill(pids.front(), SIGKILL);  // replaced
@@ -896,9 +932,9 @@ TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: e
     }
     // The last handles are gone: this process maps none of those segments any more, and since
     // every process that had them is gone too, the kernel has freed them.
-    CHECK(mproc_test::maps_lines(me, "memfd:mproc-queue").size() == queues_before);
-    CHECK(mproc_test::maps_lines(me, "memfd:mproc-dict").size() == dicts_before);
-    CHECK(mproc_test::maps_lines(me, "/dev/shm").empty());
+    CHECK(mproc_test::memfd_mappings(me, "mproc-queue").size() == queues_before);
+    CHECK(mproc_test::memfd_mappings(me, "mproc-dict").size() == dicts_before);
+    CHECK(mproc_test::dev_shm_mappings(me).empty());
     CHECK(mproc_test::dev_shm_names() == shm_before);
     CHECK(child_count() == 0);
 }
@@ -929,5 +965,12 @@ TEST_CASE("Handles passed as Pool task arguments are decoded in the worker, not 
     CHECK(generations.front() == generations.back());  // 50 tasks, no segment made for any of them
     pool.close();
     pool.join();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Pools started while other threads create and decode handles: no worker inherits an mproc lock held") {
+    // 50 pools take about a second; test_stress runs 500.
+    const int finished = fork_under_lock::run_pools_while_threads_churn_handles(50, 4);
+    CHECK(finished == 50);
     CHECK(child_count() == 0);
 }

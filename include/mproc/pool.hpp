@@ -32,15 +32,13 @@
 #include <vector>
 
 #include "async_result.hpp"
+#include "detail/cpu.hpp"
 #include "detail/pool_core.hpp"
 #include "detail/pool_task.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 
 namespace mproc {
-
-/// The number of CPUs this process may run on (its affinity mask), not merely the machine's.
-inline unsigned cpu_count() noexcept { return detail::affinity_cpu_count(); }
 
 namespace detail {
 

@@ -8,6 +8,7 @@
 
 #include <concepts>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <memory>
@@ -22,6 +23,7 @@
 
 #include "detail/child_registry.hpp"
 #include "detail/clock.hpp"
+#include "detail/cpu.hpp"
 #include "detail/demangle.hpp"
 #include "detail/fork.hpp"
 #include "detail/wait.hpp"
@@ -35,6 +37,8 @@ public:
     const std::string& name() const { return detail::identity().name; }
     pid_t pid() const noexcept { return ::getpid(); }
 };
+
+// mproc::cpu_count() comes with detail/cpu.hpp (a Pool sizes itself with it too).
 
 /// The process this code runs in: "MainProcess", or the name of the Process that started it.
 inline ProcessInfo current_process() { return {}; }
@@ -78,13 +82,15 @@ public:
 
     Process(Process&& other) noexcept
         : target_(std::move(other.target_)), name_(std::move(other.name_)),
-          pid_(std::exchange(other.pid_, 0)), status_(std::exchange(other.status_, std::nullopt)) {}
+          pid_(std::exchange(other.pid_, 0)), serial_(std::exchange(other.serial_, 0)),
+          status_(std::exchange(other.status_, std::nullopt)) {}
     Process& operator=(Process&& other) noexcept {
         if (this != &other) {
             stop_and_reap();
             target_ = std::move(other.target_);
             name_ = std::move(other.name_);
             pid_ = std::exchange(other.pid_, 0);
+            serial_ = std::exchange(other.serial_, 0);
             status_ = std::exchange(other.status_, std::nullopt);
         }
         return *this;
@@ -99,26 +105,26 @@ public:
     void start() {
         if (pid_ != 0) throw Error("process " + name_ + " already started (pid " + std::to_string(pid_) + ")");
         if (!target_) throw Error("process " + name_ + " has no target");
-        pid_ = detail::fork_child([this] { return run_target(); }, name_);
+        pid_ = detail::fork_child([this] { return run_target(); }, name_, &serial_);
     }
 
     /// Waits for the child to end and reaps it. With a timeout, returns false if it still runs.
     bool join(std::optional<Seconds> timeout = std::nullopt) {
         if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
         if (status_) return true;
-        const auto status = detail::wait_child(pid_, detail::deadline_after(timeout));
+        const auto status = detail::wait_child(pid_, detail::deadline_after(timeout), serial_);
         if (!status) return false;
         status_ = *status;
-        detail::children().forget(pid_);
+        detail::children().forget(pid_, serial_);
         return true;
     }
 
     /// True from start() until the child has ended.
     bool is_alive() {
         if (pid_ == 0 || status_) return false;
-        if (auto status = detail::children().reap(pid_, false)) {
+        if (auto status = detail::children().reap(pid_, false, serial_)) {
             status_ = *status;
-            detail::children().forget(pid_);
+            detail::children().forget(pid_, serial_);
             return false;
         }
         return true;
@@ -176,6 +182,7 @@ private:
     std::unique_ptr<detail::BoundTarget> target_;
     std::string name_;
     pid_t pid_ = 0;
+    std::uint64_t serial_ = 0;   // of the child's record in detail::children()
     std::optional<int> status_;  // the raw wait status once reaped
 };
 

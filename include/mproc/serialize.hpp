@@ -12,6 +12,7 @@
 // raises mproc::SerializationError instead of crashing or allocating without bound.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstddef>
@@ -229,6 +230,9 @@ template <class T> constexpr std::size_t min_encoded_size() {
 // of every container costs at least one byte and a length can never claim more than the input holds.
 template <class T> inline constexpr bool needs_element_marker_v = min_encoded_size<T>() == 0;
 inline constexpr std::uint8_t element_marker = 0xE1;
+// Decoding a container reserves memory for at most this many bytes per input byte left; beyond
+// that it grows as elements really decode, so malformed input never allocates without bound.
+inline constexpr std::size_t reserve_per_input_byte = 4;
 template <class T> inline constexpr bool is_bulk_copyable_v =
     (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_enum_v<T>;
 // A vector whose elements are copied as one block of memory.
@@ -397,7 +401,10 @@ template <class T> void Reader::read(T& value) {
             read_raw(value.data(), n * sizeof(E));
         } else {
             value.clear();
-            value.reserve(n);
+            // n is checked against the fewest bytes an element encodes to, but an element may be
+            // far larger in memory than encoded (a user type counts as one byte): reserve only
+            // what a small multiple of the input left can justify, and grow as elements decode.
+            value.reserve(std::min(n, remaining() * reserve_per_input_byte / sizeof(E)));
             for (std::size_t i = 0; i < n; ++i) {
                 read_marker<E>();
                 if constexpr (std::is_same_v<E, bool>) {

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -207,18 +208,23 @@ class SemaphoreBase {
 public:
     /// Takes one unit, waiting for one up to `timeout` (forever without one). False on timeout.
     bool acquire(std::optional<Seconds> timeout = std::nullopt) { return take(deadline_after(timeout), false); }
-    /// Returns `n` units and wakes as many waiters.
+    /// Returns `n` units and wakes as many waiters. Throws mproc::Error, changing nothing, when
+    /// the value would pass the bound (BoundedSemaphore) or the largest 32-bit value.
     void release(std::uint32_t n = 1) {
         SemaphoreState* s = ref_.as<SemaphoreState>();
-        if (s->bound == 0) {
-            s->value.fetch_add(n, std::memory_order_seq_cst);
-        } else {
-            std::uint32_t v = s->value.load(std::memory_order_relaxed);
-            do {
-                if (v + n > s->bound) throw Error("mproc::BoundedSemaphore::release: released too many times");
-            } while (!s->value.compare_exchange_weak(v, v + n, std::memory_order_seq_cst));
-        }
-        if (s->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(s->value, static_cast<int>(n));
+        // The sum in 64 bits: in 32 it wraps around and a huge release would lower the value.
+        const std::uint64_t limit = s->bound == 0 ? std::uint64_t{UINT32_MAX} : s->bound;
+        std::uint32_t v = s->value.load(std::memory_order_relaxed);
+        do {
+            if (std::uint64_t{v} + n > limit) {
+                if (s->bound != 0) throw Error("mproc::BoundedSemaphore::release: released too many times");
+                throw Error("mproc::Semaphore::release: releasing " + std::to_string(n) + " units to a value of " +
+                            std::to_string(v) + " would pass the largest value a Semaphore holds (" +
+                            std::to_string(UINT32_MAX) + ")");
+            }
+        } while (!s->value.compare_exchange_weak(v, v + n, std::memory_order_seq_cst));
+        if (n != 0 && s->waiters.load(std::memory_order_seq_cst) != 0)
+            futex_wake(s->value, n > static_cast<std::uint32_t>(INT_MAX) ? INT_MAX : static_cast<int>(n));
     }
     void lock() { acquire(); }
     void unlock() { release(); }

@@ -1,18 +1,30 @@
 // mproc — the live children of this process, for reaping, active_children() and ChildGuard.
 //
-// A fixed table of atomics, not a locked container: ChildGuard reads it from a signal handler, and
-// a child forked while another thread was mid-update must be able to wipe its copy. Statuses that
+// A table of atomics, not a locked container: ChildGuard reads it from a signal handler, and a
+// child forked while another thread was mid-update must be able to wipe its copy. Statuses that
 // one caller reaps are kept for the owner, so active_children() never steals a Process's exit code.
 // The table remembers the process it belongs to: a copy inherited through a fork that did not go
 // through fork_child (which wipes it) lists another process's children and is treated as empty.
+//
+// A record lives from the fork until its owner has the child's status (Process::join, is_alive,
+// exitcode or destruction; the Pool's reaping of its fork server): a child reaped by someone else
+// (active_children(), a guard) keeps its status in its record until then. So the records are the
+// live children plus the ended ones whose Process has not looked yet, and there is no fixed limit:
+// the table grows in chunks of 1,024 records, allocated outside any signal handler and never
+// freed (a signal handler only ever reads chunk pointers), up to 4,194,304 records — the most
+// processes the kernel can number (PID_MAX_LIMIT). Each record has a serial number as well as the
+// pid: once a child is reaped the kernel may give its pid to a newer child while the first one's
+// status still waits for its owner, and the serial tells the two records apart.
 #pragma once
 
 #include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstddef>
+#include <cstdint>
 #include <ctime>
 #include <optional>
+#include <string>
 #include <sched.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -25,7 +37,10 @@ namespace mproc::detail {
 
 class ChildRegistry {
 public:
-    static constexpr std::size_t capacity = 4096;
+    static constexpr std::size_t chunk_slots = 1024;
+    static constexpr std::size_t max_chunks = 4096;
+    /// Records at most: the kernel's largest pid_max (PID_MAX_LIMIT, 2^22).
+    static constexpr std::size_t capacity = chunk_slots * max_chunks;
 
     /// A slot claimed for a fork about to happen: while it is claimed, the fork is in flight and
     /// terminate_and_reap() waits for it, so that no child is ever born unseen by the guard.
@@ -40,26 +55,41 @@ public:
         std::size_t slot_ = 0;  // index + 1; 0: none
     };
 
-    /// Claims a slot for a fork about to happen. Throws when the table is full.
+    /// Claims a slot for a fork about to happen, growing the table when every slot is taken.
+    /// Throws when the table holds `capacity` records.
     Ticket reserve() {
         adopt();
-        for (std::size_t i = 0; i < capacity; ++i) {
-            Slot& slot = slots_[i];
-            int expected = free_;
-            if (slot.state.load(std::memory_order_relaxed) == free_ &&
-                slot.state.compare_exchange_strong(expected, claiming_, std::memory_order_acq_rel)) {
-                std::size_t high = high_water_.load(std::memory_order_relaxed);
-                while (high < i + 1 && !high_water_.compare_exchange_weak(high, i + 1)) {}
-                return Ticket(i);
+        for (std::size_t c = 0; c < max_chunks; ++c) {
+            Slot* chunk = chunk_at(c);
+            if (!chunk) chunk = grow(c);
+            for (std::size_t j = 0; j < chunk_slots; ++j) {
+                Slot& slot = chunk[j];
+                int expected = free_;
+                if (slot.state.load(std::memory_order_relaxed) == free_ &&
+                    slot.state.compare_exchange_strong(expected, claiming_, std::memory_order_acq_rel)) {
+                    const std::size_t i = c * chunk_slots + j;
+                    slot.serial.store(next_serial_.fetch_add(1, std::memory_order_relaxed) + 1,
+                                      std::memory_order_relaxed);
+                    std::size_t high = high_water_.load(std::memory_order_relaxed);
+                    while (high < i + 1 && !high_water_.compare_exchange_weak(high, i + 1)) {}
+                    return Ticket(i);
+                }
             }
         }
-        throw Error("mproc: more than " + std::to_string(capacity) + " live children");
+        throw Error("mproc: more than " + std::to_string(capacity) +
+                    " children that are running or whose Process has not collected their exit status");
+    }
+
+    /// The serial number of the child `ticket` is for (never 0): with the pid, it names that
+    /// child's record even after the kernel gave its pid to another child.
+    std::uint64_t serial(Ticket ticket) const noexcept {
+        return ticket ? slot_at(ticket.slot_ - 1).serial.load(std::memory_order_relaxed) : 0;
     }
 
     /// Async-signal-safe: the fork of `ticket` made child `pid`, now a live child.
     void publish(Ticket ticket, pid_t pid) noexcept {
         if (!ticket) return;
-        Slot& slot = slots_[ticket.slot_ - 1];
+        Slot& slot = slot_at(ticket.slot_ - 1);
         slot.pid.store(pid, std::memory_order_relaxed);
         slot.status.store(0, std::memory_order_relaxed);
         slot.state.store(live_, std::memory_order_release);
@@ -67,16 +97,17 @@ public:
 
     /// Async-signal-safe: the fork of `ticket` failed; the slot is free again.
     void release(Ticket ticket) noexcept {
-        if (ticket) slots_[ticket.slot_ - 1].state.store(free_, std::memory_order_release);
+        if (ticket) slot_at(ticket.slot_ - 1).state.store(free_, std::memory_order_release);
     }
 
     /// Records a child forked without a ticket. Throws when the table is full.
     void add(pid_t pid) { publish(reserve(), pid); }
 
     /// Reaps `pid` if it has ended (or waits for it when `block`), keeping its wait status.
-    /// Returns the status, or nullopt while the child runs.
-    std::optional<int> reap(pid_t pid, bool block) {
-        Slot* slot = find(pid);
+    /// Returns the status, or nullopt while the child runs. `serial` (from fork_child), when not
+    /// 0, picks this child's record among records of the same pid.
+    std::optional<int> reap(pid_t pid, bool block, std::uint64_t serial = 0) {
+        Slot* slot = find(pid, serial);
         if (slot && slot->state.load(std::memory_order_acquire) == reaped_)
             return slot->status.load(std::memory_order_relaxed);
         int status = 0;
@@ -99,9 +130,9 @@ public:
         return std::nullopt;
     }
 
-    /// Drops the record once its owner has the status.
-    void forget(pid_t pid) noexcept {
-        if (Slot* slot = find(pid)) slot->state.store(free_, std::memory_order_release);
+    /// Drops the record once its owner has the status (`serial` as for reap).
+    void forget(pid_t pid, std::uint64_t serial = 0) noexcept {
+        if (Slot* slot = find(pid, serial)) slot->state.store(free_, std::memory_order_release);
     }
 
     /// Children that have not ended; reaps (and keeps the status of) those that have.
@@ -110,9 +141,9 @@ public:
         if (!ours()) return alive;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
-            const pid_t pid = slots_[i].pid.load(std::memory_order_relaxed);
-            if (reap_slot(slots_[i], pid, false)) alive.push_back(pid);
+            if (slot_at(i).state.load(std::memory_order_acquire) != live_) continue;
+            const pid_t pid = slot_at(i).pid.load(std::memory_order_relaxed);
+            if (reap_slot(slot_at(i), pid, false)) alive.push_back(pid);
         }
         return alive;
     }
@@ -122,8 +153,8 @@ public:
         if (!ours()) return;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i)
-            if (slots_[i].state.load(std::memory_order_acquire) == live_)
-                fn(slots_[i].pid.load(std::memory_order_relaxed));
+            if (slot_at(i).state.load(std::memory_order_acquire) == live_)
+                fn(slot_at(i).pid.load(std::memory_order_relaxed));
     }
 
     /// Async-signal-safe: sends `sig` to every child not yet reaped.
@@ -138,8 +169,8 @@ public:
         if (!ours()) return running;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
-            if (reap_slot(slots_[i], slots_[i].pid.load(std::memory_order_relaxed), false)) ++running;
+            if (slot_at(i).state.load(std::memory_order_acquire) != live_) continue;
+            if (reap_slot(slot_at(i), slot_at(i).pid.load(std::memory_order_relaxed), false)) ++running;
         }
         return running;
     }
@@ -150,10 +181,10 @@ public:
         if (!ours()) return;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            if (slots_[i].state.load(std::memory_order_acquire) != live_) continue;
-            const pid_t pid = slots_[i].pid.load(std::memory_order_relaxed);
+            if (slot_at(i).state.load(std::memory_order_acquire) != live_) continue;
+            const pid_t pid = slot_at(i).pid.load(std::memory_order_relaxed);
             if (::kill(pid, SIGKILL) != 0 && errno == EPERM) continue;
-            reap_slot(slots_[i], pid, true);
+            reap_slot(slot_at(i), pid, true);
         }
     }
 
@@ -189,7 +220,26 @@ private:
         std::atomic<int> state{free_};
         std::atomic<pid_t> pid{0};
         std::atomic<int> status{0};
+        std::atomic<std::uint64_t> serial{0};
     };
+
+    /// Async-signal-safe: chunk `c`, or nullptr if it was never allocated. Chunk 0 is part of the
+    /// registry itself (constant-initialised); the others are allocated by grow() and never freed.
+    Slot* chunk_at(std::size_t c) const noexcept {
+        if (c == 0) return const_cast<Slot*>(first_);
+        return chunks_[c].load(std::memory_order_acquire);
+    }
+    /// Async-signal-safe: slot `i`, which lies below the high-water mark (so its chunk exists).
+    Slot& slot_at(std::size_t i) const noexcept { return chunk_at(i / chunk_slots)[i % chunk_slots]; }
+
+    /// Allocates chunk `c` (never from a signal handler: only reserve() grows the table).
+    Slot* grow(std::size_t c) {
+        auto* fresh = new Slot[chunk_slots];
+        Slot* expected = nullptr;
+        if (chunks_[c].compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) return fresh;
+        delete[] fresh;  // another thread grew it first
+        return expected;
+    }
 
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
 
@@ -202,7 +252,7 @@ private:
             bool in_flight = false;
             const std::size_t high = high_water_.load(std::memory_order_acquire);
             for (std::size_t i = 0; i < high && !in_flight; ++i)
-                in_flight = slots_[i].state.load(std::memory_order_acquire) == claiming_;
+                in_flight = slot_at(i).state.load(std::memory_order_acquire) == claiming_;
             if (!in_flight || monotonic_now_ns() - start > 5'000'000'000LL) return;
             const timespec nap{0, 200'000};
             ::nanosleep(&nap, nullptr);
@@ -227,7 +277,7 @@ private:
         // Only the slots ever used: the others are free already, and writing them would make a
         // fresh child copy the whole table (48 KiB, a dozen copy-on-write faults) for nothing.
         const std::size_t high = high_water_.load(std::memory_order_relaxed);
-        for (std::size_t i = 0; i < high; ++i) slots_[i].state.store(free_, std::memory_order_relaxed);
+        for (std::size_t i = 0; i < high; ++i) slot_at(i).state.store(free_, std::memory_order_relaxed);
         high_water_.store(0, std::memory_order_relaxed);
     }
 
@@ -262,22 +312,34 @@ private:
         }
         return slot.state.load(std::memory_order_acquire) == reaped_;
     }
-    Slot* find(pid_t pid) noexcept {
+    /// The record of child `pid` (with `serial`, when not 0). Without a serial, a live record
+    /// comes before a reaped one of the same pid (whose child is gone: the pid is now the live one's).
+    Slot* find(pid_t pid, std::uint64_t serial = 0) noexcept {
+        Slot* reaped = nullptr;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            const int state = slots_[i].state.load(std::memory_order_acquire);
-            if ((state == live_ || state == reaped_) && slots_[i].pid.load(std::memory_order_relaxed) == pid)
-                return &slots_[i];
+            Slot& slot = slot_at(i);
+            const int state = slot.state.load(std::memory_order_acquire);
+            if ((state != live_ && state != reaped_) || slot.pid.load(std::memory_order_relaxed) != pid) continue;
+            if (serial != 0) {
+                if (slot.serial.load(std::memory_order_relaxed) == serial) return &slot;
+            } else if (state == live_) {
+                return &slot;
+            } else if (!reaped) {
+                reaped = &slot;
+            }
         }
-        return nullptr;
+        return reaped;
     }
-    Slot slots_[capacity];
+    Slot first_[chunk_slots];
+    std::atomic<Slot*> chunks_[max_chunks]{};  // chunks_[0] unused: chunk 0 is first_
     std::atomic<std::size_t> high_water_{0};
+    std::atomic<std::uint64_t> next_serial_{0};
     std::atomic<pid_t> owner_{0};  // the process these children belong to (0: none yet)
 };
 
 inline ChildRegistry& children() noexcept {
-    static ChildRegistry registry;  // constant-initialised: safe to touch from a signal handler
+    static constinit ChildRegistry registry;  // constant-initialised: safe to touch from a signal handler
     return registry;
 }
 

@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -173,7 +174,7 @@ class Forker {
 public:
     /// Forks on the forker thread on behalf of the calling thread; returns what fork_here
     /// returned, or throws what reserving the child's slot threw.
-    pid_t fork(ChildEntry entry, void* context) {
+    pid_t fork(ChildEntry entry, void* context, std::uint64_t* serial = nullptr) {
         flush_stdio();
         Request request{entry, context, ThreadTraits::of_this_thread()};
         std::unique_lock lock(mutex_);
@@ -182,6 +183,7 @@ public:
         changed_.notify_all();
         changed_.wait(lock, [&] { return request.done; });
         if (request.error) std::rethrow_exception(request.error);
+        if (serial) *serial = request.serial;
         return request.result;
     }
 
@@ -211,6 +213,7 @@ private:
         void* context;
         ThreadTraits traits;
         pid_t result = 0;
+        std::uint64_t serial = 0;  // of the child's record in children()
         std::exception_ptr error{};
         bool done = false;
     };
@@ -255,6 +258,7 @@ private:
                 // Reserved here, where every signal is blocked: a guard's handler never waits for
                 // a fork that the thread it interrupted was about to make.
                 const ChildRegistry::Ticket ticket = children().reserve();
+                request.serial = children().serial(ticket);
                 pid = fork_here(request.entry, request.context, ticket, &request.traits, request.traits.mask);
             } catch (...) {
                 request.error = std::current_exception();
@@ -277,11 +281,12 @@ private:
 
 /// Forks; the child runs `body()` (which returns the exit status) and leaves with _exit.
 /// Returns the child's pid in the parent, registered in children() before any signal handler
-/// can run. From a thread other than the
-/// main one, the fork runs on the forker thread, so that the child's parent-death signal does
-/// not fire when the asking thread exits.
+/// can run, and stores the serial number of its record there in `*serial` (see
+/// child_registry.hpp: it tells this child's record from a newer child's that got its pid).
+/// From a thread other than the main one, the fork runs on the forker thread, so that the
+/// child's parent-death signal does not fire when the asking thread exits.
 template <class Body>
-pid_t fork_child(Body&& body, std::string child_name) {
+pid_t fork_child(Body&& body, std::string child_name, std::uint64_t* serial = nullptr) {
     struct Job {
         std::remove_reference_t<Body>* body;
         std::string* name;
@@ -310,9 +315,11 @@ pid_t fork_child(Body&& body, std::string child_name) {
     if (current_tid() == ::getpid()) {
         flush_stdio();
         const SignalsBlocked blocked;  // from the slot's reservation until the child is published
-        pid = fork_here(entry, &job, children().reserve(), nullptr, blocked.saved);
+        const ChildRegistry::Ticket ticket = children().reserve();
+        if (serial) *serial = children().serial(ticket);
+        pid = fork_here(entry, &job, ticket, nullptr, blocked.saved);
     } else {
-        pid = Forker::get().fork(entry, &job);
+        pid = Forker::get().fork(entry, &job, serial);
     }
     if (pid < 0) throw ForkFailed(-pid);
     return pid;

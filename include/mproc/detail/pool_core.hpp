@@ -43,6 +43,7 @@
 
 #include "../errors.hpp"
 #include "clock.hpp"
+#include "cpu.hpp"
 #include "fork_server.hpp"
 #include "framing.hpp"
 #include "pool_link.hpp"
@@ -220,17 +221,6 @@ inline pid_t this_process_id() noexcept {
         cached.store(pid, std::memory_order_relaxed);
     }
     return pid;
-}
-
-inline unsigned affinity_cpu_count() noexcept {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (::sched_getaffinity(0, sizeof set, &set) == 0) {
-        const int n = CPU_COUNT(&set);
-        if (n > 0) return static_cast<unsigned>(n);
-    }
-    const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? static_cast<unsigned>(n) : 1u;
 }
 
 class PoolCore final : public PoolEngine {

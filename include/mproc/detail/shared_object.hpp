@@ -30,6 +30,7 @@
 
 #include "../errors.hpp"
 #include "../serialize.hpp"
+#include "fork_locks.hpp"
 #include "shm_registry.hpp"
 
 namespace mproc::detail {
@@ -160,6 +161,10 @@ private:
 
     class SmallObjects {
     public:
+        SmallObjects() noexcept { ForkLocks::add(ForkLockRank::small_objects, mutex_); }
+        SmallObjects(const SmallObjects&) = delete;
+        SmallObjects& operator=(const SmallObjects&) = delete;
+
         SharedRef allocate(std::size_t size, std::size_t align) {
             if (align < 8) align = 8;
             std::lock_guard guard(mutex_);
@@ -193,9 +198,25 @@ private:
         return *objects;
     }
 
+public:
+    /// Creates this process's registry and small-object allocator if they do not exist yet, and
+    /// with them the fork handlers that keep their mutexes out of children (fork_locks.hpp).
+    /// Called once at program start: a fork can then never catch a thread in the middle of
+    /// creating them (inside the guard of a function-local static, a lock of its own).
+    static bool init_process_state() {
+        (void)segments();
+        (void)small_objects();
+        return true;
+    }
+
+private:
+
     SegmentPtr segment_;
     std::uint64_t offset_ = 0;
     std::byte* address_ = nullptr;
 };
+
+/// This process's shared-object state, created during static initialisation (see above).
+[[maybe_unused]] inline const bool process_state_ready = SharedRef::init_process_state();
 
 }  // namespace mproc::detail

@@ -26,8 +26,8 @@
 //   frees the memory once every process has done so or exited. Nothing is ever shared through
 //   the filesystem, so nothing can leak there.
 //
-// The registry is guarded by a std::mutex. Like all of mproc it assumes a fork happens from a
-// process with one thread (or through a single-threaded fork server).
+// The registry is guarded by a std::mutex, which every fork takes first (fork_locks.hpp): a child
+// forked while another thread of its parent was using the registry gets it unlocked and whole.
 #pragma once
 
 #include <atomic>
@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "fork_locks.hpp"
 #include "shared_memory.hpp"
 #include "unique_fd.hpp"
 
@@ -76,6 +77,10 @@ using SegmentPtr = std::shared_ptr<Segment>;
 
 class SegmentRegistry {
 public:
+    SegmentRegistry() noexcept { ForkLocks::add(ForkLockRank::registry, mutex_); }
+    SegmentRegistry(const SegmentRegistry&) = delete;
+    SegmentRegistry& operator=(const SegmentRegistry&) = delete;
+
     /// A new zero-filled segment of at least `size` bytes, registered under a fresh id.
     SegmentPtr create(std::size_t size, const char* name) {
         SharedMemory memory = SharedMemory::create(size, name);

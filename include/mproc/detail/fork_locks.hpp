@@ -1,0 +1,76 @@
+// mproc — no process-local lock of mproc's is ever copied held into a child.
+//
+// fork() copies only the calling thread. A mutex that another thread of the parent held at that
+// instant stays locked in the child forever, and so does the data it was guarding, half-updated.
+// mproc's process-local mutexes are used by children too: the shared-object registry's (every
+// handle decoded, created or dropped) and the small-object allocator's. A Pool forks its fork
+// server from the constructing thread, and a Process from the caller's, while other threads of the
+// program may be creating or decoding handles.
+//
+// So every such mutex is registered here, with a fixed rank, and pthread_atfork handlers
+// (installed once, on the first registration) make every fork — mproc's own and any other — take
+// all of them in the forking thread, in rank order, just before the fork, and release them in the
+// parent and in the child just after. The child's copy of each is then unlocked, and the data it
+// guards is whole. The ranks are the order in which mproc's code nests them (the allocator calls
+// into the registry while holding its own mutex), so taking them cannot deadlock against a thread
+// that holds one and wants the next. No mproc code forks while holding one of them (that would
+// wait for itself here).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <mutex>
+#include <pthread.h>
+
+namespace mproc::detail {
+
+/// The order in which the locks are taken around a fork: lower first.
+enum class ForkLockRank : std::size_t {
+    small_objects = 0,  // SharedRef's small-object allocator; calls into the registry when locked
+    registry = 1,       // segments(), the shared-object registry
+    count = 2,
+};
+
+class ForkLocks {
+public:
+    /// Registers a process-local mutex that must never be copied held into a child. Each rank
+    /// holds one mutex, registered once, for the life of the process (its children inherit it).
+    static void add(ForkLockRank rank, std::mutex& mutex) noexcept {
+        [[maybe_unused]] static const int installed = ::pthread_atfork(&prepare, &release, &release);
+        slot(rank).store(&mutex, std::memory_order_release);
+    }
+
+private:
+    static constexpr std::size_t ranks = static_cast<std::size_t>(ForkLockRank::count);
+
+    static std::atomic<std::mutex*>& slot(ForkLockRank rank) noexcept {
+        static std::atomic<std::mutex*> slots[ranks] = {};
+        return slots[static_cast<std::size_t>(rank)];
+    }
+    /// What this thread locked in prepare(), so that a mutex registered by another thread while
+    /// this one forks is not unlocked without having been locked. A child is a copy of the forking
+    /// thread, so it sees the same record.
+    static std::mutex** taken() noexcept {
+        thread_local std::mutex* locked[ranks] = {};
+        return locked;
+    }
+
+    static void prepare() noexcept {
+        std::mutex** locked = taken();
+        for (std::size_t r = 0; r < ranks; ++r) {
+            std::mutex* m = slot(static_cast<ForkLockRank>(r)).load(std::memory_order_acquire);
+            if (m) m->lock();
+            locked[r] = m;
+        }
+    }
+    /// In the parent and in the child, after the fork.
+    static void release() noexcept {
+        std::mutex** locked = taken();
+        for (std::size_t r = ranks; r-- > 0;) {
+            if (locked[r]) locked[r]->unlock();
+            locked[r] = nullptr;
+        }
+    }
+};
+
+}  // namespace mproc::detail
