@@ -78,6 +78,13 @@ void expect(bool ok, const std::string& what) {
     if (!ok) throw std::runtime_error("expectation failed: " + what);
 }
 
+/// Root is exempt from RLIMIT_NPROC: a test of that limit run as root becomes nobody first.
+void become_subject_to_nproc() {
+    if (::geteuid() != 0) return;
+    ::setgroups(0, nullptr);
+    expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
+}
+
 }  // namespace
 
 // =================================================================================================
@@ -291,10 +298,7 @@ TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps 
     Watchdog dog(180s, "respawn at the process limit");
     if (skip_under_thread_sanitizer()) return;
     in_child([] {
-        if (::geteuid() == 0) {  // root is exempt from RLIMIT_NPROC: become nobody
-            ::setgroups(0, nullptr);
-            expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
-        }
+        become_subject_to_nproc();
         mproc::Pool pool(2);
         const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
         const std::vector<pid_t> server = mproc::active_children();
@@ -380,10 +384,7 @@ TEST_CASE("a Pool constructor whose thread cannot start throws mproc::Error and 
     Watchdog dog(180s, "a constructor whose thread cannot start");
     if (skip_under_thread_sanitizer()) return;
     in_child([] {
-        if (::geteuid() == 0) {  // root is exempt from RLIMIT_NPROC: become nobody
-            ::setgroups(0, nullptr);
-            expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
-        }
+        become_subject_to_nproc();
         rlimit old{};
         ::getrlimit(RLIMIT_NPROC, &old);
         // Room for the fork server, not for the pool's thread (nor for workers).

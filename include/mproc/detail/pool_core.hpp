@@ -904,10 +904,9 @@ private:
         }
     }
 
-    /// The server could not fork a worker for `s`: its tasks go back to the others, and the seat
-    /// tries again later. Not a worker that died: it does not count towards max_start_failures.
-    void spawn_failed(Seat& s, int error) {
-        std::lock_guard lock(mutex_);
+    /// The seat has no worker any more: every task it held goes back to the front of the
+    /// backlog, in order.
+    void vacate_locked(Seat& s) {
         backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
                         std::make_move_iterator(s.inflight.end()));
         s.inflight.clear();
@@ -915,6 +914,13 @@ private:
         s.channel.reset();
         s.state = SeatState::dead;
         s.pid = 0;
+    }
+
+    /// The server could not fork a worker for `s`: its tasks go back to the others, and the seat
+    /// tries again later. Not a worker that died: it does not count towards max_start_failures.
+    void spawn_failed(Seat& s, int error) {
+        std::lock_guard lock(mutex_);
+        vacate_locked(s);
         char text[256];
         schedule_respawn_locked(s, std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
         dispatch_locked();
@@ -955,14 +961,7 @@ private:
                 }
             }
             if (!s.saw_hello && !s.timed_out && !s.stalled) ++start_failures_;
-            // Everything else it held goes back to the front of the line, in order.
-            backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
-                            std::make_move_iterator(s.inflight.end()));
-            s.inflight.clear();
-            s.placed = 0;
-            s.channel.reset();
-            s.state = SeatState::dead;
-            s.pid = 0;
+            vacate_locked(s);
 
             if (start_failures_ >= max_start_failures) {
                 const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
