@@ -150,7 +150,8 @@ public:
         std::vector<int> doomed;
         if (DIR* dir = ::opendir("/proc/self/fd")) {
             const int own = ::dirfd(dir);
-            while (const dirent* entry = ::readdir(dir)) {
+            // The fresh child that runs this has one thread: readdir's static buffer is its own.
+            while (const dirent* entry = ::readdir(dir)) {  // NOLINT(concurrency-mt-unsafe)
                 char* end = nullptr;
                 const long fd = std::strtol(entry->d_name, &end, 10);
                 if (end == entry->d_name || *end != '\0' || fd <= 2 || fd == own) continue;
