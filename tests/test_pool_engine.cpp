@@ -321,6 +321,22 @@ TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps 
         std::vector<int> xs(100);
         std::iota(xs.begin(), xs.end(), 0);
         expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+
+        // A pool of one: while its only worker cannot be replaced, a task waits; it runs once
+        // the limit is lifted.
+        mproc::Pool solo(1);
+        const std::vector<pid_t> solo_worker = pool_test::all_worker_pids(solo, 1);
+        pid_t solo_server = 0;
+        for (pid_t pid : mproc::active_children())
+            if (pid != server[0]) solo_server = pid;
+        expect(::prlimit(solo_server, RLIMIT_NPROC, &none, nullptr) == 0, "prlimit");
+        ::kill(solo_worker[0], SIGKILL);
+        std::this_thread::sleep_for(100ms);
+        auto waiting = solo.apply_async(square, std::tuple{5});
+        std::this_thread::sleep_for(300ms);
+        expect(!waiting.ready(), "no worker to run it yet");
+        expect(::prlimit(solo_server, RLIMIT_NPROC, &old, nullptr) == 0, "prlimit");
+        expect(waiting.wait(60s) && waiting.get() == 25, "the task to run once a worker could start");
     });
 }
 
@@ -405,5 +421,50 @@ TEST_CASE("a Pool constructor whose thread cannot start throws mproc::Error and 
         mproc::Pool pool(2);  // and with the limit lifted, a pool starts
         expect(pool.apply(square, 3) == 9, "a task");
     });
+}
+
+TEST_CASE("an error callback run by terminate() that calls terminate() or join() gets mproc::Error") {
+    Watchdog dog(120s, "callbacks at teardown");
+    pool_test::Gate gate;
+    mproc::Pool pool(2);
+    std::atomic<int> refused{0};
+    auto a = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 1}, {}, [&](std::exception_ptr) {
+        try {
+            pool.terminate();
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+        try {
+            pool.join();
+        } catch (const mproc::Error&) {
+            ++refused;
+        }
+    });
+    pool_test::all_worker_pids(pool, 2);
+    pool.terminate();  // fails the task: its error callback runs here, on this thread
+    CHECK(refused == 2);
+    CHECK_THROWS_AS(a.get(), mproc::Error);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("an error callback run by terminate() that destroys the Pool: the teardown completes") {
+    Watchdog dog(120s, "a pool destroyed at teardown");
+    pool_test::Gate gate;
+    std::optional<mproc::Pool> pool;
+    pool.emplace(2);
+    auto b = pool->apply_async(pool_test::gated, std::tuple{gate.read_fd(), 2}, {}, [&](std::exception_ptr) {
+        pool.reset();
+    });
+    pool_test::all_worker_pids(*pool, 2);
+    pool->terminate();
+    CHECK_FALSE(pool.has_value());
+    CHECK_THROWS_AS(b.get(), mproc::Error);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("a task_timeout that is not positive is refused") {
+    CHECK_THROWS_AS(mproc::Pool({.processes = 1, .task_timeout = mproc::Seconds{0}}), mproc::Error);
+    CHECK_THROWS_AS(mproc::Pool({.processes = 1, .task_timeout = mproc::Seconds{-1}}), mproc::Error);
+    CHECK(mproc_test::child_count() == 0);
 }
 

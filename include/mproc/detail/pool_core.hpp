@@ -140,6 +140,19 @@ protected:
         return engine;
     }
     void mark_own_thread() const noexcept { own_thread_mark() = this; }
+    /// Callbacks run on another thread (at teardown) count as run on the pool's own thread.
+    class OwnThreadScope {
+    public:
+        explicit OwnThreadScope(const PoolEngine& engine) noexcept : saved_(own_thread_mark()) {
+            own_thread_mark() = &engine;
+        }
+        ~OwnThreadScope() { own_thread_mark() = saved_; }
+        OwnThreadScope(const OwnThreadScope&) = delete;
+        OwnThreadScope& operator=(const OwnThreadScope&) = delete;
+
+    private:
+        const PoolEngine* saved_;
+    };
 
     /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
     /// whose records do not add up fails every item it was for; a record that does not decode
@@ -330,7 +343,9 @@ public:
             if (state_ != State::terminated) {
                 state_ = State::terminated;
                 doomed = take_all_tasks_locked();
-                if (server_.pid() != 0) server_.terminate_workers();
+                // A server that no longer reads requests (join() already closed them) dies now;
+                // its workers die with it (their parent-death signal).
+                if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
             }
         }
         wake();
@@ -341,7 +356,7 @@ public:
     /// but the collector (this thread) finishes the teardown once the callback has returned, and
     /// then deletes this engine.
     bool retire_from_callback() override {
-        if (!on_own_thread()) return false;
+        if (!on_own_thread()) return false;  // (tear_down's callbacks count as the pool's own thread)
         std::lock_guard lock(mutex_);
         if (state_ != State::terminated) {
             state_ = State::terminated;
@@ -399,6 +414,8 @@ private:
     };
 
     void start() {
+        if (options_.task_timeout && !(options_.task_timeout->count() > 0))
+            throw Error("PoolOptions::task_timeout must be positive (or unset for none)");
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
         link_ = PoolLink(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -454,13 +471,23 @@ private:
     /// The end of join() and terminate(), one thread at a time: the collector stops, the posted
     /// jobs and the failures of `doomed` are delivered (never beside a callback), the server is
     /// reaped (`grace` for its workers to exit).
+    /// The callbacks it runs count as the pool's own: one that calls join() or terminate() gets
+    /// the "from a callback" error, and one that destroys the Pool retires the engine, which is
+    /// then deleted here, last. (The caller touches nothing of this engine after it returns.)
     void tear_down(Seconds grace, std::vector<Task>* doomed = nullptr) {
-        std::lock_guard teardown(teardown_mutex_);
-        if (collector_ && collector_->joinable()) collector_->join();
-        run_posted();
-        if (doomed) fail_tasks(*doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
-        reap_server(grace);
-        idle_.notify_all();
+        {
+            std::lock_guard teardown(teardown_mutex_);
+            if (collector_ && collector_->joinable()) collector_->join();
+            {
+                const OwnThreadScope callbacks(*this);
+                run_posted();
+                if (doomed)
+                    fail_tasks(*doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+            }
+            reap_server(grace);
+            idle_.notify_all();
+        }
+        if (retired_) delete this;  // destroyed by a callback run above
     }
 
     /// Reaps the fork server; its workers are gone with it, so no seat has one.
@@ -621,11 +648,13 @@ private:
     /// Seats whose retry is due get their worker asked for again.
     void respawn_due_locked(std::int64_t now) {
         if (state_ == State::terminated || state_ == State::broken || state_ == State::draining) return;
+        bool spawned = false;
         for (Seat& s : seats_)
             if (s.state == SeatState::dead && s.respawn_at != 0 && s.respawn_at <= now) {
                 s.respawn_at = 0;
-                spawn_locked(s);
+                spawned |= spawn_locked(s);
             }
+        if (spawned) dispatch_locked();  // the tasks waiting in the backlog have a worker again
         // No worker at all, and none could be started for a while: nothing would ever run.
         const bool any_worker = std::any_of(seats_.begin(), seats_.end(),
                                             [](const Seat& s) { return s.state != SeatState::dead; });
@@ -659,6 +688,7 @@ private:
         mark_own_thread();
         try {
             collect();
+            run_posted();  // a job posted while the collector was ending (the server died, say)
         } catch (...) {
             std::string why;
             try {
@@ -672,6 +702,10 @@ private:
                 doomed = take_all_tasks_locked();
                 if (server_.pid() != 0) server_.terminate_workers();
             }
+            // Tasks taken from their seat whose result was not delivered when it threw.
+            for (Finished& f : finished_)
+                if (f.task.sink) doomed.push_back(std::move(f.task));
+            finished_.clear();
             try {
                 fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
                 run_posted();
@@ -845,7 +879,10 @@ private:
                 if (socket_frame) break;
             }
         }
-        for (Finished& f : finished_) deliver(f.task, f.body);
+        for (Finished& f : finished_) {
+            deliver(f.task, f.body);
+            f.task.sink.reset();  // settled (see collector_main)
+        }
         if (socket_frame) s.in.consume(*socket_frame);
         if (progressed) ring.consume_to(position);
         if (!finished_.empty()) {
@@ -896,6 +933,9 @@ private:
                 std::lock_guard lock(mutex_);
                 s.pid = m->pid;
                 if (s.state == SeatState::starting) s.state = SeatState::ready;
+                s.respawn_delay = 0;
+                failing_since_ = 0;  // a fork worked: the limit, if any, has lifted
+                dispatch_locked();
             } else if (m->op == ControlMessage::exited) {
                 worker_exited(s, m->pid, m->value);
             } else if (m->op == ControlMessage::spawn_failed) {
@@ -936,11 +976,18 @@ private:
         {
             std::lock_guard lock(mutex_);
             const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            if (!s.inflight.empty() && !s.stalled && slot.current_phase() != WorkerPhase::idle &&
-                slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) {
+            const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
+            const bool killed_for_another = s.timed_out && (s.timed_out->first != slot.task_id.load(std::memory_order_relaxed) ||
+                                                            s.timed_out->second != item);
+            // Blame the item the worker was on — unless the pool killed it for stalling, or for an
+            // item that finished before the kill landed (the one it was on then did nothing
+            // wrong), or the item already failed (a worker that died before the first item it ran).
+            if (!s.inflight.empty() && !s.stalled && !killed_for_another &&
+                slot.current_phase() != WorkerPhase::idle &&
+                slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
+                !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(), item)) {
                 Task& t = s.inflight.front();
-                const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
-                if (s.timed_out && s.timed_out->first == t.id && s.timed_out->second == item) {
+                if (s.timed_out) {
                     lost_error = std::make_exception_ptr(TimeoutError(
                         t.describe(item) + " ran past the task_timeout of " +
                         std::to_string(options_.task_timeout->count()) + "s: worker " + std::to_string(pid) + " killed"));
@@ -1008,16 +1055,24 @@ private:
             if (s.state == SeatState::dead && s.respawn_at != 0) next = std::min(next, s.respawn_at);
         if (options_.task_timeout) {
             const std::int64_t limit = timeout_ns();
+            // A worker is taken for stalled after task_timeout, and never sooner than 1 s: a
+            // loaded machine may leave a healthy worker unscheduled for a few milliseconds.
+            const std::int64_t stall_limit = std::max<std::int64_t>(limit, 1'000'000'000);
             for (Seat& s : seats_) {
                 if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled) continue;
                 const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
                 const WorkerPhase phase = slot.current_phase();
+                // Whatever the worker does next (start a task, say), look again within the limit:
+                // it does not wake the collector for that.
+                next = std::min(next, now + limit);
                 if (phase == WorkerPhase::running) {
                     s.waiting_since = 0;
+                    // The item and its start time as one pair: the worker writes the time first.
+                    const std::uint32_t item = slot.item.load(std::memory_order_acquire);
                     const std::int64_t started = slot.started_ns.load(std::memory_order_acquire);
+                    if (slot.item.load(std::memory_order_acquire) != item) continue;  // moving on
                     if (now - started >= limit) {
-                        s.timed_out = {slot.task_id.load(std::memory_order_relaxed),
-                                       slot.item.load(std::memory_order_relaxed)};
+                        s.timed_out = {slot.task_id.load(std::memory_order_relaxed), item};
                         server_.kill(s.index, s.pid, SIGKILL);
                         continue;
                     }
@@ -1038,12 +1093,12 @@ private:
                     s.waiting_since = now;
                 }
                 if (s.waiting_since == 0) continue;
-                if (now - s.waiting_since >= limit) {
+                if (now - s.waiting_since >= stall_limit) {
                     s.stalled = true;
                     server_.kill(s.index, s.pid, SIGKILL);
                     continue;
                 }
-                next = std::min(next, s.waiting_since + limit);
+                next = std::min(next, s.waiting_since + stall_limit);
             }
         }
         if (next == INT64_MAX) return -1;

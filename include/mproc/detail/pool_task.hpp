@@ -267,8 +267,9 @@ void run_chunk(ChunkContext& c) {
             write_skipped_outcome(c.out);
             continue;
         }
-        c.slot.item.store(i, std::memory_order_relaxed);
+        // The start time first, then the item: the pool reads them as a pair (item, time, item).
         if (c.timed) c.slot.started_ns.store(monotonic_ns(), std::memory_order_release);
+        c.slot.item.store(i, std::memory_order_release);
         std::optional<Args> args;
         try {
             args.emplace(decode_args<Args>(item));
