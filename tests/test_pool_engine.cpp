@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <grp.h>
 #include <numeric>
+#include <sys/mman.h>
 #include <sys/resource.h>
 
 using namespace std::chrono_literals;
@@ -22,6 +23,14 @@ int square(int x) { return x * x; }
     for (;;) ::pause();
 }
 std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
+
+/// Shared by every process of a test: set by the first worker that stops itself.
+inline std::atomic<int>& first_worker_stopped = *new (::mmap(nullptr, 4096, PROT_READ | PROT_WRITE,
+                                                             MAP_SHARED | MAP_ANONYMOUS, -1, 0)) std::atomic<int>(0);
+void stop_first_worker() {
+    int expected = 0;
+    if (first_worker_stopped.compare_exchange_strong(expected, 1)) ::raise(SIGSTOP);
+}
 
 /// Waits for `done()` (failing instead of hanging).
 template <class Done>
@@ -132,10 +141,29 @@ TEST_CASE("a worker stopped while idle: the tasks queued on it move to another w
     std::vector<int> expected;
     for (int x : xs) expected.push_back(x * x);
     CHECK(pool.map(square, xs, 1) == expected);  // none fails: none ever ran on the stopped worker
-    wait_for([&] { return pool_test::gone(workers[0]); }, "the stopped worker to be replaced and reaped");
     CHECK(pool.apply(square, 7) == 49);
     pool.close();
     pool.join();
+    for (pid_t w : workers) CHECK(pool_test::gone(w));
+}
+
+TEST_CASE("a worker stopped before it is ready gets no task: the others do the work") {
+    Watchdog dog(180s, "a worker stopped as it starts");
+    // The initializer of the first worker to start stops it for good (as a SIGSTOP from outside
+    // could at any moment): no task may wait on it, with or without task_timeout.
+    for (bool timed : {false, true}) {
+        INFO((timed ? "with" : "without") << " task_timeout");
+        mproc::PoolOptions options{.processes = 2, .initializer = stop_first_worker};
+        if (timed) options.task_timeout = mproc::Seconds{30};
+        first_worker_stopped.store(0);
+        mproc::Pool pool(options);
+        std::vector<int> xs(20);
+        std::iota(xs.begin(), xs.end(), 0);
+        CHECK(pool.map(square, xs, 1).back() == 19 * 19);
+        pool.close();
+        pool.join();
+        CHECK(mproc_test::child_count() == 0);
+    }
 }
 
 TEST_CASE("join with a worker stopped while idle returns, and the worker is reaped") {
