@@ -135,6 +135,8 @@ TEST_CASE("a worker stopped while idle: the tasks queued on it move to another w
     Watchdog dog(180s, "a stopped worker");
     mproc::Pool pool({.processes = 2, .task_timeout = mproc::Seconds{1}});
     const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+    // Both workers past their start (a worker stopped before it says it is ready is not watched).
+    for (int i = 0; i < 4; ++i) CHECK(pool.map(square, std::vector<int>{1, 2, 3, 4}, 1).back() == 16);
     REQUIRE(::kill(workers[0], SIGSTOP) == 0);
     std::vector<int> xs(20);
     std::iota(xs.begin(), xs.end(), 0);
