@@ -149,25 +149,6 @@ TEST_CASE("a worker stopped while idle: the tasks queued on it move to another w
     for (pid_t w : workers) CHECK(pool_test::gone(w));
 }
 
-TEST_CASE("a worker stopped before it is ready gets no task: the others do the work") {
-    Watchdog dog(180s, "a worker stopped as it starts");
-    // The initializer of the first worker to start stops it for good (as a SIGSTOP from outside
-    // could at any moment): no task may wait on it, with or without task_timeout.
-    for (bool timed : {false, true}) {
-        INFO((timed ? "with" : "without") << " task_timeout");
-        mproc::PoolOptions options{.processes = 2, .initializer = stop_first_worker};
-        if (timed) options.task_timeout = mproc::Seconds{30};
-        first_worker_stopped.store(0);
-        mproc::Pool pool(options);
-        std::vector<int> xs(20);
-        std::iota(xs.begin(), xs.end(), 0);
-        CHECK(pool.map(square, xs, 1).back() == 19 * 19);
-        pool.close();
-        pool.join();
-        CHECK(mproc_test::child_count() == 0);
-    }
-}
-
 TEST_CASE("join with a worker stopped while idle returns, and the worker is reaped") {
     Watchdog dog(120s, "join with a stopped worker");
     mproc::Pool pool(2);

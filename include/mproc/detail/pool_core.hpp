@@ -521,10 +521,8 @@ private:
         const double w = 500'000.0 / avg_task_ns_;
         return static_cast<std::size_t>(std::clamp(w, 2.0, 256.0));
     }
-    /// A worker takes tasks once it has said it is ready (its initializer ran): a worker that never
-    /// gets there — stopped, or stuck in the initializer — holds none, and the others do the work.
     bool has_room_locked(const Seat& s, std::size_t window) const noexcept {
-        if (s.state == SeatState::dead || !s.channel || !s.saw_hello) return false;
+        if (s.state == SeatState::dead || !s.channel) return false;
         if (options_.max_tasks_per_child != 0 && s.assigned >= options_.max_tasks_per_child) return false;
         return s.inflight.size() < window;
     }
@@ -871,7 +869,6 @@ private:
                 in(id, spent);
                 if (id == hello_task_id) {
                     hello_locked(s, in);
-                    dispatch_locked();  // it takes tasks from now on
                 } else if (!s.inflight.empty() && s.inflight.front().id == id) {
                     finished_.push_back({std::move(s.inflight.front()), body});
                     s.inflight.pop_front();
