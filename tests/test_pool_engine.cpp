@@ -24,14 +24,6 @@ int square(int x) { return x * x; }
 }
 std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
 
-/// Shared by every process of a test: set by the first worker that stops itself.
-inline std::atomic<int>& first_worker_stopped = *new (::mmap(nullptr, 4096, PROT_READ | PROT_WRITE,
-                                                             MAP_SHARED | MAP_ANONYMOUS, -1, 0)) std::atomic<int>(0);
-void stop_first_worker() {
-    int expected = 0;
-    if (first_worker_stopped.compare_exchange_strong(expected, 1)) ::raise(SIGSTOP);
-}
-
 /// Waits for `done()` (failing instead of hanging).
 template <class Done>
 void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
