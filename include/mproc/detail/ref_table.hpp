@@ -1,21 +1,23 @@
-// mproc — what a container (a SharedDict) holds handles into: a count per segment, in shared memory.
+// mproc — what a container (a SharedDict, a Queue) holds handles into: a count per segment, in
+// shared memory.
 //
 // A SharedDict entry whose key or value holds handles (a Queue, a Lock, another dict, ...) keeps the
-// ids of the segments they point into beside its bytes, and the dict keeps, in this table, how many
-// of its entries point into each segment. Every change is made by the dict's lock holder; every
-// process reads the table without the lock (SegmentRegistry asks "may this dict hold a handle into
-// segment X?" when the last handle into X goes in that process, to keep X mapped if so).
+// ids of the segments they point into beside its bytes, and so does a Queue record in its header;
+// the container keeps, in this table, how many of its entries or items point into each segment.
+// Every change is made by the container's lock holder; every process reads the table without the
+// lock (SegmentRegistry asks "may this container hold a handle into segment X?" when the last
+// handle into X goes in that process, to keep X mapped if so).
 //
 // A sequence lock makes those lock-free reads safe: the writer makes `version` odd before it
 // changes anything and even again after; a reader that saw an odd version, or a different one
 // after reading, answers "maybe" — it errs only towards keeping a segment. A writer killed halfway
 // leaves the version odd (every reader keeps everything) until the next lock holder repairs the
-// dict and recounts the table from its entries.
+// container and recounts the table from its entries or records.
 //
 // Open addressing over a fixed number of slots (ids are random 64-bit numbers). A slot keeps its
 // id once used; a count that drops to 0 leaves it for the same id, and the table is compacted in
 // place when used slots pass 3/4. More distinct segments than that at once is an mproc::Full,
-// raised before the dict changes.
+// raised before the container changes.
 #pragma once
 
 #include <atomic>

@@ -25,9 +25,9 @@
 //   handle in a process goes, that process unmaps the segment and closes its memfd; the kernel
 //   frees the memory once every process has done so or exited. Nothing is ever shared through
 //   the filesystem, so nothing can leak there.
-// * Handles stored inside other shared objects. A SharedDict (a *container*) keeps, in its own
-//   shared memory, a count per segment of the handles its entries hold (ContainerView reads it
-//   without a lock). When the last handle into a segment goes in a process, the registry asks
+// * Handles stored inside other shared objects. A SharedDict or a Queue (a *container*) keeps, in
+//   its own shared memory, a count per segment of the handles its entries or items hold
+//   (ContainerView reads it without a lock). When the last handle into a segment goes in a process, the registry asks
 //   every container this process maps whether it may hold a handle into that segment; if one
 //   may, the segment stays mapped here (*retained*) instead. sweep() — after every container
 //   operation, and whenever a segment is unmapped — lets go of every retained segment that no
