@@ -244,26 +244,41 @@ private:
     /// unmapped; a racing find() sees an expired weak_ptr.
     struct Deleter {
         SegmentRegistry* registry;
-        void operator()(Segment* s) const { registry->last_handle_gone(s); }
+        void operator()(Segment* s) const noexcept { registry->last_handle_gone(s); }
     };
-    void last_handle_gone(Segment* s) {
+    void last_handle_gone(Segment* s) noexcept {
+        // The new owner is made before the decision, so that find() never sees the segment
+        // missing while it stays; when it does not stay, dropping that owner comes back here and
+        // lets go of it (so does a failure to allocate the owner or the record).
+        thread_local Segment* letting_go = nullptr;
+        if (letting_go != s) {
+            letting_go = s;
+            try {
+                SegmentPtr again(s, Deleter{this});
+                std::lock_guard guard(mutex_);
+                if (referenced_locked(*s)) {
+                    live_[s->id()] = again;
+                    retained_.try_emplace(s->id(), again);
+                    retained_size_.store(retained_.size(), std::memory_order_release);
+                    ++changes_;
+                }
+            } catch (...) {
+            }
+            letting_go = nullptr;
+            return;
+        }
         {
             std::lock_guard guard(mutex_);
-            if (referenced_locked(*s)) {
-                SegmentPtr again(s, Deleter{this});
-                live_[s->id()] = again;
-                retained_[s->id()] = std::move(again);
-                retained_size_.store(retained_.size(), std::memory_order_release);
-                ++changes_;
-                return;
-            }
             auto it = live_.find(s->id());
             if (it != live_.end() && it->second.expired()) live_.erase(it);
             if (s->container_) std::erase(containers_, s);
             ++changes_;
         }
         delete s;
-        sweep();  // what only this segment's container referred to may go now
+        try {
+            sweep();  // what only this segment's container referred to may go now
+        } catch (...) {
+        }
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
