@@ -744,3 +744,29 @@ TEST_CASE("A process killed in the middle of counting a dict's handles: the next
     CHECK(mproc::detail::segments().retained_count() == 0);
     CHECK(child_count() == 0);
 }
+
+TEST_CASE("Threads storing, reading back and erasing nested handles at once: each sees its own objects, and nothing is left mapped") {
+    const std::size_t queues = mappings_of("mproc-queue");
+    mproc::SharedDict<int, mproc::Queue<int>> d;
+    mproc::SharedDict<int, mproc::SharedDict<int, mproc::Queue<int>>> outer;
+    outer[0] = d;
+    constexpr int threads = 4, rounds = 200;
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t)
+        workers.emplace_back([&, t] {
+            for (int i = 0; i < rounds; ++i) {
+                d[t] = mproc::Queue<int>({.buffer_bytes = 1 << 16});  // only the stored copy is left
+                mproc::Queue<int> back = outer.at(0).at(t);
+                back.put(t * rounds + i);
+                if (d.at(t).get(5s) != t * rounds + i) ++wrong;
+                if (i % 2 == 0) d.erase(t);
+            }
+            d.erase(t);
+        });
+    for (auto& w : workers) w.join();
+    CHECK(wrong == 0);
+    CHECK(d.empty());
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+}
