@@ -684,7 +684,7 @@ TEST_CASE("A nested object goes when its last stored copy is overwritten, erased
     CHECK(mappings_of("mproc-queue") == queues);
 }
 
-TEST_CASE("A handle stored by another process outlives this process's own handles; one erased by another process goes at this process's next use of the dict") {
+TEST_CASE("A handle stored by another process outlives this process's own handles, and one erased by another process goes at this process's next use of the dict") {
     const std::size_t queues = mappings_of("mproc-queue");
     mproc::SharedDict<std::string, mproc::Queue<int>> d;
     {
