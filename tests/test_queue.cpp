@@ -621,3 +621,125 @@ TEST_CASE("Producers killed while they hold the Queue's lock: the next locker re
     CHECK(q.qsize() == 0);
     CHECK(child_count() == 0);
 }
+
+// ---- Handles in flight through a Queue: the queue keeps their objects alive -------------------
+
+namespace {
+std::size_t queue_mappings(const std::string& name) { return mproc_test::memfd_mappings(::getpid(), name).size(); }
+
+struct Parcel;
+Parcel parcel(std::string note);
+
+struct Parcel {
+    mproc::Queue<int> reply{mproc::QueueOptions{.buffer_bytes = 1 << 16}};
+    mproc::Lock lock;
+    mproc::Value<long> total{0};
+    mproc::Array<double> big = mproc::Array<double>(std::size_t{1} << 16);  // a segment of its own
+    std::string note;
+    template <class Archive> void serialize(Archive& ar) { ar(reply, lock, total, big, note); }
+};
+Parcel parcel(std::string note) {
+    Parcel p;
+    p.note = std::move(note);
+    return p;
+}
+}  // namespace
+
+TEST_CASE("Handles whose only copy is an item in a Queue stay usable until the item is taken, then go with their last handle") {
+    const std::size_t queues = queue_mappings("mproc-queue"), arrays = queue_mappings("mproc-array");
+    mproc::Queue<Parcel> parcels({.buffer_bytes = 1 << 20});
+    parcels.put(parcel("first"));  // the temporary goes: the queue holds the only copies
+    parcels.put(parcel("second"));
+    CHECK(queue_mappings("mproc-queue") == queues + 3);
+    CHECK(queue_mappings("mproc-array") == arrays + 2);
+    {
+        Parcel first = parcels.get();  // in this process
+        CHECK(first.note == "first");
+        first.reply.put(1);
+        CHECK(first.reply.get() == 1);
+        std::lock_guard g(first.lock);
+        first.total += 5;
+        first.big[7] = 2.5;
+    }  // its last handle: it goes
+    CHECK(queue_mappings("mproc-queue") == queues + 2);
+    CHECK(queue_mappings("mproc-array") == arrays + 1);
+    // A child forked now takes the second one.
+    mproc::Process consumer([&] {
+        Parcel second = parcels.get(60s);
+        second.total += 3;
+        std::_Exit(second.note == "second" && second.total.load() == 3 ? 0 : 1);
+    });
+    consumer.start();
+    REQUIRE(consumer.join(60s));
+    CHECK(consumer.exitcode() == 0);
+    // Taken elsewhere: this process lets go at its next call on a queue or a dict.
+    CHECK(parcels.empty());
+    CHECK_FALSE(parcels.try_get().has_value());
+    CHECK(queue_mappings("mproc-queue") == queues + 1);
+    CHECK(queue_mappings("mproc-array") == arrays);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A streamed item holding handles: taken whole, or withdrawn when its producer gives up, its handles are counted once") {
+    const std::size_t queues = queue_mappings("mproc-queue");
+    mproc::Queue<std::pair<mproc::Queue<int>, std::string>> q({.buffer_bytes = 1 << 16});
+    mproc::Queue<int> sent;  // made before the child, so the child maps it
+    mproc::Process consumer([&] {
+        auto [inner, text] = q.get(60s);
+        inner.put(static_cast<int>(text.size()));
+        std::_Exit(inner.get(5s) == 300'000 ? 0 : 1);
+    });
+    consumer.start();
+    q.put({std::move(sent), std::string(300'000, 'x')}, 60s);  // streams through the ring as the child reads
+    { const mproc::Queue<int> gone = std::move(sent); }  // this process's handle: none left but the item's
+    REQUIRE(consumer.join(60s));
+    CHECK(consumer.exitcode() == 0);
+    CHECK(q.empty());
+    CHECK(queue_mappings("mproc-queue") == queues + 1);
+    // A producer that gives up (nobody takes the stream before its timeout): withdrawn, not counted.
+    CHECK_THROWS_AS(q.put({mproc::Queue<int>(), std::string(300'000, 'y')}, 200ms), mproc::Full);
+    CHECK(q.empty());
+    CHECK_FALSE(q.try_get().has_value());
+    CHECK(queue_mappings("mproc-queue") == queues + 1);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A producer killed holding the Queue's lock while counting an item's handles: the next locker recounts from the ring") {
+    const std::size_t queues = queue_mappings("mproc-queue");
+    mproc::Queue<mproc::Queue<int>> q({.buffer_bytes = 1 << 16});
+    std::uint64_t inner_id = 0;
+    {
+        mproc::Queue<int> inner;
+        inner_id = std::get<0>(mproc::from_bytes<std::tuple<std::uint64_t, std::uint64_t>>(mproc::to_bytes(inner)));
+        q.put(inner);
+    }
+    CHECK(queue_mappings("mproc-queue") == queues + 2);
+    mproc::Event inside;
+    mproc::Process writer([&] {
+        // What a producer killed between counting an item's handles and publishing it leaves.
+        auto* h = reinterpret_cast<mproc::detail::QueueHeader*>(mproc_test::object_address(q));
+        h->mutex.lock();
+        mproc::detail::RefCounts counts(
+            reinterpret_cast<mproc::detail::RefTable*>(reinterpret_cast<std::byte*>(h) + h->refs));
+        counts.begin();
+        const std::uint64_t stray[] = {inner_id};  // a count that no item backs
+        counts.add(stray);
+        inside.set();
+        while (true) ::pause();
+    });
+    writer.start();
+    REQUIRE(inside.wait(60s));
+    writer.kill();
+    REQUIRE(writer.join(60s));
+    CHECK(q.qsize() == 1);  // the next locker repairs
+    {
+        mproc::Queue<int> inner = q.get();
+        inner.put(3);
+        CHECK(inner.get() == 3);
+    }
+    CHECK(queue_mappings("mproc-queue") == queues + 1);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}

@@ -211,8 +211,12 @@ TEST_CASE("fmt prints a SharedDict like a map: strings quoted, numbers bare") {
 TEST_CASE("items() is a consistent snapshot while others write") {
     // The writer inserts key 0, 1, 2, ... in order: any consistent snapshot is a prefix.
     mproc::SharedDict<int, int> d;
+    mproc::Event looked;  // the writer waits, half-way, until a snapshot was taken meanwhile
     mproc::Process writer([&] {
-        for (int i = 0; i < 20000; ++i) d.set(i, i * 2);
+        for (int i = 0; i < 20000; ++i) {
+            d.set(i, i * 2);
+            if (i == 10000) (void)looked.wait(60s);
+        }
     });
     writer.start();
     int torn = 0, snapshots = 0;
@@ -221,6 +225,7 @@ TEST_CASE("items() is a consistent snapshot while others write") {
         writer_done = writer.join(0s);
         const auto items = d.items();
         ++snapshots;
+        if (items.size() > 1 && items.size() < 20000) looked.set();
         for (std::size_t i = 0; i < items.size(); ++i)
             if (items[i].first != static_cast<int>(i) || items[i].second != static_cast<int>(i) * 2) ++torn;
     } while (!writer_done);
@@ -501,4 +506,269 @@ TEST_CASE("Writers killed while they hold the dict's lock: the next locker repai
     for (int i = 0; i < 2000; ++i) REQUIRE(d.erase("after-" + std::to_string(i)));
     CHECK(d.items() == items);
     CHECK(child_count() == 0);
+}
+
+// ---- Handles stored inside a SharedDict: the dict keeps their objects alive ------------------
+
+namespace {
+
+/// Every kind of handle, with a small Array (carved from a shared chunk) and a big one (a
+/// segment of its own).
+struct AllKinds {
+    mproc::Queue<int> queue{mproc::QueueOptions{.buffer_bytes = 1 << 16}};
+    mproc::SharedDict<std::string, int> dict{mproc::SharedDictOptions{.max_bytes = 1 << 20}};
+    mproc::Lock lock;
+    mproc::RLock rlock;
+    mproc::Semaphore semaphore{0};
+    mproc::Event event;
+    mproc::Barrier barrier{1};
+    mproc::Value<long> value{0};
+    mproc::Array<int> small = mproc::Array<int>(4);
+    mproc::Array<double> big = mproc::Array<double>(std::size_t{1} << 16);  // 512 KiB: a segment of its own
+    template <class Archive> void serialize(Archive& ar) {
+        ar(queue, dict, lock, rlock, semaphore, event, barrier, value, small, big);
+    }
+};
+
+/// Uses every object in `all` once, as the process numbered `who` (1, 2, 3, ...). Returns the
+/// number of checks that failed.
+int use_all_kinds(AllKinds all, int who) {
+    int failures = 0;
+    all.queue.put(who);
+    failures += all.queue.get(5s) == who ? 0 : 1;
+    all.dict[std::to_string(who)] = who;
+    failures += all.dict.at(std::to_string(who)) == who ? 0 : 1;
+    {
+        std::lock_guard l(all.lock);
+        std::lock_guard r1(all.rlock);
+        std::lock_guard r2(all.rlock);
+    }
+    all.semaphore.release();
+    failures += all.semaphore.acquire(5s) ? 0 : 1;
+    all.event.set();
+    failures += all.event.wait(5s) ? 0 : 1;
+    all.barrier.wait(5s);
+    all.value += who;
+    all.small[0] += who;
+    all.big[(1 << 16) - 1] += who;
+    return failures;
+}
+
+using StoredKinds = mproc::SharedDict<std::string, AllKinds>;
+int use_stored_kinds(StoredKinds d, int who) { return use_all_kinds(d.at("all"), who); }
+
+std::size_t mappings_of(const std::string& name) { return mproc_test::memfd_mappings(::getpid(), name).size(); }
+
+}  // namespace
+
+TEST_CASE("Dicts and a Queue stored only inside a SharedDict stay usable (Python's nested manager dicts and queues)") {
+    const std::size_t dicts = mappings_of("mproc-dict"), queues = mappings_of("mproc-queue");
+    {
+        mproc::SharedDict<std::string, mproc::SharedDict<std::string, int>> d;
+        {
+            mproc::SharedDict<std::string, int> pets, supplies;
+            pets["ferrets"] = 2;
+            pets["hamsters"] = 4;
+            supplies["water"] = 10;
+            supplies["feed"] = 3;
+            d["pets"] = pets;
+            d["supplies"] = supplies;
+            CHECK(d.at("supplies").at("water") == 10);
+        }  // the last handles of this process go: only the stored copies are left
+        CHECK(d.at("pets").at("ferrets") == 2);
+        d.at("supplies")["blankets"] = 5;
+        d.at("supplies")["water"] = 7;
+        CHECK(d.at("supplies").at("blankets") == 5);
+        CHECK(d.at("supplies").at("water") == 7);
+        CHECK(mappings_of("mproc-dict") == dicts + 3);
+        // A child forked now has them too, and sees the same dicts.
+        mproc::Process child([&] { std::_Exit(d.at("pets").at("hamsters") == 4 && d.at("supplies").size() == 3 ? 0 : 1); });
+        child.start();
+        REQUIRE(child.join(60s));
+        CHECK(child.exitcode() == 0);
+        d.erase("pets");
+        CHECK(mappings_of("mproc-dict") == dicts + 2);
+        d.clear();
+        CHECK(d.empty());
+        CHECK(mappings_of("mproc-dict") == dicts + 1);
+
+        // CPython's test_nested_queue: b[0] = Queue(); b[0].put(456); b[0].get() == 456.
+        mproc::SharedDict<int, mproc::Queue<int>> b;
+        b[0] = mproc::Queue<int>();
+        b.at(0).put(456);
+        CHECK(b.at(0).get() == 456);
+        CHECK(mappings_of("mproc-queue") == queues + 1);
+    }
+    CHECK(mappings_of("mproc-dict") == dicts);
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Every kind of handle stored only inside a SharedDict works here, in a Process child and in Pool workers, and goes with its last stored copy") {
+    const std::size_t mapped = mproc::detail::segments().mapped_count();
+    const std::size_t dicts = mappings_of("mproc-dict"), queues = mappings_of("mproc-queue"),
+                      arrays = mappings_of("mproc-array");
+    {
+        StoredKinds d;
+        d["all"] = AllKinds{};  // the temporary is gone: the dict holds the only handles
+        CHECK(mproc::detail::segments().retained_count() >= 3);  // the queue, the dict, the big array
+        CHECK(mappings_of("mproc-queue") == queues + 1);
+        CHECK(mappings_of("mproc-array") == arrays + 1);
+        CHECK(use_stored_kinds(d, 1) == 0);
+        // Forked after the last handles went: the child maps them through the parent's hold.
+        mproc::Process child([&] { std::_Exit(use_stored_kinds(d, 2) == 0 ? 0 : 1); });
+        child.start();
+        REQUIRE(child.join(60s));
+        CHECK(child.exitcode() == 0);
+        {
+            mproc::Pool pool(2);  // its workers too
+            std::vector<mproc::AsyncResult<int>> results;
+            for (int who = 3; who < 7; ++who) results.push_back(pool.apply_async(use_stored_kinds, std::tuple{d, who}));
+            for (auto& r : results) CHECK(r.get(60s) == 0);
+            pool.close();
+            pool.join();
+        }
+        const AllKinds all = d.at("all");
+        CHECK(all.value.load() == 1 + 2 + 3 + 4 + 5 + 6);
+        CHECK(all.small[0] == 21);
+        CHECK(all.big[(1 << 16) - 1] == 21.0);
+        CHECK(all.dict.size() == 6);
+    }
+    // The dict went, and with it everything only it held.
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(mappings_of("mproc-dict") == dicts);
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mappings_of("mproc-array") == arrays);
+    CHECK(mproc::detail::segments().mapped_count() <= mapped + 1);  // at most a new chunk of small objects
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A nested object goes when its last stored copy is overwritten, erased, popped or cleared, or when the dicts holding it go") {
+    const std::size_t dicts = mappings_of("mproc-dict"), queues = mappings_of("mproc-queue");
+    using Queues = mproc::SharedDict<std::string, mproc::Queue<int>>;
+    Queues d;
+    d["a"] = mproc::Queue<int>();
+    d["b"] = mproc::Queue<int>();
+    CHECK(mappings_of("mproc-queue") == queues + 2);
+    d["a"] = mproc::Queue<int>();  // overwritten: the first queue goes, the new one stays
+    CHECK(mappings_of("mproc-queue") == queues + 2);
+    d["c"] = d.at("b");  // a second stored copy of b
+    d.erase("b");
+    CHECK(mappings_of("mproc-queue") == queues + 2);  // c still holds b's queue
+    {
+        std::optional<mproc::Queue<int>> popped = d.pop("c");
+        REQUIRE(popped);
+        popped->put(1);
+        CHECK(popped->get() == 1);
+    }  // the popped handle was the last
+    CHECK(mappings_of("mproc-queue") == queues + 1);
+    d.clear();
+    CHECK(mappings_of("mproc-queue") == queues);
+
+    // A chain: outer -> inner -> queue; dropping the outer dict lets all of them go.
+    {
+        mproc::SharedDict<std::string, Queues> outer;
+        {
+            Queues inner;
+            inner["q"] = mproc::Queue<int>();
+            outer["inner"] = inner;
+        }
+        outer.at("inner").at("q").put(5);
+        CHECK(outer.at("inner").at("q").get() == 5);
+        CHECK(mappings_of("mproc-dict") == dicts + 3);  // d, outer, inner
+        CHECK(mappings_of("mproc-queue") == queues + 1);
+    }
+    CHECK(mappings_of("mproc-dict") == dicts + 1);  // only d
+    CHECK(mappings_of("mproc-queue") == queues);
+
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(mappings_of("mproc-queue") == queues);
+}
+
+TEST_CASE("A handle stored by another process outlives this process's own handles, and one erased by another process goes at this process's next use of the dict") {
+    const std::size_t queues = mappings_of("mproc-queue");
+    mproc::SharedDict<std::string, mproc::Queue<int>> d;
+    {
+        mproc::Queue<int> q;
+        mproc::Process storer([&] { d["q"] = q; });
+        storer.start();
+        REQUIRE(storer.join(60s));
+        CHECK(storer.exitcode() == 0);
+    }  // this process's only handle goes; the copy the child stored keeps the queue here
+    d.at("q").put(7);
+    CHECK(d.at("q").get() == 7);
+    CHECK(mappings_of("mproc-queue") == queues + 1);
+    mproc::Process eraser([&] { std::_Exit(d.erase("q") ? 0 : 1); });
+    eraser.start();
+    REQUIRE(eraser.join(60s));
+    CHECK(eraser.exitcode() == 0);
+    CHECK_FALSE(d.contains("q"));  // any call on the dict notices
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A process killed in the middle of counting a dict's handles: the next locker recounts them from the entries") {
+    const std::size_t queues = mappings_of("mproc-queue");
+    mproc::SharedDict<std::string, mproc::Queue<int>> d;
+    d["q"] = mproc::Queue<int>();
+    d["n"] = mproc::Queue<int>();
+    CHECK(mappings_of("mproc-queue") == queues + 2);
+    const auto [q_id, q_offset] =
+        mproc::from_bytes<std::tuple<std::uint64_t, std::uint64_t>>(mproc::to_bytes(d.at("q")));
+    (void)q_offset;
+    mproc::Event inside;
+    mproc::Process writer([&] {
+        // What a writer killed between two steps of a change leaves: the dict's lock held, the
+        // table of counts marked as changing, and a count that no entry backs.
+        auto* h = reinterpret_cast<mproc::detail::DictHeader*>(mproc_test::object_address(d));
+        h->mutex.lock();
+        mproc::detail::RefCounts counts(
+            reinterpret_cast<mproc::detail::RefTable*>(reinterpret_cast<std::byte*>(h) + h->refs));
+        counts.begin();
+        const std::uint64_t stray[] = {q_id, q_id};
+        counts.add(stray);
+        inside.set();
+        while (true) ::pause();
+    });
+    writer.start();
+    REQUIRE(inside.wait(60s));
+    writer.kill();
+    REQUIRE(writer.join(60s));
+    // The next locker repairs; the counts are what the entries hold again, so erasing the entries
+    // lets the queues go.
+    CHECK(d.size() == 2);
+    d.erase("q");
+    CHECK(mappings_of("mproc-queue") == queues + 1);
+    d.erase("n");
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Threads storing, reading back and erasing nested handles at once: each sees its own objects, and nothing is left mapped") {
+    const std::size_t queues = mappings_of("mproc-queue");
+    mproc::SharedDict<int, mproc::Queue<int>> d;
+    mproc::SharedDict<int, mproc::SharedDict<int, mproc::Queue<int>>> outer;
+    outer[0] = d;
+    constexpr int threads = 4, rounds = 200;
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t)
+        workers.emplace_back([&, t] {
+            for (int i = 0; i < rounds; ++i) {
+                d[t] = mproc::Queue<int>({.buffer_bytes = 1 << 16});  // only the stored copy is left
+                mproc::Queue<int> back = outer.at(0).at(t);
+                back.put(t * rounds + i);
+                if (d.at(t).get(5s) != t * rounds + i) ++wrong;
+                if (i % 2 == 0) d.erase(t);
+            }
+            d.erase(t);
+        });
+    for (auto& w : workers) w.join();
+    CHECK(wrong == 0);
+    CHECK(d.empty());
+    CHECK(mappings_of("mproc-queue") == queues);
+    CHECK(mproc::detail::segments().retained_count() == 0);
 }

@@ -12,6 +12,11 @@
 // its producer's exit or death — as soon as put() returns. A producer can put and exit, and the
 // parent can join it before reading, with no deadlock.
 //
+// An item may hold handles (a Queue, a Lock, a SharedDict, ...): its record lists the segments
+// they point into, and the queue counts them (detail/ref_table.hpp) until the item is taken, so
+// each process keeps those objects mapped while the item waits, even once the producer dropped
+// its own handles (see detail/shm_registry.hpp).
+//
 // The ring is a memfd reserved at its full size (buffer_bytes, 1 GiB by default) but sparse:
 // memory is used only as items fill it and is handed back as they are read. An item larger
 // than the ring streams through it in pieces while a consumer reads it (see docs/shared-memory.md
@@ -30,9 +35,12 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "detail/clock.hpp"
 #include "detail/futex.hpp"
+#include "detail/ref_table.hpp"
 #include "detail/robust_mutex.hpp"
 #include "detail/shared_memory.hpp"
 #include "detail/shared_object.hpp"
@@ -58,6 +66,10 @@ inline constexpr std::uint64_t stream_flag = std::uint64_t{1} << 63;
 /// A record word alone: the rest of this lap of the ring is unused, the next record starts the
 /// next lap (see ByteQueue::lap_back).
 inline constexpr std::uint64_t lap_flag = std::uint64_t{1} << 62;
+/// Marks a record whose item holds handles: the word is followed by their number n and n
+/// segment ids (counted in the queue's RefTable until the item is taken), then the payload.
+inline constexpr std::uint64_t refs_flag = std::uint64_t{1} << 61;
+inline constexpr std::uint64_t record_flags = stream_flag | refs_flag;
 /// The most bytes copied in or out under the queue's lock at once.
 inline constexpr std::size_t queue_piece = std::size_t{1} << 20;
 /// Consumed ring memory beyond the first `queue_resident` bytes goes back to the kernel in
@@ -107,6 +119,7 @@ struct QueueHeader {
     RobustMutex read_claim;   // held by the consumer draining a streamed item
     std::atomic<std::uint32_t> current;
     std::uint32_t reserved;
+    std::uint64_t refs;       // segment offset of the RefTable, past the ring
     QueueCursor cursors[2];
     // Futex words: bumped on every change a sleeper of that kind may be waiting for.
     alignas(64) FutexWord items;  // an item can be taken
@@ -132,45 +145,70 @@ public:
         if (capacity > (std::size_t{1} << 46))
             throw Error("mproc::Queue: buffer_bytes " + std::to_string(options.buffer_bytes) + " is too large");
         const std::size_t data_offset = round_up(sizeof(QueueHeader), page_size());
-        SharedRef ref = SharedRef::dedicated(data_offset + capacity, "mproc-queue");
+        // The RefTable lies past the ring, in pages of its own (sparse: untouched, they cost nothing).
+        SharedRef ref = SharedRef::dedicated(data_offset + capacity + sizeof(RefTable), "mproc-queue");
         auto* h = new (ref.address()) QueueHeader;
         h->header = {queue_magic, 0, type};
         h->capacity = capacity;
         h->maxsize = options.maxsize;
         h->data_offset = data_offset;
+        h->refs = data_offset + capacity;
         h->mutex.init();
         h->write_claim.init();
         h->read_claim.init();
+        segments().mark_container(*ref.segment(), &container_view);
         return ref;
     }
 
     static void check(const SharedRef& ref) {
         const auto* h = reinterpret_cast<const QueueHeader*>(ref.address());
-        if (ref.offset() != 0 || h->data_offset + h->capacity != ref.segment()->size() ||
-            h->data_offset < sizeof(QueueHeader))
+        const std::size_t size = ref.segment()->size();
+        if (ref.offset() != 0 || h->data_offset < sizeof(QueueHeader) || h->data_offset > size ||
+            h->capacity > size - h->data_offset || h->refs != h->data_offset + h->capacity ||
+            size - h->refs < sizeof(RefTable))
             throw SerializationError("mproc: corrupt Queue handle: its layout does not match its memory");
+        segments().mark_container(*ref.segment(), &container_view);
     }
 
-    explicit ByteQueue(const SharedRef& ref)
-        : h_(ref.as<QueueHeader>()), ring_(ref.address() + h_->data_offset), cap_(h_->capacity) {}
+    /// How the registry reads a queue's RefTable (see detail/shm_registry.hpp).
+    static constexpr ContainerView container_view{
+        [](const std::byte* base, std::uint64_t id) noexcept {
+            const auto* h = reinterpret_cast<const QueueHeader*>(base);
+            return RefCounts::may_reference(reinterpret_cast<const RefTable*>(base + h->refs), id);
+        },
+        [](const std::byte* base) noexcept {
+            const auto* h = reinterpret_cast<const QueueHeader*>(base);
+            return RefCounts::version(reinterpret_cast<const RefTable*>(base + h->refs));
+        }};
 
-    /// Copies `msg` into the queue. False if `deadline` passed first (nothing was added).
-    bool put(std::span<const std::byte> msg, const Deadline& deadline) {
+    explicit ByteQueue(const SharedRef& ref)
+        : h_(ref.as<QueueHeader>()), ring_(ref.address() + h_->data_offset), cap_(h_->capacity),
+          refs_(reinterpret_cast<RefTable*>(ref.address() + h_->refs)) {}
+
+    /// Copies `msg` into the queue; `ids` are the segments its handles point into. False if
+    /// `deadline` passed first (nothing was added). Full, at once, if the queue already counts
+    /// handles into as many segments as its RefTable holds.
+    bool put(std::span<const std::byte> msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
         const std::uint64_t len = msg.size();
-        if (len >= lap_flag) throw Error("mproc::Queue::put: item too large");
-        const bool whole = 8 + len <= std::min<std::uint64_t>(cap_, queue_piece);
+        if (len >= refs_flag) throw Error("mproc::Queue::put: item too large");
+        if (ids.size() > RefTable::max_live) throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
+        // The record's header: its word, then (for an item holding handles) n and the n ids.
+        const std::uint64_t header = ids.empty() ? 8 : 16 + 8 * ids.size();
+        const bool whole = header + len <= std::min<std::uint64_t>(cap_, queue_piece);
         Wakes wakes;
         {
             Guard guard = lock();
+            RefCounts counts(refs_);
+            counts.reserve(ids, "mproc::Queue::put");
             bool paced = false;
             for (;;) {
                 QueueCursor c = cursor();
                 if (c.writing && probe_writer(c, wakes)) c = cursor();
                 const std::uint64_t room = cap_ - (c.tail - c.head);
-                if (!c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && room >= (whole ? 8 + len : 8)) {
-                    if (paced || !should_pace(c, whole ? 8 + len : 8)) break;
+                if (!c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && room >= (whole ? header + len : header)) {
+                    if (paced || !should_pace(c, whole ? header + len : header)) break;
                     paced = true;  // once per put: then it goes ahead whatever happened
-                    pace(guard, wakes, whole ? 8 + len : 8);
+                    pace(guard, wakes, whole ? header + len : header);
                     continue;
                 }
                 if (expired(deadline)) {
@@ -178,15 +216,21 @@ public:
                     return false;
                 }
                 wait(guard, h_->space, h_->space_waiters, h_->space_wake_sent, deadline, wakes);
+                counts.reserve(ids, "mproc::Queue::put");  // others may have counted meanwhile
             }
             QueueCursor c = cursor();
             if (whole) {
-                lap_back(c, 8 + len);
-                write_word(c.tail, len);
-                copy_in(c.tail + 8, msg.data(), len);
-                c.tail += 8 + len;
+                lap_back(c, header + len);
+                if (!ids.empty()) {
+                    counts.begin();
+                    counts.add(ids);
+                }
+                write_header(c.tail, len, ids);
+                copy_in(c.tail + header, msg.data(), len);
+                c.tail += header + len;
                 ++c.count;
                 publish(c);
+                if (!ids.empty()) counts.end();
                 wakes.items = true;
                 guard.unlock();
                 wakes.fire(*h_);
@@ -196,14 +240,19 @@ public:
             const LockResult claim = h_->write_claim.try_lock();
             if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
             if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
-            lap_back(c, 8 + len);  // an item that fits the free start of the ring streams there
-            write_word(c.tail, len | stream_flag);
+            lap_back(c, header + len);  // an item that fits the free start of the ring streams there
+            if (!ids.empty()) {
+                counts.begin();
+                counts.add(ids);
+            }
+            write_header(c.tail, len | stream_flag, ids);
             c.stream_at = c.tail;
-            c.tail += 8;
+            c.tail += header;
             ++c.count;
             c.writing = 1;
             c.write_left = len;
             publish(c);
+            if (!ids.empty()) counts.end();
             wakes.items = true;
             std::uint64_t sent = 0;
             for (;;) {
@@ -254,8 +303,10 @@ public:
 
     /// Takes the next item into `out`. False if there was none before `deadline` (or at once,
     /// with `nowait`). Once it has started reading a streamed item it finishes it, whatever the
-    /// deadline — unless its producer dies or gives up, which drops the item.
-    bool get(Buffer& out, const Deadline& deadline, bool nowait) {
+    /// deadline — unless its producer dies or gives up, which drops the item. The segments the
+    /// item's handles point into are put in `pins` (those this process maps) before the queue
+    /// stops counting them, so they stay mapped here until the item is decoded.
+    bool get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins = nullptr) {
         Wakes wakes;
         Guard guard = lock();
         for (;;) {
@@ -281,15 +332,26 @@ public:
                     publish(c);
                     continue;
                 }
-                const std::uint64_t len = word & ~stream_flag;
+                const std::uint64_t len = word & ~record_flags;
+                const std::vector<std::uint64_t> ids = record_ids(c.head, word);
+                const std::uint64_t header = ids.empty() ? 8 : 16 + 8 * ids.size();
                 out.resize(static_cast<std::size_t>(len));  // may throw: nothing taken yet
+                if (pins)
+                    for (std::uint64_t id : ids)
+                        if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
+                RefCounts counts(refs_);
                 if (!(word & stream_flag)) {
-                    copy_out(c.head + 8, out.data(), len);
+                    if (!ids.empty()) {
+                        counts.begin();
+                        counts.remove(ids);
+                    }
+                    copy_out(c.head + header, out.data(), len);
                     const std::uint64_t from = c.head;
-                    c.head += 8 + len;
+                    c.head += header + len;
                     --c.count;
                     consumed(c, from, wakes);
                     publish(c);
+                    if (!ids.empty()) counts.end();
                     if (c.count > 0) wakes.items = true;  // pass the wake-up on
                     guard.unlock();
                     wakes.fire(*h_);
@@ -298,14 +360,19 @@ public:
                 const LockResult claim = h_->read_claim.try_lock();
                 if (!holds(claim)) throw Error("mproc::Queue: internal error: the read claim is held with no reader");
                 if (claim == LockResult::owner_died) h_->read_claim.mark_consistent();
+                if (!ids.empty()) {
+                    counts.begin();
+                    counts.remove(ids);
+                }
                 const std::uint64_t from = c.head;
-                c.head += 8;
+                c.head += header;
                 --c.count;
                 c.reading = 1;
                 c.read_left = len;
                 c.aborted = 0;
                 consumed(c, from, wakes);
                 publish(c);
+                if (!ids.empty()) counts.end();  // the item's handles are this reader's from here
                 if (drain(guard, out.data(), len, wakes)) {
                     guard.unlock();
                     wakes.fire(*h_);
@@ -340,8 +407,54 @@ private:
             Wakes wakes;
             if (c.writing) q->probe_writer(c, wakes);
             wakes.fire(*q->h_);
+            // A holder killed while counting an item's handles left the RefTable changing:
+            // count them again from the records in the ring.
+            if (q->refs_->version & 1u) q->recount();
         }
     };
+
+    /// The segment ids a record lists (none without refs_flag). Throws on a corrupt count.
+    std::vector<std::uint64_t> record_ids(std::uint64_t pos, std::uint64_t word) const {
+        std::vector<std::uint64_t> ids;
+        if (!(word & refs_flag)) return ids;
+        const std::uint64_t n = read_word(pos + 8);
+        if (n == 0 || n > RefTable::max_live) throw Error("mproc::Queue: a record's handle count is corrupted");
+        ids.resize(static_cast<std::size_t>(n));
+        copy_out(pos + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
+        return ids;
+    }
+    /// Writes a record's header at `pos`: its word (with refs_flag when it lists ids), n, the ids.
+    void write_header(std::uint64_t pos, std::uint64_t word, std::span<const std::uint64_t> ids) noexcept {
+        if (ids.empty()) {
+            write_word(pos, word);
+            return;
+        }
+        write_word(pos, word | refs_flag);
+        write_word(pos + 8, ids.size());
+        copy_in(pos + 16, reinterpret_cast<const std::byte*>(ids.data()), ids.size_bytes());
+    }
+    /// With the lock held: the RefTable counted again from every record in the ring. A streamed
+    /// item already being drained has been taken (its handles went with its reader); a record
+    /// being streamed in is the last, and its header is whole.
+    void recount() {
+        RefCounts counts(refs_);
+        counts.begin();
+        counts.clear();
+        const QueueCursor c = cursor();
+        std::uint64_t pos = c.reading ? c.head + c.read_left : c.head;
+        while (pos + 8 <= c.tail) {
+            const std::uint64_t word = read_word(pos);
+            if (word == lap_flag) {
+                pos += cap_ - pos % cap_;
+                continue;
+            }
+            const std::vector<std::uint64_t> ids = record_ids(pos, word);
+            counts.reserve(ids, "mproc::Queue");  // they fitted when they were put
+            counts.add(ids);
+            pos += (ids.empty() ? 8 : 16 + 8 * ids.size()) + (word & ~record_flags);
+        }
+        counts.end();
+    }
     using Guard = RobustGuard<Repair>;
     Guard lock() { return Guard(h_->mutex, Repair{this}); }
 
@@ -533,14 +646,26 @@ private:
         return true;
     }
 
-    /// Withdraws the item being streamed in: cut off if no consumer took it yet, otherwise
-    /// marked aborted so its reader drops what it has.
+    /// Withdraws the item being streamed in: cut off if no consumer took it yet (and its
+    /// handles no longer counted), otherwise marked aborted so its reader drops what it has.
     void abort_stream(QueueCursor& c) noexcept {
         if (c.reading && c.head > c.stream_at) {
             c.head = c.tail;  // everything after the record is this item's
             c.read_left = 0;
             c.aborted = 1;
         } else {
+            const std::uint64_t word = read_word(c.stream_at);
+            if (word & refs_flag) {
+                const std::uint64_t n = read_word(c.stream_at + 8);
+                if (n != 0 && n <= RefTable::max_live) {
+                    std::vector<std::uint64_t> ids(static_cast<std::size_t>(n));
+                    copy_out(c.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
+                    RefCounts counts(refs_);
+                    counts.begin();
+                    counts.remove(ids);
+                    counts.end();
+                }
+            }
             const std::uint64_t written = c.tail;
             c.tail = c.stream_at;
             --c.count;
@@ -610,6 +735,7 @@ private:
     QueueHeader* h_;
     std::byte* ring_;
     std::uint64_t cap_;
+    RefTable* refs_;
 };
 
 }  // namespace detail
@@ -633,33 +759,37 @@ public:
         if (closed_) throw Error("mproc::Queue::put: this handle was closed");
         Buffer& bytes = scratch();
         bytes.clear();
-        encode_into(bytes, item);
-        if (!queue().put(bytes.bytes(), detail::deadline_after(timeout)))
+        std::vector<std::uint64_t> ids;  // the segments the item's handles point into
+        {
+            detail::EncodeCapture handles;
+            encode_into(bytes, item);
+            if (!handles.segments().empty()) ids = handles.ids();
+        }
+        if (!queue().put(bytes.bytes(), detail::deadline_after(timeout), ids))
             throw Full("mproc::Queue::put: the queue stayed full for the whole timeout");
     }
     void put_nowait(const T& item) { put(item, Seconds{0}); }
 
     /// Removes and returns the next item, waiting for one (up to `timeout`, then mproc::Empty).
     T get(std::optional<Seconds> timeout = std::nullopt) {
-        Buffer& bytes = scratch();
-        if (!queue().get(bytes, detail::deadline_after(timeout), false))
-            throw Empty("mproc::Queue::get: no item arrived within the timeout");
-        return decode<T>(bytes.bytes());
+        std::optional<T> item = take(detail::deadline_after(timeout), false);
+        if (!item) throw Empty("mproc::Queue::get: no item arrived within the timeout");
+        return std::move(*item);
     }
     T get_nowait() {
-        Buffer& bytes = scratch();
-        if (!queue().get(bytes, std::nullopt, true)) throw Empty("mproc::Queue::get_nowait: the queue is empty");
-        return decode<T>(bytes.bytes());
+        std::optional<T> item = take(std::nullopt, true);
+        if (!item) throw Empty("mproc::Queue::get_nowait: the queue is empty");
+        return std::move(*item);
     }
     /// The next item if there is one now.
-    std::optional<T> try_get() {
-        Buffer& bytes = scratch();
-        if (!queue().get(bytes, std::nullopt, true)) return std::nullopt;
-        return decode<T>(bytes.bytes());
-    }
+    std::optional<T> try_get() { return take(std::nullopt, true); }
 
     /// Items in the queue (approximate while others put and get).
-    std::size_t qsize() const { return queue().count(); }
+    std::size_t qsize() const {
+        const std::size_t n = queue().count();
+        detail::segments().sweep();  // every call notices what other processes let go
+        return n;
+    }
     bool empty() const { return qsize() == 0; }
     /// True when a bounded queue holds maxsize items.
     bool full() const {
@@ -687,6 +817,16 @@ public:
     }
 
 private:
+    /// The next item, decoded while the segments its handles point into are still held here.
+    std::optional<T> take(const detail::Deadline& deadline, bool nowait) {
+        Buffer& bytes = scratch();
+        std::vector<detail::SegmentPtr> pins;
+        std::optional<T> item;
+        if (queue().get(bytes, deadline, nowait, &pins)) item.emplace(decode<T>(bytes.bytes()));
+        pins.clear();
+        detail::segments().sweep();  // the queue no longer counts the item's handles
+        return item;
+    }
     detail::ByteQueue queue() const { return detail::ByteQueue(ref_); }
     static Buffer& scratch() {
         thread_local Buffer buffer;

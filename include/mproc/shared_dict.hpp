@@ -17,6 +17,11 @@
 // A process killed in the middle of an update leaves the dict as it was before or after it:
 // entries are written in full before one store publishes them, and the next lock holder
 // rebuilds the allocator's free lists from what the table reaches (docs/shared-memory.md).
+//
+// A key or value may hold handles (a Queue, a Lock, another SharedDict, ...): the entry keeps the
+// ids of the segments they point into, and the dict counts them (detail/ref_table.hpp), so each
+// process keeps those objects mapped while it can reach the dict, even after it dropped its own
+// handles to them (see detail/shm_registry.hpp).
 #pragma once
 
 #include <algorithm>
@@ -35,6 +40,7 @@
 #include <vector>
 
 #include "detail/arena.hpp"
+#include "detail/ref_table.hpp"
 #include "detail/repr.hpp"
 #include "detail/robust_mutex.hpp"
 #include "detail/shared_memory.hpp"
@@ -65,6 +71,7 @@ struct DictHeader {
     std::uint64_t size;        // live entries (recounted after a crash)
     std::uint64_t erased;      // erased slots not yet reused (recounted after a crash)
     std::uint64_t next_order;  // insertion counter: snapshots list entries in insertion order
+    std::uint64_t refs;        // segment offset of the RefTable, past the arena's limit
     ArenaHeader arena;
 };
 
@@ -74,12 +81,14 @@ struct DictSlot {
     std::uint64_t entry;  // payload offset of the entry, or slot_empty / slot_erased
 };
 
-/// An entry: this header, then the key's bytes, then the value's.
+/// An entry: this header, then the key's bytes, then the value's, then `refs` segment ids (the
+/// segments the key's and the value's handles point into, counted in the dict's RefTable).
 struct DictEntry {
     std::uint64_t hash;
     std::uint64_t order;
     std::uint64_t key_len;
     std::uint64_t value_len;
+    std::uint64_t refs;
 };
 
 /// A 64-bit hash of a byte string (multiply-xorshift over 8-byte words).
@@ -118,24 +127,46 @@ public:
         const std::size_t header = round_up(sizeof(DictHeader), 64);
         if (options.max_bytes < header + 4096)
             throw Error("mproc::SharedDict: max_bytes " + std::to_string(options.max_bytes) + " is too small");
-        SharedRef ref = SharedRef::dedicated(options.max_bytes, "mproc-dict");
+        if (options.max_bytes > (std::size_t{1} << 46))
+            throw Error("mproc::SharedDict: max_bytes " + std::to_string(options.max_bytes) + " is too large");
+        // The RefTable lies past max_bytes, in pages of its own: sparse, it costs nothing until the
+        // dict holds handles, and it takes nothing from max_bytes.
+        const std::size_t refs = round_up(options.max_bytes, page_size());
+        SharedRef ref = SharedRef::dedicated(refs + sizeof(RefTable), "mproc-dict");
         auto* h = new (ref.address()) DictHeader;
         h->header = {dict_magic, 0, type};
         h->mutex.init();
         if (::getrandom(&h->seed, sizeof h->seed, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof h->seed))
             h->seed = reinterpret_cast<std::uintptr_t>(h) ^ static_cast<std::uint64_t>(::getpid());
-        // Never more than max_bytes, even though the mapping is rounded up to whole pages.
-        Arena::init(h->arena, header, std::min<std::uint64_t>(options.max_bytes, ref.segment()->size()));
+        h->refs = refs;
+        Arena::init(h->arena, header, options.max_bytes);
+        segments().mark_container(*ref.segment(), &container_view);
         return ref;
     }
 
     static void check(const SharedRef& ref) {
         const auto* h = reinterpret_cast<const DictHeader*>(ref.address());
-        if (ref.offset() != 0 || h->arena.limit > ref.segment()->size() || h->arena.begin < sizeof(DictHeader))
+        const std::size_t size = ref.segment()->size();
+        if (ref.offset() != 0 || h->arena.limit > size || h->arena.begin < sizeof(DictHeader) ||
+            h->refs < h->arena.limit || h->refs % 8 != 0 || h->refs > size || size - h->refs < sizeof(RefTable))
             throw SerializationError("mproc: corrupt SharedDict handle: its layout does not match its memory");
+        segments().mark_container(*ref.segment(), &container_view);
     }
 
-    explicit ByteDict(const SharedRef& ref) : base_(ref.address()), h_(ref.as<DictHeader>()), arena_(base_, h_->arena) {}
+    /// How the registry reads a dict's RefTable (see detail/shm_registry.hpp).
+    static constexpr ContainerView container_view{
+        [](const std::byte* base, std::uint64_t id) noexcept {
+            const auto* h = reinterpret_cast<const DictHeader*>(base);
+            return RefCounts::may_reference(reinterpret_cast<const RefTable*>(base + h->refs), id);
+        },
+        [](const std::byte* base) noexcept {
+            const auto* h = reinterpret_cast<const DictHeader*>(base);
+            return RefCounts::version(reinterpret_cast<const RefTable*>(base + h->refs));
+        }};
+
+    explicit ByteDict(const SharedRef& ref)
+        : base_(ref.address()), h_(ref.as<DictHeader>()), arena_(base_, h_->arena),
+          refs_(reinterpret_cast<RefTable*>(base_ + h_->refs)) {}
 
     struct Repair {
         ByteDict* d;
@@ -162,6 +193,9 @@ public:
         return npos;
     }
 
+    /// True when the entry in `slot` holds handles (counted in the RefTable).
+    bool holds_handles(std::uint64_t slot) const noexcept { return arena_.ptr<DictEntry>(slots()[slot].entry)->refs != 0; }
+
     std::span<const std::byte> value_at(std::uint64_t slot) const noexcept {
         const std::uint64_t e = slots()[slot].entry;
         const auto* entry = arena_.ptr<DictEntry>(e);
@@ -169,28 +203,46 @@ public:
                 static_cast<std::size_t>(entry->value_len)};
     }
 
-    /// Sets key to value (inserting or replacing). Throws Full, changing nothing, when the
-    /// arena cannot hold it.
-    void assign(std::span<const std::byte> key, std::uint64_t h, std::span<const std::byte> value) {
+    /// Sets key to value (inserting or replacing); `ids` are the segments their handles point
+    /// into. Throws Full, changing nothing, when the arena (or the RefTable) cannot hold it.
+    void assign(std::span<const std::byte> key, std::uint64_t h, std::span<const std::byte> value,
+                std::span<const std::uint64_t> ids = {}) {
+        RefCounts counts(refs_);
+        counts.reserve(ids, "mproc::SharedDict");
         if (const std::uint64_t slot = find(key, h); slot != npos) {
             DictSlot& s = slots()[slot];
             const std::uint64_t old = s.entry;
-            const std::uint64_t fresh = make_entry(key, h, arena_.ptr<DictEntry>(old)->order, value);
+            const std::uint64_t fresh = make_entry(key, h, arena_.ptr<DictEntry>(old)->order, value, ids);
+            const auto old_ids = entry_ids(old);
+            const bool counted = !ids.empty() || !old_ids.empty();
+            if (counted) {
+                counts.begin();
+                counts.add(ids);
+            }
             s.entry = fresh;  // publishes the new value
+            if (counted) {
+                counts.remove(old_ids);
+                counts.end();
+            }
             arena_.free(old);
             return;
         }
         reserve_one();
-        const std::uint64_t fresh = make_entry(key, h, h_->next_order, value);
+        const std::uint64_t fresh = make_entry(key, h, h_->next_order, value, ids);
         ++h_->next_order;
         const std::uint64_t mask = capacity() - 1;
         DictSlot* s = slots();
         std::uint64_t i = h & mask;
         while (s[i].entry != slot_empty && s[i].entry != slot_erased) i = (i + 1) & mask;
         if (s[i].entry == slot_erased) --h_->erased;
+        if (!ids.empty()) {
+            counts.begin();
+            counts.add(ids);
+        }
         s[i].hash = h;
         s[i].entry = fresh;  // publishes the entry
         ++h_->size;
+        if (!ids.empty()) counts.end();
     }
 
     /// Removes the entry in `slot`.
@@ -198,6 +250,7 @@ public:
         DictSlot* s = slots();
         const std::uint64_t mask = capacity() - 1;
         const std::uint64_t old = s[slot].entry;
+        const auto old_ids = entry_ids(old);
         // A slot before an empty one ends no probe chain: it can be empty again.
         if (s[(slot + 1) & mask].entry == slot_empty) {
             s[slot].entry = slot_empty;
@@ -206,6 +259,12 @@ public:
             ++h_->erased;
         }
         --h_->size;
+        if (!old_ids.empty()) {
+            RefCounts counts(refs_);
+            counts.begin();
+            counts.remove(old_ids);
+            counts.end();
+        }
         arena_.free(old);
     }
 
@@ -213,10 +272,17 @@ public:
         if (h_->table == 0 || h_->size + h_->erased == 0) return;
         const std::uint64_t old_table = h_->table;
         const std::uint64_t cap = capacity();
+        RefCounts counts(refs_);
+        const bool counted = refs_->used != 0;
         if (const std::uint64_t fresh = new_table(min_capacity)) {
+            if (counted) counts.begin();
             h_->table = fresh;  // publishes the empty dict
             h_->size = 0;
             h_->erased = 0;
+            if (counted) {
+                counts.clear();
+                counts.end();
+            }
             free_entries(old_table, cap);
             arena_.free(old_table);
             return;
@@ -226,9 +292,15 @@ public:
         for (std::uint64_t i = 0; i < cap; ++i)
             if (s[i].entry != slot_empty && s[i].entry != slot_erased) {
                 const std::uint64_t old = s[i].entry;
+                const auto old_ids = entry_ids(old);
                 s[i].entry = slot_erased;
                 --h_->size;
                 ++h_->erased;
+                if (!old_ids.empty()) {
+                    counts.begin();
+                    counts.remove(old_ids);
+                    counts.end();
+                }
                 arena_.free(old);
             }
         for (std::uint64_t i = 0; i < cap; ++i) s[i].entry = slot_empty;
@@ -236,6 +308,8 @@ public:
     }
 
     std::uint64_t size() const noexcept { return h_->size; }
+    /// True when some entry may hold handles.
+    bool holds_any_handles() const noexcept { return refs_->live != 0 || (refs_->version & 1u) != 0; }
 
     /// Calls fn(key bytes, value bytes, insertion order) for every entry.
     template <class Fn> void for_each(Fn&& fn) const {
@@ -271,16 +345,30 @@ private:
 
     /// A complete entry, not yet reachable from the table.
     std::uint64_t make_entry(std::span<const std::byte> key, std::uint64_t h, std::uint64_t order,
-                             std::span<const std::byte> value) {
-        const std::uint64_t bytes = sizeof(DictEntry) + key.size() + value.size();
+                             std::span<const std::byte> value, std::span<const std::uint64_t> ids) {
+        const std::uint64_t bytes = sizeof(DictEntry) + key.size() + value.size() + ids.size_bytes();
         const std::uint64_t e = arena_.allocate(bytes);
         if (e == 0) full(bytes);
         auto* entry = arena_.ptr<DictEntry>(e);
-        *entry = {h, order, key.size(), value.size()};
+        *entry = {h, order, key.size(), value.size(), ids.size()};
         auto* out = arena_.ptr<std::byte>(e + sizeof(DictEntry));
         if (!key.empty()) std::memcpy(out, key.data(), key.size());
         if (!value.empty()) std::memcpy(out + key.size(), value.data(), value.size());
+        if (!ids.empty()) std::memcpy(out + key.size() + value.size(), ids.data(), ids.size_bytes());
         return e;
+    }
+
+    /// The segment ids entry `e` holds handles into (copied: they may be unaligned).
+    std::vector<std::uint64_t> entry_ids(std::uint64_t e) const {
+        const auto* entry = arena_.ptr<DictEntry>(e);
+        std::vector<std::uint64_t> ids;
+        if (entry->refs == 0) return ids;
+        const std::uint64_t room = arena_.capacity(e);
+        const std::uint64_t used = sizeof(DictEntry) + entry->key_len + entry->value_len;
+        if (used > room || entry->refs > (room - used) / 8) throw Error("mproc: SharedDict entry is corrupted");
+        ids.resize(static_cast<std::size_t>(entry->refs));
+        std::memcpy(ids.data(), arena_.ptr<const std::byte>(e + used), ids.size() * 8);
+        return ids;
     }
 
     /// An empty table of `cap` slots, not yet published; 0 if there is no room.
@@ -325,8 +413,30 @@ private:
     }
 
     /// After a holder died: recount, and give every block the table does not reach back to the
-    /// free lists (half-built entries and tables, blocks freed from the table but not yet listed).
+    /// free lists (half-built entries and tables, blocks freed from the table but not yet listed);
+    /// then count again, from the entries, the handles they hold (the RefTable may be halfway
+    /// through a change).
     void repair() {
+        repair_entries();
+        // A dict that never held a handle has nothing to recount (and its table stays untouched).
+        if ((refs_->version & 1u) == 0 && refs_->used == 0) return;
+        RefCounts counts(refs_);
+        counts.begin();
+        counts.clear();
+        if (h_->table != 0) {
+            const std::uint64_t cap = capacity();
+            const DictSlot* s = slots();
+            for (std::uint64_t i = 0; i < cap; ++i)
+                if (s[i].entry != slot_empty && s[i].entry != slot_erased) {
+                    const auto ids = entry_ids(s[i].entry);
+                    counts.reserve(ids, "mproc::SharedDict");  // the entries fitted before
+                    counts.add(ids);
+                }
+        }
+        counts.end();
+    }
+
+    void repair_entries() {
         std::vector<std::uint64_t> live;
         std::uint64_t size = 0, erased = 0;
         if (h_->table != 0) {
@@ -354,6 +464,7 @@ private:
     std::byte* base_;
     DictHeader* h_;
     Arena arena_;
+    RefTable* refs_;
 };
 
 }  // namespace detail
@@ -387,6 +498,14 @@ public:
     template <class T> const Buffer& encode(std::size_t i, const T& value) {
         Buffer& b = get(i);
         encode_into(b, value);
+        return b;
+    }
+    /// The same, adding to `ids` the segments that `value`'s handles point into.
+    template <class T> const Buffer& encode(std::size_t i, const T& value, std::vector<std::uint64_t>& ids) {
+        EncodeCapture handles;
+        const Buffer& b = encode(i, value);
+        for (std::uint64_t id : handles.ids())
+            if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
         return b;
     }
 
@@ -492,31 +611,43 @@ public:
 
     /// d[key] = value. mproc::Full (dict unchanged) past max_bytes.
     void set(const K& key, const V& value) {
-        detail::DictScratch scratch;
-        const Buffer& k = scratch.encode(0, key);
-        const Buffer& v = scratch.encode(1, value);
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        d.assign(k.bytes(), d.hash(k.bytes()), v.bytes());
+        {
+            detail::DictScratch scratch;
+            std::vector<std::uint64_t> ids;  // the segments the key's and value's handles point into
+            const Buffer& k = scratch.encode(0, key, ids);
+            const Buffer& v = scratch.encode(1, value, ids);
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            d.assign(k.bytes(), d.hash(k.bytes()), v.bytes(), ids);
+        }
+        detail::segments().sweep();  // a replaced value may have held the last reference to something
     }
 
     bool contains(const K& key) const {
-        detail::DictScratch scratch;
-        const Buffer& k = scratch.encode(0, key);
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        return d.find(k.bytes(), d.hash(k.bytes())) != detail::ByteDict::npos;
+        bool found = false;
+        {
+            detail::DictScratch scratch;
+            const Buffer& k = scratch.encode(0, key);
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            found = d.find(k.bytes(), d.hash(k.bytes())) != detail::ByteDict::npos;
+        }
+        detail::segments().sweep();  // every call notices what other processes let go (see copy_out)
+        return found;
     }
 
     /// Removes `key`; false if it was not there.
     bool erase(const K& key) {
-        detail::DictScratch scratch;
-        const Buffer& k = scratch.encode(0, key);
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
-        if (slot == detail::ByteDict::npos) return false;
-        d.erase_at(slot);
+        {
+            detail::DictScratch scratch;
+            const Buffer& k = scratch.encode(0, key);
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
+            if (slot == detail::ByteDict::npos) return false;
+            d.erase_at(slot);
+        }
+        detail::segments().sweep();
         return true;
     }
 
@@ -528,30 +659,44 @@ public:
     template <class F>
         requires std::is_invocable_r_v<V, F&, std::optional<V>>
     V update(const K& key, F&& fn) {
-        detail::DictScratch scratch;
-        const Buffer& k = scratch.encode(0, key);
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        const std::uint64_t h = d.hash(k.bytes());
-        const std::uint64_t slot = d.find(k.bytes(), h);
-        std::optional<V> old;
-        if (slot != detail::ByteDict::npos) old = decode<V>(d.value_at(slot));
-        V fresh = fn(std::move(old));
-        const Buffer& v = scratch.encode(1, fresh);
-        d.assign(k.bytes(), h, v.bytes());
-        return fresh;
+        std::optional<V> result;
+        {
+            detail::DictScratch scratch;
+            std::vector<std::uint64_t> ids;
+            const Buffer& k = scratch.encode(0, key, ids);
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            const std::uint64_t h = d.hash(k.bytes());
+            const std::uint64_t slot = d.find(k.bytes(), h);
+            std::optional<V> old;
+            if (slot != detail::ByteDict::npos) old = decode<V>(d.value_at(slot));
+            V fresh = fn(std::move(old));
+            const Buffer& v = scratch.encode(1, fresh, ids);
+            d.assign(k.bytes(), h, v.bytes(), ids);
+            result.emplace(std::move(fresh));
+        }
+        detail::segments().sweep();
+        return std::move(*result);
     }
 
     std::size_t size() const {
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        return static_cast<std::size_t>(d.size());
+        std::size_t n = 0;
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            n = static_cast<std::size_t>(d.size());
+        }
+        detail::segments().sweep();
+        return n;
     }
     bool empty() const { return size() == 0; }
     void clear() {
-        detail::ByteDict d(ref_);
-        auto guard = d.lock();
-        d.clear();
+        {
+            detail::ByteDict d(ref_);
+            auto guard = d.lock();
+            d.clear();
+        }
+        detail::segments().sweep();
     }
 
     /// A consistent snapshot, in insertion order (as Python's dict).
@@ -601,9 +746,19 @@ private:
             const std::uint64_t slot = d.find(k.bytes(), d.hash(k.bytes()));
             if (slot == detail::ByteDict::npos) return std::nullopt;
             const auto bytes = d.value_at(slot);
+            if (remove || d.holds_handles(slot)) {
+                // Decoded under the lock: the value's handles are then this process's own before
+                // the entry can go (and with it what kept their objects mapped here).
+                std::optional<V> found = decode<V>(bytes);
+                if (remove) d.erase_at(slot);
+                guard.unlock();
+                detail::segments().sweep();
+                return found;
+            }
             value.append(bytes.data(), bytes.size());
-            if (remove) d.erase_at(slot);
         }
+        // Other processes may have dropped what this process kept for the dict's sake.
+        detail::segments().sweep();
         return decode<V>(value.bytes());
     }
 
@@ -617,7 +772,8 @@ private:
     /// Applies `change` to the value of an existing key, atomically; KeyError if absent.
     template <class Change> V modify(const K& key, Change&& change) {
         detail::DictScratch scratch;
-        const Buffer& k = scratch.encode(0, key);
+        std::vector<std::uint64_t> ids;
+        const Buffer& k = scratch.encode(0, key, ids);
         detail::ByteDict d(ref_);
         auto guard = d.lock();
         const std::uint64_t h = d.hash(k.bytes());
@@ -628,8 +784,8 @@ private:
         }
         V value = decode<V>(d.value_at(slot));
         change(value);
-        const Buffer& v = scratch.encode(1, value);
-        d.assign(k.bytes(), h, v.bytes());
+        const Buffer& v = scratch.encode(1, value, ids);
+        d.assign(k.bytes(), h, v.bytes(), ids);
         return value;
     }
 
@@ -641,6 +797,12 @@ private:
         };
         Buffer bytes;
         std::vector<Ref> refs;
+        auto deliver = [&] {
+            std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) { return a.order < b.order; });
+            for (const Ref& r : refs)
+                fn(std::span<const std::byte>(bytes.data() + r.key_at, r.key_len),
+                   std::span<const std::byte>(bytes.data() + r.value_at, r.value_len));
+        };
         {
             detail::ByteDict d(ref_);
             auto guard = d.lock();
@@ -652,11 +814,16 @@ private:
                 bytes.append(v.data(), v.size());
                 refs.push_back(r);
             });
+            // Entries that hold handles are decoded under the lock (see copy_out).
+            if (d.holds_any_handles()) {
+                deliver();
+                guard.unlock();
+                detail::segments().sweep();
+                return;
+            }
         }
-        std::sort(refs.begin(), refs.end(), [](const Ref& a, const Ref& b) { return a.order < b.order; });
-        for (const Ref& r : refs)
-            fn(std::span<const std::byte>(bytes.data() + r.key_at, r.key_len),
-               std::span<const std::byte>(bytes.data() + r.value_at, r.value_len));
+        detail::segments().sweep();
+        deliver();
     }
 
     detail::SharedRef ref_;

@@ -8,8 +8,9 @@
 //     mproc::Array<double> arr(1000);  arr[3] = 1.5;   arr.size();
 //
 // Each is a handle: copies (and the copies a fork makes) refer to one object in shared memory,
-// which lives while any handle in any process does. They work in every process forked after
-// they were made, and travel as Pool task arguments (see detail/shm_registry.hpp).
+// which lives while any handle in any process does (or a SharedDict holds a copy of one). They
+// work in every process forked after they were made, and travel as Pool task arguments (see
+// detail/shm_registry.hpp).
 //
 // Locks are robust: when a holder dies, even by SIGKILL, the next acquire() succeeds and
 // owner_died() is true until that new holder releases, so the program can check the data the

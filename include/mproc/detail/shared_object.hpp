@@ -27,6 +27,7 @@
 #include <typeinfo>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 #include "../errors.hpp"
 #include "../serialize.hpp"
@@ -68,6 +69,45 @@ private:
         thread_local int d = 0;
         return d;
     }
+};
+
+/// While alive in a thread, every handle encoded in that thread is recorded: a container (a
+/// SharedDict) storing an encoded value learns which segments the value holds handles into.
+class EncodeCapture {
+public:
+    EncodeCapture() noexcept : outer_(current()) { current() = this; }
+    ~EncodeCapture() { current() = outer_; }
+    EncodeCapture(const EncodeCapture&) = delete;
+    EncodeCapture& operator=(const EncodeCapture&) = delete;
+
+    /// Called by every handle as it encodes.
+    static void record(const SegmentPtr& segment) {
+        if (EncodeCapture* capture = current()) capture->add(segment);
+    }
+    /// The distinct segments recorded, in the order first seen; they stay mapped while this lives.
+    const std::vector<SegmentPtr>& segments() const noexcept { return segments_; }
+    /// Their ids.
+    std::vector<std::uint64_t> ids() const {
+        std::vector<std::uint64_t> out;
+        out.reserve(segments_.size());
+        for (const SegmentPtr& segment : segments_) out.push_back(segment->id());
+        return out;
+    }
+    /// Forgets what was recorded (the next value of the same operation).
+    void clear() noexcept { segments_.clear(); }
+
+private:
+    void add(const SegmentPtr& segment) {
+        for (const SegmentPtr& known : segments_)
+            if (known.get() == segment.get()) return;
+        segments_.push_back(segment);
+    }
+    static EncodeCapture*& current() noexcept {
+        thread_local EncodeCapture* capture = nullptr;
+        return capture;
+    }
+    EncodeCapture* outer_;
+    std::vector<SegmentPtr> segments_;
 };
 
 /// The size up to which objects share chunks.
@@ -127,6 +167,7 @@ public:
 
     void encode(Writer& out) const {
         if (!segment_) throw SerializationError("mproc: cannot encode an empty shared-object handle");
+        EncodeCapture::record(segment_);
         out(segment_->id(), offset_);
     }
 
@@ -167,6 +208,7 @@ private:
 
         SharedRef allocate(std::size_t size, std::size_t align) {
             if (align < 8) align = 8;
+            SegmentPtr full;  // a used-up chunk is let go after the mutex (its deleter takes the registry's)
             std::lock_guard guard(mutex_);
             for (int attempt = 0; attempt < 2; ++attempt) {
                 if (chunk_) {
@@ -182,7 +224,8 @@ private:
                             return SharedRef(chunk_, start);
                     }
                 }
-                chunk_ = segments().create(chunk_size, "mproc-objects");
+                SegmentPtr fresh = segments().create(chunk_size, "mproc-objects");
+                full = std::exchange(chunk_, std::move(fresh));
                 auto* header = new (chunk_->base()) ChunkHeader{chunk_magic, 0, {}};
                 header->used.store(round_up(sizeof(ChunkHeader), 64), std::memory_order_relaxed);
             }

@@ -25,12 +25,25 @@
 //   handle in a process goes, that process unmaps the segment and closes its memfd; the kernel
 //   frees the memory once every process has done so or exited. Nothing is ever shared through
 //   the filesystem, so nothing can leak there.
+// * Handles stored inside other shared objects. A SharedDict or a Queue (a *container*) keeps, in
+//   its own shared memory, a count per segment of the handles its entries or items hold
+//   (ContainerView reads it without a lock). When the last handle into a segment goes in a process, the registry asks
+//   every container this process maps whether it may hold a handle into that segment; if one
+//   may, the segment stays mapped here (*retained*) instead. sweep() — after every container
+//   operation, and whenever a segment is unmapped — lets go of every retained segment that no
+//   container still reachable in this process (one this process holds a handle to, or one
+//   retained itself because such a container refers to it) may refer to. So an object lives in a
+//   process while that process holds a handle to it or to a container that holds one, however
+//   deep; cycles of containers that nothing else reaches are let go too. Each process decides
+//   for itself, from the containers' counts: nobody has to know when "the last" process let go.
 //
 // The registry is guarded by a std::mutex, which every fork takes first (fork_locks.hpp): a child
 // forked while another thread of its parent was using the registry gets it unlocked and whole.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -52,6 +65,15 @@ namespace mproc::detail {
 
 class SegmentRegistry;
 
+/// How the registry reads a container: a shared object that stores encoded handles.
+struct ContainerView {
+    /// False only if the container at `base` certainly holds no handle into segment `id`. Reads
+    /// the container's shared memory without its lock, so it may err towards true, never false.
+    bool (*may_reference)(const std::byte* base, std::uint64_t id) noexcept;
+    /// Changes whenever the set of segments the container refers to may have changed.
+    std::uint64_t (*version)(const std::byte* base) noexcept;
+};
+
 /// One registered mapping. Shared by every handle in this process that points into it.
 class Segment {
 public:
@@ -66,11 +88,15 @@ public:
     std::size_t size() const noexcept { return memory_.size(); }
     int fd() const noexcept { return memory_.fd(); }
     const SharedMemory& memory() const noexcept { return memory_; }
+    /// Non-null when the segment holds a container (set through SegmentRegistry::mark_container).
+    const ContainerView* container() const noexcept { return container_; }
 
 private:
+    friend class SegmentRegistry;
     std::uint64_t id_;
     std::uint64_t generation_;
     SharedMemory memory_;
+    const ContainerView* container_ = nullptr;  // guarded by the registry's mutex
 };
 
 using SegmentPtr = std::shared_ptr<Segment>;
@@ -94,7 +120,11 @@ public:
     SegmentPtr find(std::uint64_t id) {
         std::lock_guard guard(mutex_);
         auto it = live_.find(id);
-        return it == live_.end() ? nullptr : it->second.lock();
+        if (it == live_.end()) return nullptr;
+        SegmentPtr found = it->second.lock();
+        // A segment the sweep is letting go of is in use again: it, and what it refers to, stay.
+        if (found && sweeping_here()) std::erase(condemned_, id);
+        return found;
     }
 
     /// Counts segment creations in this process (and, after fork, in its parent before it).
@@ -149,19 +179,163 @@ public:
         return n;
     }
 
-private:
-    SegmentPtr register_locked(std::uint64_t id, std::uint64_t generation, SharedMemory memory) {
-        // The deleter unregisters before unmapping; a racing find() sees an expired weak_ptr.
-        SegmentPtr segment(new Segment(id, generation, std::move(memory)), [this](Segment* s) {
+    /// Number of segments mapped here only because a container refers to them.
+    std::size_t retained_count() noexcept { return retained_size_.load(std::memory_order_acquire); }
+
+    /// Records that `segment` holds a container read through `view` (idempotent).
+    void mark_container(Segment& segment, const ContainerView* view) {
+        std::lock_guard guard(mutex_);
+        if (segment.container_) return;
+        segment.container_ = view;
+        containers_.push_back(&segment);
+        ++changes_;
+    }
+
+    /// Lets go of every retained segment that no container reachable in this process may refer to
+    /// any more (see the top of this file). Cheap when nothing is retained. Never call it with
+    /// the registry's mutex held.
+    void sweep() {
+        if (retained_size_.load(std::memory_order_acquire) == 0) return;
+        {
+            std::lock_guard guard(mutex_);
+            if (sweeping_here()) return;  // one sweep at a time: the running one loops until nothing changes
+            sweeper_ = ::getpid();
+        }
+        struct Finish {  // the sweep ends, however it ends
+            SegmentRegistry* r;
+            ~Finish() {
+                std::lock_guard guard(r->mutex_);
+                r->condemned_.clear();
+                r->sweeper_ = 0;
+            }
+        } finish{this};
+        for (;;) {
+            std::vector<SegmentPtr> drop;
             {
                 std::lock_guard guard(mutex_);
-                auto it = live_.find(s->id());
-                if (it != live_.end() && it->second.expired()) live_.erase(it);
+                std::uint64_t stamp = changes_;
+                for (const Segment* c : containers_) stamp += c->container_->version(c->base());
+                if (stamp == swept_stamp_ || (collect_unreachable_locked(drop), drop.empty())) {
+                    swept_stamp_ = stamp;
+                    return;
+                }
+                swept_stamp_ = stamp;
+                retained_size_.store(retained_.size(), std::memory_order_release);
+                ++changes_;
             }
-            delete s;
-        });
+            // Their deleters run here, outside the mutex. Those let go together must not keep each
+            // other alive (condemned_), unless find() hands one out again meanwhile.
+            drop.clear();
+            std::lock_guard guard(mutex_);
+            condemned_.clear();
+        }
+    }
+
+private:
+    SegmentPtr register_locked(std::uint64_t id, std::uint64_t generation, SharedMemory memory) {
+        SegmentPtr segment(new Segment(id, generation, std::move(memory)), Deleter{this});
         live_[id] = segment;
         return segment;
+    }
+
+    /// Runs when the last handle into a segment goes in this process. If a container this
+    /// process maps may hold a handle into it, the segment is retained (a fresh owner in
+    /// retained_, the same mapping) instead of unmapped. Otherwise it is unregistered and
+    /// unmapped; a racing find() sees an expired weak_ptr.
+    struct Deleter {
+        SegmentRegistry* registry;
+        void operator()(Segment* s) const noexcept { registry->last_handle_gone(s); }
+    };
+    void last_handle_gone(Segment* s) noexcept {
+        // The new owner is made before the decision, so that find() never sees the segment
+        // missing while it stays; when it does not stay, dropping that owner comes back here and
+        // lets go of it (so does a failure to allocate the owner or the record).
+        thread_local Segment* letting_go = nullptr;
+        if (letting_go != s) {
+            letting_go = s;
+            try {
+                SegmentPtr again(s, Deleter{this});
+                std::lock_guard guard(mutex_);
+                if (referenced_locked(*s)) {
+                    live_[s->id()] = again;
+                    retained_.try_emplace(s->id(), again);
+                    retained_size_.store(retained_.size(), std::memory_order_release);
+                    ++changes_;
+                }
+            } catch (...) {
+            }
+            letting_go = nullptr;
+            return;
+        }
+        {
+            std::lock_guard guard(mutex_);
+            auto it = live_.find(s->id());
+            if (it != live_.end() && it->second.expired()) live_.erase(it);
+            if (s->container_) std::erase(containers_, s);
+            ++changes_;
+        }
+        delete s;
+        try {
+            sweep();  // what only this segment's container referred to may go now
+        } catch (...) {
+        }
+    }
+
+    /// With the mutex held: may a container mapped here (other than `s` itself, and other than
+    /// one the sweep is letting go of) hold a handle into `s`?
+    bool referenced_locked(const Segment& s) const noexcept {
+        for (const Segment* c : containers_)
+            if (c != &s && !condemned_locked(c->id()) && c->container_->may_reference(c->base(), s.id()))
+                return true;
+        return false;
+    }
+
+    /// With the mutex held: moves out of retained_ every segment that no reachable container may
+    /// refer to. Reachable: a container this process holds a handle to (one not retained, or
+    /// retained and also held by a handle), and, in turn, every retained container that a
+    /// reachable one may refer to. (A handle copied meanwhile on another thread can only be a copy
+    /// of a handle that already counted.)
+    void collect_unreachable_locked(std::vector<SegmentPtr>& drop) {
+        std::vector<const Segment*> reachable;
+        for (const Segment* c : containers_) {
+            auto it = retained_.find(c->id());
+            if (it == retained_.end() || it->second.use_count() > 1) reachable.push_back(c);
+        }
+        auto referenced_by_reachable = [&](const Segment& s) {
+            for (const Segment* c : reachable)
+                if (c != &s && c->container_->may_reference(c->base(), s.id())) return true;
+            return false;
+        };
+        for (bool grew = true; grew;) {
+            grew = false;
+            for (const auto& [id, segment] : retained_) {
+                if (!segment->container_) continue;
+                if (std::find(reachable.begin(), reachable.end(), segment.get()) != reachable.end()) continue;
+                if (referenced_by_reachable(*segment)) {
+                    reachable.push_back(segment.get());
+                    grew = true;
+                }
+            }
+        }
+        // The hold is kept only while a reachable container refers to the segment. A segment that
+        // also has handles here stays mapped through them once the hold goes (and when they go,
+        // its deleter asks the containers again).
+        for (auto it = retained_.begin(); it != retained_.end();) {
+            if (referenced_by_reachable(*it->second)) {
+                ++it;
+                continue;
+            }
+            condemned_.push_back(it->first);
+            drop.push_back(std::move(it->second));
+            it = retained_.erase(it);
+        }
+    }
+
+    /// With the mutex held: a sweep of this process is running (a child forked meanwhile
+    /// inherits the parent's flag, but not its sweeping thread).
+    bool sweeping_here() const noexcept { return sweeper_ != 0 && sweeper_ == ::getpid(); }
+    bool condemned_locked(std::uint64_t id) const noexcept {
+        return sweeping_here() && std::find(condemned_.begin(), condemned_.end(), id) != condemned_.end();
     }
 
     static std::uint64_t random_id() noexcept {
@@ -178,6 +352,13 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, std::weak_ptr<Segment>> live_;
     std::unordered_map<std::uint64_t, SegmentPtr> adopted_;
+    std::unordered_map<std::uint64_t, SegmentPtr> retained_;  // mapped only because a container refers to them
+    std::vector<Segment*> containers_;                         // every mapped segment that holds a container
+    std::atomic<std::size_t> retained_size_{0};
+    std::vector<std::uint64_t> condemned_;  // what the running sweep is letting go of
+    pid_t sweeper_ = 0;                     // the process whose sweep runs (0: none)
+    std::uint64_t changes_ = 0;      // bumped when retained_ or containers_ change
+    std::uint64_t swept_stamp_ = 0;  // changes_ plus the containers' versions at the last sweep
     std::uint64_t generation_ = 0;
 };
 
