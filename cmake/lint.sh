@@ -23,7 +23,7 @@ failed=0
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     candidates=$(git ls-files 'include/mproc/*.hpp')
 else
-    candidates=$(ls include/mproc/*.hpp include/mproc/detail/*.hpp)
+    candidates=$(find include/mproc -name '*.hpp' | sort)
 fi
 # The MPI headers need MPI's include directories (from mpicxx); without MPI they are skipped.
 mpi_flags=()

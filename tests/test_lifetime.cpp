@@ -11,7 +11,7 @@
 // every ending but SIGKILL, nothing may have been orphaned at all: each process of the tree was
 // reaped by its own parent.
 #include <catch2/catch.hpp>
-#include <mproc/detail/child_registry.hpp>
+#include <mproc/detail/os/child_registry.hpp>
 #include <mproc/guard.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>

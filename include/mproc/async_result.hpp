@@ -21,11 +21,11 @@
 #include <utility>
 #include <vector>
 
-#include "detail/clock.hpp"
-#include "detail/demangle.hpp"
-#include "detail/pool_core.hpp"
-#include "detail/pool_task.hpp"
-#include "detail/remote_exception.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/serialize/type_name.hpp"
+#include "detail/pool/fork_engine.hpp"
+#include "detail/pool/wire.hpp"
+#include "detail/serialize/remote_exception.hpp"
 #include "errors.hpp"
 
 namespace mproc {

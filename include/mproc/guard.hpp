@@ -38,9 +38,9 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#include "detail/child_registry.hpp"
-#include "detail/clock.hpp"
-#include "detail/guard_state.hpp"
+#include "detail/os/child_registry.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/os/guard_state.hpp"
 
 namespace mproc {
 

@@ -38,9 +38,9 @@
 
 #include <fmt/format.h>
 
-#include "detail/mpi_comm.hpp"
-#include "detail/mpi_engine.hpp"
-#include "detail/mpi_worker.hpp"
+#include "mpi/detail/comm.hpp"
+#include "mpi/detail/engine.hpp"
+#include "mpi/detail/worker.hpp"
 #include "errors.hpp"
 #include "pool.hpp"
 

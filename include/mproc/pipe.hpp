@@ -21,10 +21,10 @@
 #include <utility>
 #include <vector>
 
-#include "detail/clock.hpp"
-#include "detail/framing.hpp"
-#include "detail/io.hpp"
-#include "detail/unique_fd.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/os/framing.hpp"
+#include "detail/os/io.hpp"
+#include "detail/os/unique_fd.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 

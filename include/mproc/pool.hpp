@@ -32,9 +32,9 @@
 #include <vector>
 
 #include "async_result.hpp"
-#include "detail/cpu.hpp"
-#include "detail/pool_core.hpp"
-#include "detail/pool_task.hpp"
+#include "detail/os/cpu.hpp"
+#include "detail/pool/fork_engine.hpp"
+#include "detail/pool/wire.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 

@@ -21,12 +21,12 @@
 #include <utility>
 #include <vector>
 
-#include "detail/child_registry.hpp"
-#include "detail/clock.hpp"
-#include "detail/cpu.hpp"
-#include "detail/demangle.hpp"
-#include "detail/fork.hpp"
-#include "detail/wait.hpp"
+#include "detail/os/child_registry.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/os/cpu.hpp"
+#include "detail/serialize/type_name.hpp"
+#include "detail/os/fork.hpp"
+#include "detail/os/wait.hpp"
 #include "errors.hpp"
 
 namespace mproc {

@@ -38,12 +38,12 @@
 #include <utility>
 #include <vector>
 
-#include "detail/clock.hpp"
-#include "detail/futex.hpp"
-#include "detail/ref_table.hpp"
-#include "detail/robust_mutex.hpp"
-#include "detail/shared_memory.hpp"
-#include "detail/shared_object.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/shm/futex.hpp"
+#include "detail/shm/ref_table.hpp"
+#include "detail/shm/robust_mutex.hpp"
+#include "detail/shm/memory.hpp"
+#include "detail/shm/shared_object.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 

@@ -39,12 +39,12 @@
 #include <utility>
 #include <vector>
 
-#include "detail/arena.hpp"
-#include "detail/ref_table.hpp"
-#include "detail/repr.hpp"
-#include "detail/robust_mutex.hpp"
-#include "detail/shared_memory.hpp"
-#include "detail/shared_object.hpp"
+#include "detail/shm/arena.hpp"
+#include "detail/shm/ref_table.hpp"
+#include "detail/serialize/repr.hpp"
+#include "detail/shm/robust_mutex.hpp"
+#include "detail/shm/memory.hpp"
+#include "detail/shm/shared_object.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 

@@ -36,10 +36,10 @@
 #include <unistd.h>
 #include <utility>
 
-#include "detail/clock.hpp"
-#include "detail/futex.hpp"
-#include "detail/robust_mutex.hpp"
-#include "detail/shared_object.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/shm/futex.hpp"
+#include "detail/shm/robust_mutex.hpp"
+#include "detail/shm/shared_object.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 

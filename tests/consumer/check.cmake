@@ -31,7 +31,7 @@ if(MODE STREQUAL "installed")
         -DMPROC_BUILD_TESTS=OFF -DMPROC_BUILD_EXAMPLES=OFF -DMPROC_BUILD_BENCHMARKS=OFF
         "-DCMAKE_INSTALL_PREFIX=${prefix}")
     run(${CMAKE_COMMAND} --install "${WORK_DIR}/mproc")
-    foreach(file include/mproc/mproc.hpp include/mproc/detail/fork.hpp)
+    foreach(file include/mproc/mproc.hpp include/mproc/detail/os/fork.hpp)
         if(NOT EXISTS "${prefix}/${file}")
             message(FATAL_ERROR "consumer (installed): ${file} was not installed")
         endif()

@@ -9,7 +9,7 @@
 //   - FrameReader, given the stream in arbitrary chunks, hands out exactly the frames a plain
 //     reference parser finds in the same bytes, and at end of stream throws EOFError between frames
 //     and SerializationError inside one.
-#include <mproc/detail/framing.hpp>
+#include <mproc/detail/os/framing.hpp>
 #include <mproc/errors.hpp>
 #include <mproc/serialize.hpp>
 

@@ -56,10 +56,10 @@
 #include <utility>
 #include <vector>
 
-#include "../errors.hpp"
-#include "fork_locks.hpp"
-#include "shared_memory.hpp"
-#include "unique_fd.hpp"
+#include "../../errors.hpp"
+#include "../os/fork_locks.hpp"
+#include "memory.hpp"
+#include "../os/unique_fd.hpp"
 
 namespace mproc::detail {
 

@@ -31,7 +31,7 @@
 #include <unistd.h>
 #include <vector>
 
-#include "../errors.hpp"
+#include "../../errors.hpp"
 
 namespace mproc::detail {
 

@@ -41,11 +41,11 @@
 #include <unistd.h>
 #include <vector>
 
-#include "../errors.hpp"
-#include "fd_passing.hpp"
-#include "fork.hpp"
-#include "unique_fd.hpp"
-#include "wait.hpp"
+#include "../../errors.hpp"
+#include "../os/fd_passing.hpp"
+#include "../os/fork.hpp"
+#include "../os/unique_fd.hpp"
+#include "../os/wait.hpp"
 
 namespace mproc::detail {
 

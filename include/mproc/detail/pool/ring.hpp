@@ -22,7 +22,7 @@
 #include <sched.h>
 #include <span>
 
-#include "futex.hpp"
+#include "../shm/futex.hpp"
 
 namespace mproc::detail {
 

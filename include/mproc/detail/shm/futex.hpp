@@ -22,7 +22,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "clock.hpp"
+#include "../os/clock.hpp"
 
 namespace mproc::detail {
 

@@ -18,15 +18,15 @@
 
 #include <fmt/format.h>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
-#include "clock.hpp"
-#include "framing.hpp"
-#include "mpi_address.hpp"
-#include "mpi_comm.hpp"
-#include "pool_task.hpp"
-#include "pool_worker.hpp"
-#include "remote_exception.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "../../detail/os/clock.hpp"
+#include "../../detail/os/framing.hpp"
+#include "address.hpp"
+#include "comm.hpp"
+#include "../../detail/pool/wire.hpp"
+#include "../../detail/pool/worker.hpp"
+#include "../../detail/serialize/remote_exception.hpp"
 
 namespace mproc::mpi::detail {
 

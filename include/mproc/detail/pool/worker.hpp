@@ -9,13 +9,13 @@
 #include <functional>
 #include <span>
 
-#include "framing.hpp"
-#include "io.hpp"
-#include "pool_link.hpp"
-#include "pool_task.hpp"
-#include "remote_exception.hpp"
-#include "spsc_ring.hpp"
-#include "unique_fd.hpp"
+#include "../os/framing.hpp"
+#include "../os/io.hpp"
+#include "link.hpp"
+#include "wire.hpp"
+#include "../serialize/remote_exception.hpp"
+#include "ring.hpp"
+#include "../os/unique_fd.hpp"
 
 namespace mproc::detail {
 

@@ -11,8 +11,8 @@
 #include <span>
 #include <string>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
 #include "io.hpp"
 
 namespace mproc::detail {

@@ -13,7 +13,7 @@
 #include <utility>
 #include <variant>
 
-#include "../serialize.hpp"
+#include "../../serialize.hpp"
 
 namespace mproc::detail {
 

@@ -28,10 +28,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "../serialize.hpp"
-#include "framing.hpp"
-#include "remote_exception.hpp"
-#include "shared_object.hpp"
+#include "../../serialize.hpp"
+#include "../os/framing.hpp"
+#include "../serialize/remote_exception.hpp"
+#include "../shm/shared_object.hpp"
 
 namespace mproc::detail {
 

@@ -26,8 +26,8 @@
 #include <string>
 #include <vector>
 
-#include "../errors.hpp"
-#include "shared_memory.hpp"
+#include "../../errors.hpp"
+#include "memory.hpp"
 
 namespace mproc::detail {
 

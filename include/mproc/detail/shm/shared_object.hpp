@@ -29,10 +29,10 @@
 #include <utility>
 #include <vector>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
-#include "fork_locks.hpp"
-#include "shm_registry.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "../os/fork_locks.hpp"
+#include "registry.hpp"
 
 namespace mproc::detail {
 

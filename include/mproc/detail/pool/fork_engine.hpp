@@ -41,15 +41,15 @@
 #include <unistd.h>
 #include <vector>
 
-#include "../errors.hpp"
-#include "clock.hpp"
-#include "cpu.hpp"
+#include "../../errors.hpp"
+#include "../os/clock.hpp"
+#include "../os/cpu.hpp"
 #include "fork_server.hpp"
-#include "framing.hpp"
-#include "pool_link.hpp"
-#include "pool_task.hpp"
-#include "pool_worker.hpp"
-#include "unique_fd.hpp"
+#include "../os/framing.hpp"
+#include "link.hpp"
+#include "wire.hpp"
+#include "worker.hpp"
+#include "../os/unique_fd.hpp"
 
 namespace mproc {
 

@@ -28,7 +28,7 @@
 #include <utility>
 #include <vector>
 
-#include "../errors.hpp"
+#include "../../errors.hpp"
 
 namespace mproc::detail {
 

@@ -28,10 +28,10 @@
 
 #include <fmt/format.h>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
-#include "framing.hpp"
-#include "pool_task.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "../../detail/os/framing.hpp"
+#include "../../detail/pool/wire.hpp"
 
 namespace mproc::mpi::detail {
 

@@ -35,7 +35,7 @@
 #include <unistd.h>
 #include <utility>
 
-#include "../errors.hpp"
+#include "../../errors.hpp"
 #include "child_registry.hpp"
 #include "guard_state.hpp"
 

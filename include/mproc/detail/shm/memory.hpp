@@ -21,8 +21,8 @@
 #include <unistd.h>
 #include <utility>
 
-#include "../errors.hpp"
-#include "unique_fd.hpp"
+#include "../../errors.hpp"
+#include "../os/unique_fd.hpp"
 
 namespace mproc::detail {
 

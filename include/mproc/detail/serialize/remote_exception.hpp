@@ -13,8 +13,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "../errors.hpp"
-#include "demangle.hpp"
+#include "../../errors.hpp"
+#include "type_name.hpp"
 
 namespace mproc::detail {
 

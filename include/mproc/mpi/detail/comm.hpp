@@ -27,9 +27,9 @@
 
 #include <fmt/format.h>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
-#include "framing.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "../../detail/os/framing.hpp"
 
 namespace mproc::mpi::detail {
 

@@ -19,8 +19,8 @@
 #include <ctime>
 #include <pthread.h>
 
-#include "../errors.hpp"
-#include "clock.hpp"
+#include "../../errors.hpp"
+#include "../os/clock.hpp"
 
 #if defined(__SANITIZE_THREAD__)
 #define MPROC_TSAN 1

@@ -34,13 +34,13 @@
 
 #include <fmt/format.h>
 
-#include "../errors.hpp"
-#include "../serialize.hpp"
-#include "mpi_address.hpp"
-#include "mpi_comm.hpp"
-#include "pool_core.hpp"
-#include "pool_task.hpp"
-#include "remote_exception.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "address.hpp"
+#include "comm.hpp"
+#include "../../detail/pool/fork_engine.hpp"
+#include "../../detail/pool/wire.hpp"
+#include "../../detail/serialize/remote_exception.hpp"
 
 namespace mproc::mpi::detail {
 

@@ -11,10 +11,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../errors.hpp"
-#include "futex.hpp"
-#include "pool_task.hpp"
-#include "spsc_ring.hpp"
+#include "../../errors.hpp"
+#include "../shm/futex.hpp"
+#include "wire.hpp"
+#include "ring.hpp"
 
 namespace mproc::detail {
 
