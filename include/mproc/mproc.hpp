@@ -3,6 +3,7 @@
 #pragma once
 
 #include "errors.hpp"
+#include "time.hpp"
 #include "serialize.hpp"
 #include "process.hpp"
 #include "guard.hpp"

@@ -70,7 +70,7 @@ using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<R
 
 /// How many bytes of items a default-sized chunk holds at most. A chunk this size, and its result
 /// when the values are of similar size, fits a worker's task and result rings
-/// (PoolLink::ring_capacity / 4), so map streams through shared memory with no system call while
+/// (SharedSeats::ring_capacity / 4), so map streams through shared memory with no system call while
 /// the workers are busy; bigger chunks would travel on the worker's socket.
 inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
 
@@ -82,7 +82,7 @@ template <class F, class Args, class It, class End>
 std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n,
                            std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
     task.id = core.next_task_id();
-    begin_task_frame<F, Args>(task.frame, task.id, 0, f);
+    begin_chunk_frame<F, Args>(task.frame, task.id, 0, f);
     const std::size_t start = task.frame.size();
     // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
     constexpr std::size_t item_min = sizeof(std::uint32_t) + min_encoded_size<Args>();
@@ -379,7 +379,7 @@ public:
         task.sink = state;
         task.id = core().next_task_id();
         task.count = 1;
-        detail::begin_task_frame<F, Args>(task.frame, task.id, 1, f);
+        detail::begin_chunk_frame<F, Args>(task.frame, task.id, 1, f);
         Writer out(task.frame);
         detail::write_record(out, Args(std::move(args)));
         detail::end_task_frame(task.frame, {});

@@ -3,14 +3,12 @@
 
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <optional>
 
-namespace mproc {
+#include "../../time.hpp"
 
-/// Every timeout in mproc: 100ms, 2s and Seconds{0.5} all convert to it.
-using Seconds = std::chrono::duration<double>;
-
-namespace detail {
+namespace mproc::detail {
 
 using Clock = std::chrono::steady_clock;
 /// No value means "wait forever".
@@ -35,5 +33,9 @@ inline int poll_timeout_ms(const Deadline& deadline) {
 
 inline bool expired(const Deadline& deadline) { return deadline && Clock::now() >= *deadline; }
 
-}  // namespace detail
-}  // namespace mproc
+/// Now on the steady clock, in nanoseconds: a time that fits in an atomic in shared memory.
+inline std::int64_t monotonic_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+}  // namespace mproc::detail

@@ -15,7 +15,7 @@
 // can block the pool. Each seat holds a FIFO of the tasks sent to its worker; results come back in
 // that order. When the fork server reports a worker's exit, the
 // collector first reads every result the worker managed to send, then fails the item the worker
-// was running (its WorkerSlot says which) with WorkerLost — or TimeoutError if the pool killed it
+// was running (its SeatStatus says which) with WorkerLost — or TimeoutError if the pool killed it
 // for overstaying task_timeout — puts the rest of its tasks back at the head of the backlog, and
 // asks for a replacement.
 #pragma once
@@ -160,8 +160,7 @@ protected:
     void deliver(Task& task, std::span<const std::byte> body) {
         outcomes_.clear();
         try {
-            if (body.size() < result_outcomes_at) Reader::fail("result frame too short");
-            Reader in(body.subspan(result_outcomes_at));
+            Reader in(result_outcomes(body));
             for (std::uint32_t i = 0; i < task.count; ++i) outcomes_.push_back(read_outcome_record(in));
             if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
         } catch (...) {
@@ -417,19 +416,19 @@ private:
         if (options_.task_timeout && !(options_.task_timeout->count() > 0))
             throw Error("PoolOptions::task_timeout must be positive (or unset for none)");
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
-        link_ = PoolLink(options_.processes);
+        link_ = SharedSeats(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!wake_) throw_errno("eventfd");
 
         WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
-        const PoolLink* link = &link_;
+        const SharedSeats* link = &link_;
         const int wake_fd = wake_.get();
         // The server is forked before the collector thread exists: this process may have other
         // threads, but the server's only thread is this one, and every worker is its fork.
         server_ = ForkServer(
             [config, link, wake_fd](int seat, UniqueFd channel) {
                 const auto i = static_cast<unsigned>(seat);
-                return worker_main(WorkerLink{link->tasks(i), link->results(i), link->slot(i), link->shared(), wake_fd,
+                return worker_main(SeatLink{link->tasks(i), link->results(i), link->status(i), link->shared(), wake_fd,
                                               std::move(channel)},
                                    config);
             },
@@ -863,17 +862,15 @@ private:
                 }
                 position = record->end;
                 progressed = true;
-                Reader in(body);
-                std::uint64_t id = 0;
-                std::int64_t spent = 0;
-                in(id, spent);
+                const std::uint64_t id = result_id(body);
                 if (id == hello_task_id) {
+                    Reader in(result_outcomes(body));
                     hello_locked(s, in);
                 } else if (!s.inflight.empty() && s.inflight.front().id == id) {
                     finished_.push_back({std::move(s.inflight.front()), body});
                     s.inflight.pop_front();
                     if (s.placed) --s.placed;
-                    const auto per_task = static_cast<double>(spent);
+                    const auto per_task = static_cast<double>(result_frame::spent_ns::get(body));
                     avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
                 }
                 if (socket_frame) break;
@@ -966,7 +963,7 @@ private:
         dispatch_locked();
     }
 
-    void worker_exited(Seat& s, pid_t pid, int status) {
+    void worker_exited(Seat& s, pid_t pid, int wait_status) {
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
         std::vector<Task> failed_whole;
@@ -975,16 +972,16 @@ private:
         bool have_lost = false;
         {
             std::lock_guard lock(mutex_);
-            const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-            const std::uint32_t item = slot.item.load(std::memory_order_relaxed);
-            const bool killed_for_another = s.timed_out && (s.timed_out->first != slot.task_id.load(std::memory_order_relaxed) ||
+            const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+            const std::uint32_t item = status.item.load(std::memory_order_relaxed);
+            const bool killed_for_another = s.timed_out && (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
                                                             s.timed_out->second != item);
             // Blame the item the worker was on — unless the pool killed it for stalling, or for an
             // item that finished before the kill landed (the one it was on then did nothing
             // wrong), or the item already failed (a worker that died before the first item it ran).
             if (!s.inflight.empty() && !s.stalled && !killed_for_another &&
-                slot.current_phase() != WorkerPhase::idle &&
-                slot.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
+                status.current_phase() != TaskPhase::idle &&
+                status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
                 !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(), item)) {
                 Task& t = s.inflight.front();
                 if (s.timed_out) {
@@ -992,8 +989,8 @@ private:
                         t.describe(item) + " ran past the task_timeout of " +
                         std::to_string(options_.task_timeout->count()) + "s: worker " + std::to_string(pid) + " killed"));
                 } else {
-                    const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
-                    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+                    const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
+                    const int code = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 0;
                     lost_error = std::make_exception_ptr(WorkerLost(t.describe(item), pid, sig, code));
                 }
                 lost_task.sink = t.sink;
@@ -1011,10 +1008,10 @@ private:
             vacate_locked(s);
 
             if (start_failures_ >= max_start_failures) {
-                const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+                const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
                 break_pool_locked("the pool's workers die as they start: worker " + std::to_string(pid) +
                                   (sig ? " killed by " + signal_name(sig) : " exited with status " +
-                                                                                 std::to_string(WEXITSTATUS(status))));
+                                                                                 std::to_string(WEXITSTATUS(wait_status))));
             }
             const bool wanted = state_ == State::open || state_ == State::closed ||
                                 (state_ == State::draining && outstanding_ > 0);
@@ -1060,19 +1057,19 @@ private:
             const std::int64_t stall_limit = std::max<std::int64_t>(limit, 1'000'000'000);
             for (Seat& s : seats_) {
                 if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled) continue;
-                const WorkerSlot& slot = link_.slot(static_cast<unsigned>(s.index));
-                const WorkerPhase phase = slot.current_phase();
+                const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+                const TaskPhase phase = status.current_phase();
                 // Whatever the worker does next (start a task, say), look again within the limit:
                 // it does not wake the collector for that.
                 next = std::min(next, now + limit);
-                if (phase == WorkerPhase::running) {
+                if (phase == TaskPhase::running) {
                     s.waiting_since = 0;
                     // The item and its start time as one pair: the worker writes the time first.
-                    const std::uint32_t item = slot.item.load(std::memory_order_acquire);
-                    const std::int64_t started = slot.started_ns.load(std::memory_order_acquire);
-                    if (slot.item.load(std::memory_order_acquire) != item) continue;  // moving on
+                    const std::uint32_t item = status.item.load(std::memory_order_acquire);
+                    const std::int64_t started = status.started_ns.load(std::memory_order_acquire);
+                    if (status.item.load(std::memory_order_acquire) != item) continue;  // moving on
                     if (now - started >= limit) {
-                        s.timed_out = {slot.task_id.load(std::memory_order_relaxed), item};
+                        s.timed_out = {status.task_id.load(std::memory_order_relaxed), item};
                         server_.kill(s.index, s.pid, SIGKILL);
                         continue;
                     }
@@ -1080,12 +1077,12 @@ private:
                     continue;
                 }
                 // A result on its way is not the worker's delay (the collector may be the slow one).
-                if (phase == WorkerPhase::delivering) {
+                if (phase == TaskPhase::delivering) {
                     s.waiting_since = 0;
                     continue;
                 }
                 // Idle: does a task wait in its ring that it has not taken?
-                const std::uint64_t begun = slot.begun.load(std::memory_order_acquire);
+                const std::uint64_t begun = status.begun.load(std::memory_order_acquire);
                 if (!s.saw_hello || begun >= s.placed_total || begun != s.seen_begun) {
                     s.seen_begun = begun;
                     s.waiting_since = begun < s.placed_total && s.saw_hello ? now : 0;
@@ -1119,7 +1116,7 @@ private:
 
     PoolOptions options_;
     pid_t owner_;
-    PoolLink link_;
+    SharedSeats link_;
     UniqueFd wake_;
     ForkServer server_;
 

@@ -1,33 +1,60 @@
-// mproc — the memory a Pool shares with its workers: per seat, the WorkerSlot and two rings
-// (tasks down, results up); for the pool, the collector's "I am asleep" flag.
+// mproc — the memory a Pool shares with its workers: per seat, the SeatStatus its worker publishes
+// and two rings (tasks down, results up); for the pool, the collector's "I am asleep" flag.
+//
+// A *seat* is one place for a worker in the pool: the parent's record of it is a Seat
+// (fork_engine.hpp), the memory it shares with its worker is here, and the worker's own view of
+// that memory is a SeatLink (worker.hpp). A seat outlives its workers: a replacement takes the seat
+// of the one that died, with fresh memory.
 //
 // It is one MAP_SHARED|MAP_ANONYMOUS mapping made before the fork server, so the server and every
 // worker inherit it at the same address. Nothing of it is a file: nothing appears in /dev/shm.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <new>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <utility>
 
 #include "../../errors.hpp"
 #include "../shm/futex.hpp"
-#include "wire.hpp"
 #include "ring.hpp"
 
 namespace mproc::detail {
+
+/// Where a worker is with the task at the head of its queue.
+enum class TaskPhase : std::uint32_t {
+    idle = 0,        // between tasks: the next one (if any) is not taken yet
+    running = 1,     // running items: task_timeout counts from started_ns
+    delivering = 2,  // every item has run; the result frame is on its way (not charged to the task)
+};
+
+/// What a worker publishes about the task it is running, in memory the pool can read — so when a
+/// worker dies, the pool knows which item killed it; when an item overstays task_timeout, which
+/// one to blame; and when a worker leaves queued tasks untaken, that it has stalled.
+struct SeatStatus {
+    std::atomic<std::uint64_t> task_id{0};
+    std::atomic<std::uint32_t> item{0};
+    std::atomic<std::uint32_t> phase{0};  // a TaskPhase
+    std::atomic<std::int64_t> started_ns{0};
+    std::atomic<std::uint64_t> begun{0};  // tasks this worker has taken from its ring
+
+    TaskPhase current_phase() const noexcept { return static_cast<TaskPhase>(phase.load(std::memory_order_acquire)); }
+    void enter(TaskPhase p) noexcept { phase.store(static_cast<std::uint32_t>(p), std::memory_order_release); }
+};
 
 struct alignas(64) PoolShared {
     FutexWord collector_sleeping{0};
 };
 
-class PoolLink {
+class SharedSeats {
 public:
     static constexpr std::size_t ring_capacity = std::size_t{256} * 1024;
 
-    PoolLink() = default;
-    explicit PoolLink(unsigned seats) : seats_(seats) {
+    SharedSeats() = default;
+    explicit SharedSeats(unsigned seats) : seats_(seats) {
         bytes_ = seat_offset(seats);
         void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) throw_errno("mmap (pool rings)");
@@ -35,9 +62,9 @@ public:
         new (base_) PoolShared();
         for (unsigned i = 0; i < seats; ++i) reset_seat(i);
     }
-    PoolLink(PoolLink&& o) noexcept
+    SharedSeats(SharedSeats&& o) noexcept
         : base_(std::exchange(o.base_, nullptr)), bytes_(o.bytes_), seats_(o.seats_) {}
-    PoolLink& operator=(PoolLink&& o) noexcept {
+    SharedSeats& operator=(SharedSeats&& o) noexcept {
         if (this != &o) {
             release();
             base_ = std::exchange(o.base_, nullptr);
@@ -46,27 +73,27 @@ public:
         }
         return *this;
     }
-    PoolLink(const PoolLink&) = delete;
-    PoolLink& operator=(const PoolLink&) = delete;
-    ~PoolLink() { release(); }
+    SharedSeats(const SharedSeats&) = delete;
+    SharedSeats& operator=(const SharedSeats&) = delete;
+    ~SharedSeats() { release(); }
 
     PoolShared& shared() const noexcept { return *reinterpret_cast<PoolShared*>(base_); }
-    WorkerSlot& slot(unsigned seat) const noexcept { return *reinterpret_cast<WorkerSlot*>(base_ + seat_offset(seat)); }
-    SpscRing tasks(unsigned seat) const noexcept { return {base_ + seat_offset(seat) + slot_bytes, ring_capacity}; }
+    SeatStatus& status(unsigned seat) const noexcept { return *reinterpret_cast<SeatStatus*>(base_ + seat_offset(seat)); }
+    SpscRing tasks(unsigned seat) const noexcept { return {base_ + seat_offset(seat) + status_bytes, ring_capacity}; }
     SpscRing results(unsigned seat) const noexcept {
-        return {base_ + seat_offset(seat) + slot_bytes + SpscRing::bytes_for(ring_capacity), ring_capacity};
+        return {base_ + seat_offset(seat) + status_bytes + SpscRing::bytes_for(ring_capacity), ring_capacity};
     }
-    /// Fresh slot and empty rings for a seat whose worker is gone (or not yet born).
+    /// A fresh status and empty rings for a seat whose worker is gone (or not yet born).
     void reset_seat(unsigned seat) const noexcept {
         std::byte* at = base_ + seat_offset(seat);
-        new (at) WorkerSlot();
-        SpscRing::reset(at + slot_bytes);
-        SpscRing::reset(at + slot_bytes + SpscRing::bytes_for(ring_capacity));
+        new (at) SeatStatus();
+        SpscRing::reset(at + status_bytes);
+        SpscRing::reset(at + status_bytes + SpscRing::bytes_for(ring_capacity));
     }
 
 private:
-    static constexpr std::size_t slot_bytes = (sizeof(WorkerSlot) + 63) & ~std::size_t{63};
-    static constexpr std::size_t seat_bytes = slot_bytes + 2 * SpscRing::bytes_for(ring_capacity);
+    static constexpr std::size_t status_bytes = (sizeof(SeatStatus) + 63) & ~std::size_t{63};
+    static constexpr std::size_t seat_bytes = status_bytes + 2 * SpscRing::bytes_for(ring_capacity);
     static constexpr std::size_t seat_offset(unsigned seat) noexcept { return sizeof(PoolShared) + seat * seat_bytes; }
     void release() noexcept {
         if (base_) ::munmap(base_, bytes_);

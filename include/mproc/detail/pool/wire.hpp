@@ -1,66 +1,80 @@
-// mproc — how one Pool task is encoded, run in a worker, and answered.
+// mproc — the Pool's wire format: the one place that knows how a task frame and a result frame
+// are laid out. The local engine, its workers and the MPI engine and ranks all read and write
+// frames through these names; no other file knows an offset.
 //
-// Workers are forks of the parent, so a function pointer means the same function there. A task
-// names its code by the address of a TaskCode: a constant instantiated in the parent for the
-// task's (callable, argument types) that holds the *invoker* — which decodes the arguments, calls,
-// and encodes the outcome of each item — and says whether a function pointer follows, so an engine
-// whose workers load code at other addresses (mproc/mpi.hpp) can find and translate both
-// addresses. Task frame body:
-//     u64 task id | u64 task code | u32 item count | callable | item records... | u32 skips... | u32 skip count
-// The trailer lists items not to run (they already failed when an earlier worker died on them).
-// Result frame body:
-//     u64 task id | i64 nanoseconds spent | per item: u8 outcome, then a record: the value or the exception.
+// A frame is a u64 length, then its body (os/framing.hpp). Bodies:
+//
+//   task frame    | id u64 | code u64 | count u32 | [callable u64] | item records... | skips u32... | skip count u32 |
+//   result frame  | id u64 | spent_ns i64 | per item: outcome u8, then a record (the value or the exception) |
+//
+// `code` is the address of the task's TaskCode (invoke.hpp): what decodes, calls and encodes each
+// item. `callable` is present when the TaskCode says the callable is a function pointer; the MPI
+// engine rewrites both addresses as portable names and back (mpi/detail/address.hpp). The trailer
+// lists the items not to run (they already failed when an earlier worker died on them). `spent_ns`
+// is the worker's run time of the task. Task id 0 is a worker's hello: one outcome, the
+// initializer's.
+//
 // A *record* is a length (u32; 0xFFFFFFFF, then a u64, for 4 GiB and more) and that many bytes.
 // Every item and every outcome is a record, so one that cannot be decoded fails alone and the
 // reader goes on at the next; and an outcome is committed only once its bytes are whole — a
 // result whose serialisation throws half-way is rolled back and replaced by the error.
 #pragma once
 
-#include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <functional>
+#include <exception>
 #include <optional>
-#include <string>
 #include <span>
-#include <tuple>
-#include <type_traits>
-#include <utility>
+#include <string>
+#include <vector>
 
 #include "../../serialize.hpp"
 #include "../os/framing.hpp"
 #include "../serialize/remote_exception.hpp"
-#include "../shm/shared_object.hpp"
+#include "../serialize/type_name.hpp"
 
 namespace mproc::detail {
 
-/// Where a worker is with the task at the head of its queue.
-enum class WorkerPhase : std::uint32_t {
-    idle = 0,        // between tasks: the next one (if any) is not taken yet
-    running = 1,     // running items: task_timeout counts from started_ns
-    delivering = 2,  // every item has run; the result frame is on its way (not charged to the task)
-};
+// ---- fixed fields ----------------------------------------------------------------------------
 
-/// What a worker publishes about the task it is running, in memory the pool can read — so when a
-/// worker dies, the pool knows which item killed it; when an item overstays task_timeout, which
-/// one to blame; and when a worker leaves queued tasks untaken, that it has stalled.
-struct WorkerSlot {
-    std::atomic<std::uint64_t> task_id{0};
-    std::atomic<std::uint32_t> item{0};
-    std::atomic<std::uint32_t> phase{0};       // a WorkerPhase
-    std::atomic<std::int64_t> started_ns{0};
-    std::atomic<std::uint64_t> begun{0};       // tasks this worker has taken from its ring
-
-    WorkerPhase current_phase() const noexcept {
-        return static_cast<WorkerPhase>(phase.load(std::memory_order_acquire));
+/// A field of type T at byte `Offset` of a frame body.
+template <class T, std::size_t Offset> struct Field {
+    static constexpr std::size_t at = Offset;
+    static constexpr std::size_t end = Offset + sizeof(T);
+    static T get(std::span<const std::byte> body) noexcept {
+        T value;
+        std::memcpy(&value, body.data() + at, sizeof value);
+        return value;
     }
-    void enter(WorkerPhase p) noexcept { phase.store(static_cast<std::uint32_t>(p), std::memory_order_release); }
+    static void set(std::span<std::byte> body, T value) noexcept { std::memcpy(body.data() + at, &value, sizeof value); }
 };
 
-inline std::int64_t monotonic_ns() noexcept {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+/// The fields of a task frame's body.
+namespace task_frame {
+using id = Field<std::uint64_t, 0>;
+using code = Field<std::uint64_t, id::end>;
+using count = Field<std::uint32_t, code::end>;
+using callable = Field<std::uint64_t, count::end>;  // only when the code's callable is a function pointer
+inline constexpr std::size_t payload_at = count::end;  // the callable (if any), then the items
+using skip_count_size = std::uint32_t;                 // the trailer's last field
+inline constexpr std::size_t smallest = payload_at + sizeof(skip_count_size);
+}  // namespace task_frame
+
+/// The fields of a result frame's body.
+namespace result_frame {
+using id = Field<std::uint64_t, 0>;
+using spent_ns = Field<std::int64_t, id::end>;
+inline constexpr std::size_t outcomes_at = spent_ns::end;
+}  // namespace result_frame
+
+/// The body of a whole frame (one that starts with its frame header).
+inline std::span<std::byte> body_of(Buffer& frame) noexcept {
+    return std::span<std::byte>(frame.data(), frame.size()).subspan(frame_header_size);
 }
+
+/// Task id 0 is the worker's hello: an Outcome::value once the initializer has run, or
+/// Outcome::exception and the initializer's exception.
+inline constexpr std::uint64_t hello_task_id = 0;
 
 enum class Outcome : std::uint8_t { value = 0, exception = 1, skipped = 2 };
 
@@ -188,21 +202,16 @@ template <class T> void decode_value_into(std::span<const std::byte> bytes, T& v
     }
 }
 
-/// What an invoker needs in the worker.
-struct ChunkContext {
-    Reader& in;
-    Writer& out;
-    WorkerSlot& slot;
-    std::span<const std::uint32_t> skips;
-    std::uint64_t task_id;
-    std::uint32_t count;
-    bool timed;  // publish start times (only when task_timeout is set)
-};
+
+// ---- task frames -----------------------------------------------------------------------------
+
+struct ChunkContext;
+/// Runs every item of a chunk in a worker (invoke.hpp).
 using Invoker = void (*)(ChunkContext&);
 
-/// What a task frame names: the invoker, and whether the callable is a function pointer (whose
-/// value follows the item count). `magic` lets a reader check that an address translated from
-/// another process really names a TaskCode.
+/// What a task frame's `code` names: the invoker, and whether the callable is a function pointer
+/// (whose value follows the item count). `magic` lets a reader check that an address translated
+/// from another process really names a TaskCode.
 struct TaskCode {
     static constexpr std::uint64_t expected_magic = 0x6d70726f632d7463;  // "mproc-tc"
     std::uint64_t magic;
@@ -210,163 +219,103 @@ struct TaskCode {
     bool pointer_callable;
 };
 
-/// Tasks are function pointers or stateless callables: nothing captured can cross to a worker.
-template <class F>
-inline constexpr bool is_task_callable_v =
-    std::is_pointer_v<F> ? std::is_function_v<std::remove_pointer_t<F>>
-                         : (std::is_class_v<F> && std::is_empty_v<F> && std::is_default_constructible_v<F>);
-
-template <class F> void write_callable(Writer& out, const F& f) {
-    if constexpr (std::is_pointer_v<F>) {
-        const auto address = reinterpret_cast<std::uintptr_t>(f);
-        out.write_raw(&address, sizeof address);
-    }
-}
-template <class F> F read_callable(Reader& in) {
-    if constexpr (std::is_pointer_v<F>) {
-        std::uintptr_t address = 0;
-        in.read_raw(&address, sizeof address);
-        // The same executable runs on both sides of the fork: a function's address is valid there.
-        return reinterpret_cast<F>(address);  // NOLINT(performance-no-int-to-ptr)
-    } else {
-        return F{};
-    }
+/// The TaskCode a task frame names (an address in this process: the parent's own, or translated).
+inline const TaskCode& task_code_of(std::span<const std::byte> body) noexcept {
+    // NOLINTNEXTLINE(performance-no-int-to-ptr)
+    return *reinterpret_cast<const TaskCode*>(static_cast<std::uintptr_t>(task_frame::code::get(body)));
 }
 
-/// The decayed result of calling F with Args (void stays void).
-template <class F, class Args> struct task_result;
-template <class F, class... Args> struct task_result<F, std::tuple<Args...>> {
-    using type = std::decay_t<std::invoke_result_t<F&, Args&&...>>;
-};
-template <class F, class Args> using task_result_t = typename task_result<F, Args>::type;
-
-/// Decodes one item's arguments from their record. Shared-object handles among them (Queue,
-/// SharedDict, Lock, ...) are default-constructed empty before they are read, not as new shared
-/// objects thrown away at once (for a Queue or a SharedDict that is a 1 GiB memfd per item).
-template <class Args> Args decode_args(std::span<const std::byte> bytes) {
-    HandleDecodeScope decoding;
-    Args args{};
-    Reader in(bytes);
-    in.read(args);
-    if (in.remaining() != 0) Reader::fail(std::to_string(in.remaining()) + " unexpected bytes after the arguments");
-    return args;
-}
-
-/// Runs every item of a chunk in the worker. Instantiated in the parent; called by address.
-/// Each item ends in exactly one outcome record: its value, or its exception — the task's own,
-/// or a SerializationError when its arguments do not decode or its result does not encode.
-template <class F, class Args>
-void run_chunk(ChunkContext& c) {
-    using R = task_result_t<F, Args>;
-    F f = read_callable<F>(c.in);
-    std::size_t next_skip = 0;
-    for (std::uint32_t i = 0; i < c.count; ++i) {
-        const std::span<const std::byte> item = read_record(c.in);  // a damaged frame fails the whole chunk
-        if (next_skip < c.skips.size() && c.skips[next_skip] == i) {
-            ++next_skip;
-            write_skipped_outcome(c.out);
-            continue;
-        }
-        // The start time first, then the item: the pool reads them as a pair (item, time, item).
-        if (c.timed) c.slot.started_ns.store(monotonic_ns(), std::memory_order_release);
-        c.slot.item.store(i, std::memory_order_release);
-        std::optional<Args> args;
-        try {
-            args.emplace(decode_args<Args>(item));
-        } catch (...) {
-            write_exception_outcome(c.out, RemoteException::capture_as_serialization_error(
-                                               "cannot decode the arguments " + type_name<Args>()));
-            continue;
-        }
-        const std::size_t mark = c.out.position();
-        try {
-            if constexpr (std::is_void_v<R>) {
-                std::apply(f, std::move(*args));
-                write_void_outcome(c.out);
-            } else {
-                const R result = std::apply(f, std::move(*args));
-                write_value_outcome(c.out, result);
-            }
-        } catch (...) {
-            c.out.rewind(mark);
-            write_exception_outcome(c.out, RemoteException::capture());
-        }
-    }
-}
-
-/// The TaskCode of tasks calling an F with Args; its address is what a task frame names.
-template <class F, class Args>
-inline constexpr TaskCode task_code{TaskCode::expected_magic, &run_chunk<F, Args>, std::is_pointer_v<F>};
-
-/// Starts the frame of a chunk of `count` items; the item records follow (see write_record).
-template <class F, class Args>
-void begin_task_frame(Buffer& frame, std::uint64_t task_id, std::uint32_t count, const F& f) {
+/// Starts a task frame: its fixed fields; the callable and the item records follow.
+inline void begin_task_frame(Buffer& frame, std::uint64_t id, const TaskCode& code, std::uint32_t count) {
     begin_frame(frame);
     Writer out(frame);
-    const auto code = reinterpret_cast<std::uintptr_t>(&task_code<F, Args>);
-    out(task_id, static_cast<std::uint64_t>(code), count);
-    write_callable(out, f);
+    out(id, static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(&code)), count);
 }
 /// Closes a task frame with its list of items to skip.
 inline void end_task_frame(Buffer& frame, std::span<const std::uint32_t> skips) {
     for (std::uint32_t s : skips) frame.append(&s, sizeof s);
-    const auto n = static_cast<std::uint32_t>(skips.size());
+    const auto n = static_cast<task_frame::skip_count_size>(skips.size());
     frame.append(&n, sizeof n);
     finish_frame(frame);
 }
-
-// Where the fixed fields of a task frame's body are (the callable follows them when it is a pointer).
-inline constexpr std::size_t task_id_at = 0;
-inline constexpr std::size_t task_code_at = 8;
-inline constexpr std::size_t task_count_at = 16;
-inline constexpr std::size_t task_callable_at = 20;
-// A result frame's body: the task id, then the nanoseconds the task took, then the outcomes.
-inline constexpr std::size_t result_id_at = 0;
-inline constexpr std::size_t result_spent_at = 8;
-inline constexpr std::size_t result_outcomes_at = 16;
-
 /// Sets the item count of a whole task frame (after its items are encoded).
-inline void set_task_count(Buffer& frame, std::uint32_t count) {
-    std::memcpy(frame.data() + frame_header_size + task_count_at, &count, sizeof count);
-}
+inline void set_task_count(Buffer& frame, std::uint32_t count) { task_frame::count::set(body_of(frame), count); }
 
 /// The fields of a task frame as the worker reads them.
 struct TaskView {
     std::uint64_t task_id = 0;
     Invoker invoker = nullptr;
     std::uint32_t count = 0;
-    std::span<const std::byte> payload;   // callable and items
+    std::span<const std::byte> payload;  // the callable (if any) and the items
     std::vector<std::uint32_t> skips;
 };
 
+/// The skip list's length, from the trailer of a task frame body.
+inline std::uint32_t task_skip_count(std::span<const std::byte> body) noexcept {
+    task_frame::skip_count_size n = 0;
+    std::memcpy(&n, body.data() + body.size() - sizeof n, sizeof n);
+    return n;
+}
+
 inline TaskView parse_task(std::span<const std::byte> body) {
+    if (body.size() < task_frame::smallest) Reader::fail("task frame too short");
     TaskView t;
-    constexpr std::size_t head = task_callable_at;
-    if (body.size() < head + 4) Reader::fail("task frame too short");
-    std::uint64_t code = 0;
-    std::memcpy(&t.task_id, body.data() + task_id_at, sizeof t.task_id);
-    std::memcpy(&code, body.data() + task_code_at, sizeof code);
-    std::memcpy(&t.count, body.data() + task_count_at, sizeof t.count);
-    // The address of a static TaskCode of this same executable, sent by the parent before the fork.
-    // NOLINTNEXTLINE(performance-no-int-to-ptr)
-    t.invoker = reinterpret_cast<const TaskCode*>(static_cast<std::uintptr_t>(code))->invoke;
-    std::uint32_t nskip = 0;
-    std::memcpy(&nskip, body.data() + body.size() - 4, 4);
-    if (nskip > (body.size() - head - 4) / 4) Reader::fail("task frame skip list too long");
-    const std::size_t trailer = 4 + std::size_t{nskip} * 4;
+    t.task_id = task_frame::id::get(body);
+    t.count = task_frame::count::get(body);
+    t.invoker = task_code_of(body).invoke;
+    const std::uint32_t nskip = task_skip_count(body);
+    if (nskip > (body.size() - task_frame::smallest) / sizeof(std::uint32_t)) Reader::fail("task frame skip list too long");
+    const std::size_t trailer = sizeof(task_frame::skip_count_size) + std::size_t{nskip} * sizeof(std::uint32_t);
     t.skips.resize(nskip);
-    if (nskip) std::memcpy(t.skips.data(), body.data() + body.size() - trailer, std::size_t{nskip} * 4);
-    t.payload = body.subspan(head, body.size() - head - trailer);
+    if (nskip) std::memcpy(t.skips.data(), body.data() + body.size() - trailer, std::size_t{nskip} * sizeof(std::uint32_t));
+    t.payload = body.subspan(task_frame::payload_at, body.size() - task_frame::payload_at - trailer);
     return t;
 }
 
 /// Rewrites `frame` (a whole task frame) with `skips` as its new skip list.
 inline void set_task_skips(Buffer& frame, std::span<const std::uint32_t> skips) {
-    const std::span<const std::byte> body = frame.bytes().subspan(frame_header_size);
-    std::uint32_t old = 0;
-    std::memcpy(&old, body.data() + body.size() - 4, 4);
-    frame.resize(frame.size() - 4 - std::size_t{old} * 4);
+    const std::uint32_t old = task_skip_count(body_of(frame));
+    frame.resize(frame.size() - sizeof(task_frame::skip_count_size) - std::size_t{old} * sizeof(std::uint32_t));
     end_task_frame(frame, skips);
+}
+
+// ---- result frames ---------------------------------------------------------------------------
+
+/// Starts the result frame of task `id`; the outcomes follow, then finish_result_frame.
+inline Writer begin_result_frame(Buffer& frame, std::uint64_t id) {
+    begin_frame(frame);
+    Writer out(frame);
+    out(id, std::int64_t{0});
+    return out;
+}
+/// Closes a result frame, with the time its task took.
+inline void finish_result_frame(Buffer& frame, std::int64_t spent_ns) {
+    result_frame::spent_ns::set(body_of(frame), spent_ns);
+    finish_frame(frame);
+}
+/// Replaces whatever outcomes `frame` holds by `count` exception outcomes, each `why`: the result
+/// of a task none of whose items could run (its chunk does not decode).
+inline void fail_every_item(Buffer& frame, std::uint32_t count, const RemoteException& why) {
+    frame.resize(frame_header_size + result_frame::outcomes_at);
+    Writer out(frame);
+    for (std::uint32_t i = 0; i < count; ++i) write_exception_outcome(out, why);
+}
+/// A whole result frame for the task frame `task_body`, every item failing with `why` (a task the
+/// receiving side could not even parse; a damaged header names no items).
+inline void failed_task_frame(Buffer& frame, std::span<const std::byte> task_body, const RemoteException& why) {
+    const bool whole = task_body.size() >= task_frame::smallest;
+    begin_result_frame(frame, whole ? task_frame::id::get(task_body) : 0);
+    fail_every_item(frame, whole ? task_frame::count::get(task_body) : 0, why);
+    finish_result_frame(frame, 0);
+}
+/// The id of a result frame body, and a reader at its outcomes.
+inline std::uint64_t result_id(std::span<const std::byte> body) {
+    if (body.size() < result_frame::outcomes_at) Reader::fail("result frame too short");
+    return result_frame::id::get(body);
+}
+inline std::span<const std::byte> result_outcomes(std::span<const std::byte> body) {
+    if (body.size() < result_frame::outcomes_at) Reader::fail("result frame too short");
+    return body.subspan(result_frame::outcomes_at);
 }
 
 }  // namespace mproc::detail

@@ -9,19 +9,17 @@
 #include <functional>
 #include <span>
 
+#include "../os/clock.hpp"
 #include "../os/framing.hpp"
 #include "../os/io.hpp"
-#include "link.hpp"
-#include "wire.hpp"
-#include "../serialize/remote_exception.hpp"
-#include "ring.hpp"
 #include "../os/unique_fd.hpp"
+#include "../serialize/remote_exception.hpp"
+#include "invoke.hpp"
+#include "link.hpp"
+#include "ring.hpp"
+#include "wire.hpp"
 
 namespace mproc::detail {
-
-/// Task id 0 is the worker's hello: an Outcome::value once the initializer has run, or
-/// Outcome::exception and the initializer's exception.
-inline constexpr std::uint64_t hello_task_id = 0;
 
 struct WorkerConfig {
     std::function<void()> initializer;
@@ -29,11 +27,11 @@ struct WorkerConfig {
     bool timed = false;
 };
 
-/// What one worker talks through.
-struct WorkerLink {
+/// What one worker talks through: its seat's memory, and its socket for frames too large for a ring.
+struct SeatLink {
     SpscRing tasks;
     SpscRing results;
-    WorkerSlot& slot;
+    SeatStatus& status;
     PoolShared& shared;
     int wake_fd;
     UniqueFd socket;
@@ -49,7 +47,7 @@ inline bool send_frame_blocking(int fd, std::span<const std::byte> left) {
 }
 
 /// Publishes one result frame (with its frame header) and wakes the collector if it sleeps.
-inline bool send_result(WorkerLink& link, const Buffer& frame) {
+inline bool send_result(SeatLink& link, const Buffer& frame) {
     const std::span<const std::byte> body = frame.bytes().subspan(frame_header_size);
     if (body.size() <= link.results.max_payload()) {
         link.results.wait_for_room(body.size());
@@ -65,39 +63,30 @@ inline bool send_result(WorkerLink& link, const Buffer& frame) {
 }
 
 /// Runs one task and writes its result frame into `out` (also used by mproc/mpi.hpp's workers).
-/// The slot says `running` from the first item to the last, then `delivering`: the time the
+/// The status says `running` from the first item to the last, then `delivering`: the time the
 /// result then takes to reach the pool is not the task's.
-inline void run_task(const TaskView& task, WorkerSlot& slot, bool timed, Buffer& out) {
+inline void run_task(const TaskView& task, SeatStatus& status, bool timed, Buffer& out) {
     const std::int64_t begun = monotonic_ns();
-    begin_frame(out);
-    Writer w(out);
-    w(task.task_id, std::int64_t{0});
-    const std::size_t header = out.size();
-    slot.task_id.store(task.task_id, std::memory_order_relaxed);
-    slot.item.store(0, std::memory_order_relaxed);
-    if (timed) slot.started_ns.store(begun, std::memory_order_relaxed);
-    slot.enter(WorkerPhase::running);
+    Writer w = begin_result_frame(out, task.task_id);
+    status.task_id.store(task.task_id, std::memory_order_relaxed);
+    status.item.store(0, std::memory_order_relaxed);
+    if (timed) status.started_ns.store(begun, std::memory_order_relaxed);
+    status.enter(TaskPhase::running);
     Reader r(task.payload);
-    ChunkContext context{r, w, slot, task.skips, task.task_id, task.count, timed};
+    ChunkContext context{r, w, status, task.skips, task.task_id, task.count, timed};
     try {
         task.invoker(context);
     } catch (...) {
         // The chunk itself could not be decoded: every item of it fails with the reason.
-        const RemoteException why = RemoteException::capture();
-        out.resize(header);
-        for (std::uint32_t i = 0; i < task.count; ++i) write_exception_outcome(w, why);
+        fail_every_item(out, task.count, RemoteException::capture());
     }
-    slot.enter(WorkerPhase::delivering);
-    const std::int64_t spent = monotonic_ns() - begun;
-    std::memcpy(out.data() + frame_header_size + result_spent_at, &spent, sizeof spent);
-    finish_frame(out);
+    status.enter(TaskPhase::delivering);
+    finish_result_frame(out, monotonic_ns() - begun);
 }
 
 /// The hello frame: task id 0, then the initializer's outcome.
 inline void write_hello(Buffer& out, const std::function<void()>& initializer, bool& ok) {
-    begin_frame(out);
-    Writer w(out);
-    w(hello_task_id, std::int64_t{0});
+    Writer w = begin_result_frame(out, hello_task_id);
     ok = true;
     try {
         if (initializer) initializer();
@@ -106,11 +95,11 @@ inline void write_hello(Buffer& out, const std::function<void()>& initializer, b
         ok = false;
         write_exception_outcome(w, RemoteException::capture());
     }
-    finish_frame(out);
+    finish_result_frame(out, 0);
 }
 
 /// The body of a worker process; returns its exit status.
-inline int worker_main(WorkerLink link, const WorkerConfig& config) {
+inline int worker_main(SeatLink link, const WorkerConfig& config) {
     Buffer out;
     {
         bool ok = true;
@@ -135,7 +124,7 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
             continue;
         }
         ++since_sleep;
-        link.slot.begun.fetch_add(1, std::memory_order_release);
+        link.status.begun.fetch_add(1, std::memory_order_release);
         std::span<const std::byte> body = record->payload;
         const bool on_socket = record->kind == SpscRing::socket;
         if (on_socket) {
@@ -145,11 +134,11 @@ inline int worker_main(WorkerLink link, const WorkerConfig& config) {
             }
             body = *socket_in.buffered_frame();
         }
-        run_task(parse_task(body), link.slot, config.timed, out);
+        run_task(parse_task(body), link.status, config.timed, out);
         if (on_socket) socket_in.consume(body);
         link.tasks.consume_to(record->end);
         const bool sent = send_result(link, out);
-        link.slot.enter(WorkerPhase::idle);
+        link.status.enter(TaskPhase::idle);
         if (!sent) return 0;
         if (config.max_tasks != 0 && ++done >= config.max_tasks) return 0;
     }

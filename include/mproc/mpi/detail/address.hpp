@@ -69,18 +69,12 @@ public:
 
     /// Rewrites the addresses of a task frame (with its frame header) as portable addresses.
     void make_portable(Buffer& frame) {
-        std::byte* body = frame.data() + mproc::detail::frame_header_size;
-        std::uint64_t code = 0;
-        std::memcpy(&code, body + mproc::detail::task_code_at, 8);
-        const auto* task_code = reinterpret_cast<const TaskCode*>(static_cast<std::uintptr_t>(code));
-        if (task_code->pointer_callable) {
-            std::uintptr_t callable = 0;
-            std::memcpy(&callable, body + mproc::detail::task_callable_at, sizeof callable);
-            const std::uint64_t named = portable(callable);
-            std::memcpy(body + mproc::detail::task_callable_at, &named, 8);
-        }
-        const std::uint64_t named = portable(static_cast<std::uintptr_t>(code));
-        std::memcpy(body + mproc::detail::task_code_at, &named, 8);
+        namespace tf = mproc::detail::task_frame;
+        const std::span<std::byte> body = mproc::detail::body_of(frame);
+        const std::uint64_t code = tf::code::get(body);
+        if (mproc::detail::task_code_of(body).pointer_callable)
+            tf::callable::set(body, portable(static_cast<std::uintptr_t>(tf::callable::get(body))));
+        tf::code::set(body, portable(static_cast<std::uintptr_t>(code)));
     }
 
     /// Every object name given an id so far, in id order.
@@ -147,20 +141,15 @@ public:
 
     /// Rewrites a task frame body's portable addresses as local ones.
     void make_local(std::span<std::byte> body) {
-        if (body.size() < mproc::detail::task_callable_at + 4) throw SerializationError("mproc::mpi: task frame too short");
-        std::uint64_t code = 0;
-        std::memcpy(&code, body.data() + mproc::detail::task_code_at, 8);
-        const std::uintptr_t local_code = resolve(code, Use::task_code);
+        namespace tf = mproc::detail::task_frame;
+        if (body.size() < tf::smallest) throw SerializationError("mproc::mpi: task frame too short");
+        const std::uintptr_t local_code = resolve(tf::code::get(body), Use::task_code);
         if (reinterpret_cast<const TaskCode*>(local_code)->pointer_callable) {
-            if (body.size() < mproc::detail::task_callable_at + 8 + 4)
+            if (body.size() < tf::callable::end + sizeof(tf::skip_count_size))
                 throw SerializationError("mproc::mpi: task frame too short");
-            std::uint64_t callable = 0;
-            std::memcpy(&callable, body.data() + mproc::detail::task_callable_at, 8);
-            const std::uint64_t local = resolve(callable, Use::code);
-            std::memcpy(body.data() + mproc::detail::task_callable_at, &local, 8);
+            tf::callable::set(body, resolve(tf::callable::get(body), Use::code));
         }
-        const std::uint64_t local = local_code;
-        std::memcpy(body.data() + mproc::detail::task_code_at, &local, 8);
+        tf::code::set(body, local_code);
     }
 
 private:

@@ -440,17 +440,14 @@ private:
             std::lock_guard lock(mutex_);
             FrameCursor frames(m.payload());
             while (auto body = frames.next()) {
-                Reader in(*body);
-                std::uint64_t id = 0;
-                std::int64_t spent = 0;
-                in(id, spent);
+                const std::uint64_t id = mproc::detail::result_id(*body);
                 // After a break the seat holds nothing: late results are dropped here.
                 if (seat->inflight.empty() || seat->inflight.front().id != id) continue;
                 seat->bytes -= seat->sizes.front();
                 seat->sizes.pop_front();
                 finished.push_back({std::move(seat->inflight.front()), *body});
                 seat->inflight.pop_front();
-                const auto per_task = static_cast<double>(spent);
+                const auto per_task = static_cast<double>(mproc::detail::result_frame::spent_ns::get(*body));
                 avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
             }
         }

@@ -33,21 +33,6 @@ namespace mproc::mpi::detail {
 using mproc::detail::Outcome;
 using mproc::detail::RemoteException;
 
-/// The result frame of a task none of whose items could run: each fails with `why`.
-inline void failed_task_frame(Buffer& out, std::span<const std::byte> body, const RemoteException& why) {
-    std::uint64_t id = 0;
-    std::uint32_t count = 0;
-    if (body.size() >= mproc::detail::task_callable_at) {
-        std::memcpy(&id, body.data() + mproc::detail::task_id_at, sizeof id);
-        std::memcpy(&count, body.data() + mproc::detail::task_count_at, sizeof count);
-    }
-    mproc::detail::begin_frame(out);
-    Writer w(out);
-    w(id, std::int64_t{0});
-    for (std::uint32_t i = 0; i < count; ++i) mproc::detail::write_exception_outcome(w, why);
-    mproc::detail::finish_frame(out);
-}
-
 class WorkerRank {
 public:
     WorkerRank(MPI_Comm comm, int rank) : comm_(comm), rank_(rank), resolver_(rank) {}
@@ -155,13 +140,13 @@ private:
     void run(std::span<std::byte> body) {
         try {
             resolver_.make_local(body);
-            mproc::detail::run_task(mproc::detail::parse_task(body), slot_, /*timed=*/false, out_);
+            mproc::detail::run_task(mproc::detail::parse_task(body), status_, /*timed=*/false, out_);
             if (out_.size() + message_header > max_message)
                 throw Error(fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
                                         "carries ({} bytes)",
                                         out_.size(), max_message));
         } catch (...) {
-            failed_task_frame(out_, body, RemoteException::capture());
+            mproc::detail::failed_task_frame(out_, body, RemoteException::capture());
         }
         if (!results_.empty() && results_.size() + out_.size() > max_message) flush();
         if (results_.empty()) {
@@ -186,7 +171,7 @@ private:
     Buffer results_;
     Buffer out_;
     mproc::detail::Clock::time_point first_result_{};
-    mproc::detail::WorkerSlot slot_;
+    mproc::detail::SeatStatus status_;
 };
 
 }  // namespace mproc::mpi::detail

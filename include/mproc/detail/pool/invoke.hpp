@@ -1,0 +1,137 @@
+// mproc — what a Pool task is in code: a callable and argument types, and the invoker that runs
+// each item of a chunk in a worker — decoding its arguments, calling, and encoding its outcome.
+//
+// Workers are forks of the parent, so a function pointer means the same function there. A task
+// frame names its code by the address of a TaskCode (wire.hpp): a constant instantiated in the
+// parent for the task's (callable, argument types) that holds the invoker, and says whether a
+// function pointer follows, so an engine whose workers load code at other addresses
+// (mproc/mpi.hpp) can find and translate both addresses.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <span>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "../../serialize.hpp"
+#include "../os/clock.hpp"
+#include "../serialize/remote_exception.hpp"
+#include "../shm/shared_object.hpp"
+#include "link.hpp"
+#include "wire.hpp"
+
+namespace mproc::detail {
+
+/// What an invoker needs in the worker.
+struct ChunkContext {
+    Reader& in;
+    Writer& out;
+    SeatStatus& status;
+    std::span<const std::uint32_t> skips;
+    std::uint64_t task_id;
+    std::uint32_t count;
+    bool timed;  // publish start times (only when task_timeout is set)
+};
+/// Tasks are function pointers or stateless callables: nothing captured can cross to a worker.
+template <class F>
+inline constexpr bool is_task_callable_v =
+    std::is_pointer_v<F> ? std::is_function_v<std::remove_pointer_t<F>>
+                         : (std::is_class_v<F> && std::is_empty_v<F> && std::is_default_constructible_v<F>);
+
+template <class F> void write_callable(Writer& out, const F& f) {
+    if constexpr (std::is_pointer_v<F>) {
+        const auto address = reinterpret_cast<std::uintptr_t>(f);
+        out.write_raw(&address, sizeof address);
+    }
+}
+template <class F> F read_callable(Reader& in) {
+    if constexpr (std::is_pointer_v<F>) {
+        std::uintptr_t address = 0;
+        in.read_raw(&address, sizeof address);
+        // The same executable runs on both sides of the fork: a function's address is valid there.
+        return reinterpret_cast<F>(address);  // NOLINT(performance-no-int-to-ptr)
+    } else {
+        return F{};
+    }
+}
+
+/// The decayed result of calling F with Args (void stays void).
+template <class F, class Args> struct task_result;
+template <class F, class... Args> struct task_result<F, std::tuple<Args...>> {
+    using type = std::decay_t<std::invoke_result_t<F&, Args&&...>>;
+};
+template <class F, class Args> using task_result_t = typename task_result<F, Args>::type;
+
+/// Decodes one item's arguments from their record. Shared-object handles among them (Queue,
+/// SharedDict, Lock, ...) are default-constructed empty before they are read, not as new shared
+/// objects thrown away at once (for a Queue or a SharedDict that is a 1 GiB memfd per item).
+template <class Args> Args decode_args(std::span<const std::byte> bytes) {
+    HandleDecodeScope decoding;
+    Args args{};
+    Reader in(bytes);
+    in.read(args);
+    if (in.remaining() != 0) Reader::fail(std::to_string(in.remaining()) + " unexpected bytes after the arguments");
+    return args;
+}
+
+/// Runs every item of a chunk in the worker. Instantiated in the parent; called by address.
+/// Each item ends in exactly one outcome record: its value, or its exception — the task's own,
+/// or a SerializationError when its arguments do not decode or its result does not encode.
+template <class F, class Args>
+void run_chunk(ChunkContext& c) {
+    using R = task_result_t<F, Args>;
+    F f = read_callable<F>(c.in);
+    std::size_t next_skip = 0;
+    for (std::uint32_t i = 0; i < c.count; ++i) {
+        const std::span<const std::byte> item = read_record(c.in);  // a damaged frame fails the whole chunk
+        if (next_skip < c.skips.size() && c.skips[next_skip] == i) {
+            ++next_skip;
+            write_skipped_outcome(c.out);
+            continue;
+        }
+        // The start time first, then the item: the pool reads them as a pair (item, time, item).
+        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
+        c.status.item.store(i, std::memory_order_release);
+        std::optional<Args> args;
+        try {
+            args.emplace(decode_args<Args>(item));
+        } catch (...) {
+            write_exception_outcome(c.out, RemoteException::capture_as_serialization_error(
+                                               "cannot decode the arguments " + type_name<Args>()));
+            continue;
+        }
+        const std::size_t mark = c.out.position();
+        try {
+            if constexpr (std::is_void_v<R>) {
+                std::apply(f, std::move(*args));
+                write_void_outcome(c.out);
+            } else {
+                const R result = std::apply(f, std::move(*args));
+                write_value_outcome(c.out, result);
+            }
+        } catch (...) {
+            c.out.rewind(mark);
+            write_exception_outcome(c.out, RemoteException::capture());
+        }
+    }
+}
+
+/// The TaskCode of tasks calling an F with Args; its address is what a task frame names.
+template <class F, class Args>
+inline constexpr TaskCode task_code{TaskCode::expected_magic, &run_chunk<F, Args>, std::is_pointer_v<F>};
+
+/// Starts the task frame of a chunk of `count` items calling `f`; the item records follow (see
+/// write_record), then end_task_frame.
+template <class F, class Args>
+void begin_chunk_frame(Buffer& frame, std::uint64_t task_id, std::uint32_t count, const F& f) {
+    begin_task_frame(frame, task_id, task_code<F, Args>, count);
+    Writer out(frame);
+    write_callable(out, f);
+}
+
+}  // namespace mproc::detail
