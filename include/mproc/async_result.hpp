@@ -23,7 +23,7 @@
 
 #include "detail/os/clock.hpp"
 #include "detail/serialize/type_name.hpp"
-#include "detail/pool/fork_engine.hpp"
+#include "detail/pool/engine.hpp"
 #include "detail/pool/wire.hpp"
 #include "detail/serialize/remote_exception.hpp"
 #include "errors.hpp"
@@ -85,7 +85,7 @@ public:
         if constexpr (Many && !std::is_void_v<R>) values_.resize(items);
     }
 
-    /// For a call with no items: completes it (on the collector thread, see PoolCore::post).
+    /// For a call with no items: completes it (on the collector thread, see ForkEngine::post).
     void complete_empty() {
         {
             std::lock_guard lock(mutex_);

@@ -33,8 +33,11 @@
 
 #include "async_result.hpp"
 #include "detail/os/cpu.hpp"
+#include "detail/pool/engine.hpp"
 #include "detail/pool/fork_engine.hpp"
+#include "detail/pool/invoke.hpp"
 #include "detail/pool/wire.hpp"
+#include "pool_options.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 
@@ -79,9 +82,9 @@ inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
 /// (advancing it, reading an element, encoding one) propagates — or, given `input_error`, is
 /// stored there and ends the chunk after the items already encoded (the partial item is dropped).
 template <class F, class Args, class It, class End>
-std::uint32_t encode_chunk(Task& task, PoolEngine& core, const F& f, It& it, const End& end, std::size_t n,
+std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, const End& end, std::size_t n,
                            std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
-    task.id = core.next_task_id();
+    task.id = engine.next_task_id();
     begin_chunk_frame<F, Args>(task.frame, task.id, 0, f);
     const std::size_t start = task.frame.size();
     // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
@@ -215,10 +218,10 @@ public:
     using value_type = detail::task_result_t<F, Args>;
     static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
 
-    ImapRange(detail::PoolEngine& core, F f, View view, std::size_t chunksize)
-        : core_(&core), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
-          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(core.collector_id())) {
-        const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{core.processes()} * 4);
+    ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize)
+        : engine_(&engine), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
+          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
+        const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
         window_ = chunks_in_flight * chunksize_;
     }
     ImapRange(ImapRange&&) noexcept = default;
@@ -275,7 +278,7 @@ private:
             task.sink = state_;
             task.first = submitted_;
             std::exception_ptr input_error;
-            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *core_, f_, *input_, std::ranges::end(view_),
+            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *engine_, f_, *input_, std::ranges::end(view_),
                                                                   chunksize_, SIZE_MAX, &input_error);
             if (n < chunksize_) input_done_ = true;
             if (input_error) {
@@ -284,7 +287,7 @@ private:
             }
             if (n == 0) break;
             submitted_ += n;
-            core_->submit(std::move(task));
+            engine_->submit(std::move(task));
         }
     }
     /// The input itself threw: every item before it is still yielded, then its exception, then
@@ -314,7 +317,7 @@ private:
         ++consumed_;
     }
 
-    detail::PoolEngine* core_;
+    detail::PoolEngine* engine_;
     F f_;
     View view_;
     std::optional<std::ranges::iterator_t<View>> input_;
@@ -341,12 +344,12 @@ public:
     /// cpu_count() workers.
     Pool() : Pool(PoolOptions{}) {}
     explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
-    explicit Pool(PoolOptions options) : core_(std::make_unique<detail::PoolCore>(std::move(options))) {}
+    explicit Pool(PoolOptions options) : engine_(std::make_unique<detail::ForkEngine>(std::move(options))) {}
     Pool(Pool&&) noexcept = default;
     Pool& operator=(Pool&& other) noexcept {
         if (this != &other) {
             release_engine();
-            core_ = std::move(other.core_);
+            engine_ = std::move(other.engine_);
         }
         return *this;
     }
@@ -354,7 +357,7 @@ public:
     /// the pool's thread once the callback has returned.
     ~Pool() { release_engine(); }
 
-    unsigned processes() const { return core().processes(); }
+    unsigned processes() const { return engine().processes(); }
 
     // ---- one call ---------------------------------------------------------------------------
 
@@ -374,16 +377,16 @@ public:
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         auto state = std::make_shared<detail::CollectState<R, false>>(1, std::move(callback), std::move(error_callback),
-                                                                       core().collector_id());
+                                                                       engine().collector_id());
         detail::Task task;
         task.sink = state;
-        task.id = core().next_task_id();
+        task.id = engine().next_task_id();
         task.count = 1;
         detail::begin_chunk_frame<F, Args>(task.frame, task.id, 1, f);
         Writer out(task.frame);
         detail::write_record(out, Args(std::move(args)));
         detail::end_task_frame(task.frame, {});
-        core().submit(std::move(task));
+        engine().submit(std::move(task));
         return AsyncResult<R>(std::shared_ptr<detail::ValueState<detail::collected_t<R, false>>>(state));
     }
 
@@ -434,27 +437,27 @@ public:
     // ---- lifetime ---------------------------------------------------------------------------
 
     /// No more tasks; submitting now throws mproc::Error.
-    void close() { core().close(); }
+    void close() { engine().close(); }
     /// After close(): waits for every queued task and callback, then for the workers to exit.
-    void join() { core().join(); }
+    void join() { engine().join(); }
     /// Stops the workers now; pending results fail with mproc::Error.
-    void terminate() { core().terminate(); }
+    void terminate() { engine().terminate(); }
 
     /// The live workers' pids (they change as workers are replaced).
-    std::vector<pid_t> worker_pids() { return core().worker_pids(); }
+    std::vector<pid_t> worker_pids() { return engine().worker_pids(); }
 
 protected:
     /// A pool whose tasks another engine runs (mproc::mpi::Pool: MPI ranks).
-    explicit Pool(std::unique_ptr<detail::PoolEngine> engine) : core_(std::move(engine)) {}
+    explicit Pool(std::unique_ptr<detail::PoolEngine> engine) : engine_(std::move(engine)) {}
 
 private:
-    detail::PoolEngine& core() const {
-        if (!core_) throw Error("this Pool was moved from");
-        return *core_;
+    detail::PoolEngine& engine() const {
+        if (!engine_) throw Error("this Pool was moved from");
+        return *engine_;
     }
     void release_engine() noexcept {
-        if (core_ && core_->retire_from_callback()) (void)core_.release();  // it deletes itself
-        core_.reset();
+        if (engine_ && engine_->retire_from_callback()) (void)engine_.release();  // it deletes itself
+        engine_.reset();
     }
 
     template <class F, class Args, class R, class Range, class Cb>
@@ -473,12 +476,12 @@ private:
             // the caller gives is kept exactly (max_tasks_per_child counts chunks).
             std::size_t max_bytes = SIZE_MAX;
             if (chunksize == 0) {
-                chunksize = detail::default_chunksize(count, core().processes());
+                chunksize = detail::default_chunksize(count, engine().processes());
                 max_bytes = detail::default_chunk_bytes;
             }
             auto state = std::make_shared<detail::CollectState<R, true>>(count, std::move(callback),
-                                                                         std::move(error_callback), core().collector_id());
-            if (count == 0) core().post([state] { state->complete_empty(); });
+                                                                         std::move(error_callback), engine().collector_id());
+            if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(count / chunksize + 1);
             auto it = std::ranges::begin(xs);
@@ -487,9 +490,9 @@ private:
                 detail::Task& task = tasks.emplace_back();
                 task.sink = state;
                 task.first = first;
-                first += detail::encode_chunk<F, Args>(task, core(), f, it, end, chunksize, max_bytes);
+                first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, chunksize, max_bytes);
             }
-            core().submit(tasks);
+            engine().submit(tasks);
             return AsyncResult<detail::collected_t<R, true>>(
                 std::shared_ptr<detail::ValueState<detail::collected_t<R, true>>>(state));
         }
@@ -501,10 +504,10 @@ private:
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         using View = std::views::all_t<Range>;
-        return ImapRange<F, Args, View, Ordered>(core(), f, std::views::all(std::forward<Range>(xs)), chunksize);
+        return ImapRange<F, Args, View, Ordered>(engine(), f, std::views::all(std::forward<Range>(xs)), chunksize);
     }
 
-    std::unique_ptr<detail::PoolEngine> core_;
+    std::unique_ptr<detail::PoolEngine> engine_;
 };
 
 }  // namespace mproc

@@ -1,6 +1,6 @@
 // mproc — the engine of Pool: seats, the backlog, dispatch, results, and worker deaths.
 //
-// The parent side of a Pool is one PoolCore and one thread of its own, the *collector*:
+// The parent side of a Pool is one ForkEngine and one thread of its own, the *collector*:
 //
 //   user threads ──submit──▶ backlog ──dispatch──▶ seat i: task ring (+ socket) ──▶ worker i
 //                                                                                   │
@@ -46,196 +46,16 @@
 #include "../os/cpu.hpp"
 #include "fork_server.hpp"
 #include "../os/framing.hpp"
+#include "../../pool_options.hpp"
+#include "engine.hpp"
 #include "link.hpp"
 #include "wire.hpp"
 #include "worker.hpp"
 #include "../os/unique_fd.hpp"
 
-namespace mproc {
+namespace mproc::detail {
 
-/// How a Pool is built. Every field has a sensible default.
-struct PoolOptions {
-    /// Worker processes; 0 means cpu_count().
-    unsigned processes = 0;
-    /// Runs once in every worker when it starts, replacements included.
-    std::function<void()> initializer = {};
-    /// A worker that has run this many tasks (chunks, as in Python) exits and is replaced; 0: never.
-    unsigned long max_tasks_per_child = 0;
-    /// An item still running after this long is killed with its worker and fails with TimeoutError.
-    std::optional<Seconds> task_timeout = std::nullopt;
-};
-
-namespace detail {
-
-/// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue.
-class ResultSink {
-public:
-    virtual ~ResultSink() = default;
-    /// Takes the outcomes of items first, first+1, ... — but those whose relative index is in
-    /// `skips` (already failed). Runs on the collector thread; never throws: an outcome that does
-    /// not decode fails its own item.
-    virtual void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
-                         std::span<const std::uint32_t> skips) = 0;
-    /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
-    virtual void fail(std::size_t index, std::exception_ptr error) = 0;
-};
-
-/// One chunk of items bound for one worker.
-struct Task {
-    std::uint64_t id = 0;
-    Buffer frame;
-    std::uint32_t count = 0;
-    std::size_t first = 0;
-    std::shared_ptr<ResultSink> sink;
-    std::vector<std::uint32_t> skips;  // sorted; items already failed
-
-    std::string describe(std::uint32_t item) const {
-        std::string s = "task " + std::to_string(id);
-        if (count > 1 || first > 0) s += " (item " + std::to_string(first + item) + ")";
-        return s;
-    }
-};
-
-/// What the Pool front end (pool.hpp) asks of the engine that runs its tasks — PoolCore here, with
-/// forked workers; mpi::detail::MpiEngine (mpi.hpp) with MPI ranks — and the bookkeeping both share:
-/// the pool mutex, the pool's state, the count of unsettled tasks that join() waits on, and the
-/// posted jobs.
-class PoolEngine {
-public:
-    virtual ~PoolEngine() = default;
-    virtual unsigned processes() const noexcept = 0;
-    virtual std::uint64_t next_task_id() noexcept = 0;
-    /// Queues tasks (already encoded); throws mproc::Error if the pool takes no more.
-    virtual void submit(std::vector<Task>& tasks) = 0;
-    /// One task (apply_async, imap): an engine may take it without the vector.
-    virtual void submit(Task task) {
-        std::vector<Task> one;
-        one.push_back(std::move(task));
-        submit(one);
-    }
-    /// Runs `job` where callbacks run, as if it were a task's result (see PoolCore::post).
-    virtual void post(std::function<void()> job) = 0;
-    /// No more tasks. Safe to call twice.
-    virtual void close() {
-        std::lock_guard lock(mutex_);
-        if (state_ == State::open) state_ = State::closed;
-    }
-    virtual void join() = 0;
-    virtual void terminate() = 0;
-    /// The front end is being destroyed inside one of this engine's callbacks: an engine that can
-    /// finish its own teardown once the callback returns (and then delete itself) does so and
-    /// returns true; the front end then lets go of it.
-    virtual bool retire_from_callback() { return false; }
-    /// The thread callbacks run on.
-    virtual std::thread::id collector_id() const noexcept = 0;
-    /// Whether the calling thread is this engine's own thread (callbacks run there). A thread id
-    /// can be reused once its thread is joined; this mark cannot: it lives on that thread only.
-    bool on_own_thread() const noexcept { return own_thread_mark() == this; }
-    virtual std::vector<pid_t> worker_pids() = 0;
-
-protected:
-    /// The engine whose thread the calling thread is (set once, first thing on that thread).
-    static const PoolEngine*& own_thread_mark() noexcept {
-        thread_local const PoolEngine* engine = nullptr;
-        return engine;
-    }
-    void mark_own_thread() const noexcept { own_thread_mark() = this; }
-    /// Callbacks run on another thread (at teardown) count as run on the pool's own thread.
-    class OwnThreadScope {
-    public:
-        explicit OwnThreadScope(const PoolEngine& engine) noexcept : saved_(own_thread_mark()) {
-            own_thread_mark() = &engine;
-        }
-        ~OwnThreadScope() { own_thread_mark() = saved_; }
-        OwnThreadScope(const OwnThreadScope&) = delete;
-        OwnThreadScope& operator=(const OwnThreadScope&) = delete;
-
-    private:
-        const PoolEngine* saved_;
-    };
-
-    /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
-    /// whose records do not add up fails every item it was for; a record that does not decode
-    /// fails only its own item (in the sink).
-    void deliver(Task& task, std::span<const std::byte> body) {
-        outcomes_.clear();
-        try {
-            Reader in(result_outcomes(body));
-            for (std::uint32_t i = 0; i < task.count; ++i) outcomes_.push_back(read_outcome_record(in));
-            if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
-        } catch (...) {
-            fail_items(task, std::current_exception());
-            return;
-        }
-        task.sink->deliver(task.first, outcomes_, task.skips);
-    }
-    /// Fails every item of `task` not already failed.
-    static void fail_items(Task& task, const std::exception_ptr& error) {
-        for (std::uint32_t i = 0; i < task.count; ++i)
-            if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
-    }
-
-    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
-    void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) {
-        for (Task& t : tasks) fail_items(t, error);
-        finish_tasks(tasks.size());
-        tasks.clear();
-    }
-
-    void finish_tasks(std::size_t n) {
-        if (n == 0) return;
-        std::lock_guard lock(mutex_);
-        outstanding_ -= std::min(outstanding_, n);
-        if (outstanding_ == 0) idle_.notify_all();
-    }
-
-    /// Runs the posted jobs (on the collector, or after it stopped). Returns whether there were any.
-    bool run_posted() {
-        std::deque<std::function<void()>> jobs;
-        {
-            std::lock_guard lock(mutex_);
-            jobs.swap(posted_);
-        }
-        for (auto& job : jobs) job();
-        finish_tasks(jobs.size());
-        return !jobs.empty();
-    }
-
-    enum class State { open, closed, draining, broken, terminated };
-    void check_accepting_locked() const {
-        switch (state_) {
-            case State::open: return;
-            case State::broken: throw Error(broken_reason_);
-            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
-            default: throw Error("the pool is closed: it takes no more tasks");
-        }
-    }
-
-    std::mutex mutex_;
-    std::condition_variable idle_;
-    State state_ = State::open;
-    std::string broken_reason_;    // why the pool is broken (State::broken)
-    std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
-    std::deque<std::function<void()>> posted_;  // jobs for the collector (see post)
-
-private:
-    std::vector<OutcomeRecord> outcomes_;  // deliver's scratch list (one delivering thread per engine)
-};
-
-/// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
-/// forked through fork(3) (all of mproc's forks are).
-inline pid_t this_process_id() noexcept {
-    static std::atomic<pid_t> cached{0};
-    [[maybe_unused]] static const int hooked = ::pthread_atfork(nullptr, nullptr, [] { cached.store(0); });
-    pid_t pid = cached.load(std::memory_order_relaxed);
-    if (pid == 0) {
-        pid = ::getpid();
-        cached.store(pid, std::memory_order_relaxed);
-    }
-    return pid;
-}
-
-class PoolCore final : public PoolEngine {
+class ForkEngine final : public PoolEngine {
 public:
     /// How long join() waits for the fork server once every task is done: the server gives the
     /// workers ForkServer::exit_grace to exit, kills those still there (stopped by SIGSTOP, or
@@ -245,8 +65,7 @@ public:
     /// before the pool gives up and breaks.
     static constexpr Seconds respawn_give_up{10.0};
 
-    explicit PoolCore(PoolOptions options)
-        : options_(std::move(options)), owner_(this_process_id()) {
+    explicit ForkEngine(PoolOptions options) : options_(std::move(options)) {
         try {
             start();
         } catch (...) {
@@ -256,11 +75,11 @@ public:
         }
     }
 
-    PoolCore(const PoolCore&) = delete;
-    PoolCore& operator=(const PoolCore&) = delete;
+    ForkEngine(const ForkEngine&) = delete;
+    ForkEngine& operator=(const ForkEngine&) = delete;
 
-    ~PoolCore() override {
-        if (this_process_id() != owner_) {
+    ~ForkEngine() override {
+        if (!owned_here()) {
             // A copy of the parent's pool in a forked child: its thread and its processes are the
             // parent's. Touch nothing; the thread object (which names no thread here) is let go.
             (void)collector_.release();
@@ -274,98 +93,6 @@ public:
     }
 
     unsigned processes() const noexcept override { return options_.processes; }
-    std::uint64_t next_task_id() noexcept override { return next_id_.fetch_add(1, std::memory_order_relaxed); }
-
-    /// Queues tasks (already encoded) and sends what the workers have room for.
-    void submit(std::vector<Task>& tasks) override {
-        check_owner();
-        std::unique_lock lock(mutex_);
-        check_accepting_locked();
-        outstanding_ += tasks.size();
-        for (Task& t : tasks) backlog_.push_back(std::move(t));
-        tasks.clear();
-        dispatch_locked();
-    }
-    void submit(Task task) override {
-        check_owner();
-        std::unique_lock lock(mutex_);
-        check_accepting_locked();
-        ++outstanding_;
-        backlog_.push_back(std::move(task));
-        dispatch_locked();
-    }
-
-    /// Runs `job` on the collector thread, where callbacks run, as if it were a task's result:
-    /// for results that need no worker (a map over an empty input), whose callbacks must still
-    /// never run beside another callback. join() waits for it.
-    void post(std::function<void()> job) override {
-        check_owner();
-        {
-            std::lock_guard lock(mutex_);
-            check_accepting_locked();
-            ++outstanding_;
-            posted_.push_back(std::move(job));
-        }
-        wake();
-    }
-
-    void close() override {
-        check_owner();
-        PoolEngine::close();
-    }
-
-    /// After close(): waits for every task (and its callback), then for the workers to exit.
-    /// Safe from any thread of the owner, any number of times, beside terminate().
-    void join() override {
-        check_owner();
-        if (on_own_thread())
-            throw Error("Pool::join() called from a callback: it would wait for itself");
-        {
-            std::unique_lock lock(mutex_);
-            if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
-            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
-            if (state_ != State::terminated) state_ = State::draining;
-        }
-        wake();
-        tear_down(join_grace);
-    }
-
-    /// Kills the workers now; every pending task fails with mproc::Error. Safe from any thread of
-    /// the owner, any number of times, beside join().
-    void terminate() override {
-        check_owner();
-        if (on_own_thread())
-            throw Error("Pool::terminate() called from a callback: it would wait for itself");
-        std::vector<Task> doomed;
-        {
-            std::lock_guard lock(mutex_);
-            if (state_ != State::terminated) {
-                state_ = State::terminated;
-                doomed = take_all_tasks_locked();
-                // A server that no longer reads requests (join() already closed them) dies now;
-                // its workers die with it (their parent-death signal).
-                if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
-            }
-        }
-        wake();
-        tear_down(Seconds{5}, &doomed);
-    }
-
-    /// The Pool is being destroyed inside one of its own callbacks: terminate as terminate() does,
-    /// but the collector (this thread) finishes the teardown once the callback has returned, and
-    /// then deletes this engine.
-    bool retire_from_callback() override {
-        if (!on_own_thread()) return false;  // (tear_down's callbacks count as the pool's own thread)
-        std::lock_guard lock(mutex_);
-        if (state_ != State::terminated) {
-            state_ = State::terminated;
-            retired_doomed_ = take_all_tasks_locked();
-            if (server_.pid() != 0) server_.terminate_workers();
-        }
-        retired_ = true;
-        return true;
-    }
-
     /// The collector thread's id (callbacks run there).
     std::thread::id collector_id() const noexcept override { return collector_id_; }
 
@@ -501,12 +228,18 @@ private:
         }
     }
 
-    void check_owner() const {
-        if (this_process_id() != owner_)
-            throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
-    }
+    // ---- the engine's hooks (engine.hpp) ----
 
-    void wake() noexcept {
+    void backlog_grew_locked() override { dispatch_locked(); }
+    void stop_workers_locked() override {
+        // A server that no longer reads requests (join() already closed them) dies now; its
+        // workers die with it (their parent-death signal).
+        if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
+    }
+    void finish_join() override { tear_down(join_grace); }
+    void finish_terminate(std::vector<Task>& doomed) override { tear_down(Seconds{5}, &doomed); }
+
+    void wake() noexcept override {
         const std::uint64_t one = 1;
         [[maybe_unused]] const ssize_t n = ::write(wake_.get(), &one, sizeof one);
     }
@@ -529,15 +262,11 @@ private:
     void dispatch_locked() {
         if (state_ == State::terminated || state_ == State::broken) return;
         const std::size_t window = window_locked();
-        while (!backlog_.empty()) {
-            Seat* best = nullptr;
-            for (Seat& s : seats_)
-                if (has_room_locked(s, window) && (!best || s.inflight.size() < best->inflight.size())) best = &s;
-            if (!best) break;
-            best->inflight.push_back(std::move(backlog_.front()));
-            backlog_.pop_front();
-            ++best->assigned;
-        }
+        dispatch_backlog_locked(std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s, window); },
+                                [](Seat& s, Task task) {
+                                    s.inflight.push_back(std::move(task));
+                                    ++s.assigned;
+                                });
         bool needs_collector = false;
         bool placed = false;
         for (Seat& s : seats_) {
@@ -667,7 +396,7 @@ private:
         }
     }
 
-    std::vector<Task> take_all_tasks_locked() {
+    std::vector<Task> take_all_tasks_locked() override {
         std::vector<Task> all;
         for (Seat& s : seats_) {
             for (Task& t : s.inflight) all.push_back(std::move(t));
@@ -1115,18 +844,15 @@ private:
     static constexpr int max_start_failures = 5;
 
     PoolOptions options_;
-    pid_t owner_;
     SharedSeats link_;
     UniqueFd wake_;
     ForkServer server_;
 
     std::vector<Seat> seats_;
-    std::deque<Task> backlog_;
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
     std::int64_t failing_since_ = 0;                // since when no worker could be started (0: none failing)
     std::int64_t collector_wakes_at_ = INT64_MAX;  // when the sleeping collector looks again (0: awake)
-    std::atomic<std::uint64_t> next_id_{1};
 
     struct Finished {
         Task task;
@@ -1138,9 +864,6 @@ private:
     std::mutex teardown_mutex_;          // one join()/terminate() teardown at a time
     std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
-    bool retired_ = false;               // destroyed inside a callback: the collector finishes the job
-    std::vector<Task> retired_doomed_;
 };
 
-}  // namespace detail
-}  // namespace mproc
+}  // namespace mproc::detail

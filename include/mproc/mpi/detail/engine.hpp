@@ -4,7 +4,7 @@
 //                                                                                    │
 //   AsyncResult / imap ◀── deliver + callbacks ◀── MPI thread ◀══ result batches ════┘
 //
-// MpiEngine is to MPI ranks what PoolCore is to forked workers, behind the same PoolEngine
+// MpiEngine is to MPI ranks what ForkEngine is to forked workers, behind the same PoolEngine
 // interface, so mpi::Pool *is* mproc::Pool with another engine: same calls, same AsyncResult,
 // same callbacks, same exception transport, same ordering. Each pool has one thread of its own,
 // the *MPI thread*: it alone calls MPI (so MPI_THREAD_SERIALIZED is enough), sends each seat a
@@ -38,7 +38,7 @@
 #include "../../serialize.hpp"
 #include "address.hpp"
 #include "comm.hpp"
-#include "../../detail/pool/fork_engine.hpp"
+#include "../../detail/pool/engine.hpp"
 #include "../../detail/pool/wire.hpp"
 #include "../../detail/serialize/remote_exception.hpp"
 
@@ -211,10 +211,10 @@ public:
     }
 
     unsigned processes() const noexcept override { return static_cast<unsigned>(seats_.size()); }
-    std::uint64_t next_task_id() noexcept override { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+    // ---- the engine's hooks (mproc/detail/pool/engine.hpp) ----
 
-    void submit(std::vector<Task>& tasks) override {
-        // Everything that can fail is checked before any task is taken: the call takes all or none.
+    /// Everything that can fail is checked before any task is taken: the call takes all or none.
+    void prepare(std::span<Task> tasks) override {
         for (Task& t : tasks) {
             if (t.frame.size() + message_header > max_message)
                 throw Error(fmt::format("mproc::mpi: a task of {} bytes is larger than one MPI message carries ({} "
@@ -226,69 +226,15 @@ public:
             check_accepting_locked();
         }
         for (Task& t : tasks) master_.make_portable(t.frame);
-        {
-            std::lock_guard lock(mutex_);
-            check_accepting_locked();
-            outstanding_ += tasks.size();
-            for (Task& t : tasks) backlog_.push_back(std::move(t));
-            tasks.clear();
-        }
-        wake_.notify_one();
     }
-    using PoolEngine::submit;
-
-    void post(std::function<void()> job) override {
-        {
-            std::lock_guard lock(mutex_);
-            check_accepting_locked();
-            ++outstanding_;
-            posted_.push_back(std::move(job));
-        }
-        wake_.notify_one();
-    }
-
-    void join() override {
-        if (on_own_thread())
-            throw Error("Pool::join() called from a callback: it would wait for itself");
-        {
-            std::unique_lock lock(mutex_);
-            if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
-            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
-            if (state_ != State::terminated) state_ = State::draining;
-        }
-        wake_.notify_all();
-        stop_thread();
-    }
-
-    void terminate() override {
-        if (on_own_thread())
-            throw Error("Pool::terminate() called from a callback: it would wait for itself");
-        std::vector<Task> doomed;
-        {
-            std::lock_guard lock(mutex_);
-            if (state_ != State::terminated) {
-                state_ = State::terminated;
-                doomed = take_all_locked();
-            }
-        }
-        wake_.notify_all();
+    void backlog_grew_locked() override { wake_.notify_one(); }
+    void wake() noexcept override { wake_.notify_all(); }
+    void finish_join() override { stop_thread(); }
+    void finish_terminate(std::vector<Task>& doomed) override {
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
         run_posted();
         fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
         idle_.notify_all();
-    }
-
-    /// Destroyed inside one of its own callbacks: terminated as terminate() does, the rest of the
-    /// teardown done by the pool's thread once the callback has returned (see Pool::~Pool).
-    bool retire_from_callback() override {
-        if (!on_own_thread()) return false;
-        std::lock_guard lock(mutex_);
-        if (state_ != State::terminated) {
-            state_ = State::terminated;
-            retired_doomed_ = take_all_locked();
-        }
-        retired_ = true;
-        return true;
     }
 
     std::thread::id collector_id() const noexcept override { return thread_id_; }
@@ -327,17 +273,12 @@ private:
         if (state_ == State::terminated || state_ == State::broken) return;
         const std::size_t window = window_locked();
         std::vector<std::size_t> batch(seats_.size(), no_batch);  // each seat's open batch in `out`
-        while (!backlog_.empty()) {
-            std::size_t best = seats_.size();
-            for (std::size_t i = 0; i < seats_.size(); ++i) {
-                const Seat& s = seats_[i];
-                const bool room = s.inflight.empty() || (s.inflight.size() < window && s.bytes < max_window_bytes);
-                if (room && (best == seats_.size() || s.inflight.size() < seats_[best].inflight.size())) best = i;
-            }
-            if (best == seats_.size()) break;
-            Seat& seat = seats_[best];
-            Task& task = seat.inflight.emplace_back(std::move(backlog_.front()));
-            backlog_.pop_front();
+        const auto has_room = [&](const Seat& s) {
+            return s.inflight.empty() || (s.inflight.size() < window && s.bytes < max_window_bytes);
+        };
+        dispatch_backlog_locked(std::span<Seat>(seats_), has_room, [&](Seat& seat, Task incoming) {
+            const auto best = static_cast<std::size_t>(&seat - seats_.data());
+            Task& task = seat.inflight.emplace_back(std::move(incoming));
             seat.sizes.push_back(task.frame.size());
             seat.bytes += task.frame.size();
             if (batch[best] != no_batch && out[batch[best]].message.size() + task.frame.size() > batch_bytes)
@@ -349,7 +290,7 @@ private:
             }
             out[batch[best]].message.append(task.frame.data(), task.frame.size());
             task.frame = Buffer{};  // sent: a task is never sent twice
-        }
+        });
     }
 
     // ---- the MPI thread ----
@@ -469,7 +410,7 @@ private:
             if (state_ != State::open && state_ != State::closed) return;
             state_ = State::broken;
             broken_reason_ = std::move(reason);
-            doomed = take_all_locked();
+            doomed = take_all_tasks_locked();
             if (!cancelled_)
                 for (const Seat& s : seats_) to_cancel.push_back(s.rank);
             cancelled_ = true;
@@ -481,7 +422,7 @@ private:
         fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
     }
 
-    std::vector<Task> take_all_locked() {
+    std::vector<Task> take_all_tasks_locked() override {
         std::vector<Task> all;
         for (Seat& s : seats_) {
             for (Task& t : s.inflight) all.push_back(std::move(t));
@@ -519,15 +460,11 @@ private:
 
     std::condition_variable wake_;  // the MPI thread waits here
     bool cancelled_ = false;
-    std::deque<Task> backlog_;
     double avg_task_ns_ = 0;
-    std::atomic<std::uint64_t> next_id_{1};
 
     std::mutex stop_mutex_;
     std::thread thread_;
     std::thread::id thread_id_;
-    bool retired_ = false;
-    std::vector<Task> retired_doomed_;
 };
 
 inline void Master::finish() {

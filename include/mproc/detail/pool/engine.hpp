@@ -1,0 +1,337 @@
+// mproc — what a Pool asks of the engine that runs its tasks, and everything the engines share.
+//
+// The Pool front end (pool.hpp) encodes tasks and hands them to a PoolEngine: the fork engine
+// (fork_engine.hpp: forked workers, fed through shared memory) or the MPI engine
+// (mpi/detail/engine.hpp: MPI ranks). Each engine has one thread of its own, where results are
+// delivered and callbacks run. What does not depend on where the workers are is written here
+// once: the pool's state and mutex, the backlog, least-loaded dispatch, the count of unsettled
+// tasks that join() waits for, posted jobs, and the lifecycle — submit, post, close, join,
+// terminate, and a pool destroyed inside its own callback. An engine supplies the hooks: how to
+// prepare tasks, wake its thread, hand out the backlog, stop its workers, and finish its teardown.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <pthread.h>
+#include <span>
+#include <string>
+#include <sys/types.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "wire.hpp"
+
+namespace mproc::detail {
+
+/// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue.
+class ResultSink {
+public:
+    virtual ~ResultSink() = default;
+    /// Takes the outcomes of items first, first+1, ... — but those whose relative index is in
+    /// `skips` (already failed). Runs on the collector thread; never throws: an outcome that does
+    /// not decode fails its own item.
+    virtual void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                         std::span<const std::uint32_t> skips) = 0;
+    /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
+    virtual void fail(std::size_t index, std::exception_ptr error) = 0;
+};
+
+/// One chunk of items bound for one worker.
+struct Task {
+    std::uint64_t id = 0;
+    Buffer frame;
+    std::uint32_t count = 0;
+    std::size_t first = 0;
+    std::shared_ptr<ResultSink> sink;
+    std::vector<std::uint32_t> skips;  // sorted; items already failed
+
+    std::string describe(std::uint32_t item) const {
+        std::string s = "task " + std::to_string(id);
+        if (count > 1 || first > 0) s += " (item " + std::to_string(first + item) + ")";
+        return s;
+    }
+};
+
+/// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
+/// forked through fork(3) (all of mproc's forks are).
+inline pid_t this_process_id() noexcept {
+    static std::atomic<pid_t> cached{0};
+    [[maybe_unused]] static const int hooked = ::pthread_atfork(nullptr, nullptr, [] { cached.store(0); });
+    pid_t pid = cached.load(std::memory_order_relaxed);
+    if (pid == 0) {
+        pid = ::getpid();
+        cached.store(pid, std::memory_order_relaxed);
+    }
+    return pid;
+}
+
+/// The seat with the fewest tasks in flight among those `has_room` accepts (the first such on a
+/// tie), or nullptr when none has room. A Seat has `inflight`, a container of its tasks.
+template <class Seat, class HasRoom> Seat* least_loaded(std::span<Seat> seats, HasRoom&& has_room) {
+    Seat* best = nullptr;
+    for (Seat& s : seats)
+        if (has_room(s) && (!best || s.inflight.size() < best->inflight.size())) best = &s;
+    return best;
+}
+
+/// What the Pool front end asks of an engine, and the bookkeeping every engine shares. Every
+/// public call is safe from any thread of the process that made the pool; from another process
+/// (a forked child holding a copy) it is an mproc::Error that touches nothing.
+class PoolEngine {
+public:
+    PoolEngine() : owner_(this_process_id()) {}
+    virtual ~PoolEngine() = default;
+    PoolEngine(const PoolEngine&) = delete;
+    PoolEngine& operator=(const PoolEngine&) = delete;
+
+    virtual unsigned processes() const noexcept = 0;
+    std::uint64_t next_task_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+
+    /// Queues tasks (already encoded) and hands out what the workers have room for. Takes all or
+    /// none: throws mproc::Error, with `tasks` untouched, if the pool takes no more or the engine
+    /// cannot carry one of them.
+    void submit(std::vector<Task>& tasks) {
+        check_owner();
+        prepare(tasks);
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+            outstanding_ += tasks.size();
+            for (Task& t : tasks) backlog_.push_back(std::move(t));
+            backlog_grew_locked();
+        }
+        tasks.clear();
+    }
+    /// One task (apply_async, imap).
+    void submit(Task task) {
+        check_owner();
+        prepare(std::span<Task>(&task, 1));
+        std::lock_guard lock(mutex_);
+        check_accepting_locked();
+        ++outstanding_;
+        backlog_.push_back(std::move(task));
+        backlog_grew_locked();
+    }
+
+    /// Runs `job` on the engine's thread, where callbacks run, as if it were a task's result: for
+    /// results that need no worker (a map over an empty input), whose callbacks must still never
+    /// run beside another callback. join() waits for it.
+    void post(std::function<void()> job) {
+        check_owner();
+        {
+            std::lock_guard lock(mutex_);
+            check_accepting_locked();
+            ++outstanding_;
+            posted_.push_back(std::move(job));
+        }
+        wake();
+    }
+
+    /// No more tasks. Any number of times.
+    void close() {
+        check_owner();
+        std::lock_guard lock(mutex_);
+        if (state_ == State::open) state_ = State::closed;
+    }
+
+    /// After close(): waits for every task (and its callback), then for the engine's thread and
+    /// workers to finish. Any number of times, from any thread, beside terminate().
+    void join() {
+        check_owner();
+        if (on_own_thread()) throw Error("Pool::join() called from a callback: it would wait for itself");
+        {
+            std::unique_lock lock(mutex_);
+            if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
+            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
+            if (state_ != State::terminated) state_ = State::draining;
+        }
+        wake();
+        finish_join();
+    }
+
+    /// Stops the workers now; every pending task fails with mproc::Error. Any number of times,
+    /// from any thread, beside join().
+    void terminate() {
+        check_owner();
+        if (on_own_thread()) throw Error("Pool::terminate() called from a callback: it would wait for itself");
+        std::vector<Task> doomed;
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ != State::terminated) {
+                state_ = State::terminated;
+                doomed = take_all_tasks_locked();
+                stop_workers_locked();
+            }
+        }
+        wake();
+        finish_terminate(doomed);
+    }
+
+    /// The front end is being destroyed inside one of this engine's callbacks: the pool is
+    /// terminated as terminate() does, but the engine's thread finishes the teardown once the
+    /// callback has returned, and then deletes the engine. Returns false (and does nothing) when
+    /// not called on the engine's thread.
+    bool retire_from_callback() {
+        if (!on_own_thread()) return false;
+        std::lock_guard lock(mutex_);
+        if (state_ != State::terminated) {
+            state_ = State::terminated;
+            retired_doomed_ = take_all_tasks_locked();
+            stop_workers_locked();
+        }
+        retired_ = true;
+        return true;
+    }
+
+    /// The thread callbacks run on.
+    virtual std::thread::id collector_id() const noexcept = 0;
+    /// Whether the calling thread is this engine's own thread (callbacks run there). A thread id
+    /// can be reused once its thread is joined; this mark cannot: it lives on that thread only.
+    bool on_own_thread() const noexcept { return own_thread_mark() == this; }
+    virtual std::vector<pid_t> worker_pids() = 0;
+
+protected:
+    enum class State { open, closed, draining, broken, terminated };
+
+    // ---- what each engine supplies ----
+
+    /// Checks and rewrites tasks before they are queued (no lock held); throws to refuse them all.
+    virtual void prepare(std::span<Task> tasks) { (void)tasks; }
+    /// The backlog grew (pool lock held): hand it out, or wake the thread that does.
+    virtual void backlog_grew_locked() = 0;
+    /// Wakes the engine's thread (any thread, no lock held).
+    virtual void wake() noexcept = 0;
+    /// Every task not yet settled, taken out of the backlog and the seats (pool lock held).
+    virtual std::vector<Task> take_all_tasks_locked() = 0;
+    /// The pool was terminated: stop the workers as fast as the engine can (pool lock held).
+    virtual void stop_workers_locked() {}
+    /// join()'s end, once every task is settled: stop the thread, let the workers go.
+    virtual void finish_join() = 0;
+    /// terminate()'s end: stop the thread, then fail `doomed` (callbacks never overlap).
+    virtual void finish_terminate(std::vector<Task>& doomed) = 0;
+
+    // ---- shared by the engines ----
+
+    void check_owner() const {
+        if (this_process_id() != owner_)
+            throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
+    }
+    bool owned_here() const noexcept { return this_process_id() == owner_; }
+
+    /// Moves tasks from the backlog to the seat with the fewest tasks among those `has_room`
+    /// accepts, one at a time, calling assign(seat, task) for each, until the backlog is empty or
+    /// no seat has room.
+    template <class Seat, class HasRoom, class Assign>
+    void dispatch_backlog_locked(std::span<Seat> seats, HasRoom&& has_room, Assign&& assign) {
+        while (!backlog_.empty()) {
+            Seat* best = least_loaded(seats, has_room);
+            if (!best) return;
+            Task task = std::move(backlog_.front());
+            backlog_.pop_front();
+            assign(*best, std::move(task));
+        }
+    }
+
+    void check_accepting_locked() const {
+        switch (state_) {
+            case State::open: return;
+            case State::broken: throw Error(broken_reason_);
+            case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
+            default: throw Error("the pool is closed: it takes no more tasks");
+        }
+    }
+
+    /// The engine whose thread the calling thread is (set once, first thing on that thread).
+    static const PoolEngine*& own_thread_mark() noexcept {
+        thread_local const PoolEngine* engine = nullptr;
+        return engine;
+    }
+    void mark_own_thread() const noexcept { own_thread_mark() = this; }
+    /// Callbacks run on another thread (at teardown) count as run on the pool's own thread.
+    class OwnThreadScope {
+    public:
+        explicit OwnThreadScope(const PoolEngine& engine) noexcept : saved_(own_thread_mark()) {
+            own_thread_mark() = &engine;
+        }
+        ~OwnThreadScope() { own_thread_mark() = saved_; }
+        OwnThreadScope(const OwnThreadScope&) = delete;
+        OwnThreadScope& operator=(const OwnThreadScope&) = delete;
+
+    private:
+        const PoolEngine* saved_;
+    };
+
+    /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
+    /// whose records do not add up fails every item it was for; a record that does not decode
+    /// fails only its own item (in the sink).
+    void deliver(Task& task, std::span<const std::byte> body) {
+        outcomes_.clear();
+        try {
+            Reader in(result_outcomes(body));
+            for (std::uint32_t i = 0; i < task.count; ++i) outcomes_.push_back(read_outcome_record(in));
+            if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
+        } catch (...) {
+            fail_items(task, std::current_exception());
+            return;
+        }
+        task.sink->deliver(task.first, outcomes_, task.skips);
+    }
+    /// Fails every item of `task` not already failed.
+    static void fail_items(Task& task, const std::exception_ptr& error) {
+        for (std::uint32_t i = 0; i < task.count; ++i)
+            if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
+    }
+
+    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
+    void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) {
+        for (Task& t : tasks) fail_items(t, error);
+        finish_tasks(tasks.size());
+        tasks.clear();
+    }
+
+    void finish_tasks(std::size_t n) {
+        if (n == 0) return;
+        std::lock_guard lock(mutex_);
+        outstanding_ -= std::min(outstanding_, n);
+        if (outstanding_ == 0) idle_.notify_all();
+    }
+
+    /// Runs the posted jobs (on the collector, or after it stopped). Returns whether there were any.
+    bool run_posted() {
+        std::deque<std::function<void()>> jobs;
+        {
+            std::lock_guard lock(mutex_);
+            jobs.swap(posted_);
+        }
+        for (auto& job : jobs) job();
+        finish_tasks(jobs.size());
+        return !jobs.empty();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable idle_;
+    State state_ = State::open;
+    std::string broken_reason_;                 // why the pool is broken (State::broken)
+    std::deque<Task> backlog_;                  // submitted, not yet given to a seat
+    std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
+    std::deque<std::function<void()>> posted_;  // jobs for the engine's thread (see post)
+    bool retired_ = false;                      // destroyed inside a callback: the thread finishes the job
+    std::vector<Task> retired_doomed_;          // the tasks that teardown fails
+
+private:
+    pid_t owner_;
+    std::atomic<std::uint64_t> next_id_{1};
+    std::vector<OutcomeRecord> outcomes_;  // deliver's scratch list (one delivering thread per engine)
+};
+
+}  // namespace mproc::detail
