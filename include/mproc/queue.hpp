@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <sched.h>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -39,6 +38,7 @@
 #include <vector>
 
 #include "detail/os/clock.hpp"
+#include "detail/os/spin.hpp"
 #include "detail/shm/futex.hpp"
 #include "detail/shm/ref_table.hpp"
 #include "detail/shm/robust_mutex.hpp"
@@ -83,14 +83,6 @@ inline constexpr std::chrono::microseconds queue_spin{20};
 /// how long producers stop waiting after a wait that did not pay off.
 inline constexpr std::chrono::microseconds queue_pace{500};
 inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
 
 /// Where the queue stands. Positions count bytes since the ring was last empty; the byte at
 /// position p lives at ring[p % capacity]. Two copies alternate and one store of `current`
@@ -508,23 +500,10 @@ private:
     void pace(Guard& guard, Wakes& wakes, std::uint64_t need) {
         wakes.fire(*h_);
         guard.unlock();
-        const auto until = Clock::now() + queue_pace;
-        for (unsigned i = 1;; ++i) {
-            if (h_->used.load(std::memory_order_relaxed) + need <= queue_resident) break;
-            cpu_relax();
-            if (i % 64 == 0) {
-                if (Clock::now() >= until) {
-                    // The consumer is far behind: stop waiting for it for a while.
-                    h_->pace_off_until_ns.store(steady_ns() + queue_pace_active_ns, std::memory_order_relaxed);
-                    break;
-                }
-                if (i % 256 == 0) ::sched_yield();
-            }
-        }
+        if (!spin_until([&] { return h_->used.load(std::memory_order_relaxed) + need <= queue_resident; }, queue_pace))
+            // The consumer is far behind: stop waiting for it for a while.
+            h_->pace_off_until_ns.store(steady_ns() + queue_pace_active_ns, std::memory_order_relaxed);
         guard.lock();
-    }
-    static std::int64_t steady_ns() noexcept {
-        return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
     }
 
     /// Before a consumer sleeps: watches `word` for a few microseconds with the lock released.
@@ -536,17 +515,7 @@ private:
         wakes.fire(*h_);
         const std::uint32_t seen = word.load(std::memory_order_acquire);
         guard.unlock();
-        const auto until = Clock::now() + queue_spin;
-        bool changed = false;
-        for (unsigned i = 1; !changed; ++i) {
-            cpu_relax();
-            changed = word.load(std::memory_order_acquire) != seen;
-            if (!changed && i % 64 == 0) {
-                if (Clock::now() >= until) break;
-                // A producer that shares this CPU must get to run, or the watch only delays it.
-                if (i % 256 == 0) ::sched_yield();
-            }
-        }
+        const bool changed = spin_until([&] { return word.load(std::memory_order_acquire) != seen; }, queue_spin);
         guard.lock();
         return changed;
     }

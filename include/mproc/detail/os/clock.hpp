@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <optional>
 
 namespace mproc {
@@ -34,6 +35,12 @@ inline int poll_timeout_ms(const Deadline& deadline) {
 }
 
 inline bool expired(const Deadline& deadline) { return deadline && Clock::now() >= *deadline; }
+
+/// The steady clock as a plain count of nanoseconds, for times kept in shared memory (a
+/// time_point is not a type to put there).
+inline std::int64_t steady_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
 
 }  // namespace detail
 }  // namespace mproc
