@@ -10,7 +10,7 @@
 // Each is a handle: copies (and the copies a fork makes) refer to one object in shared memory,
 // which lives while any handle in any process does (or a SharedDict holds a copy of one). They
 // work in every process forked after they were made, and travel as Pool task arguments (see
-// detail/shm_registry.hpp).
+// detail/shm/registry.hpp). What each keeps in shared memory is detail/shm/sync_state.hpp.
 //
 // Locks are robust: when a holder dies, even by SIGKILL, the next acquire() succeeds and
 // owner_died() is true until that new holder releases, so the program can check the data the
@@ -40,6 +40,7 @@
 #include "detail/shm/futex.hpp"
 #include "detail/shm/robust_mutex.hpp"
 #include "detail/shm/shared_object.hpp"
+#include "detail/shm/sync_state.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
 
@@ -49,22 +50,6 @@ class Lock;
 class RLock;
 
 namespace detail {
-
-inline constexpr std::uint32_t lock_magic = 0x6d4c434bu;       // "mLCK"
-inline constexpr std::uint32_t semaphore_magic = 0x6d53454du;  // "mSEM"
-inline constexpr std::uint32_t event_magic = 0x6d45564eu;      // "mEVN"
-inline constexpr std::uint32_t barrier_magic = 0x6d424152u;    // "mBAR"
-inline constexpr std::uint32_t value_magic = 0x6d56414cu;      // "mVAL"
-inline constexpr std::uint32_t array_magic = 0x6d415252u;      // "mARR"
-
-/// A Lock or RLock in shared memory.
-struct LockState {
-    ObjectHeader header;
-    RobustMutex mutex;
-    std::atomic<std::uint32_t> owner_died;  // set by an acquirer that found the holder dead
-    std::atomic<pid_t> holder;              // thread id of the holder, 0 when free
-    std::uint32_t depth;                    // acquisitions by the holder (RLock recursion)
-};
 
 inline pid_t this_thread_id() noexcept { return ::gettid(); }
 
@@ -157,10 +142,6 @@ protected:
     SharedRef ref_;
 };
 
-template <class T>
-inline constexpr std::size_t atomic_alignment =
-    std::max(alignof(T), std::atomic_ref<T>::required_alignment);
-
 }  // namespace detail
 
 /// A lock shared between processes, robust against a holder's death. Released by the thread that
@@ -197,13 +178,6 @@ private:
 };
 
 namespace detail {
-struct SemaphoreState {
-    ObjectHeader header;
-    std::atomic<std::uint32_t> value;    // also the futex word acquirers sleep on
-    std::atomic<std::uint32_t> waiters;  // a hint: nonzero means a release must wake someone
-    std::uint32_t bound;                 // BoundedSemaphore's initial value; 0 = unbounded
-};
-
 /// The shared logic of Semaphore and BoundedSemaphore.
 class SemaphoreBase {
 public:
@@ -290,16 +264,6 @@ public:
     }
 };
 
-namespace detail {
-struct EventState {
-    ObjectHeader header;
-    // (generation << 1) | flag. set() bumps the generation, so a waiter that slept through a
-    // set() and a clear() still knows it was set. It is also the futex word.
-    std::atomic<std::uint32_t> word;
-    std::atomic<std::uint32_t> waiters;
-};
-}  // namespace detail
-
 /// A flag processes can wait for.
 class Event {
 public:
@@ -350,15 +314,6 @@ private:
     detail::EventState* state() const { return ref_.as<detail::EventState>(); }
     detail::SharedRef ref_;
 };
-
-namespace detail {
-struct BarrierState {
-    ObjectHeader header;
-    std::atomic<std::uint64_t> state;       // (generation << 32) | arrived in this generation
-    std::atomic<std::uint32_t> generation;  // futex word: bumped when a generation completes
-    std::uint32_t parties;
-};
-}  // namespace detail
 
 /// Holds processes until `parties` of them wait, then lets them all go. Reusable.
 class Barrier {
@@ -427,15 +382,6 @@ private:
     detail::BarrierState* state() const { return ref_.as<detail::BarrierState>(); }
     detail::SharedRef ref_;
 };
-
-namespace detail {
-template <class T> struct SharedValueState {
-    ObjectHeader header;
-    LockState lock;       // get_lock()
-    RobustMutex access;   // guards `value` when T has no lock-free atomics
-    alignas(atomic_alignment<T>) T value;
-};
-}  // namespace detail
 
 /// One T in shared memory (T trivially copyable). Arithmetic T gets atomic +=, -=, ++ and --;
 /// get_lock() gives a Lock for compound updates.
@@ -541,15 +487,6 @@ private:
     detail::SharedRef ref_;
     mutable std::optional<Lock> lock_;  // a handle to State::lock, so get_lock() can return a reference
 };
-
-namespace detail {
-struct ArrayHeader {
-    ObjectHeader header;
-    LockState lock;
-    std::uint64_t size;
-    std::uint64_t data_offset;  // from the header's start
-};
-}  // namespace detail
 
 /// n values of T in shared memory, zero-initialised. Element access is plain memory access:
 /// use get_lock() (or atomics) when processes update the same elements.

@@ -19,9 +19,9 @@
 #include <cstring>
 #include <new>
 #include <optional>
-#include <sched.h>
 #include <span>
 
+#include "../os/spin.hpp"
 #include "../shm/futex.hpp"
 
 namespace mproc::detail {
@@ -30,25 +30,6 @@ namespace mproc::detail {
 /// publishes again within microseconds; catching that awake spares the peer a futex wake (a
 /// system call and a context switch on each side) per task. Bounded, so an idle side sleeps.
 inline constexpr std::chrono::microseconds ring_spin{30};
-
-/// Busy-waits until `ready()` or `budget` has passed; returns ready(). Every few hundred
-/// iterations it yields, so a thread that shares this CPU (the one that would publish) runs.
-template <class Ready>
-bool spin_until(Ready&& ready, std::chrono::microseconds budget) noexcept {
-    const auto until = Clock::now() + budget;
-    for (unsigned i = 1;; ++i) {
-        if (ready()) return true;
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#elif defined(__aarch64__)
-        asm volatile("yield");
-#endif
-        if (i % 64 == 0) {
-            if (Clock::now() >= until) return ready();
-            if (i % 256 == 0) ::sched_yield();
-        }
-    }
-}
 
 /// The ring's control words; its data area follows it in the same shared mapping.
 struct RingHeader {

@@ -3,7 +3,7 @@
 //
 // A SharedRef is (segment, offset). Copying it copies the segment's per-process reference, so
 // the mapping stays while any handle in this process points into it. Encoded, it is the pair
-// (segment id, offset); decoded, it is resolved through segments() (see shm_registry.hpp).
+// (segment id, offset); decoded, it is resolved through segments() (see registry.hpp).
 //
 // Every shared object starts with an ObjectHeader: a magic number for its kind and a hash of
 // its C++ type, so a handle decoded as the wrong type (a Queue<int> read as a Queue<string>,

@@ -1,0 +1,308 @@
+// mproc — the Queue on raw bytes: when a put or a get waits, and whom it wakes.
+//
+// Two parts, as a ring buffer between processes wants them apart: QueueRing (queue_ring.hpp) does
+// the arithmetic — every change to the cursor, published under the lock — and this file does the
+// blocking — the lock and its repair, sleeping on the futex words, the short watches before a
+// sleep, and the wake-ups, sent once the lock is released. QueueLock is the one hold of the lock a
+// put or a get makes; whichever way either leaves it, the lock is released and the wakes that
+// its published changes call for are sent.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "../os/clock.hpp"
+#include "../os/spin.hpp"
+#include "futex.hpp"
+#include "queue_ring.hpp"
+#include "ref_table.hpp"
+#include "robust_mutex.hpp"
+#include "shared_object.hpp"
+
+namespace mproc::detail {
+
+/// How long a consumer that finds the queue empty watches it before it sleeps (see QueueLock::watch).
+inline constexpr std::chrono::microseconds queue_spin{20};
+/// How long a producer waits, at most, for a busy consumer before it writes past the resident
+/// part of the ring (see ByteQueue::should_pace); how recent a take makes a consumer busy, and
+/// how long producers stop waiting after a wait that did not pay off.
+inline constexpr std::chrono::microseconds queue_pace{500};
+inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
+
+/// Sends the wakes decided under the lock (call it with the lock released, or about to be) and
+/// clears them.
+inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
+    // A wake already sent and not yet taken by its sleeper (woken but not yet running)
+    // is not sent again: otherwise every put made meanwhile pays a futile system call.
+    if (wakes.items && h.item_waiters.load(std::memory_order_seq_cst) != 0 &&
+        h.item_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
+        futex_wake(h.items, 1);
+    // Producers wait for different amounts of room, so a single wake could pick one
+    // that still cannot go while another could: wake them all.
+    if (wakes.space && h.space_waiters.load(std::memory_order_seq_cst) != 0 &&
+        h.space_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
+        futex_wake_all(h.space);
+    if (wakes.data) futex_wake_all(h.stream_data);
+    if (wakes.room) futex_wake_all(h.stream_room);
+    wakes = QueueWakes{};
+}
+
+/// A hold of a queue's lock: taken on construction (repairing what a holder that died left),
+/// released at the end of the scope, after which the wakes collected in `wakes` are sent. Its
+/// other calls let the lock go for a while — to let others in, to sleep or to watch — sending
+/// the wakes first, and hold it again when they return.
+class QueueLock {
+public:
+    explicit QueueLock(QueueRing& ring) : ring_(ring), guard_(ring.header().mutex, Repair{&ring}) {}
+    ~QueueLock() {
+        guard_.unlock();
+        send_wakes(ring_.header(), wakes);
+    }
+    QueueLock(const QueueLock&) = delete;
+    QueueLock& operator=(const QueueLock&) = delete;
+
+    /// The sleepers the changes published under this hold concern.
+    QueueWakes wakes;
+
+    /// Lets others in (between the pieces of a streamed item).
+    void relock() {
+        guard_.unlock();
+        send_wakes(ring_.header(), wakes);
+        guard_.lock();
+    }
+
+    /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
+    /// `wake_sent` is set by the waker that wakes this word's sleepers and cleared by each
+    /// sleeper that returns, so every other waker holds back only until a woken sleeper runs.
+    void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, std::atomic<std::uint32_t>& wake_sent,
+              const Deadline& deadline) {
+        send_wakes(ring_.header(), wakes);
+        waiters.fetch_add(1, std::memory_order_seq_cst);
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard_.unlock();
+        futex_wait(word, seen, sleep_until_for(deadline));
+        // No longer a sleeper once awake: deregister before taking the lock, or every put made
+        // while this waiter waits for the lock would pay for a futile wake.
+        waiters.fetch_sub(1, std::memory_order_seq_cst);
+        wake_sent.store(0, std::memory_order_seq_cst);
+        guard_.lock();
+    }
+
+    /// Sleeps on a stream's `word` (stream_data, stream_room: one side each, no waiter hints)
+    /// with the lock released, until woken or the next re-check is due.
+    void wait_stream(FutexWord& word, const Deadline& deadline) {
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard_.unlock();
+        send_wakes(ring_.header(), wakes);
+        futex_wait(word, seen, sleep_until_for(deadline));
+        guard_.lock();
+    }
+
+    /// Before a consumer sleeps: watches `word` for a few microseconds with the lock released.
+    /// A busy producer publishes again within that time, and a consumer that sees it awake
+    /// spares both sides a futex system call (a sleeper costs the producer a wake on every put).
+    /// Bounded by queue_spin, so an idle consumer still sleeps at once after it. Returns true
+    /// when the word changed (the lock is held again either way).
+    bool watch(FutexWord& word) {
+        send_wakes(ring_.header(), wakes);
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard_.unlock();
+        const bool changed = spin_until([&] { return word.load(std::memory_order_acquire) != seen; }, queue_spin);
+        guard_.lock();
+        return changed;
+    }
+
+    /// Releases the lock and watches the consumer drain the ring back within the resident part
+    /// (or stop taking) for at most queue_pace, for a put of `need` bytes (see ByteQueue::should_pace).
+    void pace(std::uint64_t need) {
+        QueueHeader& h = ring_.header();
+        send_wakes(h, wakes);
+        guard_.unlock();
+        if (!spin_until([&] { return h.used.load(std::memory_order_relaxed) + need <= queue_resident; }, queue_pace))
+            // The consumer is far behind: stop waiting for it for a while.
+            h.pace_off_until_ns.store(monotonic_ns() + queue_pace_active_ns, std::memory_order_relaxed);
+        guard_.lock();
+    }
+
+private:
+    struct Repair {
+        QueueRing* ring;
+        void operator()() const {
+            // The cursor is whole (double-buffered). A claim holder that died shows up as a
+            // claim whose owner died; check the producer's now, readers' are taken over in get().
+            QueueWakes wakes;
+            ring->probe_writer(wakes);
+            send_wakes(ring->header(), wakes);
+            // A holder killed while counting an item's handles left the RefTable changing:
+            // count them again from the records in the ring.
+            if (ring->refs_changing()) ring->recount();
+        }
+    };
+
+    QueueRing& ring_;
+    RobustGuard<Repair> guard_;
+};
+
+/// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
+class ByteQueue {
+public:
+    static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type) {
+        return QueueRing::create(buffer_bytes, maxsize, type);
+    }
+    static void check(const SharedRef& ref) { QueueRing::check(ref); }
+
+    explicit ByteQueue(const SharedRef& ref) : ring_(ref) {}
+
+    /// Copies `msg` into the queue; `ids` are the segments its handles point into. False if
+    /// `deadline` passed first (nothing was added). Full, at once, if the queue already counts
+    /// handles into as many segments as its RefTable holds.
+    bool put(std::span<const std::byte> msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
+        if (msg.size() >= refs_flag) throw Error("mproc::Queue::put: item too large");
+        if (ids.size() > RefTable::max_live) throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
+        const std::uint64_t header = record_header_bytes(ids.size());
+        const bool whole = ring_.fits_whole(header + msg.size());
+        QueueLock lock(ring_);
+        if (!wait_for_room(lock, whole ? header + msg.size() : header, ids, deadline)) return false;
+        if (whole) {
+            ring_.put_whole(msg, ids, lock.wakes);
+            return true;
+        }
+        // Streamed: claim the ring for this item, commit its record, then pieces as room allows.
+        ring_.start_stream(msg.size(), ids, lock.wakes);
+        return stream_in(lock, msg, deadline);
+    }
+
+    /// Takes the next item into `out`. False if there was none before `deadline` (or at once,
+    /// with `nowait`). Once it has started reading a streamed item it finishes it, whatever the
+    /// deadline — unless its producer dies or gives up, which drops the item. The segments the
+    /// item's handles point into are put in `pins` (those this process maps) before the queue
+    /// stops counting them, so they stay mapped here until the item is decoded.
+    bool get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins = nullptr) {
+        QueueHeader& h = ring_.header();
+        QueueLock lock(ring_);
+        for (;;) {
+            const QueueCursor c = ring_.cursor();
+            if (c.reading) {
+                // Another consumer drains a streamed item; take it over if that consumer died.
+                if (ring_.take_over_read()) {
+                    drain(lock, nullptr, 0);  // its first part went with the dead reader
+                    continue;
+                }
+            } else if (c.count > 0) {
+                const std::uint64_t word = ring_.word_at(c.head);
+                if (word == lap_flag) {  // the producer went back to the ring's start
+                    ring_.skip_lap(c, lock.wakes);
+                    continue;
+                }
+                const QueueRecord record = ring_.record_at(c.head, word);
+                out.resize(static_cast<std::size_t>(record.len));  // may throw: nothing taken yet
+                if (pins)
+                    for (std::uint64_t id : record.ids)
+                        if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
+                if (!record.streamed) {
+                    ring_.take_whole(c, record, out.data(), lock.wakes);
+                    return true;
+                }
+                ring_.start_read(c, record, lock.wakes);
+                if (drain(lock, out.data(), record.len)) return true;
+                continue;  // its producer died or gave up: wait for the next item
+            }
+            if (nowait || expired(deadline)) return false;
+            if (lock.watch(h.items)) continue;
+            lock.wait(h.items, h.item_waiters, h.item_wake_sent, deadline);
+        }
+    }
+
+    std::size_t count() {
+        QueueLock lock(ring_);
+        return static_cast<std::size_t>(ring_.cursor().count);
+    }
+    std::size_t maxsize() const noexcept { return static_cast<std::size_t>(ring_.header().maxsize); }
+    std::size_t capacity() const noexcept { return static_cast<std::size_t>(ring_.capacity()); }
+
+private:
+    /// Holding the lock, waits until a put that needs `need` bytes of the ring may start, or
+    /// `deadline` passes (false). Each round checks first whether a producer streaming an item
+    /// in has died (which frees the ring). Always inlined: every put passes through it, and as a
+    /// call it cost a small put a tenth more instructions.
+    [[gnu::always_inline]] bool wait_for_room(QueueLock& lock, std::uint64_t need, std::span<const std::uint64_t> ids, const Deadline& deadline) {
+        QueueHeader& h = ring_.header();
+        ring_.reserve_refs(ids);
+        bool paced = false;
+        for (;;) {
+            QueueCursor c = ring_.cursor();
+            if (c.writing && ring_.probe_writer(lock.wakes)) c = ring_.cursor();
+            if (ring_.admits(c, need)) {
+                if (paced || !should_pace(c, need)) return true;
+                paced = true;  // once per put: then it goes ahead whatever happened
+                lock.pace(need);
+                continue;
+            }
+            if (expired(deadline)) return false;
+            lock.wait(h.space, h.space_waiters, h.space_wake_sent, deadline);
+            ring_.reserve_refs(ids);  // others may have counted meanwhile
+        }
+    }
+
+    /// With the stream of `msg` started: commits its payload piece by piece, letting consumers
+    /// (and the reader of this item) in between pieces and sleeping while the ring is full.
+    /// If `deadline` passes first, withdraws the partial item (a reader that started it drops
+    /// it) and returns false.
+    bool stream_in(QueueLock& lock, std::span<const std::byte> msg, const Deadline& deadline) {
+        for (;;) {
+            const StreamStep step = ring_.write_piece(msg, lock.wakes);
+            if (step == StreamStep::done) return true;
+            if (step == StreamStep::more) {
+                lock.relock();
+                continue;
+            }
+            if (expired(deadline)) {
+                ring_.withdraw_stream(lock.wakes);
+                return false;
+            }
+            lock.wait_stream(ring_.header().stream_room, deadline);
+        }
+    }
+
+    /// With the read claim held and a streamed item being drained: copies the rest into `dst`
+    /// (or drops it when `dst` is null), releasing the lock between pieces. Returns true when
+    /// the item is complete, false when it was aborted. Either way the claim is released and the
+    /// lock is held on return.
+    bool drain(QueueLock& lock, std::byte* dst, std::uint64_t len) {
+        for (;;) {
+            switch (ring_.read_piece(dst, len, lock.wakes)) {
+            case StreamStep::done: return true;
+            case StreamStep::dropped: return false;
+            case StreamStep::more: lock.relock(); continue;
+            case StreamStep::blocked: break;
+            }
+            // Waiting for the producer's next piece: is it still alive?
+            if (ring_.probe_writer(lock.wakes)) continue;
+            lock.wait_stream(ring_.header().stream_data, std::nullopt);
+        }
+    }
+
+    /// A producer about to write past the resident part of the ring, while a consumer is taking
+    /// items right now, would only run ahead into memory the kernel must hand out fresh (and take
+    /// back once read): a page fault and a page release per 4 KiB, which costs more than the copy.
+    /// It waits a moment for the consumer instead. The wait is short and happens once per put, so
+    /// a put still never blocks on an unbounded queue: with no consumer busy, it goes ahead at once.
+    bool should_pace(const QueueCursor& c, std::uint64_t need) const noexcept {
+        if (!ring_.runs_past_resident(c, need)) return false;
+        const QueueHeader& h = ring_.header();
+        const std::int64_t now = monotonic_ns();
+        return now - h.last_take_ns.load(std::memory_order_relaxed) < queue_pace_active_ns &&
+               now >= h.pace_off_until_ns.load(std::memory_order_relaxed);
+    }
+
+    QueueRing ring_;
+};
+
+}  // namespace mproc::detail
