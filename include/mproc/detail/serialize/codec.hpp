@@ -1,6 +1,7 @@
 // mproc — the codec contract: each family of types says in one place whether it can be serialised,
 // the fewest bytes it encodes to, and how it is written and read (as fmt's formatter<T> says how a
-// type is printed). Writer::write and Reader::read look the codec up; nothing else lists types.
+// type is printed). Writer::write and Reader::read look the codec up; no other part of
+// serialisation lists types.
 //
 // A codec is a specialisation of detail::codec<T> with four members:
 //
@@ -39,16 +40,18 @@ template <class T> constexpr std::size_t size_in_memory() {
 /// The codec of a type that cannot be serialised.
 template <class T> struct no_codec {
     static constexpr bool serializable = false;
-    // Never an encoding's size, but the const part of a pair or tuple (the key of a map's
-    // std::pair<const K, V>) has no codec of its own and is counted as its size in memory, as it
-    // always has been: the bounds and element markers derived from it stay as they are.
+    // Not the size of any encoding, yet it is used: a const part of a pair or tuple (the key of
+    // std::pair<const std::string, V>) has no codec of its own, and has always been counted as its
+    // size in memory. That decides whether a container of such pairs marks its elements, so it
+    // stays, to keep the wire bytes as they are (it also overstates their fewest bytes, so that
+    // some valid input fails to decode: see docs/design.md, "Serialisation").
     static constexpr std::size_t min_size = size_in_memory<T>();
 };
 
 /// A type that no family claims: pointers, references, views, std::function, structs that are
 /// neither trivially copyable nor have a serialize member. A codec names its type exactly, so a
-/// const-qualified type has none either, unless it is a scalar or a trivially copyable struct: a
-/// container's element is decoded in place, which a const one cannot be.
+/// const-qualified type has none either unless its family's condition holds for it (a scalar, a
+/// trivially copyable struct): a container's element is decoded in place, which a const one cannot be.
 template <class T> struct codec : no_codec<T> {};
 
 // The fewest bytes a value of T can encode to: bounds how many elements a length may claim.
