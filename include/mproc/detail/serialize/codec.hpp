@@ -37,8 +37,11 @@ template <class T> constexpr std::size_t size_in_memory() {
     else return 0;
 }
 
-/// The codec of a type that cannot be serialised.
-template <class T> struct no_codec {
+/// A type that no family claims: pointers, references, views, std::function, structs that are
+/// neither trivially copyable nor have a serialize member. A codec names its type exactly, so a
+/// const-qualified type has none either unless its family's condition holds for it (a scalar, a
+/// trivially copyable struct): a container's element is decoded in place, which a const one cannot be.
+template <class T> struct codec {
     static constexpr bool serializable = false;
     // Not the size of any encoding, yet it is used: a const part of a pair or tuple (the key of
     // std::pair<const std::string, V>) has no codec of its own, and has always been counted as its
@@ -47,12 +50,6 @@ template <class T> struct no_codec {
     // some valid input fails to decode: see docs/design.md, "Serialisation").
     static constexpr std::size_t min_size = size_in_memory<T>();
 };
-
-/// A type that no family claims: pointers, references, views, std::function, structs that are
-/// neither trivially copyable nor have a serialize member. A codec names its type exactly, so a
-/// const-qualified type has none either unless its family's condition holds for it (a scalar, a
-/// trivially copyable struct): a container's element is decoded in place, which a const one cannot be.
-template <class T> struct codec : no_codec<T> {};
 
 // The fewest bytes a value of T can encode to: bounds how many elements a length may claim.
 template <class T> constexpr std::size_t min_encoded_size() { return codec<T>::min_size; }

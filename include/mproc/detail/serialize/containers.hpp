@@ -72,8 +72,16 @@ template <class T, class Alloc> struct codec<std::vector<T, Alloc>> {
     }
 };
 
+template <class T> inline constexpr bool is_std_set_v = false;
+template <class Key, class Compare, class Alloc>
+inline constexpr bool is_std_set_v<std::set<Key, Compare, Alloc>> = true;
+template <class Key, class Hash, class Equal, class Alloc>
+inline constexpr bool is_std_set_v<std::unordered_set<Key, Hash, Equal, Alloc>> = true;
+
 /// std::set and std::unordered_set: a length, then the elements.
-template <class Set> struct set_codec {
+template <class Set>
+    requires is_std_set_v<Set>
+struct codec<Set> {
     using Element = typename Set::value_type;
     static constexpr bool serializable = codec<Element>::serializable;
     static constexpr std::size_t min_size = 8;
@@ -91,13 +99,17 @@ template <class Set> struct set_codec {
         }
     }
 };
-template <class Key, class Compare, class Alloc>
-struct codec<std::set<Key, Compare, Alloc>> : set_codec<std::set<Key, Compare, Alloc>> {};
-template <class Key, class Hash, class Equal, class Alloc>
-struct codec<std::unordered_set<Key, Hash, Equal, Alloc>> : set_codec<std::unordered_set<Key, Hash, Equal, Alloc>> {};
+
+template <class T> inline constexpr bool is_std_map_v = false;
+template <class Key, class T, class Compare, class Alloc>
+inline constexpr bool is_std_map_v<std::map<Key, T, Compare, Alloc>> = true;
+template <class Key, class T, class Hash, class Equal, class Alloc>
+inline constexpr bool is_std_map_v<std::unordered_map<Key, T, Hash, Equal, Alloc>> = true;
 
 /// std::map and std::unordered_map: a length, then each key followed by its value.
-template <class Map> struct map_codec {
+template <class Map>
+    requires is_std_map_v<Map>
+struct codec<Map> {
     using Key = typename Map::key_type;
     using Mapped = typename Map::mapped_type;
     static constexpr bool serializable = codec<Key>::serializable && codec<Mapped>::serializable;
@@ -125,11 +137,6 @@ template <class Map> struct map_codec {
         }
     }
 };
-template <class Key, class T, class Compare, class Alloc>
-struct codec<std::map<Key, T, Compare, Alloc>> : map_codec<std::map<Key, T, Compare, Alloc>> {};
-template <class Key, class T, class Hash, class Equal, class Alloc>
-struct codec<std::unordered_map<Key, T, Hash, Equal, Alloc>>
-    : map_codec<std::unordered_map<Key, T, Hash, Equal, Alloc>> {};
 
 /// std::array: its elements, with no length (the type has it).
 template <class T, std::size_t N> struct codec<std::array<T, N>> {
@@ -143,7 +150,10 @@ template <class T, std::size_t N> struct codec<std::array<T, N>> {
     }
 };
 
-/// Views are never serialisable, though they are trivially copyable.
-template <class T, std::size_t Extent> struct codec<std::span<T, Extent>> : no_codec<std::span<T, Extent>> {};
+/// Spans: never serialisable, though trivially copyable (which would make them structs).
+template <class T, std::size_t Extent> struct codec<std::span<T, Extent>> {
+    static constexpr bool serializable = false;
+    static constexpr std::size_t min_size = sizeof(std::span<T, Extent>);
+};
 
 }  // namespace mproc::detail

@@ -25,8 +25,10 @@ template <> struct codec<std::string> {
     }
 };
 
-/// Views are never serialisable, though they are trivially copyable.
-template <class Char, class Traits>
-struct codec<std::basic_string_view<Char, Traits>> : no_codec<std::basic_string_view<Char, Traits>> {};
+/// String views: never serialisable, though trivially copyable (which would make them structs).
+template <class Char, class Traits> struct codec<std::basic_string_view<Char, Traits>> {
+    static constexpr bool serializable = false;
+    static constexpr std::size_t min_size = sizeof(std::basic_string_view<Char, Traits>);
+};
 
 }  // namespace mproc::detail

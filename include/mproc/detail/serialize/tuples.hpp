@@ -41,10 +41,22 @@ template <class... Ts> struct codec<std::tuple<Ts...>> {
     static constexpr bool serializable = parts_serializable_v<Ts...>;
     static constexpr std::size_t min_size = (std::size_t{0} + ... + min_encoded_size<Ts>());
     static void write(auto& out, const std::tuple<Ts...>& value) {
-        std::apply([&](const auto&... parts) { (out.write(parts), ...); }, value);
+        write_parts(out, value, std::index_sequence_for<Ts...>{});
     }
     static void read(auto& in, std::tuple<Ts...>& value) {
-        std::apply([&](auto&... parts) { (in.read(parts), ...); }, value);
+        read_parts(in, value, std::index_sequence_for<Ts...>{});
+    }
+
+private:
+    // Not std::apply with a lambda: the writer and reader stay arguments, not captures, which
+    // spares clang a reload of each through the closure after every part.
+    template <std::size_t... I>
+    static void write_parts(auto& out, const std::tuple<Ts...>& value, std::index_sequence<I...>) {
+        (out.write(std::get<I>(value)), ...);
+    }
+    template <std::size_t... I>
+    static void read_parts(auto& in, std::tuple<Ts...>& value, std::index_sequence<I...>) {
+        (in.read(std::get<I>(value)), ...);
     }
 };
 
