@@ -72,70 +72,85 @@ template <class T, class Alloc> struct codec<std::vector<T, Alloc>> {
     }
 };
 
-template <class T> inline constexpr bool is_std_set_v = false;
-template <class Key, class Compare, class Alloc>
-inline constexpr bool is_std_set_v<std::set<Key, Compare, Alloc>> = true;
-template <class Key, class Hash, class Equal, class Alloc>
-inline constexpr bool is_std_set_v<std::unordered_set<Key, Hash, Equal, Alloc>> = true;
-
-/// std::set and std::unordered_set: a length, then the elements.
-template <class Set>
-    requires is_std_set_v<Set>
-struct codec<Set> {
+// std::set and std::unordered_set: a length, then the elements (written by write_elements). Each
+// template has a codec of its own that calls these functions, rather than both sharing one codec
+// constrained to the set templates: GCC 12 gives the members of such constrained specialisations
+// internal linkage, and inlines them differently (see docs/design.md, "Serialisation").
+template <class Set> void read_set(auto& in, Set& value) {
     using Element = typename Set::value_type;
-    static constexpr bool serializable = codec<Element>::serializable;
-    static constexpr std::size_t min_size = 8;
-
-    static void write(auto& out, const Set& value) { write_elements(out, value); }
-
-    static void read(auto& in, Set& value) {
-        const std::size_t n = in.read_length(min_encoded_size<Element>());
-        value.clear();
-        for (std::size_t i = 0; i < n; ++i) {
-            in.template read_marker<Element>();
-            Element element{};
-            in.read(element);
-            value.insert(std::move(element));
-        }
+    const std::size_t n = in.read_length(min_encoded_size<Element>());
+    value.clear();
+    for (std::size_t i = 0; i < n; ++i) {
+        in.template read_marker<Element>();
+        Element element{};
+        in.read(element);
+        value.insert(std::move(element));
     }
+}
+
+/// std::set: see read_set.
+template <class Key, class Compare, class Alloc> struct codec<std::set<Key, Compare, Alloc>> {
+    using Set = std::set<Key, Compare, Alloc>;
+    static constexpr bool serializable = codec<Key>::serializable;
+    static constexpr std::size_t min_size = 8;
+    static void write(auto& out, const Set& value) { write_elements(out, value); }
+    static void read(auto& in, Set& value) { read_set(in, value); }
 };
 
-template <class T> inline constexpr bool is_std_map_v = false;
-template <class Key, class T, class Compare, class Alloc>
-inline constexpr bool is_std_map_v<std::map<Key, T, Compare, Alloc>> = true;
-template <class Key, class T, class Hash, class Equal, class Alloc>
-inline constexpr bool is_std_map_v<std::unordered_map<Key, T, Hash, Equal, Alloc>> = true;
+/// std::unordered_set: see read_set.
+template <class Key, class Hash, class Equal, class Alloc> struct codec<std::unordered_set<Key, Hash, Equal, Alloc>> {
+    using Set = std::unordered_set<Key, Hash, Equal, Alloc>;
+    static constexpr bool serializable = codec<Key>::serializable;
+    static constexpr std::size_t min_size = 8;
+    static void write(auto& out, const Set& value) { write_elements(out, value); }
+    static void read(auto& in, Set& value) { read_set(in, value); }
+};
 
-/// std::map and std::unordered_map: a length, then each key followed by its value.
-template <class Map>
-    requires is_std_map_v<Map>
-struct codec<Map> {
+// std::map and std::unordered_map: a length, then each key followed by its value (as for sets,
+// one codec per template calls these).
+template <class Map> void write_map(auto& out, const Map& value) {
     using Key = typename Map::key_type;
     using Mapped = typename Map::mapped_type;
-    static constexpr bool serializable = codec<Key>::serializable && codec<Mapped>::serializable;
+    out.write_length(value.size());
+    for (const auto& [key, mapped] : value) {
+        out.template write_marker<std::pair<Key, Mapped>>();
+        out.write(key);
+        out.write(mapped);
+    }
+}
+
+template <class Map> void read_map(auto& in, Map& value) {
+    using Key = typename Map::key_type;
+    using Mapped = typename Map::mapped_type;
+    const std::size_t n = in.read_length(min_encoded_size<Key>() + min_encoded_size<Mapped>());
+    value.clear();
+    for (std::size_t i = 0; i < n; ++i) {
+        in.template read_marker<std::pair<Key, Mapped>>();
+        Key key{};
+        in.read(key);
+        Mapped mapped{};
+        in.read(mapped);
+        value.insert_or_assign(std::move(key), std::move(mapped));
+    }
+}
+
+/// std::map: see write_map.
+template <class Key, class T, class Compare, class Alloc> struct codec<std::map<Key, T, Compare, Alloc>> {
+    using Map = std::map<Key, T, Compare, Alloc>;
+    static constexpr bool serializable = codec<Key>::serializable && codec<T>::serializable;
     static constexpr std::size_t min_size = 8;
+    static void write(auto& out, const Map& value) { write_map(out, value); }
+    static void read(auto& in, Map& value) { read_map(in, value); }
+};
 
-    static void write(auto& out, const Map& value) {
-        out.write_length(value.size());
-        for (const auto& [key, mapped] : value) {
-            out.template write_marker<std::pair<Key, Mapped>>();
-            out.write(key);
-            out.write(mapped);
-        }
-    }
-
-    static void read(auto& in, Map& value) {
-        const std::size_t n = in.read_length(min_encoded_size<Key>() + min_encoded_size<Mapped>());
-        value.clear();
-        for (std::size_t i = 0; i < n; ++i) {
-            in.template read_marker<std::pair<Key, Mapped>>();
-            Key key{};
-            in.read(key);
-            Mapped mapped{};
-            in.read(mapped);
-            value.insert_or_assign(std::move(key), std::move(mapped));
-        }
-    }
+/// std::unordered_map: see write_map.
+template <class Key, class T, class Hash, class Equal, class Alloc>
+struct codec<std::unordered_map<Key, T, Hash, Equal, Alloc>> {
+    using Map = std::unordered_map<Key, T, Hash, Equal, Alloc>;
+    static constexpr bool serializable = codec<Key>::serializable && codec<T>::serializable;
+    static constexpr std::size_t min_size = 8;
+    static void write(auto& out, const Map& value) { write_map(out, value); }
+    static void read(auto& in, Map& value) { read_map(in, value); }
 };
 
 /// std::array: its elements, with no length (the type has it).
