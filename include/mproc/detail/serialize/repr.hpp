@@ -3,19 +3,48 @@
 // `fmt::format("{}", d)` reads `{"count": 15}`) and by its KeyError messages.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <fmt/core.h>
+#include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
-
-#include "../../serialize.hpp"
+#include <vector>
 
 namespace mproc::detail {
+
+// Which std template a type is, for the printed forms below.
+template <class T> struct is_std_vector : std::false_type {};
+template <class T, class A> struct is_std_vector<std::vector<T, A>> : std::true_type {};
+template <class T> struct is_std_array : std::false_type {};
+template <class T, std::size_t N> struct is_std_array<std::array<T, N>> : std::true_type {};
+template <class T> struct is_std_pair : std::false_type {};
+template <class A, class B> struct is_std_pair<std::pair<A, B>> : std::true_type {};
+template <class T> struct is_std_tuple : std::false_type {};
+template <class... Ts> struct is_std_tuple<std::tuple<Ts...>> : std::true_type {};
+template <class T> struct is_std_optional : std::false_type {};
+template <class T> struct is_std_optional<std::optional<T>> : std::true_type {};
+template <class T> struct is_std_variant : std::false_type {};
+template <class... Ts> struct is_std_variant<std::variant<Ts...>> : std::true_type {};
+template <class T> struct is_std_string : std::false_type {};
+template <class C, class Tr, class A> struct is_std_string<std::basic_string<C, Tr, A>> : std::true_type {};
+template <class T> struct is_std_map : std::false_type {};
+template <class K, class V, class C, class A> struct is_std_map<std::map<K, V, C, A>> : std::true_type {};
+template <class K, class V, class H, class E, class A>
+struct is_std_map<std::unordered_map<K, V, H, E, A>> : std::true_type {};
+template <class T> struct is_std_set : std::false_type {};
+template <class K, class C, class A> struct is_std_set<std::set<K, C, A>> : std::true_type {};
+template <class K, class H, class E, class A>
+struct is_std_set<std::unordered_set<K, H, E, A>> : std::true_type {};
 
 inline void repr_string(std::string& out, std::string_view s) {
     out += '"';

@@ -1,0 +1,34 @@
+// mproc — the codec of std::string (a 64-bit length, then the bytes), and the refusal of string
+// views, which point into memory the other process does not have.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "codec.hpp"
+
+namespace mproc::detail {
+
+/// std::string: a length, then the characters. (Other std::basic_strings have no codec.)
+template <> struct codec<std::string> {
+    static constexpr bool serializable = true;
+    static constexpr std::size_t min_size = 8;
+    static void write(auto& out, const std::string& value) {
+        out.write_length(value.size());
+        out.write_raw(value.data(), value.size());
+    }
+    static void read(auto& in, std::string& value) {
+        const std::size_t n = in.read_length(1);
+        value.resize(n);
+        in.read_raw(value.data(), n);
+    }
+};
+
+/// String views: never serialisable, though trivially copyable (which would make them structs).
+template <class Char, class Traits> struct codec<std::basic_string_view<Char, Traits>> {
+    static constexpr bool serializable = false;
+    static constexpr std::size_t min_size = sizeof(std::basic_string_view<Char, Traits>);
+};
+
+}  // namespace mproc::detail
