@@ -13,3 +13,4 @@
 #include "queue.hpp"
 #include "shared_dict.hpp"
 #include "sync.hpp"
+#include "version.hpp"
