@@ -62,7 +62,8 @@ run_examples() {
 run_tests() {
     local presets=("$@") preset
     ((${#presets[@]} == 0)) && presets=(release)
-    local packages=("${base_packages[@]}" catch2)
+    # pkgconf: the consumer.pkgconfig test builds a program with `pkg-config --cflags --libs mproc`.
+    local packages=("${base_packages[@]}" catch2 pkgconf)
     for preset in "${presets[@]}"; do
         case $preset in
             release | asan | tsan) ;;

@@ -1,4 +1,4 @@
-// The seed's Pipe program:
+// Twin of docs/python-twins/pipe.py, the Python tutorial program for Pipe:
 //
 //     def f(conn):
 //         conn.send([42, None, 'hello'])

@@ -1,4 +1,4 @@
-// The seed's Pool.apply_async program:
+// Twin of docs/python-twins/pool_apply_async.py, the Python tutorial program for Pool.apply_async:
 //
 //     def foo_pool(x):
 //         return x*x

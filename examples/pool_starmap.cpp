@@ -1,4 +1,4 @@
-// The seed's Pool.starmap program:
+// Twin of docs/python-twins/pool_starmap.py, the Python tutorial program for Pool.starmap:
 //
 //     def my_print(x, y):
 //         print(x + y)    # sometimes 2 4 3 6 5: the workers run in any order

@@ -1,4 +1,4 @@
-// The seed's Process program:
+// Twin of docs/python-twins/process_hello.py, the Python tutorial program for Process:
 //
 //     def f(name):
 //         print('hello', name)

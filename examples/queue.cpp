@@ -1,4 +1,4 @@
-// The seed's Queue program:
+// Twin of docs/python-twins/queue_example.py, the Python tutorial program for Queue:
 //
 //     def f(q):
 //         q.put([42, None, 'hello'])

@@ -1,4 +1,4 @@
-// The seed's Manager program:
+// Twin of docs/python-twins/shared_dict.py, the Python tutorial program for Manager:
 //
 //     def func(dic, c):
 //         dic['count'] += c

@@ -28,7 +28,7 @@ using mproc_test::checksum;
 using mproc_test::child_count;
 using mproc_test::eventually;
 
-TEST_CASE("The seed's Queue program: a child puts, the parent gets") {
+TEST_CASE("The tutorial Queue program: a child puts, the parent gets") {
     using Message = std::tuple<int, std::optional<int>, std::string>;
     mproc::Queue<Message> q;
     mproc::Process p([&] { q.put({42, std::nullopt, "hello"}); });

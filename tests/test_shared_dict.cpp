@@ -74,7 +74,7 @@ TEST_CASE("SharedDict: absent keys raise KeyError, for reads and for d[new] += 1
     CHECK(d.at("x") == 1);
 }
 
-TEST_CASE("The seed's Manager program: 5 processes add 1..5, dic={\"count\": 15}") {
+TEST_CASE("The tutorial Manager program: 5 processes add 1..5, dic={\"count\": 15}") {
     mproc::SharedDict<std::string, int> d;
     d["count"] = 0;
     std::vector<mproc::Process> ps;
@@ -398,7 +398,7 @@ std::size_t blocks_in_use(const mproc::detail::DictHeader& h) {
 }
 }  // namespace
 
-TEST_CASE("A SharedDict passed to Pool tasks is the same dict: the seed's Manager program gives dic={\"count\": 15}") {
+TEST_CASE("A SharedDict passed to Pool tasks is the same dict: the tutorial Manager program gives dic={\"count\": 15}") {
     Dict d;
     d["count"] = 0;
     mproc::Pool pool(5);

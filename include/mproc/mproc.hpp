@@ -14,3 +14,4 @@
 #include "queue.hpp"
 #include "shared_dict.hpp"
 #include "sync.hpp"
+#include "version.hpp"

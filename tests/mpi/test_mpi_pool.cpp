@@ -1,5 +1,5 @@
 // mproc::mpi::Pool under mpirun: the local Pool's calls, ordering and exceptions across MPI ranks,
-// tasks named across ranks (dladdr), close/join/terminate, and the seed's Pool programs.
+// tasks named across ranks (dladdr), close/join/terminate, and the Python tutorial's Pool programs.
 // Run as `mpirun --oversubscribe -n 3 test_mpi_pool [tag]`: rank 0 runs these cases, ranks 1 and
 // 2 are the pool's workers (main is in test_mpi_main.cpp).
 #include <catch2/catch.hpp>
@@ -105,10 +105,10 @@ std::vector<int> iota_vector(int n) {
 
 }  // namespace
 
-// ---- the seed's Pool programs ---------------------------------------------------------------------
+// ---- the Python tutorial programs for Pool (docs/python-twins/) -----------------------------------
 
-TEST_CASE("seed: apply_async with a callback over MPI ranks, then close and join", "[seed]") {
-    Watchdog dog(120s, "seed apply_async");
+TEST_CASE("tutorial: apply_async with a callback over MPI ranks, then close and join", "[tutorial]") {
+    Watchdog dog(120s, "tutorial apply_async");
     std::vector<int> result_list;  // touched only by the callback, on rank 0
     mproc::mpi::Pool pool;
     for (int i = 0; i < 10; ++i)
@@ -119,8 +119,8 @@ TEST_CASE("seed: apply_async with a callback over MPI ranks, then close and join
     CHECK(result_list == std::vector<int>{0, 1, 4, 9, 16, 25, 36, 49, 64, 81});
 }
 
-TEST_CASE("seed: starmap over MPI ranks keeps the input order", "[seed]") {
-    Watchdog dog(120s, "seed starmap");
+TEST_CASE("tutorial: starmap over MPI ranks keeps the input order", "[tutorial]") {
+    Watchdog dog(120s, "tutorial starmap");
     const std::vector<int> x = {1, 2, 3, 4, 5};
     const std::vector<int> y = {1, 1, 1, 1, 1};
     std::vector<std::tuple<int, int>> zip_args;
