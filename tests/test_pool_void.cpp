@@ -1,4 +1,4 @@
-// Pool tasks that return void: map/starmap return void once every task has run (API.md), and
+// Pool tasks that return void: map/starmap return void once every task has run (the README says so), and
 // apply_async/map_async give an AsyncResult<void>.
 #include "test_pool_common.hpp"
 
