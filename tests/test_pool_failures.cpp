@@ -6,6 +6,8 @@
 // (see pool_test::die_out_of_memory). Every other item appends i to a log and returns i*i+1.
 #include "test_pool_common.hpp"
 
+#include <mproc/sync.hpp>
+
 #include <numeric>
 #include <ranges>
 #include <regex>
@@ -492,6 +494,23 @@ void require_submission_fails(mproc::Pool& pool, const char* expected = nullptr)
 TEST_CASE("an initializer that throws: close and join return") {
     Watchdog dog(200s, "throwing initializer, join");
     mproc::Pool pool({.processes = 2, .initializer = [] { throw 7; }});
+    require_submission_fails(pool, "initializer");
+    pool.close();
+    pool.join();
+    POOL_REQUIRE_NOTHING_LEFT();
+}
+
+TEST_CASE("an initializer that fails in one worker after join() began: join still returns") {
+    // The first worker's initializer fails at once and breaks the pool; close() and join() follow
+    // while the second worker's initializer is still running. Its failure, reported once the pool
+    // is already draining, must not turn the draining pool back into a broken one (its collector
+    // would then never end, and join() would wait for it forever).
+    Watchdog dog(200s, "late initializer failure, join");
+    mproc::Value<int> starts(0);
+    mproc::Pool pool({.processes = 2, .initializer = [starts]() mutable {
+                          if (starts++ != 0) std::this_thread::sleep_for(700ms);
+                          throw 7;
+                      }});
     require_submission_fails(pool, "initializer");
     pool.close();
     pool.join();

@@ -761,7 +761,10 @@ private:
     }
 
     void break_pool_locked(std::string reason) {
-        if (state_ == State::terminated || state_ == State::broken) return;
+        // A draining pool has no task left and takes no more: a failure reported now (a second
+        // worker's initializer, say) changes nothing, and turning it back into a broken pool would
+        // keep the collector from ever ending (it ends only when draining).
+        if (state_ == State::terminated || state_ == State::broken || state_ == State::draining) return;
         state_ = State::broken;
         broken_reason_ = std::move(reason);
     }
