@@ -100,8 +100,8 @@ constexpr bool under_sanitizer() {
 #include <tuple>
 #include <vector>
 
-#include <mproc/detail/shm/robust_mutex.hpp>
 #include <mproc/detail/shm/registry.hpp>
+#include <mproc/detail/shm/robust_mutex.hpp>
 #include <mproc/serialize.hpp>
 
 namespace mproc_test {

@@ -249,7 +249,7 @@ public:
                 ::dup2(out_write.get(), 1);
                 ::dup2(err.get(), 2);
             }
-            struct sigaction action{};
+            struct sigaction action {};
             ::sigemptyset(&action.sa_mask);
             action.sa_handler = SIG_DFL;
             ::sigaction(SIGTERM, &action, nullptr);
@@ -325,7 +325,7 @@ public:
                 std::string what;
                 for (const ProcStat& s : group_members(pid_)) what += "\n  " + describe(s);
                 FAIL("after the program ended (" << describe_status(end.status)
-                                                   << "), processes of its tree remain:" << what);
+                                                 << "), processes of its tree remain:" << what);
             }
             nap();
         }
@@ -535,7 +535,8 @@ TEST_CASE("SIGTERM: every process of the tree is reaped, and the program dies of
     check_quiet(end);
 }
 
-TEST_CASE("SIGTERM or SIGINT while another thread is using a pool: the guard's path wins, the program dies of the signal") {
+TEST_CASE(
+    "SIGTERM or SIGINT while another thread is using a pool: the guard's path wins, the program dies of the signal") {
     // The guard ends the children; the other thread's pool call then fails with an mproc::Error it
     // does not catch. The program must still end by the signal (143 / 130), not by std::terminate.
     const int sig = GENERATE(SIGTERM, SIGINT);
@@ -734,7 +735,9 @@ TEST_CASE("active_children() lists exactly the live children mproc started, from
     CHECK(mproc_test::child_count() == 0);
 }
 
-TEST_CASE("more than 4096 children that ended and were never joined: every start succeeds, and each Process keeps its exit status") {
+TEST_CASE(
+    "more than 4096 children that ended and were never joined: every start succeeds, and each Process keeps its exit "
+    "status") {
     // active_children() reaps the ended ones as the program goes, as Python's does; their Process
     // objects are kept, unjoined, and must still tell how each ended.
     constexpr int n = 4500;
@@ -763,7 +766,9 @@ TEST_CASE("more than 4096 children that ended and were never joined: every start
     }
 }
 
-TEST_CASE("a child's pid reused by a newer child after active_children() reaped it: each Process still gets its own child's status") {
+TEST_CASE(
+    "a child's pid reused by a newer child after active_children() reaped it: each Process still gets its own child's "
+    "status") {
     // The kernel may give a reaped child's pid to a new child before the first one's Process
     // collected its status. Simulated: a record for a new live child with the same pid, in the
     // slot a joined process freed (so that a lookup by pid alone would find it first).

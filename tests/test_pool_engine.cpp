@@ -25,8 +25,7 @@ int square(int x) { return x * x; }
 std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
 
 /// Waits for `done()` (failing instead of hanging).
-template <class Done>
-void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
+template <class Done> void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
     while (!done()) {
         if (std::chrono::steady_clock::now() > deadline) FAIL("waited " << limit.count() << " s for: " << what);
@@ -47,8 +46,7 @@ std::size_t open_fds() {
 
 /// Runs `body` in a child process (so limits and uids it changes stay there) and requires that it
 /// returned normally: a failure inside throws, and the child reports it on stderr with status 1.
-template <class Body>
-void in_child(Body body) {
+template <class Body> void in_child(Body body) {
     mproc::Process p(body);
     p.start();
     p.join();
@@ -455,9 +453,8 @@ TEST_CASE("an error callback run by terminate() that destroys the Pool: the tear
     pool_test::Gate gate;
     std::optional<mproc::Pool> pool;
     pool.emplace(2);
-    auto b = pool->apply_async(pool_test::gated, std::tuple{gate.read_fd(), 2}, {}, [&](std::exception_ptr) {
-        pool.reset();
-    });
+    auto b = pool->apply_async(pool_test::gated, std::tuple{gate.read_fd(), 2}, {},
+                               [&](std::exception_ptr) { pool.reset(); });
     pool_test::all_worker_pids(*pool, 2);
     pool->terminate();
     CHECK_FALSE(pool.has_value());
@@ -470,4 +467,3 @@ TEST_CASE("a task_timeout that is not positive is refused") {
     CHECK_THROWS_AS(mproc::Pool({.processes = 1, .task_timeout = mproc::Seconds{-1}}), mproc::Error);
     CHECK(mproc_test::child_count() == 0);
 }
-

@@ -71,7 +71,8 @@ TEST_CASE("imap: 400 items, every 10th kills its worker: 360 results and 40 Work
         auto results = pool.imap(pool_test::square_or_die, workload());
         long i = 0;
         for (auto it = results.begin(); it != results.end(); ++it, ++i)
-            pool_test::check_outcome(i, [&] { return *it; }, &dead);
+            pool_test::check_outcome(
+                i, [&] { return *it; }, &dead);
         CHECK(i == workload_items);
         require_every_survivor_ran(log);
         CHECK(dead.size() == static_cast<std::size_t>(workload_deaths));  // each death, its own worker
@@ -88,7 +89,9 @@ TEST_CASE("imap with chunksize 5: still 360 results and 40 WorkerLost in place")
     std::set<pid_t> dead;
     auto results = pool.imap(pool_test::square_or_die, workload(), 5);
     long i = 0;
-    for (auto it = results.begin(); it != results.end(); ++it, ++i) pool_test::check_outcome(i, [&] { return *it; }, &dead);
+    for (auto it = results.begin(); it != results.end(); ++it, ++i)
+        pool_test::check_outcome(
+            i, [&] { return *it; }, &dead);
     CHECK(i == workload_items);
     CHECK(dead.size() == static_cast<std::size_t>(workload_deaths));
     require_every_survivor_ran(log);
@@ -134,20 +137,21 @@ TEST_CASE("apply_async: 400 calls, every 10th kills its worker: each result is r
     std::atomic<int> errors_seen{0};
     std::atomic<int> values_seen{0};
     for (long i = 0; i < workload_items; ++i)
-        results.push_back(pool.apply_async(pool_test::square_or_die, std::tuple{i}, [&](long) { ++values_seen; },
-                                           [&](std::exception_ptr e) {
-                                               try {
-                                                   std::rethrow_exception(e);
-                                               } catch (const mproc::WorkerLost&) {
-                                                   ++errors_seen;
-                                               } catch (...) {
-                                               }
-                                           }));
+        results.push_back(pool.apply_async(
+            pool_test::square_or_die, std::tuple{i}, [&](long) { ++values_seen; },
+            [&](std::exception_ptr e) {
+                try {
+                    std::rethrow_exception(e);
+                } catch (const mproc::WorkerLost&) {
+                    ++errors_seen;
+                } catch (...) {}
+            }));
     std::set<pid_t> dead;
     for (long i = 0; i < workload_items; ++i) {
         auto& r = results[static_cast<std::size_t>(i)];
         REQUIRE(r.wait(240s));
-        pool_test::check_outcome(i, [&] { return r.get(); }, &dead);
+        pool_test::check_outcome(
+            i, [&] { return r.get(); }, &dead);
         // A task run alone is named by its task id alone.
         if (pool_test::dies(i)) {
             try {
@@ -431,8 +435,7 @@ TEST_CASE("the initializer runs once in every worker, replacements included") {
     for (auto it = results.begin(); it != results.end(); ++it) {
         try {
             (void)*it;
-        } catch (const mproc::WorkerLost&) {
-        }
+        } catch (const mproc::WorkerLost&) {}
     }
     check_round();
     CHECK(workers_seen.size() >= 4);

@@ -106,8 +106,9 @@ TEST_CASE("a result that fails to serialise inside a chunk: map fails that item 
         INFO("chunksize " << chunksize);
         std::exception_ptr seen;
         std::vector<Fragile> delivered;
-        auto am = pool.map_async(make_raw, xs, chunksize, [&](const std::vector<Fragile>& v) { delivered = v; },
-                                 [&](std::exception_ptr e) { seen = e; });
+        auto am = pool.map_async(
+            make_raw, xs, chunksize, [&](const std::vector<Fragile>& v) { delivered = v; },
+            [&](std::exception_ptr e) { seen = e; });
         CHECK_THROWS_AS(am.get(), mproc::SerializationError);
         require_encoding_error(seen);
         CHECK(delivered.empty());

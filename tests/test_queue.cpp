@@ -9,8 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <csignal>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -492,7 +492,9 @@ TEST_CASE("An item is in the queue as soon as put returns: a producer that SIGKI
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Queue timeouts across processes: get and put give up no sooner than asked, and succeed when the other side acts in time") {
+TEST_CASE(
+    "Queue timeouts across processes: get and put give up no sooner than asked, and succeed when the other side acts "
+    "in time") {
     constexpr double asked = 0.2, at_least = asked * 0.95;
     mproc::Queue<int> q(1);
     double took = seconds_taken([&] { CHECK_THROWS_AS(q.get(mproc::Seconds{asked}), mproc::Empty); });
@@ -567,7 +569,9 @@ TEST_CASE("Producers blocked in put use no CPU: on a full bounded queue, and str
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Producers killed while they hold the Queue's lock: the next locker repairs it, and every put that returned is delivered once") {
+TEST_CASE(
+    "Producers killed while they hold the Queue's lock: the next locker repairs it, and every put that returned is "
+    "delivered once") {
     // A producer in a tight put loop is killed at a random point; about a third of the kills land
     // while it holds the queue's internal lock (the kernel then marks the lock's owner dead, which
     // the test reads). Rounds go on until 20 such kills — a hang guard caps them at 2000.
@@ -645,7 +649,9 @@ Parcel parcel(std::string note) {
 }
 }  // namespace
 
-TEST_CASE("Handles whose only copy is an item in a Queue stay usable until the item is taken, then go with their last handle") {
+TEST_CASE(
+    "Handles whose only copy is an item in a Queue stay usable until the item is taken, then go with their last "
+    "handle") {
     const std::size_t queues = queue_mappings("mproc-queue"), arrays = queue_mappings("mproc-array");
     mproc::Queue<Parcel> parcels({.buffer_bytes = 1 << 20});
     parcels.put(parcel("first"));  // the temporary goes: the queue holds the only copies
@@ -681,7 +687,9 @@ TEST_CASE("Handles whose only copy is an item in a Queue stay usable until the i
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("A streamed item holding handles: taken whole, or withdrawn when its producer gives up, its handles are counted once") {
+TEST_CASE(
+    "A streamed item holding handles: taken whole, or withdrawn when its producer gives up, its handles are counted "
+    "once") {
     const std::size_t queues = queue_mappings("mproc-queue");
     mproc::Queue<std::pair<mproc::Queue<int>, std::string>> q({.buffer_bytes = 1 << 16});
     mproc::Queue<int> sent;  // made before the child, so the child maps it
@@ -706,7 +714,9 @@ TEST_CASE("A streamed item holding handles: taken whole, or withdrawn when its p
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("A producer killed holding the Queue's lock while counting an item's handles: the next locker recounts from the ring") {
+TEST_CASE(
+    "A producer killed holding the Queue's lock while counting an item's handles: the next locker recounts from the "
+    "ring") {
     const std::size_t queues = queue_mappings("mproc-queue");
     mproc::Queue<mproc::Queue<int>> q({.buffer_bytes = 1 << 16});
     std::uint64_t inner_id = 0;

@@ -148,7 +148,8 @@ TEST_CASE("SharedDict holds any serialisable keys and values, of any length, and
 
     mproc::SharedDict<std::string, std::string> big;
     constexpr int count = 100000;
-    for (int i = 0; i < count; ++i) big.set("key-" + std::to_string(i), std::string(static_cast<std::size_t>(i % 300), 'v'));
+    for (int i = 0; i < count; ++i)
+        big.set("key-" + std::to_string(i), std::string(static_cast<std::size_t>(i % 300), 'v'));
     CHECK(big.size() == count);
     for (int i = 0; i < count; i += 2) REQUIRE(big.erase("key-" + std::to_string(i)));
     CHECK(big.size() == count / 2);
@@ -398,7 +399,8 @@ std::size_t blocks_in_use(const mproc::detail::DictHeader& h) {
 }
 }  // namespace
 
-TEST_CASE("A SharedDict passed to Pool tasks is the same dict: the tutorial Manager program gives dic={\"count\": 15}") {
+TEST_CASE(
+    "A SharedDict passed to Pool tasks is the same dict: the tutorial Manager program gives dic={\"count\": 15}") {
     Dict d;
     d["count"] = 0;
     mproc::Pool pool(5);
@@ -451,7 +453,9 @@ TEST_CASE("keys() and values() are consistent snapshots while others write") {
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Writers killed while they hold the dict's lock: the next locker repairs it, and the count equals the increments that returned") {
+TEST_CASE(
+    "Writers killed while they hold the dict's lock: the next locker repairs it, and the count equals the increments "
+    "that returned") {
     // A process in a tight loop of d["k"] += 1 (plus inserts and erases, so the kill also lands
     // in allocations and table rebuilds) is killed at a random point. About a third of the kills
     // land while it holds the dict's lock (the kernel marks the lock's owner dead, which the test
@@ -582,7 +586,8 @@ TEST_CASE("Dicts and a Queue stored only inside a SharedDict stay usable (Python
         CHECK(d.at("supplies").at("water") == 7);
         CHECK(mappings_of("mproc-dict") == dicts + 3);
         // A child forked now has them too, and sees the same dicts.
-        mproc::Process child([&] { std::_Exit(d.at("pets").at("hamsters") == 4 && d.at("supplies").size() == 3 ? 0 : 1); });
+        mproc::Process child(
+            [&] { std::_Exit(d.at("pets").at("hamsters") == 4 && d.at("supplies").size() == 3 ? 0 : 1); });
         child.start();
         REQUIRE(child.join(60s));
         CHECK(child.exitcode() == 0);
@@ -605,7 +610,9 @@ TEST_CASE("Dicts and a Queue stored only inside a SharedDict stay usable (Python
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Every kind of handle stored only inside a SharedDict works here, in a Process child and in Pool workers, and goes with its last stored copy") {
+TEST_CASE(
+    "Every kind of handle stored only inside a SharedDict works here, in a Process child and in Pool workers, and goes "
+    "with its last stored copy") {
     const std::size_t mapped = mproc::detail::segments().mapped_count();
     const std::size_t dicts = mappings_of("mproc-dict"), queues = mappings_of("mproc-queue"),
                       arrays = mappings_of("mproc-array");
@@ -644,7 +651,9 @@ TEST_CASE("Every kind of handle stored only inside a SharedDict works here, in a
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("A nested object goes when its last stored copy is overwritten, erased, popped or cleared, or when the dicts holding it go") {
+TEST_CASE(
+    "A nested object goes when its last stored copy is overwritten, erased, popped or cleared, or when the dicts "
+    "holding it go") {
     const std::size_t dicts = mappings_of("mproc-dict"), queues = mappings_of("mproc-queue");
     using Queues = mproc::SharedDict<std::string, mproc::Queue<int>>;
     Queues d;
@@ -686,7 +695,9 @@ TEST_CASE("A nested object goes when its last stored copy is overwritten, erased
     CHECK(mappings_of("mproc-queue") == queues);
 }
 
-TEST_CASE("A handle stored by another process outlives this process's own handles, and one erased by another process goes at this process's next use of the dict") {
+TEST_CASE(
+    "A handle stored by another process outlives this process's own handles, and one erased by another process goes at "
+    "this process's next use of the dict") {
     const std::size_t queues = mappings_of("mproc-queue");
     mproc::SharedDict<std::string, mproc::Queue<int>> d;
     {
@@ -709,14 +720,15 @@ TEST_CASE("A handle stored by another process outlives this process's own handle
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("A process killed in the middle of counting a dict's handles: the next locker recounts them from the entries") {
+TEST_CASE(
+    "A process killed in the middle of counting a dict's handles: the next locker recounts them from the entries") {
     const std::size_t queues = mappings_of("mproc-queue");
     mproc::SharedDict<std::string, mproc::Queue<int>> d;
     d["q"] = mproc::Queue<int>();
     d["n"] = mproc::Queue<int>();
     CHECK(mappings_of("mproc-queue") == queues + 2);
-    const auto [q_id, q_offset] =
-        mproc::from_bytes<std::tuple<std::uint64_t, std::uint64_t>>(mproc::to_bytes(d.at("q")));
+    const auto [q_id,
+                q_offset] = mproc::from_bytes<std::tuple<std::uint64_t, std::uint64_t>>(mproc::to_bytes(d.at("q")));
     (void)q_offset;
     mproc::Event inside;
     mproc::Process writer([&] {
@@ -747,7 +759,9 @@ TEST_CASE("A process killed in the middle of counting a dict's handles: the next
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Threads storing, reading back and erasing nested handles at once: each sees its own objects, and nothing is left mapped") {
+TEST_CASE(
+    "Threads storing, reading back and erasing nested handles at once: each sees its own objects, and nothing is left "
+    "mapped") {
     const std::size_t queues = mappings_of("mproc-queue");
     mproc::SharedDict<int, mproc::Queue<int>> d;
     mproc::SharedDict<int, mproc::SharedDict<int, mproc::Queue<int>>> outer;

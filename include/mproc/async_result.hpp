@@ -22,10 +22,10 @@
 #include <vector>
 
 #include "detail/os/clock.hpp"
-#include "detail/serialize/type_name.hpp"
 #include "detail/pool/engine.hpp"
 #include "detail/pool/wire.hpp"
 #include "detail/serialize/remote_exception.hpp"
+#include "detail/serialize/type_name.hpp"
 #include "errors.hpp"
 
 namespace mproc {
@@ -50,8 +50,7 @@ inline void report_callback_exception(const char* which) {
 }
 
 /// What an AsyncResult<T> asks of its shared state.
-template <class T>
-class ValueState {
+template <class T> class ValueState {
 public:
     virtual ~ValueState() = default;
     virtual bool wait(std::optional<Seconds> timeout) = 0;
@@ -63,8 +62,12 @@ public:
 
 /// The callback of a result: void(const T&), or void() for a void result. (A std::conditional_t
 /// would name both branches, and `const void&` is ill-formed.)
-template <class T> struct result_callback { using type = std::function<void(const T&)>; };
-template <> struct result_callback<void> { using type = std::function<void()>; };
+template <class T> struct result_callback {
+    using type = std::function<void(const T&)>;
+};
+template <> struct result_callback<void> {
+    using type = std::function<void()>;
+};
 
 template <class R, bool Many>
 using collected_t = std::conditional_t<std::is_void_v<R>, void, std::conditional_t<Many, std::vector<R>, R>>;
@@ -72,8 +75,7 @@ using collected_t = std::conditional_t<std::is_void_v<R>, void, std::conditional
 /// The shared state behind an AsyncResult<T>: T is R for apply_async, std::vector<R> for
 /// map_async (void stays void). It collects `items` outcomes, then runs the callback and wakes
 /// the waiters.
-template <class R, bool Many>
-class CollectState final : public ResultSink, public ValueState<collected_t<R, Many>> {
+template <class R, bool Many> class CollectState final : public ResultSink, public ValueState<collected_t<R, Many>> {
 public:
     using Value = collected_t<R, Many>;
     using Callback = typename result_callback<Value>::type;
@@ -250,8 +252,7 @@ private:
 
 /// The outcome of an asynchronous Pool call, available later. Movable; destroying a pending one
 /// does not wait for it.
-template <class T>
-class AsyncResult {
+template <class T> class AsyncResult {
 public:
     AsyncResult() = default;
 

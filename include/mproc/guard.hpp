@@ -121,7 +121,7 @@ private:
         unsigned own = 0;
         for (int i = 0; i < detail::guarded_signal_count; ++i) {
             const int sig = detail::guarded_signals[i];
-            struct sigaction current{};
+            struct sigaction current {};
             if (::sigaction(sig, nullptr, &current) != 0) continue;
             if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_IGN) continue;  // stays ignored
             if (detail::guard_handles(sig)) {  // inherited through fork: previous[i] is right
@@ -129,7 +129,7 @@ private:
                 continue;
             }
             g.previous[i] = current;
-            struct sigaction ours{};
+            struct sigaction ours {};
             ours.sa_sigaction = &on_signal;
             ours.sa_flags = SA_SIGINFO | (current.sa_flags & (SA_RESTART | SA_ONSTACK));
             ours.sa_mask = current.sa_mask;
@@ -191,7 +191,7 @@ private:
 
     /// The signal's default action: the process dies of it, as the shell and the parent expect.
     static void die_of(int sig) noexcept {
-        struct sigaction fallback{};
+        struct sigaction fallback {};
         fallback.sa_handler = SIG_DFL;
         ::sigemptyset(&fallback.sa_mask);
         ::sigaction(sig, &fallback, nullptr);

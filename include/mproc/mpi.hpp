@@ -38,10 +38,10 @@
 
 #include <fmt/format.h>
 
+#include "errors.hpp"
 #include "mpi/detail/comm.hpp"
 #include "mpi/detail/engine.hpp"
 #include "mpi/detail/worker.hpp"
-#include "errors.hpp"
 #include "pool.hpp"
 
 namespace mproc::mpi {
@@ -111,8 +111,9 @@ private:
             rt.owns_mpi = true;
         }
         if (provided < MPI_THREAD_SERIALIZED)
-            throw Error("mproc::mpi::Init: this MPI library does not allow calls from a second thread "
-                        "(MPI_THREAD_SERIALIZED), which mproc::mpi::Pool needs");
+            throw Error(
+                "mproc::mpi::Init: this MPI library does not allow calls from a second thread "
+                "(MPI_THREAD_SERIALIZED), which mproc::mpi::Pool needs");
         detail::check(MPI_Comm_dup(MPI_COMM_WORLD, &rt.comm), "MPI_Comm_dup");
         detail::check(MPI_Comm_set_errhandler(rt.comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
         detail::check(MPI_Comm_rank(rt.comm, &rt.rank), "MPI_Comm_rank");
@@ -168,12 +169,14 @@ private:
         if (available == 0)
             throw Error("mproc::mpi::Pool: no worker ranks: start the program with mpirun -n N, N >= 2");
         if (options.processes > available)
-            throw Error(fmt::format("mproc::mpi::Pool: {} processes asked for, but only {} worker ranks run "
-                                    "(mpirun -n {})",
-                                    options.processes, available, available + 1));
+            throw Error(
+                fmt::format("mproc::mpi::Pool: {} processes asked for, but only {} worker ranks run "
+                            "(mpirun -n {})",
+                            options.processes, available, available + 1));
         const unsigned processes = options.processes == 0 ? available : options.processes;
-        const std::uint64_t initializer =
-            options.initializer ? rt.master->portable(reinterpret_cast<std::uintptr_t>(options.initializer)) : 0;
+        const std::uint64_t initializer = options.initializer ? rt.master->portable(reinterpret_cast<std::uintptr_t>(
+                                                                    options.initializer))
+                                                              : 0;
         return std::make_unique<detail::MpiEngine>(*rt.master, processes, initializer);
     }
 };

@@ -2,16 +2,16 @@
 // (<mproc/mpi.hpp>, the Pool over MPI, is separate: it needs MPI, which the rest never does.)
 #pragma once
 
+#include "async_result.hpp"
 #include "errors.hpp"
-#include "time.hpp"
-#include "serialize.hpp"
-#include "process.hpp"
 #include "guard.hpp"
 #include "pipe.hpp"
-#include "async_result.hpp"
 #include "pool.hpp"
+#include "process.hpp"
 #include "progress.hpp"
 #include "queue.hpp"
+#include "serialize.hpp"
 #include "shared_dict.hpp"
 #include "sync.hpp"
+#include "time.hpp"
 #include "version.hpp"

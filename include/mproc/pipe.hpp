@@ -34,11 +34,11 @@ template <class T = std::vector<std::byte>> class Connection;
 template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true);
 
 /// One end of a Pipe. Move-only; not safe for two threads at once (use one end per thread).
-template <class T>
-class Connection {
+template <class T> class Connection {
     // The wording matches require_serializable, and the compiler names T in the instantiation note.
-    static_assert(is_serializable_v<T>, "mproc::Connection<T>: T cannot be serialised (see the type in the "
-                                        "instantiation note)");
+    static_assert(is_serializable_v<T>,
+                  "mproc::Connection<T>: T cannot be serialised (see the type in the "
+                  "instantiation note)");
 
 public:
     Connection() = default;
@@ -177,8 +177,7 @@ private:
 
 /// Two connected ends. Duplex (the default): both send and receive, over a Unix socketpair.
 /// Simplex: `first` only receives and `second` only sends, over a pipe.
-template <class T>
-std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
+template <class T> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
     int fds[2];
     if (duplex) {
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) detail::throw_errno("socketpair");

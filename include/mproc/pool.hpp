@@ -37,24 +37,22 @@
 #include "detail/pool/fork_engine.hpp"
 #include "detail/pool/invoke.hpp"
 #include "detail/pool/wire.hpp"
-#include "pool_options.hpp"
 #include "errors.hpp"
+#include "pool_options.hpp"
 #include "serialize.hpp"
 
 namespace mproc {
 
 namespace detail {
 
-template <class F>
-constexpr void require_task_callable() {
+template <class F> constexpr void require_task_callable() {
     static_assert(is_task_callable_v<F>,
                   "mproc::Pool: a task must be a function pointer or a stateless callable (a lambda "
                   "without captures). A worker is another process and cannot see captured variables: "
                   "pass values as arguments instead.");
 }
 
-template <class F, class Args>
-constexpr void require_invocable_with() {
+template <class F, class Args> constexpr void require_invocable_with() {
     constexpr bool ok = []<class... A>(std::tuple<A...>*) {
         return std::is_invocable_v<F&, A&&...>;
     }(static_cast<Args*>(nullptr));
@@ -62,7 +60,9 @@ constexpr void require_invocable_with() {
 }
 
 /// A range element as the argument tuple of one call: map passes the element, starmap unpacks it.
-template <class E, bool Star> struct item_args { using type = std::tuple<E>; };
+template <class E, bool Star> struct item_args {
+    using type = std::tuple<E>;
+};
 template <class E> struct item_args<E, true> {
     using type = decltype([]<std::size_t... I>(std::index_sequence<I...>) {
         return std::tuple<std::decay_t<std::tuple_element_t<I, E>>...>{};
@@ -121,8 +121,7 @@ inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
 }
 
 /// Outcomes of an imap, kept until the loop asks for them.
-template <class R, bool Ordered>
-class ImapState final : public ResultSink {
+template <class R, bool Ordered> class ImapState final : public ResultSink {
 public:
     struct Item {
         std::optional<R> value;
@@ -212,8 +211,7 @@ private:
 /// items is in flight; the input is read as the loop advances, so an endless input works when the
 /// loop breaks. Dereferencing an item whose task failed rethrows its exception; the iteration
 /// can go on past it.
-template <class F, class Args, class View, bool Ordered>
-class ImapRange {
+template <class F, class Args, class View, bool Ordered> class ImapRange {
 public:
     using value_type = detail::task_result_t<F, Args>;
     static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
@@ -362,8 +360,7 @@ public:
     // ---- one call ---------------------------------------------------------------------------
 
     /// Runs f(args...) in a worker and waits for the result.
-    template <class F, class... A>
-    auto apply(F f, A&&... args) {
+    template <class F, class... A> auto apply(F f, A&&... args) {
         return apply_async(f, std::tuple<std::decay_t<A>...>(std::forward<A>(args)...)).get();
     }
 
@@ -377,7 +374,7 @@ public:
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         auto state = std::make_shared<detail::CollectState<R, false>>(1, std::move(callback), std::move(error_callback),
-                                                                       engine().collector_id());
+                                                                      engine().collector_id());
         detail::Task task;
         task.sink = state;
         task.id = engine().next_task_id();
@@ -394,8 +391,7 @@ public:
 
     /// f(x) for every x, results in input order. Waits for every task; if any failed, throws the
     /// exception of the first (lowest-index) failure. chunksize 0: Python's default.
-    template <class F, std::ranges::input_range Range>
-    auto map(F f, Range&& xs, std::size_t chunksize = 0) {
+    template <class F, std::ranges::input_range Range> auto map(F f, Range&& xs, std::size_t chunksize = 0) {
         return map_async(f, std::forward<Range>(xs), chunksize).get();
     }
     template <class F, std::ranges::input_range Range,
@@ -409,8 +405,7 @@ public:
     }
 
     /// f(a, b, ...) for every tuple (a, b, ...), results in input order (see map).
-    template <class F, std::ranges::input_range Range>
-    auto starmap(F f, Range&& xs, std::size_t chunksize = 0) {
+    template <class F, std::ranges::input_range Range> auto starmap(F f, Range&& xs, std::size_t chunksize = 0) {
         return starmap_async(f, std::forward<Range>(xs), chunksize).get();
     }
     template <class F, std::ranges::input_range Range,
@@ -424,13 +419,11 @@ public:
     }
 
     /// f(x) for every x, lazily and in order, as results arrive.
-    template <class F, std::ranges::input_range Range>
-    auto imap(F f, Range&& xs, std::size_t chunksize = 1) {
+    template <class F, std::ranges::input_range Range> auto imap(F f, Range&& xs, std::size_t chunksize = 1) {
         return make_imap<F, true>(f, std::forward<Range>(xs), chunksize);
     }
     /// f(x) for every x, lazily, in the order they complete.
-    template <class F, std::ranges::input_range Range>
-    auto imap_unordered(F f, Range&& xs, std::size_t chunksize = 1) {
+    template <class F, std::ranges::input_range Range> auto imap_unordered(F f, Range&& xs, std::size_t chunksize = 1) {
         return make_imap<F, false>(f, std::forward<Range>(xs), chunksize);
     }
 
@@ -479,8 +472,8 @@ private:
                 chunksize = detail::default_chunksize(count, engine().processes());
                 max_bytes = detail::default_chunk_bytes;
             }
-            auto state = std::make_shared<detail::CollectState<R, true>>(count, std::move(callback),
-                                                                         std::move(error_callback), engine().collector_id());
+            auto state = std::make_shared<detail::CollectState<R, true>>(
+                count, std::move(callback), std::move(error_callback), engine().collector_id());
             if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(count / chunksize + 1);
@@ -498,8 +491,7 @@ private:
         }
     }
 
-    template <class F, bool Ordered, class Range>
-    auto make_imap(F f, Range&& xs, std::size_t chunksize) {
+    template <class F, bool Ordered, class Range> auto make_imap(F f, Range&& xs, std::size_t chunksize) {
         using Args = detail::item_args_t<Range, false>;
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();

@@ -24,9 +24,9 @@
 #include "detail/os/child_registry.hpp"
 #include "detail/os/clock.hpp"
 #include "detail/os/cpu.hpp"
-#include "detail/serialize/type_name.hpp"
 #include "detail/os/fork.hpp"
 #include "detail/os/wait.hpp"
+#include "detail/serialize/type_name.hpp"
 #include "errors.hpp"
 
 namespace mproc {
@@ -54,8 +54,7 @@ struct BoundTarget {
     virtual ~BoundTarget() = default;
     virtual void run() = 0;
 };
-template <class F, class Args>
-struct BoundTargetOf final : BoundTarget {
+template <class F, class Args> struct BoundTargetOf final : BoundTarget {
     BoundTargetOf(F f, Args args) : target(std::move(f)), args(std::move(args)) {}
     void run() override { std::apply(std::move(target), std::move(args)); }
     F target;
@@ -73,17 +72,15 @@ public:
 
     /// Any callable, capturing lambdas included (fork copies the whole process); the arguments are
     /// copied or moved into the Process and handed to the target in the child.
-    template <class F, class... Args>
-        requires std::invocable<std::decay_t<F>, std::decay_t<Args>...>
+    template <class F, class... Args> requires std::invocable<std::decay_t<F>, std::decay_t<Args>...>
     explicit Process(F&& target, Args&&... args)
         : target_(std::make_unique<detail::BoundTargetOf<std::decay_t<F>, std::tuple<std::decay_t<Args>...>>>(
               std::forward<F>(target), std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...))),
           name_("Process-" + std::to_string(++detail::identity().process_counter)) {}
 
     Process(Process&& other) noexcept
-        : target_(std::move(other.target_)), name_(std::move(other.name_)),
-          pid_(std::exchange(other.pid_, 0)), serial_(std::exchange(other.serial_, 0)),
-          status_(std::exchange(other.status_, std::nullopt)) {}
+        : target_(std::move(other.target_)), name_(std::move(other.name_)), pid_(std::exchange(other.pid_, 0)),
+          serial_(std::exchange(other.serial_, 0)), status_(std::exchange(other.status_, std::nullopt)) {}
     Process& operator=(Process&& other) noexcept {
         if (this != &other) {
             stop_and_reap();

@@ -51,8 +51,7 @@ struct QueueOptions {
 };
 
 /// A FIFO of T between processes: many producers, many consumers. A handle: copies share it.
-template <class T>
-class Queue {
+template <class T> class Queue {
     static_assert(is_serializable_v<T>, "mproc::Queue<T>: T must be serialisable");
 
 public:

@@ -63,7 +63,8 @@ public:
     void clear() noexcept { size_ = 0; }
 
     void reserve(std::size_t capacity) {
-        if (capacity > capacity_) [[unlikely]] grow(capacity);
+        if (capacity > capacity_) [[unlikely]]
+            grow(capacity);
     }
     /// Grows by n bytes and returns where they start; the caller fills them.
     std::byte* extend(std::size_t n) {
@@ -77,7 +78,10 @@ public:
     }
     /// Drops the first n bytes (used by stream readers that consume from the front).
     void consume_front(std::size_t n) noexcept {
-        if (n >= size_) { size_ = 0; return; }
+        if (n >= size_) {
+            size_ = 0;
+            return;
+        }
         std::memmove(data_.get(), data_.get() + n, size_ - n);
         size_ -= n;
     }
@@ -103,15 +107,13 @@ private:
 };
 
 /// True when T can cross a process boundary through mproc's serialisation.
-template <class T>
-inline constexpr bool is_serializable_v = detail::codec<std::remove_cv_t<T>>::serializable;
+template <class T> inline constexpr bool is_serializable_v = detail::codec<std::remove_cv_t<T>>::serializable;
 
 template <class T>
 concept Serializable = is_serializable_v<T>;
 
 /// Instantiated for every type mproc encodes or decodes: the compiler's note names T.
-template <class T>
-constexpr void require_serializable() {
+template <class T> constexpr void require_serializable() {
     static_assert(is_serializable_v<T>,
                   "mproc: this type cannot be serialised (see the type in the instantiation note). "
                   "Raw pointers, references, views and std::function never can; for a struct, make it "
@@ -167,7 +169,8 @@ public:
         if constexpr (is_serializable_v<T>) detail::codec<T>::read(*this, value);
     }
     void read_raw(void* dst, std::size_t n) {
-        if (n > remaining()) [[unlikely]] fail_truncated(n);
+        if (n > remaining()) [[unlikely]]
+            fail_truncated(n);
         if (n != 0) std::memcpy(dst, in_.data() + pos_, n);
         pos_ += n;
     }
@@ -177,8 +180,7 @@ public:
         read_raw(&n, sizeof n);
         const std::size_t per_element = min_element_size == 0 ? 1 : min_element_size;
         if (n > remaining() / per_element)
-            fail("length " + std::to_string(n) + " exceeds the " + std::to_string(remaining()) +
-                 " bytes left");
+            fail("length " + std::to_string(n) + " exceeds the " + std::to_string(remaining()) + " bytes left");
         return static_cast<std::size_t>(n);
     }
     /// Checks the marker that precedes each element that may encode to no bytes.
@@ -191,15 +193,14 @@ public:
     }
     /// The next `n` bytes, undecoded; the reader moves past them.
     std::span<const std::byte> read_span(std::size_t n) {
-        if (n > remaining()) [[unlikely]] fail_truncated(n);
+        if (n > remaining()) [[unlikely]]
+            fail_truncated(n);
         const std::span<const std::byte> bytes = in_.subspan(pos_, n);
         pos_ += n;
         return bytes;
     }
     std::size_t remaining() const noexcept { return in_.size() - pos_; }
-    [[noreturn]] static void fail(const std::string& why) {
-        throw SerializationError("cannot decode: " + why);
-    }
+    [[noreturn]] static void fail(const std::string& why) { throw SerializationError("cannot decode: " + why); }
 
 private:
     // Out of line and cold: building the message must not stop read_raw from inlining.
@@ -222,8 +223,7 @@ template <class T> T decode(std::span<const std::byte> bytes) {
     Reader reader(bytes);
     T value{};
     reader.read(value);
-    if (reader.remaining() != 0)
-        Reader::fail(std::to_string(reader.remaining()) + " unexpected bytes after the value");
+    if (reader.remaining() != 0) Reader::fail(std::to_string(reader.remaining()) + " unexpected bytes after the value");
     return value;
 }
 

@@ -52,8 +52,7 @@ struct SharedDictOptions {
 };
 
 /// A dict shared between processes. A handle: copies (and fork children) share one dict.
-template <class K, class V>
-class SharedDict {
+template <class K, class V> class SharedDict {
     static_assert(is_serializable_v<K>, "mproc::SharedDict<K, V>: K must be serialisable");
     static_assert(is_serializable_v<V>, "mproc::SharedDict<K, V>: V must be serialisable");
     static_assert(std::is_default_constructible_v<V>, "mproc::SharedDict<K, V>: V must be default-constructible");
@@ -78,40 +77,35 @@ public:
             return *this;
         }
         // d[a] = d[b] copies the value; d[a] = d[a] writes an entry's value back onto itself.
-        Item& operator=(const Item& other) { return *this = other.value(); }  // NOLINT(bugprone-unhandled-self-assignment)
+        Item& operator=(const Item& other) {
+            return *this = other.value();
+        }  // NOLINT(bugprone-unhandled-self-assignment)
         /// The value; mproc::KeyError if the key is absent.
         V value() const { return dict_->at(key_); }
         operator V() const { return value(); }
 
         // Atomic read-modify-write; mproc::KeyError (and no change) if the key is absent.
         // Each returns the new value.
-        template <class U> V operator+=(const U& n) requires requires(V& v, const U& u) { v += u; }
-        {
+        template <class U> V operator+=(const U& n) requires requires(V& v, const U& u) { v += u; } {
             return dict_->modify(key_, [&](V& v) { v += n; });
         }
-        template <class U> V operator-=(const U& n) requires requires(V& v, const U& u) { v -= u; }
-        {
+        template <class U> V operator-=(const U& n) requires requires(V& v, const U& u) { v -= u; } {
             return dict_->modify(key_, [&](V& v) { v -= n; });
         }
-        template <class U> V operator*=(const U& n) requires requires(V& v, const U& u) { v *= u; }
-        {
+        template <class U> V operator*=(const U& n) requires requires(V& v, const U& u) { v *= u; } {
             return dict_->modify(key_, [&](V& v) { v *= n; });
         }
-        template <class U> V operator/=(const U& n) requires requires(V& v, const U& u) { v /= u; }
-        {
+        template <class U> V operator/=(const U& n) requires requires(V& v, const U& u) { v /= u; } {
             return dict_->modify(key_, [&](V& v) { v /= n; });
         }
-        V operator++() requires requires(V& v) { ++v; }
-        {
+        V operator++() requires requires(V& v) { ++v; } {
             return dict_->modify(key_, [](V& v) { ++v; });
         }
-        V operator--() requires requires(V& v) { --v; }
-        {
+        V operator--() requires requires(V& v) { --v; } {
             return dict_->modify(key_, [](V& v) { --v; });
         }
 
-        template <class U> bool operator==(const U& other) const requires requires(const V& v, const U& u) { v == u; }
-        {
+        template <class U> bool operator==(const U& other) const requires requires(const V& v, const U& u) { v == u; } {
             return value() == other;
         }
 
@@ -170,9 +164,7 @@ public:
 
     /// Atomically replaces the value of `key` with fn(old) — old is nullopt when absent — and
     /// returns it. fn runs under the dict's lock; if it throws, nothing changes.
-    template <class F>
-        requires std::is_invocable_r_v<V, F&, std::optional<V>>
-    V update(const K& key, F&& fn) {
+    template <class F> requires std::is_invocable_r_v<V, F&, std::optional<V>> V update(const K& key, F&& fn) {
         std::optional<V> result;
         {
             detail::DictCall call(ref_, key, detail::DictCall::Stores::yes);
@@ -265,10 +257,8 @@ private:
     }
 
     [[noreturn]] static void throw_key_error(const K& key) {
-        if constexpr (detail::repr_supported<K>())
-            throw KeyError("mproc::SharedDict: no key " + detail::repr(key));
-        else
-            throw KeyError("mproc::SharedDict: no such key");
+        if constexpr (detail::repr_supported<K>()) throw KeyError("mproc::SharedDict: no key " + detail::repr(key));
+        else throw KeyError("mproc::SharedDict: no such key");
     }
 
     /// Applies `change` to the value of an existing key, atomically; KeyError if absent.
@@ -327,8 +317,7 @@ private:
 }  // namespace mproc
 
 /// `fmt::format("{}", d)` prints a snapshot like a map: {"count": 15, "other": 2}.
-template <class K, class V>
-struct fmt::formatter<mproc::SharedDict<K, V>> {
+template <class K, class V> struct fmt::formatter<mproc::SharedDict<K, V>> {
     constexpr auto parse(format_parse_context& ctx) -> decltype(ctx.begin()) { return ctx.begin(); }
     template <class FormatContext>
     auto format(const mproc::SharedDict<K, V>& dict, FormatContext& ctx) const -> decltype(ctx.out()) {

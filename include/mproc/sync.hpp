@@ -82,8 +82,7 @@ public:
     template <class Rep, class Period> bool try_lock_for(const std::chrono::duration<Rep, Period>& d) {
         return acquire(std::chrono::duration_cast<Seconds>(d));
     }
-    template <class Clock, class Duration>
-    bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
+    template <class Clock, class Duration> bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
         return acquire(std::chrono::duration_cast<Seconds>(t - Clock::now()));
     }
 
@@ -121,18 +120,18 @@ protected:
         LockState* s = ref_.as<LockState>();
         const LockResult r = try_only ? s->mutex.try_lock() : s->mutex.lock_until(deadline);
         switch (r) {
-        case LockResult::timed_out: return false;
-        case LockResult::would_deadlock:
-            if (try_only || deadline) return false;  // only this thread could release it
-            throw Error(std::string("mproc::") + kind() +
-                        "::acquire: this thread already holds the lock; acquiring it again would "
-                        "deadlock (an RLock can be acquired recursively)");
-        case LockResult::owner_died:
-            s->mutex.mark_consistent();
-            s->owner_died.store(1, std::memory_order_relaxed);
-            s->depth = 0;
-            break;
-        case LockResult::acquired: break;
+            case LockResult::timed_out: return false;
+            case LockResult::would_deadlock:
+                if (try_only || deadline) return false;  // only this thread could release it
+                throw Error(std::string("mproc::") + kind() +
+                            "::acquire: this thread already holds the lock; acquiring it again would "
+                            "deadlock (an RLock can be acquired recursively)");
+            case LockResult::owner_died:
+                s->mutex.mark_consistent();
+                s->owner_died.store(1, std::memory_order_relaxed);
+                s->depth = 0;
+                break;
+            case LockResult::acquired: break;
         }
         s->holder.store(this_thread_id(), std::memory_order_relaxed);
         ++s->depth;
@@ -245,8 +244,9 @@ public:
     explicit Semaphore(std::uint32_t value = 1) { create(value, 0, detail::type_hash<Semaphore>()); }
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
-        else ref_.decode(ar, detail::semaphore_magic, detail::type_hash<Semaphore>(),
-                         sizeof(detail::SemaphoreState), "Semaphore");
+        else
+            ref_.decode(ar, detail::semaphore_magic, detail::type_hash<Semaphore>(), sizeof(detail::SemaphoreState),
+                        "Semaphore");
     }
 };
 
@@ -259,8 +259,9 @@ public:
     }
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
-        else ref_.decode(ar, detail::semaphore_magic, detail::type_hash<BoundedSemaphore>(),
-                         sizeof(detail::SemaphoreState), "BoundedSemaphore");
+        else
+            ref_.decode(ar, detail::semaphore_magic, detail::type_hash<BoundedSemaphore>(),
+                        sizeof(detail::SemaphoreState), "BoundedSemaphore");
     }
 };
 
@@ -357,9 +358,8 @@ public:
                 // Withdraw, unless the barrier opened meanwhile.
                 while ((cur >> 32) == my_generation) {
                     if (s->state.compare_exchange_weak(cur, cur - 1, std::memory_order_acq_rel))
-                        throw TimeoutError("mproc::Barrier::wait: timed out with " +
-                                           std::to_string(cur & 0xffffffffu) + " of " +
-                                           std::to_string(s->parties) + " parties waiting");
+                        throw TimeoutError("mproc::Barrier::wait: timed out with " + std::to_string(cur & 0xffffffffu) +
+                                           " of " + std::to_string(s->parties) + " parties waiting");
                 }
                 return index;
             }
@@ -374,8 +374,9 @@ public:
 
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
-        else ref_.decode(ar, detail::barrier_magic, detail::type_hash<Barrier>(), sizeof(detail::BarrierState),
-                         "Barrier");
+        else
+            ref_.decode(ar, detail::barrier_magic, detail::type_hash<Barrier>(), sizeof(detail::BarrierState),
+                        "Barrier");
     }
 
 private:
@@ -385,8 +386,7 @@ private:
 
 /// One T in shared memory (T trivially copyable). Arithmetic T gets atomic +=, -=, ++ and --;
 /// get_lock() gives a Lock for compound updates.
-template <class T>
-class Value {
+template <class T> class Value {
     static_assert(std::is_trivially_copyable_v<T>, "mproc::Value<T>: T must be trivially copyable");
     static constexpr bool lock_free = std::atomic_ref<T>::is_always_lock_free;
     using State = detail::SharedValueState<T>;
@@ -490,8 +490,7 @@ private:
 
 /// n values of T in shared memory, zero-initialised. Element access is plain memory access:
 /// use get_lock() (or atomics) when processes update the same elements.
-template <class T>
-class Array {
+template <class T> class Array {
     static_assert(std::is_trivially_copyable_v<T>, "mproc::Array<T>: T must be trivially copyable");
     using Header = detail::ArrayHeader;
     static constexpr std::size_t data_offset = detail::round_up(sizeof(Header), std::max<std::size_t>(alignof(T), 64));
@@ -499,7 +498,8 @@ class Array {
 public:
     explicit Array(std::size_t n = 0) {
         if (detail::HandleDecodeScope::active()) return;
-        if (n > (std::size_t{1} << 40) / sizeof(T)) throw Error("mproc::Array: " + std::to_string(n) + " elements is too many");
+        if (n > (std::size_t{1} << 40) / sizeof(T))
+            throw Error("mproc::Array: " + std::to_string(n) + " elements is too many");
         const std::size_t bytes = data_offset + n * sizeof(T);
         ref_ = detail::SharedRef::allocate(bytes, 64, "mproc-array");
         Header* h = header();
@@ -518,8 +518,9 @@ public:
     T& operator[](std::size_t i) const noexcept { return data_[i]; }
     /// Bounds-checked; throws mproc::Error past the end.
     T& at(std::size_t i) const {
-        if (i >= size()) throw Error("mproc::Array::at: index " + std::to_string(i) + " out of range (size " +
-                                     std::to_string(size()) + ")");
+        if (i >= size())
+            throw Error("mproc::Array::at: index " + std::to_string(i) + " out of range (size " +
+                        std::to_string(size()) + ")");
         return data_[i];
     }
     T* data() const noexcept { return data_; }

@@ -85,16 +85,14 @@ template <class T> void decode_one(std::span<const std::byte> bytes) {
         try {
             (void)mproc::decode<T>(std::span<const std::byte>(first).first(first.size() - 1));
             fail("a truncated encoding decoded");
-        } catch (const mproc::SerializationError&) {
-        }
+        } catch (const mproc::SerializationError&) {}
     }
     std::vector<std::byte> longer = first;
     longer.push_back(std::byte{0});
     try {
         (void)mproc::decode<T>(longer);
         fail("an encoding with a trailing byte decoded");
-    } catch (const mproc::SerializationError&) {
-    }
+    } catch (const mproc::SerializationError&) {}
 }
 
 template <std::size_t... I>
@@ -148,8 +146,7 @@ void frame_stream(std::uint8_t chunk_seed, std::span<const std::byte> stream) {
             // Frames are what channels decode: a string, or anything that fails cleanly.
             try {
                 (void)mproc::decode<std::string>(*frame);
-            } catch (const mproc::SerializationError&) {
-            }
+            } catch (const mproc::SerializationError&) {}
             reader.consume(*frame);
         }
         if (reader.bytes_wanted() < 1) fail("bytes_wanted() is 0");

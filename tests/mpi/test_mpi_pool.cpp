@@ -340,7 +340,8 @@ long fragile_number(Fragile f) { return f.n; }
 TEST_CASE("a result that does not encode, or arguments that do not decode, fail only their item", "[exceptions]") {
     Watchdog dog(120s, "serialisation failures");
     mproc::mpi::Pool pool;
-    CHECK_THROWS_WITH(pool.apply(make_fragile, 13L), Catch::Contains("13 cannot be encoded") && Catch::Contains("Fragile"));
+    CHECK_THROWS_WITH(pool.apply(make_fragile, 13L),
+                      Catch::Contains("13 cannot be encoded") && Catch::Contains("Fragile"));
     CHECK_THROWS_AS(pool.apply(make_fragile, 13L), mproc::SerializationError);
     CHECK(pool.apply(make_fragile, 12L).text == "12");
     std::vector<long> xs = {10, 11, 12, 13, 14, 15};
@@ -379,8 +380,8 @@ TEST_CASE("the initializer runs on every worker rank; one that throws breaks the
     }
     {
         mproc::mpi::Pool pool({.initializer = failing_init});
-        CHECK_THROWS_WITH(pool.apply(square, 3), Catch::Contains("initializer failed") &&
-                                                      Catch::Contains("no database on this rank"));
+        CHECK_THROWS_WITH(pool.apply(square, 3),
+                          Catch::Contains("initializer failed") && Catch::Contains("no database on this rank"));
         CHECK_THROWS_AS(pool.apply_async(square, std::tuple{3}), mproc::Error);
         pool.close();
         pool.join();

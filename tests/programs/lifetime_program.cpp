@@ -33,8 +33,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fcntl.h>
 #include <ctime>
+#include <fcntl.h>
 #include <mproc/guard.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/pool.hpp>
@@ -154,7 +154,7 @@ void install_handler(const std::string& style) {
     if (::pipe2(caught_pipe, O_CLOEXEC) != 0) fail("pipe2 failed");
     main_pid = ::getpid();
     for (int sig : {SIGINT, SIGTERM}) {
-        struct sigaction action{};
+        struct sigaction action {};
         sigemptyset(&action.sa_mask);
         if (style == "siginfo") {
             action.sa_sigaction = on_signal_info;
@@ -169,7 +169,8 @@ void install_handler(const std::string& style) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3 && argc != 4) fail("usage: lifetime_program pool|pool_busy|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
+    if (argc != 3 && argc != 4)
+        fail("usage: lifetime_program pool|pool_busy|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
     const std::string mode = argv[1];
     const std::string ending = argv[2];
     const std::string handler = argc == 4 ? argv[3] : "";

@@ -24,8 +24,8 @@
 #include <cstdint>
 #include <ctime>
 #include <optional>
-#include <string>
 #include <sched.h>
+#include <string>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>

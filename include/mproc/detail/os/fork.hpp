@@ -75,8 +75,7 @@ inline void flush_stdio() noexcept {
         std::cout.flush();
         std::cerr.flush();
         std::clog.flush();
-    } catch (...) {
-    }
+    } catch (...) {}
     std::fflush(nullptr);
 }
 
@@ -285,8 +284,7 @@ private:
 /// child_registry.hpp: it tells this child's record from a newer child's that got its pid).
 /// From a thread other than the main one, the fork runs on the forker thread, so that the
 /// child's parent-death signal does not fire when the asking thread exits.
-template <class Body>
-pid_t fork_child(Body&& body, std::string child_name, std::uint64_t* serial = nullptr) {
+template <class Body> pid_t fork_child(Body&& body, std::string child_name, std::uint64_t* serial = nullptr) {
     struct Job {
         std::remove_reference_t<Body>* body;
         std::string* name;

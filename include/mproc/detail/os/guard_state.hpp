@@ -58,7 +58,7 @@ inline GuardState& guard_state() noexcept {
 
 /// Whether the guard's handler is the current disposition of `sig`.
 inline bool guard_handles(int sig) noexcept {
-    struct sigaction current{};
+    struct sigaction current {};
     if (::sigaction(sig, nullptr, &current) != 0) return false;
     return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == guard_state().handler.load();
 }

@@ -25,8 +25,7 @@ inline void cpu_relax() noexcept {
 
 /// Busy-waits until `ready()` or `budget` has passed; returns ready(). Every few hundred
 /// iterations it yields, so a thread that shares this CPU (the one that would publish) runs.
-template <class Ready>
-bool spin_until(Ready&& ready, std::chrono::microseconds budget) noexcept {
+template <class Ready> bool spin_until(Ready&& ready, std::chrono::microseconds budget) noexcept {
     const auto until = Clock::now() + budget;
     for (unsigned i = 1;; ++i) {
         if (ready()) return true;

@@ -42,16 +42,16 @@
 #include <vector>
 
 #include "../../errors.hpp"
+#include "../../pool_options.hpp"
 #include "../os/clock.hpp"
 #include "../os/cpu.hpp"
-#include "fork_server.hpp"
 #include "../os/framing.hpp"
-#include "../../pool_options.hpp"
+#include "../os/unique_fd.hpp"
 #include "engine.hpp"
+#include "fork_server.hpp"
 #include "link.hpp"
 #include "wire.hpp"
 #include "worker.hpp"
-#include "../os/unique_fd.hpp"
 
 namespace mproc::detail {
 
@@ -88,8 +88,7 @@ public:
         if (retired_) return;  // finish_retired() did the teardown, on the collector thread
         try {
             terminate();
-        } catch (...) {
-        }
+        } catch (...) {}
     }
 
     unsigned processes() const noexcept override { return options_.processes; }
@@ -122,9 +121,9 @@ private:
         Buffer out;
         std::size_t out_sent = 0;
         std::deque<Task> inflight;
-        std::size_t placed = 0;          // how many of inflight are in the ring (or socket)
+        std::size_t placed = 0;  // how many of inflight are in the ring (or socket)
         std::uint64_t placed_total = 0;  // tasks ever placed for the current worker
-        unsigned long assigned = 0;      // tasks given to the current worker
+        unsigned long assigned = 0;  // tasks given to the current worker
         bool saw_hello = false;
         bool eof = false;  // the worker's end is closed; its exit report is on the way
         std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
@@ -156,7 +155,7 @@ private:
             [config, link, wake_fd](int seat, UniqueFd channel) {
                 const auto i = static_cast<unsigned>(seat);
                 return worker_main(SeatLink{link->tasks(i), link->results(i), link->status(i), link->shared(), wake_fd,
-                                              std::move(channel)},
+                                            std::move(channel)},
                                    config);
             },
             "PoolForkServer", {wake_fd});
@@ -176,8 +175,7 @@ private:
         server_.terminate_workers();
         try {
             server_.reap(Seconds{5});
-        } catch (...) {
-        }
+        } catch (...) {}
     }
 
     /// Rethrows the exception being handled as an mproc::Error (std::system_error from a thread
@@ -208,7 +206,8 @@ private:
                 const OwnThreadScope callbacks(*this);
                 run_posted();
                 if (doomed)
-                    fail_tasks(*doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+                    fail_tasks(*doomed,
+                               std::make_exception_ptr(Error("the pool was terminated before this task finished")));
             }
             reap_server(grace);
             idle_.notify_all();
@@ -262,11 +261,12 @@ private:
     void dispatch_locked() {
         if (state_ == State::terminated || state_ == State::broken) return;
         const std::size_t window = window_locked();
-        dispatch_backlog_locked(std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s, window); },
-                                [](Seat& s, Task task) {
-                                    s.inflight.push_back(std::move(task));
-                                    ++s.assigned;
-                                });
+        dispatch_backlog_locked(
+            std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s, window); },
+            [](Seat& s, Task task) {
+                s.inflight.push_back(std::move(task));
+                ++s.assigned;
+            });
         bool needs_collector = false;
         bool placed = false;
         for (Seat& s : seats_) {
@@ -275,7 +275,8 @@ private:
         }
         // A collector asleep with no deadline (or a later one) must learn of the new task's
         // task_timeout: it is the one that enforces it.
-        if (placed && options_.task_timeout && collector_wakes_at_ > monotonic_ns() + timeout_ns()) needs_collector = true;
+        if (placed && options_.task_timeout && collector_wakes_at_ > monotonic_ns() + timeout_ns())
+            needs_collector = true;
         if (needs_collector && !on_own_thread()) wake();
     }
 
@@ -333,8 +334,8 @@ private:
         int fds[2];
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
             char text[256];
-            schedule_respawn_locked(s, std::string("cannot start a worker: socketpair: ") +
-                                           ::strerror_r(errno, text, sizeof text));
+            schedule_respawn_locked(
+                s, std::string("cannot start a worker: socketpair: ") + ::strerror_r(errno, text, sizeof text));
             return false;
         }
         UniqueFd ours(fds[0]);
@@ -367,7 +368,8 @@ private:
     /// (10 ms, doubling, at most 1 s).
     void schedule_respawn_locked(Seat& s, std::string why) {
         const std::int64_t now = monotonic_ns();
-        s.respawn_delay = s.respawn_delay == 0 ? 10'000'000 : std::min<std::int64_t>(s.respawn_delay * 2, 1'000'000'000);
+        s.respawn_delay = s.respawn_delay == 0 ? 10'000'000
+                                               : std::min<std::int64_t>(s.respawn_delay * 2, 1'000'000'000);
         s.respawn_at = now + s.respawn_delay;
         s.respawn_error = std::move(why);
         if (failing_since_ == 0) failing_since_ = now;
@@ -421,8 +423,7 @@ private:
             std::string why;
             try {
                 why = "the pool's collector failed: " + describe_current_exception();
-            } catch (...) {
-            }
+            } catch (...) {}
             std::vector<Task> doomed;
             {
                 std::lock_guard lock(mutex_);
@@ -437,8 +438,7 @@ private:
             try {
                 fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
                 run_posted();
-            } catch (...) {
-            }
+            } catch (...) {}
         }
         if (retired_) finish_retired();
     }
@@ -448,10 +448,10 @@ private:
     void finish_retired() noexcept {
         try {
             run_posted();
-            fail_tasks(retired_doomed_, std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
+            fail_tasks(retired_doomed_,
+                       std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
             reap_server(Seconds{5});
-        } catch (...) {
-        }
+        } catch (...) {}
         collector_->detach();
         delete this;
     }
@@ -688,7 +688,8 @@ private:
         std::lock_guard lock(mutex_);
         vacate_locked(s);
         char text[256];
-        schedule_respawn_locked(s, std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
+        schedule_respawn_locked(s,
+                                std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
         dispatch_locked();
     }
 
@@ -703,20 +704,21 @@ private:
             std::lock_guard lock(mutex_);
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const std::uint32_t item = status.item.load(std::memory_order_relaxed);
-            const bool killed_for_another = s.timed_out && (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
-                                                            s.timed_out->second != item);
+            const bool killed_for_another = s.timed_out &&
+                                            (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
+                                             s.timed_out->second != item);
             // Blame the item the worker was on — unless the pool killed it for stalling, or for an
             // item that finished before the kill landed (the one it was on then did nothing
             // wrong), or the item already failed (a worker that died before the first item it ran).
-            if (!s.inflight.empty() && !s.stalled && !killed_for_another &&
-                status.current_phase() != TaskPhase::idle &&
+            if (!s.inflight.empty() && !s.stalled && !killed_for_another && status.current_phase() != TaskPhase::idle &&
                 status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
                 !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(), item)) {
                 Task& t = s.inflight.front();
                 if (s.timed_out) {
-                    lost_error = std::make_exception_ptr(TimeoutError(
-                        t.describe(item) + " ran past the task_timeout of " +
-                        std::to_string(options_.task_timeout->count()) + "s: worker " + std::to_string(pid) + " killed"));
+                    lost_error = std::make_exception_ptr(TimeoutError(t.describe(item) +
+                                                                      " ran past the task_timeout of " +
+                                                                      std::to_string(options_.task_timeout->count()) +
+                                                                      "s: worker " + std::to_string(pid) + " killed"));
                 } else {
                     const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
                     const int code = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 0;
@@ -739,8 +741,8 @@ private:
             if (start_failures_ >= max_start_failures) {
                 const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
                 break_pool_locked("the pool's workers die as they start: worker " + std::to_string(pid) +
-                                  (sig ? " killed by " + signal_name(sig) : " exited with status " +
-                                                                                 std::to_string(WEXITSTATUS(wait_status))));
+                                  (sig ? " killed by " + signal_name(sig)
+                                       : " exited with status " + std::to_string(WEXITSTATUS(wait_status))));
             }
             const bool wanted = state_ == State::open || state_ == State::closed ||
                                 (state_ == State::draining && outstanding_ > 0);
@@ -769,9 +771,7 @@ private:
         broken_reason_ = std::move(reason);
     }
 
-    std::int64_t timeout_ns() const noexcept {
-        return static_cast<std::int64_t>(options_.task_timeout->count() * 1e9);
-    }
+    std::int64_t timeout_ns() const noexcept { return static_cast<std::int64_t>(options_.task_timeout->count() * 1e9); }
 
     /// The poll timeout (ms) until the collector must look again: the next item that could
     /// overstay task_timeout, the next worker that could be found stalled, the next retry of a
@@ -788,7 +788,8 @@ private:
             // loaded machine may leave a healthy worker unscheduled for a few milliseconds.
             const std::int64_t stall_limit = std::max<std::int64_t>(limit, 1'000'000'000);
             for (Seat& s : seats_) {
-                if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled) continue;
+                if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled)
+                    continue;
                 const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
                 const TaskPhase phase = status.current_phase();
                 // Whatever the worker does next (start a task, say), look again within the limit:
@@ -854,17 +855,17 @@ private:
     std::vector<Seat> seats_;
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
-    std::int64_t failing_since_ = 0;                // since when no worker could be started (0: none failing)
+    std::int64_t failing_since_ = 0;  // since when no worker could be started (0: none failing)
     std::int64_t collector_wakes_at_ = INT64_MAX;  // when the sleeping collector looks again (0: awake)
 
     struct Finished {
         Task task;
         std::span<const std::byte> body;
     };
-    std::vector<Finished> finished_;     // the collector's scratch list
-    std::vector<Task> broken_doomed_;    // taken from a broken pool, failed by the collector
+    std::vector<Finished> finished_;  // the collector's scratch list
+    std::vector<Task> broken_doomed_;  // taken from a broken pool, failed by the collector
 
-    std::mutex teardown_mutex_;          // one join()/terminate() teardown at a time
+    std::mutex teardown_mutex_;  // one join()/terminate() teardown at a time
     std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
 };

@@ -276,8 +276,7 @@ private:
                         while (::waitpid(w.pid, &status, 0) < 0 && errno == EINTR) {}
                     }
                     return 0;
-                default:
-                    break;
+                default: break;
             }
         }
     }

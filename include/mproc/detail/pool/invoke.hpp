@@ -39,9 +39,9 @@ struct ChunkContext {
 };
 /// Tasks are function pointers or stateless callables: nothing captured can cross to a worker.
 template <class F>
-inline constexpr bool is_task_callable_v =
-    std::is_pointer_v<F> ? std::is_function_v<std::remove_pointer_t<F>>
-                         : (std::is_class_v<F> && std::is_empty_v<F> && std::is_default_constructible_v<F>);
+inline constexpr bool is_task_callable_v = std::is_pointer_v<F> ? std::is_function_v<std::remove_pointer_t<F>>
+                                                                : (std::is_class_v<F> && std::is_empty_v<F> &&
+                                                                   std::is_default_constructible_v<F>);
 
 template <class F> void write_callable(Writer& out, const F& f) {
     if constexpr (std::is_pointer_v<F>) {
@@ -82,8 +82,7 @@ template <class Args> Args decode_args(std::span<const std::byte> bytes) {
 /// Runs every item of a chunk in the worker. Instantiated in the parent; called by address.
 /// Each item ends in exactly one outcome record: its value, or its exception — the task's own,
 /// or a SerializationError when its arguments do not decode or its result does not encode.
-template <class F, class Args>
-void run_chunk(ChunkContext& c) {
+template <class F, class Args> void run_chunk(ChunkContext& c) {
     using R = task_result_t<F, Args>;
     F f = read_callable<F>(c.in);
     std::size_t next_skip = 0;

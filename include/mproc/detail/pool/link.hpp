@@ -78,7 +78,9 @@ public:
     ~SharedSeats() { release(); }
 
     PoolShared& shared() const noexcept { return *reinterpret_cast<PoolShared*>(base_); }
-    SeatStatus& status(unsigned seat) const noexcept { return *reinterpret_cast<SeatStatus*>(base_ + seat_offset(seat)); }
+    SeatStatus& status(unsigned seat) const noexcept {
+        return *reinterpret_cast<SeatStatus*>(base_ + seat_offset(seat));
+    }
     SpscRing tasks(unsigned seat) const noexcept { return {base_ + seat_offset(seat) + status_bytes, ring_capacity}; }
     SpscRing results(unsigned seat) const noexcept {
         return {base_ + seat_offset(seat) + status_bytes + SpscRing::bytes_for(ring_capacity), ring_capacity};

@@ -54,8 +54,7 @@ public:
     SpscRing() = default;
     /// Views a ring whose header and `capacity` bytes of data (a power of two) live at `memory`.
     SpscRing(void* memory, std::size_t capacity) noexcept
-        : header_(static_cast<RingHeader*>(memory)),
-          data_(static_cast<std::byte*>(memory) + sizeof(RingHeader)),
+        : header_(static_cast<RingHeader*>(memory)), data_(static_cast<std::byte*>(memory) + sizeof(RingHeader)),
           capacity_(capacity) {}
 
     static constexpr std::size_t bytes_for(std::size_t capacity) noexcept { return sizeof(RingHeader) + capacity; }
@@ -162,7 +161,9 @@ public:
     }
 
 private:
-    static constexpr std::size_t record_size(std::size_t payload) noexcept { return 8 + ((payload + 7) & ~std::size_t{7}); }
+    static constexpr std::size_t record_size(std::size_t payload) noexcept {
+        return 8 + ((payload + 7) & ~std::size_t{7});
+    }
     bool has_room(std::size_t n) const noexcept {
         const std::size_t need = record_size(n);
         const std::uint64_t t = header_->tail.load(std::memory_order_relaxed);

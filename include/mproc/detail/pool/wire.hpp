@@ -46,7 +46,9 @@ template <class T, std::size_t Offset> struct Field {
         std::memcpy(&value, body.data() + at, sizeof value);
         return value;
     }
-    static void set(std::span<std::byte> body, T value) noexcept { std::memcpy(body.data() + at, &value, sizeof value); }
+    static void set(std::span<std::byte> body, T value) noexcept {
+        std::memcpy(body.data() + at, &value, sizeof value);
+    }
 };
 
 /// The fields of a task frame's body.
@@ -113,8 +115,9 @@ inline std::span<const std::byte> read_record(Reader& in) {
     in.read_raw(&short_length, sizeof short_length);
     std::uint64_t length = short_length;
     if (short_length == long_record) in.read_raw(&length, sizeof length);
-    if (length > in.remaining()) Reader::fail("record of " + std::to_string(length) + " bytes, " +
-                                              std::to_string(in.remaining()) + " left in the frame");
+    if (length > in.remaining())
+        Reader::fail("record of " + std::to_string(length) + " bytes, " + std::to_string(in.remaining()) +
+                     " left in the frame");
     return in.read_span(static_cast<std::size_t>(length));
 }
 
@@ -151,16 +154,15 @@ inline void write_skipped_outcome(Writer& out) {
 
 /// Writes an item's value outcome — or, when encoding the value throws, rolls back what it wrote
 /// and writes the exception outcome of a SerializationError that names the type and the cause.
-template <class R>
-void write_value_outcome(Writer& out, const R& value) {
+template <class R> void write_value_outcome(Writer& out, const R& value) {
     const std::size_t mark = out.position();
     try {
         out.write(Outcome::value);
         write_record(out, value);
     } catch (...) {
         out.rewind(mark);
-        write_exception_outcome(out, RemoteException::capture_as_serialization_error(
-                                         "cannot encode the result of type " + type_name<R>()));
+        write_exception_outcome(
+            out, RemoteException::capture_as_serialization_error("cannot encode the result of type " + type_name<R>()));
     }
 }
 inline void write_void_outcome(Writer& out) {
@@ -194,14 +196,12 @@ template <class T> void decode_value_into(std::span<const std::byte> bytes, T& v
     try {
         Reader in(bytes);
         in.read(value);
-        if (in.remaining() != 0)
-            Reader::fail(std::to_string(in.remaining()) + " unexpected bytes after the value");
+        if (in.remaining() != 0) Reader::fail(std::to_string(in.remaining()) + " unexpected bytes after the value");
     } catch (...) {
         throw SerializationError("cannot decode the result of type " + type_name<T>() + ": " +
                                  describe_current_exception());
     }
 }
-
 
 // ---- task frames -----------------------------------------------------------------------------
 
@@ -264,10 +264,12 @@ inline TaskView parse_task(std::span<const std::byte> body) {
     t.count = task_frame::count::get(body);
     t.invoker = task_code_of(body).invoke;
     const std::uint32_t nskip = task_skip_count(body);
-    if (nskip > (body.size() - task_frame::smallest) / sizeof(std::uint32_t)) Reader::fail("task frame skip list too long");
+    if (nskip > (body.size() - task_frame::smallest) / sizeof(std::uint32_t))
+        Reader::fail("task frame skip list too long");
     const std::size_t trailer = sizeof(task_frame::skip_count_size) + std::size_t{nskip} * sizeof(std::uint32_t);
     t.skips.resize(nskip);
-    if (nskip) std::memcpy(t.skips.data(), body.data() + body.size() - trailer, std::size_t{nskip} * sizeof(std::uint32_t));
+    if (nskip)
+        std::memcpy(t.skips.data(), body.data() + body.size() - trailer, std::size_t{nskip} * sizeof(std::uint32_t));
     t.payload = body.subspan(task_frame::payload_at, body.size() - task_frame::payload_at - trailer);
     return t;
 }

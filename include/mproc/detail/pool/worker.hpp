@@ -116,8 +116,7 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
             if (link.tasks.closed()) return 0;  // the pool is done with us
             // Tasks arriving in a stream: watch for the next one before sleeping. A lone task
             // (apply, one at a time) does not spin: the CPU is better left to the parent.
-            if (since_sleep >= 2 &&
-                spin_until([&] { return !link.tasks.empty() || link.tasks.closed(); }, ring_spin))
+            if (since_sleep >= 2 && spin_until([&] { return !link.tasks.empty() || link.tasks.closed(); }, ring_spin))
                 continue;
             since_sleep = 0;
             link.tasks.wait_for_data(Clock::now() + recheck_interval);

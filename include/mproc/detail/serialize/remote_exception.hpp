@@ -22,10 +22,26 @@ namespace mproc::detail {
 /// its demangled dynamic type, and its what().
 struct RemoteException {
     enum Kind : std::uint8_t {
-        other, logic_error, invalid_argument, domain_error, length_error, out_of_range,
-        runtime_error, range_error, overflow_error, underflow_error, bad_alloc,
+        other,
+        logic_error,
+        invalid_argument,
+        domain_error,
+        length_error,
+        out_of_range,
+        runtime_error,
+        range_error,
+        overflow_error,
+        underflow_error,
+        bad_alloc,
         // mproc's errors (appended: the numbers above never change)
-        mproc_error, timeout_error, eof_error, broken_pipe_error, empty, full, key_error, serialization_error,
+        mproc_error,
+        timeout_error,
+        eof_error,
+        broken_pipe_error,
+        empty,
+        full,
+        key_error,
+        serialization_error,
     };
     std::uint8_t kind = other;
     std::string type_name;
@@ -43,27 +59,45 @@ struct RemoteException {
             e.kind = other;
             e.type_name = x.type_name();
             e.message = x.message();
-        } catch (const TimeoutError& x) { e.set(timeout_error, x);
-        } catch (const EOFError& x) { e.set(eof_error, x);
-        } catch (const BrokenPipeError& x) { e.set(broken_pipe_error, x);
-        } catch (const Empty& x) { e.set(empty, x);
-        } catch (const Full& x) { e.set(full, x);
-        } catch (const KeyError& x) { e.set(key_error, x);
-        } catch (const SerializationError& x) { e.set(serialization_error, x);
-        } catch (const Error& x) { e.set(mproc_error, x);  // WorkerLost too: its message says it all
-        } catch (const std::invalid_argument& x) { e.set(invalid_argument, x);
-        } catch (const std::domain_error& x) { e.set(domain_error, x);
-        } catch (const std::length_error& x) { e.set(length_error, x);
-        } catch (const std::out_of_range& x) { e.set(out_of_range, x);
-        } catch (const std::logic_error& x) { e.set(logic_error, x);
-        } catch (const std::range_error& x) { e.set(range_error, x);
-        } catch (const std::overflow_error& x) { e.set(overflow_error, x);
-        } catch (const std::underflow_error& x) { e.set(underflow_error, x);
-        } catch (const std::runtime_error& x) { e.set(runtime_error, x);
-        } catch (const std::bad_alloc& x) { e.set(bad_alloc, x);
-        } catch (const std::exception& x) { e.set(other, x);
-        } catch (...) {
-        }
+        } catch (const TimeoutError& x) {
+            e.set(timeout_error, x);
+        } catch (const EOFError& x) {
+            e.set(eof_error, x);
+        } catch (const BrokenPipeError& x) {
+            e.set(broken_pipe_error, x);
+        } catch (const Empty& x) {
+            e.set(empty, x);
+        } catch (const Full& x) {
+            e.set(full, x);
+        } catch (const KeyError& x) {
+            e.set(key_error, x);
+        } catch (const SerializationError& x) {
+            e.set(serialization_error, x);
+        } catch (const Error& x) {
+            e.set(mproc_error, x);  // WorkerLost too: its message says it all
+        } catch (const std::invalid_argument& x) {
+            e.set(invalid_argument, x);
+        } catch (const std::domain_error& x) {
+            e.set(domain_error, x);
+        } catch (const std::length_error& x) {
+            e.set(length_error, x);
+        } catch (const std::out_of_range& x) {
+            e.set(out_of_range, x);
+        } catch (const std::logic_error& x) {
+            e.set(logic_error, x);
+        } catch (const std::range_error& x) {
+            e.set(range_error, x);
+        } catch (const std::overflow_error& x) {
+            e.set(overflow_error, x);
+        } catch (const std::underflow_error& x) {
+            e.set(underflow_error, x);
+        } catch (const std::runtime_error& x) {
+            e.set(runtime_error, x);
+        } catch (const std::bad_alloc& x) {
+            e.set(bad_alloc, x);
+        } catch (const std::exception& x) {
+            e.set(other, x);
+        } catch (...) {}
         return e;
     }
 

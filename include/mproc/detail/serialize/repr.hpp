@@ -43,23 +43,21 @@ template <class K, class V, class H, class E, class A>
 struct is_std_map<std::unordered_map<K, V, H, E, A>> : std::true_type {};
 template <class T> struct is_std_set : std::false_type {};
 template <class K, class C, class A> struct is_std_set<std::set<K, C, A>> : std::true_type {};
-template <class K, class H, class E, class A>
-struct is_std_set<std::unordered_set<K, H, E, A>> : std::true_type {};
+template <class K, class H, class E, class A> struct is_std_set<std::unordered_set<K, H, E, A>> : std::true_type {};
 
 inline void repr_string(std::string& out, std::string_view s) {
     out += '"';
     for (const char ch : s) {
         switch (ch) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
-        default:
-            if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f)
-                out += fmt::format("\\x{:02x}", static_cast<unsigned>(static_cast<unsigned char>(ch)));
-            else
-                out += ch;
+            case '"': out += "\\\""; break;
+            case '\\': out += "\\\\"; break;
+            case '\n': out += "\\n"; break;
+            case '\r': out += "\\r"; break;
+            case '\t': out += "\\t"; break;
+            default:
+                if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f)
+                    out += fmt::format("\\x{:02x}", static_cast<unsigned>(static_cast<unsigned char>(ch)));
+                else out += ch;
         }
     }
     out += '"';
@@ -96,8 +94,7 @@ template <class T> constexpr bool repr_supported() {
         return []<class... A>(std::type_identity<std::variant<A...>>) {
             return (repr_supported<A>() && ...);
         }(std::type_identity<U>{});
-    else
-        return fmt::is_formattable<U>::value;
+    else return fmt::is_formattable<U>::value;
 }
 
 /// Appends the representation of `value` to `out`.

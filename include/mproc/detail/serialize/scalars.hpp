@@ -13,9 +13,7 @@
 namespace mproc::detail {
 
 /// Arithmetic types and enums: their bytes, in native order.
-template <class T>
-    requires std::is_arithmetic_v<T> || std::is_enum_v<T>
-struct codec<T> {
+template <class T> requires std::is_arithmetic_v<T> || std::is_enum_v<T> struct codec<T> {
     static constexpr bool serializable = true;
     static constexpr std::size_t min_size = sizeof(T);
     static void write(auto& out, const T& value) { out.write_raw(&value, sizeof value); }
@@ -39,8 +37,8 @@ template <> struct codec<bool> {
 };
 
 // Element types whose encoding is their memory, so that a vector of them is copied as one block.
-template <class T> inline constexpr bool is_bulk_copyable_v =
-    (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_enum_v<T>;
+template <class T>
+inline constexpr bool is_bulk_copyable_v = (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_enum_v<T>;
 
 /// std::chrono::duration: its count.
 template <class Rep, class Period> struct codec<std::chrono::duration<Rep, Period>> {

@@ -43,9 +43,7 @@ template <class... Ts> struct codec<std::tuple<Ts...>> {
     static void write(auto& out, const std::tuple<Ts...>& value) {
         write_parts(out, value, std::index_sequence_for<Ts...>{});
     }
-    static void read(auto& in, std::tuple<Ts...>& value) {
-        read_parts(in, value, std::index_sequence_for<Ts...>{});
-    }
+    static void read(auto& in, std::tuple<Ts...>& value) { read_parts(in, value, std::index_sequence_for<Ts...>{}); }
 
 private:
     // Not std::apply with a lambda: the writer and reader stay arguments, not captures, which
@@ -54,8 +52,7 @@ private:
     static void write_parts(auto& out, const std::tuple<Ts...>& value, std::index_sequence<I...>) {
         (out.write(std::get<I>(value)), ...);
     }
-    template <std::size_t... I>
-    static void read_parts(auto& in, std::tuple<Ts...>& value, std::index_sequence<I...>) {
+    template <std::size_t... I> static void read_parts(auto& in, std::tuple<Ts...>& value, std::index_sequence<I...>) {
         (in.read(std::get<I>(value)), ...);
     }
 };

@@ -12,8 +12,7 @@ namespace mproc::detail {
 
 inline std::string demangle(const char* mangled) {
     int status = 0;
-    std::unique_ptr<char, void (*)(void*)> readable(abi::__cxa_demangle(mangled, nullptr, nullptr, &status),
-                                                    std::free);
+    std::unique_ptr<char, void (*)(void*)> readable(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
     return status == 0 && readable ? std::string(readable.get()) : std::string(mangled);
 }
 
@@ -34,8 +33,7 @@ inline std::string describe_current_exception() {
         throw;
     } catch (const std::exception& e) {
         text += e.what();
-    } catch (...) {
-    }
+    } catch (...) {}
     return text;
 }
 

@@ -10,17 +10,15 @@
 namespace mproc::detail {
 
 template <class T>
-concept has_serialize_member = (std::is_class_v<T> || std::is_union_v<T>) &&
-                               requires(T& value, Writer& writer, Reader& reader) {
-                                   value.serialize(writer);
-                                   value.serialize(reader);
-                               };
+concept has_serialize_member = (std::is_class_v<T> || std::is_union_v<T>)&&requires(T& value, Writer& writer,
+                                                                                    Reader& reader) {
+    value.serialize(writer);
+    value.serialize(reader);
+};
 
 /// A type with a `template <class Archive> void serialize(Archive& ar)` member, which calls
 /// ar(field, ...) and serves both directions.
-template <class T>
-    requires has_serialize_member<T>
-struct codec<T> {
+template <class T> requires has_serialize_member<T> struct codec<T> {
     static constexpr bool serializable = true;
     static constexpr std::size_t min_size = 0;  // serialize() may write nothing
     static void write(auto& out, const T& value) {
@@ -33,8 +31,7 @@ struct codec<T> {
 /// A trivially copyable struct without a serialize member: its bytes. (The std templates that are
 /// trivially copyable, std::array or std::optional of a scalar say, have codecs of their own,
 /// which are more specialised than this one and win.)
-template <class T>
-    requires(std::is_class_v<T> && std::is_trivially_copyable_v<T> && !has_serialize_member<T>)
+template <class T> requires(std::is_class_v<T> && std::is_trivially_copyable_v<T> && !has_serialize_member<T>)
 struct codec<T> {
     static constexpr bool serializable = true;
     static constexpr std::size_t min_size = sizeof(T);

@@ -169,7 +169,8 @@ private:
         b->next = h_->free_head[cls];
         h_->free_head[cls] = block;  // publishes it
         const std::uint64_t size = arena_class_size(cls);
-        if (size >= (std::uint64_t{64} << 10)) release_pages(base_ + block + sizeof(ArenaBlock), size - sizeof(ArenaBlock));
+        if (size >= (std::uint64_t{64} << 10))
+            release_pages(base_ + block + sizeof(ArenaBlock), size - sizeof(ArenaBlock));
     }
     [[noreturn]] static void corrupt(const char* what) {
         throw Error(std::string("mproc: shared memory arena is corrupted: ") + what);

@@ -167,7 +167,9 @@ public:
     }
 
     /// True when the entry in `slot` holds handles (counted in the RefTable).
-    bool holds_handles(std::uint64_t slot) const noexcept { return arena_.ptr<DictEntry>(slots()[slot].entry)->refs != 0; }
+    bool holds_handles(std::uint64_t slot) const noexcept {
+        return arena_.ptr<DictEntry>(slots()[slot].entry)->refs != 0;
+    }
 
     std::span<const std::byte> value_at(std::uint64_t slot) const noexcept {
         const std::uint64_t e = slots()[slot].entry;
@@ -310,7 +312,8 @@ private:
     bool key_matches(std::uint64_t e, std::span<const std::byte> key) const noexcept {
         const auto* entry = arena_.ptr<DictEntry>(e);
         return entry->key_len == key.size() &&
-               (key.empty() || std::memcmp(arena_.ptr<const std::byte>(e + sizeof(DictEntry)), key.data(), key.size()) == 0);
+               (key.empty() ||
+                std::memcmp(arena_.ptr<const std::byte>(e + sizeof(DictEntry)), key.data(), key.size()) == 0);
     }
 
     [[noreturn]] void full(std::uint64_t wanted) const {

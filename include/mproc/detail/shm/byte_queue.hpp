@@ -165,7 +165,8 @@ public:
     /// handles into as many segments as its RefTable holds.
     bool put(std::span<const std::byte> msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
         if (msg.size() >= refs_flag) throw Error("mproc::Queue::put: item too large");
-        if (ids.size() > RefTable::max_live) throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
+        if (ids.size() > RefTable::max_live)
+            throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
         const std::uint64_t header = record_header_bytes(ids.size());
         const bool whole = ring_.fits_whole(header + msg.size());
         QueueLock lock(ring_);
@@ -232,7 +233,8 @@ private:
     /// `deadline` passes (false). Each round checks first whether a producer streaming an item
     /// in has died (which frees the ring). Always inlined: every put passes through it, and as a
     /// call it cost a small put a tenth more instructions.
-    [[gnu::always_inline]] bool wait_for_room(QueueLock& lock, std::uint64_t need, std::span<const std::uint64_t> ids, const Deadline& deadline) {
+    [[gnu::always_inline]] bool wait_for_room(QueueLock& lock, std::uint64_t need, std::span<const std::uint64_t> ids,
+                                              const Deadline& deadline) {
         QueueHeader& h = ring_.header();
         ring_.reserve_refs(ids);
         bool paced = false;
@@ -278,10 +280,10 @@ private:
     bool drain(QueueLock& lock, std::byte* dst, std::uint64_t len) {
         for (;;) {
             switch (ring_.read_piece(dst, len, lock.wakes)) {
-            case StreamStep::done: return true;
-            case StreamStep::dropped: return false;
-            case StreamStep::more: lock.relock(); continue;
-            case StreamStep::blocked: break;
+                case StreamStep::done: return true;
+                case StreamStep::dropped: return false;
+                case StreamStep::more: lock.relock(); continue;
+                case StreamStep::blocked: break;
             }
             // Waiting for the producer's next piece: is it still alive?
             if (ring_.probe_writer(lock.wakes)) continue;

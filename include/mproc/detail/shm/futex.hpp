@@ -47,12 +47,14 @@ inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_poin
     const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
     timespec abs{};
     abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
-    abs.tv_nsec = secs.count() < 0 ? 0 : static_cast<long>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+    abs.tv_nsec = secs.count() < 0
+                      ? 0
+                      : static_cast<long>(
+                            std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
     for (;;) {
         // FUTEX_WAIT_BITSET takes an absolute timeout on CLOCK_MONOTONIC.
-        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET,
-                                  expected, &abs, nullptr, FUTEX_BITSET_MATCH_ANY);
+        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET, expected, &abs,
+                                  nullptr, FUTEX_BITSET_MATCH_ANY);
         if (rc == 0) return true;
         if (errno == ETIMEDOUT) return false;
         if (errno == EINTR) {

@@ -49,8 +49,7 @@ class SharedMemory {
 public:
     SharedMemory() = default;
     SharedMemory(SharedMemory&& other) noexcept
-        : fd_(std::move(other.fd_)), data_(std::exchange(other.data_, nullptr)),
-          size_(std::exchange(other.size_, 0)) {}
+        : fd_(std::move(other.fd_)), data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
     SharedMemory& operator=(SharedMemory&& other) noexcept {
         if (this != &other) {
             unmap();
@@ -79,7 +78,7 @@ public:
 
     /// Maps a memfd received from another process (its whole current size).
     static SharedMemory open(UniqueFd fd) {
-        struct stat st{};
+        struct stat st {};
         if (::fstat(fd.get(), &st) != 0) throw_errno("fstat(shared memory fd)");
         if (st.st_size <= 0) throw Error("mproc: shared memory fd " + std::to_string(fd.get()) + " is empty");
         return map(std::move(fd), static_cast<std::size_t>(st.st_size));
@@ -92,7 +91,7 @@ public:
 
     /// Bytes of memory the block holds right now (its touched, unreleased pages).
     std::size_t resident_bytes() const noexcept {
-        struct stat st{};
+        struct stat st {};
         if (!fd_ || ::fstat(fd_.get(), &st) != 0) return 0;
         return static_cast<std::size_t>(st.st_blocks) * 512;
     }

@@ -542,7 +542,9 @@ private:
         if (first) std::memcpy(dst, ring_ + at, first);
         if (n > first) std::memcpy(dst + first, ring_, n - first);
     }
-    void write_word(std::uint64_t pos, std::uint64_t word) noexcept { copy_in(pos, reinterpret_cast<const std::byte*>(&word), 8); }
+    void write_word(std::uint64_t pos, std::uint64_t word) noexcept {
+        copy_in(pos, reinterpret_cast<const std::byte*>(&word), 8);
+    }
     std::uint64_t read_word(std::uint64_t pos) const noexcept {
         std::uint64_t word = 0;
         copy_out(pos, reinterpret_cast<std::byte*>(&word), 8);

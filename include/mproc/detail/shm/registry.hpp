@@ -58,8 +58,8 @@
 
 #include "../../errors.hpp"
 #include "../os/fork_locks.hpp"
-#include "memory.hpp"
 #include "../os/unique_fd.hpp"
+#include "memory.hpp"
 
 namespace mproc::detail {
 
@@ -262,8 +262,7 @@ private:
                     retained_size_.store(retained_.size(), std::memory_order_release);
                     ++changes_;
                 }
-            } catch (...) {
-            }
+            } catch (...) {}
             letting_go = nullptr;
             return;
         }
@@ -277,16 +276,14 @@ private:
         delete s;
         try {
             sweep();  // what only this segment's container referred to may go now
-        } catch (...) {
-        }
+        } catch (...) {}
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
     /// one the sweep is letting go of) hold a handle into `s`?
     bool referenced_locked(const Segment& s) const noexcept {
         for (const Segment* c : containers_)
-            if (c != &s && !condemned_locked(c->id()) && c->container_->may_reference(c->base(), s.id()))
-                return true;
+            if (c != &s && !condemned_locked(c->id()) && c->container_->may_reference(c->base(), s.id())) return true;
         return false;
     }
 

@@ -78,8 +78,10 @@ public:
         const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
         timespec abs{};
         abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
-        abs.tv_nsec = secs.count() < 0 ? 0 : static_cast<long>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+        abs.tv_nsec = secs.count() < 0
+                          ? 0
+                          : static_cast<long>(
+                                std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
 #ifdef MPROC_TSAN
         __tsan_mutex_pre_lock(&mutex_, 0);
 #endif
@@ -108,14 +110,14 @@ public:
 private:
     static LockResult interpret(int rc, const char* what) {
         switch (rc) {
-        case 0: return LockResult::acquired;
-        case EOWNERDEAD: return LockResult::owner_died;
-        case ETIMEDOUT: return LockResult::timed_out;
-        case EDEADLK: return LockResult::would_deadlock;
-        case ENOTRECOVERABLE:
-            throw Error(std::string("mproc: shared lock unusable (") + what +
-                        "): a process died holding it and its state could not be repaired");
-        default: throw_errno(std::string("mproc: shared lock ") + what, rc);
+            case 0: return LockResult::acquired;
+            case EOWNERDEAD: return LockResult::owner_died;
+            case ETIMEDOUT: return LockResult::timed_out;
+            case EDEADLK: return LockResult::would_deadlock;
+            case ENOTRECOVERABLE:
+                throw Error(std::string("mproc: shared lock unusable (") + what +
+                            "): a process died holding it and its state could not be repaired");
+            default: throw_errno(std::string("mproc: shared lock ") + what, rc);
         }
     }
 
@@ -125,8 +127,7 @@ private:
 /// Holds a RobustMutex for a scope, for mproc's own shared structures. On EOWNERDEAD it runs
 /// `repair()` while holding the mutex and only then marks it consistent; a repair that throws
 /// leaves it unmarked, so the next locker fails loudly rather than reading a broken structure.
-template <class Repair>
-class RobustGuard {
+template <class Repair> class RobustGuard {
 public:
     RobustGuard(RobustMutex& mutex, Repair repair) : mutex_(&mutex), repair_(std::move(repair)) { lock(); }
     ~RobustGuard() {

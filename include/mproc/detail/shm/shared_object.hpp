@@ -187,8 +187,7 @@ public:
                                      std::to_string(offset) + " outside its segment");
         const auto* header = reinterpret_cast<const ObjectHeader*>(segment->base() + offset);
         if (header->magic != magic || header->type_hash != type)
-            throw SerializationError(std::string("mproc: the handle does not refer to a ") + what +
-                                     " of this type");
+            throw SerializationError(std::string("mproc: the handle does not refer to a ") + what + " of this type");
         *this = SharedRef(std::move(segment), offset);
     }
 
@@ -253,7 +252,6 @@ public:
     }
 
 private:
-
     SegmentPtr segment_;
     std::uint64_t offset_ = 0;
     std::byte* address_ = nullptr;

@@ -57,8 +57,7 @@ struct BarrierState {
 };
 
 template <class T>
-inline constexpr std::size_t atomic_alignment =
-    std::max(alignof(T), std::atomic_ref<T>::required_alignment);
+inline constexpr std::size_t atomic_alignment = std::max(alignof(T), std::atomic_ref<T>::required_alignment);
 
 template <class T> struct SharedValueState {
     ObjectHeader header;

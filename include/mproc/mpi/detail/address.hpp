@@ -28,10 +28,10 @@
 
 #include <fmt/format.h>
 
-#include "../../errors.hpp"
-#include "../../serialize.hpp"
 #include "../../detail/os/framing.hpp"
 #include "../../detail/pool/wire.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
 
 namespace mproc::mpi::detail {
 
@@ -50,12 +50,14 @@ public:
         link_map* map = nullptr;
         if (::dladdr1(reinterpret_cast<void*>(address), &info, reinterpret_cast<void**>(&map), RTLD_DL_LINKMAP) == 0 ||
             map == nullptr)
-            throw Error(fmt::format("mproc::mpi: the task's code at {:#x} is in no loaded object, so other ranks "
-                                    "cannot find it (tasks must be functions of the program or of its libraries)",
-                                    address));
+            throw Error(
+                fmt::format("mproc::mpi: the task's code at {:#x} is in no loaded object, so other ranks "
+                            "cannot find it (tasks must be functions of the program or of its libraries)",
+                            address));
         const std::string name = map == first_map() ? std::string() : std::string(map->l_name ? map->l_name : "");
         const std::uintptr_t offset = address - static_cast<std::uintptr_t>(map->l_addr);
-        if (offset > offset_mask) throw Error(fmt::format("mproc::mpi: code at {:#x} lies too far into {}", address, name));
+        if (offset > offset_mask)
+            throw Error(fmt::format("mproc::mpi: code at {:#x} lies too far into {}", address, name));
         auto [entry, added] = ids_.try_emplace(name, static_cast<std::uint32_t>(names_.size()));
         if (added) {
             if (names_.size() + 1 >= (std::size_t{1} << (64 - offset_bits)))
@@ -129,12 +131,12 @@ public:
         bool inside = false;
         for (const Segment& s : object.segments)
             if ((s.flags & flag) && address >= s.start && address + need <= s.end) inside = true;
-        if (!inside || (use == Use::task_code &&
-                        reinterpret_cast<const TaskCode*>(address)->magic != TaskCode::expected_magic))
-            throw Error(fmt::format("mproc::mpi: rank {} cannot find the task's {} at offset {:#x} of {}: every rank "
-                                    "must run the same build of the program and its libraries",
-                                    rank_, use == Use::code ? "function" : "code", portable & offset_mask,
-                                    describe(name)));
+        if (!inside ||
+            (use == Use::task_code && reinterpret_cast<const TaskCode*>(address)->magic != TaskCode::expected_magic))
+            throw Error(
+                fmt::format("mproc::mpi: rank {} cannot find the task's {} at offset {:#x} of {}: every rank "
+                            "must run the same build of the program and its libraries",
+                            rank_, use == Use::code ? "function" : "code", portable & offset_mask, describe(name)));
         cache_.emplace(portable, address);
         return address;
     }
@@ -192,10 +194,11 @@ private:
             },
             &search);
         if (!object.found)
-            throw Error(fmt::format("mproc::mpi: rank {} cannot run the task: its code is in {}, which this rank has "
-                                    "not loaded (every rank must load it: link it into the program, or dlopen it on "
-                                    "every rank before the pool starts)",
-                                    rank_, describe(names_[index])));
+            throw Error(
+                fmt::format("mproc::mpi: rank {} cannot run the task: its code is in {}, which this rank has "
+                            "not loaded (every rank must load it: link it into the program, or dlopen it on "
+                            "every rank before the pool starts)",
+                            rank_, describe(names_[index])));
         return object;
     }
 

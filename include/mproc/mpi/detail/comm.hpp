@@ -12,8 +12,8 @@
 
 #include <mpi.h>
 
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
@@ -27,9 +27,9 @@
 
 #include <fmt/format.h>
 
+#include "../../detail/os/framing.hpp"
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
-#include "../../detail/os/framing.hpp"
 
 namespace mproc::mpi::detail {
 
@@ -157,8 +157,7 @@ public:
             return;
         }
         timespec ts{0, static_cast<long>(d.count()) * 1000};
-        while (::nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-        }
+        while (::nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
     }
 
     /// Short sleeps mean what they say for this thread (the default slack is 50 µs).

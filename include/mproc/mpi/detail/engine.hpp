@@ -34,13 +34,13 @@
 
 #include <fmt/format.h>
 
+#include "../../detail/pool/engine.hpp"
+#include "../../detail/pool/wire.hpp"
+#include "../../detail/serialize/remote_exception.hpp"
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
 #include "address.hpp"
 #include "comm.hpp"
-#include "../../detail/pool/engine.hpp"
-#include "../../detail/pool/wire.hpp"
-#include "../../detail/serialize/remote_exception.hpp"
 
 namespace mproc::mpi::detail {
 
@@ -106,8 +106,7 @@ public:
     }
     /// Receives what the workers sent: messages of `pool` go to `handle`, the rest are settled
     /// here (late results of a cancelled pool are dropped). Returns whether anything came.
-    template <class Handle>
-    bool receive(std::uint64_t pool, Handle&& handle) {
+    template <class Handle> bool receive(std::uint64_t pool, Handle&& handle) {
         bool any = false;
         for (int n = 0; n < 64; ++n) {
             auto m = try_receive(comm_, MPI_ANY_SOURCE, to_master);
@@ -135,8 +134,9 @@ public:
         std::lock_guard lock(active_mutex_);
         if (finished_) throw Error("mproc::mpi: the program is ending (MPI is finalised): no new Pool");
         if (active_)
-            throw Error("mproc::mpi: another mproc::mpi::Pool is running; close() and join() it, or terminate() it, "
-                        "first (the worker ranks serve one pool at a time)");
+            throw Error(
+                "mproc::mpi: another mproc::mpi::Pool is running; close() and join() it, or terminate() it, "
+                "first (the worker ranks serve one pool at a time)");
         active_ = engine;
         return engine;
     }
@@ -162,7 +162,8 @@ private:
             if (sent == names.size()) return;
             begin_message(m, Kind::modules, 0);
             Writer w(m);
-            w(static_cast<std::uint32_t>(sent), std::vector<std::string>(names.begin() + static_cast<std::ptrdiff_t>(sent), names.end()));
+            w(static_cast<std::uint32_t>(sent),
+              std::vector<std::string>(names.begin() + static_cast<std::ptrdiff_t>(sent), names.end()));
             sent = names.size();
         }
         Pending& p = pending_.emplace_back();
@@ -206,8 +207,7 @@ public:
         if (retired_) return;  // finish_retired() did the teardown, on the pool's thread
         try {
             terminate();
-        } catch (...) {
-        }
+        } catch (...) {}
     }
 
     unsigned processes() const noexcept override { return static_cast<unsigned>(seats_.size()); }
@@ -217,9 +217,10 @@ public:
     void prepare(std::span<Task> tasks) override {
         for (Task& t : tasks) {
             if (t.frame.size() + message_header > max_message)
-                throw Error(fmt::format("mproc::mpi: a task of {} bytes is larger than one MPI message carries ({} "
-                                        "bytes)",
-                                        t.frame.size(), max_message));
+                throw Error(
+                    fmt::format("mproc::mpi: a task of {} bytes is larger than one MPI message carries ({} "
+                                "bytes)",
+                                t.frame.size(), max_message));
         }
         {
             std::lock_guard lock(mutex_);
@@ -250,7 +251,7 @@ private:
         int rank = 0;
         std::deque<Task> inflight;
         std::deque<std::size_t> sizes;  // of each task in flight (its frame is gone once sent)
-        std::size_t bytes = 0;          // their sum
+        std::size_t bytes = 0;  // their sum
     };
     struct Outgoing {
         int rank;
@@ -417,8 +418,7 @@ private:
         }
         try {
             for (int rank : to_cancel) master_.cancel(rank, pool_);
-        } catch (...) {
-        }
+        } catch (...) {}
         fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
     }
 
@@ -445,9 +445,9 @@ private:
     void finish_retired() noexcept {
         try {
             run_posted();
-            fail_tasks(retired_doomed_, std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
-        } catch (...) {
-        }
+            fail_tasks(retired_doomed_,
+                       std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
+        } catch (...) {}
         master_.release(this);
         thread_.detach();
         delete this;

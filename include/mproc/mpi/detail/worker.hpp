@@ -18,15 +18,15 @@
 
 #include <fmt/format.h>
 
-#include "../../errors.hpp"
-#include "../../serialize.hpp"
 #include "../../detail/os/clock.hpp"
 #include "../../detail/os/framing.hpp"
-#include "address.hpp"
-#include "comm.hpp"
 #include "../../detail/pool/wire.hpp"
 #include "../../detail/pool/worker.hpp"
 #include "../../detail/serialize/remote_exception.hpp"
+#include "../../errors.hpp"
+#include "../../serialize.hpp"
+#include "address.hpp"
+#include "comm.hpp"
 
 namespace mproc::mpi::detail {
 
@@ -142,9 +142,10 @@ private:
             resolver_.make_local(body);
             mproc::detail::run_task(mproc::detail::parse_task(body), status_, /*timed=*/false, out_);
             if (out_.size() + message_header > max_message)
-                throw Error(fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
-                                        "carries ({} bytes)",
-                                        out_.size(), max_message));
+                throw Error(
+                    fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
+                                "carries ({} bytes)",
+                                out_.size(), max_message));
         } catch (...) {
             mproc::detail::failed_task_frame(out_, body, RemoteException::capture());
         }
