@@ -77,9 +77,8 @@ public:
             return *this;
         }
         // d[a] = d[b] copies the value; d[a] = d[a] writes an entry's value back onto itself.
-        Item& operator=(const Item& other) {
-            return *this = other.value();
-        }  // NOLINT(bugprone-unhandled-self-assignment)
+        // NOLINTNEXTLINE(bugprone-unhandled-self-assignment)
+        Item& operator=(const Item& other) { return *this = other.value(); }
         /// The value; mproc::KeyError if the key is absent.
         V value() const { return dict_->at(key_); }
         operator V() const { return value(); }
