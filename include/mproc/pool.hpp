@@ -336,7 +336,7 @@ private:
 /// Python's `with Pool() as p:`), so call close() and join() to let queued work finish.
 class Pool {
 public:
-    template <class R> using Callback = typename detail::CollectState<R, false>::Callback;
+    template <class R> using Callback = typename detail::SingleResult<R>::Callback;
     using ErrorCallback = std::function<void(std::exception_ptr)>;
 
     /// cpu_count() workers.
@@ -368,13 +368,13 @@ public:
     /// pool's thread, before get() returns.
     template <class F, class... A, class R = detail::task_result_t<F, std::tuple<std::decay_t<A>...>>>
     AsyncResult<R> apply_async(F f, std::tuple<A...> args = {},
-                               std::type_identity_t<typename detail::CollectState<R, false>::Callback> callback = {},
+                               std::type_identity_t<typename detail::SingleResult<R>::Callback> callback = {},
                                ErrorCallback error_callback = {}) {
         using Args = std::tuple<std::decay_t<A>...>;
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
-        auto state = std::make_shared<detail::CollectState<R, false>>(1, std::move(callback), std::move(error_callback),
-                                                                      engine().collector_id());
+        auto state = std::make_shared<detail::SingleResult<R>>(1, std::move(callback), std::move(error_callback),
+                                                               engine().collector_id());
         detail::Task task;
         task.sink = state;
         task.id = engine().next_task_id();
@@ -398,7 +398,7 @@ public:
               class R = detail::task_result_t<F, detail::item_args_t<Range, false>>>
     AsyncResult<detail::collected_t<R, true>> map_async(
         F f, Range&& xs, std::size_t chunksize = 0,
-        std::type_identity_t<typename detail::CollectState<R, true>::Callback> callback = {},
+        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {},
         ErrorCallback error_callback = {}) {
         return submit_many<F, detail::item_args_t<Range, false>, R>(f, std::forward<Range>(xs), chunksize,
                                                                     std::move(callback), std::move(error_callback));
@@ -412,7 +412,7 @@ public:
               class R = detail::task_result_t<F, detail::item_args_t<Range, true>>>
     AsyncResult<detail::collected_t<R, true>> starmap_async(
         F f, Range&& xs, std::size_t chunksize = 0,
-        std::type_identity_t<typename detail::CollectState<R, true>::Callback> callback = {},
+        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {},
         ErrorCallback error_callback = {}) {
         return submit_many<F, detail::item_args_t<Range, true>, R>(f, std::forward<Range>(xs), chunksize,
                                                                    std::move(callback), std::move(error_callback));
@@ -472,8 +472,8 @@ private:
                 chunksize = detail::default_chunksize(count, engine().processes());
                 max_bytes = detail::default_chunk_bytes;
             }
-            auto state = std::make_shared<detail::CollectState<R, true>>(
-                count, std::move(callback), std::move(error_callback), engine().collector_id());
+            auto state = std::make_shared<detail::ManyResult<R>>(count, std::move(callback), std::move(error_callback),
+                                                                 engine().collector_id());
             if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(count / chunksize + 1);

@@ -1,0 +1,284 @@
+// mproc — the shared state behind an AsyncResult: where a task's outcomes land, on the pool's
+// thread, and where get() waits for them.
+//
+// One call's state collects its items' outcomes (ResultSink), then runs the callback and only then
+// marks itself ready, so a get() that returns has seen its callback run. What every call shares —
+// the lock, the count of items left, the first error by item order, the callback, the waiting —
+// is ResultCore. What differs is where a decoded value goes: SingleResult<R> (apply_async) holds
+// one value, ManyResult<R> (map_async, starmap_async) a vector with one place per item. Each says
+// so in two members, store() and finish(), which the core calls without a virtual call (CRTP).
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../../errors.hpp"
+#include "../os/clock.hpp"
+#include "../serialize/remote_exception.hpp"
+#include "engine.hpp"
+#include "wire.hpp"
+
+namespace mproc::detail {
+
+/// The error of an item whose outcome is not a value: its task's exception, rebuilt.
+[[gnu::noinline]] inline std::exception_ptr outcome_error(const OutcomeRecord& o) {
+    if (o.outcome == Outcome::exception) return rebuild_exception(o.bytes);
+    return std::make_exception_ptr(Error("a worker skipped an item the pool had not failed"));
+}
+
+/// Whether relative item `i` is one of `skips` (sorted).
+inline bool is_skipped(std::span<const std::uint32_t> skips, std::uint32_t i) noexcept {
+    return !skips.empty() && std::binary_search(skips.begin(), skips.end(), i);
+}
+
+/// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
+/// could catch it. The AsyncResult's get() rethrows it too.
+inline void report_callback_exception(const char* which) {
+    std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
+}
+
+/// What an AsyncResult<T> asks of its shared state.
+template <class T> class ValueState {
+public:
+    virtual ~ValueState() = default;
+    virtual bool wait(std::optional<Seconds> timeout) = 0;
+    virtual bool ready() = 0;
+    virtual bool successful() = 0;
+    /// After wait() returned true: the value (moved out when `move_out`), or the exception.
+    virtual T take(bool move_out) = 0;
+};
+
+/// The callback of a result: void(const T&), or void() for a void result. (A std::conditional_t
+/// would name both branches, and `const void&` is ill-formed.)
+template <class T> struct result_callback {
+    using type = std::function<void(const T&)>;
+};
+template <> struct result_callback<void> {
+    using type = std::function<void()>;
+};
+
+/// The value an AsyncResult stores: nothing (void stays void) or the value itself.
+template <class Value> using stored_t = std::conditional_t<std::is_void_v<Value>, char, Value>;
+
+/// What SingleResult and ManyResult share. `Derived` supplies
+///   void store(std::size_t index, std::span<const std::byte> value_bytes);  // decode into place; may throw
+///   void finish(std::optional<stored_t<Value>>& value);                      // the whole value, once, on success
+template <class Derived, class Value> class ResultCore : public ResultSink, public ValueState<Value> {
+public:
+    using Callback = typename result_callback<Value>::type;
+    using ErrorCallback = std::function<void(std::exception_ptr)>;
+
+    ResultCore(std::size_t items, Callback callback, ErrorCallback error_callback, std::thread::id collector)
+        : remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
+          collector_(collector) {}
+
+    /// For a call with no items: completes it (on the pool's thread, see PoolEngine::post).
+    void complete_empty() {
+        {
+            std::lock_guard lock(mutex_);
+            if (remaining_ != 0 || ready_) return;
+        }
+        complete();
+    }
+
+    void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                 std::span<const std::uint32_t> skips) override {
+        std::size_t settled = 0;
+        for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
+            if (is_skipped(skips, i)) continue;
+            const OutcomeRecord& o = outcomes[i];
+            const std::size_t index = first + i;
+            ++settled;
+            if (o.outcome == Outcome::value) [[likely]] {
+                try {
+                    if constexpr (std::is_void_v<Value>) {
+                        if (!o.bytes.empty()) Reader::fail("a void result with a value");
+                    } else {
+                        static_cast<Derived*>(this)->store(index, o.bytes);
+                    }
+                } catch (...) {
+                    record_error(index, std::current_exception());
+                }
+                continue;
+            }
+            record_error(index, outcome_error(o));
+        }
+        settle(settled);
+    }
+
+    void fail(std::size_t index, std::exception_ptr error) override {
+        record_error(index, std::move(error));  // none of it held here once settle() publishes
+        settle(1);
+    }
+
+    // ---- the AsyncResult side ----
+    bool wait(std::optional<Seconds> timeout) override {
+        std::unique_lock lock(mutex_);
+        if (ready_) return true;
+        if (std::this_thread::get_id() == collector_)
+            throw Error("waiting for a Pool result inside a Pool callback would deadlock");
+        const auto deadline = deadline_after(timeout);
+        if (!deadline) {
+            done_.wait(lock, [&] { return ready_; });
+            return true;
+        }
+        return done_.wait_until(lock, *deadline, [&] { return ready_; });
+    }
+    bool ready() override {
+        std::lock_guard lock(mutex_);
+        return ready_;
+    }
+    bool successful() override {
+        std::lock_guard lock(mutex_);
+        if (!ready_) throw Error("AsyncResult::successful() called before the result is ready");
+        return !error_ && !error_taken_;
+    }
+    Value take(bool move_out) override {
+        std::exception_ptr error;
+        {
+            std::lock_guard lock(mutex_);
+            if (error_) {
+                // Moved out with the value it replaces: the exception then belongs to the thread
+                // that rethrows it, not to whichever thread drops the last reference to this state
+                // (an exception_ptr's count lives in uninstrumented libstdc++, which would make
+                // that a ThreadSanitizer report).
+                error_taken_ = error_taken_ || move_out;
+                error = move_out ? std::exchange(error_, nullptr) : error_;
+            } else if (error_taken_) {
+                throw Error("AsyncResult::get: the exception was already taken by another get() of this result");
+            } else if constexpr (!std::is_void_v<Value>) {
+                if (move_out) return std::move(*value_);
+                return *value_;
+            } else {
+                return;
+            }
+        }
+        std::rethrow_exception(error);
+    }
+
+private:
+    void record_error(std::size_t index, std::exception_ptr error) {
+        std::lock_guard lock(mutex_);
+        if (!error_ || index < error_index_) {
+            error_ = std::move(error);
+            error_index_ = index;
+        }
+    }
+    void settle(std::size_t n) {
+        {
+            std::lock_guard lock(mutex_);
+            remaining_ -= std::min(remaining_, n);
+            if (remaining_ != 0 || ready_) return;
+        }
+        complete();
+    }
+    // Runs the callback, then publishes: a get() that returns has seen its callback run.
+    void complete() {
+        std::exception_ptr error;
+        {
+            std::lock_guard lock(mutex_);
+            error = error_;
+            if constexpr (!std::is_void_v<Value>) {
+                if (!error) static_cast<Derived*>(this)->finish(value_);
+            }
+        }
+        try {
+            if (!error && callback_) {
+                if constexpr (std::is_void_v<Value>) callback_();
+                else callback_(*value_);
+            } else if (error && error_callback_) {
+                error_callback_(error);
+            }
+        } catch (...) {
+            report_callback_exception(error ? "error_callback" : "callback");
+            std::lock_guard lock(mutex_);
+            error_ = std::current_exception();
+        }
+        // This thread's reference goes before the result is published: a waiter that rethrows
+        // and drops the last one is then ordered after it (an exception_ptr's count is atomic,
+        // but inside uninstrumented libstdc++, so ThreadSanitizer cannot see that).
+        error = nullptr;
+        {
+            std::lock_guard lock(mutex_);
+            ready_ = true;
+        }
+        done_.notify_all();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable done_;
+    std::size_t remaining_;
+    bool ready_ = false;
+    std::exception_ptr error_;
+    bool error_taken_ = false;  // error_ was moved out by an rvalue get()
+    std::size_t error_index_ = 0;
+    std::optional<stored_t<Value>> value_;
+    Callback callback_;
+    ErrorCallback error_callback_;
+    std::thread::id collector_;
+};
+
+/// apply_async's state: one item, one value (void stays void).
+template <class R> class SingleResult final : public ResultCore<SingleResult<R>, R> {
+    using Core = ResultCore<SingleResult<R>, R>;
+
+public:
+    using Core::Core;
+
+    void store(std::size_t, std::span<const std::byte> bytes) {
+        R value{};
+        decode_value_into(bytes, value);
+        single_ = std::move(value);
+    }
+    void finish(std::optional<stored_t<R>>& value) { value.emplace(std::move(*single_)); }
+
+private:
+    std::optional<stored_t<R>> single_;
+};
+
+/// map_async's and starmap_async's state: one place per item, in input order (void stays void).
+template <class R>
+class ManyResult final : public ResultCore<ManyResult<R>, std::conditional_t<std::is_void_v<R>, void, std::vector<R>>> {
+    using Value = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+    using Core = ResultCore<ManyResult<R>, Value>;
+
+public:
+    ManyResult(std::size_t items, typename Core::Callback callback, typename Core::ErrorCallback error_callback,
+               std::thread::id collector)
+        : Core(items, std::move(callback), std::move(error_callback), collector) {
+        if constexpr (!std::is_void_v<R>) values_.resize(items);
+    }
+
+    void store(std::size_t index, std::span<const std::byte> bytes) {
+        if constexpr (std::is_same_v<R, bool>) {  // std::vector<bool> has no element to decode into
+            bool value{};
+            decode_value_into(bytes, value);
+            values_[index] = value;
+        } else {
+            decode_value_into(bytes, values_[index]);  // straight into its place: no temporary
+        }
+    }
+    void finish(std::optional<stored_t<Value>>& value) { value.emplace(std::move(values_)); }
+
+private:
+    std::conditional_t<std::is_void_v<R>, char, std::vector<stored_t<R>>> values_{};
+};
+
+/// The state behind apply_async (Many = false) or map_async (Many = true) of a task returning R.
+template <class R, bool Many> using result_state_t = std::conditional_t<Many, ManyResult<R>, SingleResult<R>>;
+/// What such a call's AsyncResult holds: R, std::vector<R>, or void.
+template <class R, bool Many>
+using collected_t = std::conditional_t<std::is_void_v<R>, void, std::conditional_t<Many, std::vector<R>, R>>;
+
+}  // namespace mproc::detail
