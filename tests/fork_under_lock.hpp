@@ -29,13 +29,19 @@
 
 namespace fork_under_lock {
 
-using Handles = std::tuple<mproc::Queue<int>, mproc::SharedDict<int, long>, mproc::Lock, mproc::RLock,
-                           mproc::Semaphore, mproc::Event, mproc::Barrier, mproc::Value<long>, mproc::Array<int>>;
+using Handles = std::tuple<mproc::Queue<int>, mproc::SharedDict<int, long>, mproc::Lock, mproc::RLock, mproc::Semaphore,
+                           mproc::Event, mproc::Barrier, mproc::Value<long>, mproc::Array<int>>;
 
 inline Handles make_handles() {
-    return Handles{mproc::Queue<int>({.buffer_bytes = 1 << 16}), mproc::SharedDict<int, long>({.max_bytes = 1 << 20}),
-                   mproc::Lock(), mproc::RLock(), mproc::Semaphore(1), mproc::Event(), mproc::Barrier(1),
-                   mproc::Value<long>(0), mproc::Array<int>(4)};
+    return Handles{mproc::Queue<int>({.buffer_bytes = 1 << 16}),
+                   mproc::SharedDict<int, long>({.max_bytes = 1 << 20}),
+                   mproc::Lock(),
+                   mproc::RLock(),
+                   mproc::Semaphore(1),
+                   mproc::Event(),
+                   mproc::Barrier(1),
+                   mproc::Value<long>(0),
+                   mproc::Array<int>(4)};
 }
 
 /// A Pool task: uses every handle it was given, and creates small objects of its own (the
@@ -77,10 +83,11 @@ inline int run_pools_while_threads_churn_handles(int pools, int tasks_per_pool, 
             while (!stop.load(std::memory_order_relaxed)) {
                 // Create (small-object allocator, registry), encode, decode (registry lookups),
                 // drop (registry removal): every one of them under mproc's process-local mutexes.
-                Handles fresh = (t % 4 == 0) ? make_handles()
-                                             : Handles{std::get<0>(shared), std::get<1>(shared), mproc::Lock(),
-                                                       mproc::RLock(), mproc::Semaphore(2), mproc::Event(),
-                                                       mproc::Barrier(3), mproc::Value<long>(t), mproc::Array<int>(8)};
+                Handles fresh = (t % 4 == 0)
+                                    ? make_handles()
+                                    : Handles{std::get<0>(shared), std::get<1>(shared),   mproc::Lock(),
+                                              mproc::RLock(),      mproc::Semaphore(2),   mproc::Event(),
+                                              mproc::Barrier(3),   mproc::Value<long>(t), mproc::Array<int>(8)};
                 const auto bytes = mproc::to_bytes(fresh);
                 Handles decoded = mproc::from_bytes<Handles>(bytes);
                 std::get<7>(decoded) += 1;
@@ -92,7 +99,8 @@ inline int run_pools_while_threads_churn_handles(int pools, int tasks_per_pool, 
         INFO("pool " << p << " of " << pools);
         mproc::Pool pool(2);
         std::vector<mproc::AsyncResult<long>> results;
-        for (int i = 0; i < tasks_per_pool; ++i) results.push_back(pool.apply_async(use_handles, std::tuple{shared, i}));
+        for (int i = 0; i < tasks_per_pool; ++i)
+            results.push_back(pool.apply_async(use_handles, std::tuple{shared, i}));
         bool all = true;
         for (auto& r : results) {
             try {

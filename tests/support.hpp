@@ -53,8 +53,7 @@ inline std::size_t child_count() { return children_of().size(); }
 /// In a child: puts the signals the test framework catches back to their default action, so a
 /// child that is sent or raises one dies of it without running the framework's failure report.
 inline void default_fatal_signals() {
-    for (int sig : {SIGTERM, SIGINT, SIGSEGV, SIGABRT, SIGILL, SIGFPE, SIGBUS})
-        ::signal(sig, SIG_DFL);
+    for (int sig : {SIGTERM, SIGINT, SIGSEGV, SIGABRT, SIGILL, SIGFPE, SIGBUS}) ::signal(sig, SIG_DFL);
 }
 
 /// A plain pipe for tests that must not depend on mproc::Pipe: a child writes one byte when it is

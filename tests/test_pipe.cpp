@@ -217,7 +217,10 @@ TEST_CASE("send_bytes and recv_bytes carry raw messages, empty and large") {
         CHECK(reader.recv_bytes().empty());
         CHECK(reader.recv_bytes() == small);
         // A MiB does not fit a pipe's buffer: the writer is another process.
-        mproc::Process p([&writer = writer, &mib] { writer.send_bytes(mib); writer.send_bytes({}); });
+        mproc::Process p([&writer = writer, &mib] {
+            writer.send_bytes(mib);
+            writer.send_bytes({});
+        });
         p.start();
         CHECK(reader.recv_bytes() == mib);
         CHECK(reader.recv_bytes().empty());

@@ -90,7 +90,8 @@ std::uint64_t checksum(std::string s) {
 }
 std::string big_string(int seed) {
     std::string s(8u << 20, '\0');
-    for (std::size_t i = 0; i < s.size(); ++i) s[i] = static_cast<char>('a' + (i * 7 + static_cast<std::size_t>(seed)) % 26);
+    for (std::size_t i = 0; i < s.size(); ++i)
+        s[i] = static_cast<char>('a' + (i * 7 + static_cast<std::size_t>(seed)) % 26);
     return s;
 }
 
@@ -113,9 +114,22 @@ struct DerivedRuntime : std::runtime_error {
 namespace {
 
 enum Thrown {
-    t_out_of_range, t_invalid_argument, t_domain_error, t_length_error, t_overflow_error, t_underflow_error,
-    t_range_error, t_logic_error, t_runtime_error, t_bad_alloc, t_custom, t_int, t_derived_range,
-    t_derived_runtime, t_system_error, t_none
+    t_out_of_range,
+    t_invalid_argument,
+    t_domain_error,
+    t_length_error,
+    t_overflow_error,
+    t_underflow_error,
+    t_range_error,
+    t_logic_error,
+    t_runtime_error,
+    t_bad_alloc,
+    t_custom,
+    t_int,
+    t_derived_range,
+    t_derived_runtime,
+    t_system_error,
+    t_none
 };
 
 int throw_kind(int kind) {
@@ -140,8 +154,7 @@ int throw_kind(int kind) {
 }
 
 /// Runs `call` (which must throw) and checks the exception's exact dynamic type and what().
-template <class Expected, class Call>
-void require_rethrown_as(Call&& call, const std::string& what) {
+template <class Expected, class Call> void require_rethrown_as(Call&& call, const std::string& what) {
     try {
         call();
         FAIL("no exception was thrown");
@@ -152,8 +165,7 @@ void require_rethrown_as(Call&& call, const std::string& what) {
     }
 }
 
-template <class Range>
-std::vector<int> squares_of(const Range& xs) {
+template <class Range> std::vector<int> squares_of(const Range& xs) {
     std::vector<int> out;
     for (int x : xs) out.push_back(x * x);
     return out;
@@ -220,17 +232,18 @@ TEST_CASE("apply_async: error_callback receives the exception as a std::exceptio
     mproc::Pool pool(2);
     bool callback_ran = false;
     std::string seen_type, seen_what;
-    auto ar = pool.apply_async(throw_kind, std::tuple{int(t_invalid_argument)}, [&](int) { callback_ran = true; },
-                               [&](std::exception_ptr e) {
-                                   try {
-                                       std::rethrow_exception(e);
-                                   } catch (const std::invalid_argument& x) {
-                                       seen_type = "invalid_argument";
-                                       seen_what = x.what();
-                                   } catch (...) {
-                                       seen_type = "other";
-                                   }
-                               });
+    auto ar = pool.apply_async(
+        throw_kind, std::tuple{int(t_invalid_argument)}, [&](int) { callback_ran = true; },
+        [&](std::exception_ptr e) {
+            try {
+                std::rethrow_exception(e);
+            } catch (const std::invalid_argument& x) {
+                seen_type = "invalid_argument";
+                seen_what = x.what();
+            } catch (...) {
+                seen_type = "other";
+            }
+        });
     REQUIRE(ar.wait(60s));
     CHECK_FALSE(ar.successful());
     CHECK_THROWS_AS(ar.get(), std::invalid_argument);
@@ -241,8 +254,8 @@ TEST_CASE("apply_async: error_callback receives the exception as a std::exceptio
     // And a successful call does not run the error callback.
     bool error_ran = false;
     int value = 0;
-    auto ok = pool.apply_async(throw_kind, std::tuple{int(t_none)}, [&](int v) { value = v; },
-                               [&](std::exception_ptr) { error_ran = true; });
+    auto ok = pool.apply_async(
+        throw_kind, std::tuple{int(t_none)}, [&](int v) { value = v; }, [&](std::exception_ptr) { error_ran = true; });
     CHECK(ok.get() == t_none);
     CHECK(value == t_none);
     CHECK_FALSE(error_ran);
@@ -335,7 +348,8 @@ TEST_CASE("map returns results in input order, whatever the chunksize") {
     const auto xs = iota_vec(1000, -300);
     const auto expected = squares_of(xs);
     CHECK(pool.map(square, xs) == expected);  // default chunksize (about len / (4 * processes))
-    for (std::size_t chunksize : {std::size_t{1}, std::size_t{7}, std::size_t{64}, std::size_t{1000}, std::size_t{5000}}) {
+    for (std::size_t chunksize :
+         {std::size_t{1}, std::size_t{7}, std::size_t{64}, std::size_t{1000}, std::size_t{5000}}) {
         INFO("chunksize " << chunksize);
         CHECK(pool.map(square, xs, chunksize) == expected);
         CHECK(pool.map_async(square, xs, chunksize).get() == expected);
@@ -357,8 +371,9 @@ TEST_CASE("map_async: result, callback with the whole vector, and error_callback
     std::exception_ptr error;
     bool callback_ran = false;
     std::vector<int> kinds = {int(t_none), int(t_none), int(t_domain_error), int(t_none)};
-    auto bad = pool.map_async(throw_kind, kinds, 1, [&](const std::vector<int>&) { callback_ran = true; },
-                              [&](std::exception_ptr e) { error = e; });
+    auto bad = pool.map_async(
+        throw_kind, kinds, 1, [&](const std::vector<int>&) { callback_ran = true; },
+        [&](std::exception_ptr e) { error = e; });
     CHECK_THROWS_AS(bad.get(), std::domain_error);
     CHECK_FALSE(callback_ran);
     REQUIRE(error);
@@ -386,7 +401,8 @@ TEST_CASE("starmap and starmap_async unpack tuples and pairs, in order") {
     std::array<std::tuple<int, long, short>, 2> triples = {{{1, 2L, short{3}}, {4, 5L, short{6}}}};
     CHECK(pool.starmap(add3, triples) == std::vector<long>{6, 15});
     std::vector<std::tuple<std::string, int>> sargs = {{"a", 1}};
-    CHECK(pool.starmap([](std::string s, int n) { return s + std::to_string(n); }, sargs) == std::vector<std::string>{"a1"});
+    CHECK(pool.starmap([](std::string s, int n) { return s + std::to_string(n); }, sargs) ==
+          std::vector<std::string>{"a1"});
 }
 
 TEST_CASE("map, starmap and imap of an empty input") {
@@ -677,8 +693,7 @@ TEST_CASE("other exception types become mproc::RemoteError with the demangled ty
             std::rethrow_exception(p);
         } catch (const mproc::RemoteError& e) {
             type_seen = e.type_name();
-        } catch (...) {
-        }
+        } catch (...) {}
     });
     CHECK_THROWS_AS(ar.get(), mproc::Error);
     CHECK(type_seen == "pooltest_ns::CustomError");
@@ -769,7 +784,8 @@ TEST_CASE("a Pool destroyed with pending work returns promptly; its results fail
     std::vector<pid_t> workers;
     {
         mproc::Pool pool(2);
-        for (int i = 0; i < 20; ++i) outliving.push_back(pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), i}));
+        for (int i = 0; i < 20; ++i)
+            outliving.push_back(pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), i}));
         workers = pool_test::all_worker_pids(pool, 2);
         auto running = pool.imap(pool_test::gated_fd, std::vector<int>(3, gate.read_fd()));
         (void)running;

@@ -286,8 +286,7 @@ inline long square_or_die2(long i, long offset) {
 }
 
 /// Checks one outcome of the workload: the right value, or the right WorkerLost.
-template <class Get>
-void check_outcome(long i, Get&& get, std::set<pid_t>* dead_pids = nullptr) {
+template <class Get> void check_outcome(long i, Get&& get, std::set<pid_t>* dead_pids = nullptr) {
     INFO("item " << i);
     if (!dies(i)) {
         long v = -1;
@@ -341,14 +340,14 @@ inline bool gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
 /// The pool and everything it started are gone: this process has no child, live or zombie (checked
 /// at once: the fork server is reaped synchronously by join/terminate/the destructor), and none of
 /// the worker pids seen is still around.
-#define POOL_REQUIRE_NOTHING_LEFT(...)                                                             \
-    do {                                                                                           \
-        INFO("children: " << ::pool_test::describe_children());                                  \
-        CHECK(mproc_test::child_count() == 0);                                                     \
-        for (pid_t pid_ : std::vector<pid_t>{__VA_ARGS__}) {                                       \
-            INFO("worker " << pid_ << " is still there");                                         \
-            CHECK(::pool_test::gone(pid_));                                                        \
-        }                                                                                          \
+#define POOL_REQUIRE_NOTHING_LEFT(...)                          \
+    do {                                                        \
+        INFO("children: " << ::pool_test::describe_children()); \
+        CHECK(mproc_test::child_count() == 0);                  \
+        for (pid_t pid_ : std::vector<pid_t>{__VA_ARGS__}) {    \
+            INFO("worker " << pid_ << " is still there");       \
+            CHECK(::pool_test::gone(pid_));                     \
+        }                                                       \
     } while (0)
 
 }  // namespace pool_test

@@ -375,8 +375,7 @@ void churn_scenario() {
                 ++lost;
             }
         }
-        if (values != 200 || lost != 100)
-            fail("values " + std::to_string(values) + ", lost " + std::to_string(lost));
+        if (values != 200 || lost != 100) fail("values " + std::to_string(values) + ", lost " + std::to_string(lost));
 
         // Workers killed from outside while a map runs: every task completes or is lost.
         std::vector<long> ys(200, 1);

@@ -220,7 +220,8 @@ TEST_CASE("a capturing lambda sees the parent's data, and arguments are passed")
     REQUIRE(p.join());
     CHECK(p.exitcode() == 0);
 
-    mproc::Process q([](std::string name, int n) { ::_exit(name == "bob" && n == 42 ? 0 : 7); }, std::string("bob"), 42);
+    mproc::Process q([](std::string name, int n) { ::_exit(name == "bob" && n == 42 ? 0 : 7); }, std::string("bob"),
+                     42);
     q.start();
     REQUIRE(q.join());
     CHECK(q.exitcode() == 0);

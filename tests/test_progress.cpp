@@ -11,15 +11,13 @@
 #include <unistd.h>
 #include <vector>
 
-
 namespace {
 
 int square(int x) { return x * x; }
 
 /// Runs `body` in a child whose stderr is the slave side of a fresh pseudo-terminal (or, when
 /// `terminal` is false, a pipe) and returns everything it wrote there.
-template <class Body>
-std::string stderr_of(Body body, bool terminal) {
+template <class Body> std::string stderr_of(Body body, bool terminal) {
     int master = -1;
     int fds[2] = {-1, -1};
     pid_t pid;
@@ -62,7 +60,8 @@ std::string last_line(const std::string& text) {
     std::size_t end = text.find_last_not_of("\r\n");
     if (end == std::string::npos) return line;
     std::size_t begin = text.find_last_of('\r', end);
-    return text.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+    return text.substr(begin == std::string::npos ? 0 : begin + 1,
+                       end - (begin == std::string::npos ? 0 : begin + 1) + 1);
 }
 
 }  // namespace

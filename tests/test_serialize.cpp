@@ -240,7 +240,8 @@ TEST_CASE("arrays, pairs and tuples round trip") {
     check_round_trip(std::tuple<>{});
     check_round_trip(std::tuple<int>{9});
     check_round_trip(std::tuple<int, double, std::string, bool, Colour>{1, 2.0, "three", true, Colour::green});
-    check_round_trip(std::tuple<std::tuple<int, std::tuple<std::string>>, std::pair<char, char>>{{1, {"x"}}, {'a', 'b'}});
+    check_round_trip(
+        std::tuple<std::tuple<int, std::tuple<std::string>>, std::pair<char, char>>{{1, {"x"}}, {'a', 'b'}});
 }
 
 TEST_CASE("optionals and variants round trip, empty and monostate included") {
@@ -465,8 +466,8 @@ TEST_CASE("invalid tags are SerializationErrors") {
     CHECK_THROWS_AS(mproc::from_bytes<bool>(Bytes{std::byte{2}}), mproc::SerializationError);
     CHECK_THROWS_AS(mproc::from_bytes<std::vector<bool>>(length_bytes(1) + Bytes{std::byte{0xff}}),
                     mproc::SerializationError);
-    CHECK_THROWS_AS(mproc::from_bytes<std::optional<int>>(Bytes{std::byte{7}, std::byte{0}, std::byte{0},
-                                                                std::byte{0}, std::byte{0}}),
+    CHECK_THROWS_AS(mproc::from_bytes<std::optional<int>>(
+                        Bytes{std::byte{7}, std::byte{0}, std::byte{0}, std::byte{0}, std::byte{0}}),
                     mproc::SerializationError);
     // Variant index 2 of a two-alternative variant, and the largest index there is.
     for (std::uint32_t index : {2u, 0xffffffffu}) {
@@ -585,9 +586,8 @@ TEST_CASE("a length of elements small when encoded but large in memory reserves 
           "SerializationError");
     // The same inside a well-formed outer value, and as a map's values.
     const Bytes nested = length_bytes(1) + records;
-    CHECK(decode_in_small_address_space([&] {
-              (void)mproc::from_bytes<std::vector<std::vector<BigRecord>>>(nested);
-          }) == "SerializationError");
+    CHECK(decode_in_small_address_space(
+              [&] { (void)mproc::from_bytes<std::vector<std::vector<BigRecord>>>(nested); }) == "SerializationError");
 
     // Through a Pipe: 60,000 bytes claiming 60,000 optional<array<double, 4096>> (32 KiB each,
     // 1.8 GiB in all) whose first presence byte is invalid. (Small enough for the pipe's buffer:
@@ -634,8 +634,7 @@ template <class T> void fuzz_decode(const std::vector<T>& seeds_values, int seed
             if (base.empty()) continue;
             Bytes mutated = base;
             const int edits = 1 + static_cast<int>(rng() % 4);
-            for (int e = 0; e < edits; ++e)
-                mutated[rng() % mutated.size()] = static_cast<std::byte>(rng() & 0xff);
+            for (int e = 0; e < edits; ++e) mutated[rng() % mutated.size()] = static_cast<std::byte>(rng() & 0xff);
             failures += decode_fails_cleanly<T>(mutated);
             // ...cut at a random point, or with noise appended.
             const Bytes cut(mutated.begin(), mutated.begin() + static_cast<std::ptrdiff_t>(rng() % mutated.size()));
@@ -682,8 +681,8 @@ TEST_CASE("decoded values that re-encode are canonical: a successful decode re-e
     std::size_t decoded = 0;
     for (int seed = 0; seed < 2000; ++seed) {
         std::mt19937_64 rng(static_cast<std::uint64_t>(seed) + 77);
-        const auto base = mproc::to_bytes(std::tuple<std::vector<std::uint8_t>, bool, std::optional<std::int16_t>>{
-            {1, 2}, true, std::int16_t{3}});
+        const auto base = mproc::to_bytes(
+            std::tuple<std::vector<std::uint8_t>, bool, std::optional<std::int16_t>>{{1, 2}, true, std::int16_t{3}});
         Bytes mutated = base;
         mutated[rng() % mutated.size()] = static_cast<std::byte>(rng() & 0xff);
         using T = std::tuple<std::vector<std::uint8_t>, bool, std::optional<std::int16_t>>;
@@ -691,8 +690,7 @@ TEST_CASE("decoded values that re-encode are canonical: a successful decode re-e
             const T value = mproc::from_bytes<T>(mutated);
             ++decoded;
             CHECK(mproc::to_bytes(value) == mutated);
-        } catch (const mproc::SerializationError&) {
-        }
+        } catch (const mproc::SerializationError&) {}
     }
     CHECK(decoded > 0);
 }

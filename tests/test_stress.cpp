@@ -290,8 +290,9 @@ TEST_CASE("Pool of 2: 20,000 tasks while another process SIGKILLs a random worke
 // SharedDict: 8 processes, one SIGKILLed every 200 ms
 // =================================================================================================
 
-TEST_CASE("SharedDict: 8 processes increment while one of them is SIGKILLed every 200 ms, and no increment is lost or doubled",
-          "[stress]") {
+TEST_CASE(
+    "SharedDict: 8 processes increment while one of them is SIGKILLed every 200 ms, and no increment is lost or doubled",
+    "[stress]") {
     constexpr int slots = 8;
     const int kills_wanted = static_cast<int>(scaled(60));
     Watchdog dog(1000s, "SharedDict under SIGKILL every 200 ms");
@@ -381,9 +382,10 @@ TEST_CASE("SharedDict: 8 processes increment while one of them is SIGKILLed ever
         CHECK(landed <= ledger_begun[s]);
         CHECK(landed - ledger_done[s] <= slot_kills[s]);
     }
-    figures("SharedDict: 8 processes, %d SIGKILLs (one per 200 ms) in %.2f s: d[\"count\"] += 1 returned %ld times, "
-            "count %ld (%ld in flight at a kill landed); ledger %ld returned, total %ld",
-            kills, elapsed, pd, count, count - pd, ld, tally[0]);
+    figures(
+        "SharedDict: 8 processes, %d SIGKILLs (one per 200 ms) in %.2f s: d[\"count\"] += 1 returned %ld times, "
+        "count %ld (%ld in flight at a kill landed); ledger %ld returned, total %ld",
+        kills, elapsed, pd, count, count - pd, ld, tally[0]);
     CHECK(tally[0] == tally_sum);  // each update() landed whole or not at all
     CHECK(tally[0] >= ld);
     CHECK(tally[0] - ld <= kills);
@@ -518,9 +520,10 @@ TEST_CASE("Pipe: a writer killed mid-message leaves whole messages, then Seriali
         cut += r.cut ? 1 : 0;
         ++rounds;
     }
-    figures("Pipe: %ld writers killed mid-stream in %.2f s: %ld whole messages received intact, %ld kills cut a "
-            "message (SerializationError), %ld fell between messages (EOFError)",
-            rounds, seconds_since(start), messages, cut, rounds - cut);
+    figures(
+        "Pipe: %ld writers killed mid-stream in %.2f s: %ld whole messages received intact, %ld kills cut a "
+        "message (SerializationError), %ld fell between messages (EOFError)",
+        rounds, seconds_since(start), messages, cut, rounds - cut);
     CHECK(cut >= 2);
     CHECK(child_count() == 0);
 }

@@ -240,10 +240,19 @@ TEST_CASE("Semaphore::release past the 32-bit value is an mproc::Error, never a 
     CHECK(sem.acquire(0s));
     CHECK(sem.get_value() == max - 1);
     // An overflow attempted in another process fails there and changes nothing here either.
-    mproc::Process child([&] { std::_Exit(sem.get_value() == max - 1 && [&] {
-                                              try { sem.release(2); } catch (const mproc::Error&) { return true; }
-                                              return false;
-                                          }() ? 0 : 1); });
+    mproc::Process child([&] {
+        std::_Exit(sem.get_value() == max - 1 &&
+                           [&] {
+                               try {
+                                   sem.release(2);
+                               } catch (const mproc::Error&) {
+                                   return true;
+                               }
+                               return false;
+                           }()
+                       ? 0
+                       : 1);
+    });
     child.start();
     REQUIRE(child.join(60s));
     CHECK(child.exitcode() == 0);
@@ -399,9 +408,7 @@ TEST_CASE("Array is zero-initialised and shared") {
     big[(1 << 20) - 1] = 9;
     run_processes(1, [&](int) { big[0] = big[(1 << 20) - 1] + 1; });
     CHECK(big[0] == 10);
-    {
-        std::lock_guard guard(arr.get_lock());
-    }
+    { std::lock_guard guard(arr.get_lock()); }
     CHECK(child_count() == 0);
 }
 
@@ -690,7 +697,8 @@ TEST_CASE("An object created after the Pool: its tasks fail with an mproc::Error
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Timed waits across processes: each gives up no sooner than asked, and succeeds when the other side acts in time") {
+TEST_CASE(
+    "Timed waits across processes: each gives up no sooner than asked, and succeeds when the other side acts in time") {
     mproc::Lock lock;
     mproc::RLock rlock;
     mproc::Semaphore sem(2);
@@ -870,7 +878,8 @@ TEST_CASE("Processes blocked in Lock, RLock, Semaphore, Event, Barrier and get_l
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Nothing in /dev/shm, even after children killed by SIGKILL mid-use: every shared object is a memfd, freed with its last handle") {
+TEST_CASE(
+    "Nothing in /dev/shm, even after children killed by SIGKILL mid-use: every shared object is a memfd, freed with its last handle") {
     const auto shm_before = mproc_test::dev_shm_names();
     const pid_t me = ::getpid();
     const std::size_t queues_before = mproc_test::memfd_mappings(me, "mproc-queue").size();

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dirent.h>
 #include <fstream>
 #include <map>
 #include <sched.h>
@@ -28,7 +29,6 @@
 #include <unistd.h>
 #include <utility>
 #include <vector>
-#include <dirent.h>
 
 namespace bench {
 
@@ -60,7 +60,8 @@ public:
             std::string key = argv[i];
             if (key.rfind("--", 0) != 0) die("unexpected argument " + key);
             key = key.substr(2);
-            if (i + 1 < argc && std::string_view(argv[i + 1]).rfind("--", 0) != 0) values_[key] = std::string(argv[++i]);
+            if (i + 1 < argc && std::string_view(argv[i + 1]).rfind("--", 0) != 0)
+                values_[key] = std::string(argv[++i]);
             else values_[key] = std::string(1, '1');
         }
     }

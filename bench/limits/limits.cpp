@@ -267,7 +267,8 @@ void shm_ring(const std::string& op, std::size_t size, long long n) {
         r.read(reinterpret_cast<char*>(&len), sizeof len);
         if (len != size) bench::die("wrong result: ring length");
         r.read(msg.data(), size);
-        if (!bench::stamp_matches(msg.data(), size, static_cast<std::uint64_t>(i))) bench::die("wrong result: ring message");
+        if (!bench::stamp_matches(msg.data(), size, static_cast<std::uint64_t>(i)))
+            bench::die("wrong result: ring message");
     };
     receive(0);
     const std::int64_t t0 = bench::now_ns();
@@ -302,8 +303,9 @@ void shm_memcpy(const bench::Args& args) {
         std::memcpy(shm + static_cast<std::size_t>(i % static_cast<long long>(slots)) * size, src.data(), size);
     }
     const double s = bench::seconds_since(t0);
-    bench::check(shm[static_cast<std::size_t>((n - 1) % static_cast<long long>(slots)) * size] == static_cast<char>(n - 1),
-                 "memcpy landed");
+    bench::check(
+        shm[static_cast<std::size_t>((n - 1) % static_cast<long long>(slots)) * size] == static_cast<char>(n - 1),
+        "memcpy landed");
     ::munmap(shm, size * slots);
     bench::Record("shm_memcpy", "limit", static_cast<double>(size) * static_cast<double>(n) / s / 1e6, "MB/s")
         .set("size", static_cast<double>(size))
@@ -358,12 +360,14 @@ int main(int argc, char** argv) {
     const long long budget = args.num("bytes", 64LL << 20);
     const std::vector<long long> sizes = args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20});
     if (op == "pipe_rtt") pipe_rtt(args);
-    else if (op == "pipe_oneway") pipe_oneway("pipe_oneway", static_cast<std::size_t>(args.num("size", 1 << 20)), args.num("n", 512));
+    else if (op == "pipe_oneway")
+        pipe_oneway("pipe_oneway", static_cast<std::size_t>(args.num("size", 1 << 20)), args.num("n", 512));
     else if (op == "pipe_sweep") {
         for (long long size : sizes)
             pipe_oneway("pipe_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
     } else if (op == "fork_wait") fork_wait(args);
-    else if (op == "shm_ring") shm_ring("queue_tput", static_cast<std::size_t>(args.num("size", 64)), args.num("n", 200'000));
+    else if (op == "shm_ring")
+        shm_ring("queue_tput", static_cast<std::size_t>(args.num("size", 64)), args.num("n", 200'000));
     else if (op == "ring_sweep") {
         for (long long size : sizes)
             shm_ring("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));

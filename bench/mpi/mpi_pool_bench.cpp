@@ -59,8 +59,9 @@ int main(int argc, char** argv) {
         workers = pool.processes();
         rate = best_rate(pool, xs, chunksize, repeat);
     }
-    std::printf("{\"op\": \"pool_map\", \"impl\": \"%s\", \"value\": %.0f, \"unit\": \"tasks/s\", \"n\": %zu, "
-                "\"chunksize\": %zu, \"workers\": %u}\n",
-                local ? "mproc.Pool" : "mproc.mpi.Pool", rate, n, chunksize, workers);
+    std::printf(
+        "{\"op\": \"pool_map\", \"impl\": \"%s\", \"value\": %.0f, \"unit\": \"tasks/s\", \"n\": %zu, "
+        "\"chunksize\": %zu, \"workers\": %u}\n",
+        local ? "mproc.Pool" : "mproc.mpi.Pool", rate, n, chunksize, workers);
     return 0;
 }

@@ -52,7 +52,9 @@ void bench_rtt(const bench::Args& args) {
     here.send(std::string());
     echo.join();
     bench::check(echo.exitcode() == 0, "echo process exit code");
-    bench::latency_record(pin ? "pipe_rtt_pinned" : "pipe_rtt", "mproc", lat).set("size", static_cast<double>(size)).print();
+    bench::latency_record(pin ? "pipe_rtt_pinned" : "pipe_rtt", "mproc", lat)
+        .set("size", static_cast<double>(size))
+        .print();
 }
 
 /// One-way throughput at one size: a child sends n + 1 messages, the clock starts at the first.
@@ -73,7 +75,8 @@ void oneway(const std::string& op, std::size_t size, long long n) {
     const std::int64_t t0 = bench::now_ns();
     for (long long i = 1; i <= n; ++i) {
         const std::vector<std::byte> m = reader.recv_bytes();
-        if (m.size() != size || !bench::stamp_matches(reinterpret_cast<const char*>(m.data()), size, static_cast<std::uint64_t>(i)))
+        if (m.size() != size ||
+            !bench::stamp_matches(reinterpret_cast<const char*>(m.data()), size, static_cast<std::uint64_t>(i)))
             bench::die("wrong result: message " + std::to_string(i) + " of " + std::to_string(size) + " B");
     }
     const double s = bench::seconds_since(t0);
@@ -95,7 +98,8 @@ int main(int argc, char** argv) {
     const std::string& op = args.op();
     try {
         if (op == "rtt") bench_rtt(args);
-        else if (op == "oneway") oneway("pipe_oneway", static_cast<std::size_t>(args.num("size", 1 << 20)), args.num("n", 512));
+        else if (op == "oneway")
+            oneway("pipe_oneway", static_cast<std::size_t>(args.num("size", 1 << 20)), args.num("n", 512));
         else if (op == "sweep") {
             const long long budget = args.num("bytes", 64LL << 20);
             for (long long size : args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20}))

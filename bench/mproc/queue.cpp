@@ -56,7 +56,8 @@ void idle(const bench::Args& args) {
     });
     consumer.start();
     bench::sleep_s(0.2);
-    bench::idle_record("idle_queue_consumer", "mproc", {consumer.pid()}, static_cast<double>(args.num("ms", 1000)) / 1000.0);
+    bench::idle_record("idle_queue_consumer", "mproc", {consumer.pid()},
+                       static_cast<double>(args.num("ms", 1000)) / 1000.0);
     q.put("stop");
     consumer.join();
     bench::check(consumer.exitcode() == 0, "consumer exit code");

@@ -112,8 +112,7 @@ private:
 }  // namespace detail
 
 /// A range that yields what `range` yields and draws a progress bar as the loop advances.
-template <class Range>
-class ProgressRange {
+template <class Range> class ProgressRange {
 public:
     ProgressRange(Range&& range, std::size_t total) : range_(std::forward<Range>(range)), total_(total) {}
 
@@ -130,8 +129,7 @@ public:
             return *this;
         }
         void operator++(int) { ++*this; }
-        template <class Sentinel>
-        friend bool operator==(const iterator& i, const Sentinel& s) {
+        template <class Sentinel> friend bool operator==(const iterator& i, const Sentinel& s) {
             const bool end = i.it_ == s.end_;
             if (end) i.bar_->finish();
             return end;
@@ -161,13 +159,11 @@ private:
 
 /// Wraps `range` so that looping over it draws a tqdm-style bar on stderr (when it is a
 /// terminal): done/total, rate, elapsed time and the time left.
-template <class Range>
-ProgressRange<Range> progress(Range&& range, std::size_t total) {
+template <class Range> ProgressRange<Range> progress(Range&& range, std::size_t total) {
     return ProgressRange<Range>(std::forward<Range>(range), total);
 }
 /// The same, taking the total from a sized range.
-template <std::ranges::sized_range Range>
-ProgressRange<Range> progress(Range&& range) {
+template <std::ranges::sized_range Range> ProgressRange<Range> progress(Range&& range) {
     const auto total = static_cast<std::size_t>(std::ranges::size(range));
     return ProgressRange<Range>(std::forward<Range>(range), total);
 }

@@ -123,8 +123,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                         fail("put on a closed handle succeeded", step);
                     } catch (const mproc::Full&) {
                         fail("put on a closed handle threw Full", step);
-                    } catch (const mproc::Error&) {
-                    }
+                    } catch (const mproc::Error&) {}
                     break;
                 }
                 try {
@@ -164,8 +163,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                     try {
                         (void)q.get(std::chrono::microseconds(50));
                         fail("get on an empty queue returned", step);
-                    } catch (const mproc::Empty&) {
-                    }
+                    } catch (const mproc::Empty&) {}
                 }
                 break;
             }
@@ -247,8 +245,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 try {
                     counters[k] = n;
                     cm[k] = n;
-                } catch (const mproc::Full&) {
-                }
+                } catch (const mproc::Full&) {}
                 break;
             }
             case 14:

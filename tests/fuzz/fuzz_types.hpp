@@ -42,31 +42,15 @@ struct Empty {  // a user type that encodes to nothing: its container elements c
 // Every type here is compared by value after a round trip; floating-point types are compared by
 // their encodings only (NaN != NaN).
 using Types = std::tuple<
-    std::int64_t,
-    bool,
-    Colour,
-    std::string,
-    std::vector<std::int32_t>,
-    std::vector<bool>,
-    std::vector<std::string>,
-    std::vector<std::vector<std::uint8_t>>,
-    std::map<std::string, std::vector<std::int64_t>>,
-    std::set<std::int32_t>,
-    std::unordered_map<std::int32_t, std::string>,
-    std::unordered_set<std::string>,
+    std::int64_t, bool, Colour, std::string, std::vector<std::int32_t>, std::vector<bool>, std::vector<std::string>,
+    std::vector<std::vector<std::uint8_t>>, std::map<std::string, std::vector<std::int64_t>>, std::set<std::int32_t>,
+    std::unordered_map<std::int32_t, std::string>, std::unordered_set<std::string>,
     std::pair<std::string, std::optional<std::uint16_t>>,
     std::tuple<std::int8_t, std::string, std::array<std::uint16_t, 3>>,
     std::variant<std::monostate, std::int32_t, std::string, std::vector<std::string>>,
-    std::optional<std::vector<std::optional<std::string>>>,
-    std::chrono::duration<std::int64_t, std::milli>,
-    std::vector<std::monostate>,
-    std::vector<Empty>,
-    std::map<std::int32_t, std::tuple<>>,
-    std::array<std::monostate, 4>,
-    Plain,
-    std::vector<Plain>,
-    Point,
-    std::vector<Point>,
+    std::optional<std::vector<std::optional<std::string>>>, std::chrono::duration<std::int64_t, std::milli>,
+    std::vector<std::monostate>, std::vector<Empty>, std::map<std::int32_t, std::tuple<>>,
+    std::array<std::monostate, 4>, Plain, std::vector<Plain>, Point, std::vector<Point>,
     std::map<std::string, std::variant<std::int64_t, double, std::string>>>;
 constexpr std::size_t type_count = std::tuple_size_v<Types>;
 
