@@ -12,6 +12,7 @@
 #include <numeric>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <utility>
 
 using namespace std::chrono_literals;
 using pool_test::Watchdog;
@@ -83,6 +84,28 @@ void become_subject_to_nproc() {
     ::setgroups(0, nullptr);
     expect(::setgid(65534) == 0 && ::setuid(65534) == 0, "setuid(nobody)");
 }
+
+/// Lowers this process's soft limit of `resource` to `soft` for its lifetime (or until restore()).
+class ScopedLimit {
+public:
+    ScopedLimit(int resource, rlim_t soft) : resource_(resource) {
+        expect(::getrlimit(resource_, &old_) == 0, "getrlimit");
+        rlimit tight = old_;
+        tight.rlim_cur = soft;
+        expect(::setrlimit(resource_, &tight) == 0, "setrlimit");
+    }
+    ScopedLimit(const ScopedLimit&) = delete;
+    ScopedLimit& operator=(const ScopedLimit&) = delete;
+    ~ScopedLimit() { restore(); }
+    void restore() {
+        if (std::exchange(active_, false)) ::setrlimit(resource_, &old_);
+    }
+
+private:
+    int resource_;
+    rlimit old_{};
+    bool active_ = true;
+};
 
 }  // namespace
 
@@ -273,17 +296,13 @@ TEST_CASE("a pool whose respawn cannot get descriptors keeps serving on the work
         mproc::Pool pool(2);
         const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
         // Use up every descriptor the limit allows, so that a replacement cannot get its channel.
-        rlimit old{};
-        ::getrlimit(RLIMIT_NOFILE, &old);
-        rlimit tight = old;
-        tight.rlim_cur = open_fds() + 8;
-        ::setrlimit(RLIMIT_NOFILE, &tight);
+        ScopedLimit limit(RLIMIT_NOFILE, open_fds() + 8);
         std::vector<int> hogs;
         for (int fd; (fd = ::dup(0)) >= 0;) hogs.push_back(fd);
         ::kill(workers[0], SIGKILL);
         for (int i = 0; i < 50; ++i) expect(pool.apply(square, i) == i * i, "a task on the remaining worker");
         for (int fd : hogs) ::close(fd);
-        ::setrlimit(RLIMIT_NOFILE, &old);
+        limit.restore();
         const auto deadline = std::chrono::steady_clock::now() + 60s;
         while (pool.worker_pids().size() != 2) {
             expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
@@ -348,11 +367,7 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
         int failures = 0;
         for (int spare = 0; spare <= 12; ++spare) {
             const std::size_t before = open_fds();
-            rlimit old{};
-            ::getrlimit(RLIMIT_NOFILE, &old);
-            rlimit tight = old;
-            tight.rlim_cur = before + static_cast<rlim_t>(spare) + 8;
-            ::setrlimit(RLIMIT_NOFILE, &tight);
+            ScopedLimit limit(RLIMIT_NOFILE, before + static_cast<rlim_t>(spare) + 8);
             std::vector<int> hogs;
             for (int i = 0; i < 8; ++i) hogs.push_back(::dup(0));
             bool threw = false;
@@ -366,7 +381,7 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
                 throw std::runtime_error(std::string("not an mproc::Error: ") + e.what());
             }
             for (int fd : hogs) ::close(fd);
-            ::setrlimit(RLIMIT_NOFILE, &old);
+            limit.restore();
             expect(mproc_test::child_count() == 0,
                    "no process left after spare " + std::to_string(spare) + (threw ? " (threw)" : ""));
             expect(open_fds() == before, "no descriptor left after spare " + std::to_string(spare));
@@ -402,12 +417,8 @@ TEST_CASE("a Pool constructor whose thread cannot start throws mproc::Error and 
     if (skip_under_thread_sanitizer()) return;
     in_child([] {
         become_subject_to_nproc();
-        rlimit old{};
-        ::getrlimit(RLIMIT_NPROC, &old);
         // Room for the fork server, not for the pool's thread (nor for workers).
-        rlimit tight = old;
-        tight.rlim_cur = static_cast<rlim_t>(tasks_of_user(::getuid()) + 1);
-        expect(::setrlimit(RLIMIT_NPROC, &tight) == 0, "setrlimit");
+        ScopedLimit limit(RLIMIT_NPROC, static_cast<rlim_t>(tasks_of_user(::getuid()) + 1));
         bool threw = false;
         try {
             mproc::Pool pool(2);
@@ -416,7 +427,7 @@ TEST_CASE("a Pool constructor whose thread cannot start throws mproc::Error and 
         } catch (const std::exception& e) {
             throw std::runtime_error(std::string("not an mproc::Error: ") + e.what());
         }
-        ::setrlimit(RLIMIT_NPROC, &old);
+        limit.restore();
         expect(threw, "the constructor to fail");
         expect(mproc_test::child_count() == 0, "no process left");
         mproc::Pool pool(2);  // and with the limit lifted, a pool starts

@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "fragile.hpp"
 #include "mpi/mpi_testlib.hpp"
 #include "test_pool_common.hpp"
 
@@ -320,19 +321,7 @@ TEST_CASE("standard exceptions keep their type and what(); others become mproc::
 }
 
 namespace {
-/// Encoding throws half-way when n is 13; decoding throws when n is 7.
-struct Fragile {
-    long n = 0;
-    std::string text;
-    template <class Archive> void serialize(Archive& ar) {
-        ar(n);
-        if constexpr (std::is_same_v<Archive, mproc::Writer>)
-            if (n == 13) throw std::runtime_error("13 cannot be encoded");
-        if constexpr (std::is_same_v<Archive, mproc::Reader>)
-            if (n == 7) throw std::invalid_argument("7 is refused on decoding");
-        ar(text);
-    }
-};
+using mproc_test::Fragile;
 Fragile make_fragile(long n) { return Fragile{n, std::to_string(n)}; }
 long fragile_number(Fragile f) { return f.n; }
 }  // namespace
