@@ -14,16 +14,12 @@
 #pragma once
 
 #include <algorithm>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <iterator>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <ranges>
 #include <tuple>
@@ -33,6 +29,7 @@
 
 #include "async_result.hpp"
 #include "detail/os/cpu.hpp"
+#include "detail/pool/chunking.hpp"
 #include "detail/pool/engine.hpp"
 #include "detail/pool/fork_engine.hpp"
 #include "detail/pool/invoke.hpp"
@@ -42,170 +39,6 @@
 #include "serialize.hpp"
 
 namespace mproc {
-
-namespace detail {
-
-template <class F> constexpr void require_task_callable() {
-    static_assert(is_task_callable_v<F>,
-                  "mproc::Pool: a task must be a function pointer or a stateless callable (a lambda "
-                  "without captures). A worker is another process and cannot see captured variables: "
-                  "pass values as arguments instead.");
-}
-
-template <class F, class Args> constexpr void require_invocable_with() {
-    constexpr bool ok = []<class... A>(std::tuple<A...>*) {
-        return std::is_invocable_v<F&, A&&...>;
-    }(static_cast<Args*>(nullptr));
-    static_assert(ok, "mproc::Pool: the task cannot be called with these arguments");
-}
-
-/// A range element as the argument tuple of one call: map passes the element, starmap unpacks it.
-template <class E, bool Star> struct item_args {
-    using type = std::tuple<E>;
-};
-template <class E> struct item_args<E, true> {
-    using type = decltype([]<std::size_t... I>(std::index_sequence<I...>) {
-        return std::tuple<std::decay_t<std::tuple_element_t<I, E>>...>{};
-    }(std::make_index_sequence<std::tuple_size_v<E>>{}));
-};
-template <class Range, bool Star>
-using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<Range>>, Star>::type;
-
-/// How many bytes of items a default-sized chunk holds at most. A chunk this size, and its result
-/// when the values are of similar size, fits a worker's task and result rings
-/// (SharedSeats::ring_capacity / 4), so map streams through shared memory with no system call while
-/// the workers are busy; bigger chunks would travel on the worker's socket.
-inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
-
-/// Encodes up to `n` items from `it` into one task, and stops early once the items take
-/// `max_bytes` (at least one item is taken). Returns the items taken. An exception from the input
-/// (advancing it, reading an element, encoding one) propagates — or, given `input_error`, is
-/// stored there and ends the chunk after the items already encoded (the partial item is dropped).
-template <class F, class Args, class It, class End>
-std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, const End& end, std::size_t n,
-                           std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
-    task.id = engine.next_task_id();
-    begin_chunk_frame<F, Args>(task.frame, task.id, 0, f);
-    const std::size_t start = task.frame.size();
-    // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
-    constexpr std::size_t item_min = sizeof(std::uint32_t) + min_encoded_size<Args>();
-    task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
-    Writer out(task.frame);
-    std::uint32_t taken = 0;
-    std::size_t whole = out.position();  // where the last complete item record ends
-    try {
-        while (taken < n && it != end) {
-            write_record(out, *it);
-            whole = out.position();
-            ++taken;
-            ++it;
-            if (task.frame.size() - start >= max_bytes) break;
-        }
-    } catch (...) {
-        if (!input_error) throw;
-        *input_error = std::current_exception();
-        out.rewind(whole);
-    }
-    set_task_count(task.frame, taken);
-    end_task_frame(task.frame, {});
-    task.count = taken;
-    return taken;
-}
-
-/// Python's default: about four chunks per worker (map's default chunks are also cut at
-/// default_chunk_bytes).
-inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
-    if (items == 0) return 1;
-    const std::size_t per = std::size_t{processes} * 4;
-    return items / per + (items % per ? 1 : 0);
-}
-
-/// Outcomes of an imap, kept until the loop asks for them.
-template <class R, bool Ordered> class ImapState final : public ResultSink {
-public:
-    struct Item {
-        std::optional<R> value;
-        std::exception_ptr error;
-    };
-
-    explicit ImapState(std::thread::id collector) : collector_(collector) {}
-
-    void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
-                 std::span<const std::uint32_t> skips) override {
-        std::vector<std::pair<std::size_t, Item>> got;
-        got.reserve(outcomes.size());
-        for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
-            if (is_skipped(skips, i)) continue;
-            const OutcomeRecord& o = outcomes[i];
-            Item item;
-            if (o.outcome == Outcome::value) {
-                try {
-                    decode_value_into(o.bytes, item.value.emplace());
-                } catch (...) {
-                    item.value.reset();
-                    item.error = std::current_exception();
-                }
-            } else {
-                item.error = outcome_error(o);
-            }
-            got.emplace_back(first + i, std::move(item));
-        }
-        {
-            std::lock_guard lock(mutex_);
-            if (abandoned_) return;
-            for (auto& [index, item] : got) put_locked(index, std::move(item));
-        }
-        arrived_.notify_all();
-    }
-    void fail(std::size_t index, std::exception_ptr error) override {
-        {
-            std::lock_guard lock(mutex_);
-            if (abandoned_) return;
-            put_locked(index, Item{std::nullopt, std::move(error)});
-        }
-        arrived_.notify_all();
-    }
-
-    /// Waits for the next item in the iteration's order (index `next` when ordered).
-    Item take(std::size_t next) {
-        std::unique_lock lock(mutex_);
-        if (std::this_thread::get_id() == collector_ && !has_locked(next))
-            throw Error("iterating a Pool's imap inside a Pool callback would deadlock");
-        arrived_.wait(lock, [&] { return has_locked(next); });
-        if constexpr (Ordered) {
-            auto node = ordered_.extract(next);
-            return std::move(node.mapped());
-        } else {
-            Item item = std::move(unordered_.front());
-            unordered_.pop_front();
-            return item;
-        }
-    }
-    void abandon() {
-        std::lock_guard lock(mutex_);
-        abandoned_ = true;
-        ordered_.clear();
-        unordered_.clear();
-    }
-
-private:
-    void put_locked(std::size_t index, Item&& item) {
-        if constexpr (Ordered) ordered_.emplace(index, std::move(item));
-        else unordered_.push_back(std::move(item));
-    }
-    bool has_locked(std::size_t next) const {
-        if constexpr (Ordered) return ordered_.count(next) != 0;
-        else return !unordered_.empty();
-    }
-    std::mutex mutex_;
-    std::condition_variable arrived_;
-    bool abandoned_ = false;
-    std::map<std::size_t, Item> ordered_;
-    std::deque<Item> unordered_;
-    std::thread::id collector_;
-};
-
-}  // namespace detail
 
 /// The lazy result of Pool::imap / imap_unordered: an input range. Only a bounded window of
 /// items is in flight; the input is read as the loop advances, so an endless input works when the

@@ -43,6 +43,21 @@ inline constexpr bool is_task_callable_v = std::is_pointer_v<F> ? std::is_functi
                                                                 : (std::is_class_v<F> && std::is_empty_v<F> &&
                                                                    std::is_default_constructible_v<F>);
 
+/// The compile-time checks of a task: a callable a worker can run, with these arguments.
+template <class F> constexpr void require_task_callable() {
+    static_assert(is_task_callable_v<F>,
+                  "mproc::Pool: a task must be a function pointer or a stateless callable (a lambda "
+                  "without captures). A worker is another process and cannot see captured variables: "
+                  "pass values as arguments instead.");
+}
+
+template <class F, class Args> constexpr void require_invocable_with() {
+    constexpr bool ok = []<class... A>(std::tuple<A...>*) {
+        return std::is_invocable_v<F&, A&&...>;
+    }(static_cast<Args*>(nullptr));
+    static_assert(ok, "mproc::Pool: the task cannot be called with these arguments");
+}
+
 template <class F> void write_callable(Writer& out, const F& f) {
     if constexpr (std::is_pointer_v<F>) {
         const auto address = reinterpret_cast<std::uintptr_t>(f);

@@ -7,13 +7,16 @@
 // is ResultCore. What differs is where a decoded value goes: SingleResult<R> (apply_async) holds
 // one value, ManyResult<R> (map_async, starmap_async) a vector with one place per item. Each says
 // so in two members, store() and finish(), which the core calls without a virtual call (CRTP).
+// imap's state (ImapState) keeps each item's value or error until the loop takes it.
 #pragma once
 
 #include <algorithm>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -273,6 +276,91 @@ public:
 
 private:
     std::conditional_t<std::is_void_v<R>, char, std::vector<stored_t<R>>> values_{};
+};
+
+/// Outcomes of an imap, kept until the loop asks for them.
+template <class R, bool Ordered> class ImapState final : public ResultSink {
+public:
+    struct Item {
+        std::optional<R> value;
+        std::exception_ptr error;
+    };
+
+    explicit ImapState(std::thread::id collector) : collector_(collector) {}
+
+    void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
+                 std::span<const std::uint32_t> skips) override {
+        std::vector<std::pair<std::size_t, Item>> got;
+        got.reserve(outcomes.size());
+        for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
+            if (is_skipped(skips, i)) continue;
+            const OutcomeRecord& o = outcomes[i];
+            Item item;
+            if (o.outcome == Outcome::value) {
+                try {
+                    decode_value_into(o.bytes, item.value.emplace());
+                } catch (...) {
+                    item.value.reset();
+                    item.error = std::current_exception();
+                }
+            } else {
+                item.error = outcome_error(o);
+            }
+            got.emplace_back(first + i, std::move(item));
+        }
+        {
+            std::lock_guard lock(mutex_);
+            if (abandoned_) return;
+            for (auto& [index, item] : got) put_locked(index, std::move(item));
+        }
+        arrived_.notify_all();
+    }
+    void fail(std::size_t index, std::exception_ptr error) override {
+        {
+            std::lock_guard lock(mutex_);
+            if (abandoned_) return;
+            put_locked(index, Item{std::nullopt, std::move(error)});
+        }
+        arrived_.notify_all();
+    }
+
+    /// Waits for the next item in the iteration's order (index `next` when ordered).
+    Item take(std::size_t next) {
+        std::unique_lock lock(mutex_);
+        if (std::this_thread::get_id() == collector_ && !has_locked(next))
+            throw Error("iterating a Pool's imap inside a Pool callback would deadlock");
+        arrived_.wait(lock, [&] { return has_locked(next); });
+        if constexpr (Ordered) {
+            auto node = ordered_.extract(next);
+            return std::move(node.mapped());
+        } else {
+            Item item = std::move(unordered_.front());
+            unordered_.pop_front();
+            return item;
+        }
+    }
+    void abandon() {
+        std::lock_guard lock(mutex_);
+        abandoned_ = true;
+        ordered_.clear();
+        unordered_.clear();
+    }
+
+private:
+    void put_locked(std::size_t index, Item&& item) {
+        if constexpr (Ordered) ordered_.emplace(index, std::move(item));
+        else unordered_.push_back(std::move(item));
+    }
+    bool has_locked(std::size_t next) const {
+        if constexpr (Ordered) return ordered_.count(next) != 0;
+        else return !unordered_.empty();
+    }
+    std::mutex mutex_;
+    std::condition_variable arrived_;
+    bool abandoned_ = false;
+    std::map<std::size_t, Item> ordered_;
+    std::deque<Item> unordered_;
+    std::thread::id collector_;
 };
 
 /// The state behind apply_async (Many = false) or map_async (Many = true) of a task returning R.

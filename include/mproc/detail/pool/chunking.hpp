@@ -1,0 +1,83 @@
+// mproc — how map, starmap and imap cut their input into tasks: the argument tuple of one item,
+// the default chunk size (Python's), and the encoding of up to n items into one task frame, which
+// stops early at a byte budget and keeps the items before an input that throws.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "../../serialize.hpp"
+#include "engine.hpp"
+#include "invoke.hpp"
+#include "wire.hpp"
+
+namespace mproc::detail {
+
+/// A range element as the argument tuple of one call: map passes the element, starmap unpacks it.
+template <class E, bool Star> struct item_args {
+    using type = std::tuple<E>;
+};
+template <class E> struct item_args<E, true> {
+    using type = decltype([]<std::size_t... I>(std::index_sequence<I...>) {
+        return std::tuple<std::decay_t<std::tuple_element_t<I, E>>...>{};
+    }(std::make_index_sequence<std::tuple_size_v<E>>{}));
+};
+template <class Range, bool Star>
+using item_args_t = typename item_args<std::decay_t<std::ranges::range_value_t<Range>>, Star>::type;
+
+/// How many bytes of items a default-sized chunk holds at most. A chunk this size, and its result
+/// when the values are of similar size, fits a worker's task and result rings
+/// (SharedSeats::ring_capacity / 4), so map streams through shared memory with no system call while
+/// the workers are busy; bigger chunks would travel on the worker's socket.
+inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
+
+/// Encodes up to `n` items from `it` into one task, and stops early once the items take
+/// `max_bytes` (at least one item is taken). Returns the items taken. An exception from the input
+/// (advancing it, reading an element, encoding one) propagates — or, given `input_error`, is
+/// stored there and ends the chunk after the items already encoded (the partial item is dropped).
+template <class F, class Args, class It, class End>
+std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, const End& end, std::size_t n,
+                           std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
+    task.id = engine.next_task_id();
+    begin_chunk_frame<F, Args>(task.frame, task.id, 0, f);
+    const std::size_t start = task.frame.size();
+    // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
+    constexpr std::size_t item_min = sizeof(std::uint32_t) + min_encoded_size<Args>();
+    task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
+    Writer out(task.frame);
+    std::uint32_t taken = 0;
+    std::size_t whole = out.position();  // where the last complete item record ends
+    try {
+        while (taken < n && it != end) {
+            write_record(out, *it);
+            whole = out.position();
+            ++taken;
+            ++it;
+            if (task.frame.size() - start >= max_bytes) break;
+        }
+    } catch (...) {
+        if (!input_error) throw;
+        *input_error = std::current_exception();
+        out.rewind(whole);
+    }
+    set_task_count(task.frame, taken);
+    end_task_frame(task.frame, {});
+    task.count = taken;
+    return taken;
+}
+
+/// Python's default: about four chunks per worker (map's default chunks are also cut at
+/// default_chunk_bytes).
+inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
+    if (items == 0) return 1;
+    const std::size_t per = std::size_t{processes} * 4;
+    return items / per + (items % per ? 1 : 0);
+}
+
+}  // namespace mproc::detail
