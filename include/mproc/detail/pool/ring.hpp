@@ -82,7 +82,7 @@ public:
         }
         const std::size_t at = static_cast<std::size_t>(t & (capacity_ - 1));
         write_header(at, static_cast<std::uint32_t>(payload.size()), kind);
-        if (!payload.empty()) std::memcpy(data_ + at + 8, payload.data(), payload.size());
+        if (!payload.empty()) std::memcpy(data_ + at + record_header, payload.data(), payload.size());
         header_->tail.store(t + need, std::memory_order_release);
         return true;
     }
@@ -125,13 +125,14 @@ public:
             if (position == t) return std::nullopt;
             const std::size_t at = static_cast<std::size_t>(position & (capacity_ - 1));
             std::uint32_t length = 0, kind = 0;
-            std::memcpy(&length, data_ + at, 4);
-            std::memcpy(&kind, data_ + at + 4, 4);
+            std::memcpy(&length, data_ + at + length_at, sizeof length);
+            std::memcpy(&kind, data_ + at + kind_at, sizeof kind);
             if (kind == wrap) {
                 position += capacity_ - at;
                 continue;
             }
-            return Record{static_cast<Kind>(kind), {data_ + at + 8, length}, position + record_size(length)};
+            return Record{
+                static_cast<Kind>(kind), {data_ + at + record_header, length}, position + record_size(length)};
         }
     }
     std::uint64_t head() const noexcept { return header_->head.load(std::memory_order_relaxed); }
@@ -161,8 +162,12 @@ public:
     }
 
 private:
+    // A record: u32 payload length, u32 kind, the payload, padding to 8 bytes.
+    static constexpr std::size_t length_at = 0;
+    static constexpr std::size_t kind_at = 4;
+    static constexpr std::size_t record_header = 8;
     static constexpr std::size_t record_size(std::size_t payload) noexcept {
-        return 8 + ((payload + 7) & ~std::size_t{7});
+        return record_header + ((payload + 7) & ~std::size_t{7});
     }
     bool has_room(std::size_t n) const noexcept {
         const std::size_t need = record_size(n);
@@ -173,8 +178,8 @@ private:
         return t + worst - h <= capacity_;
     }
     void write_header(std::size_t at, std::uint32_t length, std::uint32_t kind) noexcept {
-        std::memcpy(data_ + at, &length, 4);
-        std::memcpy(data_ + at + 4, &kind, 4);
+        std::memcpy(data_ + at + length_at, &length, sizeof length);
+        std::memcpy(data_ + at + kind_at, &kind, sizeof kind);
     }
 
     RingHeader* header_ = nullptr;

@@ -48,7 +48,10 @@ enum class Kind : std::uint8_t {
     cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
 };
 
-inline constexpr std::size_t message_header = 1 + 8;
+// A message: u8 kind, u64 pool id, then the kind's payload.
+inline constexpr std::size_t message_kind_at = 0;
+inline constexpr std::size_t message_pool_at = 1;
+inline constexpr std::size_t message_header = message_pool_at + sizeof(std::uint64_t);
 
 /// The largest message one MPI call carries: counts are `int`.
 inline constexpr std::size_t max_message = static_cast<std::size_t>(INT_MAX);
@@ -94,8 +97,8 @@ inline std::optional<Message> try_receive(MPI_Comm comm, int source, int tag) {
     check(MPI_Mrecv(m.bytes.data(), count, MPI_BYTE, &handle, MPI_STATUS_IGNORE), "MPI_Mrecv");
     if (m.bytes.size() < message_header) throw SerializationError("mproc::mpi: a message shorter than its header");
     std::uint8_t kind = 0;
-    std::memcpy(&kind, m.bytes.data(), 1);
-    std::memcpy(&m.pool, m.bytes.data() + 1, 8);
+    std::memcpy(&kind, m.bytes.data() + message_kind_at, sizeof kind);
+    std::memcpy(&m.pool, m.bytes.data() + message_pool_at, sizeof m.pool);
     m.kind = static_cast<Kind>(kind);
     return m;
 }
