@@ -659,6 +659,39 @@ TEST_CASE("standard exceptions come back with their type and what()") {
     CHECK(pool.apply(square, 9) == 81);
 }
 
+namespace {
+int throw_mproc_error(int kind) {
+    switch (kind) {
+        case 0: throw mproc::Error("plain");
+        case 1: throw mproc::TimeoutError("timed out");
+        case 2: throw mproc::EOFError("at the end");
+        case 3: throw mproc::BrokenPipeError("pipe broken");
+        case 4: throw mproc::Empty("nothing");
+        case 5: throw mproc::Full("no room");
+        case 6: throw mproc::KeyError("no such key");
+        case 7: throw mproc::SerializationError("bad bytes");
+        case 8: throw mproc::BrokenBarrierError("barrier broken");
+        case 9: throw mproc::ShutDown("queue shut down");
+        default: return kind;
+    }
+}
+}  // namespace
+
+TEST_CASE("mproc's own errors thrown by a task come back with their type and what()") {
+    mproc::Pool pool(1);
+    auto run = [&](int kind) { return [&pool, kind] { (void)pool.apply(throw_mproc_error, kind); }; };
+    require_rethrown_as<mproc::Error>(run(0), "plain");
+    require_rethrown_as<mproc::TimeoutError>(run(1), "timed out");
+    require_rethrown_as<mproc::EOFError>(run(2), "at the end");
+    require_rethrown_as<mproc::BrokenPipeError>(run(3), "pipe broken");
+    require_rethrown_as<mproc::Empty>(run(4), "nothing");
+    require_rethrown_as<mproc::Full>(run(5), "no room");
+    require_rethrown_as<mproc::KeyError>(run(6), "no such key");
+    require_rethrown_as<mproc::SerializationError>(run(7), "bad bytes");
+    require_rethrown_as<mproc::BrokenBarrierError>(run(8), "barrier broken");
+    require_rethrown_as<mproc::ShutDown>(run(9), "queue shut down");
+}
+
 TEST_CASE("map throws the exception of the lowest failing index") {
     mproc::Pool pool(2);
     std::vector<int> kinds(100, int(t_none));

@@ -102,6 +102,21 @@ public:
     using Error::Error;
 };
 
+/// A Barrier that was aborted, reset under its waiters, or broken by a wait that timed out or a
+/// party that died: thrown to every waiter, and to each arrival until reset() (Python's
+/// threading.BrokenBarrierError).
+class BrokenBarrierError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A Queue after shutdown(): put() always, get() once nothing is left (Python 3.13's
+/// queue.ShutDown).
+class ShutDown : public Error {
+public:
+    using Error::Error;
+};
+
 namespace detail {
 /// "what: strerror(errno)" as an mproc::Error, for failed system calls.
 /// strerror_r, not strerror: Pool's parent threads may fail system calls at the same time.

@@ -42,6 +42,8 @@ struct RemoteException {
         full,
         key_error,
         serialization_error,
+        broken_barrier_error,
+        shut_down,
     };
     std::uint8_t kind = other;
     std::string type_name;
@@ -73,6 +75,10 @@ struct RemoteException {
             e.set(key_error, x);
         } catch (const SerializationError& x) {
             e.set(serialization_error, x);
+        } catch (const BrokenBarrierError& x) {
+            e.set(broken_barrier_error, x);
+        } catch (const ShutDown& x) {
+            e.set(shut_down, x);
         } catch (const Error& x) {
             e.set(mproc_error, x);  // WorkerLost too: its message says it all
         } catch (const std::invalid_argument& x) {
@@ -132,6 +138,8 @@ struct RemoteException {
             case full: return std::make_exception_ptr(Full(message));
             case key_error: return std::make_exception_ptr(KeyError(message));
             case serialization_error: return std::make_exception_ptr(SerializationError(message));
+            case broken_barrier_error: return std::make_exception_ptr(BrokenBarrierError(message));
+            case shut_down: return std::make_exception_ptr(ShutDown(message));
             default: return std::make_exception_ptr(RemoteError(type_name, message));
         }
     }
