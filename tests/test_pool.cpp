@@ -779,6 +779,40 @@ TEST_CASE("join before close throws mproc::Error") {
     POOL_REQUIRE_NOTHING_LEFT();
 }
 
+TEST_CASE("join(timeout): false while tasks run and the pool stays joinable; true once they are done") {
+    pool_test::Gate gate;
+    Watchdog dog(120s, "join with a timeout");
+    mproc::Pool pool(2);
+    auto held = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 3});
+    CHECK_THROWS_AS((void)pool.join(mproc::Seconds{0.1}), mproc::Error);  // before close(), as join()
+    pool.close();
+    CHECK_FALSE(pool.join(mproc::Seconds{0.2}));
+    CHECK_FALSE(pool.join(mproc::Seconds{0}));
+    CHECK_FALSE(held.ready());
+    CHECK(pool.worker_pids().size() == 2);  // nothing was torn down
+    gate.open();
+    CHECK(pool.join(mproc::Seconds{60}));
+    CHECK(held.get() == 3);
+    CHECK(pool.worker_pids().empty());
+    POOL_REQUIRE_NOTHING_LEFT();
+    CHECK(pool.join(mproc::Seconds{0}));  // joined already: true at once
+    pool.join();
+}
+
+TEST_CASE("join(timeout) that gave up, then terminate(): pending work fails, nothing is left") {
+    pool_test::Gate gate;
+    Watchdog dog(120s, "terminate after a join that timed out");
+    mproc::Pool pool(2);
+    auto held = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 1});
+    pool.close();
+    CHECK_FALSE(pool.join(mproc::Seconds{0.1}));
+    pool.terminate();
+    REQUIRE(held.wait(60s));
+    CHECK_THROWS_AS(held.get(), mproc::Error);
+    CHECK(pool.join(mproc::Seconds{60}));
+    POOL_REQUIRE_NOTHING_LEFT();
+}
+
 TEST_CASE("terminate: pending results fail with mproc::Error; no process is left") {
     pool_test::Gate gate;
     Watchdog dog(120s, "terminate");

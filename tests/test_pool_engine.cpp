@@ -173,6 +173,21 @@ TEST_CASE("join with a worker stopped while idle returns, and the worker is reap
     for (pid_t w : workers) CHECK(pool_test::gone(w));  // the fork server reaps them before it exits
 }
 
+TEST_CASE("join(timeout) with a worker stopped while idle: false during its grace, then join() reaps it") {
+    Watchdog dog(120s, "join with a timeout and a stopped worker");
+    mproc::Pool pool(2);
+    const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+    CHECK(pool.apply(square, 2) == 4);
+    REQUIRE(::kill(workers[1], SIGSTOP) == 0);
+    pool.close();
+    // Every task is done, but the stopped worker cannot exit: the fork server waits its grace
+    // (seconds) before it kills it, so the workers have not finished within 0.3 s.
+    CHECK_FALSE(pool.join(mproc::Seconds{0.3}));
+    CHECK(pool.join(mproc::Seconds{60}));
+    for (pid_t w : workers) CHECK(pool_test::gone(w));
+    CHECK(mproc_test::child_count() == 0);
+}
+
 // =================================================================================================
 // lifecycle from several threads, inside callbacks, from other processes
 // =================================================================================================

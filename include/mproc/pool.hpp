@@ -265,7 +265,10 @@ public:
     /// No more tasks; submitting now throws mproc::Error.
     void close() { engine().close(); }
     /// After close(): waits for every queued task and callback, then for the workers to exit.
-    void join() { engine().join(); }
+    void join() { (void)engine().join(); }
+    /// join() that gives up after `timeout`: false when the tasks or the workers have not finished
+    /// by then. The pool stays joinable: call join() again (or terminate()).
+    [[nodiscard]] bool join(Seconds timeout) { return engine().join(timeout); }
     /// Stops the workers now; pending results fail with mproc::Error.
     void terminate() { engine().terminate(); }
 

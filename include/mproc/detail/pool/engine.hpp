@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <pthread.h>
 #include <span>
 #include <string>
@@ -29,6 +30,7 @@
 
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
+#include "../os/clock.hpp"
 #include "wire.hpp"
 
 namespace mproc::detail {
@@ -145,18 +147,23 @@ public:
     }
 
     /// After close(): waits for every task (and its callback), then for the engine's thread and
-    /// workers to finish. Any number of times, from any thread, beside terminate().
-    void join() {
+    /// workers to finish. Any number of times, from any thread, beside terminate(). With a
+    /// timeout: false when that has not happened by then, and the pool stays joinable (a later
+    /// join() goes on from where this one stopped).
+    bool join(std::optional<Seconds> timeout = std::nullopt) {
         check_owner();
         if (on_own_thread()) throw Error("Pool::join() called from a callback: it would wait for itself");
+        const Deadline deadline = deadline_after(timeout);
         {
             std::unique_lock lock(mutex_);
             if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
-            idle_.wait(lock, [&] { return outstanding_ == 0 || state_ == State::terminated; });
+            const auto settled = [&] { return outstanding_ == 0 || state_ == State::terminated; };
+            if (!deadline) idle_.wait(lock, settled);
+            else if (!idle_.wait_until(lock, *deadline, settled)) return false;
             if (state_ != State::terminated) state_ = State::draining;
         }
         wake();
-        finish_join();
+        return finish_join(deadline);
     }
 
     /// Stops the workers now; every pending task fails with mproc::Error. Any number of times,
@@ -215,8 +222,9 @@ protected:
     virtual std::vector<Task> take_all_tasks_locked() = 0;
     /// The pool was terminated: stop the workers as fast as the engine can (pool lock held).
     virtual void stop_workers_locked() {}
-    /// join()'s end, once every task is settled: stop the thread, let the workers go.
-    virtual void finish_join() = 0;
+    /// join()'s end, once every task is settled: stop the thread, let the workers go. With a
+    /// deadline: false, and nothing lost, when that is not done by then (join() calls it again).
+    virtual bool finish_join(const Deadline& deadline) = 0;
     /// terminate()'s end: stop the thread, then fail `doomed` (callbacks never overlap).
     virtual void finish_terminate(std::vector<Task>& doomed) = 0;
 

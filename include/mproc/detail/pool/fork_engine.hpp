@@ -198,9 +198,18 @@ private:
     /// The callbacks it runs count as the pool's own: one that calls join() or terminate() gets
     /// the "from a callback" error, and one that destroys the Pool retires the engine, which is
     /// then deleted here, last. (The caller touches nothing of this engine after it returns.)
-    void tear_down(Seconds grace, std::vector<Task>* doomed = nullptr) {
+    /// With a `deadline` (a join with a timeout), returns false, having changed nothing it cannot
+    /// finish later, when the collector or the server has not ended by then.
+    bool tear_down(Seconds grace, std::vector<Task>* doomed = nullptr, const Deadline& deadline = std::nullopt) {
         {
-            std::lock_guard teardown(teardown_mutex_);
+            std::unique_lock teardown(teardown_mutex_, std::defer_lock);
+            if (!deadline) {
+                teardown.lock();
+            } else {
+                if (!teardown.try_lock_until(*deadline)) return false;
+                std::unique_lock lock(mutex_);
+                if (!idle_.wait_until(lock, *deadline, [&] { return collector_ended_ || !collector_; })) return false;
+            }
             if (collector_ && collector_->joinable()) collector_->join();
             {
                 const OwnThreadScope callbacks(*this);
@@ -209,10 +218,13 @@ private:
                     fail_tasks(*doomed,
                                std::make_exception_ptr(Error("the pool was terminated before this task finished")));
             }
+            // (An engine retired by a callback above is torn down whole: nobody calls again.)
+            if (deadline && !retired_ && !server_.wait_exit_until(*deadline)) return false;
             reap_server(grace);
             idle_.notify_all();
         }
         if (retired_) delete this;  // destroyed by a callback run above
+        return true;
     }
 
     /// Reaps the fork server; its workers are gone with it, so no seat has one.
@@ -235,7 +247,7 @@ private:
         // workers die with it (their parent-death signal).
         if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
     }
-    void finish_join() override { tear_down(join_grace); }
+    bool finish_join(const Deadline& deadline) override { return tear_down(join_grace, nullptr, deadline); }
     void finish_terminate(std::vector<Task>& doomed) override { tear_down(Seconds{5}, &doomed); }
 
     void wake() noexcept override {
@@ -440,6 +452,11 @@ private:
                 run_posted();
             } catch (...) {}
         }
+        {
+            std::lock_guard lock(mutex_);
+            collector_ended_ = true;  // what a join with a timeout waits for before joining this thread
+        }
+        idle_.notify_all();
         if (retired_) finish_retired();
     }
 
@@ -865,7 +882,8 @@ private:
     std::vector<Finished> finished_;  // the collector's scratch list
     std::vector<Task> broken_doomed_;  // taken from a broken pool, failed by the collector
 
-    std::mutex teardown_mutex_;  // one join()/terminate() teardown at a time
+    std::timed_mutex teardown_mutex_;  // one join()/terminate() teardown at a time
+    bool collector_ended_ = false;  // the collector thread has returned (mutex_)
     std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
 };

@@ -128,6 +128,15 @@ public:
         }
         children().forget(pid_);
     }
+    /// Reaps the server if it exits by `deadline`; false, changing nothing, if it is still there
+    /// (wait_exit then waits for it again).
+    bool wait_exit_until(Clock::time_point deadline) {
+        if (pid_ == 0) return true;
+        if (!wait_child(pid_, deadline)) return false;
+        children().forget(pid_);
+        pid_ = 0;
+        return true;
+    }
     /// After wait_exit: this object no longer names a server.
     void forget() noexcept {
         pid_ = 0;

@@ -230,7 +230,12 @@ public:
     }
     void backlog_grew_locked() override { wake_.notify_one(); }
     void wake() noexcept override { wake_.notify_all(); }
-    void finish_join() override { stop_thread(); }
+    // The thread ends as soon as it is told (the ranks stay: they serve the next pool), so a
+    // deadline is not needed here.
+    bool finish_join(const mproc::detail::Deadline&) override {
+        stop_thread();
+        return true;
+    }
     void finish_terminate(std::vector<Task>& doomed) override {
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
         run_posted();
