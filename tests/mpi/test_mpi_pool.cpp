@@ -450,6 +450,18 @@ TEST_CASE("close refuses new tasks; join waits for every task and callback", "[l
     CHECK(callbacks == 200);
 }
 
+TEST_CASE("join(timeout): false while tasks run, then true; the pool stays joinable", "[lifetime]") {
+    Watchdog dog(120s, "join with a timeout");
+    mproc::mpi::Pool pool;
+    auto slow = pool.apply_async(nap_ms, std::tuple{3000});
+    pool.close();
+    CHECK_FALSE(pool.join(mproc::Seconds{0.1}));
+    CHECK_FALSE(slow.ready());
+    CHECK(pool.join(mproc::Seconds{60}));
+    CHECK(slow.get() == 3000);
+    CHECK(pool.join(mproc::Seconds{0}));
+}
+
 TEST_CASE("terminate fails pending results at once; the ranks drop their queued tasks", "[lifetime]") {
     Watchdog dog(120s, "terminate");
     {
