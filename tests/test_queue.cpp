@@ -1,10 +1,11 @@
 // Queue across processes: order, bounds, timeouts, messages larger than the ring, producers that
-// exit or die, idle consumers, and many producers and consumers at once.
+// exit or die, idle consumers, and many producers and consumers at once; shutdown, and JoinableQueue.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
 #include <mproc/queue.hpp>
+#include <mproc/shared_dict.hpp>
 #include <mproc/sync.hpp>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 
 #include "shm_support.hpp"
 #include "support.hpp"
+#include "test_pool_common.hpp"
 
 using namespace std::chrono_literals;
 using mproc_test::checksum;
@@ -751,5 +753,440 @@ TEST_CASE(
     }
     CHECK(queue_mappings("mproc-queue") == queues + 1);
     CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+// ---- shutdown (Python 3.13's Queue.shutdown) ----------------------------------------------------
+
+namespace {
+void put_one(mproc::Queue<int> q, int x) { q.put(x); }
+/// Takes items until the queue says it is shut down; how many it took.
+int drain_until_shut_down(mproc::Queue<int> q) {
+    int n = 0;
+    try {
+        for (;;) {
+            (void)q.get(60s);
+            ++n;
+        }
+    } catch (const mproc::ShutDown&) {
+        return n;
+    }
+}
+bool shut_down_here(mproc::Queue<int> q) { return q.is_shutdown(); }
+void shut_down_from_task(mproc::Queue<int> q) { q.shutdown(); }
+
+/// What a child blocked in a queue call ended with.
+enum Outcome : int { pending = 0, returned = 1, shut_down = 2, other_error = 3 };
+template <class Call> void record_outcome(mproc::Value<int>& outcome, Call&& call) {
+    try {
+        call();
+        outcome.store(returned);
+    } catch (const mproc::ShutDown&) {
+        outcome.store(shut_down);
+    } catch (...) {
+        outcome.store(other_error);
+    }
+}
+}  // namespace
+
+TEST_CASE("After shutdown put throws ShutDown, and get takes what is left, then throws ShutDown instead of Empty") {
+    pool_test::Watchdog dog(120s, "get on a shut-down queue");
+    mproc::Queue<int> q;
+    mproc::Queue<int> other = q;
+    CHECK_FALSE(q.is_shutdown());
+    q.put(1);
+    q.put(2);
+    other.shutdown();
+    CHECK(q.is_shutdown());
+    CHECK(other.is_shutdown());
+    CHECK_THROWS_AS(q.put(3), mproc::ShutDown);
+    CHECK_THROWS_AS(q.put(3, 1s), mproc::ShutDown);
+    CHECK_THROWS_AS(q.put_nowait(3), mproc::ShutDown);
+    CHECK_THROWS_AS(q.put(3), mproc::Error);  // a ShutDown is an mproc::Error
+    CHECK(q.qsize() == 2);                    // refused puts added nothing
+    q.shutdown();                             // twice: harmless
+    CHECK(q.get() == 1);
+    CHECK(q.get_nowait() == 2);
+    CHECK_THROWS_AS(q.get(60s), mproc::ShutDown);  // not Empty after a wait
+    CHECK_THROWS_AS(q.get(), mproc::ShutDown);     // not a wait for ever
+    CHECK_THROWS_AS(q.get(10ms), mproc::ShutDown);
+    CHECK_THROWS_AS(q.get_nowait(), mproc::ShutDown);
+    CHECK(q.try_get() == std::nullopt);
+    CHECK(q.empty());
+}
+
+TEST_CASE("A put blocked on a full queue in another process wakes with ShutDown on a plain shutdown, as a get does") {
+    mproc::Queue<int> full(1);
+    full.put(0);
+    mproc::Queue<int> empty;
+    mproc::Value<int> putter_outcome(pending), getter_outcome(pending);
+    mproc::Semaphore ready(0);
+    mproc::Process putter([&] {
+        ready.release();
+        record_outcome(putter_outcome, [&] { full.put(1); });
+    });
+    mproc::Process getter([&] {
+        ready.release();
+        record_outcome(getter_outcome, [&] { (void)empty.get(); });
+    });
+    putter.start();
+    getter.start();
+    REQUIRE(ready.acquire(60s));
+    REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);  // let them reach their waits
+    full.shutdown();
+    empty.shutdown();
+    REQUIRE(putter.join(60s));
+    REQUIRE(getter.join(60s));
+    CHECK(putter_outcome.load() == shut_down);
+    CHECK(getter_outcome.load() == shut_down);
+    CHECK(full.get() == 0);  // a plain shutdown keeps what was in the queue
+    CHECK_THROWS_AS(full.get(60s), mproc::ShutDown);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("shutdown(immediate) drops what is left and wakes a blocked get and a blocked put in other processes") {
+    mproc::Queue<int> empty;
+    mproc::Queue<int> full(2);
+    full.put(10);
+    full.put(11);
+    mproc::Value<int> getter_outcome(pending), putter_outcome(pending);
+    mproc::Semaphore ready(0);
+    mproc::Process getter([&] {
+        ready.release();
+        record_outcome(getter_outcome, [&] { (void)empty.get(); });
+    });
+    mproc::Process putter([&] {
+        ready.release();
+        record_outcome(putter_outcome, [&] { full.put(12); });
+    });
+    getter.start();
+    putter.start();
+    REQUIRE(ready.acquire(60s));
+    REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);
+    CHECK(getter_outcome.load() == pending);
+    CHECK(putter_outcome.load() == pending);
+    empty.shutdown(true);
+    full.shutdown(true);
+    CHECK(full.qsize() == 0);  // dropped at once
+    REQUIRE(getter.join(60s));
+    REQUIRE(putter.join(60s));
+    CHECK(getter_outcome.load() == shut_down);
+    CHECK(putter_outcome.load() == shut_down);
+    CHECK_THROWS_AS(full.get_nowait(), mproc::ShutDown);
+    CHECK_THROWS_AS(full.put_nowait(1), mproc::ShutDown);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("shutdown(immediate) after a plain one still drops what is left") {
+    mproc::Queue<std::string> q;
+    q.put("a");
+    q.put("b");
+    q.shutdown();
+    CHECK(q.get() == "a");
+    q.shutdown(true);
+    CHECK(q.qsize() == 0);
+    CHECK_THROWS_AS(q.get(60s), mproc::ShutDown);
+}
+
+TEST_CASE("shutdown(immediate) frees the dropped items' memory and lets go of the objects their handles kept alive") {
+    const std::size_t queues = queue_mappings("mproc-queue"), arrays = queue_mappings("mproc-array");
+    mproc::Queue<Parcel> parcels({.buffer_bytes = 1 << 20});
+    parcels.put(parcel("first"));  // the queue holds the only copies of their objects
+    parcels.put(parcel("second"));
+    CHECK(queue_mappings("mproc-queue") == queues + 3);
+    CHECK(queue_mappings("mproc-array") == arrays + 2);
+    parcels.shutdown(true);
+    CHECK(parcels.qsize() == 0);
+    CHECK(queue_mappings("mproc-queue") == queues + 1);  // without the drop, the items keep them
+    CHECK(queue_mappings("mproc-array") == arrays);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+
+    // Ring memory past the resident part goes back to the kernel.
+    mproc::Queue<std::vector<std::uint8_t>> big;
+    for (int i = 0; i < 40; ++i) big.put(std::vector<std::uint8_t>(1 << 20, static_cast<std::uint8_t>(i)));
+    CHECK(big.memory_in_use() > (32u << 20));
+    big.shutdown(true);
+    CHECK(big.memory_in_use() < (16u << 20));
+    CHECK_THROWS_AS(big.get(60s), mproc::ShutDown);
+}
+
+TEST_CASE("shutdown(immediate) withdraws an item streaming in: its producer in another process gets ShutDown") {
+    mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
+    mproc::Value<int> outcome(pending);
+    mproc::Process producer([&] {
+        record_outcome(outcome, [&] { q.put(std::string(4 << 20, 's')); });  // fills the ring, then waits for room
+    });
+    producer.start();
+    REQUIRE(eventually([&] { return q.qsize() == 1; }));  // its record is in: it streams
+    std::this_thread::sleep_for(100ms);
+    q.shutdown(true);
+    REQUIRE(producer.join(60s));  // without the withdrawal, it waits for room for ever
+    CHECK(outcome.load() == shut_down);
+    CHECK(q.qsize() == 0);
+    CHECK_THROWS_AS(q.get(60s), mproc::ShutDown);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("Shutdown is seen by Process children and Pool tasks, and made by them") {
+    mproc::Queue<int> q;
+    mproc::Queue<int> by_child;
+    mproc::Queue<int> by_task;
+    mproc::Pool pool(2);
+    CHECK_FALSE(pool.apply(shut_down_here, q));
+    for (int i = 0; i < 5; ++i) q.put(i);
+    q.shutdown();
+    CHECK(pool.apply(shut_down_here, q));
+    CHECK_THROWS_AS(pool.apply(put_one, q, 9), mproc::ShutDown);  // carried from the worker as itself
+    CHECK(pool.apply(drain_until_shut_down, q) == 5);              // drains, then ShutDown
+    mproc::Value<int> seen(pending);
+    mproc::Process child([&] {
+        record_outcome(seen, [&] { (void)q.get(); });
+        by_child.shutdown();
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(seen.load() == shut_down);
+    CHECK(by_child.is_shutdown());
+    CHECK_THROWS_AS(by_child.put(1), mproc::ShutDown);
+    pool.apply(shut_down_from_task, by_task);
+    CHECK(by_task.is_shutdown());
+    CHECK_THROWS_AS(by_task.get(60s), mproc::ShutDown);
+    pool.close();
+    pool.join();
+    CHECK(child_count() == 0);
+}
+
+// ---- JoinableQueue ------------------------------------------------------------------------------
+
+namespace {
+void square_jobs(mproc::JoinableQueue<int> jobs, mproc::Queue<int> out) {
+    const int x = jobs.get(60s);
+    out.put(x * x);
+    jobs.task_done();
+}
+std::size_t unfinished_in_task(mproc::JoinableQueue<int> jobs) { return jobs.unfinished_tasks(); }
+}  // namespace
+
+TEST_CASE("JoinableQueue across processes: join returns once every item put has had its task_done") {
+    mproc::JoinableQueue<int> jobs;
+    mproc::Value<long> sum(0);
+    std::vector<mproc::Process> consumers;
+    for (int c = 0; c < 2; ++c)
+        consumers.emplace_back([&] {
+            for (;;) {
+                const int x = jobs.get();
+                if (x < 0) {
+                    jobs.task_done();
+                    return;
+                }
+                std::this_thread::sleep_for(std::chrono::microseconds(x % 7 == 0 ? 200 : 0));
+                sum += x;  // the work, before its task_done
+                jobs.task_done();
+            }
+        });
+    mproc::Process producer([&] {
+        for (int i = 1; i <= 1000; ++i) jobs.put(i);
+    });
+    for (auto& c : consumers) c.start();
+    producer.start();
+    REQUIRE(producer.join(60s));
+    REQUIRE(jobs.join(60s));
+    CHECK(sum.load() == 500500);  // every item was processed before join returned
+    CHECK(jobs.unfinished_tasks() == 0);
+    for (int c = 0; c < 2; ++c) jobs.put(-1);
+    for (auto& c : consumers) REQUIRE(c.join(60s));
+    CHECK(jobs.join(60s));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("JoinableQueue::join(timeout) returns false while an item is unfinished, true once it is done") {
+    pool_test::Watchdog dog(120s, "join on a JoinableQueue with nothing unfinished");
+    mproc::JoinableQueue<std::string> q;
+    CHECK(q.join());  // nothing put: done at once
+    CHECK(q.join(0s));
+    q.put("job");
+    CHECK(q.unfinished_tasks() == 1);
+    CHECK_FALSE(q.join(50ms));
+    CHECK(q.get() == "job");
+    CHECK_FALSE(q.join(50ms));  // got, not yet done
+    mproc::Process worker([&] { q.task_done(); });
+    worker.start();
+    REQUIRE(worker.join(60s));
+    CHECK(worker.exitcode() == 0);
+    CHECK(q.join(10s));
+    CHECK(q.unfinished_tasks() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("task_done called more times than items were put throws mproc::Error and changes nothing") {
+    mproc::JoinableQueue<int> q;
+    CHECK_THROWS_AS(q.task_done(), mproc::Error);
+    q.put(1);
+    q.put(2);
+    CHECK(q.get() == 1);
+    q.task_done();
+    q.task_done();  // ahead of the second get: allowed, as in Python
+    CHECK(q.unfinished_tasks() == 0);
+    CHECK_THROWS_WITH(q.task_done(), Catch::Contains("task_done") && Catch::Contains("more times"));
+    mproc::Value<int> child_outcome(pending);
+    mproc::Process child([&] { record_outcome(child_outcome, [&] { q.task_done(); }); });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child_outcome.load() == other_error);
+    CHECK(q.unfinished_tasks() == 0);
+    CHECK(q.qsize() == 1);
+    CHECK(q.get() == 2);
+    CHECK(q.join(1s));
+    q.put(3);  // the refused calls counted nothing: one more put is one unfinished item
+    CHECK(q.unfinished_tasks() == 1);
+    CHECK_FALSE(q.join(20ms));
+    CHECK(q.get() == 3);
+    q.task_done();
+    CHECK(q.join(1s));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("join returns after shutdown(immediate): the dropped items count as done, one got still needs task_done") {
+    mproc::JoinableQueue<int> q;
+    for (int i = 0; i < 5; ++i) q.put(i);
+    mproc::Value<int> joined(pending);
+    mproc::Semaphore ready(0);
+    mproc::Process joiner([&] {
+        ready.release();
+        record_outcome(joined, [&] {
+            if (!q.join()) throw std::runtime_error("join without a timeout returned false");
+        });
+    });
+    joiner.start();
+    REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);
+    CHECK(joined.load() == pending);
+    q.shutdown(true);
+    REQUIRE(joiner.join(60s));  // without the drop counting as done, it waits for ever
+    CHECK(joined.load() == returned);
+    CHECK(q.join(1s));
+
+    // CPython 3.13: an item got before the shutdown is still unfinished until its task_done.
+    mproc::JoinableQueue<int> r;
+    r.put(1);
+    r.put(2);
+    CHECK(r.get() == 1);
+    r.shutdown(true);
+    CHECK(r.unfinished_tasks() == 1);
+    CHECK_FALSE(r.join(50ms));
+    r.task_done();
+    CHECK(r.join(1s));
+    CHECK_THROWS_AS(r.task_done(), mproc::Error);
+
+    // A plain shutdown keeps the items: join waits until they are got and done.
+    mproc::JoinableQueue<int> s;
+    s.put(1);
+    s.shutdown();
+    CHECK_FALSE(s.join(50ms));
+    CHECK(s.get() == 1);
+    s.task_done();
+    CHECK(s.join(1s));
+    CHECK_THROWS_AS(s.get(60s), mproc::ShutDown);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE(
+    "A consumer SIGKILLed between get and task_done leaves its item unfinished: join with a timeout returns false") {
+    mproc::JoinableQueue<int> q;
+    for (int i = 0; i < 3; ++i) q.put(i);
+    mproc::Event got;
+    mproc::Process victim([&] {
+        (void)q.get();
+        got.set();
+        while (true) ::pause();  // killed before its task_done
+    });
+    victim.start();
+    REQUIRE(got.wait(60s));
+    victim.kill();
+    REQUIRE(victim.join(60s));
+    mproc::Process survivor([&] {
+        for (int i = 0; i < 2; ++i) {
+            (void)q.get(10s);
+            q.task_done();
+        }
+    });
+    survivor.start();
+    REQUIRE(survivor.join(60s));
+    CHECK(survivor.exitcode() == 0);
+    CHECK(q.qsize() == 0);
+    CHECK(q.unfinished_tasks() == 1);  // the dead consumer's item
+    CHECK_FALSE(q.join(200ms));        // returns, not hangs
+    q.task_done();                     // someone accounts for it
+    CHECK(q.join(1s));
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A process waiting in JoinableQueue::join uses no CPU") {
+    mproc::JoinableQueue<int> q;
+    q.put(1);
+    mproc::Semaphore ready(0);
+    mproc::Process joiner([&] {
+        ready.release();
+        std::_Exit(q.join() ? 0 : 1);
+    });
+    joiner.start();
+    REQUIRE(ready.acquire(60s));
+    std::this_thread::sleep_for(200ms);
+    const long before = mproc_test::cpu_ticks(joiner.pid());
+    std::this_thread::sleep_for(1s);
+    const long used = mproc_test::cpu_ticks(joiner.pid()) - before;
+    INFO("a joiner used " << used << " ticks over an idle second");
+    CHECK(used <= 10);
+    CHECK(joiner.is_alive());
+    (void)q.get();
+    q.task_done();
+    REQUIRE(joiner.join(60s));
+    CHECK(joiner.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE(
+    "A JoinableQueue is a handle shared by Pool tasks, Process children and a SharedDict, and a Queue handle does "
+    "not decode as one") {
+    mproc::JoinableQueue<int> jobs;
+    mproc::Queue<int> out;
+    mproc::SharedDict<std::string, mproc::JoinableQueue<int>> d;
+    mproc::Pool pool(2);
+    for (int i = 1; i <= 20; ++i) jobs.put(i);
+    CHECK(pool.apply(unfinished_in_task, jobs) == 20);
+    std::vector<std::tuple<mproc::JoinableQueue<int>, mproc::Queue<int>>> args(20, {jobs, out});
+    pool.starmap(square_jobs, args);
+    REQUIRE(jobs.join(60s));
+    int sum = 0;
+    for (int i = 0; i < 20; ++i) sum += out.get(10s);
+    CHECK(sum == 20 * 21 * 41 / 6);
+
+    d["jobs"] = jobs;
+    mproc::Process child([&] {
+        mproc::JoinableQueue<int> stored = d.at("jobs");
+        stored.put(7);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK_FALSE(d.at("jobs").join(20ms));
+    CHECK(jobs.get() == 7);
+    d.at("jobs").task_done();
+    CHECK(jobs.join(1s));
+
+    // A JoinableQueue is a Queue<int>; a Queue<int>, or a JoinableQueue of another type, is not a JoinableQueue<int>.
+    const mproc::Queue<int> as_queue = mproc::from_bytes<mproc::Queue<int>>(mproc::to_bytes(jobs));
+    mproc::Queue<int>(as_queue).put(8);
+    CHECK(jobs.get() == 8);
+    jobs.task_done();
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::JoinableQueue<int>>(mproc::to_bytes(out)), mproc::SerializationError);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::JoinableQueue<long>>(mproc::to_bytes(jobs)), mproc::SerializationError);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Queue<long>>(mproc::to_bytes(jobs)), mproc::SerializationError);
+    const auto again = mproc::from_bytes<mproc::JoinableQueue<int>>(mproc::to_bytes(jobs));
+    CHECK(mproc::JoinableQueue<int>(again).join(1s));
+    pool.close();
+    pool.join();
     CHECK(child_count() == 0);
 }

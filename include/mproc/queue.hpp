@@ -6,6 +6,11 @@
 //     auto v = q.get();                            // blocks;  q.get(1s) throws mproc::Empty on timeout
 //     q.put(x, 1s);                                // on a full bounded queue: mproc::Full after 1s
 //     std::optional<T> item = q.try_get();         // nullopt when empty
+//     q.shutdown();                                // put throws mproc::ShutDown; get drains, then throws it
+//
+//     mproc::JoinableQueue<int> jobs;              // a Queue that counts unfinished items
+//     jobs.put(1);  int job = jobs.get();  jobs.task_done();
+//     jobs.join();                                 // until every item put has had its task_done()
 //
 // There is no feeder thread: put() serialises the item and copies it into a byte ring in shared
 // memory before it returns, so an error surfaces in put(), and an item is in the queue — safe from
@@ -23,11 +28,17 @@
 // for the protocol and for what a process killed mid-put or mid-get leaves behind: nothing torn,
 // nothing that blocks the others). The byte queue beneath Queue<T> is detail/shm/queue_ring.hpp
 // (the ring and its cursor) and detail/shm/byte_queue.hpp (waiting and waking).
+//
+// shutdown() and JoinableQueue follow Python 3.13's queue.Queue (shutdown, task_done, join). The
+// shut-down flag lives in the queue's cursor and the count of unfinished items is derived from it
+// and one counter beside it, so every process sees them, and a process killed in the middle of
+// changing them leaves them as before or as after (see detail/shm/queue_ring.hpp).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -57,13 +68,11 @@ template <class T> class Queue {
 public:
     Queue() : Queue(QueueOptions{}) {}
     explicit Queue(std::size_t maxsize) : Queue(QueueOptions{.maxsize = maxsize}) {}
-    explicit Queue(const QueueOptions& options) {
-        if (detail::HandleDecodeScope::active()) return;
-        ref_ = detail::ByteQueue::create(options.buffer_bytes, options.maxsize, detail::type_hash<Queue<T>>());
-    }
+    explicit Queue(const QueueOptions& options) : Queue(options, 0) {}
 
     /// Adds `item`; with a bounded queue (or a full ring) waits for room, up to `timeout` if
     /// given, then throws mproc::Full. Serialisation errors surface here. After close(): Error.
+    /// Once the queue is shut down (also while waiting for room): mproc::ShutDown.
     void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
         if (closed_) throw Error("mproc::Queue::put: this handle was closed");
         Buffer& bytes = scratch();
@@ -80,18 +89,33 @@ public:
     void put_nowait(const T& item) { put(item, Seconds{0}); }
 
     /// Removes and returns the next item, waiting for one (up to `timeout`, then mproc::Empty).
+    /// On a queue that is shut down, once no item is left: mproc::ShutDown (also to a waiting get).
     T get(std::optional<Seconds> timeout = std::nullopt) {
-        std::optional<T> item = take(detail::deadline_after(timeout), false);
+        std::optional<T> item = take(detail::deadline_after(timeout), false, "mproc::Queue::get");
         if (!item) throw Empty("mproc::Queue::get: no item arrived within the timeout");
         return std::move(*item);
     }
     T get_nowait() {
-        std::optional<T> item = take(std::nullopt, true);
+        std::optional<T> item = take(std::nullopt, true, "mproc::Queue::get_nowait");
         if (!item) throw Empty("mproc::Queue::get_nowait: the queue is empty");
         return std::move(*item);
     }
-    /// The next item if there is one now.
-    std::optional<T> try_get() { return take(std::nullopt, true); }
+    /// The next item if there is one now (nullopt when there is none, shut down or not).
+    std::optional<T> try_get() { return take(std::nullopt, true, nullptr); }
+
+    /// Shuts the queue down for every handle in every process (Python 3.13's Queue.shutdown): put
+    /// throws mproc::ShutDown from now on, and get returns what is left, then throws ShutDown
+    /// instead of waiting. With `immediate`, what is left is dropped now (its memory freed, the
+    /// objects its handles kept alive let go) and counts as done for join(). Either way every put
+    /// and get blocked on the queue, in any process, wakes and throws ShutDown (a get that still
+    /// finds an item takes it). Calling it again is harmless; an immediate one after a plain one
+    /// still drops what is left.
+    void shutdown(bool immediate = false) {
+        queue().shutdown(immediate);
+        detail::segments().sweep();  // the dropped items' handles
+    }
+    /// True once shutdown() was called, through any handle.
+    bool is_shutdown() const { return queue().is_shut_down(); }
 
     /// Items in the queue (approximate while others put and get).
     std::size_t qsize() const {
@@ -115,28 +139,57 @@ public:
     void close() noexcept { closed_ = true; }
     bool closed() const noexcept { return closed_; }
 
+    /// A Queue<T> handle decodes from a Queue<T> or a JoinableQueue<T> (which is a Queue<T>).
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) {
             ref_.encode(ar);
         } else {
-            ref_.decode(ar, detail::queue_magic, detail::type_hash<Queue<T>>(), sizeof(detail::QueueHeader), "Queue");
-            detail::ByteQueue::check(ref_);
-            closed_ = false;
+            decode_handle(ar, std::nullopt, "Queue");
         }
     }
 
+protected:
+    /// `joinable`: type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue.
+    Queue(const QueueOptions& options, std::uint64_t joinable) {
+        if (detail::HandleDecodeScope::active()) return;
+        ref_ = detail::ByteQueue::create(options.buffer_bytes, options.maxsize, detail::type_hash<Queue<T>>(),
+                                         joinable);
+    }
+
+    /// Reads a handle into this one: a queue of items of type T, and (when `joinable` is given)
+    /// one made as that JoinableQueue type. On any error this handle is unchanged.
+    void decode_handle(Reader& in, std::optional<std::uint64_t> joinable, const char* what) {
+        detail::SharedRef ref;
+        ref.decode(in, detail::queue_magic, detail::type_hash<Queue<T>>(), sizeof(detail::QueueHeader), what);
+        detail::ByteQueue::check(ref);
+        if (joinable && detail::ByteQueue(ref).joinable() != *joinable)
+            throw SerializationError(std::string("mproc: the handle does not refer to a ") + what + " of this type");
+        ref_ = std::move(ref);
+        closed_ = false;
+    }
+
+    detail::ByteQueue queue() const { return detail::ByteQueue(ref_); }
+
 private:
     /// The next item, decoded while the segments its handles point into are still held here.
-    std::optional<T> take(const detail::Deadline& deadline, bool nowait) {
+    /// ShutDown (`caller` in its message) when the queue is shut down and empty, unless `caller`
+    /// is null: then nullopt.
+    std::optional<T> take(const detail::Deadline& deadline, bool nowait, const char* caller) {
         Buffer& bytes = scratch();
         std::vector<detail::SegmentPtr> pins;
         std::optional<T> item;
-        if (queue().get(bytes, deadline, nowait, &pins)) item.emplace(decode<T>(bytes.bytes()));
+        const detail::Take taken = queue().get(bytes, deadline, nowait, &pins);
+        if (taken == detail::Take::item) [[likely]]
+            item.emplace(decode<T>(bytes.bytes()));
+        else if (taken == detail::Take::shut_down && caller) throw_shut_down(caller);
         pins.clear();
         detail::segments().sweep();  // the queue no longer counts the item's handles
         return item;
     }
-    detail::ByteQueue queue() const { return detail::ByteQueue(ref_); }
+    [[noreturn, gnu::cold, gnu::noinline]] static void throw_shut_down(const char* caller) {
+        detail::segments().sweep();
+        throw ShutDown(std::string(caller) + ": the queue is shut down and empty");
+    }
     static Buffer& scratch() {
         thread_local Buffer buffer;
         return buffer;
@@ -144,6 +197,41 @@ private:
 
     detail::SharedRef ref_;
     bool closed_ = false;
+};
+
+/// A Queue that counts the items put and not yet processed (Python's JoinableQueue): each
+/// consumer calls task_done() once per item it got, and join() waits until every item put has
+/// had its task_done(). A handle, like Queue; it is a Queue<T> (a copy of it as a Queue<T> refers
+/// to the same queue), but a plain Queue<T> handle does not decode as a JoinableQueue<T>.
+///
+/// A consumer that dies between get() and task_done() leaves its item unfinished, as in Python:
+/// join() then waits for it for ever — give join a timeout where consumers may die.
+template <class T> class JoinableQueue : public Queue<T> {
+public:
+    JoinableQueue() : JoinableQueue(QueueOptions{}) {}
+    explicit JoinableQueue(std::size_t maxsize) : JoinableQueue(QueueOptions{.maxsize = maxsize}) {}
+    explicit JoinableQueue(const QueueOptions& options) : Queue<T>(options, detail::type_hash<JoinableQueue<T>>()) {}
+
+    /// One item got from the queue has been processed. mproc::Error, changing nothing, when it is
+    /// called more times than items were put (Python's ValueError).
+    void task_done() { this->queue().task_done(); }
+
+    /// Waits until every item put has had its task_done() (or was dropped by shutdown(true)):
+    /// true; false if `timeout` passed first. Waiting uses no CPU.
+    bool join(std::optional<Seconds> timeout = std::nullopt) {
+        return this->queue().join(detail::deadline_after(timeout));
+    }
+
+    /// Items put and not yet marked done (approximate while others work).
+    std::size_t unfinished_tasks() const { return this->queue().unfinished(); }
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            Queue<T>::serialize(ar);
+        } else {
+            this->decode_handle(ar, detail::type_hash<JoinableQueue<T>>(), "JoinableQueue");
+        }
+    }
 };
 
 }  // namespace mproc

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "../../errors.hpp"
@@ -95,6 +96,18 @@ public:
         guard_.lock();
     }
 
+    /// Sleeps on `word` with the lock released, until woken or the next re-check is due; `waiters`
+    /// counts the sleepers, so that a waker makes a system call only when one sleeps (join).
+    void sleep(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline) {
+        send_wakes(ring_.header(), wakes);
+        waiters.fetch_add(1, std::memory_order_seq_cst);
+        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        guard_.unlock();
+        futex_wait(word, seen, sleep_until_for(deadline));
+        waiters.fetch_sub(1, std::memory_order_seq_cst);
+        guard_.lock();
+    }
+
     /// Sleeps on a stream's `word` (stream_data, stream_room: one side each, no waiter hints)
     /// with the lock released, until woken or the next re-check is due.
     void wait_stream(FutexWord& word, const Deadline& deadline) {
@@ -143,6 +156,8 @@ private:
             // A holder killed while counting an item's handles left the RefTable changing:
             // count them again from the records in the ring.
             if (ring->refs_changing()) ring->recount();
+            // A holder killed between dropping items and settling the count of unfinished ones.
+            ring->settle_unfinished();
         }
     };
 
@@ -150,11 +165,25 @@ private:
     RobustGuard<Repair> guard_;
 };
 
+/// What ByteQueue::get found.
+enum class Take {
+    item,       // an item, in `out`
+    none,       // none before the deadline (or now, with nowait)
+    shut_down,  // none, and none will come: the queue is shut down and empty
+};
+
+/// Thrown by a put on a queue that is shut down (out of line: put's hot path only tests a flag).
+[[noreturn, gnu::cold, gnu::noinline]] inline void throw_shut_down(const char* what) {
+    throw ShutDown(std::string("mproc::Queue::put: ") + what);
+}
+
 /// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
 class ByteQueue {
 public:
-    static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type) {
-        return QueueRing::create(buffer_bytes, maxsize, type);
+    /// `joinable`: type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue.
+    static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type,
+                            std::uint64_t joinable = 0) {
+        return QueueRing::create(buffer_bytes, maxsize, type, joinable);
     }
     static void check(const SharedRef& ref) { QueueRing::check(ref); }
 
@@ -162,7 +191,9 @@ public:
 
     /// Copies `msg` into the queue; `ids` are the segments its handles point into. False if
     /// `deadline` passed first (nothing was added). Full, at once, if the queue already counts
-    /// handles into as many segments as its RefTable holds.
+    /// handles into as many segments as its RefTable holds. ShutDown, adding nothing, once the
+    /// queue is shut down — also while waiting for room, or streaming in when it is shut down
+    /// immediately.
     bool put(std::span<const std::byte> msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
         if (msg.size() >= refs_flag) throw Error("mproc::Queue::put: item too large");
         if (ids.size() > RefTable::max_live)
@@ -180,12 +211,13 @@ public:
         return stream_in(lock, msg, deadline);
     }
 
-    /// Takes the next item into `out`. False if there was none before `deadline` (or at once,
-    /// with `nowait`). Once it has started reading a streamed item it finishes it, whatever the
-    /// deadline — unless its producer dies or gives up, which drops the item. The segments the
-    /// item's handles point into are put in `pins` (those this process maps) before the queue
+    /// Takes the next item into `out`. Take::none if there was none before `deadline` (or at once,
+    /// with `nowait`); Take::shut_down if there is none and the queue is shut down. Once it has
+    /// started reading a streamed item it finishes it, whatever the deadline — unless its producer
+    /// dies or gives up, or the queue is shut down immediately, which drops the item. The segments
+    /// the item's handles point into are put in `pins` (those this process maps) before the queue
     /// stops counting them, so they stay mapped here until the item is decoded.
-    bool get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins = nullptr) {
+    Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins = nullptr) {
         QueueHeader& h = ring_.header();
         QueueLock lock(ring_);
         for (;;) {
@@ -209,13 +241,14 @@ public:
                         if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
                 if (!record.streamed) {
                     ring_.take_whole(c, record, out.data(), lock.wakes);
-                    return true;
+                    return Take::item;
                 }
                 ring_.start_read(c, record, lock.wakes);
-                if (drain(lock, out.data(), record.len)) return true;
+                if (drain(lock, out.data(), record.len)) return Take::item;
                 continue;  // its producer died or gave up: wait for the next item
             }
-            if (nowait || expired(deadline)) return false;
+            if (c.shut_down && c.count == 0) return Take::shut_down;
+            if (nowait || expired(deadline)) return Take::none;
             if (lock.watch(h.items)) continue;
             lock.wait(h.items, h.item_waiters, h.item_wake_sent, deadline);
         }
@@ -225,21 +258,74 @@ public:
         QueueLock lock(ring_);
         return static_cast<std::size_t>(ring_.cursor().count);
     }
+
+    /// Refuses every put from now on; gets take what is left, then find the queue shut down. With
+    /// `immediate`, what is left is dropped now (and counts as done). Either way every sleeper
+    /// in every process is woken to look again.
+    void shutdown(bool immediate) {
+        QueueHeader& h = ring_.header();
+        {
+            QueueLock lock(ring_);
+            ring_.shut_down(immediate);
+        }
+        futex_wake_all(h.items);
+        futex_wake_all(h.space);
+        futex_wake_all(h.stream_data);
+        futex_wake_all(h.stream_room);
+        if (h.join_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.tasks_done);
+    }
+    bool is_shut_down() {
+        QueueLock lock(ring_);
+        return ring_.cursor().shut_down != 0;
+    }
+
+    /// One item taken has been processed (JoinableQueue). mproc::Error, changing nothing, when
+    /// every item put has been marked done already.
+    void task_done() {
+        QueueHeader& h = ring_.header();
+        {
+            QueueLock lock(ring_);
+            if (!ring_.task_done())
+                throw Error("mproc::JoinableQueue::task_done: called more times than there were items put");
+            if (ring_.unfinished() != 0) return;
+        }
+        if (h.join_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.tasks_done);
+    }
+    /// Waits until every item put has been marked done: true, or false if `deadline` passed first.
+    bool join(const Deadline& deadline) {
+        QueueHeader& h = ring_.header();
+        QueueLock lock(ring_);
+        for (;;) {
+            if (ring_.unfinished() == 0) return true;
+            if (expired(deadline)) return false;
+            lock.sleep(h.tasks_done, h.join_waiters, deadline);
+        }
+    }
+    /// Items put and not yet marked done.
+    std::size_t unfinished() {
+        QueueLock lock(ring_);
+        return static_cast<std::size_t>(ring_.unfinished());
+    }
+    std::uint64_t joinable() const noexcept { return ring_.joinable(); }
+
     std::size_t maxsize() const noexcept { return static_cast<std::size_t>(ring_.header().maxsize); }
     std::size_t capacity() const noexcept { return static_cast<std::size_t>(ring_.capacity()); }
 
 private:
     /// Holding the lock, waits until a put that needs `need` bytes of the ring may start, or
-    /// `deadline` passes (false). Each round checks first whether a producer streaming an item
-    /// in has died (which frees the ring). Always inlined: every put passes through it, and as a
-    /// call it cost a small put a tenth more instructions.
+    /// `deadline` passes (false). Each round checks first whether the queue is shut down
+    /// (ShutDown), then whether a producer streaming an item in has died (which frees the ring).
+    /// Always inlined: every put passes through it, and as a call it cost a small put a tenth
+    /// more instructions.
     [[gnu::always_inline]] bool wait_for_room(QueueLock& lock, std::uint64_t need, std::span<const std::uint64_t> ids,
                                               const Deadline& deadline) {
         QueueHeader& h = ring_.header();
-        ring_.reserve_refs(ids);
+        reserve_refs(ids);
         bool paced = false;
         for (;;) {
             QueueCursor c = ring_.cursor();
+            if (c.shut_down) [[unlikely]]
+                throw_shut_down("the queue is shut down");
             if (c.writing && ring_.probe_writer(lock.wakes)) c = ring_.cursor();
             if (ring_.admits(c, need)) {
                 if (paced || !should_pace(c, need)) return true;
@@ -249,8 +335,16 @@ private:
             }
             if (expired(deadline)) return false;
             lock.wait(h.space, h.space_waiters, h.space_wake_sent, deadline);
-            ring_.reserve_refs(ids);  // others may have counted meanwhile
+            reserve_refs(ids);  // others may have counted meanwhile
         }
+    }
+
+    /// Throws Full, changing nothing, unless the RefTable can count `ids` once more — or ShutDown
+    /// first, if the queue is shut down (as a put of an item holding no handles would).
+    void reserve_refs(std::span<const std::uint64_t> ids) {
+        if (ids.empty()) return;
+        if (ring_.cursor().shut_down) throw_shut_down("the queue is shut down");
+        ring_.reserve_refs(ids);
     }
 
     /// With the stream of `msg` started: commits its payload piece by piece, letting consumers
@@ -261,6 +355,8 @@ private:
         for (;;) {
             const StreamStep step = ring_.write_piece(msg, lock.wakes);
             if (step == StreamStep::done) return true;
+            if (step == StreamStep::dropped)
+                throw_shut_down("the queue was shut down immediately while the item streamed in");
             if (step == StreamStep::more) {
                 lock.relock();
                 continue;

@@ -61,8 +61,10 @@ struct QueueCursor {
     std::uint32_t writing;     // a producer streams an item in (and holds write_claim)
     std::uint32_t reading;     // a consumer drains a streamed item (and holds read_claim)
     std::uint32_t aborted;     // the item being drained lost its producer: the reader drops it
-    std::uint32_t reserved;
+    std::uint32_t shut_down;   // shutdown() was called: puts are refused, gets end once it is empty
 };
+// Every put and get copies a cursor: a larger one costs every call (a 72-byte one, a few percent).
+static_assert(sizeof(QueueCursor) == 64, "a cursor is one cache line");
 
 struct QueueHeader {
     ObjectHeader header;
@@ -75,6 +77,12 @@ struct QueueHeader {
     std::atomic<std::uint32_t> current;
     std::uint32_t reserved;
     std::uint64_t refs;       // segment offset of the RefTable, past the ring
+    std::uint64_t joinable;   // type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue
+    // Items got and not yet marked done, less task_done() calls made ahead of a get (so it may be
+    // negative). With the cursor it makes the count of a JoinableQueue's unfinished items (see
+    // QueueRing::unfinished_signed). Changed only under the lock, by one store, and by a get on
+    // every queue (a test of `joinable` would cost each get more than the add).
+    std::int64_t taken;
     QueueCursor cursors[2];
     // Futex words: bumped on every change a sleeper of that kind may be waiting for.
     alignas(64) FutexWord items;  // an item can be taken
@@ -85,6 +93,8 @@ struct QueueHeader {
     std::atomic<std::uint32_t> space_waiters;
     std::atomic<std::uint32_t> item_wake_sent;  // a wake is on its way to a sleeper (see QueueLock::wait)
     std::atomic<std::uint32_t> space_wake_sent;
+    FutexWord tasks_done;                       // every item put is done (unfinished reached 0), or shut down
+    std::atomic<std::uint32_t> join_waiters;    // hint: JoinableQueue::join callers asleep on tasks_done
     // Hints for a producer deciding whether to wait a moment rather than run ahead (see ByteQueue::put):
     alignas(64) std::atomic<std::uint64_t> used;        // tail - head as last published
     std::atomic<std::int64_t> last_take_ns;             // when a consumer last took bytes
@@ -114,14 +124,15 @@ enum class StreamStep {
     blocked,  // nothing moved: the ring is full (writing) or holds none of the item yet (reading)
     more,     // a piece moved and more is to come
     done,     // the item is complete (its claim released)
-    dropped,  // reading: the item lost its producer and was dropped (the claim released)
+    dropped,  // the item lost its producer (reading), or was dropped by shutdown(immediate) (writing);
+              // the claim released
 };
 
 /// The ring and its cursor, on raw bytes. Everything but create() and check() requires the
 /// queue's lock.
 class QueueRing {
 public:
-    static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type) {
+    static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type, std::uint64_t joinable) {
         std::size_t capacity = round_up(std::max<std::size_t>(buffer_bytes, 4096), page_size());
         if (capacity > queue_resident) capacity = round_up(capacity, queue_chunk);
         if (capacity > (std::size_t{1} << 46))
@@ -135,6 +146,7 @@ public:
         h->maxsize = maxsize;
         h->data_offset = data_offset;
         h->refs = data_offset + capacity;
+        h->joinable = joinable;
         h->mutex.init();
         h->write_claim.init();
         h->read_claim.init();
@@ -170,6 +182,8 @@ public:
     QueueHeader& header() const noexcept { return *h_; }
     std::uint64_t capacity() const noexcept { return cap_; }
     QueueCursor cursor() const noexcept { return h_->cursors[h_->current.load(std::memory_order_relaxed) & 1u]; }
+    /// The JoinableQueue type this queue was made as (0: a plain Queue). Needs no lock: set once.
+    std::uint64_t joinable() const noexcept { return h_->joinable; }
 
     // ---- what a put may do ----
 
@@ -241,8 +255,13 @@ public:
 
     /// With the stream of `msg` started: commits its next piece, as much as the ring has room
     /// for, and publishes it. The last piece releases the write claim.
+    /// If shutdown(immediate) withdrew the item meanwhile, releases the claim and reports it dropped.
     StreamStep write_piece(std::span<const std::byte> msg, QueueWakes& wakes) noexcept {
         QueueCursor c = cursor();
+        if (!c.writing) {  // only shut_down() clears it under a live producer: the item was dropped
+            h_->write_claim.unlock();
+            return StreamStep::dropped;
+        }
         const std::uint64_t n = std::min<std::uint64_t>({c.write_left, cap_ - (c.tail - c.head), queue_piece});
         if (n == 0) return StreamStep::blocked;
         copy_in(c.tail, msg.data() + (msg.size() - c.write_left), n);
@@ -317,6 +336,7 @@ public:
         --c.count;
         consumed(c, from, wakes);
         publish(c);
+        ++h_->taken;  // after the publish: a taker killed between leaves its item done, not stuck
         if (!r.ids.empty()) counts.end();
         if (c.count > 0) wakes.items = true;  // pass the wake-up on
     }
@@ -378,9 +398,85 @@ public:
         consumed(c, from, wakes);
         publish(c);
         if (!done) return StreamStep::more;
+        // It counted as unfinished by `reading` until now; drained away (dst null: the reader
+        // that took it died), it is lost with that reader and done.
+        if (dst) ++h_->taken;
         h_->read_claim.unlock();
         if (c.count > 0) wakes.items = true;
         return StreamStep::done;
+    }
+
+    // ---- shutdown and tasks ----
+
+    /// Shuts the queue down: from now on puts are refused, and gets end once it is empty. With
+    /// `immediate`, every item not yet taken is dropped now — an item streaming in is withdrawn
+    /// (its producer finds out at its next piece; a reader that started it drops it) — and counts
+    /// as done, as queue.Queue.shutdown(immediate=True) does; an item a consumer is draining whole
+    /// stays that consumer's. Published by one store; the dropped items' memory goes back after.
+    void shut_down(bool immediate) noexcept {
+        QueueCursor c = cursor();
+        c.shut_down = 1;
+        if (!immediate) {
+            publish(c);
+            return;
+        }
+        if (c.writing && c.reading && c.head > c.stream_at) {
+            // The item streaming in is the one being drained: everything after its record is
+            // its own. Its reader drops it (as when its producer dies).
+            c.head = c.tail;
+            c.read_left = 0;
+            c.aborted = 1;
+        } else if (c.reading) {
+            c.tail = c.head + c.read_left;  // the item being drained is whole: it stays its reader's
+        } else {
+            c.head = c.tail = 0;
+        }
+        c.count = 0;
+        c.writing = 0;
+        c.write_left = 0;
+        // No item left holds handles (the one being drained was uncounted when it was taken).
+        RefCounts counts(refs_);
+        const bool uncount = counts.live() != 0;
+        if (uncount) {
+            counts.begin();
+            counts.clear();
+        }
+        publish(c);
+        if (uncount) counts.end();
+        settle_unfinished();  // each dropped item counts as done, down to none unfinished
+        h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
+        release_all_but(c);
+    }
+
+    /// Items put and not yet marked done (JoinableQueue): the items in the ring — less one still
+    /// streaming in, whose put has not returned — plus one being drained, plus those got and not
+    /// yet marked done (`taken`). Each change keeps it as it is, but a put that completes (+1) and
+    /// a task_done (-1); below 0 only for a moment (see settle_unfinished), read as 0.
+    std::int64_t unfinished_signed() const noexcept {
+        const QueueCursor c = cursor();
+        return static_cast<std::int64_t>(c.count) + (c.reading && !c.aborted ? 1 : 0) - (c.writing ? 1 : 0) + h_->taken;
+    }
+    std::uint64_t unfinished() const noexcept {
+        const std::int64_t n = unfinished_signed();
+        return n > 0 ? static_cast<std::uint64_t>(n) : 0;
+    }
+
+    /// A consumer finished an item (JoinableQueue::task_done): false, changing nothing, when no
+    /// item put is unfinished. Reaching none bumps tasks_done (the caller wakes the joiners).
+    bool task_done() noexcept {
+        const std::int64_t n = unfinished_signed();
+        if (n <= 0) return false;
+        --h_->taken;
+        if (n == 1) h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
+        return true;
+    }
+
+    /// Brings the count of unfinished items up to 0 if it is below: after items were dropped (by
+    /// shutdown(true), or with a consumer killed between taking an item and counting it got)
+    /// that task_done() calls made ahead of their get had already counted.
+    void settle_unfinished() noexcept {
+        const std::int64_t n = unfinished_signed();
+        if (n < 0) h_->taken -= n;
     }
 
     // ---- repair ----
@@ -493,6 +589,28 @@ private:
         if (c.head == c.tail && !c.writing && !c.reading) {
             release_chunk(round_down(c.head, queue_chunk), c);
             c.head = c.tail = 0;
+        }
+    }
+    /// Hands back the memory of every chunk of the ring past the resident part that holds no live
+    /// byte of `c` (at most two ranges, however large the ring: one system call each).
+    void release_all_but(const QueueCursor& c) noexcept {
+        if (cap_ <= queue_resident) return;  // then cap_ is a whole number of chunks (create())
+        std::uint64_t from = 0, to = cap_;   // the free chunks, [from, to) cyclically in the ring
+        if (c.head != c.tail) {
+            const std::uint64_t live = round_up(c.tail, queue_chunk) - round_down(c.head, queue_chunk);
+            if (live >= cap_) return;
+            to = round_down(c.head, queue_chunk) % cap_;
+            from = (to + live) % cap_;
+        }
+        const auto release = [&](std::uint64_t lo, std::uint64_t hi) {
+            lo = std::max<std::uint64_t>(lo, queue_resident);
+            if (lo < hi) release_pages(ring_ + lo, hi - lo);
+        };
+        if (from < to) {
+            release(from, to);
+        } else {
+            release(from, cap_);
+            release(0, to);
         }
     }
     /// Hands back the ring memory of the chunk at stream position `chunk` unless a live byte
