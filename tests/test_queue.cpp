@@ -13,6 +13,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <fstream>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -777,6 +778,30 @@ void shut_down_from_task(mproc::Queue<int> q) { q.shutdown(); }
 
 /// What a child blocked in a queue call ended with.
 enum Outcome : int { pending = 0, returned = 1, shut_down = 2, other_error = 3 };
+/// 'R', 'S', 'T' (stopped), ... for `pid`; '?' if it is gone.
+char process_state(pid_t pid) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    if (!std::getline(stat, line)) return '?';
+    const auto close = line.rfind(')');
+    return close != std::string::npos && close + 2 < line.size() ? line[close + 2] : '?';
+}
+
+/// Stops `pid` (SIGSTOP) at a moment it does not hold `mutex` (a stopped holder would block the
+/// test itself): the owner's thread id is in the robust mutex's lock word.
+bool stop_outside(pid_t pid, const mproc::detail::RobustMutex& mutex) {
+    const auto* raw = reinterpret_cast<const pthread_mutex_t*>(&mutex);
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+        ::kill(pid, SIGSTOP);
+        if (!eventually([&] { return process_state(pid) == 'T'; })) return false;
+        const auto owner = static_cast<pid_t>(__atomic_load_n(&raw->__data.__lock, __ATOMIC_ACQUIRE) & 0x3fffffff);
+        if (owner != pid) return true;
+        ::kill(pid, SIGCONT);
+        std::this_thread::sleep_for(1ms);
+    }
+    return false;
+}
+
 template <class Call> void record_outcome(mproc::Value<int>& outcome, Call&& call) {
     try {
         call();
@@ -924,6 +949,34 @@ TEST_CASE("shutdown(immediate) withdraws an item streaming in: its producer in a
     q.shutdown(true);
     REQUIRE(producer.join(60s));  // without the withdrawal, it waits for room for ever
     CHECK(outcome.load() == shut_down);
+    CHECK(q.qsize() == 0);
+    CHECK_THROWS_AS(q.get(60s), mproc::ShutDown);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE(
+    "shutdown(immediate) while a consumer drains an item still streaming in: the consumer and the producer both get "
+    "ShutDown") {
+    mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
+    const auto* h = reinterpret_cast<const mproc::detail::QueueHeader*>(mproc_test::object_address(q));
+    const auto cursor = [h] { return h->cursors[h->current.load() & 1u]; };
+    mproc::Value<int> got(pending), put(pending);
+    mproc::Process reader([&] { record_outcome(got, [&] { (void)q.get(); }); });
+    mproc::Process producer([&] { record_outcome(put, [&] { q.put(std::string(256 << 20, 'p')); }); });
+    reader.start();
+    producer.start();
+    // Stop the producer while the reader is on its item: both sides then wait, the item half through.
+    REQUIRE(eventually([&] { return cursor().reading == 1; }));
+    REQUIRE(stop_outside(producer.pid(), h->mutex));
+    std::this_thread::sleep_for(100ms);
+    REQUIRE(cursor().writing == 1);  // 256 MiB through a 64 KiB ring cannot have finished
+    REQUIRE(cursor().reading == 1);
+    q.shutdown(true);
+    REQUIRE(reader.join(60s));
+    CHECK(got.load() == shut_down);  // it dropped what it had read
+    ::kill(producer.pid(), SIGCONT);
+    REQUIRE(producer.join(60s));
+    CHECK(put.load() == shut_down);
     CHECK(q.qsize() == 0);
     CHECK_THROWS_AS(q.get(60s), mproc::ShutDown);
     CHECK(child_count() == 0);
