@@ -112,11 +112,9 @@ TEST_CASE("Condition::wait times out with false, holding the lock again; a notif
         std::unique_lock g(cond);
         CHECK_FALSE(cond.wait(100ms));
         CHECK_FALSE(cond.wait(0s));
-        // Still held by this thread: another process cannot take it.
-        mproc::Process probe([&] { std::_Exit(cond.acquire(50ms) ? 1 : 0); });
-        probe.start();
-        REQUIRE(probe.join(60s));
-        CHECK(probe.exitcode() == 0);
+        // Still held by this thread: another cannot take it.
+        std::thread probe([&] { CHECK_FALSE(cond.acquire(50ms)); });
+        probe.join();
     }
     // The timed-out waits gave the lock back at the depth they found it: one release freed it.
     mproc::Process taker([&] {
@@ -145,18 +143,20 @@ TEST_CASE("Condition::wait_for waits until a predicate over a Value holds, or ti
     Watchdog dog(180s, "Condition wait_for");
     mproc::Condition cond;
     mproc::Value<int> done(0);
+    mproc::Event go;
     constexpr int producers = 4;
     std::vector<mproc::Process> children;
     for (int i = 0; i < producers; ++i)
         children.emplace_back([&] {
-            std::this_thread::sleep_for(20ms);
+            go.wait();
             std::lock_guard g(cond);
             done += 1;
             cond.notify_all();
         });
+    for (auto& c : children) c.start();
     {
         std::unique_lock g(cond);
-        for (auto& c : children) c.start();
+        go.set();  // they cannot count before this thread waits: it holds the lock
         int evaluations = 0;
         CHECK(cond.wait_for(
             [&] {
@@ -181,35 +181,40 @@ TEST_CASE("Condition over an RLock: wait gives up every hold and restores the de
     mproc::RLock rlock;
     mproc::Condition cond(rlock);
     mproc::Value<int> other_took_it(0);
+    mproc::Event go;
     mproc::Process other([&] {
+        go.wait();
         // Takes the lock while the parent waits at depth 3: only possible if all three were given up.
         if (!rlock.acquire(60s)) std::_Exit(1);
         other_took_it.store(1);
         cond.notify();
         rlock.release();
     });
+    other.start();
     REQUIRE(rlock.acquire());
     REQUIRE(cond.acquire());  // the same lock
     REQUIRE(rlock.acquire());
-    other.start();
+    go.set();
     CHECK(cond.wait(60s));
     CHECK(other_took_it.load() == 1);
-    // Held three times again: a process cannot take it until all three are released.
-    mproc::Value<int> probe_got(-1);
+    // Held three times again: another thread cannot take it until all three are released.
     auto probe = [&] {
-        mproc::Process p([&] { probe_got.store(rlock.acquire(50ms) ? 1 : 0); });
-        p.start();
-        REQUIRE(p.join(60s));
-        return probe_got.load();
+        bool got = false;
+        std::thread t([&] {
+            got = rlock.acquire(50ms);
+            if (got) rlock.release();
+        });
+        t.join();
+        return got;
     };
     rlock.release();
     rlock.release();
-    CHECK(probe() == 0);
+    CHECK_FALSE(probe());
     rlock.release();
     CHECK_THROWS_AS(rlock.release(), mproc::Error);  // exactly three holds came back
+    CHECK(probe());
     REQUIRE(other.join(60s));
     CHECK(other.exitcode() == 0);
-    CHECK(probe() == 1);
     CHECK(child_count() == 0);
 }
 
@@ -224,14 +229,17 @@ TEST_CASE("Condition over a Lock or a Value's lock is that lock") {
 
     mproc::Value<long> v(0);
     mproc::Condition on_value(v.get_lock());
+    mproc::Event go;
     mproc::Process setter([&] {
+        go.wait();
         std::lock_guard g(v.get_lock());
         v.store(42);
         on_value.notify();
     });
+    setter.start();
     {
         std::unique_lock g(on_value);
-        setter.start();
+        go.set();
         CHECK(on_value.wait_for([&] { return v.load() == 42; }, 60s));
     }
     REQUIRE(setter.join(60s));
@@ -466,8 +474,8 @@ TEST_CASE("Condition handles: copies, a Pipe and bytes refer to the same conditi
         g.unlock();
         std::_Exit(a.acquire(60s) ? 0 : 1);  // the parent's Lock, through the decoded Condition
     });
-    lock.acquire();
     child.start();
+    lock.acquire();
     parent_end.send(Pair{over_lock, own});
     {
         std::unique_lock g(own);
