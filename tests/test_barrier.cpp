@@ -318,6 +318,71 @@ TEST_CASE(
 }
 
 namespace {
+/// The barrier's state in shared memory, found from its handle (for the tests that kill a process
+/// in the middle of a change, which nothing public can stop at).
+mproc::detail::BarrierState* state_of(const mproc::Barrier& barrier) {
+    const auto bytes = mproc::to_bytes(barrier);
+    mproc::Reader in(bytes);
+    std::uint64_t id = 0, offset = 0;
+    in(id, offset);
+    return reinterpret_cast<mproc::detail::BarrierState*>(mproc::detail::segments().find(id)->base() + offset);
+}
+mproc::detail::WaiterSlot& slot_of(mproc::detail::BarrierState* s, std::uint32_t i) {
+    return reinterpret_cast<mproc::detail::WaiterSlot*>(reinterpret_cast<std::byte*>(s) +
+                                                        mproc::detail::barrier_slots_offset)[i];
+}
+}  // namespace
+
+TEST_CASE("Barrier: a process killed holding the barrier's mutex is repaired after; one killed mid-arrival breaks it") {
+    Watchdog dog(180s, "Barrier mutex repair");
+    mproc::Barrier barrier(3);
+    mproc::detail::BarrierState* s = state_of(barrier);
+    mproc::Process first = party(barrier);
+    first.start();
+    REQUIRE(eventually([&] { return barrier.n_waiting() == 1; }));
+    // Dies holding the mutex, having changed nothing: the next holder repairs, and nothing is lost.
+    mproc::Process idle_holder([&] {
+        (void)s->mutex.lock();
+        std::_Exit(0);
+    });
+    idle_holder.start();
+    REQUIRE(idle_holder.join(60s));
+    mproc::Process second = party(barrier, 60s);
+    second.start();
+    REQUIRE(eventually([&] { return barrier.n_waiting() == 2; }));
+    CHECK(barrier.wait(60s) == 2);
+    for (auto* p : {&first, &second}) {
+        REQUIRE(p->join(60s));
+        CHECK(p->exitcode() == passed);
+    }
+    CHECK_FALSE(barrier.broken());
+
+    // Dies in the middle of an arrival, holding the mutex, with its slot taken and the count raised:
+    // the next holder finds that party gone and breaks the round, which would otherwise complete
+    // one party short.
+    mproc::Process third = party(barrier);
+    third.start();
+    REQUIRE(eventually([&] { return barrier.n_waiting() == 1; }));
+    mproc::Process half_arrival([&] {
+        (void)s->mutex.lock();
+        const std::uint32_t index = s->count.load();
+        (void)slot_of(s, index).alive.lock();
+        slot_of(s, index).state.store(mproc::detail::slot_in_use);
+        s->count.store(index + 1);
+        std::_Exit(0);
+    });
+    half_arrival.start();
+    REQUIRE(half_arrival.join(60s));
+    CHECK_THROWS_AS(barrier.wait(60s), mproc::BrokenBarrierError);
+    REQUIRE(third.join(60s));
+    CHECK(third.exitcode() == broken_barrier);
+    CHECK(barrier.broken());
+    barrier.reset();
+    CHECK(barrier.n_waiting() == 0);
+    CHECK(child_count() == 0);
+}
+
+namespace {
 std::size_t meet(mproc::Barrier barrier) { return barrier.wait(60s); }
 int meet_or_broken(mproc::Barrier barrier) {
     try {
