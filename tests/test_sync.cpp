@@ -322,10 +322,13 @@ TEST_CASE("Barrier holds processes until all arrive, round after round") {
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("Barrier::wait times out with TimeoutError and withdraws") {
+TEST_CASE("Barrier::wait that times out breaks the barrier (BrokenBarrierError, as Python) until reset()") {
     mproc::Barrier barrier(2);
-    CHECK_THROWS_AS(barrier.wait(50ms), mproc::TimeoutError);
+    CHECK_THROWS_AS(barrier.wait(50ms), mproc::BrokenBarrierError);
     CHECK(barrier.n_waiting() == 0);
+    CHECK(barrier.broken());
+    CHECK_THROWS_AS(barrier.wait(60s), mproc::BrokenBarrierError);  // broken: no wait at all
+    barrier.reset();
     mproc::Process other([&] { barrier.wait(60s); });
     other.start();
     CHECK_NOTHROW(barrier.wait(60s));
@@ -409,6 +412,61 @@ TEST_CASE("Array is zero-initialised and shared") {
     run_processes(1, [&](int) { big[0] = big[(1 << 20) - 1] + 1; });
     CHECK(big[0] == 10);
     { std::lock_guard guard(arr.get_lock()); }
+    CHECK(child_count() == 0);
+}
+
+template <class T> constexpr bool has_get_lock = requires(T& t) { t.get_lock(); };
+
+TEST_CASE("RawValue and RawArray: the shared memory of Value and Array without a lock, synchronised by the processes") {
+    static_assert(has_get_lock<mproc::Value<long>> && has_get_lock<mproc::Array<int>>);
+    static_assert(!has_get_lock<mproc::RawValue<long>> && !has_get_lock<mproc::RawArray<int>>, "no lock: lock=False");
+    mproc::RawValue<long> total(5);
+    mproc::RawArray<int> slots(8);
+    mproc::Lock lock;  // the processes' own
+    CHECK(total.load() == 5);
+    CHECK(total.value() == 5);
+    CHECK(slots.size() == 8);
+    for (const int x : slots) REQUIRE(x == 0);
+    run_processes(4, [&](int me) {
+        for (int i = 0; i < 10000; ++i) {
+            std::lock_guard g(lock);
+            total.store(total.load() + 1);  // two plain steps, made one by the Lock
+        }
+        slots[static_cast<std::size_t>(me)] = me + 1;  // each its own element
+        for (int i = 0; i < 1000; ++i) std::atomic_ref<long>(total.get()).fetch_add(1);
+    });
+    CHECK(total.load() == 5 + 40000 + 4000);
+    for (std::size_t i = 0; i < 8; ++i) CHECK(slots[i] == (i < 4 ? static_cast<int>(i) + 1 : 0));
+    total = 1;
+    CHECK(static_cast<long>(total) == 1);
+    total.get() = 2;
+    CHECK(total.load() == 2);
+
+    mproc::RawArray<double> init{1.5, 2.5};
+    CHECK(init.size() == 2);
+    CHECK(init.at(1) == 2.5);
+    CHECK_THROWS_AS(init.at(2), mproc::Error);
+    double sum = 0;
+    for (const double x : init.span()) sum += x;
+    CHECK(sum == 4.0);
+    mproc::RawArray<long> big(1 << 20);  // past the small-object size: a segment of its own
+    big[(1 << 20) - 1] = 9;
+    run_processes(1, [&](int) { big[0] = big[(1 << 20) - 1] + 1; });
+    CHECK(big[0] == 10);
+
+    // Handles: copies and bytes refer to the same memory; a Value is not a RawValue.
+    mproc::RawValue<long> copy = total;
+    copy.store(3);
+    CHECK(total.load() == 3);
+    const auto bytes = mproc::to_bytes(total);
+    CHECK(mproc::from_bytes<mproc::RawValue<long>>(bytes).load() == 3);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Value<long>>(bytes), mproc::SerializationError);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::RawValue<long>>(mproc::to_bytes(mproc::Value<long>(1))),
+                    mproc::SerializationError);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::Array<int>>(mproc::to_bytes(slots)), mproc::SerializationError);
+    CHECK(mproc::from_bytes<mproc::RawArray<int>>(mproc::to_bytes(slots))[3] == 4);
+    mproc::RawArray<int> moved = std::move(slots);
+    CHECK(moved[0] == 1);
     CHECK(child_count() == 0);
 }
 
@@ -594,6 +652,12 @@ void set_event(mproc::Event ev) { ev.set(); }
 bool wait_event(mproc::Event ev) { return ev.wait(60s); }
 std::size_t meet(mproc::Barrier barrier) { return barrier.wait(60s); }
 long first_element(mproc::Array<long> arr) { return arr[0]; }
+long sum_into(mproc::RawArray<long> arr, mproc::RawValue<long> out) {
+    long sum = 0;
+    for (const long x : arr) sum += x;
+    out.store(sum);
+    return sum;
+}
 
 /// Seconds `call` took (for lower bounds on timeouts only: a wait must not end early).
 template <class Call> double seconds_taken(Call&& call) {
@@ -604,7 +668,8 @@ template <class Call> double seconds_taken(Call&& call) {
 
 }  // namespace
 
-TEST_CASE("Pool tasks get handles to the same Lock, RLock, Semaphore, Event, Barrier, Value and Array") {
+TEST_CASE(
+    "Pool tasks get handles to the same Lock, RLock, Semaphore, Event, Barrier, Value, Array, RawValue and RawArray") {
     mproc::Lock lock;
     mproc::RLock rlock;
     mproc::Semaphore sem(0);
@@ -612,6 +677,8 @@ TEST_CASE("Pool tasks get handles to the same Lock, RLock, Semaphore, Event, Bar
     mproc::Barrier barrier(3);
     mproc::Value<long> total(0);
     mproc::Array<int> marks(200);
+    mproc::RawArray<long> raw{1, 2, 3, 4};
+    mproc::RawValue<long> raw_sum(0);
     mproc::Pool pool(2);
 
     // The worker's Lock is the parent's: held here, it cannot take it; released, it can.
@@ -645,6 +712,10 @@ TEST_CASE("Pool tasks get handles to the same Lock, RLock, Semaphore, Event, Bar
     CHECK_FALSE(waiting.ready());
     ev.set();
     CHECK(waiting.get(60s));
+
+    // RawArray and RawValue: the worker reads the parent's array and writes its value.
+    CHECK(pool.apply(sum_into, raw, raw_sum) == 10);
+    CHECK(raw_sum.load() == 10);
 
     // Barrier: two workers and the parent meet at the same barrier.
     auto a = pool.apply_async(meet, std::tuple{barrier});
@@ -749,9 +820,10 @@ TEST_CASE(
     CHECK_FALSE(sem.acquire(0s));
     CHECK_FALSE(never.wait(0s));
     mproc::Barrier alone(2);
-    took = seconds_taken([&] { CHECK_THROWS_AS(alone.wait(timeout), mproc::TimeoutError); });
+    took = seconds_taken([&] { CHECK_THROWS_AS(alone.wait(timeout), mproc::BrokenBarrierError); });
     CHECK(took >= at_least);
-    CHECK(alone.n_waiting() == 0);  // it withdrew
+    CHECK(alone.broken());  // the timeout broke it
+    alone.reset();
 
     // Now the holder lets go while we wait: the waits succeed well within their timeouts.
     done.set();

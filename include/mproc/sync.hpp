@@ -3,9 +3,11 @@
 //     mproc::Lock lock;          std::lock_guard g(lock);   lock.acquire(1s) -> bool;   lock.release();
 //     mproc::RLock rlock;        mproc::Semaphore sem(3);
 //     mproc::Event ev;           ev.set(); ev.wait(1s) -> bool;
-//     mproc::Barrier barrier(4); barrier.wait();
+//     mproc::Condition cond;     std::unique_lock g(cond);  cond.wait_for([&] { return ready; });  cond.notify_all();
+//     mproc::Barrier barrier(4, action, 10s);   barrier.wait() -> arrival index;   barrier.abort(); barrier.reset();
 //     mproc::Value<long> counter(0);   counter += 1;   counter.load();   counter.get_lock();
 //     mproc::Array<double> arr(1000);  arr[3] = 1.5;   arr.size();
+//     mproc::RawValue<long> raw(0);    mproc::RawArray<int> raw_arr(8);   // no lock: synchronise yourself
 //
 // Each is a handle: copies (and the copies a fork makes) refer to one object in shared memory,
 // which lives while any handle in any process does (or a SharedDict holds a copy of one). They
@@ -14,9 +16,10 @@
 //
 // Locks are robust: when a holder dies, even by SIGKILL, the next acquire() succeeds and
 // owner_died() is true until that new holder releases, so the program can check the data the
-// lock guards. Semaphore, Event and Barrier keep their state in single atomic words, so a process
-// dying in the middle of one of their operations cannot leave them half-updated; a wake-up lost
-// to such a death costs a waiter at most detail::recheck_interval.
+// lock guards. Semaphore and Event keep their state in single atomic words, so a process dying in
+// the middle of one of their operations cannot leave them half-updated; a wake-up lost to such a
+// death costs a waiter at most detail::recheck_interval. Condition and Barrier know which threads
+// wait on them: a notify skips a waiter that died, and a party that dies at a Barrier breaks it.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +38,7 @@
 #include <type_traits>
 #include <unistd.h>
 #include <utility>
+#include <variant>
 
 #include "detail/os/clock.hpp"
 #include "detail/shm/futex.hpp"
@@ -159,72 +163,157 @@ private:
     detail::SharedRef ref_;
 };
 
-/// Holds processes until `parties` of them wait, then lets them all go. Reusable.
-class Barrier {
+/// A condition variable shared between processes, over a Lock or an RLock (its own RLock by
+/// default), as Python's multiprocessing.Condition. wait, wait_for, notify and notify_all must be
+/// called holding the lock; wait gives it up while it sleeps (an RLock's every hold) and takes it
+/// back before it returns. A waiter that dies while it waits swallows no notify: notify(n) wakes
+/// n waiters that live. At most 255 threads wait on one Condition at a time.
+class Condition {
 public:
-    explicit Barrier(std::uint32_t parties) {
-        if (parties == 0) throw Error("mproc::Barrier: parties must be at least 1");
-        if (detail::HandleDecodeScope::active()) return;
-        ref_ = detail::SharedRef::allocate(sizeof(detail::BarrierState), alignof(detail::BarrierState),
-                                           "mproc-barrier");
-        auto* s = state();
-        s->header = {detail::barrier_magic, 0, detail::type_hash<Barrier>()};
-        s->parties = parties;
-    }
-    Barrier() : Barrier(1) {}
+    Condition() : lock_(std::in_place_type<RLock>) { create(); }
+    /// Over an existing lock: acquiring the Condition acquires that lock.
+    explicit Condition(const Lock& lock) : lock_(std::in_place_type<Lock>, lock) { create(); }
+    explicit Condition(const RLock& lock) : lock_(std::in_place_type<RLock>, lock) { create(); }
 
-    /// Waits for the others; returns this process's arrival index (0 .. parties-1), as Python's
-    /// does. On timeout it withdraws (the barrier still expects `parties`) and throws
-    /// mproc::TimeoutError.
-    std::size_t wait(std::optional<Seconds> timeout = std::nullopt) {
-        detail::BarrierState* s = state();
+    // The lock's calls, for std::lock_guard, std::unique_lock and std::scoped_lock too.
+    bool acquire(std::optional<Seconds> timeout = std::nullopt) { return base().acquire(timeout); }
+    void release() { base().release(); }
+    void lock() { base().lock(); }
+    void unlock() { base().unlock(); }
+    bool try_lock() { return base().try_lock(); }
+    /// The lock's owner_died(): its holder got it from one that died holding it.
+    bool owner_died() const { return base().owner_died(); }
+
+    /// Gives up the lock, sleeps until notified or `timeout` passes, and takes the lock back.
+    /// True if notified, false on timeout. Throws mproc::Error if this thread does not hold the lock.
+    bool wait(std::optional<Seconds> timeout = std::nullopt) {
+        return detail::ConditionOps::wait(state(), base(), detail::deadline_after(timeout));
+    }
+    /// Waits until `predicate()` is true (checked under the lock, first before any wait), or the
+    /// timeout passes; returns the predicate's last result.
+    template <class Predicate> bool wait_for(Predicate predicate, std::optional<Seconds> timeout = std::nullopt) {
+        detail::ConditionOps::require_held(base(), "wait_for");
         const detail::Deadline deadline = detail::deadline_after(timeout);
-        const std::uint32_t wake_word = s->generation.load(std::memory_order_acquire);
-        std::uint64_t cur = s->state.load(std::memory_order_acquire);
-        std::uint64_t next;
-        do {
-            const std::uint64_t count = cur & 0xffffffffu;
-            next = count + 1 == s->parties ? ((cur >> 32) + 1) << 32 : cur + 1;
-        } while (!s->state.compare_exchange_weak(cur, next, std::memory_order_acq_rel));
-        const auto index = static_cast<std::size_t>(cur & 0xffffffffu);
-        const std::uint64_t my_generation = cur >> 32;
-        if ((next & 0xffffffffu) == 0) {  // the last to arrive opens the barrier
-            s->generation.fetch_add(1, std::memory_order_release);
-            detail::futex_wake_all(s->generation);
-            return index;
+        bool result = static_cast<bool>(predicate());
+        while (!result && !detail::expired(deadline)) {
+            detail::ConditionOps::wait(state(), base(), deadline);
+            result = static_cast<bool>(predicate());
         }
-        std::uint32_t seen = wake_word;
-        for (;;) {
-            cur = s->state.load(std::memory_order_acquire);
-            if ((cur >> 32) != my_generation) return index;
-            if (detail::expired(deadline)) {
-                // Withdraw, unless the barrier opened meanwhile.
-                while ((cur >> 32) == my_generation) {
-                    if (s->state.compare_exchange_weak(cur, cur - 1, std::memory_order_acq_rel))
-                        throw TimeoutError("mproc::Barrier::wait: timed out with " + std::to_string(cur & 0xffffffffu) +
-                                           " of " + std::to_string(s->parties) + " parties waiting");
-                }
-                return index;
-            }
-            detail::futex_wait(s->generation, seen, detail::sleep_until_for(deadline));
-            seen = s->generation.load(std::memory_order_acquire);
-        }
+        return result;
     }
-
-    std::size_t parties() const { return state()->parties; }
-    /// How many are waiting now.
-    std::size_t n_waiting() const { return state()->state.load(std::memory_order_relaxed) & 0xffffffffu; }
+    /// Wakes up to `n` waiters, longest waiting first. Throws mproc::Error if this thread does not
+    /// hold the lock.
+    void notify(std::size_t n = 1) { detail::ConditionOps::notify(state(), base(), n, "notify"); }
+    /// Wakes every waiter.
+    void notify_all() { detail::ConditionOps::notify(state(), base(), SIZE_MAX, "notify_all"); }
 
     template <class Archive> void serialize(Archive& ar) {
-        if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
-        else
-            ref_.decode(ar, detail::barrier_magic, detail::type_hash<Barrier>(), sizeof(detail::BarrierState),
-                        "Barrier");
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            const std::uint8_t recursive = std::holds_alternative<RLock>(lock_) ? 1 : 0;
+            ar(recursive);
+            std::visit([&ar](auto& l) { ar(l); }, lock_);
+            ref_.encode(ar);
+        } else {
+            std::uint8_t recursive = 0;
+            ar(recursive);
+            detail::HandleDecodeScope decoding;  // the lock's handle is read, not made
+            if (recursive == 0) {
+                Lock l;
+                ar(l);
+                lock_ = std::move(l);
+            } else if (recursive == 1) {
+                RLock l;
+                ar(l);
+                lock_ = std::move(l);
+            } else {
+                throw SerializationError("mproc: corrupt Condition handle: unknown kind of lock");
+            }
+            ref_.decode(ar, detail::condition_magic, detail::type_hash<Condition>(), sizeof(detail::ConditionState),
+                        "Condition");
+        }
     }
 
 private:
-    detail::BarrierState* state() const { return ref_.as<detail::BarrierState>(); }
+    void create() {
+        if (detail::HandleDecodeScope::active()) return;
+        ref_ = detail::SharedRef::allocate(sizeof(detail::ConditionState), alignof(detail::ConditionState),
+                                           "mproc-condition");
+        detail::ConditionOps::init(state(), detail::type_hash<Condition>());
+    }
+    detail::LockBase& base() {
+        return std::visit([](auto& l) -> detail::LockBase& { return l; }, lock_);
+    }
+    const detail::LockBase& base() const {
+        return std::visit([](const auto& l) -> const detail::LockBase& { return l; }, lock_);
+    }
+    detail::ConditionState* state() const { return ref_.as<detail::ConditionState>(); }
+
+    std::variant<Lock, RLock> lock_;
     detail::SharedRef ref_;
+};
+
+namespace detail {
+/// A Barrier's action is a function pointer or a stateless callable, as a Pool task is: it runs
+/// in whichever process arrives last, which cannot see what another process captured.
+template <class F>
+inline constexpr bool is_barrier_action_v = std::is_pointer_v<F> ? std::is_function_v<std::remove_pointer_t<F>>
+                                                                 : (std::is_class_v<F> && std::is_empty_v<F> &&
+                                                                    std::is_default_constructible_v<F>);
+template <class F> void run_barrier_action(std::uintptr_t target) {
+    if constexpr (std::is_pointer_v<F>) {
+        // NOLINTNEXTLINE(performance-no-int-to-ptr): the function's address, valid in every fork
+        const F f = reinterpret_cast<F>(target);
+        static_cast<void>(f());
+    } else {
+        F f{};
+        static_cast<void>(f());
+    }
+}
+}  // namespace detail
+
+/// Holds processes until `parties` of them wait, then lets them all go, round after round, as
+/// Python's Barrier: the last to arrive runs `action` first (a function pointer or a stateless
+/// callable); `timeout` is the default of wait(). A wait that times out, an action that throws, a
+/// party that dies while it waits, or abort() break the barrier: every waiter, and every later
+/// wait until reset(), gets mproc::BrokenBarrierError.
+class Barrier : public detail::BarrierBase {
+public:
+    explicit Barrier(std::uint32_t parties) : Barrier(parties, nullptr) {}
+    /// No action; `Barrier(4, {}, 10s)`.
+    Barrier(std::uint32_t parties, std::nullptr_t, std::optional<Seconds> timeout = std::nullopt) {
+        create(parties, nullptr, 0, timeout, detail::type_hash<Barrier>());
+    }
+    template <class F> Barrier(std::uint32_t parties, F action, std::optional<Seconds> timeout = std::nullopt) {
+        static_assert(detail::is_barrier_action_v<F>,
+                      "mproc::Barrier: the action must be a function pointer or a stateless callable (a lambda "
+                      "without captures). It runs in whichever process arrives last, which cannot see variables "
+                      "captured in another process: share them through a Value, an Array or a SharedDict.");
+        if constexpr (detail::is_barrier_action_v<F>) {
+            static_assert(std::is_invocable_v<F&>, "mproc::Barrier: the action must be callable with no arguments");
+            if constexpr (std::is_pointer_v<F>) {
+                if (action == nullptr) {
+                    create(parties, nullptr, 0, timeout, detail::type_hash<Barrier>());
+                    return;
+                }
+                create(parties, &detail::run_barrier_action<F>, reinterpret_cast<std::uintptr_t>(action), timeout,
+                       detail::type_hash<Barrier>());
+            } else {
+                static_cast<void>(action);
+                create(parties, &detail::run_barrier_action<F>, 0, timeout, detail::type_hash<Barrier>());
+            }
+        }
+    }
+    Barrier() : Barrier(1) {}
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            ref_.encode(ar);
+        } else {
+            ref_.decode(ar, detail::barrier_magic, detail::type_hash<Barrier>(), detail::barrier_slots_offset,
+                        "Barrier");
+            check_decoded();
+        }
+    }
 };
 
 /// One T in shared memory (T trivially copyable). Arithmetic T gets atomic +=, -=, ++ and --;
@@ -296,7 +385,11 @@ public:
 
     /// The Lock that goes with this value, for updates of more than one step:
     /// `std::lock_guard g(v.get_lock());` (Python's `with v.get_lock():`).
-    Lock& get_lock() const { return *lock_; }
+    Lock& get_lock() const {
+        if (!lock_)
+            throw Error("mproc: use of an empty shared-object handle (moved from, or left empty by a failed decode)");
+        return *lock_;
+    }
 
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) {
@@ -383,7 +476,11 @@ public:
     }
 
     /// The Lock that goes with this array: `std::lock_guard g(arr.get_lock());`.
-    Lock& get_lock() const { return *lock_; }
+    Lock& get_lock() const {
+        if (!lock_)
+            throw Error("mproc: use of an empty shared-object handle (moved from, or left empty by a failed decode)");
+        return *lock_;
+    }
 
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) {
@@ -407,6 +504,110 @@ private:
     detail::SharedRef ref_;
     T* data_ = nullptr;
     mutable std::optional<Lock> lock_;  // a handle to Header::lock, so get_lock() can return a reference
+};
+
+/// Python's RawValue: one T in shared memory, like Value, without a lock. Reads and writes are
+/// plain memory accesses: the processes synchronise themselves (a Lock, a Barrier, or
+/// std::atomic_ref on get()).
+template <class T> class RawValue {
+    static_assert(std::is_trivially_copyable_v<T>, "mproc::RawValue<T>: T must be trivially copyable");
+    using State = detail::RawValueState<T>;
+
+public:
+    explicit RawValue(T initial = T{}) {
+        if (detail::HandleDecodeScope::active()) return;
+        ref_ = detail::SharedRef::allocate(sizeof(State), alignof(State), "mproc-value");
+        State* s = state();
+        s->header = {detail::raw_value_magic, 0, detail::type_hash<RawValue<T>>()};
+        std::memcpy(static_cast<void*>(&s->value), &initial, sizeof(T));
+    }
+
+    T load() const { return state()->value; }
+    void store(T v) { state()->value = v; }
+    /// Python's `.value`.
+    T value() const { return load(); }
+    operator T() const { return load(); }
+    RawValue& operator=(T v) {
+        store(v);
+        return *this;
+    }
+    /// The T itself, in shared memory.
+    T& get() const { return state()->value; }
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
+        else ref_.decode(ar, detail::raw_value_magic, detail::type_hash<RawValue<T>>(), sizeof(State), "RawValue");
+    }
+
+private:
+    State* state() const { return ref_.as<State>(); }
+    detail::SharedRef ref_;
+};
+
+/// Python's RawArray: n values of T in shared memory, zero-initialised, like Array without a lock.
+template <class T> class RawArray {
+    static_assert(std::is_trivially_copyable_v<T>, "mproc::RawArray<T>: T must be trivially copyable");
+    using Header = detail::RawArrayHeader;
+    static constexpr std::size_t data_offset = detail::round_up(sizeof(Header), std::max<std::size_t>(alignof(T), 64));
+
+public:
+    explicit RawArray(std::size_t n = 0) {
+        if (detail::HandleDecodeScope::active()) return;
+        if (n > (std::size_t{1} << 40) / sizeof(T))
+            throw Error("mproc::RawArray: " + std::to_string(n) + " elements is too many");
+        ref_ = detail::SharedRef::allocate(data_offset + n * sizeof(T), 64, "mproc-array");
+        Header* h = header();
+        h->header = {detail::raw_array_magic, 0, detail::type_hash<RawArray<T>>()};
+        h->size = n;
+        h->data_offset = data_offset;
+        bind();
+    }
+    RawArray(std::initializer_list<T> values) : RawArray(std::span<const T>(values.begin(), values.size())) {}
+    explicit RawArray(std::span<const T> values) : RawArray(values.size()) {
+        if (data_ && !values.empty()) std::memcpy(static_cast<void*>(data_), values.data(), values.size_bytes());
+    }
+
+    std::size_t size() const { return static_cast<std::size_t>(header()->size); }
+    T& operator[](std::size_t i) const noexcept { return data_[i]; }
+    /// Bounds-checked; throws mproc::Error past the end.
+    T& at(std::size_t i) const {
+        if (i >= size())
+            throw Error("mproc::RawArray::at: index " + std::to_string(i) + " out of range (size " +
+                        std::to_string(size()) + ")");
+        return data_[i];
+    }
+    T* data() const noexcept { return data_; }
+    T* begin() const noexcept { return data_; }
+    T* end() const { return data_ + size(); }
+    std::span<T> span() const { return {data_, size()}; }
+
+    RawArray(const RawArray&) = default;
+    RawArray& operator=(const RawArray&) = default;
+    RawArray(RawArray&& other) noexcept : ref_(std::move(other.ref_)), data_(std::exchange(other.data_, nullptr)) {}
+    RawArray& operator=(RawArray&& other) noexcept {
+        ref_ = std::move(other.ref_);
+        data_ = std::exchange(other.data_, nullptr);
+        return *this;
+    }
+
+    template <class Archive> void serialize(Archive& ar) {
+        if constexpr (std::is_same_v<Archive, Writer>) {
+            ref_.encode(ar);
+        } else {
+            ref_.decode(ar, detail::raw_array_magic, detail::type_hash<RawArray<T>>(), sizeof(Header), "RawArray");
+            const Header* h = header();
+            const std::size_t room = ref_.segment()->size() - ref_.offset();
+            if (h->data_offset != data_offset || room < data_offset || h->size > (room - data_offset) / sizeof(T))
+                throw SerializationError("mproc: corrupt RawArray handle: its size does not fit its memory");
+            bind();
+        }
+    }
+
+private:
+    Header* header() const { return ref_.as<Header>(); }
+    void bind() { data_ = reinterpret_cast<T*>(ref_.address() + data_offset); }
+    detail::SharedRef ref_;
+    T* data_ = nullptr;
 };
 
 }  // namespace mproc
