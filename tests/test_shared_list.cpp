@@ -133,20 +133,20 @@ TEST_CASE("fmt prints a SharedList like Python's list: strings quoted, numbers b
     CHECK(fmt::format("{}", v) == "[[1.5], []]");
 }
 
-TEST_CASE("4 processes x 20,000 l[0] += 1 end at exactly 80,000") {
+TEST_CASE("4 processes x 100,000 l[0] += 1 end at exactly 400,000") {
     mproc::SharedList<long> l{0, 0};
     std::vector<mproc::Process> ps;
     for (int i = 0; i < 4; ++i)
         ps.emplace_back([&] {
-            for (int j = 0; j < 20000; ++j) l[0] += 1;
-            for (int j = 0; j < 1000; ++j) ++l[-1];
+            for (int j = 0; j < 100000; ++j) l[0] += 1;
+            for (int j = 0; j < 10000; ++j) ++l[-1];
         });
     for (auto& p : ps) p.start();
     for (auto& p : ps) {
         REQUIRE(p.join(300s));
         CHECK(p.exitcode() == 0);
     }
-    CHECK(l.to_vector() == std::vector<long>{80000, 4000});
+    CHECK(l.to_vector() == std::vector<long>{400000, 40000});
     CHECK(child_count() == 0);
 }
 
@@ -183,14 +183,22 @@ TEST_CASE("Processes and threads appending at once: every element lands once, ea
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("to_vector() is a consistent snapshot while another process extends and pops") {
-    // The writer extends by three consecutive numbers at a time, then pops them from the front:
-    // every consistent snapshot is a run of consecutive integers whose length is a multiple of 3
-    // while it grows.
+TEST_CASE("to_vector() is a consistent snapshot while another process extends, clears and pops") {
+    // The writer fills the list from 0 up, 50 consecutive numbers per extend, and clears it, over
+    // and over; then fills it once more and pops it empty from the front. Every consistent
+    // snapshot is a run of consecutive integers, whose length is a multiple of 50 while it grows.
+    constexpr int chunk = 50, total = 2000, cycles = 300;
     mproc::SharedList<int> l;
     mproc::Process writer([&] {
-        for (int i = 0; i < 9000; i += 3) l.extend(std::vector<int>{i, i + 1, i + 2});
-        for (int i = 0; i < 9000; ++i) l.pop(0);
+        std::vector<int> next(chunk);
+        for (int c = 0; c <= cycles; ++c) {
+            l.clear();
+            for (int i = 0; i < total; i += chunk) {
+                for (int j = 0; j < chunk; ++j) next[static_cast<std::size_t>(j)] = i + j;
+                l.extend(next);
+            }
+        }
+        for (int i = 0; i < total; ++i) l.pop(0);
     });
     writer.start();
     int torn = 0, snapshots = 0;
@@ -199,7 +207,7 @@ TEST_CASE("to_vector() is a consistent snapshot while another process extends an
         const auto v = l.to_vector();
         ++snapshots;
         if (!v.empty() && v.front() != 0) shrinking = true;
-        if (!shrinking && v.size() % 3 != 0) ++torn;
+        if (!shrinking && v.size() % chunk != 0) ++torn;
         for (std::size_t i = 1; i < v.size(); ++i)
             if (v[i] != v[i - 1] + 1) ++torn;
     }
