@@ -96,6 +96,12 @@ public:
     using Error::Error;
 };
 
+/// A SharedList index out of range (Python's IndexError). A KeyError, so it crosses a Pool as one.
+class IndexError : public KeyError {
+public:
+    using KeyError::KeyError;
+};
+
 /// Bytes that do not decode as the expected type: truncated, oversized or corrupt.
 class SerializationError : public Error {
 public:

@@ -12,6 +12,7 @@
 #include "queue.hpp"
 #include "serialize.hpp"
 #include "shared_dict.hpp"
+#include "shared_list.hpp"
 #include "sync.hpp"
 #include "time.hpp"
 #include "version.hpp"
