@@ -202,14 +202,25 @@ private:
     /// finish later, when the collector or the server has not ended by then.
     bool tear_down(Seconds grace, std::vector<Task>* doomed = nullptr, const Deadline& deadline = std::nullopt) {
         {
-            std::unique_lock teardown(teardown_mutex_, std::defer_lock);
-            if (!deadline) {
-                teardown.lock();
-            } else {
-                if (!teardown.try_lock_until(*deadline)) return false;
+            // One teardown at a time: a turn taken under mutex_ (a flag, not a timed mutex, whose
+            // timed lock ThreadSanitizer cannot follow), waited for up to the deadline.
+            {
                 std::unique_lock lock(mutex_);
-                if (!idle_.wait_until(lock, *deadline, [&] { return collector_ended_ || !collector_; })) return false;
+                const auto my_turn = [&] { return !tearing_down_ && (!deadline || collector_ended_ || !collector_); };
+                if (!deadline) idle_.wait(lock, my_turn);
+                else if (!idle_.wait_until(lock, *deadline, my_turn)) return false;
+                tearing_down_ = true;
             }
+            struct TurnEnd {
+                ForkEngine& engine;
+                ~TurnEnd() {
+                    {
+                        std::lock_guard lock(engine.mutex_);
+                        engine.tearing_down_ = false;
+                    }
+                    engine.idle_.notify_all();
+                }
+            } turn_end{*this};
             if (collector_ && collector_->joinable()) collector_->join();
             {
                 const OwnThreadScope callbacks(*this);
@@ -882,7 +893,7 @@ private:
     std::vector<Finished> finished_;  // the collector's scratch list
     std::vector<Task> broken_doomed_;  // taken from a broken pool, failed by the collector
 
-    std::timed_mutex teardown_mutex_;  // one join()/terminate() teardown at a time
+    bool tearing_down_ = false;  // a join()/terminate() teardown is under way (mutex_)
     bool collector_ended_ = false;  // the collector thread has returned (mutex_)
     std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
