@@ -1,9 +1,12 @@
 // Pipe: duplex and simplex connections, typed and raw messages, poll, end of stream, closed peers
-// (without SIGPIPE), very large messages, mutual sends, truncated and malformed frames.
+// (without SIGPIPE), very large messages, mutual sends, truncated and malformed frames, slices
+// (send_bytes with an offset, recv_bytes_into), and descriptors passed with send_fd / recv_fd.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
 
+#include <algorithm>
+#include <array>
 #include <csignal>
 #include <cstdint>
 #include <cstring>
@@ -545,4 +548,223 @@ TEST_CASE("malformed frames are SerializationErrors and the connection stays usa
         CHECK(reader.recv() == good);
         CHECK_FALSE(reader.poll());
     }
+}
+
+TEST_CASE("send_bytes with an offset and a size sends that slice, and a range past the end sends nothing") {
+    auto [a, b] = mproc::Pipe<std::vector<std::byte>>();
+    const auto data = pattern_bytes(10);
+    const std::span<const std::byte> all(data);
+    a.send_bytes(all, 2, 3);
+    CHECK(b.recv_bytes() == std::vector<std::byte>(data.begin() + 2, data.begin() + 5));
+    a.send_bytes(all, 4);  // the rest
+    CHECK(b.recv_bytes() == std::vector<std::byte>(data.begin() + 4, data.end()));
+    a.send_bytes(all, 10);  // the end itself: an empty message
+    CHECK(b.recv_bytes().empty());
+    a.send_bytes(all, 0, 10);
+    CHECK(b.recv_bytes() == data);
+    a.send_bytes(all, 3, 0);
+    CHECK(b.recv_bytes().empty());
+
+    CHECK_THROWS_AS(a.send_bytes(all, 11), mproc::Error);
+    CHECK_THROWS_AS(a.send_bytes(all, 11, 0), mproc::Error);
+    CHECK_THROWS_AS(a.send_bytes(all, 8, 3), mproc::Error);
+    CHECK_THROWS_AS(a.send_bytes(all, 0, 11), mproc::Error);
+    CHECK_THROWS_AS(a.send_bytes(all, 1, SIZE_MAX), mproc::Error);  // offset + size would wrap
+    CHECK_FALSE(b.poll());                                          // nothing was sent
+    a.send_bytes(all, 9, 1);
+    CHECK(b.recv_bytes() == std::vector<std::byte>{data[9]});
+}
+
+TEST_CASE("recv_bytes_into fills the buffer from an offset, and a message too long stays in the connection") {
+    auto [a, b] = mproc::Pipe<std::vector<std::byte>>();
+    const auto data = pattern_bytes(6);
+    std::vector<std::byte> buffer(10, std::byte{0x55});
+
+    a.send_bytes(data);
+    CHECK(b.recv_bytes_into(buffer, 3) == 6);
+    CHECK(std::equal(data.begin(), data.end(), buffer.begin() + 3));
+    CHECK(buffer[0] == std::byte{0x55});
+    CHECK(buffer[9] == std::byte{0x55});
+
+    a.send_bytes(data);
+    CHECK(b.recv_bytes_into(buffer) == 6);  // offset 0 by default
+    CHECK(std::equal(data.begin(), data.end(), buffer.begin()));
+    a.send_bytes(data);
+    CHECK(b.recv_bytes_into(buffer, 4) == 6);  // an exact fit
+
+    // Too short: BufferTooShort (an mproc::Error) says how long the message is; the buffer is
+    // untouched, and the message is still the next one, whole.
+    a.send_bytes(data);
+    a.send_bytes(pattern_bytes(2, 9));
+    std::vector<std::byte> small(8, std::byte{0x11});
+    try {
+        b.recv_bytes_into(small, 3);
+        FAIL("a 6-byte message fitted in 5 bytes");
+    } catch (const mproc::BufferTooShort& e) {
+        CHECK(e.message_size() == 6);
+        CHECK_THAT(e.what(), Catch::Contains("stays in the connection"));
+    }
+    CHECK(small == std::vector<std::byte>(8, std::byte{0x11}));
+    CHECK_THROWS_AS(b.recv_bytes_into(small, 3), mproc::Error);  // still there, still too long
+    CHECK(b.recv_bytes_into(small, 2) == 6);                     // a larger room takes it
+    CHECK(std::equal(data.begin(), data.end(), small.begin() + 2));
+    CHECK(b.recv_bytes() == pattern_bytes(2, 9));  // and the next one follows
+
+    // An offset past the end: an Error before anything is read.
+    a.send_bytes(data);
+    CHECK_THROWS_AS(b.recv_bytes_into(buffer, 11), mproc::Error);
+    CHECK(b.recv_bytes() == data);
+    // An empty message fits anywhere, even at the very end.
+    a.send_bytes({});
+    CHECK(b.recv_bytes_into(buffer, 10) == 0);
+    // A typed message is bytes too.
+    auto [c, d] = mproc::Pipe<int>();
+    c.send(7);
+    std::array<std::byte, sizeof(int)> raw{};
+    CHECK(d.recv_bytes_into(raw) == sizeof(int));
+    int seven = 0;
+    std::memcpy(&seven, raw.data(), sizeof seven);
+    CHECK(seven == 7);
+}
+
+TEST_CASE("send_fd and recv_fd pass a descriptor to a child, which writes into it") {
+    auto [parent_end, child_end] = mproc::Pipe<std::string>();
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+    mproc_test::ReadySignal started;
+    mproc::Process child([&child_end = child_end, &parent_end = parent_end, fds, &started] {
+        parent_end.close();
+        ::close(fds[0]);
+        ::close(fds[1]);  // the child's copies from the fork: it must write through the one it receives
+        started.notify();
+        mproc::UniqueFd received = child_end.recv_fd();
+        if (!received) std::_Exit(10);
+        if ((::fcntl(received.get(), F_GETFD) & FD_CLOEXEC) == 0) std::_Exit(11);
+        const std::string text = child_end.recv();
+        if (::write(received.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) std::_Exit(12);
+        received.reset();
+        child_end.send("written");
+        std::_Exit(0);
+    });
+    child.start();
+    child_end.close();
+    // Sent once the child has closed its inherited copies: only the passed descriptor reaches the pipe.
+    REQUIRE(started.wait());
+    parent_end.send_fd(fds[1]);
+    ::close(fds[1]);  // send_fd sent a copy; this end is no longer needed here
+    parent_end.send("through the passed descriptor");
+    CHECK(parent_end.recv() == "written");
+    std::string got(64, '\0');
+    const ssize_t n = ::read(fds[0], got.data(), got.size());
+    REQUIRE(n > 0);
+    got.resize(static_cast<std::size_t>(n));
+    CHECK(got == "through the passed descriptor");
+    char more = 0;
+    CHECK(::read(fds[0], &more, 1) == 0);  // every write end is closed: the child's copy was its own
+    ::close(fds[0]);
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("descriptors and messages keep their order, and neither is taken for the other") {
+    auto [a, b] = mproc::Pipe<int>();
+    int first[2], second[2];
+    REQUIRE(::pipe2(first, O_CLOEXEC) == 0);
+    REQUIRE(::pipe2(second, O_CLOEXEC) == 0);
+    a.send(1);
+    a.send_fd(first[1]);
+    a.send(2);
+    a.send_fd(second[1]);
+    CHECK(b.poll());
+    CHECK_THROWS_AS(b.recv_fd(), mproc::Error);  // the next one is a message...
+    CHECK(b.recv() == 1);                        // ...which is still there
+    CHECK_THROWS_AS(b.recv(), mproc::Error);     // the next one is a descriptor...
+    CHECK_THROWS_AS(b.recv_bytes(), mproc::Error);
+    std::array<std::byte, 16> room{};
+    CHECK_THROWS_AS(b.recv_bytes_into(room), mproc::Error);
+    mproc::UniqueFd one = b.recv_fd();  // ...which is still there
+    CHECK(b.recv() == 2);
+    mproc::UniqueFd two = b.recv_fd();
+    REQUIRE(one);
+    REQUIRE(two);
+    // Each is its own pipe's write end.
+    REQUIRE(::write(one.get(), "1", 1) == 1);
+    REQUIRE(::write(two.get(), "2", 1) == 1);
+    char byte = 0;
+    REQUIRE(::read(first[0], &byte, 1) == 1);
+    CHECK(byte == '1');
+    REQUIRE(::read(second[0], &byte, 1) == 1);
+    CHECK(byte == '2');
+    for (int fd : {first[0], first[1], second[0], second[1]}) ::close(fd);
+    // Both ways.
+    int third[2];
+    REQUIRE(::pipe2(third, O_CLOEXEC) == 0);
+    b.send_fd(third[0]);
+    mproc::UniqueFd back = a.recv_fd();
+    REQUIRE(::write(third[1], "3", 1) == 1);
+    REQUIRE(::read(back.get(), &byte, 1) == 1);
+    CHECK(byte == '3');
+    ::close(third[0]);
+    ::close(third[1]);
+}
+
+TEST_CASE("send_fd and recv_fd: an Error on a simplex pipe's ends and for a bad descriptor") {
+    auto [reader, writer] = mproc::Pipe<int>(false);
+    CHECK_THROWS_AS(writer.send_fd(0), mproc::Error);
+    CHECK_THROWS_AS(reader.recv_fd(), mproc::Error);
+    CHECK_THROWS_AS(reader.send_fd(0), mproc::Error);  // and the wrong direction
+    CHECK_THROWS_AS(writer.recv_fd(), mproc::Error);
+    CHECK_FALSE(reader.poll());  // nothing was sent
+    try {
+        writer.send_fd(0);
+    } catch (const mproc::Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("duplex"));
+    }
+
+    auto [a, b] = mproc::Pipe<int>();
+    CHECK_THROWS_AS(a.send_fd(-1), mproc::Error);
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    CHECK_THROWS_AS(a.send_fd(fds[0]), mproc::Error);  // not open
+    CHECK_FALSE(b.poll());
+    a.close();
+    CHECK_THROWS_AS(a.send_fd(0), mproc::Error);
+    CHECK_THROWS_AS(a.recv_fd(), mproc::Error);
+}
+
+TEST_CASE("send_fd to a closed peer is a BrokenPipeError without SIGPIPE, and recv_fd at the end an EOFError") {
+    require_default_sigpipe();
+    {
+        auto [a, b] = mproc::Pipe<int>();
+        b.close();
+        CHECK_THROWS_AS(a.send_fd(0), mproc::BrokenPipeError);
+        CHECK_THROWS_AS(a.recv_fd(), mproc::EOFError);
+    }
+    {
+        // A descriptor sent before the peer closed is still received, then the end of the stream.
+        auto [a, b] = mproc::Pipe<int>();
+        a.send_fd(0);
+        a.close();
+        mproc::UniqueFd got = b.recv_fd();
+        CHECK(got);
+        CHECK_THROWS_AS(b.recv_fd(), mproc::EOFError);
+    }
+    {
+        // Descriptors received but never taken are closed with the connection.
+        auto [a, b] = mproc::Pipe<int>();
+        int fds[2];
+        REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+        a.send_fd(fds[1]);
+        ::close(fds[1]);
+        a.send(5);
+        CHECK_THROWS_AS(b.recv(), mproc::Error);  // fills b's buffer (and its descriptor queue)
+        b.close();
+        char byte = 0;
+        CHECK(::read(fds[0], &byte, 1) == 0);  // no write end left anywhere
+        ::close(fds[0]);
+    }
+    CHECK_FALSE(sigpipe_pending());
 }

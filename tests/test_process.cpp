@@ -1,5 +1,6 @@
-// Process: exit codes, signals, joins with timeouts, names, moves, output buffering, and that no
-// child is ever left behind.
+// Process: exit codes, signals, joins with timeouts, names, moves, output buffering, daemon
+// children at a normal exit, the sentinel, close(), parent_process(), and that no child is ever
+// left behind.
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
@@ -10,11 +11,16 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fcntl.h>
 #include <memory>
+#include <optional>
+#include <poll.h>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -454,4 +460,331 @@ TEST_CASE("output buffered before start appears once, and a child's buffered out
         CHECK(text.find("<parent-fmt>") < text.find("<child-printf>"));
     }
     CHECK(mproc_test::child_count() == 0);
+}
+
+namespace {
+/// A pipe of the test's own (close-on-exec), for children to report through.
+struct TestPipe {
+    int read_end = -1;
+    int write_end = -1;
+    TestPipe() {
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+        read_end = fds[0];
+        write_end = fds[1];
+    }
+    ~TestPipe() {
+        if (read_end >= 0) ::close(read_end);
+        if (write_end >= 0) ::close(write_end);
+    }
+    TestPipe(const TestPipe&) = delete;
+    TestPipe& operator=(const TestPipe&) = delete;
+    void put(char byte) const {
+        while (::write(write_end, &byte, 1) < 0 && errno == EINTR) {}
+    }
+    /// The next byte, or 0 on timeout or at end of file (every writer gone).
+    char get(int timeout_ms = 60'000) const {
+        pollfd p{read_end, POLLIN, 0};
+        int n;
+        do n = ::poll(&p, 1, timeout_ms);
+        while (n < 0 && errno == EINTR);
+        char byte = 0;
+        if (n <= 0 || ::read(read_end, &byte, 1) != 1) return 0;
+        return byte;
+    }
+};
+
+/// Whether `fd` becomes readable within `timeout_ms` (0: is readable now).
+bool readable(int fd, int timeout_ms) {
+    pollfd p{fd, POLLIN, 0};
+    int n;
+    do n = ::poll(&p, 1, timeout_ms);
+    while (n < 0 && errno == EINTR);
+    return n > 0 && (p.revents & POLLIN) != 0;
+}
+}  // namespace
+
+TEST_CASE("daemon: false by default, set before start, an Error after it") {
+    mproc::Process p([] {});
+    CHECK_FALSE(p.daemon());
+    p.set_daemon(true);
+    CHECK(p.daemon());
+    p.set_daemon(false);
+    CHECK_FALSE(p.daemon());
+    p.set_daemon(true);
+    p.start();
+    CHECK_THROWS_AS(p.set_daemon(false), mproc::Error);
+    CHECK(p.daemon());  // unchanged
+    REQUIRE(p.join());
+    CHECK_THROWS_AS(p.set_daemon(true), mproc::Error);
+    mproc::Process moved(std::move(p));
+    CHECK(moved.daemon());
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("the sentinel becomes readable exactly when the child ends") {
+    mproc::Process never_started([] {});
+    CHECK_THROWS_AS(never_started.sentinel(), mproc::Error);
+
+    TestPipe go;
+    mproc::Process p([&go] {
+        char byte = 0;
+        while (::read(go.read_end, &byte, 1) < 0 && errno == EINTR) {}
+    });
+    p.start();
+    const int sentinel = p.sentinel();
+    CHECK(sentinel >= 0);
+    CHECK(p.sentinel() == sentinel);  // the same descriptor, owned by the Process
+    CHECK((::fcntl(sentinel, F_GETFD) & FD_CLOEXEC) != 0);
+    CHECK_FALSE(readable(sentinel, 0));
+    CHECK_FALSE(readable(sentinel, 50));  // the child waits for `go`: it cannot have ended
+    CHECK(p.is_alive());
+    go.put('g');
+    REQUIRE(readable(sentinel, 60'000));
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == 0);
+    CHECK(readable(sentinel, 0));  // and it stays readable once reaped
+    CHECK(p.sentinel() == sentinel);
+
+    // A child killed by a signal: the same.
+    mproc_test::ReadySignal ready;
+    mproc::Process q(sleeper(ready));
+    q.start();
+    REQUIRE(ready.wait());
+    CHECK_FALSE(readable(q.sentinel(), 0));
+    q.kill();
+    CHECK(readable(q.sentinel(), 60'000));
+    REQUIRE(q.join(60s));
+    CHECK(q.exitcode() == -SIGKILL);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("close: an Error while the child runs, and after it every use is an Error") {
+    mproc_test::ReadySignal ready;
+    mproc::Process p(sleeper(ready));
+    p.start();
+    REQUIRE(ready.wait());
+    const int sentinel = p.sentinel();
+    CHECK_THROWS_AS(p.close(), mproc::Error);
+    // Nothing changed: the process still runs, and its sentinel is still there.
+    CHECK_FALSE(p.closed());
+    CHECK(p.is_alive());
+    CHECK(p.sentinel() == sentinel);
+    CHECK(::fcntl(sentinel, F_GETFD) >= 0);
+    p.terminate();
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == -SIGTERM);
+    const pid_t pid = p.pid();
+
+    p.close();
+    CHECK(p.closed());
+    CHECK(::fcntl(sentinel, F_GETFD) < 0);  // released (nothing else opened a descriptor since)
+    CHECK_THROWS_AS(p.start(), mproc::Error);
+    CHECK_THROWS_AS(p.join(), mproc::Error);
+    CHECK_THROWS_AS(p.join(1s), mproc::Error);
+    CHECK_THROWS_AS(p.is_alive(), mproc::Error);
+    CHECK_THROWS_AS(p.pid(), mproc::Error);
+    CHECK_THROWS_AS(p.sentinel(), mproc::Error);
+    CHECK_THROWS_AS(p.exitcode(), mproc::Error);
+    CHECK_THROWS_AS(p.terminate(), mproc::Error);
+    CHECK_THROWS_AS(p.kill(), mproc::Error);
+    CHECK_THROWS_AS(p.set_daemon(true), mproc::Error);
+    CHECK(pid > 0);
+    CHECK_FALSE(p.name().empty());  // the name stays readable, as in Python
+    p.close();                      // closing again does nothing
+
+    // A child that ended but was never joined can be closed: close() reaps it.
+    mproc::Process quick([] {});
+    quick.start();
+    REQUIRE(readable(quick.sentinel(), 60'000));
+    quick.close();
+    CHECK(quick.closed());
+    // Never started: closing is allowed, and then starting is an Error.
+    mproc::Process idle([] {});
+    idle.close();
+    CHECK_THROWS_AS(idle.start(), mproc::Error);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("parent_process(): the parent's pid and name in a child, empty in the program") {
+    CHECK_FALSE(mproc::parent_process().has_value());
+    const pid_t self = ::getpid();
+    const std::string self_name = mproc::current_process().name();
+    mproc::Process child([self, self_name] {
+        const auto parent = mproc::parent_process();
+        if (!parent) std::_Exit(10);
+        if (parent->pid() != self) std::_Exit(11);
+        if (parent->name() != self_name) std::_Exit(12);
+        if (!parent->is_alive()) std::_Exit(13);
+            // A grandchild sees this child as its parent.
+        const pid_t me = ::getpid();
+        mproc::Process grandchild([me] {
+            const auto up = mproc::parent_process();
+            std::_Exit(up && up->pid() == me && up->name() == "middle" ? 0 : 20);
+        });
+        grandchild.start();
+        if (!grandchild.join() || grandchild.exitcode() != 0) std::_Exit(14);
+            // A plain fork of this child was not started by mproc: empty there.
+        const pid_t plain = ::fork();
+        if (plain == 0) ::_exit(mproc::parent_process() ? 1 : 0);
+        int status = 0;
+        while (::waitpid(plain, &status, 0) < 0 && errno == EINTR) {}
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) std::_Exit(15);
+        std::_Exit(0);
+    });
+    child.set_name("middle");
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK_FALSE(mproc::parent_process().has_value());
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("when a child's target returns, its daemon children are terminated and the others joined") {
+    TestPipe go;      // to the non-daemon grandchild
+    TestPipe ready;   // from the daemon grandchild to the child
+    TestPipe report;  // from the grandchildren
+    mproc::Process child([&go, &ready, &report] {
+        // Objects never destroyed: their children still run when the target returns.
+        auto* joined = new mproc::Process([&go, &report] {
+            mproc_test::default_fatal_signals();
+            char byte = 0;
+            while (::read(go.read_end, &byte, 1) < 0 && errno == EINTR) {}
+            report.put('d');  // done
+        });
+        auto* daemonic = new mproc::Process([&ready, &report] {
+            sigset_t term;
+            sigemptyset(&term);
+            sigaddset(&term, SIGTERM);
+            ::sigprocmask(SIG_BLOCK, &term, nullptr);
+            ready.put('r');
+            int sig = 0;
+            while (::sigwait(&term, &sig) != 0) {}
+            report.put('t');  // terminated
+            ::_exit(0);
+        });
+        daemonic->set_daemon(true);
+        joined->start();  // first: a rule that terminated every child would signal it first
+        daemonic->start();
+        if (ready.get() != 'r') std::_Exit(10);  // SIGTERM now reaches the daemon's sigwait
+    });
+    child.start();
+    ::close(report.write_end);  // the grandchildren hold it: at end of file, both are gone
+    report.write_end = -1;
+    // The child's target has returned; its end terminates the daemon grandchild...
+    CHECK(report.get() == 't');
+    // ...and then waits for the other one, which runs until told to finish.
+    CHECK(child.is_alive());
+    go.put('g');
+    CHECK(report.get() == 'd');
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+namespace {
+/// tests/programs/daemon_program, with its stdin and stdout on pipes of the test's.
+class DaemonProgram {
+public:
+    explicit DaemonProgram(const std::string& ending) {
+        int in[2], out[2];
+        REQUIRE(::pipe2(in, O_CLOEXEC) == 0);
+        REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+        pid_ = ::fork();
+        REQUIRE(pid_ >= 0);
+        if (pid_ == 0) {
+            ::dup2(in[0], 0);
+            ::dup2(out[1], 1);
+            ::execl(MPROC_DAEMON_PROGRAM, MPROC_DAEMON_PROGRAM, ending.c_str(), static_cast<char*>(nullptr));
+            ::_exit(127);
+        }
+        ::close(in[0]);
+        ::close(out[1]);
+        stdin_ = in[1];
+        stdout_ = out[0];
+    }
+    ~DaemonProgram() {
+        if (stdin_ >= 0) ::close(stdin_);
+        ::close(stdout_);
+        if (pid_ > 0 && !status_) {
+            ::kill(pid_, SIGKILL);
+            int status = 0;
+            while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {}
+        }
+    }
+    DaemonProgram(const DaemonProgram&) = delete;
+    DaemonProgram& operator=(const DaemonProgram&) = delete;
+
+    /// The next line it printed (without the newline); "<eof>" at the end, "<timeout>" after 60 s.
+    std::string line() {
+        for (;;) {
+            if (const auto end = pending_.find('\n'); end != std::string::npos) {
+                std::string out = pending_.substr(0, end);
+                pending_.erase(0, end + 1);
+                return out;
+            }
+            pollfd p{stdout_, POLLIN, 0};
+            const int n = ::poll(&p, 1, 60'000);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return "<timeout>";
+            char chunk[256];
+            const ssize_t got = ::read(stdout_, chunk, sizeof chunk);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) return "<eof>";
+            pending_.append(chunk, static_cast<std::size_t>(got));
+        }
+    }
+    void type(const std::string& text) const {
+        REQUIRE(::write(stdin_, text.data(), text.size()) == ssize_t(text.size()));
+    }
+    /// Still running (not even a zombie yet)?
+    bool running() {
+        if (status_) return false;
+        int status = 0;
+        const pid_t got = ::waitpid(pid_, &status, WNOHANG);
+        if (got == pid_) status_ = status;
+        return got == 0;
+    }
+    /// Its wait status, once it has ended (a failure after 60 s).
+    int status() {
+        for (int i = 0; i < 12'000 && running(); ++i) std::this_thread::sleep_for(5ms);
+        REQUIRE(status_.has_value());
+        return *status_;
+    }
+
+private:
+    pid_t pid_ = -1;
+    int stdin_ = -1;
+    int stdout_ = -1;
+    std::string pending_;
+    std::optional<int> status_;
+};
+}  // namespace
+
+TEST_CASE("at a normal exit, daemon children are terminated and the others joined") {
+    const std::string ending = GENERATE(as<std::string>{}, "exit", "return");
+    CAPTURE(ending);
+    DaemonProgram program(ending);
+    REQUIRE(program.line() == "ready");
+    // The program is ending: its daemon child gets SIGTERM...
+    CHECK(program.line() == "daemon: terminated");
+    // ...while the program waits for its other child, which cannot end before it is told to.
+    CHECK(program.running());
+    program.type("go\n");
+    CHECK(program.line() == "worker: done");
+    CHECK(program.line() == "<eof>");  // every process of it is gone, and nothing more was said
+    const int status = program.status();
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("at a normal exit under a ChildGuard, every child is terminated, daemon or not") {
+    DaemonProgram program("guard");
+    REQUIRE(program.line() == "ready");
+    std::set<std::string> lines = {program.line(), program.line()};
+    CHECK(lines == std::set<std::string>{"daemon: terminated", "worker: terminated"});
+    CHECK(program.line() == "<eof>");
+    const int status = program.status();
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
 }

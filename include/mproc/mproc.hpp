@@ -16,3 +16,4 @@
 #include "sync.hpp"
 #include "time.hpp"
 #include "version.hpp"
+#include "wait.hpp"

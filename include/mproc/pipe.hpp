@@ -6,11 +6,14 @@
 // Messages are framed with a 64-bit length, so any size goes through. A send to a closed peer
 // throws mproc::BrokenPipeError and never raises SIGPIPE. A duplex send that finds the socket full
 // keeps reading what the peer sends into memory meanwhile, so two ends that both send large
-// messages before reading do not deadlock.
+// messages before reading do not deadlock. A duplex connection also carries file descriptors
+// (send_fd / recv_fd, SCM_RIGHTS), each as a message of its own, in order with the others.
 #pragma once
 
 #include <cerrno>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <fcntl.h>
 #include <optional>
 #include <poll.h>
@@ -30,6 +33,27 @@
 
 namespace mproc {
 
+/// An owned file descriptor, closed once (what Connection::recv_fd returns). Move-only:
+/// get(), release(), reset(fd), and `if (fd)` for "holds one".
+using UniqueFd = detail::UniqueFd;
+
+/// recv_bytes_into: the next message is longer than the room the buffer has past the offset.
+/// Nothing is received: the message stays first in the connection, for a larger buffer or for
+/// recv_bytes(). (Python's BufferTooShort carries the message instead, having consumed it.)
+class BufferTooShort : public Error {
+public:
+    BufferTooShort(std::size_t message_size, std::size_t room)
+        : Error("recv_bytes_into: the next message has " + std::to_string(message_size) +
+                " bytes and the buffer has room for " + std::to_string(room) + "; the message stays in the connection"),
+          message_size_(message_size) {}
+    /// The size of the message that did not fit.
+    std::size_t message_size() const noexcept { return message_size_; }
+
+private:
+    std::size_t message_size_;
+};
+
+class Waitable;
 template <class T = std::vector<std::byte>> class Connection;
 template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true);
 
@@ -58,7 +82,7 @@ public:
     /// Throws EOFError when the peers are closed and nothing is left, SerializationError when the
     /// bytes do not decode (the message is dropped and the stream stays usable).
     T recv() {
-        const auto frame = next_frame("recv");
+        const auto frame = next_data_frame("recv");
         try {
             T value = decode<T>(frame);
             in_.consume(frame);
@@ -67,6 +91,20 @@ public:
             in_.consume(frame);  // a message that does not decode is dropped; the stream stays usable
             throw;
         }
+    }
+
+    /// Sends `size` bytes of `bytes` from `offset` (all the rest by default) as one message, as
+    /// Python's send_bytes(buf, offset, size) does. A range past the end of `bytes` throws
+    /// mproc::Error and sends nothing.
+    void send_bytes(std::span<const std::byte> bytes, std::size_t offset, std::optional<std::size_t> size = {}) {
+        if (offset > bytes.size())
+            throw Error("send_bytes: offset " + std::to_string(offset) + " is past the end of a " +
+                        std::to_string(bytes.size()) + "-byte buffer");
+        const std::size_t left = bytes.size() - offset;
+        if (size && *size > left)
+            throw Error("send_bytes: " + std::to_string(*size) + " bytes from offset " + std::to_string(offset) +
+                        " run past the end of a " + std::to_string(bytes.size()) + "-byte buffer");
+        send_bytes(bytes.subspan(offset, size.value_or(left)));
     }
 
     /// Sends raw bytes as one message, read back whole by recv_bytes().
@@ -87,10 +125,71 @@ public:
 
     /// Receives one message sent with send_bytes() (or send()) as raw bytes.
     std::vector<std::byte> recv_bytes() {
-        const auto frame = next_frame("recv_bytes");
+        const auto frame = next_data_frame("recv_bytes");
         std::vector<std::byte> bytes(frame.begin(), frame.end());
         in_.consume(frame);
         return bytes;
+    }
+
+    /// Receives one message into `buffer` from `offset` on, as Python's recv_bytes_into does, and
+    /// returns its size. A message longer than the room left throws mproc::BufferTooShort and
+    /// stays in the connection (nothing is received); an offset past the end throws mproc::Error
+    /// before anything is read.
+    std::size_t recv_bytes_into(std::span<std::byte> buffer, std::size_t offset = 0) {
+        require_readable("recv_bytes_into");
+        if (offset > buffer.size())
+            throw Error("recv_bytes_into: offset " + std::to_string(offset) + " is past the end of a " +
+                        std::to_string(buffer.size()) + "-byte buffer");
+        const auto frame = next_data_frame("recv_bytes_into");
+        const std::size_t room = buffer.size() - offset;
+        if (frame.size() > room) throw BufferTooShort(frame.size(), room);
+        if (!frame.empty()) std::memcpy(buffer.data() + offset, frame.data(), frame.size());
+        in_.consume(frame);
+        return frame.size();
+    }
+
+    /// Sends a copy of the open descriptor `descriptor` (SCM_RIGHTS), as one message that the
+    /// peer receives with recv_fd(); `descriptor` stays open here. Python's
+    /// reduction.send_handle. Only over a duplex Pipe (a Unix socket): on a simplex pipe's end,
+    /// or with a descriptor that is not open, it throws mproc::Error and sends nothing; to a
+    /// closed peer, BrokenPipeError (never SIGPIPE).
+    void send_fd(int descriptor) {
+        require_writable("send_fd");
+        require_socket("send_fd");
+        if (descriptor < 0 || ::fcntl(descriptor, F_GETFD) < 0)
+            throw Error("send_fd: " + std::to_string(descriptor) + " is not an open descriptor");
+        std::byte header[detail::frame_header_size];
+        std::memcpy(header, &detail::descriptor_frame, sizeof header);
+        bool peer_done_sending = false;
+        for (;;) {
+            const ssize_t put = send_with_descriptor(header, sizeof header, descriptor);
+            if (put >= 0) {  // the descriptor went with the first byte; the rest is plain bytes
+                write_all(std::span<const std::byte>(header).subspan(static_cast<std::size_t>(put)));
+                return;
+            }
+            if (errno == EPIPE || errno == ECONNRESET)
+                throw BrokenPipeError("send_fd: the peer closed its end of the pipe");
+            if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send_fd");
+            wait_for_room(peer_done_sending);
+        }
+    }
+
+    /// Receives a descriptor sent with send_fd(): a new descriptor (close-on-exec) for the same
+    /// open file, owned by the caller. Python's reduction.recv_handle. Blocks until it arrives;
+    /// EOFError when the peers are closed and nothing is left. The next message must be a
+    /// descriptor: one sent with send() or send_bytes() throws mproc::Error and stays there
+    /// (and recv() of a descriptor's message likewise). Only over a duplex Pipe.
+    UniqueFd recv_fd() {
+        require_readable("recv_fd");
+        require_socket("recv_fd");
+        const auto frame = next_frame("recv_fd");
+        if (!in_.next_is_descriptor())
+            throw Error("recv_fd: the next message is not a descriptor (it was sent with send or send_bytes)");
+        in_.consume(frame);
+        if (descriptors_.empty()) throw Error("recv_fd: a descriptor message arrived without its descriptor");
+        UniqueFd received = std::move(descriptors_.front());
+        descriptors_.pop_front();
+        return received;
     }
 
     /// Whether there is something to read. Without a timeout it does not wait (like Python's poll);
@@ -103,10 +202,12 @@ public:
         return revents != 0;
     }
 
-    /// Closes this end. Further use throws mproc::Error.
+    /// Closes this end (and any descriptor received but not yet taken with recv_fd). Further use
+    /// throws mproc::Error.
     void close() noexcept {
         fd_.reset();
         in_.clear();
+        descriptors_.clear();
     }
     bool closed() const noexcept { return !fd_; }
     bool readable() const noexcept { return readable_; }
@@ -116,6 +217,7 @@ public:
 
 private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
+    friend class Waitable;
     static constexpr std::size_t copy_limit = std::size_t{64} * 1024;
 
     Connection(int fd, bool readable, bool writable, bool is_socket)
@@ -132,15 +234,49 @@ private:
         require_open(op);
         if (!readable_) throw Error(std::string(op) + " on the write-only end of a simplex pipe");
     }
+    void require_socket(const char* op) const {
+        if (!is_socket_)
+            throw Error(std::string(op) +
+                        ": descriptors travel only over a duplex Pipe (a Unix socket), and this end is a simplex pipe");
+    }
 
     std::span<const std::byte> next_frame(const char* op) {
         require_readable(op);
         for (;;) {
             if (auto frame = in_.buffered_frame()) return *frame;
-            const ssize_t got = in_.fill(fd_.get());
+            const ssize_t got = in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr);
             if (got == 0 || (got < 0 && errno == ECONNRESET)) in_.throw_end_of_stream(op);
             if (got < 0) detail::throw_errno(op);
         }
+    }
+    /// The next frame, which must carry bytes: a descriptor's is left for recv_fd.
+    std::span<const std::byte> next_data_frame(const char* op) {
+        const auto frame = next_frame(op);
+        if (in_.next_is_descriptor())
+            throw Error(std::string(op) +
+                        ": the next message is a descriptor (sent with send_fd); receive it with recv_fd");
+        return frame;
+    }
+
+    /// One sendmsg of `n` bytes with `descriptor` attached, never blocking nor raising SIGPIPE.
+    /// Returns the bytes sent, or -1 with errno.
+    ssize_t send_with_descriptor(const std::byte* data, std::size_t n, int descriptor) noexcept {
+        iovec iov{const_cast<std::byte*>(data), n};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        std::memcpy(CMSG_DATA(cmsg), &descriptor, sizeof descriptor);
+        ssize_t sent;
+        do sent = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (sent < 0 && errno == EINTR);
+        return sent;
     }
 
     void write_all(std::span<const std::byte> bytes) {
@@ -155,15 +291,19 @@ private:
             if (errno == EPIPE || errno == ECONNRESET)
                 throw BrokenPipeError("send: the peer closed its end of the pipe");
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
-            // The socket is full. Wait for room, and buffer what the peer sends meanwhile so a
-            // peer that is itself blocked sending can make progress.
-            const short events = peer_done_sending ? POLLOUT : POLLOUT | POLLIN;
-            const int revents = detail::wait_for(fd_.get(), events, std::nullopt);
-            if (revents < 0) detail::throw_errno("send: poll");
-            if ((revents & POLLIN) && !peer_done_sending) {
-                const ssize_t got = in_.fill(fd_.get(), /*nonblocking=*/true);
-                if (got == 0) peer_done_sending = true;
-            }
+            wait_for_room(peer_done_sending);
+        }
+    }
+
+    /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
+    /// descriptors that come with it) so a peer that is itself blocked sending can make progress.
+    void wait_for_room(bool& peer_done_sending) {
+        const short events = peer_done_sending ? POLLOUT : POLLOUT | POLLIN;
+        const int revents = detail::wait_for(fd_.get(), events, std::nullopt);
+        if (revents < 0) detail::throw_errno("send: poll");
+        if ((revents & POLLIN) && !peer_done_sending) {
+            const ssize_t got = in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_);
+            if (got == 0) peer_done_sending = true;
         }
     }
 
@@ -172,6 +312,7 @@ private:
     bool writable_ = false;
     bool is_socket_ = false;
     detail::FrameReader in_;
+    detail::DescriptorQueue descriptors_;  // received with the stream's bytes, for recv_fd
     Buffer out_;
 };
 

@@ -10,6 +10,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -25,6 +26,8 @@
 #include "detail/os/clock.hpp"
 #include "detail/os/cpu.hpp"
 #include "detail/os/fork.hpp"
+#include "detail/os/guard_state.hpp"
+#include "detail/os/unique_fd.hpp"
 #include "detail/os/wait.hpp"
 #include "detail/serialize/type_name.hpp"
 #include "errors.hpp"
@@ -43,6 +46,30 @@ public:
 /// The process this code runs in: "MainProcess", or the name of the Process that started it.
 inline ProcessInfo current_process() { return {}; }
 
+/// What parent_process() returns: the name and pid of the process that started this one, as they
+/// were when it did.
+class ParentProcess {
+public:
+    ParentProcess(std::string name, pid_t pid) : name_(std::move(name)), pid_(pid) {}
+    const std::string& name() const noexcept { return name_; }
+    pid_t pid() const noexcept { return pid_; }
+    /// True while the parent runs (this process is then still its child).
+    bool is_alive() const noexcept { return ::getppid() == pid_; }
+
+private:
+    std::string name_;
+    pid_t pid_;
+};
+
+/// In a process that mproc started (a Process child, a Pool worker): the process that started it
+/// ("MainProcess" for a child of the program; a Pool worker's parent is the pool's fork server).
+/// Empty in a process mproc did not start: the program itself, or a plain fork() of anything.
+inline std::optional<ParentProcess> parent_process() {
+    const detail::Identity& self = detail::identity();
+    if (!self.is_child || self.pid != ::getpid()) return std::nullopt;
+    return ParentProcess(self.parent_name, self.parent_pid);
+}
+
 /// The pids of this process's children that mproc started and that are still running: Process
 /// children and each Pool's fork server (a Pool's workers are the server's children, not yours).
 /// Reaps the children that have ended, keeping their statuses for Process::join and exitcode().
@@ -60,6 +87,24 @@ template <class F, class Args> struct BoundTargetOf final : BoundTarget {
     F target;
     Args args;
 };
+
+/// At a normal exit of the program (exit(), a return from main): Process children still running
+/// are ended by Python's rule (daemon ones terminated, the others joined), or by the guard's when
+/// a ChildGuard is in place (whose own hook then does it). Other children are left as they were.
+inline void end_process_children_at_exit() noexcept {
+    if (guard_state().owner.load() == ::getpid()) return;  // the guard's exit hook ends them all
+    end_children_normally(/*all=*/false);
+}
+
+/// Registers end_process_children_at_exit once per program (before the first Process starts).
+inline void hook_process_exit() {
+    static const bool hooked = [] {
+        if (std::atexit(&end_process_children_at_exit) != 0)
+            throw Error("cannot register mproc's exit hook for Process children");
+        return true;
+    }();
+    (void)hooked;
+}
 }  // namespace detail
 
 /// A child process running one callable. Move-only, like std::thread.
@@ -80,7 +125,9 @@ public:
 
     Process(Process&& other) noexcept
         : target_(std::move(other.target_)), name_(std::move(other.name_)), pid_(std::exchange(other.pid_, 0)),
-          serial_(std::exchange(other.serial_, 0)), status_(std::exchange(other.status_, std::nullopt)) {}
+          serial_(std::exchange(other.serial_, 0)), status_(std::exchange(other.status_, std::nullopt)),
+          sentinel_(std::move(other.sentinel_)), daemon_(std::exchange(other.daemon_, false)),
+          closed_(std::exchange(other.closed_, false)) {}
     Process& operator=(Process&& other) noexcept {
         if (this != &other) {
             stop_and_reap();
@@ -89,24 +136,34 @@ public:
             pid_ = std::exchange(other.pid_, 0);
             serial_ = std::exchange(other.serial_, 0);
             status_ = std::exchange(other.status_, std::nullopt);
+            sentinel_ = std::move(other.sentinel_);
+            daemon_ = std::exchange(other.daemon_, false);
+            closed_ = std::exchange(other.closed_, false);
         }
         return *this;
     }
     Process(const Process&) = delete;
     Process& operator=(const Process&) = delete;
 
-    /// A started, unjoined child is terminated (SIGTERM, then SIGKILL after a grace period) and reaped.
+    /// A started, unjoined child is terminated (SIGTERM, then SIGKILL after a grace period) and
+    /// reaped, daemon or not.
     ~Process() { stop_and_reap(); }
 
-    /// Forks the child and runs the target there. Throws mproc::Error if already started.
+    /// Forks the child and runs the target there. Throws mproc::Error if already started or closed.
     void start() {
+        require_open("start");
         if (pid_ != 0) throw Error("process " + name_ + " already started (pid " + std::to_string(pid_) + ")");
         if (!target_) throw Error("process " + name_ + " has no target");
-        pid_ = detail::fork_child([this] { return run_target(); }, name_, &serial_);
+        detail::hook_process_exit();
+        int pidfd = -1;
+        const detail::ChildRole role = daemon_ ? detail::ChildRole::daemon : detail::ChildRole::joined;
+        pid_ = detail::fork_child([this] { return run_target(); }, name_, detail::ForkOptions{&serial_, role, &pidfd});
+        sentinel_.reset(pidfd);
     }
 
     /// Waits for the child to end and reaps it. With a timeout, returns false if it still runs.
     bool join(std::optional<Seconds> timeout = std::nullopt) {
+        require_open("join");
         if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
         if (status_) return true;
         const auto status = detail::wait_child(pid_, detail::deadline_after(timeout), serial_);
@@ -118,6 +175,81 @@ public:
 
     /// True from start() until the child has ended.
     bool is_alive() {
+        require_open("is_alive");
+        return alive();
+    }
+
+    /// SIGTERM to the child (nothing if it has been reaped).
+    void terminate() { signal(SIGTERM); }
+    /// SIGKILL to the child (nothing if it has been reaped).
+    void kill() { signal(SIGKILL); }
+    /// Any signal to the child, while it has not been reaped (its pid cannot be reused before).
+    void signal(int sig) {
+        require_open("signal");
+        // alive() first: the registry may have reaped the child for someone else (children().live()),
+        // and then its pid is free for the kernel to give to an unrelated process.
+        if (alive()) ::kill(pid_, sig);
+    }
+
+    /// nullopt while running (or never started); N for an exit with status N; -N if killed by signal N.
+    std::optional<int> exitcode() {
+        require_open("exitcode");
+        if (pid_ != 0 && !status_) alive();
+        if (!status_) return std::nullopt;
+        return detail::exit_code_of(*status_);
+    }
+
+    /// The child's pid once started (0 before).
+    pid_t pid() const {
+        require_open("pid");
+        return pid_;
+    }
+    const std::string& name() const noexcept { return name_; }
+    /// Names the child, as current_process().name() will report inside it. Before start().
+    void set_name(std::string name) { name_ = std::move(name); }
+
+    /// Whether the child is a daemon: at a normal exit of this process (exit(), a return from
+    /// main), a daemon child still running is terminated, a non-daemon one is waited for.
+    bool daemon() const noexcept { return daemon_; }
+    /// Sets the daemon flag (false by default, as in Python). Before start(): Error after it.
+    void set_daemon(bool daemonic) {
+        require_open("set_daemon");
+        if (pid_ != 0) throw Error("cannot set the daemon flag of process " + name_ + ": it has already started");
+        daemon_ = daemonic;
+    }
+
+    /// A descriptor that becomes readable when the child ends, and stays so (a pidfd: close-on-exec,
+    /// owned by this Process until close() or destruction), for poll, epoll or mproc::wait. Error
+    /// before start(), after close(), and on a kernel without pidfds (before Linux 5.3).
+    int sentinel() const {
+        require_open("sentinel");
+        if (pid_ == 0) throw Error("process " + name_ + " has no sentinel: it was never started");
+        if (!sentinel_) throw Error("process " + name_ + " has no sentinel: this kernel has no pidfd (Linux 5.3)");
+        return sentinel_.get();
+    }
+
+    /// Releases what the Process holds (its sentinel, its child's record, its target). Error if the
+    /// child still runs (join() or terminate() it first), and then nothing changes. Once closed,
+    /// every other call but name() and daemon() throws mproc::Error; closing again does nothing.
+    void close() {
+        if (closed_) return;
+        if (pid_ != 0 && alive())
+            throw Error("cannot close process " + name_ + " (pid " + std::to_string(pid_) +
+                        "): it is still running; join() or terminate() it first");
+        sentinel_.reset();
+        target_.reset();
+        closed_ = true;
+    }
+    /// Whether close() was called.
+    bool closed() const noexcept { return closed_; }
+
+private:
+    void require_open(const char* op) const {
+        if (closed_) throw Error(std::string(op) + " on process " + name_ + ", which is closed");
+    }
+
+    /// is_alive() without the closed check: reaps a child that has ended, keeping its status.
+    bool alive() {
         if (pid_ == 0 || status_) return false;
         if (auto status = detail::children().reap(pid_, false, serial_)) {
             status_ = *status;
@@ -127,30 +259,6 @@ public:
         return true;
     }
 
-    /// SIGTERM to the child (nothing if it has been reaped).
-    void terminate() { signal(SIGTERM); }
-    /// SIGKILL to the child (nothing if it has been reaped).
-    void kill() { signal(SIGKILL); }
-    /// Any signal to the child, while it has not been reaped (its pid cannot be reused before).
-    void signal(int sig) {
-        // is_alive() first: the registry may have reaped the child for someone else (children().live()),
-        // and then its pid is free for the kernel to give to an unrelated process.
-        if (is_alive()) ::kill(pid_, sig);
-    }
-
-    /// nullopt while running (or never started); N for an exit with status N; -N if killed by signal N.
-    std::optional<int> exitcode() {
-        if (pid_ != 0 && !status_) is_alive();
-        if (!status_) return std::nullopt;
-        return detail::exit_code_of(*status_);
-    }
-
-    pid_t pid() const noexcept { return pid_; }
-    const std::string& name() const noexcept { return name_; }
-    /// Names the child, as current_process().name() will report inside it. Before start().
-    void set_name(std::string name) { name_ = std::move(name); }
-
-private:
     int run_target() noexcept {
         try {
             target_->run();
@@ -162,7 +270,7 @@ private:
     }
 
     void stop_and_reap() noexcept {
-        if (pid_ == 0 || status_) return;
+        if (pid_ == 0 || status_ || closed_) return;
         try {
             if (!join(Seconds{0})) {
                 terminate();
@@ -181,6 +289,9 @@ private:
     pid_t pid_ = 0;
     std::uint64_t serial_ = 0;   // of the child's record in detail::children()
     std::optional<int> status_;  // the raw wait status once reaped
+    detail::UniqueFd sentinel_;  // a pidfd of the child, from start() to close()
+    bool daemon_ = false;
+    bool closed_ = false;
 };
 
 }  // namespace mproc

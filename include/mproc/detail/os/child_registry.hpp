@@ -15,6 +15,10 @@
 // processes the kernel can number (PID_MAX_LIMIT). Each record has a serial number as well as the
 // pid: once a child is reaped the kernel may give its pid to a newer child while the first one's
 // status still waits for its owner, and the serial tells the two records apart.
+//
+// Each record also has a role: a Process child is joined or terminated at a normal exit according
+// to its daemon flag (end_process_children); other children (a Pool's fork server, its workers)
+// are left to the other rules.
 #pragma once
 
 #include <atomic>
@@ -35,8 +39,18 @@
 
 namespace mproc::detail {
 
+/// What a child is to the process that started it, for what a normal exit does with it.
+enum class ChildRole : int {
+    other = 0,    ///< a Pool's fork server or worker: ended by the guard or the parent-death signal
+    joined = 1,   ///< a Process that is not a daemon: a normal exit waits for it
+    daemon = 2,   ///< a daemon Process: a normal exit terminates it
+};
+
 class ChildRegistry {
 public:
+    /// Which records an operation applies to: every one, or those of one role.
+    static constexpr int any_role = -1;
+
     static constexpr std::size_t chunk_slots = 1024;
     static constexpr std::size_t max_chunks = 4096;
     /// Records at most: the kernel's largest pid_max (PID_MAX_LIMIT, 2^22).
@@ -57,7 +71,7 @@ public:
 
     /// Claims a slot for a fork about to happen, growing the table when every slot is taken.
     /// Throws when the table holds `capacity` records.
-    Ticket reserve() {
+    Ticket reserve(ChildRole role = ChildRole::other) {
         adopt();
         for (std::size_t c = 0; c < max_chunks; ++c) {
             Slot* chunk = chunk_at(c);
@@ -70,6 +84,7 @@ public:
                     const std::size_t i = c * chunk_slots + j;
                     slot.serial.store(next_serial_.fetch_add(1, std::memory_order_relaxed) + 1,
                                       std::memory_order_relaxed);
+                    slot.role.store(static_cast<int>(role), std::memory_order_relaxed);
                     std::size_t high = high_water_.load(std::memory_order_relaxed);
                     while (high < i + 1 && !high_water_.compare_exchange_weak(high, i + 1)) {}
                     return Ticket(i);
@@ -157,55 +172,73 @@ public:
                 fn(slot_at(i).pid.load(std::memory_order_relaxed));
     }
 
-    /// Async-signal-safe: sends `sig` to every child not yet reaped.
-    void signal_live(int sig) const noexcept {
-        for_each_live([sig](pid_t pid) { ::kill(pid, sig); });
+    /// Async-signal-safe: sends `sig` to every child not yet reaped (of `role`, when not any_role).
+    void signal_live(int sig, int role = any_role) const noexcept {
+        if (!ours()) return;
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i)
+            if (live_in(slot_at(i), role)) ::kill(slot_at(i).pid.load(std::memory_order_relaxed), sig);
     }
 
-    /// Async-signal-safe: reaps every child that has ended, keeping its status for its owner.
-    /// Returns how many still run.
-    std::size_t reap_ended() noexcept {
+    /// Async-signal-safe: reaps every child that has ended (of `role`, when not any_role), keeping
+    /// its status for its owner. Returns how many still run.
+    std::size_t reap_ended(int role = any_role) noexcept {
         std::size_t running = 0;
         if (!ours()) return running;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            if (slot_at(i).state.load(std::memory_order_acquire) != live_) continue;
+            if (!live_in(slot_at(i), role)) continue;
             if (reap_slot(slot_at(i), slot_at(i).pid.load(std::memory_order_relaxed), false)) ++running;
         }
         return running;
     }
 
-    /// Async-signal-safe: SIGKILL to every child not yet reaped, then waits for each and keeps its
-    /// status. A child that SIGKILL cannot reach (EPERM: it runs a set-user-ID program) is not waited for.
-    void kill_and_reap() noexcept {
+    /// Async-signal-safe: SIGKILL to every child not yet reaped (of `role`, when not any_role),
+    /// then waits for each and keeps its status. A child that SIGKILL cannot reach (EPERM: it runs
+    /// a set-user-ID program) is not waited for.
+    void kill_and_reap(int role = any_role) noexcept {
         if (!ours()) return;
         const std::size_t high = high_water_.load(std::memory_order_acquire);
         for (std::size_t i = 0; i < high; ++i) {
-            if (slot_at(i).state.load(std::memory_order_acquire) != live_) continue;
+            if (!live_in(slot_at(i), role)) continue;
             const pid_t pid = slot_at(i).pid.load(std::memory_order_relaxed);
             if (::kill(pid, SIGKILL) != 0 && errno == EPERM) continue;
             reap_slot(slot_at(i), pid, true);
         }
     }
 
-    /// Async-signal-safe: SIGTERM to every live child, up to `grace_ns` for them to end, SIGKILL to
-    /// the rest; every one is reaped and its status kept for its owner.
-    void terminate_and_reap(long long grace_ns) noexcept {
+    /// Async-signal-safe: SIGTERM to every live child (of `role`, when not any_role), up to
+    /// `grace_ns` for them to end, SIGKILL to the rest; every one is reaped and its status kept for
+    /// its owner.
+    void terminate_and_reap(long long grace_ns, int role = any_role) noexcept {
         if (!ours()) return;
         await_forks_in_flight();
-        if (reap_ended() == 0) return;
-        signal_live(SIGTERM);
+        if (reap_ended(role) == 0) return;
+        signal_live(SIGTERM, role);
         const long long start = monotonic_now_ns();
         long nap_ns = 100'000;  // children usually end at once: look again soon, then less often
-        while (reap_ended() != 0) {
+        while (reap_ended(role) != 0) {
             if (monotonic_now_ns() - start >= grace_ns) {
-                kill_and_reap();
+                kill_and_reap(role);
                 return;
             }
             const timespec nap{0, nap_ns};
             ::nanosleep(&nap, nullptr);
             nap_ns = nap_ns * 2 < 10'000'000L ? nap_ns * 2 : 10'000'000L;
         }
+    }
+
+    /// What a normal exit does with the Process children still running, as Python's does: the
+    /// daemon ones are terminated (SIGTERM, up to `grace_ns`, SIGKILL) and reaped, then the others
+    /// are waited for, however long they take. Every status is kept for its Process. Other
+    /// children are left alone. Async-signal-safe.
+    void end_process_children(long long grace_ns) noexcept {
+        if (!ours()) return;
+        terminate_and_reap(grace_ns, static_cast<int>(ChildRole::daemon));
+        const std::size_t high = high_water_.load(std::memory_order_acquire);
+        for (std::size_t i = 0; i < high; ++i)
+            if (live_in(slot_at(i), static_cast<int>(ChildRole::joined)))
+                reap_slot(slot_at(i), slot_at(i).pid.load(std::memory_order_relaxed), true);
     }
 
     /// In a freshly forked child: the parent's children are not ours.
@@ -221,7 +254,14 @@ private:
         std::atomic<pid_t> pid{0};
         std::atomic<int> status{0};
         std::atomic<std::uint64_t> serial{0};
+        std::atomic<int> role{static_cast<int>(ChildRole::other)};
     };
+
+    /// Async-signal-safe: whether `slot` holds a live child of `role` (any_role: of any).
+    static bool live_in(const Slot& slot, int role) noexcept {
+        if (slot.state.load(std::memory_order_acquire) != live_) return false;
+        return role == any_role || slot.role.load(std::memory_order_relaxed) == role;
+    }
 
     /// Async-signal-safe: chunk `c`, or nullptr if it was never allocated. Chunk 0 is part of the
     /// registry itself (constant-initialised); the others are allocated by grow() and never freed.

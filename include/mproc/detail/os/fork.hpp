@@ -4,8 +4,8 @@
 // child. In the child: arm the parent-death signal (and re-check the parent, which may have died
 // before the signal was armed), stay guarded if the parent was (guard_state.hpp) or put back the
 // dispositions a stale copy of a guard replaced, forget the parent's children, run the body,
-// flush, terminate and reap any child of its own still running, and leave with _exit so the
-// parent's atexit handlers and static destructors never run twice.
+// flush, end the children of its own still running (end_children_normally: a normal exit's rule),
+// and leave with _exit so the parent's atexit handlers and static destructors never run twice.
 //
 // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. So a fork
 // asked for by any thread but the main one runs on the forker: one long-lived thread per process,
@@ -63,6 +63,9 @@ struct Identity {
     int process_counter = 0;
     /// Nonzero in every process mproc forked.
     bool is_child = false;
+    /// In a process mproc forked: the name and pid of the process that forked it.
+    std::string parent_name;
+    pid_t parent_pid = 0;
 };
 
 inline Identity& identity() {
@@ -125,15 +128,28 @@ struct ThreadTraits {
 /// The child's side of a fork. It never returns: it leaves with _exit.
 using ChildEntry = void (*)(void* context) noexcept;
 
+/// A pidfd for `pid` (close-on-exec, readable once the process ends), or -1 where the kernel has
+/// none (before Linux 5.3). Async-signal-safe.
+inline int pidfd_of(pid_t pid) noexcept {
+#ifdef SYS_pidfd_open
+    return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+#else
+    (void)pid;
+    return -1;
+#endif
+}
+
 /// Forks from the calling thread, with every signal blocked in it from just before the fork until
 /// the child is published in children() under `ticket` (a guard's handler on another thread waits
 /// for that; none can run on this one). The child arms the parent-death signal, keeps or forgets
 /// the parent's guard, forgets the parent's children, takes `traits` (when the fork runs for
 /// another thread) or else `child_mask`, and runs entry(context). Returns the child's pid, or
-/// -errno if fork failed (the ticket is then released). The caller has flushed stdio (before
-/// blocking signals: a flush into a full pipe must stay interruptible).
+/// -errno if fork failed (the ticket is then released). With `pidfd`, stores there a pidfd of the
+/// child (-1 if the kernel has none), opened before the child is published: until then nothing
+/// in mproc can reap it, so the pid cannot have been given to another process. The caller has
+/// flushed stdio (before blocking signals: a flush into a full pipe must stay interruptible).
 inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ticket, const ThreadTraits* traits,
-                       const sigset_t& child_mask) noexcept {
+                       const sigset_t& child_mask, int* pidfd = nullptr) noexcept {
     sigset_t all, saved;
     ::sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &saved);
@@ -141,6 +157,7 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     const pid_t pid = ::fork();
     if (pid != 0) {
         const int error = errno;
+        if (pid > 0 && pidfd) *pidfd = pidfd_of(pid);
         if (pid > 0) children().publish(ticket, pid);
         else children().release(ticket);
         ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
@@ -173,9 +190,12 @@ class Forker {
 public:
     /// Forks on the forker thread on behalf of the calling thread; returns what fork_here
     /// returned, or throws what reserving the child's slot threw.
-    pid_t fork(ChildEntry entry, void* context, std::uint64_t* serial = nullptr) {
+    pid_t fork(ChildEntry entry, void* context, std::uint64_t* serial = nullptr, ChildRole role = ChildRole::other,
+               int* pidfd = nullptr) {
         flush_stdio();
         Request request{entry, context, ThreadTraits::of_this_thread()};
+        request.role = role;
+        request.pidfd = pidfd;
         std::unique_lock lock(mutex_);
         changed_.wait(lock, [&] { return pending_ == nullptr; });
         pending_ = &request;
@@ -213,6 +233,8 @@ private:
         ThreadTraits traits;
         pid_t result = 0;
         std::uint64_t serial = 0;  // of the child's record in children()
+        ChildRole role = ChildRole::other;
+        int* pidfd = nullptr;  // where to store the child's pidfd, if wanted
         std::exception_ptr error{};
         bool done = false;
     };
@@ -256,9 +278,10 @@ private:
             try {
                 // Reserved here, where every signal is blocked: a guard's handler never waits for
                 // a fork that the thread it interrupted was about to make.
-                const ChildRegistry::Ticket ticket = children().reserve();
+                const ChildRegistry::Ticket ticket = children().reserve(request.role);
                 request.serial = children().serial(ticket);
-                pid = fork_here(request.entry, request.context, ticket, &request.traits, request.traits.mask);
+                pid = fork_here(request.entry, request.context, ticket, &request.traits, request.traits.mask,
+                                request.pidfd);
             } catch (...) {
                 request.error = std::current_exception();
             }
@@ -278,21 +301,52 @@ private:
     bool retired_ = false;
 };
 
+/// What a normal end of this process (exit(), a return from main, an mproc child's target
+/// returning) does with the children mproc started that still run. Under a ChildGuard (this
+/// process's own or one inherited from its parent), the guard's rule: every one is terminated and
+/// reaped. Otherwise Python's rule for Process children: daemon ones are terminated and reaped,
+/// the others waited for; with `all`, the other children (a Pool's fork server) are then
+/// terminated and reaped too. Statuses are kept for their Process objects.
+inline void end_children_normally(bool all) noexcept {
+    GuardState& g = guard_state();
+    const long long grace_ns = g.grace_ns.load();
+    if (g.owner.load() == ::getpid()) {
+        children().terminate_and_reap(grace_ns);
+        return;
+    }
+    children().end_process_children(grace_ns);
+    if (all) children().terminate_and_reap(grace_ns);
+}
+
+/// What fork_child reports of the child beside its pid.
+struct ForkOptions {
+    /// Where to store the serial number of the child's record in children() (see
+    /// child_registry.hpp: it tells this child's record from a newer child's that got its pid).
+    std::uint64_t* serial = nullptr;
+    /// What the child is, for what a normal exit does with it.
+    ChildRole role = ChildRole::other;
+    /// Where to store a pidfd of the child (-1 where the kernel has none).
+    int* pidfd = nullptr;
+};
+
 /// Forks; the child runs `body()` (which returns the exit status) and leaves with _exit.
 /// Returns the child's pid in the parent, registered in children() before any signal handler
-/// can run, and stores the serial number of its record there in `*serial` (see
-/// child_registry.hpp: it tells this child's record from a newer child's that got its pid).
+/// can run, and reports the rest through `options`.
 /// From a thread other than the main one, the fork runs on the forker thread, so that the
 /// child's parent-death signal does not fire when the asking thread exits.
-template <class Body> pid_t fork_child(Body&& body, std::string child_name, std::uint64_t* serial = nullptr) {
+template <class Body> pid_t fork_child(Body&& body, std::string child_name, const ForkOptions& options) {
     struct Job {
         std::remove_reference_t<Body>* body;
         std::string* name;
+        const std::string* parent_name;
+        pid_t parent_pid;
     };
-    Job job{&body, &child_name};
+    Job job{&body, &child_name, &identity().name, ::getpid()};
     const ChildEntry entry = [](void* context) noexcept {
         Job& j = *static_cast<Job*>(context);
         Identity& self = identity();
+        self.parent_name = *j.parent_name;
+        self.parent_pid = j.parent_pid;
         self.name = std::move(*j.name);
         self.pid = ::getpid();
         self.process_counter = 0;
@@ -305,22 +359,28 @@ template <class Body> pid_t fork_child(Body&& body, std::string child_name, std:
         }
         flush_stdio();
         // Children of this child that are still running (held by objects never destroyed, say)
-        // would be orphans: end and reap them rather than leave them to the parent-death signal.
-        children().terminate_and_reap(guard_state().grace_ns.load());
+        // would be orphans: end them as a normal exit does rather than leave them to the
+        // parent-death signal.
+        end_children_normally(/*all=*/true);
         exit_child(status);
     };
     pid_t pid;
     if (current_tid() == ::getpid()) {
         flush_stdio();
         const SignalsBlocked blocked;  // from the slot's reservation until the child is published
-        const ChildRegistry::Ticket ticket = children().reserve();
-        if (serial) *serial = children().serial(ticket);
-        pid = fork_here(entry, &job, ticket, nullptr, blocked.saved);
+        const ChildRegistry::Ticket ticket = children().reserve(options.role);
+        if (options.serial) *options.serial = children().serial(ticket);
+        pid = fork_here(entry, &job, ticket, nullptr, blocked.saved, options.pidfd);
     } else {
-        pid = Forker::get().fork(entry, &job, serial);
+        pid = Forker::get().fork(entry, &job, options.serial, options.role, options.pidfd);
     }
     if (pid < 0) throw ForkFailed(-pid);
     return pid;
+}
+
+/// fork_child for a child with no role of its own, optionally reporting its record's serial.
+template <class Body> pid_t fork_child(Body&& body, std::string child_name, std::uint64_t* serial = nullptr) {
+    return fork_child(std::forward<Body>(body), std::move(child_name), ForkOptions{serial});
 }
 
 }  // namespace mproc::detail

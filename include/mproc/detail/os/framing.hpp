@@ -3,21 +3,33 @@
 // A frame is a 64-bit length followed by that many bytes. The reader buffers what the stream
 // delivers and hands out whole frames; it grows its buffer only as bytes actually arrive, so a
 // corrupt length cannot make it allocate more than twice what the peer really sent.
+//
+// A descriptor frame is a header alone whose top bit is set (descriptor_frame): over a Unix
+// socket it is sent with one descriptor attached (SCM_RIGHTS), which the reader, filling with a
+// descriptor queue, keeps in arrival order; frames and descriptors thus pair up in order.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <optional>
 #include <span>
 #include <string>
+#include <sys/socket.h>
 
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
 #include "io.hpp"
+#include "unique_fd.hpp"
 
 namespace mproc::detail {
 
 inline constexpr std::size_t frame_header_size = sizeof(std::uint64_t);
+/// The header of a descriptor frame (no payload; a descriptor travels with it).
+inline constexpr std::uint64_t descriptor_frame = std::uint64_t{1} << 63;
+
+/// Descriptors received with a stream's bytes, oldest first.
+using DescriptorQueue = std::deque<UniqueFd>;
 
 /// Starts a frame in `out`: reserves the header that finish_frame fills in.
 inline void begin_frame(Buffer& out) {
@@ -32,14 +44,21 @@ inline void finish_frame(Buffer& out) {
 /// The receiving side of a framed stream.
 class FrameReader {
 public:
-    /// The next whole frame already buffered, if any; valid until consume().
+    /// The next whole frame already buffered, if any; valid until consume(). A descriptor frame
+    /// is an empty frame here (see next_is_descriptor()).
     std::optional<std::span<const std::byte>> buffered_frame() const noexcept {
         const std::size_t have = size();
         if (have < frame_header_size) return std::nullopt;
-        std::uint64_t length = 0;
-        std::memcpy(&length, begin(), sizeof length);
+        const std::uint64_t length = payload_length();
         if (length > have - frame_header_size) return std::nullopt;
         return std::span<const std::byte>(begin() + frame_header_size, static_cast<std::size_t>(length));
+    }
+    /// Whether the next frame (its header buffered) is a descriptor frame.
+    bool next_is_descriptor() const noexcept {
+        if (size() < frame_header_size) return false;
+        std::uint64_t length = 0;
+        std::memcpy(&length, begin(), sizeof length);
+        return length == descriptor_frame;
     }
     /// Drops the frame buffered_frame() returned.
     void consume(std::span<const std::byte> frame) noexcept {
@@ -53,19 +72,22 @@ public:
     std::size_t bytes_wanted() const noexcept {
         const std::size_t have = size();
         if (have < frame_header_size) return frame_header_size - have;
-        std::uint64_t length = 0;
-        std::memcpy(&length, begin(), sizeof length);
+        const std::uint64_t length = payload_length();
+        if (length > UINT64_MAX - frame_header_size) return SIZE_MAX / 4;
         const std::uint64_t total = frame_header_size + length;
         return total > have ? static_cast<std::size_t>(std::min<std::uint64_t>(total - have, SIZE_MAX / 4)) : 1;
     }
     /// One read(2) into the buffer. Returns bytes read, 0 at end of stream, -1 with errno
-    /// (EAGAIN when `nonblocking` and nothing is there).
-    ssize_t fill(int fd, bool nonblocking = false) {
+    /// (EAGAIN when `nonblocking` and nothing is there). With `descriptors` (a Unix socket), reads
+    /// with recvmsg and appends the descriptors that came with the bytes (close-on-exec).
+    ssize_t fill(int fd, bool nonblocking = false, DescriptorQueue* descriptors = nullptr) {
         make_room();
         const std::size_t room = room_for_next_read();
         std::byte* at = buffer_.extend(room);
         ssize_t got;
-        if (nonblocking) {
+        if (descriptors) {
+            got = receive_with_descriptors(fd, at, room, nonblocking, *descriptors);
+        } else if (nonblocking) {
             do got = ::recv(fd, at, room, MSG_DONTWAIT);
             while (got < 0 && errno == EINTR);
         } else {
@@ -93,7 +115,49 @@ public:
 
 private:
     static constexpr std::size_t min_read = std::size_t{64} * 1024;
+    /// The most descriptors one message can carry (the kernel's SCM_MAX_FD).
+    static constexpr std::size_t max_descriptors = 253;
+
     const std::byte* begin() const noexcept { return buffer_.data() + start_; }
+    /// The payload length of the frame whose header is buffered (0 for a descriptor frame).
+    std::uint64_t payload_length() const noexcept {
+        std::uint64_t length = 0;
+        std::memcpy(&length, begin(), sizeof length);
+        return length == descriptor_frame ? 0 : length;
+    }
+
+    /// recvmsg, retried on EINTR; every descriptor received is queued, close-on-exec.
+    static ssize_t receive_with_descriptors(int fd, std::byte* at, std::size_t room, bool nonblocking,
+                                            DescriptorQueue& descriptors) {
+        iovec iov{at, room};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_descriptors)];
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        ssize_t got;
+        do got = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (nonblocking ? MSG_DONTWAIT : 0));
+        while (got < 0 && errno == EINTR);
+        if (got < 0) return got;
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int received = -1;
+                std::memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
+                UniqueFd owned(received);
+                try {
+                    descriptors.push_back(std::move(owned));
+                } catch (...) {
+                    // No memory to queue it: `owned` closes it, and the descriptor frame it came
+                    // with is reported as arriving without one (the bytes must not be lost).
+                }
+            }
+        }
+        return got;
+    }
+
     void make_room() {
         if (start_ != 0 && (start_ == buffer_.size() || start_ > buffer_.size() / 2)) {
             buffer_.consume_front(start_);
