@@ -100,7 +100,8 @@ void decode_as(std::size_t which, std::span<const std::byte> bytes, std::index_s
     ((I == which ? decode_one<std::tuple_element_t<I, Types>>(bytes) : void()), ...);
 }
 
-/// Frames a plain parser finds in `stream`; `tail` is the length of an incomplete last frame.
+/// Frames a plain parser finds in `stream`; `tail` is the length of an incomplete last frame. A
+/// descriptor frame's header (its descriptor, over a socket, travels beside the bytes) is an empty frame.
 std::vector<std::span<const std::byte>> reference_frames(std::span<const std::byte> stream, std::size_t& tail) {
     std::vector<std::span<const std::byte>> frames;
     std::size_t at = 0;
@@ -109,6 +110,7 @@ std::vector<std::span<const std::byte>> reference_frames(std::span<const std::by
         if (left < sizeof(std::uint64_t)) break;
         std::uint64_t length = 0;
         std::memcpy(&length, stream.data() + at, sizeof length);
+        if (length == mproc::detail::descriptor_frame) length = 0;  // a descriptor frame: its header alone
         if (length > left - sizeof length) break;
         frames.push_back(stream.subspan(at + sizeof length, static_cast<std::size_t>(length)));
         at += sizeof length + static_cast<std::size_t>(length);
