@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "detail/os/clock.hpp"
+#include "detail/os/fd_passing.hpp"
 #include "detail/os/framing.hpp"
 #include "detail/os/io.hpp"
 #include "detail/os/unique_fd.hpp"
@@ -162,7 +163,7 @@ public:
         std::memcpy(header, &detail::descriptor_frame, sizeof header);
         bool peer_done_sending = false;
         for (;;) {
-            const ssize_t put = send_with_descriptor(header, sizeof header, descriptor);
+            const ssize_t put = detail::send_some_with_fd(fd_.get(), header, sizeof header, descriptor, MSG_DONTWAIT);
             if (put >= 0) {  // the descriptor went with the first byte; the rest is plain bytes
                 write_all(std::span<const std::byte>(header).subspan(static_cast<std::size_t>(put)));
                 return;
@@ -256,27 +257,6 @@ private:
             throw Error(std::string(op) +
                         ": the next message is a descriptor (sent with send_fd); receive it with recv_fd");
         return frame;
-    }
-
-    /// One sendmsg of `n` bytes with `descriptor` attached, never blocking nor raising SIGPIPE.
-    /// Returns the bytes sent, or -1 with errno.
-    ssize_t send_with_descriptor(const std::byte* data, std::size_t n, int descriptor) noexcept {
-        iovec iov{const_cast<std::byte*>(data), n};
-        msghdr msg{};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof control;
-        cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-        cmsg->cmsg_level = SOL_SOCKET;
-        cmsg->cmsg_type = SCM_RIGHTS;
-        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-        std::memcpy(CMSG_DATA(cmsg), &descriptor, sizeof descriptor);
-        ssize_t sent;
-        do sent = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (sent < 0 && errno == EINTR);
-        return sent;
     }
 
     void write_all(std::span<const std::byte> bytes) {

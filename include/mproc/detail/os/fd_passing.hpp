@@ -11,9 +11,10 @@
 
 namespace mproc::detail {
 
-/// Sends `n` bytes (one message on a SOCK_SEQPACKET socket) and, if `fd` >= 0, a copy of it.
-/// Returns false when the peer is gone; never raises SIGPIPE.
-inline bool send_with_fd(int socket, const void* data, std::size_t n, int fd = -1) noexcept {
+/// One sendmsg of `n` bytes with, if `fd` >= 0, a copy of `fd` attached (SCM_RIGHTS); `flags` are
+/// added to MSG_NOSIGNAL (a closed peer never raises SIGPIPE). EINTR is retried. Returns the bytes
+/// sent, or -1 with errno.
+inline ssize_t send_some_with_fd(int socket, const void* data, std::size_t n, int fd, int flags = 0) noexcept {
     iovec iov{const_cast<void*>(data), n};
     msghdr msg{};
     msg.msg_iov = &iov;
@@ -30,9 +31,15 @@ inline bool send_with_fd(int socket, const void* data, std::size_t n, int fd = -
         std::memcpy(CMSG_DATA(cmsg), &fd, sizeof fd);
     }
     ssize_t sent;
-    do sent = ::sendmsg(socket, &msg, MSG_NOSIGNAL);
+    do sent = ::sendmsg(socket, &msg, MSG_NOSIGNAL | flags);
     while (sent < 0 && errno == EINTR);
-    return sent == static_cast<ssize_t>(n);
+    return sent;
+}
+
+/// Sends `n` bytes (one message on a SOCK_SEQPACKET socket) and, if `fd` >= 0, a copy of it.
+/// Returns false when the peer is gone; never raises SIGPIPE.
+inline bool send_with_fd(int socket, const void* data, std::size_t n, int fd = -1) noexcept {
+    return send_some_with_fd(socket, data, n, fd) == static_cast<ssize_t>(n);
 }
 
 /// Receives one message of at most `n` bytes and the descriptor that came with it, if any
