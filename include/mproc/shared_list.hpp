@@ -123,12 +123,7 @@ public:
     /// The element at `i` (negative counts from the end); mproc::IndexError if out of range.
     T at(std::ptrdiff_t i) const {
         Call call(ref_);
-        const std::uint64_t at = call.list.resolve(i);
-        if (at == detail::ByteList::npos) {
-            call.unlock();
-            throw IndexError("mproc::SharedList: index " + std::to_string(i) + " out of range (size " +
-                             std::to_string(call.size_seen) + ")");
-        }
+        const std::uint64_t at = call.resolve(i);
         if (call.list.holds_handles(at)) {
             // Decoded under the lock: the element's handles are then this process's own before
             // the element can go (and with it what kept their objects mapped here).
@@ -147,12 +142,7 @@ public:
     void set(std::ptrdiff_t i, const T& value) {
         Encoded one(value);
         Call call(ref_);
-        const std::uint64_t at = call.list.resolve(i);
-        if (at == detail::ByteList::npos) {
-            call.unlock();
-            throw IndexError("mproc::SharedList: assignment index " + std::to_string(i) + " out of range (size " +
-                             std::to_string(call.size_seen) + ")");
-        }
+        const std::uint64_t at = call.resolve(i, "assignment index");
         call.list.assign(at, one.value());
     }
 
@@ -197,13 +187,11 @@ public:
         std::optional<T> out;
         {
             Call call(ref_);
-            const std::uint64_t at = call.list.resolve(i);
-            if (at == detail::ByteList::npos) {
+            if (call.size_seen == 0) {
                 call.unlock();
-                if (call.size_seen == 0) throw IndexError("mproc::SharedList: pop from an empty list");
-                throw IndexError("mproc::SharedList: pop index " + std::to_string(i) + " out of range (size " +
-                                 std::to_string(call.size_seen) + ")");
+                throw IndexError("mproc::SharedList: pop from an empty list");
             }
+            const std::uint64_t at = call.resolve(i, "pop index");
             // Decoded under the lock (see at()), then removed.
             out.emplace(decode<T>(call.list.value_at(at)));
             call.list.erase(at);
@@ -334,6 +322,14 @@ private:
             guard.unlock();
             detail::segments().sweep();
         }
+        /// Where element `i` is; else unlocks and throws IndexError ("<what> <i> out of range").
+        std::uint64_t resolve(std::ptrdiff_t i, const char* what = "index") {
+            const std::uint64_t at = list.resolve(i);
+            if (at != detail::ByteList::npos) return at;
+            unlock();
+            throw IndexError("mproc::SharedList: " + std::string(what) + " " + std::to_string(i) +
+                             " out of range (size " + std::to_string(size_seen) + ")");
+        }
         detail::DictScratch scratch;
         detail::ByteList list;
         detail::ByteList::Guard guard;
@@ -358,12 +354,7 @@ private:
     /// Applies `change` to the element at `i`, atomically; IndexError if out of range.
     template <class Change> T modify(std::ptrdiff_t i, Change&& change) {
         Call call(ref_);
-        const std::uint64_t at = call.list.resolve(i);
-        if (at == detail::ByteList::npos) {
-            call.unlock();
-            throw IndexError("mproc::SharedList: index " + std::to_string(i) + " out of range (size " +
-                             std::to_string(call.size_seen) + ")");
-        }
+        const std::uint64_t at = call.resolve(i);
         T value = decode<T>(call.list.value_at(at));
         change(value);
         Encoded fresh(value);
