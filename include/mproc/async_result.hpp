@@ -4,6 +4,7 @@
 //     ar.get();        // 9; rethrows the task's exception; get(1s) throws TimeoutError if not ready
 //     ar.wait(1s);     // bool
 //     ar.ready(); ar.successful();
+//     ar.cancel();     // true: get() throws CancelledError; a running task's worker is replaced
 #pragma once
 
 #include <memory>
@@ -46,6 +47,19 @@ public:
         return state_->successful();
     }
     bool valid() const noexcept { return state_ != nullptr; }
+
+    /// Cancels the call (the whole of a map_async): it completes at once with a
+    /// mproc::CancelledError, which get() throws and the error_callback (if any) receives on the
+    /// pool's thread. Its tasks still queued are dropped and never run; a task a worker is running
+    /// is stopped by ending that worker, which the pool replaces (the other tasks it held run
+    /// elsewhere, once). Returns false, changing nothing, when the call had already finished; true
+    /// when it is cancelled (by this call or an earlier one).
+    bool cancel() {
+        require_state();
+        return state_->cancel();
+    }
+    /// Whether cancel() succeeded on this call.
+    bool cancelled() const noexcept { return state_ && state_->was_cancelled(); }
 
 private:
     friend class Pool;

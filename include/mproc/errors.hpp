@@ -66,6 +66,20 @@ public:
     using Error::Error;
 };
 
+/// The call was cancelled (AsyncResult::cancel(), or an imap loop left early): its get() throws
+/// this instead of a value (Python's concurrent.futures.CancelledError).
+class CancelledError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A Pool task went past PoolOptions::memory_limit: its worker ended and was replaced, and the
+/// item failed (after its retries, if any).
+class MemoryLimitExceeded : public Error {
+public:
+    using Error::Error;
+};
+
 /// recv() on a connection whose peers are all closed, with nothing left to read.
 class EOFError : public Error {
 public:

@@ -36,6 +36,7 @@
 #include "detail/pool/wire.hpp"
 #include "errors.hpp"
 #include "pool_options.hpp"
+#include "pool_stats.hpp"
 #include "serialize.hpp"
 
 namespace mproc {
@@ -49,9 +50,10 @@ public:
     using value_type = detail::task_result_t<F, Args>;
     static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
 
-    ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize)
+    ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
         : engine_(&engine), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
-          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
+          options_(options), state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
+        state_->engine = engine.link();
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
         window_ = chunks_in_flight * chunksize_;
     }
@@ -59,8 +61,10 @@ public:
     ImapRange& operator=(ImapRange&&) noexcept = default;
     ImapRange(const ImapRange&) = delete;
     ImapRange& operator=(const ImapRange&) = delete;
+    /// Leaving the loop early cancels what is still in flight: no worker goes on with items whose
+    /// results nobody will read.
     ~ImapRange() {
-        if (state_) state_->abandon();  // results still in flight are dropped as they arrive
+        if (state_) state_->abandon();
     }
 
     class iterator {
@@ -108,6 +112,7 @@ private:
             detail::Task task;
             task.sink = state_;
             task.first = submitted_;
+            task.max_retries = options_.max_retries;
             std::exception_ptr input_error;
             const std::uint32_t n = detail::encode_chunk<F, Args>(task, *engine_, f_, *input_, std::ranges::end(view_),
                                                                   chunksize_, SIZE_MAX, &input_error);
@@ -153,6 +158,7 @@ private:
     View view_;
     std::optional<std::ranges::iterator_t<View>> input_;
     std::size_t chunksize_;
+    CallOptions options_;
     std::size_t window_ = 0;
     std::shared_ptr<detail::ImapState<value_type, Ordered>> state_;
     typename detail::ImapState<value_type, Ordered>::Item current_;
@@ -202,17 +208,20 @@ public:
     template <class F, class... A, class R = detail::task_result_t<F, std::tuple<std::decay_t<A>...>>>
     AsyncResult<R> apply_async(F f, std::tuple<A...> args = {},
                                std::type_identity_t<typename detail::SingleResult<R>::Callback> callback = {},
-                               ErrorCallback error_callback = {}) {
+                               ErrorCallback error_callback = {}, CallOptions options = {}) {
         using Args = std::tuple<std::decay_t<A>...>;
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         auto state = std::make_shared<detail::SingleResult<R>>(1, std::move(callback), std::move(error_callback),
                                                                engine().collector_id());
+        state->engine = engine().link();
         detail::Task task;
         task.sink = state;
         task.id = engine().next_task_id();
         task.count = 1;
-        detail::begin_chunk_frame<F, Args>(task.frame, task.id, 1, f);
+        task.max_retries = options.max_retries;
+        state->call = task.id;
+        detail::begin_chunk_frame<F, Args>(task.frame, task.id, task.id, 1, f);
         Writer out(task.frame);
         detail::write_record(out, Args(std::move(args)));
         detail::end_task_frame(task.frame, {});
@@ -224,40 +233,44 @@ public:
 
     /// f(x) for every x, results in input order. Waits for every task; if any failed, throws the
     /// exception of the first (lowest-index) failure. chunksize 0: Python's default.
-    template <class F, std::ranges::input_range Range> auto map(F f, Range&& xs, std::size_t chunksize = 0) {
-        return map_async(f, std::forward<Range>(xs), chunksize).get();
+    template <class F, std::ranges::input_range Range>
+    auto map(F f, Range&& xs, std::size_t chunksize = 0, CallOptions options = {}) {
+        return map_async(f, std::forward<Range>(xs), chunksize, {}, {}, options).get();
     }
     template <class F, std::ranges::input_range Range,
               class R = detail::task_result_t<F, detail::item_args_t<Range, false>>>
     AsyncResult<detail::collected_t<R, true>> map_async(
         F f, Range&& xs, std::size_t chunksize = 0,
-        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {},
-        ErrorCallback error_callback = {}) {
-        return submit_many<F, detail::item_args_t<Range, false>, R>(f, std::forward<Range>(xs), chunksize,
-                                                                    std::move(callback), std::move(error_callback));
+        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {}, ErrorCallback error_callback = {},
+        CallOptions options = {}) {
+        return submit_many<F, detail::item_args_t<Range, false>, R>(
+            f, std::forward<Range>(xs), chunksize, std::move(callback), std::move(error_callback), options);
     }
 
     /// f(a, b, ...) for every tuple (a, b, ...), results in input order (see map).
-    template <class F, std::ranges::input_range Range> auto starmap(F f, Range&& xs, std::size_t chunksize = 0) {
-        return starmap_async(f, std::forward<Range>(xs), chunksize).get();
+    template <class F, std::ranges::input_range Range>
+    auto starmap(F f, Range&& xs, std::size_t chunksize = 0, CallOptions options = {}) {
+        return starmap_async(f, std::forward<Range>(xs), chunksize, {}, {}, options).get();
     }
     template <class F, std::ranges::input_range Range,
               class R = detail::task_result_t<F, detail::item_args_t<Range, true>>>
     AsyncResult<detail::collected_t<R, true>> starmap_async(
         F f, Range&& xs, std::size_t chunksize = 0,
-        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {},
-        ErrorCallback error_callback = {}) {
-        return submit_many<F, detail::item_args_t<Range, true>, R>(f, std::forward<Range>(xs), chunksize,
-                                                                   std::move(callback), std::move(error_callback));
+        std::type_identity_t<typename detail::ManyResult<R>::Callback> callback = {}, ErrorCallback error_callback = {},
+        CallOptions options = {}) {
+        return submit_many<F, detail::item_args_t<Range, true>, R>(
+            f, std::forward<Range>(xs), chunksize, std::move(callback), std::move(error_callback), options);
     }
 
     /// f(x) for every x, lazily and in order, as results arrive.
-    template <class F, std::ranges::input_range Range> auto imap(F f, Range&& xs, std::size_t chunksize = 1) {
-        return make_imap<F, true>(f, std::forward<Range>(xs), chunksize);
+    template <class F, std::ranges::input_range Range>
+    auto imap(F f, Range&& xs, std::size_t chunksize = 1, CallOptions options = {}) {
+        return make_imap<F, true>(f, std::forward<Range>(xs), chunksize, options);
     }
     /// f(x) for every x, lazily, in the order they complete.
-    template <class F, std::ranges::input_range Range> auto imap_unordered(F f, Range&& xs, std::size_t chunksize = 1) {
-        return make_imap<F, false>(f, std::forward<Range>(xs), chunksize);
+    template <class F, std::ranges::input_range Range>
+    auto imap_unordered(F f, Range&& xs, std::size_t chunksize = 1, CallOptions options = {}) {
+        return make_imap<F, false>(f, std::forward<Range>(xs), chunksize, options);
     }
 
     // ---- lifetime ---------------------------------------------------------------------------
@@ -275,6 +288,11 @@ public:
     /// The live workers' pids (they change as workers are replaced).
     std::vector<pid_t> worker_pids() { return engine().worker_pids(); }
 
+    /// What the workers are doing and have done: per seat, its worker's pid, tasks done, busy and
+    /// idle time, the task it runs now and for how long, its resident memory, and how many workers
+    /// it has had replaced and why; and the pool's totals. Formats with fmt as a table.
+    PoolStats stats() { return engine().stats(); }
+
 protected:
     /// A pool whose tasks another engine runs (mproc::mpi::Pool: MPI ranks).
     explicit Pool(std::unique_ptr<detail::PoolEngine> engine) : engine_(std::move(engine)) {}
@@ -291,14 +309,15 @@ private:
 
     template <class F, class Args, class R, class Range, class Cb>
     AsyncResult<detail::collected_t<R, true>> submit_many(F f, Range&& xs, std::size_t chunksize, Cb callback,
-                                                          ErrorCallback error_callback) {
+                                                          ErrorCallback error_callback, CallOptions options) {
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         if constexpr (!std::ranges::forward_range<Range> && !std::ranges::sized_range<Range>) {
             // A single-pass input: gather it first to learn its length (map is eager anyway).
             std::vector<std::ranges::range_value_t<Range>> items;
             for (auto&& x : xs) items.push_back(std::forward<decltype(x)>(x));
-            return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback));
+            return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback),
+                                           options);
         } else {
             const auto count = static_cast<std::size_t>(std::ranges::distance(xs));
             // The default chunk is Python's, cut short at default_chunk_bytes of items; a chunksize
@@ -310,6 +329,7 @@ private:
             }
             auto state = std::make_shared<detail::ManyResult<R>>(count, std::move(callback), std::move(error_callback),
                                                                  engine().collector_id());
+            state->engine = engine().link();
             if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(count / chunksize + 1);
@@ -319,6 +339,7 @@ private:
                 detail::Task& task = tasks.emplace_back();
                 task.sink = state;
                 task.first = first;
+                task.max_retries = options.max_retries;
                 first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, chunksize, max_bytes);
             }
             engine().submit(tasks);
@@ -327,12 +348,14 @@ private:
         }
     }
 
-    template <class F, bool Ordered, class Range> auto make_imap(F f, Range&& xs, std::size_t chunksize) {
+    template <class F, bool Ordered, class Range>
+    auto make_imap(F f, Range&& xs, std::size_t chunksize, CallOptions options) {
         using Args = detail::item_args_t<Range, false>;
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         using View = std::views::all_t<Range>;
-        return ImapRange<F, Args, View, Ordered>(engine(), f, std::views::all(std::forward<Range>(xs)), chunksize);
+        return ImapRange<F, Args, View, Ordered>(engine(), f, std::views::all(std::forward<Range>(xs)), chunksize,
+                                                 options);
     }
 
     std::unique_ptr<detail::PoolEngine> engine_;

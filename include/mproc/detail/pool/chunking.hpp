@@ -45,7 +45,8 @@ template <class F, class Args, class It, class End>
 std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, const End& end, std::size_t n,
                            std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
     task.id = engine.next_task_id();
-    begin_chunk_frame<F, Args>(task.frame, task.id, 0, f);
+    if (task.sink->call == 0) task.sink->call = task.id;  // the call's first task names it
+    begin_chunk_frame<F, Args>(task.frame, task.id, task.sink->call, 0, f);
     const std::size_t start = task.frame.size();
     // Room for the items at their smallest encoding, so the frame is rarely copied as it grows.
     constexpr std::size_t item_min = sizeof(std::uint32_t) + min_encoded_size<Args>();

@@ -29,16 +29,23 @@
 #include <vector>
 
 #include "../../errors.hpp"
+#include "../../pool_stats.hpp"
 #include "../../serialize.hpp"
 #include "../os/clock.hpp"
 #include "wire.hpp"
 
 namespace mproc::detail {
 
-/// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue.
-class ResultSink {
+class EngineLink;
+
+/// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue. One sink is one
+/// Pool call, which can be cancelled as a whole.
+class ResultSink : public std::enable_shared_from_this<ResultSink> {
 public:
     virtual ~ResultSink() = default;
+    ResultSink() = default;
+    ResultSink(const ResultSink&) = delete;
+    ResultSink& operator=(const ResultSink&) = delete;
     /// Takes the outcomes of items first, first+1, ... — but those whose relative index is in
     /// `skips` (already failed). Runs on the collector thread; never throws: an outcome that does
     /// not decode fails its own item.
@@ -46,6 +53,26 @@ public:
                          std::span<const std::uint32_t> skips) = 0;
     /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
     virtual void fail(std::size_t index, std::exception_ptr error) = 0;
+    /// The call was cancelled: whatever it does at once (an AsyncResult completes with its
+    /// CancelledError). On the engine's thread.
+    virtual void settle_cancelled() {}
+
+    /// The call's id, which its task frames carry (see wire.hpp): the id of its first task.
+    std::uint64_t call = 0;
+    /// The engine that runs the call's tasks, for cancel (set by the Pool when the call is made).
+    std::shared_ptr<EngineLink> engine;
+
+    /// Whether the call was cancelled: its tasks are no longer run, and whatever they still
+    /// deliver is ignored.
+    bool cancelled() const noexcept { return cancelled_.load(std::memory_order_acquire); }
+
+protected:
+    /// Marks the call cancelled (the sink has settled what that means for its outcomes) and asks
+    /// the engine to stop its tasks. Any thread.
+    void stop_tasks();
+
+private:
+    std::atomic<bool> cancelled_{false};
 };
 
 /// One chunk of items bound for one worker.
@@ -56,6 +83,8 @@ struct Task {
     std::size_t first = 0;
     std::shared_ptr<ResultSink> sink;
     std::vector<std::uint32_t> skips;  // sorted; items already failed
+    std::optional<unsigned> max_retries;  // the call's CallOptions::max_retries (else the pool's)
+    std::vector<std::uint32_t> losses;    // per item: the workers lost running it (empty: none)
 
     std::string describe(std::uint32_t item) const {
         std::string s = "task " + std::to_string(id);
@@ -91,13 +120,15 @@ template <class Seat, class HasRoom> Seat* least_loaded(std::span<Seat> seats, H
 /// (a forked child holding a copy) it is an mproc::Error that touches nothing.
 class PoolEngine {
 public:
-    PoolEngine() : owner_(this_process_id()) {}
-    virtual ~PoolEngine() = default;
+    PoolEngine();
+    virtual ~PoolEngine();
     PoolEngine(const PoolEngine&) = delete;
     PoolEngine& operator=(const PoolEngine&) = delete;
 
     virtual unsigned processes() const noexcept = 0;
     std::uint64_t next_task_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+    /// What a call keeps to reach this engine (see EngineLink).
+    const std::shared_ptr<EngineLink>& link() const noexcept { return link_; }
 
     /// Queues tasks (already encoded) and hands out what the workers have room for. Takes all or
     /// none: throws mproc::Error, with `tasks` untouched, if the pool takes no more or the engine
@@ -135,6 +166,32 @@ public:
             check_accepting_locked();
             ++outstanding_;
             posted_.push_back(std::move(job));
+        }
+        wake();
+    }
+
+    /// Stops the tasks of a cancelled call: those not yet given to a worker are dropped, and an
+    /// engine that can stop a running one does (the fork engine: see cancel_placed_locked). The
+    /// call is settled on the engine's thread, where callbacks run. Any thread.
+    void cancel(ResultSink& sink) {
+        check_owner();
+        std::shared_ptr<ResultSink> keep = sink.shared_from_this();
+        auto dropped = std::make_shared<std::vector<Task>>();
+        {
+            std::lock_guard lock(mutex_);
+            if (state_ == State::terminated) return;  // terminate() settles every task
+            std::deque<Task> kept;
+            for (Task& t : backlog_) {
+                if (t.sink.get() == &sink) dropped->push_back(std::move(t));
+                else kept.push_back(std::move(t));
+            }
+            backlog_.swap(kept);
+            cancel_placed_locked(sink, *dropped);
+            ++outstanding_;
+            posted_.push_back([this, keep, dropped] {
+                keep->settle_cancelled();
+                fail_tasks(*dropped, cancelled_error());
+            });
         }
         wake();
     }
@@ -206,6 +263,8 @@ public:
     /// can be reused once its thread is joined; this mark cannot: it lives on that thread only.
     bool on_own_thread() const noexcept { return own_thread_mark() == this; }
     virtual std::vector<pid_t> worker_pids() = 0;
+    /// What the workers are doing (see PoolStats); an engine that cannot tell throws mproc::Error.
+    virtual PoolStats stats() { throw Error("stats() is not available for this kind of pool"); }
 
 protected:
     enum class State { open, closed, draining, broken, terminated };
@@ -222,6 +281,13 @@ protected:
     virtual std::vector<Task> take_all_tasks_locked() = 0;
     /// The pool was terminated: stop the workers as fast as the engine can (pool lock held).
     virtual void stop_workers_locked() {}
+    /// `sink`'s call was cancelled (pool lock held): move its tasks that no worker has begun into
+    /// `dropped`, and stop those being run where the engine can. An engine that cannot lets them
+    /// run; their outcomes are then ignored.
+    virtual void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) {
+        (void)sink;
+        (void)dropped;
+    }
     /// join()'s end, once every task is settled: stop the thread, let the workers go. With a
     /// deadline: false, and nothing lost, when that is not done by then (join() calls it again).
     virtual bool finish_join(const Deadline& deadline) = 0;
@@ -235,6 +301,8 @@ protected:
             throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
     }
     bool owned_here() const noexcept { return this_process_id() == owner_; }
+    /// First thing in an engine's destructor: a cancel from now on finds no engine.
+    void detach_link() noexcept;
 
     /// Moves tasks from the backlog to the seat with the fewest tasks among those `has_room`
     /// accepts, one at a time, calling assign(seat, task) for each, until the backlog is empty or
@@ -300,6 +368,10 @@ protected:
             if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
     }
 
+    static std::exception_ptr cancelled_error() {
+        return std::make_exception_ptr(CancelledError("the call was cancelled"));
+    }
+
     /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
     void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) {
         for (Task& t : tasks) fail_items(t, error);
@@ -338,8 +410,40 @@ protected:
 
 private:
     pid_t owner_;
+    std::shared_ptr<EngineLink> link_;
     std::atomic<std::uint64_t> next_id_{1};
     std::vector<OutcomeRecord> outcomes_;  // deliver's scratch list (one delivering thread per engine)
 };
+
+/// How a call reaches the engine that runs it, for cancel: the engine lets go of it (under its
+/// mutex) before it is destroyed, so a cancel that comes later finds no engine and does nothing —
+/// the engine's teardown settled the call's tasks already.
+class EngineLink {
+public:
+    explicit EngineLink(PoolEngine& engine) : engine_(&engine) {}
+    void cancel(ResultSink& sink) {
+        std::lock_guard lock(mutex_);
+        if (engine_) engine_->cancel(sink);
+    }
+    void detach() noexcept {
+        std::lock_guard lock(mutex_);
+        engine_ = nullptr;
+    }
+
+private:
+    std::mutex mutex_;
+    PoolEngine* engine_;
+};
+
+inline PoolEngine::PoolEngine() : owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
+inline PoolEngine::~PoolEngine() { detach_link(); }
+inline void PoolEngine::detach_link() noexcept {
+    if (link_) link_->detach();
+}
+
+inline void ResultSink::stop_tasks() {
+    cancelled_.store(true, std::memory_order_release);
+    if (engine) engine->cancel(*this);
+}
 
 }  // namespace mproc::detail

@@ -46,6 +46,7 @@
 #include "../os/clock.hpp"
 #include "../os/cpu.hpp"
 #include "../os/framing.hpp"
+#include "../os/memory_use.hpp"
 #include "../os/unique_fd.hpp"
 #include "engine.hpp"
 #include "fork_server.hpp"
@@ -79,6 +80,7 @@ public:
     ForkEngine& operator=(const ForkEngine&) = delete;
 
     ~ForkEngine() override {
+        detach_link();
         if (!owned_here()) {
             // A copy of the parent's pool in a forked child: its thread and its processes are the
             // parent's. Touch nothing; the thread object (which names no thread here) is let go.
@@ -103,6 +105,46 @@ public:
             if (s.pid > 0 && s.state != SeatState::dead) pids.push_back(s.pid);
         return pids;
     }
+    PoolStats stats() override {
+        check_owner();
+        std::vector<pid_t> pids;
+        PoolStats st;
+        {
+            std::lock_guard lock(mutex_);
+            const std::int64_t now = monotonic_ns();
+            st.tasks_done = tasks_done_;
+            st.tasks_queued = backlog_.size();
+            st.retries = retried_;
+            st.uptime = Seconds{static_cast<double>(now - started_ns_) / 1e9};
+            for (const Seat& s : seats_) {
+                WorkerStats w;
+                w.seat = static_cast<unsigned>(s.index);
+                const bool live = s.state != SeatState::dead && s.pid > 0;
+                w.pid = live ? s.pid : 0;
+                w.tasks_done = s.tasks_done;
+                w.busy = Seconds{static_cast<double>(s.busy_ns) / 1e9};
+                const std::int64_t alive = s.alive_ns + (live && s.worker_since ? now - s.worker_since : 0);
+                w.idle = Seconds{static_cast<double>(std::max<std::int64_t>(0, alive - s.busy_ns)) / 1e9};
+                if (live) {
+                    const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+                    if (status.current_phase() == TaskPhase::running) {
+                        w.current_task = status.task_id.load(std::memory_order_relaxed);
+                        const std::int64_t since = status.started_ns.load(std::memory_order_acquire);
+                        w.current_for = Seconds{since > 0 ? static_cast<double>(now - since) / 1e9 : 0.0};
+                    }
+                }
+                w.restarts = s.restarts;
+                w.last_restart = s.last_restart;
+                st.tasks_in_flight += s.inflight.size();
+                pids.push_back(w.pid);
+                st.workers.push_back(std::move(w));
+            }
+        }
+        for (std::size_t i = 0; i < pids.size(); ++i)  // outside the lock: it reads /proc
+            if (pids[i] > 0) st.workers[i].resident_bytes = resident_bytes(pids[i]);
+        return st;
+    }
+
     pid_t fork_server_pid() {
         std::lock_guard lock(mutex_);
         return server_.pid();
@@ -128,6 +170,18 @@ private:
         bool eof = false;  // the worker's end is closed; its exit report is on the way
         std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
         bool stalled = false;  // killed for leaving queued tasks untaken past task_timeout
+        bool watchdog_killed = false;  // killed by the stall_timeout watchdog (its tasks already failed)
+        // Cancel: since when the worker has been asked to stop a cancelled task (0: not asked),
+        // and whether it had to be killed because it did not.
+        std::int64_t cancel_sent_ns = 0;
+        bool cancel_killed = false;
+        // For stats(): what this seat's workers have done, and how the replaced ones ended.
+        std::uint64_t tasks_done = 0;
+        std::int64_t busy_ns = 0;
+        std::int64_t alive_ns = 0;  // the lifetimes of the workers gone
+        std::int64_t worker_since = 0;  // when the live worker was reported started (0: none)
+        RestartCounts restarts;
+        std::string last_restart;
         // Stall watch: the worker's `begun` count when last seen, and since when it has not moved
         // while tasks wait in its ring (0: not waiting).
         std::uint64_t seen_begun = 0;
@@ -141,12 +195,15 @@ private:
     void start() {
         if (options_.task_timeout && !(options_.task_timeout->count() > 0))
             throw Error("PoolOptions::task_timeout must be positive (or unset for none)");
+        if (options_.stall_timeout && !(options_.stall_timeout->count() > 0))
+            throw Error("PoolOptions::stall_timeout must be positive (or unset for none)");
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
         link_ = SharedSeats(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!wake_) throw_errno("eventfd");
 
-        WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.task_timeout.has_value()};
+        WorkerConfig config{options_.initializer, options_.max_tasks_per_child, options_.max_memory_per_child,
+                            options_.memory_limit, options_.task_timeout.has_value()};
         const SharedSeats* link = &link_;
         const int wake_fd = wake_.get();
         // The server is forked before the collector thread exists: this process may have other
@@ -258,6 +315,50 @@ private:
         // workers die with it (their parent-death signal).
         if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
     }
+    /// A cancelled call's tasks that are not yet in a worker's ring are taken back; for those that
+    /// are, the worker is told (the call in its SeatStatus, then cancel_signal()): it skips the
+    /// ones it has not begun, and ends itself if it is running one (see worker.hpp).
+    void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) override {
+        const std::int64_t now = monotonic_ns();
+        for (Seat& s : seats_) {
+            for (std::size_t i = s.placed; i < s.inflight.size();) {
+                if (s.inflight[i].sink.get() != &sink) {
+                    ++i;
+                    continue;
+                }
+                dropped.push_back(std::move(s.inflight[i]));
+                s.inflight.erase(s.inflight.begin() + static_cast<std::ptrdiff_t>(i));
+                if (s.assigned) --s.assigned;
+            }
+            const bool in_ring = std::any_of(s.inflight.begin(),
+                                             s.inflight.begin() + static_cast<std::ptrdiff_t>(s.placed),
+                                             [&](const Task& t) { return t.sink.get() == &sink; });
+            if (!in_ring || s.state == SeatState::dead) continue;
+            // With every slot taken by calls still in the ring, its tasks run and their outcomes
+            // are ignored.
+            if (!mark_cancelled_locked(s, sink.call)) continue;
+            if (s.pid > 0) server_.kill(s.index, s.pid, cancel_signal());
+            if (s.cancel_sent_ns == 0) s.cancel_sent_ns = now;
+        }
+    }
+
+    /// Writes `call` into the seat's cancel slots (a slot whose call has no task left in the seat
+    /// is reused). False when every slot is in use.
+    bool mark_cancelled_locked(Seat& s, std::uint64_t call) {
+        SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+        for (const auto& slot : status.cancelled)
+            if (slot.load(std::memory_order_relaxed) == call) return true;
+        for (auto& slot : status.cancelled) {
+            const std::uint64_t old = slot.load(std::memory_order_relaxed);
+            const bool free = old == 0 || std::none_of(s.inflight.begin(), s.inflight.end(),
+                                                       [&](const Task& t) { return t.sink->call == old; });
+            if (!free) continue;
+            slot.store(call, std::memory_order_seq_cst);  // before the signal: see run_task
+            return true;
+        }
+        return false;
+    }
+
     bool finish_join(const Deadline& deadline) override { return tear_down(join_grace, nullptr, deadline); }
     void finish_terminate(std::vector<Task>& doomed) override { tear_down(Seconds{5}, &doomed); }
 
@@ -381,6 +482,9 @@ private:
         s.eof = false;
         s.timed_out.reset();
         s.stalled = false;
+        s.watchdog_killed = false;
+        s.cancel_sent_ns = 0;
+        s.cancel_killed = false;
         s.seen_begun = 0;
         s.waiting_since = 0;
         s.respawn_at = 0;
@@ -488,6 +592,8 @@ private:
         std::vector<pollfd> fds;
         std::vector<int> seat_of;  // fds index -> seat
         PoolShared& shared = link_.shared();
+        std::vector<Task> stalled;
+        std::string stall_why;
         for (;;) {
             int timeout_ms = -1;
             bool streaming = false;  // workers hold several tasks: results are due one after another
@@ -501,6 +607,10 @@ private:
                 const std::int64_t now = monotonic_ns();
                 respawn_due_locked(now);
                 if (state_ == State::broken) fail_broken_locked();
+                if (!stall_doomed_.empty()) {  // the watchdog's: failed below, outside the lock
+                    stalled.swap(stall_doomed_);
+                    stall_why = stall_reason_;
+                }
                 fds.clear();
                 seat_of.clear();
                 fds.push_back({wake_.get(), POLLIN, 0});
@@ -523,6 +633,7 @@ private:
                 broken_doomed_.clear();
                 fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
             }
+            if (!stalled.empty()) fail_tasks(stalled, std::make_exception_ptr(TimeoutError(stall_why)));
             run_posted();
             bool progressed = false;
             for (Seat& s : seats_) progressed |= service_seat(s);
@@ -627,6 +738,9 @@ private:
                     finished_.push_back({std::move(s.inflight.front()), body});
                     s.inflight.pop_front();
                     if (s.placed) --s.placed;
+                    ++s.tasks_done;
+                    ++tasks_done_;
+                    s.busy_ns += result_frame::spent_ns::get(body);
                     const auto per_task = static_cast<double>(result_frame::spent_ns::get(body));
                     avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
                 }
@@ -686,6 +800,7 @@ private:
             if (m->op == ControlMessage::spawned) {
                 std::lock_guard lock(mutex_);
                 s.pid = m->pid;
+                s.worker_since = monotonic_ns();
                 if (s.state == SeatState::starting) s.state = SeatState::ready;
                 s.respawn_delay = 0;
                 failing_since_ = 0;  // a fork worked: the limit, if any, has lifted
@@ -699,10 +814,11 @@ private:
     }
 
     /// The seat has no worker any more: every task it held goes back to the front of the
-    /// backlog, in order.
-    void vacate_locked(Seat& s) {
-        backlog_.insert(backlog_.begin(), std::make_move_iterator(s.inflight.begin()),
-                        std::make_move_iterator(s.inflight.end()));
+    /// backlog, in order — but those of cancelled calls, which go to `dropped`.
+    void vacate_locked(Seat& s, std::vector<Task>& dropped) {
+        std::vector<Task> again;
+        for (Task& t : s.inflight) (t.sink->cancelled() ? dropped : again).push_back(std::move(t));
+        backlog_.insert(backlog_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
         s.inflight.clear();
         s.placed = 0;
         s.channel.reset();
@@ -713,18 +829,23 @@ private:
     /// The server could not fork a worker for `s`: its tasks go back to the others, and the seat
     /// tries again later. Not a worker that died: it does not count towards max_start_failures.
     void spawn_failed(Seat& s, int error) {
-        std::lock_guard lock(mutex_);
-        vacate_locked(s);
-        char text[256];
-        schedule_respawn_locked(s,
-                                std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
-        dispatch_locked();
+        std::vector<Task> dropped;
+        {
+            std::lock_guard lock(mutex_);
+            vacate_locked(s, dropped);
+            char text[256];
+            schedule_respawn_locked(
+                s, std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
+            dispatch_locked();
+        }
+        fail_tasks(dropped, cancelled_error());
     }
 
     void worker_exited(Seat& s, pid_t pid, int wait_status) {
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
         std::vector<Task> failed_whole;
+        std::vector<Task> dropped;  // tasks of cancelled calls: settled, not run again
         std::exception_ptr lost_error;
         Task lost_task;
         bool have_lost = false;
@@ -732,15 +853,21 @@ private:
             std::lock_guard lock(mutex_);
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const std::uint32_t item = status.item.load(std::memory_order_relaxed);
+            const WorkerExit why = status.left_because();
             const bool killed_for_another = s.timed_out &&
                                             (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
                                              s.timed_out->second != item);
-            // Blame the item the worker was on — unless the pool killed it for stalling, or for an
+            // Blame the item the worker was on — unless the pool killed it for stalling, for an
             // item that finished before the kill landed (the one it was on then did nothing
-            // wrong), or the item already failed (a worker that died before the first item it ran).
-            if (!s.inflight.empty() && !s.stalled && !killed_for_another && status.current_phase() != TaskPhase::idle &&
-                status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
-                !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(), item)) {
+            // wrong), or to stop a cancelled call (whose tasks settle as cancelled); or the item
+            // already failed (a worker that died before the first item it ran).
+            const bool blame = !s.inflight.empty() && !s.stalled && !s.watchdog_killed && !killed_for_another &&
+                               !s.cancel_killed && !s.inflight.front().sink->cancelled() &&
+                               status.current_phase() != TaskPhase::idle &&
+                               status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
+                               !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(),
+                                                   item);
+            if (blame) {
                 Task& t = s.inflight.front();
                 if (s.timed_out) {
                     lost_error = std::make_exception_ptr(TimeoutError(t.describe(item) +
@@ -748,23 +875,36 @@ private:
                                                                       std::to_string(options_.task_timeout->count()) +
                                                                       "s: worker " + std::to_string(pid) + " killed"));
                 } else {
-                    const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
-                    const int code = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 0;
-                    lost_error = std::make_exception_ptr(WorkerLost(t.describe(item), pid, sig, code));
+                    // A lost worker: the item runs again on a fresh one while it has retries left.
+                    const unsigned retries = t.max_retries.value_or(options_.max_retries);
+                    if (t.losses.empty()) t.losses.assign(t.count, 0);
+                    const std::uint32_t attempts = ++t.losses[item];
+                    if (attempts <= retries) {
+                        ++retried_;
+                    } else {
+                        std::string what = t.describe(item);
+                        if (retries != 0)
+                            what += " (attempt " + std::to_string(attempts) + " of " + std::to_string(retries + 1) +
+                                    ")";
+                        lost_error = lost_worker_error(what, pid, wait_status, why);
+                    }
                 }
-                lost_task.sink = t.sink;
-                lost_task.first = t.first + item;
-                have_lost = true;
-                t.skips.insert(std::upper_bound(t.skips.begin(), t.skips.end(), item), item);
-                if (t.skips.size() >= t.count) {
-                    failed_whole.push_back(std::move(t));  // nothing left to run: it is settled
-                    s.inflight.pop_front();
-                } else {
-                    set_task_skips(t.frame, t.skips);
+                if (lost_error) {
+                    lost_task.sink = t.sink;
+                    lost_task.first = t.first + item;
+                    have_lost = true;
+                    t.skips.insert(std::upper_bound(t.skips.begin(), t.skips.end(), item), item);
+                    if (t.skips.size() >= t.count) {
+                        failed_whole.push_back(std::move(t));  // nothing left to run: it is settled
+                        s.inflight.pop_front();
+                    } else {
+                        set_task_skips(t.frame, t.skips);
+                    }
                 }
             }
-            if (!s.saw_hello && !s.timed_out && !s.stalled) ++start_failures_;
-            vacate_locked(s);
+            if (!s.saw_hello && !s.timed_out && !s.stalled && !s.watchdog_killed) ++start_failures_;
+            record_restart_locked(s, wait_status, why);
+            vacate_locked(s, dropped);
 
             if (start_failures_ >= max_start_failures) {
                 const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
@@ -778,6 +918,7 @@ private:
         }
         // Moved: this thread keeps no reference once the sink has published the failure.
         if (have_lost) lost_task.sink->fail(lost_task.first, std::move(lost_error));
+        fail_tasks(dropped, cancelled_error());
         // failed_whole tasks have had every item failed already; count them done.
         const std::size_t settled = failed_whole.size();
         std::vector<Task> doomed;
@@ -788,6 +929,45 @@ private:
         }
         if (!doomed.empty()) fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
         finish_tasks(settled);
+    }
+
+    /// Counts a worker's end in its seat's stats: why it ended, and how.
+    void record_restart_locked(Seat& s, int wait_status, WorkerExit why) {
+        const std::int64_t now = monotonic_ns();
+        if (s.worker_since) s.alive_ns += now - s.worker_since;
+        s.worker_since = 0;
+        const bool wanted = state_ == State::open || state_ == State::closed;
+        if (!wanted) return;  // the pool is ending: nothing is replaced
+        std::string how = WIFSIGNALED(wait_status) ? "killed by " + signal_name(WTERMSIG(wait_status))
+                                                   : "exited with status " + std::to_string(WEXITSTATUS(wait_status));
+        if (s.timed_out || s.stalled || s.watchdog_killed) {
+            ++s.restarts.timeout;
+            how += s.timed_out ? " (task_timeout)" : s.watchdog_killed ? " (stall_timeout)" : " (stalled)";
+        } else if (why == WorkerExit::cancelled || s.cancel_killed) {
+            ++s.restarts.cancelled;
+            how += " (cancel)";
+        } else if (why == WorkerExit::memory_limit || why == WorkerExit::max_memory) {
+            ++s.restarts.memory;
+            how += why == WorkerExit::memory_limit ? " (memory_limit)" : " (max_memory_per_child)";
+        } else if (why == WorkerExit::max_tasks) {
+            ++s.restarts.recycled;
+            how += " (max_tasks_per_child)";
+        } else {
+            ++s.restarts.crashed;
+        }
+        s.last_restart = std::move(how);
+    }
+
+    /// The error of an item whose worker was lost: MemoryLimitExceeded when the worker went past
+    /// memory_limit, WorkerLost otherwise.
+    std::exception_ptr lost_worker_error(const std::string& what, pid_t pid, int wait_status, WorkerExit why) const {
+        if (why == WorkerExit::memory_limit)
+            return std::make_exception_ptr(MemoryLimitExceeded(what + " went past the memory_limit of " +
+                                                               std::to_string(options_.memory_limit) +
+                                                               " bytes: worker " + std::to_string(pid) + " ended"));
+        const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
+        const int code = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 0;
+        return std::make_exception_ptr(WorkerLost(what, pid, sig, code));
     }
 
     void break_pool_locked(std::string reason) {
@@ -810,6 +990,8 @@ private:
         std::int64_t next = INT64_MAX;
         for (const Seat& s : seats_)
             if (s.state == SeatState::dead && s.respawn_at != 0) next = std::min(next, s.respawn_at);
+        next = std::min(next, watch_cancels_locked(now));
+        if (options_.stall_timeout) next = std::min(next, watch_stall_locked(now));
         if (options_.task_timeout) {
             const std::int64_t limit = timeout_ns();
             // A worker is taken for stalled after task_timeout, and never sooner than 1 s: a
@@ -864,6 +1046,73 @@ private:
         return static_cast<int>(std::min<std::int64_t>((next - now) / 1'000'000 + 1, 60'000));
     }
 
+    /// A worker asked to stop a cancelled task that is still running it after cancel_grace (it
+    /// blocks the signal, or is stopped) is killed. Returns when to look again.
+    std::int64_t watch_cancels_locked(std::int64_t now) {
+        std::int64_t next = INT64_MAX;
+        for (Seat& s : seats_) {
+            if (s.cancel_sent_ns == 0) continue;
+            const bool waiting = s.state != SeatState::dead &&
+                                 std::any_of(s.inflight.begin(),
+                                             s.inflight.begin() + static_cast<std::ptrdiff_t>(s.placed),
+                                             [](const Task& t) { return t.sink->cancelled(); });
+            if (!waiting) {
+                s.cancel_sent_ns = 0;
+                continue;
+            }
+            const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+            const bool on_cancelled = status.current_phase() == TaskPhase::running &&
+                                      status.is_cancelled(status.call.load(std::memory_order_relaxed));
+            if (on_cancelled && s.pid > 0 && now - s.cancel_sent_ns >= cancel_grace_ns) {
+                s.cancel_killed = true;
+                s.cancel_sent_ns = 0;
+                server_.kill(s.index, s.pid, SIGKILL);
+                continue;
+            }
+            next = std::min(next, s.cancel_sent_ns + cancel_grace_ns);
+        }
+        return next;
+    }
+
+    /// The stall_timeout watchdog. Progress is a result delivered or a worker moving to another
+    /// task or item; when work is pending and none is seen for stall_timeout, every pending task
+    /// fails with a TimeoutError that names the workers stuck in theirs, and those are killed
+    /// (and replaced). Returns when to look again.
+    std::int64_t watch_stall_locked(std::int64_t now) {
+        std::uint64_t mark = tasks_done_;
+        for (const Seat& s : seats_) {
+            if (s.state == SeatState::dead) continue;
+            const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+            mark += (status.begun.load(std::memory_order_relaxed) << 32) + status.item.load(std::memory_order_relaxed);
+        }
+        const bool pending = outstanding_ > posted_.size();
+        if (!pending || mark != progress_mark_ || progress_ns_ == 0) {
+            progress_mark_ = mark;
+            progress_ns_ = now;
+            return pending ? now + stall_ns() : INT64_MAX;
+        }
+        if (now - progress_ns_ < stall_ns()) return progress_ns_ + stall_ns();
+        std::string stuck;
+        for (Seat& s : seats_) {
+            if (s.state == SeatState::dead || s.pid <= 0) continue;
+            const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+            if (status.current_phase() != TaskPhase::running) continue;
+            stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on task " +
+                     std::to_string(status.task_id.load(std::memory_order_relaxed)) + " (item " +
+                     std::to_string(status.item.load(std::memory_order_relaxed)) + ")";
+            s.watchdog_killed = true;
+            server_.kill(s.index, s.pid, SIGKILL);
+        }
+        char seconds[32];
+        std::snprintf(seconds, sizeof seconds, "%g", options_.stall_timeout->count());
+        stall_reason_ = std::string("the pool made no progress for ") + seconds +
+                        " s (stall_timeout): " + (stuck.empty() ? "no worker is running a task" : stuck);
+        for (Task& t : take_all_tasks_locked()) stall_doomed_.push_back(std::move(t));
+        progress_ns_ = now;
+        return now;  // the collector fails them straight away
+    }
+    std::int64_t stall_ns() const noexcept { return static_cast<std::int64_t>(options_.stall_timeout->count() * 1e9); }
+
     void shut_down_workers_locked() {
         for (Seat& s : seats_) {
             if (s.state == SeatState::dead) continue;
@@ -881,6 +1130,9 @@ private:
     ForkServer server_;
 
     std::vector<Seat> seats_;
+    std::int64_t started_ns_ = monotonic_ns();
+    std::uint64_t tasks_done_ = 0;  // (mutex_)
+    std::uint64_t retried_ = 0;  // items run again after a lost worker (mutex_)
     double avg_task_ns_ = 0;
     int start_failures_ = 0;
     std::int64_t failing_since_ = 0;  // since when no worker could be started (0: none failing)
@@ -892,6 +1144,11 @@ private:
     };
     std::vector<Finished> finished_;  // the collector's scratch list
     std::vector<Task> broken_doomed_;  // taken from a broken pool, failed by the collector
+    std::vector<Task> stall_doomed_;  // taken by the watchdog, failed by the collector (mutex_)
+    std::string stall_reason_;  // (mutex_)
+    std::uint64_t progress_mark_ = 0;  // the watchdog's view of progress, and when it last moved
+    std::int64_t progress_ns_ = 0;
+    static constexpr std::int64_t cancel_grace_ns = 1'000'000'000;
 
     bool tearing_down_ = false;  // a join()/terminate() teardown is under way (mutex_)
     bool collector_ended_ = false;  // the collector thread has returned (mutex_)

@@ -139,11 +139,11 @@ template <class F, class Args> void run_chunk(ChunkContext& c) {
 template <class F, class Args>
 inline constexpr TaskCode task_code{TaskCode::expected_magic, &run_chunk<F, Args>, std::is_pointer_v<F>};
 
-/// Starts the task frame of a chunk of `count` items calling `f`; the item records follow (see
+/// Starts the task frame of a chunk of `count` items calling `f`, for the Pool call `call`; the item records follow (see
 /// write_record), then end_task_frame.
 template <class F, class Args>
-void begin_chunk_frame(Buffer& frame, std::uint64_t task_id, std::uint32_t count, const F& f) {
-    begin_task_frame(frame, task_id, task_code<F, Args>, count);
+void begin_chunk_frame(Buffer& frame, std::uint64_t task_id, std::uint64_t call, std::uint32_t count, const F& f) {
+    begin_task_frame(frame, task_id, call, task_code<F, Args>, count);
     Writer out(frame);
     write_callable(out, f);
 }

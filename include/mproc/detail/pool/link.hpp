@@ -31,18 +31,43 @@ enum class TaskPhase : std::uint32_t {
     delivering = 2,  // every item has run; the result frame is on its way (not charged to the task)
 };
 
+/// Why a worker ended itself, as it says in its SeatStatus before it goes.
+enum class WorkerExit : std::uint32_t {
+    none = 0,          // it did not (a crash, a kill, or the pool closed)
+    max_tasks = 1,     // it ran max_tasks_per_child tasks
+    max_memory = 2,    // its resident memory went past max_memory_per_child after a task
+    memory_limit = 3,  // an allocation went past memory_limit
+    cancelled = 4,     // the task it was running was cancelled
+};
+
 /// What a worker publishes about the task it is running, in memory the pool can read — so when a
-/// worker dies, the pool knows which item killed it; when an item overstays task_timeout, which
-/// one to blame; and when a worker leaves queued tasks untaken, that it has stalled.
+/// worker dies, the pool knows which item killed it and why; when an item overstays task_timeout,
+/// which one to blame; and when a worker leaves queued tasks untaken, that it has stalled. The
+/// pool writes one thing here: the calls it has cancelled, whose tasks the worker must not run.
 struct SeatStatus {
+    static constexpr std::size_t cancel_slots = 8;
+
     std::atomic<std::uint64_t> task_id{0};
+    std::atomic<std::uint64_t> call{0};  // the call of that task (wire.hpp)
     std::atomic<std::uint32_t> item{0};
     std::atomic<std::uint32_t> phase{0};  // a TaskPhase
     std::atomic<std::int64_t> started_ns{0};
-    std::atomic<std::uint64_t> begun{0};  // tasks this worker has taken from its ring
+    std::atomic<std::uint64_t> begun{0};     // tasks this worker has taken from its ring
+    std::atomic<std::uint32_t> leaving{0};   // a WorkerExit
+    std::atomic<std::uint64_t> cancelled[cancel_slots]{};  // written by the pool; 0: a free slot
 
     TaskPhase current_phase() const noexcept { return static_cast<TaskPhase>(phase.load(std::memory_order_acquire)); }
     void enter(TaskPhase p) noexcept { phase.store(static_cast<std::uint32_t>(p), std::memory_order_release); }
+    /// Whether the pool cancelled `c`. Async-signal-safe (the worker's cancel handler asks it).
+    bool is_cancelled(std::uint64_t c) const noexcept {
+        for (const auto& slot : cancelled)
+            if (slot.load(std::memory_order_acquire) == c) return c != 0;
+        return false;
+    }
+    void leave(WorkerExit why) noexcept { leaving.store(static_cast<std::uint32_t>(why), std::memory_order_release); }
+    WorkerExit left_because() const noexcept {
+        return static_cast<WorkerExit>(leaving.load(std::memory_order_acquire));
+    }
 };
 
 struct alignas(64) PoolShared {

@@ -60,6 +60,9 @@ public:
     virtual bool successful() = 0;
     /// After wait() returned true: the value (moved out when `move_out`), or the exception.
     virtual T take(bool move_out) = 0;
+    /// Cancels the call unless it has finished (see AsyncResult::cancel).
+    virtual bool cancel() = 0;
+    virtual bool was_cancelled() const noexcept = 0;
 };
 
 /// The callback of a result: void(const T&), or void() for a void result. (A std::conditional_t
@@ -90,7 +93,18 @@ public:
     void complete_empty() {
         {
             std::lock_guard lock(mutex_);
-            if (remaining_ != 0 || ready_) return;
+            if (remaining_ != 0 || ready_ || completing_) return;
+            completing_ = true;
+        }
+        complete();
+    }
+
+    /// The call was cancelled: it completes now, with its CancelledError (on the pool's thread).
+    void settle_cancelled() override {
+        {
+            std::lock_guard lock(mutex_);
+            if (ready_ || completing_) return;
+            completing_ = true;
         }
         complete();
     }
@@ -98,11 +112,13 @@ public:
     void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
                  std::span<const std::uint32_t> skips) override {
         std::size_t settled = 0;
+        const bool cancelled = this->cancelled();
         for (std::uint32_t i = 0; i < outcomes.size(); ++i) {
             if (is_skipped(skips, i)) continue;
             const OutcomeRecord& o = outcomes[i];
             const std::size_t index = first + i;
             ++settled;
+            if (cancelled) continue;  // the call's outcome is its CancelledError
             if (o.outcome == Outcome::value) [[likely]] {
                 try {
                     if constexpr (std::is_void_v<Value>) {
@@ -126,6 +142,23 @@ public:
     }
 
     // ---- the AsyncResult side ----
+    /// Cancels the call unless every item has its outcome: it completes with a CancelledError (on
+    /// the pool's thread, promptly), whatever its tasks still deliver, and the engine stops them.
+    /// True when the call is (now or already) cancelled, false when it had finished.
+    bool cancel() override {
+        {
+            std::lock_guard lock(mutex_);
+            if (cancelled_) return true;
+            if (remaining_ == 0 || ready_ || completing_) return false;
+            cancelled_ = true;
+            error_ = std::make_exception_ptr(CancelledError("the call was cancelled"));
+            error_index_ = 0;
+        }
+        this->stop_tasks();
+        return true;
+    }
+    bool was_cancelled() const noexcept override { return this->cancelled(); }
+
     bool wait(std::optional<Seconds> timeout) override {
         std::unique_lock lock(mutex_);
         if (ready_) return true;
@@ -173,6 +206,7 @@ public:
 private:
     void record_error(std::size_t index, std::exception_ptr error) {
         std::lock_guard lock(mutex_);
+        if (cancelled_) return;  // the CancelledError stays
         if (!error_ || index < error_index_) {
             error_ = std::move(error);
             error_index_ = index;
@@ -182,7 +216,8 @@ private:
         {
             std::lock_guard lock(mutex_);
             remaining_ -= std::min(remaining_, n);
-            if (remaining_ != 0 || ready_) return;
+            if (remaining_ != 0 || ready_ || completing_) return;
+            completing_ = true;
         }
         complete();
     }
@@ -225,6 +260,8 @@ private:
     bool ready_ = false;
     std::exception_ptr error_;
     bool error_taken_ = false;  // error_ was moved out by an rvalue get()
+    bool cancelled_ = false;    // cancel() won: error_ is the CancelledError
+    bool completing_ = false;   // complete() was called (once: by the last item, or a cancel)
     std::size_t error_index_ = 0;
     std::optional<stored_t<Value>> value_;
     Callback callback_;
@@ -339,11 +376,15 @@ public:
             return item;
         }
     }
+    /// The loop is over: what is still in flight is cancelled, and what arrives is dropped.
     void abandon() {
-        std::lock_guard lock(mutex_);
-        abandoned_ = true;
-        ordered_.clear();
-        unordered_.clear();
+        {
+            std::lock_guard lock(mutex_);
+            abandoned_ = true;
+            ordered_.clear();
+            unordered_.clear();
+        }
+        stop_tasks();
     }
 
 private:

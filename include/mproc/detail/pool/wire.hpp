@@ -4,10 +4,11 @@
 //
 // A frame is a u64 length, then its body (os/framing.hpp). Bodies:
 //
-//   task frame    | id u64 | code u64 | count u32 | [callable u64] | item records... | skips u32... | skip count u32 |
+//   task frame    | id u64 | call u64 | code u64 | count u32 | [callable u64] | item records... | skips u32... | skip count u32 |
 //   result frame  | id u64 | spent_ns i64 | per item: outcome u8, then a record (the value or the exception) |
 //
-// `code` is the address of the task's TaskCode (invoke.hpp): what decodes, calls and encodes each
+// `call` names the Pool call the task belongs to (the id of the call's first task): a worker skips
+// the tasks of a call the pool has cancelled (fork_engine.hpp). `code` is the address of the task's TaskCode (invoke.hpp): what decodes, calls and encodes each
 // item. `callable` is present when the TaskCode says the callable is a function pointer; the MPI
 // engine rewrites both addresses as portable names and back (mpi/detail/address.hpp). The trailer
 // lists the items not to run (they already failed when an earlier worker died on them). `spent_ns`
@@ -54,11 +55,12 @@ template <class T, std::size_t Offset> struct Field {
 /// The fields of a task frame's body.
 namespace task_frame {
 using id = Field<std::uint64_t, 0>;
-using code = Field<std::uint64_t, id::end>;
+using call = Field<std::uint64_t, id::end>;
+using code = Field<std::uint64_t, call::end>;
 using count = Field<std::uint32_t, code::end>;
 using callable = Field<std::uint64_t, count::end>;  // only when the code's callable is a function pointer
 inline constexpr std::size_t payload_at = count::end;  // the callable (if any), then the items
-using skip_count_size = std::uint32_t;                 // the trailer's last field
+using skip_count_size = std::uint32_t;  // the trailer's last field
 inline constexpr std::size_t smallest = payload_at + sizeof(skip_count_size);
 }  // namespace task_frame
 
@@ -226,10 +228,11 @@ inline const TaskCode& task_code_of(std::span<const std::byte> body) noexcept {
 }
 
 /// Starts a task frame: its fixed fields; the callable and the item records follow.
-inline void begin_task_frame(Buffer& frame, std::uint64_t id, const TaskCode& code, std::uint32_t count) {
+inline void begin_task_frame(Buffer& frame, std::uint64_t id, std::uint64_t call, const TaskCode& code,
+                             std::uint32_t count) {
     begin_frame(frame);
     Writer out(frame);
-    out(id, static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(&code)), count);
+    out(id, call, static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(&code)), count);
 }
 /// Closes a task frame with its list of items to skip.
 inline void end_task_frame(Buffer& frame, std::span<const std::uint32_t> skips) {
@@ -244,6 +247,7 @@ inline void set_task_count(Buffer& frame, std::uint32_t count) { task_frame::cou
 /// The fields of a task frame as the worker reads them.
 struct TaskView {
     std::uint64_t task_id = 0;
+    std::uint64_t call = 0;
     Invoker invoker = nullptr;
     std::uint32_t count = 0;
     std::span<const std::byte> payload;  // the callable (if any) and the items
@@ -261,6 +265,7 @@ inline TaskView parse_task(std::span<const std::byte> body) {
     if (body.size() < task_frame::smallest) Reader::fail("task frame too short");
     TaskView t;
     t.task_id = task_frame::id::get(body);
+    t.call = task_frame::call::get(body);
     t.count = task_frame::count::get(body);
     t.invoker = task_code_of(body).invoke;
     const std::uint32_t nskip = task_skip_count(body);

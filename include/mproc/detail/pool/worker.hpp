@@ -3,15 +3,27 @@
 // Tasks arrive on the seat's task ring (large ones on the socket, announced in the ring); each
 // result goes back on the result ring (large ones on the socket) as soon as its task is done, so
 // a worker that dies loses no finished result. A worker with nothing to do sleeps on a futex.
+//
+// Cancel: the pool writes a cancelled call into the worker's SeatStatus, then sends the worker
+// cancel_signal(). A worker about to run a task of a cancelled call skips it (every item
+// "skipped"); the signal's handler ends a worker that is running one — the worker itself looks at
+// what it runs, so a task that has finished, or the next one, is never the one ended.
 #pragma once
 
+#include <atomic>
+#include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
+#include <new>
 #include <span>
+#include <unistd.h>
 
 #include "../os/clock.hpp"
+#include "../os/fork.hpp"
 #include "../os/framing.hpp"
 #include "../os/io.hpp"
+#include "../os/memory_use.hpp"
 #include "../os/unique_fd.hpp"
 #include "../serialize/remote_exception.hpp"
 #include "invoke.hpp"
@@ -24,8 +36,57 @@ namespace mproc::detail {
 struct WorkerConfig {
     std::function<void()> initializer;
     unsigned long max_tasks = 0;  // 0: unlimited
+    std::size_t max_memory = 0;   // resident bytes after a task above which the worker leaves; 0: none
+    std::size_t memory_limit = 0;  // bytes the worker may allocate beyond what it inherited; 0: none
     bool timed = false;
 };
+
+/// The signal the pool sends a worker running (or about to run) a task it cancelled. A real-time
+/// signal: tasks seldom use one, and it queues.
+inline int cancel_signal() noexcept { return SIGRTMIN + 3; }
+
+/// This worker's status, for its signal handler and new-handler (set once, as the worker starts).
+inline std::atomic<SeatStatus*>& worker_status() noexcept {
+    static std::atomic<SeatStatus*> status{nullptr};
+    return status;
+}
+
+/// cancel_signal()'s handler: ends the worker if the task it is running is of a cancelled call.
+/// Anything else (between tasks, delivering a result, another call's task) goes on untouched.
+inline void on_cancel_signal(int) noexcept {
+    SeatStatus* status = worker_status().load(std::memory_order_relaxed);
+    if (!status || status->current_phase() != TaskPhase::running) return;
+    if (!status->is_cancelled(status->call.load(std::memory_order_relaxed))) return;
+    status->leave(WorkerExit::cancelled);
+    ::kill(::getpid(), SIGKILL);
+}
+
+/// The new-handler of a worker with a memory_limit: an allocation past the limit ends the worker,
+/// which says why first; the pool fails the item with MemoryLimitExceeded (or runs it again, see
+/// max_retries) and replaces the worker. Ending the worker, not throwing std::bad_alloc, is what
+/// makes the limit hard: nothing in the task can catch it and go on in a half-failed state.
+inline void on_memory_limit() {
+    if (SeatStatus* status = worker_status().load(std::memory_order_relaxed)) status->leave(WorkerExit::memory_limit);
+    exit_child(3);
+}
+
+/// Arms the worker's cancel handler, and its memory limit when it has one.
+inline void arm_worker(SeatStatus& status, const WorkerConfig& config) {
+    worker_status().store(&status, std::memory_order_relaxed);
+    struct sigaction action {};
+    action.sa_handler = &on_cancel_signal;
+    action.sa_flags = SA_RESTART;
+    ::sigemptyset(&action.sa_mask);
+    ::sigaction(cancel_signal(), &action, nullptr);
+    sigset_t mine;
+    ::sigemptyset(&mine);
+    ::sigaddset(&mine, cancel_signal());
+    ::pthread_sigmask(SIG_UNBLOCK, &mine, nullptr);
+    if (config.memory_limit != 0) {
+        std::set_new_handler(&on_memory_limit);
+        limit_new_data(config.memory_limit);
+    }
+}
 
 /// What one worker talks through: its seat's memory, and its socket for frames too large for a ring.
 struct SeatLink {
@@ -64,14 +125,25 @@ inline bool send_result(SeatLink& link, const Buffer& frame) {
 
 /// Runs one task and writes its result frame into `out` (also used by mproc/mpi.hpp's workers).
 /// The status says `running` from the first item to the last, then `delivering`: the time the
-/// result then takes to reach the pool is not the task's.
+/// result then takes to reach the pool is not the task's. A task of a cancelled call is not run:
+/// its items come back skipped.
 inline void run_task(const TaskView& task, SeatStatus& status, bool timed, Buffer& out) {
     const std::int64_t begun = monotonic_ns();
     Writer w = begin_result_frame(out, task.task_id);
     status.task_id.store(task.task_id, std::memory_order_relaxed);
+    status.call.store(task.call, std::memory_order_relaxed);
     status.item.store(0, std::memory_order_relaxed);
-    if (timed) status.started_ns.store(begun, std::memory_order_relaxed);
+    status.started_ns.store(begun, std::memory_order_relaxed);
     status.enter(TaskPhase::running);
+    // Running from here: a cancel the pool writes from now on is this worker's handler's to act
+    // on; one written before is seen here (the pool writes it before it sends the signal).
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (status.is_cancelled(task.call)) {
+        for (std::uint32_t i = 0; i < task.count; ++i) write_skipped_outcome(w);
+        status.enter(TaskPhase::delivering);
+        finish_result_frame(out, 0);
+        return;
+    }
     Reader r(task.payload);
     ChunkContext context{r, w, status, task.skips, task.task_id, task.count, timed};
     try {
@@ -100,6 +172,7 @@ inline void write_hello(Buffer& out, const std::function<void()>& initializer, b
 
 /// The body of a worker process; returns its exit status.
 inline int worker_main(SeatLink link, const WorkerConfig& config) {
+    arm_worker(link.status, config);
     Buffer out;
     {
         bool ok = true;
@@ -139,7 +212,14 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
         const bool sent = send_result(link, out);
         link.status.enter(TaskPhase::idle);
         if (!sent) return 0;
-        if (config.max_tasks != 0 && ++done >= config.max_tasks) return 0;
+        if (config.max_tasks != 0 && ++done >= config.max_tasks) {
+            link.status.leave(WorkerExit::max_tasks);
+            return 0;
+        }
+        if (config.max_memory != 0 && resident_bytes() > config.max_memory) {
+            link.status.leave(WorkerExit::max_memory);
+            return 0;
+        }
     }
 }
 

@@ -44,6 +44,8 @@ struct RemoteException {
         serialization_error,
         broken_barrier_error,
         shut_down,
+        cancelled_error,
+        memory_limit_exceeded,
     };
     std::uint8_t kind = other;
     std::string type_name;
@@ -79,6 +81,10 @@ struct RemoteException {
             e.set(broken_barrier_error, x);
         } catch (const ShutDown& x) {
             e.set(shut_down, x);
+        } catch (const CancelledError& x) {
+            e.set(cancelled_error, x);
+        } catch (const MemoryLimitExceeded& x) {
+            e.set(memory_limit_exceeded, x);
         } catch (const Error& x) {
             e.set(mproc_error, x);  // WorkerLost too: its message says it all
         } catch (const std::invalid_argument& x) {
@@ -140,6 +146,8 @@ struct RemoteException {
             case serialization_error: return std::make_exception_ptr(SerializationError(message));
             case broken_barrier_error: return std::make_exception_ptr(BrokenBarrierError(message));
             case shut_down: return std::make_exception_ptr(ShutDown(message));
+            case cancelled_error: return std::make_exception_ptr(CancelledError(message));
+            case memory_limit_exceeded: return std::make_exception_ptr(MemoryLimitExceeded(message));
             default: return std::make_exception_ptr(RemoteError(type_name, message));
         }
     }

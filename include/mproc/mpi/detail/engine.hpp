@@ -204,6 +204,7 @@ public:
     MpiEngine(const MpiEngine&) = delete;
     MpiEngine& operator=(const MpiEngine&) = delete;
     ~MpiEngine() override {
+        detach_link();
         if (retired_) return;  // finish_retired() did the teardown, on the pool's thread
         try {
             terminate();

@@ -1,0 +1,69 @@
+// mproc — how much memory a process uses, and a cap on what it may allocate: what a Pool's
+// memory options (PoolOptions::max_memory_per_child, memory_limit) and its stats() read and set.
+#pragma once
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+namespace mproc::detail {
+
+/// Reads a small /proc file into `text` (NUL-terminated); false when it cannot be read.
+inline bool read_proc_file(const char* path, char* text, std::size_t size) noexcept {
+    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    std::size_t got = 0;
+    while (got + 1 < size) {
+        const ssize_t n = ::read(fd, text + got, size - 1 - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        got += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    text[got] = '\0';
+    return got > 0;
+}
+
+/// The resident memory of process `pid` (0: this one) in bytes, from /proc/<pid>/statm; 0 when
+/// it cannot be read (the process is gone).
+inline std::size_t resident_bytes(pid_t pid = 0) noexcept {
+    char path[64];
+    if (pid == 0) std::snprintf(path, sizeof path, "/proc/self/statm");
+    else std::snprintf(path, sizeof path, "/proc/%d/statm", static_cast<int>(pid));
+    char text[256];
+    if (!read_proc_file(path, text, sizeof text)) return 0;
+    char* end = nullptr;
+    (void)std::strtoull(text, &end, 10);  // the size; the resident pages follow
+    const unsigned long long pages = std::strtoull(end, nullptr, 10);
+    return static_cast<std::size_t>(pages) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+/// This process's data segment as RLIMIT_DATA counts it (private writable mappings and the heap),
+/// in bytes, from VmData in /proc/self/status; 0 when it cannot be read.
+inline std::size_t data_bytes() noexcept {
+    char text[4096];
+    if (!read_proc_file("/proc/self/status", text, sizeof text)) return 0;
+    const char* line = std::strstr(text, "VmData:");
+    if (!line) return 0;
+    return static_cast<std::size_t>(std::strtoull(line + 7, nullptr, 10)) * 1024;  // in kB
+}
+
+/// Lets this process allocate at most `bytes` more than it holds now: RLIMIT_DATA set to its data
+/// segment plus `bytes`. An allocation past it fails (malloc returns null, operator new throws or
+/// calls the new-handler). Returns false when the limit cannot be set.
+inline bool limit_new_data(std::size_t bytes) noexcept {
+    const std::size_t now = data_bytes();
+    rlimit limit{};
+    if (::getrlimit(RLIMIT_DATA, &limit) != 0) return false;
+    const rlim_t wanted = static_cast<rlim_t>(now) + static_cast<rlim_t>(bytes);
+    limit.rlim_cur = limit.rlim_max == RLIM_INFINITY ? wanted : (wanted < limit.rlim_max ? wanted : limit.rlim_max);
+    return ::setrlimit(RLIMIT_DATA, &limit) == 0;
+}
+
+}  // namespace mproc::detail
