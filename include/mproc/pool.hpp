@@ -320,19 +320,17 @@ private:
                                            options);
         } else {
             const auto count = static_cast<std::size_t>(std::ranges::distance(xs));
-            // The default chunk is Python's, cut short at default_chunk_bytes of items; a chunksize
-            // the caller gives is kept exactly (max_tasks_per_child counts chunks).
-            std::size_t max_bytes = SIZE_MAX;
-            if (chunksize == 0) {
-                chunksize = detail::default_chunksize(count, engine().processes());
-                max_bytes = detail::default_chunk_bytes;
-            }
+            // Default chunks are guided (each sized by the items left, see default_chunksize) and
+            // cut short at default_chunk_bytes of items; a chunksize the caller gives is kept
+            // exactly (max_tasks_per_child counts chunks).
+            const bool guided = chunksize == 0;
+            const std::size_t max_bytes = guided ? detail::default_chunk_bytes : SIZE_MAX;
             auto state = std::make_shared<detail::ManyResult<R>>(count, std::move(callback), std::move(error_callback),
                                                                  engine().collector_id());
             state->engine = engine().link();
             if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
-            tasks.reserve(count / chunksize + 1);
+            tasks.reserve(guided ? std::size_t{processes()} * 4 * 8 : count / chunksize + 1);
             auto it = std::ranges::begin(xs);
             const auto end = std::ranges::end(xs);
             for (std::size_t first = 0; first < count;) {
@@ -340,7 +338,8 @@ private:
                 task.sink = state;
                 task.first = first;
                 task.max_retries = options.max_retries;
-                first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, chunksize, max_bytes);
+                const std::size_t n = guided ? detail::default_chunksize(count - first, engine().processes()) : chunksize;
+                first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, n, max_bytes);
             }
             engine().submit(tasks);
             return AsyncResult<detail::collected_t<R, true>>(

@@ -73,12 +73,15 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
     return taken;
 }
 
-/// Python's default: about four chunks per worker (map's default chunks are also cut at
-/// default_chunk_bytes).
-inline std::size_t default_chunksize(std::size_t items, unsigned processes) {
-    if (items == 0) return 1;
+/// The size of map's next default chunk, with `left` items not yet in a chunk: a quarter of one
+/// worker's share of them (rounded up), so the first chunk is Python's default size and the chunks
+/// shrink as the input runs out, down to one item (guided scheduling). The last chunks are small:
+/// when items take uneven time, no worker is left with a long chunk while the others are idle.
+/// (Default chunks are also cut at default_chunk_bytes.)
+inline std::size_t default_chunksize(std::size_t left, unsigned processes) {
+    if (left == 0) return 1;
     const std::size_t per = std::size_t{processes} * 4;
-    return items / per + (items % per ? 1 : 0);
+    return left / per + (left % per ? 1 : 0);
 }
 
 }  // namespace mproc::detail
