@@ -87,6 +87,9 @@ def groups(bin_dir, quick):
                                  py("pool.py", "apply_lat", "--n", n_lat),
                                  lim("pipe_rtt", "--size", 64, "--n", n_rtt)]),
         Group("pool_starmap", [m("bench_mproc_pool", "starmap", "--n", n_star), py("pool.py", "starmap", "--n", n_star)]),
+        Group("pool_uneven", [m("bench_mproc_pool", "uneven", "--n", q(2000, 1000))]),
+        Group("pool_apply_async_stats", [m("bench_mproc_pool", "apply_async", "--n", n_async, "--stats-ms", 10),
+                                         m("bench_mproc_pool", "apply_async", "--n", n_async)]),
     ]
     for size, n in queue_n.items():
         g.append(Group("queue_tput_%d" % size, [m("bench_mproc_queue", "tput", "--size", size, "--n", n),
@@ -266,6 +269,11 @@ ROWS = [
     Row("apply(f, x) round trip p50 (limit: pipe ping-pong)", "pool_apply_lat", limit=("pipe_rtt", "limit", 64),
         unit="µs", targets=[("limit", "<=", 2)], target_text="≤ 2× raw pipe p50"),
     Row("starmap, 1M pairs", "pool_starmap", unit="tasks/s", targets=[("python", ">=", 10)], target_text="≥ 10× Python"),
+    Row("Pool.map, items 20 µs–2 ms (100×): makespan / ideal", "pool_uneven", python=False, unit="× ideal",
+        targets=[("abs", "<=", 1.15)], target_text="≤ 1.15× (total / workers + longest item)"),
+    Row("apply_async with stats() every 10 ms (limit: without)", "pool_apply_async_stats", python=False,
+        limit=("pool_apply_async", "mproc", None), unit="tasks/s", targets=[("limit", ">=", 0.95)],
+        target_text="≥ 0.95× without"),
     Row("Queue 1→1, 64 B (msgs/s; limit: shm ring)", "queue_tput", size=64, limit=("queue_tput", "limit", 64),
         field="msgs_per_s", unit="msgs/s", targets=[("python", ">=", 20), ("limit", ">=", 0.30)],
         target_text="≥ 20× Python, ≥ 30% of ring"),

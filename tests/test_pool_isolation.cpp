@@ -21,8 +21,8 @@ int square(int x) { return x * x; }
 class SharedCounters {
 public:
     explicit SharedCounters(std::size_t n) : n_(n) {
-        void* p = ::mmap(nullptr, n * sizeof(std::atomic<int>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-                         -1, 0);
+        void* p = ::mmap(nullptr, n * sizeof(std::atomic<int>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
+                         0);
         if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
         counters_ = static_cast<std::atomic<int>*>(p);
         for (std::size_t i = 0; i < n; ++i) new (&counters_[i]) std::atomic<int>(0);
@@ -342,7 +342,8 @@ TEST_CASE("max_memory_per_child: a leaking worker is replaced after a task, and 
         base = probe.apply(worker_resident, 0L);
     }
     REQUIRE(base > 0);
-    mproc::Pool pool(mproc::PoolOptions{.processes = 1, .max_memory_per_child = static_cast<std::size_t>(base) + (40u << 20)});
+    mproc::Pool pool(
+        mproc::PoolOptions{.processes = 1, .max_memory_per_child = static_cast<std::size_t>(base) + (40u << 20)});
     std::set<pid_t> pids;
     for (int i = 0; i < 12; ++i) {
         CHECK(pool.apply(leak_mib, 16L) == 0);

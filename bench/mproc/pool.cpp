@@ -7,11 +7,19 @@
 //   bench_mproc_pool starmap     --n 1000000            Pool.starmap(add, pairs), default chunksize: tasks/s
 //   bench_mproc_pool memory                             private memory of each idle worker: MiB
 //   bench_mproc_pool idle        --seconds 1            CPU of an idle Pool (this process, helpers, workers): %
+//   bench_mproc_pool uneven      --n 2000               map over items whose time varies 100× (20 µs .. 2 ms):
+//                                                       makespan / (total work / workers + longest item)
+//                                                       (--chunksize N: fixed chunks, for comparison)
+//   bench_mproc_pool apply_async --stats-ms 10          as apply_async, with another thread calling stats() every 10 ms
 //
 // Every pool has cpu_count() workers (Python: os.cpu_count()), is created and warmed up (one small
 // map) before the clock starts, and every result is collected and checked.
+#include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -62,8 +70,21 @@ void bench_map(const bench::Args& args, bool chunk1) {
 
 void bench_apply_async(const bench::Args& args) {
     const long long n = args.num("n", 100'000);
+    const long long stats_ms = args.num("stats-ms", 0);
     mproc::Pool pool;
     warm_up(pool);
+    // With --stats-ms: what asking for stats() while the pool works costs it.
+    std::atomic<bool> done{false};
+    std::atomic<long long> polls{0};
+    std::thread poller;
+    if (stats_ms > 0)
+        poller = std::thread([&] {
+            while (!done.load()) {
+                bench::check(pool.stats().workers.size() == pool.processes(), "stats() workers");
+                polls.fetch_add(1);
+                std::this_thread::sleep_for(std::chrono::milliseconds(stats_ms));
+            }
+        });
     std::vector<std::int64_t> got;  // touched only by the callbacks (one at a time, on the pool's thread)
     got.reserve(static_cast<std::size_t>(n));
     std::vector<mproc::AsyncResult<std::int64_t>> results;
@@ -73,11 +94,58 @@ void bench_apply_async(const bench::Args& args) {
         results.push_back(pool.apply_async(square, std::tuple{i}, [&got](std::int64_t v) { got.push_back(v); }));
     for (auto& r : results) r.get();
     const double s = bench::seconds_since(t0);
+    done.store(true);
+    if (poller.joinable()) poller.join();
     bench::check(static_cast<long long>(got.size()) == n, "callbacks ran " + std::to_string(got.size()) + " times");
     bench::check(std::accumulate(got.begin(), got.end(), std::int64_t{0}) == sum_squares(n), "apply_async: sum");
-    bench::Record("pool_apply_async", "mproc", static_cast<double>(n) / s, "tasks/s")
+    bench::Record(stats_ms > 0 ? "pool_apply_async_stats" : "pool_apply_async", "mproc", static_cast<double>(n) / s,
+                  "tasks/s")
         .set("n", static_cast<double>(n))
         .set("seconds", s)
+        .set("stats_calls", static_cast<double>(polls.load()))
+        .print();
+}
+
+/// Busy for `us` microseconds of wall time.
+std::int64_t spin_us(std::int64_t us) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    std::int64_t spins = 0;
+    while (std::chrono::steady_clock::now() < until) ++spins;
+    return us;
+}
+
+/// Stragglers: a map whose items take from 20 µs to 2 ms (log-uniform, a fixed pseudo-random
+/// order), default chunksize. The ideal makespan is the total work spread evenly over the workers
+/// plus the longest item (no schedule can do better than either).
+void bench_uneven(const bench::Args& args) {
+    const long long n = args.num("n", 2000);
+    std::vector<std::int64_t> us(static_cast<std::size_t>(n));
+    const bool sparse = args.num("sparse", 0) != 0;  // 2% of the items 2 ms, the rest 20 µs
+    std::uint64_t state = 88172645463325252ull;
+    std::int64_t total = 0, longest = 0;
+    for (auto& u : us) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        const double unit = static_cast<double>(state % 1'000'000) / 1e6;
+        u = sparse ? (unit < 0.02 ? 2000 : 20) : static_cast<std::int64_t>(20.0 * std::pow(100.0, unit));
+        total += u;
+        longest = std::max(longest, u);
+    }
+    mproc::Pool pool;
+    warm_up(pool);
+    const std::int64_t t0 = bench::now_ns();
+    // --chunksize N: fixed chunks instead (Python's default is n / (4 × workers)), for comparison.
+    const auto chunksize = static_cast<std::size_t>(args.num("chunksize", 0));
+    const std::vector<std::int64_t> r = pool.map(spin_us, us, chunksize);
+    const double s = bench::seconds_since(t0);
+    bench::check(r == us, "uneven map: results");
+    const double ideal = (static_cast<double>(total) / pool.processes() + static_cast<double>(longest)) / 1e6;
+    bench::Record("pool_uneven", "mproc", s / ideal, "× ideal")
+        .set("n", static_cast<double>(n))
+        .set("seconds", s)
+        .set("ideal_seconds", ideal)
+        .set("processes", pool.processes())
         .print();
 }
 
@@ -157,6 +225,7 @@ int main(int argc, char** argv) {
         else if (op == "starmap") bench_starmap(args);
         else if (op == "memory") bench_memory(args);
         else if (op == "idle") bench_idle(args);
+        else if (op == "uneven") bench_uneven(args);
         else bench::die("unknown operation " + op);
     } catch (const std::exception& e) {
         bench::die(op + ": " + e.what());

@@ -52,8 +52,9 @@ public:
 
     ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
         : engine_(&engine), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
-          options_(options), state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
+          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
         state_->engine = engine.link();
+        state_->max_retries = options.max_retries;
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
         window_ = chunks_in_flight * chunksize_;
     }
@@ -112,7 +113,6 @@ private:
             detail::Task task;
             task.sink = state_;
             task.first = submitted_;
-            task.max_retries = options_.max_retries;
             std::exception_ptr input_error;
             const std::uint32_t n = detail::encode_chunk<F, Args>(task, *engine_, f_, *input_, std::ranges::end(view_),
                                                                   chunksize_, SIZE_MAX, &input_error);
@@ -158,7 +158,6 @@ private:
     View view_;
     std::optional<std::ranges::iterator_t<View>> input_;
     std::size_t chunksize_;
-    CallOptions options_;
     std::size_t window_ = 0;
     std::shared_ptr<detail::ImapState<value_type, Ordered>> state_;
     typename detail::ImapState<value_type, Ordered>::Item current_;
@@ -215,11 +214,11 @@ public:
         auto state = std::make_shared<detail::SingleResult<R>>(1, std::move(callback), std::move(error_callback),
                                                                engine().collector_id());
         state->engine = engine().link();
+        state->max_retries = options.max_retries;
         detail::Task task;
         task.sink = state;
         task.id = engine().next_task_id();
         task.count = 1;
-        task.max_retries = options.max_retries;
         state->call = task.id;
         detail::begin_chunk_frame<F, Args>(task.frame, task.id, task.id, 1, f);
         Writer out(task.frame);
@@ -328,6 +327,7 @@ private:
             auto state = std::make_shared<detail::ManyResult<R>>(count, std::move(callback), std::move(error_callback),
                                                                  engine().collector_id());
             state->engine = engine().link();
+            state->max_retries = options.max_retries;
             if (count == 0) engine().post([state] { state->complete_empty(); });
             std::vector<detail::Task> tasks;
             tasks.reserve(guided ? std::size_t{processes()} * 4 * 8 : count / chunksize + 1);
@@ -337,8 +337,8 @@ private:
                 detail::Task& task = tasks.emplace_back();
                 task.sink = state;
                 task.first = first;
-                task.max_retries = options.max_retries;
-                const std::size_t n = guided ? detail::default_chunksize(count - first, engine().processes()) : chunksize;
+                const std::size_t n = guided ? detail::default_chunksize(count - first, engine().processes())
+                                             : chunksize;
                 first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, n, max_bytes);
             }
             engine().submit(tasks);

@@ -86,10 +86,11 @@ template <> struct fmt::formatter<mproc::PoolStats> {
         out = fmt::format_to(out, "{:>4} {:>8} {:>8} {:>9} {:>9} {:>12} {:>9} {:>8}  {}\n", "seat", "pid", "tasks",
                              "busy s", "idle s", "current", "RSS MiB", "restarts", "last restart");
         for (const mproc::WorkerStats& w : st.workers) {
-            const std::string current =
-                w.current_task ? fmt::format("#{} {:.1f}s", *w.current_task, w.current_for.count()) : "-";
-            out = fmt::format_to(out, "{:>4} {:>8} {:>8} {:>9.3f} {:>9.3f} {:>12} {:>9.1f} {:>8}  {}\n", w.seat,
-                                 w.pid, w.tasks_done, w.busy.count(), w.idle.count(), current,
+            const std::string current = w.current_task
+                                            ? fmt::format("#{} {:.1f}s", *w.current_task, w.current_for.count())
+                                            : "-";
+            out = fmt::format_to(out, "{:>4} {:>8} {:>8} {:>9.3f} {:>9.3f} {:>12} {:>9.1f} {:>8}  {}\n", w.seat, w.pid,
+                                 w.tasks_done, w.busy.count(), w.idle.count(), current,
                                  static_cast<double>(w.resident_bytes) / (1024.0 * 1024.0), w.restarts.total(),
                                  w.last_restart.empty() ? "-" : w.last_restart);
         }
@@ -97,8 +98,7 @@ template <> struct fmt::formatter<mproc::PoolStats> {
         return fmt::format_to(out,
                               "{} tasks done, {} queued, {} in flight; {} retries; utilisation {:.0f}% over {:.1f}s; "
                               "restarts: {} crashed, {} timeout, {} memory, {} cancelled, {} recycled",
-                              st.tasks_done, st.tasks_queued, st.tasks_in_flight, st.retries,
-                              st.utilisation() * 100.0, st.uptime.count(), r.crashed, r.timeout, r.memory,
-                              r.cancelled, r.recycled);
+                              st.tasks_done, st.tasks_queued, st.tasks_in_flight, st.retries, st.utilisation() * 100.0,
+                              st.uptime.count(), r.crashed, r.timeout, r.memory, r.cancelled, r.recycled);
     }
 };

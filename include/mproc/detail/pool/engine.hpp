@@ -17,6 +17,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -61,6 +62,10 @@ public:
     std::uint64_t call = 0;
     /// The engine that runs the call's tasks, for cancel (set by the Pool when the call is made).
     std::shared_ptr<EngineLink> engine;
+    /// The call's CallOptions::max_retries (else the pool's).
+    std::optional<unsigned> max_retries;
+    /// Per item (by index in the call): the workers lost running it. The engine's thread only.
+    std::map<std::size_t, unsigned> losses;
 
     /// Whether the call was cancelled: its tasks are no longer run, and whatever they still
     /// deliver is ignored.
@@ -83,8 +88,7 @@ struct Task {
     std::size_t first = 0;
     std::shared_ptr<ResultSink> sink;
     std::vector<std::uint32_t> skips;  // sorted; items already failed
-    std::optional<unsigned> max_retries;  // the call's CallOptions::max_retries (else the pool's)
-    std::vector<std::uint32_t> losses;    // per item: the workers lost running it (empty: none)
+    std::int64_t estimate_ns = 0;      // its expected run time, while a worker holds it (the engine's)
 
     std::string describe(std::uint32_t item) const {
         std::string s = "task " + std::to_string(id);

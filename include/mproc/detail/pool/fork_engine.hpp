@@ -164,6 +164,7 @@ private:
         std::size_t out_sent = 0;
         std::deque<Task> inflight;
         std::size_t placed = 0;  // how many of inflight are in the ring (or socket)
+        std::int64_t queued_ns = 0;  // the estimated run time of inflight (see has_room_locked)
         std::uint64_t placed_total = 0;  // tasks ever placed for the current worker
         unsigned long assigned = 0;  // tasks given to the current worker
         bool saw_hello = false;
@@ -326,6 +327,7 @@ private:
                     ++i;
                     continue;
                 }
+                s.queued_ns -= s.inflight[i].estimate_ns;
                 dropped.push_back(std::move(s.inflight[i]));
                 s.inflight.erase(s.inflight.begin() + static_cast<std::ptrdiff_t>(i));
                 if (s.assigned) --s.assigned;
@@ -369,25 +371,52 @@ private:
 
     // ---- dispatch -------------------------------------------------------------------------
 
-    /// How many tasks a worker may hold: enough queued work to hide a round trip (about half a
-    /// millisecond of it, from the measured task time), at least 2, at most 256.
-    std::size_t window_locked() const noexcept {
-        if (avg_task_ns_ <= 0) return 2;
-        const double w = 500'000.0 / avg_task_ns_;
-        return static_cast<std::size_t>(std::clamp(w, 2.0, 256.0));
-    }
-    bool has_room_locked(const Seat& s, std::size_t window) const noexcept {
+    /// How much work a worker may hold: enough to hide a round trip (about half a millisecond of
+    /// it, as estimated), at least 2 tasks, at most 256. A task's estimate is its item count times
+    /// the measured time per item of its code (what it calls); a task whose code has not run yet
+    /// counts as a whole window — so a new kind of task is handed out two at a time per worker
+    /// until its time is known, never all at once to whichever worker was first.
+    static constexpr std::int64_t window_ns = 500'000;
+    static constexpr std::size_t window_min = 2, window_max = 256;
+
+    bool has_room_locked(const Seat& s) const noexcept {
         if (s.state == SeatState::dead || !s.channel) return false;
         if (options_.max_tasks_per_child != 0 && s.assigned >= options_.max_tasks_per_child) return false;
-        return s.inflight.size() < window;
+        if (s.inflight.size() < window_min) return true;
+        return s.inflight.size() < window_max && s.queued_ns < window_ns;
+    }
+
+    /// The measured run time per item of the tasks calling `code` (0: none has run yet).
+    double item_ns_locked(std::uint64_t code) const noexcept {
+        for (const auto& [c, ns] : item_ns_)
+            if (c == code) return ns;
+        return 0;
+    }
+    std::int64_t estimate_locked(Task& t) const noexcept {
+        const double per_item = item_ns_locked(task_frame::code::get(body_of(t.frame)));
+        if (per_item <= 0) return window_ns;
+        return static_cast<std::int64_t>(std::min(per_item * t.count, 1e15));
+    }
+    /// Folds a finished task's time into its code's time per item.
+    void learn_locked(Task& t, std::int64_t spent_ns) {
+        const std::uint64_t code = task_frame::code::get(body_of(t.frame));
+        const double per_item = static_cast<double>(spent_ns) / std::max<std::uint32_t>(1, t.count);
+        for (auto& [c, ns] : item_ns_)
+            if (c == code) {
+                ns = 0.9 * ns + 0.1 * per_item;
+                return;
+            }
+        if (item_ns_.size() >= 64) item_ns_.erase(item_ns_.begin());  // the oldest code goes
+        item_ns_.emplace_back(code, per_item);
     }
 
     void dispatch_locked() {
         if (state_ == State::terminated || state_ == State::broken) return;
-        const std::size_t window = window_locked();
         dispatch_backlog_locked(
-            std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s, window); },
-            [](Seat& s, Task task) {
+            std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s); },
+            [&](Seat& s, Task task) {
+                task.estimate_ns = estimate_locked(task);
+                s.queued_ns += task.estimate_ns;
                 s.inflight.push_back(std::move(task));
                 ++s.assigned;
             });
@@ -476,6 +505,7 @@ private:
         s.out.clear();
         s.out_sent = 0;
         s.placed = 0;
+        s.queued_ns = 0;
         s.placed_total = 0;
         s.assigned = 0;
         s.saw_hello = false;
@@ -531,6 +561,7 @@ private:
             for (Task& t : s.inflight) all.push_back(std::move(t));
             s.inflight.clear();
             s.placed = 0;
+            s.queued_ns = 0;
         }
         for (Task& t : backlog_) all.push_back(std::move(t));
         backlog_.clear();
@@ -740,9 +771,10 @@ private:
                     if (s.placed) --s.placed;
                     ++s.tasks_done;
                     ++tasks_done_;
-                    s.busy_ns += result_frame::spent_ns::get(body);
-                    const auto per_task = static_cast<double>(result_frame::spent_ns::get(body));
-                    avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
+                    const std::int64_t spent = result_frame::spent_ns::get(body);
+                    s.busy_ns += spent;
+                    s.queued_ns -= finished_.back().task.estimate_ns;
+                    learn_locked(finished_.back().task, spent);
                 }
                 if (socket_frame) break;
             }
@@ -821,6 +853,7 @@ private:
         backlog_.insert(backlog_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
         s.inflight.clear();
         s.placed = 0;
+        s.queued_ns = 0;
         s.channel.reset();
         s.state = SeatState::dead;
         s.pid = 0;
@@ -876,9 +909,8 @@ private:
                                                                       "s: worker " + std::to_string(pid) + " killed"));
                 } else {
                     // A lost worker: the item runs again on a fresh one while it has retries left.
-                    const unsigned retries = t.max_retries.value_or(options_.max_retries);
-                    if (t.losses.empty()) t.losses.assign(t.count, 0);
-                    const std::uint32_t attempts = ++t.losses[item];
+                    const unsigned retries = t.sink->max_retries.value_or(options_.max_retries);
+                    const unsigned attempts = ++t.sink->losses[t.first + item];
                     if (attempts <= retries) {
                         ++retried_;
                     } else {
@@ -1133,7 +1165,7 @@ private:
     std::int64_t started_ns_ = monotonic_ns();
     std::uint64_t tasks_done_ = 0;  // (mutex_)
     std::uint64_t retried_ = 0;  // items run again after a lost worker (mutex_)
-    double avg_task_ns_ = 0;
+    std::vector<std::pair<std::uint64_t, double>> item_ns_;  // per task code: run time per item (mutex_)
     int start_failures_ = 0;
     std::int64_t failing_since_ = 0;  // since when no worker could be started (0: none failing)
     std::int64_t collector_wakes_at_ = INT64_MAX;  // when the sleeping collector looks again (0: awake)
