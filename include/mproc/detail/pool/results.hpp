@@ -7,6 +7,7 @@
 // is ResultCore. What differs is where a decoded value goes: SingleResult<R> (apply_async) holds
 // one value, ManyResult<R> (map_async, starmap_async) a vector with one place per item. Each says
 // so in two members, store() and finish(), which the core calls without a virtual call (CRTP).
+// A coroutine that co_awaits a result is a Continuation in its list, run once it is ready.
 // imap's state (ImapState) keeps each item's value or error until the loop takes it.
 #pragma once
 
@@ -51,6 +52,42 @@ inline void report_callback_exception(const char* which) {
     std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
 }
 
+/// What waits for a result without blocking a thread (a coroutine's co_await): a node its owner
+/// keeps alive until run() is called, linked into the result's list until then. run() is called
+/// once, on the thread that completes the result (the pool's), after the callback and after the
+/// result is ready; it may destroy the node and drop the last reference to the result.
+class Continuation {
+public:
+    Continuation(const Continuation&) = delete;
+    Continuation& operator=(const Continuation&) = delete;
+    virtual void run() = 0;
+    Continuation* next = nullptr;  // the result's list (under its lock)
+
+protected:
+    Continuation() = default;
+    ~Continuation() = default;
+};
+
+/// Runs a list of continuations taken from a result, in the order they were added. One that throws
+/// is reported and the others still run: they run on the pool's thread, where nobody could catch it.
+inline void run_continuations(Continuation* list) {
+    Continuation* in_order = nullptr;  // the list is newest first: reverse it
+    while (list) {
+        Continuation* rest = list->next;
+        list->next = in_order;
+        in_order = list;
+        list = rest;
+    }
+    while (in_order) {
+        Continuation* c = std::exchange(in_order, in_order->next);  // c may be gone once it has run
+        try {
+            c->run();
+        } catch (...) {
+            report_callback_exception("co_await resumption");
+        }
+    }
+}
+
 /// What an AsyncResult<T> asks of its shared state.
 template <class T> class ValueState {
 public:
@@ -63,6 +100,8 @@ public:
     /// Cancels the call unless it has finished (see AsyncResult::cancel).
     virtual bool cancel() = 0;
     virtual bool was_cancelled() const noexcept = 0;
+    /// Has `c` run once the result is ready; false, and nothing kept, when it is ready already.
+    virtual bool add_continuation(Continuation& c) = 0;
 };
 
 /// The callback of a result: void(const T&), or void() for a void result. (A std::conditional_t
@@ -180,6 +219,13 @@ public:
         if (!ready_) throw Error("AsyncResult::successful() called before the result is ready");
         return !error_ && !error_taken_;
     }
+    bool add_continuation(Continuation& c) override {
+        std::lock_guard lock(mutex_);
+        if (ready_) return false;
+        c.next = continuations_;
+        continuations_ = &c;
+        return true;
+    }
     Value take(bool move_out) override {
         std::exception_ptr error;
         {
@@ -247,11 +293,15 @@ private:
         // and drops the last one is then ordered after it (an exception_ptr's count is atomic,
         // but inside uninstrumented libstdc++, so ThreadSanitizer cannot see that).
         error = nullptr;
+        Continuation* waiting = nullptr;
         {
             std::lock_guard lock(mutex_);
             ready_ = true;
+            waiting = std::exchange(continuations_, nullptr);
         }
         done_.notify_all();
+        // Last: a coroutine resumed here may drop the last reference to this state.
+        run_continuations(waiting);
     }
 
     std::mutex mutex_;
@@ -267,6 +317,7 @@ private:
     Callback callback_;
     ErrorCallback error_callback_;
     std::thread::id collector_;
+    Continuation* continuations_ = nullptr;  // added while not ready; run by complete()
 };
 
 /// apply_async's state: one item, one value (void stays void).
