@@ -1,6 +1,7 @@
 // co_await on an AsyncResult from a plain coroutine (no framework): values, vectors, void, exceptions,
 // a result already ready, resumption on the pool's thread or through resume_on's executor, several and
-// many awaiters, a pool terminated or destroyed under an awaiting coroutine, and a resumption that throws.
+// many awaiters, a pool terminated or destroyed under an awaiting coroutine, a cancelled result, and a
+// resumption that throws.
 #include "test_pool_common.hpp"
 
 #include <coroutine>
@@ -176,6 +177,7 @@ Eager await_error(mproc::AsyncResult<int> ar, Outcome& out) {
     try {
         (void)co_await std::move(ar);
     } catch (...) {
+        out.resumed();
         out.caught();
     }
     out.finish();
@@ -497,6 +499,7 @@ TEST_CASE("terminate() or destroying the pool under an awaiting coroutine resume
         // The pending results failed inside terminate(), which resumed the coroutine on this thread.
         CHECK(by_terminate.is_done());
         CHECK_THAT(by_terminate.error, Catch::StartsWith("mproc::Error: ") && Catch::Contains("terminated"));
+        CHECK(by_terminate.resumed_on == std::this_thread::get_id());
         // Through an executor: handed over, and its co_await throws once resumed.
         const auto handle = inbox.take();
         REQUIRE(handle);
@@ -512,6 +515,26 @@ TEST_CASE("terminate() or destroying the pool under an awaiting coroutine resume
     }
     CHECK(by_destructor.is_done());
     CHECK_THAT(by_destructor.error, Catch::StartsWith("mproc::Error: "));
+    POOL_REQUIRE_NOTHING_LEFT();
+}
+
+TEST_CASE(
+    "cancel() of a result a coroutine awaits resumes it on the pool's thread: its co_await throws "
+    "CancelledError") {
+    pool_test::Gate gate;  // never opened: the task runs until cancelled
+    Watchdog dog(200s, "cancel under co_await");
+    Outcome out;
+    {
+        mproc::Pool pool(2);
+        auto ar = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 1});
+        await_error(ar, out);
+        CHECK_FALSE(out.is_done());
+        CHECK(ar.cancel());
+        REQUIRE(out.wait());
+        CHECK_THAT(out.error, Catch::StartsWith("mproc::CancelledError: "));
+        CHECK(out.resumed_on != std::this_thread::get_id());
+        CHECK(pool.apply(square, 6) == 36);
+    }
     POOL_REQUIRE_NOTHING_LEFT();
 }
 
