@@ -85,6 +85,24 @@ TEST_CASE("progress draws a bar through a pseudo-terminal and ends at the total"
     CHECK(out.find('\n') != std::string::npos);
 }
 
+TEST_CASE("progress given the pool shows how busy its workers are") {
+    const std::string out = stderr_of(
+        [] {
+            mproc::Pool pool(2);
+            std::vector<int> xs(100);
+            for (int i = 0; i < 100; ++i) xs[static_cast<std::size_t>(i)] = i;
+            long sum = 0;
+            for (int v : mproc::progress(pool.imap(square, xs), xs.size(), pool)) sum += v;
+            if (sum != 328350) ::_exit(3);
+        },
+        true);
+    const std::string final_line = last_line(out);
+    INFO(out);
+    CHECK(final_line.find("| 100/100 [") != std::string::npos);
+    CHECK(final_line.find("/2 workers, ") != std::string::npos);
+    CHECK(final_line.find("% since start") != std::string::npos);
+}
+
 TEST_CASE("progress is silent when stderr is not a terminal") {
     const std::string out = stderr_of(
         [] {

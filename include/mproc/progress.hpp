@@ -6,12 +6,17 @@
 //
 //      37%|███▋      | 370/1000 [00:01<00:02, 312.45it/s]
 //
-// redrawn at most ten times a second, and once more, with a newline, when the loop ends.
+// redrawn at most ten times a second, and once more, with a newline, when the loop ends. Given the
+// pool (opt-in: it reads the pool's stats() at each redraw), it also shows how busy the workers are:
+//
+//     for (int v : mproc::progress(pool.imap(square, xs), xs.size(), pool)) { ... }
+//      37%|███▋      | 370/1000 [00:01<00:02, 312.45it/s] busy 2/2 workers, 96% since start
 #pragma once
 
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
+#include <functional>
 #include <iterator>
 #include <optional>
 #include <ranges>
@@ -62,8 +67,10 @@ inline std::string progress_line(std::size_t done, std::size_t total, double ela
 /// Draws the bar on a terminal; does nothing when the stream is not one.
 class ProgressBar {
 public:
-    explicit ProgressBar(std::size_t total, int fd = STDERR_FILENO)
-        : total_(total), fd_(fd), enabled_(::isatty(fd) == 1), start_(std::chrono::steady_clock::now()) {
+    /// `extra`, if given, is called at each redraw for text to show after the bar.
+    explicit ProgressBar(std::size_t total, int fd = STDERR_FILENO, std::function<std::string()> extra = {})
+        : total_(total), fd_(fd), enabled_(::isatty(fd) == 1), start_(std::chrono::steady_clock::now()),
+          extra_(std::move(extra)) {
         if (enabled_) draw();
     }
     ProgressBar(const ProgressBar&) = delete;
@@ -88,7 +95,13 @@ private:
     void draw() {
         last_draw_ = std::chrono::steady_clock::now();
         const double elapsed = std::chrono::duration<double>(last_draw_ - start_).count();
-        write_all("\r" + progress_line(done_, total_, elapsed));
+        std::string line = "\r" + progress_line(done_, total_, elapsed);
+        if (extra_) {
+            try {
+                line += " " + extra_();
+            } catch (...) {}  // cosmetic: a pool that cannot say (terminated, say) shows no more
+        }
+        write_all(line);
     }
     void write_all(const std::string& text) {
         std::size_t off = 0;
@@ -107,14 +120,30 @@ private:
     bool finished_ = false;
     std::chrono::steady_clock::time_point start_;
     std::chrono::steady_clock::time_point last_draw_{};
+    std::function<std::string()> extra_;
 };
+
+/// "busy 2/2 workers, 96% since start" for anything with a Pool's stats().
+template <class Pool> std::function<std::string()> utilisation_text(Pool& pool) {
+    return [&pool] {
+        const auto st = pool.stats();
+        std::size_t running = 0;
+        for (const auto& w : st.workers)
+            if (w.current_task) ++running;
+        char text[96];
+        std::snprintf(text, sizeof text, "busy %zu/%zu workers, %.0f%% since start", running, st.workers.size(),
+                      st.utilisation() * 100.0);
+        return std::string(text);
+    };
+}
 
 }  // namespace detail
 
 /// A range that yields what `range` yields and draws a progress bar as the loop advances.
 template <class Range> class ProgressRange {
 public:
-    ProgressRange(Range&& range, std::size_t total) : range_(std::forward<Range>(range)), total_(total) {}
+    ProgressRange(Range&& range, std::size_t total, std::function<std::string()> extra = {})
+        : range_(std::forward<Range>(range)), total_(total), extra_(std::move(extra)) {}
 
     class iterator {
     public:
@@ -146,7 +175,7 @@ public:
     };
 
     iterator begin() {
-        bar_.emplace(total_);
+        bar_.emplace(total_, STDERR_FILENO, extra_);
         return iterator(std::ranges::begin(range_), &*bar_);
     }
     sentinel end() { return {std::ranges::end(range_)}; }
@@ -154,6 +183,7 @@ public:
 private:
     Range range_;  // a reference for an lvalue range, the range itself for an rvalue
     std::size_t total_;
+    std::function<std::string()> extra_;
     std::optional<detail::ProgressBar> bar_;
 };
 
@@ -161,6 +191,12 @@ private:
 /// terminal): done/total, rate, elapsed time and the time left.
 template <class Range> ProgressRange<Range> progress(Range&& range, std::size_t total) {
     return ProgressRange<Range>(std::forward<Range>(range), total);
+}
+/// The same, and after the bar how busy `pool`'s workers are (a Pool, or anything with its
+/// stats()): read at each redraw, at most ten times a second.
+template <class Range, class Pool> requires requires(Pool& p) { p.stats().utilisation(); }
+ProgressRange<Range> progress(Range&& range, std::size_t total, Pool& pool) {
+    return ProgressRange<Range>(std::forward<Range>(range), total, detail::utilisation_text(pool));
 }
 /// The same, taking the total from a sized range.
 template <std::ranges::sized_range Range> ProgressRange<Range> progress(Range&& range) {
