@@ -379,6 +379,16 @@ TEST_CASE("stall_timeout: a pool whose workers are all stuck fails the pending r
     pool.join();
 }
 
+TEST_CASE("stall_timeout fires for a task sent to a pool that was idle") {
+    Watchdog dog(120s, "stall_timeout on an idle pool");
+    mproc::Pool pool(mproc::PoolOptions{.processes = 1, .stall_timeout = mproc::Seconds{1.0}});
+    CHECK(pool.apply(square, 2) == 4);
+    // Idle long enough for the pool's thread to sleep with nothing to watch.
+    std::this_thread::sleep_for(300ms);
+    CHECK_THROWS_AS(pool.apply(hang, 1), mproc::TimeoutError);
+    CHECK(pool.apply(square, 3) == 9);
+}
+
 TEST_CASE("stall_timeout: a pool that makes progress is left alone") {
     Watchdog dog(120s, "stall_timeout with progress");
     mproc::Pool pool(mproc::PoolOptions{.processes = 2, .stall_timeout = mproc::Seconds{5.0}});

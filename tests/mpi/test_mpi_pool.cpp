@@ -501,6 +501,26 @@ TEST_CASE("terminate fails pending results at once; the ranks drop their queued 
     }
 }
 
+TEST_CASE("cancel: the call completes with CancelledError, its queued tasks are dropped, the pool goes on",
+          "[lifetime]") {
+    Watchdog dog(120s, "cancel over MPI");
+    mproc::mpi::Pool pool;
+    std::vector<mproc::AsyncResult<int>> busy;
+    for (int i = 0; i < 8; ++i) busy.push_back(pool.apply_async(nap_ms, std::tuple{200}));
+    auto queued = pool.apply_async(nap_ms, std::tuple{5000});
+    auto many = pool.map_async(nap_ms, std::vector<int>(20, 300));
+    CHECK(queued.cancel());
+    CHECK(many.cancel());
+    CHECK_THROWS_AS(queued.get(), mproc::CancelledError);
+    CHECK_THROWS_AS(many.get(), mproc::CancelledError);
+    for (auto& r : busy) CHECK(r.get() == 200);
+    CHECK_FALSE(busy[0].cancel());  // finished: nothing to cancel
+    CHECK(pool.apply(square, 6) == 36);
+    CHECK_THROWS_AS(pool.stats(), mproc::Error);  // the local pool's only
+    pool.close();
+    pool.join();
+}
+
 TEST_CASE("one live pool at a time; more processes than worker ranks is an error", "[lifetime]") {
     Watchdog dog(120s, "one pool");
     CHECK_THROWS_WITH(mproc::mpi::Pool(5), Catch::Contains("only 2 worker ranks"));

@@ -426,10 +426,13 @@ private:
             placed |= place_locked(s);
             if (flush_locked(s)) needs_collector = true;
         }
-        // A collector asleep with no deadline (or a later one) must learn of the new task's
-        // task_timeout: it is the one that enforces it.
-        if (placed && options_.task_timeout && collector_wakes_at_ > monotonic_ns() + timeout_ns())
-            needs_collector = true;
+        // A collector asleep with no deadline (or a later one) must learn of the new work: it is
+        // the one that enforces task_timeout (for a placed task) and stall_timeout (for any work
+        // pending), and it computed its sleep before this work was there.
+        std::int64_t horizon = INT64_MAX;
+        if (placed && options_.task_timeout) horizon = timeout_ns();
+        if (options_.stall_timeout && (placed || !backlog_.empty())) horizon = std::min(horizon, stall_ns());
+        if (horizon != INT64_MAX && collector_wakes_at_ > monotonic_ns() + horizon) needs_collector = true;
         if (needs_collector && !on_own_thread()) wake();
     }
 
