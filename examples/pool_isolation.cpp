@@ -52,9 +52,12 @@ int main() {
     mproc::Pool pool({.processes = 2,
                       .max_memory_per_child = std::size_t{96} << 20,  // recycle a worker above 96 MiB after a task
                       .memory_limit = std::size_t{256} << 20,         // end a worker allocating 256 MiB more
-                      .stall_timeout = 3s});                          // nothing moves for 3 s: fail what is pending
+                      .stall_timeout = 5s});                          // nothing moves for 5 s: fail what is pending
 
-    for (int i = 0; i < 6; ++i) pool.apply(leaky, i);  // the leaking worker is recycled along the way
+    for (int i = 0; i < 6; ++i) {  // the leaking worker is recycled along the way
+        auto leaked = pool.apply_async(leaky, std::tuple{i});
+        show("leaky", leaked);
+    }
     auto greedy_result = pool.apply_async(greedy, std::tuple{1});
     show("greedy", greedy_result);
 

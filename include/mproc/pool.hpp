@@ -64,8 +64,13 @@ public:
     ImapRange& operator=(const ImapRange&) = delete;
     /// Leaving the loop early cancels what is still in flight: no worker goes on with items whose
     /// results nobody will read.
+    /// (In another process — a forked child holding a copy — or when memory runs out, nothing is
+    /// cancelled: the pool's teardown settles the tasks.)
     ~ImapRange() {
-        if (state_) state_->abandon();
+        if (!state_) return;
+        try {
+            state_->abandon();
+        } catch (...) {}
     }
 
     class iterator {

@@ -192,7 +192,7 @@ public:
             backlog_.swap(kept);
             cancel_placed_locked(sink, *dropped);
             ++outstanding_;
-            posted_.push_back([this, keep, dropped] {
+            posted_.emplace_back([this, keep, dropped] {
                 keep->settle_cancelled();
                 fail_tasks(*dropped, cancelled_error());
             });
