@@ -5,7 +5,9 @@
 
 #include <fmt/format.h>
 
+#include <poll.h>
 #include <random>
+#include <sys/resource.h>
 #include <sys/mman.h>
 
 using namespace std::chrono_literals;
@@ -75,6 +77,20 @@ long worker_resident(long) { return static_cast<long>(mproc::detail::resident_by
     for (;;) ::pause();
 }
 
+/// Waits up to 1.5 s in poll(2) and returns what poll returned: 0 when the time ran out, -1 when a
+/// signal interrupted it. Logs first, so the test knows it is running.
+int poll_quietly(int n) {
+    pool_test::log_line(n);
+    return ::poll(nullptr, 0, 1500);
+}
+/// CPU time (user + system) this process has used, in seconds.
+double cpu_seconds() {
+    rusage usage{};
+    ::getrusage(RUSAGE_SELF, &usage);
+    return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+           static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
 template <class Done> void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
     while (!done()) {
@@ -140,6 +156,55 @@ TEST_CASE("cancel of a finished call returns false and changes nothing; cancel t
     CHECK_THROWS_AS(blocked.get(), mproc::CancelledError);
     mproc::AsyncResult<int> empty;
     CHECK_THROWS_AS(empty.cancel(), mproc::Error);
+}
+
+TEST_CASE("cancel leaves alone a worker running another call's task: no signal interrupts it") {
+    Watchdog dog(120s, "cancel beside another call");
+    TaskLog log;
+    mproc::Pool pool(1);
+    auto other = pool.apply_async(poll_quietly, std::tuple{1});
+    pool_test::wait_for_log_lines(log, 1);
+    auto queued = pool.apply_async(square, std::tuple{5});  // in the same worker's ring, behind it
+    CHECK(queued.cancel());
+    CHECK_THROWS_AS(queued.get(), mproc::CancelledError);
+    CHECK(other.get() == 0);  // its poll ran its full time: it was not interrupted
+    CHECK(pool.apply(square, 4) == 16);
+    CHECK(pool.stats().restarts().total() == 0);
+}
+
+TEST_CASE("after a cancel of a task queued behind a long one, the pool's thread sleeps") {
+    Watchdog dog(120s, "no busy loop after a cancel");
+    Gate gate;
+    TaskLog log;
+    mproc::Pool pool(1);
+    auto running = pool.apply_async(pool_test::gated_logged, std::tuple{gate.read_fd(), 1});
+    pool_test::wait_for_log_lines(log, 1);
+    auto queued = pool.apply_async(square, std::tuple{5});
+    CHECK(queued.cancel());
+    CHECK_THROWS_AS(queued.get(), mproc::CancelledError);
+    // While the long task runs, this process does nothing: the pool's thread must sleep (a busy
+    // one would use about the whole 2.5 s; a sleeping one a few milliseconds).
+    const double before = cpu_seconds();
+    std::this_thread::sleep_for(2500ms);
+    const double used = cpu_seconds() - before;
+    INFO("CPU used while idle: " << used << " s");
+    CHECK(used < 0.5);
+    gate.open();
+    CHECK(running.get() == 1);
+}
+
+TEST_CASE("an imap range destroyed after join(): the cancel it makes does not stall a later join()") {
+    Watchdog dog(120s, "imap destroyed after join");
+    mproc::Pool pool(2);
+    {
+        auto squares = pool.imap(square, std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10});
+        auto it = squares.begin();
+        CHECK(*it == 1);
+        pool.close();
+        pool.join();  // every task in flight finishes; the pool's thread ends
+    }                 // the range cancels what it thinks is in flight
+    pool.join();
+    pool.join();
 }
 
 TEST_CASE("cancel of a map_async cancels all of it; its error_callback gets the CancelledError") {
@@ -387,6 +452,16 @@ TEST_CASE("stall_timeout fires for a task sent to a pool that was idle") {
     std::this_thread::sleep_for(300ms);
     CHECK_THROWS_AS(pool.apply(hang, 1), mproc::TimeoutError);
     CHECK(pool.apply(square, 3) == 9);
+}
+
+TEST_CASE("stall_timeout: an idle stretch longer than the timeout is not a stall") {
+    Watchdog dog(120s, "stall_timeout after idling");
+    mproc::Pool pool(mproc::PoolOptions{.processes = 2, .stall_timeout = mproc::Seconds{1.0}});
+    for (int round = 0; round < 3; ++round) {
+        std::this_thread::sleep_for(1500ms);
+        CHECK(pool.apply(square, round) == round * round);
+    }
+    CHECK(pool.stats().restarts().total() == 0);
 }
 
 TEST_CASE("stall_timeout: a pool that makes progress is left alone") {

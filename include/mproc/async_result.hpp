@@ -51,7 +51,13 @@ public:
     T await_resume() { return state_->take(move_out_); }
 
 private:
-    void run() override { executor_(handle_); }
+    /// The executor may resume the coroutine on another thread before it returns, and with it
+    /// destroy this awaiter: it is called from a copy on this stack, touching nothing after.
+    void run() override {
+        Executor executor = std::move(executor_);
+        const std::coroutine_handle<> handle = handle_;
+        executor(handle);
+    }
 
     std::shared_ptr<ValueState<T>> state_;
     [[no_unique_address]] Executor executor_;

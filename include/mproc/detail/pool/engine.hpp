@@ -181,9 +181,17 @@ public:
         check_owner();
         std::shared_ptr<ResultSink> keep = sink.shared_from_this();
         auto dropped = std::make_shared<std::vector<Task>>();
+        std::function<void()> job = [this, keep, dropped] {
+            keep->settle_cancelled();
+            fail_tasks(*dropped, cancelled_error());
+        };
+        bool posted = false;
         {
             std::lock_guard lock(mutex_);
             if (state_ == State::terminated) return;  // terminate() settles every task
+            dropped->reserve(backlog_.size());
+            posted = thread_running_locked();
+            if (posted) posted_.push_back(std::move(job));  // first: if it throws, nothing has changed
             std::deque<Task> kept;
             for (Task& t : backlog_) {
                 if (t.sink.get() == &sink) dropped->push_back(std::move(t));
@@ -191,13 +199,10 @@ public:
             }
             backlog_.swap(kept);
             cancel_placed_locked(sink, *dropped);
-            ++outstanding_;
-            posted_.emplace_back([this, keep, dropped] {
-                keep->settle_cancelled();
-                fail_tasks(*dropped, cancelled_error());
-            });
+            if (posted) ++outstanding_;
         }
-        wake();
+        if (posted) wake();
+        else job();  // no engine thread any more (the pool is ending): settled here
     }
 
     /// No more tasks. Any number of times.
@@ -285,6 +290,9 @@ protected:
     virtual std::vector<Task> take_all_tasks_locked() = 0;
     /// The pool was terminated: stop the workers as fast as the engine can (pool lock held).
     virtual void stop_workers_locked() {}
+    /// Whether the engine's thread still runs posted jobs (pool lock held). When it has ended, a
+    /// cancel settles its call on the calling thread.
+    virtual bool thread_running_locked() const noexcept { return true; }
     /// `sink`'s call was cancelled (pool lock held): move its tasks that no worker has begun into
     /// `dropped`, and stop those being run where the engine can. An engine that cannot lets them
     /// run; their outcomes are then ignored.

@@ -80,13 +80,13 @@ public:
     ForkEngine& operator=(const ForkEngine&) = delete;
 
     ~ForkEngine() override {
-        detach_link();
         if (!owned_here()) {
             // A copy of the parent's pool in a forked child: its thread and its processes are the
             // parent's. Touch nothing; the thread object (which names no thread here) is let go.
             (void)collector_.release();
             return;
         }
+        detach_link();
         if (retired_) return;  // finish_retired() did the teardown, on the collector thread
         try {
             terminate();
@@ -319,6 +319,8 @@ private:
     /// A cancelled call's tasks that are not yet in a worker's ring are taken back; for those that
     /// are, the worker is told (the call in its SeatStatus, then cancel_signal()): it skips the
     /// ones it has not begun, and ends itself if it is running one (see worker.hpp).
+    bool thread_running_locked() const noexcept override { return collector_ && !collector_closing_; }
+
     void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) override {
         const std::int64_t now = monotonic_ns();
         for (Seat& s : seats_) {
@@ -339,6 +341,15 @@ private:
             // With every slot taken by calls still in the ring, its tasks run and their outcomes
             // are ignored.
             if (!mark_cancelled_locked(s, sink.call)) continue;
+            // The slot is written (sequentially consistent); a worker that has not yet published
+            // this call as the one it runs will see the slot when it does (run_task), and skip the
+            // task. Only a worker already running it is signalled: one running another call's task
+            // is left alone (a signal would interrupt its system calls).
+            std::atomic_thread_fence(std::memory_order_seq_cst);
+            const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
+            if (status.current_phase() != TaskPhase::running ||
+                status.call.load(std::memory_order_relaxed) != sink.call)
+                continue;
             if (s.pid > 0) server_.kill(s.index, s.pid, cancel_signal());
             if (s.cancel_sent_ns == 0) s.cancel_sent_ns = now;
         }
@@ -559,8 +570,10 @@ private:
     }
 
     std::vector<Task> take_all_tasks_locked() override {
-        std::vector<Task> all;
+        std::vector<Task> all = std::move(stall_doomed_);  // taken by the watchdog, not yet failed
+        stall_doomed_.clear();
         for (Seat& s : seats_) {
+            s.assigned -= std::min<unsigned long>(s.assigned, s.inflight.size() - s.placed);  // never sent
             for (Task& t : s.inflight) all.push_back(std::move(t));
             s.inflight.clear();
             s.placed = 0;
@@ -579,8 +592,10 @@ private:
         mark_own_thread();
         try {
             collect();
+            stop_taking_posts();
             run_posted();  // a job posted while the collector was ending (the server died, say)
         } catch (...) {
+            stop_taking_posts();
             std::string why;
             try {
                 why = "the pool's collector failed: " + describe_current_exception();
@@ -607,6 +622,13 @@ private:
         }
         idle_.notify_all();
         if (retired_) finish_retired();
+    }
+
+    /// From here on a cancel settles its call itself (see thread_running_locked): the posted jobs
+    /// this thread still runs are those already there.
+    void stop_taking_posts() noexcept {
+        std::lock_guard lock(mutex_);
+        collector_closing_ = true;
     }
 
     /// After retire_from_callback(): the teardown terminate() would have done, then this engine
@@ -777,7 +799,8 @@ private:
                     const std::int64_t spent = result_frame::spent_ns::get(body);
                     s.busy_ns += spent;
                     s.queued_ns -= finished_.back().task.estimate_ns;
-                    learn_locked(finished_.back().task, spent);
+                    // (A cancelled call's task may have been skipped: its time says nothing.)
+                    if (!finished_.back().task.sink->cancelled()) learn_locked(finished_.back().task, spent);
                 }
                 if (socket_frame) break;
             }
@@ -1098,7 +1121,13 @@ private:
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const bool on_cancelled = status.current_phase() == TaskPhase::running &&
                                       status.is_cancelled(status.call.load(std::memory_order_relaxed));
-            if (on_cancelled && s.pid > 0 && now - s.cancel_sent_ns >= cancel_grace_ns) {
+            if (!on_cancelled) {
+                // It ended that task or never began it; the queued ones it will skip itself.
+                s.cancel_sent_ns = 0;
+                continue;
+            }
+            if (s.pid <= 0) continue;  // its pid's report wakes the collector
+            if (now - s.cancel_sent_ns >= cancel_grace_ns) {
                 s.cancel_killed = true;
                 s.cancel_sent_ns = 0;
                 server_.kill(s.index, s.pid, SIGKILL);
@@ -1121,20 +1150,28 @@ private:
             mark += (status.begun.load(std::memory_order_relaxed) << 32) + status.item.load(std::memory_order_relaxed);
         }
         const bool pending = outstanding_ > posted_.size();
-        if (!pending || mark != progress_mark_ || progress_ns_ == 0) {
+        if (!pending) {
+            // Nothing to watch: the clock starts again at the first look with work pending (an
+            // idle stretch is not a stall).
+            progress_ns_ = 0;
+            return INT64_MAX;
+        }
+        if (mark != progress_mark_ || progress_ns_ == 0) {
             progress_mark_ = mark;
             progress_ns_ = now;
-            return pending ? now + stall_ns() : INT64_MAX;
+            return now + stall_ns();
         }
         if (now - progress_ns_ < stall_ns()) return progress_ns_ + stall_ns();
+        // Every worker holding a task is ended — the stuck ones, and any with tasks in its ring
+        // that it has not taken (it made no progress either), so none runs later as an orphan.
         std::string stuck;
         for (Seat& s : seats_) {
-            if (s.state == SeatState::dead || s.pid <= 0) continue;
+            if (s.state == SeatState::dead || s.pid <= 0 || s.inflight.empty()) continue;
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
-            if (status.current_phase() != TaskPhase::running) continue;
-            stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on task " +
-                     std::to_string(status.task_id.load(std::memory_order_relaxed)) + " (item " +
-                     std::to_string(status.item.load(std::memory_order_relaxed)) + ")";
+            if (status.current_phase() == TaskPhase::running)
+                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on task " +
+                         std::to_string(status.task_id.load(std::memory_order_relaxed)) + " (item " +
+                         std::to_string(status.item.load(std::memory_order_relaxed)) + ")";
             s.watchdog_killed = true;
             server_.kill(s.index, s.pid, SIGKILL);
         }
@@ -1187,6 +1224,7 @@ private:
 
     bool tearing_down_ = false;  // a join()/terminate() teardown is under way (mutex_)
     bool collector_ended_ = false;  // the collector thread has returned (mutex_)
+    bool collector_closing_ = false;  // the collector runs no posted job but those already there (mutex_)
     std::unique_ptr<std::thread> collector_;
     std::thread::id collector_id_;
 };

@@ -46,6 +46,7 @@
 #include "../os/fork.hpp"
 #include "../os/unique_fd.hpp"
 #include "../os/wait.hpp"
+#include "link.hpp"
 
 namespace mproc::detail {
 
@@ -193,6 +194,14 @@ private:
     // The server's whole life. Single-threaded by construction: it is a fresh fork.
     static int serve(int control, const WorkerMain& worker_main) {
         std::signal(SIGINT, SIG_IGN);  // the parent (its ChildGuard) decides what Ctrl-C does
+        {
+            // Workers are born with it blocked: one signalled before it arms its handler must not
+            // die of the default action (a worker unblocks it in arm_worker, worker.hpp).
+            sigset_t cancel;
+            ::sigemptyset(&cancel);
+            ::sigaddset(&cancel, cancel_signal());
+            ::pthread_sigmask(SIG_BLOCK, &cancel, nullptr);
+        }
         std::vector<Worker> workers;
         bool open = true;
         std::vector<pollfd> fds;

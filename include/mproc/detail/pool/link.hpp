@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <new>
@@ -30,6 +31,11 @@ enum class TaskPhase : std::uint32_t {
     running = 1,     // running items: task_timeout counts from started_ns
     delivering = 2,  // every item has run; the result frame is on its way (not charged to the task)
 };
+
+/// The signal the pool sends a worker running a task it cancelled (see worker.hpp). A real-time
+/// signal: tasks seldom use one, and it queues. The fork server blocks it, so a worker is born with
+/// it blocked until its handler is armed.
+inline int cancel_signal() noexcept { return SIGRTMIN + 3; }
 
 /// Why a worker ended itself, as it says in its SeatStatus before it goes.
 enum class WorkerExit : std::uint32_t {

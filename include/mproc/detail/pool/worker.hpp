@@ -41,10 +41,6 @@ struct WorkerConfig {
     bool timed = false;
 };
 
-/// The signal the pool sends a worker running (or about to run) a task it cancelled. A real-time
-/// signal: tasks seldom use one, and it queues.
-inline int cancel_signal() noexcept { return SIGRTMIN + 3; }
-
 /// This worker's status, for its signal handler and new-handler (set once, as the worker starts).
 inline std::atomic<SeatStatus*>& worker_status() noexcept {
     static std::atomic<SeatStatus*> status{nullptr};
