@@ -7,8 +7,8 @@
 
 #include <poll.h>
 #include <random>
-#include <sys/resource.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 using namespace std::chrono_literals;
 using pool_test::Gate;
