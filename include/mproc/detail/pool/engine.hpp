@@ -191,7 +191,7 @@ public:
             if (state_ == State::terminated) return;  // terminate() settles every task
             dropped->reserve(backlog_.size());
             posted = thread_running_locked();
-            if (posted) posted_.push_back(std::move(job));  // first: if it throws, nothing has changed
+            if (posted) posted_.push_back(job);  // first: if it throws, nothing has changed
             std::deque<Task> kept;
             for (Task& t : backlog_) {
                 if (t.sink.get() == &sink) dropped->push_back(std::move(t));
