@@ -521,6 +521,19 @@ TEST_CASE("cancel: the call completes with CancelledError, its queued tasks are 
     pool.join();
 }
 
+TEST_CASE("an imap range destroyed after join(): the cancel it makes does not stall a later join()", "[lifetime]") {
+    Watchdog dog(120s, "imap destroyed after join");
+    mproc::mpi::Pool pool;
+    {
+        auto squares = pool.imap(square, iota_vector(10));
+        auto it = squares.begin();
+        CHECK(*it == 0);
+        pool.close();
+        pool.join();  // every task in flight finishes; the pool's thread ends
+    }                 // the range cancels what it thinks is in flight
+    pool.join();
+}
+
 TEST_CASE("one live pool at a time; more processes than worker ranks is an error", "[lifetime]") {
     Watchdog dog(120s, "one pool");
     CHECK_THROWS_WITH(mproc::mpi::Pool(5), Catch::Contains("only 2 worker ranks"));

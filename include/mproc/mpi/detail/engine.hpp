@@ -312,7 +312,14 @@ private:
             // MPI itself failed: nothing can reach the workers any more.
             break_pool(fmt::format("mproc::mpi: the pool's MPI thread failed: {}", e.what()));
         }
+        // From here on a cancel settles its call itself; the jobs posted before run here.
+        {
+            std::lock_guard lock(mutex_);
+            thread_closing_ = true;
+        }
+        run_posted();
     }
+    bool thread_running_locked() const noexcept override { return !thread_closing_; }
 
     void open_pool() {
         for (const Seat& s : seats_) {
@@ -459,6 +466,7 @@ private:
         delete this;
     }
 
+    bool thread_closing_ = false;  // the thread takes no more posted jobs (mutex_)
     Master& master_;
     std::uint64_t pool_;
     std::uint64_t initializer_;
