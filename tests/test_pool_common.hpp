@@ -167,6 +167,15 @@ inline int gated_logged(int read_fd, int value) {
     return gated(read_fd, value);
 }
 
+/// Waits for `done()`, failing instead of hanging after `limit`.
+template <class Done> void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > deadline) FAIL("waited " << limit.count() << " s for: " << what);
+        std::this_thread::sleep_for(5ms);
+    }
+}
+
 /// Waits (failing instead of hanging) until the log holds at least `n` lines.
 inline void wait_for_log_lines(const TaskLog& log, std::size_t n) {
     const auto deadline = std::chrono::steady_clock::now() + 60s;

@@ -15,6 +15,7 @@
 #include <utility>
 
 using namespace std::chrono_literals;
+using pool_test::wait_for;
 using pool_test::Watchdog;
 
 namespace {
@@ -24,15 +25,6 @@ int square(int x) { return x * x; }
     for (;;) ::pause();
 }
 std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
-
-/// Waits for `done()` (failing instead of hanging).
-template <class Done> void wait_for(Done done, const char* what, std::chrono::seconds limit = 60s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() > deadline) FAIL("waited " << limit.count() << " s for: " << what);
-        std::this_thread::sleep_for(10ms);
-    }
-}
 
 /// The number of descriptors this process has open.
 std::size_t open_fds() {
