@@ -165,12 +165,23 @@ void frame_stream(std::uint8_t chunk_seed, std::span<const std::byte> stream) {
             const ssize_t got = reader.fill(fds[0], /*nonblocking=*/true);
             if (got > 0) continue;
             if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+            std::fprintf(stderr, "fill() returned %zd, errno %d (%s)\n", got, errno, std::strerror(errno));
             fail("fill() failed before end of stream");
         }
         take_frames();
     }
     ::close(fds[1]);
-    if (reader.fill(fds[0], true) != 0) fail("fill() did not see end of stream");
+    // Read to the end blocking, as a channel does: the end of stream is the one 0 fill() returns,
+    // after whatever bytes the kernel still hands over (never assumed to be none).
+    for (;;) {
+        const ssize_t got = reader.fill(fds[0]);
+        if (got == 0) break;
+        if (got < 0) {
+            std::fprintf(stderr, "fill() returned %zd, errno %d (%s)\n", got, errno, std::strerror(errno));
+            fail("fill() did not see end of stream");
+        }
+        take_frames();
+    }
     take_frames();
     ::close(fds[0]);
     if (next != expected.size()) fail("FrameReader missed frames");
