@@ -9,6 +9,7 @@
 #include <array>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fcntl.h>
 #include <string>
@@ -415,6 +416,108 @@ TEST_CASE("a 64 MiB message goes through while the other side reads") {
             CHECK(p.exitcode() == 0);
         }
     }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+// Large messages take most of their system calls and wake-ups from the kernel's small default
+// buffers: the writing end grows its pipe so that a message fits at once (up to 1 MiB and
+// pipe-max-size), or its socket's send buffer so that a few are in flight (up to 4 MiB and
+// wmem_max). Connections that only ever send small messages keep the kernel's defaults.
+TEST_CASE("a connection's kernel buffer grows with the messages it sends, and only then") {
+    const auto pipe_size = [](const mproc::Connection<>& end) { return ::fcntl(end.fileno(), F_GETPIPE_SZ); };
+    const auto send_buffer = [](const mproc::Connection<>& end) {
+        int size = 0;
+        socklen_t length = sizeof size;
+        REQUIRE(::getsockopt(end.fileno(), SOL_SOCKET, SO_SNDBUF, &size, &length) == 0);
+        return size;
+    };
+    const auto read_limit = [](const char* path, long fallback) {
+        long value = fallback;
+        if (std::FILE* f = std::fopen(path, "r")) {
+            if (std::fscanf(f, "%ld", &value) != 1) value = fallback;
+            std::fclose(f);
+        }
+        return value;
+    };
+    SECTION("simplex: the pipe grows to fit") {
+        auto [reader, writer] = mproc::Pipe(false);
+        const int before = pipe_size(writer);
+        for (int i = 0; i < 50; ++i) {
+            writer.send_bytes(pattern_bytes(1000, static_cast<unsigned>(i)));
+            CHECK(reader.recv_bytes() == pattern_bytes(1000, static_cast<unsigned>(i)));
+        }
+        CHECK(pipe_size(writer) == before);  // small messages: untouched
+        const auto big = pattern_bytes(300u << 10, 1);
+        const auto bigger = pattern_bytes(3u << 20, 2);
+        mproc::Process p([&reader = reader, &big, &bigger] {
+            ::_exit(reader.recv_bytes() == big && reader.recv_bytes() == bigger ? 0 : 7);
+        });
+        p.start();
+        writer.send_bytes(big);
+        const long most = std::min(read_limit("/proc/sys/fs/pipe-max-size", 1L << 20), 1L << 20);
+        CHECK(pipe_size(writer) >= std::min(512L << 10, most));  // 300 KiB + header: a 512 KiB pipe
+        writer.send_bytes(bigger);                               // past the limit: as large as it gets
+        REQUIRE(p.join(60s));
+        CHECK(p.exitcode() == 0);
+        CHECK(pipe_size(writer) == most);
+    }
+    SECTION("duplex: the socket's send buffer grows") {
+        auto [a, b] = mproc::Pipe();
+        const int before = send_buffer(a);
+        a.send_bytes(pattern_bytes(1000, 3));
+        CHECK(b.recv_bytes() == pattern_bytes(1000, 3));
+        CHECK(send_buffer(a) == before);
+        const auto big = pattern_bytes(1u << 20, 4);
+        mproc::Process p([&b = b, &big] { ::_exit(b.recv_bytes() == big ? 0 : 7); });
+        p.start();
+        a.send_bytes(big);
+        REQUIRE(p.join(60s));
+        CHECK(p.exitcode() == 0);
+        const long most = read_limit("/proc/sys/net/core/wmem_max", 212992) * 2;
+        CHECK(send_buffer(a) >= std::min(4L << 20, std::max<long>(before, most)));
+        CHECK(send_buffer(b) == before);  // only the end that sent the large message
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+// Messages on each side of the sizes where a frame's header and payload go out in separate pieces,
+// the pipe grows, or a write is cut short by a full pipe: every one arrives whole and in order.
+TEST_CASE("messages of every size around the pipe's and the socket's limits arrive whole, in order") {
+    const bool duplex = GENERATE(true, false);
+    INFO("duplex " << duplex);
+    const std::vector<std::size_t> sizes{0,
+                                         1,
+                                         7,
+                                         8,
+                                         65528,
+                                         65535,
+                                         65536,
+                                         65537,
+                                         131072 - 8,
+                                         131072 + 1,
+                                         1u << 20,
+                                         (1u << 20) - 8,
+                                         (1u << 20) + 1,
+                                         3u << 20,
+                                         5000,
+                                         (4u << 20) + 3};
+    auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+    mproc::Process p([&reader = reader, &sizes] {
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            const auto bytes = reader.recv_bytes();
+            if (bytes != pattern_bytes(sizes[i], static_cast<unsigned>(i))) ::_exit(10 + static_cast<int>(i));
+            if (reader.recv() != pattern_string(sizes[i] / 2, static_cast<unsigned>(i)))
+                ::_exit(40 + static_cast<int>(i));
+        }
+        ::_exit(0);
+    });
+    p.start();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        writer.send_bytes(pattern_bytes(sizes[i], static_cast<unsigned>(i)));
+        writer.send(pattern_string(sizes[i] / 2, static_cast<unsigned>(i)));
+    }
+    REQUIRE(p.join(120s));
+    CHECK(p.exitcode() == 0);
     CHECK(mproc_test::child_count() == 0);
 }
 

@@ -10,6 +10,7 @@
 // (send_fd / recv_fd, SCM_RIGHTS), each as a message of its own, in order with the others.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include <span>
 #include <string>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <utility>
 #include <vector>
@@ -108,20 +110,14 @@ public:
         send_bytes(bytes.subspan(offset, size.value_or(left)));
     }
 
-    /// Sends raw bytes as one message, read back whole by recv_bytes().
+    /// Sends raw bytes as one message, read back whole by recv_bytes(). The bytes go out in
+    /// place, behind the frame's header, in one system call (no copy).
     void send_bytes(std::span<const std::byte> bytes) {
         require_writable("send_bytes");
-        detail::begin_frame(out_);
-        if (bytes.size() <= copy_limit) {
-            out_.append(bytes.data(), bytes.size());
-            detail::finish_frame(out_);
-            write_all(out_.bytes());
-        } else {  // large payloads go out in place rather than through a copy
-            const std::uint64_t length = bytes.size();
-            std::memcpy(out_.data(), &length, sizeof length);
-            write_all(out_.bytes());
-            write_all(bytes);
-        }
+        std::byte header[detail::frame_header_size];
+        const std::uint64_t length = bytes.size();
+        std::memcpy(header, &length, sizeof length);
+        write_all(header, bytes);
     }
 
     /// Receives one message sent with send_bytes() (or send()) as raw bytes.
@@ -219,7 +215,6 @@ public:
 private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
     friend class Waitable;
-    static constexpr std::size_t copy_limit = std::size_t{64} * 1024;
 
     Connection(int fd, bool readable, bool writable, bool is_socket)
         : fd_(fd), readable_(readable), writable_(writable), is_socket_(is_socket) {}
@@ -259,13 +254,24 @@ private:
         return frame;
     }
 
-    void write_all(std::span<const std::byte> bytes) {
+    /// Writes `head` then `body` whole, one writev/sendmsg at a time. A simplex pipe is first
+    /// grown so that the message fits in it at once, when it can be (see detail::grow_pipe).
+    void write_all(std::span<const std::byte> head, std::span<const std::byte> body = {}) {
+        const std::size_t total = head.size() + body.size();
+        if (total > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(total);
         const bool drain_peer = is_socket_ && readable_;
         bool peer_done_sending = false;
-        while (!bytes.empty()) {
-            const ssize_t put = detail::write_some(fd_.get(), bytes.data(), bytes.size(), is_socket_, drain_peer);
+        while (!head.empty() || !body.empty()) {
+            iovec pieces[2];
+            int count = 0;
+            if (!head.empty()) pieces[count++] = {const_cast<std::byte*>(head.data()), head.size()};
+            if (!body.empty()) pieces[count++] = {const_cast<std::byte*>(body.data()), body.size()};
+            const ssize_t put = detail::write_some(fd_.get(), pieces, count, is_socket_, drain_peer);
             if (put >= 0) {
-                bytes = bytes.subspan(static_cast<std::size_t>(put));
+                auto done = static_cast<std::size_t>(put);
+                const std::size_t from_head = std::min(done, head.size());
+                head = head.subspan(from_head);
+                body = body.subspan(done - from_head);
                 continue;
             }
             if (errno == EPIPE || errno == ECONNRESET)
@@ -273,6 +279,22 @@ private:
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
             wait_for_room(peer_done_sending);
         }
+    }
+
+    /// A message of `bytes` is larger than the kernel holds for this end: grows the pipe so that
+    /// it fits at once, or the socket's send buffer so that a few are in flight (detail::grow_pipe,
+    /// detail::grow_socket_buffer), which takes most of the system calls and wake-ups out of
+    /// moving large messages. Sized by the messages actually sent, so small-message connections
+    /// keep the kernel's defaults.
+    void grow_kernel_buffer(std::size_t bytes) noexcept {
+        if (is_socket_) {
+            const std::size_t want = std::min(bytes * 4, detail::largest_socket_buffer);
+            kernel_buffer_at_limit_ = detail::grow_socket_buffer(fd_.get(), bytes) < want;
+        } else {
+            const std::size_t want = std::min(bytes, detail::largest_pipe_capacity);
+            kernel_buffer_at_limit_ = detail::grow_pipe(fd_.get(), bytes) < want;
+        }
+        grown_for_ = bytes;
     }
 
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
@@ -294,6 +316,11 @@ private:
     detail::FrameReader in_;
     detail::DescriptorQueue descriptors_;  // received with the stream's bytes, for recv_fd
     Buffer out_;
+    // The largest message the kernel's buffer for this end's writes (a pipe's capacity, a
+    // socket's send buffer) was sized for; a buffer that cannot grow further (its limit, or the
+    // kernel refused) is not asked again.
+    std::size_t grown_for_ = detail::default_pipe_capacity;
+    bool kernel_buffer_at_limit_ = false;
 };
 
 /// Two connected ends. Duplex (the default): both send and receive, over a Unix socketpair.

@@ -115,6 +115,7 @@ public:
 
 private:
     static constexpr std::size_t min_read = std::size_t{64} * 1024;
+    static constexpr std::size_t trusted = std::size_t{1} << 20;
     /// The most descriptors one message can carry (the kernel's SCM_MAX_FD).
     static constexpr std::size_t max_descriptors = 253;
 
@@ -165,11 +166,12 @@ private:
         }
     }
     std::size_t room_for_next_read() const noexcept {
-        // Read what the frame needs, but never more than the bytes already here (plus min_read)
-        // on faith: the buffer doubles only when the peer keeps sending.
+        // Read what the frame needs in one go, but past `trusted` bytes never more than the bytes
+        // already here (plus min_read) on faith: a length that lies costs at most that much
+        // memory, and the buffer doubles only when the peer keeps sending.
         std::size_t want = bytes_wanted();
         if (want < min_read) want = min_read;
-        const std::size_t cap = size() + min_read;
+        const std::size_t cap = (size() > trusted ? size() : trusted) + min_read;
         return want < cap ? want : cap;
     }
     Buffer buffer_;

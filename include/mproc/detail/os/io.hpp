@@ -1,17 +1,23 @@
 // mproc — EINTR-safe, SIGPIPE-free reads and writes, and waiting on descriptors.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstddef>
+#include <cstdlib>
 #include <ctime>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "clock.hpp"
+#include "unique_fd.hpp"
 
 namespace mproc::detail {
 
@@ -77,6 +83,89 @@ inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket
         errno = saved;
     }
     return put;
+}
+
+/// write_some for a message in pieces (a frame's header and its payload): one writev(2), or
+/// sendmsg(2) on a socket, so the pieces need not be copied together first.
+inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket, bool nonblocking = false) noexcept {
+    ssize_t put;
+    if (is_socket) {
+        msghdr message{};
+        message.msg_iov = const_cast<iovec*>(pieces);
+        message.msg_iovlen = static_cast<std::size_t>(count);
+        const int flags = MSG_NOSIGNAL | (nonblocking ? MSG_DONTWAIT : 0);
+        do put = ::sendmsg(fd, &message, flags);
+        while (put < 0 && errno == EINTR);
+        return put;
+    }
+    SigpipeShield shield;
+    do put = ::writev(fd, pieces, count);
+    while (put < 0 && errno == EINTR);
+    if (put < 0 && errno == EPIPE) {
+        const int saved = errno;
+        shield.note_epipe();
+        errno = saved;
+    }
+    return put;
+}
+
+/// What a pipe holds when it is made (Linux: 16 pages).
+inline constexpr std::size_t default_pipe_capacity = std::size_t{64} * 1024;
+/// The most mproc grows a pipe to: past it a larger pipe saves no measurable time, and every
+/// enlarged pipe counts against the user's pipe-user-pages-soft (64 MiB by default).
+inline constexpr std::size_t largest_pipe_capacity = std::size_t{1} << 20;
+
+/// The most an unprivileged pipe may hold (/proc/sys/fs/pipe-max-size; 1 MiB when unreadable),
+/// read once per process. No lock: threads that race read the same number.
+inline std::size_t pipe_max_size() noexcept {
+    static std::atomic<std::size_t> cached{0};
+    std::size_t known = cached.load(std::memory_order_relaxed);
+    if (known != 0) return known;
+    known = largest_pipe_capacity;
+    const UniqueFd file(::open("/proc/sys/fs/pipe-max-size", O_RDONLY | O_CLOEXEC));
+    if (file) {
+        char text[32] = {};
+        if (read_some(file.get(), text, sizeof text - 1) > 0) {
+            const unsigned long long value = std::strtoull(text, nullptr, 10);
+            if (value >= default_pipe_capacity) known = static_cast<std::size_t>(value);
+        }
+    }
+    cached.store(known, std::memory_order_relaxed);
+    return known;
+}
+
+/// Grows the pipe behind `fd` so that `bytes` fit in it at once (a power of two, at most
+/// largest_pipe_capacity and pipe-max-size); never shrinks it. Returns the capacity it has after
+/// (the kernel may refuse: a user over pipe-user-pages-soft keeps what it has).
+inline std::size_t grow_pipe(int fd, std::size_t bytes) noexcept {
+    const int now = ::fcntl(fd, F_GETPIPE_SZ);
+    if (now < 0) return default_pipe_capacity;
+    const std::size_t limit = std::min(largest_pipe_capacity, pipe_max_size());
+    std::size_t want = default_pipe_capacity;
+    while (want < bytes && want < limit) want *= 2;
+    if (want > limit) want = limit;
+    if (want <= static_cast<std::size_t>(now)) return static_cast<std::size_t>(now);
+    const int grown = ::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(want));
+    return grown > 0 ? static_cast<std::size_t>(grown) : static_cast<std::size_t>(now);
+}
+
+/// The most mproc asks a Unix socket's send buffer to hold (the kernel caps it at wmem_max).
+inline constexpr std::size_t largest_socket_buffer = std::size_t{4} << 20;
+
+/// Grows the send buffer of the Unix stream socket `fd` so that a few messages of `bytes` can be
+/// in flight at once (at most largest_socket_buffer, and what net.core.wmem_max allows); never
+/// shrinks it. Returns what it holds after (as SO_SNDBUF reports it).
+inline std::size_t grow_socket_buffer(int fd, std::size_t bytes) noexcept {
+    int now = 0;
+    socklen_t length = sizeof now;
+    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &now, &length) != 0 || now < 0) return 0;
+    const std::size_t want = std::min(largest_socket_buffer, bytes * 4);
+    if (want <= static_cast<std::size_t>(now)) return static_cast<std::size_t>(now);
+    const int asked = static_cast<int>(want / 2);  // the kernel doubles what it is given
+    (void)::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &asked, sizeof asked);
+    length = sizeof now;
+    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &now, &length) != 0 || now < 0) return 0;
+    return static_cast<std::size_t>(now);
 }
 
 /// poll(2) on one descriptor until `events` or the deadline; retries EINTR with the time left.
