@@ -24,6 +24,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -287,6 +288,16 @@ inline void sleep_s(double seconds) {
 }
 
 /// A message of `size` bytes whose content depends on `seq` (so a lost or reordered message shows).
+/// Makes this process hold `mib` MiB of private memory, every page touched (a large parent for
+/// the fork rows); the memory stays until the process ends.
+inline void hold_resident(long long mib) {
+    if (mib <= 0) return;
+    const std::size_t bytes = static_cast<std::size_t>(mib) << 20;
+    void* block = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (block == MAP_FAILED) die("mmap of the resident block failed");
+    std::memset(block, 1, bytes);
+}
+
 inline void stamp(char* data, std::size_t size, std::uint64_t seq) {
     if (size >= sizeof seq) std::memcpy(data, &seq, sizeof seq);
     else if (size > 0) data[0] = static_cast<char>(seq);

@@ -6,10 +6,12 @@
 //   bench_limits pipe_oneway --size 1048576 --n 512    write(2) -> read(2): the best of a pipe, a pipe
 //                                                     enlarged with F_SETPIPE_SZ and a socketpair: MB/s
 //   bench_limits pipe_sweep  --sizes ... --bytes B     pipe_oneway at each size
-//   bench_limits fork_wait   --n 300                   fork(); child _exit(0); waitpid: p50 µs
+//   bench_limits fork_wait   --n 300 [--resident-mib 1024]   fork(); child _exit(0); waitpid: p50 µs
 //   bench_limits shm_ring    --size 64 --n 200000      SPSC byte ring in MAP_SHARED memory, producer
 //                                                     process -> consumer process: msgs/s, MB/s
 //   bench_limits ring_sweep  --sizes ... --bytes B     shm_ring at each size
+//   bench_limits mpmc_ring   --size 64 --n 400000      bounded MPMC ring (Vyukov) in MAP_SHARED memory,
+//                                                     4 producer -> 4 consumer processes: msgs/s
 //   bench_limits shm_memcpy  --size 1048576 --bytes B  memcpy into (pre-faulted) shared memory: MB/s
 //   bench_limits idle_read   --ms 1000                 CPU of a child blocked in read(2): %
 //   bench_limits fork_memory                           private memory of an idle forked child: MiB
@@ -186,6 +188,8 @@ void pipe_oneway(const std::string& op, std::size_t size, long long n) {
 void fork_wait(const bench::Args& args) {
     const long long n = args.num("n", 300);
     const long long warm = args.num("warm", 20);
+    const long long resident = args.num("resident-mib", 0);
+    bench::hold_resident(resident);
     std::vector<std::int64_t> lat;
     for (long long i = 0; i < warm + n; ++i) {
         const std::int64_t t0 = bench::now_ns();
@@ -196,7 +200,9 @@ void fork_wait(const bench::Args& args) {
         const std::int64_t t1 = bench::now_ns();
         if (i >= warm) lat.push_back(t1 - t0);
     }
-    bench::latency_record("process_start_join", "limit", lat).print();
+    bench::latency_record(resident >= 1024 ? "process_start_join_1g" : "process_start_join", "limit", lat)
+        .set("resident_mib", static_cast<double>(resident))
+        .print();
 }
 
 // ---- SPSC ring in shared memory ----------------------------------------------------------------
@@ -323,6 +329,140 @@ void shm_ring(const std::string& op, std::size_t size, long long n) {
         .print();
 }
 
+// ---- MPMC ring in shared memory ----------------------------------------------------------------
+
+/// A bounded multi-producer multi-consumer ring of fixed-size cells (Dmitry Vyukov's design): each
+/// cell has a sequence number that says whose turn it is; a producer claims a position with a
+/// compare-and-swap on the enqueue cursor, fills the cell and publishes it through the sequence;
+/// a consumer does the same on the dequeue cursor. No lock, no system call; waiting spins, then
+/// yields. It survives nothing (a process killed between claim and publish stalls everyone behind
+/// it): the limit, not a design.
+struct MpmcRing {
+    static constexpr std::size_t cells = 4096;  // a power of two
+    static constexpr std::size_t cell_bytes = 120;
+    struct alignas(128) Cell {
+        std::atomic<std::uint64_t> sequence;
+        std::uint32_t length;
+        char data[cell_bytes];
+    };
+    alignas(64) std::atomic<std::uint64_t> enqueue_at{0};
+    alignas(64) std::atomic<std::uint64_t> dequeue_at{0};
+    alignas(64) std::atomic<int> go{0};
+    alignas(64) std::atomic<std::uint64_t> received{0};
+    alignas(64) std::atomic<std::uint64_t> id_sum{0};
+    Cell cell[cells];
+
+    void put(const char* src, std::uint32_t n) {
+        unsigned spins = 0;
+        std::uint64_t at = enqueue_at.load(std::memory_order_relaxed);
+        for (;;) {
+            Cell& c = cell[at & (cells - 1)];
+            const std::uint64_t seq = c.sequence.load(std::memory_order_acquire);
+            if (seq == at) {
+                if (enqueue_at.compare_exchange_weak(at, at + 1, std::memory_order_relaxed)) {
+                    c.length = n;
+                    std::memcpy(c.data, src, n);
+                    c.sequence.store(at + 1, std::memory_order_release);
+                    return;
+                }
+            } else if (seq < at) {  // full
+                wait_a_little(spins);
+                at = enqueue_at.load(std::memory_order_relaxed);
+            } else {
+                at = enqueue_at.load(std::memory_order_relaxed);
+            }
+        }
+    }
+    std::uint32_t get(char* dst) {
+        unsigned spins = 0;
+        std::uint64_t at = dequeue_at.load(std::memory_order_relaxed);
+        for (;;) {
+            Cell& c = cell[at & (cells - 1)];
+            const std::uint64_t seq = c.sequence.load(std::memory_order_acquire);
+            if (seq == at + 1) {
+                if (dequeue_at.compare_exchange_weak(at, at + 1, std::memory_order_relaxed)) {
+                    const std::uint32_t n = c.length;
+                    std::memcpy(dst, c.data, n);
+                    c.sequence.store(at + cells, std::memory_order_release);
+                    return n;
+                }
+            } else if (seq < at + 1) {  // empty
+                wait_a_little(spins);
+                at = dequeue_at.load(std::memory_order_relaxed);
+            } else {
+                at = dequeue_at.load(std::memory_order_relaxed);
+            }
+        }
+    }
+};
+
+/// `producers` processes put n messages of `size` bytes in all (each stamped with its id), and
+/// `consumers` processes take them until each finds an empty stop message; every id must arrive
+/// once. The clock runs from the start signal to the last consumer's exit.
+void mpmc_ring(const bench::Args& args) {
+    const auto size = static_cast<std::size_t>(args.num("size", 64));
+    const long long n = args.num("n", 400'000);
+    const int producers = static_cast<int>(args.num("producers", 4));
+    const int consumers = static_cast<int>(args.num("consumers", 4));
+    if (size < 8 || size > MpmcRing::cell_bytes) bench::die("mpmc_ring: size must be 8 to 120 bytes");
+    void* mem = ::mmap(nullptr, sizeof(MpmcRing), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) bench::die("mmap");
+    auto* ring = new (mem) MpmcRing();
+    for (std::size_t i = 0; i < MpmcRing::cells; ++i) ring->cell[i].sequence.store(i, std::memory_order_relaxed);
+    const long long each = n / producers;
+    std::vector<pid_t> producer_pids, consumer_pids;
+    for (int p = 0; p < producers; ++p) {
+        const pid_t pid = fork_or_die();
+        if (pid == 0) {
+            while (ring->go.load(std::memory_order_acquire) == 0) ::sched_yield();
+            std::vector<char> msg(size, 'x');
+            for (long long i = 0; i < each; ++i) {
+                bench::stamp(msg.data(), size, static_cast<std::uint64_t>(p * each + i));
+                ring->put(msg.data(), static_cast<std::uint32_t>(size));
+            }
+            ::_exit(0);
+        }
+        producer_pids.push_back(pid);
+    }
+    for (int c = 0; c < consumers; ++c) {
+        const pid_t pid = fork_or_die();
+        if (pid == 0) {
+            while (ring->go.load(std::memory_order_acquire) == 0) ::sched_yield();
+            std::vector<char> msg(MpmcRing::cell_bytes);
+            std::uint64_t count = 0, sum = 0;
+            for (;;) {
+                const std::uint32_t got = ring->get(msg.data());
+                if (got == 0) break;
+                if (got != size) ::_exit(3);
+                ++count;
+                sum += bench::stamp_of(msg.data(), size);
+            }
+            ring->received.fetch_add(count);
+            ring->id_sum.fetch_add(sum);
+            ::_exit(0);
+        }
+        consumer_pids.push_back(pid);
+    }
+    const std::int64_t t0 = bench::now_ns();
+    ring->go.store(1, std::memory_order_release);
+    for (pid_t pid : producer_pids) reap(pid);
+    for (int c = 0; c < consumers; ++c) ring->put("", 0);
+    for (pid_t pid : consumer_pids) reap(pid);
+    const double s = bench::seconds_since(t0);
+    const auto total = static_cast<std::uint64_t>(each * producers);
+    if (ring->received.load() != total || ring->id_sum.load() != total * (total - 1) / 2)
+        bench::die("wrong result: the MPMC ring lost or repeated messages");
+    ::munmap(mem, sizeof(MpmcRing));
+    bench::Record("queue_mpmc", "limit", static_cast<double>(total) * static_cast<double>(size) / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(total))
+        .set("seconds", s)
+        .set("msgs_per_s", static_cast<double>(total) / s)
+        .set("producers", producers)
+        .set("consumers", consumers)
+        .print();
+}
+
 // ---- memcpy into shared memory ---------------------------------------------------------------
 
 void shm_memcpy(const bench::Args& args) {
@@ -410,6 +550,7 @@ int main(int argc, char** argv) {
         for (long long size : sizes)
             shm_ring("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
     } else if (op == "shm_memcpy") shm_memcpy(args);
+    else if (op == "mpmc_ring") mpmc_ring(args);
     else if (op == "idle_read") idle_read(args);
     else if (op == "fork_memory") fork_memory(args);
     else bench::die("unknown operation " + op);

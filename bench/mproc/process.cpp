@@ -1,6 +1,7 @@
 // mproc benchmarks — Process. Twin: bench/python/process.py.
 //
-//   bench_mproc_process start_join --n 300     Process(noop).start(); join(): p50/p90/p99 µs per process
+//   bench_mproc_process start_join --n 300 [--resident-mib 1024]   Process(noop).start(); join():
+//                        p50/p90/p99 µs per process (with a parent holding that much memory)
 #include <string>
 #include <vector>
 
@@ -15,6 +16,8 @@ void noop() {}
 void bench_start_join(const bench::Args& args) {
     const long long n = args.num("n", 300);
     const long long warm = args.num("warm", 20);
+    const long long resident = args.num("resident-mib", 0);
+    bench::hold_resident(resident);
     std::vector<std::int64_t> lat;
     lat.reserve(static_cast<std::size_t>(n));
     for (long long i = 0; i < warm + n; ++i) {
@@ -26,7 +29,9 @@ void bench_start_join(const bench::Args& args) {
         if (p.exitcode() != 0) bench::die("wrong result: process exit code");
         if (i >= warm) lat.push_back(t1 - t0);
     }
-    bench::latency_record("process_start_join", "mproc", lat).print();
+    bench::latency_record(resident >= 1024 ? "process_start_join_1g" : "process_start_join", "mproc", lat)
+        .set("resident_mib", static_cast<double>(resident))
+        .print();
 }
 
 }  // namespace

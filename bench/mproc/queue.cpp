@@ -2,6 +2,7 @@
 //
 //   bench_mproc_queue tput  --size 64 --n 200000      1 producer process -> 1 consumer (this process): msgs/s, MB/s
 //   bench_mproc_queue sweep --sizes 64,...,4194304 --bytes 67108864    tput at each size
+//   bench_mproc_queue mpmc  --size 64 --n 400000      4 producer -> 4 consumer processes: msgs/s
 //   bench_mproc_queue idle  --ms 1000                 CPU of a consumer blocked on an empty Queue: %
 //
 // The producer builds each message afresh (a std::string of `size` bytes carrying its sequence
@@ -9,6 +10,7 @@
 // puts n + 1 messages; the clock starts when the first arrives, so process start-up is not timed.
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <mproc/mproc.hpp>
@@ -48,6 +50,68 @@ void tput(const std::string& op, std::size_t size, long long n) {
         .print();
 }
 
+/// `producers` processes put n messages in all (each stamped with its id) and `consumers` take
+/// them until each gets an empty stop message; every id must arrive once. The clock runs from
+/// the start signal to the last consumer's exit.
+void mpmc(const bench::Args& args) {
+    const auto size = static_cast<std::size_t>(args.num("size", 64));
+    const long long n = args.num("n", 400'000);
+    const int producers = static_cast<int>(args.num("producers", 4));
+    const int consumers = static_cast<int>(args.num("consumers", 4));
+    const long long each = n / producers;
+    mproc::Queue<std::string> q;
+    mproc::Queue<std::pair<std::uint64_t, std::uint64_t>> tallies;  // (count, sum of ids) per consumer
+    mproc::Event go;
+    std::vector<mproc::Process> procs;
+    for (int p = 0; p < producers; ++p)
+        procs.emplace_back([q, go, p, each, size]() mutable {
+            go.wait();
+            for (long long i = 0; i < each; ++i) {
+                std::string m(size, 'x');
+                bench::stamp(m.data(), size, static_cast<std::uint64_t>(p * each + i));
+                q.put(m);
+            }
+        });
+    for (int c = 0; c < consumers; ++c)
+        procs.emplace_back([q, tallies, go, size]() mutable {
+            go.wait();
+            std::uint64_t count = 0, sum = 0;
+            for (;;) {
+                const std::string m = q.get();
+                if (m.empty()) break;
+                if (m.size() != size) std::_Exit(3);
+                ++count;
+                sum += bench::stamp_of(m.data(), size);
+            }
+            tallies.put({count, sum});
+        });
+    for (auto& p : procs) p.start();
+    bench::sleep_s(0.2);  // every child is waiting on `go`
+    const std::int64_t t0 = bench::now_ns();
+    go.set();
+    for (int p = 0; p < producers; ++p) procs[static_cast<std::size_t>(p)].join();
+    for (int c = 0; c < consumers; ++c) q.put(std::string());
+    std::uint64_t count = 0, sum = 0;
+    for (int c = 0; c < consumers; ++c) {
+        const auto [k, s] = tallies.get();
+        count += k;
+        sum += s;
+    }
+    for (auto& p : procs) p.join();
+    const double s = bench::seconds_since(t0);
+    for (auto& p : procs) bench::check(p.exitcode() == 0, "child exit code");
+    const auto total = static_cast<std::uint64_t>(each * producers);
+    if (count != total || sum != total * (total - 1) / 2) bench::die("wrong result: messages lost or repeated");
+    bench::Record("queue_mpmc", "mproc", static_cast<double>(total) * static_cast<double>(size) / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(total))
+        .set("seconds", s)
+        .set("msgs_per_s", static_cast<double>(total) / s)
+        .set("producers", producers)
+        .set("consumers", consumers)
+        .print();
+}
+
 void idle(const bench::Args& args) {
     mproc::Queue<std::string> q;
     mproc::Process consumer([q]() mutable {
@@ -74,7 +138,8 @@ int main(int argc, char** argv) {
             const long long budget = args.num("bytes", 64LL << 20);
             for (long long size : args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20}))
                 tput("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
-        } else if (op == "idle") idle(args);
+        } else if (op == "mpmc") mpmc(args);
+        else if (op == "idle") idle(args);
         else bench::die("unknown operation " + op);
     } catch (const std::exception& e) {
         bench::die(op + ": " + e.what());
