@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
         std::vector<std::uint64_t> by_threads(items);
         omp_set_num_threads(workers);
 #pragma omp parallel for schedule(dynamic)
-        for (std::size_t i = 0; i < std::min<std::size_t>(items, 64); ++i) by_threads[i] = work(i);  // starts the threads
+        for (std::size_t i = 0; i < std::min<std::size_t>(items, 64); ++i)
+            by_threads[i] = work(i);  // starts the threads
         t0 = bench::now_ns();
 #pragma omp parallel for schedule(dynamic)
         for (std::size_t i = 0; i < items; ++i) by_threads[i] = work(seeds[i]);
