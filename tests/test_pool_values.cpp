@@ -7,9 +7,13 @@
 
 #include <mproc/progress.hpp>
 
+#include <cstdint>
+#include <fstream>
 #include <numeric>
 #include <ranges>
+#include <set>
 #include <stdexcept>
+#include <tuple>
 
 using namespace std::chrono_literals;
 using mproc_test::Fragile;
@@ -278,4 +282,103 @@ TEST_CASE("imap over an input that throws: the items before it, then its excepti
     // Nothing is left pending: close and join return.
     pool.close();
     pool.join();
+}
+
+// ---- packed chunks ----------------------------------------------------------------------------
+// A map whose argument and result are numbers sends a chunk's arguments as one array and gets its
+// results back as one (detail::is_packed_task_v): the rules of every other map still hold.
+
+namespace {
+
+enum class Colour : std::uint8_t { red, green, blue };
+long log_and_square_or_throw(long x) {
+    pool_test::log_line(x);
+    if (x % 50 == 17 || x == 0 || x == 999) throw std::invalid_argument("item " + std::to_string(x) + " refused");
+    return x * x;
+}
+double halve(int x) { return x / 2.0; }
+Colour next_colour(Colour c) { return static_cast<Colour>((static_cast<int>(c) + 1) % 3); }
+std::string spell(long x) { return std::to_string(x); }
+long add_pair(long a, long b) { return a + b; }
+bool is_odd(long x) { return x % 2 != 0; }
+
+}  // namespace
+
+static_assert(mproc::detail::is_packed_task_v<long (*)(long), std::tuple<long>>);
+static_assert(mproc::detail::is_packed_task_v<double (*)(int), std::tuple<int>>);
+static_assert(mproc::detail::is_packed_task_v<Colour (*)(Colour), std::tuple<Colour>>);
+static_assert(!mproc::detail::is_packed_task_v<std::string (*)(long), std::tuple<long>>);  // a string result
+static_assert(!mproc::detail::is_packed_task_v<long (*)(long, long), std::tuple<long, long>>);  // two arguments
+static_assert(!mproc::detail::is_packed_task_v<bool (*)(long), std::tuple<long>>);  // bool is checked when read
+static_assert(!mproc::detail::is_packed_task_v<void (*)(long), std::tuple<long>>);
+
+TEST_CASE(
+    "packed chunks: an item that throws fails alone, the others in its chunk keep their values, none runs twice") {
+    Watchdog watchdog(120s, "packed chunks with throwing items");
+    pool_test::TaskLog log;
+    mproc::Pool pool(2);
+    std::vector<long> xs(1000);
+    std::iota(xs.begin(), xs.end(), 0L);
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{1000}}) {
+        INFO("chunksize " << chunksize);
+        auto results = pool.imap(log_and_square_or_throw, xs, chunksize);
+        long i = 0;
+        std::size_t errors = 0;
+        for (auto it = results.begin(); it != results.end(); ++it, ++i) {
+            if (i % 50 == 17 || i == 0 || i == 999) {
+                try {
+                    (void)*it;
+                    FAIL("item " << i << " did not throw");
+                } catch (const std::invalid_argument& e) {
+                    CHECK_THAT(e.what(), Catch::Contains("item " + std::to_string(i) + " refused"));
+                    ++errors;
+                }
+            } else {
+                CHECK(*it == i * i);
+            }
+        }
+        CHECK(i == 1000);
+        CHECK(errors == 22);
+        // Every item ran exactly once: the throw turned the chunk into one outcome per item without
+        // running the items before it again.
+        const auto ran = log.numbers();
+        CHECK(ran.size() == 1000);
+        for (long x = 0; x < 1000; ++x) CHECK(ran.count(x) == 1);
+        std::ofstream(pool_test::g_log_path, std::ios::trunc).close();  // the next round starts a fresh log
+    }
+}
+
+TEST_CASE("packed chunks: numbers of every width, enums, map, map_async, imap_unordered, starmap and apply agree") {
+    Watchdog watchdog(120s, "packed chunks of many types");
+    mproc::Pool pool(2);
+    std::vector<int> ints(5000);
+    std::iota(ints.begin(), ints.end(), -2500);
+    const auto halves = pool.map(halve, ints);
+    REQUIRE(halves.size() == ints.size());
+    for (std::size_t i = 0; i < ints.size(); ++i) CHECK(halves[i] == ints[i] / 2.0);
+
+    const std::vector<Colour> colours{Colour::red, Colour::green, Colour::blue, Colour::blue};
+    CHECK(pool.map(next_colour, colours, 3) ==
+          std::vector<Colour>{Colour::green, Colour::blue, Colour::red, Colour::red});
+
+    std::vector<long> xs(3000);
+    std::iota(xs.begin(), xs.end(), 0L);
+    const auto squares = pool.map_async(square_long, xs).get();
+    const auto unordered = [&] {
+        std::multiset<long> got;
+        for (long v : pool.imap_unordered(square_long, xs, 64)) got.insert(v);
+        return got;
+    }();
+    std::multiset<long> expected;
+    for (long x : xs) expected.insert(x * x);
+    CHECK(std::multiset<long>(squares.begin(), squares.end()) == expected);
+    CHECK(unordered == expected);
+    // A one-element tuple is a packed starmap; two-element ones and other results take the general path.
+    std::vector<std::tuple<long>> ones;
+    for (long x : xs) ones.emplace_back(x);
+    CHECK(pool.starmap(square_long, ones) == squares);
+    CHECK(pool.starmap(add_pair, std::vector<std::pair<long, long>>{{1, 2}, {3, 4}}) == std::vector<long>{3, 7});
+    CHECK(pool.map(spell, std::vector<long>{5, 12}) == std::vector<std::string>{"5", "12"});
+    CHECK(pool.map(is_odd, std::vector<long>{5, 12}) == std::vector<bool>{true, false});
+    CHECK(pool.apply(square_long, 9L) == 81);
 }

@@ -53,10 +53,21 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
     task.frame.reserve(start + std::min(n, std::min(max_bytes, std::size_t{64} << 20) / item_min + 1) * item_min + 64);
     Writer out(task.frame);
     std::uint32_t taken = 0;
-    std::size_t whole = out.position();  // where the last complete item record ends
+    // A packed task's items are one record, the arguments back to back (wire.hpp).
+    [[maybe_unused]] const std::size_t packed_record = is_packed_task_v<F, Args> ? begin_record(out) : 0;
+    std::size_t whole = out.position();  // where the last complete item ends
     try {
         while (taken < n && it != end) {
-            write_record(out, *it);
+            if constexpr (is_packed_task_v<F, Args>) {
+                using T = std::tuple_element_t<0, Args>;
+                const T argument = [&]() -> T {
+                    if constexpr (std::is_same_v<std::decay_t<decltype(*it)>, T>) return *it;
+                    else return std::get<0>(*it);  // starmap: a one-element tuple
+                }();
+                out.write_raw(&argument, sizeof argument);
+            } else {
+                write_record(out, *it);
+            }
             whole = out.position();
             ++taken;
             ++it;
@@ -67,6 +78,7 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
         *input_error = std::current_exception();
         out.rewind(whole);
     }
+    if constexpr (is_packed_task_v<F, Args>) end_record(out, packed_record);
     set_task_count(task.frame, taken);
     end_task_frame(task.frame, {});
     task.count = taken;

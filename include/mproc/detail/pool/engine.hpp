@@ -365,9 +365,7 @@ protected:
     void deliver(Task& task, std::span<const std::byte> body) {
         outcomes_.clear();
         try {
-            Reader in(result_outcomes(body));
-            for (std::uint32_t i = 0; i < task.count; ++i) outcomes_.push_back(read_outcome_record(in));
-            if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
+            read_outcomes(body, task.count, outcomes_);
         } catch (...) {
             fail_items(task, std::current_exception());
             return;

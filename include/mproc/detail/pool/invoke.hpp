@@ -17,6 +17,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../../serialize.hpp"
 #include "../os/clock.hpp"
@@ -135,9 +136,101 @@ template <class F, class Args> void run_chunk(ChunkContext& c) {
     }
 }
 
+/// Whether tasks calling F with Args are *packed* (wire.hpp): one argument and a non-void result,
+/// both encoded as their bytes (numbers, enums), so a chunk's arguments travel as one array and
+/// its results come back as one — no record, outcome or decoder per item.
+template <class F, class Args> constexpr bool packed_task() {
+    if constexpr (std::tuple_size_v<Args> != 1) {
+        return false;
+    } else {
+        using R = task_result_t<F, Args>;
+        if constexpr (std::is_void_v<R>) return false;
+        else return is_bulk_copyable_v<std::tuple_element_t<0, Args>> && is_bulk_copyable_v<R>;
+    }
+}
+template <class F, class Args> inline constexpr bool is_packed_task_v = packed_task<F, Args>();
+
+/// Runs items `from`… of a packed chunk one outcome each (a chunk with items to skip, or the rest
+/// of one where an item threw).
+template <class F, class T>
+void run_packed_items(ChunkContext& c, const F& f, std::span<const std::byte> items, std::uint32_t from) {
+    std::size_t next_skip = 0;
+    while (next_skip < c.skips.size() && c.skips[next_skip] < from) ++next_skip;
+    for (std::uint32_t i = from; i < c.count; ++i) {
+        if (next_skip < c.skips.size() && c.skips[next_skip] == i) {
+            ++next_skip;
+            write_skipped_outcome(c.out);
+            continue;
+        }
+        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
+        c.status.item.store(i, std::memory_order_release);
+        T x;
+        std::memcpy(&x, items.data() + std::size_t{i} * sizeof(T), sizeof(T));
+        const std::size_t mark = c.out.position();
+        try {
+            write_value_outcome(c.out, std::invoke(f, std::move(x)));
+        } catch (...) {
+            c.out.rewind(mark);
+            write_exception_outcome(c.out, RemoteException::capture());
+        }
+    }
+}
+
+/// Runs every item of a packed chunk in the worker: the arguments are read straight from their
+/// array and the results written straight into one packed outcome. An item that throws turns the
+/// chunk back into one outcome per item (the values before it kept, none run twice).
+template <class F, class Args> void run_packed_chunk(ChunkContext& c) {
+    using T = std::tuple_element_t<0, Args>;
+    using R = task_result_t<F, Args>;
+    F f = read_callable<F>(c.in);
+    const std::span<const std::byte> items = read_record(c.in);  // a damaged frame fails the whole chunk
+    if (items.size() != std::size_t{c.count} * sizeof(T))
+        Reader::fail("a packed chunk of " + std::to_string(items.size()) + " bytes for " + std::to_string(c.count) +
+                     " items");
+    if (!c.skips.empty()) {
+        run_packed_items<F, T>(c, f, items, 0);
+        return;
+    }
+    const std::size_t mark = c.out.position();
+    c.out.write(Outcome::packed);
+    const std::size_t record = begin_record(c.out);
+    const std::size_t values_at = c.out.position();
+    c.out.buffer().extend(std::size_t{c.count} * sizeof(R));
+    for (std::uint32_t i = 0; i < c.count; ++i) {
+        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
+        c.status.item.store(i, std::memory_order_release);
+        T x;
+        std::memcpy(&x, items.data() + std::size_t{i} * sizeof(T), sizeof(T));
+        try {
+            const R value = std::invoke(f, std::move(x));
+            std::memcpy(c.out.buffer().data() + values_at + std::size_t{i} * sizeof(R), &value, sizeof(R));
+        } catch (...) {
+            const std::exception_ptr error = std::current_exception();
+            std::vector<R> done(i);
+            if (i != 0) std::memcpy(done.data(), c.out.buffer().data() + values_at, std::size_t{i} * sizeof(R));
+            c.out.rewind(mark);
+            for (const R& value : done) write_value_outcome(c.out, value);
+            try {
+                std::rethrow_exception(error);
+            } catch (...) {
+                write_exception_outcome(c.out, RemoteException::capture());
+            }
+            run_packed_items<F, T>(c, f, items, i + 1);
+            return;
+        }
+    }
+    end_record(c.out, record);
+}
+
+/// The invoker of tasks calling an F with Args.
+template <class F, class Args> constexpr Invoker invoker_of() {
+    if constexpr (is_packed_task_v<F, Args>) return &run_packed_chunk<F, Args>;
+    else return &run_chunk<F, Args>;
+}
+
 /// The TaskCode of tasks calling an F with Args; its address is what a task frame names.
 template <class F, class Args>
-inline constexpr TaskCode task_code{TaskCode::expected_magic, &run_chunk<F, Args>, std::is_pointer_v<F>};
+inline constexpr TaskCode task_code{TaskCode::expected_magic, invoker_of<F, Args>(), std::is_pointer_v<F>};
 
 /// Starts the task frame of a chunk of `count` items calling `f`, for the Pool call `call`; the item records follow (see
 /// write_record), then end_task_frame.

@@ -6,6 +6,7 @@
 //
 //   task frame    | id u64 | call u64 | code u64 | count u32 | [callable u64] | item records... | skips u32... | skip count u32 |
 //   result frame  | id u64 | spent_ns i64 | per item: outcome u8, then a record (the value or the exception) |
+//                 | id u64 | spent_ns i64 | packed u8 | one record: every item's value, back to back |
 //
 // `call` names the Pool call the task belongs to (the id of the call's first task): a worker skips
 // the tasks of a call the pool has cancelled (fork_engine.hpp). `code` is the address of the task's TaskCode (invoke.hpp): what decodes, calls and encodes each
@@ -14,6 +15,11 @@
 // lists the items not to run (they already failed when an earlier worker died on them). `spent_ns`
 // is the worker's run time of the task. Task id 0 is a worker's hello: one outcome, the
 // initializer's.
+//
+// A *packed* task (invoke.hpp: one argument and a result that are both encoded as their bytes, as
+// numbers are) carries its items as one record, the arguments back to back, and its result frame
+// answers with one packed outcome holding every value — unless an item threw or is skipped: then
+// the worker writes one outcome per item, as for any task.
 //
 // A *record* is a length (u32; 0xFFFFFFFF, then a u64, for 4 GiB and more) and that many bytes.
 // Every item and every outcome is a record, so one that cannot be decoded fails alone and the
@@ -80,7 +86,8 @@ inline std::span<std::byte> body_of(Buffer& frame) noexcept {
 /// Outcome::exception and the initializer's exception.
 inline constexpr std::uint64_t hello_task_id = 0;
 
-enum class Outcome : std::uint8_t { value = 0, exception = 1, skipped = 2 };
+/// An item's outcome; `packed` stands for every item of a packed task, each a value.
+enum class Outcome : std::uint8_t { value = 0, exception = 1, skipped = 2, packed = 3 };
 
 // ---- records ---------------------------------------------------------------------------------
 
@@ -323,6 +330,27 @@ inline std::uint64_t result_id(std::span<const std::byte> body) {
 inline std::span<const std::byte> result_outcomes(std::span<const std::byte> body) {
     if (body.size() < result_frame::outcomes_at) Reader::fail("result frame too short");
     return body.subspan(result_frame::outcomes_at);
+}
+
+/// Reads the `count` outcomes of a result frame body into `out`: one per item, or — from a packed
+/// outcome — a value outcome per item, each its equal slice of the packed record. Anything that
+/// does not add up (a damaged frame) is a SerializationError.
+inline void read_outcomes(std::span<const std::byte> body, std::uint32_t count, std::vector<OutcomeRecord>& out) {
+    const std::span<const std::byte> outcomes = result_outcomes(body);
+    Reader in(outcomes);
+    if (!outcomes.empty() && outcomes[0] == static_cast<std::byte>(Outcome::packed)) {
+        Outcome packed{};
+        in.read(packed);
+        const std::span<const std::byte> values = read_record(in);
+        if (count == 0 || values.size() % count != 0)
+            Reader::fail("a packed outcome of " + std::to_string(values.size()) + " bytes for " +
+                         std::to_string(count) + " items");
+        const std::size_t each = values.size() / count;
+        for (std::uint32_t i = 0; i < count; ++i) out.push_back({Outcome::value, values.subspan(i * each, each)});
+    } else {
+        for (std::uint32_t i = 0; i < count; ++i) out.push_back(read_outcome_record(in));
+    }
+    if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
 }
 
 }  // namespace mproc::detail
