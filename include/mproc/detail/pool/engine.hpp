@@ -52,6 +52,15 @@ public:
     /// not decode fails its own item.
     virtual void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
                          std::span<const std::uint32_t> skips) = 0;
+    /// Takes the values of items first, first+1, ... of a packed task (wire.hpp): `count` values
+    /// of equal size, back to back. By default, as one value outcome each; a sink that can take
+    /// them as one block (a map's vector of numbers) does.
+    virtual void deliver_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count) {
+        std::vector<OutcomeRecord> outcomes;
+        outcomes.reserve(count);
+        split_packed(values, count, outcomes);
+        deliver(first, outcomes, {});
+    }
     /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
     virtual void fail(std::size_t index, std::exception_ptr error) = 0;
     /// The call was cancelled: whatever it does at once (an AsyncResult completes with its
@@ -365,6 +374,10 @@ protected:
     void deliver(Task& task, std::span<const std::byte> body) {
         outcomes_.clear();
         try {
+            if (const auto values = packed_values(body, task.count)) {
+                task.sink->deliver_packed(task.first, *values, task.count);
+                return;
+            }
             read_outcomes(body, task.count, outcomes_);
         } catch (...) {
             fail_items(task, std::current_exception());

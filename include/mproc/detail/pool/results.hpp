@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -173,6 +174,21 @@ public:
             record_error(index, outcome_error(o));
         }
         settle(settled);
+    }
+
+    void deliver_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count) override {
+        if constexpr (requires(Derived& d) { d.store_packed(first, values, count); }) {
+            if (!this->cancelled()) {  // else the call's outcome is its CancelledError
+                try {
+                    static_cast<Derived*>(this)->store_packed(first, values, count);
+                } catch (...) {
+                    for (std::uint32_t i = 0; i < count; ++i) record_error(first + i, std::current_exception());
+                }
+            }
+            settle(count);
+        } else {
+            ResultSink::deliver_packed(first, values, count);
+        }
     }
 
     void fail(std::size_t index, std::exception_ptr error) override {
@@ -359,6 +375,14 @@ public:
         } else {
             decode_value_into(bytes, values_[index]);  // straight into its place: no temporary
         }
+    }
+    /// A packed task's values (numbers): copied into their places as one block.
+    void store_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count)
+        requires is_bulk_copyable_v<R> {
+        if (values.size() != std::size_t{count} * sizeof(R) || first + count > values_.size())
+            throw SerializationError("cannot decode the results of type " + type_name<R>() + ": a packed outcome of " +
+                                     std::to_string(values.size()) + " bytes for " + std::to_string(count) + " items");
+        std::memcpy(values_.data() + first, values.data(), values.size());
     }
     void finish(std::optional<stored_t<Value>>& value) { value.emplace(std::move(values_)); }
 

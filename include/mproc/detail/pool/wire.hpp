@@ -332,25 +332,31 @@ inline std::span<const std::byte> result_outcomes(std::span<const std::byte> bod
     return body.subspan(result_frame::outcomes_at);
 }
 
-/// Reads the `count` outcomes of a result frame body into `out`: one per item, or — from a packed
-/// outcome — a value outcome per item, each its equal slice of the packed record. Anything that
-/// does not add up (a damaged frame) is a SerializationError.
-inline void read_outcomes(std::span<const std::byte> body, std::uint32_t count, std::vector<OutcomeRecord>& out) {
+/// The values of a packed result frame body — `count` of equal size, back to back — or nullopt
+/// when its outcomes are one per item. A packed outcome that does not add up is a SerializationError.
+inline std::optional<std::span<const std::byte>> packed_values(std::span<const std::byte> body, std::uint32_t count) {
     const std::span<const std::byte> outcomes = result_outcomes(body);
-    Reader in(outcomes);
-    if (!outcomes.empty() && outcomes[0] == static_cast<std::byte>(Outcome::packed)) {
-        Outcome packed{};
-        in.read(packed);
-        const std::span<const std::byte> values = read_record(in);
-        if (count == 0 || values.size() % count != 0)
-            Reader::fail("a packed outcome of " + std::to_string(values.size()) + " bytes for " +
-                         std::to_string(count) + " items");
-        const std::size_t each = values.size() / count;
-        for (std::uint32_t i = 0; i < count; ++i) out.push_back({Outcome::value, values.subspan(i * each, each)});
-    } else {
-        for (std::uint32_t i = 0; i < count; ++i) out.push_back(read_outcome_record(in));
-    }
+    if (outcomes.empty() || outcomes[0] != static_cast<std::byte>(Outcome::packed)) return std::nullopt;
+    Reader in(outcomes.subspan(1));
+    const std::span<const std::byte> values = read_record(in);
+    if (in.remaining() != 0) Reader::fail("unexpected bytes after a packed outcome");
+    if (count == 0 || values.size() % count != 0)
+        Reader::fail("a packed outcome of " + std::to_string(values.size()) + " bytes for " + std::to_string(count) +
+                     " items");
+    return values;
+}
+
+/// Reads the `count` outcomes of a result frame body whose outcomes are one per item into `out`.
+inline void read_outcomes(std::span<const std::byte> body, std::uint32_t count, std::vector<OutcomeRecord>& out) {
+    Reader in(result_outcomes(body));
+    for (std::uint32_t i = 0; i < count; ++i) out.push_back(read_outcome_record(in));
     if (in.remaining() != 0) Reader::fail("unexpected bytes after the last outcome of a result frame");
+}
+
+/// Splits a packed outcome's `values` into one value outcome per item.
+inline void split_packed(std::span<const std::byte> values, std::uint32_t count, std::vector<OutcomeRecord>& out) {
+    const std::size_t each = values.size() / count;
+    for (std::uint32_t i = 0; i < count; ++i) out.push_back({Outcome::value, values.subspan(i * each, each)});
 }
 
 }  // namespace mproc::detail
