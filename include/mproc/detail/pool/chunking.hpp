@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <iterator>
+#include <memory>
 #include <ranges>
 #include <tuple>
 #include <type_traits>
@@ -56,6 +58,18 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
     // A packed task's items are one record, the arguments back to back (wire.hpp).
     [[maybe_unused]] const std::size_t packed_record = is_packed_task_v<F, Args> ? begin_record(out) : 0;
     std::size_t whole = out.position();  // where the last complete item ends
+    if constexpr (is_packed_task_v<F, Args> && std::contiguous_iterator<It> && std::sized_sentinel_for<End, It> &&
+                  std::is_same_v<std::iter_value_t<It>, std::tuple_element_t<0, Args>>) {
+        // Numbers straight from a contiguous input (a vector, an array): one copy for the chunk.
+        using T = std::tuple_element_t<0, Args>;
+        const auto left = static_cast<std::size_t>(end - it);
+        const std::size_t k = std::min(
+            {n, left, std::max<std::size_t>(1, max_bytes / sizeof(T)), std::size_t{UINT32_MAX}});
+        out.write_raw(std::to_address(it), k * sizeof(T));
+        it += static_cast<std::iter_difference_t<It>>(k);
+        taken = static_cast<std::uint32_t>(k);
+        whole = out.position();
+    }
     try {
         while (taken < n && it != end) {
             if constexpr (is_packed_task_v<F, Args>) {
