@@ -382,3 +382,22 @@ TEST_CASE("packed chunks: numbers of every width, enums, map, map_async, imap_un
     CHECK(pool.map(is_odd, std::vector<long>{5, 12}) == std::vector<bool>{true, false});
     CHECK(pool.apply(square_long, 9L) == 81);
 }
+
+namespace {
+/// A task whose call operator is not const (a stateless functor that modifies nothing, declared so).
+struct NonConstSquare {
+    long operator()(long x) { return x * x; }
+};
+}  // namespace
+
+TEST_CASE("packed chunks: a task whose call operator is not const (a functor, a mutable lambda) maps numbers") {
+    Watchdog watchdog(60s, "packed chunks with non-const callables");
+    mproc::Pool pool(2);
+    std::vector<long> xs(500);
+    std::iota(xs.begin(), xs.end(), 0L);
+    std::vector<long> squares;
+    for (long x : xs) squares.push_back(x * x);
+    CHECK(pool.map(NonConstSquare{}, xs) == squares);
+    CHECK(pool.map([](long x) mutable { return x * x; }, xs, 7) == squares);
+    CHECK(pool.apply(NonConstSquare{}, 12L) == 144);
+}

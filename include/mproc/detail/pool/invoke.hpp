@@ -153,7 +153,7 @@ template <class F, class Args> inline constexpr bool is_packed_task_v = packed_t
 /// Runs items `from`… of a packed chunk one outcome each (a chunk with items to skip, or the rest
 /// of one where an item threw).
 template <class F, class T>
-void run_packed_items(ChunkContext& c, const F& f, std::span<const std::byte> items, std::uint32_t from) {
+void run_packed_items(ChunkContext& c, F& f, std::span<const std::byte> items, std::uint32_t from) {
     std::size_t next_skip = 0;
     while (next_skip < c.skips.size() && c.skips[next_skip] < from) ++next_skip;
     for (std::uint32_t i = from; i < c.count; ++i) {
