@@ -287,14 +287,18 @@ private:
     /// moving large messages. Sized by the messages actually sent, so small-message connections
     /// keep the kernel's defaults.
     void grow_kernel_buffer(std::size_t bytes) noexcept {
+        // What the buffer now holds is what it was sized for: messages up to that size do not ask again.
         if (is_socket_) {
             const std::size_t want = std::min(bytes * 4, detail::largest_socket_buffer);
-            kernel_buffer_at_limit_ = detail::grow_socket_buffer(fd_.get(), bytes) < want;
+            const std::size_t now = detail::grow_socket_buffer(fd_.get(), bytes);
+            kernel_buffer_at_limit_ = now < want;
+            grown_for_ = std::max(bytes, now / 4);
         } else {
             const std::size_t want = std::min(bytes, detail::largest_pipe_capacity);
-            kernel_buffer_at_limit_ = detail::grow_pipe(fd_.get(), bytes) < want;
+            const std::size_t now = detail::grow_pipe(fd_.get(), bytes);
+            kernel_buffer_at_limit_ = now < want;
+            grown_for_ = std::max(bytes, now);
         }
-        grown_for_ = bytes;
     }
 
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
