@@ -64,29 +64,9 @@ inline ssize_t read_some(int fd, void* dst, std::size_t n) noexcept {
     return got;
 }
 
-/// One write that never raises SIGPIPE: send(MSG_NOSIGNAL) on sockets, a shielded write on pipes.
-/// `nonblocking` asks for MSG_DONTWAIT (sockets only). Retries EINTR.
-inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket, bool nonblocking = false) noexcept {
-    ssize_t put;
-    if (is_socket) {
-        const int flags = MSG_NOSIGNAL | (nonblocking ? MSG_DONTWAIT : 0);
-        do put = ::send(fd, src, n, flags);
-        while (put < 0 && errno == EINTR);
-        return put;
-    }
-    SigpipeShield shield;
-    do put = ::write(fd, src, n);
-    while (put < 0 && errno == EINTR);
-    if (put < 0 && errno == EPIPE) {
-        const int saved = errno;
-        shield.note_epipe();
-        errno = saved;
-    }
-    return put;
-}
-
-/// write_some for a message in pieces (a frame's header and its payload): one writev(2), or
-/// sendmsg(2) on a socket, so the pieces need not be copied together first.
+/// One write that never raises SIGPIPE, of a message in pieces (a frame's header and its payload,
+/// so they need not be copied together first): sendmsg(MSG_NOSIGNAL) on sockets, a shielded
+/// writev on pipes. `nonblocking` asks for MSG_DONTWAIT (sockets only). Retries EINTR.
 inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket, bool nonblocking = false) noexcept {
     ssize_t put;
     if (is_socket) {
@@ -108,11 +88,16 @@ inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket
     }
     return put;
 }
+/// write_some of one buffer.
+inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket, bool nonblocking = false) noexcept {
+    const iovec piece{const_cast<void*>(src), n};
+    return write_some(fd, &piece, 1, is_socket, nonblocking);
+}
 
 /// What a pipe holds when it is made (Linux: 16 pages).
 inline constexpr std::size_t default_pipe_capacity = std::size_t{64} * 1024;
-/// The most mproc grows a pipe to: past it a larger pipe saves no measurable time, and every
-/// enlarged pipe counts against the user's pipe-user-pages-soft (64 MiB by default).
+/// The most mproc grows a pipe to: pipe-max-size's default, the most an unprivileged process may
+/// ask for (every enlarged pipe counts against the user's pipe-user-pages-soft, 64 MiB by default).
 inline constexpr std::size_t largest_pipe_capacity = std::size_t{1} << 20;
 
 /// The most an unprivileged pipe may hold (/proc/sys/fs/pipe-max-size; 1 MiB when unreadable),
