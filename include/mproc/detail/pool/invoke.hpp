@@ -95,6 +95,13 @@ template <class Args> Args decode_args(std::span<const std::byte> bytes) {
     return args;
 }
 
+/// Publishes that item `i` of the chunk starts: its start time first, then the item — the pool
+/// reads them as a pair (item, time, item).
+inline void mark_item_started(ChunkContext& c, std::uint32_t i) noexcept {
+    if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
+    c.status.item.store(i, std::memory_order_release);
+}
+
 /// Runs every item of a chunk in the worker. Instantiated in the parent; called by address.
 /// Each item ends in exactly one outcome record: its value, or its exception — the task's own,
 /// or a SerializationError when its arguments do not decode or its result does not encode.
@@ -109,9 +116,7 @@ template <class F, class Args> void run_chunk(ChunkContext& c) {
             write_skipped_outcome(c.out);
             continue;
         }
-        // The start time first, then the item: the pool reads them as a pair (item, time, item).
-        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
-        c.status.item.store(i, std::memory_order_release);
+        mark_item_started(c, i);
         std::optional<Args> args;
         try {
             args.emplace(decode_args<Args>(item));
@@ -162,8 +167,7 @@ void run_packed_items(ChunkContext& c, F& f, std::span<const std::byte> items, s
             write_skipped_outcome(c.out);
             continue;
         }
-        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
-        c.status.item.store(i, std::memory_order_release);
+        mark_item_started(c, i);
         T x;
         std::memcpy(&x, items.data() + std::size_t{i} * sizeof(T), sizeof(T));
         const std::size_t mark = c.out.position();
@@ -197,24 +201,19 @@ template <class F, class Args> void run_packed_chunk(ChunkContext& c) {
     const std::size_t values_at = c.out.position();
     c.out.buffer().extend(std::size_t{c.count} * sizeof(R));
     for (std::uint32_t i = 0; i < c.count; ++i) {
-        if (c.timed) c.status.started_ns.store(monotonic_ns(), std::memory_order_release);
-        c.status.item.store(i, std::memory_order_release);
+        mark_item_started(c, i);
         T x;
         std::memcpy(&x, items.data() + std::size_t{i} * sizeof(T), sizeof(T));
         try {
             const R value = std::invoke(f, std::move(x));
             std::memcpy(c.out.buffer().data() + values_at + std::size_t{i} * sizeof(R), &value, sizeof(R));
         } catch (...) {
-            const std::exception_ptr error = std::current_exception();
+            const RemoteException why = RemoteException::capture();
             std::vector<R> done(i);
             if (i != 0) std::memcpy(done.data(), c.out.buffer().data() + values_at, std::size_t{i} * sizeof(R));
             c.out.rewind(mark);
             for (const R& value : done) write_value_outcome(c.out, value);
-            try {
-                std::rethrow_exception(error);
-            } catch (...) {
-                write_exception_outcome(c.out, RemoteException::capture());
-            }
+            write_exception_outcome(c.out, why);
             run_packed_items<F, T>(c, f, items, i + 1);
             return;
         }
