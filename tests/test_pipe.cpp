@@ -480,6 +480,31 @@ TEST_CASE("a connection's kernel buffer grows with the messages it sends, and on
     CHECK(mproc_test::child_count() == 0);
 }
 
+// A reader trusts a frame's length up to 1 MiB: once a read has found the header, the rest of a
+// frame that is all there is taken in one more read, rather than in reads that double from 64 KiB
+// (past 1 MiB it still grows only as bytes arrive, so a length that lies costs at most that much
+// memory).
+TEST_CASE("a frame of up to 1 MiB that has arrived whole is taken in two reads: its header's, then the rest") {
+    int fds[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+    const mproc::UniqueFd reader_end(fds[0]), writer_end(fds[1]);
+    const int big = 2 << 20;  // the kernel caps it at wmem_max; 300 KiB fits in the default's double
+    ::setsockopt(writer_end.get(), SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    const auto payload = pattern_bytes(300u << 10, 9);
+    mproc::Buffer frame;
+    mproc::detail::begin_frame(frame);
+    frame.append(payload.data(), payload.size());
+    mproc::detail::finish_frame(frame);
+    REQUIRE(::send(writer_end.get(), frame.data(), frame.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frame.size()));
+    mproc::detail::FrameReader in;
+    const ssize_t first = in.fill(reader_end.get(), /*nonblocking=*/true);  // the header, and what came with it
+    REQUIRE(first > 8);
+    CHECK(in.fill(reader_end.get(), /*nonblocking=*/true) == static_cast<ssize_t>(frame.size()) - first);
+    const auto got = in.buffered_frame();
+    REQUIRE(got);
+    CHECK(std::equal(got->begin(), got->end(), payload.begin(), payload.end()));
+}
+
 // Messages on each side of the sizes where a frame's header and payload go out in separate pieces,
 // the pipe grows, or a write is cut short by a full pipe: every one arrives whole and in order.
 TEST_CASE("messages of every size around the pipe's and the socket's limits arrive whole, in order") {
