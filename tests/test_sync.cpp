@@ -423,6 +423,10 @@ TEST_CASE("RawValue and RawArray: the shared memory of Value and Array without a
     mproc::RawValue<long> total(5);
     mproc::RawArray<int> slots(8);
     mproc::Lock lock;  // the processes' own
+    // The plain load-then-store under the Lock and the lock-free adds must not overlap: a process
+    // already adding would have an add overwritten by another's store still under the Lock. All
+    // four finish the locked phase before any adds.
+    mproc::Barrier locked_phase_done(4);
     CHECK(total.load() == 5);
     CHECK(total.value() == 5);
     CHECK(slots.size() == 8);
@@ -433,6 +437,7 @@ TEST_CASE("RawValue and RawArray: the shared memory of Value and Array without a
             total.store(total.load() + 1);  // two plain steps, made one by the Lock
         }
         slots[static_cast<std::size_t>(me)] = me + 1;  // each its own element
+        locked_phase_done.wait();
         for (int i = 0; i < 1000; ++i) std::atomic_ref<long>(total.get()).fetch_add(1);
     });
     CHECK(total.load() == 5 + 40000 + 4000);
