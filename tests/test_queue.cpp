@@ -219,6 +219,24 @@ TEST_CASE("A producer that put 100 MB and exited loses nothing; joining it first
     CHECK(child_count() == 0);
 }
 
+TEST_CASE("A stream of large items reuses the ring's pages, which go back once such items stop") {
+    mproc::Queue<std::string> q;
+    for (int i = 0; i < 6; ++i) {
+        q.put(std::string(std::size_t{8} << 20, static_cast<char>('a' + i)));
+        REQUIRE(q.get(10s)[12345] == static_cast<char>('a' + i));
+    }
+    // The ring keeps room for three such items warm instead of faulting each one in afresh and
+    // handing it back once read ...
+    const std::size_t kept = q.memory_in_use();
+    CHECK(kept >= (std::size_t{8} << 20));
+    CHECK(kept <= (std::size_t{28} << 20));
+    // ... and hands it back when the ring empties a while after the last of them.
+    std::this_thread::sleep_for(1200ms);
+    q.put("small");
+    CHECK(q.get(10s) == "small");
+    CHECK(q.memory_in_use() < (std::size_t{6} << 20));
+}
+
 TEST_CASE("Idle consumers blocked in get use no CPU") {
     mproc::Queue<int> q;
     mproc::Semaphore ready(0);

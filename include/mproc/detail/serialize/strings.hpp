@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -20,8 +21,10 @@ template <> struct codec<std::string> {
     }
     static void read(auto& in, std::string& value) {
         const std::size_t n = in.read_length(1);
-        value.resize(n);
-        in.read_raw(value.data(), n);
+        // Built from the input in one pass: resize() would zero the characters first (for a large
+        // string, a pass over fresh pages) only for the copy to overwrite them.
+        const std::span<const std::byte> chars = in.read_span(n);
+        value.assign(reinterpret_cast<const char*>(chars.data()), n);
     }
 };
 

@@ -72,10 +72,12 @@ public:
     /// The sleepers the changes published under this hold concern.
     QueueWakes wakes;
 
-    /// Lets others in (between the pieces of a streamed item).
-    void relock() {
+    /// Runs `copy` (a copy of a reserved piece of a streamed item) with the lock released, after
+    /// sending the wakes collected so far.
+    template <class Copy> void unlocked(Copy&& copy) {
         guard_.unlock();
         send_wakes(ring_.header(), wakes);
+        copy();
         guard_.lock();
     }
 
@@ -138,7 +140,11 @@ public:
         QueueHeader& h = ring_.header();
         send_wakes(h, wakes);
         guard_.unlock();
-        if (!spin_until([&] { return h.used.load(std::memory_order_relaxed) + need <= queue_resident; }, queue_pace))
+        if (!spin_until(
+                [&] {
+                    return h.used.load(std::memory_order_relaxed) + need <= h.resident.load(std::memory_order_relaxed);
+                },
+                queue_pace))
             // The consumer is far behind: stop waiting for it for a while.
             h.pace_off_until_ns.store(monotonic_ns() + queue_pace_active_ns, std::memory_order_relaxed);
         guard_.lock();
@@ -347,20 +353,22 @@ private:
         ring_.reserve_refs(ids);
     }
 
-    /// With the stream of `msg` started: commits its payload piece by piece, letting consumers
-    /// (and the reader of this item) in between pieces and sleeping while the ring is full.
-    /// If `deadline` passes first, withdraws the partial item (a reader that started it drops
-    /// it) and returns false.
+    /// With the stream of `msg` started: commits its payload piece by piece, each copied with the
+    /// lock released (so consumers, and the reader of this item, go on meanwhile), sleeping while
+    /// the ring is full. If `deadline` passes first, withdraws the partial item (a reader that
+    /// started it drops it) and returns false.
     bool stream_in(QueueLock& lock, std::span<const std::byte> msg, const Deadline& deadline) {
         for (;;) {
-            const StreamStep step = ring_.write_piece(msg, lock.wakes);
-            if (step == StreamStep::done) return true;
+            StreamPiece piece;
+            StreamStep step = ring_.reserve_write_piece(msg.size(), piece);
+            if (step == StreamStep::more) {
+                lock.unlocked([&] { ring_.copy_piece_in(piece, msg.data() + piece.at); });
+                step = ring_.commit_write_piece(piece, lock.wakes);
+                if (step == StreamStep::done) return true;
+                if (step == StreamStep::more) continue;
+            }
             if (step == StreamStep::dropped)
                 throw_shut_down("the queue was shut down immediately while the item streamed in");
-            if (step == StreamStep::more) {
-                lock.relock();
-                continue;
-            }
             if (expired(deadline)) {
                 ring_.withdraw_stream(lock.wakes);
                 return false;
@@ -370,20 +378,26 @@ private:
     }
 
     /// With the read claim held and a streamed item being drained: copies the rest into `dst`
-    /// (or drops it when `dst` is null), releasing the lock between pieces. Returns true when
-    /// the item is complete, false when it was aborted. Either way the claim is released and the
-    /// lock is held on return.
+    /// (or drops it when `dst` is null) piece by piece, each with the lock released. Returns true
+    /// when the item is complete, false when it was aborted. Either way the claim is released and
+    /// the lock is held on return.
     bool drain(QueueLock& lock, std::byte* dst, std::uint64_t len) {
+        QueueHeader& h = ring_.header();
         for (;;) {
-            switch (ring_.read_piece(dst, len, lock.wakes)) {
-                case StreamStep::done: return true;
-                case StreamStep::dropped: return false;
-                case StreamStep::more: lock.relock(); continue;
-                case StreamStep::blocked: break;
+            StreamPiece piece;
+            StreamStep step = ring_.reserve_read_piece(len, piece, lock.wakes);
+            if (step == StreamStep::more) {
+                if (dst && piece.n > 0) lock.unlocked([&] { ring_.copy_piece_out(piece, dst + piece.at); });
+                step = ring_.commit_read_piece(piece, dst != nullptr, lock.wakes);
+                if (step == StreamStep::more) continue;
             }
-            // Waiting for the producer's next piece: is it still alive?
+            if (step == StreamStep::done) return true;
+            if (step == StreamStep::dropped) return false;
+            // Waiting for the producer's next piece: is it still alive? A producer copying its
+            // next piece commits it within a copy's time: watch for it before sleeping.
             if (ring_.probe_writer(lock.wakes)) continue;
-            lock.wait_stream(ring_.header().stream_data, std::nullopt);
+            if (lock.watch(h.stream_data)) continue;
+            lock.wait_stream(h.stream_data, std::nullopt);
         }
     }
 

@@ -40,28 +40,34 @@ inline constexpr std::uint64_t lap_flag = std::uint64_t{1} << 62;
 /// segment ids (counted in the queue's RefTable until the item is taken), then the payload.
 inline constexpr std::uint64_t refs_flag = std::uint64_t{1} << 61;
 inline constexpr std::uint64_t record_flags = stream_flag | refs_flag;
-/// The most bytes copied in or out under the queue's lock at once.
-inline constexpr std::size_t queue_piece = std::size_t{1} << 20;
-/// Consumed ring memory beyond the first `queue_resident` bytes goes back to the kernel in
-/// chunks of `queue_chunk`; the first part stays, as the hot area a busy queue cycles through.
+/// The most bytes of a streamed item reserved and copied at once: the copy itself runs with the
+/// lock released, so producer and consumer copy different pieces at the same time.
+inline constexpr std::size_t queue_piece = std::size_t{256} << 10;
+/// Consumed ring memory beyond the first `resident` bytes goes back to the kernel in chunks of
+/// `queue_chunk`; the first part stays, as the hot area a busy queue cycles through. It is
+/// `queue_resident`, raised while items larger than half of it stream through (room for three of
+/// them — one being read, one being written, one written ahead — up to `queue_resident_max`) and lowered again once the ring empties more than
+/// `queue_resident_hold_ns` after the last such item started.
 inline constexpr std::size_t queue_chunk = std::size_t{1} << 20;
 inline constexpr std::size_t queue_resident = std::size_t{4} << 20;
+inline constexpr std::size_t queue_resident_max = std::size_t{256} << 20;
+inline constexpr std::int64_t queue_resident_hold_ns = 1'000'000'000;
 
 /// Where the queue stands. Positions count bytes since the ring was last empty; the byte at
 /// position p lives at ring[p % capacity]. Two copies alternate and one store of `current`
 /// publishes a new one, so a process that dies while holding the lock leaves either the old
 /// state or the new one, never a mix.
 struct QueueCursor {
-    std::uint64_t head;        // next byte to consume
-    std::uint64_t tail;        // end of the committed bytes
-    std::uint64_t count;       // items whose record has been committed and not yet taken
-    std::uint64_t stream_at;   // record position of the item being streamed in (while writing)
+    std::uint64_t head;  // next byte to consume
+    std::uint64_t tail;  // end of the committed bytes
+    std::uint64_t count;  // items whose record has been committed and not yet taken
+    std::uint64_t stream_at;  // record position of the item being streamed in (while writing)
     std::uint64_t write_left;  // its payload bytes not yet committed
-    std::uint64_t read_left;   // payload bytes of the streamed item being drained, not yet read
-    std::uint32_t writing;     // a producer streams an item in (and holds write_claim)
-    std::uint32_t reading;     // a consumer drains a streamed item (and holds read_claim)
-    std::uint32_t aborted;     // the item being drained lost its producer: the reader drops it
-    std::uint32_t shut_down;   // shutdown() was called: puts are refused, gets end once it is empty
+    std::uint64_t read_left;  // payload bytes of the streamed item being drained, not yet read
+    std::uint32_t writing;  // a producer streams an item in (and holds write_claim)
+    std::uint32_t reading;  // a consumer drains a streamed item (and holds read_claim)
+    std::uint32_t aborted;  // the item being drained lost its producer: the reader drops it
+    std::uint32_t shut_down;  // shutdown() was called: puts are refused, gets end once it is empty
 };
 // Every put and get copies a cursor: a larger one costs every call (a 72-byte one, a few percent).
 static_assert(sizeof(QueueCursor) == 64, "a cursor is one cache line");
@@ -71,34 +77,37 @@ struct QueueHeader {
     std::uint64_t capacity;
     std::uint64_t maxsize;
     std::uint64_t data_offset;
-    RobustMutex mutex;        // guards the cursor and the ring
+    RobustMutex mutex;  // guards the cursor and the ring
     RobustMutex write_claim;  // held by the producer streaming an item in, across lock holds
-    RobustMutex read_claim;   // held by the consumer draining a streamed item
+    RobustMutex read_claim;  // held by the consumer draining a streamed item
     std::atomic<std::uint32_t> current;
     std::uint32_t reserved;
-    std::uint64_t refs;       // segment offset of the RefTable, past the ring
-    std::uint64_t joinable;   // type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue
+    std::uint64_t refs;  // segment offset of the RefTable, past the ring
+    std::uint64_t joinable;  // type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue
     // Items got and not yet marked done, less task_done() calls made ahead of a get (so it may be
     // negative). With the cursor it makes the count of a JoinableQueue's unfinished items (see
     // QueueRing::unfinished_signed). Changed only under the lock, by one store, and by a get on
     // every queue (a test of `joinable` would cost each get more than the add).
     std::int64_t taken;
+    // The resident part of the ring (see queue_resident), and when an item last needed it raised.
+    std::atomic<std::uint64_t> resident;  // changed under the lock; read without it by a pacing producer
+    std::int64_t resident_raised_ns;
     QueueCursor cursors[2];
     // Futex words: bumped on every change a sleeper of that kind may be waiting for.
     alignas(64) FutexWord items;  // an item can be taken
-    FutexWord space;              // a put can start
-    FutexWord stream_data;        // more of the streamed item arrived (or it was aborted)
-    FutexWord stream_room;        // the streaming producer has room again
-    std::atomic<std::uint32_t> item_waiters;   // hints: a wake is needed only when nonzero
+    FutexWord space;  // a put can start
+    FutexWord stream_data;  // more of the streamed item arrived (or it was aborted)
+    FutexWord stream_room;  // the streaming producer has room again
+    std::atomic<std::uint32_t> item_waiters;  // hints: a wake is needed only when nonzero
     std::atomic<std::uint32_t> space_waiters;
     std::atomic<std::uint32_t> item_wake_sent;  // a wake is on its way to a sleeper (see QueueLock::wait)
     std::atomic<std::uint32_t> space_wake_sent;
-    FutexWord tasks_done;                       // every item put is done (unfinished reached 0), or shut down
-    std::atomic<std::uint32_t> join_waiters;    // hint: JoinableQueue::join callers asleep on tasks_done
+    FutexWord tasks_done;  // every item put is done (unfinished reached 0), or shut down
+    std::atomic<std::uint32_t> join_waiters;  // hint: JoinableQueue::join callers asleep on tasks_done
     // Hints for a producer deciding whether to wait a moment rather than run ahead (see ByteQueue::put):
-    alignas(64) std::atomic<std::uint64_t> used;        // tail - head as last published
-    std::atomic<std::int64_t> last_take_ns;             // when a consumer last took bytes
-    std::atomic<std::int64_t> pace_off_until_ns;        // producers do not wait until then
+    alignas(64) std::atomic<std::uint64_t> used;  // tail - head as last published
+    std::atomic<std::int64_t> last_take_ns;  // when a consumer last took bytes
+    std::atomic<std::int64_t> pace_off_until_ns;  // producers do not wait until then
 };
 
 /// The sleepers a published change concerns: decided under the lock, woken after it is released
@@ -113,19 +122,27 @@ inline constexpr std::uint64_t record_header_bytes(std::size_t ids) noexcept { r
 
 /// A record as read at the head of the ring.
 struct QueueRecord {
-    std::uint64_t len;               // payload bytes
-    bool streamed;                   // its payload follows in pieces
+    std::uint64_t len;  // payload bytes
+    bool streamed;  // its payload follows in pieces
     std::vector<std::uint64_t> ids;  // the segments its item's handles point into
     std::uint64_t header_bytes() const noexcept { return record_header_bytes(ids.size()); }
 };
 
-/// How far a streamed item got in one step (QueueRing::write_piece, QueueRing::read_piece).
+/// How far a streamed item got in one step (QueueRing's reserve_ and commit_ write and read pieces).
 enum class StreamStep {
-    blocked,  // nothing moved: the ring is full (writing) or holds none of the item yet (reading)
-    more,     // a piece moved and more is to come
-    done,     // the item is complete (its claim released)
+    blocked,  // nothing reserved: the ring is full (writing) or holds none of the item yet (reading)
+    more,  // a piece was reserved (reserve_), or committed and more is to come (commit_)
+    done,  // the item is complete (its claim released)
     dropped,  // the item lost its producer (reading), or was dropped by shutdown(immediate) (writing);
-              // the claim released
+    // the claim released
+};
+
+/// A piece of a streamed item, reserved under the lock and copied with it released: `n` bytes at
+/// stream position `pos`, which are bytes [at, at + n) of the item's payload.
+struct StreamPiece {
+    std::uint64_t pos = 0;
+    std::uint64_t at = 0;
+    std::uint64_t n = 0;
 };
 
 /// The ring and its cursor, on raw bytes. Everything but create() and check() requires the
@@ -147,6 +164,7 @@ public:
         h->data_offset = data_offset;
         h->refs = data_offset + capacity;
         h->joinable = joinable;
+        h->resident.store(std::min<std::uint64_t>(capacity, queue_resident), std::memory_order_relaxed);
         h->mutex.init();
         h->write_claim.init();
         h->read_claim.init();
@@ -159,7 +177,7 @@ public:
         const std::size_t size = ref.segment()->size();
         if (ref.offset() != 0 || h->data_offset < sizeof(QueueHeader) || h->data_offset > size ||
             h->capacity > size - h->data_offset || h->refs != h->data_offset + h->capacity ||
-            size - h->refs < sizeof(RefTable))
+            h->resident.load(std::memory_order_relaxed) > h->capacity || size - h->refs < sizeof(RefTable))
             throw SerializationError("mproc: corrupt Queue handle: its layout does not match its memory");
         segments().mark_container(*ref.segment(), &container_view);
     }
@@ -199,7 +217,7 @@ public:
     /// True when `need` more bytes would take the ring past its resident part while a consumer
     /// has something to take: the case in which a producer may wait for the consumer (ByteQueue::should_pace).
     bool runs_past_resident(const QueueCursor& c, std::uint64_t need) const noexcept {
-        return cap_ > queue_resident && c.tail - c.head + need > queue_resident && c.head != c.tail;
+        return cap_ > queue_resident && c.tail - c.head + need > resident() && c.head != c.tail;
     }
 
     /// Throws Full, changing nothing, unless the RefTable can count `ids` once more.
@@ -229,13 +247,14 @@ public:
     }
 
     /// Streamed: claims the ring for this item and commits its record, published so a consumer
-    /// can start on it at once; its payload follows by write_piece.
+    /// can start on it at once; its payload follows piece by piece (reserve_write_piece).
     void start_stream(std::uint64_t len, std::span<const std::uint64_t> ids, QueueWakes& wakes) {
         const LockResult claim = h_->write_claim.try_lock();
         if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
         QueueCursor c = cursor();
         const std::uint64_t header = record_header_bytes(ids.size());
+        raise_resident(header + len);
         lap_back(c, header + len);  // an item that fits the free start of the ring streams there
         RefCounts counts(refs_);
         if (!ids.empty()) {
@@ -253,20 +272,36 @@ public:
         wakes.items = true;
     }
 
-    /// With the stream of `msg` started: commits its next piece, as much as the ring has room
-    /// for, and publishes it. The last piece releases the write claim.
-    /// If shutdown(immediate) withdrew the item meanwhile, releases the claim and reports it dropped.
-    StreamStep write_piece(std::span<const std::byte> msg, QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
+    /// With the stream of an item started: reserves its next piece in `piece`, as much as the
+    /// ring has room for (more), or none (blocked). The piece is the producer's alone — no other
+    /// put starts while it streams, no consumer reads past the tail, no memory past the tail is
+    /// handed back — so it copies with the lock released (copy_piece_in), then commits it. If
+    /// shutdown(immediate) withdrew the item meanwhile, releases the claim and reports it dropped.
+    StreamStep reserve_write_piece(std::uint64_t len, StreamPiece& piece) noexcept {
+        const QueueCursor c = cursor();
         if (!c.writing) {  // only shut_down() clears it under a live producer: the item was dropped
             h_->write_claim.unlock();
             return StreamStep::dropped;
         }
         const std::uint64_t n = std::min<std::uint64_t>({c.write_left, cap_ - (c.tail - c.head), queue_piece});
         if (n == 0) return StreamStep::blocked;
-        copy_in(c.tail, msg.data() + (msg.size() - c.write_left), n);
-        c.tail += n;
-        c.write_left -= n;
+        piece = {c.tail, len - c.write_left, n};
+        return StreamStep::more;
+    }
+    /// Copies a reserved piece of the item in; needs no lock.
+    void copy_piece_in(const StreamPiece& piece, const std::byte* src) noexcept { copy_in(piece.pos, src, piece.n); }
+    /// Commits the piece copied in, and publishes it. The last piece releases the write claim. If
+    /// shutdown(immediate) withdrew the item while the piece was copied, releases the claim (and
+    /// the memory the copy touched) and reports it dropped.
+    StreamStep commit_write_piece(const StreamPiece& piece, QueueWakes& wakes) noexcept {
+        QueueCursor c = cursor();
+        if (!c.writing) {
+            release_all_but(c);
+            h_->write_claim.unlock();
+            return StreamStep::dropped;
+        }
+        c.tail += piece.n;  // the producer alone moves the tail while it streams: it is piece.pos
+        c.write_left -= piece.n;
         if (c.write_left == 0) c.writing = 0;
         publish(c);
         wakes.data = true;
@@ -342,7 +377,7 @@ public:
     }
 
     /// Starts draining the streamed record `r` at the head (cursor `c`): takes the read claim
-    /// and the record, and publishes; its payload follows by read_piece.
+    /// and the record, and publishes; its payload follows piece by piece (reserve_read_piece).
     void start_read(QueueCursor c, const QueueRecord& r, QueueWakes& wakes) {
         const LockResult claim = h_->read_claim.try_lock();
         if (!holds(claim)) throw Error("mproc::Queue: internal error: the read claim is held with no reader");
@@ -372,35 +407,39 @@ public:
         return true;
     }
 
-    /// With the read claim held and a streamed item of `len` bytes being drained: copies its next
-    /// piece, as much as has arrived, into `dst` (or drops it when `dst` is null) and publishes.
-    /// The last piece — or finding the item aborted — releases the read claim.
-    StreamStep read_piece(std::byte* dst, std::uint64_t len, QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
-        if (c.aborted || (c.read_left > 0 && c.tail == c.head && !c.writing)) {
-            c.aborted = 0;
-            c.reading = 0;
-            c.read_left = 0;
-            consumed(c, c.head, wakes);
-            publish(c);
-            h_->read_claim.unlock();
-            if (c.count > 0) wakes.items = true;
-            return StreamStep::dropped;
-        }
+    /// With the read claim held and a streamed item of `len` bytes being drained: reserves its
+    /// next piece in `piece`, as much as has arrived (more; possibly none, when nothing is left to
+    /// read), or none yet (blocked). The piece is the reader's alone — the head moves only with
+    /// it, and memory is handed back only behind the head — so it copies with the lock released
+    /// (copy_piece_out), then commits it. Finding the item aborted releases the read claim
+    /// (dropped).
+    StreamStep reserve_read_piece(std::uint64_t len, StreamPiece& piece, QueueWakes& wakes) noexcept {
+        const QueueCursor c = cursor();
+        if (c.aborted || (c.read_left > 0 && c.tail == c.head && !c.writing)) return drop_read(c, wakes);
         const std::uint64_t n = std::min<std::uint64_t>({c.read_left, c.tail - c.head, queue_piece});
         if (n == 0 && c.read_left != 0) return StreamStep::blocked;
-        if (dst && n > 0) copy_out(c.head, dst + (len - c.read_left), n);
+        piece = {c.head, len - c.read_left, n};
+        return StreamStep::more;
+    }
+    /// Copies a reserved piece of the item out; needs no lock.
+    void copy_piece_out(const StreamPiece& piece, std::byte* dst) const noexcept { copy_out(piece.pos, dst, piece.n); }
+    /// Commits the piece read (`kept`: copied out; false when draining away the item of a reader
+    /// that died), and publishes. The last piece — or finding the item aborted while the piece
+    /// was copied — releases the read claim.
+    StreamStep commit_read_piece(const StreamPiece& piece, bool kept, QueueWakes& wakes) noexcept {
+        QueueCursor c = cursor();
+        if (c.aborted) return drop_read(c, wakes);
         const std::uint64_t from = c.head;
-        c.head += n;
-        c.read_left -= n;
+        c.head += piece.n;
+        c.read_left -= piece.n;
         const bool done = c.read_left == 0;
         if (done) c.reading = 0;
         consumed(c, from, wakes);
         publish(c);
         if (!done) return StreamStep::more;
-        // It counted as unfinished by `reading` until now; drained away (dst null: the reader
-        // that took it died), it is lost with that reader and done.
-        if (dst) ++h_->taken;
+        // It counted as unfinished by `reading` until now; drained away (the reader that took it
+        // died), it is lost with that reader and done.
+        if (kept) ++h_->taken;
         h_->read_claim.unlock();
         if (c.count > 0) wakes.items = true;
         return StreamStep::done;
@@ -508,6 +547,19 @@ public:
     }
 
 private:
+    /// The item being drained lost its producer (or was dropped by shutdown(immediate)): the
+    /// reader lets it go, and the read claim.
+    StreamStep drop_read(QueueCursor c, QueueWakes& wakes) noexcept {
+        c.aborted = 0;
+        c.reading = 0;
+        c.read_left = 0;
+        consumed(c, c.head, wakes);
+        publish(c);
+        h_->read_claim.unlock();
+        if (c.count > 0) wakes.items = true;
+        return StreamStep::dropped;
+    }
+
     void publish(const QueueCursor& c) noexcept {
         const std::uint32_t next = (h_->current.load(std::memory_order_relaxed) & 1u) ^ 1u;
         h_->cursors[next] = c;
@@ -533,9 +585,29 @@ private:
         if (cap_ <= queue_resident || c.writing) return;
         const std::uint64_t at = c.tail % cap_;
         // The live bytes [head, tail) lie within [need, at) of this lap: [0, need) is free.
-        if (at < queue_resident || at + 8 > cap_ || c.tail - c.head + need > at) return;
+        if (at + need <= resident() || at + 8 > cap_ || c.tail - c.head + need > at) return;
         write_word(c.tail, lap_flag);
         c.tail += cap_ - at;
+    }
+
+    std::uint64_t resident() const noexcept { return h_->resident.load(std::memory_order_relaxed); }
+
+    /// Before an item of `need` bytes streams in: a large item raises the resident part to hold
+    /// three of them (within queue_resident_max), so that a stream of such items cycles through the
+    /// same pages instead of faulting each one in fresh and handing it back once read.
+    void raise_resident(std::uint64_t need) noexcept {
+        if (cap_ <= queue_resident || need <= queue_resident / 2) return;
+        const std::uint64_t want = std::min<std::uint64_t>({cap_, queue_resident_max, round_up(3 * need, queue_chunk)});
+        if (want > resident()) h_->resident.store(want, std::memory_order_relaxed);
+        h_->resident_raised_ns = monotonic_ns();
+    }
+    /// With the ring empty: a resident part raised by items none of which started in the last
+    /// queue_resident_hold_ns goes back to queue_resident, and its pages to the kernel.
+    void lower_resident() noexcept {
+        const std::uint64_t r = resident();
+        if (r <= queue_resident || monotonic_ns() - h_->resident_raised_ns < queue_resident_hold_ns) return;
+        h_->resident.store(queue_resident, std::memory_order_relaxed);
+        release_pages(ring_ + queue_resident, r - queue_resident);
     }
 
     /// Withdraws the item being streamed in: cut off if no consumer took it yet (and its
@@ -576,7 +648,7 @@ private:
     void consumed(QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
         // The time of a take matters to producers only while the ring holds more than its resident
         // part (ByteQueue::should_pace): a queue kept short by its consumers need not read the clock per item.
-        if (cap_ > queue_resident && c.tail - c.head >= queue_resident / 4)
+        if (cap_ > queue_resident && c.tail - c.head >= resident() / 4)
             h_->last_take_ns.store(monotonic_ns(), std::memory_order_relaxed);
         wakes.room = c.writing != 0;
         wakes.space = true;
@@ -589,13 +661,14 @@ private:
         if (c.head == c.tail && !c.writing && !c.reading) {
             release_chunk(round_down(c.head, queue_chunk), c);
             c.head = c.tail = 0;
+            lower_resident();
         }
     }
     /// Hands back the memory of every chunk of the ring past the resident part that holds no live
     /// byte of `c` (at most two ranges, however large the ring: one system call each).
     void release_all_but(const QueueCursor& c) noexcept {
         if (cap_ <= queue_resident) return;  // then cap_ is a whole number of chunks (create())
-        std::uint64_t from = 0, to = cap_;   // the free chunks, [from, to) cyclically in the ring
+        std::uint64_t from = 0, to = cap_;  // the free chunks, [from, to) cyclically in the ring
         if (c.head != c.tail) {
             const std::uint64_t live = round_up(c.tail, queue_chunk) - round_down(c.head, queue_chunk);
             if (live >= cap_) return;
@@ -603,7 +676,7 @@ private:
             from = (to + live) % cap_;
         }
         const auto release = [&](std::uint64_t lo, std::uint64_t hi) {
-            lo = std::max<std::uint64_t>(lo, queue_resident);
+            lo = std::max<std::uint64_t>(lo, resident());
             if (lo < hi) release_pages(ring_ + lo, hi - lo);
         };
         if (from < to) {
@@ -617,7 +690,7 @@ private:
     /// (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
     void release_chunk(std::uint64_t chunk, const QueueCursor& c) noexcept {
         const std::uint64_t at = chunk % cap_;
-        if (at < queue_resident) return;
+        if (at < resident()) return;
         // Live bytes span at most one capacity, so only the neighbouring laps can overlap.
         for (int lap = -1; lap <= 1; ++lap) {
             if (lap < 0 && chunk < cap_) continue;
