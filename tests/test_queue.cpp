@@ -237,6 +237,40 @@ TEST_CASE("A stream of large items reuses the ring's pages, which go back once s
     CHECK(q.memory_in_use() < (std::size_t{6} << 20));
 }
 
+TEST_CASE("A consumer that sleeps between items is woken by every put, never left to its re-check") {
+    // A waker could take a wake decision for a sleeper that had just left (it found the futex
+    // word changed); the mark it left made the next waker hold back, and the next consumer to
+    // sleep slept until its re-check (1 s; lengthened here, so that a lost wake-up hangs).
+    // Items of 64 KiB: the consumer outpaces the producer and sleeps for nearly every item.
+    mproc::detail::set_recheck_interval(std::chrono::hours(1));
+    struct Restore {
+        ~Restore() { mproc::detail::set_recheck_interval(std::chrono::seconds(1)); }
+    } restore;
+    mproc::Queue<std::string> q;
+    constexpr int n = 60'000;
+    std::atomic<int> got{0};
+    std::thread producer([&] {
+        try {
+            for (int i = 0; i < n; ++i) q.put(std::string(std::size_t{64} << 10, static_cast<char>('a' + i % 26)));
+        } catch (const mproc::ShutDown&) {}
+    });
+    std::thread consumer([&] {
+        try {
+            for (int i = 0; i < n; ++i) {
+                if (q.get()[777] != static_cast<char>('a' + i % 26)) return;
+                got.fetch_add(1);
+            }
+        } catch (const mproc::ShutDown&) {}
+    });
+    const auto until = std::chrono::steady_clock::now() + 300s;
+    while (got.load() < n && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(10ms);
+    const int received = got.load();
+    if (received < n) q.shutdown(true);  // frees a consumer asleep with no wake coming
+    producer.join();
+    consumer.join();
+    CHECK(received == n);
+}
+
 TEST_CASE("Idle consumers blocked in get use no CPU") {
     mproc::Queue<int> q;
     mproc::Semaphore ready(0);

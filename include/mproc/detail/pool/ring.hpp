@@ -104,7 +104,7 @@ public:
             header_->producer_sleeping.store(1, std::memory_order_relaxed);
             std::atomic_thread_fence(std::memory_order_seq_cst);
             if (has_room(n)) break;
-            futex_wait(header_->space_seq, seq, Clock::now() + recheck_interval);
+            futex_wait(header_->space_seq, seq, Clock::now() + recheck_interval());
         }
         header_->producer_sleeping.store(0, std::memory_order_relaxed);
     }

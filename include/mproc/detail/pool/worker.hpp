@@ -188,7 +188,7 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
             if (since_sleep >= 2 && spin_until([&] { return !link.tasks.empty() || link.tasks.closed(); }, ring_spin))
                 continue;
             since_sleep = 0;
-            link.tasks.wait_for_data(Clock::now() + recheck_interval);
+            link.tasks.wait_for_data(Clock::now() + recheck_interval());
             continue;
         }
         ++since_sleep;

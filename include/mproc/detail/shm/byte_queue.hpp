@@ -37,19 +37,24 @@ inline constexpr std::chrono::microseconds queue_spin{20};
 inline constexpr std::chrono::microseconds queue_pace{500};
 inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
 
+/// Takes a sleeper's request for a wake on `word` (its wake_wanted bit): true when this caller
+/// cleared it, and so must wake.
+inline bool take_wake_request(FutexWord& word) noexcept {
+    return (word.load(std::memory_order_relaxed) & wake_wanted) != 0 &&
+           (word.fetch_and(~wake_wanted, std::memory_order_seq_cst) & wake_wanted) != 0;
+}
+
 /// Sends the wakes decided under the lock (call it with the lock released, or about to be) and
 /// clears them.
 inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
-    // A wake already sent and not yet taken by its sleeper (woken but not yet running)
-    // is not sent again: otherwise every put made meanwhile pays a futile system call.
-    if (wakes.items && h.item_waiters.load(std::memory_order_seq_cst) != 0 &&
-        h.item_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
-        futex_wake(h.items, 1);
+    // Only a waker that takes a sleeper's request wakes: while a woken sleeper is on its way
+    // (woken, not yet running) the puts made meanwhile find no request and make no futile system
+    // call. The request is part of the word the sleeper sleeps on, so no waker can take it
+    // without either waking that sleeper or making its futex_wait return at once.
+    if (wakes.items && take_wake_request(h.items)) futex_wake(h.items, 1);
     // Producers wait for different amounts of room, so a single wake could pick one
     // that still cannot go while another could: wake them all.
-    if (wakes.space && h.space_waiters.load(std::memory_order_seq_cst) != 0 &&
-        h.space_wake_sent.exchange(1, std::memory_order_seq_cst) == 0)
-        futex_wake_all(h.space);
+    if (wakes.space && take_wake_request(h.space)) futex_wake_all(h.space);
     if (wakes.data) futex_wake_all(h.stream_data);
     if (wakes.room) futex_wake_all(h.stream_room);
     wakes = QueueWakes{};
@@ -81,20 +86,17 @@ public:
         guard_.lock();
     }
 
-    /// Sleeps on `word` with the lock released, until woken or the next re-check is due.
-    /// `wake_sent` is set by the waker that wakes this word's sleepers and cleared by each
-    /// sleeper that returns, so every other waker holds back only until a woken sleeper runs.
-    void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, std::atomic<std::uint32_t>& wake_sent,
-              const Deadline& deadline) {
+    /// Sleeps on `word` (`items` or `space`) with the lock released, until woken or the next
+    /// re-check is due. It sets the word's wake_wanted bit and sleeps on the value with the bit
+    /// set; a waker wakes only when it clears the bit (send_wakes). `waiters` counts the sleepers:
+    /// one woken while others still sleep sets the bit again, as the wake it took was for one.
+    void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline) {
         send_wakes(ring_.header(), wakes);
         waiters.fetch_add(1, std::memory_order_seq_cst);
-        const std::uint32_t seen = word.load(std::memory_order_acquire);
+        const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
         guard_.unlock();
         futex_wait(word, seen, sleep_until_for(deadline));
-        // No longer a sleeper once awake: deregister before taking the lock, or every put made
-        // while this waiter waits for the lock would pay for a futile wake.
-        waiters.fetch_sub(1, std::memory_order_seq_cst);
-        wake_sent.store(0, std::memory_order_seq_cst);
+        if (waiters.fetch_sub(1, std::memory_order_seq_cst) > 1) word.fetch_or(wake_wanted, std::memory_order_seq_cst);
         guard_.lock();
     }
 
@@ -256,7 +258,7 @@ public:
             if (c.shut_down && c.count == 0) return Take::shut_down;
             if (nowait || expired(deadline)) return Take::none;
             if (lock.watch(h.items)) continue;
-            lock.wait(h.items, h.item_waiters, h.item_wake_sent, deadline);
+            lock.wait(h.items, h.item_waiters, deadline);
         }
     }
 
@@ -340,7 +342,7 @@ private:
                 continue;
             }
             if (expired(deadline)) return false;
-            lock.wait(h.space, h.space_waiters, h.space_wake_sent, deadline);
+            lock.wait(h.space, h.space_waiters, deadline);
             reserve_refs(ids);  // others may have counted meanwhile
         }
     }

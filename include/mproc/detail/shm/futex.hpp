@@ -30,12 +30,23 @@ using FutexWord = std::atomic<std::uint32_t>;
 static_assert(sizeof(FutexWord) == sizeof(std::uint32_t) && FutexWord::is_always_lock_free,
               "a futex word must be a plain lock-free 32-bit integer");
 
-/// The longest a blocked waiter sleeps before it re-checks its condition on its own.
-inline constexpr std::chrono::milliseconds recheck_interval{1000};
+/// The longest a blocked waiter sleeps before it re-checks its condition on its own: 1 s. A test
+/// may lengthen it (set_recheck_interval) to turn a lost wake-up, which the re-check would only
+/// delay, into a hang it can see.
+inline std::atomic<std::int64_t>& recheck_interval_ms() noexcept {
+    static std::atomic<std::int64_t> ms{1000};
+    return ms;
+}
+inline std::chrono::milliseconds recheck_interval() noexcept {
+    return std::chrono::milliseconds(recheck_interval_ms().load(std::memory_order_relaxed));
+}
+inline void set_recheck_interval(std::chrono::milliseconds interval) noexcept {
+    recheck_interval_ms().store(interval.count(), std::memory_order_relaxed);
+}
 
 /// The end of the next sleep for a wait that must be over by `deadline`.
 inline Clock::time_point sleep_until_for(const Deadline& deadline) noexcept {
-    const Clock::time_point cap = Clock::now() + recheck_interval;
+    const Clock::time_point cap = Clock::now() + recheck_interval();
     return deadline && *deadline < cap ? *deadline : cap;
 }
 

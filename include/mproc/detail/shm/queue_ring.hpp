@@ -93,15 +93,14 @@ struct QueueHeader {
     std::atomic<std::uint64_t> resident;  // changed under the lock; read without it by a pacing producer
     std::int64_t resident_raised_ns;
     QueueCursor cursors[2];
-    // Futex words: bumped on every change a sleeper of that kind may be waiting for.
+    // Futex words: bumped on every change a sleeper of that kind may be waiting for. `items` and
+    // `space` count in steps of 2: their low bit (wake_wanted) is a sleeper's request for a wake.
     alignas(64) FutexWord items;  // an item can be taken
     FutexWord space;  // a put can start
     FutexWord stream_data;  // more of the streamed item arrived (or it was aborted)
     FutexWord stream_room;  // the streaming producer has room again
-    std::atomic<std::uint32_t> item_waiters;  // hints: a wake is needed only when nonzero
+    std::atomic<std::uint32_t> item_waiters;  // sleepers on `items` and on `space` (see QueueLock::wait)
     std::atomic<std::uint32_t> space_waiters;
-    std::atomic<std::uint32_t> item_wake_sent;  // a wake is on its way to a sleeper (see QueueLock::wait)
-    std::atomic<std::uint32_t> space_wake_sent;
     FutexWord tasks_done;  // every item put is done (unfinished reached 0), or shut down
     std::atomic<std::uint32_t> join_waiters;  // hint: JoinableQueue::join callers asleep on tasks_done
     // Hints for a producer deciding whether to wait a moment rather than run ahead (see ByteQueue::put):
@@ -109,6 +108,10 @@ struct QueueHeader {
     std::atomic<std::int64_t> last_take_ns;  // when a consumer last took bytes
     std::atomic<std::int64_t> pace_off_until_ns;  // producers do not wait until then
 };
+
+/// The low bit of the `items` and `space` futex words: set by a sleeper before it sleeps, taken
+/// (cleared) by each waker that then wakes (see send_wakes and QueueLock::wait).
+inline constexpr std::uint32_t wake_wanted = 1;
 
 /// The sleepers a published change concerns: decided under the lock, woken after it is released
 /// (byte_queue.hpp).
@@ -567,8 +570,8 @@ private:
         h_->used.store(c.tail - c.head, std::memory_order_relaxed);
         // Every published change may be what some sleeper waits for: bump all the words; the
         // sleepers re-check their own condition.
-        h_->items.fetch_add(1, std::memory_order_relaxed);
-        h_->space.fetch_add(1, std::memory_order_relaxed);
+        h_->items.fetch_add(2, std::memory_order_relaxed);  // keeps wake_wanted
+        h_->space.fetch_add(2, std::memory_order_relaxed);
         h_->stream_data.fetch_add(1, std::memory_order_relaxed);
         h_->stream_room.fetch_add(1, std::memory_order_relaxed);
     }
