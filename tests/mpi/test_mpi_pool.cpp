@@ -435,6 +435,57 @@ TEST_CASE("a function the other ranks cannot resolve fails with a clear mproc::E
     ::dlclose(plugin);
 }
 
+// ---- libraries by identity (their own mpirun: the workers keep what they load) ----------------
+
+namespace {
+void load_on_worker(const char* path) {
+    if (::dlopen(path, RTLD_NOW | RTLD_LOCAL) == nullptr) throw std::runtime_error(::dlerror());
+}
+void load_moved_copy() { load_on_worker(MPROC_MPI_MOVED_COPY); }
+void load_other_build() { load_on_worker(MPROC_MPI_REBUILT_OTHER); }
+
+using IntFunction = int (*)(int);
+IntFunction twice_in(void* library) {
+    return reinterpret_cast<IntFunction>(::dlsym(library, "mproc_mpi_plugin_twice"));
+}
+}  // namespace
+
+TEST_CASE("A library the workers loaded from another folder is found by its file name and build-id", "[buildid]") {
+    Watchdog dog(120s, "moved library");
+    mproc::mpi::Pool pool({.initializer = load_moved_copy});  // the workers load the copy
+    void* library = ::dlopen(MPROC_MPI_MOVED, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE(library != nullptr);
+    const IntFunction twice = twice_in(library);
+    REQUIRE(twice != nullptr);
+    std::vector<int> doubled;
+    for (int x : iota_vector(50)) doubled.push_back(2 * x);
+    CHECK(pool.map(twice, iota_vector(50), 5) == doubled);
+    CHECK(pool.apply(twice, 21) == 42);
+    pool.close();
+    pool.join();
+    ::dlclose(library);
+}
+
+TEST_CASE("A library of another build on the workers is refused with a message that says so", "[buildid]") {
+    Watchdog dog(120s, "another build");
+    mproc::mpi::Pool pool({.initializer = load_other_build});  // the same file name, another build-id
+    void* library = ::dlopen(MPROC_MPI_REBUILT, RTLD_NOW | RTLD_LOCAL);
+    REQUIRE(library != nullptr);
+    const IntFunction twice = twice_in(library);
+    REQUIRE(twice != nullptr);
+    try {
+        pool.apply(twice, 4);
+        FAIL("no exception");
+    } catch (const mproc::Error& e) {
+        CHECK_THAT(e.what(), Catch::Contains("another build") && Catch::Contains("build-id") &&
+                                 Catch::Contains("other-build/libmproc_mpi_rebuilt.so"));
+    }
+    CHECK(pool.apply(square, 5) == 25);  // the pool goes on
+    pool.close();
+    pool.join();
+    ::dlclose(library);
+}
+
 // ---- lifetime -------------------------------------------------------------------------------------
 
 TEST_CASE("close refuses new tasks; join waits for every task and callback", "[lifetime]") {

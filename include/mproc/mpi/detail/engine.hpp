@@ -163,7 +163,7 @@ private:
             begin_message(m, Kind::modules, 0);
             Writer w(m);
             w(static_cast<std::uint32_t>(sent),
-              std::vector<std::string>(names.begin() + static_cast<std::ptrdiff_t>(sent), names.end()));
+              std::vector<ModuleName>(names.begin() + static_cast<std::ptrdiff_t>(sent), names.end()));
             sent = names.size();
         }
         Pending& p = pending_.emplace_back();

@@ -77,7 +77,7 @@ private:
             case Kind::modules: {
                 Reader in(m.payload());
                 std::uint32_t first = 0;
-                std::vector<std::string> names;
+                std::vector<ModuleName> names;
                 in(first, names);
                 resolver_.add_modules(first, std::move(names));
                 return true;
