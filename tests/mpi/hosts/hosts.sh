@@ -44,18 +44,6 @@ mca=(
     oob_tcp_if_include "$iface"     # and that of mpirun and its daemons
 )
 
-# A test known to fail across the hosts until mproc matches a task's library by identity rather
-# than by path: ctest runs it from the folder that holds the library, with mpirun by its absolute
-# path, so Open MPI adds its prefix to the other hosts' LD_LIBRARY_PATH ("/usr/lib:", whose empty
-# last entry is the working folder) and they load the library as "libmproc_mpi_testlib.so", while
-# rank 0 loaded it as /.../libmproc_mpi_testlib.so. It runs on its own, and must fail in that way:
-# another failure, or a pass, fails the run (then it is no longer known, and comes out of here).
-known_failure='^mpi\.dladdr$'
-known_failure_says='libmproc_mpi_testlib.so, which this rank has not loaded'
-known_failure_count='test cases: 2 | 1 passed | 1 failed' # the other case (a library only rank 0 loads) passes
-known_failure_why="Known failure until a task's library is matched by identity, not path (the other hosts load
-it from the working folder through Open MPI's LD_LIBRARY_PATH=/usr/lib:, under another name)."
-
 say() { printf '\n==> %s\n' "$*"; }
 die() {
     echo "hosts.sh: $*" >&2
@@ -245,26 +233,10 @@ run_test() {
     say "The MPI tests across the hosts: ctest -L mpi, Open MPI's settings in OMPI_MCA_* variables"
     # Each test has its own timeout (at most 600 s); the whole run is bounded too, so that a hang
     # between tests fails the stage rather than reaching the CI's time limit.
-    limited 900 run ctest --test-dir "$build" -L mpi -E "$known_failure" -j1 --output-on-failure
-
-    say "The known failure across the hosts: $known_failure"
-    echo "$known_failure_why"
-    local status=0
-    limited 300 run ctest --test-dir "$build" -R "$known_failure" -j1 --output-on-failure >"$state/known" 2>&1 ||
-        status=$?
-    if ((status == 0)); then
-        cat "$state/known"
-        die "$known_failure passed across the hosts: take it out of hosts.sh's known failures"
-    fi
-    # Catch2 colours and wraps its report: compare it without colours and with whitespace collapsed.
-    sed 's/\x1b\[[0-9;]*m//g' "$state/known" | tr -s ' \n' '  ' >"$state/known.text"
-    if grep -qF "$known_failure_says" "$state/known.text" && grep -qF "$known_failure_count" "$state/known.text"; then
-        grep -oE "mproc::mpi: rank [0-9]+ cannot run the task[^(]*" "$state/known.text" | head -n 1
-        echo "XFAIL: $known_failure failed across the hosts as known ($known_failure_count)"
-    else
-        cat "$state/known"
-        die "$known_failure failed across the hosts, and not as known"
-    fi
+    # mpi.dladdr and mpi.buildid matter most here: ctest starts mpirun by its absolute path, so Open
+    # MPI gives the other hosts LD_LIBRARY_PATH=/usr/lib: (its empty last entry is the working
+    # folder, which holds the tests' library) and they load it by its bare name, not rank 0's path.
+    limited 900 run ctest --test-dir "$build" -L mpi -j1 --output-on-failure
 
     say "What each host sent and received on $iface since it was made (TCP between the hosts)"
     for h in "${hosts[@]}"; do
