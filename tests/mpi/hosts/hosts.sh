@@ -204,6 +204,7 @@ run_test() {
     [[ -x $build/tests/mpi/mpi_pool && -x $build/tests/mpi/test_mpi_pool ]] ||
         die "$build has no MPI tests built (MPI found at configure, then: cmake --build $build --target test_mpi_pool mproc_mpi_failure_program mpi_pool)"
     check_can_make_hosts
+    local status=0 # set by the EXIT trap, which runs in this function's scope
     trap 'status=$?; down || status=1; exit "$status"' EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
