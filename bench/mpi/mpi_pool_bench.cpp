@@ -3,6 +3,12 @@
 //     mpi_pool_bench --local N CHUNKSIZE [REPEAT]                       mproc::Pool, 2 forked workers
 // Prints one JSON line: {"op": "pool_map", "impl": ..., "value": tasks/s, "unit": "tasks/s", ...}.
 // mpi4py_pool.py is its twin for mpi4py.futures; run.sh runs them side by side.
+//
+//     mpirun ... mpi_pool_bench --busy US N     map of N tasks that each keep a CPU busy for US µs,
+//                                               chunksize 1: the workers' busy share, the time N
+//                                               tasks need on the workers if they never wait
+//                                               (N x US / workers) over the time the map took
+//                                               {"op": "pool_busy", "value": share, "unit": "share", ...}
 #include <mproc/mpi.hpp>
 
 #include <chrono>
@@ -14,6 +20,31 @@
 #include <vector>
 
 long long square(long long x) { return x * x; }
+
+/// Keeps this CPU busy for `us` microseconds.
+long long spin(long long us) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    while (std::chrono::steady_clock::now() < until) {}
+    return us;
+}
+
+/// The workers' busy share of a map of `n` tasks of `us` µs each, at chunksize 1, best of `repeat`.
+double busy_share(mproc::mpi::Pool& pool, long long us, std::size_t n, int repeat) {
+    pool.map(spin, std::vector<long long>(std::min<std::size_t>(n, 200), us), 1);  // warm up
+    double best = 0;
+    for (int r = 0; r < repeat; ++r) {
+        const auto begun = std::chrono::steady_clock::now();
+        const auto out = pool.map(spin, std::vector<long long>(n, us), 1);
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - begun).count();
+        if (out.size() != n || out.back() != us) {
+            std::fprintf(stderr, "bench: wrong result\n");
+            std::exit(1);
+        }
+        const double ideal = static_cast<double>(n) * static_cast<double>(us) * 1e-6 / pool.processes();
+        best = std::max(best, ideal / seconds);
+    }
+    return best;
+}
 
 template <class Pool>
 double best_rate(Pool& pool, const std::vector<long long>& xs, std::size_t chunksize, int repeat) {
@@ -37,6 +68,16 @@ int main(int argc, char** argv) {
     const bool local = argc > 1 && std::string(argv[1]) == "--local";
     std::optional<mproc::mpi::Init> mpi;
     if (!local) mpi.emplace(argc, argv);  // worker ranks serve here
+    if (argc == 4 && std::string(argv[1]) == "--busy") {
+        const long long us = std::atoll(argv[2]);
+        const auto n = static_cast<std::size_t>(std::atoll(argv[3]));
+        mproc::mpi::Pool pool;
+        std::printf(
+            "{\"op\": \"pool_busy\", \"impl\": \"mproc.mpi.Pool\", \"value\": %.3f, \"unit\": \"share\", "
+            "\"task_us\": %lld, \"n\": %zu, \"workers\": %u}\n",
+            busy_share(pool, us, n, 3), us, n, pool.processes());
+        return 0;
+    }
     const int first = local ? 2 : 1;
     if (argc < first + 2) {
         std::fprintf(stderr, "usage: mpi_pool_bench [--local] N CHUNKSIZE [REPEAT]\n");

@@ -32,6 +32,9 @@ state=/run/mproc-hosts
 iface=mproc0   # each host's interface, the one Open MPI is told to use
 subnet=10.77.0 # host N is $subnet.N/24
 skip_status=77
+# With MPROC_HOSTS_DELAY_MS=N (`up`, `test`), host 1's cable delays every frame N ms each way.
+delay_ms=${MPROC_HOSTS_DELAY_MS:-0}
+[[ $delay_ms =~ ^[0-9]+$ ]] || { echo "hosts.sh: MPROC_HOSTS_DELAY_MS must be a whole number of milliseconds" >&2; exit 2; }
 
 # Open MPI's settings for the hosts, as (parameter value) pairs: `mpirun` gives them as --mca
 # options, `test` as OMPI_MCA_* variables (the tests' own mpirun command lines stay as they are).
@@ -152,13 +155,39 @@ up() {
         unshare --uts="$state/uts/$h" hostname "$h"
         # The host's cable: one end (mproc0) in the host, the other a port of the bridge.
         ip -n "$bridge_ns" link add "h$((i + 1))" type veth peer name "$iface" netns "$h"
-        ip -n "$bridge_ns" link set "h$((i + 1))" master br0 up
+        if ((i == 0 && delay_ms > 0)); then
+            delay_cable "$h"
+        else
+            ip -n "$bridge_ns" link set "h$((i + 1))" master br0 up
+        fi
         ip -n "$h" link set lo up
         ip -n "$h" addr add "$subnet.$((i + 1))/24" dev "$iface"
         ip -n "$h" link set "$iface" up
+        if ((delay_ms > 0)); then ip netns exec "$h" ethtool -K "$iface" tx off tso off gso off gro off >/dev/null 2>&1 || true; fi
     done
     for h in "${hosts[@]}"; do echo "$h slots=1"; done >"$state/hostfile"
     echo "hosts.sh: ${hosts[*]} up ($subnet.1-${#hosts[@]} on $iface; hostfile $state/hostfile)"
+    if ((delay_ms > 0)); then echo "hosts.sh: ${hosts[0]}'s cable delays every frame ${delay_ms} ms each way"; fi
+}
+
+# delay_cable HOST: HOST's cable (h1 in the bridge's namespace) reaches the bridge through
+# delay_relay.py, which sends each frame on after MPROC_HOSTS_DELAY_MS: h1 <-> relay <-> d1 = d1b, a
+# port of the bridge. Everything between host 1 (rank 0's) and the others is then that much slower
+# each way — a slow link on a kernel without sch_netem. Segmentation offloads are off on every
+# interface a frame can come from or go to (the relay sends frames no larger than the MTU).
+delay_cable() {
+    local h=$1 dev
+    command -v ethtool >/dev/null 2>&1 || die "MPROC_HOSTS_DELAY_MS needs ethtool (Debian: ethtool)"
+    ip -n "$bridge_ns" link add d1 type veth peer name d1b
+    ip -n "$bridge_ns" link set d1b master br0 up
+    for dev in h1 d1 d1b; do
+        ip -n "$bridge_ns" link set "$dev" up
+        ip netns exec "$bridge_ns" ethtool -K "$dev" tx off tso off gso off gro off >/dev/null 2>&1 || true
+    done
+    # (Hosts 2 and 3 turn theirs off as their interfaces come up, in `up`.)
+    ip netns exec "$h" ethtool -K "$iface" tx off tso off gso off gro off >/dev/null 2>&1 || true
+    setsid ip netns exec "$bridge_ns" python3 "$here/delay_relay.py" h1 d1 "$delay_ms" \
+        </dev/null >"$state/delay_relay.log" 2>&1 &
 }
 
 # on_host HOST CMD...: CMD in HOST's namespaces, with this shell's environment (for the mpirun and
