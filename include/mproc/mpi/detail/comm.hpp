@@ -7,7 +7,10 @@
 // `to_master` (hello, results, cancelled). MPI keeps two messages between the same pair of ranks
 // in order, so a worker sees a pool's `open` before its tasks and a `cancel` after them.
 // A batch of tasks or results is a run of mproc frames (u64 length | body) in one message, so a
-// large argument travels as one message, never piece by piece.
+// large argument travels as one message, never piece by piece. A batch of tasks starts with the
+// time rank 0 sent it (its steady clock), and a batch of results with the last such time the
+// worker received and how long it held that batch before answering: rank 0 learns the round trip
+// to each worker from them (as TCP's timestamps do), and sizes the worker's window to it.
 #pragma once
 
 #include <mpi.h>
@@ -40,11 +43,11 @@ enum Tag : int { to_worker = 0x6d70, to_master = 0x6d71 };
 enum class Kind : std::uint8_t {
     modules = 1,    // rank 0 → worker: u32 first id | names... (code objects tasks refer to)
     open = 2,       // rank 0 → worker: u64 initializer (portable address, 0: none)
-    tasks = 3,      // rank 0 → worker: task frames
+    tasks = 3,      // rank 0 → worker: i64 sent_ns | task frames
     cancel = 4,     // rank 0 → worker: drop the pool's tasks, answer `cancelled`
     exit = 5,       // rank 0 → worker: the program is over
     hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's)
-    results = 7,    // worker → rank 0: result frames, in the order of the tasks
+    results = 7,    // worker → rank 0: i64 echo_ns | i64 held_ns | result frames, in the order of the tasks
     cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
 };
 
@@ -52,6 +55,18 @@ enum class Kind : std::uint8_t {
 inline constexpr std::size_t message_kind_at = 0;
 inline constexpr std::size_t message_pool_at = 1;
 inline constexpr std::size_t message_header = message_pool_at + sizeof(std::uint64_t);
+
+/// The stamps before the frames of a tasks message (sent_ns) and of a results message (echo_ns,
+/// held_ns; echo_ns 0: no tasks message arrived since the last results message).
+inline constexpr std::size_t tasks_stamp_bytes = sizeof(std::int64_t);
+inline constexpr std::size_t results_stamp_bytes = 2 * sizeof(std::int64_t);
+
+/// The i64 at `at` of `bytes`, which must hold it (checked by the caller).
+inline std::int64_t stamp_at(std::span<const std::byte> bytes, std::size_t at) noexcept {
+    std::int64_t v = 0;
+    std::memcpy(&v, bytes.data() + at, sizeof v);
+    return v;
+}
 
 /// The largest message one MPI call carries: counts are `int`.
 inline constexpr std::size_t max_message = static_cast<std::size_t>(INT_MAX);

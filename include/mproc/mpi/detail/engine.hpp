@@ -8,7 +8,8 @@
 // interface, so mpi::Pool *is* mproc::Pool with another engine: same calls, same AsyncResult,
 // same callbacks, same exception transport, same ordering. Each pool has one thread of its own,
 // the *MPI thread*: it alone calls MPI (so MPI_THREAD_SERIALIZED is enough), sends each seat a
-// bounded window of tasks — as many as about 2 ms of work, at least 2, at most 1024, and no more
+// bounded window of tasks — as many as about 2 ms of work plus two round trips to that rank (so a
+// worker on a slow link never waits for its next task), at least 2, at most 1024, and no more
 // than 64 MiB — so a fast rank comes back for more sooner and takes more of the work, receives
 // result batches, and runs callbacks, one at a time. Sends never block (MPI_Isend): the MPI thread
 // is always ready to receive, so a worker sending a large result can never deadlock against it.
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -34,6 +36,7 @@
 
 #include <fmt/format.h>
 
+#include "../../detail/os/clock.hpp"
 #include "../../detail/pool/engine.hpp"
 #include "../../detail/pool/wire.hpp"
 #include "../../detail/serialize/remote_exception.hpp"
@@ -255,6 +258,7 @@ public:
 private:
     struct Seat {
         int rank = 0;
+        double rtt_ns = 0;  // the round trip to this rank, smoothed (0: not measured yet)
         std::deque<Task> inflight;
         std::deque<std::size_t> sizes;  // of each task in flight (its frame is gone once sent)
         std::size_t bytes = 0;  // their sum
@@ -269,19 +273,20 @@ private:
     static constexpr std::size_t batch_bytes = std::size_t{4} << 20;
     static constexpr std::size_t no_batch = SIZE_MAX;
 
-    /// Tasks a seat may hold: about 2 ms of work (from the measured task time), 2 to 1024; 4 at first.
-    std::size_t window_locked() const noexcept {
+    /// Tasks a seat may hold: about 2 ms of work plus two of its round trips (a result's way back
+    /// and the next tasks' way there), from the measured task time; 2 to 1024; 4 at first.
+    std::size_t window_locked(const Seat& seat) const noexcept {
         if (avg_task_ns_ <= 0) return 4;  // until a task time is measured
-        return static_cast<std::size_t>(std::clamp(2'000'000.0 / avg_task_ns_, 2.0, static_cast<double>(max_window)));
+        const double cover_ns = 2'000'000.0 + 2.0 * seat.rtt_ns;
+        return static_cast<std::size_t>(std::clamp(cover_ns / avg_task_ns_, 2.0, static_cast<double>(max_window)));
     }
 
     /// Gives each seat what its window has room for, as batches to send.
     void dispatch_locked(std::vector<Outgoing>& out) {
         if (state_ == State::terminated || state_ == State::broken) return;
-        const std::size_t window = window_locked();
         std::vector<std::size_t> batch(seats_.size(), no_batch);  // each seat's open batch in `out`
         const auto has_room = [&](const Seat& s) {
-            return s.inflight.empty() || (s.inflight.size() < window && s.bytes < max_window_bytes);
+            return s.inflight.empty() || (s.inflight.size() < window_locked(s) && s.bytes < max_window_bytes);
         };
         dispatch_backlog_locked(std::span<Seat>(seats_), has_room, [&](Seat& seat, Task incoming) {
             const auto best = static_cast<std::size_t>(&seat - seats_.data());
@@ -294,6 +299,7 @@ private:
                 batch[best] = out.size();
                 out.push_back(Outgoing{seat.rank, Buffer{}});
                 begin_message(out.back().message, Kind::tasks, pool_);
+                out.back().message.extend(tasks_stamp_bytes);  // sent_ns, stamped as it goes out
             }
             out[batch[best]].message.append(task.frame.data(), task.frame.size());
             task.frame = Buffer{};  // sent: a task is never sent twice
@@ -342,7 +348,11 @@ private:
                 if (state_ == State::draining && outstanding_ == 0) break;
                 dispatch_locked(out);
             }
-            for (Outgoing& o : out) master_.post_send(o.rank, std::move(o.message));
+            for (Outgoing& o : out) {
+                const std::int64_t now = mproc::detail::monotonic_ns();
+                std::memcpy(o.message.data() + message_header, &now, sizeof now);
+                master_.post_send(o.rank, std::move(o.message));
+            }
             progressed |= !out.empty();
             out.clear();
             progressed |= run_posted();
@@ -386,6 +396,8 @@ private:
             return;
         }
         if (m.kind != Kind::results) return;
+        const std::span<const std::byte> payload = m.payload();
+        if (payload.size() < results_stamp_bytes) throw SerializationError("mproc::mpi: a results message too short");
         struct Finished {
             Task task;
             std::span<const std::byte> body;
@@ -393,7 +405,14 @@ private:
         std::vector<Finished> finished;
         {
             std::lock_guard lock(mutex_);
-            FrameCursor frames(m.payload());
+            if (const std::int64_t echo = stamp_at(payload, 0); echo != 0) {
+                // The round trip: from sending a tasks message to this answer, less the time the
+                // worker held that message (its tasks waiting their turn, and running).
+                const auto sample = static_cast<double>(mproc::detail::monotonic_ns() - echo -
+                                                        stamp_at(payload, sizeof echo));
+                if (sample > 0) seat->rtt_ns = seat->rtt_ns <= 0 ? sample : 0.875 * seat->rtt_ns + 0.125 * sample;
+            }
+            FrameCursor frames(payload.subspan(results_stamp_bytes));
             while (auto body = frames.next()) {
                 const std::uint64_t id = mproc::detail::result_id(*body);
                 // After a break the seat holds nothing: late results are dropped here.

@@ -105,10 +105,14 @@ private:
                 return true;
             }
             case Kind::tasks: {
-                if (m.pool == pool_ && !refused_) {
-                    const auto payload = m.payload();
-                    batches_.push_back(Batch{std::move(m), FrameCursor(payload)});
-                }
+                const auto payload = m.payload();
+                if (payload.size() < tasks_stamp_bytes)
+                    throw SerializationError("mproc::mpi: a tasks message too short");
+                // The newest batch's stamp goes back with the next results (see comm.hpp).
+                echo_ns_ = stamp_at(payload, 0);
+                echo_arrived_ns_ = mproc::detail::monotonic_ns();
+                if (m.pool == pool_ && !refused_)
+                    batches_.push_back(Batch{std::move(m), FrameCursor(payload.subspan(tasks_stamp_bytes))});
                 return true;
             }
             case Kind::cancel: {
@@ -152,6 +156,7 @@ private:
         if (!results_.empty() && results_.size() + out_.size() > max_message) flush();
         if (results_.empty()) {
             begin_message(results_, Kind::results, pool_);
+            results_.extend(results_stamp_bytes);  // echo_ns, held_ns: filled in by flush()
             first_result_ = mproc::detail::Clock::now();
         }
         results_.append(out_.data(), out_.size());
@@ -159,6 +164,9 @@ private:
 
     void flush() {
         if (results_.empty()) return;
+        const std::int64_t stamps[2] = {echo_ns_, echo_ns_ ? mproc::detail::monotonic_ns() - echo_arrived_ns_ : 0};
+        std::memcpy(results_.data() + message_header, stamps, sizeof stamps);
+        echo_ns_ = 0;  // each tasks message is answered once
         send(comm_, 0, to_master, results_);
         results_.clear();
     }
@@ -168,6 +176,8 @@ private:
     CodeResolver resolver_;
     std::uint64_t pool_ = 0;
     bool refused_ = false;
+    std::int64_t echo_ns_ = 0;          // the sent_ns of the newest tasks message not yet answered
+    std::int64_t echo_arrived_ns_ = 0;  // when it arrived (this rank's clock)
     std::deque<Batch> batches_;
     Buffer results_;
     Buffer out_;
