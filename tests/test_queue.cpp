@@ -271,6 +271,83 @@ TEST_CASE("A consumer that sleeps between items is woken by every put, never lef
     CHECK(received == n);
 }
 
+TEST_CASE("A streamed piece being copied in is never handed back by a consumer taking items meanwhile") {
+    // A producer copies a reserved piece of a streamed item with the lock released; meanwhile a
+    // consumer takes items and hands back the ring memory it passed. The piece lies past the
+    // committed tail but in a chunk the consumer had just left (the ring wrapped and is nearly
+    // full): that chunk must stay. Replayed in one thread, in the order the real code allows.
+    using namespace mproc::detail;
+    SharedRef ref = ByteQueue::create(std::size_t{16} << 20, 0, 42, 0);
+    ByteQueue q(ref);
+    QueueRing ring(ref);
+    const std::vector<std::byte> item(250'000, std::byte{1});
+    mproc::Buffer out;
+    for (int i = 0; i < 40; ++i) REQUIRE(q.put(item, std::nullopt));
+    for (int i = 0; i < 24; ++i) REQUIRE(q.get(out, std::nullopt, false) == Take::item);
+    for (int i = 0; i < 20; ++i) REQUIRE(q.put(item, std::nullopt));  // laps back to the ring's start
+    constexpr std::size_t len = 1'000'000;  // streams (over 256 KiB), too small to raise the resident part
+    std::vector<std::byte> msg(len);
+    for (std::size_t i = 0; i < len; ++i) msg[i] = static_cast<std::byte>(1 + i % 251);
+    QueueWakes wakes;
+    ring.start_stream(len, {}, wakes);
+    StreamPiece piece;
+    REQUIRE(ring.reserve_write_piece(len, piece) == StreamStep::more);
+    ring.copy_piece_in(piece, msg.data() + piece.at);  // the producer, lock released ...
+    for (int i = 0; i < 2; ++i) REQUIRE(q.get(out, std::nullopt, false) == Take::item);  // ... a consumer
+    REQUIRE(ring.commit_write_piece(piece, wakes) == StreamStep::more);
+    for (;;) {
+        REQUIRE(ring.reserve_write_piece(len, piece) == StreamStep::more);
+        ring.copy_piece_in(piece, msg.data() + piece.at);
+        if (ring.commit_write_piece(piece, wakes) == StreamStep::done) break;
+    }
+    for (int i = 0; i < 34; ++i) REQUIRE(q.get(out, std::nullopt, false) == Take::item);
+    REQUIRE(q.get(out, std::nullopt, false) == Take::item);  // the streamed one
+    REQUIRE(out.size() == len);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < len; ++i) wrong += out.data()[i] != msg[i];
+    CHECK(wrong == 0);
+}
+
+TEST_CASE("A consumer that watched the queue before sleeping is not left asleep by a put it just missed") {
+    // The consumer watches the queue for a few microseconds before it sleeps. A put that publishes
+    // after the watch's last look, while the consumer waits for the lock, must keep it from sleeping
+    // (each round here waits for the reply, so no later put would wake it). Re-check lengthened.
+    mproc::detail::set_recheck_interval(std::chrono::hours(1));
+    struct Restore {
+        ~Restore() { mproc::detail::set_recheck_interval(std::chrono::seconds(1)); }
+    } restore;
+    mproc::Queue<std::string> there, back;
+    constexpr int rounds = 3'000;
+    std::atomic<int> done{0};
+    std::thread consumer([&] {
+        try {
+            for (int i = 0; i < rounds; ++i) {
+                if (there.get().size() < 100'000) return;
+                back.put("k");
+            }
+        } catch (const mproc::ShutDown&) {}
+    });
+    std::thread producer([&] {
+        try {
+            for (int i = 0; i < rounds; ++i) {
+                there.put(std::string(100'000 + static_cast<std::size_t>(i % 7) * 15'000, 'x'));
+                back.get();
+                done.fetch_add(1);
+            }
+        } catch (const mproc::ShutDown&) {}
+    });
+    const auto until = std::chrono::steady_clock::now() + 300s;
+    while (done.load() < rounds && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(10ms);
+    const int finished = done.load();
+    if (finished < rounds) {  // free whichever side sleeps with no wake coming
+        there.shutdown(true);
+        back.shutdown(true);
+    }
+    producer.join();
+    consumer.join();
+    CHECK(finished == rounds);
+}
+
 TEST_CASE("Idle consumers blocked in get use no CPU") {
     mproc::Queue<int> q;
     mproc::Semaphore ready(0);
@@ -987,6 +1064,13 @@ TEST_CASE("shutdown(immediate) frees the dropped items' memory and lets go of th
     big.shutdown(true);
     CHECK(big.memory_in_use() < (16u << 20));
     CHECK_THROWS_AS(big.get(60s), mproc::ShutDown);
+
+    // Also what large items raised the resident part to.
+    mproc::Queue<std::string> large;
+    for (int i = 0; i < 4; ++i) large.put(std::string(std::size_t{8} << 20, 'x'));
+    CHECK(large.memory_in_use() > (std::size_t{32} << 20));
+    large.shutdown(true);
+    CHECK(large.memory_in_use() < (std::size_t{16} << 20));
 }
 
 TEST_CASE("shutdown(immediate) withdraws an item streaming in: its producer in another process gets ShutDown") {

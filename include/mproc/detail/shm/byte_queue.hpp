@@ -133,7 +133,10 @@ public:
         guard_.unlock();
         const bool changed = spin_until([&] { return word.load(std::memory_order_acquire) != seen; }, queue_spin);
         guard_.lock();
-        return changed;
+        // A change published after the watch's last look, while this one waited for the lock, counts
+        // too: the caller would otherwise sleep on the new value, and that change's waker found no
+        // sleeper to wake.
+        return changed || word.load(std::memory_order_acquire) != seen;
     }
 
     /// Releases the lock and watches the consumer drain the ring back within the resident part

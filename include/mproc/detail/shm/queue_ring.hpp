@@ -487,6 +487,9 @@ public:
         if (uncount) counts.end();
         settle_unfinished();  // each dropped item counts as done, down to none unfinished
         h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
+        // The dropped items' memory goes back, past the base resident part too: a shut-down ring
+        // does not empty again to lower a part that large items raised.
+        if (resident() > queue_resident) h_->resident.store(queue_resident, std::memory_order_relaxed);
         release_all_but(c);
     }
 
@@ -633,9 +636,13 @@ private:
                     counts.end();
                 }
             }
-            const std::uint64_t written = c.tail;
+            // What its producer wrote, a piece it was copying included (it is gone, or it is
+            // the caller, between pieces): all of it goes back.
+            const std::uint64_t written = live_end(c);
             c.tail = c.stream_at;
             --c.count;
+            c.writing = 0;
+            c.write_left = 0;
             if (cap_ > queue_resident)
                 for (std::uint64_t chunk = round_up(c.tail, queue_chunk); chunk < written; chunk += queue_chunk)
                     release_chunk(chunk, c);
@@ -672,8 +679,8 @@ private:
     void release_all_but(const QueueCursor& c) noexcept {
         if (cap_ <= queue_resident) return;  // then cap_ is a whole number of chunks (create())
         std::uint64_t from = 0, to = cap_;  // the free chunks, [from, to) cyclically in the ring
-        if (c.head != c.tail) {
-            const std::uint64_t live = round_up(c.tail, queue_chunk) - round_down(c.head, queue_chunk);
+        if (c.head != live_end(c)) {
+            const std::uint64_t live = round_up(live_end(c), queue_chunk) - round_down(c.head, queue_chunk);
             if (live >= cap_) return;
             to = round_down(c.head, queue_chunk) % cap_;
             from = (to + live) % cap_;
@@ -694,13 +701,20 @@ private:
     void release_chunk(std::uint64_t chunk, const QueueCursor& c) noexcept {
         const std::uint64_t at = chunk % cap_;
         if (at < resident()) return;
+        const std::uint64_t end = live_end(c);
         // Live bytes span at most one capacity, so only the neighbouring laps can overlap.
         for (int lap = -1; lap <= 1; ++lap) {
             if (lap < 0 && chunk < cap_) continue;
             const std::uint64_t lo = lap < 0 ? chunk - cap_ : chunk + static_cast<std::uint64_t>(lap) * cap_;
-            if (lo < c.tail && lo + queue_chunk > c.head) return;
+            if (lo < end && lo + queue_chunk > c.head) return;
         }
         release_pages(ring_ + at, queue_chunk);
+    }
+    /// The end of the bytes no memory may be handed back under: the committed ones, and while an
+    /// item streams in, the piece its producer may be copying past the tail with the lock
+    /// released (reserve_write_piece: at most queue_piece, at most what is left of the item).
+    static std::uint64_t live_end(const QueueCursor& c) noexcept {
+        return c.writing ? c.tail + std::min<std::uint64_t>(c.write_left, queue_piece) : c.tail;
     }
 
     /// The segment ids a record lists (none without refs_flag). Throws on a corrupt count.
