@@ -69,18 +69,23 @@ inline std::string build_id_of(const dl_phdr_info& info) {
     for (int i = 0; i < info.dlpi_phnum; ++i) {
         const ElfW(Phdr)& ph = info.dlpi_phdr[i];
         if (ph.p_type != PT_NOTE) continue;
-        const auto* at = reinterpret_cast<const std::byte*>(info.dlpi_addr + ph.p_vaddr);
-        const std::byte* const end = at + ph.p_memsz;
-        const auto align4 = [](std::size_t n) { return (n + 3) & ~std::size_t{3}; };
-        while (static_cast<std::size_t>(end - at) >= sizeof(ElfW(Nhdr))) {
+        const auto* const begin = reinterpret_cast<const std::byte*>(info.dlpi_addr + ph.p_vaddr);
+        const std::size_t size = ph.p_memsz;
+        // Notes are padded to the segment's alignment (4, or 8 in some objects).
+        const std::size_t align = ph.p_align == 8 ? 8 : 4;
+        const auto padded = [align](std::size_t n) { return (n + align - 1) & ~(align - 1); };
+        std::size_t at = 0;  // offsets, never pointers past the segment
+        while (size - at >= sizeof(ElfW(Nhdr))) {
             ElfW(Nhdr) note{};
-            std::memcpy(&note, at, sizeof note);
-            const std::byte* name = at + sizeof note;
-            const std::byte* desc = name + align4(note.n_namesz);
-            if (desc > end || static_cast<std::size_t>(end - desc) < note.n_descsz) break;
-            if (note.n_type == NT_GNU_BUILD_ID && note.n_namesz == 4 && std::memcmp(name, "GNU", 4) == 0)
-                return std::string(reinterpret_cast<const char*>(desc), note.n_descsz);
-            at = desc + align4(note.n_descsz);
+            std::memcpy(&note, begin + at, sizeof note);
+            const std::size_t name = at + sizeof note;
+            if (padded(note.n_namesz) > size - name) break;
+            const std::size_t desc = name + padded(note.n_namesz);
+            if (note.n_descsz > size - desc) break;
+            if (note.n_type == NT_GNU_BUILD_ID && note.n_namesz == 4 && std::memcmp(begin + name, "GNU", 4) == 0)
+                return std::string(reinterpret_cast<const char*>(begin + desc), note.n_descsz);
+            if (padded(note.n_descsz) > size - desc) break;
+            at = desc + padded(note.n_descsz);
         }
     }
     return {};
@@ -126,11 +131,18 @@ inline std::string hex_of(std::string_view bytes) {
 class CodeNames {
 public:
     /// The portable address of `address`. Throws mproc::Error when no loaded object holds it.
-    /// Only addresses in the main program are remembered: a library may be unloaded and another
-    /// (or another build of it) loaded at the same address, so each of its addresses is looked
-    /// up again, and an object is known by its path and build-id together.
+    /// Addresses in the main program are remembered for good; those in libraries only until the
+    /// dynamic loader next loads or unloads an object (a library may be unloaded and another, or
+    /// another build of it, loaded at the same address). An object is known by its path and
+    /// build-id together.
     std::uint64_t portable(std::uintptr_t address) {
         if (const auto it = cache_.find(address); it != cache_.end()) return it->second;
+        const std::uint64_t loads = loader_generation();
+        if (loads != library_generation_) {  // a library was loaded or unloaded since: forget them all
+            library_cache_.clear();
+            library_generation_ = loads;
+        }
+        if (const auto it = library_cache_.find(address); it != library_cache_.end()) return it->second;
         Dl_info info{};
         link_map* map = nullptr;
         if (::dladdr1(reinterpret_cast<void*>(address), &info, reinterpret_cast<void**>(&map), RTLD_DL_LINKMAP) == 0 ||
@@ -155,7 +167,7 @@ public:
             names_.push_back({std::move(name), std::move(build_id)});
         }
         const std::uint64_t portable = (std::uint64_t{entry->second} + 1) << offset_bits | offset;
-        if (in_program) cache_.emplace(address, portable);
+        (in_program ? cache_ : library_cache_).emplace(address, portable);
         return portable;
     }
 
@@ -173,6 +185,19 @@ public:
     const std::vector<ModuleName>& modules() const noexcept { return names_; }
 
 private:
+    /// Changes whenever the dynamic loader loads or unloads an object (glibc's counts of both).
+    static std::uint64_t loader_generation() {
+        std::uint64_t generation = 0;
+        ::dl_iterate_phdr(
+            [](dl_phdr_info* info, std::size_t size, void* data) -> int {
+                if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof(info->dlpi_subs))
+                    *static_cast<std::uint64_t*>(data) = info->dlpi_adds * 0x9e3779b97f4a7c15ull + info->dlpi_subs;
+                return 1;  // the first object tells
+            },
+            &generation);
+        return generation;
+    }
+
     /// The build-id of the loaded object at load bias `bias` whose path is `path` ("": the program).
     static std::string build_id_at(std::uintptr_t bias, const std::string& path) {
         std::vector<LoadedObject> objects = loaded_objects();
@@ -197,7 +222,9 @@ private:
 
     std::vector<ModuleName> names_;
     std::unordered_map<std::string, std::uint32_t> ids_;  // path, a NUL, build-id -> module id
-    std::unordered_map<std::uintptr_t, std::uint64_t> cache_;
+    std::unordered_map<std::uintptr_t, std::uint64_t> cache_;          // the program's addresses
+    std::unordered_map<std::uintptr_t, std::uint64_t> library_cache_;  // libraries', for one generation
+    std::uint64_t library_generation_ = 0;
 };
 
 /// A worker's side: portable addresses to addresses in this process.
@@ -276,10 +303,12 @@ private:
             for (const LoadedObject& o : loaded) {
                 if (&o == &loaded[0] || file_name_of(o.path) != file_name_of(want.path)) continue;
                 if (want.build_id.empty() ? o.path == want.path : o.build_id == want.build_id) {
-                    match = &o;
-                    break;
+                    // The same build from rank 0's own path, if this rank has it there too.
+                    if (!match || o.path == want.path) match = &o;
+                    if (o.path == want.path) break;
+                } else if (!want.build_id.empty() && !other_build) {
+                    other_build = &o;
                 }
-                if (!want.build_id.empty() && !other_build) other_build = &o;
             }
         }
         if (!match && other_build)
