@@ -718,9 +718,15 @@ TEST_CASE(
         put_done.store(0);
         mproc::Process victim([&, rounds] {
             for (long i = 0;; ++i) {
-                // Every 101st item is larger than the 1 MiB piece: it streams in, and a kill
-                // may land between its pieces, while the producer holds the stream's claim.
-                std::string payload(i % 101 == 100 ? (1 << 20) + 4096 : static_cast<std::size_t>(i % 500), 'q');
+                // Every 51st item is as large as a whole item goes (just under the 256 KiB piece):
+                // copied under the lock, it keeps the producer there long enough for a good share
+                // of the kills to land inside. Every 301st streams in (pieces copied outside the
+                // lock), and a kill may land between its pieces, while the producer holds the
+                // stream's claim.
+                const std::size_t size = i % 301 == 300 ? (1 << 20) + 4096
+                                         : i % 51 == 50 ? 250'000
+                                                        : static_cast<std::size_t>(i % 500);
+                std::string payload(size, 'q');
                 put_started.store(i + 1);
                 q.put(Entry{rounds, i, std::move(payload)});
                 put_done.store(i + 1);
