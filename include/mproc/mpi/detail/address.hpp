@@ -137,7 +137,7 @@ public:
     /// build-id together.
     std::uint64_t portable(std::uintptr_t address) {
         if (const auto it = cache_.find(address); it != cache_.end()) return it->second;
-        const std::uint64_t loads = loader_generation();
+        const LoaderGeneration loads = loader_generation();
         if (loads != library_generation_) {  // a library was loaded or unloaded since: forget them all
             library_cache_.clear();
             library_generation_ = loads;
@@ -185,13 +185,15 @@ public:
     const std::vector<ModuleName>& modules() const noexcept { return names_; }
 
 private:
-    /// Changes whenever the dynamic loader loads or unloads an object (glibc's counts of both).
-    static std::uint64_t loader_generation() {
-        std::uint64_t generation = 0;
+    /// The dynamic loader's counts of objects loaded and unloaded so far (glibc's dlpi_adds and
+    /// dlpi_subs): either changes whenever it loads or unloads one.
+    using LoaderGeneration = std::pair<unsigned long long, unsigned long long>;
+    static LoaderGeneration loader_generation() {
+        LoaderGeneration generation{0, 0};
         ::dl_iterate_phdr(
             [](dl_phdr_info* info, std::size_t size, void* data) -> int {
                 if (size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof(info->dlpi_subs))
-                    *static_cast<std::uint64_t*>(data) = info->dlpi_adds * 0x9e3779b97f4a7c15ull + info->dlpi_subs;
+                    *static_cast<LoaderGeneration*>(data) = {info->dlpi_adds, info->dlpi_subs};
                 return 1;  // the first object tells
             },
             &generation);
@@ -199,12 +201,25 @@ private:
     }
 
     /// The build-id of the loaded object at load bias `bias` whose path is `path` ("": the program).
+    /// Only that object's notes are read.
     static std::string build_id_at(std::uintptr_t bias, const std::string& path) {
-        std::vector<LoadedObject> objects = loaded_objects();
-        for (std::size_t i = 0; i < objects.size(); ++i)
-            if (objects[i].bias == bias && (path.empty() ? i == 0 : objects[i].path == path))
-                return std::move(objects[i].build_id);
-        return {};
+        struct Search {
+            std::uintptr_t bias;
+            const std::string* path;
+            bool first = true;
+            std::string build_id;
+        } search{bias, &path, true, {}};
+        ::dl_iterate_phdr(
+            [](dl_phdr_info* info, std::size_t, void* data) -> int {
+                auto& s = *static_cast<Search*>(data);
+                const bool is_program = std::exchange(s.first, false);
+                if (static_cast<std::uintptr_t>(info->dlpi_addr) != s.bias) return 0;
+                if (s.path->empty() ? !is_program : !(info->dlpi_name && *s.path == info->dlpi_name)) return 0;
+                s.build_id = build_id_of(*info);
+                return 1;
+            },
+            &search);
+        return std::move(search.build_id);
     }
 
     static link_map* first_map() {
@@ -224,7 +239,7 @@ private:
     std::unordered_map<std::string, std::uint32_t> ids_;  // path, a NUL, build-id -> module id
     std::unordered_map<std::uintptr_t, std::uint64_t> cache_;          // the program's addresses
     std::unordered_map<std::uintptr_t, std::uint64_t> library_cache_;  // libraries', for one generation
-    std::uint64_t library_generation_ = 0;
+    LoaderGeneration library_generation_{0, 0};
 };
 
 /// A worker's side: portable addresses to addresses in this process.
