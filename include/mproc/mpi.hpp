@@ -20,9 +20,12 @@
 // forked processes. Tasks are plain functions and stateless callables, as in the local Pool, named
 // across ranks by their offset in the program or library that holds them (detail/mpi_address.hpp).
 //
-// Failure model: a task that throws fails its result, as in the local Pool. A rank that dies (a
-// crash, a kill, a lost host) ends the whole job, as MPI jobs end under Open MPI: mpirun kills the
-// other ranks and exits non-zero — nothing hangs, and nothing is retried. A task cannot be
+// Failure model: a task that throws fails its result, as in the local Pool. A rank that dies ends
+// the whole job, as MPI jobs end under Open MPI: mpirun kills the other ranks and exits non-zero —
+// nothing hangs, and nothing is retried. A rank that falls silent (its host cut off or stopped) is
+// noticed by mproc's heartbeat (detail/heartbeat.hpp) within InitOptions::heartbeat_timeout: the
+// live pool's pending tasks fail with mpi::RankLost, and the program's end ends the job with
+// MPI_Abort; a worker that hears nothing from rank 0 for as long leaves. A task cannot be
 // interrupted: terminate() fails every pending result at once and has the ranks drop their queued
 // tasks, but a task already running finishes (its result is dropped), and the program's end waits
 // for it.
@@ -30,9 +33,12 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <string>
 #include <unistd.h>
 #include <vector>
 
@@ -41,12 +47,38 @@
 #include "errors.hpp"
 #include "mpi/detail/comm.hpp"
 #include "mpi/detail/engine.hpp"
+#include "mpi/detail/heartbeat.hpp"
 #include "mpi/detail/worker.hpp"
+#include "mpi/errors.hpp"
 #include "pool.hpp"
 
 namespace mproc::mpi {
 
+/// How mproc::mpi::Init sets up the job.
+struct InitOptions {
+    /// How long a silent peer is waited for: rank 0 takes a worker rank it has not heard from for
+    /// this long for lost (the live pool's pending tasks fail with RankLost), and a worker that has
+    /// not heard from rank 0 for this long leaves. 0: no heartbeat (a lost host is then noticed by
+    /// MPI's own TCP timeouts, in minutes); else 500 ms to 1 day. Rank 0's value holds on every rank.
+    std::chrono::milliseconds heartbeat_timeout{10'000};
+};
+
+/// Where a worker rank of an mpi::Pool runs.
+struct RankInfo {
+    int rank = 0;
+    std::string host;  // its hostname
+    pid_t pid = 0;     // its process id, on that host
+};
+
 namespace detail {
+
+/// What each rank tells rank 0 in Init (plain bytes: one MPI_Gather).
+struct RankHello {
+    std::int32_t pid = 0;
+    std::int32_t heartbeat = 0;  // 1: connected to rank 0's heartbeat
+    char why_not[120] = {};      // else why not
+    char host[64] = {};
+};
 
 /// What Init sets up, for the whole process.
 struct Runtime {
@@ -70,6 +102,10 @@ struct Runtime {
         finished = true;
         try {
             if (master) master->finish();
+        } catch (const RankLost& e) {
+            std::fprintf(stderr, "%s: mproc ends the job (MPI_Abort)\n", e.what());
+            std::fflush(nullptr);
+            MPI_Abort(comm, 1);
         } catch (const std::exception& e) {
             std::fprintf(stderr, "mproc::mpi: ending the pool's ranks failed: %s\n", e.what());
             MPI_Abort(comm, 1);
@@ -87,8 +123,9 @@ struct Runtime {
 /// At the end of main (or at exit()) rank 0 lets the workers go and finalises MPI.
 class Init {
 public:
-    Init() : Init(nullptr, nullptr) {}
-    Init(int& argc, char**& argv) : Init(&argc, &argv) {}
+    Init() : Init(nullptr, nullptr, InitOptions{}) {}
+    explicit Init(InitOptions options) : Init(nullptr, nullptr, options) {}
+    Init(int& argc, char**& argv, InitOptions options = {}) : Init(&argc, &argv, options) {}
     Init(const Init&) = delete;
     Init& operator=(const Init&) = delete;
     ~Init() { detail::Runtime::get().finish(); }
@@ -98,9 +135,15 @@ public:
     int size() const noexcept { return detail::Runtime::get().size; }
 
 private:
-    Init(int* argc, char*** argv) {
+    Init(int* argc, char*** argv, InitOptions options) {
         auto& rt = detail::Runtime::get();
         if (rt.started) throw Error("mproc::mpi::Init: MPI is already set up (one Init per program)");
+        const auto timeout = options.heartbeat_timeout;
+        if (timeout.count() != 0 && (timeout < std::chrono::milliseconds(500) || timeout > std::chrono::hours(24)))
+            throw Error(
+                fmt::format("mproc::mpi::Init: heartbeat_timeout of {} ms: it must be 0 (none) or from "
+                            "500 ms to 1 day",
+                            timeout.count()));
         int already = 0;
         detail::check(MPI_Initialized(&already), "MPI_Initialized");
         int provided = 0;
@@ -119,16 +162,56 @@ private:
         detail::check(MPI_Comm_rank(rt.comm, &rt.rank), "MPI_Comm_rank");
         detail::check(MPI_Comm_size(rt.comm, &rt.size), "MPI_Comm_size");
         rt.started = true;
-        const int pid = static_cast<int>(::getpid());
-        std::vector<int> pids(rt.rank == 0 ? static_cast<std::size_t>(rt.size) : 0);
-        detail::check(MPI_Gather(&pid, 1, MPI_INT, pids.data(), 1, MPI_INT, 0, rt.comm), "MPI_Gather");
-        if (rt.rank != 0) serve_and_exit(rt);
-        rt.master = std::make_unique<detail::Master>(rt.comm, rt.size, std::vector<pid_t>(pids.begin(), pids.end()));
+        // The heartbeat: rank 0 listens, its setup reaches every rank, the workers connect.
+        detail::HeartbeatSetup setup;
+        if (rt.rank == 0) {
+            rt.master = std::make_unique<detail::Master>(rt.comm, rt.size);
+            setup = rt.master->start_heartbeat(timeout).setup();
+        }
+        detail::check(MPI_Bcast(&setup, static_cast<int>(sizeof setup), MPI_BYTE, 0, rt.comm), "MPI_Bcast");
+        detail::RankHello hello;
+        hello.pid = static_cast<std::int32_t>(::getpid());
+        ::gethostname(hello.host, sizeof hello.host - 1);
+        detail::UniqueFd line;
+        if (rt.rank != 0 && setup.timeout_ms != 0 && setup.port != 0) {
+            std::string why;
+            line = detail::connect_heartbeat(setup, rt.rank, std::chrono::seconds(10), why);
+            std::snprintf(hello.why_not, sizeof hello.why_not, "%s", why.c_str());
+        }
+        hello.heartbeat = line ? 1 : 0;
+        std::vector<detail::RankHello> hellos(rt.rank == 0 ? static_cast<std::size_t>(rt.size) : 0);
+        detail::check(MPI_Gather(&hello, static_cast<int>(sizeof hello), MPI_BYTE, hellos.data(),
+                                 static_cast<int>(sizeof hello), MPI_BYTE, 0, rt.comm),
+                      "MPI_Gather");
+        if (rt.rank != 0) serve_and_exit(rt, std::move(line), std::chrono::milliseconds(setup.timeout_ms));
+        std::vector<detail::RankPlace> places;
+        for (int r = 0; r < rt.size; ++r) {
+            const auto& h = hellos[static_cast<std::size_t>(r)];
+            places.push_back({static_cast<pid_t>(h.pid), std::string(h.host, ::strnlen(h.host, sizeof h.host))});
+            if (r != 0 && setup.timeout_ms != 0 && !h.heartbeat)
+                std::fprintf(stderr,
+                             "mproc::mpi: rank %d on %s has no heartbeat (%s): if its host is lost, only MPI's own "
+                             "timeouts notice\n",
+                             r, places.back().host.c_str(),
+                             setup.port == 0 ? rt.master->heartbeat_why_not().c_str() : h.why_not);
+        }
+        rt.master->set_places(std::move(places));
         std::atexit([] { detail::Runtime::get().finish(); });
     }
 
-    [[noreturn]] static void serve_and_exit(detail::Runtime& rt) {
+    /// A worker rank that lost rank 0 leaves at once: its tasks' results can reach no one, and
+    /// nothing of the job may stay on a host cut off from it.
+    [[noreturn]] static void leave_lost(const std::string& why) {
+        const std::string line = fmt::format("mproc::mpi: rank {}: {}: leaving\n", detail::Runtime::get().rank, why);
+        while (::write(STDERR_FILENO, line.data(), line.size()) < 0 && errno == EINTR) {}
+        ::_exit(1);
+    }
+
+    [[noreturn]] static void serve_and_exit(detail::Runtime& rt, detail::UniqueFd line,
+                                            std::chrono::milliseconds timeout) {
         try {
+            std::unique_ptr<detail::HeartbeatLine> heartbeat;
+            if (line) heartbeat = std::make_unique<detail::HeartbeatLine>(std::move(line), timeout, &leave_lost);
             detail::WorkerRank(rt.comm, rt.rank).serve();
         } catch (const std::exception& e) {
             std::fprintf(stderr, "mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
@@ -158,6 +241,19 @@ public:
     Pool() : Pool(PoolOptions{}) {}
     explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
     explicit Pool(PoolOptions options) : mproc::Pool(make_engine(options)) {}
+
+    /// Where each worker of this pool runs: its rank, host and pid, in the order of worker_pids()
+    /// (whose pids alone are ambiguous across hosts).
+    std::vector<RankInfo> ranks() const {
+        auto& master = *detail::Runtime::get().master;
+        std::vector<RankInfo> out;
+        for (unsigned i = 0; i < processes(); ++i) {
+            const int rank = static_cast<int>(i) + 1;
+            const auto place = master.place_of(rank);
+            out.push_back(RankInfo{rank, place.host, place.pid});
+        }
+        return out;
+    }
 
 private:
     static std::unique_ptr<mproc::detail::PoolEngine> make_engine(const PoolOptions& options) {

@@ -5,7 +5,19 @@
 //   exit N   rank 0 calls std::exit(N) with a pool still open
 //   idle     rank 0 never creates a pool
 //   alone    run without mpirun: creating a pool is a clear mproc::Error
+// The heartbeat (timeout 1 s in these modes):
+//   stopped  rank 2 is stopped (SIGSTOP) mid-map: the map fails with RankLost naming it, no new
+//            pool starts, and the program's end ends the job (status nonzero)
+//   mute0    rank 0 is stopped for 4 s mid-map: the workers leave, and the job ends (nonzero)
+//   busy     a 48 MiB task, a 3 s task and a callback that blocks rank 0's pool thread for 3 s:
+//            no rank is taken for lost (status 0)
+//   cut      for hosts.sh: rank 0 maps 1 s tasks until a rank is lost, printing "mapping" first;
+//            the test cuts a host's cable meanwhile
 #include <mproc/mpi.hpp>
+
+#include <signal.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <csignal>
@@ -32,9 +44,41 @@ int slow(int x) {
 
 }  // namespace
 
+int sleep_ms(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+std::size_t length_of(const std::string& s) { return s.size(); }
+
+/// The map fails with RankLost naming `rank`, and so does the next pool. Returns 0 when it did.
+int expect_lost(mproc::mpi::Pool& pool, const std::vector<int>& xs, int rank) {
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+        pool.map(sleep_ms, xs, 1);
+        std::puts("map finished although a rank was lost");
+        return 1;
+    } catch (const mproc::mpi::RankLost& e) {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf("RankLost after %.1f s: %s\n", s, e.what());
+        if (e.rank() != rank) return 1;
+    }
+    try {
+        mproc::mpi::Pool next;
+        std::puts("a new pool started after a rank was lost");
+        return 1;
+    } catch (const mproc::mpi::RankLost& e) {
+        std::printf("next pool: %s\n", e.what());
+    }
+    std::fflush(stdout);
+    return 0;
+}
+
 int main(int argc, char** argv) {
-    mproc::mpi::Init mpi(argc, argv);
     const std::string mode = argc > 1 ? argv[1] : "";
+    mproc::mpi::InitOptions options;
+    if (mode == "stopped" || mode == "mute0" || mode == "busy") options.heartbeat_timeout = std::chrono::seconds(1);
+    if (mode == "cut") options.heartbeat_timeout = std::chrono::seconds(2);
+    mproc::mpi::Init mpi(argc, argv, options);
     const int n = argc > 2 ? std::atoi(argv[2]) : 0;
     std::vector<int> xs(100);
     for (int i = 0; i < 100; ++i) xs[static_cast<std::size_t>(i)] = i;
@@ -62,6 +106,59 @@ int main(int argc, char** argv) {
         mproc::mpi::Pool pool;
         for (int i = 0; i < 6; ++i) pool.apply_async(slow, std::tuple{i});
         std::exit(n);
+    }
+    if (mode == "stopped") {
+        mproc::mpi::Pool pool;
+        const pid_t victim = pool.ranks().at(1).pid;  // rank 2
+        pool.apply_async(sleep_ms, std::tuple{300}, [victim](int) { ::kill(victim, SIGSTOP); });
+        return expect_lost(pool, std::vector<int>(200, 50), 2);
+    }
+    if (mode == "mute0") {
+        mproc::mpi::Pool pool;
+        pool.map(sleep_ms, std::vector<int>{10, 10, 10}, 1);
+        const pid_t self = ::getpid();
+        if (::fork() == 0) {  // stops rank 0 for 4 s, then lets it go on
+            ::kill(self, SIGSTOP);
+            ::sleep(4);
+            ::kill(self, SIGCONT);
+            ::_exit(0);
+        }
+        try {
+            pool.map(sleep_ms, std::vector<int>(200, 50), 1);
+            std::puts("map finished although the workers left");
+        } catch (const mproc::Error& e) {
+            std::printf("after the stop: %s\n", e.what());
+        }
+        std::fflush(stdout);
+        return 0;
+    }
+    if (mode == "busy") {
+        mproc::mpi::Pool pool;
+        const std::string big(48u << 20, 'x');
+        auto r = pool.apply_async(length_of, std::tuple{big}, [](std::size_t) { sleep_ms(3000); });
+        auto slow3 = pool.apply_async(sleep_ms, std::tuple{3000});
+        const auto sizes = pool.map(length_of, std::vector<std::string>(8, big), 1);
+        std::printf("sizes %zu, long task %d ms, big task %zu bytes\n", sizes.size(), slow3.get(), r.get());
+        pool.close();
+        pool.join();
+        return 0;
+    }
+    if (mode == "cut") {
+        mproc::mpi::Pool pool;
+        for (const auto& r : pool.ranks()) std::printf("rank %d on %s, pid %d\n", r.rank, r.host.c_str(), r.pid);
+        std::puts("mapping");
+        std::fflush(stdout);
+        for (int round = 0; round < 600; ++round) {
+            try {
+                pool.map(sleep_ms, std::vector<int>(20, 100), 1);
+            } catch (const mproc::mpi::RankLost& e) {
+                std::printf("RankLost: %s\n", e.what());
+                std::fflush(stdout);
+                return 0;
+            }
+        }
+        std::puts("no rank was lost");
+        return 1;
     }
     if (mode == "idle") return 0;
     if (mode == "alone") {

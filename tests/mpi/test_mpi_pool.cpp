@@ -47,6 +47,14 @@ int my_rank() {
 }
 int rank_of_task(int) { return my_rank(); }
 pid_t pid_of_task(int) { return ::getpid(); }
+/// The rank a task ran on, and that rank's hostname.
+std::pair<int, std::string> where_task(int) {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    char host[256] = {};
+    ::gethostname(host, sizeof host - 1);
+    return {rank, host};
+}
 
 /// Sleeps `ms` milliseconds, longer on rank 1 (the slow rank) when `slow_rank_one` is set.
 int nap(int ms, bool slow_rank_one) {
@@ -171,6 +179,19 @@ TEST_CASE("apply and apply_async run on the worker ranks", "[api]") {
     std::set<pid_t> ran_in;
     for (int i = 0; i < 20; ++i) ran_in.insert(pool.apply(pid_of_task, i));
     for (pid_t p : ran_in) CHECK(std::find(pids.begin(), pids.end(), p) != pids.end());
+    // Where each worker runs: its rank, host and pid, in the order of worker_pids().
+    const auto places = pool.ranks();
+    REQUIRE(places.size() == pids.size());
+    for (std::size_t i = 0; i < places.size(); ++i) {
+        CHECK(places[i].rank == static_cast<int>(i) + 1);
+        CHECK(places[i].pid == pids[i]);
+    }
+    for (int i = 0; i < 20; ++i) {
+        const auto [rank, host] = pool.apply(where_task, i);
+        REQUIRE(rank >= 1);
+        REQUIRE(rank <= static_cast<int>(places.size()));
+        CHECK(places[static_cast<std::size_t>(rank) - 1].host == host);
+    }
     pool.close();
     pool.join();
 }

@@ -45,7 +45,16 @@ mca=(
     btl "tcp,self"                  # TCP between ranks (shared memory would not cross hosts)
     btl_tcp_if_include "$iface"     # the ranks' traffic on mproc0,
     oob_tcp_if_include "$iface"     # and that of mpirun and its daemons
+    # mpirun and its daemons notice a host cut off when TCP gives their connection up: an idle
+    # one after this keepalive (2 s + 3 probes 1 s apart; Open MPI's default is 300 s + 9 x 20 s),
+    # one with data in flight after net.ipv4.tcp_retries2 retransmissions (set in `up`).
+    oob_tcp_keepalive_time 2
+    oob_tcp_keepalive_intvl 1
+    oob_tcp_keepalive_probes 3
 )
+# Retransmissions before TCP gives a connection up: about 10 s (the kernel's default, 15, is
+# about 15 minutes). A cluster that must end a job soon after losing a host sets this too.
+tcp_retries2=4
 
 say() { printf '\n==> %s\n' "$*"; }
 die() {
@@ -160,6 +169,7 @@ up() {
         else
             ip -n "$bridge_ns" link set "h$((i + 1))" master br0 up
         fi
+        ip netns exec "$h" sh -c "echo $tcp_retries2 >/proc/sys/net/ipv4/tcp_retries2"
         ip -n "$h" link set lo up
         ip -n "$h" addr add "$subnet.$((i + 1))/24" dev "$iface"
         ip -n "$h" link set "$iface" up
@@ -227,6 +237,47 @@ run_on_hosts() {
     on_host "${hosts[0]}" env "${env[@]}" "$@"
 }
 
+# cut_test BUILD: host 3's cable is cut mid-map (its bridge port goes down). Rank 0 must see
+# RankLost naming rank 2 on mproc-h3 within the heartbeat's 2 s (and some slack), the job must end,
+# and nothing may be left on any host — the rank on the cut host leaves by itself, and mpirun and
+# the daemons give their connections up by the settings above. The cable is mended after.
+cut_test() {
+    local build=$1 out="$state/cut" waited
+    say "Host 3 cut off mid-map: RankLost within the heartbeat's timeout, and nothing left on any host"
+    limited 180 mpirun -n 3 "$build/tests/mpi/mproc_mpi_failure_program" cut >"$out" 2>&1 &
+    local job=$!
+    for ((waited = 0; waited < 600; waited++)); do
+        grep -q '^mapping' "$out" && break
+        sleep 0.1
+    done
+    grep -q '^mapping' "$out" || { cat "$out"; die "the job did not start mapping within 60 s"; }
+    sleep 1
+    local t0=$SECONDS
+    ip -n "$bridge_ns" link set h3 down
+    for ((waited = 0; waited < 300; waited++)); do
+        grep -q '^RankLost' "$out" && break
+        sleep 0.1
+    done
+    local seen=$((SECONDS - t0))
+    local status=0
+    wait "$job" || status=$?
+    local ended=$((SECONDS - t0))
+    for ((waited = 0; waited < 600; waited++)); do
+        [[ -z $(pids_on_hosts) ]] && break
+        sleep 0.1
+    done
+    local left
+    left=$(pids_on_hosts | xargs -r ps -o pid=,comm= -p || true)
+    ip -n "$bridge_ns" link set h3 up
+    cat "$out"
+    grep -q '^RankLost: .*rank 2 (pid [0-9]* on host mproc-h3) lost: not heard from' "$out" ||
+        die "rank 0 did not see RankLost for rank 2 on mproc-h3"
+    echo "hosts.sh: RankLost seen about ${seen} s after the cut; the job ended (status $status) after ${ended} s"
+    ((seen <= 10)) || die "RankLost came ${seen} s after the cut (the heartbeat's timeout is 2 s)"
+    ((status != 0 && status != 124)) || die "the job ended with status $status (an error status was expected)"
+    [[ -z $left ]] || die "left on the hosts 60 s after the job ended: $left"
+}
+
 run_test() {
     local build
     build=$(cd -- "$1" && pwd) || die "no build folder $1"
@@ -267,6 +318,8 @@ run_test() {
     # MPI gives the other hosts LD_LIBRARY_PATH=/usr/lib: (its empty last entry is the working
     # folder, which holds the tests' library) and they load it by its bare name, not rank 0's path.
     limited 900 run ctest --test-dir "$build" -L mpi -j1 --output-on-failure
+
+    cut_test "$build"
 
     say "What each host sent and received on $iface since it was made (TCP between the hosts)"
     for h in "${hosts[@]}"; do

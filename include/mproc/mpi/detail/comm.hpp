@@ -22,11 +22,14 @@
 #include <cstdint>
 #include <cstring>
 #include <ctime>
+#include <deque>
+#include <memory>
 #include <optional>
 #include <sched.h>
 #include <span>
 #include <string>
 #include <sys/prctl.h>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -117,6 +120,67 @@ inline std::optional<Message> try_receive(MPI_Comm comm, int source, int tag) {
     m.kind = static_cast<Kind>(kind);
     return m;
 }
+
+/// Messages on one tag from any rank, received without ever waiting: a message whose bytes are
+/// still arriving stays pending (MPI_Imrecv) and later looks test it, so a large message from a
+/// rank whose host was cut off mid-way can never block the receiving thread. Each rank's messages
+/// come out in the order that rank sent them.
+class Inbox {
+public:
+    Inbox(MPI_Comm comm, int tag, int ranks) : comm_(comm), tag_(tag), arriving_(static_cast<std::size_t>(ranks)) {}
+
+    /// The next message that has wholly arrived, if any.
+    std::optional<Message> next() {
+        for (int n = 0; n < 64; ++n) {  // start receiving what has been announced
+            int found = 0;
+            MPI_Message handle;
+            MPI_Status status;
+            check(MPI_Improbe(MPI_ANY_SOURCE, tag_, comm_, &found, &handle, &status), "MPI_Improbe");
+            if (!found) break;
+            int count = 0;
+            check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
+            auto a = std::make_unique<Arriving>();
+            a->message.source = status.MPI_SOURCE;
+            a->message.bytes.resize(static_cast<std::size_t>(count));
+            check(MPI_Imrecv(a->message.bytes.data(), count, MPI_BYTE, &handle, &a->request), "MPI_Imrecv");
+            arriving_.at(static_cast<std::size_t>(status.MPI_SOURCE)).push_back(std::move(a));
+            ++pending_;
+        }
+        if (pending_ == 0) return std::nullopt;
+        // One rank after another, from where the last look stopped: no rank starves the others.
+        for (std::size_t i = 0; i < arriving_.size(); ++i) {
+            const std::size_t source = (next_source_ + i) % arriving_.size();
+            auto& queue = arriving_[source];
+            if (queue.empty()) continue;
+            int done = 0;
+            check(MPI_Test(&queue.front()->request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+            if (!done) continue;
+            Message m = std::move(queue.front()->message);
+            queue.pop_front();
+            --pending_;
+            next_source_ = source + 1;
+            if (m.bytes.size() < message_header)
+                throw SerializationError("mproc::mpi: a message shorter than its header");
+            std::uint8_t kind = 0;
+            std::memcpy(&kind, m.bytes.data() + message_kind_at, sizeof kind);
+            std::memcpy(&m.pool, m.bytes.data() + message_pool_at, sizeof m.pool);
+            m.kind = static_cast<Kind>(kind);
+            return m;
+        }
+        return std::nullopt;
+    }
+
+private:
+    struct Arriving {
+        MPI_Request request = MPI_REQUEST_NULL;
+        Message message;
+    };
+    MPI_Comm comm_;
+    int tag_;
+    std::vector<std::deque<std::unique_ptr<Arriving>>> arriving_;  // by source
+    std::size_t pending_ = 0;
+    std::size_t next_source_ = 0;
+};
 
 /// Sends a whole message and waits until MPI has taken it.
 inline void send(MPI_Comm comm, int dest, int tag, const Buffer& message) {

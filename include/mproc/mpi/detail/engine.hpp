@@ -20,6 +20,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -29,8 +31,10 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -42,8 +46,10 @@
 #include "../../detail/serialize/remote_exception.hpp"
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
+#include "../errors.hpp"
 #include "address.hpp"
 #include "comm.hpp"
+#include "heartbeat.hpp"
 
 namespace mproc::mpi::detail {
 
@@ -52,16 +58,59 @@ using mproc::detail::Task;
 
 class MpiEngine;
 
+/// Where a rank runs.
+struct RankPlace {
+    pid_t pid = 0;
+    std::string host;
+};
+
 /// Rank 0's state for the whole run.
 class Master {
 public:
-    Master(MPI_Comm comm, int size, std::vector<pid_t> pids)
-        : comm_(comm), size_(size), pids_(std::move(pids)), modules_sent_(static_cast<std::size_t>(size), 0),
-          owed_(static_cast<std::size_t>(size), 0) {}
+    Master(MPI_Comm comm, int size)
+        : comm_(comm), size_(size), places_(static_cast<std::size_t>(size)),
+          modules_sent_(static_cast<std::size_t>(size), 0), owed_(static_cast<std::size_t>(size), 0),
+          lost_(static_cast<std::size_t>(size)), inbox_(comm, to_master, size) {}
+    Master(const Master&) = delete;
+    Master& operator=(const Master&) = delete;
+    ~Master() { heartbeat_.reset(); }  // its thread reports to this object: it stops first
+
+    /// Starts the heartbeat's listener and thread (Init, before the setup goes to the workers).
+    const HeartbeatHub& start_heartbeat(std::chrono::milliseconds timeout) {
+        heartbeat_ = std::make_unique<HeartbeatHub>(
+            timeout, size_, [this](int rank, std::string why) { mark_lost(rank, std::move(why)); });
+        return *heartbeat_;
+    }
+    /// Why the heartbeat could not start, if it could not.
+    std::string heartbeat_why_not() const { return heartbeat_ ? heartbeat_->why_not() : std::string(); }
+    /// Where each rank runs (Init, once every rank has said).
+    void set_places(std::vector<RankPlace> places) {
+        std::lock_guard lock(active_mutex_);
+        places_ = std::move(places);
+    }
 
     MPI_Comm comm() const noexcept { return comm_; }
     unsigned workers() const noexcept { return static_cast<unsigned>(size_ - 1); }
-    pid_t pid_of(int rank) const { return pids_.at(static_cast<std::size_t>(rank)); }
+    RankPlace place_of(int rank) {
+        std::lock_guard lock(active_mutex_);
+        return places_.at(static_cast<std::size_t>(rank));
+    }
+
+    /// The heartbeat lost `rank` (on its thread): the live pool fails, no new one starts, and the
+    /// program's end ends the job with MPI_Abort.
+    void mark_lost(int rank, std::string why);
+    /// How many ranks are lost (any thread, without a lock: the live pool looks at every turn).
+    unsigned lost_count() const noexcept { return lost_count_.load(std::memory_order_acquire); }
+    /// The first loss as a RankLost (`more` added to what the heartbeat saw), or null.
+    std::exception_ptr first_lost(std::string_view more = {}) {
+        std::lock_guard lock(active_mutex_);
+        return first_lost_locked(more);
+    }
+    bool is_lost(int rank) {
+        if (lost_count() == 0) return false;
+        std::lock_guard lock(active_mutex_);
+        return lost_.at(static_cast<std::size_t>(rank)).has_value();
+    }
 
     /// Rewrites a task frame's addresses as portable ones (any thread).
     void make_portable(Buffer& frame) {
@@ -79,8 +128,10 @@ public:
     void post_send(int rank, Buffer message) {
         if (message.size() > max_message)
             throw Error(fmt::format("mproc::mpi: a message of {} bytes exceeds MPI's limit", message.size()));
+        if (is_lost(rank)) return;  // nothing reaches it any more (and nothing waits for it)
         send_modules(rank);
         Pending& p = pending_.emplace_back();
+        p.rank = rank;
         p.bytes = std::move(message);
         check(MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, rank, to_worker, comm_, &p.request),
               "MPI_Isend");
@@ -102,6 +153,7 @@ public:
     }
     /// Tells `rank` to drop what it holds of `pool`; it answers `cancelled`.
     void cancel(int rank, std::uint64_t pool) {
+        if (is_lost(rank)) return;
         Buffer m;
         begin_message(m, Kind::cancel, pool);
         post_send(rank, std::move(m));
@@ -112,7 +164,7 @@ public:
     template <class Handle> bool receive(std::uint64_t pool, Handle&& handle) {
         bool any = false;
         for (int n = 0; n < 64; ++n) {
-            auto m = try_receive(comm_, MPI_ANY_SOURCE, to_master);
+            auto m = inbox_.next();
             if (!m) break;
             any = true;
             if (m->kind == Kind::cancelled) {
@@ -124,8 +176,13 @@ public:
         }
         return any;
     }
-    bool settled() const noexcept {
-        return pending_.empty() && std::all_of(owed_.begin(), owed_.end(), [](unsigned o) { return o == 0; });
+    /// Nothing is owed by, or in flight to, any rank not lost.
+    bool settled() {
+        for (const Pending& p : pending_)
+            if (!is_lost(p.rank)) return false;
+        for (int rank = 1; rank < size_; ++rank)
+            if (owed_[static_cast<std::size_t>(rank)] != 0 && !is_lost(rank)) return false;
+        return true;
     }
 
     /// Ends the run: the live pool (if any) is terminated, every answer still owed is awaited,
@@ -136,6 +193,8 @@ public:
     MpiEngine* acquire(MpiEngine* engine) {
         std::lock_guard lock(active_mutex_);
         if (finished_) throw Error("mproc::mpi: the program is ending (MPI is finalised): no new Pool");
+        if (first_lost_ != 0)
+            std::rethrow_exception(first_lost_locked("; MPI cannot go on without it, so no new pool starts"));
         if (active_)
             throw Error(
                 "mproc::mpi: another mproc::mpi::Pool is running; close() and join() it, or terminate() it, "
@@ -151,6 +210,7 @@ public:
 
 private:
     struct Pending {
+        int rank = 0;
         MPI_Request request = MPI_REQUEST_NULL;
         Buffer bytes;
     };
@@ -170,21 +230,34 @@ private:
             sent = names.size();
         }
         Pending& p = pending_.emplace_back();
+        p.rank = rank;
         p.bytes = std::move(m);
         check(MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, rank, to_worker, comm_, &p.request),
               "MPI_Isend");
     }
 
+    std::exception_ptr first_lost_locked(std::string_view more) const {
+        if (first_lost_ == 0) return nullptr;
+        const RankPlace& p = places_.at(static_cast<std::size_t>(first_lost_));
+        return std::make_exception_ptr(RankLost(first_lost_, p.host.empty() ? "?" : p.host, p.pid,
+                                                *lost_.at(static_cast<std::size_t>(first_lost_)) + std::string(more)));
+    }
+
     MPI_Comm comm_;
     int size_;
-    std::vector<pid_t> pids_;
+    std::vector<RankPlace> places_;  // by rank (active_mutex_)
     std::mutex names_mutex_;
     CodeNames names_;
     std::vector<std::size_t> modules_sent_;
     std::vector<unsigned> owed_;
     std::list<Pending> pending_;
-    std::mutex active_mutex_;
+    std::mutex active_mutex_;  // also guards places_ and the losses
     MpiEngine* active_ = nullptr;
+    std::vector<std::optional<std::string>> lost_;  // by rank: what the heartbeat saw
+    int first_lost_ = 0;  // 0: none
+    std::atomic<unsigned> lost_count_{0};
+    Inbox inbox_;
+    std::unique_ptr<HeartbeatHub> heartbeat_;
     bool finished_ = false;
     std::uint64_t next_pool_ = 1;
 };
@@ -251,7 +324,7 @@ public:
 
     std::vector<pid_t> worker_pids() override {
         std::vector<pid_t> pids;
-        for (const Seat& s : seats_) pids.push_back(master_.pid_of(s.rank));
+        for (const Seat& s : seats_) pids.push_back(master_.place_of(s.rank).pid);
         return pids;
     }
 
@@ -316,7 +389,7 @@ private:
             loop();
         } catch (const std::exception& e) {
             // MPI itself failed: nothing can reach the workers any more.
-            break_pool(fmt::format("mproc::mpi: the pool's MPI thread failed: {}", e.what()));
+            break_pool(nullptr, fmt::format("mproc::mpi: the pool's MPI thread failed: {}", e.what()));
         }
         // From here on a cancel settles its call itself; the jobs posted before run here.
         {
@@ -340,8 +413,14 @@ private:
     void loop() {
         Backoff backoff;
         std::vector<Outgoing> out;
+        unsigned lost_seen = 0;
         for (;;) {
             bool progressed = false;
+            if (const unsigned lost = master_.lost_count(); lost != lost_seen) {
+                // A rank is lost: MPI cannot go on without it, so nothing of this pool can finish.
+                lost_seen = lost;
+                break_pool(master_.first_lost(), "");
+            }
             {
                 std::lock_guard lock(mutex_);
                 if (state_ == State::terminated) break;
@@ -365,7 +444,8 @@ private:
             std::unique_lock lock(mutex_);
             const auto woken = [&] {
                 return state_ == State::terminated || (state_ == State::draining && outstanding_ == 0) ||
-                       !posted_.empty() || (!backlog_.empty() && state_ != State::broken);
+                       !posted_.empty() || (!backlog_.empty() && state_ != State::broken) ||
+                       master_.lost_count() != lost_seen;
             };
             if (outstanding_ == 0 && master_.settled()) wake_.wait(lock, woken);  // nothing can arrive: sleep
             else wake_.wait_for(lock, backoff.next(), woken);
@@ -390,8 +470,8 @@ private:
         if (m.kind == Kind::hello) {
             Reader in(m.payload());
             if (const auto why = mproc::detail::read_hello_outcome(in)) {
-                break_pool(fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source, why->type_name,
-                                       why->message));
+                break_pool(nullptr, fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source,
+                                                why->type_name, why->message));
             }
             return;
         }
@@ -431,8 +511,16 @@ private:
         finish_tasks(n);
     }
 
-    /// The pool cannot go on: every pending task fails with `reason`, and so does every later call.
-    void break_pool(std::string reason) {
+    /// The pool cannot go on: every pending task fails with `error` (null: an mproc::Error saying
+    /// `reason`), and every later call with an mproc::Error saying `reason`.
+    void break_pool(std::exception_ptr error, std::string reason) {
+        if (error && reason.empty()) {
+            try {
+                std::rethrow_exception(error);
+            } catch (const std::exception& e) {
+                reason = e.what();
+            }
+        }
         std::vector<Task> doomed;
         std::vector<int> to_cancel;
         {
@@ -440,10 +528,16 @@ private:
             // Only a pool still taking or running tasks breaks: a second rank's failed initializer
             // after join() began must not turn `draining` back into `broken` (the thread would
             // then wait for a join that already waits for it).
-            if (state_ != State::open && state_ != State::closed) return;
-            state_ = State::broken;
-            broken_reason_ = std::move(reason);
-            doomed = take_all_tasks_locked();
+            // A lost rank (`error` set) fails the tasks of a draining pool too: join() waits for
+            // them, and they can never finish; the state stays draining, so join() then returns.
+            if (state_ == State::draining && error) {
+                doomed = take_all_tasks_locked();
+            } else {
+                if (state_ != State::open && state_ != State::closed) return;
+                state_ = State::broken;
+                broken_reason_ = std::move(reason);
+                doomed = take_all_tasks_locked();
+            }
             if (!cancelled_)
                 for (const Seat& s : seats_) to_cancel.push_back(s.rank);
             cancelled_ = true;
@@ -451,7 +545,7 @@ private:
         try {
             for (int rank : to_cancel) master_.cancel(rank, pool_);
         } catch (...) {}
-        fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
+        fail_tasks(doomed, error ? error : std::make_exception_ptr(Error(broken_reason_)));
     }
 
     std::vector<Task> take_all_tasks_locked() override {
@@ -500,6 +594,16 @@ private:
     std::thread::id thread_id_;
 };
 
+inline void Master::mark_lost(int rank, std::string why) {
+    std::lock_guard lock(active_mutex_);
+    auto& slot = lost_.at(static_cast<std::size_t>(rank));
+    if (slot) return;
+    slot = std::move(why);
+    if (first_lost_ == 0) first_lost_ = rank;
+    lost_count_.fetch_add(1, std::memory_order_release);
+    if (active_) active_->wake();
+}
+
 inline void Master::finish() {
     MpiEngine* live = nullptr;
     {
@@ -515,6 +619,9 @@ inline void Master::finish() {
         if (test_sends() || got) backoff.reset();
         else backoff.pause();
     }
+    // MPI cannot end normally with a rank gone (MPI_Finalize would wait for it): the caller aborts.
+    if (const auto lost = first_lost("; MPI cannot end the job normally without it")) std::rethrow_exception(lost);
+    if (heartbeat_) heartbeat_->goodbye();  // the workers stop watching before they are let go
     for (int rank = 1; rank < size_; ++rank) {
         Buffer m;
         begin_message(m, Kind::exit, 0);
