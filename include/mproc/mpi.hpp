@@ -172,21 +172,28 @@ private:
         detail::RankHello hello;
         hello.pid = static_cast<std::int32_t>(::getpid());
         ::gethostname(hello.host, sizeof hello.host - 1);
-        detail::UniqueFd line;
+        // A worker beats from the moment it is connected: rank 0 times its silence from then,
+        // and the gather below may wait for a slower rank.
+        std::unique_ptr<detail::HeartbeatLine> line;
         if (rt.rank != 0 && setup.timeout_ms != 0 && setup.port != 0) {
             std::string why;
-            line = detail::connect_heartbeat(setup, rt.rank, std::chrono::seconds(10), why);
+            auto fd = detail::connect_heartbeat(setup, rt.rank, std::chrono::seconds(10), why);
             std::snprintf(hello.why_not, sizeof hello.why_not, "%s", why.c_str());
+            if (fd)
+                line = std::make_unique<detail::HeartbeatLine>(
+                    std::move(fd), std::chrono::milliseconds(setup.timeout_ms), &leave_lost);
         }
         hello.heartbeat = line ? 1 : 0;
         std::vector<detail::RankHello> hellos(rt.rank == 0 ? static_cast<std::size_t>(rt.size) : 0);
         detail::check(MPI_Gather(&hello, static_cast<int>(sizeof hello), MPI_BYTE, hellos.data(),
                                  static_cast<int>(sizeof hello), MPI_BYTE, 0, rt.comm),
                       "MPI_Gather");
-        if (rt.rank != 0) serve_and_exit(rt, std::move(line), std::chrono::milliseconds(setup.timeout_ms));
+        if (rt.rank != 0) serve_and_exit(rt, std::move(line));
         std::vector<detail::RankPlace> places;
+        std::vector<bool> beating(static_cast<std::size_t>(rt.size), false);
         for (int r = 0; r < rt.size; ++r) {
             const auto& h = hellos[static_cast<std::size_t>(r)];
+            beating[static_cast<std::size_t>(r)] = h.heartbeat != 0;
             places.push_back({static_cast<pid_t>(h.pid), std::string(h.host, ::strnlen(h.host, sizeof h.host))});
             if (r != 0 && setup.timeout_ms != 0 && !h.heartbeat)
                 std::fprintf(stderr,
@@ -195,7 +202,7 @@ private:
                              r, places.back().host.c_str(),
                              setup.port == 0 ? rt.master->heartbeat_why_not().c_str() : h.why_not);
         }
-        rt.master->set_places(std::move(places));
+        rt.master->set_places(std::move(places), beating);
         std::atexit([] { detail::Runtime::get().finish(); });
     }
 
@@ -207,12 +214,10 @@ private:
         ::_exit(1);
     }
 
-    [[noreturn]] static void serve_and_exit(detail::Runtime& rt, detail::UniqueFd line,
-                                            std::chrono::milliseconds timeout) {
+    [[noreturn]] static void serve_and_exit(detail::Runtime& rt, std::unique_ptr<detail::HeartbeatLine> heartbeat) {
         try {
-            std::unique_ptr<detail::HeartbeatLine> heartbeat;
-            if (line) heartbeat = std::make_unique<detail::HeartbeatLine>(std::move(line), timeout, &leave_lost);
             detail::WorkerRank(rt.comm, rt.rank).serve();
+            heartbeat.reset();  // rank 0 said goodbye: stop watching before MPI ends
         } catch (const std::exception& e) {
             std::fprintf(stderr, "mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
             std::fflush(stderr);
@@ -220,7 +225,9 @@ private:
         }
         rt.finished = true;
         MPI_Comm_free(&rt.comm);
-        if (rt.owns_mpi) MPI_Finalize();
+        // Even when the program set MPI up itself: its code after Init never runs on this rank,
+        // so it cannot finalise it, and a rank that exits unfinalised fails the job.
+        MPI_Finalize();
         std::exit(0);
     }
 };

@@ -6,8 +6,12 @@
 //   idle     rank 0 never creates a pool
 //   alone    run without mpirun: creating a pool is a clear mproc::Error
 // The heartbeat (timeout 1 s in these modes):
-//   stopped  rank 2 is stopped (SIGSTOP) mid-map: the map fails with RankLost naming it, no new
-//            pool starts, and the program's end ends the job (status nonzero)
+//   stopped  rank 2 is stopped (SIGSTOP) mid-map while rank 1 runs a 300 s task: the map fails
+//            with RankLost naming rank 2, so do later calls on that pool, no new pool starts, and
+//            the program's end ends the job at once (status nonzero; not after the 300 s task)
+//   late     the program sets MPI up itself, and rank 2 reaches Init 3 s after the others (rank 1
+//            waits for it in Init, connected to rank 0's heartbeat): no rank is taken for lost,
+//            and the job ends with status 0
 //   mute0    rank 0 is stopped for 4 s mid-map: the workers leave, and the job ends (nonzero)
 //   busy     a 48 MiB task, a 3 s task and a callback that blocks rank 0's pool thread for 3 s:
 //            no rank is taken for lost (status 0)
@@ -63,6 +67,13 @@ int expect_lost(mproc::mpi::Pool& pool, const std::vector<int>& xs, int rank) {
         if (e.rank() != rank) return 1;
     }
     try {
+        pool.apply(sleep_ms, 1);
+        std::puts("the broken pool ran a task");
+        return 1;
+    } catch (const mproc::mpi::RankLost& e) {
+        std::printf("same pool: RankLost: %s\n", e.what());
+    }
+    try {
         mproc::mpi::Pool next;
         std::puts("a new pool started after a rank was lost");
         return 1;
@@ -76,8 +87,26 @@ int expect_lost(mproc::mpi::Pool& pool, const std::vector<int>& xs, int rank) {
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     mproc::mpi::InitOptions options;
-    if (mode == "stopped" || mode == "mute0" || mode == "busy") options.heartbeat_timeout = std::chrono::seconds(1);
+    if (mode == "stopped" || mode == "mute0" || mode == "busy" || mode == "late")
+        options.heartbeat_timeout = std::chrono::seconds(1);
     if (mode == "cut") options.heartbeat_timeout = std::chrono::seconds(2);
+    if (mode == "late") {  // code before Init runs on every rank
+        int provided = 0;
+        MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+        int rank = 0;
+        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+        if (rank == 2) sleep_ms(3000);
+        {
+            mproc::mpi::Init mpi(argc, argv, options);
+            mproc::mpi::Pool pool;
+            const auto r = pool.map(sleep_ms, std::vector<int>(20, 100), 1);
+            std::printf("late rank: mapped %zu\n", r.size());
+            pool.close();
+            pool.join();
+        }
+        MPI_Finalize();  // the program's own: it set MPI up
+        return 0;
+    }
     mproc::mpi::Init mpi(argc, argv, options);
     const int n = argc > 2 ? std::atoi(argv[2]) : 0;
     std::vector<int> xs(100);
@@ -110,7 +139,12 @@ int main(int argc, char** argv) {
     if (mode == "stopped") {
         mproc::mpi::Pool pool;
         const pid_t victim = pool.ranks().at(1).pid;  // rank 2
-        pool.apply_async(sleep_ms, std::tuple{300}, [victim](int) { ::kill(victim, SIGSTOP); });
+        // One long task on each rank (the least loaded seat takes the next task): rank 1 is busy
+        // for 300 s when rank 2 stops; the job must not wait for it.
+        pool.apply_async(sleep_ms, std::tuple{300'000});
+        pool.apply_async(sleep_ms, std::tuple{300'000});
+        sleep_ms(200);
+        ::kill(victim, SIGSTOP);
         return expect_lost(pool, std::vector<int>(200, 50), 2);
     }
     if (mode == "mute0") {

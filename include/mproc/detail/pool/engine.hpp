@@ -342,7 +342,9 @@ protected:
     void check_accepting_locked() const {
         switch (state_) {
             case State::open: return;
-            case State::broken: throw Error(broken_reason_);
+            case State::broken:
+                if (broken_error_) std::rethrow_exception(broken_error_);
+                throw Error(broken_reason_);
             case State::terminated: throw Error("the pool was terminated: it takes no more tasks");
             default: throw Error("the pool is closed: it takes no more tasks");
         }
@@ -425,6 +427,7 @@ protected:
     std::condition_variable idle_;
     State state_ = State::open;
     std::string broken_reason_;                 // why the pool is broken (State::broken)
+    std::exception_ptr broken_error_;           // the error it broke with, when not an Error(reason)
     std::deque<Task> backlog_;                  // submitted, not yet given to a seat
     std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
     std::deque<std::function<void()>> posted_;  // jobs for the engine's thread (see post)

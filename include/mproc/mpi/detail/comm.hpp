@@ -124,20 +124,29 @@ inline std::optional<Message> try_receive(MPI_Comm comm, int source, int tag) {
 /// Messages on one tag from any rank, received without ever waiting: a message whose bytes are
 /// still arriving stays pending (MPI_Imrecv) and later looks test it, so a large message from a
 /// rank whose host was cut off mid-way can never block the receiving thread. Each rank's messages
-/// come out in the order that rank sent them.
+/// come out in the order that rank sent them. Receives start while those in progress hold less
+/// than `budget` bytes (or none are in progress): large results wait in their workers, as they
+/// would for a blocking receive, rather than all at once in rank 0's memory.
 class Inbox {
 public:
+    static constexpr std::size_t budget = std::size_t{256} << 20;
+
     Inbox(MPI_Comm comm, int tag, int ranks) : comm_(comm), tag_(tag), arriving_(static_cast<std::size_t>(ranks)) {}
 
     /// The next message that has wholly arrived, if any.
     std::optional<Message> next() {
         for (int n = 0; n < 64; ++n) {  // start receiving what has been announced
             int found = 0;
-            MPI_Message handle;
             MPI_Status status;
-            check(MPI_Improbe(MPI_ANY_SOURCE, tag_, comm_, &found, &handle, &status), "MPI_Improbe");
+            check(MPI_Iprobe(MPI_ANY_SOURCE, tag_, comm_, &found, &status), "MPI_Iprobe");
             if (!found) break;
             int count = 0;
+            check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
+            if (receiving_bytes_ != 0 && receiving_bytes_ + static_cast<std::size_t>(count) > budget) break;
+            // This thread alone receives on the tag: the source's first message is the one seen.
+            MPI_Message handle;
+            check(MPI_Improbe(status.MPI_SOURCE, tag_, comm_, &found, &handle, &status), "MPI_Improbe");
+            if (!found) break;
             check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
             auto a = std::make_unique<Arriving>();
             a->message.source = status.MPI_SOURCE;
@@ -145,6 +154,7 @@ public:
             check(MPI_Imrecv(a->message.bytes.data(), count, MPI_BYTE, &handle, &a->request), "MPI_Imrecv");
             arriving_.at(static_cast<std::size_t>(status.MPI_SOURCE)).push_back(std::move(a));
             ++pending_;
+            receiving_bytes_ += static_cast<std::size_t>(count);
         }
         if (pending_ == 0) return std::nullopt;
         // One rank after another, from where the last look stopped: no rank starves the others.
@@ -158,6 +168,7 @@ public:
             Message m = std::move(queue.front()->message);
             queue.pop_front();
             --pending_;
+            receiving_bytes_ -= m.bytes.size();
             next_source_ = source + 1;
             if (m.bytes.size() < message_header)
                 throw SerializationError("mproc::mpi: a message shorter than its header");
@@ -179,6 +190,7 @@ private:
     int tag_;
     std::vector<std::deque<std::unique_ptr<Arriving>>> arriving_;  // by source
     std::size_t pending_ = 0;
+    std::size_t receiving_bytes_ = 0;  // of the receives in progress
     std::size_t next_source_ = 0;
 };
 

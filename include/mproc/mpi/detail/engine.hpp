@@ -83,10 +83,14 @@ public:
     }
     /// Why the heartbeat could not start, if it could not.
     std::string heartbeat_why_not() const { return heartbeat_ ? heartbeat_->why_not() : std::string(); }
-    /// Where each rank runs (Init, once every rank has said).
-    void set_places(std::vector<RankPlace> places) {
-        std::lock_guard lock(active_mutex_);
-        places_ = std::move(places);
+    /// Where each rank runs, and which ranks have a heartbeat (Init, once every rank has said):
+    /// the heartbeat stops accepting, and times each rank's silence from now.
+    void set_places(std::vector<RankPlace> places, const std::vector<bool>& beating) {
+        {
+            std::lock_guard lock(active_mutex_);
+            places_ = std::move(places);
+        }
+        if (heartbeat_) heartbeat_->settle(beating);
     }
 
     MPI_Comm comm() const noexcept { return comm_; }
@@ -270,11 +274,16 @@ public:
         for (unsigned i = 0; i < processes; ++i) seats_[i].rank = static_cast<int>(i) + 1;
         master_.acquire(this);
         std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
-        thread_ = std::thread([this] {
-            mark_own_thread();
-            run();
-            if (retired_) finish_retired();
-        });
+        try {
+            thread_ = std::thread([this] {
+                mark_own_thread();
+                run();
+                if (retired_) finish_retired();
+            });
+        } catch (...) {
+            master_.release(this);  // no destructor runs: the Master must not point here
+            throw;
+        }
         thread_id_ = thread_.get_id();
     }
     MpiEngine(const MpiEngine&) = delete;
@@ -536,6 +545,7 @@ private:
                 if (state_ != State::open && state_ != State::closed) return;
                 state_ = State::broken;
                 broken_reason_ = std::move(reason);
+                broken_error_ = error;  // later calls throw what the pending tasks failed with
                 doomed = take_all_tasks_locked();
             }
             if (!cancelled_)
@@ -613,14 +623,18 @@ inline void Master::finish() {
         live = active_;
     }
     if (live) live->terminate();
+    // MPI cannot end normally with a rank gone (MPI_Finalize would wait for it): the caller aborts,
+    // at once — not after the tasks still running on the other ranks.
+    const char* const cannot_end = "; MPI cannot end the job normally without it";
     Backoff backoff;
     while (!settled()) {
+        if (const auto lost = first_lost(cannot_end)) std::rethrow_exception(lost);
         const bool got = receive(0, [](Message&) {});
         if (test_sends() || got) backoff.reset();
         else backoff.pause();
     }
-    // MPI cannot end normally with a rank gone (MPI_Finalize would wait for it): the caller aborts.
-    if (const auto lost = first_lost("; MPI cannot end the job normally without it")) std::rethrow_exception(lost);
+    if (heartbeat_) heartbeat_->stop();  // no loss is reported after the look below
+    if (const auto lost = first_lost(cannot_end)) std::rethrow_exception(lost);
     if (heartbeat_) heartbeat_->goodbye();  // the workers stop watching before they are let go
     for (int rank = 1; rank < size_; ++rank) {
         Buffer m;

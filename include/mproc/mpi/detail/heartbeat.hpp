@@ -179,14 +179,29 @@ public:
     /// Why there is no heartbeat although one was asked for (empty: there is, or none was asked).
     const std::string& why_not() const noexcept { return why_not_; }
 
-    /// The job ends normally: the thread stops, and every worker is told to stop watching (the
-    /// connections stay open until this process ends). Idempotent.
-    void goodbye() noexcept {
+    /// Every rank has said whether it connected (Init, after the gather): the listener closes,
+    /// a rank without a heartbeat is never reported lost (its connection, if rank 0 took one the
+    /// worker gave up on, closes), and every rank's silence is timed from now.
+    void settle(const std::vector<bool>& beating) {
+        std::lock_guard lock(mutex_);
+        beating_ = beating;
+        settled_ = true;
+    }
+
+    /// Stops the thread: no loss is reported after it returns. Idempotent.
+    void stop() noexcept {
         if (!thread_.joinable()) return;
         stop_.ring();
         thread_.join();
+    }
+    /// The job ends normally: the thread stops, and every worker is told to stop watching (the
+    /// connections stay open until this process ends).
+    void goodbye() noexcept {
+        stop();
+        if (said_goodbye_) return;
+        said_goodbye_ = true;
         for (Peer& p : peers_)
-            if (p.fd) send_beat(p.fd.get(), beat_goodbye);
+            if (p.fd && !p.lost) send_beat(p.fd.get(), beat_goodbye);
     }
 
 private:
@@ -194,6 +209,7 @@ private:
         UniqueFd fd;
         std::int64_t heard_ns = 0;
         bool lost = false;
+        std::string early_why;  // a loss before settle()
     };
     struct Newcomer {
         UniqueFd fd;
@@ -209,8 +225,27 @@ private:
         std::vector<pollfd> fds;
         std::vector<int> who;  // for each pollfd: -2 doorbell, -1 listener, >= 0 peer, <= -3 newcomer -3-i
         std::int64_t ran = next_beat;
+        bool settled = false;
         for (;;) {
             std::int64_t now = mproc::detail::monotonic_ns();
+            if (!settled) {
+                std::lock_guard lock(mutex_);
+                if (settled_) {
+                    settled = true;
+                    listener_.reset();
+                    newcomers_.clear();
+                    for (std::size_t r = 1; r < peers_.size(); ++r) {
+                        Peer& p = peers_[r];
+                        p.heard_ns = now;
+                        if (r >= beating_.size() || !beating_[r]) {
+                            p.fd.reset();  // the worker gave up on it: it is not watched
+                            p.lost = true;
+                        } else if (p.lost) {
+                            lost_(static_cast<int>(r), std::move(p.early_why));  // lost during Init
+                        }
+                    }
+                }
+            }
             if (now - ran > timeout_ns / 2) {
                 // This process was stopped (SIGSTOP, a debugger) or starved: the silence was
                 // ours, not the workers'. Each gets a whole timeout from now.
@@ -286,7 +321,14 @@ private:
     void accept_all(std::int64_t now) {
         for (;;) {
             UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-            if (!fd) return;  // EAGAIN: no more; anything else: that connection is gone
+            if (!fd) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) return;
+                // Out of descriptors or memory: the connection stays queued and poll() would
+                // report it again at once. The listener goes (the workers not in by now are
+                // told, after the gather, that they have no heartbeat).
+                listener_.reset();
+                return;
+            }
             if (newcomers_.size() >= static_cast<std::size_t>(ranks_) * 2) return;  // not ours: ignored
             Newcomer& n = newcomers_.emplace_back();
             n.fd = std::move(fd);
@@ -320,10 +362,18 @@ private:
         if (++connected_ == ranks_ - 1) listener_.reset();  // everyone is in
     }
 
+    /// Reports a loss — once every rank has said whether it connected; before, a worker may
+    /// have given up on a connection rank 0 took, and settle() reports only the others.
     void lose(int rank, std::string why) {
         Peer& p = peers_[static_cast<std::size_t>(rank)];
         if (p.lost) return;
         p.lost = true;
+        std::unique_lock lock(mutex_);
+        if (!settled_) {
+            p.early_why = std::move(why);
+            return;
+        }
+        lock.unlock();
         lost_(rank, std::move(why));
     }
 
@@ -337,6 +387,10 @@ private:
     std::vector<Peer> peers_;  // by rank (0 unused)
     std::vector<Newcomer> newcomers_;
     int connected_ = 0;
+    bool said_goodbye_ = false;
+    std::mutex mutex_;           // guards beating_ and settled_, set by settle()
+    std::vector<bool> beating_;  // by rank: connected (only once settled_)
+    bool settled_ = false;
     std::thread thread_;
 };
 
