@@ -20,24 +20,27 @@
 // forked processes. Tasks are plain functions and stateless callables, as in the local Pool, named
 // across ranks by their offset in the program or library that holds them (detail/mpi_address.hpp).
 //
-// Failure model: a task that throws fails its result, as in the local Pool. A rank that dies ends
-// the whole job, as MPI jobs end under Open MPI: mpirun kills the other ranks and exits non-zero —
-// nothing hangs, and nothing is retried. A rank that falls silent (its host cut off or stopped) is
-// noticed by mproc's heartbeat (detail/heartbeat.hpp) within InitOptions::heartbeat_timeout: the
-// live pool's pending tasks fail with mpi::RankLost, and the program's end ends the job with
-// MPI_Abort; a worker that hears nothing from rank 0 for as long leaves. A task cannot be
-// interrupted: terminate() fails every pending result at once and has the ranks drop their queued
-// tasks, but a task already running finishes (its result is dropped), and the program's end waits
-// for it.
+// Failure model: a task that throws fails its result, as in the local Pool. Each worker rank runs
+// its tasks in a local pool of forked processes (PoolOptions::processes_per_rank), so a task that
+// crashes fails alone with WorkerLost, terminate() ends running tasks too, and the rank goes on.
+// A rank that dies ends the whole job, as MPI jobs end under Open MPI: mpirun kills the other
+// ranks and exits non-zero — nothing hangs, and nothing is retried. A rank that falls silent (its
+// host cut off or stopped) is noticed by mproc's heartbeat (detail/heartbeat.hpp) within
+// InitOptions::heartbeat_timeout: the live pool's pending tasks fail with mpi::RankLost, and the
+// program's end ends the job with MPI_Abort; a worker that hears nothing from rank 0 for as long
+// leaves. With PoolOptions::in_rank, tasks run in the rank's own process: a crash ends the job,
+// and a running task cannot be interrupted (terminate() drops its result; the end waits for it).
 #pragma once
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -216,7 +219,9 @@ private:
 
     [[noreturn]] static void serve_and_exit(detail::Runtime& rt, std::unique_ptr<detail::HeartbeatLine> heartbeat) {
         try {
-            detail::WorkerRank(rt.comm, rt.rank).serve();
+            char host[256] = {};
+            ::gethostname(host, sizeof host - 1);
+            detail::WorkerRank(rt.comm, rt.rank, host).serve();
             heartbeat.reset();  // rank 0 said goodbye: stop watching before MPI ends
         } catch (const std::exception& e) {
             std::fprintf(stderr, "mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
@@ -236,9 +241,27 @@ private:
 struct PoolOptions {
     /// Worker ranks to use (ranks 1..processes); 0: every rank but rank 0.
     unsigned processes = 0;
-    /// Runs once on each worker rank when the pool starts. A plain function (it is named across
-    /// ranks like a task); if it throws, the pool breaks as the local one does.
+    /// Runs once on each worker rank when the pool starts, in the rank's own process before its
+    /// local workers are forked (they inherit what it set up). A plain function (it is named
+    /// across ranks like a task); if it throws, the pool breaks as the local one does.
     void (*initializer)() = nullptr;
+
+    /// Each worker rank runs its tasks in a local pool of this many forked worker processes of its
+    /// own — 0: one per CPU of that rank's affinity — so one rank per host (`mpirun --map-by
+    /// ppr:1:node`) uses every core, and a task that crashes or is killed fails alone with
+    /// mproc::WorkerLost while the rank and the job go on. The local pool's options below work
+    /// as in mproc::PoolOptions.
+    unsigned processes_per_rank = 0;
+    /// Tasks run in the rank's own process, one at a time, with no local pool: no fork, but a
+    /// task that crashes ends the job, and the options below do nothing.
+    bool in_rank = false;
+    /// As in mproc::PoolOptions, for each rank's local pool.
+    unsigned long max_tasks_per_child = 0;
+    std::optional<Seconds> task_timeout = std::nullopt;
+    std::size_t max_memory_per_child = 0;
+    std::size_t memory_limit = 0;
+    unsigned max_retries = 0;
+    std::optional<Seconds> stall_timeout = std::nullopt;
 };
 
 /// mproc::Pool whose workers are the other MPI ranks. Needs mproc::mpi::Init at the top of main;
@@ -280,7 +303,16 @@ private:
         const std::uint64_t initializer = options.initializer ? rt.master->portable(reinterpret_cast<std::uintptr_t>(
                                                                     options.initializer))
                                                               : 0;
-        return std::make_unique<detail::MpiEngine>(*rt.master, processes, initializer);
+        detail::LocalPoolSpec spec;
+        spec.processes = options.processes_per_rank;
+        spec.in_rank = options.in_rank ? 1 : 0;
+        spec.max_tasks_per_child = options.max_tasks_per_child;
+        spec.task_timeout_s = options.task_timeout ? std::max(options.task_timeout->count(), 1e-9) : 0.0;
+        spec.max_memory_per_child = options.max_memory_per_child;
+        spec.memory_limit = options.memory_limit;
+        spec.max_retries = options.max_retries;
+        spec.stall_timeout_s = options.stall_timeout ? std::max(options.stall_timeout->count(), 1e-9) : 0.0;
+        return std::make_unique<detail::MpiEngine>(*rt.master, processes, initializer, spec);
     }
 };
 

@@ -1,5 +1,8 @@
 // Driven by tests/mpi/expect_exit.cmake under mpirun: how an MPI job with an mproc::mpi::Pool ends.
-//   kill     a task SIGKILLs its own rank (rank 2) mid-map: the job must end with an error, not hang
+//   kill     a task on rank 2 SIGKILLs its own process mid-map: a local worker of that rank, so
+//            the task fails alone with WorkerLost naming the rank, and the job goes on (status 0)
+//   kill_rank  the same with PoolOptions::in_rank (the task runs in the rank's own process): the
+//            rank dies, and the job must end with an error, not hang
 //   status N rank 0 returns N after using a pool: every rank ends, mpirun exits with N
 //   throw    rank 0 leaves main by an exception while a pool has work
 //   exit N   rank 0 calls std::exit(N) with a pool still open
@@ -114,6 +117,21 @@ int main(int argc, char** argv) {
 
     if (mode == "kill") {
         mproc::mpi::Pool pool;
+        try {
+            pool.map(die_on_rank_two, xs, 1);
+            std::puts("map finished although a worker was killed");
+            return 1;
+        } catch (const mproc::WorkerLost& e) {
+            std::printf("WorkerLost: %s\n", e.what());
+        }
+        const auto again = pool.map(slow, std::vector<int>{1, 2, 3, 4}, 1);
+        std::printf("the job goes on: mapped %zu\n", again.size());
+        pool.close();
+        pool.join();
+        return 0;
+    }
+    if (mode == "kill_rank") {
+        mproc::mpi::Pool pool({.in_rank = true});
         pool.map(die_on_rank_two, xs, 1);
         std::puts("map finished although a rank died");
         return 0;

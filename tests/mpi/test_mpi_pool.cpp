@@ -18,6 +18,7 @@
 #include <numeric>
 #include <ranges>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
@@ -47,6 +48,23 @@ int my_rank() {
 }
 int rank_of_task(int) { return my_rank(); }
 pid_t pid_of_task(int) { return ::getpid(); }
+pid_t parent_of(pid_t pid) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');  // the name may hold spaces: the fields follow its ')'
+    if (close == std::string::npos) return 0;
+    char state = 0;
+    pid_t parent = 0;
+    std::istringstream(line.substr(close + 1)) >> state >> parent;
+    return parent;
+}
+/// The task's own pid, and its parent's parent.
+std::pair<pid_t, pid_t> pid_and_grandparent(int) { return {::getpid(), parent_of(::getppid())}; }
+std::pair<pid_t, pid_t> nap_pid_and_grandparent(int) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    return {::getpid(), parent_of(::getppid())};
+}
 /// The rank a task ran on, and that rank's hostname.
 std::pair<int, std::string> where_task(int) {
     int rank = 0;
@@ -176,9 +194,12 @@ TEST_CASE("apply and apply_async run on the worker ranks", "[api]") {
     const auto pids = pool.worker_pids();
     CHECK(pids.size() == 2);
     CHECK(std::find(pids.begin(), pids.end(), ::getpid()) == pids.end());
-    std::set<pid_t> ran_in;
-    for (int i = 0; i < 20; ++i) ran_in.insert(pool.apply(pid_of_task, i));
-    for (pid_t p : ran_in) CHECK(std::find(pids.begin(), pids.end(), p) != pids.end());
+    // Tasks run in each rank's local workers: children of its fork server, a child of the rank.
+    for (int i = 0; i < 20; ++i) {
+        const auto [pid, grandparent] = pool.apply(pid_and_grandparent, i);
+        CHECK(std::find(pids.begin(), pids.end(), pid) == pids.end());
+        CHECK(std::find(pids.begin(), pids.end(), grandparent) != pids.end());
+    }
     // Where each worker runs: its rank, host and pid, in the order of worker_pids().
     const auto places = pool.ranks();
     REQUIRE(places.size() == pids.size());
@@ -194,6 +215,51 @@ TEST_CASE("apply and apply_async run on the worker ranks", "[api]") {
     }
     pool.close();
     pool.join();
+}
+
+TEST_CASE("in_rank: tasks run in the ranks' own processes, one at a time", "[api]") {
+    Watchdog dog(120s, "in_rank");
+    mproc::mpi::Pool pool({.in_rank = true});
+    const auto pids = pool.worker_pids();
+    std::set<pid_t> ran_in;
+    for (int i = 0; i < 20; ++i) ran_in.insert(pool.apply(pid_of_task, i));
+    for (pid_t p : ran_in) CHECK(std::find(pids.begin(), pids.end(), p) != pids.end());
+    CHECK(pool.map(square, iota_vector(100), 7) == pool.map(square, iota_vector(100), 1));
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("each rank's local pool: processes_per_rank, max_tasks_per_child, task_timeout", "[api]") {
+    Watchdog dog(120s, "local pools");
+    {
+        // Two local workers per rank: four processes run tasks, two per rank, at once.
+        mproc::mpi::Pool pool({.processes_per_rank = 2});
+        std::set<std::pair<pid_t, pid_t>> seen;
+        for (const auto& pg : pool.map(nap_pid_and_grandparent, iota_vector(40), 1)) seen.insert(pg);
+        std::map<pid_t, std::set<pid_t>> by_rank;
+        for (const auto& [pid, rank_pid] : seen) by_rank[rank_pid].insert(pid);
+        CHECK(by_rank.size() == 2);
+        for (const auto& [rank_pid, workers] : by_rank) CHECK(workers.size() == 2);
+        pool.close();
+        pool.join();
+    }
+    {
+        // One task per local worker: every task in a process of its own.
+        mproc::mpi::Pool pool({.processes_per_rank = 1, .max_tasks_per_child = 1});
+        std::set<pid_t> pids;
+        for (int i = 0; i < 12; ++i) pids.insert(pool.apply(pid_and_grandparent, i).first);
+        CHECK(pids.size() == 12);
+        pool.close();
+        pool.join();
+    }
+    {
+        // A task past task_timeout fails with TimeoutError; its rank goes on.
+        mproc::mpi::Pool pool({.processes_per_rank = 1, .task_timeout = mproc::Seconds(0.5)});
+        CHECK_THROWS_AS(pool.apply(nap_ms, 30'000), mproc::TimeoutError);
+        CHECK(pool.apply(square, 12) == 144);
+        pool.close();
+        pool.join();
+    }
 }
 
 TEST_CASE("map, starmap and imap keep the input order over 10,000 tasks", "[order]") {

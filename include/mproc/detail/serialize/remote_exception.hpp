@@ -46,12 +46,17 @@ struct RemoteException {
         shut_down,
         cancelled_error,
         memory_limit_exceeded,
+        worker_lost,  // message: what was lost ("task 7 (item 2)"); then pid, signal, exit status
     };
     std::uint8_t kind = other;
     std::string type_name;
     std::string message;
+    std::int64_t lost[3] = {0, 0, 0};  // worker_lost: pid, signal, exit status
 
-    template <class Archive> void serialize(Archive& ar) { ar(kind, type_name, message); }
+    template <class Archive> void serialize(Archive& ar) {
+        ar(kind, type_name, message);
+        if (kind == worker_lost) ar(lost[0], lost[1], lost[2]);
+    }
 
     /// Describes the exception being handled. Call inside a catch block.
     static RemoteException capture() {
@@ -85,8 +90,17 @@ struct RemoteException {
             e.set(cancelled_error, x);
         } catch (const MemoryLimitExceeded& x) {
             e.set(memory_limit_exceeded, x);
+        } catch (const WorkerLost& x) {
+            // Rebuilt whole on the other side (an mpi::Pool's rank relays its local workers').
+            e.set(worker_lost, x);
+            const std::string what = x.what();
+            const std::size_t cut = what.rfind(" lost: worker ");
+            e.message = cut == std::string::npos ? what : what.substr(0, cut);
+            e.lost[0] = x.pid();
+            e.lost[1] = x.signal();
+            e.lost[2] = x.exit_status();
         } catch (const Error& x) {
-            e.set(mproc_error, x);  // WorkerLost too: its message says it all
+            e.set(mproc_error, x);
         } catch (const std::invalid_argument& x) {
             e.set(invalid_argument, x);
         } catch (const std::domain_error& x) {
@@ -148,6 +162,9 @@ struct RemoteException {
             case shut_down: return std::make_exception_ptr(ShutDown(message));
             case cancelled_error: return std::make_exception_ptr(CancelledError(message));
             case memory_limit_exceeded: return std::make_exception_ptr(MemoryLimitExceeded(message));
+            case worker_lost:
+                return std::make_exception_ptr(WorkerLost(message, static_cast<pid_t>(lost[0]),
+                                                          static_cast<int>(lost[1]), static_cast<int>(lost[2])));
             default: return std::make_exception_ptr(RemoteError(type_name, message));
         }
     }

@@ -45,11 +45,11 @@ enum Tag : int { to_worker = 0x6d70, to_master = 0x6d71 };
 
 enum class Kind : std::uint8_t {
     modules = 1,    // rank 0 → worker: u32 first id | names... (code objects tasks refer to)
-    open = 2,       // rank 0 → worker: u64 initializer (portable address, 0: none)
+    open = 2,       // rank 0 → worker: u64 initializer (portable address, 0: none) | LocalPoolSpec
     tasks = 3,      // rank 0 → worker: i64 sent_ns | task frames
     cancel = 4,     // rank 0 → worker: drop the pool's tasks, answer `cancelled`
     exit = 5,       // rank 0 → worker: the program is over
-    hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's)
+    hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's) | u32 capacity
     results = 7,    // worker → rank 0: i64 echo_ns | i64 held_ns | result frames, in the order of the tasks
     cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
 };
@@ -58,6 +58,25 @@ enum class Kind : std::uint8_t {
 inline constexpr std::size_t message_kind_at = 0;
 inline constexpr std::size_t message_pool_at = 1;
 inline constexpr std::size_t message_header = message_pool_at + sizeof(std::uint64_t);
+
+/// How a worker rank runs its tasks: in `processes` local worker processes of its own (a Pool
+/// forked on the rank, so a task that crashes fails alone with WorkerLost), or in the rank's own
+/// process (`in_rank`). The local pool's options are those of mpi::PoolOptions.
+struct LocalPoolSpec {
+    std::uint32_t processes = 0;  // 0: the CPUs of the rank's affinity
+    std::uint8_t in_rank = 0;
+    std::uint64_t max_tasks_per_child = 0;
+    double task_timeout_s = 0;  // 0: none
+    std::uint64_t max_memory_per_child = 0;
+    std::uint64_t memory_limit = 0;
+    std::uint32_t max_retries = 0;
+    double stall_timeout_s = 0;  // 0: none
+
+    template <class Archive> void serialize(Archive& ar) {
+        ar(processes, in_rank, max_tasks_per_child, task_timeout_s, max_memory_per_child, memory_limit, max_retries,
+           stall_timeout_s);
+    }
+};
 
 /// The stamps before the frames of a tasks message (sent_ns) and of a results message (echo_ns,
 /// held_ns; echo_ns 0: no tasks message arrived since the last results message).

@@ -268,8 +268,8 @@ private:
 
 class MpiEngine final : public mproc::detail::PoolEngine {
 public:
-    MpiEngine(Master& master, unsigned processes, std::uint64_t initializer)
-        : master_(master), pool_(master.next_pool()), initializer_(initializer) {
+    MpiEngine(Master& master, unsigned processes, std::uint64_t initializer, LocalPoolSpec spec)
+        : master_(master), pool_(master.next_pool()), initializer_(initializer), spec_(spec) {
         seats_ = std::vector<Seat>(processes);  // built in place: a Seat does not move
         for (unsigned i = 0; i < processes; ++i) seats_[i].rank = static_cast<int>(i) + 1;
         master_.acquire(this);
@@ -340,6 +340,7 @@ public:
 private:
     struct Seat {
         int rank = 0;
+        unsigned capacity = 1;  // tasks the rank runs at once (its local workers; its hello says)
         double rtt_ns = 0;  // the round trip to this rank, smoothed (0: not measured yet)
         std::deque<Task> inflight;
         std::deque<std::size_t> sizes;  // of each task in flight (its frame is gone once sent)
@@ -355,12 +356,16 @@ private:
     static constexpr std::size_t batch_bytes = std::size_t{4} << 20;
     static constexpr std::size_t no_batch = SIZE_MAX;
 
-    /// Tasks a seat may hold: about 2 ms of work plus two of its round trips (a result's way back
-    /// and the next tasks' way there), from the measured task time; 2 to 1024; 4 at first.
+    /// Tasks a seat may hold: for each task the rank runs at once, about 2 ms of work plus two of
+    /// its round trips (a result's way back and the next tasks' way there), from the measured
+    /// task time; 2 per task at once to 1024; 4 per task at once at first.
     std::size_t window_locked(const Seat& seat) const noexcept {
-        if (avg_task_ns_ <= 0) return 4;  // until a task time is measured
+        const double at_once = seat.capacity;
+        const double most = max_window;
+        if (avg_task_ns_ <= 0) return static_cast<std::size_t>(std::min(4.0 * at_once, most));
         const double cover_ns = 2'000'000.0 + 2.0 * seat.rtt_ns;
-        return static_cast<std::size_t>(std::clamp(cover_ns / avg_task_ns_, 2.0, static_cast<double>(max_window)));
+        return static_cast<std::size_t>(
+            std::clamp(cover_ns / avg_task_ns_ * at_once, std::min(2.0 * at_once, most), most));
     }
 
     /// Gives each seat what its window has room for, as batches to send.
@@ -414,7 +419,7 @@ private:
             Buffer m;
             begin_message(m, Kind::open, pool_);
             Writer w(m);
-            w(initializer_);
+            w(initializer_, spec_);
             master_.post_send(s.rank, std::move(m));
         }
     }
@@ -478,7 +483,14 @@ private:
         if (!seat) return;
         if (m.kind == Kind::hello) {
             Reader in(m.payload());
-            if (const auto why = mproc::detail::read_hello_outcome(in)) {
+            const auto why = mproc::detail::read_hello_outcome(in);
+            std::uint32_t capacity = 1;
+            in(capacity);
+            {
+                std::lock_guard lock(mutex_);
+                seat->capacity = std::max<std::uint32_t>(capacity, 1);
+            }
+            if (why) {
                 break_pool(nullptr, fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source,
                                                 why->type_name, why->message));
             }
@@ -504,12 +516,16 @@ private:
             FrameCursor frames(payload.subspan(results_stamp_bytes));
             while (auto body = frames.next()) {
                 const std::uint64_t id = mproc::detail::result_id(*body);
-                // After a break the seat holds nothing: late results are dropped here.
-                if (seat->inflight.empty() || seat->inflight.front().id != id) continue;
-                seat->bytes -= seat->sizes.front();
-                seat->sizes.pop_front();
-                finished.push_back({std::move(seat->inflight.front()), *body});
-                seat->inflight.pop_front();
+                // In any order (a rank's local workers finish tasks out of order); after a break
+                // the seat holds nothing: late results are dropped here.
+                const auto it = std::find_if(seat->inflight.begin(), seat->inflight.end(),
+                                             [id](const Task& t) { return t.id == id; });
+                if (it == seat->inflight.end()) continue;
+                const auto at = it - seat->inflight.begin();
+                seat->bytes -= seat->sizes[static_cast<std::size_t>(at)];
+                seat->sizes.erase(seat->sizes.begin() + at);
+                finished.push_back({std::move(*it), *body});
+                seat->inflight.erase(it);
                 const auto per_task = static_cast<double>(mproc::detail::result_frame::spent_ns::get(*body));
                 avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
             }
@@ -593,6 +609,7 @@ private:
     Master& master_;
     std::uint64_t pool_;
     std::uint64_t initializer_;
+    LocalPoolSpec spec_;
     std::vector<Seat> seats_;
 
     std::condition_variable wake_;  // the MPI thread waits here

@@ -1,16 +1,26 @@
 // mproc — what a worker rank does: serve the pools of rank 0 until the program ends.
 //
-// A worker keeps the task batches rank 0 sent it, runs their tasks one after another through the
-// local Pool's run_task (the same invokers, the same result frames), and sends the results back
-// in batches: when it has nothing else queued, or every 100 µs of work, so rank 0 can refill its
-// window while it works. Between two tasks it looks for new messages without waiting; with nothing
-// to do it waits with a Backoff (mpi_comm.hpp), never in a blocking MPI call.
+// A worker keeps the task batches rank 0 sent it and hands their tasks, as they are, to a local
+// Pool engine of its own — forked worker processes on this host (LocalPoolSpec, comm.hpp), made
+// when rank 0 opens a pool, after the pool's initializer ran in the rank, so they inherit what it
+// set up. A task that crashes its process fails alone, with WorkerLost, and the local pool's
+// max_tasks_per_child, task_timeout, memory limits and retries apply. Each result frame comes back
+// through a RelaySink on the local pool's thread, under the task's own id, to a queue the rank
+// drains. With `in_rank`, the rank runs the tasks itself, one after another, through the local
+// Pool's run_task (the same invokers, the same result frames). Either way the results go back in
+// batches: when nothing else is queued, or every 100 µs of work, so rank 0 can refill its window
+// while the rank works. Between two looks it reads new messages without waiting; with nothing to
+// do it waits with a Backoff (comm.hpp), never in a blocking MPI call.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -19,7 +29,10 @@
 #include <fmt/format.h>
 
 #include "../../detail/os/clock.hpp"
+#include "../../detail/os/cpu.hpp"
 #include "../../detail/os/framing.hpp"
+#include "../../detail/pool/engine.hpp"
+#include "../../detail/pool/fork_engine.hpp"
 #include "../../detail/pool/wire.hpp"
 #include "../../detail/pool/worker.hpp"
 #include "../../detail/serialize/remote_exception.hpp"
@@ -33,9 +46,132 @@ namespace mproc::mpi::detail {
 using mproc::detail::Outcome;
 using mproc::detail::RemoteException;
 
+/// Result frames the local pool has finished, for the rank's thread to send (any thread).
+struct RelayQueue {
+    std::mutex mutex;
+    std::deque<Buffer> frames;
+    std::atomic<std::int64_t> last_done_ns{0};
+    unsigned processes = 1;
+
+    void push(Buffer frame) {
+        std::lock_guard lock(mutex);
+        frames.push_back(std::move(frame));
+    }
+};
+
+/// The sink of one task relayed to the local pool: it gathers the task's item outcomes as they
+/// come (in one piece, usually) and queues the result frame rank 0 expects, under the task's id
+/// from rank 0. Runs on the local pool's thread.
+class RelaySink final : public mproc::detail::ResultSink {
+public:
+    /// `skips`: items rank 0 failed before (a skipped outcome goes back for each).
+    RelaySink(std::uint64_t id, std::uint32_t count, std::span<const std::uint32_t> skips, std::string where,
+              RelayQueue& queue)
+        : id_(id), count_(count), where_(std::move(where)), queue_(queue), slots_(count),
+          submitted_ns_(mproc::detail::monotonic_ns()) {
+        for (std::uint32_t i : skips)
+            if (i < count) fill(i, Outcome::skipped, {});
+    }
+
+    void deliver(std::size_t first, std::span<const mproc::detail::OutcomeRecord> outcomes,
+                 std::span<const std::uint32_t> skips) override {
+        // One outcome per item; those in `skips` failed before (fail()) and are already filled.
+        for (std::size_t i = 0; i < outcomes.size() && first + i < slots_.size(); ++i)
+            if (!std::binary_search(skips.begin(), skips.end(), static_cast<std::uint32_t>(i)))
+                fill(first + i, outcomes[i].outcome, outcomes[i].bytes);
+        finish_if_done();
+    }
+    void deliver_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count) override {
+        if (first == 0 && count == count_ && filled_ == 0) {
+            fill_all_packed(values);
+            return;
+        }
+        ResultSink::deliver_packed(first, values, count);
+    }
+    void fail(std::size_t index, std::exception_ptr error) override {
+        if (index >= slots_.size()) return;
+        RemoteException why;
+        try {
+            std::rethrow_exception(error);
+        } catch (...) {
+            why = RemoteException::capture();
+        }
+        // The local pool's own task id means nothing on rank 0: what was lost is named by place.
+        if (why.kind == RemoteException::worker_lost)
+            why.message = count_ > 1 ? fmt::format("task item {} on {}", index, where_) : "task on " + where_;
+        Buffer bytes;
+        Writer w(bytes);
+        w(why);
+        fill(index, Outcome::exception, bytes.bytes());
+        finish_if_done();
+    }
+
+private:
+    struct Slot {
+        bool set = false;
+        Outcome outcome = Outcome::skipped;
+        std::vector<std::byte> bytes;
+    };
+
+    void fill(std::size_t i, Outcome outcome, std::span<const std::byte> bytes) {
+        Slot& s = slots_[i];
+        if (s.set) return;
+        s.set = true;
+        s.outcome = outcome;
+        s.bytes.assign(bytes.begin(), bytes.end());
+        ++filled_;
+    }
+    void fill_all_packed(std::span<const std::byte> values) {
+        Buffer frame;
+        Writer out = mproc::detail::begin_result_frame(frame, id_);
+        out.write(Outcome::packed);
+        const std::size_t at = mproc::detail::begin_record(out);
+        out.write_raw(values.data(), values.size());
+        mproc::detail::end_record(out, at);
+        filled_ = count_;
+        send(std::move(frame));
+    }
+    void finish_if_done() {
+        if (filled_ != count_ || sent_) return;
+        Buffer frame;
+        Writer out = mproc::detail::begin_result_frame(frame, id_);
+        for (const Slot& s : slots_) {
+            out.write(s.outcome);
+            const std::size_t at = mproc::detail::begin_record(out);
+            out.write_raw(s.bytes.data(), s.bytes.size());
+            mproc::detail::end_record(out, at);
+        }
+        send(std::move(frame));
+    }
+    /// Queues the frame, with an estimate of the task's own run time: from its submission, or,
+    /// while the local workers are all busy, from the last task done before it times their number.
+    void send(Buffer frame) {
+        sent_ = true;
+        const std::int64_t now = mproc::detail::monotonic_ns();
+        const std::int64_t last = queue_.last_done_ns.exchange(now, std::memory_order_relaxed);
+        std::int64_t spent = now - submitted_ns_;
+        if (last > submitted_ns_) spent = std::min(spent, (now - last) * static_cast<std::int64_t>(queue_.processes));
+        mproc::detail::finish_result_frame(frame, spent);
+        queue_.push(std::move(frame));
+    }
+
+    std::uint64_t id_;
+    std::uint32_t count_;
+    std::string where_;
+    RelayQueue& queue_;
+    std::vector<Slot> slots_;
+    std::uint32_t filled_ = 0;
+    bool sent_ = false;
+    std::int64_t submitted_ns_;
+};
+
 class WorkerRank {
 public:
-    WorkerRank(MPI_Comm comm, int rank) : comm_(comm), rank_(rank), resolver_(rank) {}
+    WorkerRank(MPI_Comm comm, int rank, std::string host)
+        : comm_(comm), rank_(rank), where_(fmt::format("rank {} (host {})", rank, host)), resolver_(rank) {}
+    ~WorkerRank() { end_local_pool(/*terminate=*/true); }
+    WorkerRank(const WorkerRank&) = delete;
+    WorkerRank& operator=(const WorkerRank&) = delete;
 
     /// Serves until rank 0 says the program is over.
     void serve() {
@@ -46,19 +182,30 @@ public:
             while (auto m = try_receive(comm_, 0, to_worker)) {
                 busy = true;
                 if (!handle(std::move(*m))) {
+                    end_local_pool(/*terminate=*/false);
                     flush();
                     return;
                 }
             }
-            if (auto body = next_task()) {
+            if (local_) {
+                busy |= relay_tasks();
+                busy |= collect_relayed();
+            } else if (auto body = next_task()) {
                 run(*body);
                 busy = true;
             }
             if (!results_.empty() && (batches_.empty() || mproc::detail::Clock::now() - first_result_ > flush_every ||
                                       results_.size() > flush_bytes))
                 flush();
-            if (busy) backoff.reset();
-            else backoff.pause();
+            if (busy) {
+                backoff.reset();
+            } else if (relayed_ != 0) {
+                // Local workers are running tasks: their results are looked for every 100 µs.
+                timespec ts{0, 100'000};
+                while (::nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+            } else {
+                backoff.pause();
+            }
         }
     }
 
@@ -83,24 +230,32 @@ private:
                 return true;
             }
             case Kind::open: {
+                end_local_pool(/*terminate=*/true);  // the last pool's (its tasks are done or cancelled)
                 batches_.clear();
                 results_.clear();
                 pool_ = m.pool;
                 Reader in(m.payload());
                 std::uint64_t initializer = 0;
-                in(initializer);
+                LocalPoolSpec spec;
+                in(initializer, spec);
                 Buffer hello;
                 begin_message(hello, Kind::hello, pool_);
                 Writer w(hello);
+                std::uint32_t capacity = 1;
                 try {
+                    // In the rank itself, before the local workers are forked: they inherit
+                    // what it set up (globals, libraries it loaded), and the rank can name code
+                    // in the libraries it loaded.
                     if (initializer != 0)
                         reinterpret_cast<void (*)()>(resolver_.resolve(initializer, CodeResolver::Use::code))();
+                    if (!spec.in_rank) capacity = start_local_pool(spec);
                     mproc::detail::write_void_outcome(w);
                     refused_ = false;
                 } catch (...) {
                     mproc::detail::write_exception_outcome(w, RemoteException::capture());
                     refused_ = true;  // rank 0 breaks the pool; what it sent meanwhile is dropped
                 }
+                w(capacity);
                 send(comm_, 0, to_master, hello);
                 return true;
             }
@@ -119,6 +274,9 @@ private:
                 if (m.pool == pool_) {
                     batches_.clear();
                     results_.clear();
+                    // Its running tasks end now (their processes are killed), and what they
+                    // delivered is dropped.
+                    end_local_pool(/*terminate=*/true);
                 }
                 Buffer answer;
                 begin_message(answer, Kind::cancelled, m.pool);
@@ -153,13 +311,111 @@ private:
         } catch (...) {
             mproc::detail::failed_task_frame(out_, body, RemoteException::capture());
         }
-        if (!results_.empty() && results_.size() + out_.size() > max_message) flush();
+        append_result(out_);
+    }
+
+    /// Forks the local workers: `spec.processes`, or one per CPU of this rank's affinity. Returns
+    /// how many tasks the rank runs at once.
+    std::uint32_t start_local_pool(const LocalPoolSpec& spec) {
+        mproc::PoolOptions o;
+        o.processes = spec.processes ? spec.processes : mproc::detail::affinity_cpu_count();
+        o.max_tasks_per_child = static_cast<unsigned long>(spec.max_tasks_per_child);
+        if (spec.task_timeout_s > 0) o.task_timeout = mproc::Seconds(spec.task_timeout_s);
+        o.max_memory_per_child = static_cast<std::size_t>(spec.max_memory_per_child);
+        o.memory_limit = static_cast<std::size_t>(spec.memory_limit);
+        o.max_retries = spec.max_retries;
+        if (spec.stall_timeout_s > 0) o.stall_timeout = mproc::Seconds(spec.stall_timeout_s);
+        const unsigned processes = o.processes;
+        local_ = std::make_unique<mproc::detail::ForkEngine>(std::move(o));
+        relay_.processes = processes;
+        relay_.last_done_ns.store(0, std::memory_order_relaxed);
+        return processes;
+    }
+
+    /// Ends the local pool: joined once its tasks are done, or terminated (pending tasks fail, and
+    /// their results are dropped).
+    void end_local_pool(bool terminate) noexcept {
+        if (!local_) return;
+        try {
+            if (terminate) {
+                local_->terminate();
+            } else {
+                local_->close();
+                local_->join();
+            }
+        } catch (...) {}
+        local_.reset();
+        relayed_ = 0;
+        std::lock_guard lock(relay_.mutex);
+        relay_.frames.clear();
+    }
+
+    /// Hands the local pool what it has room for: the tasks of the batches rank 0 sent, as they
+    /// are, under new ids (its own), each with a RelaySink that answers under rank 0's id.
+    bool relay_tasks() {
+        bool any = false;
+        // Twice the workers in the local pool at most: the rest wait here, in rank 0's order.
+        while (relayed_ < std::size_t{relay_.processes} * 2) {
+            auto body = next_task();
+            if (!body) break;
+            any = true;
+            mproc::detail::Task task;
+            std::uint64_t id = 0;
+            try {
+                if (body->size() < mproc::detail::task_frame::smallest)
+                    throw SerializationError("mproc::mpi: task frame too short");
+                id = mproc::detail::task_frame::id::get(*body);
+                resolver_.make_local(*body);
+                const auto view = mproc::detail::parse_task(*body);
+                task.id = local_->next_task_id();
+                task.count = view.count;
+                task.skips = view.skips;
+                std::sort(task.skips.begin(), task.skips.end());
+                task.frame.reserve(body->size() + mproc::detail::frame_header_size);
+                mproc::detail::begin_frame(task.frame);
+                task.frame.append(body->data(), body->size());
+                mproc::detail::finish_frame(task.frame);
+                auto frame_body = mproc::detail::body_of(task.frame);
+                mproc::detail::task_frame::id::set(frame_body, task.id);
+                mproc::detail::task_frame::call::set(frame_body, task.id);
+                task.sink = std::make_shared<RelaySink>(id, view.count, task.skips, where_, relay_);
+                task.sink->call = task.id;
+                local_->submit(std::move(task));
+                ++relayed_;
+            } catch (...) {
+                // Not even handed over (it does not resolve here, or the local pool broke): the
+                // task fails as a whole, as a rank running it itself would fail it.
+                out_.clear();
+                mproc::detail::failed_task_frame(out_, *body, RemoteException::capture());
+                append_result(out_);
+            }
+        }
+        return any;
+    }
+
+    /// Moves the finished result frames of the local pool into the next results message.
+    bool collect_relayed() {
+        std::deque<Buffer> frames;
+        {
+            std::lock_guard lock(relay_.mutex);
+            if (relay_.frames.empty()) return false;
+            frames.swap(relay_.frames);
+        }
+        for (Buffer& f : frames) {
+            relayed_ -= std::min<std::size_t>(relayed_, 1);
+            append_result(f);
+        }
+        return true;
+    }
+
+    void append_result(const Buffer& frame) {
+        if (!results_.empty() && results_.size() + frame.size() > max_message) flush();
         if (results_.empty()) {
             begin_message(results_, Kind::results, pool_);
             results_.extend(results_stamp_bytes);  // echo_ns, held_ns: filled in by flush()
             first_result_ = mproc::detail::Clock::now();
         }
-        results_.append(out_.data(), out_.size());
+        results_.append(frame.data(), frame.size());
     }
 
     void flush() {
@@ -173,7 +429,11 @@ private:
 
     MPI_Comm comm_;
     int rank_;
+    std::string where_;  // "rank N (host H)", for WorkerLost messages
     CodeResolver resolver_;
+    RelayQueue relay_;                                  // before local_: it outlives the engine
+    std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
+    std::size_t relayed_ = 0;                           // tasks in the local pool
     std::uint64_t pool_ = 0;
     bool refused_ = false;
     std::int64_t echo_ns_ = 0;          // the sent_ns of the newest tasks message not yet answered
