@@ -3,6 +3,8 @@
 //     mpi_pool_bench --local N CHUNKSIZE [REPEAT]                       mproc::Pool, 2 forked workers
 // Prints one JSON line: {"op": "pool_map", "impl": ..., "value": tasks/s, "unit": "tasks/s", ...}.
 // mpi4py_pool.py is its twin for mpi4py.futures; run.sh runs them side by side.
+// MPROC_BENCH_PER_RANK=K runs each rank's tasks in a local pool of K processes (0: one per CPU,
+// mproc's default); MPROC_BENCH_PER_RANK=in_rank (the default here, as mpi4py does) in the rank.
 //
 //     mpirun ... mpi_pool_bench --busy US N     map of N tasks that each keep a CPU busy for US µs,
 //                                               chunksize 1: the workers' busy share (each worker's
@@ -68,6 +70,19 @@ double busy_share(mproc::mpi::Pool& pool, long long us, std::size_t n, int repea
     return best;
 }
 
+/// The pool's options from MPROC_BENCH_PER_RANK (see above).
+mproc::mpi::PoolOptions bench_options() {
+    mproc::mpi::PoolOptions o;
+    const char* per_rank = std::getenv("MPROC_BENCH_PER_RANK");
+    if (!per_rank || std::string(per_rank) == "in_rank") o.in_rank = true;
+    else o.processes_per_rank = static_cast<unsigned>(std::atoi(per_rank));
+    return o;
+}
+const char* per_rank_label() {
+    const char* per_rank = std::getenv("MPROC_BENCH_PER_RANK");
+    return per_rank ? per_rank : "in_rank";
+}
+
 template <class Pool>
 double best_rate(Pool& pool, const std::vector<long long>& xs, std::size_t chunksize, int repeat) {
     pool.map(square, std::vector<long long>(xs.begin(), xs.begin() + std::min<std::size_t>(xs.size(), 2000)), 1);
@@ -93,11 +108,11 @@ int main(int argc, char** argv) {
     if (argc == 4 && std::string(argv[1]) == "--busy") {
         const long long us = std::atoll(argv[2]);
         const auto n = static_cast<std::size_t>(std::atoll(argv[3]));
-        mproc::mpi::Pool pool;
+        mproc::mpi::Pool pool(bench_options());
         std::printf(
             "{\"op\": \"pool_busy\", \"impl\": \"mproc.mpi.Pool\", \"value\": %.3f, \"unit\": \"share\", "
-            "\"task_us\": %lld, \"n\": %zu, \"workers\": %u}\n",
-            busy_share(pool, us, n, 3), us, n, pool.processes());
+            "\"task_us\": %lld, \"n\": %zu, \"workers\": %u, \"per_rank\": \"%s\"}\n",
+            busy_share(pool, us, n, 3), us, n, pool.processes(), per_rank_label());
         return 0;
     }
     const int first = local ? 2 : 1;
@@ -118,13 +133,13 @@ int main(int argc, char** argv) {
         workers = pool.processes();
         rate = best_rate(pool, xs, chunksize, repeat);
     } else {
-        mproc::mpi::Pool pool;
+        mproc::mpi::Pool pool(bench_options());
         workers = pool.processes();
         rate = best_rate(pool, xs, chunksize, repeat);
     }
     std::printf(
         "{\"op\": \"pool_map\", \"impl\": \"%s\", \"value\": %.0f, \"unit\": \"tasks/s\", \"n\": %zu, "
-        "\"chunksize\": %zu, \"workers\": %u}\n",
-        local ? "mproc.Pool" : "mproc.mpi.Pool", rate, n, chunksize, workers);
+        "\"chunksize\": %zu, \"workers\": %u, \"per_rank\": \"%s\"}\n",
+        local ? "mproc.Pool" : "mproc.mpi.Pool", rate, n, chunksize, workers, local ? "-" : per_rank_label());
     return 0;
 }

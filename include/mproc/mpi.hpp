@@ -47,6 +47,7 @@
 
 #include <fmt/format.h>
 
+#include "detail/os/cpu.hpp"
 #include "errors.hpp"
 #include "mpi/detail/comm.hpp"
 #include "mpi/detail/engine.hpp"
@@ -79,6 +80,7 @@ namespace detail {
 struct RankHello {
     std::int32_t pid = 0;
     std::int32_t heartbeat = 0;  // 1: connected to rank 0's heartbeat
+    std::int32_t cpus = 1;       // in its affinity (a rank's local pool has one worker per CPU by default)
     char why_not[120] = {};      // else why not
     char host[64] = {};
 };
@@ -174,6 +176,7 @@ private:
         detail::check(MPI_Bcast(&setup, static_cast<int>(sizeof setup), MPI_BYTE, 0, rt.comm), "MPI_Bcast");
         detail::RankHello hello;
         hello.pid = static_cast<std::int32_t>(::getpid());
+        hello.cpus = static_cast<std::int32_t>(mproc::detail::affinity_cpu_count());
         ::gethostname(hello.host, sizeof hello.host - 1);
         // A worker beats from the moment it is connected: rank 0 times its silence from then,
         // and the gather below may wait for a slower rank.
@@ -197,7 +200,8 @@ private:
         for (int r = 0; r < rt.size; ++r) {
             const auto& h = hellos[static_cast<std::size_t>(r)];
             beating[static_cast<std::size_t>(r)] = h.heartbeat != 0;
-            places.push_back({static_cast<pid_t>(h.pid), std::string(h.host, ::strnlen(h.host, sizeof h.host))});
+            places.push_back({static_cast<pid_t>(h.pid), std::string(h.host, ::strnlen(h.host, sizeof h.host)),
+                              static_cast<unsigned>(std::max(h.cpus, 1))});
             if (r != 0 && setup.timeout_ms != 0 && !h.heartbeat)
                 std::fprintf(stderr,
                              "mproc::mpi: rank %d on %s has no heartbeat (%s): if its host is lost, only MPI's own "
@@ -270,14 +274,17 @@ class Pool : public mproc::Pool {
 public:
     Pool() : Pool(PoolOptions{}) {}
     explicit Pool(unsigned processes) : Pool(PoolOptions{.processes = processes}) {}
-    explicit Pool(PoolOptions options) : mproc::Pool(make_engine(options)) {}
+    explicit Pool(PoolOptions options)
+        : mproc::Pool(make_engine(options)),
+          ranks_(options.processes ? options.processes : detail::Runtime::get().master->workers()) {}
 
-    /// Where each worker of this pool runs: its rank, host and pid, in the order of worker_pids()
-    /// (whose pids alone are ambiguous across hosts).
+    /// Where each worker rank of this pool runs: its rank, host and pid, in the order of
+    /// worker_pids() (whose pids alone are ambiguous across hosts). processes() counts the
+    /// processes that run tasks: every rank's local workers.
     std::vector<RankInfo> ranks() const {
         auto& master = *detail::Runtime::get().master;
         std::vector<RankInfo> out;
-        for (unsigned i = 0; i < processes(); ++i) {
+        for (unsigned i = 0; i < ranks_; ++i) {
             const int rank = static_cast<int>(i) + 1;
             const auto place = master.place_of(rank);
             out.push_back(RankInfo{rank, place.host, place.pid});
@@ -307,13 +314,19 @@ private:
         spec.processes = options.processes_per_rank;
         spec.in_rank = options.in_rank ? 1 : 0;
         spec.max_tasks_per_child = options.max_tasks_per_child;
-        spec.task_timeout_s = options.task_timeout ? std::max(options.task_timeout->count(), 1e-9) : 0.0;
+        for (const auto& [name, t] :
+             {std::pair{"task_timeout", options.task_timeout}, std::pair{"stall_timeout", options.stall_timeout}})
+            if (t && !(t->count() > 0))
+                throw Error(fmt::format("mproc::mpi::Pool: {} must be positive (got {} s)", name, t->count()));
+        spec.task_timeout_s = options.task_timeout ? options.task_timeout->count() : 0.0;
         spec.max_memory_per_child = options.max_memory_per_child;
         spec.memory_limit = options.memory_limit;
         spec.max_retries = options.max_retries;
-        spec.stall_timeout_s = options.stall_timeout ? std::max(options.stall_timeout->count(), 1e-9) : 0.0;
+        spec.stall_timeout_s = options.stall_timeout ? options.stall_timeout->count() : 0.0;
         return std::make_unique<detail::MpiEngine>(*rt.master, processes, initializer, spec);
     }
+
+    unsigned ranks_;
 };
 
 }  // namespace mproc::mpi

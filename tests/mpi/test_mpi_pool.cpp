@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <dlfcn.h>
 #include <fstream>
 #include <list>
@@ -61,6 +63,13 @@ pid_t parent_of(pid_t pid) {
 }
 /// The task's own pid, and its parent's parent.
 std::pair<pid_t, pid_t> pid_and_grandparent(int) { return {::getpid(), parent_of(::getppid())}; }
+/// Kills its own process the first time it sees `mark` (a file it then leaves); returns 1 after.
+int die_once(const std::string& mark) {
+    if (::access(mark.c_str(), F_OK) == 0) return 1;
+    std::ofstream(mark) << "seen";
+    ::raise(SIGKILL);
+    return 0;
+}
 std::pair<pid_t, pid_t> nap_pid_and_grandparent(int) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     return {::getpid(), parent_of(::getppid())};
@@ -164,7 +173,8 @@ TEST_CASE("tutorial: starmap over MPI ranks keeps the input order", "[tutorial]"
 TEST_CASE("apply and apply_async run on the worker ranks", "[api]") {
     Watchdog dog(120s, "apply");
     mproc::mpi::Pool pool;
-    REQUIRE(pool.processes() == 2);
+    REQUIRE(pool.ranks().size() == 2);
+    CHECK(pool.processes() >= 2);  // every rank's local workers (one per CPU)
     CHECK(pool.apply(square, 7) == 49);
     CHECK(pool.apply(add, 40, 2) == 42);
     std::set<int> ranks;
@@ -253,13 +263,37 @@ TEST_CASE("each rank's local pool: processes_per_rank, max_tasks_per_child, task
         pool.join();
     }
     {
-        // A task past task_timeout fails with TimeoutError; its rank goes on.
+        // A task past task_timeout fails with TimeoutError naming rank 0's task and the rank; the
+        // rank goes on.
         mproc::mpi::Pool pool({.processes_per_rank = 1, .task_timeout = mproc::Seconds(0.5)});
-        CHECK_THROWS_AS(pool.apply(nap_ms, 30'000), mproc::TimeoutError);
+        CHECK(pool.processes() == 2);
+        try {
+            pool.apply(nap_ms, 30'000);
+            FAIL("no TimeoutError");
+        } catch (const mproc::TimeoutError& e) {
+            CHECK_THAT(e.what(), Catch::Contains("on rank "));
+        }
         CHECK(pool.apply(square, 12) == 144);
         pool.close();
         pool.join();
     }
+    {
+        // An item whose worker is lost runs again, as many times as the call's max_retries says.
+        mproc::mpi::Pool pool({.processes_per_rank = 1});
+        const std::string stem = "/tmp/mproc-mpi-retry-" + std::to_string(::getpid()) + "-";
+        std::vector<std::string> marks;
+        for (int i = 0; i < 4; ++i) marks.push_back(stem + std::to_string(i));
+        CHECK(pool.map(die_once, marks, 1, mproc::CallOptions{.max_retries = 1}) == std::vector<int>(4, 1));
+        for (auto& m : marks) m += "b";
+        CHECK_THROWS_AS(pool.map(die_once, marks, 1), mproc::WorkerLost);  // the pool's: no retry
+        for (const auto& m : marks) {
+            std::remove(m.c_str());
+            std::remove(m.substr(0, m.size() - 1).c_str());
+        }
+        pool.close();
+        pool.join();
+    }
+    CHECK_THROWS_WITH(mproc::mpi::Pool({.task_timeout = mproc::Seconds(0)}), Catch::Contains("must be positive"));
 }
 
 TEST_CASE("map, starmap and imap keep the input order over 10,000 tasks", "[order]") {
@@ -680,7 +714,7 @@ TEST_CASE("one live pool at a time; more processes than worker ranks is an error
     first.close();
     first.join();
     mproc::mpi::Pool one(1);  // after join, the next may start; this one uses rank 1 alone
-    CHECK(one.processes() == 1);
+    CHECK(one.ranks().size() == 1);
     std::set<int> ranks;
     for (int i = 0; i < 20; ++i) ranks.insert(one.apply(rank_of_task, i));
     CHECK(ranks == std::set<int>{1});

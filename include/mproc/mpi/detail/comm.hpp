@@ -7,7 +7,8 @@
 // `to_master` (hello, results, cancelled). MPI keeps two messages between the same pair of ranks
 // in order, so a worker sees a pool's `open` before its tasks and a `cancel` after them.
 // A batch of tasks or results is a run of mproc frames (u64 length | body) in one message, so a
-// large argument travels as one message, never piece by piece. A batch of tasks starts with the
+// large argument travels as one message, never piece by piece; in a batch of tasks each frame
+// follows its TaskNote (what the rank's local pool needs of the call). A batch of tasks starts with the
 // time rank 0 sent it (its steady clock), and a batch of results with the last such time the
 // worker received and how long it held that batch before answering: rank 0 learns the round trip
 // to each worker from them (as TCP's timestamps do), and sizes the worker's window to it.
@@ -46,11 +47,11 @@ enum Tag : int { to_worker = 0x6d70, to_master = 0x6d71 };
 enum class Kind : std::uint8_t {
     modules = 1,    // rank 0 → worker: u32 first id | names... (code objects tasks refer to)
     open = 2,       // rank 0 → worker: u64 initializer (portable address, 0: none) | LocalPoolSpec
-    tasks = 3,      // rank 0 → worker: i64 sent_ns | task frames
+    tasks = 3,      // rank 0 → worker: i64 sent_ns | (TaskNote | task frame)...
     cancel = 4,     // rank 0 → worker: drop the pool's tasks, answer `cancelled`
     exit = 5,       // rank 0 → worker: the program is over
     hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's) | u32 capacity
-    results = 7,    // worker → rank 0: i64 echo_ns | i64 held_ns | result frames, in the order of the tasks
+    results = 7,    // worker → rank 0: i64 echo_ns | i64 held_ns | result frames, in any order
     cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
 };
 
@@ -89,6 +90,49 @@ inline std::int64_t stamp_at(std::span<const std::byte> bytes, std::size_t at) n
     std::memcpy(&v, bytes.data() + at, sizeof v);
     return v;
 }
+
+/// What rank 0 says of each task before its frame: where its items start in its call (for error
+/// messages), and the call's CallOptions::max_retries (`pool_retries`: the pool's own).
+struct TaskNote {
+    static constexpr std::uint32_t pool_retries = 0xFFFFFFFF;
+    std::uint64_t first = 0;
+    std::uint32_t max_retries = pool_retries;
+};
+inline constexpr std::size_t task_note_bytes = sizeof(std::uint64_t) + sizeof(std::uint32_t);
+
+inline void append_task_note(Buffer& out, const TaskNote& note) {
+    out.append(&note.first, sizeof note.first);
+    out.append(&note.max_retries, sizeof note.max_retries);
+}
+
+/// The tasks of a tasks payload (after its stamp), one at a time: each note and frame body.
+class TaskCursor {
+public:
+    explicit TaskCursor(std::span<const std::byte> bytes) noexcept : bytes_(bytes) {}
+    struct Entry {
+        TaskNote note;
+        std::span<const std::byte> body;
+    };
+    /// The next task, or nothing at the end. Throws SerializationError on a torn one.
+    std::optional<Entry> next() {
+        if (bytes_.empty()) return std::nullopt;
+        if (bytes_.size() < task_note_bytes + frame_header_size)
+            throw SerializationError("mproc::mpi: a torn task note");
+        Entry e;
+        std::memcpy(&e.note.first, bytes_.data(), sizeof e.note.first);
+        std::memcpy(&e.note.max_retries, bytes_.data() + sizeof e.note.first, sizeof e.note.max_retries);
+        bytes_ = bytes_.subspan(task_note_bytes);
+        std::uint64_t length = 0;
+        std::memcpy(&length, bytes_.data(), sizeof length);
+        if (length > bytes_.size() - frame_header_size) throw SerializationError("mproc::mpi: a torn task frame");
+        e.body = bytes_.subspan(frame_header_size, static_cast<std::size_t>(length));
+        bytes_ = bytes_.subspan(frame_header_size + static_cast<std::size_t>(length));
+        return e;
+    }
+
+private:
+    std::span<const std::byte> bytes_;
+};
 
 /// The largest message one MPI call carries: counts are `int`.
 inline constexpr std::size_t max_message = static_cast<std::size_t>(INT_MAX);

@@ -62,6 +62,7 @@ class MpiEngine;
 struct RankPlace {
     pid_t pid = 0;
     std::string host;
+    unsigned cpus = 1;  // in its affinity
 };
 
 /// Rank 0's state for the whole run.
@@ -271,7 +272,13 @@ public:
     MpiEngine(Master& master, unsigned processes, std::uint64_t initializer, LocalPoolSpec spec)
         : master_(master), pool_(master.next_pool()), initializer_(initializer), spec_(spec) {
         seats_ = std::vector<Seat>(processes);  // built in place: a Seat does not move
-        for (unsigned i = 0; i < processes; ++i) seats_[i].rank = static_cast<int>(i) + 1;
+        for (unsigned i = 0; i < processes; ++i) {
+            Seat& seat = seats_[i];
+            seat.rank = static_cast<int>(i) + 1;
+            // What the rank will say in its hello: its local workers, or 1 with in_rank.
+            seat.capacity = spec_.in_rank ? 1 : spec_.processes ? spec_.processes : master_.place_of(seat.rank).cpus;
+            capacity_ += seat.capacity;
+        }
         master_.acquire(this);
         std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
         try {
@@ -296,13 +303,16 @@ public:
         } catch (...) {}
     }
 
-    unsigned processes() const noexcept override { return static_cast<unsigned>(seats_.size()); }
+    /// The processes that run tasks: every rank's local workers (what chunking sizes itself by).
+    unsigned processes() const noexcept override { return capacity_; }
+    /// The ranks serving the pool.
+    unsigned ranks() const noexcept { return static_cast<unsigned>(seats_.size()); }
     // ---- the engine's hooks (mproc/detail/pool/engine.hpp) ----
 
     /// Everything that can fail is checked before any task is taken: the call takes all or none.
     void prepare(std::span<Task> tasks) override {
         for (Task& t : tasks) {
-            if (t.frame.size() + message_header > max_message)
+            if (t.frame.size() + message_header + tasks_stamp_bytes + task_note_bytes > max_message)
                 throw Error(
                     fmt::format("mproc::mpi: a task of {} bytes is larger than one MPI message carries ({} "
                                 "bytes)",
@@ -380,7 +390,8 @@ private:
             Task& task = seat.inflight.emplace_back(std::move(incoming));
             seat.sizes.push_back(task.frame.size());
             seat.bytes += task.frame.size();
-            if (batch[best] != no_batch && out[batch[best]].message.size() + task.frame.size() > batch_bytes)
+            if (batch[best] != no_batch &&
+                out[batch[best]].message.size() + task_note_bytes + task.frame.size() > batch_bytes)
                 batch[best] = no_batch;
             if (batch[best] == no_batch) {
                 batch[best] = out.size();
@@ -388,6 +399,10 @@ private:
                 begin_message(out.back().message, Kind::tasks, pool_);
                 out.back().message.extend(tasks_stamp_bytes);  // sent_ns, stamped as it goes out
             }
+            TaskNote note;
+            note.first = task.first;
+            if (task.sink && task.sink->max_retries) note.max_retries = *task.sink->max_retries;
+            append_task_note(out[batch[best]].message, note);
             out[batch[best]].message.append(task.frame.data(), task.frame.size());
             task.frame = Buffer{};  // sent: a task is never sent twice
         });
@@ -491,8 +506,11 @@ private:
                 seat->capacity = std::max<std::uint32_t>(capacity, 1);
             }
             if (why) {
-                break_pool(nullptr, fmt::format("the pool's initializer failed on rank {}: {}: {}", m.source,
-                                                why->type_name, why->message));
+                const bool local_pool = why->message.find("local pool could not start") != std::string::npos;
+                break_pool(nullptr,
+                           fmt::format("{} on rank {}: {}: {}",
+                                       local_pool ? "the pool could not start" : "the pool's initializer failed",
+                                       m.source, why->type_name, why->message));
             }
             return;
         }
@@ -611,6 +629,7 @@ private:
     std::uint64_t initializer_;
     LocalPoolSpec spec_;
     std::vector<Seat> seats_;
+    unsigned capacity_ = 0;  // the seats' capacities, as expected at the start
 
     std::condition_variable wake_;  // the MPI thread waits here
     bool cancelled_ = false;

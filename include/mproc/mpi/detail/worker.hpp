@@ -65,9 +65,10 @@ struct RelayQueue {
 class RelaySink final : public mproc::detail::ResultSink {
 public:
     /// `skips`: items rank 0 failed before (a skipped outcome goes back for each).
-    RelaySink(std::uint64_t id, std::uint32_t count, std::span<const std::uint32_t> skips, std::string where,
-              RelayQueue& queue)
-        : id_(id), count_(count), where_(std::move(where)), queue_(queue), slots_(count),
+    /// `first`: the index of the task's first item in its call on rank 0 (for messages).
+    RelaySink(std::uint64_t id, std::uint64_t first, std::uint32_t count, std::span<const std::uint32_t> skips,
+              std::string where, RelayQueue& queue)
+        : id_(id), first_(first), count_(count), where_(std::move(where)), queue_(queue), slots_(count),
           submitted_ns_(mproc::detail::monotonic_ns()) {
         for (std::uint32_t i : skips)
             if (i < count) fill(i, Outcome::skipped, {});
@@ -96,9 +97,18 @@ public:
         } catch (...) {
             why = RemoteException::capture();
         }
-        // The local pool's own task id means nothing on rank 0: what was lost is named by place.
-        if (why.kind == RemoteException::worker_lost)
-            why.message = count_ > 1 ? fmt::format("task item {} on {}", index, where_) : "task on " + where_;
+        // The local pool names the task by its own id, which means nothing on rank 0: the task is
+        // named as rank 0 knows it, and where it ran.
+        const std::string ours = count_ > 1 || first_ > 0 ? fmt::format("task {} (item {})", id_, first_ + index)
+                                                          : fmt::format("task {}", id_);
+        const std::string local = fmt::format("task {}", call);
+        if (why.kind == RemoteException::worker_lost) {
+            why.message = ours + " on " + where_;
+        } else if (why.message.compare(0, local.size(), local) == 0) {
+            std::size_t rest = local.size();
+            if (why.message.compare(rest, 7, " (item ") == 0) rest = why.message.find(')', rest) + 1;
+            why.message = ours + " on " + where_ + why.message.substr(rest);
+        }
         Buffer bytes;
         Writer w(bytes);
         w(why);
@@ -147,6 +157,17 @@ private:
     /// while the local workers are all busy, from the last task done before it times their number.
     void send(Buffer frame) {
         sent_ = true;
+        if (frame.size() + message_header + results_stamp_bytes > max_message) {
+            // More than one MPI message carries: the task's items fail, as they would in_rank.
+            try {
+                throw Error(
+                    fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
+                                "carries ({} bytes)",
+                                frame.size(), max_message));
+            } catch (...) {
+                mproc::detail::fail_every_item(frame, count_, RemoteException::capture());
+            }
+        }
         const std::int64_t now = mproc::detail::monotonic_ns();
         const std::int64_t last = queue_.last_done_ns.exchange(now, std::memory_order_relaxed);
         std::int64_t spent = now - submitted_ns_;
@@ -156,6 +177,7 @@ private:
     }
 
     std::uint64_t id_;
+    std::uint64_t first_;
     std::uint32_t count_;
     std::string where_;
     RelayQueue& queue_;
@@ -190,22 +212,15 @@ public:
             if (local_) {
                 busy |= relay_tasks();
                 busy |= collect_relayed();
-            } else if (auto body = next_task()) {
-                run(*body);
+            } else if (auto task = next_task()) {
+                run(task->body);
                 busy = true;
             }
             if (!results_.empty() && (batches_.empty() || mproc::detail::Clock::now() - first_result_ > flush_every ||
                                       results_.size() > flush_bytes))
                 flush();
-            if (busy) {
-                backoff.reset();
-            } else if (relayed_ != 0) {
-                // Local workers are running tasks: their results are looked for every 100 µs.
-                timespec ts{0, 100'000};
-                while (::nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-            } else {
-                backoff.pause();
-            }
+            if (busy) backoff.reset();
+            else backoff.pause();
         }
     }
 
@@ -215,7 +230,7 @@ private:
 
     struct Batch {
         Message message;
-        FrameCursor cursor;
+        TaskCursor cursor;
     };
 
     /// Returns false on `exit`.
@@ -248,7 +263,13 @@ private:
                     // in the libraries it loaded.
                     if (initializer != 0)
                         reinterpret_cast<void (*)()>(resolver_.resolve(initializer, CodeResolver::Use::code))();
-                    if (!spec.in_rank) capacity = start_local_pool(spec);
+                    if (!spec.in_rank) {
+                        try {
+                            capacity = start_local_pool(spec);
+                        } catch (const std::exception& e) {
+                            throw Error(fmt::format("rank {}'s local pool could not start: {}", rank_, e.what()));
+                        }
+                    }
                     mproc::detail::write_void_outcome(w);
                     refused_ = false;
                 } catch (...) {
@@ -267,7 +288,7 @@ private:
                 echo_ns_ = stamp_at(payload, 0);
                 echo_arrived_ns_ = mproc::detail::monotonic_ns();
                 if (m.pool == pool_ && !refused_)
-                    batches_.push_back(Batch{std::move(m), FrameCursor(payload.subspan(tasks_stamp_bytes))});
+                    batches_.push_back(Batch{std::move(m), TaskCursor(payload.subspan(tasks_stamp_bytes))});
                 return true;
             }
             case Kind::cancel: {
@@ -288,11 +309,15 @@ private:
         }
     }
 
-    std::optional<std::span<std::byte>> next_task() {
+    struct NextTask {
+        TaskNote note;
+        std::span<std::byte> body;
+    };
+    std::optional<NextTask> next_task() {
         while (!batches_.empty()) {
-            if (auto body = batches_.front().cursor.next()) {
+            if (auto e = batches_.front().cursor.next()) {
                 // The bytes are this rank's own (the message's buffer): make_local rewrites them.
-                return std::span<std::byte>(const_cast<std::byte*>(body->data()), body->size());
+                return NextTask{e->note, std::span<std::byte>(const_cast<std::byte*>(e->body.data()), e->body.size())};
             }
             batches_.pop_front();
         }
@@ -356,8 +381,9 @@ private:
         bool any = false;
         // Twice the workers in the local pool at most: the rest wait here, in rank 0's order.
         while (relayed_ < std::size_t{relay_.processes} * 2) {
-            auto body = next_task();
-            if (!body) break;
+            auto next = next_task();
+            if (!next) break;
+            const auto body = &next->body;
             any = true;
             mproc::detail::Task task;
             std::uint64_t id = 0;
@@ -378,8 +404,9 @@ private:
                 auto frame_body = mproc::detail::body_of(task.frame);
                 mproc::detail::task_frame::id::set(frame_body, task.id);
                 mproc::detail::task_frame::call::set(frame_body, task.id);
-                task.sink = std::make_shared<RelaySink>(id, view.count, task.skips, where_, relay_);
+                task.sink = std::make_shared<RelaySink>(id, next->note.first, view.count, task.skips, where_, relay_);
                 task.sink->call = task.id;
+                if (next->note.max_retries != TaskNote::pool_retries) task.sink->max_retries = next->note.max_retries;
                 local_->submit(std::move(task));
                 ++relayed_;
             } catch (...) {
