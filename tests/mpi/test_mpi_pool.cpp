@@ -63,6 +63,12 @@ pid_t parent_of(pid_t pid) {
 }
 /// The task's own pid, and its parent's parent.
 std::pair<pid_t, pid_t> pid_and_grandparent(int) { return {::getpid(), parent_of(::getppid())}; }
+/// Allocates and touches `mib` MiB, and returns how many bytes it touched.
+long allocate_mib(long mib) {
+    std::vector<char> block(static_cast<std::size_t>(mib) << 20);
+    for (std::size_t i = 0; i < block.size(); i += 4096) block[i] = 1;
+    return static_cast<long>(block.size());
+}
 /// Kills its own process the first time it sees `mark` (a file it then leaves); returns 1 after.
 int die_once(const std::string& mark) {
     if (::access(mark.c_str(), F_OK) == 0) return 1;
@@ -290,6 +296,15 @@ TEST_CASE("each rank's local pool: processes_per_rank, max_tasks_per_child, task
             std::remove(m.c_str());
             std::remove(m.substr(0, m.size() - 1).c_str());
         }
+        pool.close();
+        pool.join();
+    }
+    if (!MPROC_TEST_SANITIZED) {
+        // A task that allocates past memory_limit fails with MemoryLimitExceeded; the rank goes on.
+        mproc::mpi::Pool pool({.processes_per_rank = 1, .memory_limit = std::size_t{64} << 20});
+        CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);
+        CHECK_THROWS_AS(pool.apply(allocate_mib, 512L), mproc::MemoryLimitExceeded);
+        CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);
         pool.close();
         pool.join();
     }
