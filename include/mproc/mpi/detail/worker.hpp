@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -49,13 +50,23 @@ using mproc::detail::RemoteException;
 /// Result frames the local pool has finished, for the rank's thread to send (any thread).
 struct RelayQueue {
     std::mutex mutex;
+    std::condition_variable arrived;  // the rank's thread waits here while local tasks run
     std::deque<Buffer> frames;
     std::atomic<std::int64_t> last_done_ns{0};
     unsigned processes = 1;
 
     void push(Buffer frame) {
-        std::lock_guard lock(mutex);
-        frames.push_back(std::move(frame));
+        {
+            std::lock_guard lock(mutex);
+            frames.push_back(std::move(frame));
+        }
+        arrived.notify_one();
+    }
+    /// Waits up to `most` for a frame (the rank's thread, with tasks in the local pool: rank 0's
+    /// messages are still looked for at least that often).
+    void wait(std::chrono::microseconds most) {
+        std::unique_lock lock(mutex);
+        arrived.wait_for(lock, most, [&] { return !frames.empty(); });
     }
 };
 
@@ -219,8 +230,17 @@ public:
             if (!results_.empty() && (batches_.empty() || mproc::detail::Clock::now() - first_result_ > flush_every ||
                                       results_.size() > flush_bytes))
                 flush();
-            if (busy) backoff.reset();
-            else backoff.pause();
+            if (busy) {
+                backoff.reset();
+            } else if (relayed_ != 0) {
+                // Local tasks are running: a result wakes this thread at once; rank 0's messages
+                // are looked for at the backoff's pace, as when idle.
+                const auto most = backoff.next();
+                if (most.count() == 0) ::sched_yield();
+                else relay_.wait(most);
+            } else {
+                backoff.pause();
+            }
         }
     }
 
@@ -379,8 +399,9 @@ private:
     /// are, under new ids (its own), each with a RelaySink that answers under rank 0's id.
     bool relay_tasks() {
         bool any = false;
-        // Twice the workers in the local pool at most: the rest wait here, in rank 0's order.
-        while (relayed_ < std::size_t{relay_.processes} * 2) {
+        // Everything rank 0 sent goes to the local pool at once (it queues what its workers have
+        // no room for, and refills them from its own thread): rank 0's window bounds it.
+        for (;;) {
             auto next = next_task();
             if (!next) break;
             const auto body = &next->body;
