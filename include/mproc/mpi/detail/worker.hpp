@@ -18,6 +18,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -25,6 +26,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <fmt/format.h>
@@ -364,6 +366,17 @@ private:
     std::uint32_t start_local_pool(const LocalPoolSpec& spec) {
         mproc::PoolOptions o;
         o.processes = spec.processes ? spec.processes : mproc::detail::affinity_cpu_count();
+        const unsigned online = static_cast<unsigned>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
+        if (spec.processes == 0 && o.processes == 1 && online > 1 && !warned_binding_) {
+            // Most likely mpirun's binding (a rank per core by default for up to two ranks):
+            // the local pool then has one worker, and the other CPUs of the host stay idle.
+            warned_binding_ = true;
+            std::fprintf(stderr,
+                         "mproc::mpi: %s may run on 1 of this host's %u CPUs (its affinity), so its local pool "
+                         "has 1 worker; for one rank per host, start with mpirun --bind-to none, or set "
+                         "PoolOptions::processes_per_rank\n",
+                         where_.c_str(), online);
+        }
         o.max_tasks_per_child = static_cast<unsigned long>(spec.max_tasks_per_child);
         if (spec.task_timeout_s > 0) o.task_timeout = mproc::Seconds(spec.task_timeout_s);
         o.max_memory_per_child = static_cast<std::size_t>(spec.max_memory_per_child);
@@ -482,6 +495,7 @@ private:
     RelayQueue relay_;                                  // before local_: it outlives the engine
     std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
     std::size_t relayed_ = 0;                           // tasks in the local pool
+    bool warned_binding_ = false;                       // said once that its affinity is one CPU
     std::uint64_t pool_ = 0;
     bool refused_ = false;
     std::int64_t echo_ns_ = 0;          // the sent_ns of the newest tasks message not yet answered
