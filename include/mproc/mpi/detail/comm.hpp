@@ -137,6 +137,14 @@ private:
 /// The largest message one MPI call carries: counts are `int`.
 inline constexpr std::size_t max_message = static_cast<std::size_t>(INT_MAX);
 
+/// Throws, when a result frame of `frame_bytes` is too large to go back in one results message,
+/// the mproc::Error that fails its task (rather than the rank: see worker.hpp).
+inline void check_result_fits(std::size_t frame_bytes) {
+    if (frame_bytes + message_header + results_stamp_bytes <= max_message) return;
+    throw Error(fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message carries ({} bytes)",
+                            frame_bytes, max_message));
+}
+
 /// Throws mproc::Error when an MPI call failed.
 inline void check(int rc, const char* call) {
     if (rc == MPI_SUCCESS) return;

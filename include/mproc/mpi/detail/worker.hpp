@@ -170,16 +170,10 @@ private:
     /// while the local workers are all busy, from the last task done before it times their number.
     void send(Buffer frame) {
         sent_ = true;
-        if (frame.size() + message_header + results_stamp_bytes > max_message) {
-            // More than one MPI message carries: the task's items fail, as they would in_rank.
-            try {
-                throw Error(
-                    fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
-                                "carries ({} bytes)",
-                                frame.size(), max_message));
-            } catch (...) {
-                mproc::detail::fail_every_item(frame, count_, RemoteException::capture());
-            }
+        try {
+            check_result_fits(frame.size());
+        } catch (...) {  // more than one MPI message carries: the task's items fail, as in_rank
+            mproc::detail::fail_every_item(frame, count_, RemoteException::capture());
         }
         const std::int64_t now = mproc::detail::monotonic_ns();
         const std::int64_t last = queue_.last_done_ns.exchange(now, std::memory_order_relaxed);
@@ -350,11 +344,7 @@ private:
         try {
             resolver_.make_local(body);
             mproc::detail::run_task(mproc::detail::parse_task(body), status_, /*timed=*/false, out_);
-            if (out_.size() + message_header > max_message)
-                throw Error(
-                    fmt::format("mproc::mpi: a task's results take {} bytes, more than one MPI message "
-                                "carries ({} bytes)",
-                                out_.size(), max_message));
+            check_result_fits(out_.size());
         } catch (...) {
             mproc::detail::failed_task_frame(out_, body, RemoteException::capture());
         }
