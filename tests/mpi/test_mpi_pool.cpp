@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
@@ -75,6 +76,27 @@ int die_once(const std::string& mark) {
     std::ofstream(mark) << "seen";
     ::raise(SIGKILL);
     return 0;
+}
+/// Writes its pid into `path` (renamed into place: a reader sees all of it or nothing), then
+/// sleeps a minute.
+pid_t pid_then_sleep(const std::string& path) {
+    const std::string part = path + ".part";
+    std::ofstream(part) << ::getpid();
+    std::rename(part.c_str(), path.c_str());
+    std::this_thread::sleep_for(std::chrono::seconds(60));
+    return ::getpid();
+}
+/// Adds a line to `path` (each run of the task, in order), then sleeps `ms` milliseconds.
+int mark_then_nap(const std::string& path, int ms) {
+    std::ofstream(path, std::ios::app) << ::getpid() << '\n';
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+std::size_t lines_in(const std::string& path) {
+    std::ifstream in(path);
+    std::size_t n = 0;
+    for (std::string line; std::getline(in, line);) ++n;
+    return n;
 }
 std::pair<pid_t, pid_t> nap_pid_and_grandparent(int) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -706,6 +728,56 @@ TEST_CASE("cancel: the call completes with CancelledError, its queued tasks are 
     CHECK_THROWS_AS(pool.stats(), mproc::Error);  // the local pool's only
     pool.close();
     pool.join();
+}
+
+TEST_CASE("cancel ends a task already running in a rank's local pool; the pool goes on", "[lifetime]") {
+    Watchdog dog(120s, "cancel a running task over MPI");
+    mproc::mpi::Pool pool({.processes_per_rank = 1});
+    const std::string path = "/tmp/mproc-mpi-cancel-" + std::to_string(::getpid());
+    std::remove(path.c_str());
+    auto r = pool.apply_async(pid_then_sleep, std::tuple{path});
+    pid_t task_pid = 0;
+    for (int i = 0; i < 3000 && !task_pid; ++i) {  // until it runs (at most 30 s)
+        std::ifstream(path) >> task_pid;
+        if (!task_pid) std::this_thread::sleep_for(10ms);
+    }
+    REQUIRE(task_pid > 0);
+    CHECK(r.cancel());
+    CHECK_THROWS_AS(r.get(), mproc::CancelledError);
+    // Its process ends (the local pool kills it, then reaps it): not a minute later.
+    bool ended = false;
+    for (int i = 0; i < 3000 && !ended; ++i) {
+        ended = ::kill(task_pid, 0) != 0 && errno == ESRCH;
+        if (!ended) std::this_thread::sleep_for(10ms);
+    }
+    CHECK(ended);
+    std::remove(path.c_str());
+    CHECK(pool.map(square, iota_vector(50)) == [] {
+        std::vector<int> v(50);
+        for (int i = 0; i < 50; ++i) v[static_cast<std::size_t>(i)] = i * i;
+        return v;
+    }());
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("cancel with in_rank: the tasks a rank holds of the call are not run", "[lifetime]") {
+    Watchdog dog(120s, "cancel in_rank over MPI");
+    mproc::mpi::Pool pool({.in_rank = true});
+    const std::string path = "/tmp/mproc-mpi-cancel-runs-" + std::to_string(::getpid());
+    std::remove(path.c_str());
+    // Each rank gets its first window (4 tasks) at once and runs one task at a time.
+    auto many = pool.starmap_async(mark_then_nap, std::vector<std::tuple<std::string, int>>(16, {path, 1500}), 1);
+    for (int i = 0; i < 3000 && lines_in(path) < 2; ++i) std::this_thread::sleep_for(10ms);
+    CHECK(many.cancel());
+    CHECK_THROWS_AS(many.get(), mproc::CancelledError);
+    CHECK(pool.apply(square, 7) == 49);  // after the running two; the queued ones are skipped
+    pool.close();
+    pool.join();
+    // The two running when the cancel came, and at most one more per rank that began before it
+    // arrived: not the eight the ranks held.
+    CHECK(lines_in(path) <= 4);
+    std::remove(path.c_str());
 }
 
 TEST_CASE("an imap range destroyed after join(): the cancel it makes does not stall a later join()", "[lifetime]") {

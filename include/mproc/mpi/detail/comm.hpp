@@ -3,7 +3,7 @@
 // Every message is one MPI message of bytes on mproc's own communicator (a duplicate of
 // MPI_COMM_WORLD, so the user's own MPI traffic never meets it):
 //     u8 kind | u64 pool | payload
-// Rank 0 sends on tag `to_worker` (modules, open, tasks, cancel, exit), a worker answers on tag
+// Rank 0 sends on tag `to_worker` (modules, open, tasks, cancel, exit, cancel_call), a worker answers on tag
 // `to_master` (hello, results, cancelled). MPI keeps two messages between the same pair of ranks
 // in order, so a worker sees a pool's `open` before its tasks and a `cancel` after them.
 // A batch of tasks or results is a run of mproc frames (u64 length | body) in one message, so a
@@ -53,6 +53,7 @@ enum class Kind : std::uint8_t {
     hello = 6,      // worker → rank 0: u8 outcome | RemoteException (the initializer's) | u32 capacity
     results = 7,    // worker → rank 0: i64 echo_ns | i64 held_ns | result frames, in any order
     cancelled = 8,  // worker → rank 0: nothing of the pool is left on this rank
+    cancel_call = 9,  // rank 0 → worker: u64 call — stop that call's tasks (they answer as usual)
 };
 
 // A message: u8 kind, u64 pool id, then the kind's payload.

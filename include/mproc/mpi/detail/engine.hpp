@@ -341,6 +341,17 @@ public:
 
     std::thread::id collector_id() const noexcept override { return thread_id_; }
 
+    /// A cancelled call's tasks are all on the ranks (the backlog's are dropped already): each rank
+    /// holding some is told, by the MPI thread, to stop them — those queued there are not run, and
+    /// a running one's local worker is ended. Every task still answers, so the windows stay right;
+    /// the call being cancelled, what they answer is ignored.
+    void cancel_placed_locked(const mproc::detail::ResultSink& sink, std::vector<Task>&) override {
+        for (const Seat& s : seats_)
+            if (std::any_of(s.inflight.begin(), s.inflight.end(), [&](const Task& t) { return t.sink.get() == &sink; }))
+                call_cancels_.push_back(CallCancel{s.rank, sink.call});
+        if (!call_cancels_.empty()) wake_.notify_all();
+    }
+
     std::vector<pid_t> worker_pids() override {
         std::vector<pid_t> pids;
         for (const Seat& s : seats_) pids.push_back(master_.place_of(s.rank).pid);
@@ -359,6 +370,10 @@ private:
     struct Outgoing {
         int rank;
         Buffer message;
+    };
+    struct CallCancel {
+        int rank;
+        std::uint64_t call;
     };
 
     static constexpr std::size_t max_window = 1024;
@@ -454,11 +469,20 @@ private:
                 std::lock_guard lock(mutex_);
                 if (state_ == State::terminated) break;
                 if (state_ == State::draining && outstanding_ == 0) break;
+                // A cancel goes after the tasks it is about (MPI keeps a pair's messages in order).
+                for (const CallCancel& c : call_cancels_) {
+                    out.push_back(Outgoing{c.rank, Buffer{}});
+                    begin_message(out.back().message, Kind::cancel_call, pool_);
+                    out.back().message.append(&c.call, sizeof c.call);
+                }
+                call_cancels_.clear();
                 dispatch_locked(out);
             }
             for (Outgoing& o : out) {
-                const std::int64_t now = mproc::detail::monotonic_ns();
-                std::memcpy(o.message.data() + message_header, &now, sizeof now);
+                if (static_cast<Kind>(o.message.data()[message_kind_at]) == Kind::tasks) {
+                    const std::int64_t now = mproc::detail::monotonic_ns();
+                    std::memcpy(o.message.data() + message_header, &now, sizeof now);
+                }
                 master_.post_send(o.rank, std::move(o.message));
             }
             progressed |= !out.empty();
@@ -473,7 +497,7 @@ private:
             std::unique_lock lock(mutex_);
             const auto woken = [&] {
                 return state_ == State::terminated || (state_ == State::draining && outstanding_ == 0) ||
-                       !posted_.empty() || (!backlog_.empty() && state_ != State::broken) ||
+                       !posted_.empty() || !call_cancels_.empty() || (!backlog_.empty() && state_ != State::broken) ||
                        master_.lost_count() != lost_seen;
             };
             if (outstanding_ == 0 && master_.settled()) wake_.wait(lock, woken);  // nothing can arrive: sleep
@@ -632,6 +656,7 @@ private:
     unsigned capacity_ = 0;  // the seats' capacities, as expected at the start
 
     std::condition_variable wake_;  // the MPI thread waits here
+    std::vector<CallCancel> call_cancels_;  // to send, after the tasks already sent (mutex_)
     bool cancelled_ = false;
     double avg_task_ns_ = 0;
 

@@ -27,6 +27,7 @@
 #include <span>
 #include <string>
 #include <unistd.h>
+#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -102,6 +103,9 @@ public:
         }
         ResultSink::deliver_packed(first, values, count);
     }
+    /// Rank 0 cancelled the task's call: the local pool stops it (see WorkerRank::cancel_call).
+    void cancel() { stop_tasks(); }
+
     void fail(std::size_t index, std::exception_ptr error) override {
         if (index >= slots_.size()) return;
         RemoteException why;
@@ -264,6 +268,7 @@ private:
                 end_local_pool(/*terminate=*/true);  // the last pool's (its tasks are done or cancelled)
                 batches_.clear();
                 results_.clear();
+                for (auto& slot : status_.cancelled) slot.store(0, std::memory_order_relaxed);  // call ids are per pool
                 pool_ = m.pool;
                 Reader in(m.payload());
                 std::uint64_t initializer = 0;
@@ -318,6 +323,14 @@ private:
                 Buffer answer;
                 begin_message(answer, Kind::cancelled, m.pool);
                 send(comm_, 0, to_master, answer);
+                return true;
+            }
+            case Kind::cancel_call: {
+                if (m.pool != pool_ || refused_) return true;
+                Reader in(m.payload());
+                std::uint64_t call = 0;
+                in(call);
+                cancel_call(call);
                 return true;
             }
             case Kind::exit: return false;
@@ -394,8 +407,49 @@ private:
         } catch (...) {}
         local_.reset();
         relayed_ = 0;
+        calls_.clear();
         std::lock_guard lock(relay_.mutex);
         relay_.frames.clear();
+    }
+
+    /// Rank 0 cancelled `call` (its id on rank 0): its tasks still here are not run, and a local
+    /// worker running one is ended (the local pool's own cancel). Each still answers — with
+    /// CancelledError or skipped outcomes, which rank 0 ignores — so rank 0's window stays right.
+    void cancel_call(std::uint64_t call) {
+        if (!local_) {
+            // In the rank: run_task skips a task of a call in the status's cancel slots (the
+            // oldest of them is reused: rank 0 ignores what a task of an older one answers).
+            status_.cancelled[next_cancel_slot_].store(call, std::memory_order_relaxed);
+            next_cancel_slot_ = (next_cancel_slot_ + 1) % mproc::detail::SeatStatus::cancel_slots;
+            return;
+        }
+        const auto it = calls_.find(call);
+        if (it == calls_.end()) return;
+        std::vector<std::shared_ptr<RelaySink>> live;
+        for (const auto& weak : it->second.sinks)
+            if (auto sink = weak.lock()) live.push_back(std::move(sink));
+        calls_.erase(it);
+        for (const auto& sink : live) sink->cancel();
+    }
+
+    /// The local call id of rank 0's `call`: its tasks share one, so the local pool's cancel
+    /// (which marks a call in its workers' cancel slots) stops them all. `sink` is remembered for
+    /// cancel_call; the ended ones are forgotten as tasks go.
+    std::uint64_t local_call(std::uint64_t call, std::uint64_t task_id, const std::shared_ptr<RelaySink>& sink) {
+        auto [it, fresh] = calls_.try_emplace(call);
+        RelayedCall& c = it->second;
+        if (fresh) c.local = task_id;
+        while (!c.sinks.empty() && c.sinks.front().expired()) c.sinks.pop_front();
+        c.sinks.push_back(sink);
+        if (calls_.size() > 64 + 2 * relayed_) {
+            // Calls whose tasks have all answered: nothing of them is left to cancel.
+            for (auto it = calls_.begin(); it != calls_.end();) {
+                auto& sinks = it->second.sinks;
+                std::erase_if(sinks, [](const std::weak_ptr<RelaySink>& w) { return w.expired(); });
+                it = sinks.empty() ? calls_.erase(it) : std::next(it);
+            }
+        }
+        return c.local;
     }
 
     /// Hands the local pool what it has room for: the tasks of the batches rank 0 sent, as they
@@ -415,6 +469,7 @@ private:
                 if (body->size() < mproc::detail::task_frame::smallest)
                     throw SerializationError("mproc::mpi: task frame too short");
                 id = mproc::detail::task_frame::id::get(*body);
+                const std::uint64_t call = mproc::detail::task_frame::call::get(*body);
                 resolver_.make_local(*body);
                 const auto view = mproc::detail::parse_task(*body);
                 task.id = local_->next_task_id();
@@ -426,11 +481,13 @@ private:
                 task.frame.append(body->data(), body->size());
                 mproc::detail::finish_frame(task.frame);
                 auto frame_body = mproc::detail::body_of(task.frame);
+                auto sink = std::make_shared<RelaySink>(id, next->note.first, view.count, task.skips, where_, relay_);
+                sink->call = local_call(call, task.id, sink);
+                sink->engine = local_->link();
+                if (next->note.max_retries != TaskNote::pool_retries) sink->max_retries = next->note.max_retries;
                 mproc::detail::task_frame::id::set(frame_body, task.id);
-                mproc::detail::task_frame::call::set(frame_body, task.id);
-                task.sink = std::make_shared<RelaySink>(id, next->note.first, view.count, task.skips, where_, relay_);
-                task.sink->call = task.id;
-                if (next->note.max_retries != TaskNote::pool_retries) task.sink->max_retries = next->note.max_retries;
+                mproc::detail::task_frame::call::set(frame_body, sink->call);
+                task.sink = std::move(sink);
                 local_->submit(std::move(task));
                 ++relayed_;
             } catch (...) {
@@ -482,13 +539,19 @@ private:
     int rank_;
     std::string where_;  // "rank N (host H)", for WorkerLost messages
     CodeResolver resolver_;
-    RelayQueue relay_;                                  // before local_: it outlives the engine
+    RelayQueue relay_;  // before local_: it outlives the engine
     std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
-    std::size_t relayed_ = 0;                           // tasks in the local pool
-    bool warned_binding_ = false;                       // said once that its affinity is one CPU
+    std::size_t relayed_ = 0;  // tasks in the local pool
+    struct RelayedCall {
+        std::uint64_t local = 0;  // its id in the local pool
+        std::deque<std::weak_ptr<RelaySink>> sinks;  // of its tasks (ended ones expire)
+    };
+    std::unordered_map<std::uint64_t, RelayedCall> calls_;  // rank 0's calls with tasks relayed
+    unsigned next_cancel_slot_ = 0;  // in_rank: status_'s next cancel slot
+    bool warned_binding_ = false;  // said once that its affinity is one CPU
     std::uint64_t pool_ = 0;
     bool refused_ = false;
-    std::int64_t echo_ns_ = 0;          // the sent_ns of the newest tasks message not yet answered
+    std::int64_t echo_ns_ = 0;  // the sent_ns of the newest tasks message not yet answered
     std::int64_t echo_arrived_ns_ = 0;  // when it arrived (this rank's clock)
     std::deque<Batch> batches_;
     Buffer results_;
