@@ -78,12 +78,12 @@ int die_once(const std::string& mark) {
     return 0;
 }
 /// Writes its pid into `path` (renamed into place: a reader sees all of it or nothing), then
-/// sleeps a minute.
+/// sleeps ten minutes: a pool that does not end it hangs its join(), which the watchdog ends.
 pid_t pid_then_sleep(const std::string& path) {
     const std::string part = path + ".part";
     std::ofstream(part) << ::getpid();
     std::rename(part.c_str(), path.c_str());
-    std::this_thread::sleep_for(std::chrono::seconds(60));
+    std::this_thread::sleep_for(std::chrono::minutes(10));
     return ::getpid();
 }
 /// Adds a line to `path` (each run of the task, in order), then sleeps `ms` milliseconds.
@@ -302,6 +302,19 @@ TEST_CASE("each rank's local pool: processes_per_rank, max_tasks_per_child, task
             CHECK_THAT(e.what(), Catch::Contains("on rank "));
         }
         CHECK(pool.apply(square, 12) == 144);
+        // Each item of one call is named as rank 0 knows it (the tasks of a call share one call
+        // on the rank, each keeps its own name).
+        auto items = pool.imap(nap_ms, std::vector<int>(4, 30'000), 1);
+        int timed_out = 0;
+        for (auto it = items.begin(); it != items.end(); ++it) {
+            try {
+                (void)*it;
+            } catch (const mproc::TimeoutError& e) {
+                ++timed_out;
+                CHECK_THAT(e.what(), Catch::StartsWith("task ") && Catch::Contains(" on rank "));
+            }
+        }
+        CHECK(timed_out == 4);
         pool.close();
         pool.join();
     }
@@ -757,8 +770,17 @@ TEST_CASE("cancel ends a task already running in a rank's local pool; the pool g
         for (int i = 0; i < 50; ++i) v[static_cast<std::size_t>(i)] = i * i;
         return v;
     }());
+    // Cancelled at once: the task reaches its rank together with the cancel (or the cancel is
+    // sent before it), and is either never run or ended; join() does not wait ten minutes.
+    std::remove(path.c_str());
+    for (int i = 0; i < 4; ++i) {
+        auto at_once = pool.apply_async(pid_then_sleep, std::tuple{path});
+        CHECK(at_once.cancel());
+        CHECK_THROWS_AS(at_once.get(), mproc::CancelledError);
+    }
     pool.close();
     pool.join();
+    std::remove(path.c_str());
 }
 
 TEST_CASE("cancel with in_rank: the tasks a rank holds of the call are not run", "[lifetime]") {

@@ -84,6 +84,9 @@ protected:
     /// Marks the call cancelled (the sink has settled what that means for its outcomes) and asks
     /// the engine to stop its tasks. Any thread.
     void stop_tasks();
+    /// Only marks the call cancelled: for sinks that share one call, all marked before the engine
+    /// is asked to stop any of them (so a worker ended for one is not blamed for another's task).
+    void mark_cancelled() noexcept { cancelled_.store(true, std::memory_order_release); }
 
 private:
     std::atomic<bool> cancelled_{false};
@@ -468,7 +471,7 @@ inline void PoolEngine::detach_link() noexcept {
 }
 
 inline void ResultSink::stop_tasks() {
-    cancelled_.store(true, std::memory_order_release);
+    mark_cancelled();
     if (engine) engine->cancel(*this);
 }
 

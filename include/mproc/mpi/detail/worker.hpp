@@ -80,10 +80,10 @@ class RelaySink final : public mproc::detail::ResultSink {
 public:
     /// `skips`: items rank 0 failed before (a skipped outcome goes back for each).
     /// `first`: the index of the task's first item in its call on rank 0 (for messages).
-    RelaySink(std::uint64_t id, std::uint64_t first, std::uint32_t count, std::span<const std::uint32_t> skips,
-              std::string where, RelayQueue& queue)
-        : id_(id), first_(first), count_(count), where_(std::move(where)), queue_(queue), slots_(count),
-          submitted_ns_(mproc::detail::monotonic_ns()) {
+    RelaySink(std::uint64_t id, std::uint64_t local_id, std::uint64_t first, std::uint32_t count,
+              std::span<const std::uint32_t> skips, std::string where, RelayQueue& queue)
+        : id_(id), local_id_(local_id), first_(first), count_(count), where_(std::move(where)), queue_(queue),
+          slots_(count), submitted_ns_(mproc::detail::monotonic_ns()) {
         for (std::uint32_t i : skips)
             if (i < count) fill(i, Outcome::skipped, {});
     }
@@ -103,7 +103,9 @@ public:
         }
         ResultSink::deliver_packed(first, values, count);
     }
-    /// Rank 0 cancelled the task's call: the local pool stops it (see WorkerRank::cancel_call).
+    /// Rank 0 cancelled the task's call (see WorkerRank::cancel_call): first every task of the
+    /// call is marked, then the local pool is asked to stop each.
+    void mark() noexcept { mark_cancelled(); }
     void cancel() { stop_tasks(); }
 
     void fail(std::size_t index, std::exception_ptr error) override {
@@ -118,10 +120,14 @@ public:
         // named as rank 0 knows it, and where it ran.
         const std::string ours = count_ > 1 || first_ > 0 ? fmt::format("task {} (item {})", id_, first_ + index)
                                                           : fmt::format("task {}", id_);
-        const std::string local = fmt::format("task {}", call);
+        // The local pool names it by the task's own local id ("task 12 ran past...", "task 12
+        // (item 3) ..."): the whole number, not a prefix of another.
+        const std::string local = fmt::format("task {}", local_id_);
+        const bool named = why.message.compare(0, local.size(), local) == 0 &&
+                           (why.message.size() == local.size() || why.message[local.size()] == ' ');
         if (why.kind == RemoteException::worker_lost) {
             why.message = ours + " on " + where_;
-        } else if (why.message.compare(0, local.size(), local) == 0) {
+        } else if (named) {
             std::size_t rest = local.size();
             if (why.message.compare(rest, 7, " (item ") == 0) rest = why.message.find(')', rest) + 1;
             why.message = ours + " on " + where_ + why.message.substr(rest);
@@ -187,7 +193,8 @@ private:
         queue_.push(std::move(frame));
     }
 
-    std::uint64_t id_;
+    std::uint64_t id_;        // rank 0's
+    std::uint64_t local_id_;  // the local pool's
     std::uint64_t first_;
     std::uint32_t count_;
     std::string where_;
@@ -423,12 +430,14 @@ private:
             next_cancel_slot_ = (next_cancel_slot_ + 1) % mproc::detail::SeatStatus::cancel_slots;
             return;
         }
+        relay_tasks();  // tasks of the call that came with the cancel, not yet handed over
         const auto it = calls_.find(call);
         if (it == calls_.end()) return;
         std::vector<std::shared_ptr<RelaySink>> live;
         for (const auto& weak : it->second.sinks)
             if (auto sink = weak.lock()) live.push_back(std::move(sink));
         calls_.erase(it);
+        for (const auto& sink : live) sink->mark();
         for (const auto& sink : live) sink->cancel();
     }
 
@@ -440,6 +449,8 @@ private:
         RelayedCall& c = it->second;
         if (fresh) c.local = task_id;
         while (!c.sinks.empty() && c.sinks.front().expired()) c.sinks.pop_front();
+        if (c.sinks.size() > 64 + 2 * relayed_)  // one task holds the front: the ended ones go too
+            std::erase_if(c.sinks, [](const std::weak_ptr<RelaySink>& w) { return w.expired(); });
         c.sinks.push_back(sink);
         if (calls_.size() > 64 + 2 * relayed_) {
             // Calls whose tasks have all answered: nothing of them is left to cancel.
@@ -481,7 +492,8 @@ private:
                 task.frame.append(body->data(), body->size());
                 mproc::detail::finish_frame(task.frame);
                 auto frame_body = mproc::detail::body_of(task.frame);
-                auto sink = std::make_shared<RelaySink>(id, next->note.first, view.count, task.skips, where_, relay_);
+                auto sink = std::make_shared<RelaySink>(id, task.id, next->note.first, view.count, task.skips, where_,
+                                                        relay_);
                 sink->call = local_call(call, task.id, sink);
                 sink->engine = local_->link();
                 if (next->note.max_retries != TaskNote::pool_retries) sink->max_retries = next->note.max_retries;
