@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <thread>
 #include <tuple>
 #include <unistd.h>
@@ -446,6 +447,27 @@ TEST_CASE("a fast rank takes more of the work than a slow one", "[balance]") {
 }
 
 // ---- exceptions -----------------------------------------------------------------------------------
+
+TEST_CASE("while the ranks' windows are full and tasks wait on rank 0, its MPI thread sleeps", "[balance]") {
+    Watchdog dog(120s, "no busy loop with a backlog");
+    mproc::mpi::Pool pool({.in_rank = true});
+    auto many = pool.map_async(nap_ms, std::vector<int>(40, 300), 1);
+    std::this_thread::sleep_for(700ms);  // the windows are sized to the 300 ms tasks by now
+    // Rank 0 has nothing to do but wait for results (a few a second): a thread looking again at
+    // once because the backlog is not empty would use about the whole 2.5 s.
+    rusage before{}, after{};
+    ::getrusage(RUSAGE_SELF, &before);
+    std::this_thread::sleep_for(2500ms);
+    ::getrusage(RUSAGE_SELF, &after);
+    const auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+    const double used = seconds(after.ru_utime) + seconds(after.ru_stime) - seconds(before.ru_utime) -
+                        seconds(before.ru_stime);
+    INFO("rank 0's CPU while it waits: " << used << " s");
+    CHECK(used < 0.5);
+    CHECK(many.cancel());
+    pool.close();
+    pool.join();
+}
 
 TEST_CASE("standard exceptions keep their type and what(); others become mproc::RemoteError", "[exceptions]") {
     Watchdog dog(120s, "exceptions");
