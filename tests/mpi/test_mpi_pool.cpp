@@ -71,6 +71,19 @@ long allocate_mib(long mib) {
     for (std::size_t i = 0; i < block.size(); i += 4096) block[i] = 1;
     return static_cast<long>(block.size());
 }
+/// Leaks `mib` MiB (touched) on every call, and returns its process: a worker that runs it grows
+/// without end.
+pid_t leak_mib_pid(long mib) {
+    auto* block = new char[static_cast<std::size_t>(mib) << 20];
+    for (std::size_t i = 0; i < (static_cast<std::size_t>(mib) << 20); i += 4096) block[i] = 1;
+    static std::vector<char*> kept;
+    kept.push_back(block);  // never freed
+    return ::getpid();
+}
+long worker_resident(long) { return static_cast<long>(mproc::detail::resident_bytes()); }
+[[noreturn]] int hang(int) {
+    for (;;) ::pause();
+}
 /// Kills its own process the first time it sees `mark` (a file it then leaves); returns 1 after.
 int die_once(const std::string& mark) {
     if (::access(mark.c_str(), F_OK) == 0) return 1;
@@ -341,6 +354,39 @@ TEST_CASE("each rank's local pool: processes_per_rank, max_tasks_per_child, task
         CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);
         CHECK_THROWS_AS(pool.apply(allocate_mib, 512L), mproc::MemoryLimitExceeded);
         CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);
+        pool.close();
+        pool.join();
+    }
+    {
+        // A local worker left above max_memory_per_child after a task is replaced; every result
+        // is right. Two ranks, one worker each, six 16 MiB leaks each: each is replaced.
+        long base = 0;
+        {
+            mproc::mpi::Pool probe({.processes_per_rank = 1});
+            base = probe.apply(worker_resident, 0L);
+            probe.close();
+            probe.join();
+        }
+        REQUIRE(base > 0);
+        mproc::mpi::Pool pool(
+            {.processes_per_rank = 1, .max_memory_per_child = static_cast<std::size_t>(base) + (40u << 20)});
+        std::set<pid_t> pids;
+        for (int i = 0; i < 12; ++i) pids.insert(pool.apply(leak_mib_pid, 16L));
+        CHECK(pids.size() >= 3);
+        pool.close();
+        pool.join();
+    }
+    {
+        // A rank whose local workers are all stuck: stall_timeout fails the task with
+        // TimeoutError, named as rank 0 knows it; the stuck worker is replaced.
+        mproc::mpi::Pool pool({.processes_per_rank = 1, .stall_timeout = mproc::Seconds(1.0)});
+        try {
+            pool.apply(hang, 1);
+            FAIL("no TimeoutError");
+        } catch (const mproc::TimeoutError& e) {
+            CHECK_THAT(e.what(), Catch::Contains("stall_timeout") && Catch::Contains(" on rank "));
+        }
+        CHECK(pool.apply(square, 7) == 49);
         pool.close();
         pool.join();
     }

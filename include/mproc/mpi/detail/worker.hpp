@@ -120,17 +120,18 @@ public:
         // named as rank 0 knows it, and where it ran.
         const std::string ours = count_ > 1 || first_ > 0 ? fmt::format("task {} (item {})", id_, first_ + index)
                                                           : fmt::format("task {}", id_);
-        // The local pool names it by the task's own local id ("task 12 ran past...", "task 12
-        // (item 3) ..."): the whole number, not a prefix of another.
-        const std::string local = fmt::format("task {}", local_id_);
-        const bool named = why.message.compare(0, local.size(), local) == 0 &&
-                           (why.message.size() == local.size() || why.message[local.size()] == ' ');
+        // The local pool names it by the task's own local id, at the start ("task 12 ran past
+        // ...", "task 12 (item 3) ...") or after a cause ("... (stall_timeout): worker 7 on task
+        // 12 (item 0)"): that name, the whole number, becomes rank 0's and where it ran.
         if (why.kind == RemoteException::worker_lost) {
             why.message = ours + " on " + where_;
-        } else if (named) {
-            std::size_t rest = local.size();
-            if (why.message.compare(rest, 7, " (item ") == 0) rest = why.message.find(')', rest) + 1;
-            why.message = ours + " on " + where_ + why.message.substr(rest);
+        } else if (const auto at = local_name(why.message)) {
+            std::size_t rest = *at + fmt::formatted_size("task {}", local_id_);
+            if (why.message.compare(rest, 7, " (item ") == 0) {
+                const std::size_t close = why.message.find(')', rest);
+                if (close != std::string::npos) rest = close + 1;
+            }
+            why.message.replace(*at, rest - *at, ours + " on " + where_);
         }
         Buffer bytes;
         Writer w(bytes);
@@ -140,6 +141,18 @@ public:
     }
 
 private:
+    /// Where `message` names this task by its local id ("task N", N whole), if it does.
+    std::optional<std::size_t> local_name(const std::string& message) const {
+        const std::string local = fmt::format("task {}", local_id_);
+        for (std::size_t at = message.find(local); at != std::string::npos; at = message.find(local, at + 1)) {
+            const std::size_t end = at + local.size();
+            const bool starts = at == 0 || message[at - 1] == ' ';
+            const bool ends = end == message.size() || message[end] < '0' || message[end] > '9';
+            if (starts && ends) return at;
+        }
+        return std::nullopt;
+    }
+
     struct Slot {
         bool set = false;
         Outcome outcome = Outcome::skipped;
