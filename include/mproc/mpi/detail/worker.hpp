@@ -90,6 +90,10 @@ public:
 
     void deliver(std::size_t first, std::span<const mproc::detail::OutcomeRecord> outcomes,
                  std::span<const std::uint32_t> skips) override {
+        if (first == 0 && filled_ == 0 && outcomes.size() == count_ && skips.empty()) {
+            send_whole(outcomes);  // the usual case: the whole task at once, straight into the frame
+            return;
+        }
         // One outcome per item; those in `skips` failed before (fail()) and are already filled.
         for (std::size_t i = 0; i < outcomes.size() && first + i < slots_.size(); ++i)
             if (!std::binary_search(skips.begin(), skips.end(), static_cast<std::uint32_t>(i)))
@@ -174,6 +178,18 @@ private:
         const std::size_t at = mproc::detail::begin_record(out);
         out.write_raw(values.data(), values.size());
         mproc::detail::end_record(out, at);
+        filled_ = count_;
+        send(std::move(frame));
+    }
+    void send_whole(std::span<const mproc::detail::OutcomeRecord> outcomes) {
+        Buffer frame;
+        Writer out = mproc::detail::begin_result_frame(frame, id_);
+        for (const auto& o : outcomes) {
+            out.write(o.outcome);
+            const std::size_t at = mproc::detail::begin_record(out);
+            out.write_raw(o.bytes.data(), o.bytes.size());
+            mproc::detail::end_record(out, at);
+        }
         filled_ = count_;
         send(std::move(frame));
     }
