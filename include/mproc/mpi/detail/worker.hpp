@@ -81,9 +81,9 @@ public:
     /// `skips`: items rank 0 failed before (a skipped outcome goes back for each).
     /// `first`: the index of the task's first item in its call on rank 0 (for messages).
     RelaySink(std::uint64_t id, std::uint64_t local_id, std::uint64_t first, std::uint32_t count,
-              std::span<const std::uint32_t> skips, std::string where, RelayQueue& queue)
-        : id_(id), local_id_(local_id), first_(first), count_(count), where_(std::move(where)), queue_(queue),
-          slots_(count), submitted_ns_(mproc::detail::monotonic_ns()) {
+              std::span<const std::uint32_t> skips, const std::string& where, RelayQueue& queue)
+        : id_(id), local_id_(local_id), first_(first), count_(count), where_(where), queue_(queue), slots_(count),
+          submitted_ns_(mproc::detail::monotonic_ns()) {
         for (std::uint32_t i : skips)
             if (i < count) fill(i, Outcome::skipped, {});
     }
@@ -226,7 +226,7 @@ private:
     std::uint64_t local_id_;  // the local pool's
     std::uint64_t first_;
     std::uint32_t count_;
-    std::string where_;
+    const std::string& where_;  // the WorkerRank's: it outlives its local pool and the sinks
     RelayQueue& queue_;
     std::vector<Slot> slots_;
     std::uint32_t filled_ = 0;
@@ -495,20 +495,21 @@ private:
     /// Hands the local pool what it has room for: the tasks of the batches rank 0 sent, as they
     /// are, under new ids (its own), each with a RelaySink that answers under rank 0's id.
     bool relay_tasks() {
+        // Everything rank 0 sent goes to the local pool at once, in one submit (it queues what its
+        // workers have no room for, and refills them from its own thread): rank 0's window bounds it.
+        relaying_.clear();
+        relaying_ids_.clear();
         bool any = false;
-        // Everything rank 0 sent goes to the local pool at once (it queues what its workers have
-        // no room for, and refills them from its own thread): rank 0's window bounds it.
         for (;;) {
             auto next = next_task();
             if (!next) break;
             const auto body = &next->body;
             any = true;
             mproc::detail::Task task;
-            std::uint64_t id = 0;
             try {
                 if (body->size() < mproc::detail::task_frame::smallest)
                     throw SerializationError("mproc::mpi: task frame too short");
-                id = mproc::detail::task_frame::id::get(*body);
+                const std::uint64_t id = mproc::detail::task_frame::id::get(*body);
                 const std::uint64_t call = mproc::detail::task_frame::call::get(*body);
                 resolver_.make_local(*body);
                 const auto view = mproc::detail::parse_task(*body);
@@ -529,16 +530,33 @@ private:
                 mproc::detail::task_frame::id::set(frame_body, task.id);
                 mproc::detail::task_frame::call::set(frame_body, sink->call);
                 task.sink = std::move(sink);
-                local_->submit(std::move(task));
-                ++relayed_;
+                relaying_.push_back(std::move(task));
+                relaying_ids_.push_back(id);
             } catch (...) {
-                // Not even handed over (it does not resolve here, or the local pool broke): the
-                // task fails as a whole, as a rank running it itself would fail it.
+                // It does not resolve here (or is torn): the task fails as a whole, as a rank
+                // running it itself would fail it.
                 out_.clear();
                 mproc::detail::failed_task_frame(out_, *body, RemoteException::capture());
                 append_result(out_);
             }
         }
+        if (relaying_.empty()) return any;
+        const std::size_t n = relaying_.size();
+        try {
+            local_->submit(relaying_);  // all or none
+            relayed_ += n;
+        } catch (...) {
+            // The local pool broke: each task fails as a whole, under rank 0's id.
+            const RemoteException why = RemoteException::capture();
+            for (std::size_t i = 0; i < n; ++i) {
+                auto frame_body = mproc::detail::body_of(relaying_[i].frame);
+                mproc::detail::task_frame::id::set(frame_body, relaying_ids_[i]);
+                out_.clear();
+                mproc::detail::failed_task_frame(out_, frame_body, why);
+                append_result(out_);
+            }
+        }
+        relaying_.clear();
         return any;
     }
 
@@ -583,6 +601,8 @@ private:
     RelayQueue relay_;  // before local_: it outlives the engine
     std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
     std::size_t relayed_ = 0;  // tasks in the local pool
+    std::vector<mproc::detail::Task> relaying_;  // relay_tasks' batch for the local pool
+    std::vector<std::uint64_t> relaying_ids_;  // their ids on rank 0
     struct RelayedCall {
         std::uint64_t local = 0;  // its id in the local pool
         std::deque<std::weak_ptr<RelaySink>> sinks;  // of its tasks (ended ones expire)
