@@ -268,7 +268,7 @@ public:
                 flush();
             if (busy) {
                 backoff.reset();
-            } else if (relayed_ != 0) {
+            } else if (!relayed_tasks_.empty()) {
                 // Local tasks are running: a result wakes this thread at once; rank 0's messages
                 // are looked for at the backoff's pace, as when idle.
                 const auto most = backoff.next();
@@ -442,7 +442,7 @@ private:
             }
         } catch (...) {}
         local_.reset();
-        relayed_ = 0;
+        relayed_tasks_.clear();
         calls_.clear();
         std::lock_guard lock(relay_.mutex);
         relay_.frames.clear();
@@ -460,36 +460,34 @@ private:
             return;
         }
         relay_tasks();  // tasks of the call that came with the cancel, not yet handed over
-        const auto it = calls_.find(call);
-        if (it == calls_.end()) return;
+        if (!calls_.contains(call)) return;
         std::vector<std::shared_ptr<RelaySink>> live;
-        for (const auto& weak : it->second.sinks)
-            if (auto sink = weak.lock()) live.push_back(std::move(sink));
-        calls_.erase(it);
+        for (const auto& [id, t] : relayed_tasks_)
+            if (t.call == call)
+                if (auto sink = t.sink.lock()) live.push_back(std::move(sink));
         for (const auto& sink : live) sink->mark();
         for (const auto& sink : live) sink->cancel();
     }
 
-    /// The local call id of rank 0's `call`: its tasks share one, so the local pool's cancel
-    /// (which marks a call in its workers' cancel slots) stops them all. `sink` is remembered for
-    /// cancel_call; the ended ones are forgotten as tasks go.
-    std::uint64_t local_call(std::uint64_t call, std::uint64_t task_id, const std::shared_ptr<RelaySink>& sink) {
+    /// The local call id of rank 0's `call`, for its task `id` (rank 0's), relayed under the local
+    /// id `local_id` with `sink`: the tasks of a call share one, so the local pool's cancel (which
+    /// marks a call in its workers' cancel slots) stops them all. The task is remembered, for
+    /// cancel_call, until its result frame comes back (forget_relayed).
+    std::uint64_t local_call(std::uint64_t call, std::uint64_t id, std::uint64_t local_id,
+                             const std::shared_ptr<RelaySink>& sink) {
         auto [it, fresh] = calls_.try_emplace(call);
-        RelayedCall& c = it->second;
-        if (fresh) c.local = task_id;
-        while (!c.sinks.empty() && c.sinks.front().expired()) c.sinks.pop_front();
-        if (c.sinks.size() > 64 + 2 * relayed_)  // one task holds the front: the ended ones go too
-            std::erase_if(c.sinks, [](const std::weak_ptr<RelaySink>& w) { return w.expired(); });
-        c.sinks.push_back(sink);
-        if (calls_.size() > 64 + 2 * relayed_) {
-            // Calls whose tasks have all answered: nothing of them is left to cancel.
-            for (auto it = calls_.begin(); it != calls_.end();) {
-                auto& sinks = it->second.sinks;
-                std::erase_if(sinks, [](const std::weak_ptr<RelaySink>& w) { return w.expired(); });
-                it = sinks.empty() ? calls_.erase(it) : std::next(it);
-            }
-        }
-        return c.local;
+        if (fresh) it->second.local = local_id;
+        ++it->second.tasks;
+        relayed_tasks_[id] = RelayedTask{call, sink};
+        return it->second.local;
+    }
+    /// Task `id` (rank 0's) has answered, or was never handed over.
+    void forget_relayed(std::uint64_t id) {
+        const auto t = relayed_tasks_.find(id);
+        if (t == relayed_tasks_.end()) return;
+        const auto c = calls_.find(t->second.call);
+        if (c != calls_.end() && --c->second.tasks == 0) calls_.erase(c);
+        relayed_tasks_.erase(t);
     }
 
     /// Hands the local pool what it has room for: the tasks of the batches rank 0 sent, as they
@@ -506,10 +504,11 @@ private:
             const auto body = &next->body;
             any = true;
             mproc::detail::Task task;
+            std::uint64_t id = 0;
             try {
                 if (body->size() < mproc::detail::task_frame::smallest)
                     throw SerializationError("mproc::mpi: task frame too short");
-                const std::uint64_t id = mproc::detail::task_frame::id::get(*body);
+                id = mproc::detail::task_frame::id::get(*body);
                 const std::uint64_t call = mproc::detail::task_frame::call::get(*body);
                 resolver_.make_local(*body);
                 const auto view = mproc::detail::parse_task(*body);
@@ -524,7 +523,7 @@ private:
                 auto frame_body = mproc::detail::body_of(task.frame);
                 auto sink = std::make_shared<RelaySink>(id, task.id, next->note.first, view.count, task.skips, where_,
                                                         relay_);
-                sink->call = local_call(call, task.id, sink);
+                sink->call = local_call(call, id, task.id, sink);
                 sink->engine = local_->link();
                 if (next->note.max_retries != TaskNote::pool_retries) sink->max_retries = next->note.max_retries;
                 mproc::detail::task_frame::id::set(frame_body, task.id);
@@ -535,6 +534,7 @@ private:
             } catch (...) {
                 // It does not resolve here (or is torn): the task fails as a whole, as a rank
                 // running it itself would fail it.
+                forget_relayed(id);
                 out_.clear();
                 mproc::detail::failed_task_frame(out_, *body, RemoteException::capture());
                 append_result(out_);
@@ -544,11 +544,11 @@ private:
         const std::size_t n = relaying_.size();
         try {
             local_->submit(relaying_);  // all or none
-            relayed_ += n;
         } catch (...) {
             // The local pool broke: each task fails as a whole, under rank 0's id.
             const RemoteException why = RemoteException::capture();
             for (std::size_t i = 0; i < n; ++i) {
+                forget_relayed(relaying_ids_[i]);
                 auto frame_body = mproc::detail::body_of(relaying_[i].frame);
                 mproc::detail::task_frame::id::set(frame_body, relaying_ids_[i]);
                 out_.clear();
@@ -569,7 +569,7 @@ private:
             frames.swap(relay_.frames);
         }
         for (Buffer& f : frames) {
-            relayed_ -= std::min<std::size_t>(relayed_, 1);
+            forget_relayed(mproc::detail::result_id(mproc::detail::body_of(f)));
             append_result(f);
         }
         return true;
@@ -600,12 +600,16 @@ private:
     CodeResolver resolver_;
     RelayQueue relay_;  // before local_: it outlives the engine
     std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
-    std::size_t relayed_ = 0;  // tasks in the local pool
     std::vector<mproc::detail::Task> relaying_;  // relay_tasks' batch for the local pool
     std::vector<std::uint64_t> relaying_ids_;  // their ids on rank 0
+    struct RelayedTask {
+        std::uint64_t call = 0;  // rank 0's
+        std::weak_ptr<RelaySink> sink;  // for cancel_call
+    };
+    std::unordered_map<std::uint64_t, RelayedTask> relayed_tasks_;  // by rank 0's id: in the local pool
     struct RelayedCall {
         std::uint64_t local = 0;  // its id in the local pool
-        std::deque<std::weak_ptr<RelaySink>> sinks;  // of its tasks (ended ones expire)
+        std::size_t tasks = 0;  // of them in relayed_tasks_
     };
     std::unordered_map<std::uint64_t, RelayedCall> calls_;  // rank 0's calls with tasks relayed
     unsigned next_cancel_slot_ = 0;  // in_rank: status_'s next cancel slot
