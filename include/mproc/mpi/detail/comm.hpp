@@ -253,6 +253,9 @@ public:
         return std::nullopt;
     }
 
+    /// Whether a message is still arriving (announced, not wholly received).
+    bool receiving() const noexcept { return pending_ != 0; }
+
 private:
     struct Arriving {
         MPI_Request request = MPI_REQUEST_NULL;

@@ -181,6 +181,9 @@ public:
         }
         return any;
     }
+    /// Whether a send or a receive is still under way: MPI moves a large message on only while it
+    /// is called, so the MPI thread must not look away.
+    bool moving() const noexcept { return !pending_.empty() || inbox_.receiving(); }
     /// Nothing is owed by, or in flight to, any rank not lost.
     bool settled() {
         for (const Pending& p : pending_)
@@ -405,7 +408,7 @@ private:
     /// waits that long is covered: the rank holds eight times as much work. Shorter tasks come
     /// back in batches that keep the thread busy anyway.
     std::chrono::microseconds slack_locked() const noexcept {
-        if (avg_task_ns_ < 20'000) return std::chrono::microseconds{0};
+        if (avg_task_ns_ < 20'000 || master_.moving()) return std::chrono::microseconds{0};
         double least = -1;
         for (const Seat& s : seats_) {
             if (s.inflight.empty()) continue;
@@ -524,7 +527,9 @@ private:
                        !posted_.empty() || !call_cancels_.empty() || (submitted_ && state_ != State::broken) ||
                        master_.lost_count() != lost_seen;
             };
-            if (outstanding_ == 0 && master_.settled()) wake_.wait(lock, woken);  // nothing can arrive: sleep
+            // Nothing can arrive: sleep (a lost rank's wake-up comes without this mutex, so the
+            // predicate is looked at again each second).
+            if (outstanding_ == 0 && master_.settled()) wake_.wait_for(lock, std::chrono::seconds(1), woken);
             else wake_.wait_for(lock, std::max(backoff.next(), slack_locked()), woken);
         }
         // Terminated or broken: the workers drop what they still hold of this pool.
