@@ -8,6 +8,8 @@
 //   exit N   rank 0 calls std::exit(N) with a pool still open
 //   idle     rank 0 never creates a pool
 //   alone    run without mpirun: creating a pool is a clear mproc::Error
+//   one_cpu  the pool's initializer pins each rank to its first CPU: a rank whose affinity is one
+//            CPU of several says once on stderr that its local pool has one worker (status 0)
 // The heartbeat (timeout 1 s in these modes):
 //   stopped  rank 2 is stopped (SIGSTOP) mid-map while rank 1 runs a 300 s task: the map fails
 //            with RankLost naming rank 2, so do later calls on that pool, no new pool starts, and
@@ -22,6 +24,7 @@
 //            the test cuts a host's cable meanwhile
 #include <mproc/mpi.hpp>
 
+#include <sched.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -44,6 +47,21 @@ int die_on_rank_two(int x) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     return x;
 }
+/// The initializer of mode one_cpu: this rank may run on its first allowed CPU only.
+void pin_to_one_cpu() {
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    if (::sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &allowed)) continue;
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        ::sched_setaffinity(0, sizeof one, &one);
+        return;
+    }
+}
+
 int slow(int x) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     return x;
@@ -143,6 +161,14 @@ int main(int argc, char** argv) {
         pool.join();
         std::printf("mapped %zu, returning %d\n", r.size(), n);
         return n;
+    }
+    if (mode == "one_cpu") {
+        mproc::mpi::Pool pool({.initializer = pin_to_one_cpu});
+        const auto r = pool.map(slow, std::vector<int>{1, 2, 3, 4});
+        pool.close();
+        pool.join();
+        std::printf("one CPU: mapped %zu\n", r.size());
+        return 0;
     }
     if (mode == "throw") {
         mproc::mpi::Pool pool;
