@@ -151,6 +151,14 @@ inline OutcomeRecord read_outcome_record(Reader& in) {
     return r;
 }
 
+/// Writes an item's outcome whose record is already encoded (`bytes`): read_outcome_record's twin.
+inline void write_outcome_record(Writer& out, Outcome outcome, std::span<const std::byte> bytes) {
+    out.write(outcome);
+    const std::size_t at = begin_record(out);
+    out.write_raw(bytes.data(), bytes.size());
+    end_record(out, at);
+}
+
 /// Writes an item's exception outcome.
 inline void write_exception_outcome(Writer& out, const RemoteException& why) {
     out.write(Outcome::exception);

@@ -175,22 +175,14 @@ private:
     void fill_all_packed(std::span<const std::byte> values) {
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
-        out.write(Outcome::packed);
-        const std::size_t at = mproc::detail::begin_record(out);
-        out.write_raw(values.data(), values.size());
-        mproc::detail::end_record(out, at);
+        mproc::detail::write_outcome_record(out, Outcome::packed, values);
         filled_ = count_;
         send(std::move(frame));
     }
     void send_whole(std::span<const mproc::detail::OutcomeRecord> outcomes) {
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
-        for (const auto& o : outcomes) {
-            out.write(o.outcome);
-            const std::size_t at = mproc::detail::begin_record(out);
-            out.write_raw(o.bytes.data(), o.bytes.size());
-            mproc::detail::end_record(out, at);
-        }
+        for (const auto& o : outcomes) mproc::detail::write_outcome_record(out, o.outcome, o.bytes);
         filled_ = count_;
         send(std::move(frame));
     }
@@ -198,12 +190,7 @@ private:
         if (filled_ != count_ || sent_) return;
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
-        for (const Slot& s : slots_) {
-            out.write(s.outcome);
-            const std::size_t at = mproc::detail::begin_record(out);
-            out.write_raw(s.bytes.data(), s.bytes.size());
-            mproc::detail::end_record(out, at);
-        }
+        for (const Slot& s : slots_) mproc::detail::write_outcome_record(out, s.outcome, s.bytes);
         send(std::move(frame));
     }
     /// Queues the frame, with an estimate of the task's own run time: from its submission, or,
