@@ -111,6 +111,8 @@ public:
     /// Rank 0 cancelled the task's call (see WorkerRank::cancel_call): first every task of the
     /// call is marked, then the local pool is asked to stop each.
     void mark() noexcept { mark_cancelled(); }
+    /// The task's id on rank 0.
+    std::uint64_t id() const noexcept { return id_; }
     void cancel() { stop_tasks(); }
 
     void fail(std::size_t index, std::exception_ptr error) override {
@@ -503,7 +505,6 @@ private:
         // Everything rank 0 sent goes to the local pool at once, in one submit (it queues what its
         // workers have no room for, and refills them from its own thread): rank 0's window bounds it.
         relaying_.clear();
-        relaying_ids_.clear();
         bool any = false;
         for (;;) {
             auto next = next_task();
@@ -536,13 +537,7 @@ private:
                 mproc::detail::task_frame::id::set(frame_body, task.id);
                 mproc::detail::task_frame::call::set(frame_body, sink->call);
                 task.sink = std::move(sink);
-                relaying_ids_.push_back(id);
-                try {
-                    relaying_.push_back(std::move(task));
-                } catch (...) {
-                    relaying_ids_.pop_back();  // the two stay in step
-                    throw;
-                }
+                relaying_.push_back(std::move(task));
             } catch (...) {
                 // It does not resolve here (or is torn): the task fails as a whole, as a rank
                 // running it itself would fail it.
@@ -561,11 +556,13 @@ private:
             const RemoteException why = RemoteException::capture();
             for (std::size_t i = 0; i < n; ++i) {
                 // One the local pool took before it failed (its frame moved there) answers there.
-                if (relaying_[i].frame.size() < mproc::detail::frame_header_size + mproc::detail::task_frame::smallest)
+                if (!relaying_[i].sink ||
+                    relaying_[i].frame.size() < mproc::detail::frame_header_size + mproc::detail::task_frame::smallest)
                     continue;
-                forget_relayed(relaying_ids_[i]);
+                const std::uint64_t id = static_cast<const RelaySink&>(*relaying_[i].sink).id();
+                forget_relayed(id);
                 auto frame_body = mproc::detail::body_of(relaying_[i].frame);
-                mproc::detail::task_frame::id::set(frame_body, relaying_ids_[i]);
+                mproc::detail::task_frame::id::set(frame_body, id);
                 out_.clear();
                 mproc::detail::failed_task_frame(out_, frame_body, why);
                 append_result(out_);
@@ -616,7 +613,6 @@ private:
     RelayQueue relay_;  // before local_: it outlives the engine
     std::unique_ptr<mproc::detail::PoolEngine> local_;  // the local pool (none: tasks run here)
     std::vector<mproc::detail::Task> relaying_;  // relay_tasks' batch for the local pool
-    std::vector<std::uint64_t> relaying_ids_;  // their ids on rank 0
     struct RelayedTask {
         std::uint64_t call = 0;  // rank 0's
         std::weak_ptr<RelaySink> sink;  // for cancel_call
