@@ -376,6 +376,7 @@ private:
     struct Outgoing {
         int rank;
         Buffer message;
+        bool tasks = false;  // a tasks message: stamped with its send time as it goes out
     };
     struct CallCancel {
         int rank;
@@ -437,7 +438,7 @@ private:
                 batch[best] = no_batch;
             if (batch[best] == no_batch) {
                 batch[best] = out.size();
-                out.push_back(Outgoing{seat.rank, Buffer{}});
+                out.push_back(Outgoing{seat.rank, Buffer{}, true});
                 begin_message(out.back().message, Kind::tasks, pool_);
                 out.back().message.extend(tasks_stamp_bytes);  // sent_ns, stamped as it goes out
             }
@@ -506,7 +507,7 @@ private:
                 dispatch_locked(out);
             }
             for (Outgoing& o : out) {
-                if (static_cast<Kind>(o.message.data()[message_kind_at]) == Kind::tasks) {
+                if (o.tasks) {
                     const std::int64_t now = mproc::detail::monotonic_ns();
                     std::memcpy(o.message.data() + message_header, &now, sizeof now);
                 }
