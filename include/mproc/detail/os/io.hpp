@@ -64,9 +64,21 @@ inline ssize_t read_some(int fd, void* dst, std::size_t n) noexcept {
     return got;
 }
 
+/// pwritev2's flag for "a closed reader is EPIPE, never SIGPIPE" (RWF_NOSIGNAL, in recent Linux
+/// kernels; older ones refuse the unknown flag with EOPNOTSUPP before writing anything).
+inline constexpr int rwf_nosignal = 0x00000100;
+
+/// Whether writes to pipes can use rwf_nosignal: 1 yes, -1 no (the kernel refused it: every write
+/// then goes through a SigpipeShield), 0 not tried yet. Tests set -1 to exercise the shield.
+inline std::atomic<int>& pipe_nosignal_support() noexcept {
+    static constinit std::atomic<int> support{0};
+    return support;
+}
+
 /// One write that never raises SIGPIPE, of a message in pieces (a frame's header and its payload,
-/// so they need not be copied together first): sendmsg(MSG_NOSIGNAL) on sockets, a shielded
-/// writev on pipes. `nonblocking` asks for MSG_DONTWAIT (sockets only). Retries EINTR.
+/// so they need not be copied together first): sendmsg(MSG_NOSIGNAL) on sockets; on pipes, one
+/// pwritev2 with rwf_nosignal where the kernel has it (one system call), else a writev inside a
+/// SigpipeShield (three). `nonblocking` asks for MSG_DONTWAIT (sockets only). Retries EINTR.
 inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket, bool nonblocking = false) noexcept {
     ssize_t put;
     if (is_socket) {
@@ -77,6 +89,16 @@ inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket
         do put = ::sendmsg(fd, &message, flags);
         while (put < 0 && errno == EINTR);
         return put;
+    }
+    std::atomic<int>& nosignal = pipe_nosignal_support();
+    if (nosignal.load(std::memory_order_relaxed) >= 0) {
+        do put = ::pwritev2(fd, pieces, count, -1, rwf_nosignal);
+        while (put < 0 && errno == EINTR);
+        if (put >= 0 || (errno != EOPNOTSUPP && errno != ENOSYS)) {
+            nosignal.store(1, std::memory_order_relaxed);
+            return put;
+        }
+        nosignal.store(-1, std::memory_order_relaxed);  // refused before writing anything: the shield
     }
     SigpipeShield shield;
     do put = ::writev(fd, pieces, count);
