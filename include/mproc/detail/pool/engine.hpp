@@ -66,6 +66,18 @@ public:
     /// The call was cancelled: whatever it does at once (an AsyncResult completes with its
     /// CancelledError). On the engine's thread.
     virtual void settle_cancelled() {}
+    /// How an error names item `item` (counted in its task) of the task `id` that carries the
+    /// call's items first..first+count-1: "task 12 (item 3)", the item counted in the call. A
+    /// sink whose tasks are known by other names (a rank's relay: rank 0's, and where it ran)
+    /// says them here, so every message the engine builds names the task the caller knows.
+    virtual std::string task_name(std::uint64_t id, std::size_t first, std::uint32_t count, std::uint32_t item) const {
+        return plain_task_name(id, first, count, item);
+    }
+    static std::string plain_task_name(std::uint64_t id, std::size_t first, std::uint32_t count, std::uint32_t item) {
+        std::string s = "task " + std::to_string(id);
+        if (count > 1 || first > 0) s += " (item " + std::to_string(first + item) + ")";
+        return s;
+    }
 
     /// The call's id, which its task frames carry (see wire.hpp): the id of its first task.
     std::uint64_t call = 0;
@@ -102,10 +114,9 @@ struct Task {
     std::vector<std::uint32_t> skips;  // sorted; items already failed
     std::int64_t estimate_ns = 0;      // its expected run time, while a worker holds it (the engine's)
 
+    /// Its item `item` (counted in the task) as errors name it (ResultSink::task_name).
     std::string describe(std::uint32_t item) const {
-        std::string s = "task " + std::to_string(id);
-        if (count > 1 || first > 0) s += " (item " + std::to_string(first + item) + ")";
-        return s;
+        return sink ? sink->task_name(id, first, count, item) : ResultSink::plain_task_name(id, first, count, item);
     }
 };
 

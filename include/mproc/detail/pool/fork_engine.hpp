@@ -1168,10 +1168,16 @@ private:
         for (Seat& s : seats_) {
             if (s.state == SeatState::dead || s.pid <= 0 || s.inflight.empty()) continue;
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
-            if (status.current_phase() == TaskPhase::running)
-                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on task " +
-                         std::to_string(status.task_id.load(std::memory_order_relaxed)) + " (item " +
-                         std::to_string(status.item.load(std::memory_order_relaxed)) + ")";
+            if (status.current_phase() == TaskPhase::running) {
+                const std::uint64_t id = status.task_id.load(std::memory_order_relaxed);
+                const std::uint32_t item = status.item.load(std::memory_order_relaxed);
+                const auto task = std::find_if(s.inflight.begin(), s.inflight.end(),
+                                               [id](const Task& t) { return t.id == id; });
+                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on " +
+                         (task != s.inflight.end()
+                              ? task->describe(item)
+                              : "task " + std::to_string(id) + " (item " + std::to_string(item) + ")");
+            }
             s.watchdog_killed = true;
             server_.kill(s.index, s.pid, SIGKILL);
         }

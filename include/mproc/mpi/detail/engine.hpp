@@ -400,24 +400,20 @@ private:
             std::clamp(cover_ns / avg_task_ns_ * at_once, std::min(2.0 * at_once, most), most));
     }
 
-    /// How long the MPI thread may look away while every rank has work, once tasks take 20 µs or
-    /// more: an eighth of what the least-loaded rank holds (its tasks in flight over its workers,
-    /// at the measured task time), at most 250 µs. Each look costs a poll of every socket (Open
-    /// MPI's TCP transport progresses on every MPI call): over TCP, with 200 µs tasks whose results
-    /// come one by one, looking again every few microseconds took 40 % of a core on rank 0 (4 % so),
-    /// and on shared cores the workers' busy share went from 0.84 to 0.89–0.95. A result that
-    /// waits that long is covered: the rank holds eight times as much work. Shorter tasks come
-    /// back in batches that keep the thread busy anyway.
+    /// How long the MPI thread may look away while every rank has work (look_away_for): an eighth
+    /// of what the least-loaded rank holds (its tasks in flight over its workers, at the measured
+    /// task time), so a result that waits that long is covered eight times over; never while a
+    /// send or receive is under way. With 200 µs tasks over TCP: rank 0's MPI thread 40 % → 4 %
+    /// of a core, and on shared cores the workers' busy share 0.84 → 0.89–0.95.
     std::chrono::microseconds slack_locked() const noexcept {
-        if (avg_task_ns_ < 20'000 || master_.moving()) return std::chrono::microseconds{0};
+        if (master_.moving()) return std::chrono::microseconds{0};
         double least = -1;
         for (const Seat& s : seats_) {
             if (s.inflight.empty()) continue;
             const double held = static_cast<double>(s.inflight.size()) * avg_task_ns_ / s.capacity;
             if (least < 0 || held < least) least = held;
         }
-        if (least < 0) return std::chrono::microseconds{0};
-        return std::chrono::microseconds{static_cast<long>(std::min(least / 8, 250'000.0) / 1000)};
+        return look_away_for(avg_task_ns_, least, 1.0 / 8);
     }
 
     /// Gives each seat what its window has room for, as batches to send.

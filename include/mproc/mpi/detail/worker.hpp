@@ -81,9 +81,9 @@ class RelaySink final : public mproc::detail::ResultSink {
 public:
     /// `skips`: items rank 0 failed before (a skipped outcome goes back for each).
     /// `first`: the index of the task's first item in its call on rank 0 (for messages).
-    RelaySink(std::uint64_t id, std::uint64_t local_id, std::uint64_t first, std::uint32_t count,
-              std::span<const std::uint32_t> skips, const std::string& where, RelayQueue& queue)
-        : id_(id), local_id_(local_id), first_(first), count_(count), where_(where), queue_(queue), slots_(count),
+    RelaySink(std::uint64_t id, std::uint64_t first, std::uint32_t count, std::span<const std::uint32_t> skips,
+              const std::string& where, RelayQueue& queue)
+        : id_(id), first_(first), count_(count), where_(where), queue_(queue), slots_(count),
           submitted_ns_(mproc::detail::monotonic_ns()) {
         for (std::uint32_t i : skips)
             if (i < count) fill(i, Outcome::skipped, {});
@@ -115,6 +115,13 @@ public:
     std::uint64_t id() const noexcept { return id_; }
     void cancel() { stop_tasks(); }
 
+    /// The local pool names the task by its own id, which means nothing on rank 0: every message
+    /// it builds (worker lost, task_timeout, memory_limit, stall_timeout) names the task as rank 0
+    /// knows it, and where it ran.
+    std::string task_name(std::uint64_t, std::size_t, std::uint32_t, std::uint32_t item) const override {
+        return plain_task_name(id_, first_, count_, item) + " on " + where_;
+    }
+
     void fail(std::size_t index, std::exception_ptr error) override {
         if (index >= slots_.size()) return;
         RemoteException why;
@@ -122,23 +129,6 @@ public:
             std::rethrow_exception(error);
         } catch (...) {
             why = RemoteException::capture();
-        }
-        // The local pool names the task by its own id, which means nothing on rank 0: the task is
-        // named as rank 0 knows it, and where it ran.
-        const std::string ours = count_ > 1 || first_ > 0 ? fmt::format("task {} (item {})", id_, first_ + index)
-                                                          : fmt::format("task {}", id_);
-        // The local pool names it by the task's own local id, at the start ("task 12 ran past
-        // ...", "task 12 (item 3) ...") or after a cause ("... (stall_timeout): worker 7 on task
-        // 12 (item 0)"): that name, the whole number, becomes rank 0's and where it ran.
-        if (why.kind == RemoteException::worker_lost) {
-            why.message = ours + " on " + where_;
-        } else if (const auto at = local_name(why.message)) {
-            std::size_t rest = *at + fmt::formatted_size("task {}", local_id_);
-            if (why.message.compare(rest, 7, " (item ") == 0) {
-                const std::size_t close = why.message.find(')', rest);
-                if (close != std::string::npos) rest = close + 1;
-            }
-            why.message.replace(*at, rest - *at, ours + " on " + where_);
         }
         Buffer bytes;
         Writer w(bytes);
@@ -148,18 +138,6 @@ public:
     }
 
 private:
-    /// Where `message` names this task by its local id ("task N", N whole), if it does.
-    std::optional<std::size_t> local_name(const std::string& message) const {
-        const std::string local = fmt::format("task {}", local_id_);
-        for (std::size_t at = message.find(local); at != std::string::npos; at = message.find(local, at + 1)) {
-            const std::size_t end = at + local.size();
-            const bool starts = at == 0 || message[at - 1] == ' ';
-            const bool ends = end == message.size() || message[end] < '0' || message[end] > '9';
-            if (starts && ends) return at;
-        }
-        return std::nullopt;
-    }
-
     struct Slot {
         bool set = false;
         Outcome outcome = Outcome::skipped;
@@ -214,8 +192,7 @@ private:
         queue_.push(std::move(frame));
     }
 
-    std::uint64_t id_;        // rank 0's
-    std::uint64_t local_id_;  // the local pool's
+    std::uint64_t id_;  // rank 0's
     std::uint64_t first_;
     std::uint32_t count_;
     const std::string& where_;  // the WorkerRank's: it outlives its local pool and the sinks
@@ -395,17 +372,14 @@ private:
     }
 
     /// How long the rank may leave MPI unread while its local pool holds work queued beyond what
-    /// its workers run, once tasks take 20 µs or more: a quarter of that queued work, at most
-    /// 250 µs. Its next tasks are not needed sooner, and each look at MPI polls every socket: over
-    /// TCP, with 200 µs tasks, yielding and looking again between two results took a quarter of a
-    /// core from the local workers on the same host.
+    /// its workers run (look_away_for): a quarter of that queued work. Its next tasks are not
+    /// needed sooner.
     std::chrono::microseconds relay_slack() const noexcept {
-        const std::int64_t task_ns = relay_.task_ns.load(std::memory_order_relaxed);
         const std::size_t workers = relay_.processes;
-        if (task_ns < 20'000 || relayed_tasks_.size() <= workers) return std::chrono::microseconds{0};
-        const double queued_ns = static_cast<double>(relayed_tasks_.size() - workers) * static_cast<double>(task_ns) /
-                                 workers;
-        return std::chrono::microseconds{static_cast<long>(std::min(queued_ns / 4, 250'000.0) / 1000)};
+        if (relayed_tasks_.size() <= workers) return std::chrono::microseconds{0};
+        const auto task_ns = static_cast<double>(relay_.task_ns.load(std::memory_order_relaxed));
+        const double queued_ns = static_cast<double>(relayed_tasks_.size() - workers) * task_ns / workers;
+        return look_away_for(task_ns, queued_ns, 1.0 / 4);
     }
 
     /// Forks the local workers: `spec.processes`, or one per CPU of this rank's affinity. Returns
@@ -529,8 +503,7 @@ private:
                 task.frame.append(body->data(), body->size());
                 mproc::detail::finish_frame(task.frame);
                 auto frame_body = mproc::detail::body_of(task.frame);
-                auto sink = std::make_shared<RelaySink>(id, task.id, next->note.first, view.count, task.skips, where_,
-                                                        relay_);
+                auto sink = std::make_shared<RelaySink>(id, next->note.first, view.count, task.skips, where_, relay_);
                 sink->call = local_call(call, id, task.id, sink);
                 sink->engine = local_->link();
                 if (next->note.max_retries != TaskNote::pool_retries) sink->max_retries = next->note.max_retries;
