@@ -316,12 +316,23 @@ TEST_CASE("recv after every peer has closed throws EOFError once the messages ar
     CHECK(mproc_test::child_count() == 0);
 }
 
+/// For one test: how a simplex pipe's writes keep SIGPIPE away — 0: pwritev2's RWF_NOSIGNAL where
+/// the kernel has it (the SigpipeShield where it does not), -1: the SigpipeShield. Put back after.
+class PipeWrites {
+public:
+    explicit PipeWrites(int how) : before_(mproc::detail::pipe_nosignal_support().exchange(how)) {}
+    ~PipeWrites() { mproc::detail::pipe_nosignal_support().store(before_); }
+    PipeWrites(const PipeWrites&) = delete;
+    PipeWrites& operator=(const PipeWrites&) = delete;
+
+private:
+    int before_;
+};
+
 TEST_CASE("send to a closed peer throws BrokenPipeError and SIGPIPE never fires") {
-    // A simplex pipe's writes: pwritev2's RWF_NOSIGNAL where the kernel has it (0: found out on
-    // the first write), and the SigpipeShield that kernels without it get (-1).
     const int nosignal = GENERATE(0, -1);
     CAPTURE(nosignal);
-    mproc::detail::pipe_nosignal_support().store(nosignal);
+    const PipeWrites writes(nosignal);
     require_default_sigpipe();
     for (bool duplex : {true, false}) {
         INFO("duplex " << duplex);
@@ -350,7 +361,35 @@ TEST_CASE("send to a closed peer throws BrokenPipeError and SIGPIPE never fires"
     REQUIRE(::sigaction(SIGPIPE, nullptr, &after) == 0);
     CHECK(after.sa_handler == SIG_DFL);
     CHECK(mproc_test::child_count() == 0);
-    mproc::detail::pipe_nosignal_support().store(0);
+    // Which way the writes went (-1 after the first write: this kernel has no RWF_NOSIGNAL).
+    INFO("pipe_nosignal_support after: " << mproc::detail::pipe_nosignal_support().load());
+}
+
+TEST_CASE("a reader that leaves in the middle of a large message gives BrokenPipeError and never SIGPIPE") {
+    // The writer waits for room with part of the message in the pipe when the reader goes: the
+    // kernel then raises SIGPIPE and returns the bytes it took, a short write, not EPIPE.
+    const int nosignal = GENERATE(0, -1);
+    CAPTURE(nosignal);
+    const PipeWrites writes(nosignal);
+    require_default_sigpipe();
+    auto [reader, writer] = mproc::Pipe<std::string>(/*duplex=*/false);
+    mproc::Process p([&reader = reader] {
+        // 64 KiB of the message, read raw; then away while the writer waits on a full pipe.
+        std::vector<char> some(64 * 1024);
+        std::size_t got = 0;
+        while (got < some.size()) {
+            const ssize_t n = ::read(reader.fileno(), some.data() + got, some.size() - got);
+            if (n <= 0) break;
+            got += static_cast<std::size_t>(n);
+        }
+        ::usleep(200'000);
+    });
+    p.start();
+    reader.close();
+    CHECK_THROWS_AS(writer.send_bytes(pattern_bytes(8u << 20)), mproc::BrokenPipeError);
+    REQUIRE(p.join());
+    CHECK(p.exitcode() == 0);
+    CHECK_FALSE(sigpipe_pending());
 }
 
 TEST_CASE("use after close throws mproc::Error") {

@@ -93,15 +93,16 @@ int long_task(int index) {
 
 int quick_task(int i) { return i + 1; }
 
-/// Waits for signals forever. sigsuspend, not pause: GCC 12's ThreadSanitizer runtime sometimes
-/// loses an asynchronous signal that reaches a thread blocked in pause() — its handler never runs
-/// (a ten-line program with a SIGINT handler, sent SIGINT as it prints "ready": 2 lost in 200
-/// runs; with sigsuspend, 0 in 500; clang 16's runtime, 0 in 500 with pause). Here that was a
-/// Ctrl-C the guard never saw, and a program that never ended.
+/// Waits for signals forever, as pause() does (the thread's own mask kept: a signal mproc left
+/// blocked stays blocked, and the test sees it). sigsuspend, not pause: GCC 12's ThreadSanitizer
+/// runtime sometimes loses an asynchronous signal that reaches a thread blocked in pause() — its
+/// handler never runs (a ten-line program with a SIGINT handler, sent SIGINT as it prints "ready":
+/// 2 lost in 200 runs; with sigsuspend, 0 in 500; clang 16's runtime, 0 in 500 with pause). Here
+/// that was a Ctrl-C the guard never saw, and a program that never ended.
 [[noreturn]] void sleep_forever() {
-    sigset_t none;
-    ::sigemptyset(&none);
-    for (;;) ::sigsuspend(&none);
+    sigset_t mine;
+    ::pthread_sigmask(SIG_SETMASK, nullptr, &mine);
+    for (;;) ::sigsuspend(&mine);
 }
 
 /// One level of the tree: reports, starts the next level (if any) and waits for it.

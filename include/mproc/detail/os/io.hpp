@@ -64,14 +64,27 @@ inline ssize_t read_some(int fd, void* dst, std::size_t n) noexcept {
     return got;
 }
 
-/// pwritev2's flag for "a closed reader is EPIPE, never SIGPIPE" (RWF_NOSIGNAL, in recent Linux
-/// kernels; older ones refuse the unknown flag with EOPNOTSUPP before writing anything).
+/// pwritev2's flag for "a closed reader is EPIPE, never SIGPIPE" (RWF_NOSIGNAL: Linux 6.18, this
+/// project's CI kernel, has it; older kernels refuse the unknown flag with EOPNOTSUPP before writing
+/// anything).
 inline constexpr int rwf_nosignal = 0x00000100;
 
-/// Whether writes to pipes can use rwf_nosignal: 1 yes, -1 no (the kernel refused it: every write
-/// then goes through a SigpipeShield), 0 not tried yet. Tests set -1 to exercise the shield.
+/// Whether writes to pipes try rwf_nosignal first: 0 yes, -1 no (the kernel or a seccomp filter
+/// refused it once: every write then goes through a SigpipeShield). Tests set -1 to exercise the
+/// shield. Under ThreadSanitizer, -1 from the start: its runtime does not intercept pwritev2, so it
+/// would not see a pipe carry data between two threads of one process, and would report races.
 inline std::atomic<int>& pipe_nosignal_support() noexcept {
+#if defined(__SANITIZE_THREAD__)
+    static constinit std::atomic<int> support{-1};
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+    static constinit std::atomic<int> support{-1};
+#else
     static constinit std::atomic<int> support{0};
+#endif
+#else
+    static constinit std::atomic<int> support{0};
+#endif
     return support;
 }
 
@@ -91,19 +104,23 @@ inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket
         return put;
     }
     std::atomic<int>& nosignal = pipe_nosignal_support();
-    if (nosignal.load(std::memory_order_relaxed) >= 0) {
+    if (nosignal.load(std::memory_order_relaxed) == 0) {
         do put = ::pwritev2(fd, pieces, count, -1, rwf_nosignal);
         while (put < 0 && errno == EINTR);
-        if (put >= 0 || (errno != EOPNOTSUPP && errno != ENOSYS)) {
-            nosignal.store(1, std::memory_order_relaxed);
-            return put;
-        }
-        nosignal.store(-1, std::memory_order_relaxed);  // refused before writing anything: the shield
+        if (put >= 0 || errno == EPIPE || errno == EAGAIN || errno == EWOULDBLOCK) return put;
+        // Refused, so nothing was written: the flag is unknown here (EOPNOTSUPP; ENOSYS before
+        // pwritev2), or a seccomp filter denies the call (EPERM). Anything else, writev reports too.
+        if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EPERM || errno == EINVAL)
+            nosignal.store(-1, std::memory_order_relaxed);
     }
+    std::size_t total = 0;
+    for (int i = 0; i < count; ++i) total += pieces[i].iov_len;
     SigpipeShield shield;
     do put = ::writev(fd, pieces, count);
     while (put < 0 && errno == EINTR);
-    if (put < 0 && errno == EPIPE) {
+    // A reader that left while the write waited for room raises SIGPIPE too when part of the
+    // message went in first: a short write may have one pending, as EPIPE does.
+    if ((put < 0 && errno == EPIPE) || (put >= 0 && static_cast<std::size_t>(put) < total)) {
         const int saved = errno;
         shield.note_epipe();
         errno = saved;

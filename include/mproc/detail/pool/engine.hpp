@@ -69,7 +69,8 @@ public:
     /// How an error names item `item` (counted in its task) of the task `id` that carries the
     /// call's items first..first+count-1: "task 12 (item 3)", the item counted in the call. A
     /// sink whose tasks are known by other names (a rank's relay: rank 0's, and where it ran)
-    /// says them here, so every message the engine builds names the task the caller knows.
+    /// says them here, so every message the engine builds names the task the caller knows. Called
+    /// on the engine's thread with its lock held: it must not lock, nor call back into the engine.
     virtual std::string task_name(std::uint64_t id, std::size_t first, std::uint32_t count, std::uint32_t item) const {
         return plain_task_name(id, first, count, item);
     }

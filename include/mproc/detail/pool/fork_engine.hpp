@@ -1173,10 +1173,8 @@ private:
                 const std::uint32_t item = status.item.load(std::memory_order_relaxed);
                 const auto task = std::find_if(s.inflight.begin(), s.inflight.end(),
                                                [id](const Task& t) { return t.id == id; });
-                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " on " +
-                         (task != s.inflight.end()
-                              ? task->describe(item)
-                              : "task " + std::to_string(id) + " (item " + std::to_string(item) + ")");
+                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid);
+                if (task != s.inflight.end()) stuck += " on " + task->describe(item);
             }
             s.watchdog_killed = true;
             server_.kill(s.index, s.pid, SIGKILL);

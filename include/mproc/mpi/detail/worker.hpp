@@ -118,8 +118,8 @@ public:
     /// The local pool names the task by its own id, which means nothing on rank 0: every message
     /// it builds (worker lost, task_timeout, memory_limit, stall_timeout) names the task as rank 0
     /// knows it, and where it ran.
-    std::string task_name(std::uint64_t, std::size_t, std::uint32_t, std::uint32_t item) const override {
-        return plain_task_name(id_, first_, count_, item) + " on " + where_;
+    std::string task_name(std::uint64_t, std::size_t first, std::uint32_t, std::uint32_t item) const override {
+        return plain_task_name(id_, first_ + first, count_, item) + " on " + where_;
     }
 
     void fail(std::size_t index, std::exception_ptr error) override {
