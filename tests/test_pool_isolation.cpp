@@ -78,6 +78,11 @@ long worker_resident(long) { return static_cast<long>(mproc::detail::resident_by
 [[noreturn]] int hang(int) {
     for (;;) ::pause();
 }
+/// Returns x, but hangs on 3.
+int hang_at_three(int x) {
+    if (x == 3) hang(x);
+    return x;
+}
 
 /// Waits up to 1.5 s in poll(2) and returns what poll returned: 0 when the time ran out, -1 when a
 /// signal interrupted it. Logs first, so the test knows it is running.
@@ -436,6 +441,19 @@ TEST_CASE("stall_timeout: a pool whose workers are all stuck fails the pending r
     wait_for([&] { return pool.stats().restarts().timeout == 2; }, "both stuck workers replaced");
     pool.close();
     pool.join();
+}
+
+TEST_CASE("stall_timeout names the stuck item as the call counts it") {
+    // Chunks of two: item 3 is the second of its chunk. The message counts it in the map (3), as
+    // the other failures do, not in its chunk (1).
+    Watchdog dog(120s, "stall_timeout item");
+    mproc::Pool pool(mproc::PoolOptions{.processes = 1, .stall_timeout = mproc::Seconds{1.0}});
+    try {
+        (void)pool.map(hang_at_three, std::vector<int>{0, 1, 2, 3, 4, 5}, 2);
+        FAIL("expected TimeoutError");
+    } catch (const mproc::TimeoutError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("stall_timeout") && Catch::Contains("(item 3)"));
+    }
 }
 
 TEST_CASE("stall_timeout fires for a task sent to a pool that was idle") {
