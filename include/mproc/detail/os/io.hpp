@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "clock.hpp"
+#include "sanitizer.hpp"
 #include "unique_fd.hpp"
 
 namespace mproc::detail {
@@ -74,14 +75,8 @@ inline constexpr int rwf_nosignal = 0x00000100;
 /// shield. Under ThreadSanitizer, -1 from the start: its runtime does not intercept pwritev2, so it
 /// would not see a pipe carry data between two threads of one process, and would report races.
 inline std::atomic<int>& pipe_nosignal_support() noexcept {
-#if defined(__SANITIZE_THREAD__)
+#ifdef MPROC_TSAN
     static constinit std::atomic<int> support{-1};
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-    static constinit std::atomic<int> support{-1};
-#else
-    static constinit std::atomic<int> support{0};
-#endif
 #else
     static constinit std::atomic<int> support{0};
 #endif

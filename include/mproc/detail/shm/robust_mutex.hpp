@@ -21,14 +21,8 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "../os/sanitizer.hpp"
 
-#if defined(__SANITIZE_THREAD__)
-#define MPROC_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define MPROC_TSAN 1
-#endif
-#endif
 #ifdef MPROC_TSAN
 #include <sanitizer/tsan_interface.h>
 #endif
