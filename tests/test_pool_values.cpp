@@ -6,6 +6,7 @@
 #include "test_pool_common.hpp"
 
 #include <mproc/progress.hpp>
+#include <mproc/sync.hpp>
 
 #include <cstdint>
 #include <fstream>
@@ -282,6 +283,136 @@ TEST_CASE("imap over an input that throws: the items before it, then its excepti
     // Nothing is left pending: close and join return.
     pool.close();
     pool.join();
+}
+
+// ---- a map's input is read as the workers go ---------------------------------------------------
+// map() encodes its input a window ahead of its results (detail/pool/feed.hpp), and map_async hands
+// its first chunks to the workers before it has encoded the rest: an input that throws part-way
+// then finds part of the call running, which must stop without a callback.
+
+namespace {
+
+mproc::Value<long>* squared_so_far = nullptr;  // made before the pool: its workers share it
+long count_and_square(long x) {
+    *squared_so_far += 1;
+    return x * x;
+}
+
+}  // namespace
+
+TEST_CASE("map reads its input a window ahead of its results and not all of it before the first task") {
+    Watchdog watchdog(300s, "paced map");
+    mproc::Value<long> squared(0);
+    squared_so_far = &squared;
+    mproc::Pool pool(2);
+    constexpr long n = 1'000'000;
+    long most_ahead = 0;  // items read from the input and not yet squared by a worker, at most
+    auto input = std::views::iota(0L, n) | std::views::transform([&](long i) {
+                     if (i % 1024 == 0) most_ahead = std::max(most_ahead, i - squared.load());
+                     return i;
+                 });
+    const std::vector<long> r = pool.map(count_and_square, input);
+    REQUIRE(r.size() == static_cast<std::size_t>(n));
+    CHECK(r[12345] == 12345L * 12345L);
+    CHECK(r[n - 1] == (n - 1) * (n - 1));
+    // The window is 1 MiB of frames, 131,072 items of 8 bytes, plus the chunks being encoded and
+    // handed over; encoding everything first reads all 1,000,000 before any is squared.
+    INFO("most items read ahead of the results: " << most_ahead);
+    CHECK(most_ahead < 400'000);
+    squared_so_far = nullptr;
+}
+
+TEST_CASE("close() and join() while a map still reads its input: the map completes") {
+    Watchdog watchdog(300s, "close during a paced map");
+    mproc::Pool pool(2);
+    constexpr long n = 1'000'000;
+    // The input stops at item 300,000 (its first chunks long handed over) until another thread has
+    // called close(); that thread then joins, which must wait for the rest of the map.
+    std::mutex m;
+    std::condition_variable cv;
+    bool reached = false, closed = false;
+    std::thread closer([&] {
+        std::unique_lock lock(m);
+        cv.wait(lock, [&] { return reached; });
+        pool.close();
+        closed = true;
+        cv.notify_all();
+        lock.unlock();
+        pool.join();
+    });
+    auto input = std::views::iota(0L, n) | std::views::transform([&](long i) {
+                     if (i == 300'000) {
+                         std::unique_lock lock(m);
+                         reached = true;
+                         cv.notify_all();
+                         cv.wait(lock, [&] { return closed; });
+                     }
+                     return i;
+                 });
+    std::vector<long> r;
+    CHECK_NOTHROW(r = pool.map(square_long, input));
+    closer.join();
+    REQUIRE(r.size() == static_cast<std::size_t>(n));
+    CHECK(r[299'999] == 299'999L * 299'999L);
+    CHECK(r[n - 1] == (n - 1) * (n - 1));
+    CHECK_THROWS_AS(pool.map(square_long, std::vector<long>{1}), mproc::Error);  // a new call is refused
+}
+
+namespace {
+
+/// Runs for a while, and counts how many of its kind run at once (the most in `most_at_once`).
+mproc::Value<int>* running_now = nullptr;
+mproc::Value<int>* most_at_once = nullptr;
+std::size_t measure_overlap(std::vector<char> item) {
+    const int now = (*running_now += 1);
+    {
+        std::lock_guard lock(most_at_once->get_lock());
+        if (now > most_at_once->load()) most_at_once->store(now);
+    }
+    std::this_thread::sleep_for(100ms);
+    *running_now -= 1;
+    return item.size();
+}
+
+}  // namespace
+
+TEST_CASE("a paced map of items larger than its window still runs them on every worker") {
+    Watchdog watchdog(300s, "paced map of large items");
+    mproc::Value<int> running(0), most(0);
+    running_now = &running;
+    most_at_once = &most;
+    mproc::Pool pool(4);
+    const std::vector<std::vector<char>> items(8, std::vector<char>(std::size_t{2} << 20, 'x'));
+    const std::vector<std::size_t> sizes = pool.map(measure_overlap, items);
+    CHECK(sizes == std::vector<std::size_t>(8, std::size_t{2} << 20));
+    // Each item alone is 2 MiB of frame, past the 1 MiB window: a window of bytes alone would let
+    // one task run at a time.
+    CHECK(most.load() >= 2);
+    running_now = most_at_once = nullptr;
+}
+
+TEST_CASE("a map whose input throws after its first chunks went out throws that and runs no callback") {
+    Watchdog watchdog(300s, "map over an input that throws part-way");
+    mproc::Pool pool(2);
+    // 8 bytes an item: the first chunks are handed over long before item 500,000 is read.
+    auto input = std::views::iota(0L, 600'000L) | std::views::transform([](long i) {
+                     if (i == 500'000) throw std::out_of_range("input item 500000");
+                     return i;
+                 });
+    CHECK_THROWS_WITH(pool.map(square_long, input), Catch::Contains("input item 500000"));
+    CHECK_THROWS_WITH(pool.starmap([](long a, long b) { return a + b; },
+                                   input | std::views::transform([](long i) { return std::tuple(i, i); })),
+                      Catch::Contains("input item 500000"));
+    std::atomic<int> callbacks{0};
+    CHECK_THROWS_AS(pool.map_async(
+                        square_long, input, 0, [&](const std::vector<long>&) { ++callbacks; },
+                        [&](std::exception_ptr) { ++callbacks; }),
+                    std::out_of_range);
+    CHECK(pool.map(square_long, std::vector<long>{1, 2, 3}) == std::vector<long>{1, 4, 9});
+    pool.close();
+    pool.join();
+    CHECK(callbacks == 0);
+    POOL_REQUIRE_NOTHING_LEFT();
 }
 
 // ---- packed chunks ----------------------------------------------------------------------------

@@ -528,7 +528,7 @@ TEST_CASE("Pipe: a writer killed mid-message leaves whole messages, then Seriali
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("500 Pools start while 8 threads create, decode and drop every kind of handle: none hangs", "[stress]") {
+TEST_CASE("none of 500 Pools hangs while 8 threads create, decode and drop every kind of handle", "[stress]") {
     const auto start = std::chrono::steady_clock::now();
     const int pools = static_cast<int>(scaled(500));
     long churned = 0;

@@ -31,6 +31,7 @@
 #include "detail/os/cpu.hpp"
 #include "detail/pool/chunking.hpp"
 #include "detail/pool/engine.hpp"
+#include "detail/pool/feed.hpp"
 #include "detail/pool/fork_engine.hpp"
 #include "detail/pool/invoke.hpp"
 #include "detail/pool/wire.hpp"
@@ -237,9 +238,14 @@ public:
 
     /// f(x) for every x, results in input order. Waits for every task; if any failed, throws the
     /// exception of the first (lowest-index) failure. chunksize 0: Python's default.
-    template <class F, std::ranges::input_range Range>
+    /// The input is encoded as the workers go, a window ahead of the results (detail/pool/feed.hpp).
+    template <class F, std::ranges::input_range Range,
+              class R = detail::task_result_t<F, detail::item_args_t<Range, false>>>
     auto map(F f, Range&& xs, std::size_t chunksize = 0, CallOptions options = {}) {
-        return map_async(f, std::forward<Range>(xs), chunksize, {}, {}, options).get();
+        return submit_many<F, detail::item_args_t<Range, false>, R>(f, std::forward<Range>(xs), chunksize,
+                                                                    typename detail::ManyResult<R>::Callback{}, {},
+                                                                    options, /*paced=*/true)
+            .get();
     }
     template <class F, std::ranges::input_range Range,
               class R = detail::task_result_t<F, detail::item_args_t<Range, false>>>
@@ -252,9 +258,13 @@ public:
     }
 
     /// f(a, b, ...) for every tuple (a, b, ...), results in input order (see map).
-    template <class F, std::ranges::input_range Range>
+    template <class F, std::ranges::input_range Range,
+              class R = detail::task_result_t<F, detail::item_args_t<Range, true>>>
     auto starmap(F f, Range&& xs, std::size_t chunksize = 0, CallOptions options = {}) {
-        return starmap_async(f, std::forward<Range>(xs), chunksize, {}, {}, options).get();
+        return submit_many<F, detail::item_args_t<Range, true>, R>(f, std::forward<Range>(xs), chunksize,
+                                                                   typename detail::ManyResult<R>::Callback{}, {},
+                                                                   options, /*paced=*/true)
+            .get();
     }
     template <class F, std::ranges::input_range Range,
               class R = detail::task_result_t<F, detail::item_args_t<Range, true>>>
@@ -313,15 +323,16 @@ private:
 
     template <class F, class Args, class R, class Range, class Cb>
     AsyncResult<detail::collected_t<R, true>> submit_many(F f, Range&& xs, std::size_t chunksize, Cb callback,
-                                                          ErrorCallback error_callback, CallOptions options) {
+                                                          ErrorCallback error_callback, CallOptions options,
+                                                          bool paced = false) {
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         if constexpr (!std::ranges::forward_range<Range> && !std::ranges::sized_range<Range>) {
-            // A single-pass input: gather it first to learn its length (map is eager anyway).
+            // A single-pass input: gathered whole first, to learn its length.
             std::vector<std::ranges::range_value_t<Range>> items;
             for (auto&& x : xs) items.push_back(std::forward<decltype(x)>(x));
-            return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback),
-                                           options);
+            return submit_many<F, Args, R>(f, items, chunksize, std::move(callback), std::move(error_callback), options,
+                                           paced);
         } else {
             const auto count = static_cast<std::size_t>(std::ranges::distance(xs));
             // Default chunks are guided (each sized by the items left, see default_chunksize) and
@@ -334,19 +345,20 @@ private:
             state->engine = engine().link();
             state->max_retries = options.max_retries;
             if (count == 0) engine().post([state] { state->complete_empty(); });
-            std::vector<detail::Task> tasks;
-            tasks.reserve(guided ? std::size_t{processes()} * 4 * 8 : count / chunksize + 1);
+            // The tasks go out as they are encoded; if the input throws, the feed withdraws the
+            // part already handed over (detail/pool/feed.hpp).
+            detail::TaskFeed feed(engine(), state, count, paced);
             auto it = std::ranges::begin(xs);
             const auto end = std::ranges::end(xs);
             for (std::size_t first = 0; first < count;) {
-                detail::Task& task = tasks.emplace_back();
-                task.sink = state;
+                detail::Task& task = feed.next();
                 task.first = first;
                 const std::size_t n = guided ? detail::default_chunksize(count - first, engine().processes())
                                              : chunksize;
                 first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, n, max_bytes);
+                feed.encoded(first);
             }
-            engine().submit(tasks);
+            feed.finish();
             return AsyncResult<detail::collected_t<R, true>>(
                 std::shared_ptr<detail::ValueState<detail::collected_t<R, true>>>(state));
         }

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -459,6 +460,41 @@ TEST_CASE("map_async and starmap_async: results, callbacks and error callbacks",
     CHECK(error != nullptr);
     pool.close();
     pool.join();
+}
+
+TEST_CASE("close() and join() while a map still reads its input: the map completes", "[api]") {
+    // map() hands its tasks to the ranks as it reads its input (detail/pool/feed.hpp): a close()
+    // from another thread after the first parts went out must not refuse the rest, and join()
+    // must wait for them.
+    Watchdog dog(300s, "close during a map");
+    mproc::mpi::Pool pool;
+    constexpr int n = 600'000;
+    std::mutex m;
+    std::condition_variable cv;
+    bool reached = false, closed = false;
+    std::thread closer([&] {
+        std::unique_lock lock(m);
+        cv.wait(lock, [&] { return reached; });
+        pool.close();
+        closed = true;
+        cv.notify_all();
+        lock.unlock();
+        pool.join();
+    });
+    auto input = std::views::iota(0, n) | std::views::transform([&](int i) {
+                     if (i == 400'000) {  // 1.6 MB of items read: parts were handed over
+                         std::unique_lock lock(m);
+                         reached = true;
+                         cv.notify_all();
+                         cv.wait(lock, [&] { return closed; });
+                     }
+                     return i % 1000;
+                 });
+    std::vector<int> r;
+    CHECK_NOTHROW(r = pool.map(square, input));
+    closer.join();
+    REQUIRE(r.size() == static_cast<std::size_t>(n));
+    CHECK(r[n - 1] == (n - 1) % 1000 * ((n - 1) % 1000));
 }
 
 TEST_CASE("large arguments and results cross in one message each", "[api]") {

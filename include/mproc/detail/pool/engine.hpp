@@ -158,25 +158,52 @@ public:
     /// What a call keeps to reach this engine (see EngineLink).
     const std::shared_ptr<EngineLink>& link() const noexcept { return link_; }
 
-    /// Queues tasks (already encoded) and hands out what the workers have room for. Takes all or
-    /// none: throws mproc::Error, with `tasks` untouched, if the pool takes no more or the engine
-    /// cannot carry one of them.
-    void submit(std::vector<Task>& tasks) {
+    /// Which part of a call a submit() carries (a map hands its tasks over in parts: feed.hpp).
+    enum class Part {
+        whole,  // all of it
+        first,  // the first part: until end_call(), join() waits for the call's later parts, and
+                // those are taken even after close()
+        more,   // a later part
+    };
+
+    /// Queues tasks (already encoded) and hands out what the workers have room for. Throws
+    /// mproc::Error, with `tasks` untouched, if the pool takes no more (for a later part: once
+    /// terminated or broken) or the engine cannot carry one of them. Once `tasks` is empty they
+    /// are queued, even if handing them out threw (they go at the next dispatch).
+    void submit(std::vector<Task>& tasks, Part part = Part::whole) {
         check_owner();
-        prepare(tasks);
-        {
-            std::lock_guard lock(mutex_);
-            check_accepting_locked();
-            outstanding_ += tasks.size();
-            for (Task& t : tasks) backlog_.push_back(std::move(t));
-            backlog_grew_locked();
+        prepare(tasks, part);
+        std::lock_guard lock(mutex_);
+        check_taking_locked(part);
+        std::size_t queued = 0;
+        try {
+            for (Task& t : tasks) {
+                backlog_.push_back(std::move(t));
+                ++queued;
+            }
+        } catch (...) {  // no memory: all or none
+            while (queued > 0) {
+                tasks[--queued] = std::move(backlog_.back());
+                backlog_.pop_back();
+            }
+            throw;
         }
+        outstanding_ += tasks.size();
+        if (part == Part::first) ++open_calls_;
         tasks.clear();
+        backlog_grew_locked();
+    }
+    /// The call whose first part was submitted is whole, or given up: join() waits for its tasks
+    /// alone again.
+    void end_call() noexcept {
+        std::lock_guard lock(mutex_);
+        if (open_calls_ > 0) --open_calls_;
+        if (open_calls_ == 0 && outstanding_ == 0) idle_.notify_all();
     }
     /// One task (apply_async, imap).
     void submit(Task task) {
         check_owner();
-        prepare(std::span<Task>(&task, 1));
+        prepare(std::span<Task>(&task, 1), Part::whole);
         std::lock_guard lock(mutex_);
         check_accepting_locked();
         ++outstanding_;
@@ -247,7 +274,7 @@ public:
         {
             std::unique_lock lock(mutex_);
             if (state_ == State::open) throw Error("Pool::join() before close(): call close() or terminate() first");
-            const auto settled = [&] { return outstanding_ == 0 || state_ == State::terminated; };
+            const auto settled = [&] { return (outstanding_ == 0 && open_calls_ == 0) || state_ == State::terminated; };
             if (!deadline) idle_.wait(lock, settled);
             else if (!idle_.wait_until(lock, *deadline, settled)) return false;
             if (state_ != State::terminated) state_ = State::draining;
@@ -305,7 +332,10 @@ protected:
     // ---- what each engine supplies ----
 
     /// Checks and rewrites tasks before they are queued (no lock held); throws to refuse them all.
-    virtual void prepare(std::span<Task> tasks) { (void)tasks; }
+    virtual void prepare(std::span<Task> tasks, Part part) {
+        (void)tasks;
+        (void)part;
+    }
     /// The backlog grew (pool lock held): hand it out, or wake the thread that does.
     virtual void backlog_grew_locked() = 0;
     /// Wakes the engine's thread (any thread, no lock held).
@@ -354,6 +384,12 @@ protected:
         }
     }
 
+    /// Throws unless the pool takes `part` of a call now: any part while it is open, and a later
+    /// part of a call begun before close() while it is closed (see Part).
+    void check_taking_locked(Part part) const {
+        if (part == Part::more && state_ == State::closed) return;
+        check_accepting_locked();
+    }
     void check_accepting_locked() const {
         switch (state_) {
             case State::open: return;
@@ -445,6 +481,7 @@ protected:
     std::exception_ptr broken_error_;           // the error it broke with, when not an Error(reason)
     std::deque<Task> backlog_;                  // submitted, not yet given to a seat
     std::size_t outstanding_ = 0;               // tasks (and posted jobs) submitted and not yet settled
+    std::size_t open_calls_ = 0;                // calls handed over in parts, not yet whole (Part::first)
     std::deque<std::function<void()>> posted_;  // jobs for the engine's thread (see post)
     bool retired_ = false;                      // destroyed inside a callback: the thread finishes the job
     std::vector<Task> retired_doomed_;          // the tasks that teardown fails

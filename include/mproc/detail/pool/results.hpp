@@ -126,7 +126,7 @@ public:
     using ErrorCallback = std::function<void(std::exception_ptr)>;
 
     ResultCore(std::size_t items, Callback callback, ErrorCallback error_callback, std::thread::id collector)
-        : remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
+        : items_(items), remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
           collector_(collector) {}
 
     /// For a call with no items: completes it (on the pool's thread, see PoolEngine::post).
@@ -137,6 +137,37 @@ public:
             completing_ = true;
         }
         complete();
+    }
+
+    /// Waits until `items` of the call's items have their outcome, or the call is complete (a
+    /// paced map, see detail/pool/feed.hpp). False at once on the pool's own thread, where the
+    /// outcomes would never come.
+    bool wait_settled(std::size_t items) {
+        if (std::this_thread::get_id() == collector_) return false;
+        std::unique_lock lock(mutex_);
+        // One waiter at a time (the thread feeding the call); settle() wakes it at its target only.
+        settled_target_ = items;
+        done_.wait(lock, [&] { return items_ - remaining_ >= items || ready_ || completing_; });
+        settled_target_ = 0;
+        return true;
+    }
+
+    /// The call could not be made whole after part of it went to the engine (its input threw, or
+    /// the pool refused a later part): that part stops like a cancelled call's, and no callback
+    /// runs, as the caller has the exception instead.
+    void withdraw() noexcept {
+        Callback callback;
+        ErrorCallback error_callback;
+        {
+            std::lock_guard lock(mutex_);
+            callback.swap(callback_);  // destroyed below, with the lock released
+            error_callback.swap(error_callback_);
+        }
+        try {
+            cancel();
+        } catch (...) {
+            // No memory to post the cancel: the tasks handed over run, and nothing reads their outcome.
+        }
     }
 
     /// The call was cancelled: it completes now, with its CancelledError (on the pool's thread).
@@ -278,6 +309,7 @@ private:
         {
             std::lock_guard lock(mutex_);
             remaining_ -= std::min(remaining_, n);
+            if (settled_target_ != 0 && items_ - remaining_ >= settled_target_) done_.notify_all();
             if (remaining_ != 0 || ready_ || completing_) return;
             completing_ = true;
         }
@@ -286,25 +318,31 @@ private:
     // Runs the callback, then publishes: a get() that returns has seen its callback run.
     void complete() {
         std::exception_ptr error;
+        Callback callback;  // taken under the lock: withdraw() may have dropped them
+        ErrorCallback error_callback;
         {
             std::lock_guard lock(mutex_);
             error = error_;
             if constexpr (!std::is_void_v<Value>) {
                 if (!error) static_cast<Derived*>(this)->finish(value_);
             }
+            callback.swap(callback_);
+            error_callback.swap(error_callback_);
         }
         try {
-            if (!error && callback_) {
-                if constexpr (std::is_void_v<Value>) callback_();
-                else callback_(*value_);
-            } else if (error && error_callback_) {
-                error_callback_(error);
+            if (!error && callback) {
+                if constexpr (std::is_void_v<Value>) callback();
+                else callback(*value_);
+            } else if (error && error_callback) {
+                error_callback(error);
             }
         } catch (...) {
             report_callback_exception(error ? "error_callback" : "callback");
             std::lock_guard lock(mutex_);
             error_ = std::current_exception();
         }
+        callback = nullptr;  // before the result is published (see below)
+        error_callback = nullptr;
         // This thread's reference goes before the result is published: a waiter that rethrows
         // and drops the last one is then ordered after it (an exception_ptr's count is atomic,
         // but inside uninstrumented libstdc++, so ThreadSanitizer cannot see that).
@@ -322,7 +360,9 @@ private:
 
     std::mutex mutex_;
     std::condition_variable done_;
-    std::size_t remaining_;
+    std::size_t items_;      // the call's items
+    std::size_t remaining_;  // of them, those without an outcome yet
+    std::size_t settled_target_ = 0;  // the items a wait_settled() waits for (0: none waits)
     bool ready_ = false;
     std::exception_ptr error_;
     bool error_taken_ = false;  // error_ was moved out by an rvalue get()

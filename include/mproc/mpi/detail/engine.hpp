@@ -313,7 +313,7 @@ public:
     // ---- the engine's hooks (mproc/detail/pool/engine.hpp) ----
 
     /// Everything that can fail is checked before any task is taken: the call takes all or none.
-    void prepare(std::span<Task> tasks) override {
+    void prepare(std::span<Task> tasks, Part part) override {
         for (Task& t : tasks) {
             if (t.frame.size() + message_header + tasks_stamp_bytes + task_note_bytes > max_message)
                 throw Error(
@@ -323,7 +323,7 @@ public:
         }
         {
             std::lock_guard lock(mutex_);
-            check_accepting_locked();
+            check_taking_locked(part);
         }
         for (Task& t : tasks) master_.make_portable(t.frame);
     }
