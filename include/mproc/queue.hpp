@@ -75,6 +75,15 @@ public:
     /// Once the queue is shut down (also while waiting for room): mproc::ShutDown.
     void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
         if (closed_) throw Error("mproc::Queue::put: this handle was closed");
+        if constexpr (detail::is_length_and_bytes_v<T>) {
+            // A string, or a vector of numbers: its length, then its own bytes, copied once,
+            // straight into the ring (encoded into a buffer first, a large item was copied twice).
+            const std::uint64_t length = item.size();
+            const detail::ItemBytes msg{std::as_bytes(std::span(&length, 1)), std::as_bytes(std::span(item))};
+            if (!queue().put(msg, detail::deadline_after(timeout)))
+                throw Full("mproc::Queue::put: the queue stayed full for the whole timeout");
+            return;
+        }
         Buffer& bytes = scratch();
         bytes.clear();
         std::vector<std::uint64_t> ids;  // the segments the item's handles point into

@@ -31,6 +31,13 @@ template <class Range> void write_elements(auto& out, const Range& range) {
     }
 }
 
+/// Whether T encodes as its length (8 bytes) then the bytes data() holds — a std::vector of numbers
+/// here, a std::string in strings.hpp — so that an item can be sent from its own memory with no
+/// encoding pass (Queue::put).
+template <class T> inline constexpr bool is_length_and_bytes_v = false;
+template <class T, class Alloc>
+inline constexpr bool is_length_and_bytes_v<std::vector<T, Alloc>> = is_bulk_copyable_v<T>;
+
 /// std::vector: a length, then the elements; arithmetic and enum elements as one block.
 template <class T, class Alloc> struct codec<std::vector<T, Alloc>> {
     using Vector = std::vector<T, Alloc>;

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "codec.hpp"
+#include "containers.hpp"
 
 namespace mproc::detail {
 
@@ -27,6 +28,8 @@ template <> struct codec<std::string> {
         value.assign(reinterpret_cast<const char*>(chars.data()), n);
     }
 };
+
+template <> inline constexpr bool is_length_and_bytes_v<std::string> = true;
 
 /// String views: never serialisable, though trivially copyable (which would make them structs).
 template <class Char, class Traits> struct codec<std::basic_string_view<Char, Traits>> {

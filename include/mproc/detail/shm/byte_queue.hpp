@@ -206,6 +206,10 @@ public:
     /// queue is shut down — also while waiting for room, or streaming in when it is shut down
     /// immediately.
     bool put(std::span<const std::byte> msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
+        return put(ItemBytes{msg}, deadline, ids);
+    }
+    /// As above, for an item given as a head and a body (see ItemBytes).
+    bool put(const ItemBytes& msg, const Deadline& deadline, std::span<const std::uint64_t> ids = {}) {
         if (msg.size() >= refs_flag) throw Error("mproc::Queue::put: item too large");
         if (ids.size() > RefTable::max_live)
             throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
@@ -362,12 +366,12 @@ private:
     /// lock released (so consumers, and the reader of this item, go on meanwhile), sleeping while
     /// the ring is full. If `deadline` passes first, withdraws the partial item (a reader that
     /// started it drops it) and returns false.
-    bool stream_in(QueueLock& lock, std::span<const std::byte> msg, const Deadline& deadline) {
+    bool stream_in(QueueLock& lock, const ItemBytes& msg, const Deadline& deadline) {
         for (;;) {
             StreamPiece piece;
             StreamStep step = ring_.reserve_write_piece(msg.size(), piece);
             if (step == StreamStep::more) {
-                lock.unlocked([&] { ring_.copy_piece_in(piece, msg.data() + piece.at); });
+                lock.unlocked([&] { ring_.copy_piece_in(piece, msg); });
                 step = ring_.commit_write_piece(piece, lock.wakes);
                 if (step == StreamStep::done) return true;
                 if (step == StreamStep::more) continue;

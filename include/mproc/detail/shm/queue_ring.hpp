@@ -123,6 +123,16 @@ struct QueueWakes {
 /// the n segment ids.
 inline constexpr std::uint64_t record_header_bytes(std::size_t ids) noexcept { return ids == 0 ? 8 : 16 + 8 * ids; }
 
+/// An item's bytes as a put copies them into the ring: `head`, then `body`. An item encoded into
+/// one buffer has no body; a large string or vector of numbers goes as its encoded length (the
+/// head) and its own characters or elements (the body), which are copied once, straight into the
+/// ring (see Queue::put).
+struct ItemBytes {
+    std::span<const std::byte> head;
+    std::span<const std::byte> body = {};
+    std::uint64_t size() const noexcept { return head.size() + body.size(); }
+};
+
 /// A record as read at the head of the ring.
 struct QueueRecord {
     std::uint64_t len;  // payload bytes
@@ -230,7 +240,7 @@ public:
     }
 
     /// Commits a whole record of `msg` (whose handles point into `ids`) and publishes it.
-    void put_whole(std::span<const std::byte> msg, std::span<const std::uint64_t> ids, QueueWakes& wakes) noexcept {
+    void put_whole(const ItemBytes& msg, std::span<const std::uint64_t> ids, QueueWakes& wakes) noexcept {
         QueueCursor c = cursor();
         const std::uint64_t header = record_header_bytes(ids.size());
         const std::uint64_t len = msg.size();
@@ -241,7 +251,7 @@ public:
             counts.add(ids);
         }
         write_header(c.tail, len, ids);
-        copy_in(c.tail + header, msg.data(), len);
+        copy_item_in(c.tail + header, msg, 0, len);
         c.tail += header + len;
         ++c.count;
         publish(c);
@@ -291,8 +301,10 @@ public:
         piece = {c.tail, len - c.write_left, n};
         return StreamStep::more;
     }
-    /// Copies a reserved piece of the item in; needs no lock.
-    void copy_piece_in(const StreamPiece& piece, const std::byte* src) noexcept { copy_in(piece.pos, src, piece.n); }
+    /// Copies a reserved piece of the item `msg` in; needs no lock.
+    void copy_piece_in(const StreamPiece& piece, const ItemBytes& msg) noexcept {
+        copy_item_in(piece.pos, msg, piece.at, piece.n);
+    }
     /// Commits the piece copied in, and publishes it. The last piece releases the write claim. If
     /// shutdown(immediate) withdrew the item while the piece was copied, releases the claim (and
     /// the memory the copy touched) and reports it dropped.
@@ -738,6 +750,18 @@ private:
         copy_in(pos + 16, reinterpret_cast<const std::byte*>(ids.data()), ids.size_bytes());
     }
 
+    /// Copies bytes [from, from + n) of `msg` (its head, then its body) to stream position `pos`.
+    void copy_item_in(std::uint64_t pos, const ItemBytes& msg, std::uint64_t from, std::uint64_t n) noexcept {
+        const std::uint64_t head = msg.head.size();
+        if (from < head) {
+            const std::uint64_t k = std::min(n, head - from);
+            copy_in(pos, msg.head.data() + from, k);
+            pos += k;
+            from += k;
+            n -= k;
+        }
+        if (n != 0) copy_in(pos, msg.body.data() + (from - head), n);
+    }
     void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
         const std::uint64_t at = pos % cap_;
         const std::uint64_t first = std::min(n, cap_ - at);
