@@ -358,6 +358,27 @@ TEST_CASE("close() and join() while a map still reads its input: the map complet
     CHECK_THROWS_AS(pool.map(square_long, std::vector<long>{1}), mproc::Error);  // a new call is refused
 }
 
+TEST_CASE("join() from a map's own input throws instead of waiting for that map") {
+    Watchdog watchdog(300s, "join from a map's input");
+    mproc::Pool pool(2);
+    bool join_threw = false;
+    auto input = std::views::iota(0L, 600'000L) | std::views::transform([&](long i) {
+                     if (i == 300'000) {
+                         pool.close();
+                         try {
+                             pool.join();
+                         } catch (const mproc::Error& e) {
+                             join_threw = std::string(e.what()).find("map's input") != std::string::npos;
+                         }
+                     }
+                     return i;
+                 });
+    const std::vector<long> r = pool.map(square_long, input);
+    CHECK(r.size() == 600'000);
+    CHECK(join_threw);
+    pool.join();  // now it returns
+}
+
 namespace {
 
 /// Runs for a while, and counts how many of its kind run at once (the most in `most_at_once`).

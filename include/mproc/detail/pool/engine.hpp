@@ -193,6 +193,19 @@ public:
         tasks.clear();
         backlog_grew_locked();
     }
+    /// Marks the calling thread, for its lifetime, as the one feeding a call of `engine` in parts
+    /// (TaskFeed): a join() from it — from the call's own input — would wait for that call.
+    class FeedingScope {
+    public:
+        explicit FeedingScope(const PoolEngine& engine) noexcept : saved_(feeding_mark()) { feeding_mark() = &engine; }
+        ~FeedingScope() { feeding_mark() = saved_; }
+        FeedingScope(const FeedingScope&) = delete;
+        FeedingScope& operator=(const FeedingScope&) = delete;
+
+    private:
+        const PoolEngine* saved_;
+    };
+
     /// The call whose first part was submitted is whole, or given up: join() waits for its tasks
     /// alone again.
     void end_call() noexcept {
@@ -270,6 +283,8 @@ public:
     bool join(std::optional<Seconds> timeout = std::nullopt) {
         check_owner();
         if (on_own_thread()) throw Error("Pool::join() called from a callback: it would wait for itself");
+        if (feeding_mark() == this)
+            throw Error("Pool::join() called while this thread reads a map's input: it would wait for that map");
         const Deadline deadline = deadline_after(timeout);
         {
             std::unique_lock lock(mutex_);
@@ -407,6 +422,11 @@ protected:
         return engine;
     }
     void mark_own_thread() const noexcept { own_thread_mark() = this; }
+    /// The engine a call of which the calling thread is feeding (FeedingScope), if any.
+    static const PoolEngine*& feeding_mark() noexcept {
+        thread_local const PoolEngine* engine = nullptr;
+        return engine;
+    }
     /// Callbacks run on another thread (at teardown) count as run on the pool's own thread.
     class OwnThreadScope {
     public:

@@ -91,6 +91,10 @@ public:
 
     /// Hands over the rest: the call is whole.
     void finish() {
+        if (!handed_ && tasks_.empty()) {  // no items: the call completes without the engine's tasks
+            finished_ = true;
+            return;
+        }
         if (!handed_) {  // the call in one part
             try {
                 engine_.submit(tasks_);
@@ -138,6 +142,7 @@ private:
     }
 
     PoolEngine& engine_;
+    PoolEngine::FeedingScope feeding_{engine_};
     std::shared_ptr<State> state_;
     std::size_t items_;
     bool paced_;

@@ -312,7 +312,8 @@ public:
     unsigned ranks() const noexcept { return static_cast<unsigned>(seats_.size()); }
     // ---- the engine's hooks (mproc/detail/pool/engine.hpp) ----
 
-    /// Everything that can fail is checked before any task is taken: the call takes all or none.
+    /// Everything that can fail is checked before any task is taken: a submit takes all of its
+    /// tasks or none (a call handed over in parts is withdrawn if a later part fails, feed.hpp).
     void prepare(std::span<Task> tasks, Part part) override {
         for (Task& t : tasks) {
             if (t.frame.size() + message_header + tasks_stamp_bytes + task_note_bytes > max_message)
