@@ -187,7 +187,25 @@ private:
         Buffer& bytes = scratch();
         std::vector<detail::SegmentPtr> pins;
         std::optional<T> item;
-        const detail::Take taken = queue().get(bytes, deadline, nowait, &pins);
+        detail::Take taken;
+        if constexpr (detail::is_length_and_bytes_v<T>) {
+            // A large string or vector of numbers is read straight into its own memory (one copy,
+            // where decoding from the buffer made two); a smaller one, taken under the queue's lock,
+            // goes through the buffer.
+            DirectPlace place;
+            bool direct = false;
+            taken = queue().get(bytes, deadline, nowait, &pins, place, direct);
+            if (taken == detail::Take::item && direct) [[unlikely]] {
+                if (place.length != place.value.size())
+                    throw SerializationError("mproc::Queue: an item's length field says " +
+                                             std::to_string(place.length) + ", its bytes hold " +
+                                             std::to_string(place.value.size()));
+                item.emplace(std::move(place.value));
+                return item;
+            }
+        } else {
+            taken = queue().get(bytes, deadline, nowait, &pins);
+        }
         if (taken == detail::Take::item) [[likely]]
             item.emplace(decode<T>(bytes.bytes()));
         else if (taken == detail::Take::shut_down && caller) throw_shut_down(caller);
@@ -199,6 +217,28 @@ private:
         detail::segments().sweep();
         throw ShutDown(std::string(caller) + ": the queue is shut down and empty");
     }
+    /// Where a streamed string or vector of numbers is read (ByteQueue::get's `place`): its length
+    /// field, then straight into the value's own memory. A record that cannot be one (its bytes
+    /// past the length are no whole number of elements) is not taken here: it goes through the
+    /// buffer, whose decoding reports it.
+    struct DirectPlace {
+        std::uint64_t length = 0;
+        std::size_t elements = 0;
+        T value{};
+        static constexpr std::size_t element = sizeof(typename T::value_type);
+        static bool takes(std::uint64_t len) noexcept {
+            return len >= sizeof(std::uint64_t) && (len - sizeof(std::uint64_t)) % element == 0;
+        }
+        void reserve(std::uint64_t len) {
+            elements = static_cast<std::size_t>((len - sizeof length) / element);
+            value.reserve(elements);
+        }
+        detail::ItemPlace place() noexcept {
+            value.resize(elements);  // within the capacity reserve() made: nothing to allocate
+            return {std::as_writable_bytes(std::span(&length, 1)), std::as_writable_bytes(std::span(value))};
+        }
+    };
+
     static Buffer& scratch() {
         thread_local Buffer buffer;
         return buffer;

@@ -188,6 +188,13 @@ enum class Take {
     throw ShutDown(std::string("mproc::Queue::put: ") + what);
 }
 
+/// ByteQueue::get's place for no item: every item goes to the buffer.
+struct NoDirectPlace {
+    static bool takes(std::uint64_t) noexcept { return false; }
+    static void reserve(std::uint64_t) noexcept {}
+    static ItemPlace place() noexcept { return {}; }
+};
+
 /// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
 class ByteQueue {
 public:
@@ -233,6 +240,20 @@ public:
     /// the item's handles point into are put in `pins` (those this process maps) before the queue
     /// stops counting them, so they stay mapped here until the item is decoded.
     Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins = nullptr) {
+        NoDirectPlace none;
+        bool direct = false;
+        return get(out, deadline, nowait, pins, none, direct);
+    }
+
+    /// As above, but a streamed item (larger than queue_piece) that `place` takes goes where it
+    /// says rather than into `out`, and `direct` tells which was done. `place.takes(len)`: whether
+    /// it takes an item of `len` bytes; `place.reserve(len)`, with the lock held and nothing taken
+    /// yet, may throw (the item stays); `place.place()`, with the lock released and the item
+    /// claimed by this get, gives its ItemPlace and must not throw. A whole item always goes to
+    /// `out`: it is copied under the lock, and a place made ready there would hold it longer.
+    template <class Place>
+    Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins, Place& place,
+             bool& direct) {
         QueueHeader& h = ring_.header();
         QueueLock lock(ring_);
         for (;;) {
@@ -240,7 +261,7 @@ public:
             if (c.reading) {
                 // Another consumer drains a streamed item; take it over if that consumer died.
                 if (ring_.take_over_read()) {
-                    drain(lock, nullptr, 0);  // its first part went with the dead reader
+                    drain(lock, nullptr, 0);  // its first part went with the dead reader: dropped
                     continue;
                 }
             } else if (c.count > 0) {
@@ -250,7 +271,10 @@ public:
                     continue;
                 }
                 const QueueRecord record = ring_.record_at(c.head, word);
-                out.resize(static_cast<std::size_t>(record.len));  // may throw: nothing taken yet
+                direct = record.streamed && place.takes(record.len);
+                // May throw: nothing taken yet.
+                if (direct) place.reserve(record.len);
+                else out.resize(static_cast<std::size_t>(record.len));
                 if (pins)
                     for (std::uint64_t id : record.ids)
                         if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
@@ -259,7 +283,9 @@ public:
                     return Take::item;
                 }
                 ring_.start_read(c, record, lock.wakes);
-                if (drain(lock, out.data(), record.len)) return Take::item;
+                ItemPlace into{{out.data(), static_cast<std::size_t>(record.len)}};
+                if (direct) lock.unlocked([&] { into = place.place(); });
+                if (drain(lock, &into, record.len)) return Take::item;
                 continue;  // its producer died or gave up: wait for the next item
             }
             if (c.shut_down && c.count == 0) return Take::shut_down;
@@ -390,13 +416,13 @@ private:
     /// (or drops it when `dst` is null) piece by piece, each with the lock released. Returns true
     /// when the item is complete, false when it was aborted. Either way the claim is released and
     /// the lock is held on return.
-    bool drain(QueueLock& lock, std::byte* dst, std::uint64_t len) {
+    bool drain(QueueLock& lock, const ItemPlace* dst, std::uint64_t len) {
         QueueHeader& h = ring_.header();
         for (;;) {
             StreamPiece piece;
             StreamStep step = ring_.reserve_read_piece(len, piece, lock.wakes);
             if (step == StreamStep::more) {
-                if (dst && piece.n > 0) lock.unlocked([&] { ring_.copy_piece_out(piece, dst + piece.at); });
+                if (dst && piece.n > 0) lock.unlocked([&] { ring_.copy_piece_out(piece, *dst); });
                 step = ring_.commit_read_piece(piece, dst != nullptr, lock.wakes);
                 if (step == StreamStep::more) continue;
             }

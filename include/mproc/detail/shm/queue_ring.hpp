@@ -133,6 +133,13 @@ struct ItemBytes {
     std::uint64_t size() const noexcept { return head.size() + body.size(); }
 };
 
+/// Where a get copies a taken item: `head`, then `body` (ItemBytes' other side: a large string or
+/// vector of numbers is read straight into its own memory, see Queue::take).
+struct ItemPlace {
+    std::span<std::byte> head;
+    std::span<std::byte> body = {};
+};
+
 /// A record as read at the head of the ring.
 struct QueueRecord {
     std::uint64_t len;  // payload bytes
@@ -437,7 +444,9 @@ public:
         return StreamStep::more;
     }
     /// Copies a reserved piece of the item out; needs no lock.
-    void copy_piece_out(const StreamPiece& piece, std::byte* dst) const noexcept { copy_out(piece.pos, dst, piece.n); }
+    void copy_piece_out(const StreamPiece& piece, const ItemPlace& place) const noexcept {
+        copy_item_out(piece.pos, place, piece.at, piece.n);
+    }
     /// Commits the piece read (`kept`: copied out; false when draining away the item of a reader
     /// that died), and publishes. The last piece — or finding the item aborted while the piece
     /// was copied — releases the read claim.
@@ -761,6 +770,19 @@ private:
             n -= k;
         }
         if (n != 0) copy_in(pos, msg.body.data() + (from - head), n);
+    }
+    /// Copies n bytes from stream position `pos` to bytes [to, to + n) of `place` (its head, then
+    /// its body).
+    void copy_item_out(std::uint64_t pos, const ItemPlace& place, std::uint64_t to, std::uint64_t n) const noexcept {
+        const std::uint64_t head = place.head.size();
+        if (to < head) {
+            const std::uint64_t k = std::min(n, head - to);
+            copy_out(pos, place.head.data() + to, k);
+            pos += k;
+            to += k;
+            n -= k;
+        }
+        if (n != 0) copy_out(pos, place.body.data() + (to - head), n);
     }
     void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
         const std::uint64_t at = pos % cap_;
