@@ -201,7 +201,7 @@ private:
                                              std::to_string(place.length) + ", its bytes hold " +
                                              std::to_string(place.value.size()));
                 item.emplace(std::move(place.value));
-                return item;
+                taken = detail::Take::none;  // taken already: not decoded below
             }
         } else {
             taken = queue().get(bytes, deadline, nowait, &pins);
@@ -231,6 +231,9 @@ private:
         }
         void reserve(std::uint64_t len) {
             elements = static_cast<std::size_t>((len - sizeof length) / element);
+            // After an item dropped half-way (its producer died), a much smaller one must not keep
+            // that one's memory.
+            if (value.capacity() > 2 * elements + (std::size_t{1} << 20) / element) T().swap(value);
             value.reserve(elements);
         }
         detail::ItemPlace place() noexcept {

@@ -251,6 +251,7 @@ public:
     /// yet, may throw (the item stays); `place.place()`, with the lock released and the item
     /// claimed by this get, gives its ItemPlace and must not throw. A whole item always goes to
     /// `out`: it is copied under the lock, and a place made ready there would hold it longer.
+    /// `direct` means something only when the result is Take::item.
     template <class Place>
     Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins, Place& place,
              bool& direct) {
@@ -283,8 +284,9 @@ public:
                     return Take::item;
                 }
                 ring_.start_read(c, record, lock.wakes);
-                ItemPlace into{{out.data(), static_cast<std::size_t>(record.len)}};
+                ItemPlace into;
                 if (direct) lock.unlocked([&] { into = place.place(); });
+                else into.head = {out.data(), static_cast<std::size_t>(record.len)};
                 if (drain(lock, &into, record.len)) return Take::item;
                 continue;  // its producer died or gave up: wait for the next item
             }
