@@ -359,4 +359,47 @@ inline bool gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
         }                                                       \
     } while (0)
 
+/// A close() from another thread while a map still reads its input: the input calls at_item() at
+/// the item where the close must come, which waits until another thread has called pool.close();
+/// that thread then joins the pool (which must wait for the rest of the map). Used with a
+/// mproc::Pool and a mproc::mpi::Pool.
+template <class Pool> class CloseMidInput {
+public:
+    explicit CloseMidInput(Pool& pool)
+        : closer_([this, &pool] {
+              std::unique_lock lock(m_);
+              cv_.wait(lock, [&] { return reached_; });
+              if (!given_up_) pool.close();
+              closed_ = true;
+              cv_.notify_all();
+              lock.unlock();
+              if (!given_up_) pool.join();
+          }) {}
+    ~CloseMidInput() {
+        {
+            std::lock_guard lock(m_);
+            if (!reached_) given_up_ = reached_ = true;  // the map never got there: let the thread go
+        }
+        cv_.notify_all();
+        if (closer_.joinable()) closer_.join();
+    }
+    CloseMidInput(const CloseMidInput&) = delete;
+    CloseMidInput& operator=(const CloseMidInput&) = delete;
+
+    void at_item() {
+        std::unique_lock lock(m_);
+        reached_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [&] { return closed_; });
+    }
+    /// Waits for the closing thread (its close() and join()).
+    void join() { closer_.join(); }
+
+private:
+    std::mutex m_;
+    std::condition_variable cv_;
+    bool reached_ = false, closed_ = false, given_up_ = false;
+    std::thread closer_;  // last: it starts once the rest is built
+};
+
 }  // namespace pool_test

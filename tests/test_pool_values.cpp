@@ -328,30 +328,14 @@ TEST_CASE("close() and join() while a map still reads its input: the map complet
     constexpr long n = 1'000'000;
     // The input stops at item 300,000 (its first chunks long handed over) until another thread has
     // called close(); that thread then joins, which must wait for the rest of the map.
-    std::mutex m;
-    std::condition_variable cv;
-    bool reached = false, closed = false;
-    std::thread closer([&] {
-        std::unique_lock lock(m);
-        cv.wait(lock, [&] { return reached; });
-        pool.close();
-        closed = true;
-        cv.notify_all();
-        lock.unlock();
-        pool.join();
-    });
+    pool_test::CloseMidInput closing(pool);
     auto input = std::views::iota(0L, n) | std::views::transform([&](long i) {
-                     if (i == 300'000) {
-                         std::unique_lock lock(m);
-                         reached = true;
-                         cv.notify_all();
-                         cv.wait(lock, [&] { return closed; });
-                     }
+                     if (i == 300'000) closing.at_item();
                      return i;
                  });
     std::vector<long> r;
     CHECK_NOTHROW(r = pool.map(square_long, input));
-    closer.join();
+    closing.join();
     REQUIRE(r.size() == static_cast<std::size_t>(n));
     CHECK(r[299'999] == 299'999L * 299'999L);
     CHECK(r[n - 1] == (n - 1) * (n - 1));

@@ -469,30 +469,14 @@ TEST_CASE("close() and join() while a map still reads its input: the map complet
     Watchdog dog(300s, "close during a map");
     mproc::mpi::Pool pool;
     constexpr int n = 600'000;
-    std::mutex m;
-    std::condition_variable cv;
-    bool reached = false, closed = false;
-    std::thread closer([&] {
-        std::unique_lock lock(m);
-        cv.wait(lock, [&] { return reached; });
-        pool.close();
-        closed = true;
-        cv.notify_all();
-        lock.unlock();
-        pool.join();
-    });
+    pool_test::CloseMidInput closing(pool);
     auto input = std::views::iota(0, n) | std::views::transform([&](int i) {
-                     if (i == 400'000) {  // 1.6 MB of items read: parts were handed over
-                         std::unique_lock lock(m);
-                         reached = true;
-                         cv.notify_all();
-                         cv.wait(lock, [&] { return closed; });
-                     }
+                     if (i == 400'000) closing.at_item();  // 1.6 MB of items read: parts were handed over
                      return i % 1000;
                  });
     std::vector<int> r;
     CHECK_NOTHROW(r = pool.map(square, input));
-    closer.join();
+    closing.join();
     REQUIRE(r.size() == static_cast<std::size_t>(n));
     CHECK(r[n - 1] == (n - 1) % 1000 * ((n - 1) % 1000));
 }

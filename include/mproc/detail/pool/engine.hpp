@@ -193,17 +193,26 @@ public:
         tasks.clear();
         backlog_grew_locked();
     }
-    /// Marks the calling thread, for its lifetime, as the one feeding a call of `engine` in parts
-    /// (TaskFeed): a join() from it — from the call's own input — would wait for that call.
-    class FeedingScope {
+    /// Sets one of the calling thread's marks (own_thread_mark, feeding_mark) to an engine for a
+    /// scope, and puts back what it was.
+    class MarkScope {
     public:
-        explicit FeedingScope(const PoolEngine& engine) noexcept : saved_(feeding_mark()) { feeding_mark() = &engine; }
-        ~FeedingScope() { feeding_mark() = saved_; }
-        FeedingScope(const FeedingScope&) = delete;
-        FeedingScope& operator=(const FeedingScope&) = delete;
+        MarkScope(const PoolEngine*& mark, const PoolEngine& engine) noexcept : mark_(mark), saved_(mark) {
+            mark_ = &engine;
+        }
+        ~MarkScope() { mark_ = saved_; }
+        MarkScope(const MarkScope&) = delete;
+        MarkScope& operator=(const MarkScope&) = delete;
 
     private:
+        const PoolEngine*& mark_;
         const PoolEngine* saved_;
+    };
+    /// Marks the calling thread, for its lifetime, as the one feeding a call of `engine` in parts
+    /// (TaskFeed): a join() from it — from the call's own input — would wait for that call.
+    class FeedingScope : MarkScope {
+    public:
+        explicit FeedingScope(const PoolEngine& engine) noexcept : MarkScope(feeding_mark(), engine) {}
     };
 
     /// The call whose first part was submitted is whole, or given up: join() waits for its tasks
@@ -428,17 +437,9 @@ protected:
         return engine;
     }
     /// Callbacks run on another thread (at teardown) count as run on the pool's own thread.
-    class OwnThreadScope {
+    class OwnThreadScope : MarkScope {
     public:
-        explicit OwnThreadScope(const PoolEngine& engine) noexcept : saved_(own_thread_mark()) {
-            own_thread_mark() = &engine;
-        }
-        ~OwnThreadScope() { own_thread_mark() = saved_; }
-        OwnThreadScope(const OwnThreadScope&) = delete;
-        OwnThreadScope& operator=(const OwnThreadScope&) = delete;
-
-    private:
-        const PoolEngine* saved_;
+        explicit OwnThreadScope(const PoolEngine& engine) noexcept : MarkScope(own_thread_mark(), engine) {}
     };
 
     /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
