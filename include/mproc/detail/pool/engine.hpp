@@ -168,8 +168,9 @@ public:
 
     /// Queues tasks (already encoded) and hands out what the workers have room for. Throws
     /// mproc::Error, with `tasks` untouched, if the pool takes no more (for a later part: once
-    /// terminated or broken) or the engine cannot carry one of them. Once `tasks` is empty they
-    /// are queued, even if handing them out threw (they go at the next dispatch).
+    /// terminated or broken) or the engine cannot carry one of them, and std::bad_alloc, with
+    /// `tasks` untouched, if there is no memory to queue them. Once they are queued it returns:
+    /// handing them out is the engine's (backlog_grew_locked).
     void submit(std::vector<Task>& tasks, Part part = Part::whole) {
         check_owner();
         prepare(tasks, part);
@@ -228,8 +229,8 @@ public:
         prepare(std::span<Task>(&task, 1), Part::whole);
         std::lock_guard lock(mutex_);
         check_accepting_locked();
+        backlog_.push_back(std::move(task));  // first: no memory for it leaves the count as it was
         ++outstanding_;
-        backlog_.push_back(std::move(task));
         backlog_grew_locked();
     }
 
@@ -360,8 +361,9 @@ protected:
         (void)tasks;
         (void)part;
     }
-    /// The backlog grew (pool lock held): hand it out, or wake the thread that does.
-    virtual void backlog_grew_locked() = 0;
+    /// The backlog grew (pool lock held): hand it out, or wake the thread that does. The tasks
+    /// are queued, so the call they came from has succeeded: this cannot fail it.
+    virtual void backlog_grew_locked() noexcept = 0;
     /// Wakes the engine's thread (any thread, no lock held).
     virtual void wake() noexcept = 0;
     /// Every task not yet settled, taken out of the backlog and the seats (pool lock held).
@@ -396,15 +398,16 @@ protected:
 
     /// Moves tasks from the backlog to the seat with the fewest tasks among those `has_room`
     /// accepts, one at a time, calling assign(seat, task) for each, until the backlog is empty or
-    /// no seat has room.
+    /// no seat has room. assign takes the task (moves from it) only once nothing it does can throw
+    /// any more: a task leaves the backlog only when a seat holds it, so an exception (no memory)
+    /// loses nothing, and the next dispatch hands it out.
     template <class Seat, class HasRoom, class Assign>
     void dispatch_backlog_locked(std::span<Seat> seats, HasRoom&& has_room, Assign&& assign) {
         while (!backlog_.empty()) {
             Seat* best = least_loaded(seats, has_room);
             if (!best) return;
-            Task task = std::move(backlog_.front());
+            assign(*best, backlog_.front());
             backlog_.pop_front();
-            assign(*best, std::move(task));
         }
     }
 

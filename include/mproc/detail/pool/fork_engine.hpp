@@ -310,7 +310,17 @@ private:
 
     // ---- the engine's hooks (engine.hpp) ----
 
-    void backlog_grew_locked() override { dispatch_locked(); }
+    /// submit() has queued tasks: they are the pool's now, so handing them out must not fail the
+    /// call. When that throws here (no memory), the collector hands them out instead (its own
+    /// failure to do so breaks the pool, which fails them: nothing waits forever).
+    void backlog_grew_locked() noexcept override {
+        try {
+            dispatch_locked();
+        } catch (...) {
+            dispatch_owed_ = true;
+            if (!on_own_thread()) wake();
+        }
+    }
     void stop_workers_locked() override {
         // A server that no longer reads requests (join() already closed them) dies now; its
         // workers die with it (their parent-death signal).
@@ -425,10 +435,10 @@ private:
         if (state_ == State::terminated || state_ == State::broken) return;
         dispatch_backlog_locked(
             std::span<Seat>(seats_), [&](const Seat& s) { return has_room_locked(s); },
-            [&](Seat& s, Task task) {
+            [&](Seat& s, Task& task) {
                 task.estimate_ns = estimate_locked(task);
-                s.queued_ns += task.estimate_ns;
-                s.inflight.push_back(std::move(task));
+                s.inflight.push_back(std::move(task));  // all or nothing
+                s.queued_ns += s.inflight.back().estimate_ns;
                 ++s.assigned;
             });
         bool needs_collector = false;
@@ -660,6 +670,7 @@ private:
                     shut_down_workers_locked();
                     return;
                 }
+                if (std::exchange(dispatch_owed_, false)) dispatch_locked();
                 const std::int64_t now = monotonic_ns();
                 respawn_due_locked(now);
                 if (state_ == State::broken) fail_broken_locked();
@@ -1213,6 +1224,7 @@ private:
     int start_failures_ = 0;
     std::int64_t failing_since_ = 0;  // since when no worker could be started (0: none failing)
     std::int64_t collector_wakes_at_ = INT64_MAX;  // when the sleeping collector looks again (0: awake)
+    bool dispatch_owed_ = false;  // a dispatch on another thread threw: the collector does it (mutex_)
 
     struct Finished {
         Task task;

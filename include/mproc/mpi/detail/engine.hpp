@@ -328,7 +328,7 @@ public:
         }
         for (Task& t : tasks) master_.make_portable(t.frame);
     }
-    void backlog_grew_locked() override {
+    void backlog_grew_locked() noexcept override {
         submitted_ = true;
         wake_.notify_one();
     }
@@ -425,26 +425,42 @@ private:
         const auto has_room = [&](const Seat& s) {
             return s.inflight.empty() || (s.inflight.size() < window_locked(s) && s.bytes < max_window_bytes);
         };
-        dispatch_backlog_locked(std::span<Seat>(seats_), has_room, [&](Seat& seat, Task incoming) {
+        // What can throw (no memory) comes first; the task moves to its seat last, so a throw
+        // leaves it in the backlog (dispatch_backlog_locked) and its batch as it was. The throw
+        // ends the MPI thread's loop before anything in `out` is sent, and breaks the pool.
+        dispatch_backlog_locked(std::span<Seat>(seats_), has_room, [&](Seat& seat, Task& task) {
             const auto best = static_cast<std::size_t>(&seat - seats_.data());
-            Task& task = seat.inflight.emplace_back(std::move(incoming));
-            seat.sizes.push_back(task.frame.size());
-            seat.bytes += task.frame.size();
-            if (batch[best] != no_batch &&
-                out[batch[best]].message.size() + task_note_bytes + task.frame.size() > batch_bytes)
+            const std::size_t size = task.frame.size();
+            if (batch[best] != no_batch && out[batch[best]].message.size() + task_note_bytes + size > batch_bytes)
                 batch[best] = no_batch;
             if (batch[best] == no_batch) {
-                batch[best] = out.size();
-                out.push_back(Outgoing{seat.rank, Buffer{}, true});
-                begin_message(out.back().message, Kind::tasks, pool_);
-                out.back().message.extend(tasks_stamp_bytes);  // sent_ns, stamped as it goes out
+                Buffer message;
+                begin_message(message, Kind::tasks, pool_);
+                message.extend(tasks_stamp_bytes);  // sent_ns, stamped as it goes out
+                out.push_back(Outgoing{seat.rank, std::move(message), true});
+                batch[best] = out.size() - 1;
             }
+            Buffer& message = out[batch[best]].message;
+            const std::size_t before = message.size();
             TaskNote note;
             note.first = task.first;
             if (task.sink && task.sink->max_retries) note.max_retries = *task.sink->max_retries;
-            append_task_note(out[batch[best]].message, note);
-            out[batch[best]].message.append(task.frame.data(), task.frame.size());
-            task.frame = Buffer{};  // sent: a task is never sent twice
+            try {
+                append_task_note(message, note);
+                message.append(task.frame.data(), size);
+                seat.sizes.push_back(size);
+                try {
+                    seat.inflight.push_back(std::move(task));
+                } catch (...) {
+                    seat.sizes.pop_back();
+                    throw;
+                }
+            } catch (...) {
+                message.resize(before);
+                throw;
+            }
+            seat.bytes += size;
+            seat.inflight.back().frame = Buffer{};  // sent: a task is never sent twice
         });
     }
 
