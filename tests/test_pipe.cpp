@@ -656,6 +656,27 @@ TEST_CASE("a truncated frame is a SerializationError or EOFError, never a hang")
             check_truncated([&reader = reader] { (void)reader.recv(); });
             check_truncated([&reader = reader] { (void)reader.recv_bytes(); });  // and again: no hang
         }
+        SECTION("a writer that sends part of a large raw message and exits") {
+            // recv_bytes reads the rest of a large message straight into the value: the end of
+            // the stream half-way through it is a truncated frame too, and then the end.
+            auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+            mproc::Process p([&writer = writer] {
+                const std::uint64_t claimed = 200000;
+                const auto some = pattern_bytes(50000);
+                write_raw(writer.fileno(), &claimed, sizeof claimed);
+                write_raw(writer.fileno(), some.data(), some.size());
+            });
+            p.start();
+            writer.close();
+            REQUIRE(p.join(60s));
+            try {
+                (void)reader.recv_bytes();
+                FAIL("a truncated frame was received as a whole message");
+            } catch (const mproc::SerializationError& e) {
+                CHECK_THAT(e.what(), Catch::Contains("truncated frame: the peer closed after 50008 bytes of a 200008"));
+            }
+            CHECK_THROWS_AS(reader.recv_bytes(), mproc::EOFError);
+        }
         SECTION("a writer that sends half a frame header and exits") {
             auto [reader, writer] = mproc::Pipe<std::string>(duplex);
             mproc::Process p([&writer = writer] {

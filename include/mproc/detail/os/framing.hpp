@@ -77,6 +77,31 @@ public:
         const std::uint64_t total = frame_header_size + length;
         return total > have ? static_cast<std::size_t>(std::min<std::uint64_t>(total - have, SIZE_MAX / 4)) : 1;
     }
+    /// The payload length of the next frame when its header is here but not all of its payload,
+    /// it carries bytes, and it is at least `at_least` and at most `at_most` bytes long: a frame
+    /// worth reading straight into its destination (take_partial, then read_into).
+    std::optional<std::size_t> partial_payload(std::size_t at_least, std::size_t at_most) const noexcept {
+        if (size() < frame_header_size || next_is_descriptor()) return std::nullopt;
+        const std::uint64_t length = payload_length();
+        if (length < at_least || length > at_most || length <= size() - frame_header_size) return std::nullopt;
+        return static_cast<std::size_t>(length);
+    }
+    /// Copies the part of the next frame's payload that is here to `dst` and drops the frame's
+    /// header: nothing is left buffered (a frame not all here is the last thing buffered).
+    /// Returns the bytes copied.
+    std::size_t take_partial(std::byte* dst) noexcept {
+        const std::size_t have = size() - frame_header_size;
+        if (have != 0) std::memcpy(dst, begin() + frame_header_size, have);
+        clear();
+        return have;
+    }
+    /// One read(2) (with `descriptors`, recvmsg) of at most n bytes straight into `dst`, past the
+    /// buffer. Returns as fill() does.
+    static ssize_t read_into(int fd, std::byte* dst, std::size_t n, DescriptorQueue* descriptors) {
+        if (descriptors) return receive_with_descriptors(fd, dst, n, false, *descriptors);
+        return read_some(fd, dst, n);
+    }
+
     /// One read(2) into the buffer. Returns bytes read, 0 at end of stream, -1 with errno
     /// (EAGAIN when `nonblocking` and nothing is there). With `descriptors` (a Unix socket), reads
     /// with recvmsg and appends the descriptors that came with the bytes (close-on-exec).
