@@ -19,6 +19,7 @@ thread_local long fail_countdown = 0;
 /// Fails the `nth` allocation the calling thread makes from now on (0: none).
 void fail_allocation(long nth) noexcept { fail_countdown = nth; }
 
+long square(long x) { return x * x; }
 long slow_square(long x) {
     std::this_thread::sleep_for(200us);
     return x * x;
@@ -32,43 +33,57 @@ long slow_square(long x) {
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #endif
 
+// Every form of operator new and delete is replaced (the array and nothrow ones would otherwise be
+// the sanitizers' own, whose memory this operator delete would free): all are malloc and free.
 void* operator new(std::size_t n) {
     if (fail_countdown > 0 && --fail_countdown == 0) throw std::bad_alloc();
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
     throw std::bad_alloc();
 }
+void* operator new[](std::size_t n) { return ::operator new(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+    try {
+        return ::operator new(n);
+    } catch (...) {
+        return nullptr;
+    }
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return ::operator new(n, std::nothrow); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-
-// AddressSanitizer takes Catch2's objects, made during static initialisation by its own operator new
-// before this one is bound, and freed by this operator delete, for a mismatch: they are the same
-// malloc underneath.
-extern "C" const char* __asan_default_options() { return "alloc_dealloc_mismatch=0"; }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 TEST_CASE("apply_async with each of its allocations failing in turn loses no task", "[pool][memory]") {
     Watchdog dog(280s, "apply_async under failing allocations");
     mproc::Pool pool(1);
     std::vector<std::pair<mproc::AsyncResult<long>, long>> results;
-    int refused = 0;
+    int refused = 0;   // the call threw: nothing was queued
     long x = 0;
-    for (long nth = 1; nth <= 120; ++nth) {
-        // Tasks held by the worker's seat, so that handing out the next one needs room there.
-        for (int i = 0; i < 3; ++i) {
+    // Each round fails the 1st, 2nd, ... allocation of a call, a new call each time, until a call
+    // makes fewer: every allocation of a call fails once. The deques behind the backlog and the
+    // worker's seat allocate a block every few tasks, and the rounds go through their phases.
+    for (int round = 0; round < 200; ++round) {
+        for (long nth = 1;; ++nth) {
             ++x;
-            results.emplace_back(pool.apply_async(slow_square, std::tuple{x}), x * x);
+            std::optional<mproc::AsyncResult<long>> result;
+            fail_allocation(nth);
+            try {
+                result.emplace(pool.apply_async(square, std::tuple{x}));
+            } catch (const std::bad_alloc&) {
+                ++refused;
+            }
+            const bool fired = fail_countdown == 0;
+            fail_allocation(0);
+            if (result) {
+                results.emplace_back(std::move(*result), x * x);
+                if (!fired) break;  // the call made fewer than nth allocations
+            }
         }
-        ++x;
-        std::optional<mproc::AsyncResult<long>> result;
-        fail_allocation(nth);
-        try {
-            result.emplace(pool.apply_async(slow_square, std::tuple{x}));
-        } catch (const std::bad_alloc&) {
-            ++refused;
-        }
-        fail_allocation(0);
-        if (result) results.emplace_back(std::move(*result), x * x);
     }
-    CHECK(refused > 0);  // the failures did land inside apply_async
+    CHECK(refused > 0);   // failures did land inside apply_async
     pool.close();
     pool.join();
     for (auto& [result, expected] : results) REQUIRE(result.get() == expected);

@@ -128,8 +128,16 @@ private:
                 input_done_ = true;
             }
             if (n == 0) break;
+            try {
+                engine_->submit(std::move(task));
+            } catch (...) {
+                // Not taken (the pool closed, no memory): its items, already read from the input,
+                // fail in their place, as an input that threw there does.
+                input_error_ = std::current_exception();
+                input_done_ = true;
+                break;
+            }
             submitted_ += n;
-            engine_->submit(std::move(task));
         }
     }
     /// The input itself threw: every item before it is still yielded, then its exception, then

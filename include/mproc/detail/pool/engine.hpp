@@ -242,8 +242,8 @@ public:
         {
             std::lock_guard lock(mutex_);
             check_accepting_locked();
+            posted_.push_back(std::move(job));  // first: no memory for it leaves the count as it was
             ++outstanding_;
-            posted_.push_back(std::move(job));
         }
         wake();
     }
@@ -263,17 +263,22 @@ public:
         {
             std::lock_guard lock(mutex_);
             if (state_ == State::terminated) return;  // terminate() settles every task
-            dropped->reserve(backlog_.size());
+            // What can throw (no memory) comes first, before any task moves: room in `dropped`
+            // for every task the pool holds, and the job in posted_ (counted at once).
+            dropped->reserve(backlog_.size() + placed_count_locked());
             posted = thread_running_locked();
-            if (posted) posted_.push_back(job);  // first: if it throws, nothing has changed
-            std::deque<Task> kept;
+            if (posted) {
+                posted_.push_back(job);
+                ++outstanding_;
+            }
+            // The backlog is compacted in place: moves only, which cannot throw.
+            auto kept = backlog_.begin();
             for (Task& t : backlog_) {
                 if (t.sink.get() == &sink) dropped->push_back(std::move(t));
-                else kept.push_back(std::move(t));
+                else *kept++ = std::move(t);
             }
-            backlog_.swap(kept);
+            backlog_.erase(kept, backlog_.end());
             cancel_placed_locked(sink, *dropped);
-            if (posted) ++outstanding_;
         }
         if (posted) wake();
         else job();  // no engine thread any more (the pool is ending): settled here
@@ -376,6 +381,8 @@ protected:
     /// `sink`'s call was cancelled (pool lock held): move its tasks that no worker has begun into
     /// `dropped`, and stop those being run where the engine can. An engine that cannot lets them
     /// run; their outcomes are then ignored.
+    /// The tasks the engine's seats hold (pool lock held): cancel reserves room for them.
+    virtual std::size_t placed_count_locked() const noexcept { return 0; }
     virtual void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) {
         (void)sink;
         (void)dropped;
@@ -403,6 +410,8 @@ protected:
     /// loses nothing, and the next dispatch hands it out.
     template <class Seat, class HasRoom, class Assign>
     void dispatch_backlog_locked(std::span<Seat> seats, HasRoom&& has_room, Assign&& assign) {
+        static_assert(std::is_nothrow_move_constructible_v<Task> && std::is_nothrow_move_assignable_v<Task>,
+                      "moving a task must not throw: the engines' exception safety rests on it");
         while (!backlog_.empty()) {
             Seat* best = least_loaded(seats, has_room);
             if (!best) return;

@@ -318,7 +318,7 @@ private:
             dispatch_locked();
         } catch (...) {
             dispatch_owed_ = true;
-            if (!on_own_thread()) wake();
+            wake();  // on the collector's own thread too: its next poll then returns at once
         }
     }
     void stop_workers_locked() override {
@@ -326,11 +326,15 @@ private:
         // workers die with it (their parent-death signal).
         if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
     }
+    bool thread_running_locked() const noexcept override { return collector_ && !collector_closing_; }
+    std::size_t placed_count_locked() const noexcept override {
+        std::size_t n = 0;
+        for (const Seat& s : seats_) n += s.inflight.size();
+        return n;
+    }
     /// A cancelled call's tasks that are not yet in a worker's ring are taken back; for those that
     /// are, the worker is told (the call in its SeatStatus, then cancel_signal()): it skips the
     /// ones it has not begun, and ends itself if it is running one (see worker.hpp).
-    bool thread_running_locked() const noexcept override { return collector_ && !collector_closing_; }
-
     void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) override {
         const std::int64_t now = monotonic_ns();
         for (Seat& s : seats_) {
@@ -470,6 +474,8 @@ private:
             if (body.size() <= ring.max_payload()) {
                 if (!ring.try_push(SpscRing::data, body)) break;
             } else {
+                // Room first: once the record is in the ring the frame must follow it.
+                s.out.reserve(s.out.size() + frame.size());
                 if (!ring.try_push(SpscRing::socket, {})) break;
                 s.out.append(frame.data(), frame.size());
             }
@@ -582,6 +588,7 @@ private:
     std::vector<Task> take_all_tasks_locked() override {
         std::vector<Task> all = std::move(stall_doomed_);  // taken by the watchdog, not yet failed
         stall_doomed_.clear();
+        all.reserve(all.size() + backlog_.size() + placed_count_locked());  // the moves below cannot throw
         for (Seat& s : seats_) {
             s.assigned -= std::min<unsigned long>(s.assigned, s.inflight.size() - s.placed);  // never sent
             for (Task& t : s.inflight) all.push_back(std::move(t));
@@ -886,6 +893,8 @@ private:
     /// backlog, in order — but those of cancelled calls, which go to `dropped`.
     void vacate_locked(Seat& s, std::vector<Task>& dropped) {
         std::vector<Task> again;
+        again.reserve(s.inflight.size());  // room first: the moves below cannot throw
+        dropped.reserve(dropped.size() + s.inflight.size());
         for (Task& t : s.inflight) (t.sink->cancelled() ? dropped : again).push_back(std::move(t));
         backlog_.insert(backlog_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
         s.inflight.clear();

@@ -352,6 +352,11 @@ public:
     /// holding some is told, by the MPI thread, to stop them — those queued there are not run, and
     /// a running one's local worker is ended. Every task still answers, so the windows stay right;
     /// the call being cancelled, what they answer is ignored.
+    std::size_t placed_count_locked() const noexcept override {
+        std::size_t n = 0;
+        for (const Seat& s : seats_) n += s.inflight.size();
+        return n;
+    }
     void cancel_placed_locked(const mproc::detail::ResultSink& sink, std::vector<Task>&) override {
         for (const Seat& s : seats_)
             if (std::any_of(s.inflight.begin(), s.inflight.end(), [&](const Task& t) { return t.sink.get() == &sink; }))
@@ -661,6 +666,7 @@ private:
 
     std::vector<Task> take_all_tasks_locked() override {
         std::vector<Task> all;
+        all.reserve(backlog_.size() + placed_count_locked());  // the moves below cannot throw
         for (Seat& s : seats_) {
             for (Task& t : s.inflight) all.push_back(std::move(t));
             s.inflight.clear();
