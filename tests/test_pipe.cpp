@@ -705,6 +705,24 @@ TEST_CASE("a truncated frame is a SerializationError or EOFError, never a hang")
     CHECK(mproc_test::child_count() == 0);
 }
 
+// recv_bytes reads the rest of a large message straight into the value; a read that fails half-way
+// (here EAGAIN, the descriptor made non-blocking by its owner) must leave the message where it was.
+TEST_CASE("a large message whose read fails half-way is received whole by the next recv_bytes") {
+    const bool duplex = GENERATE(true, false);
+    INFO("duplex " << duplex);
+    auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+    const auto message = pattern_bytes(65536, 5);
+    const std::uint64_t length = message.size();
+    write_raw(writer.fileno(), &length, sizeof length);
+    write_raw(writer.fileno(), message.data(), 30000);
+    REQUIRE(::fcntl(reader.fileno(), F_SETFL, ::fcntl(reader.fileno(), F_GETFL) | O_NONBLOCK) == 0);
+    CHECK_THROWS_AS(reader.recv_bytes(), mproc::Error);  // EAGAIN: the rest is not there yet
+    write_raw(writer.fileno(), message.data() + 30000, message.size() - 30000);
+    writer.send_bytes(pattern_bytes(10, 6));
+    CHECK(reader.recv_bytes() == message);
+    CHECK(reader.recv_bytes() == pattern_bytes(10, 6));
+}
+
 TEST_CASE("malformed frames are SerializationErrors and the connection stays usable") {
     for (bool duplex : {true, false}) {
         INFO("duplex " << duplex);

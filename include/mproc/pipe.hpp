@@ -260,14 +260,24 @@ private:
     /// One read into the frame reader; the end of the stream throws. While the peer streams, the
     /// next bytes are awaited awake first (see watch_for_bytes).
     void fill_once(const char* op) {
-        const std::int64_t since = detail::monotonic_ns();
-        const bool caught = watch_for_bytes();
+        const bool watched = watching();
+        const std::int64_t since = watched ? 0 : detail::monotonic_ns();
+        const bool caught = watched && watch_for_bytes();
         const ssize_t got = in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr);
         if (got == 0 || (got < 0 && errno == ECONNRESET)) in_.throw_end_of_stream(op);
         if (got < 0) detail::throw_errno(op);
-        // Watch next time if the bytes came while watching, or soon enough that a watch would
-        // have caught them: a peer that sends now and then is waited for asleep at once.
-        watch_ = caught || detail::monotonic_ns() - since <= 2 * std::chrono::nanoseconds(watch_budget).count();
+        // Watch next time if the bytes came while watching, or, with no watch, soon enough that
+        // one would have caught them. A watch that missed is not tried again until then: a peer
+        // that sends now and then is waited for asleep, and costs at most every other watch.
+        watch_ = caught ||
+                 (!watched && detail::monotonic_ns() - since <= 2 * std::chrono::nanoseconds(watch_budget).count());
+    }
+    /// Whether the next wait for bytes watches first (see watch_for_bytes). Pinned to one CPU
+    /// (and so, most likely, the peer with it), never: that is looked up once, at the first wait.
+    bool watching() noexcept {
+        if (!watch_) return false;
+        if (single_cpu_ < 0) single_cpu_ = detail::affinity_cpu_count() == 1 ? 1 : 0;
+        return single_cpu_ == 0;
     }
     /// A reader that sleeps in read(2) while its peer streams is woken for each write, and the
     /// kernel then runs both on one core, taking turns (a pipe's wake-up pulls the reader to the
@@ -276,10 +286,6 @@ private:
     /// watch_budget before it sleeps, yielding between looks: a peer on the same core runs in
     /// those yields, one on another core is caught as it writes. Returns whether the bytes came.
     bool watch_for_bytes() noexcept {
-        if (!watch_) return false;
-        // Pinned to one CPU (and so, most likely, the peer with it): nothing to watch for.
-        if (single_cpu_ < 0) single_cpu_ = detail::affinity_cpu_count() == 1 ? 1 : 0;
-        if (single_cpu_ == 1) return false;
         const std::int64_t until = detail::monotonic_ns() + std::chrono::nanoseconds(watch_budget).count();
         for (;;) {
             pollfd p{fd_.get(), POLLIN, 0};
@@ -290,18 +296,29 @@ private:
     }
     /// The next frame's header is buffered, its payload `length` bytes and partly here: moves that
     /// part to `dst`, then reads the rest straight after it. The end of the stream half-way is a
-    /// truncated frame (the part read is dropped, as fill's reader drops it).
+    /// truncated frame (the part read is dropped, as fill's reader drops it). Any other error
+    /// (EAGAIN on a descriptor made non-blocking, say) puts the frame back as far as it came, so
+    /// the next receive goes on with it.
     void read_rest_into(std::byte* dst, std::size_t length, const char* op) {
+        in_.reserve_frame(length);  // room to put it back: taken before anything moves
         std::size_t have = in_.take_partial(dst);
+        bool again = false;
         while (have < length) {
+            if (again && watching()) (void)watch_for_bytes();  // a socket's message comes in pieces
             const ssize_t got = detail::FrameReader::read_into(fd_.get(), dst + have, length - have,
                                                                is_socket_ ? &descriptors_ : nullptr);
             if (got == 0 || (got < 0 && errno == ECONNRESET))
                 throw SerializationError(std::string(op) + ": truncated frame: the peer closed after " +
                                          std::to_string(detail::frame_header_size + have) + " bytes of a " +
                                          std::to_string(detail::frame_header_size + length) + "-byte frame");
-            if (got < 0) detail::throw_errno(op);
+            if (got < 0) {
+                const int error = errno;
+                in_.restore_partial(length, dst, have);
+                errno = error;
+                detail::throw_errno(op);
+            }
             have += static_cast<std::size_t>(got);
+            again = true;
         }
     }
     /// The next frame, which must carry bytes: a descriptor's is left for recv_fd.

@@ -95,6 +95,16 @@ public:
         clear();
         return have;
     }
+    /// Room for a whole frame of `length` payload bytes (so that restore_partial cannot fail).
+    void reserve_frame(std::size_t length) { buffer_.reserve(start_ + frame_header_size + length); }
+    /// Undoes take_partial after `have` bytes of the frame's `length` reached `dst`: the frame's
+    /// header and those bytes are buffered again. reserve_frame(length) came first: no allocation.
+    void restore_partial(std::size_t length, const std::byte* dst, std::size_t have) noexcept {
+        clear();
+        const std::uint64_t header = length;
+        std::memcpy(buffer_.extend(frame_header_size), &header, sizeof header);
+        if (have != 0) std::memcpy(buffer_.extend(have), dst, have);
+    }
     /// One read(2) (with `descriptors`, recvmsg) of at most n bytes straight into `dst`, past the
     /// buffer. Returns as fill() does.
     static ssize_t read_into(int fd, std::byte* dst, std::size_t n, DescriptorQueue* descriptors) {
