@@ -389,9 +389,9 @@ private:
         }
     }
 
-    // Messages from a page to a megabyte whose header arrives before the rest are read straight
-    // into their destination (read_rest_into); smaller ones come many to a read, larger ones
-    // through the frame reader (which grows only as the bytes arrive).
+    // Messages of up to a megabyte whose header has arrived and a page or more of the rest has not
+    // are read straight into their destination (read_rest_into); the others come through the
+    // frame reader: small ones many to a read, larger ones as the bytes arrive.
     static constexpr std::size_t direct_read_min = 4096;
     static constexpr std::size_t direct_read_max = std::size_t{1} << 20;
     static constexpr std::chrono::microseconds watch_budget{30};  // see watch_for_bytes

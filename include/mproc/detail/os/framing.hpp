@@ -77,13 +77,15 @@ public:
         const std::uint64_t total = frame_header_size + length;
         return total > have ? static_cast<std::size_t>(std::min<std::uint64_t>(total - have, SIZE_MAX / 4)) : 1;
     }
-    /// The payload length of the next frame when its header is here but not all of its payload,
-    /// it carries bytes, and it is at least `at_least` and at most `at_most` bytes long: a frame
-    /// worth reading straight into its destination (take_partial, then read_into).
+    /// The payload length of the next frame when its header is here, it carries bytes, it is at
+    /// most `at_most` bytes long and at least `at_least` of them are still to come: a frame worth
+    /// reading the rest of straight into its destination (take_partial, then read_into). A frame
+    /// that lacks only a few bytes is left to fill(), whose read takes the next frames with them.
     std::optional<std::size_t> partial_payload(std::size_t at_least, std::size_t at_most) const noexcept {
         if (size() < frame_header_size || next_is_descriptor()) return std::nullopt;
         const std::uint64_t length = payload_length();
-        if (length < at_least || length > at_most || length <= size() - frame_header_size) return std::nullopt;
+        const std::size_t here = size() - frame_header_size;
+        if (length > at_most || length <= here || length - here < at_least) return std::nullopt;
         return static_cast<std::size_t>(length);
     }
     /// Copies the part of the next frame's payload that is here to `dst` and drops the frame's
