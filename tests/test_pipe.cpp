@@ -123,6 +123,19 @@ template <class F> void check_truncated(F&& recv) {
     }
 }
 
+/// A process that writes a frame header claiming `claimed` bytes, then `sent` of them, and exits;
+/// the writing end is closed here after, so the reader then sees the end of the stream.
+void send_part_of_frame(mproc::Connection<std::string>& writer, std::uint64_t claimed, std::size_t sent) {
+    mproc::Process p([&writer, claimed, sent] {
+        const auto some = pattern_bytes(sent);
+        write_raw(writer.fileno(), &claimed, sizeof claimed);
+        write_raw(writer.fileno(), some.data(), some.size());
+    });
+    p.start();
+    writer.close();
+    REQUIRE(p.join(60s));
+}
+
 }  // namespace
 
 TEST_CASE("a duplex pipe carries messages each way, in order") {
@@ -644,15 +657,7 @@ TEST_CASE("a truncated frame is a SerializationError or EOFError, never a hang")
     {
         SECTION("a writer that sends part of a frame and exits") {
             auto [reader, writer] = mproc::Pipe<std::string>(duplex);
-            mproc::Process p([&writer = writer] {
-                const std::uint64_t claimed = 1u << 20;
-                const auto some = pattern_bytes(1000);
-                write_raw(writer.fileno(), &claimed, sizeof claimed);
-                write_raw(writer.fileno(), some.data(), some.size());
-            });
-            p.start();
-            writer.close();
-            REQUIRE(p.join(60s));
+            send_part_of_frame(writer, 1u << 20, 1000);
             check_truncated([&reader = reader] { (void)reader.recv(); });
             check_truncated([&reader = reader] { (void)reader.recv_bytes(); });  // and again: no hang
         }
@@ -660,15 +665,7 @@ TEST_CASE("a truncated frame is a SerializationError or EOFError, never a hang")
             // recv_bytes reads the rest of a large message straight into the value: the end of
             // the stream half-way through it is a truncated frame too, and then the end.
             auto [reader, writer] = mproc::Pipe<std::string>(duplex);
-            mproc::Process p([&writer = writer] {
-                const std::uint64_t claimed = 200000;
-                const auto some = pattern_bytes(50000);
-                write_raw(writer.fileno(), &claimed, sizeof claimed);
-                write_raw(writer.fileno(), some.data(), some.size());
-            });
-            p.start();
-            writer.close();
-            REQUIRE(p.join(60s));
+            send_part_of_frame(writer, 200000, 50000);
             try {
                 (void)reader.recv_bytes();
                 FAIL("a truncated frame was received as a whole message");
