@@ -3,8 +3,10 @@
 // soft memory limits, the stall_timeout watchdog, and stats().
 #include "test_pool_common.hpp"
 
+#include <deque>
 #include <fmt/format.h>
 
+#include <numeric>
 #include <poll.h>
 #include <random>
 #include <sys/mman.h>
@@ -20,6 +22,15 @@ using pool_test::Watchdog;
 namespace {
 
 int square(int x) { return x * x; }
+/// Item 5 kills its worker; the others square.
+long square_but_five_dies(long x) {
+    if (x == 5) ::raise(SIGKILL);
+    return x * x;
+}
+long slow_identity(long x) {
+    std::this_thread::sleep_for(1ms);
+    return x;
+}
 
 /// Counters in memory shared with every worker (mapped before the pool, so its forks have it).
 class SharedCounters {
@@ -204,6 +215,48 @@ TEST_CASE("an imap range destroyed after join(): the cancel it makes does not st
     }                 // the range cancels what it thinks is in flight
     pool.join();
     pool.join();
+}
+
+// A task whose worker died mid-chunk goes back to the backlog with the lost item marked skipped,
+// while another thread cancels calls (each cancel compacts the backlog): every item of the map is
+// settled once — its value, or WorkerLost for the one that died — never twice.
+TEST_CASE("calls cancelled beside a worker that dies mid-chunk: every item is settled once") {
+    Watchdog dog(280s, "cancel beside a task with a lost item");
+    mproc::Pool pool(1);
+    std::atomic<bool> done{false};
+    std::thread canceller([&] {
+        std::deque<mproc::AsyncResult<long>> cancelled;
+        while (!done.load()) {
+            cancelled.push_back(pool.apply_async(slow_identity, std::tuple{0L}));
+            cancelled.back().cancel();
+            if (cancelled.size() > 64) {  // a bounded number in flight: memory stays flat
+                cancelled.front().wait();
+                cancelled.pop_front();
+            }
+        }
+    });
+    for (int round = 0; round < 20; ++round) {
+        std::vector<long> xs(30);
+        std::iota(xs.begin(), xs.end(), 0L);
+        long values = 0;
+        long lost = 0;
+        long sum = 0;
+        auto results = pool.imap_unordered(square_but_five_dies, xs, 10);
+        for (auto it = results.begin(); it != results.end(); ++it) {
+            try {
+                sum += *it;
+                ++values;
+            } catch (const mproc::WorkerLost&) {
+                ++lost;
+            }
+        }
+        INFO("round " << round);
+        REQUIRE(values == 29);
+        REQUIRE(lost == 1);
+        REQUIRE(sum == 29L * 30 * 59 / 6 - 25);  // the squares of 0..29 but 5
+    }
+    done = true;
+    canceller.join();
 }
 
 TEST_CASE("cancel of a map_async cancels all of it; its error_callback gets the CancelledError") {

@@ -271,11 +271,16 @@ public:
                 posted_.push_back(job);
                 ++outstanding_;
             }
-            // The backlog is compacted in place: moves only, which cannot throw.
+            // The backlog is compacted in place: moves only, which cannot throw (never a task onto
+            // itself: a vector moved onto itself comes out empty, and a task's skips are one).
             auto kept = backlog_.begin();
-            for (Task& t : backlog_) {
-                if (t.sink.get() == &sink) dropped->push_back(std::move(t));
-                else *kept++ = std::move(t);
+            for (auto it = backlog_.begin(); it != backlog_.end(); ++it) {
+                if (it->sink.get() == &sink) {
+                    dropped->push_back(std::move(*it));
+                } else {
+                    if (kept != it) *kept = std::move(*it);
+                    ++kept;
+                }
             }
             backlog_.erase(kept, backlog_.end());
             cancel_placed_locked(sink, *dropped);
@@ -322,8 +327,8 @@ public:
         {
             std::lock_guard lock(mutex_);
             if (state_ != State::terminated) {
+                doomed = take_all_tasks_locked();  // first: if it throws, nothing has changed
                 state_ = State::terminated;
-                doomed = take_all_tasks_locked();
                 stop_workers_locked();
             }
         }
@@ -339,8 +344,8 @@ public:
         if (!on_own_thread()) return false;
         std::lock_guard lock(mutex_);
         if (state_ != State::terminated) {
+            retired_doomed_ = take_all_tasks_locked();  // first: if it throws, nothing has changed
             state_ = State::terminated;
-            retired_doomed_ = take_all_tasks_locked();
             stop_workers_locked();
         }
         retired_ = true;
@@ -378,11 +383,11 @@ protected:
     /// Whether the engine's thread still runs posted jobs (pool lock held). When it has ended, a
     /// cancel settles its call on the calling thread.
     virtual bool thread_running_locked() const noexcept { return true; }
+    /// The tasks the engine's seats hold (pool lock held): cancel reserves room for them.
+    virtual std::size_t placed_count_locked() const noexcept { return 0; }
     /// `sink`'s call was cancelled (pool lock held): move its tasks that no worker has begun into
     /// `dropped`, and stop those being run where the engine can. An engine that cannot lets them
     /// run; their outcomes are then ignored.
-    /// The tasks the engine's seats hold (pool lock held): cancel reserves room for them.
-    virtual std::size_t placed_count_locked() const noexcept { return 0; }
     virtual void cancel_placed_locked(const ResultSink& sink, std::vector<Task>& dropped) {
         (void)sink;
         (void)dropped;

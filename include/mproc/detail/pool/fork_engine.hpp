@@ -586,9 +586,10 @@ private:
     }
 
     std::vector<Task> take_all_tasks_locked() override {
-        std::vector<Task> all = std::move(stall_doomed_);  // taken by the watchdog, not yet failed
+        std::vector<Task> all;
+        all.reserve(stall_doomed_.size() + backlog_.size() + placed_count_locked());  // the moves cannot throw
+        for (Task& t : stall_doomed_) all.push_back(std::move(t));  // taken by the watchdog, not yet failed
         stall_doomed_.clear();
-        all.reserve(all.size() + backlog_.size() + placed_count_locked());  // the moves below cannot throw
         for (Seat& s : seats_) {
             s.assigned -= std::min<unsigned long>(s.assigned, s.inflight.size() - s.placed);  // never sent
             for (Task& t : s.inflight) all.push_back(std::move(t));
@@ -892,11 +893,23 @@ private:
     /// The seat has no worker any more: every task it held goes back to the front of the
     /// backlog, in order — but those of cancelled calls, which go to `dropped`.
     void vacate_locked(Seat& s, std::vector<Task>& dropped) {
-        std::vector<Task> again;
-        again.reserve(s.inflight.size());  // room first: the moves below cannot throw
-        dropped.reserve(dropped.size() + s.inflight.size());
-        for (Task& t : s.inflight) (t.sink->cancelled() ? dropped : again).push_back(std::move(t));
-        backlog_.insert(backlog_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
+        // Room first, in `dropped` and at the backlog's front (empty tasks, filled below): the
+        // moves cannot throw, so no task is ever only in this function's hands.
+        const auto again = static_cast<std::size_t>(
+            std::count_if(s.inflight.begin(), s.inflight.end(), [](const Task& t) { return !t.sink->cancelled(); }));
+        dropped.reserve(dropped.size() + s.inflight.size() - again);
+        std::size_t added = 0;
+        try {
+            for (; added < again; ++added) backlog_.emplace_front();
+        } catch (...) {
+            for (; added > 0; --added) backlog_.pop_front();
+            throw;
+        }
+        auto slot = backlog_.begin();
+        for (Task& t : s.inflight) {
+            if (t.sink->cancelled()) dropped.push_back(std::move(t));
+            else *slot++ = std::move(t);
+        }
         s.inflight.clear();
         s.placed = 0;
         s.queued_ns = 0;

@@ -348,16 +348,17 @@ public:
 
     std::thread::id collector_id() const noexcept override { return thread_id_; }
 
-    /// A cancelled call's tasks are all on the ranks (the backlog's are dropped already): each rank
-    /// holding some is told, by the MPI thread, to stop them — those queued there are not run, and
-    /// a running one's local worker is ended. Every task still answers, so the windows stay right;
-    /// the call being cancelled, what they answer is ignored.
     std::size_t placed_count_locked() const noexcept override {
         std::size_t n = 0;
         for (const Seat& s : seats_) n += s.inflight.size();
         return n;
     }
+    /// A cancelled call's tasks are all on the ranks (the backlog's are dropped already): each rank
+    /// holding some is told, by the MPI thread, to stop them — those queued there are not run, and
+    /// a running one's local worker is ended. Every task still answers, so the windows stay right;
+    /// the call being cancelled, what they answer is ignored.
     void cancel_placed_locked(const mproc::detail::ResultSink& sink, std::vector<Task>&) override {
+        call_cancels_.reserve(call_cancels_.size() + seats_.size());
         for (const Seat& s : seats_)
             if (std::any_of(s.inflight.begin(), s.inflight.end(), [&](const Task& t) { return t.sink.get() == &sink; }))
                 call_cancels_.push_back(CallCancel{s.rank, sink.call});
