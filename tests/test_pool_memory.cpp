@@ -33,8 +33,9 @@ long slow_square(long x) {
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #endif
 
-// Every form of operator new and delete is replaced (the array and nothrow ones would otherwise be
-// the sanitizers' own, whose memory this operator delete would free): all are malloc and free.
+// The plain, array and nothrow forms of operator new and delete are replaced (the array and
+// nothrow ones would otherwise be the sanitizers' own, whose memory this operator delete would
+// free): all are malloc and free. The over-aligned forms are left as they are.
 void* operator new(std::size_t n) {
     if (fail_countdown > 0 && --fail_countdown == 0) throw std::bad_alloc();
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
