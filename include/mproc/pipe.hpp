@@ -263,14 +263,18 @@ private:
         const bool watched = watching();
         const std::int64_t since = watched ? 0 : detail::monotonic_ns();
         const bool caught = watched && watch_for_bytes();
-        const ssize_t got = in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr);
-        if (got == 0 || (got < 0 && errno == ECONNRESET)) in_.throw_end_of_stream(op);
-        if (got < 0) detail::throw_errno(op);
+        check_read(in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr), op);
         // Watch next time if the bytes came while watching, or, with no watch, soon enough that
         // one would have caught them. A watch that missed is not tried again until then: a peer
         // that sends now and then is waited for asleep, and costs at most every other watch.
         watch_ = caught ||
                  (!watched && detail::monotonic_ns() - since <= 2 * std::chrono::nanoseconds(watch_budget).count());
+    }
+    /// A read's result: the end of the stream (EOFError, or a truncated frame's SerializationError)
+    /// and errors throw, with what is buffered dropped at the end and kept otherwise.
+    void check_read(ssize_t got, const char* op) {
+        if (got == 0 || (got < 0 && errno == ECONNRESET)) in_.throw_end_of_stream(op);
+        if (got < 0) detail::throw_errno(op);
     }
     /// Whether the next wait for bytes watches first (see watch_for_bytes). Pinned to one CPU
     /// (and so, most likely, the peer with it), never: that is looked up once, at the first wait.
@@ -295,10 +299,10 @@ private:
         }
     }
     /// The next frame's header is buffered, its payload `length` bytes and partly here: moves that
-    /// part to `dst`, then reads the rest straight after it. The end of the stream half-way is a
-    /// truncated frame (the part read is dropped, as fill's reader drops it). Any other error
-    /// (EAGAIN on a descriptor made non-blocking, say) puts the frame back as far as it came, so
-    /// the next receive goes on with it.
+    /// part to `dst`, then reads the rest straight after it. A read that fails puts the frame back
+    /// in the frame reader as far as it came, which then reports it as fill_once does: the end of
+    /// the stream half-way is a truncated frame, and after any other error (EAGAIN on a descriptor
+    /// made non-blocking, say) the next receive goes on with it.
     void read_rest_into(std::byte* dst, std::size_t length, const char* op) {
         in_.reserve_frame(length);  // room to put it back: taken before anything moves
         std::size_t have = in_.take_partial(dst);
@@ -307,15 +311,11 @@ private:
             if (again && watching()) (void)watch_for_bytes();  // a socket's message comes in pieces
             const ssize_t got = detail::FrameReader::read_into(fd_.get(), dst + have, length - have,
                                                                is_socket_ ? &descriptors_ : nullptr);
-            if (got == 0 || (got < 0 && errno == ECONNRESET))
-                throw SerializationError(std::string(op) + ": truncated frame: the peer closed after " +
-                                         std::to_string(detail::frame_header_size + have) + " bytes of a " +
-                                         std::to_string(detail::frame_header_size + length) + "-byte frame");
-            if (got < 0) {
+            if (got <= 0) {
                 const int error = errno;
                 in_.restore_partial(length, dst, have);
                 errno = error;
-                detail::throw_errno(op);
+                check_read(got, op);
             }
             have += static_cast<std::size_t>(got);
             again = true;

@@ -385,6 +385,12 @@ protected:
     virtual bool thread_running_locked() const noexcept { return true; }
     /// The tasks the engine's seats hold (pool lock held): cancel reserves room for them.
     virtual std::size_t placed_count_locked() const noexcept { return 0; }
+    /// placed_count_locked for an engine whose seats keep their tasks in `inflight`.
+    template <class Seat> static std::size_t inflight_count(std::span<const Seat> seats) noexcept {
+        std::size_t n = 0;
+        for (const Seat& s : seats) n += s.inflight.size();
+        return n;
+    }
     /// `sink`'s call was cancelled (pool lock held): move its tasks that no worker has begun into
     /// `dropped`, and stop those being run where the engine can. An engine that cannot lets them
     /// run; their outcomes are then ignored.

@@ -327,11 +327,7 @@ private:
         if (server_.pid() != 0 && !server_.terminate_workers()) ::kill(server_.pid(), SIGKILL);
     }
     bool thread_running_locked() const noexcept override { return collector_ && !collector_closing_; }
-    std::size_t placed_count_locked() const noexcept override {
-        std::size_t n = 0;
-        for (const Seat& s : seats_) n += s.inflight.size();
-        return n;
-    }
+    std::size_t placed_count_locked() const noexcept override { return inflight_count(std::span<const Seat>(seats_)); }
     /// A cancelled call's tasks that are not yet in a worker's ring are taken back; for those that
     /// are, the worker is told (the call in its SeatStatus, then cancel_signal()): it skips the
     /// ones it has not begun, and ends itself if it is running one (see worker.hpp).

@@ -348,11 +348,7 @@ public:
 
     std::thread::id collector_id() const noexcept override { return thread_id_; }
 
-    std::size_t placed_count_locked() const noexcept override {
-        std::size_t n = 0;
-        for (const Seat& s : seats_) n += s.inflight.size();
-        return n;
-    }
+    std::size_t placed_count_locked() const noexcept override { return inflight_count(std::span<const Seat>(seats_)); }
     /// A cancelled call's tasks are all on the ranks (the backlog's are dropped already): each rank
     /// holding some is told, by the MPI thread, to stop them — those queued there are not run, and
     /// a running one's local worker is ended. Every task still answers, so the windows stay right;
