@@ -100,16 +100,20 @@ TEST_CASE("map and map_async with each of their allocations failing in turn lose
     std::vector<mproc::AsyncResult<std::vector<long>>> pending;
     int refused = 0;
     int done = 0;
+    bool map_outran = false;  // a map made fewer than nth allocations: every one of its had failed
+    bool async_outran = false;
     for (long nth = 1; nth <= 200; ++nth) {
         fail_allocation(nth);
         try {
             if (nth % 2 == 0) {
                 std::vector<long> ys = pool.map(slow_square, xs, 3);
+                map_outran |= fail_countdown != 0;
                 fail_allocation(0);
                 CHECK(std::accumulate(ys.begin(), ys.end(), 0L) == sum);
                 ++done;
             } else {
                 auto result = pool.map_async(slow_square, xs, 3);
+                async_outran |= fail_countdown != 0;
                 fail_allocation(0);
                 pending.push_back(std::move(result));
             }
@@ -120,6 +124,8 @@ TEST_CASE("map and map_async with each of their allocations failing in turn lose
     }
     CHECK(refused > 0);
     CHECK(done > 0);
+    CHECK(map_outran);  // each allocation of a map and of a map_async failed once, within 200
+    CHECK(async_outran);
     pool.close();
     pool.join();
     for (auto& result : pending) {
