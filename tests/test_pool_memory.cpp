@@ -4,6 +4,8 @@
 // a result gets its value.
 #include "test_pool_common.hpp"
 
+#include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <new>
 #include <numeric>
@@ -19,11 +21,29 @@ thread_local long fail_countdown = 0;
 /// Fails the `nth` allocation the calling thread makes from now on (0: none).
 void fail_allocation(long nth) noexcept { fail_countdown = nth; }
 
+/// >0: the allocation that many allocations from now on made by a thread the test did not mark
+/// (the pool's collector: the test's threads are marked, and so are the fork server and the
+/// workers, forked from the test's thread) fails with std::bad_alloc.
+std::atomic<long> engine_countdown{0};
+thread_local bool test_thread = false;
+
+/// Whether this allocation is the one to fail.
+bool fails_now() noexcept {
+    if (fail_countdown > 0 && --fail_countdown == 0) return true;
+    return !test_thread && engine_countdown.load(std::memory_order_relaxed) > 0 &&
+           engine_countdown.fetch_sub(1, std::memory_order_relaxed) == 1;
+}
+
 long square(long x) { return x * x; }
 long slow_square(long x) {
     std::this_thread::sleep_for(200us);
     return x * x;
 }
+long killed(long x) {
+    ::kill(::getpid(), SIGKILL);
+    return x;
+}
+long killed_or_square(long x) { return x < 0 ? killed(x) : x * x; }
 
 }  // namespace
 
@@ -37,7 +57,7 @@ long slow_square(long x) {
 // nothrow ones would otherwise be the sanitizers' own, whose memory this operator delete would
 // free): all are malloc and free. The over-aligned forms are left as they are.
 void* operator new(std::size_t n) {
-    if (fail_countdown > 0 && --fail_countdown == 0) throw std::bad_alloc();
+    if (fails_now()) throw std::bad_alloc();
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
     throw std::bad_alloc();
 }
@@ -132,4 +152,57 @@ TEST_CASE("map and map_async with each of their allocations failing in turn lose
         const std::vector<long> ys = result.get();
         CHECK(std::accumulate(ys.begin(), ys.end(), 0L) == sum);
     }
+}
+
+// The pool's own thread when memory runs out: each allocation the collector makes in a round — a
+// pool started, a worker killed in its task and replaced, a second call run, the pool joined — is
+// failed in turn. Wherever it lands, every call settles (with its value, the lost worker's error, or
+// the broken pool's), and join() returns.
+TEST_CASE("the collector's allocations failing in turn, a worker dying meanwhile, leave no call unsettled",
+          "[pool][memory]") {
+    Watchdog dog(280s, "the collector under failing allocations");
+    test_thread = true;
+    int broke = 0;  // rounds where the failure broke the pool
+    long nth = 1;
+    for (;; ++nth) {
+        REQUIRE(nth <= 2000);
+        engine_countdown = nth;
+        {
+            mproc::Pool pool(1);
+            // A call the pool refuses (broken already) throws its mproc::Error at once.
+            std::optional<mproc::AsyncResult<long>> lost, next;
+            try {
+                lost.emplace(pool.apply_async(killed, std::tuple{1L}));
+                next.emplace(pool.apply_async(square, std::tuple{7L}));
+            } catch (const mproc::Error&) {
+                ++broke;
+            }
+            std::vector<long> seen;
+            bool imap_failed = false;
+            try {
+                for (long y : pool.imap(killed_or_square, std::vector<long>{2, 3, -1}, 1)) seen.push_back(y);
+            } catch (const mproc::Error&) {
+                imap_failed = true;  // the worker lost for -1, or the broken pool
+            }
+            CHECK(imap_failed);
+            CHECK(seen.size() <= 2);
+            CHECK(std::equal(seen.begin(), seen.end(), std::vector<long>{4, 9}.begin()));
+            if (lost) CHECK_THROWS_AS(lost->get(), mproc::Error);  // WorkerLost, or the broken pool's Error
+            long value = 49;
+            try {
+                if (next) value = next->get();
+            } catch (const mproc::Error&) {
+                ++broke;  // the pool broke before it ran
+            }
+            CHECK(value == 49);
+            pool.close();
+            pool.join();
+        }
+        const bool fired = engine_countdown.load() <= 0;
+        engine_countdown = 0;
+        if (!fired) break;  // the collector made fewer than nth allocations: each one failed once
+    }
+    test_thread = false;
+    CHECK(nth > 10);
+    CHECK(broke > 0);
 }

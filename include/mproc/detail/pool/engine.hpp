@@ -33,6 +33,7 @@
 #include "../../pool_stats.hpp"
 #include "../../serialize.hpp"
 #include "../os/clock.hpp"
+#include "../serialize/type_name.hpp"
 #include "wire.hpp"
 
 namespace mproc::detail {
@@ -63,6 +64,20 @@ public:
     }
     /// Item `index` ended without an outcome (worker lost, timeout, pool terminated).
     virtual void fail(std::size_t index, std::exception_ptr error) = 0;
+    /// The engine's last resort, when it cannot settle items one by one any more (its thread
+    /// failed; memory may have run out): every item of the call that has no outcome yet fails
+    /// with `error`, whatever task carried it, and the call completes. Allocates nothing it needs
+    /// and never throws. `first`..`first + count - 1` are the items of the task the engine held.
+    /// By default, those items fail one by one as far as memory allows.
+    virtual void abort(std::size_t first, std::uint32_t count, const std::exception_ptr& error) noexcept {
+        for (std::uint32_t i = 0; i < count; ++i) {
+            try {
+                fail(first + i, error);
+            } catch (...) {
+                return;
+            }
+        }
+    }
     /// The call was cancelled: whatever it does at once (an AsyncResult completes with its
     /// CancelledError). On the engine's thread.
     virtual void settle_cancelled() {}
@@ -378,6 +393,9 @@ protected:
     virtual void wake() noexcept = 0;
     /// Every task not yet settled, taken out of the backlog and the seats (pool lock held).
     virtual std::vector<Task> take_all_tasks_locked() = 0;
+    /// One task not yet settled, moved into `out` and taken out of the seats or the backlog
+    /// (pool lock held), with no allocation: false when there is none left.
+    virtual bool take_one_task_locked(Task& out) noexcept = 0;
     /// The pool was terminated: stop the workers as fast as the engine can (pool lock held).
     virtual void stop_workers_locked() {}
     /// Whether the engine's thread still runs posted jobs (pool lock held). When it has ended, a
@@ -467,8 +485,16 @@ protected:
 
     /// Hands a finished task's result frame body to its sink: one outcome record per item. A frame
     /// whose records do not add up fails every item it was for; a record that does not decode
-    /// fails only its own item (in the sink).
-    void deliver(Task& task, std::span<const std::byte> body) {
+    /// fails only its own item (in the sink). Never throws: when memory runs out on the way, the
+    /// call fails with the ready-made error that says so (ResultSink::abort), and the pool goes on.
+    void deliver(Task& task, std::span<const std::byte> body) noexcept {
+        try {
+            deliver_outcomes(task, body);
+        } catch (...) {
+            task.sink->abort(task.first, task.count, undelivered_);
+        }
+    }
+    void deliver_outcomes(Task& task, std::span<const std::byte> body) {
         outcomes_.clear();
         try {
             if (const auto values = packed_values(body, task.count)) {
@@ -476,6 +502,8 @@ protected:
                 return;
             }
             read_outcomes(body, task.count, outcomes_);
+        } catch (const std::bad_alloc&) {
+            throw;  // not the frame's fault (see deliver)
         } catch (...) {
             fail_items(task, std::current_exception());
             return;
@@ -488,34 +516,142 @@ protected:
             if (!std::binary_search(task.skips.begin(), task.skips.end(), i)) task.sink->fail(task.first + i, error);
     }
 
-    static std::exception_ptr cancelled_error() {
-        return std::make_exception_ptr(CancelledError("the call was cancelled"));
+    /// An mproc::Error saying `what`; with no memory to make one, the ready-made one.
+    std::exception_ptr error_or_ready_made(const char* what) const noexcept {
+        try {
+            return std::make_exception_ptr(Error(what));
+        } catch (...) {
+            return thread_failed_;
+        }
+    }
+    /// The error of a cancelled call's tasks; with no memory to make one, the ready-made one.
+    std::exception_ptr cancelled_error() const noexcept {
+        try {
+            return std::make_exception_ptr(CancelledError("the call was cancelled"));
+        } catch (...) {
+            return thread_failed_;
+        }
     }
 
-    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks).
-    void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) {
-        for (Task& t : tasks) fail_items(t, error);
+    /// Fails every unskipped item of `tasks` (outside the pool lock: sinks run callbacks) and
+    /// counts them settled. A task whose sink cannot take the failure (no memory) has its call
+    /// aborted instead (ResultSink::abort): every task is settled, and this never throws.
+    void fail_tasks(std::vector<Task>& tasks, const std::exception_ptr& error) noexcept {
+        settle_failed(tasks, error);
         finish_tasks(tasks.size());
         tasks.clear();
     }
+    static void settle_failed(std::span<Task> tasks, const std::exception_ptr& error) noexcept {
+        for (Task& t : tasks) {
+            try {
+                fail_items(t, error);
+            } catch (...) {
+                if (t.sink) t.sink->abort(t.first, t.count, error);
+            }
+        }
+    }
 
-    void finish_tasks(std::size_t n) {
+    void finish_tasks(std::size_t n) noexcept {
         if (n == 0) return;
         std::lock_guard lock(mutex_);
         outstanding_ -= std::min(outstanding_, n);
         if (outstanding_ == 0) idle_.notify_all();
     }
 
-    /// Runs the posted jobs (on the collector, or after it stopped). Returns whether there were any.
-    bool run_posted() {
-        std::deque<std::function<void()>> jobs;
+    /// Tasks the engine's thread has taken out of the pool's queues, to settle outside its lock.
+    /// Whatever is still held when they go — an exception on the way, memory having run out — is
+    /// settled with the engine's ready-made error (ResultSink::abort, which allocates nothing), so
+    /// that no call waits for a task nobody holds. `counted`: the tasks count in the tasks join()
+    /// waits for (a stand-in for one lost item, which its task still carries, does not).
+    class HeldTasks {
+    public:
+        explicit HeldTasks(PoolEngine& engine, bool counted = true) noexcept : engine_(engine), counted_(counted) {}
+        HeldTasks(const HeldTasks&) = delete;
+        HeldTasks& operator=(const HeldTasks&) = delete;
+        ~HeldTasks() {
+            for (Task& t : tasks)
+                if (t.sink) t.sink->abort(t.first, t.count, engine_.thread_failed_);
+            if (counted_) engine_.finish_tasks(tasks.size());
+        }
+        /// Fails every item they carry that has not failed already, and lets them go.
+        void fail(const std::exception_ptr& error) noexcept {
+            settle_failed(tasks, error);
+            if (counted_) engine_.finish_tasks(tasks.size());
+            tasks.clear();
+        }
+        /// Lets them go, settled already: only counted.
+        void release() noexcept {
+            if (counted_) engine_.finish_tasks(tasks.size());
+            tasks.clear();
+        }
+        std::vector<Task> tasks;
+
+    private:
+        PoolEngine& engine_;
+        bool counted_;
+    };
+
+    /// The engine's thread is ending on an exception it could not handle (called in the handler):
+    /// the pool breaks, unless it is ending anyway, and every task it holds fails — with an
+    /// mproc::Error saying `context` and the exception, or the ready-made error when there is no
+    /// memory left to say it — one task at a time, allocating nothing it needs. Returns that error.
+    std::exception_ptr fail_from_thread(const char* context) noexcept {
+        std::exception_ptr error = thread_failed_;
+        std::string why;
+        try {
+            why = context + describe_current_exception();
+            error = std::make_exception_ptr(Error(why));
+        } catch (...) {}
         {
             std::lock_guard lock(mutex_);
-            jobs.swap(posted_);
+            if (state_ == State::open || state_ == State::closed) {
+                state_ = State::broken;
+                broken_reason_.swap(why);
+                broken_error_ = error;
+            }
         }
-        for (auto& job : jobs) job();
-        finish_tasks(jobs.size());
-        return !jobs.empty();
+        for (;;) {
+            Task t;
+            {
+                std::lock_guard lock(mutex_);
+                if (!take_one_task_locked(t)) break;
+            }
+            if (t.sink) t.sink->abort(t.first, t.count, error);
+            finish_tasks(1);
+        }
+        return error;
+    }
+
+    /// run_posted() until none is left, as the engine's thread ends: a job that throws is
+    /// counted settled and dropped, and the others still run.
+    void run_all_posted() noexcept {
+        for (;;) {
+            try {
+                run_posted();
+                return;
+            } catch (...) {}
+        }
+    }
+
+    /// Runs the posted jobs (on the collector, or after it stopped), one at a time, each counted
+    /// settled once it has run or thrown. Returns whether there were any.
+    bool run_posted() {
+        bool any = false;
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::lock_guard lock(mutex_);
+                if (posted_.empty()) return any;
+                job = std::move(posted_.front());
+                posted_.pop_front();
+            }
+            any = true;
+            struct Settled {
+                PoolEngine& engine;
+                ~Settled() { engine.finish_tasks(1); }
+            } settled{*this};
+            job();
+        }
     }
 
     std::mutex mutex_;
@@ -529,6 +665,10 @@ protected:
     std::deque<std::function<void()>> posted_;  // jobs for the engine's thread (see post)
     bool retired_ = false;                      // destroyed inside a callback: the thread finishes the job
     std::vector<Task> retired_doomed_;          // the tasks that teardown fails
+    // The error of tasks settled when there may be no memory left to make one (HeldTasks,
+    // fail_from_thread): made with the engine.
+    const std::exception_ptr thread_failed_;
+    const std::exception_ptr undelivered_;  // a call whose outcome could not be delivered (deliver)
 
 private:
     pid_t owner_;
@@ -557,7 +697,12 @@ private:
     PoolEngine* engine_;
 };
 
-inline PoolEngine::PoolEngine() : owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
+inline PoolEngine::PoolEngine()
+    : thread_failed_(std::make_exception_ptr(
+          Error("the pool's thread failed with no memory left to say why: the pool is broken"))),
+      undelivered_(std::make_exception_ptr(
+          Error("the pool's thread ran out of memory delivering this call's outcome: the call failed"))),
+      owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
 inline PoolEngine::~PoolEngine() { detach_link(); }
 inline void PoolEngine::detach_link() noexcept {
     if (link_) link_->detach();

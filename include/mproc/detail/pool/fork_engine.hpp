@@ -282,10 +282,9 @@ private:
             if (collector_ && collector_->joinable()) collector_->join();
             {
                 const OwnThreadScope callbacks(*this);
-                run_posted();
+                run_all_posted();
                 if (doomed)
-                    fail_tasks(*doomed,
-                               std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+                    fail_tasks(*doomed, error_or_ready_made("the pool was terminated before this task finished"));
             }
             // (An engine retired by a callback above is torn down whole: nobody calls again.)
             if (deadline && !retired_ && !server_.wait_exit_until(*deadline)) return false;
@@ -598,6 +597,30 @@ private:
         return all;
     }
 
+    bool take_one_task_locked(Task& out) noexcept override {
+        if (!stall_doomed_.empty()) {
+            out = std::move(stall_doomed_.back());
+            stall_doomed_.pop_back();
+            return true;
+        }
+        for (Seat& s : seats_) {
+            if (s.inflight.empty()) continue;
+            if (s.placed < s.inflight.size()) {  // those never sent are no longer assigned
+                s.assigned -= std::min<unsigned long>(s.assigned, s.inflight.size() - s.placed);
+                s.placed = s.inflight.size();
+            }
+            out = std::move(s.inflight.front());
+            s.inflight.pop_front();
+            --s.placed;
+            if (s.inflight.empty()) s.queued_ns = 0;
+            return true;
+        }
+        if (backlog_.empty()) return false;
+        out = std::move(backlog_.front());
+        backlog_.pop_front();
+        return true;
+    }
+
     // ---- the collector ----------------------------------------------------------------------
 
     /// The collector thread. Nothing escapes it: an exception here breaks the pool (every pending
@@ -609,26 +632,20 @@ private:
             stop_taking_posts();
             run_posted();  // a job posted while the collector was ending (the server died, say)
         } catch (...) {
+            // Nothing here may need memory that is not there (the exception may be bad_alloc).
             stop_taking_posts();
-            std::string why;
-            try {
-                why = "the pool's collector failed: " + describe_current_exception();
-            } catch (...) {}
-            std::vector<Task> doomed;
             {
                 std::lock_guard lock(mutex_);
-                break_pool_locked(std::move(why));
-                doomed = take_all_tasks_locked();
                 if (server_.pid() != 0) server_.terminate_workers();
             }
-            // Tasks taken from their seat whose result was not delivered when it threw.
+            const std::exception_ptr error = fail_from_thread("the pool's collector failed: ");
+            // Tasks taken from their seat whose result was not delivered when it threw: each is
+            // counted settled here, the delivered ones too (the count is the whole batch's).
             for (Finished& f : finished_)
-                if (f.task.sink) doomed.push_back(std::move(f.task));
+                if (f.task.sink) f.task.sink->abort(f.task.first, f.task.count, error);
+            finish_tasks(finished_.size());
             finished_.clear();
-            try {
-                fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
-                run_posted();
-            } catch (...) {}
+            run_all_posted();
         }
         {
             std::lock_guard lock(mutex_);
@@ -648,10 +665,9 @@ private:
     /// After retire_from_callback(): the teardown terminate() would have done, then this engine
     /// goes (the thread object first lets go of this thread).
     void finish_retired() noexcept {
+        run_all_posted();
+        fail_tasks(retired_doomed_, error_or_ready_made("the pool was destroyed before this task finished"));
         try {
-            run_posted();
-            fail_tasks(retired_doomed_,
-                       std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
             reap_server(Seconds{5});
         } catch (...) {}
         collector_->detach();
@@ -662,7 +678,7 @@ private:
         std::vector<pollfd> fds;
         std::vector<int> seat_of;  // fds index -> seat
         PoolShared& shared = link_.shared();
-        std::vector<Task> stalled;
+        HeldTasks stalled(*this);
         std::string stall_why;
         for (;;) {
             int timeout_ms = -1;
@@ -679,8 +695,8 @@ private:
                 respawn_due_locked(now);
                 if (state_ == State::broken) fail_broken_locked();
                 if (!stall_doomed_.empty()) {  // the watchdog's: failed below, outside the lock
-                    stalled.swap(stall_doomed_);
                     stall_why = stall_reason_;
+                    stalled.tasks.swap(stall_doomed_);
                 }
                 fds.clear();
                 seat_of.clear();
@@ -700,11 +716,11 @@ private:
                 streaming = inflight >= 2;
             }
             if (!broken_doomed_.empty()) {
-                std::vector<Task> doomed = std::move(broken_doomed_);
-                broken_doomed_.clear();
-                fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
+                HeldTasks doomed(*this);
+                doomed.tasks.swap(broken_doomed_);
+                doomed.fail(std::make_exception_ptr(Error(broken_reason_)));
             }
-            if (!stalled.empty()) fail_tasks(stalled, std::make_exception_ptr(TimeoutError(stall_why)));
+            if (!stalled.tasks.empty()) stalled.fail(std::make_exception_ptr(TimeoutError(stall_why)));
             run_posted();
             bool progressed = false;
             for (Seat& s : seats_) progressed |= service_seat(s);
@@ -758,6 +774,8 @@ private:
 
     /// A broken pool fails everything it holds (outside the lock: sinks run callbacks).
     void fail_broken_locked() {
+        // Room first: once taken, the tasks only move (take_all_tasks_locked reserves its own).
+        broken_doomed_.reserve(broken_doomed_.size() + stall_doomed_.size() + backlog_.size() + placed_count_locked());
         std::vector<Task> doomed = take_all_tasks_locked();
         for (Task& t : doomed) broken_doomed_.push_back(std::move(t));
     }
@@ -806,7 +824,7 @@ private:
                     Reader in(result_outcomes(body));
                     hello_locked(s, in);
                 } else if (!s.inflight.empty() && s.inflight.front().id == id) {
-                    finished_.push_back({std::move(s.inflight.front()), body});
+                    finished_.emplace_back(s.inflight.front(), body);  // moved once there is room
                     s.inflight.pop_front();
                     if (s.placed) --s.placed;
                     ++s.tasks_done;
@@ -857,14 +875,14 @@ private:
             try {
                 m = server_.next_report();
             } catch (const Error& e) {
-                std::vector<Task> doomed;
+                HeldTasks doomed(*this);
                 {
                     std::lock_guard lock(mutex_);
                     if (state_ == State::terminated || state_ == State::draining) return false;
                     break_pool_locked(e.what());
-                    doomed = take_all_tasks_locked();
+                    doomed.tasks = take_all_tasks_locked();
                 }
-                fail_tasks(doomed, std::make_exception_ptr(Error(e.what())));
+                doomed.fail(std::make_exception_ptr(Error(e.what())));
                 return false;
             }
             if (!m) return true;
@@ -917,26 +935,28 @@ private:
     /// The server could not fork a worker for `s`: its tasks go back to the others, and the seat
     /// tries again later. Not a worker that died: it does not count towards max_start_failures.
     void spawn_failed(Seat& s, int error) {
-        std::vector<Task> dropped;
+        HeldTasks dropped(*this);
         {
             std::lock_guard lock(mutex_);
-            vacate_locked(s, dropped);
+            vacate_locked(s, dropped.tasks);
             char text[256];
             schedule_respawn_locked(
                 s, std::string("cannot start a worker: fork: ") + ::strerror_r(error, text, sizeof text));
             dispatch_locked();
         }
-        fail_tasks(dropped, cancelled_error());
+        dropped.fail(cancelled_error());
     }
 
     void worker_exited(Seat& s, pid_t pid, int wait_status) {
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
-        std::vector<Task> failed_whole;
-        std::vector<Task> dropped;  // tasks of cancelled calls: settled, not run again
+        // Every task this function takes out of the seat is held where an exception (no memory)
+        // cannot lose it: a lost item is skipped in its task before its failure is delivered, so
+        // its stand-in in `lost` settles the call if that never happens.
+        HeldTasks failed_whole(*this);  // every item failed already: only counted settled
+        HeldTasks dropped(*this);  // tasks of cancelled calls: settled, not run again
+        HeldTasks lost(*this, /*counted=*/false);
         std::exception_ptr lost_error;
-        Task lost_task;
-        bool have_lost = false;
         {
             std::lock_guard lock(mutex_);
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
@@ -977,12 +997,13 @@ private:
                     }
                 }
                 if (lost_error) {
-                    lost_task.sink = t.sink;
-                    lost_task.first = t.first + item;
-                    have_lost = true;
+                    Task& stand_in = lost.tasks.emplace_back();
+                    stand_in.sink = t.sink;
+                    stand_in.first = t.first + item;
+                    stand_in.count = 1;
                     t.skips.insert(std::upper_bound(t.skips.begin(), t.skips.end(), item), item);
                     if (t.skips.size() >= t.count) {
-                        failed_whole.push_back(std::move(t));  // nothing left to run: it is settled
+                        failed_whole.tasks.push_back(std::move(t));  // nothing left to run: it is settled
                         s.inflight.pop_front();
                     } else {
                         set_task_skips(t.frame, t.skips);
@@ -991,7 +1012,7 @@ private:
             }
             if (!s.saw_hello && !s.timed_out && !s.stalled && !s.watchdog_killed) ++start_failures_;
             record_restart_locked(s, wait_status, why);
-            vacate_locked(s, dropped);
+            vacate_locked(s, dropped.tasks);
 
             if (start_failures_ >= max_start_failures) {
                 const int sig = WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
@@ -1004,18 +1025,24 @@ private:
             if (wanted) spawn_locked(s);
         }
         // Moved: this thread keeps no reference once the sink has published the failure.
-        if (have_lost) lost_task.sink->fail(lost_task.first, std::move(lost_error));
-        fail_tasks(dropped, cancelled_error());
-        // failed_whole tasks have had every item failed already; count them done.
-        const std::size_t settled = failed_whole.size();
-        std::vector<Task> doomed;
+        if (!lost.tasks.empty()) {
+            Task& stand_in = lost.tasks.front();
+            try {
+                stand_in.sink->fail(stand_in.first, std::move(lost_error));
+            } catch (...) {
+                stand_in.sink->abort(stand_in.first, 1, thread_failed_);
+            }
+            lost.tasks.clear();
+        }
+        dropped.fail(cancelled_error());
+        HeldTasks doomed(*this);
         {
             std::lock_guard lock(mutex_);
-            if (state_ == State::broken) doomed = take_all_tasks_locked();
+            if (state_ == State::broken) doomed.tasks = take_all_tasks_locked();
             else dispatch_locked();
         }
-        if (!doomed.empty()) fail_tasks(doomed, std::make_exception_ptr(Error(broken_reason_)));
-        finish_tasks(settled);
+        if (!doomed.tasks.empty()) doomed.fail(std::make_exception_ptr(Error(broken_reason_)));
+        failed_whole.release();  // every item failed already (lost, above): counted done
     }
 
     /// Counts a worker's end in its seat's stats: why it ended, and how.
@@ -1245,6 +1272,7 @@ private:
     bool dispatch_owed_ = false;  // a dispatch on another thread threw: the collector does it (mutex_)
 
     struct Finished {
+        Finished(Task& t, std::span<const std::byte> b) noexcept : task(std::move(t)), body(b) {}
         Task task;
         std::span<const std::byte> body;
     };

@@ -49,8 +49,12 @@ inline bool is_skipped(std::span<const std::uint32_t> skips, std::uint32_t i) no
 
 /// Prints a callback's escaped exception: callbacks run on the pool's thread, where nobody
 /// could catch it. The AsyncResult's get() rethrows it too.
-inline void report_callback_exception(const char* which) {
-    std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
+inline void report_callback_exception(const char* which) noexcept {
+    try {
+        std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
+    } catch (...) {
+        std::fprintf(stderr, "mproc: a Pool %s threw (no memory left to say what)\n", which);
+    }
 }
 
 /// What waits for a result without blocking a thread (a coroutine's co_await): a node its owner
@@ -226,6 +230,22 @@ public:
         record_error(index, std::move(error));  // none of it held here once settle() publishes
         settle(1);
     }
+    /// Completes the call now, with `error` unless it already has an error or was cancelled
+    /// (ResultSink::abort): only a copied exception_ptr, no allocation. Callbacks still run.
+    void abort(std::size_t first, std::uint32_t, const std::exception_ptr& error) noexcept override {
+        {
+            std::lock_guard lock(mutex_);
+            if (ready_ || completing_) return;
+            if (!cancelled_ && !error_) {
+                error_ = error;
+                error_index_ = first;
+            }
+            remaining_ = 0;
+            completing_ = true;
+        }
+        done_.notify_all();  // a paced map's feeder waits for settled items (wait_settled)
+        complete();
+    }
 
     // ---- the AsyncResult side ----
     /// Cancels the call unless every item has its outcome: it completes with a CancelledError (on
@@ -300,6 +320,7 @@ private:
     void record_error(std::size_t index, std::exception_ptr error) {
         std::lock_guard lock(mutex_);
         if (cancelled_) return;  // the CancelledError stays
+        if (ready_ || completing_) return;  // aborted (ResultSink::abort): its outcome is settled
         if (!error_ || index < error_index_) {
             error_ = std::move(error);
             error_index_ = index;
@@ -475,13 +496,22 @@ public:
         }
         arrived_.notify_all();
     }
+    /// Every item that has not arrived yet is `error` when the loop comes to it (ResultSink::abort).
+    void abort(std::size_t, std::uint32_t, const std::exception_ptr& error) noexcept override {
+        {
+            std::lock_guard lock(mutex_);
+            if (!aborted_) aborted_ = error;
+        }
+        arrived_.notify_all();
+    }
 
     /// Waits for the next item in the iteration's order (index `next` when ordered).
     Item take(std::size_t next) {
         std::unique_lock lock(mutex_);
         if (std::this_thread::get_id() == collector_ && !has_locked(next))
             throw Error("iterating a Pool's imap inside a Pool callback would deadlock");
-        arrived_.wait(lock, [&] { return has_locked(next); });
+        arrived_.wait(lock, [&] { return has_locked(next) || aborted_; });
+        if (!has_locked(next)) return Item{std::nullopt, aborted_};
         if constexpr (Ordered) {
             auto node = ordered_.extract(next);
             return std::move(node.mapped());
@@ -514,6 +544,7 @@ private:
     std::mutex mutex_;
     std::condition_variable arrived_;
     bool abandoned_ = false;
+    std::exception_ptr aborted_;  // the error of every item still to come (abort)
     std::map<std::size_t, Item> ordered_;
     std::deque<Item> unordered_;
     std::thread::id collector_;

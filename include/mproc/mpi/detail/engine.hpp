@@ -341,8 +341,8 @@ public:
     }
     void finish_terminate(std::vector<Task>& doomed) override {
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
-        run_posted();
-        fail_tasks(doomed, std::make_exception_ptr(Error("the pool was terminated before this task finished")));
+        run_all_posted();
+        fail_tasks(doomed, error_or_ready_made("the pool was terminated before this task finished"));
         idle_.notify_all();
     }
 
@@ -474,16 +474,29 @@ private:
         try {
             open_pool();
             loop();
-        } catch (const std::exception& e) {
-            // MPI itself failed: nothing can reach the workers any more.
-            break_pool(nullptr, fmt::format("mproc::mpi: the pool's MPI thread failed: {}", e.what()));
+        } catch (...) {
+            // MPI itself failed, or memory ran out: every task fails, and the workers are told to
+            // drop this pool's tasks if MPI still reaches them.
+            fail_from_thread("mproc::mpi: the pool's MPI thread failed: ");
+            bool cancel = false;
+            {
+                std::lock_guard lock(mutex_);
+                cancel = !std::exchange(cancelled_, true);
+            }
+            if (cancel) {
+                for (const Seat& s : seats_) {
+                    try {
+                        master_.cancel(s.rank, pool_);
+                    } catch (...) {}
+                }
+            }
         }
         // From here on a cancel settles its call itself; the jobs posted before run here.
         {
             std::lock_guard lock(mutex_);
             thread_closing_ = true;
         }
-        run_posted();
+        run_all_posted();
     }
     bool thread_running_locked() const noexcept override { return !thread_closing_; }
 
@@ -587,6 +600,7 @@ private:
         const std::span<const std::byte> payload = m.payload();
         if (payload.size() < results_stamp_bytes) throw SerializationError("mproc::mpi: a results message too short");
         struct Finished {
+            Finished(Task& t, std::span<const std::byte> b) noexcept : task(std::move(t)), body(b) {}
             Task task;
             std::span<const std::byte> body;
         };
@@ -609,9 +623,9 @@ private:
                                              [id](const Task& t) { return t.id == id; });
                 if (it == seat->inflight.end()) continue;
                 const auto at = it - seat->inflight.begin();
+                finished.emplace_back(*it, *body);  // moved once there is room: nothing below throws
                 seat->bytes -= seat->sizes[static_cast<std::size_t>(at)];
                 seat->sizes.erase(seat->sizes.begin() + at);
-                finished.push_back({std::move(*it), *body});
                 seat->inflight.erase(it);
                 const auto per_task = static_cast<double>(mproc::detail::result_frame::spent_ns::get(*body));
                 avg_task_ns_ = avg_task_ns_ <= 0 ? per_task : 0.9 * avg_task_ns_ + 0.1 * per_task;
@@ -633,7 +647,7 @@ private:
                 reason = e.what();
             }
         }
-        std::vector<Task> doomed;
+        HeldTasks doomed(*this);
         std::vector<int> to_cancel;
         {
             std::lock_guard lock(mutex_);
@@ -643,13 +657,13 @@ private:
             // A lost rank (`error` set) fails the tasks of a draining pool too: join() waits for
             // them, and they can never finish; the state stays draining, so join() then returns.
             if (state_ == State::draining && error) {
-                doomed = take_all_tasks_locked();
+                doomed.tasks = take_all_tasks_locked();
             } else {
                 if (state_ != State::open && state_ != State::closed) return;
                 state_ = State::broken;
                 broken_reason_ = std::move(reason);
                 broken_error_ = error;  // later calls throw what the pending tasks failed with
-                doomed = take_all_tasks_locked();
+                doomed.tasks = take_all_tasks_locked();
             }
             if (!cancelled_)
                 for (const Seat& s : seats_) to_cancel.push_back(s.rank);
@@ -658,7 +672,7 @@ private:
         try {
             for (int rank : to_cancel) master_.cancel(rank, pool_);
         } catch (...) {}
-        fail_tasks(doomed, error ? error : std::make_exception_ptr(Error(broken_reason_)));
+        doomed.fail(error ? error : std::make_exception_ptr(Error(broken_reason_)));
     }
 
     std::vector<Task> take_all_tasks_locked() override {
@@ -675,6 +689,21 @@ private:
         return all;
     }
 
+    bool take_one_task_locked(Task& out) noexcept override {
+        for (Seat& s : seats_) {
+            if (s.inflight.empty()) continue;
+            out = std::move(s.inflight.front());
+            s.inflight.pop_front();
+            s.bytes -= std::min(s.bytes, s.sizes.front());
+            s.sizes.pop_front();
+            return true;
+        }
+        if (backlog_.empty()) return false;
+        out = std::move(backlog_.front());
+        backlog_.pop_front();
+        return true;
+    }
+
     /// One thread at a time (join() and terminate() may race from two threads).
     void stop_thread() {
         std::lock_guard lock(stop_mutex_);
@@ -683,11 +712,8 @@ private:
     }
 
     void finish_retired() noexcept {
-        try {
-            run_posted();
-            fail_tasks(retired_doomed_,
-                       std::make_exception_ptr(Error("the pool was destroyed before this task finished")));
-        } catch (...) {}
+        run_all_posted();
+        fail_tasks(retired_doomed_, error_or_ready_made("the pool was destroyed before this task finished"));
         master_.release(this);
         thread_.detach();
         delete this;
