@@ -115,6 +115,7 @@ public:
 
 private:
     void top_up() {
+        if (state_->aborted()) input_done_ = true;  // the call failed: no more of it starts
         while (!input_done_ && submitted_ - consumed_ < window_) {
             detail::Task task;
             task.sink = state_;

@@ -271,8 +271,8 @@ public:
         std::shared_ptr<ResultSink> keep = sink.shared_from_this();
         auto dropped = std::make_shared<std::vector<Task>>();
         std::function<void()> job = [this, keep, dropped] {
+            fail_tasks(*dropped, cancelled_error());  // first: it never throws
             keep->settle_cancelled();
-            fail_tasks(*dropped, cancelled_error());
         };
         bool posted = false;
         {
@@ -594,14 +594,18 @@ protected:
     /// The engine's thread is ending on an exception it could not handle (called in the handler):
     /// the pool breaks, unless it is ending anyway, and every task it holds fails — with an
     /// mproc::Error saying `context` and the exception, or the ready-made error when there is no
-    /// memory left to say it — one task at a time, allocating nothing it needs. Returns that error.
-    std::exception_ptr fail_from_thread(const char* context) noexcept {
-        std::exception_ptr error = thread_failed_;
+    /// memory left to say it — one task at a time, allocating nothing it needs. Returns that error,
+    /// which the engine keeps: the last reference to it goes with the engine, never on this thread
+    /// after a caller has seen it (see ResultCore::take).
+    const std::exception_ptr& fail_from_thread(const char* context) noexcept {
+        const std::exception_ptr& error = thread_error_;
         std::string why;
         try {
             why = context + describe_current_exception();
-            error = std::make_exception_ptr(Error(why));
-        } catch (...) {}
+            thread_error_ = std::make_exception_ptr(Error(why));
+        } catch (...) {
+            thread_error_ = thread_failed_;
+        }
         {
             std::lock_guard lock(mutex_);
             if (state_ == State::open || state_ == State::closed) {
@@ -669,6 +673,7 @@ protected:
     // fail_from_thread): made with the engine.
     const std::exception_ptr thread_failed_;
     const std::exception_ptr undelivered_;  // a call whose outcome could not be delivered (deliver)
+    std::exception_ptr thread_error_;       // what the engine's thread failed with (fail_from_thread)
 
 private:
     pid_t owner_;

@@ -598,6 +598,11 @@ private:
     }
 
     bool take_one_task_locked(Task& out) noexcept override {
+        if (!broken_doomed_.empty()) {  // the collector's own (this runs on it, in fail_from_thread)
+            out = std::move(broken_doomed_.back());
+            broken_doomed_.pop_back();
+            return true;
+        }
         if (!stall_doomed_.empty()) {
             out = std::move(stall_doomed_.back());
             stall_doomed_.pop_back();
@@ -638,7 +643,7 @@ private:
                 std::lock_guard lock(mutex_);
                 if (server_.pid() != 0) server_.terminate_workers();
             }
-            const std::exception_ptr error = fail_from_thread("the pool's collector failed: ");
+            const std::exception_ptr& error = fail_from_thread("the pool's collector failed: ");
             // Tasks taken from their seat whose result was not delivered when it threw: each is
             // counted settled here, the delivered ones too (the count is the whole batch's).
             for (Finished& f : finished_)
@@ -1239,6 +1244,8 @@ private:
         std::snprintf(seconds, sizeof seconds, "%g", options_.stall_timeout->count());
         stall_reason_ = std::string("the pool made no progress for ") + seconds +
                         " s (stall_timeout): " + (stuck.empty() ? "no worker is running a task" : stuck);
+        // Room first: once taken, the tasks only move (take_all_tasks_locked reserves its own).
+        stall_doomed_.reserve(stall_doomed_.size() + backlog_.size() + placed_count_locked());
         for (Task& t : take_all_tasks_locked()) stall_doomed_.push_back(std::move(t));
         progress_ns_ = now;
         return now;  // the collector fails them straight away

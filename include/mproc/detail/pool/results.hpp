@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -236,7 +237,7 @@ public:
         {
             std::lock_guard lock(mutex_);
             if (ready_ || completing_) return;
-            if (!cancelled_ && !error_) {
+            if (!error_) {  // a cancelled call's is its CancelledError
                 error_ = error;
                 error_index_ = first;
             }
@@ -253,11 +254,12 @@ public:
     /// True when the call is (now or already) cancelled, false when it had finished.
     bool cancel() override {
         {
+            std::exception_ptr cancelled = std::make_exception_ptr(CancelledError("the call was cancelled"));
             std::lock_guard lock(mutex_);
             if (cancelled_) return true;
             if (remaining_ == 0 || ready_ || completing_) return false;
             cancelled_ = true;
-            error_ = std::make_exception_ptr(CancelledError("the call was cancelled"));
+            error_ = std::move(cancelled);
             error_index_ = 0;
         }
         this->stop_tasks();
@@ -483,7 +485,7 @@ public:
         }
         {
             std::lock_guard lock(mutex_);
-            if (abandoned_) return;
+            if (abandoned_ || aborted_) return;
             for (auto& [index, item] : got) put_locked(index, std::move(item));
         }
         arrived_.notify_all();
@@ -491,19 +493,23 @@ public:
     void fail(std::size_t index, std::exception_ptr error) override {
         {
             std::lock_guard lock(mutex_);
-            if (abandoned_) return;
+            if (abandoned_ || aborted_) return;
             put_locked(index, Item{std::nullopt, std::move(error)});
         }
         arrived_.notify_all();
     }
-    /// Every item that has not arrived yet is `error` when the loop comes to it (ResultSink::abort).
+    /// The call has failed (ResultSink::abort): the items that have arrived are still taken in
+    /// turn, every other one is `error`, what arrives from now on is dropped, and the loop starts
+    /// no more tasks (aborted()).
     void abort(std::size_t, std::uint32_t, const std::exception_ptr& error) noexcept override {
         {
             std::lock_guard lock(mutex_);
             if (!aborted_) aborted_ = error;
+            stopped_.store(true, std::memory_order_relaxed);
         }
         arrived_.notify_all();
     }
+    bool aborted() const noexcept { return stopped_.load(std::memory_order_relaxed); }
 
     /// Waits for the next item in the iteration's order (index `next` when ordered).
     Item take(std::size_t next) {
@@ -545,6 +551,7 @@ private:
     std::condition_variable arrived_;
     bool abandoned_ = false;
     std::exception_ptr aborted_;  // the error of every item still to come (abort)
+    std::atomic<bool> stopped_{false};  // aborted_ is set (read without the lock by the loop)
     std::map<std::size_t, Item> ordered_;
     std::deque<Item> unordered_;
     std::thread::id collector_;

@@ -606,6 +606,16 @@ private:
         };
         std::vector<Finished> finished;
         {
+            // What can throw comes first — a torn frame, no memory for the list — so that a task
+            // leaves its seat only for a list with room for it: nothing is lost on the way.
+            std::size_t frames_in_message = 0;
+            for (FrameCursor frames(payload.subspan(results_stamp_bytes)); auto body = frames.next();) {
+                (void)mproc::detail::result_id(*body);
+                ++frames_in_message;
+            }
+            finished.reserve(frames_in_message);
+        }
+        {
             std::lock_guard lock(mutex_);
             if (const std::int64_t echo = stamp_at(payload, 0); echo != 0) {
                 // The round trip: from sending a tasks message to this answer, less the time the
@@ -623,7 +633,7 @@ private:
                                              [id](const Task& t) { return t.id == id; });
                 if (it == seat->inflight.end()) continue;
                 const auto at = it - seat->inflight.begin();
-                finished.emplace_back(*it, *body);  // moved once there is room: nothing below throws
+                finished.emplace_back(*it, *body);  // room reserved: nothing here throws any more
                 seat->bytes -= seat->sizes[static_cast<std::size_t>(at)];
                 seat->sizes.erase(seat->sizes.begin() + at);
                 seat->inflight.erase(it);

@@ -57,6 +57,7 @@ struct RelayQueue {
     std::deque<Buffer> frames;
     std::atomic<std::int64_t> last_done_ns{0};
     std::atomic<std::int64_t> task_ns{0};  // a task's run time, smoothed (the local pool's thread writes)
+    std::atomic<std::uint64_t> aborts{0};  // RelaySink::abort calls: the rank's thread answers for them
     unsigned processes = 1;
 
     void push(Buffer frame) {
@@ -70,8 +71,9 @@ struct RelayQueue {
     /// messages are still looked for at least that often).
     void wait(std::chrono::microseconds most) {
         std::unique_lock lock(mutex);
-        arrived.wait_for(lock, most, [&] { return !frames.empty(); });
+        arrived.wait_for(lock, most, [&] { return !frames.empty() || aborts.load() != aborts_seen; });
     }
+    std::uint64_t aborts_seen = 0;  // the rank's thread's
 };
 
 /// The sink of one task relayed to the local pool: it gathers the task's item outcomes as they
@@ -120,6 +122,26 @@ public:
     /// knows it, and where it ran.
     std::string task_name(std::uint64_t, std::size_t first, std::uint32_t, std::uint32_t item) const override {
         return plain_task_name(id_, first_ + first, count_, item) + " on " + where_;
+    }
+
+    /// The local pool can no longer answer for this task (its thread failed; memory ran out): it
+    /// is left to the rank's thread, which answers for it (answer_aborted) — an answer needs
+    /// memory, and this must need none.
+    void abort(std::size_t, std::uint32_t, const std::exception_ptr& error) noexcept override {
+        if (sent_ || aborted_.load(std::memory_order_relaxed)) return;
+        abort_error_ = error;
+        aborted_.store(true, std::memory_order_release);
+        queue_.aborts.fetch_add(1);
+        { std::lock_guard lock(queue_.mutex); }  // a waiting rank thread is in wait() or sees it
+        queue_.arrived.notify_one();
+    }
+    /// On the rank's thread, after abort(): every item without an outcome fails with the abort's
+    /// error, and the task's result frame goes to rank 0 as any other. True when it was aborted.
+    bool answer_aborted() {
+        if (!aborted_.load(std::memory_order_acquire) || sent_) return false;
+        for (std::size_t i = 0; i < slots_.size(); ++i)
+            if (!slots_[i].set) fail(i, abort_error_);
+        return true;
     }
 
     void fail(std::size_t index, std::exception_ptr error) override {
@@ -200,6 +222,8 @@ private:
     std::vector<Slot> slots_;
     std::uint32_t filled_ = 0;
     bool sent_ = false;
+    std::atomic<bool> aborted_{false};  // abort(): the rank's thread answers (abort_error_ set before)
+    std::exception_ptr abort_error_;
     std::int64_t submitted_ns_;
 };
 
@@ -446,8 +470,7 @@ private:
         if (!calls_.contains(call)) return;
         std::vector<std::shared_ptr<RelaySink>> live;
         for (const auto& [id, t] : relayed_tasks_)
-            if (t.call == call)
-                if (auto sink = t.sink.lock()) live.push_back(std::move(sink));
+            if (t.call == call) live.push_back(t.sink);
         for (const auto& sink : live) sink->mark();
         for (const auto& sink : live) sink->cancel();
     }
@@ -547,6 +570,11 @@ private:
 
     /// Moves the finished result frames of the local pool into the next results message.
     bool collect_relayed() {
+        if (const std::uint64_t aborts = relay_.aborts.load(); aborts != relay_.aborts_seen) {
+            // Tasks the local pool could not answer for: answered here, as failures.
+            relay_.aborts_seen = aborts;
+            for (auto& [id, t] : relayed_tasks_) t.sink->answer_aborted();
+        }
         std::deque<Buffer> frames;
         {
             std::lock_guard lock(relay_.mutex);
@@ -588,7 +616,7 @@ private:
     std::vector<mproc::detail::Task> relaying_;  // relay_tasks' batch for the local pool
     struct RelayedTask {
         std::uint64_t call = 0;  // rank 0's
-        std::weak_ptr<RelaySink> sink;  // for cancel_call
+        std::shared_ptr<RelaySink> sink;  // for cancel_call, and to answer for it if aborted
     };
     std::unordered_map<std::uint64_t, RelayedTask> relayed_tasks_;  // by rank 0's id: in the local pool
     struct RelayedCall {
