@@ -1035,7 +1035,7 @@ private:
             try {
                 stand_in.sink->fail(stand_in.first, std::move(lost_error));
             } catch (...) {
-                stand_in.sink->abort(stand_in.first, 1, thread_failed_);
+                stand_in.sink->abort(stand_in.first, 1, undelivered_);
             }
             lost.tasks.clear();
         }

@@ -253,11 +253,18 @@ public:
     /// the pool's thread, promptly), whatever its tasks still deliver, and the engine stops them.
     /// True when the call is (now or already) cancelled, false when it had finished.
     bool cancel() override {
+        const auto settled = [&] { return remaining_ == 0 || ready_ || completing_; };
         {
-            std::exception_ptr cancelled = std::make_exception_ptr(CancelledError("the call was cancelled"));
             std::lock_guard lock(mutex_);
             if (cancelled_) return true;
-            if (remaining_ == 0 || ready_ || completing_) return false;
+            if (settled()) return false;
+        }
+        // Made before the call is marked: a call marked cancelled always has its error.
+        std::exception_ptr cancelled = std::make_exception_ptr(CancelledError("the call was cancelled"));
+        {
+            std::lock_guard lock(mutex_);
+            if (cancelled_) return true;
+            if (settled()) return false;
             cancelled_ = true;
             error_ = std::move(cancelled);
             error_index_ = 0;

@@ -93,6 +93,7 @@ public:
 
     void deliver(std::size_t first, std::span<const mproc::detail::OutcomeRecord> outcomes,
                  std::span<const std::uint32_t> skips) override {
+        if (aborted_.load(std::memory_order_relaxed)) return;  // the rank's thread answers for it
         if (first == 0 && filled_ == 0 && outcomes.size() == count_ && skips.empty()) {
             send_whole(outcomes);  // the usual case: the whole task at once, straight into the frame
             return;
@@ -104,6 +105,7 @@ public:
         finish_if_done();
     }
     void deliver_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count) override {
+        if (aborted_.load(std::memory_order_relaxed)) return;
         if (first == 0 && count == count_ && filled_ == 0) {
             fill_all_packed(values);
             return;
@@ -126,9 +128,10 @@ public:
 
     /// The local pool can no longer answer for this task (its thread failed; memory ran out): it
     /// is left to the rank's thread, which answers for it (answer_aborted) — an answer needs
-    /// memory, and this must need none.
+    /// memory, and this must need none. From here on the local pool's deliveries are ignored: the
+    /// thread that aborts is the one that delivers, so that is decided without a race.
     void abort(std::size_t, std::uint32_t, const std::exception_ptr& error) noexcept override {
-        if (sent_ || aborted_.load(std::memory_order_relaxed)) return;
+        if (aborted_.load(std::memory_order_relaxed) || queued_) return;
         abort_error_ = error;
         aborted_.store(true, std::memory_order_release);
         queue_.aborts.fetch_add(1);
@@ -138,13 +141,27 @@ public:
     /// On the rank's thread, after abort(): every item without an outcome fails with the abort's
     /// error, and the task's result frame goes to rank 0 as any other. True when it was aborted.
     bool answer_aborted() {
-        if (!aborted_.load(std::memory_order_acquire) || sent_) return false;
+        if (!aborted_.load(std::memory_order_acquire) || queued_) return false;
         for (std::size_t i = 0; i < slots_.size(); ++i)
-            if (!slots_[i].set) fail(i, abort_error_);
+            if (!slots_[i].set) fail_slot(i, abort_error_);
+        finish_if_done();
         return true;
     }
 
     void fail(std::size_t index, std::exception_ptr error) override {
+        if (aborted_.load(std::memory_order_relaxed)) return;
+        fail_slot(index, std::move(error));
+        finish_if_done();
+    }
+
+private:
+    struct Slot {
+        bool set = false;
+        Outcome outcome = Outcome::skipped;
+        std::vector<std::byte> bytes;
+    };
+
+    void fail_slot(std::size_t index, std::exception_ptr error) {
         if (index >= slots_.size()) return;
         RemoteException why;
         try {
@@ -156,40 +173,31 @@ public:
         Writer w(bytes);
         w(why);
         fill(index, Outcome::exception, bytes.bytes());
-        finish_if_done();
     }
-
-private:
-    struct Slot {
-        bool set = false;
-        Outcome outcome = Outcome::skipped;
-        std::vector<std::byte> bytes;
-    };
-
+    /// A slot is filled only once its bytes are: a throw (no memory) leaves it to be filled again.
     void fill(std::size_t i, Outcome outcome, std::span<const std::byte> bytes) {
         Slot& s = slots_[i];
         if (s.set) return;
-        s.set = true;
-        s.outcome = outcome;
         s.bytes.assign(bytes.begin(), bytes.end());
+        s.outcome = outcome;
+        s.set = true;
         ++filled_;
     }
+    // The whole task at once (filled_ stays 0: a send that fails leaves every slot to answer_aborted).
     void fill_all_packed(std::span<const std::byte> values) {
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
         mproc::detail::write_outcome_record(out, Outcome::packed, values);
-        filled_ = count_;
         send(std::move(frame));
     }
     void send_whole(std::span<const mproc::detail::OutcomeRecord> outcomes) {
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
         for (const auto& o : outcomes) mproc::detail::write_outcome_record(out, o.outcome, o.bytes);
-        filled_ = count_;
         send(std::move(frame));
     }
     void finish_if_done() {
-        if (filled_ != count_ || sent_) return;
+        if (filled_ != count_ || queued_) return;
         Buffer frame;
         Writer out = mproc::detail::begin_result_frame(frame, id_);
         for (const Slot& s : slots_) mproc::detail::write_outcome_record(out, s.outcome, s.bytes);
@@ -198,7 +206,6 @@ private:
     /// Queues the frame, with an estimate of the task's own run time: from its submission, or,
     /// while the local workers are all busy, from the last task done before it times their number.
     void send(Buffer frame) {
-        sent_ = true;
         try {
             check_result_fits(frame.size());
         } catch (...) {  // more than one MPI message carries: the task's items fail, as in_rank
@@ -212,6 +219,7 @@ private:
         queue_.task_ns.store(smoothed == 0 ? spent : smoothed - smoothed / 8 + spent / 8, std::memory_order_relaxed);
         mproc::detail::finish_result_frame(frame, spent);
         queue_.push(std::move(frame));
+        queued_ = true;  // only now: a frame that did not reach the queue is answered again
     }
 
     std::uint64_t id_;  // rank 0's
@@ -221,7 +229,7 @@ private:
     RelayQueue& queue_;
     std::vector<Slot> slots_;
     std::uint32_t filled_ = 0;
-    bool sent_ = false;
+    bool queued_ = false;  // the task's result frame is in the queue
     std::atomic<bool> aborted_{false};  // abort(): the rank's thread answers (abort_error_ set before)
     std::exception_ptr abort_error_;
     std::int64_t submitted_ns_;
