@@ -356,7 +356,18 @@ TEST_CASE(
     }
     stop.set();
     for (auto& w : workers) {
-        REQUIRE(w->join(120s));
+        if (!w->join(120s)) {
+            // Where it is stuck, for whoever reads the log: its state, the kernel function it
+            // waits in, and its system call with arguments (a futex's address among them).
+            const auto proc = [&](const char* what) {
+                std::ifstream in("/proc/" + std::to_string(w->pid()) + "/" + what);
+                std::string text;
+                std::getline(in, text);
+                return text;
+            };
+            FAIL("worker " << w->pid() << " still runs 120 s after stop: stat '" << proc("stat") << "', wchan '"
+                           << proc("wchan") << "', syscall '" << proc("syscall") << "'");
+        }
         CHECK(w->exitcode() == 0);
     }
     const double elapsed = seconds_since(start);
