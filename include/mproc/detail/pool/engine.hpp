@@ -431,6 +431,10 @@ protected:
     bool owned_here() const noexcept { return this_process_id() == owner_; }
     /// First thing in an engine's destructor: a cancel from now on finds no engine.
     void detach_link() noexcept;
+    /// Makes the errors the engine settles tasks with when memory may have run out. An engine
+    /// calls it in its constructor, after forking what it forks (a child has no use for them,
+    /// and would leave them behind as it exits), before its thread starts.
+    void make_ready_errors();
 
     /// Moves tasks from the backlog to the seat with the fewest tasks among those `has_room`
     /// accepts, one at a time, calling assign(seat, task) for each, until the backlog is empty or
@@ -670,9 +674,10 @@ protected:
     bool retired_ = false;                      // destroyed inside a callback: the thread finishes the job
     std::vector<Task> retired_doomed_;          // the tasks that teardown fails
     // The error of tasks settled when there may be no memory left to make one (HeldTasks,
-    // fail_from_thread): made with the engine.
-    const std::exception_ptr thread_failed_;
-    const std::exception_ptr undelivered_;  // a call whose outcome could not be delivered (deliver)
+    // fail_from_thread), and of a call whose outcome could not be delivered (deliver): made by
+    // make_ready_errors(), once the engine's processes are forked (they need neither).
+    std::exception_ptr thread_failed_;
+    std::exception_ptr undelivered_;
     std::exception_ptr thread_error_;       // what the engine's thread failed with (fail_from_thread)
 
 private:
@@ -702,12 +707,13 @@ private:
     PoolEngine* engine_;
 };
 
-inline PoolEngine::PoolEngine()
-    : thread_failed_(std::make_exception_ptr(
-          Error("the pool's thread failed with no memory left to say why: the pool is broken"))),
-      undelivered_(std::make_exception_ptr(
-          Error("the pool's thread ran out of memory delivering this call's outcome: the call failed"))),
-      owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
+inline PoolEngine::PoolEngine() : owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
+inline void PoolEngine::make_ready_errors() {
+    thread_failed_ = std::make_exception_ptr(
+        Error("the pool's thread failed with no memory left to say why: the pool is broken"));
+    undelivered_ = std::make_exception_ptr(
+        Error("the pool's thread ran out of memory delivering this call's outcome: the call failed"));
+}
 inline PoolEngine::~PoolEngine() { detach_link(); }
 inline void PoolEngine::detach_link() noexcept {
     if (link_) link_->detach();

@@ -222,6 +222,7 @@ private:
             seats_[i].index = static_cast<int>(i);
             if (!spawn_locked(seats_[i])) throw Error(seats_[i].respawn_error);
         }
+        make_ready_errors();  // the server is forked: it does not carry them
         std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_id_
         collector_ = std::make_unique<std::thread>([this] { collector_main(); });
         collector_id_ = collector_->get_id();

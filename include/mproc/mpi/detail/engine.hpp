@@ -282,6 +282,7 @@ public:
             seat.capacity = spec_.in_rank ? 1 : spec_.processes ? spec_.processes : master_.place_of(seat.rank).cpus;
             capacity_ += seat.capacity;
         }
+        make_ready_errors();
         master_.acquire(this);
         std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
         try {
