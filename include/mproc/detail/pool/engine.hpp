@@ -580,8 +580,7 @@ protected:
         /// Fails every item they carry that has not failed already, and lets them go.
         void fail(const std::exception_ptr& error) noexcept {
             settle_failed(tasks, error);
-            if (counted_) engine_.finish_tasks(tasks.size());
-            tasks.clear();
+            release();
         }
         /// Lets them go, settled already: only counted.
         void release() noexcept {
