@@ -913,23 +913,29 @@ private:
     /// The seat has no worker any more: every task it held goes back to the front of the
     /// backlog, in order — but those of cancelled calls, which go to `dropped`.
     void vacate_locked(Seat& s, std::vector<Task>& dropped) {
-        // Room first, in `dropped` and at the backlog's front (empty tasks, filled below): the
-        // moves cannot throw, so no task is ever only in this function's hands.
-        const auto again = static_cast<std::size_t>(
-            std::count_if(s.inflight.begin(), s.inflight.end(), [](const Task& t) { return !t.sink->cancelled(); }));
-        dropped.reserve(dropped.size() + s.inflight.size() - again);
+        static_assert(std::is_nothrow_move_assignable_v<Task> && std::is_nothrow_move_constructible_v<Task>);
+        // Room first, in `dropped` and at the backlog's front (empty tasks, filled below), for
+        // every task either way: cancel() marks a call from any thread without the engine's lock,
+        // so a task is looked at once, as it moves. The moves cannot throw, so no task is ever
+        // only in this function's hands.
+        const std::size_t n = s.inflight.size();
+        dropped.reserve(dropped.size() + n);
         std::size_t added = 0;
         try {
-            for (; added < again; ++added) backlog_.emplace_front();
+            for (; added < n; ++added) backlog_.emplace_front();
         } catch (...) {
             for (; added > 0; --added) backlog_.pop_front();
             throw;
         }
-        auto slot = backlog_.begin();
-        for (Task& t : s.inflight) {
-            if (t.sink->cancelled()) dropped.push_back(std::move(t));
-            else *slot++ = std::move(t);
+        // Filled from the back, in order: the slots left empty are the first ones, dropped here.
+        const std::size_t dropped_before = dropped.size();
+        std::size_t empty = n;
+        for (auto t = s.inflight.rbegin(); t != s.inflight.rend(); ++t) {
+            if (t->sink->cancelled()) dropped.push_back(std::move(*t));
+            else backlog_[--empty] = std::move(*t);
         }
+        std::reverse(dropped.begin() + static_cast<std::ptrdiff_t>(dropped_before), dropped.end());
+        for (; empty > 0; --empty) backlog_.pop_front();
         s.inflight.clear();
         s.placed = 0;
         s.queued_ns = 0;
