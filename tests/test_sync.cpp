@@ -12,11 +12,15 @@
 #include <chrono>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <thread>
 #include <tuple>
@@ -112,6 +116,58 @@ TEST_CASE("Lock: a holder killed by SIGKILL does not block the others") {
     CHECK(lock.acquire(10s));
     CHECK_FALSE(lock.owner_died());
     lock.release();
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A robust lock's waiter whose wake-up was lost (its waker died first) still gets the lock") {
+    // The state a lost wake-up leaves, made on purpose: the holder frees the futex word without
+    // waking the one asleep on it — as when the waiter it woke is killed before retaking the lock,
+    // or the holder between its unlock and its wake. (glibc keeps that word in __data.__lock; a
+    // RobustMutex is a pthread_mutex_t and nothing else.)
+    static_assert(sizeof(mproc::detail::RobustMutex) == sizeof(pthread_mutex_t));
+    void* memory = ::mmap(nullptr, sizeof(mproc::detail::RobustMutex), PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(memory != MAP_FAILED);
+    auto* mutex = new (memory) mproc::detail::RobustMutex;
+    mutex->init();
+    mproc::Event held;
+    mproc::Event go;
+    mproc::Process holder([&] {
+        if (!mproc::detail::holds(mutex->lock())) std::_Exit(2);
+        held.set();
+        if (!go.wait(120s)) std::_Exit(3);
+        auto* raw = reinterpret_cast<pthread_mutex_t*>(mutex);
+        __atomic_store_n(&raw->__data.__lock, 0, __ATOMIC_RELEASE);  // free, and no wake
+        std::_Exit(0);  // its robust list names the mutex, but the word no longer names it
+    });
+    holder.start();
+    REQUIRE(held.wait(60s));
+    mproc::Process waiter([&] {
+        if (!mproc::detail::holds(mutex->lock())) std::_Exit(2);
+        std::_Exit(mutex->unlock() ? 0 : 4);
+    });
+    waiter.start();
+    // The waiter is asleep on the futex word (the first field of the mutex) when its syscall is
+    // futex (202) on that address.
+    char wanted[64];
+    std::snprintf(wanted, sizeof wanted, "202 0x%lx ",
+                  static_cast<unsigned long>(reinterpret_cast<std::uintptr_t>(memory)));
+    REQUIRE(eventually(
+        [&] {
+            std::ifstream syscall("/proc/" + std::to_string(waiter.pid()) + "/syscall");
+            std::string line;
+            std::getline(syscall, line);
+            return line.rfind(wanted, 0) == 0;
+        },
+        60s));
+    go.set();
+    REQUIRE(holder.join(60s));
+    CHECK(holder.exitcode() == 0);
+    const bool joined = waiter.join(60s);  // a lost wake-up costs at most recheck_interval()
+    if (!joined) waiter.kill();
+    REQUIRE(joined);
+    CHECK(waiter.exitcode() == 0);
+    ::munmap(memory, sizeof(mproc::detail::RobustMutex));
     CHECK(child_count() == 0);
 }
 

@@ -11,10 +11,16 @@
 // hanging, and unlocking from a thread that does not hold it fails. A recursive kind exists for
 // RLock.
 //
+// A wake-up can be lost: the unlocker wakes one sleeper, and when that one is killed before it
+// retakes the mutex the wake dies with it (the futex word reads "free", the other sleepers sleep
+// on). No waiter sleeps unbounded for that reason: a blocked lock() sleeps at most
+// recheck_interval() (futex.hpp) at a time, then looks again.
+//
 // ThreadSanitizer does not intercept pthread_mutex_clocklock, so the timed lock tells it about
 // the acquisition through its annotation interface (compiled in only under TSan).
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <ctime>
 #include <pthread.h>
@@ -22,6 +28,7 @@
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
 #include "../os/sanitizer.hpp"
+#include "futex.hpp"
 
 #ifdef MPROC_TSAN
 #include <sanitizer/tsan_interface.h>
@@ -63,12 +70,40 @@ public:
     }
 
     /// Blocks until the caller holds the mutex.
-    LockResult lock() { return interpret(pthread_mutex_lock(&mutex_), "lock"); }
+    LockResult lock() {
+        const int rc = pthread_mutex_trylock(&mutex_);
+        if (rc != EBUSY) return interpret(rc, "lock");
+        for (;;)
+            if (const LockResult r = lock_by(Clock::now() + recheck_interval()); r != LockResult::timed_out) return r;
+    }
 
     /// Blocks until the caller holds the mutex or `deadline` passes (nullopt: forever).
     LockResult lock_until(const Deadline& deadline) {
         if (!deadline) return lock();
-        const auto since_epoch = deadline->time_since_epoch();
+        for (;;) {
+            const Clock::time_point now = Clock::now();
+            const Clock::time_point slice = now + recheck_interval();
+            const LockResult r = lock_by(std::min(*deadline, slice));
+            if (r != LockResult::timed_out || *deadline <= slice) return r;
+        }
+    }
+
+    /// Takes the mutex only if no one holds it (a dead holder counts as no one).
+    LockResult try_lock() {
+        const int rc = pthread_mutex_trylock(&mutex_);
+        return interpret(rc == EBUSY ? ETIMEDOUT : rc, "try_lock");
+    }
+
+    /// After LockResult::owner_died: the state it guards is repaired.
+    void mark_consistent() noexcept { pthread_mutex_consistent(&mutex_); }
+
+    /// Returns false, changing nothing, if the calling thread does not hold the mutex.
+    bool unlock() noexcept { return pthread_mutex_unlock(&mutex_) == 0; }
+
+private:
+    /// One timed attempt: until `until` passes.
+    LockResult lock_by(Clock::time_point until) {
+        const auto since_epoch = until.time_since_epoch();
         const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
         timespec abs{};
         abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
@@ -89,19 +124,6 @@ public:
         return interpret(rc, "timed lock");
     }
 
-    /// Takes the mutex only if no one holds it (a dead holder counts as no one).
-    LockResult try_lock() {
-        const int rc = pthread_mutex_trylock(&mutex_);
-        return interpret(rc == EBUSY ? ETIMEDOUT : rc, "try_lock");
-    }
-
-    /// After LockResult::owner_died: the state it guards is repaired.
-    void mark_consistent() noexcept { pthread_mutex_consistent(&mutex_); }
-
-    /// Returns false, changing nothing, if the calling thread does not hold the mutex.
-    bool unlock() noexcept { return pthread_mutex_unlock(&mutex_) == 0; }
-
-private:
     static LockResult interpret(int rc, const char* what) {
         switch (rc) {
             case 0: return LockResult::acquired;
