@@ -115,8 +115,11 @@ public:
 
 private:
     void top_up() {
-        if (state_->aborted()) input_done_ = true;  // the call failed: no more of it starts
         while (!input_done_ && submitted_ - consumed_ < window_) {
+            if (state_->aborted()) {  // the call failed (on the pool's thread, at any time): no more of it starts
+                input_done_ = true;
+                break;
+            }
             detail::Task task;
             task.sink = state_;
             task.first = submitted_;

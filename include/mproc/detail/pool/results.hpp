@@ -268,6 +268,9 @@ public:
             cancelled_ = true;
             error_ = std::move(cancelled);
             error_index_ = 0;
+            // Before any outcome can complete the call with that error: whoever sees it sees
+            // cancelled() too.
+            this->mark_cancelled();
         }
         this->stop_tasks();
         return true;
