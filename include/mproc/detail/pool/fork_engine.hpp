@@ -33,11 +33,13 @@
 #include <optional>
 #include <poll.h>
 #include <pthread.h>
+#include <ranges>
 #include <string>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <thread>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
@@ -930,9 +932,9 @@ private:
         // Filled from the back, in order: the slots left empty are the first ones, dropped here.
         const std::size_t dropped_before = dropped.size();
         std::size_t empty = n;
-        for (auto t = s.inflight.rbegin(); t != s.inflight.rend(); ++t) {
-            if (t->sink->cancelled()) dropped.push_back(std::move(*t));
-            else backlog_[--empty] = std::move(*t);
+        for (Task& t : std::views::reverse(s.inflight)) {
+            if (t.sink->cancelled()) dropped.push_back(std::move(t));
+            else backlog_[--empty] = std::move(t);
         }
         std::reverse(dropped.begin() + static_cast<std::ptrdiff_t>(dropped_before), dropped.end());
         for (; empty > 0; --empty) backlog_.pop_front();
