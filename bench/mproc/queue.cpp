@@ -2,6 +2,7 @@
 //
 //   bench_mproc_queue tput  --size 64 --n 200000      1 producer process -> 1 consumer (this process): msgs/s, MB/s
 //   bench_mproc_queue sweep --sizes 64,...,4194304 --bytes 67108864    tput at each size
+//   bench_mproc_queue shm   --size 67108864 --n 16 --blocks 3   the same by SharedMemory handles: MB/s
 //   bench_mproc_queue mpmc  --size 64 --n 400000      4 producer -> 4 consumer processes: msgs/s
 //   bench_mproc_queue idle  --ms 1000                 CPU of a consumer blocked on an empty Queue: %
 //
@@ -9,12 +10,14 @@
 // number), as the Python twin builds a bytes object; the consumer checks every one. The producer
 // puts n + 1 messages; the clock starts when the first arrives, so process start-up is not timed.
 #include <cstddef>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <mproc/mproc.hpp>
 #include <mproc/queue.hpp>
+#include <mproc/shared_memory.hpp>
 
 #include "../common/bench.hpp"
 
@@ -47,6 +50,56 @@ void tput(const std::string& op, std::size_t size, long long n) {
         .set("n", static_cast<double>(n))
         .set("seconds", s)
         .set("msgs_per_s", static_cast<double>(n) / s)
+        .print();
+}
+
+/// Items of `size` bytes by SharedMemory handle: `blocks` blocks go round between a producer
+/// process and this one. The producer writes each free block whole (a memcpy from its own buffer,
+/// as the memcpy limit does) with its sequence number at both ends, and puts the handle on `full`;
+/// this process checks both stamps in place and hands the block back on `spare`. The blocks are
+/// touched before the clock starts, as the limit's memory is.
+void shm(std::size_t size, long long n, int blocks) {
+    if (size < 16) bench::die("shm: --size must be 16 bytes or more");
+    std::vector<mproc::SharedMemory> all;
+    mproc::Queue<mproc::SharedMemory> full;
+    mproc::Queue<mproc::SharedMemory> spare;
+    for (int i = 0; i < blocks; ++i) {
+        all.emplace_back(size);
+        std::memset(all.back().data(), 0, size);
+        spare.put(all.back());
+    }
+    mproc::Process producer([full, spare, size, n]() mutable {
+        std::vector<char> source(size, 'x');
+        for (long long i = 0; i <= n; ++i) {
+            const auto seq = static_cast<std::uint64_t>(i);
+            bench::stamp(source.data(), size, seq);
+            std::memcpy(source.data() + size - sizeof seq, &seq, sizeof seq);
+            mproc::SharedMemory block = spare.get();
+            std::memcpy(block.data(), source.data(), size);
+            full.put(block);
+        }
+    });
+    producer.start();
+    spare.put(full.get());
+    const std::int64_t t0 = bench::now_ns();
+    for (long long i = 1; i <= n; ++i) {
+        mproc::SharedMemory block = full.get();
+        const auto seq = static_cast<std::uint64_t>(i);
+        const auto* bytes = reinterpret_cast<const char*>(block.data());
+        if (block.size() != size || !bench::stamp_matches(bytes, size, seq) ||
+            std::memcmp(bytes + size - sizeof seq, &seq, sizeof seq) != 0)
+            bench::die("wrong result: block " + std::to_string(i) + " of " + std::to_string(size) + " B");
+        spare.put(block);
+    }
+    const double s = bench::seconds_since(t0);
+    producer.join();
+    bench::check(producer.exitcode() == 0, "producer exit code");
+    const double bytes = static_cast<double>(size) * static_cast<double>(n);
+    bench::Record("queue_shm", "mproc", bytes / s / 1e6, "MB/s")
+        .set("size", static_cast<double>(size))
+        .set("n", static_cast<double>(n))
+        .set("blocks", static_cast<double>(blocks))
+        .set("seconds", s)
         .print();
 }
 
@@ -138,7 +191,10 @@ int main(int argc, char** argv) {
             const long long budget = args.num("bytes", 64LL << 20);
             for (long long size : args.sizes("sizes", {64, 1024, 4096, 65536, 1 << 20, 4 << 20}))
                 tput("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
-        } else if (op == "mpmc") mpmc(args);
+        } else if (op == "shm")
+            shm(static_cast<std::size_t>(args.num("size", 64 << 20)), args.num("n", 16),
+                static_cast<int>(args.num("blocks", 3)));
+        else if (op == "mpmc") mpmc(args);
         else if (op == "idle") idle(args);
         else bench::die("unknown operation " + op);
     } catch (const std::exception& e) {

@@ -13,6 +13,7 @@
 #include "serialize.hpp"
 #include "shared_dict.hpp"
 #include "shared_list.hpp"
+#include "shared_memory.hpp"
 #include "sync.hpp"
 #include "time.hpp"
 #include "version.hpp"

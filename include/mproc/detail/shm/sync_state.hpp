@@ -1,7 +1,8 @@
 // mproc — what the synchronisation primitives and shared values keep in shared memory.
 //
-// One struct per object of sync.hpp, each starting with the ObjectHeader every shared object has
-// (its magic below and its type hash, checked when a handle is decoded). Semaphore and Event keep
+// One struct per object of sync.hpp (and SharedMemory's header), each starting with the
+// ObjectHeader every shared object has (its magic below and its type hash, checked when a handle
+// is decoded). Semaphore and Event keep
 // their whole state in single atomic words, so a process dying in the middle of one of their
 // operations cannot leave them half-updated. Condition and Barrier give each waiting thread a
 // WaiterSlot whose robust mutex it holds while it waits, so the others can tell when it died
@@ -29,6 +30,7 @@ inline constexpr std::uint32_t array_magic = 0x6d415252u;      // "mARR"
 inline constexpr std::uint32_t condition_magic = 0x6d434e44u;  // "mCND"
 inline constexpr std::uint32_t raw_value_magic = 0x6d52564cu;  // "mRVL"
 inline constexpr std::uint32_t raw_array_magic = 0x6d524152u;  // "mRAR"
+inline constexpr std::uint32_t shared_memory_magic = 0x6d53484du;  // "mSHM"
 
 /// A Lock or RLock in shared memory.
 struct LockState {
@@ -136,6 +138,14 @@ struct RawArrayHeader {
     ObjectHeader header;
     std::uint64_t size;
     std::uint64_t data_offset;  // from the header's start
+};
+
+/// A SharedMemory block: its bytes start data_offset past this header's start (64, or a page for a
+/// block with a segment of its own).
+struct SharedMemoryHeader {
+    ObjectHeader header;
+    std::uint64_t size;
+    std::uint64_t data_offset;
 };
 
 }  // namespace mproc::detail

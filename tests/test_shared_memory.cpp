@@ -1,0 +1,194 @@
+// SharedMemory: a block of bytes whose handle crosses processes — by fork, a Queue, a Pipe and a
+// Pool task — while its bytes stay where they are; its size and alignment; its lifetime (the last
+// handle, or a Queue holding one, keeps it); and handles that are empty, corrupt or of another kind.
+#include <catch2/catch.hpp>
+#include <mproc/pipe.hpp>
+#include <mproc/pool.hpp>
+#include <mproc/process.hpp>
+#include <mproc/queue.hpp>
+#include <mproc/shared_memory.hpp>
+#include <mproc/sync.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "shm_support.hpp"
+#include "support.hpp"
+
+using namespace std::chrono_literals;
+using mproc_test::child_count;
+
+namespace {
+
+std::size_t blocks_mapped() { return mproc_test::memfd_mappings(::getpid(), "mproc-memory").size(); }
+
+/// A Pool task: adds `by` to every long in the block; returns their sum after.
+long add_to_block(mproc::SharedMemory block, long by) {
+    long sum = 0;
+    for (long& x : block.as<long>()) sum += (x += by);
+    return sum;
+}
+
+}  // namespace
+
+TEST_CASE("SharedMemory: a zero-filled block of the size asked, aligned, shared by its copies") {
+    mproc::SharedMemory small(100);
+    CHECK(small.size() == 100);
+    CHECK(small.buf().size() == 100);
+    CHECK(reinterpret_cast<std::uintptr_t>(small.data()) % 64 == 0);
+    for (std::byte b : small.buf()) CHECK(b == std::byte{0});
+
+    mproc::SharedMemory big(std::size_t{3} << 20);  // past 16 KiB: a segment of its own
+    CHECK(big.size() == std::size_t{3} << 20);
+    CHECK(reinterpret_cast<std::uintptr_t>(big.data()) % 4096 == 0);
+    CHECK(big.buf()[(std::size_t{3} << 20) - 1] == std::byte{0});
+    CHECK(big.as<double>().size() == (std::size_t{3} << 20) / sizeof(double));
+    CHECK(mproc::SharedMemory(10).as<long>().size() == 1);  // whole values only
+
+    mproc::SharedMemory copy = big;  // a second handle, not a second block
+    copy.buf()[7] = std::byte{42};
+    CHECK(big.buf()[7] == std::byte{42});
+    CHECK(copy == big);
+    CHECK_FALSE(copy == small);
+
+    mproc::SharedMemory moved = std::move(copy);
+    CHECK(copy.empty());  // NOLINT(bugprone-use-after-move): a moved-from handle is empty
+    CHECK(moved.buf()[7] == std::byte{42});
+    moved.close();
+    CHECK(moved.empty());
+    CHECK(moved.size() == 0);
+    CHECK(moved.buf().empty());
+    CHECK(big.buf()[7] == std::byte{42});  // the other handle keeps the block
+
+    mproc::SharedMemory none;
+    CHECK_FALSE(none);
+    CHECK(none.data() == nullptr);
+    CHECK_THROWS_AS(mproc::SharedMemory(0), mproc::Error);
+    CHECK_THROWS_AS(mproc::SharedMemory(std::size_t{1} << 41), mproc::Error);
+}
+
+TEST_CASE("SharedMemory: what a child writes the parent reads, and the other way round") {
+    mproc::SharedMemory block(std::size_t{1} << 20);
+    auto values = block.as<std::uint32_t>();
+    std::iota(values.begin(), values.end(), 0u);
+    mproc::Process child([block] {
+        auto xs = block.as<std::uint32_t>();
+        for (std::size_t i = 0; i < xs.size(); ++i)
+            if (xs[i] != i) std::_Exit(2);
+        for (auto& x : xs) x *= 2;
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    bool doubled = true;
+    for (std::size_t i = 0; i < values.size(); ++i) doubled = doubled && values[i] == 2 * i;
+    CHECK(doubled);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("SharedMemory: handles cross a Queue both ways; the bytes never go through it") {
+    // 64 MiB blocks through a queue of 64 KiB: only their handles fit.
+    std::vector<mproc::SharedMemory> blocks;
+    for (int i = 0; i < 3; ++i) blocks.emplace_back(std::size_t{64} << 20);
+    mproc::Queue<mproc::SharedMemory> full({.buffer_bytes = 64 << 10});
+    mproc::Queue<mproc::SharedMemory> done({.buffer_bytes = 64 << 10});
+    mproc::Process consumer([full, done]() mutable {
+        for (;;) {
+            mproc::SharedMemory block = full.get();
+            if (block.empty()) return;
+            auto words = block.as<std::uint64_t>();
+            const std::uint64_t round = words[0];
+            if (words[words.size() - 1] != round) std::_Exit(2);
+            words[1] = round + 1000;  // the answer, in the block itself
+            done.put(block);
+        }
+    });
+    consumer.start();
+    for (std::uint64_t round = 0; round < 12; ++round) {
+        mproc::SharedMemory block = blocks[round % blocks.size()];
+        auto words = block.as<std::uint64_t>();
+        words[0] = round;
+        words[words.size() - 1] = round;
+        full.put(block);
+        mproc::SharedMemory back = done.get(60s);
+        CHECK(back == block);
+        CHECK(back.as<std::uint64_t>()[1] == round + 1000);
+    }
+    full.put(mproc::SharedMemory());  // an empty handle crosses too: the consumer's signal to stop
+    REQUIRE(consumer.join(60s));
+    CHECK(consumer.exitcode() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("SharedMemory: a handle crosses a Pipe") {
+    mproc::SharedMemory block(4096);
+    auto [ours, theirs] = mproc::Pipe<mproc::SharedMemory>();
+    mproc::Process child([&] {
+        auto got = theirs.recv();
+        if (got.size() != 4096) std::_Exit(2);
+        got.buf()[100] = std::byte{7};
+        theirs.send(got);
+    });
+    child.start();
+    ours.send(block);
+    mproc::SharedMemory back = ours.recv();
+    CHECK(back == block);
+    CHECK(block.buf()[100] == std::byte{7});
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+}
+
+TEST_CASE("SharedMemory: a Pool task argument made before the Pool is the same block in the worker") {
+    mproc::SharedMemory block(std::size_t{1} << 20);
+    const std::size_t n = block.as<long>().size();
+    mproc::Pool pool(2);
+    CHECK(pool.apply(add_to_block, block, 1L) == static_cast<long>(n));
+    CHECK(pool.apply(add_to_block, block, 2L) == static_cast<long>(3 * n));
+    CHECK(block.as<long>()[n - 1] == 3);
+    // One made after the Pool is beyond its workers' reach: a clear error, the pool goes on.
+    mproc::SharedMemory late(std::size_t{1} << 20);
+    CHECK_THROWS_WITH(pool.apply(add_to_block, late, 1L), Catch::Contains("created after this process was forked"));
+    CHECK(pool.apply(add_to_block, block, 0L) == static_cast<long>(3 * n));
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("SharedMemory: the block goes with its last handle, and a Queue holding one keeps it") {
+    const std::size_t before = blocks_mapped();
+    mproc::Queue<mproc::SharedMemory> q;
+    {
+        mproc::SharedMemory block(std::size_t{1} << 20);
+        block.buf()[5] = std::byte{9};
+        CHECK(blocks_mapped() == before + 1);
+        q.put(block);
+    }
+    CHECK(blocks_mapped() == before + 1);  // only the queue holds it now
+    mproc::SharedMemory got = q.get();
+    CHECK(got.buf()[5] == std::byte{9});
+    got.close();
+    CHECK(blocks_mapped() == before);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+}
+
+TEST_CASE("SharedMemory: a handle of another kind, an empty one and a corrupt one are clear errors") {
+    mproc::RawArray<std::byte> array(std::size_t{1} << 20);
+    std::vector<std::byte> other{std::byte{1}};  // "a block", then the array's handle
+    for (std::byte b : mproc::to_bytes(array)) other.push_back(b);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(other), mproc::SerializationError);
+    CHECK(mproc::from_bytes<mproc::SharedMemory>(mproc::to_bytes(mproc::SharedMemory())).empty());
+
+    mproc::SharedMemory block(64);
+    std::vector<std::byte> bytes = mproc::to_bytes(block);
+    CHECK(mproc::from_bytes<mproc::SharedMemory>(bytes) == block);
+    bytes.back() = std::byte{0x7f};  // an offset far past the end of its segment
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
+    bytes.front() = std::byte{2};  // neither "empty" nor "a block"
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
+    bytes.resize(bytes.size() - 1);
+    CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
+}
