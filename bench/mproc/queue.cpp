@@ -2,7 +2,7 @@
 //
 //   bench_mproc_queue tput  --size 64 --n 200000      1 producer process -> 1 consumer (this process): msgs/s, MB/s
 //   bench_mproc_queue sweep --sizes 64,...,4194304 --bytes 67108864    tput at each size
-//   bench_mproc_queue shm   --size 67108864 --n 16 --blocks 3   the same by SharedMemory handles: MB/s
+//   bench_mproc_queue shm   --size 67108864 --n 16 --blocks 16  the same by SharedMemory handles: MB/s
 //   bench_mproc_queue mpmc  --size 64 --n 400000      4 producer -> 4 consumer processes: msgs/s
 //   bench_mproc_queue idle  --ms 1000                 CPU of a consumer blocked on an empty Queue: %
 //
@@ -56,10 +56,13 @@ void tput(const std::string& op, std::size_t size, long long n) {
 /// Items of `size` bytes by SharedMemory handle: `blocks` blocks go round between a producer
 /// process and this one. The producer writes each free block whole (a memcpy from its own buffer,
 /// as the memcpy limit does) with its sequence number at both ends, and puts the handle on `full`;
-/// this process checks both stamps in place and hands the block back on `spare`. The blocks are
-/// touched before the clock starts, as the limit's memory is.
+/// this process checks both stamps in place and hands the block back on `spare`. The first
+/// `blocks` items go untimed, so that each block has been written and read once before the clock
+/// starts (the limit's memory is touched first too), and as many blocks as the limit's slots (16)
+/// make the copies reach memory rather than the cache.
 void shm(std::size_t size, long long n, int blocks) {
     if (size < 16) bench::die("shm: --size must be 16 bytes or more");
+    if (n < 1 || blocks < 1) bench::die("shm: --n and --blocks must be 1 or more");
     std::vector<mproc::SharedMemory> all;
     mproc::Queue<mproc::SharedMemory> full;
     mproc::Queue<mproc::SharedMemory> spare;
@@ -68,9 +71,10 @@ void shm(std::size_t size, long long n, int blocks) {
         std::memset(all.back().data(), 0, size);
         spare.put(all.back());
     }
-    mproc::Process producer([full, spare, size, n]() mutable {
+    const long long warm = blocks;
+    mproc::Process producer([full, spare, size, n, warm]() mutable {
         std::vector<char> source(size, 'x');
-        for (long long i = 0; i <= n; ++i) {
+        for (long long i = 0; i < warm + n; ++i) {
             const auto seq = static_cast<std::uint64_t>(i);
             bench::stamp(source.data(), size, seq);
             std::memcpy(source.data() + size - sizeof seq, &seq, sizeof seq);
@@ -80,9 +84,9 @@ void shm(std::size_t size, long long n, int blocks) {
         }
     });
     producer.start();
-    spare.put(full.get());
+    for (long long i = 0; i < warm; ++i) spare.put(full.get());
     const std::int64_t t0 = bench::now_ns();
-    for (long long i = 1; i <= n; ++i) {
+    for (long long i = warm; i < warm + n; ++i) {
         mproc::SharedMemory block = full.get();
         const auto seq = static_cast<std::uint64_t>(i);
         const auto* bytes = reinterpret_cast<const char*>(block.data());
@@ -193,7 +197,7 @@ int main(int argc, char** argv) {
                 tput("queue_sweep", static_cast<std::size_t>(size), bench::count_for(size, budget, 16, 100'000));
         } else if (op == "shm")
             shm(static_cast<std::size_t>(args.num("size", 64 << 20)), args.num("n", 16),
-                static_cast<int>(args.num("blocks", 3)));
+                static_cast<int>(args.num("blocks", 16)));
         else if (op == "mpmc") mpmc(args);
         else if (op == "idle") idle(args);
         else bench::die("unknown operation " + op);

@@ -10,11 +10,13 @@
 //
 // A handle, like RawArray: copies (and the copies a fork makes) refer to one block, which lives
 // while any handle in any process does, or a Queue, SharedDict or SharedList holds one. A block
-// travels in a Queue, a Pipe, a Process target or as a Pool task argument by its 16-byte handle:
+// travels in a Queue, a Pipe, a Process target or as a Pool task argument by its 17-byte handle:
 // moving 1 GiB costs what moving an int does. Python's name (attaching to a block by name) and
 // unlink() have no twin: the block has no name anywhere, and the kernel frees it with its last
 // mapping, however its processes end (see docs/shared-memory.md). As every shared object, a block
-// reaches only processes forked after it was made: create it before the Pool that uses it.
+// reaches only processes forked after it was made: create it before the Pool that uses it (one
+// made after fails the tasks it is passed to with an mproc::Error — unless it is small enough to
+// share a chunk the workers already map, which no program should count on).
 //
 // Writers and readers synchronise themselves (a Lock, an Event, or the Queue that carries the
 // handle: a put happens before the get that returns it).
@@ -43,12 +45,16 @@ public:
 
     /// A new block of `size` bytes, zero-filled. A block of more than 16 KiB has a segment of its
     /// own and starts on a page boundary; smaller ones share a chunk and start on a 64-byte line.
+    /// (A segment's header takes its first page; a chunk's block, the 64 bytes before it.)
     /// Throws mproc::Error for 0 bytes (as Python does) or more than 1 TiB.
     explicit SharedMemory(std::size_t size) {
         if (size == 0) throw Error("mproc::SharedMemory: the size must be positive");
         if (size > max_size) throw Error("mproc::SharedMemory: " + std::to_string(size) + " bytes is more than 1 TiB");
-        const std::size_t offset = size > detail::small_object_limit ? page : line;
-        ref_ = detail::SharedRef::allocate(offset + size, line, "mproc-memory");
+        const bool own_segment = size > detail::small_object_limit;
+        const std::size_t offset = own_segment ? detail::page_size() : line;
+        // A block with a segment of its own is at the segment's start: its bytes, one page in.
+        ref_ = own_segment ? detail::SharedRef::dedicated(offset + size, "mproc-memory")
+                           : detail::SharedRef::allocate(offset + size, line, "mproc-memory");
         Header* h = ref_.as<Header>();
         h->header = {detail::shared_memory_magic, 0, detail::type_hash<SharedMemory>()};
         h->size = size;
@@ -101,27 +107,30 @@ public:
             ar(present);
             if (present) ref_.encode(ar);
         } else {
+            close();
             std::uint8_t present = 0;
             ar(present);
-            close();
             if (present > 1) throw SerializationError("mproc: corrupt SharedMemory handle");
             if (!present) return;
             ref_.decode(ar, detail::shared_memory_magic, detail::type_hash<SharedMemory>(), sizeof(Header),
                         "SharedMemory");
+            // Read once: another process could change the header between a check and its use.
             const Header* h = ref_.as<Header>();
+            const std::uint64_t size = h->size;
+            const std::uint64_t offset = h->data_offset;
             const std::size_t room = ref_.segment()->size() - ref_.offset();
-            if ((h->data_offset != line && h->data_offset != page) || room < h->data_offset ||
-                h->size > room - h->data_offset || h->size == 0) {
+            if ((offset != line && offset != detail::page_size()) || room < offset || size > room - offset ||
+                size == 0) {
                 close();
                 throw SerializationError("mproc: corrupt SharedMemory handle: its size does not fit its memory");
             }
-            bind();
+            data_ = ref_.address() + offset;
+            size_ = static_cast<std::size_t>(size);
         }
     }
 
 private:
     static constexpr std::size_t line = 64;
-    static constexpr std::size_t page = 4096;
     static constexpr std::size_t max_size = std::size_t{1} << 40;
 
     void bind() {
