@@ -210,7 +210,13 @@ public:
         const std::uint64_t mask = capacity() - 1;
         DictSlot* s = slots();
         std::uint64_t i = h & mask;
-        while (s[i].entry != slot_empty && s[i].entry != slot_erased) i = (i + 1) & mask;
+        // reserve_one() left a free slot; a table whose counts lie (memory scribbled on) has none,
+        // and the walk ends after one lap rather than spin.
+        for (std::uint64_t probes = 0; s[i].entry != slot_empty && s[i].entry != slot_erased; i = (i + 1) & mask)
+            if (++probes == capacity()) {
+                arena_.free(fresh);
+                throw Error("mproc::SharedDict: its table is corrupt (no free slot where its counts promise one)");
+            }
         if (s[i].entry == slot_erased) --h_->erased;
         if (!ids.empty()) {
             counts.begin();
