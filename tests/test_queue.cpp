@@ -629,12 +629,14 @@ TEST_CASE("A Queue passed to Pool tasks is the same queue, both ways") {
     CHECK(child_count() == 0);
 }
 
-TEST_CASE("A Queue created after the Pool: the task fails with an mproc::Error saying to create it before the Pool") {
+TEST_CASE("A Queue created after the Pool reaches its workers: the pool sends them its memory") {
     mproc::Pool pool(1);
     mproc::Queue<int> late;
-    CHECK_THROWS_WITH(pool.apply(put_square, late, 3), Catch::Contains("create it before the Pool"));
-    CHECK_THROWS_AS(pool.apply(put_square, late, 3), mproc::Error);
-    CHECK(late.try_get() == std::nullopt);  // nothing half-done
+    pool.apply(put_square, late, 3);
+    CHECK(late.get(60s) == 9);
+    pool.apply(put_square, late, 4);  // the worker has it now; nothing is sent again
+    CHECK(late.get(60s) == 16);
+    CHECK(late.try_get() == std::nullopt);
     pool.close();
     pool.join();
     CHECK(child_count() == 0);

@@ -9,11 +9,15 @@
 #include <mproc/shared_memory.hpp>
 #include <mproc/sync.hpp>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <unistd.h>
 #include <utility>
 #include <vector>
@@ -145,17 +149,81 @@ TEST_CASE("SharedMemory: a handle crosses a Pipe") {
     CHECK(child.exitcode() == 0);
 }
 
-TEST_CASE("SharedMemory: a Pool task argument made before the Pool is the same block in the worker") {
+TEST_CASE("SharedMemory: a Pool task argument is the same block in the worker, made before the Pool or after") {
     mproc::SharedMemory block(std::size_t{1} << 20);
     const std::size_t n = block.as<long>().size();
     mproc::Pool pool(2);
     CHECK(pool.apply(add_to_block, block, 1L) == static_cast<long>(n));
     CHECK(pool.apply(add_to_block, block, 2L) == static_cast<long>(3 * n));
     CHECK(block.as<long>()[n - 1] == 3);
-    // One made after the Pool is beyond its workers' reach: a clear error, the pool goes on.
+    // One made after the Pool: the pool sends its memory to the worker that runs the task.
     mproc::SharedMemory late(std::size_t{1} << 20);
-    CHECK_THROWS_WITH(pool.apply(add_to_block, late, 1L), Catch::Contains("created after this process was forked"));
-    CHECK(pool.apply(add_to_block, block, 0L) == static_cast<long>(3 * n));
+    CHECK(pool.apply(add_to_block, late, 1L) == static_cast<long>(n));
+    std::vector<std::tuple<mproc::SharedMemory, long>> both(8, {late, 1L});
+    both.emplace_back(block, 0L);
+    const auto sums = pool.starmap(add_to_block, both, 1);  // on both workers, in any order
+    CHECK(late.as<long>()[0] == 9);
+    CHECK(sums.back() == static_cast<long>(3 * n));
+    pool.close();
+    pool.join();
+}
+
+namespace {
+/// How many descriptors process `pid` has open.
+std::size_t open_fds(pid_t pid) {
+    std::size_t n = 0;
+    for ([[maybe_unused]] const auto& entry :
+         std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd"))
+        ++n;
+    return n;
+}
+long first_long(mproc::SharedMemory block) { return block.as<long>()[0]; }
+/// Kills its worker the first time it runs (the block counts the attempts), then answers.
+long dies_once(mproc::SharedMemory block) {
+    auto* attempts = reinterpret_cast<std::atomic<long>*>(block.data());
+    if (attempts->fetch_add(1) == 0) ::kill(::getpid(), SIGKILL);
+    return attempts->load();
+}
+/// A large argument (its task goes on the worker's socket) beside a block sent to the worker.
+std::size_t big_and_block(std::string big, mproc::SharedMemory block) {
+    return big.size() + static_cast<std::size_t>(block.as<long>()[0]);
+}
+}  // namespace
+
+TEST_CASE("SharedMemory: blocks made after the Pool, hundreds of them, leave a worker a bounded set of descriptors") {
+    mproc::Pool pool(1);
+    mproc::SharedMemory first(std::size_t{64} << 10);
+    REQUIRE(pool.apply(first_long, first) == 0);  // the worker is up, and holds one sent segment
+    const pid_t worker = pool.worker_pids().at(0);
+    const std::size_t before = open_fds(worker);
+    for (long i = 0; i < 300; ++i) {
+        mproc::SharedMemory block(std::size_t{64} << 10);
+        block.as<long>()[0] = i;
+        REQUIRE(pool.apply(first_long, block) == i);
+    }
+    CHECK(pool.worker_pids().at(0) == worker);  // one worker did all of it
+    CHECK(open_fds(worker) <= before + 64);      // it keeps at most 64 sent segments
+    pool.close();
+    pool.join();
+}
+
+TEST_CASE("SharedMemory: a block sent to a worker that dies reaches its replacement; large frames keep their order") {
+    mproc::Pool pool({.processes = 1, .max_retries = 1});
+    mproc::SharedMemory counter(std::size_t{64} << 10);
+    CHECK(pool.apply(dies_once, counter) == 2);  // the retry ran on a fresh worker, sent the block again
+    mproc::SharedMemory block(std::size_t{64} << 10);
+    block.as<long>()[0] = 7;
+    const std::string big(std::size_t{4} << 20, 'b');  // past the task ring's records: on the socket
+    CHECK(pool.apply(big_and_block, big, block) == big.size() + 7);
+    std::vector<std::tuple<std::string, mproc::SharedMemory>> mixed;
+    for (int i = 0; i < 6; ++i) {
+        mproc::SharedMemory fresh(std::size_t{64} << 10);
+        fresh.as<long>()[0] = i;
+        mixed.emplace_back(i % 2 ? big : std::string("small"), fresh);
+    }
+    const auto sizes = pool.starmap(big_and_block, mixed, 1);
+    for (int i = 0; i < 6; ++i)
+        CHECK(sizes[static_cast<std::size_t>(i)] == (i % 2 ? big.size() : 5) + static_cast<std::size_t>(i));
     pool.close();
     pool.join();
 }

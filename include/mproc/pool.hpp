@@ -240,7 +240,11 @@ public:
         state->call = task.id;
         detail::begin_chunk_frame<F, Args>(task.frame, task.id, task.id, 1, f);
         Writer out(task.frame);
-        detail::write_record(out, Args(std::move(args)));
+        {
+            detail::EncodeCapture capture;  // the shared objects it names, for a worker forked before them
+            detail::write_record(out, Args(std::move(args)));
+            task.segments = capture.segments();
+        }
         detail::end_task_frame(task.frame, {});
         engine().submit(std::move(task));
         return AsyncResult<R>(std::shared_ptr<detail::ValueState<detail::collected_t<R, false>>>(state));

@@ -14,9 +14,8 @@
 // moving 1 GiB costs what moving an int does. Python's name (attaching to a block by name) and
 // unlink() have no twin: the block has no name anywhere, and the kernel frees it with its last
 // mapping, however its processes end (see docs/shared-memory.md). As every shared object, a block
-// reaches only processes forked after it was made: create it before the Pool that uses it (one
-// made after fails the tasks it is passed to with an mproc::Error — unless it is small enough to
-// share a chunk the workers already map, which no program should count on).
+// reaches the processes forked after it was made, and a Pool's workers whenever it was made (the
+// pool sends them the memory of what their tasks name); a Process started before it cannot use it.
 //
 // Writers and readers synchronise themselves (a Lock, an Event, or the Queue that carries the
 // handle: a put happens before the get that returns it).

@@ -58,6 +58,7 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
     // A packed task's items are one record, the arguments back to back (wire.hpp).
     [[maybe_unused]] const std::size_t packed_record = is_packed_task_v<F, Args> ? begin_record(out) : 0;
     std::size_t whole = out.position();  // where the last complete item ends
+    EncodeCapture capture;  // the shared objects the items name, for a worker forked before them
     if constexpr (is_packed_task_v<F, Args> && std::contiguous_iterator<It> && std::sized_sentinel_for<End, It> &&
                   std::is_same_v<std::iter_value_t<It>, std::tuple_element_t<0, Args>>) {
         // Numbers straight from a contiguous input (a vector, an array): one copy for the chunk.
@@ -93,6 +94,7 @@ std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, c
         out.rewind(whole);
     }
     if constexpr (is_packed_task_v<F, Args>) end_record(out, packed_record);
+    else task.segments = capture.segments();
     set_task_count(task.frame, taken);
     end_task_frame(task.frame, {});
     task.count = taken;

@@ -34,6 +34,7 @@
 #include "../../serialize.hpp"
 #include "../os/clock.hpp"
 #include "../serialize/type_name.hpp"
+#include "../shm/registry.hpp"
 #include "wire.hpp"
 
 namespace mproc::detail {
@@ -128,6 +129,9 @@ struct Task {
     std::size_t first = 0;
     std::shared_ptr<ResultSink> sink;
     std::vector<std::uint32_t> skips;  // sorted; items already failed
+    // The shared memory its arguments name (their handles' segments, recorded as they were
+    // encoded): a worker forked before one of them was made is sent it (fork_engine.hpp).
+    std::vector<SegmentPtr> segments;
     std::int64_t estimate_ns = 0;      // its expected run time, while a worker holds it (the engine's)
 
     /// Its item `item` (counted in the task) as errors name it (ResultSink::task_name).

@@ -47,6 +47,7 @@
 #include "../../pool_options.hpp"
 #include "../os/clock.hpp"
 #include "../os/cpu.hpp"
+#include "../os/fd_passing.hpp"
 #include "../os/framing.hpp"
 #include "../os/memory_use.hpp"
 #include "../os/unique_fd.hpp"
@@ -164,6 +165,12 @@ private:
         FrameReader in;
         Buffer out;
         std::size_t out_sent = 0;
+        // Descriptor frames in `out` (where each starts) and the segments whose memfds go with
+        // them; and the segments the current worker was sent, with when a task last named each
+        // (send_segments_locked).
+        std::deque<std::pair<std::size_t, SegmentPtr>> out_fds;
+        std::vector<std::pair<std::uint64_t, std::uint64_t>> adopted;
+        std::uint64_t segment_uses = 0;
         std::deque<Task> inflight;
         std::size_t placed = 0;  // how many of inflight are in the ring (or socket)
         std::int64_t queued_ns = 0;  // the estimated run time of inflight (see has_room_locked)
@@ -211,6 +218,8 @@ private:
         const int wake_fd = wake_.get();
         // The server is forked before the collector thread exists: this process may have other
         // threads, but the server's only thread is this one, and every worker is its fork.
+        // Every segment made up to here is mapped in the server, so in every worker it forks.
+        server_generation_ = segments().generation();
         server_ = ForkServer(
             [config, link, wake_fd](int seat, UniqueFd channel) {
                 const auto i = static_cast<unsigned>(seat);
@@ -467,6 +476,7 @@ private:
         SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
         bool placed_any = false;
         while (s.placed < s.inflight.size()) {
+            if (!send_segments_locked(s, ring, s.inflight[s.placed])) break;
             const Buffer& frame = s.inflight[s.placed].frame;
             const auto body = frame.bytes().subspan(frame_header_size);
             if (body.size() <= ring.max_payload()) {
@@ -485,24 +495,82 @@ private:
         return placed_any;
     }
 
-    /// Sends what the socket takes now. Returns true when bytes are left for POLLOUT.
+    /// Before a task that names shared memory made after the fork server (an object created after
+    /// the Pool) goes to a seat, its worker is sent each such segment it lacks: an `adopt` record
+    /// in the ring, and the memfd on the socket (a descriptor frame, in the ring's order), which
+    /// the worker maps before it reads on (worker.hpp). A worker keeps at most max_adopted of them:
+    /// past that, the one no task has named for longest is released first (a `release` record:
+    /// the tasks before it in the ring are done with it). Returns false when the ring has no room
+    /// now: the task waits, as it does for its own record.
+    bool send_segments_locked(Seat& s, SpscRing& ring, const Task& task) {
+        if (task.segments.empty()) return true;
+        const std::uint64_t use = ++s.segment_uses;
+        for (const SegmentPtr& segment : task.segments) {
+            if (segment->generation() <= server_generation_) continue;  // the worker inherited it
+            std::byte id[sizeof(std::uint64_t)];
+            const std::uint64_t segment_id = segment->id();
+            std::memcpy(id, &segment_id, sizeof id);
+            const auto known = std::find_if(s.adopted.begin(), s.adopted.end(),
+                                            [&](const auto& a) { return a.first == segment_id; });
+            if (known != s.adopted.end()) {
+                known->second = use;
+                continue;
+            }
+            if (s.adopted.size() >= max_adopted) {
+                const auto oldest = std::min_element(s.adopted.begin(), s.adopted.end(),
+                                                     [](const auto& a, const auto& b) { return a.second < b.second; });
+                if (oldest->second != use) {  // (not one this task names: those stay)
+                    std::byte old[sizeof(std::uint64_t)];
+                    std::memcpy(old, &oldest->first, sizeof old);
+                    if (!ring.try_push(SpscRing::release, old)) return false;
+                    s.adopted.erase(oldest);
+                }
+            }
+            // Room first: once the record is in the ring, its descriptor frame must follow.
+            s.adopted.reserve(s.adopted.size() + 1);
+            s.out.reserve(s.out.size() + frame_header_size);
+            s.out_fds.emplace_back(s.out.size(), segment);
+            if (!ring.try_push(SpscRing::adopt, id)) {
+                s.out_fds.pop_back();
+                return false;
+            }
+            s.out.append(&descriptor_frame, frame_header_size);
+            s.adopted.emplace_back(segment_id, use);
+        }
+        return true;
+    }
+
+    /// Sends what the socket takes now (a descriptor frame with its memfd attached to its first
+    /// byte). Returns true when bytes are left for POLLOUT.
     bool flush_locked(Seat& s) {
         while (s.out_sent < s.out.size() && s.channel) {
-            const ssize_t put = write_some(s.channel.get(), s.out.data() + s.out_sent, s.out.size() - s.out_sent,
-                                           /*is_socket=*/true, /*nonblocking=*/true);
+            const bool descriptor = !s.out_fds.empty() && s.out_fds.front().first == s.out_sent;
+            const std::size_t until = descriptor || s.out_fds.empty() ? s.out.size() : s.out_fds.front().first;
+            ssize_t put;
+            if (descriptor) {
+                put = send_some_with_fd(s.channel.get(), s.out.data() + s.out_sent, frame_header_size,
+                                        s.out_fds.front().second->fd(), MSG_DONTWAIT);
+                if (put > 0) s.out_fds.pop_front();  // the memfd went with the first byte
+            } else {
+                put = write_some(s.channel.get(), s.out.data() + s.out_sent, until - s.out_sent,
+                                 /*is_socket=*/true, /*nonblocking=*/true);
+            }
             if (put > 0) {
                 s.out_sent += static_cast<std::size_t>(put);
                 continue;
             }
             if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
             // The worker is gone; the fork server's report will settle its tasks.
-            s.out.clear();
-            s.out_sent = 0;
+            clear_out(s);
             return false;
         }
+        clear_out(s);
+        return false;
+    }
+    static void clear_out(Seat& s) noexcept {
         s.out.clear();
         s.out_sent = 0;
-        return false;
+        s.out_fds.clear();
     }
 
     /// Asks the server for a worker on seat `s`. Returns false (and schedules a retry, with
@@ -530,8 +598,9 @@ private:
         s.channel = std::move(ours);
         s.state = SeatState::starting;
         s.in.clear();
-        s.out.clear();
-        s.out_sent = 0;
+        clear_out(s);
+        s.adopted.clear();
+        s.segment_uses = 0;
         s.placed = 0;
         s.queued_ns = 0;
         s.placed_total = 0;
@@ -1271,11 +1340,13 @@ private:
     }
 
     static constexpr int max_start_failures = 5;
+    static constexpr std::size_t max_adopted = 64;  // segments sent to one worker and kept there
 
     PoolOptions options_;
     SharedSeats link_;
     UniqueFd wake_;
     ForkServer server_;
+    std::uint64_t server_generation_ = 0;  // the registry's generation when the server was forked
 
     std::vector<Seat> seats_;
     std::int64_t started_ns_ = monotonic_ns();

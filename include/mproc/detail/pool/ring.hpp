@@ -44,7 +44,10 @@ struct RingHeader {
 
 class SpscRing {
 public:
-    enum Kind : std::uint32_t { data = 0, wrap = 1, socket = 2 };
+    // data: a frame in the record; socket: a frame on the socket; adopt: a segment's id, its memfd
+    // on the socket (a descriptor frame); release: a segment's id, adopted before and no longer
+    // needed (fork_engine.hpp, send_segments_locked).
+    enum Kind : std::uint32_t { data = 0, wrap = 1, socket = 2, adopt = 3, release = 4 };
     struct Record {
         Kind kind;
         std::span<const std::byte> payload;

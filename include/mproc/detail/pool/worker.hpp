@@ -14,6 +14,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <new>
 #include <span>
@@ -26,6 +27,7 @@
 #include "../os/memory_use.hpp"
 #include "../os/unique_fd.hpp"
 #include "../serialize/remote_exception.hpp"
+#include "../shm/registry.hpp"
 #include "invoke.hpp"
 #include "link.hpp"
 #include "ring.hpp"
@@ -166,6 +168,34 @@ inline void write_hello(Buffer& out, const std::function<void()>& initializer, b
     finish_result_frame(out, 0);
 }
 
+/// An `adopt` record: the segment's memfd follows on the socket (a descriptor frame) and is
+/// mapped here, so the tasks after it can use the objects in it; a `release` record: the registry
+/// lets go of a segment it adopted (handles still alive keep it). A segment that cannot be mapped
+/// is left out: the tasks naming it fail with the registry's error, and the worker goes on.
+/// Returns false when the socket is closed, or its stream is out of step with the ring.
+inline bool take_segment(const SpscRing::Record& record, int socket, FrameReader& socket_in,
+                         DescriptorQueue& descriptors) {
+    std::uint64_t id = 0;
+    if (record.payload.size() != sizeof id) return false;
+    std::memcpy(&id, record.payload.data(), sizeof id);
+    if (record.kind == SpscRing::release) {
+        segments().release_adopted(id);
+        return true;
+    }
+    while (!socket_in.buffered_frame())
+        if (socket_in.fill(socket, false, &descriptors) <= 0) return false;
+    const auto frame = *socket_in.buffered_frame();
+    if (!socket_in.next_is_descriptor()) return false;
+    socket_in.consume(frame);
+    if (descriptors.empty()) return true;  // it came without its memfd (no memory to queue it)
+    UniqueFd fd = std::move(descriptors.front());
+    descriptors.pop_front();
+    try {
+        segments().adopt(id, std::move(fd));
+    } catch (...) {}
+    return true;
+}
+
 /// The body of a worker process; returns its exit status.
 inline int worker_main(SeatLink link, const WorkerConfig& config) {
     arm_worker(link.status, config);
@@ -177,6 +207,7 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
     }
 
     FrameReader socket_in;
+    DescriptorQueue descriptors;  // memfds of segments to adopt, received with the socket's bytes
     unsigned long done = 0;
     unsigned since_sleep = 0;  // tasks run since this worker last slept
     for (;;) {
@@ -191,13 +222,18 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
             link.tasks.wait_for_data(Clock::now() + recheck_interval());
             continue;
         }
+        if (record->kind == SpscRing::adopt || record->kind == SpscRing::release) {
+            if (!take_segment(*record, link.socket.get(), socket_in, descriptors)) return 0;
+            link.tasks.consume_to(record->end);
+            continue;
+        }
         ++since_sleep;
         link.status.begun.fetch_add(1, std::memory_order_release);
         std::span<const std::byte> body = record->payload;
         const bool on_socket = record->kind == SpscRing::socket;
         if (on_socket) {
             while (!socket_in.buffered_frame()) {
-                const ssize_t got = socket_in.fill(link.socket.get());
+                const ssize_t got = socket_in.fill(link.socket.get(), false, &descriptors);
                 if (got <= 0) return 0;
             }
             body = *socket_in.buffered_frame();

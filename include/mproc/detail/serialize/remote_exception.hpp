@@ -3,7 +3,7 @@
 // The standard exceptions a task is likely to throw, and mproc's own errors, are rebuilt as the
 // same type with the same what(); anything else becomes mproc::RemoteError with the demangled type
 // name and message. (mproc's errors are std::runtime_errors: without their own kinds, a KeyError
-// or a "create it before the Pool" Error thrown in a worker would come back as a bare
+// or a "create it before the process that uses it" Error thrown in a worker would come back as a bare
 // std::runtime_error that `catch (const mproc::Error&)` misses.)
 #pragma once
 

@@ -11,14 +11,12 @@
 // * A child made by fork inherits the registry and every mapping at the same addresses, so
 //   handles to everything created before the fork decode there with no work.
 // * Decoding a handle whose segment this process does not have throws mproc::Error ("... was
-//   created after this process was forked ...; create it before the Pool"), unless the
-//   segment was adopted: the creating process sends the memfd over a Unix socket (SCM_RIGHTS)
-//   and the receiver calls segments().adopt(id, fd). The Pool does this with:
-//       const std::uint64_t g = segments().generation();    // in the parent, when it forks workers
-//       ... later, before sending a task:
-//       for (auto [id, fd] : segments().segments_since(g))   // segments created after the fork,
-//           send id + fd (SCM_RIGHTS) to each worker;         // still alive in the parent
-//       // in the worker: segments().adopt(id, std::move(received_fd));
+//   created after this process was forked, and was not sent to it ..."), unless the segment was
+//   adopted: the creating process sends the memfd over a Unix socket (SCM_RIGHTS) and the
+//   receiver calls segments().adopt(id, fd). The Pool does this for its tasks: it notes
+//   segments().generation() when it forks its fork server, and a task whose arguments name a
+//   segment of a later generation is preceded, on its worker's channel, by that segment's memfd
+//   (detail/pool/fork_engine.hpp, send_segments_locked; the worker adopts it in worker.hpp).
 //   An adopted segment stays mapped until release_adopted(id) (or the process ends); the fds
 //   segments_since() returns stay owned by the registry (send them, do not close them).
 // * Lifetime: each process counts its own handles per segment (a shared_ptr). When the last

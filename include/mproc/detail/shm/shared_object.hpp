@@ -180,8 +180,8 @@ public:
         if (!segment)
             throw Error(std::string("mproc: cannot use the ") + what + " passed to process " +
                         std::to_string(::getpid()) + ": its shared memory (segment " + hex(id) +
-                        ") was created after this process was forked (after the pool's workers?); "
-                        "create it before the Pool");
+                        ") was created after this process was forked, and was not sent to it; "
+                        "create it before the process that uses it");
         if (offset > segment->size() || segment->size() - offset < min_size || offset % 8 != 0)
             throw SerializationError(std::string("mproc: corrupt ") + what + " handle: offset " +
                                      std::to_string(offset) + " outside its segment");
