@@ -32,10 +32,11 @@ namespace {
 
 std::size_t blocks_mapped() { return mproc_test::memfd_mappings(::getpid(), "mproc-memory").size(); }
 
-/// A Pool task: adds `by` to every long in the block; returns their sum after.
+/// A Pool task: adds `by` to every long in the block (atomically: tasks on two workers may share
+/// it); returns their sum after its own adds.
 long add_to_block(mproc::SharedMemory block, long by) {
     long sum = 0;
-    for (long& x : block.as<long>()) sum += (x += by);
+    for (long& x : block.as<long>()) sum += std::atomic_ref<long>(x).fetch_add(by) + by;
     return sum;
 }
 
@@ -192,17 +193,31 @@ std::size_t big_and_block(std::string big, mproc::SharedMemory block) {
 
 TEST_CASE("SharedMemory: blocks made after the Pool, hundreds of them, leave a worker a bounded set of descriptors") {
     mproc::Pool pool(1);
-    mproc::SharedMemory first(std::size_t{64} << 10);
-    REQUIRE(pool.apply(first_long, first) == 0);  // the worker is up, and holds one sent segment
+    {
+        mproc::SharedMemory first(std::size_t{64} << 10);
+        REQUIRE(pool.apply(first_long, first) == 0);  // the worker is up
+    }
     const pid_t worker = pool.worker_pids().at(0);
-    const std::size_t before = open_fds(worker);
+    const std::size_t before = open_fds(worker);  // (it may hold `first` until the next task)
+    // Blocks freed here as they go: each is let go in the worker at the next task.
     for (long i = 0; i < 300; ++i) {
         mproc::SharedMemory block(std::size_t{64} << 10);
         block.as<long>()[0] = i;
         REQUIRE(pool.apply(first_long, block) == i);
     }
+    CHECK(open_fds(worker) <= before + 1);
+    // Blocks all alive, queued behind one another: the worker keeps the 64 named last.
+    std::vector<mproc::SharedMemory> live;
+    std::vector<long> expected;
+    for (long i = 0; i < 200; ++i) {
+        live.emplace_back(std::size_t{64} << 10);
+        live.back().as<long>()[0] = i;
+        expected.push_back(i);
+    }
+    CHECK(pool.map(first_long, live, 1) == expected);
+    CHECK(pool.map(first_long, live, 7) == expected);  // sent again, in chunks
     CHECK(pool.worker_pids().at(0) == worker);  // one worker did all of it
-    CHECK(open_fds(worker) <= before + 64);      // it keeps at most 64 sent segments
+    CHECK(open_fds(worker) <= before + 64);
     pool.close();
     pool.join();
 }

@@ -157,6 +157,14 @@ private:
     enum class SeatState { starting, ready, dead };
 
     /// The parent's record of one worker: its process, its channel, the tasks it holds.
+    /// A segment sent to a seat's worker: when a task last named it, and whether this process
+    /// still has it.
+    struct Adopted {
+        std::uint64_t id;
+        std::uint64_t use;
+        std::weak_ptr<Segment> segment;
+    };
+
     struct Seat {
         int index = 0;
         SeatState state = SeatState::dead;
@@ -169,7 +177,7 @@ private:
         // them; and the segments the current worker was sent, with when a task last named each
         // (send_segments_locked).
         std::deque<std::pair<std::size_t, SegmentPtr>> out_fds;
-        std::vector<std::pair<std::uint64_t, std::uint64_t>> adopted;
+        std::vector<Adopted> adopted;
         std::uint64_t segment_uses = 0;
         std::deque<Task> inflight;
         std::size_t placed = 0;  // how many of inflight are in the ring (or socket)
@@ -475,6 +483,7 @@ private:
         if (s.state == SeatState::dead || !s.channel) return false;
         SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
         bool placed_any = false;
+        if (!s.adopted.empty()) release_freed_locked(s, ring);
         while (s.placed < s.inflight.size()) {
             if (!send_segments_locked(s, ring, s.inflight[s.placed])) break;
             const Buffer& frame = s.inflight[s.placed].frame;
@@ -499,45 +508,66 @@ private:
     /// the Pool) goes to a seat, its worker is sent each such segment it lacks: an `adopt` record
     /// in the ring, and the memfd on the socket (a descriptor frame, in the ring's order), which
     /// the worker maps before it reads on (worker.hpp). A worker keeps at most max_adopted of them:
-    /// past that, the one no task has named for longest is released first (a `release` record:
-    /// the tasks before it in the ring are done with it). Returns false when the ring has no room
+    /// past that, those no task has named for longest are released first (a `release` record: the
+    /// tasks before it in the ring are done with them). Returns false when the ring has no room
     /// now: the task waits, as it does for its own record.
     bool send_segments_locked(Seat& s, SpscRing& ring, const Task& task) {
         if (task.segments.empty()) return true;
         const std::uint64_t use = ++s.segment_uses;
+        const auto sent = [&](std::uint64_t id) {
+            return std::find_if(s.adopted.begin(), s.adopted.end(), [&](const Adopted& a) { return a.id == id; });
+        };
+        for (const SegmentPtr& segment : task.segments)  // first, what the worker has: it stays
+            if (const auto known = sent(segment->id()); known != s.adopted.end()) known->use = use;
         for (const SegmentPtr& segment : task.segments) {
             if (segment->generation() <= server_generation_) continue;  // the worker inherited it
-            std::byte id[sizeof(std::uint64_t)];
             const std::uint64_t segment_id = segment->id();
-            std::memcpy(id, &segment_id, sizeof id);
-            const auto known = std::find_if(s.adopted.begin(), s.adopted.end(),
-                                            [&](const auto& a) { return a.first == segment_id; });
-            if (known != s.adopted.end()) {
-                known->second = use;
-                continue;
-            }
-            if (s.adopted.size() >= max_adopted) {
+            if (sent(segment_id) != s.adopted.end()) continue;
+            while (s.adopted.size() >= max_adopted) {
                 const auto oldest = std::min_element(s.adopted.begin(), s.adopted.end(),
-                                                     [](const auto& a, const auto& b) { return a.second < b.second; });
-                if (oldest->second != use) {  // (not one this task names: those stay)
-                    std::byte old[sizeof(std::uint64_t)];
-                    std::memcpy(old, &oldest->first, sizeof old);
-                    if (!ring.try_push(SpscRing::release, old)) return false;
-                    s.adopted.erase(oldest);
-                }
+                                                     [](const Adopted& a, const Adopted& b) { return a.use < b.use; });
+                if (oldest->use == use) break;  // every one is this task's: they all stay
+                if (!release_locked(s, ring, oldest)) return false;
             }
             // Room first: once the record is in the ring, its descriptor frame must follow.
             s.adopted.reserve(s.adopted.size() + 1);
             s.out.reserve(s.out.size() + frame_header_size);
             s.out_fds.emplace_back(s.out.size(), segment);
+            std::byte id[sizeof segment_id];
+            std::memcpy(id, &segment_id, sizeof id);
             if (!ring.try_push(SpscRing::adopt, id)) {
                 s.out_fds.pop_back();
                 return false;
             }
             s.out.append(&descriptor_frame, frame_header_size);
-            s.adopted.emplace_back(segment_id, use);
+            s.adopted.push_back(Adopted{segment_id, use, segment});
         }
         return true;
+    }
+
+    /// Tells the seat's worker to let go of a segment it was sent (a `release` record, behind
+    /// every task already in its ring). Returns false when the ring has no room now.
+    static bool release_locked(Seat& s, SpscRing& ring, std::vector<Adopted>::iterator which) {
+        std::byte id[sizeof which->id];
+        std::memcpy(id, &which->id, sizeof id);
+        if (!ring.try_push(SpscRing::release, id)) return false;
+        s.adopted.erase(which);
+        return true;
+    }
+
+    /// The segments sent to the seat's worker that this process has let go of (no handle, task or
+    /// container here holds them any more) are released there too: a block freed here does not
+    /// stay mapped in the workers. (A task in the ring naming one holds it, in Task::segments.)
+    static void release_freed_locked(Seat& s, SpscRing& ring) {
+        for (auto it = s.adopted.begin(); it != s.adopted.end();) {
+            if (!it->segment.expired()) {
+                ++it;
+                continue;
+            }
+            const auto at = it - s.adopted.begin();
+            if (!release_locked(s, ring, it)) return;
+            it = s.adopted.begin() + at;
+        }
     }
 
     /// Sends what the socket takes now (a descriptor frame with its memfd attached to its first
@@ -560,7 +590,11 @@ private:
                 continue;
             }
             if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
-            // The worker is gone; the fork server's report will settle its tasks.
+            // The worker is gone, or (a descriptor refused: too many in flight, no memory) the
+            // bytes its ring announces can no longer follow: it is ended. Either way the fork
+            // server's report settles its tasks, and they go to a worker that starts afresh.
+            if (put < 0 && errno != EPIPE && errno != ECONNRESET && errno != ENOTCONN && s.pid > 0)
+                server_.kill(s.index, s.pid, SIGKILL);
             clear_out(s);
             return false;
         }

@@ -156,7 +156,7 @@ public:
                 adopted_.emplace(id, std::move(raced));
                 return;
             }
-        adopted_.emplace(id, register_locked(id, 0, std::move(memory)));
+        adopted_.emplace(id, register_locked(id, ++generation_, std::move(memory)));
     }
 
     /// Drops the registry's own hold on an adopted segment; handles keep theirs.
