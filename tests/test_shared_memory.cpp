@@ -275,6 +275,6 @@ TEST_CASE("SharedMemory: a handle of another kind, an empty one and a corrupt on
     bytes.front() = std::byte{2};  // neither "empty" nor "a block"
     CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
     bytes.front() = std::byte{1};
-    bytes.resize(bytes.size() - 1);  // cut short
+    bytes.pop_back();  // cut short
     CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
 }
