@@ -4,6 +4,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
+#include <ctime>
 #include <optional>
 
 #include "../../time.hpp"
@@ -36,6 +37,18 @@ inline bool expired(const Deadline& deadline) { return deadline && Clock::now() 
 /// Now on the steady clock, in nanoseconds: a time that fits in an atomic in shared memory.
 inline std::int64_t monotonic_ns() noexcept {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+/// `t` as the absolute timespec CLOCK_MONOTONIC waits take (futex, pthread_mutex_clocklock); a
+/// time before the clock's epoch is its epoch.
+inline timespec to_timespec(Clock::time_point t) noexcept {
+    const auto since_epoch = t.time_since_epoch();
+    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+    timespec abs{};
+    if (secs.count() < 0) return abs;
+    abs.tv_sec = static_cast<time_t>(secs.count());
+    abs.tv_nsec = static_cast<long>(std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+    return abs;
 }
 
 }  // namespace mproc::detail

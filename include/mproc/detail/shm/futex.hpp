@@ -54,14 +54,7 @@ inline Clock::time_point sleep_until_for(const Deadline& deadline) noexcept {
 /// Returns false when the time ran out and true otherwise — woken, the value had already
 /// changed, or a spurious return. Callers re-check their condition either way.
 inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_point until) noexcept {
-    const auto since_epoch = until.time_since_epoch();
-    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
-    timespec abs{};
-    abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
-    abs.tv_nsec = secs.count() < 0
-                      ? 0
-                      : static_cast<long>(
-                            std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+    const timespec abs = to_timespec(until);
     for (;;) {
         // FUTEX_WAIT_BITSET takes an absolute timeout on CLOCK_MONOTONIC.
         const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET, expected, &abs,

@@ -103,14 +103,7 @@ public:
 private:
     /// One timed attempt: until `until` passes.
     LockResult lock_by(Clock::time_point until) {
-        const auto since_epoch = until.time_since_epoch();
-        const auto secs = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
-        timespec abs{};
-        abs.tv_sec = static_cast<time_t>(secs.count() < 0 ? 0 : secs.count());
-        abs.tv_nsec = secs.count() < 0
-                          ? 0
-                          : static_cast<long>(
-                                std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - secs).count());
+        const timespec abs = to_timespec(until);
 #ifdef MPROC_TSAN
         __tsan_mutex_pre_lock(&mutex_, 0);
 #endif
