@@ -152,6 +152,7 @@ TEST_CASE("cancel stops a running task: its worker is replaced, get() throws Can
 }
 
 TEST_CASE("cancel of a finished call returns false and changes nothing; cancel twice returns true twice") {
+    Gate gate;  // before the pool: its worker must inherit the descriptor, or gated() returns at once
     mproc::Pool pool(1);
     auto done = pool.apply_async(square, std::tuple{4});
     CHECK(done.get() == 16);
@@ -159,7 +160,6 @@ TEST_CASE("cancel of a finished call returns false and changes nothing; cancel t
     CHECK_FALSE(done.cancelled());
     CHECK(done.get() == 16);
 
-    Gate gate;
     auto blocked = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 1});
     CHECK(blocked.cancel());
     CHECK(blocked.cancel());
