@@ -72,27 +72,31 @@ struct QueueCursor {
 // Every put and get copies a cursor: a larger one costs every call (a 72-byte one, a few percent).
 static_assert(sizeof(QueueCursor) == 64, "a cursor is one cache line");
 
+// The header's layout follows who writes what: every put and get takes the mutex, reads the live
+// cursor, writes the idle one, stores `current` (and a get `taken`) and bumps `items`, each line
+// moving to the other side's core in turn. So the mutex, `current` and `taken` share one line,
+// each cursor has a line of its own, and the fields written once (or rarely) share none with them.
 struct QueueHeader {
     ObjectHeader header;
     std::uint64_t capacity;
     std::uint64_t maxsize;
     std::uint64_t data_offset;
-    RobustMutex mutex;  // guards the cursor and the ring
-    RobustMutex write_claim;  // held by the producer streaming an item in, across lock holds
-    RobustMutex read_claim;  // held by the consumer draining a streamed item
-    std::atomic<std::uint32_t> current;
-    std::uint32_t reserved;
     std::uint64_t refs;  // segment offset of the RefTable, past the ring
     std::uint64_t joinable;  // type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue
+    // The resident part of the ring (see queue_resident), and when an item last needed it raised.
+    std::atomic<std::uint64_t> resident;  // changed under the lock; read without it by a pacing producer
+    std::int64_t resident_raised_ns;
+    alignas(64) RobustMutex mutex;  // guards the cursor and the ring
+    std::atomic<std::uint32_t> current;
+    std::uint32_t reserved;
     // Items got and not yet marked done, less task_done() calls made ahead of a get (so it may be
     // negative). With the cursor it makes the count of a JoinableQueue's unfinished items (see
     // QueueRing::unfinished_signed). Changed only under the lock, by one store, and by a get on
     // every queue (a test of `joinable` would cost each get more than the add).
     std::int64_t taken;
-    // The resident part of the ring (see queue_resident), and when an item last needed it raised.
-    std::atomic<std::uint64_t> resident;  // changed under the lock; read without it by a pacing producer
-    std::int64_t resident_raised_ns;
-    QueueCursor cursors[2];
+    alignas(64) RobustMutex write_claim;  // held by the producer streaming an item in, across lock holds
+    RobustMutex read_claim;  // held by the consumer draining a streamed item
+    alignas(64) QueueCursor cursors[2];
     // Futex words: bumped on every change a sleeper of that kind may be waiting for. `items` and
     // `space` count in steps of 2: their low bit (wake_wanted) is a sleeper's request for a wake.
     alignas(64) FutexWord items;  // an item can be taken
@@ -104,7 +108,7 @@ struct QueueHeader {
     FutexWord tasks_done;  // every item put is done (unfinished reached 0), or shut down
     std::atomic<std::uint32_t> join_waiters;  // hint: JoinableQueue::join callers asleep on tasks_done
     // Hints for a producer deciding whether to wait a moment rather than run ahead (see ByteQueue::put):
-    alignas(64) std::atomic<std::uint64_t> used;  // tail - head as last published
+    alignas(64) std::atomic<std::uint64_t> used;  // tail - head as last published (see QueueRing::note_used)
     std::atomic<std::int64_t> last_take_ns;  // when a consumer last took bytes
     std::atomic<std::int64_t> pace_off_until_ns;  // producers do not wait until then
 };
@@ -588,16 +592,46 @@ private:
     }
 
     void publish(const QueueCursor& c) noexcept {
-        const std::uint32_t next = (h_->current.load(std::memory_order_relaxed) & 1u) ^ 1u;
-        h_->cursors[next] = c;
-        h_->current.store(next, std::memory_order_release);
-        h_->used.store(c.tail - c.head, std::memory_order_relaxed);
-        // Every published change may be what some sleeper waits for: bump all the words; the
-        // sleepers re-check their own condition.
-        h_->items.fetch_add(2, std::memory_order_relaxed);  // keeps wake_wanted
-        h_->space.fetch_add(2, std::memory_order_relaxed);
-        h_->stream_data.fetch_add(1, std::memory_order_relaxed);
-        h_->stream_room.fetch_add(1, std::memory_order_relaxed);
+        const std::uint32_t live = h_->current.load(std::memory_order_relaxed) & 1u;
+        const QueueCursor& was = h_->cursors[live];
+        const bool streams = c.writing || c.reading || was.writing || was.reading;
+        const bool item_for_consumer = c.count > was.count || (was.reading && !c.reading) ||
+                                       (c.shut_down && !was.shut_down);
+        h_->cursors[live ^ 1u] = c;
+        h_->current.store(live ^ 1u, std::memory_order_release);
+        note_used(c.tail - c.head);
+        // A published change may be what some sleeper waits for: bump the words of those that
+        // may wait; each re-checks its own condition. Each bump is a write to a line the other
+        // side reads, so only the words someone can be waiting on are bumped:
+        // - `items` when a waiting consumer may now go on: a consumer waits while the queue holds
+        //   no item, or while another consumer drains a streamed one, until shut down — so when
+        //   `count` grows, `reading` ends, or the queue is shut down. (A consumer that watches
+        //   before it sleeps, QueueLock::watch, looks for any change of the word with no request
+        //   set, so a request cannot stand in for this test.) A take, which lets no other consumer
+        //   go, thus leaves the line alone, and the producer's next bump finds it where it was.
+        // - `space` when a producer asked for a wake: a producer sleeps on it only after setting
+        //   its wake_wanted bit under this lock (QueueLock::wait), and the bit stays until a waker
+        //   takes it and wakes; without the bit no producer is on its way to sleep.
+        // - `stream_data` and `stream_room` when an item streams, before or after this change:
+        //   only a reader draining one (`reading`) and a producer streaming one (`writing`) sleep
+        //   on them, and only they clear those flags — but for a withdrawal, whose cursor before
+        //   had the flag.
+        if (item_for_consumer) h_->items.fetch_add(2, std::memory_order_relaxed);  // keeps wake_wanted
+        if (h_->space.load(std::memory_order_relaxed) & wake_wanted) h_->space.fetch_add(2, std::memory_order_relaxed);
+        if (streams) {
+            h_->stream_data.fetch_add(1, std::memory_order_relaxed);
+            h_->stream_room.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+
+    /// Keeps the `used` hint (what a pacing producer watches, ByteQueue::should_pace) where it
+    /// matters: pacing starts only past a quarter of the resident part, so below that the hint
+    /// is written only to bring it down there — not on every item of a queue that keeps up, as
+    /// the write would move its cache line between producer and consumer each time.
+    void note_used(std::uint64_t used) noexcept {
+        const std::uint64_t quarter = resident() / 4;
+        if (used >= quarter || h_->used.load(std::memory_order_relaxed) >= quarter)
+            h_->used.store(used, std::memory_order_relaxed);
     }
 
     /// (Also before a streamed record, for an item that fits there whole.)
