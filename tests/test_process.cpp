@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fcntl.h>
 #include <memory>
 #include <optional>
@@ -449,13 +450,16 @@ std::size_t occurrences(const std::string& text, const std::string& token) {
 }  // namespace
 
 TEST_CASE("output buffered before start appears once, and a child's buffered output is not lost") {
-    for (const char* mode : {"synced return", "unsynced return", "synced exit", "unsynced exit"}) {
+    for (const char* mode : {"synced return", "unsynced return", "synced exit", "unsynced exit", "synced return rdbuf",
+                             "unsynced return rdbuf"}) {
         INFO("mode: " << mode);
         const std::string text = run_buffered_output(mode);
         INFO("output: " << text);
         for (const char* token : {"<parent-printf>", "<parent-iostream>", "<parent-fmt>", "<child-printf>",
                                   "<child-iostream>", "<child-fmt>", "<parent-after>"})
             CHECK(occurrences(text, token) == 1);
+        // A buffer the child gave std::cout itself is flushed as the child leaves, like the others.
+        if (std::strstr(mode, "rdbuf")) CHECK(occurrences(text, "<child-rdbuf>") == 1);
         // The parent's first words come out before anything the child wrote.
         CHECK(text.find("<parent-fmt>") < text.find("<child-printf>"));
     }

@@ -3,28 +3,40 @@
 // "exit", leaves through std::exit). Run with stdout on a pipe, where stdio buffers fully, every
 // token must come out exactly once: the parent's not duplicated by the fork, the child's not lost.
 //
-//     buffered_output [synced|unsynced] [return|exit]
-// "unsynced" turns off std::ios::sync_with_stdio, so std::cout keeps a buffer of its own.
+//     buffered_output [synced|unsynced] [return|exit] [rdbuf]
+// "unsynced" turns off std::ios::sync_with_stdio, so std::cout keeps a buffer of its own. With
+// "rdbuf" the child also gives std::cout a buffer of its own (a filebuf on /dev/stdout, never
+// destroyed) and writes <child-rdbuf> through it: only the child's last flush sends it.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fmt/core.h>
+#include <fstream>
 #include <iostream>
 #include <mproc/process.hpp>
 
 int main(int argc, char** argv) {
     const bool unsynced = argc > 1 && std::strcmp(argv[1], "unsynced") == 0;
     const bool child_exits = argc > 2 && std::strcmp(argv[2], "exit") == 0;
+    const bool own_buffer = argc > 3 && std::strcmp(argv[3], "rdbuf") == 0;
     if (unsynced) std::ios::sync_with_stdio(false);
 
     std::printf("<parent-printf>");
     std::cout << "<parent-iostream>";
     fmt::print("<parent-fmt>");
 
-    mproc::Process child([child_exits] {
+    mproc::Process child([child_exits, own_buffer] {
         std::printf("<child-printf>");
         std::cout << "<child-iostream>";
         fmt::print("<child-fmt>");
+        if (own_buffer) {
+            std::cout.flush();  // what came before goes first
+            std::fflush(stdout);
+            auto* buffer = new std::filebuf;  // never destroyed: its destructor would flush it
+            if (!buffer->open("/dev/stdout", std::ios::out)) return;
+            std::cout.rdbuf(buffer);
+            std::cout << "<child-rdbuf>";
+        }
         if (child_exits) std::exit(0);
     });
     child.start();
