@@ -38,10 +38,15 @@ inline constexpr std::chrono::microseconds queue_pace{500};
 inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
 
 /// Takes a sleeper's request for a wake on `word` (its wake_wanted bit): true when this caller
-/// cleared it, and so must wake.
+/// cleared it, and so must wake. The bit is cleared by adding 1 (W|1 becomes W+2), so the word
+/// never goes back to a value it had: a request taken and then made again by another sleeper
+/// reads W+3, not W|1, and a sleeper still on its way to sleep on W|1 finds it changed.
 inline bool take_wake_request(FutexWord& word) noexcept {
-    return (word.load(std::memory_order_relaxed) & wake_wanted) != 0 &&
-           (word.fetch_and(~wake_wanted, std::memory_order_seq_cst) & wake_wanted) != 0;
+    std::uint32_t seen = word.load(std::memory_order_relaxed);
+    while ((seen & wake_wanted) != 0)
+        if (word.compare_exchange_weak(seen, seen + 1, std::memory_order_seq_cst, std::memory_order_relaxed))
+            return true;
+    return false;
 }
 
 /// Sends the wakes decided under the lock (call it with the lock released, or about to be) and

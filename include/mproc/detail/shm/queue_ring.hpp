@@ -469,7 +469,7 @@ public:
         // died), it is lost with that reader and done.
         if (kept) ++h_->taken;
         h_->read_claim.unlock();
-        if (c.count > 0) wakes.items = true;
+        if (c.count > 0 || c.shut_down) wakes.items = true;  // the next item, or ShutDown
         return StreamStep::done;
     }
 
@@ -587,7 +587,7 @@ private:
         consumed(c, c.head, wakes);
         publish(c);
         h_->read_claim.unlock();
-        if (c.count > 0) wakes.items = true;
+        if (c.count > 0 || c.shut_down) wakes.items = true;  // the next item, or ShutDown
         return StreamStep::dropped;
     }
 
@@ -596,7 +596,7 @@ private:
         const QueueCursor& was = h_->cursors[live];
         const bool streams = c.writing || c.reading || was.writing || was.reading;
         const bool item_for_consumer = c.count > was.count || (was.reading && !c.reading) ||
-                                       (c.shut_down && !was.shut_down);
+                                       (c.shut_down && (!was.shut_down || c.count < was.count));
         h_->cursors[live ^ 1u] = c;
         h_->current.store(live ^ 1u, std::memory_order_release);
         note_used(c.tail - c.head);
@@ -604,8 +604,9 @@ private:
         // may wait; each re-checks its own condition. Each bump is a write to a line the other
         // side reads, so only the words someone can be waiting on are bumped:
         // - `items` when a waiting consumer may now go on: a consumer waits while the queue holds
-        //   no item, or while another consumer drains a streamed one, until shut down — so when
-        //   `count` grows, `reading` ends, or the queue is shut down. (A consumer that watches
+        //   no item, or while another consumer drains a streamed one, until it is shut down and
+        //   empty — so when `count` grows, `reading` ends, the queue is shut down, or a shut-down
+        //   queue loses an item (shutdown(true), a withdrawn stream). (A consumer that watches
         //   before it sleeps, QueueLock::watch, looks for any change of the word with no request
         //   set, so a request cannot stand in for this test.) A take, which lets no other consumer
         //   go, thus leaves the line alone, and the producer's next bump finds it where it was.
