@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <csignal>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -35,6 +36,7 @@
 #include <sys/types.h>
 #include <thread>
 #include <type_traits>
+#include <typeinfo>
 #include <unistd.h>
 #include <utility>
 
@@ -76,31 +78,54 @@ inline Identity& identity() {
     return self;
 }
 
-inline void flush_stdio() noexcept {
+/// Flushes one C++ stream; an exception it throws (an exception mask set on it) stays here, so
+/// the next stream is still flushed.
+template <class Stream> void flush_quietly(Stream& stream) noexcept {
     try {
-        std::cout.flush();
-        std::cerr.flush();
-        std::clog.flush();
+        stream.flush();
     } catch (...) {}
+}
+
+inline void flush_stdio() noexcept {
+    flush_quietly(std::cout);
+    flush_quietly(std::cerr);
+    flush_quietly(std::clog);
+    flush_quietly(std::wcout);
+    flush_quietly(std::wcerr);
+    flush_quietly(std::wclog);
     std::fflush(nullptr);
 }
 
 /// The buffers of the C++ standard streams that write straight into C stdio (libstdc++'s
-/// stdio_sync_filebuf: what they have unless the program called sync_with_stdio(false) or gave
-/// them a buffer of its own), as they were when a child was forked. Null where a stream has
-/// another buffer, or where that cannot be told (another library, no RTTI).
+/// stdio_sync_filebuf itself, not a class derived from it: what they have unless the program
+/// called sync_with_stdio(false) or gave them a buffer of its own), as they were when a child was
+/// forked. Null where a stream has another buffer, or where that cannot be told (another
+/// library, no RTTI).
 struct SyncedStreams {
-    const std::streambuf* out = nullptr;
-    const std::streambuf* err = nullptr;
-    const std::streambuf* log = nullptr;
+    const void* buffers[6] = {};
 
-    static SyncedStreams now() noexcept { return {synced(std::cout), synced(std::cerr), synced(std::clog)}; }
+    static SyncedStreams now() noexcept {
+        return {{synced(std::cout), synced(std::cerr), synced(std::clog), synced(std::wcout), synced(std::wcerr),
+                 synced(std::wclog)}};
+    }
+
+    /// Whether `stream` (the `i`th of the six) may hold bytes of its own, or flush another stream
+    /// that may: it no longer has the synced buffer it had at the fork, or it is tied to a stream
+    /// other than the standard one its flush would leave alone (std::cerr is tied to std::cout,
+    /// which is looked at in its own right).
+    template <class Stream> bool must_flush(const Stream& stream, std::size_t i) const noexcept {
+        const auto* tie = stream.tie();
+        return static_cast<const void*>(stream.rdbuf()) != buffers[i] ||
+               (tie != nullptr && static_cast<const void*>(tie) != static_cast<const void*>(&std::cout) &&
+                static_cast<const void*>(tie) != static_cast<const void*>(&std::wcout));
+    }
 
 private:
-    static const std::streambuf* synced(const std::ostream& stream) noexcept {
+    template <class Stream> static const void* synced(const Stream& stream) noexcept {
 #if defined(__GLIBCXX__) && defined(__GXX_RTTI)
-        std::streambuf* buffer = stream.rdbuf();
-        return dynamic_cast<__gnu_cxx::stdio_sync_filebuf<char>*>(buffer) != nullptr ? buffer : nullptr;
+        using Char = typename Stream::char_type;
+        const auto* buffer = stream.rdbuf();
+        return buffer != nullptr && typeid(*buffer) == typeid(__gnu_cxx::stdio_sync_filebuf<Char>) ? buffer : nullptr;
 #else
         (void)stream;
         return nullptr;
@@ -108,18 +133,19 @@ private:
     }
 };
 
-/// A child's flush before it leaves: C stdio, and each C++ standard stream that no longer has
-/// the stdio-synced buffer it had at the fork. One that still has it holds no bytes of its own
-/// (they went into C stdio as written), and is not flushed: ostream::flush is library code the
-/// child has not run, and a fork does not map a library's code for the child, so its first run
-/// there costs page faults — most of what a child's flush cost (11 µs of a 121 µs
-/// Process start+join on the 2-core test VM).
+/// A child's flush before it leaves: C stdio, and each C++ standard stream that may hold bytes
+/// C stdio does not (SyncedStreams::must_flush). One that still has the synced buffer it had at
+/// the fork holds none (they went into C stdio as written), and is not flushed: ostream::flush is
+/// library code the child has not run, and a fork does not map a library's code for the child,
+/// so its first run there costs page faults — most of what a child's flush cost (11 µs of a
+/// 121 µs Process start+join on the 2-core test VM).
 inline void flush_stdio_at_exit(const SyncedStreams& synced) noexcept {
-    try {
-        if (std::cout.rdbuf() != synced.out) std::cout.flush();
-        if (std::cerr.rdbuf() != synced.err) std::cerr.flush();
-        if (std::clog.rdbuf() != synced.log) std::clog.flush();
-    } catch (...) {}
+    if (synced.must_flush(std::cout, 0)) flush_quietly(std::cout);
+    if (synced.must_flush(std::cerr, 1)) flush_quietly(std::cerr);
+    if (synced.must_flush(std::clog, 2)) flush_quietly(std::clog);
+    if (synced.must_flush(std::wcout, 3)) flush_quietly(std::wcout);
+    if (synced.must_flush(std::wcerr, 4)) flush_quietly(std::wcerr);
+    if (synced.must_flush(std::wclog, 5)) flush_quietly(std::wclog);
     std::fflush(nullptr);
 }
 
