@@ -344,6 +344,63 @@ TEST_CASE("A streamed piece being copied in is never handed back by a consumer t
     CHECK(wrong == 0);
 }
 
+TEST_CASE("A wake request taken and then made again never puts back the value a sleeper is about to sleep on") {
+    // Replayed in one thread: sleeper A asks for a wake (the word's low bit) and is on its way to
+    // sleep on that value; a waker takes the request; sleeper B asks again. A's futex_wait must
+    // find the word changed: if it read A's value again, A would sleep with no wake coming (a
+    // producer slept through the take that made room for it).
+    using namespace mproc::detail;
+    FutexWord word{40};
+    const std::uint32_t seen = word.fetch_or(wake_wanted) | wake_wanted;
+    REQUIRE(take_wake_request(word));
+    CHECK_FALSE(take_wake_request(word));  // taken once
+    word.fetch_or(wake_wanted);
+    CHECK(word.load() != seen);
+    CHECK((word.load() & wake_wanted) != 0);  // B's request stands
+}
+
+TEST_CASE(
+    "A shut-down queue that drops its items while a streamed one is drained wakes the consumers behind the drain") {
+    // Replayed in one thread. A consumer that finds another draining a streamed item waits on
+    // `items` until the drain ends or the queue is shut down and empty. shutdown() then
+    // shutdown(true) empties it with the drain still going: the word must change (a consumer
+    // watching it, or on its way to sleep, would otherwise sleep on), and the drain's end must
+    // wake a sleeper (ShutDown is its answer now), though no item is left.
+    using namespace mproc::detail;
+    SharedRef ref = ByteQueue::create(std::size_t{16} << 20, 0, 42, 0);
+    ByteQueue q(ref);
+    QueueRing ring(ref);
+    constexpr std::size_t len = 1'000'000;  // streams (over 256 KiB)
+    const std::vector<std::byte> big(len, std::byte{7});
+    const std::vector<std::byte> small(64, std::byte{8});
+    REQUIRE(q.put(big, std::nullopt));
+    REQUIRE(q.put(small, std::nullopt));
+    REQUIRE(q.put(small, std::nullopt));
+    QueueWakes wakes;
+    const QueueCursor c = ring.cursor();
+    const QueueRecord record = ring.record_at(c.head, ring.word_at(c.head));
+    REQUIRE(record.streamed);
+    ring.start_read(c, record, wakes);  // a consumer starts draining the big item
+    q.shutdown(false);
+    const std::uint32_t waited_on = ring.header().items.load();  // by a consumer behind the drain
+    q.shutdown(true);  // the two small items are dropped; the one being drained stays its reader's
+    CHECK(ring.cursor().count == 0);
+    CHECK(ring.header().items.load() != waited_on);
+    std::vector<std::byte> into(len);
+    const ItemPlace place{std::span<std::byte>(into)};
+    for (;;) {
+        wakes = QueueWakes{};
+        StreamPiece piece;
+        REQUIRE(ring.reserve_read_piece(len, piece, wakes) == StreamStep::more);
+        ring.copy_piece_out(piece, place);
+        if (ring.commit_read_piece(piece, true, wakes) == StreamStep::done) break;
+    }
+    CHECK(wakes.items);  // the drain's end wakes the consumer behind it
+    CHECK(into == big);
+    mproc::Buffer out;
+    CHECK(q.get(out, std::nullopt, false) == Take::shut_down);
+}
+
 TEST_CASE("A consumer that watched the queue before sleeping is not left asleep by a put it just missed") {
     // The consumer watches the queue for a few microseconds before it sleeps. A put that publishes
     // after the watch's last look, while the consumer waits for the lock, must keep it from sleeping
