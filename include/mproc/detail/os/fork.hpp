@@ -86,14 +86,14 @@ template <class Stream> void flush_quietly(Stream& stream) noexcept {
     } catch (...) {}
 }
 
-inline void flush_stdio() noexcept {
-    flush_quietly(std::cout);
-    flush_quietly(std::cerr);
-    flush_quietly(std::clog);
-    flush_quietly(std::wcout);
-    flush_quietly(std::wcerr);
-    flush_quietly(std::wclog);
-    std::fflush(nullptr);
+/// Calls f(stream, i) for each C++ standard output stream, numbered 0 to 5.
+template <class F> void each_standard_stream(F&& f) {
+    f(std::cout, 0);
+    f(std::cerr, 1);
+    f(std::clog, 2);
+    f(std::wcout, 3);
+    f(std::wcerr, 4);
+    f(std::wclog, 5);
 }
 
 /// The buffers of the C++ standard streams that write straight into C stdio (libstdc++'s
@@ -105,8 +105,9 @@ struct SyncedStreams {
     const void* buffers[6] = {};
 
     static SyncedStreams now() noexcept {
-        return {{synced(std::cout), synced(std::cerr), synced(std::clog), synced(std::wcout), synced(std::wcerr),
-                 synced(std::wclog)}};
+        SyncedStreams at_fork;
+        each_standard_stream([&](const auto& stream, std::size_t i) { at_fork.buffers[i] = synced(stream); });
+        return at_fork;
     }
 
     /// Whether `stream` (the `i`th of the six) may hold bytes of its own, or flush another stream
@@ -140,14 +141,14 @@ private:
 /// so its first run there costs page faults — most of what a child's flush cost (11 µs of a
 /// 121 µs Process start+join on the 2-core test VM).
 inline void flush_stdio_at_exit(const SyncedStreams& synced) noexcept {
-    if (synced.must_flush(std::cout, 0)) flush_quietly(std::cout);
-    if (synced.must_flush(std::cerr, 1)) flush_quietly(std::cerr);
-    if (synced.must_flush(std::clog, 2)) flush_quietly(std::clog);
-    if (synced.must_flush(std::wcout, 3)) flush_quietly(std::wcout);
-    if (synced.must_flush(std::wcerr, 4)) flush_quietly(std::wcerr);
-    if (synced.must_flush(std::wclog, 5)) flush_quietly(std::wclog);
+    each_standard_stream([&](auto& stream, std::size_t i) {
+        if (synced.must_flush(stream, i)) flush_quietly(stream);
+    });
     std::fflush(nullptr);
 }
+
+/// Before a fork: every stream (no buffer is taken as synced, so each is flushed).
+inline void flush_stdio() noexcept { flush_stdio_at_exit(SyncedStreams{}); }
 
 // A fresh child makes its own calls through syscall(), which the parent has bound already (see
 // current_tid): a libc function the parent never called (prctl, getppid, _exit) would be bound
