@@ -451,7 +451,7 @@ std::size_t occurrences(const std::string& text, const std::string& token) {
 
 TEST_CASE("output buffered before start appears once, and a child's buffered output is not lost") {
     for (const char* mode : {"synced return", "unsynced return", "synced exit", "unsynced exit", "synced return rdbuf",
-                             "unsynced return rdbuf", "unsynced return wide"}) {
+                             "unsynced return rdbuf", "unsynced return wide", "synced return tied"}) {
         INFO("mode: " << mode);
         const std::string text = run_buffered_output(mode);
         INFO("output: " << text);
@@ -461,6 +461,8 @@ TEST_CASE("output buffered before start appears once, and a child's buffered out
         // A buffer the child gave std::cout itself is flushed as the child leaves, like the others.
         if (std::strstr(mode, "rdbuf")) CHECK(occurrences(text, "<child-rdbuf>") == 1);
         if (std::strstr(mode, "wide")) CHECK(occurrences(text, "<child-wide>") == 1);  // std::wcout's own buffer
+        if (std::strstr(mode, "tied"))
+            CHECK(occurrences(text, "<child-tied>") == 1);  // the stream std::cerr is tied to
         // The parent's first words come out before anything the child wrote.
         CHECK(text.find("<parent-fmt>") < text.find("<child-printf>"));
     }
