@@ -3,6 +3,7 @@
 // using its parent's pool, descriptors and process limits, and a Pipe's EOF beside a pool.
 #include "test_pool_common.hpp"
 
+#include <mproc/detail/os/spin.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
 #include <mproc/sync.hpp>
@@ -10,8 +11,10 @@
 #include <dirent.h>
 #include <grp.h>
 #include <numeric>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <thread>
 #include <utility>
 
 using namespace std::chrono_literals;
@@ -484,4 +487,94 @@ TEST_CASE("a task_timeout that is not positive is refused") {
     CHECK_THROWS_AS(mproc::Pool({.processes = 1, .task_timeout = mproc::Seconds{0}}), mproc::Error);
     CHECK_THROWS_AS(mproc::Pool({.processes = 1, .task_timeout = mproc::Seconds{-1}}), mproc::Error);
     CHECK(mproc_test::child_count() == 0);
+}
+
+// =================================================================================================
+// One CPU: a wait that watches for its peer yields to it instead of spinning beside it
+// =================================================================================================
+
+namespace {
+
+/// Pins the calling thread to one CPU of its mask for the object's lifetime (threads and processes
+/// it starts meanwhile inherit that), then gives it its mask back. `ok()`: the pin took (checked
+/// by the test's own thread: Catch's assertions are not for other threads).
+class PinnedToOneCpu {
+public:
+    PinnedToOneCpu() {
+        if (::sched_getaffinity(0, sizeof old_, &old_) != 0) return;
+        int first = 0;
+        while (first < CPU_SETSIZE && !CPU_ISSET(first, &old_)) ++first;
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(first, &one);
+        ok_ = ::sched_setaffinity(0, sizeof one, &one) == 0;
+    }
+    PinnedToOneCpu(const PinnedToOneCpu&) = delete;
+    PinnedToOneCpu& operator=(const PinnedToOneCpu&) = delete;
+    ~PinnedToOneCpu() {
+        if (ok_) ::sched_setaffinity(0, sizeof old_, &old_);
+    }
+    bool ok() const noexcept { return ok_; }
+
+private:
+    cpu_set_t old_{};
+    bool ok_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("on_one_cpu follows the calling thread's affinity mask") {
+    bool pinned = false, free = true;
+    std::thread([&] {
+        PinnedToOneCpu pin;
+        pinned = pin.ok() && mproc::detail::on_one_cpu();
+    }).join();
+    std::thread([&] { free = mproc::detail::on_one_cpu(); }).join();  // a fresh thread, this one's mask
+    CHECK(pinned);
+    CHECK(free == (mproc::cpu_count() == 1));
+}
+
+TEST_CASE("spin_until on a thread pinned to one CPU sees what a thread on the same CPU publishes") {
+    // The publisher can run only when the watcher lets the CPU go: the watch must yield to it, and
+    // return true (the budget is a guard against a hang, never reached when it does).
+    Watchdog dog(120s, "a watch on one CPU");
+    for (int round = 0; round < 20; ++round) {
+        std::atomic<bool> published{false};
+        bool seen = false;
+        std::thread([&] {
+            PinnedToOneCpu pin;
+            if (!pin.ok()) return;
+            std::thread publisher([&] { published.store(true, std::memory_order_release); });
+            seen = mproc::detail::spin_until([&] { return published.load(std::memory_order_acquire); },
+                                             std::chrono::microseconds(std::chrono::seconds(30)));
+            publisher.join();
+        }).join();
+        CAPTURE(round);
+        REQUIRE(seen);
+    }
+}
+
+TEST_CASE("a Pool on one CPU serves apply, a streamed map and apply_async with callbacks") {
+    // Its worker and collector watch their rings between tasks (detail::spin_until): on one CPU
+    // that watch yields at every look. Every answer must still arrive, and right.
+    Watchdog dog(300s, "a pool on one CPU");
+    PinnedToOneCpu pin;
+    REQUIRE(pin.ok());
+    mproc::Pool pool(2);
+    for (int i = 0; i < 300; ++i) REQUIRE(pool.apply(square, i) == i * i);
+    std::vector<int> xs(20000);
+    std::iota(xs.begin(), xs.end(), 0);
+    const std::vector<int> squares = pool.map(square, xs, 1);
+    REQUIRE(squares.size() == xs.size());
+    for (std::size_t i = 0; i < xs.size(); ++i) REQUIRE(squares[i] == xs[i] * xs[i]);
+    std::atomic<long> sum{0};
+    std::vector<mproc::AsyncResult<int>> pending;
+    for (int i = 0; i < 2000; ++i)
+        pending.push_back(pool.apply_async(square, std::tuple{i % 100}, [&](int r) { sum += r; }));
+    for (auto& r : pending) r.get();
+    long want = 0;
+    for (int i = 0; i < 2000; ++i) want += (i % 100) * (i % 100);
+    CHECK(sum == want);
+    pool.close();
+    pool.join();
 }
