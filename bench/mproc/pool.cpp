@@ -3,7 +3,8 @@
 //   bench_mproc_pool map         --n 1000000            Pool.map(square, xs), default chunksize: tasks/s
 //   bench_mproc_pool map_c1      --n 100000             Pool.map(square, xs, 1): tasks/s
 //   bench_mproc_pool apply_async --n 100000             apply_async(square, (i,), callback) × n, then get all: tasks/s
-//   bench_mproc_pool apply_lat   --n 2000               apply(square, i) one at a time: p50/p90/p99 µs
+//   bench_mproc_pool apply_lat   --n 2000 [--pin]       apply(square, i) one at a time: p50/p90/p99 µs
+//                                                       (--pin: this process, and so the pool, on one CPU)
 //   bench_mproc_pool starmap     --n 1000000            Pool.starmap(add, pairs), default chunksize: tasks/s
 //   bench_mproc_pool memory                             private memory of each idle worker: MiB
 //   bench_mproc_pool idle        --seconds 1            CPU of an idle Pool (this process, helpers, workers): %
@@ -151,6 +152,8 @@ void bench_uneven(const bench::Args& args) {
 
 void bench_apply_latency(const bench::Args& args) {
     const long long n = args.num("n", 2000);
+    const bool pin = args.flag("pin");
+    if (pin) bench::pin_to_cpu(bench::first_allowed_cpu());  // before the pool: its processes inherit it
     mproc::Pool pool;
     warm_up(pool);
     for (std::int64_t i = 0; i < 100; ++i) bench::check(pool.apply(square, i) == i * i, "apply warm-up");
@@ -162,7 +165,7 @@ void bench_apply_latency(const bench::Args& args) {
         lat.push_back(bench::now_ns() - t0);
         bench::check(r == i * i, "apply result");
     }
-    bench::latency_record("pool_apply_lat", "mproc", lat).print();
+    bench::latency_record(pin ? "pool_apply_lat_pinned" : "pool_apply_lat", "mproc", lat).print();
 }
 
 void bench_starmap(const bench::Args& args) {

@@ -3,7 +3,8 @@
     pool.py map         --n 1000000     Pool.map(square, xs), default chunksize: tasks/s
     pool.py map_c1      --n 100000      Pool.map(square, xs, 1): tasks/s
     pool.py apply_async --n 100000      apply_async(square, (i,), callback=...) x n, then wait all: tasks/s
-    pool.py apply_lat   --n 2000        apply(square, (i,)) one at a time: p50/p90/p99 us
+    pool.py apply_lat   --n 2000 [--pin] apply(square, (i,)) one at a time: p50/p90/p99 us
+                                        (--pin: this process, and so the pool, on one CPU)
     pool.py starmap     --n 1000000     Pool.starmap(add, pairs), default chunksize: tasks/s
     pool.py memory                      private memory of each idle worker: MiB
     pool.py idle        --ms 1000       CPU of an idle Pool (this process and its children): %
@@ -13,7 +14,8 @@ import sys
 import time
 from multiprocessing import Pool
 
-from common import Args, check, children_of, die, idle_record, latency_record, now_ns, private_kib, record, use_fork
+from common import (Args, check, children_of, die, idle_record, latency_record, now_ns, pin_to_one_cpu, private_kib,
+                    record, use_fork)
 
 
 def square(x):
@@ -65,6 +67,9 @@ def bench_apply_async(args):
 
 def bench_apply_latency(args):
     n = args.num("n", 2000)
+    pin = args.flag("pin")
+    if pin:
+        pin_to_one_cpu()  # before the pool: its processes inherit it
     with Pool() as pool:
         warm_up(pool)
         for i in range(100):
@@ -75,7 +80,7 @@ def bench_apply_latency(args):
             r = pool.apply(square, (i,))
             lat.append(now_ns() - t0)
             check(r == i * i, "apply result")
-    latency_record("pool_apply_lat", "python", lat)
+    latency_record("pool_apply_lat_pinned" if pin else "pool_apply_lat", "python", lat)
 
 
 def bench_starmap(args):
