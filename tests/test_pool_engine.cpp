@@ -540,16 +540,18 @@ TEST_CASE("spin_until on a thread pinned to one CPU sees what a thread on the sa
     Watchdog dog(120s, "a watch on one CPU");
     for (int round = 0; round < 20; ++round) {
         std::atomic<bool> published{false};
-        bool seen = false;
+        bool pinned = false, seen = false;
         std::thread([&] {
             PinnedToOneCpu pin;
-            if (!pin.ok()) return;
+            pinned = pin.ok();
+            if (!pinned) return;
             std::thread publisher([&] { published.store(true, std::memory_order_release); });
             seen = mproc::detail::spin_until([&] { return published.load(std::memory_order_acquire); },
                                              std::chrono::microseconds(std::chrono::seconds(30)));
             publisher.join();
         }).join();
         CAPTURE(round);
+        REQUIRE(pinned);
         REQUIRE(seen);
     }
 }

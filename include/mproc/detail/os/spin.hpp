@@ -27,27 +27,31 @@ inline void cpu_relax() noexcept {
 
 /// True when the calling thread may run on one CPU only (its affinity mask): then whoever would
 /// publish what it waits for runs on that CPU too, or elsewhere, but never beside a spin of its own
-/// on the same core. Looked up again at most every 100 ms (a thread's mask rarely changes; the
-/// system call costs about as much as the wait it would shorten).
-inline bool on_one_cpu() noexcept {
+/// on the same core. `now` is monotonic_ns() as the caller just read it; the mask is looked up
+/// again at most every 100 ms (a thread's mask rarely changes; the system call costs about as
+/// much as the wait it would shorten).
+inline bool on_one_cpu(std::int64_t now) noexcept {
     thread_local std::int64_t looked_ns = 0;
     thread_local bool one = false;
-    const std::int64_t now = monotonic_ns();
     if (looked_ns == 0 || now - looked_ns >= 100'000'000) {
         one = affinity_cpu_count() == 1;
         looked_ns = now;
     }
     return one;
 }
+inline bool on_one_cpu() noexcept { return on_one_cpu(monotonic_ns()); }
 
 /// Busy-waits until `ready()` or `budget` has passed; returns ready(). Every few hundred
 /// iterations it yields, so a thread that shares this CPU (the one that would publish) runs. A
 /// thread that may run on one CPU only yields at every look instead: its peer is then either on
 /// that CPU and runs at once, or on another and the yield returns at once (a few hundred pauses
-/// between yields cost a peer on the same CPU about 10 µs per wait on this VM).
+/// between yields cost a peer on the same CPU about 10 µs per wait on this VM). The price, for a
+/// waiter pinned to one CPU whose peer is pinned to another: a system call per look instead of a
+/// pause, so it notices a publish a fraction of a microsecond later.
 template <class Ready> bool spin_until(Ready&& ready, std::chrono::microseconds budget) noexcept {
-    const auto until = Clock::now() + budget;
-    if (on_one_cpu()) {
+    const auto start = Clock::now();
+    const auto until = start + budget;
+    if (on_one_cpu(std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count())) {
         for (;;) {
             if (ready()) return true;
             if (Clock::now() >= until) return ready();
