@@ -785,12 +785,16 @@ private:
         delete this;
     }
 
+    /// While results keep coming, how often the collector still looks at its descriptors.
+    static constexpr std::int64_t collector_look_ns = 200'000;
+
     void collect() {
         std::vector<pollfd> fds;
         std::vector<int> seat_of;  // fds index -> seat
         PoolShared& shared = link_.shared();
         HeldTasks stalled(*this);
         std::string stall_why;
+        std::int64_t looked_at = 0;  // when poll() last returned
         for (;;) {
             int timeout_ms = -1;
             bool streaming = false;  // workers hold several tasks: results are due one after another
@@ -836,6 +840,11 @@ private:
             bool progressed = false;
             for (Seat& s : seats_) progressed |= service_seat(s);
             if (progressed) {
+                // Results came: go straight back for more. The descriptors (the server's reports,
+                // large results on the sockets, the eventfd) are looked at meanwhile, with no wait,
+                // at most every collector_look_ns: each look is a system call, and two more turns
+                // of the pool's mutex, which a caller dispatching its next task may hold.
+                if (monotonic_ns() - looked_at < collector_look_ns) continue;
                 timeout_ms = 0;  // look at the sockets and the server, then come straight back
             } else if (streaming && timeout_ms != 0 && spin_until([&] { return any_results_waiting(); }, ring_spin)) {
                 timeout_ms = 0;  // a result came while we watched: no need to sleep for it
@@ -856,6 +865,7 @@ private:
                 collector_wakes_at_ = timeout_ms < 0 ? INT64_MAX : now + std::int64_t{timeout_ms} * 1'000'000;
             }
             const int n = ::poll(fds.data(), fds.size(), timeout_ms);
+            looked_at = monotonic_ns();
             shared.collector_sleeping.store(0, std::memory_order_relaxed);
             {
                 std::lock_guard lock(mutex_);
@@ -865,8 +875,10 @@ private:
             if (n <= 0) continue;
 
             if (fds[0].revents & POLLIN) {
+                // One read empties an eventfd (its count goes back to 0: a second read would only
+                // fail with EAGAIN, a system call per wake-up); a write after it shows in the next poll.
                 std::uint64_t drained;
-                while (::read(wake_.get(), &drained, sizeof drained) > 0) {}
+                while (::read(wake_.get(), &drained, sizeof drained) < 0 && errno == EINTR) {}
             }
             for (std::size_t i = 2; i < fds.size(); ++i) {
                 if (!fds[i].revents) continue;
