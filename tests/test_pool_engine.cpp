@@ -559,7 +559,7 @@ TEST_CASE("spin_until on a thread pinned to one CPU sees what a thread on the sa
 TEST_CASE("a Pool on one CPU serves apply, a streamed map and apply_async with callbacks") {
     // Its worker and collector watch their rings between tasks (detail::spin_until): on one CPU
     // that watch yields at every look. Every answer must still arrive, and right.
-    Watchdog dog(300s, "a pool on one CPU");
+    Watchdog dog(120s, "a pool on one CPU");
     PinnedToOneCpu pin;
     REQUIRE(pin.ok());
     mproc::Pool pool(2);
