@@ -276,13 +276,9 @@ private:
         if (got == 0 || (got < 0 && errno == ECONNRESET)) in_.throw_end_of_stream(op);
         if (got < 0) detail::throw_errno(op);
     }
-    /// Whether the next wait for bytes watches first (see watch_for_bytes). Pinned to one CPU
-    /// (and so, most likely, the peer with it), never: that is looked up once, at the first wait.
-    bool watching() noexcept {
-        if (!watch_) return false;
-        if (single_cpu_ < 0) single_cpu_ = detail::affinity_cpu_count() == 1 ? 1 : 0;
-        return single_cpu_ == 0;
-    }
+    /// Whether the next wait for bytes watches first (see watch_for_bytes). On a thread pinned to
+    /// one CPU (and so, most likely, the peer with it), never (detail::on_one_cpu).
+    bool watching() noexcept { return watch_ && !detail::on_one_cpu(); }
     /// A reader that sleeps in read(2) while its peer streams is woken for each write, and the
     /// kernel then runs both on one core, taking turns (a pipe's wake-up pulls the reader to the
     /// writer's core): 4 KiB messages moved at half the speed of two busy cores. So, while the
@@ -409,7 +405,6 @@ private:
     std::size_t grown_for_ = detail::default_pipe_capacity;
     bool kernel_buffer_at_limit_ = false;
     bool watch_ = true;  // the next fill watches for bytes before it sleeps (fill_once)
-    signed char single_cpu_ = -1;  // this process runs on one CPU: 1, else 0 (-1: not looked yet)
 };
 
 /// Two connected ends. Duplex (the default): both send and receive, over a Unix socketpair.

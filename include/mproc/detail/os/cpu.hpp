@@ -1,8 +1,12 @@
-// mproc — how many CPUs this process may run on: what cpu_count() reports and a default Pool's size.
+// mproc — how many CPUs this process may run on: what cpu_count() reports, a default Pool's size,
+// and whether a short watch for a peer should yield at every look (on_one_cpu).
 #pragma once
 
+#include <cstdint>
 #include <sched.h>
 #include <unistd.h>
+
+#include "clock.hpp"
 
 namespace mproc {
 
@@ -19,6 +23,22 @@ inline unsigned affinity_cpu_count() noexcept {
     const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? static_cast<unsigned>(n) : 1u;
 }
+
+/// True when the calling thread may run on one CPU only (its affinity mask): then whoever would
+/// publish what it waits for runs on that CPU too, or elsewhere, but never beside a spin of its own
+/// on the same core. `now` is monotonic_ns() as the caller just read it; the mask is looked up
+/// again at most every 100 ms (a thread's mask rarely changes; the system call costs about as
+/// much as the wait it would shorten).
+inline bool on_one_cpu(std::int64_t now) noexcept {
+    thread_local std::int64_t looked_ns = 0;
+    thread_local bool one = false;
+    if (looked_ns == 0 || now - looked_ns >= 100'000'000) {
+        one = affinity_cpu_count() == 1;
+        looked_ns = now;
+    }
+    return one;
+}
+inline bool on_one_cpu() noexcept { return on_one_cpu(monotonic_ns()); }
 
 }  // namespace detail
 

@@ -7,7 +7,6 @@
 #pragma once
 
 #include <chrono>
-#include <cstdint>
 #include <sched.h>
 
 #include "clock.hpp"
@@ -24,22 +23,6 @@ inline void cpu_relax() noexcept {
     asm volatile("yield");
 #endif
 }
-
-/// True when the calling thread may run on one CPU only (its affinity mask): then whoever would
-/// publish what it waits for runs on that CPU too, or elsewhere, but never beside a spin of its own
-/// on the same core. `now` is monotonic_ns() as the caller just read it; the mask is looked up
-/// again at most every 100 ms (a thread's mask rarely changes; the system call costs about as
-/// much as the wait it would shorten).
-inline bool on_one_cpu(std::int64_t now) noexcept {
-    thread_local std::int64_t looked_ns = 0;
-    thread_local bool one = false;
-    if (looked_ns == 0 || now - looked_ns >= 100'000'000) {
-        one = affinity_cpu_count() == 1;
-        looked_ns = now;
-    }
-    return one;
-}
-inline bool on_one_cpu() noexcept { return on_one_cpu(monotonic_ns()); }
 
 /// Busy-waits until `ready()` or `budget` has passed; returns ready(). Every few hundred
 /// iterations it yields, so a thread that shares this CPU (the one that would publish) runs. A
