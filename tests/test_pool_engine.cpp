@@ -247,6 +247,18 @@ TEST_CASE("destroying a Pool inside its own callback tears it down once the call
     for (pid_t w : workers) wait_for([&] { return pool_test::gone(w); }, "the workers to be gone");
 }
 
+TEST_CASE("a worker that has answered a task is in worker_pids(), under the pid that ran it") {
+    // The pid comes with the worker's first frame, ahead of its results: not later, from the fork
+    // server, whose report the pool may not have read yet when the first result is delivered.
+    for (int round = 0; round < 100; ++round) {
+        mproc::Pool pool(1);
+        const pid_t ran = pool.apply(+[] { return ::getpid(); });
+        REQUIRE(pool.worker_pids() == std::vector<pid_t>{ran});
+        pool.terminate();
+        pool.join();
+    }
+}
+
 TEST_CASE("a child process calling its parent's Pool gets mproc::Error and changes nothing") {
     Watchdog dog(120s, "a pool used from a child");
     mproc::Pool pool(2);

@@ -315,7 +315,9 @@ public:
     /// Stops the workers now; pending results fail with mproc::Error.
     void terminate() { engine().terminate(); }
 
-    /// The live workers' pids (they change as workers are replaced).
+    /// The live workers' pids (they change as workers are replaced). A worker is listed once it
+    /// has started: always before its first result is delivered, not always by the time the
+    /// constructor returns.
     std::vector<pid_t> worker_pids() { return engine().worker_pids(); }
 
     /// What the workers are doing and have done: per seat, its worker's pid, tasks done, busy and

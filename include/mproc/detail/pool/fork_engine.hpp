@@ -945,7 +945,7 @@ private:
                 const std::uint64_t id = result_id(body);
                 if (id == hello_task_id) {
                     Reader in(result_outcomes(body));
-                    hello_locked(s, in);
+                    hello_locked(s, static_cast<pid_t>(result_frame::worker_pid::get(body)), in);
                 } else if (!s.inflight.empty() && s.inflight.front().id == id) {
                     finished_.emplace_back(s.inflight.front(), body);  // moved once there is room
                     s.inflight.pop_front();
@@ -978,16 +978,18 @@ private:
         return progressed;
     }
 
-    void hello_locked(Seat& s, Reader& in) {
+    /// The worker's first frame. Its pid is known from here on: the fork server's report of it
+    /// may still be unread, and a caller who has the worker's first result must find it in
+    /// worker_pids().
+    void hello_locked(Seat& s, pid_t pid, Reader& in) {
         s.saw_hello = true;
+        if (s.pid == 0 && pid > 0) s.pid = pid;
         start_failures_ = 0;
         failing_since_ = 0;
         s.respawn_delay = 0;
         if (const auto why = read_hello_outcome(in)) {
-            // The fork server's report of the worker's pid may still be on its way.
-            const std::string worker = s.pid != 0 ? " (pid " + std::to_string(s.pid) + ")" : "";
-            break_pool_locked("the pool's initializer failed in a worker" + worker + ": " + why->type_name + ": " +
-                              why->message);
+            break_pool_locked("the pool's initializer failed in a worker (pid " + std::to_string(pid) +
+                              "): " + why->type_name + ": " + why->message);
         }
     }
 

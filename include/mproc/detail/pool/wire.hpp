@@ -13,8 +13,8 @@
 // item. `callable` is present when the TaskCode says the callable is a function pointer; the MPI
 // engine rewrites both addresses as portable names and back (mpi/detail/address.hpp). The trailer
 // lists the items not to run (they already failed when an earlier worker died on them). `spent_ns`
-// is the worker's run time of the task. Task id 0 is a worker's hello: one outcome, the
-// initializer's.
+// is the worker's run time of the task. Task id 0 is a worker's hello: in the spent_ns slot the
+// worker's pid (it ran nothing), then one outcome, the initializer's.
 //
 // A *packed* task (invoke.hpp: one argument and a result that are both encoded as their bytes, as
 // numbers are) carries its items as one record, the arguments back to back, and its result frame
@@ -74,6 +74,7 @@ inline constexpr std::size_t smallest = payload_at + sizeof(skip_count_size);
 namespace result_frame {
 using id = Field<std::uint64_t, 0>;
 using spent_ns = Field<std::int64_t, id::end>;
+using worker_pid = spent_ns;  // in a hello (task id 0), which has run nothing
 inline constexpr std::size_t outcomes_at = spent_ns::end;
 }  // namespace result_frame
 
@@ -82,8 +83,8 @@ inline std::span<std::byte> body_of(Buffer& frame) noexcept {
     return std::span<std::byte>(frame.data(), frame.size()).subspan(frame_header_size);
 }
 
-/// Task id 0 is the worker's hello: an Outcome::value once the initializer has run, or
-/// Outcome::exception and the initializer's exception.
+/// Task id 0 is the worker's hello: the worker's pid, then an Outcome::value once the initializer
+/// has run, or Outcome::exception and the initializer's exception.
 inline constexpr std::uint64_t hello_task_id = 0;
 
 /// An item's outcome; `packed` stands for every item of a packed task, each a value.

@@ -154,7 +154,7 @@ inline void run_task(const TaskView& task, SeatStatus& status, bool timed, Buffe
     finish_result_frame(out, monotonic_ns() - begun);
 }
 
-/// The hello frame: task id 0, then the initializer's outcome.
+/// The hello frame: task id 0, this worker's pid, then the initializer's outcome.
 inline void write_hello(Buffer& out, const std::function<void()>& initializer, bool& ok) {
     Writer w = begin_result_frame(out, hello_task_id);
     ok = true;
@@ -165,7 +165,8 @@ inline void write_hello(Buffer& out, const std::function<void()>& initializer, b
         ok = false;
         write_exception_outcome(w, RemoteException::capture());
     }
-    finish_result_frame(out, 0);
+    result_frame::worker_pid::set(body_of(out), ::getpid());
+    finish_frame(out);
 }
 
 /// An `adopt` record: the segment's memfd follows on the socket (a descriptor frame) and is
