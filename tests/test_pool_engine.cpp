@@ -250,6 +250,7 @@ TEST_CASE("destroying a Pool inside its own callback tears it down once the call
 TEST_CASE("a worker that has answered a task is in worker_pids(), under the pid that ran it") {
     // The pid comes with the worker's first frame, ahead of its results: not later, from the fork
     // server, whose report the pool may not have read yet when the first result is delivered.
+    Watchdog dog(120s, "worker_pids after a first result");
     for (int round = 0; round < 100; ++round) {
         mproc::Pool pool(1);
         const pid_t ran = pool.apply(+[] { return ::getpid(); });

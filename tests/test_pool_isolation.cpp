@@ -137,7 +137,7 @@ TEST_CASE("cancel stops a running task: its worker is replaced, get() throws Can
     Gate gate;
     TaskLog log;
     mproc::Pool pool(1);
-    const auto before = pool.worker_pids();
+    const auto before = pool_test::all_worker_pids(pool, 1);
     auto running = pool.apply_async(pool_test::gated_logged, std::tuple{gate.read_fd(), 7});
     pool_test::wait_for_log_lines(log, 1);
     auto after_it = pool.apply_async(square, std::tuple{6});  // queued behind it on the same worker
@@ -288,7 +288,7 @@ TEST_CASE("leaving an imap loop early cancels what is in flight: no worker goes 
     mproc::Pool pool(2);
     std::vector<int> values(40);
     for (int i = 0; i < 40; ++i) values[static_cast<std::size_t>(i)] = i;
-    const auto before = pool.worker_pids();
+    const auto before = pool_test::all_worker_pids(pool, 2);
     {
         std::vector<std::tuple<int, int>> args;
         for (int v : values) args.emplace_back(gate.read_fd(), v);
@@ -420,7 +420,7 @@ TEST_CASE("memory_limit: a task that allocates past it fails with MemoryLimitExc
     }
     Watchdog dog(120s, "memory_limit");
     mproc::Pool pool(mproc::PoolOptions{.processes = 1, .memory_limit = std::size_t{64} << 20});
-    const auto before = pool.worker_pids();
+    const auto before = pool_test::all_worker_pids(pool, 1);
     CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);  // well under the limit
     try {
         pool.apply(allocate_mib, 512L);

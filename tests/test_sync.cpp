@@ -1034,6 +1034,7 @@ TEST_CASE(
                 for (const auto& path : mproc_test::mproc_named_mappings(pid))
                     CHECK_THAT(path, Catch::StartsWith("/memfd:mproc-"));
             }
+            REQUIRE(eventually([&] { return pool.worker_pids().size() == 2; }));  // both started
             for (const pid_t pid : pool.worker_pids()) CHECK(mproc_test::dev_shm_mappings(pid).empty());
             victim.kill();
             holder.kill();

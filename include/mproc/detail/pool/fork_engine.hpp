@@ -193,11 +193,12 @@ private:
         // and whether it had to be killed because it did not.
         std::int64_t cancel_sent_ns = 0;
         bool cancel_killed = false;
+        bool cancel_signal_owed = false;  // asked before the worker's pid was known: sent once it is
         // For stats(): what this seat's workers have done, and how the replaced ones ended.
         std::uint64_t tasks_done = 0;
         std::int64_t busy_ns = 0;
         std::int64_t alive_ns = 0;  // the lifetimes of the workers gone
-        std::int64_t worker_since = 0;  // when the live worker was reported started (0: none)
+        std::int64_t worker_since = 0;  // when the live worker's pid was learned (0: none)
         RestartCounts restarts;
         std::string last_restart;
         // Stall watch: the worker's `begun` count when last seen, and since when it has not moved
@@ -380,6 +381,7 @@ private:
                 status.call.load(std::memory_order_relaxed) != sink.call)
                 continue;
             if (s.pid > 0) server_.kill(s.index, s.pid, cancel_signal());
+            else s.cancel_signal_owed = true;  // watch_cancels_locked sends it once the pid is known
             if (s.cancel_sent_ns == 0) s.cancel_sent_ns = now;
         }
     }
@@ -646,6 +648,7 @@ private:
         s.watchdog_killed = false;
         s.cancel_sent_ns = 0;
         s.cancel_killed = false;
+        s.cancel_signal_owed = false;
         s.seen_begun = 0;
         s.waiting_since = 0;
         s.respawn_at = 0;
@@ -983,7 +986,7 @@ private:
     /// worker_pids().
     void hello_locked(Seat& s, pid_t pid, Reader& in) {
         s.saw_hello = true;
-        if (s.pid == 0 && pid > 0) s.pid = pid;
+        learn_pid_locked(s, pid);
         start_failures_ = 0;
         failing_since_ = 0;
         s.respawn_delay = 0;
@@ -991,6 +994,13 @@ private:
             break_pool_locked("the pool's initializer failed in a worker (pid " + std::to_string(pid) +
                               "): " + why->type_name + ": " + why->message);
         }
+    }
+
+    /// The seat's worker is `pid`: from its hello or the server's report, whichever is read first.
+    void learn_pid_locked(Seat& s, pid_t pid) {
+        if (s.pid != 0 || pid <= 0) return;
+        s.pid = pid;
+        s.worker_since = monotonic_ns();
     }
 
     /// Spawned / exited reports. Returns false when the server is gone.
@@ -1015,8 +1025,7 @@ private:
             Seat& s = seats_[static_cast<std::size_t>(m->seat)];
             if (m->op == ControlMessage::spawned) {
                 std::lock_guard lock(mutex_);
-                s.pid = m->pid;
-                s.worker_since = monotonic_ns();
+                learn_pid_locked(s, m->pid);
                 if (s.state == SeatState::starting) s.state = SeatState::ready;
                 s.respawn_delay = 0;
                 failing_since_ = 0;  // a fork worked: the limit, if any, has lifted
@@ -1303,6 +1312,7 @@ private:
                                              [](const Task& t) { return t.sink->cancelled(); });
             if (!waiting) {
                 s.cancel_sent_ns = 0;
+                s.cancel_signal_owed = false;
                 continue;
             }
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
@@ -1311,9 +1321,11 @@ private:
             if (!on_cancelled) {
                 // It ended that task or never began it; the queued ones it will skip itself.
                 s.cancel_sent_ns = 0;
+                s.cancel_signal_owed = false;
                 continue;
             }
-            if (s.pid <= 0) continue;  // its pid's report wakes the collector
+            if (s.pid <= 0) continue;  // its hello, or the server's report, wakes the collector
+            if (std::exchange(s.cancel_signal_owed, false)) server_.kill(s.index, s.pid, cancel_signal());
             if (now - s.cancel_sent_ns >= cancel_grace_ns) {
                 s.cancel_killed = true;
                 s.cancel_sent_ns = 0;
