@@ -360,6 +360,37 @@ TEST_CASE("map returns results in input order, whatever the chunksize") {
     CHECK(pool.map(square, iota_vec(3)) == squares_of(iota_vec(3)));
 }
 
+namespace {
+/// Item 0 finishes last: its chunk's results arrive after every later chunk's.
+long square_first_late(long x) {
+    if (x == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    return x * x;
+}
+std::string spell_first_late(long x) { return std::to_string(square_first_late(x)); }
+bool odd_first_late(long x) { return square_first_late(x) % 2 != 0; }
+}  // namespace
+
+TEST_CASE("map's result is whole when the first chunk comes back last (numbers, strings, bools)") {
+    mproc::Pool pool(2);
+    std::vector<long> xs(2000);
+    std::iota(xs.begin(), xs.end(), 0L);
+    std::vector<long> squares;
+    std::vector<std::string> spelled;
+    std::vector<bool> odd;
+    for (long x : xs) {
+        squares.push_back(x * x);
+        spelled.push_back(std::to_string(x * x));
+        odd.push_back(x % 2 != 0);
+    }
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{10}, std::size_t{0}}) {
+        INFO("chunksize " << chunksize << " (0: the default)");
+        const auto map = [&](auto f) { return chunksize == 0 ? pool.map(f, xs) : pool.map(f, xs, chunksize); };
+        CHECK(map(square_first_late) == squares);  // packed chunks
+        CHECK(map(spell_first_late) == spelled);   // one outcome per item
+        CHECK(map(odd_first_late) == odd);
+    }
+}
+
 TEST_CASE("map_async: result, callback with the whole vector, and error_callback") {
     mproc::Pool pool(2);
     const auto xs = iota_vec(200);

@@ -434,13 +434,19 @@ class ManyResult final : public ResultCore<ManyResult<R>, std::conditional_t<std
     using Core = ResultCore<ManyResult<R>, Value>;
 
 public:
+    /// The vector's room is reserved here, on the caller's thread, and its elements made as the
+    /// results come, on the pool's: the caller does not touch memory the size of the whole result
+    /// (page faults and all) before the first task goes out.
     ManyResult(std::size_t items, typename Core::Callback callback, typename Core::ErrorCallback error_callback,
                std::thread::id collector)
-        : Core(items, std::move(callback), std::move(error_callback), collector) {
-        if constexpr (!std::is_void_v<R>) values_.resize(items);
+        : Core(items, std::move(callback), std::move(error_callback), collector), items_(items) {
+        if constexpr (!std::is_void_v<R>) values_.reserve(items);
     }
 
     void store(std::size_t index, std::span<const std::byte> bytes) {
+        if (index >= items_)
+            throw SerializationError("a result for item " + std::to_string(index) + " of " + std::to_string(items_));
+        grow_to(index + 1);
         if constexpr (std::is_same_v<R, bool>) {  // std::vector<bool> has no element to decode into
             bool value{};
             decode_value_into(bytes, value);
@@ -452,14 +458,26 @@ public:
     /// A packed task's values (numbers): copied into their places as one block.
     void store_packed(std::size_t first, std::span<const std::byte> values, std::uint32_t count)
         requires is_bulk_copyable_v<R> {
-        if (values.size() != std::size_t{count} * sizeof(R) || first + count > values_.size())
+        if (values.size() != std::size_t{count} * sizeof(R) || first > items_ || count > items_ - first)
             throw SerializationError("cannot decode the results of type " + type_name<R>() + ": a packed outcome of " +
                                      std::to_string(values.size()) + " bytes for " + std::to_string(count) + " items");
+        grow_to(first + count);
         std::memcpy(values_.data() + first, values.data(), values.size());
     }
-    void finish(std::optional<stored_t<Value>>& value) { value.emplace(std::move(values_)); }
+    void finish(std::optional<stored_t<Value>>& value) {
+        grow_to(items_);  // (every item has its value by now: a call with an error never gets here)
+        value.emplace(std::move(values_));
+    }
 
 private:
+    /// Makes the elements up to `size` (within the room reserved: no reallocation).
+    void grow_to(std::size_t size) {
+        if constexpr (!std::is_void_v<R>) {
+            if (values_.size() < size) values_.resize(size);
+        }
+    }
+
+    std::size_t items_;
     std::conditional_t<std::is_void_v<R>, char, std::vector<stored_t<R>>> values_{};
 };
 
