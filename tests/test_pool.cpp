@@ -292,6 +292,35 @@ TEST_CASE("AsyncResult: get(timeout) throws TimeoutError while the task runs; wa
     CHECK_THROWS_WITH(bad.get(), "at run time");
 }
 
+TEST_CASE("AsyncResult: threads waiting on one result at once all wake when it comes; short waits time out") {
+    pool_test::Gate gate;  // before the pool: workers inherit it
+    Watchdog dog(120s, "several waiters on one result");
+    mproc::Pool pool(1);
+    auto ar = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 5});
+    std::atomic<int> woken{0}, timed_out{0};
+    std::vector<std::thread> waiters;
+    for (int i = 0; i < 6; ++i) {
+        waiters.emplace_back([&, i] {
+            if (i % 3 == 0) {
+                ar.wait();
+                CHECK(ar.get() == 5);
+                ++woken;
+            } else if (i % 3 == 1) {
+                if (ar.wait(60s)) ++woken;
+            } else {
+                if (!ar.wait(20ms)) ++timed_out;  // the gate is still shut
+            }
+        });
+    }
+    // The short waits end on their own, beside the others' sleep.
+    pool_test::wait_for([&] { return timed_out.load() == 2; }, "the short waits to time out");
+    CHECK(woken.load() == 0);
+    gate.open();
+    for (auto& t : waiters) t.join();
+    CHECK(woken.load() == 4);
+    CHECK(ar.get() == 5);
+}
+
 TEST_CASE("a default-constructed AsyncResult holds nothing: get and wait throw mproc::Error") {
     mproc::AsyncResult<int> empty;
     CHECK_FALSE(empty.valid());

@@ -32,6 +32,7 @@
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
 #include "../serialize/remote_exception.hpp"
+#include "../shm/futex.hpp"
 #include "engine.hpp"
 #include "wire.hpp"
 
@@ -277,17 +278,22 @@ public:
     }
     bool was_cancelled() const noexcept override { return this->cancelled(); }
 
+    /// Sleeps on the result's own futex word, not on a condition variable: a waiter woken from
+    /// one takes its mutex back as contended, and its unlock then wakes nobody with a system call
+    /// (one of the six a pinned apply() made; docs/performance.md).
     bool wait(std::optional<Seconds> timeout) override {
-        std::unique_lock lock(mutex_);
-        if (ready_) return true;
+        if (ready_word_.load(std::memory_order_acquire) == published) return true;
         if (std::this_thread::get_id() == collector_)
             throw Error("waiting for a Pool result inside a Pool callback would deadlock");
-        const auto deadline = deadline_after(timeout);
-        if (!deadline) {
-            done_.wait(lock, [&] { return ready_; });
-            return true;
+        const Deadline deadline = deadline_after(timeout);
+        for (;;) {
+            std::uint32_t word = ready_word_.load(std::memory_order_acquire);
+            if (word == published) return true;
+            if (expired(deadline)) return false;
+            if (word == unwatched && !ready_word_.compare_exchange_strong(word, watched, std::memory_order_acq_rel))
+                continue;  // published meanwhile (or another waiter said so first)
+            futex_wait(ready_word_, watched, sleep_until_for(deadline));
         }
-        return done_.wait_until(lock, *deadline, [&] { return ready_; });
     }
     bool ready() override {
         std::lock_guard lock(mutex_);
@@ -386,13 +392,18 @@ private:
             ready_ = true;
             waiting = std::exchange(continuations_, nullptr);
         }
-        done_.notify_all();
+        if (ready_word_.exchange(published, std::memory_order_acq_rel) == watched) futex_wake_all(ready_word_);
+        done_.notify_all();  // a paced map's feeder (wait_settled)
         // Last: a coroutine resumed here may drop the last reference to this state.
         run_continuations(waiting);
     }
 
+    // ready_word_: whether the result is published (ready_, seen without the mutex), and whether
+    // a wait() sleeps on it.
+    static constexpr std::uint32_t unwatched = 0, watched = 1, published = 2;
+    FutexWord ready_word_{unwatched};
     std::mutex mutex_;
-    std::condition_variable done_;
+    std::condition_variable done_;  // wait_settled
     std::size_t items_;      // the call's items
     std::size_t remaining_;  // of them, those without an outcome yet
     std::size_t settled_target_ = 0;  // the items a wait_settled() waits for (0: none waits)
