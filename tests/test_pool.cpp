@@ -294,16 +294,17 @@ TEST_CASE("AsyncResult: get(timeout) throws TimeoutError while the task runs; wa
 
 TEST_CASE("AsyncResult: threads waiting on one result at once all wake when it comes; short waits time out") {
     pool_test::Gate gate;  // before the pool: workers inherit it
-    Watchdog dog(120s, "several waiters on one result");
+    Watchdog dog(120s, "several waiters on one result");  // a lost wake-up hangs: their sleep has no limit
     mproc::Pool pool(1);
     auto ar = pool.apply_async(pool_test::gated, std::tuple{gate.read_fd(), 5});
-    std::atomic<int> woken{0}, timed_out{0};
+    std::atomic<int> waiting{0}, woken{0}, got_five{0}, timed_out{0};
     std::vector<std::thread> waiters;
     for (int i = 0; i < 6; ++i) {
-        waiters.emplace_back([&, i] {
+        waiters.emplace_back([&, i] {  // (no Catch assertion off the main thread)
+            ++waiting;
             if (i % 3 == 0) {
                 ar.wait();
-                CHECK(ar.get() == 5);
+                if (ar.get() == 5) ++got_five;
                 ++woken;
             } else if (i % 3 == 1) {
                 if (ar.wait(60s)) ++woken;
@@ -312,12 +313,13 @@ TEST_CASE("AsyncResult: threads waiting on one result at once all wake when it c
             }
         });
     }
-    // The short waits end on their own, beside the others' sleep.
-    pool_test::wait_for([&] { return timed_out.load() == 2; }, "the short waits to time out");
+    pool_test::wait_for([&] { return waiting.load() == 6 && timed_out.load() == 2; }, "the short waits to time out");
+    std::this_thread::sleep_for(50ms);  // the others asleep by now (likely; either way they must wake)
     CHECK(woken.load() == 0);
     gate.open();
     for (auto& t : waiters) t.join();
     CHECK(woken.load() == 4);
+    CHECK(got_five.load() == 2);
     CHECK(ar.get() == 5);
 }
 

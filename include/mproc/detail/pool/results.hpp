@@ -292,7 +292,7 @@ public:
             if (expired(deadline)) return false;
             if (word == unwatched && !ready_word_.compare_exchange_strong(word, watched, std::memory_order_acq_rel))
                 continue;  // published meanwhile (or another waiter said so first)
-            futex_wait(ready_word_, watched, sleep_until_for(deadline));
+            futex_wait_private(ready_word_, watched, deadline);
         }
     }
     bool ready() override {
@@ -387,12 +387,15 @@ private:
         // but inside uninstrumented libstdc++, so ThreadSanitizer cannot see that).
         error = nullptr;
         Continuation* waiting = nullptr;
+        bool watched_word = false;
         {
             std::lock_guard lock(mutex_);
             ready_ = true;
+            // With ready_, so that wait(0s) agrees with ready() from here on.
+            watched_word = ready_word_.exchange(published, std::memory_order_acq_rel) == watched;
             waiting = std::exchange(continuations_, nullptr);
         }
-        if (ready_word_.exchange(published, std::memory_order_acq_rel) == watched) futex_wake_all(ready_word_);
+        if (watched_word) futex_wake_all_private(ready_word_);
         done_.notify_all();  // a paced map's feeder (wait_settled)
         // Last: a coroutine resumed here may drop the last reference to this state.
         run_continuations(waiting);

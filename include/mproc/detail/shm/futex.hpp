@@ -10,6 +10,11 @@
 // between publishing a change and waking the sleepers. mproc never lets that become a hang:
 // every blocking wait sleeps at most `recheck_interval` before it re-checks its condition.
 // Idle waiters thus wake about once a second, which costs microseconds of CPU per second.
+//
+// The _private pair is for a word in one process's own memory, waited on and woken by its
+// threads only (a Pool result's, detail/pool/results.hpp): the kernel keys it by the address
+// alone, and with no other process taking part no wake-up can be lost to a death, so its waits
+// sleep until their deadline or for good.
 #pragma once
 
 #include <atomic>
@@ -74,5 +79,28 @@ inline void futex_wake(FutexWord& word, int count) noexcept {
     ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
 }
 inline void futex_wake_all(FutexWord& word) noexcept { futex_wake(word, INT_MAX); }
+
+/// Sleeps while `word`, in this process's own memory, holds `expected`, until a thread of this
+/// process wakes it or `deadline` passes (none: no limit). Returns as futex_wait does.
+inline bool futex_wait_private(FutexWord& word, std::uint32_t expected, const Deadline& deadline) noexcept {
+    timespec abs{};
+    if (deadline) abs = to_timespec(*deadline);
+    for (;;) {
+        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word),
+                                  FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expected, deadline ? &abs : nullptr, nullptr,
+                                  FUTEX_BITSET_MATCH_ANY);
+        if (rc == 0) return true;
+        if (errno == ETIMEDOUT) return false;
+        if (errno == EINTR) {
+            if (word.load(std::memory_order_acquire) != expected) return true;
+            continue;
+        }
+        return true;
+    }
+}
+/// Wakes every thread of this process sleeping on `word` (futex_wait_private).
+inline void futex_wake_all_private(FutexWord& word) noexcept {
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
 
 }  // namespace mproc::detail
