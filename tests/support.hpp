@@ -17,6 +17,18 @@
 #include <unistd.h>
 #include <vector>
 
+// 1 in a build with a sanitizer (whose runtime needs descriptors and memory of its own).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define MPROC_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define MPROC_TEST_SANITIZED 1
+#endif
+#endif
+#ifndef MPROC_TEST_SANITIZED
+#define MPROC_TEST_SANITIZED 0
+#endif
+
 namespace mproc_test {
 
 struct ProcEntry {

@@ -29,17 +29,6 @@
 
 #include "support.hpp"
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MPROC_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
-#define MPROC_TEST_SANITIZED 1
-#endif
-#endif
-#ifndef MPROC_TEST_SANITIZED
-#define MPROC_TEST_SANITIZED 0
-#endif
-
 namespace pool_test {
 
 using namespace std::chrono_literals;

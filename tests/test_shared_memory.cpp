@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <numeric>
 #include <string>
+#include <sys/resource.h>
 #include <tuple>
 #include <unistd.h>
 #include <utility>
@@ -239,6 +240,44 @@ TEST_CASE("SharedMemory: a block sent to a worker that dies reaches its replacem
     const auto sizes = pool.starmap(big_and_block, mixed, 1);
     for (int i = 0; i < 6; ++i)
         CHECK(sizes[static_cast<std::size_t>(i)] == (i % 2 ? big.size() : 5) + static_cast<std::size_t>(i));
+    pool.close();
+    pool.join();
+}
+
+namespace {
+/// Lowers the worker's descriptor limit to the lowest free descriptor (`tight`: it can open no
+/// more), or puts it back; returns the worker's pid.
+long limit_fds(bool tight) {
+    static rlimit saved{};
+    if (tight) {
+        ::getrlimit(RLIMIT_NOFILE, &saved);
+        const int lowest_free = ::dup(0);
+        ::close(lowest_free);
+        rlimit none = saved;
+        none.rlim_cur = static_cast<rlim_t>(lowest_free);
+        ::setrlimit(RLIMIT_NOFILE, &none);
+    } else {
+        ::setrlimit(RLIMIT_NOFILE, &saved);
+    }
+    return static_cast<long>(::getpid());
+}
+}  // namespace
+
+TEST_CASE("SharedMemory: a block a worker could not map (no descriptor left) is sent again with the next task") {
+    if (MPROC_TEST_SANITIZED) {  // their runtimes need descriptors of their own
+        WARN("skipped under the sanitizers: the worker's descriptors are used up");
+        return;
+    }
+    mproc::Pool pool(1);
+    const long worker = pool.apply(limit_fds, true);
+    mproc::SharedMemory block(std::size_t{64} << 10);
+    block.as<long>()[0] = 42;
+    // Its memfd came without a descriptor the worker could take: the task fails, clearly.
+    CHECK_THROWS_AS(pool.apply(first_long, block), mproc::Error);
+    CHECK(pool.apply(limit_fds, false) == worker);
+    // The worker said so, and the pool sends the block again: the same worker now maps it.
+    CHECK(pool.apply(first_long, block) == 42);
+    CHECK(pool.apply(limit_fds, false) == worker);
     pool.close();
     pool.join();
 }

@@ -949,6 +949,11 @@ private:
                 if (id == hello_task_id) {
                     Reader in(result_outcomes(body));
                     hello_locked(s, static_cast<pid_t>(result_frame::worker_pid::get(body)), in);
+                } else if (id == not_adopted_task_id) {
+                    // The worker could not map a segment: it is no longer taken for sent, so the
+                    // next task that names it sends it again (those placed already fail).
+                    const std::uint64_t segment = result_frame::segment_id::get(body);
+                    std::erase_if(s.adopted, [&](const Adopted& a) { return a.id == segment; });
                 } else if (!s.inflight.empty() && s.inflight.front().id == id) {
                     finished_.emplace_back(s.inflight.front(), body);  // moved once there is room
                     s.inflight.pop_front();

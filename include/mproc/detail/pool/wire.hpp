@@ -14,7 +14,9 @@
 // engine rewrites both addresses as portable names and back (mpi/detail/address.hpp). The trailer
 // lists the items not to run (they already failed when an earlier worker died on them). `spent_ns`
 // is the worker's run time of the task. Task id 0 is a worker's hello: in the spent_ns slot the
-// worker's pid (it ran nothing), then one outcome, the initializer's.
+// worker's pid (it ran nothing), then one outcome, the initializer's. Task id 2^64-1 is a worker's
+// *not adopted* notice, with no outcome: in that slot the id of a shared-memory segment it was
+// sent and could not map (fork_engine.hpp sends it again with the next task that names it).
 //
 // A *packed* task (invoke.hpp: one argument and a result that are both encoded as their bytes, as
 // numbers are) carries its items as one record, the arguments back to back, and its result frame
@@ -75,6 +77,7 @@ namespace result_frame {
 using id = Field<std::uint64_t, 0>;
 using spent_ns = Field<std::int64_t, id::end>;
 using worker_pid = spent_ns;  // in a hello (task id 0), which has run nothing
+using segment_id = Field<std::uint64_t, id::end>;  // in a not-adopted notice
 inline constexpr std::size_t outcomes_at = spent_ns::end;
 }  // namespace result_frame
 
@@ -86,6 +89,8 @@ inline std::span<std::byte> body_of(Buffer& frame) noexcept {
 /// Task id 0 is the worker's hello: the worker's pid, then an Outcome::value once the initializer
 /// has run, or Outcome::exception and the initializer's exception.
 inline constexpr std::uint64_t hello_task_id = 0;
+/// A worker could not map a segment it was sent (see the top of this file).
+inline constexpr std::uint64_t not_adopted_task_id = UINT64_MAX;
 
 /// An item's outcome; `packed` stands for every item of a packed task, each a value.
 enum class Outcome : std::uint8_t { value = 0, exception = 1, skipped = 2, packed = 3 };
@@ -315,6 +320,12 @@ inline Writer begin_result_frame(Buffer& frame, std::uint64_t id) {
 inline void finish_result_frame(Buffer& frame, std::int64_t spent_ns) {
     result_frame::spent_ns::set(body_of(frame), spent_ns);
     finish_frame(frame);
+}
+/// A worker's not-adopted notice for `segment` (a whole frame, in `out`).
+inline void write_not_adopted(Buffer& out, std::uint64_t segment) {
+    begin_result_frame(out, not_adopted_task_id);
+    result_frame::segment_id::set(body_of(out), segment);
+    finish_frame(out);
 }
 /// Replaces whatever outcomes `frame` holds by `count` exception outcomes, each `why`: the result
 /// of a task none of whose items could run (its chunk does not decode).

@@ -172,10 +172,12 @@ inline void write_hello(Buffer& out, const std::function<void()>& initializer, b
 /// An `adopt` record: the segment's memfd follows on the socket (a descriptor frame) and is
 /// mapped here, so the tasks after it can use the objects in it; a `release` record: the registry
 /// lets go of a segment it adopted (handles still alive keep it). A segment that cannot be mapped
-/// is left out: the tasks naming it fail with the registry's error, and the worker goes on.
+/// (its descriptor could not be received, or no memory to map it) is left out: the tasks naming it
+/// fail with the registry's error, and `notice` gets the not-adopted frame that tells the pool
+/// to send it again with the next task that names it.
 /// Returns false when the socket is closed, or its stream is out of step with the ring.
 inline bool take_segment(const SpscRing::Record& record, int socket, FrameReader& socket_in,
-                         DescriptorQueue& descriptors) {
+                         DescriptorQueue& descriptors, Buffer& notice) {
     std::uint64_t id = 0;
     if (record.payload.size() != sizeof id) return false;
     std::memcpy(&id, record.payload.data(), sizeof id);
@@ -188,12 +190,17 @@ inline bool take_segment(const SpscRing::Record& record, int socket, FrameReader
     const auto frame = *socket_in.buffered_frame();
     if (!socket_in.next_is_descriptor()) return false;
     socket_in.consume(frame);
-    if (descriptors.empty()) return true;  // it came without its memfd (no memory to queue it)
+    if (descriptors.empty()) {  // it came without its memfd (no descriptor free, or no memory to queue it)
+        write_not_adopted(notice, id);
+        return true;
+    }
     UniqueFd fd = std::move(descriptors.front());
     descriptors.pop_front();
     try {
         segments().adopt(id, std::move(fd));
-    } catch (...) {}
+    } catch (...) {
+        write_not_adopted(notice, id);
+    }
     return true;
 }
 
@@ -224,8 +231,10 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
             continue;
         }
         if (record->kind == SpscRing::adopt || record->kind == SpscRing::release) {
-            if (!take_segment(*record, link.socket.get(), socket_in, descriptors)) return 0;
+            out.clear();
+            if (!take_segment(*record, link.socket.get(), socket_in, descriptors, out)) return 0;
             link.tasks.consume_to(record->end);
+            if (!out.empty() && !send_result(link, out)) return 0;
             continue;
         }
         ++since_sleep;
