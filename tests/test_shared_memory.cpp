@@ -249,15 +249,17 @@ namespace {
 /// more), or puts it back; returns the worker's pid.
 long limit_fds(bool tight) {
     static rlimit saved{};
+    static bool have_saved = false;
     if (tight) {
-        ::getrlimit(RLIMIT_NOFILE, &saved);
-        const int lowest_free = ::dup(0);
+        const int lowest_free = ::fcntl(2, F_DUPFD_CLOEXEC, 0);
+        if (lowest_free < 0 || ::getrlimit(RLIMIT_NOFILE, &saved) != 0) return -1;
         ::close(lowest_free);
+        have_saved = true;
         rlimit none = saved;
         none.rlim_cur = static_cast<rlim_t>(lowest_free);
-        ::setrlimit(RLIMIT_NOFILE, &none);
-    } else {
-        ::setrlimit(RLIMIT_NOFILE, &saved);
+        if (::setrlimit(RLIMIT_NOFILE, &none) != 0) return -1;
+    } else if (!have_saved || ::setrlimit(RLIMIT_NOFILE, &saved) != 0) {
+        return -1;  // (another worker than the one limited)
     }
     return static_cast<long>(::getpid());
 }
@@ -270,10 +272,12 @@ TEST_CASE("SharedMemory: a block a worker could not map (no descriptor left) is 
     }
     mproc::Pool pool(1);
     const long worker = pool.apply(limit_fds, true);
+    REQUIRE(worker > 0);
     mproc::SharedMemory block(std::size_t{64} << 10);
     block.as<long>()[0] = 42;
-    // Its memfd came without a descriptor the worker could take: the task fails, clearly.
-    CHECK_THROWS_AS(pool.apply(first_long, block), mproc::Error);
+    // Its memfd came without a descriptor the worker could take: the task fails, saying so.
+    CHECK_THROWS_WITH(pool.apply(first_long, block),
+                      Catch::Contains("could not be mapped here") && Catch::Contains("RLIMIT_NOFILE"));
     CHECK(pool.apply(limit_fds, false) == worker);
     // The worker said so, and the pool sends the block again: the same worker now maps it.
     CHECK(pool.apply(first_long, block) == 42);

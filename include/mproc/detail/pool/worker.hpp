@@ -190,8 +190,16 @@ inline bool take_segment(const SpscRing::Record& record, int socket, FrameReader
     const auto frame = *socket_in.buffered_frame();
     if (!socket_in.next_is_descriptor()) return false;
     socket_in.consume(frame);
-    if (descriptors.empty()) {  // it came without its memfd (no descriptor free, or no memory to queue it)
+    const auto not_adopted = [&](std::string why) {
+        try {
+            segments().note_unadopted(id, std::move(why));  // for the error of the tasks that name it
+        } catch (...) {}
         write_not_adopted(notice, id);
+    };
+    if (descriptors.empty()) {
+        not_adopted(
+            "its descriptor did not arrive: no descriptor number free under this process's "
+            "RLIMIT_NOFILE, or no memory to queue it");
         return true;
     }
     UniqueFd fd = std::move(descriptors.front());
@@ -199,7 +207,7 @@ inline bool take_segment(const SpscRing::Record& record, int socket, FrameReader
     try {
         segments().adopt(id, std::move(fd));
     } catch (...) {
-        write_not_adopted(notice, id);
+        not_adopted(describe_current_exception());
     }
     return true;
 }

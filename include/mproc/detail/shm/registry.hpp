@@ -47,6 +47,7 @@
 #include <ctime>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <sys/random.h>
 #include <unistd.h>
@@ -157,6 +158,23 @@ public:
                 return;
             }
         adopted_.emplace(id, register_locked(id, ++generation_, std::move(memory)));
+        std::erase_if(unadopted_, [&](const auto& e) { return e.first == id; });
+    }
+
+    /// Notes that segment `id` was sent here and could not be mapped, for `why`: a handle to it
+    /// then fails saying so (unadopted_reason). The last few are kept; adopting it forgets it.
+    void note_unadopted(std::uint64_t id, std::string why) {
+        std::lock_guard guard(mutex_);
+        std::erase_if(unadopted_, [&](const auto& e) { return e.first == id; });
+        if (unadopted_.size() >= max_unadopted) unadopted_.erase(unadopted_.begin());
+        unadopted_.emplace_back(id, std::move(why));
+    }
+    /// Why segment `id` could not be mapped here, if note_unadopted said so.
+    std::optional<std::string> unadopted_reason(std::uint64_t id) {
+        std::lock_guard guard(mutex_);
+        for (const auto& [known, why] : unadopted_)
+            if (known == id) return why;
+        return std::nullopt;
     }
 
     /// Drops the registry's own hold on an adopted segment; handles keep theirs.
@@ -347,6 +365,8 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, std::weak_ptr<Segment>> live_;
     std::unordered_map<std::uint64_t, SegmentPtr> adopted_;
+    static constexpr std::size_t max_unadopted = 16;
+    std::vector<std::pair<std::uint64_t, std::string>> unadopted_;  // note_unadopted, oldest first
     std::unordered_map<std::uint64_t, SegmentPtr> retained_;  // mapped only because a container refers to them
     std::vector<Segment*> containers_;                         // every mapped segment that holds a container
     std::atomic<std::size_t> retained_size_{0};

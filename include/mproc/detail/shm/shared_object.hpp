@@ -177,11 +177,16 @@ public:
         std::uint64_t id = 0, offset = 0;
         in(id, offset);
         SegmentPtr segment = segments().find(id);
-        if (!segment)
-            throw Error(std::string("mproc: cannot use the ") + what + " passed to process " +
-                        std::to_string(::getpid()) + ": its shared memory (segment " + hex(id) +
-                        ") was created after this process was forked, and was not sent to it; "
+        if (!segment) {
+            const std::string prefix = std::string("mproc: cannot use the ") + what + " passed to process " +
+                                       std::to_string(::getpid()) + ": its shared memory (segment " + hex(id) + ")";
+            if (const auto why = segments().unadopted_reason(id))
+                throw Error(prefix + " was sent to this process but could not be mapped here (" + *why +
+                            "); a Pool sends it again with the next task that names it");
+            throw Error(prefix +
+                        " was created after this process was forked, and was not sent to it; "
                         "create it before the process that uses it");
+        }
         if (offset > segment->size() || segment->size() - offset < min_size || offset % 8 != 0)
             throw SerializationError(std::string("mproc: corrupt ") + what + " handle: offset " +
                                      std::to_string(offset) + " outside its segment");
