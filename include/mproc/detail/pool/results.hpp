@@ -139,7 +139,7 @@ public:
     void complete_empty() {
         {
             std::lock_guard lock(mutex_);
-            if (remaining_ != 0 || ready_ || completing_) return;
+            if (remaining_ != 0 || ready_locked() || completing_) return;
             completing_ = true;
         }
         complete();
@@ -153,7 +153,7 @@ public:
         std::unique_lock lock(mutex_);
         // One waiter at a time (the thread feeding the call); settle() wakes it at its target only.
         settled_target_ = items;
-        done_.wait(lock, [&] { return items_ - remaining_ >= items || ready_ || completing_; });
+        done_.wait(lock, [&] { return items_ - remaining_ >= items || ready_locked() || completing_; });
         settled_target_ = 0;
         return true;
     }
@@ -180,7 +180,7 @@ public:
     void settle_cancelled() override {
         {
             std::lock_guard lock(mutex_);
-            if (ready_ || completing_) return;
+            if (ready_locked() || completing_) return;
             completing_ = true;
         }
         complete();
@@ -237,7 +237,7 @@ public:
     void abort(std::size_t first, std::uint32_t, const std::exception_ptr& error) noexcept override {
         {
             std::lock_guard lock(mutex_);
-            if (ready_ || completing_) return;
+            if (ready_locked() || completing_) return;
             if (!error_) {  // a cancelled call's is its CancelledError
                 error_ = error;
                 error_index_ = first;
@@ -254,7 +254,7 @@ public:
     /// the pool's thread, promptly), whatever its tasks still deliver, and the engine stops them.
     /// True when the call is (now or already) cancelled, false when it had finished.
     bool cancel() override {
-        const auto settled = [&] { return remaining_ == 0 || ready_ || completing_; };
+        const auto settled = [&] { return remaining_ == 0 || ready_locked() || completing_; };
         {
             std::lock_guard lock(mutex_);
             if (cancelled_) return true;
@@ -295,18 +295,15 @@ public:
             futex_wait_private(ready_word_, watched, deadline);
         }
     }
-    bool ready() override {
-        std::lock_guard lock(mutex_);
-        return ready_;
-    }
+    bool ready() override { return ready_word_.load(std::memory_order_acquire) == published; }
     bool successful() override {
         std::lock_guard lock(mutex_);
-        if (!ready_) throw Error("AsyncResult::successful() called before the result is ready");
+        if (!ready_locked()) throw Error("AsyncResult::successful() called before the result is ready");
         return !error_ && !error_taken_;
     }
     bool add_continuation(Continuation& c) override {
         std::lock_guard lock(mutex_);
-        if (ready_) return false;
+        if (ready_locked()) return false;
         c.next = continuations_;
         continuations_ = &c;
         return true;
@@ -338,7 +335,7 @@ private:
     void record_error(std::size_t index, std::exception_ptr error) {
         std::lock_guard lock(mutex_);
         if (cancelled_) return;  // the CancelledError stays
-        if (ready_ || completing_) return;  // aborted (ResultSink::abort): its outcome is settled
+        if (ready_locked() || completing_) return;  // aborted (ResultSink::abort): its outcome is settled
         if (!error_ || index < error_index_) {
             error_ = std::move(error);
             error_index_ = index;
@@ -349,7 +346,7 @@ private:
             std::lock_guard lock(mutex_);
             remaining_ -= std::min(remaining_, n);
             if (settled_target_ != 0 && items_ - remaining_ >= settled_target_) done_.notify_all();
-            if (remaining_ != 0 || ready_ || completing_) return;
+            if (remaining_ != 0 || ready_locked() || completing_) return;
             completing_ = true;
         }
         complete();
@@ -390,8 +387,6 @@ private:
         bool watched_word = false;
         {
             std::lock_guard lock(mutex_);
-            ready_ = true;
-            // With ready_, so that wait(0s) agrees with ready() from here on.
             watched_word = ready_word_.exchange(published, std::memory_order_acq_rel) == watched;
             waiting = std::exchange(continuations_, nullptr);
         }
@@ -401,16 +396,16 @@ private:
         run_continuations(waiting);
     }
 
-    // ready_word_: whether the result is published (ready_, seen without the mutex), and whether
-    // a wait() sleeps on it.
+    // ready_word_: whether the result is published (set under the mutex, read with or without it),
+    // and whether a wait() sleeps on it.
     static constexpr std::uint32_t unwatched = 0, watched = 1, published = 2;
+    bool ready_locked() const noexcept { return ready_word_.load(std::memory_order_relaxed) == published; }
     FutexWord ready_word_{unwatched};
     std::mutex mutex_;
     std::condition_variable done_;  // wait_settled
     std::size_t items_;      // the call's items
     std::size_t remaining_;  // of them, those without an outcome yet
     std::size_t settled_target_ = 0;  // the items a wait_settled() waits for (0: none waits)
-    bool ready_ = false;
     std::exception_ptr error_;
     bool error_taken_ = false;  // error_ was moved out by an rvalue get()
     bool cancelled_ = false;    // cancel() won: error_ is the CancelledError
