@@ -55,15 +55,12 @@ inline Clock::time_point sleep_until_for(const Deadline& deadline) noexcept {
     return deadline && *deadline < cap ? *deadline : cap;
 }
 
-/// Sleeps while `word` holds `expected`, until woken or `until` passes (absolute, steady clock).
-/// Returns false when the time ran out and true otherwise — woken, the value had already
-/// changed, or a spurious return. Callers re-check their condition either way.
-inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_point until) noexcept {
-    const timespec abs = to_timespec(until);
+/// The one futex wait loop: `op` is FUTEX_WAIT_BITSET, with FUTEX_PRIVATE_FLAG or without; `abs`
+/// an absolute CLOCK_MONOTONIC deadline, or null for none.
+inline bool futex_wait_op(FutexWord& word, std::uint32_t expected, const timespec* abs, int op) noexcept {
     for (;;) {
-        // FUTEX_WAIT_BITSET takes an absolute timeout on CLOCK_MONOTONIC.
-        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT_BITSET, expected, &abs,
-                                  nullptr, FUTEX_BITSET_MATCH_ANY);
+        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), op, expected, abs, nullptr,
+                                  FUTEX_BITSET_MATCH_ANY);
         if (rc == 0) return true;
         if (errno == ETIMEDOUT) return false;
         if (errno == EINTR) {
@@ -72,6 +69,14 @@ inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_poin
         }
         return true;  // EAGAIN (value changed) or anything unexpected: let the caller look
     }
+}
+
+/// Sleeps while `word` holds `expected`, until woken or `until` passes (absolute, steady clock).
+/// Returns false when the time ran out and true otherwise — woken, the value had already
+/// changed, or a spurious return. Callers re-check their condition either way.
+inline bool futex_wait(FutexWord& word, std::uint32_t expected, Clock::time_point until) noexcept {
+    const timespec abs = to_timespec(until);
+    return futex_wait_op(word, expected, &abs, FUTEX_WAIT_BITSET);
 }
 
 /// Wakes up to `count` processes sleeping on `word`.
@@ -85,18 +90,7 @@ inline void futex_wake_all(FutexWord& word) noexcept { futex_wake(word, INT_MAX)
 inline bool futex_wait_private(FutexWord& word, std::uint32_t expected, const Deadline& deadline) noexcept {
     timespec abs{};
     if (deadline) abs = to_timespec(*deadline);
-    for (;;) {
-        const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word),
-                                  FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expected, deadline ? &abs : nullptr, nullptr,
-                                  FUTEX_BITSET_MATCH_ANY);
-        if (rc == 0) return true;
-        if (errno == ETIMEDOUT) return false;
-        if (errno == EINTR) {
-            if (word.load(std::memory_order_acquire) != expected) return true;
-            continue;
-        }
-        return true;
-    }
+    return futex_wait_op(word, expected, deadline ? &abs : nullptr, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG);
 }
 /// Wakes every thread of this process sleeping on `word` (futex_wait_private).
 inline void futex_wake_all_private(FutexWord& word) noexcept {
