@@ -49,9 +49,14 @@ inline bool take_wake_request(FutexWord& word) noexcept {
     return false;
 }
 
-/// Sends the wakes decided under the lock (call it with the lock released, or about to be) and
+/// Sends the wakes decided under a lock (call it with the locks released, or about to be) and
 /// clears them.
 inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
+    if (!(wakes.items || wakes.space || wakes.data || wakes.room)) return;
+    // A sleeper sets its request, then looks at the other side's half; the waker published its
+    // half, then looks for a request. The fence makes one of them see the other: the sleeper the
+    // change (it does not sleep), or the waker the request (it wakes).
+    std::atomic_thread_fence(std::memory_order_seq_cst);
     // Only a waker that takes a sleeper's request wakes: while a woken sleeper is on its way
     // (woken, not yet running) the puts made meanwhile find no request and make no futile system
     // call. The request is part of the word the sleeper sleeps on, so no waker can take it
@@ -60,20 +65,29 @@ inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
     // Producers wait for different amounts of room, so a single wake could pick one
     // that still cannot go while another could: wake them all.
     if (wakes.space && take_wake_request(h.space)) futex_wake_all(h.space);
-    if (wakes.data) futex_wake_all(h.stream_data);
-    if (wakes.room) futex_wake_all(h.stream_room);
+    if (wakes.data && take_wake_request(h.stream_data)) futex_wake_all(h.stream_data);
+    if (wakes.room && take_wake_request(h.stream_room)) futex_wake_all(h.stream_room);
     wakes = QueueWakes{};
 }
 
-/// A hold of a queue's lock: taken on construction (repairing what a holder that died left),
-/// released at the end of the scope, after which the wakes collected in `wakes` are sent. Its
-/// other calls let the lock go for a while — to let others in, to sleep or to watch — sending
-/// the wakes first, and hold it again when they return.
+/// A hold of a queue's locks by one put or get (or both locks, for what changes both halves):
+/// taken on construction (repairing what a holder that died left), released at the end of the
+/// scope, after which the wakes collected in `wakes` are sent. Its other calls let the locks go
+/// for a while — to let others in, to sleep or to watch — sending the wakes first, and hold them
+/// again when they return. The locks are always taken `mutex` first, then `read_mutex`.
 class QueueLock {
 public:
-    explicit QueueLock(QueueRing& ring) : ring_(ring), guard_(ring.header().mutex, Repair{&ring}) {}
+    enum class Side { producer, consumer };
+
+    QueueLock(QueueRing& ring, Side side)
+        : ring_(ring), write_(ring.header().mutex, WriteRepair{&ring}, WriteGuard::Deferred{}),
+          read_(ring.header().read_mutex, ReadRepair{&ring}, ReadGuard::Deferred{}) {
+        if (side == Side::producer) write_.lock();
+        else read_.lock();
+    }
     ~QueueLock() {
-        guard_.unlock();
+        read_.unlock();
+        write_.unlock();
         send_wakes(ring_.header(), wakes);
     }
     QueueLock(const QueueLock&) = delete;
@@ -82,74 +96,98 @@ public:
     /// The sleepers the changes published under this hold concern.
     QueueWakes wakes;
 
-    /// Runs `copy` (a copy of a reserved piece of a streamed item) with the lock released, after
+    /// Holds both locks from here on. True when it had to let the consumers' lock go to take them
+    /// in order: then anything may have changed, and the caller looks again.
+    bool both() {
+        if (write_.held() && read_.held()) return false;
+        if (write_.held()) {
+            read_.lock();
+            return false;
+        }
+        read_.unlock();
+        send_wakes(ring_.header(), wakes);
+        write_.lock();
+        read_.lock();
+        return true;
+    }
+    bool holds_both() const noexcept { return write_.held() && read_.held(); }
+
+    /// Runs `copy` (a copy of a reserved piece of a streamed item) with the locks released, after
     /// sending the wakes collected so far.
     template <class Copy> void unlocked(Copy&& copy) {
-        guard_.unlock();
-        send_wakes(ring_.header(), wakes);
+        const Held held = release();
         copy();
-        guard_.lock();
+        retake(held);
     }
 
-    /// Sleeps on `word` (`items` or `space`) with the lock released, until woken or the next
-    /// re-check is due. It sets the word's wake_wanted bit and sleeps on the value with the bit
-    /// set; a waker wakes only when it clears the bit (send_wakes). `waiters` counts the sleepers:
-    /// one woken while others still sleep sets the bit again, as the wake it took was for one.
-    void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline) {
+    /// Sleeps on `word` (`items` or `space`) with the locks released, until woken or the next
+    /// re-check is due — unless `ready()`, asked once the request is made, finds the change
+    /// already there (a waker on the other side publishes without this lock). It sets the word's
+    /// wake_wanted bit and sleeps on the value with the bit set; a waker wakes only when it clears
+    /// the bit (send_wakes). `waiters` counts the sleepers: one woken while others still sleep sets
+    /// the bit again, as the wake it took was for one.
+    template <class Ready>
+    void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline, Ready&& ready) {
         send_wakes(ring_.header(), wakes);
         waiters.fetch_add(1, std::memory_order_seq_cst);
         const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
-        guard_.unlock();
-        futex_wait(word, seen, sleep_until_for(deadline));
+        if (!ready()) {
+            const Held held = release();
+            futex_wait(word, seen, sleep_until_for(deadline));
+            retake(held);
+        }
         if (waiters.fetch_sub(1, std::memory_order_seq_cst) > 1) word.fetch_or(wake_wanted, std::memory_order_seq_cst);
-        guard_.lock();
     }
 
-    /// Sleeps on `word` with the lock released, until woken or the next re-check is due; `waiters`
-    /// counts the sleepers, so that a waker makes a system call only when one sleeps (join).
+    /// As wait, for a stream's word (stream_data, stream_room: one sleeper each, no waiter count).
+    template <class Ready> void wait_stream(FutexWord& word, const Deadline& deadline, Ready&& ready) {
+        send_wakes(ring_.header(), wakes);
+        const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
+        if (ready()) return;
+        const Held held = release();
+        futex_wait(word, seen, sleep_until_for(deadline));
+        retake(held);
+    }
+
+    /// Sleeps on `word` with the locks released, until woken or the next re-check is due; `waiters`
+    /// counts the sleepers, so that a waker makes a system call only when one sleeps (join, which
+    /// holds both locks: its condition cannot change before it sleeps).
     void sleep(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline) {
         send_wakes(ring_.header(), wakes);
         waiters.fetch_add(1, std::memory_order_seq_cst);
         const std::uint32_t seen = word.load(std::memory_order_acquire);
-        guard_.unlock();
+        const Held held = release();
         futex_wait(word, seen, sleep_until_for(deadline));
         waiters.fetch_sub(1, std::memory_order_seq_cst);
-        guard_.lock();
+        retake(held);
     }
 
-    /// Sleeps on a stream's `word` (stream_data, stream_room: one side each, no waiter hints)
-    /// with the lock released, until woken or the next re-check is due.
-    void wait_stream(FutexWord& word, const Deadline& deadline) {
-        const std::uint32_t seen = word.load(std::memory_order_acquire);
-        guard_.unlock();
-        send_wakes(ring_.header(), wakes);
-        futex_wait(word, seen, sleep_until_for(deadline));
-        guard_.lock();
-    }
-
-    /// Before a consumer sleeps: watches `word` for a few microseconds with the lock released.
-    /// A busy producer publishes again within that time, and a consumer that sees it awake
-    /// spares both sides a futex system call (a sleeper costs the producer a wake on every put).
-    /// Bounded by queue_spin, so an idle consumer still sleeps at once after it. Returns true
-    /// when the word changed (the lock is held again either way).
-    bool watch(FutexWord& word) {
-        send_wakes(ring_.header(), wakes);
-        const std::uint32_t seen = word.load(std::memory_order_acquire);
-        guard_.unlock();
-        const bool changed = spin_until([&] { return word.load(std::memory_order_acquire) != seen; }, queue_spin);
-        guard_.lock();
+    /// Before a consumer sleeps: watches the queue for a few microseconds with the locks released.
+    /// A busy producer publishes again within that time, and a consumer that sees it awake spares
+    /// both sides a futex system call (a sleeper costs the producer a wake on every put). Bounded
+    /// by queue_spin, so an idle consumer still sleeps at once after it. Returns true when either
+    /// half was published again, or the queue shut down (the locks are held again either way).
+    bool watch() {
+        QueueHeader& h = ring_.header();
+        const auto changed = [&h, w = h.write.seq.load(std::memory_order_acquire),
+                              r = h.read.seq.load(std::memory_order_acquire)] {
+            return h.write.seq.load(std::memory_order_acquire) != w || h.read.seq.load(std::memory_order_acquire) != r ||
+                   h.shut_down.load(std::memory_order_acquire) != 0;
+        };
+        const Held held = release();
+        const bool seen = spin_until(changed, queue_spin);
+        retake(held);
         // A change published after the watch's last look, while this one waited for the lock, counts
-        // too: the caller would otherwise sleep on the new value, and that change's waker found no
-        // sleeper to wake.
-        return changed || word.load(std::memory_order_acquire) != seen;
+        // too: the caller would otherwise make its request after it, and that change's waker found
+        // no request to take.
+        return seen || changed();
     }
 
-    /// Releases the lock and watches the consumer drain the ring back within the resident part
+    /// Releases the locks and watches the consumer drain the ring back within the resident part
     /// (or stop taking) for at most queue_pace, for a put of `need` bytes (see ByteQueue::should_pace).
     void pace(std::uint64_t need) {
         QueueHeader& h = ring_.header();
-        send_wakes(h, wakes);
-        guard_.unlock();
+        const Held held = release();
         if (!spin_until(
                 [&] {
                     return h.used.load(std::memory_order_relaxed) + need <= h.resident.load(std::memory_order_relaxed);
@@ -157,28 +195,61 @@ public:
                 queue_pace))
             // The consumer is far behind: stop waiting for it for a while.
             h.pace_off_until_ns.store(monotonic_ns() + queue_pace_active_ns, std::memory_order_relaxed);
-        guard_.lock();
+        retake(held);
     }
 
 private:
-    struct Repair {
+    struct ReadRepair {
         QueueRing* ring;
         void operator()() const {
-            // The cursor is whole (double-buffered). A claim holder that died shows up as a
-            // claim whose owner died; check the producer's now, readers' are taken over in get().
+            // The read half is whole (double-buffered). The consumers' view of the write half may
+            // be torn (a holder of both locks killed while copying it): read it again. A reader
+            // that died draining shows up as a claim whose owner died, taken over in get().
+            QueueHeader& h = ring->header();
+            h.write_seen = h.write.snapshot();
+        }
+    };
+    using ReadGuard = RobustGuard<ReadRepair>;
+    struct WriteRepair {
+        QueueRing* ring;
+        void operator()() const {
+            // The write half is whole (double-buffered). What a holder killed while changing both
+            // halves (it held both locks) may have left half done is put right with the
+            // consumers' lock held too (taken in order: this one is held, that one is not).
+            ReadGuard read(ring->header().read_mutex, ReadRepair{ring});
             QueueWakes wakes;
+            ring->repair_halves(wakes);
+            // A claim holder that died shows up as a claim whose owner died: a dead streaming producer.
             ring->probe_writer(wakes);
-            send_wakes(ring->header(), wakes);
             // A holder killed while counting an item's handles left the RefTable changing:
             // count them again from the records in the ring.
             if (ring->refs_changing()) ring->recount();
             // A holder killed between dropping items and settling the count of unfinished ones.
             ring->settle_unfinished();
+            read.unlock();
+            send_wakes(ring->header(), wakes);
         }
     };
+    using WriteGuard = RobustGuard<WriteRepair>;
+
+    struct Held {
+        bool write, read;
+    };
+    Held release() noexcept {
+        const Held held{write_.held(), read_.held()};
+        read_.unlock();
+        write_.unlock();
+        send_wakes(ring_.header(), wakes);
+        return held;
+    }
+    void retake(Held held) {
+        if (held.write) write_.lock();
+        if (held.read) read_.lock();
+    }
 
     QueueRing& ring_;
-    RobustGuard<Repair> guard_;
+    WriteGuard write_;
+    ReadGuard read_;
 };
 
 /// What ByteQueue::get found.
@@ -227,8 +298,14 @@ public:
             throw Full("mproc::Queue::put: the item holds handles into too many shared objects");
         const std::uint64_t header = record_header_bytes(ids.size());
         const bool whole = ring_.fits_whole(header + msg.size());
-        QueueLock lock(ring_);
+        QueueLock lock(ring_, QueueLock::Side::producer);
+        if (!ids.empty()) lock.both();  // the RefTable changes with both locks
         if (!wait_for_room(lock, whole ? header + msg.size() : header, ids, deadline)) return false;
+        if (ring_.leaves_resident(ring_.write_view(), header + msg.size()) &&
+            ring_.rewind_due(ring_.write_view_fresh(), header + msg.size())) {
+            lock.both();  // the producers' lock is held: nothing moved
+            ring_.rewind(header + msg.size());
+        }
         if (whole) {
             ring_.put_whole(msg, ids, lock.wakes);
             return true;
@@ -261,22 +338,35 @@ public:
     Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins, Place& place,
              bool& direct) {
         QueueHeader& h = ring_.header();
-        QueueLock lock(ring_);
+        QueueLock lock(ring_, QueueLock::Side::consumer);
         for (;;) {
-            const QueueCursor c = ring_.cursor();
-            if (c.reading) {
+            QueueCursor c = ring_.read_view();
+            if (c.r.reading) {
                 // Another consumer drains a streamed item; take it over if that consumer died.
                 if (ring_.take_over_read()) {
                     drain(lock, nullptr, 0);  // its first part went with the dead reader: dropped
                     continue;
                 }
-            } else if (c.count > 0) {
-                const std::uint64_t word = ring_.word_at(c.head);
+                if (nowait || expired(deadline)) return Take::none;
+                // Its reader wakes the consumers behind it when it is done (the read half cannot
+                // change before this one sleeps: it holds the consumers' lock).
+                lock.wait(h.items, h.item_waiters, deadline, [] { return false; });
+                continue;
+            }
+            if (c.count() == 0) c = ring_.read_view_fresh();
+            if (c.count() > 0) {
+                const std::uint64_t word = ring_.word_at(c.r.head);
                 if (word == lap_flag) {  // the producer went back to the ring's start
                     ring_.skip_lap(c, lock.wakes);
                     continue;
                 }
-                const QueueRecord record = ring_.record_at(c.head, word);
+                const QueueRecord record = ring_.record_at(c.r.head, word);
+                // The RefTable changes with both locks: take the producers' too (in order, so
+                // the consumers' is let go and taken again, and all is looked at again).
+                if (!record.ids.empty() && !lock.holds_both()) {
+                    lock.both();
+                    continue;
+                }
                 direct = record.streamed && place.takes(record.len);
                 // May throw: nothing taken yet.
                 if (direct) place.reserve(record.len);
@@ -286,25 +376,33 @@ public:
                         if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
                 if (!record.streamed) {
                     ring_.take_whole(c, record, out.data(), lock.wakes);
+                    lower_if_due(lock);
                     return Take::item;
                 }
                 ring_.start_read(c, record, lock.wakes);
                 ItemPlace into;
                 if (direct) lock.unlocked([&] { into = place.place(); });
                 else into.head = {out.data(), static_cast<std::size_t>(record.len)};
-                if (drain(lock, &into, record.len)) return Take::item;
+                if (drain(lock, &into, record.len)) {
+                    lower_if_due(lock);
+                    return Take::item;
+                }
                 continue;  // its producer died or gave up: wait for the next item
             }
-            if (c.shut_down && c.count == 0) return Take::shut_down;
+            if (c.shut_down) return Take::shut_down;  // read before the write half: nothing more comes
             if (nowait || expired(deadline)) return Take::none;
-            if (lock.watch(h.items)) continue;
-            lock.wait(h.items, h.item_waiters, deadline);
+            if (lock.watch()) continue;
+            lock.wait(h.items, h.item_waiters, deadline, [&] {
+                const QueueCursor now = ring_.read_view_fresh();
+                return now.count() > 0 || now.shut_down;
+            });
         }
     }
 
     std::size_t count() {
-        QueueLock lock(ring_);
-        return static_cast<std::size_t>(ring_.cursor().count);
+        QueueLock lock(ring_, QueueLock::Side::producer);
+        lock.both();
+        return static_cast<std::size_t>(ring_.both_view().count());
     }
 
     /// Refuses every put from now on; gets take what is left, then find the queue shut down. With
@@ -313,26 +411,27 @@ public:
     void shutdown(bool immediate) {
         QueueHeader& h = ring_.header();
         {
-            QueueLock lock(ring_);
+            QueueLock lock(ring_, QueueLock::Side::producer);
+            lock.both();
             ring_.shut_down(immediate);
         }
-        futex_wake_all(h.items);
-        futex_wake_all(h.space);
-        futex_wake_all(h.stream_data);
-        futex_wake_all(h.stream_room);
+        // Each word moves on (by 2, keeping a request), so a sleeper that made its request before
+        // the flag was set and is on its way to sleep finds its value gone; then all are woken.
+        for (FutexWord* word : {&h.items, &h.space, &h.stream_data, &h.stream_room}) {
+            word->fetch_add(2, std::memory_order_seq_cst);
+            futex_wake_all(*word);
+        }
         if (h.join_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.tasks_done);
     }
-    bool is_shut_down() {
-        QueueLock lock(ring_);
-        return ring_.cursor().shut_down != 0;
-    }
+    bool is_shut_down() const noexcept { return ring_.shut(); }
 
     /// One item taken has been processed (JoinableQueue). mproc::Error, changing nothing, when
     /// every item put has been marked done already.
     void task_done() {
         QueueHeader& h = ring_.header();
         {
-            QueueLock lock(ring_);
+            QueueLock lock(ring_, QueueLock::Side::producer);
+            lock.both();
             if (!ring_.task_done())
                 throw Error("mproc::JoinableQueue::task_done: called more times than there were items put");
             if (ring_.unfinished() != 0) return;
@@ -342,7 +441,8 @@ public:
     /// Waits until every item put has been marked done: true, or false if `deadline` passed first.
     bool join(const Deadline& deadline) {
         QueueHeader& h = ring_.header();
-        QueueLock lock(ring_);
+        QueueLock lock(ring_, QueueLock::Side::producer);
+        lock.both();
         for (;;) {
             if (ring_.unfinished() == 0) return true;
             if (expired(deadline)) return false;
@@ -351,7 +451,8 @@ public:
     }
     /// Items put and not yet marked done.
     std::size_t unfinished() {
-        QueueLock lock(ring_);
+        QueueLock lock(ring_, QueueLock::Side::producer);
+        lock.both();
         return static_cast<std::size_t>(ring_.unfinished());
     }
     std::uint64_t joinable() const noexcept { return ring_.joinable(); }
@@ -360,21 +461,27 @@ public:
     std::size_t capacity() const noexcept { return static_cast<std::size_t>(ring_.capacity()); }
 
 private:
-    /// Holding the lock, waits until a put that needs `need` bytes of the ring may start, or
-    /// `deadline` passes (false). Each round checks first whether the queue is shut down
-    /// (ShutDown), then whether a producer streaming an item in has died (which frees the ring).
-    /// Always inlined: every put passes through it, and as a call it cost a small put a tenth
-    /// more instructions.
+    /// Holding the producers' lock (both, for an item holding handles), waits until a put that
+    /// needs `need` bytes of the ring may start, or `deadline` passes (false). Each round checks
+    /// first whether the queue is shut down (ShutDown), then whether a producer streaming an item
+    /// in has died (which frees the ring). The consumers' half is read again only when the one last
+    /// seen leaves no room. Always inlined: every put passes through it, and as a call it cost a
+    /// small put a tenth more instructions.
     [[gnu::always_inline]] bool wait_for_room(QueueLock& lock, std::uint64_t need, std::span<const std::uint64_t> ids,
                                               const Deadline& deadline) {
         QueueHeader& h = ring_.header();
         reserve_refs(ids);
         bool paced = false;
         for (;;) {
-            QueueCursor c = ring_.cursor();
+            QueueCursor c = ring_.write_view();
             if (c.shut_down) [[unlikely]]
                 throw_shut_down("the queue is shut down");
-            if (c.writing && ring_.probe_writer(lock.wakes)) c = ring_.cursor();
+            if (c.w.writing && ring_.writer_gone()) [[unlikely]] {
+                lock.both();  // this lock is held: the consumers' is taken after it, nothing moved
+                ring_.probe_writer(lock.wakes);
+                continue;
+            }
+            if (!ring_.admits(c, need)) c = ring_.write_view_fresh();
             if (ring_.admits(c, need)) {
                 if (paced || !should_pace(c, need)) return true;
                 paced = true;  // once per put: then it goes ahead whatever happened
@@ -382,7 +489,10 @@ private:
                 continue;
             }
             if (expired(deadline)) return false;
-            lock.wait(h.space, h.space_waiters, deadline);
+            lock.wait(h.space, h.space_waiters, deadline, [&] {
+                const QueueCursor now = ring_.write_view_fresh();
+                return now.shut_down || ring_.admits(now, need);
+            });
             reserve_refs(ids);  // others may have counted meanwhile
         }
     }
@@ -391,8 +501,16 @@ private:
     /// first, if the queue is shut down (as a put of an item holding no handles would).
     void reserve_refs(std::span<const std::uint64_t> ids) {
         if (ids.empty()) return;
-        if (ring_.cursor().shut_down) throw_shut_down("the queue is shut down");
+        if (ring_.shut()) throw_shut_down("the queue is shut down");
         ring_.reserve_refs(ids);
+    }
+
+    /// After a take that left the ring empty: lowers a resident part that large items raised, once
+    /// it is due (with both locks: rare, at most once a queue_resident_hold_ns).
+    void lower_if_due(QueueLock& lock) {
+        if (!ring_.lower_due(ring_.read_view())) return;
+        lock.both();
+        ring_.lower_resident();
     }
 
     /// With the stream of `msg` started: commits its payload piece by piece, each copied with the
@@ -412,10 +530,14 @@ private:
             if (step == StreamStep::dropped)
                 throw_shut_down("the queue was shut down immediately while the item streamed in");
             if (expired(deadline)) {
+                lock.both();  // the producers' lock is held: nothing moved
                 ring_.withdraw_stream(lock.wakes);
                 return false;
             }
-            lock.wait_stream(ring_.header().stream_room, deadline);
+            lock.wait_stream(ring_.header().stream_room, deadline, [&] {
+                const QueueCursor now = ring_.write_view_fresh();
+                return !now.w.writing || ring_.room(now) > 0;
+            });
         }
     }
 
@@ -437,12 +559,18 @@ private:
             if (step == StreamStep::dropped) return false;
             // Waiting for the producer's next piece: is it still alive? A producer copying its
             // next piece commits it within a copy's time: watch for it before sleeping.
-            if (ring_.probe_writer(lock.wakes)) continue;
-            if (lock.watch(h.stream_data)) continue;
-            lock.wait_stream(h.stream_data, std::nullopt);
+            if (ring_.writer_gone()) {
+                lock.both();
+                ring_.probe_writer(lock.wakes);
+                continue;
+            }
+            if (lock.watch()) continue;
+            lock.wait_stream(h.stream_data, std::nullopt, [&] {
+                const QueueCursor now = ring_.read_view_fresh();
+                return now.r.aborted || !now.w.writing || now.w.tail != now.r.head;
+            });
         }
     }
-
     /// A producer about to write past the resident part of the ring, while a consumer is taking
     /// items right now, would only run ahead into memory the kernel must hand out fresh (and take
     /// back once read): a page fault and a page release per 4 KiB, which costs more than the copy.

@@ -1,9 +1,14 @@
 // mproc — the Queue's ring in shared memory: its layout, its records, and every change to its cursor.
 //
 // This is the queue's arithmetic, kept apart from its blocking (detail/shm/byte_queue.hpp decides
-// when to wait and whom to wake). Each change here is made under the queue's lock, reads the
-// cursor, computes the new one and publishes it with one store, and reports in a QueueWakes which
-// sleepers the change concerns; nothing here waits.
+// when to wait and whom to wake). The cursor has two halves, each with its own lock: producers
+// change the write half (`tail`, records put, the item streaming in) under `mutex`, consumers the
+// read half (`head`, records taken, the item being drained) under `read_mutex`, so a put and a get
+// run at the same time and a one-to-one queue's two locks never change cores. Each change reads its
+// own half, computes the new one and publishes it with one store; the other half it reads as last
+// published. What changes both halves together — a withdrawn stream, shutdown(immediate), the
+// counts of the items' handles — holds both locks, `mutex` first. Each change reports in a
+// QueueWakes which sleepers it concerns; nothing here waits.
 //
 // The ring is a memfd reserved at its full size but sparse: memory is used only as records fill
 // it, and consumed memory past the resident part is handed back (see docs/shared-memory.md for the
@@ -46,36 +51,97 @@ inline constexpr std::size_t queue_piece = std::size_t{256} << 10;
 /// Consumed ring memory beyond the first `resident` bytes goes back to the kernel in chunks of
 /// `queue_chunk`; the first part stays, as the hot area a busy queue cycles through. It is
 /// `queue_resident`, raised while items larger than half of it stream through (room for three of
-/// them — one being read, one being written, one written ahead — up to `queue_resident_max`) and lowered again once the ring empties more than
-/// `queue_resident_hold_ns` after the last such item started.
+/// them — one being read, one being written, one written ahead — up to `queue_resident_max`) and
+/// lowered again once the ring empties more than `queue_resident_hold_ns` after the last such item
+/// started. A ring that large keeps one chunk free between the producers and the consumers (see
+/// QueueRing::room): a consumer hands back a chunk it has read past without the producers' lock,
+/// and that chunk's place in the ring must not be the one a producer writes meanwhile.
 inline constexpr std::size_t queue_chunk = std::size_t{1} << 20;
 inline constexpr std::size_t queue_resident = std::size_t{4} << 20;
 inline constexpr std::size_t queue_resident_max = std::size_t{256} << 20;
 inline constexpr std::int64_t queue_resident_hold_ns = 1'000'000'000;
 
-/// Where the queue stands. Positions count bytes since the ring was last empty; the byte at
-/// position p lives at ring[p % capacity]. Two copies alternate and one store of `current`
-/// publishes a new one, so a process that dies while holding the lock leaves either the old
-/// state or the new one, never a mix.
-struct QueueCursor {
-    std::uint64_t head;  // next byte to consume
+/// The producers' half of the cursor, changed only under the queue's `mutex`. Positions count
+/// bytes since the queue was made; the byte at position p lives at ring[p % capacity].
+struct WriteState {
     std::uint64_t tail;  // end of the committed bytes
-    std::uint64_t count;  // items whose record has been committed and not yet taken
+    std::uint64_t puts;  // records committed (less those withdrawn), since the queue was made
     std::uint64_t stream_at;  // record position of the item being streamed in (while writing)
     std::uint64_t write_left;  // its payload bytes not yet committed
-    std::uint64_t read_left;  // payload bytes of the streamed item being drained, not yet read
-    std::uint32_t writing;  // a producer streams an item in (and holds write_claim)
-    std::uint32_t reading;  // a consumer drains a streamed item (and holds read_claim)
-    std::uint32_t aborted;  // the item being drained lost its producer: the reader drops it
-    std::uint32_t shut_down;  // shutdown() was called: puts are refused, gets end once it is empty
+    std::uint64_t writing;  // a producer streams an item in (and holds write_claim)
 };
-// Every put and get copies a cursor: a larger one costs every call (a 72-byte one, a few percent).
-static_assert(sizeof(QueueCursor) == 64, "a cursor is one cache line");
+/// The consumers' half, changed only under `read_mutex`.
+struct ReadState {
+    std::uint64_t head;  // next byte to consume
+    std::uint64_t takes;  // records taken, since the queue was made
+    // Items got and not yet marked done, less task_done() calls made ahead of a get (so it may be
+    // negative). With the rest it makes the count of a JoinableQueue's unfinished items (see
+    // QueueRing::unfinished_signed). Counted on every get of every queue, in the same publish as
+    // the take (a test of `joinable` would cost each get more than the add).
+    std::int64_t taken;
+    std::uint64_t read_left;  // payload bytes of the streamed item being drained, not yet read
+    std::uint64_t reading;  // a consumer drains a streamed item (and holds read_claim)
+    std::uint64_t aborted;  // the item being drained lost its producer: the reader drops it
+};
 
-// The header's layout follows who writes what: every put and get takes the mutex, reads the live
-// cursor, writes the idle one, stores `current` (and a get `taken`) and bumps `items`, each line
-// moving to the other side's core in turn. So the mutex, `current` and `taken` share one line,
-// each cursor has a line of its own, and the fields written once (or rarely) share none with them.
+/// One half of the cursor as its side publishes it. Two copies alternate: the side's lock holder
+/// writes the idle one and publishes it with one store of `seq` (copies[seq & 1] is live), so a
+/// process that dies while holding the lock leaves the old state or the new one, never a mix.
+/// The other side reads it without the lock (snapshot): a copy read while `seq` did not move is
+/// whole, since the writer writes only the copy that is not live.
+template <class State> struct Published {
+    static constexpr std::size_t words = sizeof(State) / 8;
+    static_assert(sizeof(State) % 8 == 0);
+
+    std::atomic<std::uint64_t> seq;
+    std::atomic<std::uint64_t> copies[2][words];
+
+    /// The live copy; needs the side's lock.
+    State own() const noexcept { return read(copies[seq.load(std::memory_order_relaxed) & 1u]); }
+    /// The live copy, from any thread or process.
+    State snapshot() const noexcept {
+        for (;;) {
+            const std::uint64_t before = seq.load(std::memory_order_acquire);
+            const State s = read(copies[before & 1u]);
+            std::atomic_thread_fence(std::memory_order_acquire);
+            if (seq.load(std::memory_order_relaxed) == before) return s;
+        }
+    }
+    /// Makes `s` the live copy; needs the side's lock.
+    void publish(const State& s) noexcept {
+        const std::uint64_t now = seq.load(std::memory_order_relaxed);
+        // The idle copy was live two publishes ago: a reader that reads what is written here
+        // must also see `seq` past that publish (and so try again).
+        std::atomic_thread_fence(std::memory_order_release);
+        std::uint64_t w[words];
+        std::memcpy(w, &s, sizeof s);
+        for (std::size_t i = 0; i < words; ++i) copies[(now + 1) & 1u][i].store(w[i], std::memory_order_relaxed);
+        seq.store(now + 1, std::memory_order_release);
+    }
+
+private:
+    static State read(const std::atomic<std::uint64_t> (&copy)[words]) noexcept {
+        std::uint64_t w[words];
+        for (std::size_t i = 0; i < words; ++i) w[i] = copy[i].load(std::memory_order_relaxed);
+        State s;
+        std::memcpy(&s, w, sizeof s);
+        return s;
+    }
+};
+
+/// The whole cursor as one caller sees it: its own half as it is, the other as last seen (or both
+/// as they are, with both locks held).
+struct QueueCursor {
+    WriteState w;
+    ReadState r;
+    bool shut_down;  // shutdown() was called: puts are refused, gets end once it is empty
+    /// Items whose record has been committed and not yet taken.
+    std::uint64_t count() const noexcept { return w.puts - r.takes; }
+};
+
+// The header's layout follows who writes what: each lock shares its cache line with what only its
+// holders write, each published half has lines of its own (its side writes them, the other reads
+// them), and the fields written once (or rarely) share none with them.
 struct QueueHeader {
     ObjectHeader header;
     std::uint64_t capacity;
@@ -84,21 +150,19 @@ struct QueueHeader {
     std::uint64_t refs;  // segment offset of the RefTable, past the ring
     std::uint64_t joinable;  // type_hash<JoinableQueue<T>>() for a JoinableQueue, 0 for a Queue
     // The resident part of the ring (see queue_resident), and when an item last needed it raised.
-    std::atomic<std::uint64_t> resident;  // changed under the lock; read without it by a pacing producer
-    std::int64_t resident_raised_ns;
-    alignas(64) RobustMutex mutex;  // guards the cursor and the ring
-    std::atomic<std::uint32_t> current;
-    std::uint32_t reserved;
-    // Items got and not yet marked done, less task_done() calls made ahead of a get (so it may be
-    // negative). With the cursor it makes the count of a JoinableQueue's unfinished items (see
-    // QueueRing::unfinished_signed). Changed only under the lock, by one store, and by a get on
-    // every queue (a test of `joinable` would cost each get more than the add).
-    std::int64_t taken;
+    std::atomic<std::uint64_t> resident;  // changed under `mutex`; read without it
+    std::atomic<std::int64_t> resident_raised_ns;
+    std::atomic<std::uint32_t> shut_down;  // set once, holding both locks
+    alignas(64) RobustMutex mutex;  // the producers' lock: guards `write` and the ring past `tail`
+    ReadState read_seen;  // `read` as a producer last read it (under `mutex`)
+    alignas(64) Published<WriteState> write;
+    alignas(64) RobustMutex read_mutex;  // the consumers' lock: guards `read`
+    WriteState write_seen;  // `write` as a consumer last read it (under `read_mutex`)
+    alignas(64) Published<ReadState> read;
     alignas(64) RobustMutex write_claim;  // held by the producer streaming an item in, across lock holds
     RobustMutex read_claim;  // held by the consumer draining a streamed item
-    alignas(64) QueueCursor cursors[2];
-    // Futex words: bumped on every change a sleeper of that kind may be waiting for. `items` and
-    // `space` count in steps of 2: their low bit (wake_wanted) is a sleeper's request for a wake.
+    // Futex words: each sleeper sets its word's low bit (wake_wanted) before it sleeps; a change a
+    // sleeper of that kind may be waiting for takes the bit and wakes (see send_wakes).
     alignas(64) FutexWord items;  // an item can be taken
     FutexWord space;  // a put can start
     FutexWord stream_data;  // more of the streamed item arrived (or it was aborted)
@@ -113,11 +177,11 @@ struct QueueHeader {
     std::atomic<std::int64_t> pace_off_until_ns;  // producers do not wait until then
 };
 
-/// The low bit of the `items` and `space` futex words: set by a sleeper before it sleeps, taken
-/// (cleared) by each waker that then wakes (see send_wakes and QueueLock::wait).
+/// The low bit of a futex word: set by a sleeper before it sleeps, taken (cleared) by each waker
+/// that then wakes (see send_wakes and QueueLock::wait).
 inline constexpr std::uint32_t wake_wanted = 1;
 
-/// The sleepers a published change concerns: decided under the lock, woken after it is released
+/// The sleepers a published change concerns: decided under a lock, woken after it is released
 /// (byte_queue.hpp).
 struct QueueWakes {
     bool items = false, space = false, data = false, room = false;
@@ -161,7 +225,7 @@ enum class StreamStep {
     // the claim released
 };
 
-/// A piece of a streamed item, reserved under the lock and copied with it released: `n` bytes at
+/// A piece of a streamed item, reserved under a lock and copied with it released: `n` bytes at
 /// stream position `pos`, which are bytes [at, at + n) of the item's payload.
 struct StreamPiece {
     std::uint64_t pos = 0;
@@ -169,8 +233,8 @@ struct StreamPiece {
     std::uint64_t n = 0;
 };
 
-/// The ring and its cursor, on raw bytes. Everything but create() and check() requires the
-/// queue's lock.
+/// The ring and its cursor, on raw bytes. Each call says which of the queue's locks it needs:
+/// `mutex` (a producer's calls), `read_mutex` (a consumer's), or both.
 class QueueRing {
 public:
     static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type, std::uint64_t joinable) {
@@ -190,6 +254,7 @@ public:
         h->joinable = joinable;
         h->resident.store(std::min<std::uint64_t>(capacity, queue_resident), std::memory_order_relaxed);
         h->mutex.init();
+        h->read_mutex.init();
         h->write_claim.init();
         h->read_claim.init();
         segments().mark_container(*ref.segment(), &container_view);
@@ -223,36 +288,108 @@ public:
 
     QueueHeader& header() const noexcept { return *h_; }
     std::uint64_t capacity() const noexcept { return cap_; }
-    QueueCursor cursor() const noexcept { return h_->cursors[h_->current.load(std::memory_order_relaxed) & 1u]; }
     /// The JoinableQueue type this queue was made as (0: a plain Queue). Needs no lock: set once.
     std::uint64_t joinable() const noexcept { return h_->joinable; }
+    /// Needs no lock. Read before the write half a decision pairs it with (read_view_fresh): once
+    /// it reads set, every put that will ever be published is.
+    bool shut() const noexcept { return h_->shut_down.load(std::memory_order_acquire) != 0; }
 
-    // ---- what a put may do ----
+    // ---- the cursor as each side sees it ----
+
+    /// With `mutex` held: the write half as it is, the read half as a producer last read it.
+    QueueCursor write_view() const noexcept { return {h_->write.own(), h_->read_seen, shut()}; }
+    /// With `mutex` held: as write_view, the read half read again.
+    QueueCursor write_view_fresh() noexcept {
+        h_->read_seen = h_->read.snapshot();
+        return write_view();
+    }
+    /// With `read_mutex` held: the read half as it is, the write half as a consumer last read it.
+    QueueCursor read_view() const noexcept { return {h_->write_seen, h_->read.own(), shut()}; }
+    /// With `read_mutex` held: as read_view, the write half (and the shutdown flag, first) read again.
+    QueueCursor read_view_fresh() noexcept {
+        const bool down = shut();
+        h_->write_seen = h_->write.snapshot();
+        return {h_->write_seen, h_->read.own(), down};
+    }
+    /// With both locks held: both halves as they are.
+    QueueCursor both_view() noexcept {
+        h_->read_seen = h_->read.own();
+        h_->write_seen = h_->write.own();
+        return {h_->write_seen, h_->read_seen, shut()};
+    }
+    /// With no lock: each half as last published (each whole, the two perhaps of different moments;
+    /// the read half is read first, so the count is never below 0). For tests and hints.
+    QueueCursor cursor() const noexcept {
+        const ReadState r = h_->read.snapshot();
+        return {h_->write.snapshot(), r, shut()};
+    }
+
+    // ---- what a put may do (with `mutex` held; an item holding handles, both locks) ----
 
     /// True when an item of `bytes` (record header included) goes in one piece; a larger one streams.
     bool fits_whole(std::uint64_t bytes) const noexcept { return bytes <= std::min<std::uint64_t>(cap_, queue_piece); }
 
+    /// The bytes a producer may still write past the tail: the free ones, less (in a ring larger
+    /// than its resident part) one chunk, which keeps a producer out of the chunk a consumer may be
+    /// handing back (see consumed).
+    std::uint64_t room(const QueueCursor& c) const noexcept {
+        const std::uint64_t usable = cap_ > queue_resident ? cap_ - queue_chunk : cap_;
+        const std::uint64_t used = c.w.tail - c.r.head;
+        return used >= usable ? 0 : usable - used;
+    }
+
     /// True when a put that needs `need` bytes of the ring now may start: no item streams in,
     /// the queue holds fewer than maxsize items and the ring has the room.
     bool admits(const QueueCursor& c, std::uint64_t need) const noexcept {
-        return !c.writing && (h_->maxsize == 0 || c.count < h_->maxsize) && cap_ - (c.tail - c.head) >= need;
+        return !c.w.writing && (h_->maxsize == 0 || c.count() < h_->maxsize) && room(c) >= need;
     }
 
     /// True when `need` more bytes would take the ring past its resident part while a consumer
     /// has something to take: the case in which a producer may wait for the consumer (ByteQueue::should_pace).
     bool runs_past_resident(const QueueCursor& c, std::uint64_t need) const noexcept {
-        return cap_ > queue_resident && c.tail - c.head + need > resident() && c.head != c.tail;
+        return cap_ > queue_resident && c.w.tail - c.r.head + need > resident() && c.r.head != c.w.tail;
     }
 
-    /// Throws Full, changing nothing, unless the RefTable can count `ids` once more.
+    /// True when the ring was empty when last seen and its tail is far into the resident part
+    /// (leaves_resident): then both ends may go back to the ring's start together (rewind), where a
+    /// lap record alone (lap_back) would leave the rest of this lap unusable until a consumer
+    /// passes it — by a producer that runs ahead of idle consumers, nearly all the ring.
+    bool rewind_due(const QueueCursor& c, std::uint64_t need) const noexcept {
+        return leaves_resident(c, need) && !c.w.writing && !c.r.reading && c.r.head == c.w.tail;
+    }
+    /// The first test of rewind_due, on the write half alone (a put makes it before it reads the
+    /// read half again): the tail is past half the resident part, or the put would leave it. So a
+    /// queue that keeps up starts a lap again about every half of its resident part, with one hold
+    /// of both locks, and a consumer that stops taking finds the most room ahead.
+    bool leaves_resident(const QueueCursor& c, std::uint64_t need) const noexcept {
+        const std::uint64_t at = c.w.tail % cap_;
+        return cap_ > queue_resident && at != 0 && at + 8 <= cap_ && (at >= resident() / 2 || at + need > resident());
+    }
+    /// Both locks: if the ring is empty, moves both ends to the start of the next lap, past a lap
+    /// record (the write half is published first: a holder killed before the read half leaves the
+    /// record for a consumer to pass), and hands back the memory of the chunk they left.
+    void rewind(std::uint64_t need) noexcept {
+        QueueCursor c = both_view();
+        if (!rewind_due(c, need)) return;
+        const QueueCursor was = c;
+        const std::uint64_t from = c.w.tail;
+        write_word(c.w.tail, lap_flag);
+        c.w.tail += cap_ - from % cap_;
+        c.r.head = c.w.tail;
+        publish_both(c, was);
+        release_chunk(round_down(from, queue_chunk), c);
+    }
+
+    /// Both locks: throws Full, changing nothing, unless the RefTable can count `ids` once more.
     void reserve_refs(std::span<const std::uint64_t> ids) {
         RefCounts counts(refs_);
         counts.reserve(ids, "mproc::Queue::put");
     }
 
-    /// Commits a whole record of `msg` (whose handles point into `ids`) and publishes it.
+    /// Commits a whole record of `msg` (whose handles point into `ids`: then with both locks) and
+    /// publishes it.
     void put_whole(const ItemBytes& msg, std::span<const std::uint64_t> ids, QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
+        QueueCursor c = write_view();
         const std::uint64_t header = record_header_bytes(ids.size());
         const std::uint64_t len = msg.size();
         lap_back(c, header + len);
@@ -261,11 +398,11 @@ public:
             counts.begin();
             counts.add(ids);
         }
-        write_header(c.tail, len, ids);
-        copy_item_in(c.tail + header, msg, 0, len);
-        c.tail += header + len;
-        ++c.count;
-        publish(c);
+        write_header(c.w.tail, len, ids);
+        copy_item_in(c.w.tail + header, msg, 0, len);
+        c.w.tail += header + len;
+        ++c.w.puts;
+        publish_write(c);
         if (!ids.empty()) counts.end();
         wakes.items = true;
     }
@@ -276,7 +413,7 @@ public:
         const LockResult claim = h_->write_claim.try_lock();
         if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
-        QueueCursor c = cursor();
+        QueueCursor c = write_view();
         const std::uint64_t header = record_header_bytes(ids.size());
         raise_resident(header + len);
         lap_back(c, header + len);  // an item that fits the free start of the ring streams there
@@ -285,13 +422,13 @@ public:
             counts.begin();
             counts.add(ids);
         }
-        write_header(c.tail, len | stream_flag, ids);
-        c.stream_at = c.tail;
-        c.tail += header;
-        ++c.count;
-        c.writing = 1;
-        c.write_left = len;
-        publish(c);
+        write_header(c.w.tail, len | stream_flag, ids);
+        c.w.stream_at = c.w.tail;
+        c.w.tail += header;
+        ++c.w.puts;
+        c.w.writing = 1;
+        c.w.write_left = len;
+        publish_write(c);
         if (!ids.empty()) counts.end();
         wakes.items = true;
     }
@@ -302,14 +439,15 @@ public:
     /// handed back — so it copies with the lock released (copy_piece_in), then commits it. If
     /// shutdown(immediate) withdrew the item meanwhile, releases the claim and reports it dropped.
     StreamStep reserve_write_piece(std::uint64_t len, StreamPiece& piece) noexcept {
-        const QueueCursor c = cursor();
-        if (!c.writing) {  // only shut_down() clears it under a live producer: the item was dropped
+        QueueCursor c = write_view();
+        if (!c.w.writing) {  // only shut_down() clears it under a live producer: the item was dropped
             h_->write_claim.unlock();
             return StreamStep::dropped;
         }
-        const std::uint64_t n = std::min<std::uint64_t>({c.write_left, cap_ - (c.tail - c.head), queue_piece});
+        if (room(c) < std::min<std::uint64_t>(c.w.write_left, queue_piece)) c = write_view_fresh();
+        const std::uint64_t n = std::min<std::uint64_t>({c.w.write_left, room(c), queue_piece});
         if (n == 0) return StreamStep::blocked;
-        piece = {c.tail, len - c.write_left, n};
+        piece = {c.w.tail, len - c.w.write_left, n};
         return StreamStep::more;
     }
     /// Copies a reserved piece of the item `msg` in; needs no lock.
@@ -320,49 +458,67 @@ public:
     /// shutdown(immediate) withdrew the item while the piece was copied, releases the claim (and
     /// the memory the copy touched) and reports it dropped.
     StreamStep commit_write_piece(const StreamPiece& piece, QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
-        if (!c.writing) {
-            release_all_but(c);
+        QueueCursor c = write_view();
+        if (!c.w.writing) {
+            // No put starts on a shut-down queue and consumers read only below the tail, so what
+            // lies past it (the piece) may go back; an older head only keeps more.
+            release_all_but(write_view_fresh());
             h_->write_claim.unlock();
             return StreamStep::dropped;
         }
-        c.tail += piece.n;  // the producer alone moves the tail while it streams: it is piece.pos
-        c.write_left -= piece.n;
-        if (c.write_left == 0) c.writing = 0;
-        publish(c);
+        c.w.tail += piece.n;  // the producer alone moves the tail while it streams: it is piece.pos
+        c.w.write_left -= piece.n;
+        if (c.w.write_left == 0) c.w.writing = 0;
+        publish_write(c);
         wakes.data = true;
-        if (c.write_left != 0) return StreamStep::more;
+        if (c.w.write_left != 0) return StreamStep::more;
         h_->write_claim.unlock();
         wakes.space = true;  // producers waiting for the stream to end
         return StreamStep::done;
     }
 
-    /// The streaming producer gives up: withdraws its partial item (a reader that started it
-    /// drops it) and releases the write claim.
+    /// Both locks: the streaming producer gives up: withdraws its partial item (a reader that
+    /// started it drops it) and releases the write claim.
     void withdraw_stream(QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
+        QueueCursor c = both_view();
+        const QueueCursor was = c;
         abort_stream(c);
-        publish(c);
+        publish_both(c, was);
         h_->write_claim.unlock();
-        wakes.data = wakes.space = wakes.items = true;
+        wakes.data = wakes.room = wakes.space = wakes.items = true;
     }
 
-    /// With an item streaming in: if its producer died, withdraws the item (publishing the
-    /// change) and returns true.
+    /// One lock or both, cheap: true when an item is streaming in (as last seen, then as it is)
+    /// and its producer is gone — its claim can be taken. The caller then takes both locks and
+    /// calls probe_writer.
+    bool writer_gone() noexcept {
+        const LockResult claim = h_->write_claim.try_lock();
+        if (!holds(claim)) return false;  // held: the producer is alive (or it is this thread)
+        if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
+        // A producer publishes `writing` cleared before it lets the claim go: taken now, the flag
+        // still set means it died (or had died, its claim marked consistent by another prober).
+        const bool gone = h_->write.snapshot().writing != 0;
+        h_->write_claim.unlock();
+        return gone;
+    }
+
+    /// Both locks: with an item streaming in, if its producer is gone, withdraws the item
+    /// (publishing the change) and returns true.
     bool probe_writer(QueueWakes& wakes) {
-        QueueCursor c = cursor();
-        if (!c.writing) return false;
+        QueueCursor c = both_view();
+        if (!c.w.writing) return false;
         const LockResult claim = h_->write_claim.try_lock();
         if (claim == LockResult::timed_out || claim == LockResult::would_deadlock) return false;  // alive
+        const QueueCursor was = c;
         abort_stream(c);
-        publish(c);
+        publish_both(c, was);
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
         h_->write_claim.unlock();
-        wakes.items = wakes.space = wakes.data = true;
+        wakes.items = wakes.space = wakes.data = wakes.room = true;
         return true;
     }
 
-    // ---- what a get may do ----
+    // ---- what a get may do (with `read_mutex` held; an item holding handles, both locks) ----
 
     std::uint64_t word_at(std::uint64_t pos) const noexcept { return read_word(pos); }
 
@@ -373,33 +529,33 @@ public:
 
     /// Passes the lap record at the head (cursor `c`): the producer went back to the ring's start.
     void skip_lap(QueueCursor c, QueueWakes& wakes) noexcept {
-        const std::uint64_t from = c.head;
-        c.head += cap_ - c.head % cap_;
-        // The rest of the lap holds no memory (each chunk past the resident part
-        // was handed back when an earlier lap's reader passed it): only the lap
-        // record's own chunk may, so only it is looked at, not every chunk skipped.
-        consumed(c, c.head, wakes);
-        release_chunk(round_down(from, queue_chunk), c);
-        publish(c);
+        const std::uint64_t from = c.r.head;
+        c.r.head += cap_ - c.r.head % cap_;
+        // The rest of the lap holds no memory (each chunk past the resident part was handed back
+        // when an earlier lap's reader passed it): only the lap record's own chunk may, so only it
+        // is looked at, not every chunk skipped.
+        note_take(c, wakes);
+        release_behind(round_down(from, queue_chunk));
+        publish_read(c);
     }
 
     /// Takes the whole record `r` at the head (cursor `c`) into `dst`, publishes, and stops
-    /// counting its handles.
+    /// counting its handles (an item holding them: with both locks).
     void take_whole(QueueCursor c, const QueueRecord& r, std::byte* dst, QueueWakes& wakes) noexcept {
         RefCounts counts(refs_);
         if (!r.ids.empty()) {
             counts.begin();
             counts.remove(r.ids);
         }
-        copy_out(c.head + r.header_bytes(), dst, r.len);
-        const std::uint64_t from = c.head;
-        c.head += r.header_bytes() + r.len;
-        --c.count;
+        copy_out(c.r.head + r.header_bytes(), dst, r.len);
+        const std::uint64_t from = c.r.head;
+        c.r.head += r.header_bytes() + r.len;
+        ++c.r.takes;
+        ++c.r.taken;  // in the same publish: a taker killed at any point leaves the item taken and done, or neither
         consumed(c, from, wakes);
-        publish(c);
-        ++h_->taken;  // after the publish: a taker killed between leaves its item done, not stuck
+        publish_read(c);
         if (!r.ids.empty()) counts.end();
-        if (c.count > 0) wakes.items = true;  // pass the wake-up on
+        pass_on(c, wakes);
     }
 
     /// Starts draining the streamed record `r` at the head (cursor `c`): takes the read claim
@@ -413,14 +569,14 @@ public:
             counts.begin();
             counts.remove(r.ids);
         }
-        const std::uint64_t from = c.head;
-        c.head += r.header_bytes();
-        --c.count;
-        c.reading = 1;
-        c.read_left = r.len;
-        c.aborted = 0;
+        const std::uint64_t from = c.r.head;
+        c.r.head += r.header_bytes();
+        ++c.r.takes;
+        c.r.reading = 1;
+        c.r.read_left = r.len;
+        c.r.aborted = 0;
         consumed(c, from, wakes);
-        publish(c);
+        publish_read(c);
         if (!r.ids.empty()) counts.end();  // the item's handles are this reader's from here
     }
 
@@ -440,11 +596,11 @@ public:
     /// (copy_piece_out), then commits it. Finding the item aborted releases the read claim
     /// (dropped).
     StreamStep reserve_read_piece(std::uint64_t len, StreamPiece& piece, QueueWakes& wakes) noexcept {
-        const QueueCursor c = cursor();
-        if (c.aborted || (c.read_left > 0 && c.tail == c.head && !c.writing)) return drop_read(c, wakes);
-        const std::uint64_t n = std::min<std::uint64_t>({c.read_left, c.tail - c.head, queue_piece});
-        if (n == 0 && c.read_left != 0) return StreamStep::blocked;
-        piece = {c.head, len - c.read_left, n};
+        const QueueCursor c = read_view_fresh();
+        if (c.r.aborted || (c.r.read_left > 0 && c.w.tail == c.r.head && !c.w.writing)) return drop_read(c, wakes);
+        const std::uint64_t n = std::min<std::uint64_t>({c.r.read_left, c.w.tail - c.r.head, queue_piece});
+        if (n == 0 && c.r.read_left != 0) return StreamStep::blocked;
+        piece = {c.r.head, len - c.r.read_left, n};
         return StreamStep::more;
     }
     /// Copies a reserved piece of the item out; needs no lock.
@@ -455,52 +611,65 @@ public:
     /// that died), and publishes. The last piece — or finding the item aborted while the piece
     /// was copied — releases the read claim.
     StreamStep commit_read_piece(const StreamPiece& piece, bool kept, QueueWakes& wakes) noexcept {
-        QueueCursor c = cursor();
-        if (c.aborted) return drop_read(c, wakes);
-        const std::uint64_t from = c.head;
-        c.head += piece.n;
-        c.read_left -= piece.n;
-        const bool done = c.read_left == 0;
-        if (done) c.reading = 0;
-        consumed(c, from, wakes);
-        publish(c);
-        if (!done) return StreamStep::more;
+        QueueCursor c = read_view();
+        if (c.r.aborted) return drop_read(c, wakes);
+        const std::uint64_t from = c.r.head;
+        c.r.head += piece.n;
+        c.r.read_left -= piece.n;
+        const bool done = c.r.read_left == 0;
+        if (done) c.r.reading = 0;
         // It counted as unfinished by `reading` until now; drained away (the reader that took it
         // died), it is lost with that reader and done.
-        if (kept) ++h_->taken;
+        if (done && kept) ++c.r.taken;
+        consumed(c, from, wakes);
+        publish_read(c);
+        if (!done) return StreamStep::more;
         h_->read_claim.unlock();
-        if (c.count > 0 || c.shut_down) wakes.items = true;  // the next item, or ShutDown
+        wakes.items = true;  // the consumers behind the drain: the next item, or ShutDown
         return StreamStep::done;
     }
 
-    // ---- shutdown and tasks ----
+    /// With `read_mutex` held, after a take left the ring empty (`c`): true when the resident part
+    /// was raised by items none of which started in the last queue_resident_hold_ns, so it may go
+    /// back down (lower_resident, with both locks).
+    bool lower_due(const QueueCursor& c) const noexcept {
+        return resident() > queue_resident && c.r.head == c.w.tail && !c.w.writing && !c.r.reading &&
+               monotonic_ns() - h_->resident_raised_ns.load(std::memory_order_relaxed) >= queue_resident_hold_ns;
+    }
+    /// Both locks: if lower_due, lowers the resident part to queue_resident and hands its pages back.
+    void lower_resident() noexcept {
+        if (!lower_due(both_view())) return;
+        const std::uint64_t r = resident();
+        h_->resident.store(queue_resident, std::memory_order_relaxed);
+        release_pages(ring_ + queue_resident, r - queue_resident);
+    }
+
+    // ---- shutdown and tasks (both locks) ----
 
     /// Shuts the queue down: from now on puts are refused, and gets end once it is empty. With
     /// `immediate`, every item not yet taken is dropped now — an item streaming in is withdrawn
     /// (its producer finds out at its next piece; a reader that started it drops it) — and counts
     /// as done, as queue.Queue.shutdown(immediate=True) does; an item a consumer is draining whole
-    /// stays that consumer's. Published by one store; the dropped items' memory goes back after.
+    /// stays that consumer's. The dropped items' memory goes back after.
     void shut_down(bool immediate) noexcept {
-        QueueCursor c = cursor();
-        c.shut_down = 1;
-        if (!immediate) {
-            publish(c);
-            return;
-        }
-        if (c.writing && c.reading && c.head > c.stream_at) {
+        QueueCursor c = both_view();
+        const QueueCursor was = c;
+        h_->shut_down.store(1, std::memory_order_release);
+        if (!immediate) return;
+        if (c.w.writing && c.r.reading && c.r.head > c.w.stream_at) {
             // The item streaming in is the one being drained: everything after its record is
             // its own. Its reader drops it (as when its producer dies).
-            c.head = c.tail;
-            c.read_left = 0;
-            c.aborted = 1;
-        } else if (c.reading) {
-            c.tail = c.head + c.read_left;  // the item being drained is whole: it stays its reader's
+            c.r.head = c.w.tail;
+            c.r.read_left = 0;
+            c.r.aborted = 1;
+        } else if (c.r.reading) {
+            c.w.tail = c.r.head + c.r.read_left;  // the item being drained is whole: it stays its reader's
         } else {
-            c.head = c.tail = 0;
+            c.r.head = c.w.tail;
         }
-        c.count = 0;
-        c.writing = 0;
-        c.write_left = 0;
+        c.w.puts = c.r.takes;
+        c.w.writing = 0;
+        c.w.write_left = 0;
         // No item left holds handles (the one being drained was uncounted when it was taken).
         RefCounts counts(refs_);
         const bool uncount = counts.live() != 0;
@@ -508,7 +677,7 @@ public:
             counts.begin();
             counts.clear();
         }
-        publish(c);
+        publish_both(c, was);
         if (uncount) counts.end();
         settle_unfinished();  // each dropped item counts as done, down to none unfinished
         h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
@@ -522,11 +691,12 @@ public:
     /// streaming in, whose put has not returned — plus one being drained, plus those got and not
     /// yet marked done (`taken`). Each change keeps it as it is, but a put that completes (+1) and
     /// a task_done (-1); below 0 only for a moment (see settle_unfinished), read as 0.
-    std::int64_t unfinished_signed() const noexcept {
-        const QueueCursor c = cursor();
-        return static_cast<std::int64_t>(c.count) + (c.reading && !c.aborted ? 1 : 0) - (c.writing ? 1 : 0) + h_->taken;
+    std::int64_t unfinished_signed() noexcept {
+        const QueueCursor c = both_view();
+        return static_cast<std::int64_t>(c.count()) + (c.r.reading && !c.r.aborted ? 1 : 0) - (c.w.writing ? 1 : 0) +
+               c.r.taken;
     }
-    std::uint64_t unfinished() const noexcept {
+    std::uint64_t unfinished() noexcept {
         const std::int64_t n = unfinished_signed();
         return n > 0 ? static_cast<std::uint64_t>(n) : 0;
     }
@@ -536,34 +706,53 @@ public:
     bool task_done() noexcept {
         const std::int64_t n = unfinished_signed();
         if (n <= 0) return false;
-        --h_->taken;
+        QueueCursor c = both_view();
+        --c.r.taken;
+        publish_read(c);
         if (n == 1) h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
         return true;
     }
 
-    /// Brings the count of unfinished items up to 0 if it is below: after items were dropped (by
-    /// shutdown(true), or with a consumer killed between taking an item and counting it got)
-    /// that task_done() calls made ahead of their get had already counted.
+    /// Brings the count of unfinished items up to 0 if it is below: after items were dropped by
+    /// shutdown(true) that task_done() calls made ahead of their get had already counted.
     void settle_unfinished() noexcept {
         const std::int64_t n = unfinished_signed();
-        if (n < 0) h_->taken -= n;
+        if (n >= 0) return;
+        QueueCursor c = both_view();
+        c.r.taken -= n;
+        publish_read(c);
     }
 
     // ---- repair ----
 
+    /// Both locks, after a holder of `mutex` died: puts back what only a change of both halves
+    /// keeps true. A withdrawal publishes the write half first: one killed before the read half
+    /// leaves a reader draining an item that will never be whole, which is marked aborted here
+    /// (before any put can append to it).
+    void repair_halves(QueueWakes& wakes) noexcept {
+        QueueCursor c = both_view();
+        if (c.r.reading && !c.r.aborted && !c.w.writing && c.r.head + c.r.read_left > c.w.tail) {
+            c.r.head = c.w.tail;
+            c.r.read_left = 0;
+            c.r.aborted = 1;
+            publish_read(c);
+            wakes.data = true;
+        }
+    }
+
     /// True when a holder was killed while counting an item's handles (the RefTable is left changing).
     bool refs_changing() const noexcept { return (refs_->version & 1u) != 0; }
 
-    /// The RefTable counted again from every record in the ring. A streamed item already being
-    /// drained has been taken (its handles went with its reader); a record being streamed in is
-    /// the last, and its header is whole.
+    /// Both locks: the RefTable counted again from every record in the ring. A streamed item
+    /// already being drained has been taken (its handles went with its reader); a record being
+    /// streamed in is the last, and its header is whole.
     void recount() {
         RefCounts counts(refs_);
         counts.begin();
         counts.clear();
-        const QueueCursor c = cursor();
-        std::uint64_t pos = c.reading ? c.head + c.read_left : c.head;
-        while (pos + 8 <= c.tail) {
+        const QueueCursor c = both_view();
+        std::uint64_t pos = c.r.reading ? c.r.head + c.r.read_left : c.r.head;
+        while (pos + 8 <= c.w.tail) {
             const std::uint64_t word = read_word(pos);
             if (word == lap_flag) {
                 pos += cap_ - pos % cap_;
@@ -581,55 +770,47 @@ private:
     /// The item being drained lost its producer (or was dropped by shutdown(immediate)): the
     /// reader lets it go, and the read claim.
     StreamStep drop_read(QueueCursor c, QueueWakes& wakes) noexcept {
-        c.aborted = 0;
-        c.reading = 0;
-        c.read_left = 0;
-        consumed(c, c.head, wakes);
-        publish(c);
+        c.r.aborted = 0;
+        c.r.reading = 0;
+        c.r.read_left = 0;
+        consumed(c, c.r.head, wakes);
+        publish_read(c);
         h_->read_claim.unlock();
-        if (c.count > 0 || c.shut_down) wakes.items = true;  // the next item, or ShutDown
+        wakes.items = true;  // the consumers behind the drain: the next item, or ShutDown
         return StreamStep::dropped;
     }
 
-    void publish(const QueueCursor& c) noexcept {
-        const std::uint32_t live = h_->current.load(std::memory_order_relaxed) & 1u;
-        const QueueCursor& was = h_->cursors[live];
-        const bool streams = c.writing || c.reading || was.writing || was.reading;
-        const bool item_for_consumer = c.count > was.count || (was.reading && !c.reading) ||
-                                       (c.shut_down && (!was.shut_down || c.count < was.count));
-        h_->cursors[live ^ 1u] = c;
-        h_->current.store(live ^ 1u, std::memory_order_release);
-        note_used(c.tail - c.head);
-        // A published change may be what some sleeper waits for: bump the words of those that
-        // may wait; each re-checks its own condition. Each bump is a write to a line the other
-        // side reads, so only the words someone can be waiting on are bumped:
-        // - `items` when a waiting consumer may now go on: a consumer waits while the queue holds
-        //   no item, or while another consumer drains a streamed one, until it is shut down and
-        //   empty — so when `count` grows, `reading` ends, the queue is shut down, or a shut-down
-        //   queue loses an item (shutdown(true), a withdrawn stream). (A consumer that watches
-        //   before it sleeps, QueueLock::watch, looks for any change of the word with no request
-        //   set, so a request cannot stand in for this test.) A take, which lets no other consumer
-        //   go, thus leaves the line alone, and the producer's next bump finds it where it was.
-        // - `space` when a producer asked for a wake: a producer sleeps on it only after setting
-        //   its wake_wanted bit under this lock (QueueLock::wait), and the bit stays until a waker
-        //   takes it and wakes; without the bit no producer is on its way to sleep.
-        // - `stream_data` and `stream_room` when an item streams, before or after this change:
-        //   only a reader draining one (`reading`) and a producer streaming one (`writing`) sleep
-        //   on them, and only they clear those flags — but for a withdrawal, whose cursor before
-        //   had the flag.
-        if (item_for_consumer) h_->items.fetch_add(2, std::memory_order_relaxed);  // keeps wake_wanted
-        if (h_->space.load(std::memory_order_relaxed) & wake_wanted) h_->space.fetch_add(2, std::memory_order_relaxed);
-        if (streams) {
-            h_->stream_data.fetch_add(1, std::memory_order_relaxed);
-            h_->stream_room.fetch_add(1, std::memory_order_relaxed);
-        }
+    void publish_write(const QueueCursor& c) noexcept {
+        h_->write.publish(c.w);
+        note_used(c);
+    }
+    void publish_read(const QueueCursor& c) noexcept {
+        h_->read.publish(c.r);
+        note_used(c);
+    }
+    /// Both locks: publishes the halves that changed, the write half first (see repair_halves).
+    void publish_both(const QueueCursor& c, const QueueCursor& was) noexcept {
+        if (std::memcmp(&c.w, &was.w, sizeof c.w) != 0) h_->write.publish(c.w);
+        if (std::memcmp(&c.r, &was.r, sizeof c.r) != 0) h_->read.publish(c.r);
+        h_->write_seen = c.w;
+        h_->read_seen = c.r;
+        note_used(c);
+    }
+
+    /// After a take: the consumers asleep may go on when items are left. The count as last seen
+    /// may be behind: read again when someone sleeps (one woken while others sleep sets the
+    /// request again, QueueLock::wait, and the taker passes it on).
+    void pass_on(const QueueCursor& c, QueueWakes& wakes) noexcept {
+        if (c.count() > 0) wakes.items = true;
+        else if (h_->item_waiters.load(std::memory_order_relaxed) != 0 && read_view_fresh().count() > 0) wakes.items = true;
     }
 
     /// Keeps the `used` hint (what a pacing producer watches, ByteQueue::should_pace) where it
     /// matters: pacing starts only past a quarter of the resident part, so below that the hint
     /// is written only to bring it down there — not on every item of a queue that keeps up, as
     /// the write would move its cache line between producer and consumer each time.
-    void note_used(std::uint64_t used) noexcept {
+    void note_used(const QueueCursor& c) noexcept {
+        const std::uint64_t used = c.w.tail - c.r.head;
         const std::uint64_t quarter = resident() / 4;
         if (used >= quarter || h_->used.load(std::memory_order_relaxed) >= quarter)
             h_->used.store(used, std::memory_order_relaxed);
@@ -640,16 +821,21 @@ private:
     /// every page past the resident part is faulted in fresh, read once and handed back — a page
     /// fault and a page release per 4 KiB, which costs more than the copy. A whole record about
     /// to go past the resident part therefore goes back to the start of the ring instead,
-    /// when the consumer has already read past the room it needs there: a lap record marks
-    /// the rest of this lap unused. A busy queue thus cycles through the same warm pages; the
-    /// ring grows past its resident part only when the consumer falls that far behind.
+    /// when the consumer has already read past the room it needs there (and the chunk kept free,
+    /// see room): a lap record marks the rest of this lap unused. A busy queue thus cycles through
+    /// the same warm pages; the ring grows past its resident part only when the consumer falls that
+    /// far behind. The head may be older than it is: that only keeps the record where it is.
     void lap_back(QueueCursor& c, std::uint64_t need) noexcept {
-        if (cap_ <= queue_resident || c.writing) return;
-        const std::uint64_t at = c.tail % cap_;
-        // The live bytes [head, tail) lie within [need, at) of this lap: [0, need) is free.
-        if (at + need <= resident() || at + 8 > cap_ || c.tail - c.head + need > at) return;
-        write_word(c.tail, lap_flag);
-        c.tail += cap_ - at;
+        if (cap_ <= queue_resident || c.w.writing) return;
+        const std::uint64_t at = c.w.tail % cap_;
+        // The live bytes [head, tail) lie within [need + chunk, at) of this lap: [0, need) is free.
+        // And the head is past half the resident part: until a consumer passes the lap record, a
+        // producer has the room below the head, and a consumer that is not taking now (its head
+        // lower) keeps it there — the ring then goes on past the resident part instead.
+        const std::uint64_t below = std::max<std::uint64_t>(need + queue_chunk, resident() / 2);
+        if (at + need <= resident() || at + 8 > cap_ || c.w.tail - c.r.head + below > at) return;
+        write_word(c.w.tail, lap_flag);
+        c.w.tail += cap_ - at;
     }
 
     std::uint64_t resident() const noexcept { return h_->resident.load(std::memory_order_relaxed); }
@@ -661,31 +847,23 @@ private:
         if (cap_ <= queue_resident || need <= queue_resident / 2) return;
         const std::uint64_t want = std::min<std::uint64_t>({cap_, queue_resident_max, round_up(3 * need, queue_chunk)});
         if (want > resident()) h_->resident.store(want, std::memory_order_relaxed);
-        h_->resident_raised_ns = monotonic_ns();
-    }
-    /// With the ring empty: a resident part raised by items none of which started in the last
-    /// queue_resident_hold_ns goes back to queue_resident, and its pages to the kernel.
-    void lower_resident() noexcept {
-        const std::uint64_t r = resident();
-        if (r <= queue_resident || monotonic_ns() - h_->resident_raised_ns < queue_resident_hold_ns) return;
-        h_->resident.store(queue_resident, std::memory_order_relaxed);
-        release_pages(ring_ + queue_resident, r - queue_resident);
+        h_->resident_raised_ns.store(monotonic_ns(), std::memory_order_relaxed);
     }
 
-    /// Withdraws the item being streamed in: cut off if no consumer took it yet (and its
-    /// handles no longer counted), otherwise marked aborted so its reader drops what it has.
+    /// Both locks: withdraws the item being streamed in: cut off if no consumer took it yet (and
+    /// its handles no longer counted), otherwise marked aborted so its reader drops what it has.
     void abort_stream(QueueCursor& c) noexcept {
-        if (c.reading && c.head > c.stream_at) {
-            c.head = c.tail;  // everything after the record is this item's
-            c.read_left = 0;
-            c.aborted = 1;
+        if (c.r.reading && c.r.head > c.w.stream_at) {
+            c.r.head = c.w.tail;  // everything after the record is this item's
+            c.r.read_left = 0;
+            c.r.aborted = 1;
         } else {
-            const std::uint64_t word = read_word(c.stream_at);
+            const std::uint64_t word = read_word(c.w.stream_at);
             if (word & refs_flag) {
-                const std::uint64_t n = read_word(c.stream_at + 8);
+                const std::uint64_t n = read_word(c.w.stream_at + 8);
                 if (n != 0 && n <= RefTable::max_live) {
                     std::vector<std::uint64_t> ids(static_cast<std::size_t>(n));
-                    copy_out(c.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
+                    copy_out(c.w.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
                     RefCounts counts(refs_);
                     counts.begin();
                     counts.remove(ids);
@@ -695,50 +873,54 @@ private:
             // What its producer wrote, a piece it was copying included (it is gone, or it is
             // the caller, between pieces): all of it goes back.
             const std::uint64_t written = live_end(c);
-            c.tail = c.stream_at;
-            --c.count;
-            c.writing = 0;
-            c.write_left = 0;
+            c.w.tail = c.w.stream_at;
+            --c.w.puts;
+            c.w.writing = 0;
+            c.w.write_left = 0;
             if (cap_ > queue_resident)
-                for (std::uint64_t chunk = round_up(c.tail, queue_chunk); chunk < written; chunk += queue_chunk)
+                for (std::uint64_t chunk = round_up(c.w.tail, queue_chunk); chunk < written; chunk += queue_chunk)
                     release_chunk(chunk, c);
         }
-        c.writing = 0;
-        c.write_left = 0;
-        if (c.head == c.tail && !c.reading) c.head = c.tail = 0;
+        c.w.writing = 0;
+        c.w.write_left = 0;
     }
 
-    /// Called as [from, c.head) is consumed: rewinds an emptied ring to position 0 (so a queue
-    /// that keeps up cycles through the same warm pages) and returns consumed memory beyond
-    /// the resident part to the kernel. Producers may be waiting for this room.
-    void consumed(QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
+    /// A consumer took bytes: producers waiting for room (a put, or the stream's next piece) may go on.
+    void note_take(const QueueCursor& c, QueueWakes& wakes) noexcept {
         // The time of a take matters to producers only while the ring holds more than its resident
         // part (ByteQueue::should_pace): a queue kept short by its consumers need not read the clock per item.
-        if (cap_ > queue_resident && c.tail - c.head >= resident() / 4)
+        if (cap_ > queue_resident && c.w.tail - c.r.head >= resident() / 4)
             h_->last_take_ns.store(monotonic_ns(), std::memory_order_relaxed);
-        wakes.room = c.writing != 0;
+        wakes.room = true;
         wakes.space = true;
-        if (cap_ <= queue_resident) {
-            if (c.head == c.tail && !c.writing && !c.reading) c.head = c.tail = 0;
-            return;
-        }
-        for (std::uint64_t chunk = round_down(from, queue_chunk); chunk + queue_chunk <= c.head; chunk += queue_chunk)
-            release_chunk(chunk, c);
-        if (c.head == c.tail && !c.writing && !c.reading) {
-            release_chunk(round_down(c.head, queue_chunk), c);
-            c.head = c.tail = 0;
-            lower_resident();
-        }
+    }
+    /// Called as [from, c.r.head) is consumed, before the new head is published: returns consumed
+    /// memory beyond the resident part to the kernel.
+    void consumed(const QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
+        note_take(c, wakes);
+        if (cap_ <= queue_resident) return;
+        for (std::uint64_t chunk = round_down(from, queue_chunk); chunk + queue_chunk <= c.r.head; chunk += queue_chunk)
+            release_behind(chunk);
+    }
+    /// With `read_mutex` held, before publishing a head past the chunk at stream position `chunk`:
+    /// hands its memory back unless it lies in the resident part. No producer writes there
+    /// meanwhile: a producer writes below the published head (at most `from`, the head before this
+    /// take) plus the capacity less a chunk (room), and the chunk's next place in the ring, one
+    /// capacity on, starts past that (chunk > from - queue_chunk).
+    void release_behind(std::uint64_t chunk) noexcept {
+        const std::uint64_t at = chunk % cap_;
+        if (cap_ <= queue_resident || at < resident()) return;
+        release_pages(ring_ + at, queue_chunk);
     }
     /// Hands back the memory of every chunk of the ring past the resident part that holds no live
     /// byte of `c` (at most two ranges, however large the ring: one system call each).
     void release_all_but(const QueueCursor& c) noexcept {
         if (cap_ <= queue_resident) return;  // then cap_ is a whole number of chunks (create())
         std::uint64_t from = 0, to = cap_;  // the free chunks, [from, to) cyclically in the ring
-        if (c.head != live_end(c)) {
-            const std::uint64_t live = round_up(live_end(c), queue_chunk) - round_down(c.head, queue_chunk);
+        if (c.r.head != live_end(c)) {
+            const std::uint64_t live = round_up(live_end(c), queue_chunk) - round_down(c.r.head, queue_chunk);
             if (live >= cap_) return;
-            to = round_down(c.head, queue_chunk) % cap_;
+            to = round_down(c.r.head, queue_chunk) % cap_;
             from = (to + live) % cap_;
         }
         const auto release = [&](std::uint64_t lo, std::uint64_t hi) {
@@ -752,8 +934,8 @@ private:
             release(0, to);
         }
     }
-    /// Hands back the ring memory of the chunk at stream position `chunk` unless a live byte
-    /// (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
+    /// Both locks: hands back the ring memory of the chunk at stream position `chunk` unless a live
+    /// byte (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
     void release_chunk(std::uint64_t chunk, const QueueCursor& c) noexcept {
         const std::uint64_t at = chunk % cap_;
         if (at < resident()) return;
@@ -762,7 +944,7 @@ private:
         for (int lap = -1; lap <= 1; ++lap) {
             if (lap < 0 && chunk < cap_) continue;
             const std::uint64_t lo = lap < 0 ? chunk - cap_ : chunk + static_cast<std::uint64_t>(lap) * cap_;
-            if (lo < end && lo + queue_chunk > c.head) return;
+            if (lo < end && lo + queue_chunk > c.r.head) return;
         }
         release_pages(ring_ + at, queue_chunk);
     }
@@ -770,7 +952,7 @@ private:
     /// item streams in, the piece its producer may be copying past the tail with the lock
     /// released (reserve_write_piece: at most queue_piece, at most what is left of the item).
     static std::uint64_t live_end(const QueueCursor& c) noexcept {
-        return c.writing ? c.tail + std::min<std::uint64_t>(c.write_left, queue_piece) : c.tail;
+        return c.w.writing ? c.w.tail + std::min<std::uint64_t>(c.w.write_left, queue_piece) : c.w.tail;
     }
 
     /// The segment ids a record lists (none without refs_flag). Throws on a corrupt count.

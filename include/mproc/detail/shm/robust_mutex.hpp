@@ -139,6 +139,9 @@ private:
 template <class Repair> class RobustGuard {
 public:
     RobustGuard(RobustMutex& mutex, Repair repair) : mutex_(&mutex), repair_(std::move(repair)) { lock(); }
+    /// Holds nothing yet: lock() takes it.
+    struct Deferred {};
+    RobustGuard(RobustMutex& mutex, Repair repair, Deferred) : mutex_(&mutex), repair_(std::move(repair)) {}
     ~RobustGuard() {
         if (held_) mutex_->unlock();
     }
