@@ -171,8 +171,8 @@ public:
         QueueHeader& h = ring_.header();
         const auto changed = [&h, w = h.write.seq.load(std::memory_order_acquire),
                               r = h.read.seq.load(std::memory_order_acquire)] {
-            return h.write.seq.load(std::memory_order_acquire) != w || h.read.seq.load(std::memory_order_acquire) != r ||
-                   h.shut_down.load(std::memory_order_acquire) != 0;
+            return h.write.seq.load(std::memory_order_acquire) != w ||
+                   h.read.seq.load(std::memory_order_acquire) != r || h.shut_down.load(std::memory_order_acquire) != 0;
         };
         const Held held = release();
         const bool seen = spin_until(changed, queue_spin);
@@ -481,7 +481,9 @@ private:
                 ring_.probe_writer(lock.wakes);
                 continue;
             }
-            if (!ring_.admits(c, need)) c = ring_.write_view_fresh();
+            // The head last seen is read again when it leaves no room, or lies a quarter of the
+            // resident part behind (what pacing and laps go by): about once a MiB of items.
+            if (!ring_.admits(c, need) || ring_.stale(c)) c = ring_.write_view_fresh();
             if (ring_.admits(c, need)) {
                 if (paced || !should_pace(c, need)) return true;
                 paced = true;  // once per put: then it goes ahead whatever happened

@@ -338,6 +338,10 @@ public:
         return used >= usable ? 0 : usable - used;
     }
 
+    /// True when the head a producer last saw is so far behind the tail that pacing and laps,
+    /// which go by it, would misjudge: a quarter of the resident part.
+    bool stale(const QueueCursor& c) const noexcept { return c.w.tail - c.r.head > resident() / 4; }
+
     /// True when a put that needs `need` bytes of the ring now may start: no item streams in,
     /// the queue holds fewer than maxsize items and the ring has the room.
     bool admits(const QueueCursor& c, std::uint64_t need) const noexcept {
@@ -802,7 +806,8 @@ private:
     /// request again, QueueLock::wait, and the taker passes it on).
     void pass_on(const QueueCursor& c, QueueWakes& wakes) noexcept {
         if (c.count() > 0) wakes.items = true;
-        else if (h_->item_waiters.load(std::memory_order_relaxed) != 0 && read_view_fresh().count() > 0) wakes.items = true;
+        else if (h_->item_waiters.load(std::memory_order_relaxed) != 0 && read_view_fresh().count() > 0)
+            wakes.items = true;
     }
 
     /// Keeps the `used` hint (what a pacing producer watches, ByteQueue::should_pace) where it
@@ -828,6 +833,8 @@ private:
     void lap_back(QueueCursor& c, std::uint64_t need) noexcept {
         if (cap_ <= queue_resident || c.w.writing) return;
         const std::uint64_t at = c.w.tail % cap_;
+        if (at + need <= resident()) return;
+        c.r = h_->read_seen = h_->read.snapshot();  // once a lap: the head as it is
         // The live bytes [head, tail) lie within [need + chunk, at) of this lap: [0, need) is free.
         // And the head is past half the resident part: until a consumer passes the lap record, a
         // producer has the room below the head, and a consumer that is not taking now (its head
