@@ -354,6 +354,33 @@ TEST_CASE("A streamed piece being copied in is never handed back by a consumer t
     CHECK(wrong == 0);
 }
 
+TEST_CASE("A streamed put that finds the write claim held for a moment by a consumer's probe waits for it") {
+    // A consumer waiting for the next piece of a streamed item probes whether its producer is
+    // alive by taking the write claim for a moment (QueueRing::writer_gone), holding only the
+    // consumers' lock. A producer starting the next streamed item at that moment must wait for
+    // the claim, not fail the put. Replayed: another thread holds the claim as a probe would.
+    using namespace mproc::detail;
+    SharedRef ref = ByteQueue::create(std::size_t{16} << 20, 0, 42, 0);
+    ByteQueue q(ref);
+    QueueHeader& h = QueueRing(ref).header();
+    std::atomic<bool> held{false};
+    std::thread prober([&] {
+        REQUIRE(holds(h.write_claim.lock()));
+        held = true;
+        std::this_thread::sleep_for(50ms);
+        h.write_claim.unlock();
+    });
+    while (!held) std::this_thread::yield();
+    const std::vector<std::byte> big(1'000'000, std::byte{5});  // streams (over 256 KiB)
+    bool put = false;
+    CHECK_NOTHROW(put = q.put(big, std::nullopt));
+    prober.join();
+    CHECK(put);
+    mproc::Buffer out;
+    REQUIRE(q.get(out, std::nullopt, /*nowait=*/true) == Take::item);
+    CHECK(out.size() == big.size());
+}
+
 TEST_CASE("A wake request taken and then made again never puts back the value a sleeper is about to sleep on") {
     // Replayed in one thread: sleeper A asks for a wake (the word's low bit) and is on its way to
     // sleep on that value; a waker takes the request; sleeper B asks again. A's futex_wait must
@@ -634,6 +661,52 @@ TEST_CASE("A consumer killed while reading a large message: another consumer tak
     CHECK(got == "next");
     REQUIRE(producer.join(60s));
     CHECK(q.try_get() == std::nullopt);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("join wakes when the item of a consumer killed while draining it is drained away by the next") {
+    // The item went with the dead reader: drained away by the consumer that takes its claim over,
+    // it is done, and a join asleep must learn it then, not at its re-check (lengthened here, so
+    // that a missing wake hangs until the test frees it). The reader is a child that starts the
+    // drain as get() does and is killed there.
+    using namespace mproc::detail;
+    set_recheck_interval(std::chrono::hours(1));
+    struct Restore {
+        ~Restore() { set_recheck_interval(std::chrono::seconds(1)); }
+    } restore;
+    SharedRef ref = ByteQueue::create(std::size_t{16} << 20, 0, 42, /*joinable=*/1);
+    ByteQueue q(ref);
+    QueueHeader& h = QueueRing(ref).header();
+    REQUIRE(q.put(std::vector<std::byte>(std::size_t{1} << 20, std::byte{3}), std::nullopt));  // streamed, whole
+    mproc::Event started;
+    mproc::Process reader([&] {
+        QueueRing ring(ref);
+        REQUIRE(holds(h.read_mutex.lock()));
+        const QueueCursor c = ring.read_view_fresh();
+        QueueWakes wakes;
+        ring.start_read(c, ring.record_at(c.r.head, ring.word_at(c.r.head)), wakes);
+        h.read_mutex.unlock();
+        started.set();
+        for (;;) ::pause();  // killed holding the read claim, the item half read
+    });
+    reader.start();
+    REQUIRE(started.wait(60s));
+    reader.kill();
+    REQUIRE(reader.join(60s));
+    REQUIRE(q.unfinished() == 1);
+    std::atomic<bool> joined{false};
+    std::thread joiner([&] {
+        q.join(std::nullopt);
+        joined = true;
+    });
+    REQUIRE(eventually([&] { return h.join_waiters.load() == 1; }));  // asleep before the drain ends
+    mproc::Buffer out;
+    CHECK(q.get(out, std::nullopt, /*nowait=*/true) == Take::none);  // takes the drain over, drains it away
+    CHECK(q.unfinished() == 0);
+    const bool woke = eventually([&] { return joined.load(); });
+    if (!woke) q.shutdown(true);  // frees the joiner
+    joiner.join();
+    CHECK(woke);
     CHECK(child_count() == 0);
 }
 

@@ -52,7 +52,7 @@ inline bool take_wake_request(FutexWord& word) noexcept {
 /// Sends the wakes decided under a lock (call it with the locks released, or about to be) and
 /// clears them.
 inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
-    if (!(wakes.items || wakes.space || wakes.data || wakes.room)) return;
+    if (!(wakes.items || wakes.space || wakes.data || wakes.room || wakes.tasks)) return;
     // A sleeper sets its request, then looks at the other side's half; the waker published its
     // half, then looks for a request. The fence makes one of them see the other: the sleeper the
     // change (it does not sleep), or the waker the request (it wakes).
@@ -67,6 +67,8 @@ inline void send_wakes(QueueHeader& h, QueueWakes& wakes) noexcept {
     if (wakes.space && take_wake_request(h.space)) futex_wake_all(h.space);
     if (wakes.data && take_wake_request(h.stream_data)) futex_wake_all(h.stream_data);
     if (wakes.room && take_wake_request(h.stream_room)) futex_wake_all(h.stream_room);
+    // Joiners re-check the count themselves: a bump that finds it above 0 costs them a look.
+    if (wakes.tasks && h.join_waiters.load(std::memory_order_seq_cst) != 0) futex_wake_all(h.tasks_done);
     wakes = QueueWakes{};
 }
 
@@ -131,6 +133,7 @@ public:
         send_wakes(ring_.header(), wakes);
         waiters.fetch_add(1, std::memory_order_seq_cst);
         const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
+        std::atomic_thread_fence(std::memory_order_seq_cst);  // the request, then ready()'s reads (send_wakes)
         if (!ready()) {
             const Held held = release();
             futex_wait(word, seen, sleep_until_for(deadline));
@@ -143,6 +146,7 @@ public:
     template <class Ready> void wait_stream(FutexWord& word, const Deadline& deadline, Ready&& ready) {
         send_wakes(ring_.header(), wakes);
         const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
+        std::atomic_thread_fence(std::memory_order_seq_cst);  // the request, then ready()'s reads (send_wakes)
         if (ready()) return;
         const Held held = release();
         futex_wait(word, seen, sleep_until_for(deadline));

@@ -185,6 +185,7 @@ inline constexpr std::uint32_t wake_wanted = 1;
 /// (byte_queue.hpp).
 struct QueueWakes {
     bool items = false, space = false, data = false, room = false;
+    bool tasks = false;  // tasks_done was bumped: wake JoinableQueue::join callers
 };
 
 /// The bytes of a record before its payload: its word, then (for an item holding handles) n and
@@ -414,8 +415,10 @@ public:
     /// Streamed: claims the ring for this item and commits its record, published so a consumer
     /// can start on it at once; its payload follows piece by piece (reserve_write_piece).
     void start_stream(std::uint64_t len, std::span<const std::uint64_t> ids, QueueWakes& wakes) {
-        const LockResult claim = h_->write_claim.try_lock();
-        if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held with no stream");
+        // No stream is on (admits), but a prober may hold the claim for a moment (writer_gone,
+        // which a consumer calls without this lock): wait for it.
+        const LockResult claim = h_->write_claim.lock();
+        if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held by this thread");
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
         QueueCursor c = write_view();
         const std::uint64_t header = record_header_bytes(ids.size());
@@ -623,13 +626,17 @@ public:
         const bool done = c.r.read_left == 0;
         if (done) c.r.reading = 0;
         // It counted as unfinished by `reading` until now; drained away (the reader that took it
-        // died), it is lost with that reader and done.
+        // died), it is lost with that reader and done — which join() may be waiting for.
         if (done && kept) ++c.r.taken;
         consumed(c, from, wakes);
         publish_read(c);
         if (!done) return StreamStep::more;
         h_->read_claim.unlock();
         wakes.items = true;  // the consumers behind the drain: the next item, or ShutDown
+        if (!kept) {
+            h_->tasks_done.fetch_add(1, std::memory_order_relaxed);
+            wakes.tasks = true;
+        }
         return StreamStep::done;
     }
 
@@ -740,7 +747,7 @@ public:
             c.r.read_left = 0;
             c.r.aborted = 1;
             publish_read(c);
-            wakes.data = true;
+            wakes.data = wakes.space = wakes.room = true;
         }
     }
 
@@ -749,19 +756,23 @@ public:
 
     /// Both locks: the RefTable counted again from every record in the ring. A streamed item
     /// already being drained has been taken (its handles went with its reader); a record being
-    /// streamed in is the last, and its header is whole.
+    /// streamed in is the last, and its header is whole. Only the records the count says are
+    /// there: a shutdown(true) killed between its two publishes left the dropped ones behind the
+    /// head, not counted.
     void recount() {
         RefCounts counts(refs_);
         counts.begin();
         counts.clear();
         const QueueCursor c = both_view();
         std::uint64_t pos = c.r.reading ? c.r.head + c.r.read_left : c.r.head;
-        while (pos + 8 <= c.w.tail) {
+        std::uint64_t left = c.count();
+        while (left > 0 && pos + 8 <= c.w.tail) {
             const std::uint64_t word = read_word(pos);
             if (word == lap_flag) {
                 pos += cap_ - pos % cap_;
                 continue;
             }
+            --left;
             const std::vector<std::uint64_t> ids = record_ids(pos, word);
             counts.reserve(ids, "mproc::Queue");  // they fitted when they were put
             counts.add(ids);
