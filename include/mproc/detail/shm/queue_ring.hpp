@@ -113,7 +113,7 @@ template <class State> struct Published {
         // The idle copy was live two publishes ago: a reader that reads what is written here
         // must also see `seq` past that publish (and so try again).
         std::atomic_thread_fence(std::memory_order_release);
-        std::uint64_t w[words];
+        std::uint64_t w[words] = {};
         std::memcpy(w, &s, sizeof s);
         for (std::size_t i = 0; i < words; ++i) copies[(now + 1) & 1u][i].store(w[i], std::memory_order_relaxed);
         seq.store(now + 1, std::memory_order_release);
@@ -121,7 +121,7 @@ template <class State> struct Published {
 
 private:
     static State read(const std::atomic<std::uint64_t> (&copy)[words]) noexcept {
-        std::uint64_t w[words];
+        std::uint64_t w[words] = {};
         for (std::size_t i = 0; i < words; ++i) w[i] = copy[i].load(std::memory_order_relaxed);
         State s;
         std::memcpy(&s, w, sizeof s);
@@ -498,7 +498,7 @@ public:
     /// One lock or both, cheap: true when an item is streaming in (as last seen, then as it is)
     /// and its producer is gone — its claim can be taken. The caller then takes both locks and
     /// calls probe_writer.
-    bool writer_gone() noexcept {
+    bool writer_gone() {
         const LockResult claim = h_->write_claim.try_lock();
         if (!holds(claim)) return false;  // held: the producer is alive (or it is this thread)
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
