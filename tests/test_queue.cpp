@@ -363,14 +363,18 @@ TEST_CASE("A streamed put that finds the write claim held for a moment by a cons
     SharedRef ref = ByteQueue::create(std::size_t{16} << 20, 0, 42, 0);
     ByteQueue q(ref);
     QueueHeader& h = QueueRing(ref).header();
-    std::atomic<bool> held{false};
+    std::atomic<int> held{0};  // 1: the prober holds the claim; -1: it could not take it
     std::thread prober([&] {
-        REQUIRE(holds(h.write_claim.lock()));
-        held = true;
+        if (!holds(h.write_claim.lock())) {
+            held = -1;
+            return;
+        }
+        held = 1;
         std::this_thread::sleep_for(50ms);
         h.write_claim.unlock();
     });
-    while (!held) std::this_thread::yield();
+    while (held == 0) std::this_thread::yield();
+    REQUIRE_FALSE(held == -1);
     const std::vector<std::byte> big(1'000'000, std::byte{5});  // streams (over 256 KiB)
     bool put = false;
     CHECK_NOTHROW(put = q.put(big, std::nullopt));
@@ -699,14 +703,20 @@ TEST_CASE("join wakes when the item of a consumer killed while draining it is dr
         q.join(std::nullopt);
         joined = true;
     });
+    struct Free {  // however the test leaves, the joiner is freed and joined
+        ByteQueue& q;
+        std::thread& joiner;
+        std::atomic<bool>& joined;
+        ~Free() {
+            if (!joined) q.shutdown(true);
+            joiner.join();
+        }
+    } freed{q, joiner, joined};
     REQUIRE(eventually([&] { return h.join_waiters.load() == 1; }));  // asleep before the drain ends
     mproc::Buffer out;
     CHECK(q.get(out, std::nullopt, /*nowait=*/true) == Take::none);  // takes the drain over, drains it away
     CHECK(q.unfinished() == 0);
-    const bool woke = eventually([&] { return joined.load(); });
-    if (!woke) q.shutdown(true);  // frees the joiner
-    joiner.join();
-    CHECK(woke);
+    CHECK(eventually([&] { return joined.load(); }));
     CHECK(child_count() == 0);
 }
 

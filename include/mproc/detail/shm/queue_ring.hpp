@@ -416,7 +416,10 @@ public:
     /// can start on it at once; its payload follows piece by piece (reserve_write_piece).
     void start_stream(std::uint64_t len, std::span<const std::uint64_t> ids, QueueWakes& wakes) {
         // No stream is on (admits), but a prober may hold the claim for a moment (writer_gone,
-        // which a consumer calls without this lock): wait for it.
+        // which a consumer calls without this lock): wait for it. Taking the claim after `mutex`
+        // (a streamer holds it before) cannot deadlock: `writing` clear under `mutex` means no
+        // live streamer holds it — only shutdown(immediate) clears it under one, and a put on a
+        // shut-down queue throws before it gets here.
         const LockResult claim = h_->write_claim.lock();
         if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held by this thread");
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
@@ -700,8 +703,9 @@ public:
 
     /// Items put and not yet marked done (JoinableQueue): the items in the ring — less one still
     /// streaming in, whose put has not returned — plus one being drained, plus those got and not
-    /// yet marked done (`taken`). Each change keeps it as it is, but a put that completes (+1) and
-    /// a task_done (-1); below 0 only for a moment (see settle_unfinished), read as 0.
+    /// yet marked done (`taken`). Each change keeps it as it is, but a put that completes (+1), a
+    /// dead reader's item drained away (-1) and a task_done (-1); below 0 only for a moment (see
+    /// settle_unfinished), read as 0.
     std::int64_t unfinished_signed() noexcept {
         const QueueCursor c = both_view();
         return static_cast<std::int64_t>(c.count()) + (c.r.reading && !c.r.aborted ? 1 : 0) - (c.w.writing ? 1 : 0) +
