@@ -15,6 +15,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../../errors.hpp"
@@ -130,19 +131,13 @@ public:
     /// the bit again, as the wake it took was for one.
     template <class Ready>
     void wait(FutexWord& word, std::atomic<std::uint32_t>& waiters, const Deadline& deadline, Ready&& ready) {
-        send_wakes(ring_.header(), wakes);
         waiters.fetch_add(1, std::memory_order_seq_cst);
-        const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
-        std::atomic_thread_fence(std::memory_order_seq_cst);  // the request, then ready()'s reads (send_wakes)
-        if (!ready()) {
-            const Held held = release();
-            futex_wait(word, seen, sleep_until_for(deadline));
-            retake(held);
-        }
+        wait_stream(word, deadline, std::forward<Ready>(ready));
         if (waiters.fetch_sub(1, std::memory_order_seq_cst) > 1) word.fetch_or(wake_wanted, std::memory_order_seq_cst);
     }
 
-    /// As wait, for a stream's word (stream_data, stream_room: one sleeper each, no waiter count).
+    /// As wait, without the waiter count (what wait adds around it): for a stream's word, which has
+    /// one sleeper at most (stream_data, stream_room).
     template <class Ready> void wait_stream(FutexWord& word, const Deadline& deadline, Ready&& ready) {
         send_wakes(ring_.header(), wakes);
         const std::uint32_t seen = word.fetch_or(wake_wanted, std::memory_order_seq_cst) | wake_wanted;
@@ -480,11 +475,8 @@ private:
             QueueCursor c = ring_.write_view();
             if (c.shut_down) [[unlikely]]
                 throw_shut_down("the queue is shut down");
-            if (c.w.writing && ring_.writer_gone()) [[unlikely]] {
-                lock.both();  // this lock is held: the consumers' is taken after it, nothing moved
-                ring_.probe_writer(lock.wakes);
+            if (c.w.writing && withdrew_dead_writer(lock)) [[unlikely]]
                 continue;
-            }
             // The head last seen is read again when it leaves no room, or lies a quarter of the
             // resident part behind (what pacing and laps go by): about once a MiB of items.
             if (!ring_.admits(c, need) || ring_.stale(c)) c = ring_.write_view_fresh();
@@ -501,6 +493,16 @@ private:
             });
             reserve_refs(ids);  // others may have counted meanwhile
         }
+    }
+
+    /// With an item streaming in (as last seen): if its producer is gone, takes both locks (a
+    /// consumer lets its own go first) and withdraws the item. True when it did: then the caller
+    /// looks at everything again.
+    bool withdrew_dead_writer(QueueLock& lock) {
+        if (!ring_.writer_gone()) return false;
+        lock.both();
+        ring_.probe_writer(lock.wakes);
+        return true;
     }
 
     /// Throws Full, changing nothing, unless the RefTable can count `ids` once more — or ShutDown
@@ -565,11 +567,7 @@ private:
             if (step == StreamStep::dropped) return false;
             // Waiting for the producer's next piece: is it still alive? A producer copying its
             // next piece commits it within a copy's time: watch for it before sleeping.
-            if (ring_.writer_gone()) {
-                lock.both();
-                ring_.probe_writer(lock.wakes);
-                continue;
-            }
+            if (withdrew_dead_writer(lock)) continue;
             if (lock.watch()) continue;
             lock.wait_stream(h.stream_data, std::nullopt, [&] {
                 const QueueCursor now = ring_.read_view_fresh();
