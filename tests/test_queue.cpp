@@ -328,7 +328,7 @@ TEST_CASE("A streamed piece being copied in is never handed back by a consumer t
     std::vector<std::byte> msg(len);
     for (std::size_t i = 0; i < len; ++i) msg[i] = static_cast<std::byte>(1 + i % 251);
     QueueWakes wakes;
-    ring.start_stream(len, {}, wakes);
+    REQUIRE(ring.start_stream(len, {}, wakes));
     StreamPiece piece;
     REQUIRE(ring.reserve_write_piece(len, piece) == StreamStep::more);
     ring.copy_piece_in(piece, ItemBytes{msg});  // the producer, lock released ...
@@ -1079,6 +1079,196 @@ TEST_CASE(
     CHECK(queue_mappings("mproc-queue") == queues + 1);
     CHECK(mproc::detail::segments().retained_count() == 0);
     CHECK(child_count() == 0);
+}
+
+// ---- a process killed between the steps of a change (detail/shm/crash_points.hpp) -------------
+
+namespace {
+/// A child kills itself (SIGKILL) at the `kill_at`-th crash point whose name starts with `kill_prefix`.
+const char* kill_prefix = "";
+int kill_at = 0;
+int kill_seen = 0;
+void kill_at_point(const char* name) {
+    if (std::strncmp(name, kill_prefix, std::strlen(kill_prefix)) == 0 && ++kill_seen == kill_at) ::raise(SIGKILL);
+}
+void arm_kill(const char* prefix, int at) {
+    kill_prefix = prefix;
+    kill_at = at;
+    kill_seen = 0;
+    mproc::detail::crash_hook.store(&kill_at_point);
+}
+/// An item that says which it is: its number in front, then a filling that depends on it.
+std::string numbered(int seq, std::size_t size) {
+    std::string s(size, static_cast<char>('a' + seq % 26));
+    const std::string tag = std::to_string(seq) + ":";
+    s.replace(0, tag.size(), tag);
+    return s;
+}
+}  // namespace
+
+TEST_CASE("A consumer killed at any step of handing ring memory back: the items after its own arrive, intact") {
+    // A consumer hands back the memory of each chunk it passes beyond the ring's resident part
+    // (a 16 MiB ring holding 10 MB, 4 MiB of it resident): killed at each of those steps in turn,
+    // it may lose the item it was taking, never one after it.
+    constexpr int n = 100;
+    constexpr std::size_t size = 100'000;
+    int kills = 0;
+    for (int at = 1; at <= 12; ++at) {
+        mproc::Queue<std::string> q({.buffer_bytes = 16 << 20});
+        for (int i = 0; i < n; ++i) q.put(numbered(i, size));
+        mproc::Value<int> done(0);
+        mproc::Process consumer([&] {
+            arm_kill("queue.hand_back", at);
+            for (int i = 0; i < n; ++i) {
+                if (q.get(60s) != numbered(i, size)) std::_Exit(2);
+                done.store(i + 1);
+            }
+            std::_Exit(0);
+        });
+        consumer.start();
+        REQUIRE(consumer.join(60s));
+        if (consumer.exitcode() == 0) break;  // past the last point
+        REQUIRE(consumer.exitcode() == -SIGKILL);
+        ++kills;
+        INFO("killed at hand-back step " << at << ", after " << done.load() << " items");
+        int next = done.load();
+        if (next < n) {
+            const std::string first = q.get(60s);
+            if (first != numbered(next, size)) ++next;  // the dead consumer's item is lost
+            REQUIRE(next < n);
+            CHECK(first == numbered(next, size));
+            for (++next; next < n; ++next) CHECK(q.get(60s) == numbered(next, size));
+        }
+        CHECK(q.try_get() == std::nullopt);
+    }
+    CHECK(kills >= 5);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE(
+    "A producer killed at any step of withdrawing its streamed item: the handles of the items left are counted "
+    "once") {
+    // The producer gives up on a streamed item that holds a handle (nobody takes it before its
+    // timeout) and is killed at each step of the withdrawal in turn. The item before it holds a
+    // handle to the same queue: counted once too few, that queue would go with its last handle
+    // outside the ring, while the item still points into it.
+    const std::size_t queues = queue_mappings("mproc-queue");
+    int kills = 0;
+    for (int at = 1; at <= 8; ++at) {
+        mproc::Queue<std::pair<mproc::Queue<int>, std::string>> q({.buffer_bytes = 1 << 16});
+        bool last = false;
+        {
+            mproc::Queue<int> inner;
+            q.put({inner, "first"});
+            mproc::Process producer([&] {
+                arm_kill("queue.withdraw", at);
+                try {
+                    q.put({inner, std::string(300'000, 'y')}, 200ms);
+                } catch (const mproc::Full&) {
+                    std::_Exit(0);
+                }
+                std::_Exit(3);
+            });
+            producer.start();
+            REQUIRE(producer.join(60s));
+            last = producer.exitcode() == 0;
+            if (!last) {
+                REQUIRE(producer.exitcode() == -SIGKILL);
+                ++kills;
+            }
+            CHECK(q.qsize() == 1);  // the next locker repairs
+        }  // this process's own handle of `inner` is gone: the item's keeps it
+        INFO("killed at withdrawal step " << at);
+        CHECK(queue_mappings("mproc-queue") == queues + 2);
+        {
+            auto [inner, text] = q.get(60s);
+            CHECK(text == "first");
+            inner.put(7);
+            CHECK(inner.get(5s) == 7);
+        }
+        CHECK(q.try_get() == std::nullopt);
+        CHECK(queue_mappings("mproc-queue") == queues + 1);
+        if (last) break;
+    }
+    CHECK(kills >= 2);
+    CHECK(mproc::detail::segments().retained_count() == 0);
+    CHECK(child_count() == 0);
+}
+
+TEST_CASE("A reader whose streamed item is withdrawn keeps the piece it is copying until it lets the item go") {
+    // The producer of a streamed item gives up while a consumer copies a piece of it with the lock
+    // released. The item is dropped, but until its reader lets it go, no put may write where that
+    // piece lies (the reader's copy would race the put's). Replayed in one thread.
+    using namespace mproc::detail;
+    SharedRef ref = ByteQueue::create(std::size_t{64} << 10, 0, 42, 0);
+    ByteQueue q(ref);
+    QueueRing ring(ref);
+    constexpr std::size_t len = 300'000;  // streams (over 256 KiB), several times the ring
+    std::vector<std::byte> msg(len);
+    for (std::size_t i = 0; i < len; ++i) msg[i] = static_cast<std::byte>(1 + i % 251);
+    QueueWakes wakes;
+    REQUIRE(ring.start_stream(len, {}, wakes));  // the producer's steps
+    StreamPiece wpiece;
+    REQUIRE(ring.reserve_write_piece(len, wpiece) == StreamStep::more);
+    ring.copy_piece_in(wpiece, ItemBytes{msg});
+    REQUIRE(ring.commit_write_piece(wpiece, wakes) == StreamStep::more);
+    const QueueCursor c = ring.read_view_fresh();  // the consumer's
+    ring.start_read(c, ring.record_at(c.r.head, ring.word_at(c.r.head)), wakes);
+    StreamPiece rpiece;
+    REQUIRE(ring.reserve_read_piece(len, rpiece, wakes) == StreamStep::more);
+    REQUIRE(rpiece.n == wpiece.n);
+    ring.withdraw_stream(wakes);  // the producer gives up, while the consumer copies ...
+    const std::vector<std::byte> small(1000, std::byte{0});
+    int puts = 0;
+    while (puts < 1000 && q.put(small, Clock::now())) ++puts;  // ... and other producers put
+    std::vector<std::byte> copied(rpiece.n);
+    ring.copy_piece_out(rpiece, ItemPlace{copied});
+    CHECK(std::equal(copied.begin(), copied.end(), msg.begin()));  // what it copies is still the item's
+    CHECK(ring.commit_read_piece(rpiece, true, wakes) == StreamStep::dropped);
+    mproc::Buffer out;
+    for (int i = 0; i < puts; ++i) REQUIRE(q.get(out, Clock::now(), false) == Take::item);
+    while (q.put(small, Clock::now())) ++puts;  // the ring's room is back
+    CHECK(puts > 0);
+}
+
+TEST_CASE("A streamed put that finds the write claim held by a stopped process gives up at its deadline") {
+    // A consumer probing whether a streaming producer lives holds the write claim for a moment; a
+    // process stopped (SIGSTOP) in that moment holds it until continued. A streamed put waits for
+    // the claim, but no longer than its deadline.
+    mproc::Queue<std::string> q({.buffer_bytes = 1 << 20});
+    auto* h = reinterpret_cast<mproc::detail::QueueHeader*>(mproc_test::object_address(q));
+    mproc::Event holding;
+    mproc::Process prober([&] {
+        REQUIRE(mproc::detail::holds(h->write_claim.lock()));
+        holding.set();
+        for (;;) ::pause();
+    });
+    prober.start();
+    REQUIRE(holding.wait(60s));
+    struct Release {  // however the test leaves, the claim's holder goes
+        mproc::Process& p;
+        ~Release() {
+            if (p.is_alive()) p.kill();
+            (void)p.join(60s);
+        }
+    } release{prober};
+    std::atomic<int> outcome{0};  // 1: gave up with Full, 2: put, 3: other
+    std::thread producer([&] {
+        try {
+            q.put(std::string(1 << 20, 'z'), 300ms);
+            outcome = 2;
+        } catch (const mproc::Full&) {
+            outcome = 1;
+        } catch (...) {
+            outcome = 3;
+        }
+    });
+    const bool ended = eventually([&] { return outcome.load() != 0; });
+    if (!ended) prober.kill();  // frees the put (its claim's owner died), so the thread can be joined
+    producer.join();
+    CHECK(ended);
+    CHECK(outcome.load() == 1);
+    CHECK(q.empty());
 }
 
 // ---- shutdown (Python 3.13's Queue.shutdown) ----------------------------------------------------

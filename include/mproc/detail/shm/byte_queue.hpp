@@ -161,6 +161,23 @@ public:
         retake(held);
     }
 
+    /// Waits with the locks released until the write claim, held by a consumer probing whether a
+    /// streaming producer lives (QueueRing::writer_gone), is let go — or `deadline` passes (false).
+    /// The locks are held again on return, and the caller looks at everything again.
+    bool await_claim(const Deadline& deadline) {
+        RobustMutex& claim = ring_.header().write_claim;
+        const Held held = release();
+        const LockResult r = claim.lock_until(deadline);
+        if (holds(r)) {
+            if (r == LockResult::owner_died) claim.mark_consistent();  // a prober died: it guards nothing
+            claim.unlock();
+        }
+        retake(held);
+        if (r == LockResult::would_deadlock)
+            throw Error("mproc::Queue: internal error: the write claim is held by this thread");
+        return holds(r);
+    }
+
     /// Before a consumer sleeps: watches the queue for a few microseconds with the locks released.
     /// A busy producer publishes again within that time, and a consumer that sees it awake spares
     /// both sides a futex system call (a sleeper costs the producer a wake on every put). Bounded
@@ -206,6 +223,8 @@ private:
             // that died draining shows up as a claim whose owner died, taken over in get().
             QueueHeader& h = ring->header();
             h.write_seen = h.write.snapshot();
+            // A taker killed while handing back memory it passed.
+            ring->finish_hand_back();
         }
     };
     using ReadGuard = RobustGuard<ReadRepair>;
@@ -218,11 +237,12 @@ private:
             ReadGuard read(ring->header().read_mutex, ReadRepair{ring});
             QueueWakes wakes;
             ring->repair_halves(wakes);
+            // A holder killed while counting an item's handles left the RefTable changing: count
+            // them again from the records in the ring — before anything changes the counts again
+            // (and marks the table whole).
+            if (ring->refs_changing()) ring->recount();
             // A claim holder that died shows up as a claim whose owner died: a dead streaming producer.
             ring->probe_writer(wakes);
-            // A holder killed while counting an item's handles left the RefTable changing:
-            // count them again from the records in the ring.
-            if (ring->refs_changing()) ring->recount();
             // A holder killed between dropping items and settling the count of unfinished ones.
             ring->settle_unfinished();
             read.unlock();
@@ -299,19 +319,21 @@ public:
         const bool whole = ring_.fits_whole(header + msg.size());
         QueueLock lock(ring_, QueueLock::Side::producer);
         if (!ids.empty()) lock.both();  // the RefTable changes with both locks
-        if (!wait_for_room(lock, whole ? header + msg.size() : header, ids, deadline)) return false;
-        if (ring_.leaves_resident(ring_.write_view(), header + msg.size()) &&
-            ring_.rewind_due(ring_.write_view_fresh(), header + msg.size())) {
-            lock.both();  // the producers' lock is held: nothing moved
-            ring_.rewind(header + msg.size());
+        for (;;) {
+            if (!wait_for_room(lock, whole ? header + msg.size() : header, ids, deadline)) return false;
+            if (ring_.leaves_resident(ring_.write_view(), header + msg.size()) &&
+                ring_.rewind_due(ring_.write_view_fresh(), header + msg.size())) {
+                lock.both();  // the producers' lock is held: nothing moved
+                ring_.rewind(header + msg.size());
+            }
+            if (whole) {
+                ring_.put_whole(msg, ids, lock.wakes);
+                return true;
+            }
+            // Streamed: claim the ring for this item, commit its record, then pieces as room allows.
+            if (ring_.start_stream(msg.size(), ids, lock.wakes)) return stream_in(lock, msg, deadline);
+            if (!lock.await_claim(deadline)) return false;  // a prober holds the claim for a moment
         }
-        if (whole) {
-            ring_.put_whole(msg, ids, lock.wakes);
-            return true;
-        }
-        // Streamed: claim the ring for this item, commit its record, then pieces as room allows.
-        ring_.start_stream(msg.size(), ids, lock.wakes);
-        return stream_in(lock, msg, deadline);
     }
 
     /// Takes the next item into `out`. Take::none if there was none before `deadline` (or at once,

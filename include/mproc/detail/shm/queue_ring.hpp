@@ -27,6 +27,7 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "crash_points.hpp"
 #include "futex.hpp"
 #include "memory.hpp"
 #include "ref_table.hpp"
@@ -79,9 +80,15 @@ struct ReadState {
     // QueueRing::unfinished_signed). Counted on every get of every queue, in the same publish as
     // the take (a test of `joinable` would cost each get more than the add).
     std::int64_t taken;
-    std::uint64_t read_left;  // payload bytes of the streamed item being drained, not yet read
+    // Payload bytes of the streamed item being drained, not yet read; once it is aborted, the
+    // bytes its reader passes when it drops it (those its producer committed).
+    std::uint64_t read_left;
     std::uint64_t reading;  // a consumer drains a streamed item (and holds read_claim)
     std::uint64_t aborted;  // the item being drained lost its producer: the reader drops it
+    // 1 + the position of the first chunk behind the head that a consumer is handing back to the
+    // kernel (0: none). Until it is done, producers count the ring as held from there (see
+    // QueueCursor::held and QueueRing::hand_back).
+    std::uint64_t handing_back;
 };
 
 /// One half of the cursor as its side publishes it. Two copies alternate: the side's lock holder
@@ -137,6 +144,9 @@ struct QueueCursor {
     bool shut_down;  // shutdown() was called: puts are refused, gets end once it is empty
     /// Items whose record has been committed and not yet taken.
     std::uint64_t count() const noexcept { return w.puts - r.takes; }
+    /// Where the consumers' hold on the ring starts: the head, or the chunk behind it that a
+    /// consumer is handing back. A producer writes less than a capacity past it.
+    std::uint64_t held() const noexcept { return r.handing_back != 0 ? r.handing_back - 1 : r.head; }
 };
 
 // The header's layout follows who writes what: each lock shares its cache line with what only its
@@ -335,13 +345,13 @@ public:
     /// handing back (see consumed).
     std::uint64_t room(const QueueCursor& c) const noexcept {
         const std::uint64_t usable = cap_ > queue_resident ? cap_ - queue_chunk : cap_;
-        const std::uint64_t used = c.w.tail - c.r.head;
+        const std::uint64_t used = c.w.tail - c.held();
         return used >= usable ? 0 : usable - used;
     }
 
     /// True when the head a producer last saw is so far behind the tail that pacing and laps,
     /// which go by it, would misjudge: a quarter of the resident part.
-    bool stale(const QueueCursor& c) const noexcept { return c.w.tail - c.r.head > resident() / 4; }
+    bool stale(const QueueCursor& c) const noexcept { return c.w.tail - c.held() > resident() / 4; }
 
     /// True when a put that needs `need` bytes of the ring now may start: no item streams in,
     /// the queue holds fewer than maxsize items and the ring has the room.
@@ -352,7 +362,7 @@ public:
     /// True when `need` more bytes would take the ring past its resident part while a consumer
     /// has something to take: the case in which a producer may wait for the consumer (ByteQueue::should_pace).
     bool runs_past_resident(const QueueCursor& c, std::uint64_t need) const noexcept {
-        return cap_ > queue_resident && c.w.tail - c.r.head + need > resident() && c.r.head != c.w.tail;
+        return cap_ > queue_resident && c.w.tail - c.held() + need > resident() && c.r.head != c.w.tail;
     }
 
     /// True when the ring was empty when last seen and its tail is far into the resident part
@@ -413,14 +423,13 @@ public:
     }
 
     /// Streamed: claims the ring for this item and commits its record, published so a consumer
-    /// can start on it at once; its payload follows piece by piece (reserve_write_piece).
-    void start_stream(std::uint64_t len, std::span<const std::uint64_t> ids, QueueWakes& wakes) {
-        // No stream is on (admits), but a prober may hold the claim for a moment (writer_gone,
-        // which a consumer calls without this lock): wait for it. Taking the claim after `mutex`
-        // (a streamer holds it before) cannot deadlock: `writing` clear under `mutex` means no
-        // live streamer holds it — only shutdown(immediate) clears it under one, and a put on a
-        // shut-down queue throws before it gets here.
-        const LockResult claim = h_->write_claim.lock();
+    /// can start on it at once; its payload follows piece by piece (reserve_write_piece). False,
+    /// changing nothing, when the claim is held: no stream is on (admits), but a prober holds it
+    /// for a moment (writer_gone, which a consumer calls without this lock), and the caller waits
+    /// for it with the lock released (QueueLock::await_claim), then looks again.
+    bool start_stream(std::uint64_t len, std::span<const std::uint64_t> ids, QueueWakes& wakes) {
+        const LockResult claim = h_->write_claim.try_lock();
+        if (claim == LockResult::timed_out) return false;
         if (!holds(claim)) throw Error("mproc::Queue: internal error: the write claim is held by this thread");
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
         QueueCursor c = write_view();
@@ -441,6 +450,7 @@ public:
         publish_write(c);
         if (!ids.empty()) counts.end();
         wakes.items = true;
+        return true;
     }
 
     /// With the stream of an item started: reserves its next piece in `piece`, as much as the
@@ -490,10 +500,7 @@ public:
     /// Both locks: the streaming producer gives up: withdraws its partial item (a reader that
     /// started it drops it) and releases the write claim.
     void withdraw_stream(QueueWakes& wakes) noexcept {
-        QueueCursor c = both_view();
-        const QueueCursor was = c;
-        abort_stream(c);
-        publish_both(c, was);
+        abort_stream();
         h_->write_claim.unlock();
         wakes.data = wakes.room = wakes.space = wakes.items = true;
     }
@@ -519,9 +526,7 @@ public:
         if (!c.w.writing) return false;
         const LockResult claim = h_->write_claim.try_lock();
         if (claim == LockResult::timed_out || claim == LockResult::would_deadlock) return false;  // alive
-        const QueueCursor was = c;
-        abort_stream(c);
-        publish_both(c, was);
+        abort_stream();
         if (claim == LockResult::owner_died) h_->write_claim.mark_consistent();
         h_->write_claim.unlock();
         wakes.items = wakes.space = wakes.data = wakes.room = true;
@@ -541,12 +546,9 @@ public:
     void skip_lap(QueueCursor c, QueueWakes& wakes) noexcept {
         const std::uint64_t from = c.r.head;
         c.r.head += cap_ - c.r.head % cap_;
-        // The rest of the lap holds no memory (each chunk past the resident part was handed back
-        // when an earlier lap's reader passed it): only the lap record's own chunk may, so only it
-        // is looked at, not every chunk skipped.
-        note_take(c, wakes);
-        release_behind(round_down(from, queue_chunk));
+        consumed(c, from, wakes);
         publish_read(c);
+        hand_back(c);
     }
 
     /// Takes the whole record `r` at the head (cursor `c`) into `dst`, publishes, and stops
@@ -565,6 +567,7 @@ public:
         consumed(c, from, wakes);
         publish_read(c);
         if (!r.ids.empty()) counts.end();
+        hand_back(c);
         pass_on(c, wakes);
     }
 
@@ -588,6 +591,7 @@ public:
         consumed(c, from, wakes);
         publish_read(c);
         if (!r.ids.empty()) counts.end();  // the item's handles are this reader's from here
+        hand_back(c);
     }
 
     /// With another consumer draining a streamed item: takes its read claim over if that
@@ -633,6 +637,7 @@ public:
         if (done && kept) ++c.r.taken;
         consumed(c, from, wakes);
         publish_read(c);
+        hand_back(c);
         if (!done) return StreamStep::more;
         h_->read_claim.unlock();
         wakes.items = true;  // the consumers behind the drain: the next item, or ShutDown
@@ -673,8 +678,7 @@ public:
         if (c.w.writing && c.r.reading && c.r.head > c.w.stream_at) {
             // The item streaming in is the one being drained: everything after its record is
             // its own. Its reader drops it (as when its producer dies).
-            c.r.head = c.w.tail;
-            c.r.read_left = 0;
+            c.r.read_left = c.w.tail - c.r.head;
             c.r.aborted = 1;
         } else if (c.r.reading) {
             c.w.tail = c.r.head + c.r.read_left;  // the item being drained is whole: it stays its reader's
@@ -747,12 +751,18 @@ public:
     void repair_halves(QueueWakes& wakes) noexcept {
         QueueCursor c = both_view();
         if (c.r.reading && !c.r.aborted && !c.w.writing && c.r.head + c.r.read_left > c.w.tail) {
-            c.r.head = c.w.tail;
-            c.r.read_left = 0;
+            c.r.read_left = c.w.tail - c.r.head;
             c.r.aborted = 1;
             publish_read(c);
             wakes.data = wakes.space = wakes.room = true;
         }
+    }
+
+    /// With `read_mutex` held, after a holder of it died: finishes a hand-back it published and did
+    /// not end (hand_back).
+    void finish_hand_back() noexcept {
+        QueueCursor c = read_view();
+        hand_back(c);
     }
 
     /// True when a holder was killed while counting an item's handles (the RefTable is left changing).
@@ -789,11 +799,14 @@ private:
     /// The item being drained lost its producer (or was dropped by shutdown(immediate)): the
     /// reader lets it go, and the read claim.
     StreamStep drop_read(QueueCursor c, QueueWakes& wakes) noexcept {
+        const std::uint64_t from = c.r.head;
+        if (c.r.aborted) c.r.head += c.r.read_left;  // the bytes its producer committed
         c.r.aborted = 0;
         c.r.reading = 0;
         c.r.read_left = 0;
-        consumed(c, c.r.head, wakes);
+        consumed(c, from, wakes);
         publish_read(c);
+        hand_back(c);
         h_->read_claim.unlock();
         wakes.items = true;  // the consumers behind the drain: the next item, or ShutDown
         return StreamStep::dropped;
@@ -855,7 +868,7 @@ private:
         // producer has the room below the head, and a consumer that is not taking now (its head
         // lower) keeps it there — the ring then goes on past the resident part instead.
         const std::uint64_t below = std::max<std::uint64_t>(need + queue_chunk, resident() / 2);
-        if (at + need <= resident() || at + 8 > cap_ || c.w.tail - c.r.head + below > at) return;
+        if (at + need <= resident() || at + 8 > cap_ || c.w.tail - c.held() + below > at) return;
         write_word(c.w.tail, lap_flag);
         c.w.tail += cap_ - at;
     }
@@ -872,39 +885,51 @@ private:
         h_->resident_raised_ns.store(monotonic_ns(), std::memory_order_relaxed);
     }
 
-    /// Both locks: withdraws the item being streamed in: cut off if no consumer took it yet (and
-    /// its handles no longer counted), otherwise marked aborted so its reader drops what it has.
-    void abort_stream(QueueCursor& c) noexcept {
+    /// Both locks: withdraws the item being streamed in, and publishes. If a consumer started it,
+    /// it is marked aborted: its reader drops it, passing the bytes its producer committed (the
+    /// reader may be copying a piece of them with the lock released, so the head stays until it
+    /// lets them go). Otherwise its record is cut off, its handles no longer counted, and the
+    /// memory its producer wrote goes back. Each step leaves what the next locker repairs: the
+    /// RefTable is marked changing until the cut is published (a recount from the ring), and a
+    /// holder killed before the hand-back leaves only memory in use.
+    void abort_stream() noexcept {
+        QueueCursor c = both_view();
+        const QueueCursor was = c;
         if (c.r.reading && c.r.head > c.w.stream_at) {
-            c.r.head = c.w.tail;  // everything after the record is this item's
-            c.r.read_left = 0;
+            c.r.read_left = c.w.tail - c.r.head;  // everything after the record is this item's
             c.r.aborted = 1;
-        } else {
-            const std::uint64_t word = read_word(c.w.stream_at);
-            if (word & refs_flag) {
-                const std::uint64_t n = read_word(c.w.stream_at + 8);
-                if (n != 0 && n <= RefTable::max_live) {
-                    std::vector<std::uint64_t> ids(static_cast<std::size_t>(n));
-                    copy_out(c.w.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
-                    RefCounts counts(refs_);
-                    counts.begin();
-                    counts.remove(ids);
-                    counts.end();
-                }
-            }
-            // What its producer wrote, a piece it was copying included (it is gone, or it is
-            // the caller, between pieces): all of it goes back.
-            const std::uint64_t written = live_end(c);
-            c.w.tail = c.w.stream_at;
-            --c.w.puts;
             c.w.writing = 0;
             c.w.write_left = 0;
-            if (cap_ > queue_resident)
-                for (std::uint64_t chunk = round_up(c.w.tail, queue_chunk); chunk < written; chunk += queue_chunk)
-                    release_chunk(chunk, c);
+            publish_both(c, was);
+            return;
         }
+        RefCounts counts(refs_);
+        const std::uint64_t word = read_word(c.w.stream_at);
+        const bool uncount = (word & refs_flag) != 0;
+        if (uncount) {
+            const std::uint64_t n = read_word(c.w.stream_at + 8);
+            counts.begin();
+            if (n != 0 && n <= RefTable::max_live) {
+                std::vector<std::uint64_t> ids(static_cast<std::size_t>(n));
+                copy_out(c.w.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
+                counts.remove(ids);
+            }
+        }
+        crash_point("queue.withdraw.uncounted");
+        // What its producer wrote, a piece it was copying included (it is gone, or it is the
+        // caller, between pieces): all of it goes back.
+        const std::uint64_t written = live_end(c);
+        c.w.tail = c.w.stream_at;
+        --c.w.puts;
         c.w.writing = 0;
         c.w.write_left = 0;
+        publish_both(c, was);
+        crash_point("queue.withdraw.published");
+        if (uncount) counts.end();
+        crash_point("queue.withdraw.counted");
+        if (cap_ > queue_resident)
+            for (std::uint64_t chunk = round_up(c.w.tail, queue_chunk); chunk < written; chunk += queue_chunk)
+                release_chunk(chunk, c);
     }
 
     /// A consumer took bytes: producers waiting for room (a put, or the stream's next piece) may go on.
@@ -916,45 +941,53 @@ private:
         wakes.room = true;
         wakes.space = true;
     }
-    /// Called as [from, c.r.head) is consumed, before the new head is published: returns consumed
-    /// memory beyond the resident part to the kernel.
-    void consumed(const QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
+    /// Called as [from, c.r.head) is consumed, before the new head is published: notes the take,
+    /// and marks the chunks the head passed for hand_back when any lies beyond the resident part.
+    void consumed(QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
         note_take(c, wakes);
-        if (cap_ <= queue_resident) return;
-        for (std::uint64_t chunk = round_down(from, queue_chunk); chunk + queue_chunk <= c.r.head; chunk += queue_chunk)
-            release_behind(chunk);
+        if (cap_ <= queue_resident || c.r.handing_back != 0) return;
+        const std::uint64_t first = round_down(from, queue_chunk);
+        const std::uint64_t passed = round_down(c.r.head, queue_chunk) - first;
+        if (passed != 0 && first % cap_ + passed > resident()) c.r.handing_back = first + 1;
     }
-    /// With `read_mutex` held, before publishing a head past the chunk at stream position `chunk`:
-    /// hands its memory back unless it lies in the resident part. No producer writes there
-    /// meanwhile: a producer writes below the published head (at most `from`, the head before this
-    /// take) plus the capacity less a chunk (room), and the chunk's next place in the ring, one
-    /// capacity on, starts past that (chunk > from - queue_chunk).
-    void release_behind(std::uint64_t chunk) noexcept {
-        const std::uint64_t at = chunk % cap_;
-        if (cap_ <= queue_resident || at < resident()) return;
-        release_pages(ring_ + at, queue_chunk);
+    /// With `read_mutex` held, after publishing a head that marked chunks for hand-back: hands
+    /// their memory back to the kernel (beyond the resident part), then publishes again with the
+    /// mark cleared. Meanwhile producers count the ring as held from the first of them (room), so
+    /// none writes in their places: a chunk's next place lies a capacity on, and a producer stays
+    /// below the held position plus the capacity less a chunk. A consumer killed in between
+    /// leaves the mark, and the next one finishes the hand-back (finish_hand_back) — the head
+    /// itself always stands on memory no one handed back.
+    void hand_back(QueueCursor& c) noexcept {
+        if (c.r.handing_back == 0) return;
+        crash_point("queue.hand_back.published");
+        release_between(c.r.handing_back - 1, round_down(c.r.head, queue_chunk));
+        crash_point("queue.hand_back.released");
+        c.r.handing_back = 0;
+        publish_read(c);
+    }
+    /// Hands back the memory of the ring between stream positions `from` and `to` (whole chunks,
+    /// at most a capacity apart), past the resident part: at most two system calls.
+    void release_between(std::uint64_t from, std::uint64_t to) noexcept {
+        if (to <= from) return;
+        const std::uint64_t lo = from % cap_, n = to - from;
+        const auto release = [&](std::uint64_t a, std::uint64_t b) {
+            a = std::max<std::uint64_t>(a, resident());
+            if (a < b) release_pages(ring_ + a, b - a);
+        };
+        if (lo + n <= cap_) {
+            release(lo, lo + n);
+        } else {
+            release(lo, cap_);
+            release(0, lo + n - cap_);
+        }
     }
     /// Hands back the memory of every chunk of the ring past the resident part that holds no live
     /// byte of `c` (at most two ranges, however large the ring: one system call each).
     void release_all_but(const QueueCursor& c) noexcept {
         if (cap_ <= queue_resident) return;  // then cap_ is a whole number of chunks (create())
-        std::uint64_t from = 0, to = cap_;  // the free chunks, [from, to) cyclically in the ring
-        if (c.r.head != live_end(c)) {
-            const std::uint64_t live = round_up(live_end(c), queue_chunk) - round_down(c.r.head, queue_chunk);
-            if (live >= cap_) return;
-            to = round_down(c.r.head, queue_chunk) % cap_;
-            from = (to + live) % cap_;
-        }
-        const auto release = [&](std::uint64_t lo, std::uint64_t hi) {
-            lo = std::max<std::uint64_t>(lo, resident());
-            if (lo < hi) release_pages(ring_ + lo, hi - lo);
-        };
-        if (from < to) {
-            release(from, to);
-        } else {
-            release(from, cap_);
-            release(0, to);
-        }
+        if (c.held() == live_end(c)) return release_between(0, cap_);
+        const std::uint64_t end = round_up(live_end(c), queue_chunk), start = round_down(c.held(), queue_chunk);
+        if (end - start < cap_) release_between(end, start + cap_);
     }
     /// Both locks: hands back the ring memory of the chunk at stream position `chunk` unless a live
     /// byte (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
@@ -966,7 +999,7 @@ private:
         for (int lap = -1; lap <= 1; ++lap) {
             if (lap < 0 && chunk < cap_) continue;
             const std::uint64_t lo = lap < 0 ? chunk - cap_ : chunk + static_cast<std::uint64_t>(lap) * cap_;
-            if (lo < end && lo + queue_chunk > c.r.head) return;
+            if (lo < end && lo + queue_chunk > c.held()) return;
         }
         release_pages(ring_ + at, queue_chunk);
     }
