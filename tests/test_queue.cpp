@@ -1127,10 +1127,10 @@ TEST_CASE("A consumer killed at any step of handing ring memory back: the items 
         });
         consumer.start();
         REQUIRE(consumer.join(60s));
+        INFO("hand-back step " << at << ", after " << done.load() << " items");
         if (consumer.exitcode() == 0) break;  // past the last point
         REQUIRE(consumer.exitcode() == -SIGKILL);
         ++kills;
-        INFO("killed at hand-back step " << at << ", after " << done.load() << " items");
         int next = done.load();
         if (next < n) {
             const std::string first = q.get(60s);
@@ -1195,6 +1195,51 @@ TEST_CASE(
     CHECK(child_count() == 0);
 }
 
+TEST_CASE("Producers that put while a consumer hands ring memory back keep out of the chunks it hands back") {
+    // Between publishing its new head and handing back the chunks it passed, a consumer holds them
+    // off: producers count the ring as held from the first of them, not from the new head. Here a
+    // producer fills the ring at that very moment (in the crash hook, in this process): counted
+    // from the head, its last items would lie where the hand-back then zeroes the memory.
+    mproc::Queue<std::string> q({.buffer_bytes = 16 << 20});  // 4 MiB of it resident
+    static constexpr std::size_t big = 100'000, small = 1000;
+    std::vector<std::size_t> sizes;
+    try {
+        for (;;) {
+            q.put_nowait(numbered(static_cast<int>(sizes.size()), big));
+            sizes.push_back(big);
+        }
+    } catch (const mproc::Full&) {}
+    static mproc::Queue<std::string>* target = nullptr;
+    static std::vector<std::size_t>* put_sizes = nullptr;
+    static int hook_runs = 0;
+    target = &q;
+    put_sizes = &sizes;
+    hook_runs = 0;
+    struct Unhook {
+        ~Unhook() { mproc::detail::crash_hook.store(nullptr); }
+    } unhook;
+    mproc::detail::crash_hook.store([](const char* name) {
+        if (std::strcmp(name, "queue.hand_back.published") != 0 || hook_runs++ != 0) return;
+        try {
+            for (;;) {
+                target->put_nowait(numbered(static_cast<int>(put_sizes->size()), small));
+                put_sizes->push_back(small);
+            }
+        } catch (const mproc::Full&) {}
+    });
+    const std::size_t before = sizes.size();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        const std::string got = q.get(60s);
+        if (got != numbered(static_cast<int>(i), sizes[i])) {
+            FAIL_CHECK("item " << i << " of " << sizes.size() << " arrived wrong");
+            break;
+        }
+    }
+    CHECK(hook_runs > 0);
+    CHECK(sizes.size() > before + 1000);  // the hook's puts found room
+    CHECK(q.try_get() == std::nullopt);
+}
+
 TEST_CASE("A reader whose streamed item is withdrawn keeps the piece it is copying until it lets the item go") {
     // The producer of a streamed item gives up while a consumer copies a piece of it with the lock
     // released. The item is dropped, but until its reader lets it go, no put may write where that
@@ -1233,8 +1278,9 @@ TEST_CASE("A reader whose streamed item is withdrawn keeps the piece it is copyi
 
 TEST_CASE("A streamed put that finds the write claim held by a stopped process gives up at its deadline") {
     // A consumer probing whether a streaming producer lives holds the write claim for a moment; a
-    // process stopped (SIGSTOP) in that moment holds it until continued. A streamed put waits for
-    // the claim, but no longer than its deadline.
+    // process stopped (SIGSTOP) in that moment holds it until continued — played here by a child
+    // that takes the claim and waits. A streamed put waits for the claim, but no longer than its
+    // deadline.
     mproc::Queue<std::string> q({.buffer_bytes = 1 << 20});
     auto* h = reinterpret_cast<mproc::detail::QueueHeader*>(mproc_test::object_address(q));
     mproc::Event holding;

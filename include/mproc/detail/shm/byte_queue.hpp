@@ -8,6 +8,7 @@
 // its published changes call for are sent.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -37,6 +38,8 @@ inline constexpr std::chrono::microseconds queue_spin{20};
 /// how long producers stop waiting after a wait that did not pay off.
 inline constexpr std::chrono::microseconds queue_pace{500};
 inline constexpr std::int64_t queue_pace_active_ns = 1'000'000;
+/// The least a streamed put waits for a write claim a prober holds for a moment (see QueueLock::await_claim).
+inline constexpr std::chrono::milliseconds queue_claim_wait{1};
 
 /// Takes a sleeper's request for a wake on `word` (its wake_wanted bit): true when this caller
 /// cleared it, and so must wake. The bit is cleared by adding 1 (W|1 becomes W+2), so the word
@@ -163,11 +166,16 @@ public:
 
     /// Waits with the locks released until the write claim, held by a consumer probing whether a
     /// streaming producer lives (QueueRing::writer_gone), is let go — or `deadline` passes (false).
-    /// The locks are held again on return, and the caller looks at everything again.
+    /// A probe holds it for a few instructions, so even a put with no time to wait (put_nowait)
+    /// waits up to queue_claim_wait for it, rather than report a queue with room as full; only a
+    /// prober stopped in that moment (SIGSTOP) makes it wait longer, and then no longer than its
+    /// deadline. The locks are held again on return, and the caller looks at everything again.
     bool await_claim(const Deadline& deadline) {
         RobustMutex& claim = ring_.header().write_claim;
+        Deadline until = deadline;
+        if (until) until = std::max(*until, Clock::now() + queue_claim_wait);
         const Held held = release();
-        const LockResult r = claim.lock_until(deadline);
+        const LockResult r = claim.lock_until(until);
         if (holds(r)) {
             if (r == LockResult::owner_died) claim.mark_consistent();  // a prober died: it guards nothing
             claim.unlock();
@@ -224,7 +232,9 @@ private:
             QueueHeader& h = ring->header();
             h.write_seen = h.write.snapshot();
             // A taker killed while handing back memory it passed.
-            ring->finish_hand_back();
+            QueueWakes wakes;
+            ring->finish_hand_back(wakes);
+            send_wakes(h, wakes);
         }
     };
     using ReadGuard = RobustGuard<ReadRepair>;

@@ -81,7 +81,7 @@ struct ReadState {
     // the take (a test of `joinable` would cost each get more than the add).
     std::int64_t taken;
     // Payload bytes of the streamed item being drained, not yet read; once it is aborted, the
-    // bytes its reader passes when it drops it (those its producer committed).
+    // bytes its reader passes when it drops it (those its producer committed past the head).
     std::uint64_t read_left;
     std::uint64_t reading;  // a consumer drains a streamed item (and holds read_claim)
     std::uint64_t aborted;  // the item being drained lost its producer: the reader drops it
@@ -544,11 +544,15 @@ public:
 
     /// Passes the lap record at the head (cursor `c`): the producer went back to the ring's start.
     void skip_lap(QueueCursor c, QueueWakes& wakes) noexcept {
-        const std::uint64_t from = c.r.head;
+        const std::uint64_t chunk = round_down(c.r.head, queue_chunk);
         c.r.head += cap_ - c.r.head % cap_;
-        consumed(c, from, wakes);
+        note_take(c, wakes);
+        // The rest of the lap holds no memory (each chunk past the resident part was handed back
+        // when an earlier lap's reader passed it): only the lap record's own chunk may, so only it
+        // is handed back, not every chunk skipped.
+        if (cap_ > queue_resident && chunk % cap_ >= resident()) c.r.handing_back = chunk + 1;
         publish_read(c);
-        hand_back(c);
+        hand_back(c, chunk + queue_chunk);
     }
 
     /// Takes the whole record `r` at the head (cursor `c`) into `dst`, publishes, and stops
@@ -760,9 +764,11 @@ public:
 
     /// With `read_mutex` held, after a holder of it died: finishes a hand-back it published and did
     /// not end (hand_back).
-    void finish_hand_back() noexcept {
+    void finish_hand_back(QueueWakes& wakes) noexcept {
         QueueCursor c = read_view();
+        if (c.r.handing_back == 0) return;
         hand_back(c);
+        wakes.room = wakes.space = true;  // producers that went to sleep on the marked half
     }
 
     /// True when a holder was killed while counting an item's handles (the RefTable is left changing).
@@ -957,10 +963,14 @@ private:
     /// below the held position plus the capacity less a chunk. A consumer killed in between
     /// leaves the mark, and the next one finishes the hand-back (finish_hand_back) — the head
     /// itself always stands on memory no one handed back.
-    void hand_back(QueueCursor& c) noexcept {
+    void hand_back(QueueCursor& c) noexcept { hand_back(c, round_down(c.r.head, queue_chunk)); }
+    /// As above, for the chunks before `until` only (skip_lap: the lap record's chunk; the rest of
+    /// the lap holds no memory). A repair hands back all the chunks the head passed: some more
+    /// system-call work for a lap, the same memory.
+    void hand_back(QueueCursor& c, std::uint64_t until) noexcept {
         if (c.r.handing_back == 0) return;
         crash_point("queue.hand_back.published");
-        release_between(c.r.handing_back - 1, round_down(c.r.head, queue_chunk));
+        release_between(c.r.handing_back - 1, until);
         crash_point("queue.hand_back.released");
         c.r.handing_back = 0;
         publish_read(c);
