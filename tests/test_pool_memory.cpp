@@ -4,11 +4,16 @@
 // a result gets its value.
 #include "test_pool_common.hpp"
 
+#include <mproc/queue.hpp>
+
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
 #include <new>
 #include <numeric>
+#include <optional>
+#include <string>
+#include <vector>
 
 using namespace std::chrono_literals;
 using pool_test::Watchdog;
@@ -205,4 +210,38 @@ TEST_CASE("the collector's allocations failing in turn, a worker dying meanwhile
     test_thread = false;
     CHECK(nth > 10);
     CHECK(broke > 0);
+}
+
+TEST_CASE("Queue::get of a string with each of its allocations failing in turn leaves the item for the next get",
+          "[queue][memory]") {
+    // Whole items of a few sizes, and a streamed one (over 256 KiB): the value's memory is found
+    // before the item is taken, so a get that throws std::bad_alloc has taken nothing.
+    Watchdog dog(280s, "Queue::get under failing allocations");
+    for (const std::size_t size : {std::size_t{64}, std::size_t{4096}, std::size_t{100'000}, std::size_t{1'000'000}}) {
+        INFO("items of " << size << " bytes");
+        mproc::Queue<std::string> q;
+        const std::string first(size, 'a'), second(size, 'b');
+        q.put(first);
+        REQUIRE(q.get(60s) == first);  // what a get keeps from one call to the next is there: warm
+        int refused = 0;
+        for (long nth = 1;; ++nth) {
+            q.put(first);
+            q.put(second);
+            std::optional<std::string> got;
+            fail_allocation(nth);
+            try {
+                got = q.get(60s);
+            } catch (const std::bad_alloc&) {
+                ++refused;
+            }
+            const bool fired = fail_countdown == 0;
+            fail_allocation(0);
+            if (!got) REQUIRE(q.get(60s) == first);  // the item stayed at the head
+            else REQUIRE(*got == first);
+            REQUIRE(q.get(60s) == second);
+            REQUIRE(q.empty());
+            if (!fired) break;  // the get made fewer than nth allocations
+        }
+        CHECK(refused > 0);
+    }
 }

@@ -189,9 +189,9 @@ private:
         std::optional<T> item;
         detail::Take taken;
         if constexpr (detail::is_length_and_bytes_v<T>) {
-            // A large string or vector of numbers is read straight into its own memory (one copy,
-            // where decoding from the buffer made two); a smaller one, taken under the queue's lock,
-            // goes through the buffer.
+            // A string or vector of numbers is read straight into its own memory: one copy, where
+            // decoding from the buffer made two, and its allocation is made before the item is
+            // taken, so a get that runs out of memory leaves the item in the queue.
             DirectPlace place;
             bool direct = false;
             taken = queue().get(bytes, deadline, nowait, &pins, place, direct);
@@ -217,8 +217,8 @@ private:
         detail::segments().sweep();
         throw ShutDown(std::string(caller) + ": the queue is shut down and empty");
     }
-    /// Where a streamed string or vector of numbers is read (ByteQueue::get's `place`): its length
-    /// field, then straight into the value's own memory. A record that cannot be one (its bytes
+    /// Where a string or vector of numbers is read (ByteQueue::get's `place`): its length field,
+    /// then straight into the value's own memory. A record that cannot be one (its bytes
     /// past the length are no whole number of elements) is not taken here: it goes through the
     /// buffer, whose decoding reports it.
     struct DirectPlace {

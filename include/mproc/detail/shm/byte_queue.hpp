@@ -358,13 +358,14 @@ public:
         return get(out, deadline, nowait, pins, none, direct);
     }
 
-    /// As above, but a streamed item (larger than queue_piece) that `place` takes goes where it
-    /// says rather than into `out`, and `direct` tells which was done. `place.takes(len)`: whether
-    /// it takes an item of `len` bytes; `place.reserve(len)`, with the lock held and nothing taken
-    /// yet, may throw (the item stays); `place.place()`, with the lock released and the item
-    /// claimed by this get, gives its ItemPlace and must not throw. A whole item always goes to
-    /// `out`: it is copied under the lock, and a place made ready there would hold it longer.
-    /// `direct` means something only when the result is Take::item.
+    /// As above, but an item that `place` takes goes where it says rather than into `out`, and
+    /// `direct` tells which was done. `place.takes(len)`: whether it takes an item of `len` bytes;
+    /// `place.reserve(len)`, with the lock held and nothing taken yet, may throw (the item stays,
+    /// so a get that cannot allocate the value loses nothing); `place.place()` gives its ItemPlace
+    /// and must not throw: for a streamed item with the lock released and the item claimed by
+    /// this get, for a whole one (at most queue_piece) under the lock, just before the copy. The
+    /// copy it saves — into `out`, then out of it when decoding — is the larger part of a get of
+    /// a few KiB. `direct` means something only when the result is Take::item.
     template <class Place>
     Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins, Place& place,
              bool& direct) {
@@ -398,7 +399,7 @@ public:
                     lock.both();
                     continue;
                 }
-                direct = record.streamed && place.takes(record.len);
+                direct = place.takes(record.len);
                 // May throw: nothing taken yet.
                 if (direct) place.reserve(record.len);
                 else out.resize(static_cast<std::size_t>(record.len));
@@ -406,7 +407,10 @@ public:
                     for (std::uint64_t id : record.ids)
                         if (SegmentPtr segment = segments().find(id)) pins->push_back(std::move(segment));
                 if (!record.streamed) {
-                    ring_.take_whole(c, record, out.data(), lock.wakes);
+                    ItemPlace into;
+                    if (direct) into = place.place();
+                    else into.head = {out.data(), static_cast<std::size_t>(record.len)};
+                    ring_.take_whole(c, record, into, lock.wakes);
                     lower_if_due(lock);
                     return Take::item;
                 }

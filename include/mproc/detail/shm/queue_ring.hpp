@@ -557,13 +557,13 @@ public:
 
     /// Takes the whole record `r` at the head (cursor `c`) into `dst`, publishes, and stops
     /// counting its handles (an item holding them: with both locks).
-    void take_whole(QueueCursor c, const QueueRecord& r, std::byte* dst, QueueWakes& wakes) noexcept {
+    void take_whole(QueueCursor c, const QueueRecord& r, const ItemPlace& dst, QueueWakes& wakes) noexcept {
         RefCounts counts(refs_);
         if (!r.ids.empty()) {
             counts.begin();
             counts.remove(r.ids);
         }
-        copy_out(c.r.head + r.header_bytes(), dst, r.len);
+        copy_item_out(c.r.head + r.header_bytes(), dst, 0, r.len);
         const std::uint64_t from = c.r.head;
         c.r.head += r.header_bytes() + r.len;
         ++c.r.takes;
