@@ -1212,9 +1212,11 @@ TEST_CASE("Producers that put while a consumer hands ring memory back keep out o
     static mproc::Queue<std::string>* target = nullptr;
     static std::vector<std::size_t>* put_sizes = nullptr;
     static int hook_runs = 0;
+    static bool hook_failed = false;  // a put threw something else (the hook runs in a noexcept function)
     target = &q;
     put_sizes = &sizes;
     hook_runs = 0;
+    hook_failed = false;
     struct Unhook {
         ~Unhook() { mproc::detail::crash_hook.store(nullptr); }
     } unhook;
@@ -1225,7 +1227,10 @@ TEST_CASE("Producers that put while a consumer hands ring memory back keep out o
                 target->put_nowait(numbered(static_cast<int>(put_sizes->size()), small));
                 put_sizes->push_back(small);
             }
-        } catch (const mproc::Full&) {}
+        } catch (const mproc::Full&) {
+        } catch (...) {
+            hook_failed = true;
+        }
     });
     const std::size_t before = sizes.size();
     for (std::size_t i = 0; i < sizes.size(); ++i) {
@@ -1236,6 +1241,7 @@ TEST_CASE("Producers that put while a consumer hands ring memory back keep out o
         }
     }
     CHECK(hook_runs > 0);
+    CHECK_FALSE(hook_failed);
     CHECK(sizes.size() > before + 1000);  // the hook's puts found room
     CHECK(q.try_get() == std::nullopt);
 }

@@ -203,8 +203,8 @@ struct QueueWakes {
 inline constexpr std::uint64_t record_header_bytes(std::size_t ids) noexcept { return ids == 0 ? 8 : 16 + 8 * ids; }
 
 /// An item's bytes as a put copies them into the ring: `head`, then `body`. An item encoded into
-/// one buffer has no body; a large string or vector of numbers goes as its encoded length (the
-/// head) and its own characters or elements (the body), which are copied once, straight into the
+/// one buffer has no body; a string or vector of numbers goes as its encoded length (the head)
+/// and its own characters or elements (the body), which are copied once, straight into the
 /// ring (see Queue::put).
 struct ItemBytes {
     std::span<const std::byte> head;
@@ -212,8 +212,8 @@ struct ItemBytes {
     std::uint64_t size() const noexcept { return head.size() + body.size(); }
 };
 
-/// Where a get copies a taken item: `head`, then `body` (ItemBytes' other side: a large string or
-/// vector of numbers is read straight into its own memory, see Queue::take).
+/// Where a get copies a taken item: `head`, then `body` (ItemBytes' other side: a string or vector
+/// of numbers is read straight into its own memory, see Queue::take).
 struct ItemPlace {
     std::span<std::byte> head;
     std::span<std::byte> body = {};
@@ -622,8 +622,8 @@ public:
         return StreamStep::more;
     }
     /// Copies a reserved piece of the item out; needs no lock.
-    void copy_piece_out(const StreamPiece& piece, const ItemPlace& place) const noexcept {
-        copy_item_out(piece.pos, place, piece.at, piece.n);
+    void copy_piece_out(const StreamPiece& piece, const ItemPlace& into) const noexcept {
+        copy_item_out(piece.pos, into, piece.at, piece.n);
     }
     /// Commits the piece read (`kept`: copied out; false when draining away the item of a reader
     /// that died), and publishes. The last piece — or finding the item aborted while the piece
@@ -901,12 +901,16 @@ private:
     void abort_stream() noexcept {
         QueueCursor c = both_view();
         const QueueCursor was = c;
+        // What its producer wrote, a piece it was copying included (it is gone, or it is the
+        // caller, between pieces): what lies past the committed tail goes back either way.
+        const std::uint64_t written = live_end(c);
         if (c.r.reading && c.r.head > c.w.stream_at) {
             c.r.read_left = c.w.tail - c.r.head;  // everything after the record is this item's
             c.r.aborted = 1;
             c.w.writing = 0;
             c.w.write_left = 0;
             publish_both(c, was);
+            release_written(c, written);
             return;
         }
         RefCounts counts(refs_);
@@ -922,9 +926,6 @@ private:
             }
         }
         crash_point("queue.withdraw.uncounted");
-        // What its producer wrote, a piece it was copying included (it is gone, or it is the
-        // caller, between pieces): all of it goes back.
-        const std::uint64_t written = live_end(c);
         c.w.tail = c.w.stream_at;
         --c.w.puts;
         c.w.writing = 0;
@@ -933,6 +934,11 @@ private:
         crash_point("queue.withdraw.published");
         if (uncount) counts.end();
         crash_point("queue.withdraw.counted");
+        release_written(c, written);
+    }
+    /// Both locks, after a withdrawal published `c`: hands back the chunks past the tail up to
+    /// `written` (what the withdrawn item's producer may have written), but those holding live bytes.
+    void release_written(const QueueCursor& c, std::uint64_t written) noexcept {
         if (cap_ > queue_resident)
             for (std::uint64_t chunk = round_up(c.w.tail, queue_chunk); chunk < written; chunk += queue_chunk)
                 release_chunk(chunk, c);
@@ -1053,18 +1059,18 @@ private:
         }
         if (n != 0) copy_in(pos, msg.body.data() + (from - head), n);
     }
-    /// Copies n bytes from stream position `pos` to bytes [to, to + n) of `place` (its head, then
+    /// Copies n bytes from stream position `pos` to bytes [to, to + n) of `into` (its head, then
     /// its body).
-    void copy_item_out(std::uint64_t pos, const ItemPlace& place, std::uint64_t to, std::uint64_t n) const noexcept {
-        const std::uint64_t head = place.head.size();
+    void copy_item_out(std::uint64_t pos, const ItemPlace& into, std::uint64_t to, std::uint64_t n) const noexcept {
+        const std::uint64_t head = into.head.size();
         if (to < head) {
             const std::uint64_t k = std::min(n, head - to);
-            copy_out(pos, place.head.data() + to, k);
+            copy_out(pos, into.head.data() + to, k);
             pos += k;
             to += k;
             n -= k;
         }
-        if (n != 0) copy_out(pos, place.body.data() + (to - head), n);
+        if (n != 0) copy_out(pos, into.body.data() + (to - head), n);
     }
     void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
         const std::uint64_t at = pos % cap_;
