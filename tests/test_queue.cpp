@@ -175,37 +175,44 @@ TEST_CASE("A 64 MiB message goes through a 64 KiB ring, between smaller ones") {
 
 TEST_CASE("Strings and vectors of numbers of every size, sent from their own memory, arrive whole") {
     // put copies these straight from data() (no encoding pass): whole records, records that wrap
-    // the ring's end, and items streamed in pieces larger and smaller than the ring.
-    mproc::Queue<std::vector<double>> doubles({.buffer_bytes = 64 << 10});
-    mproc::Queue<std::string> strings({.buffer_bytes = 64 << 10});
-    const std::vector<std::size_t> sizes{0, 1, 7, 8, 4095, 8191, 8192, 30000, 100000, 300000, 1 << 20};
-    const auto vector_of = [](std::size_t n) {
-        std::vector<double> v(n);
-        for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<double>(i) * 0.5 + static_cast<double>(n);
-        return v;
-    };
-    const auto string_of = [](std::size_t n) {
-        std::string s(n, '\0');
-        for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>('a' + (i * 7 + n) % 26);
-        return s;
-    };
-    mproc::Process producer([&] {
+    // the ring's end, and items streamed in pieces larger and smaller than the ring — through
+    // rings whose capacity is a power of two (a position's place in the ring is then a mask) and
+    // rings whose capacity is not (a division), one of them larger than its resident part.
+    const std::size_t rings[] = {64 << 10, 60 << 10, std::size_t{5} << 20};
+    for (const std::size_t ring : rings) {
+        INFO("a ring of " << ring << " bytes");
+        mproc::Queue<std::vector<double>> doubles({.buffer_bytes = ring});
+        mproc::Queue<std::string> strings({.buffer_bytes = ring});
+        REQUIRE(strings.buffer_bytes() == ring);
+        const std::vector<std::size_t> sizes{0, 1, 7, 8, 4095, 8191, 8192, 30000, 100000, 300000, 1 << 20};
+        const auto vector_of = [](std::size_t n) {
+            std::vector<double> v(n);
+            for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<double>(i) * 0.5 + static_cast<double>(n);
+            return v;
+        };
+        const auto string_of = [](std::size_t n) {
+            std::string s(n, '\0');
+            for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>('a' + (i * 7 + n) % 26);
+            return s;
+        };
+        mproc::Process producer([&] {
+            for (int round = 0; round < 3; ++round)
+                for (std::size_t n : sizes) {
+                    doubles.put(vector_of(n));
+                    strings.put(string_of(n));
+                }
+        });
+        producer.start();
         for (int round = 0; round < 3; ++round)
             for (std::size_t n : sizes) {
-                doubles.put(vector_of(n));
-                strings.put(string_of(n));
+                INFO("round " << round << ", " << n << " elements");
+                REQUIRE(doubles.get(60s) == vector_of(n));
+                REQUIRE(strings.get(60s) == string_of(n));
             }
-    });
-    producer.start();
-    for (int round = 0; round < 3; ++round)
-        for (std::size_t n : sizes) {
-            INFO("round " << round << ", " << n << " elements");
-            REQUIRE(doubles.get(60s) == vector_of(n));
-            REQUIRE(strings.get(60s) == string_of(n));
-        }
-    REQUIRE(producer.join(60s));
-    CHECK(producer.exitcode() == 0);
-    CHECK(doubles.try_get() == std::nullopt);
+        REQUIRE(producer.join(60s));
+        CHECK(producer.exitcode() == 0);
+        CHECK(doubles.try_get() == std::nullopt);
+    }
     CHECK(child_count() == 0);
 }
 

@@ -552,7 +552,7 @@ private:
     /// After a take that left the ring empty: lowers a resident part that large items raised, once
     /// it is due (with both locks: rare, at most once a queue_resident_hold_ns).
     void lower_if_due(QueueLock& lock) {
-        if (!ring_.lower_due(ring_.read_view())) return;
+        if (!ring_.resident_raised() || !ring_.lower_due(ring_.read_view())) return;
         lock.both();
         ring_.lower_resident();
     }

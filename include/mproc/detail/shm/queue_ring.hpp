@@ -295,7 +295,8 @@ public:
 
     explicit QueueRing(const SharedRef& ref)
         : h_(ref.as<QueueHeader>()), ring_(ref.address() + h_->data_offset), cap_(h_->capacity),
-          refs_(reinterpret_cast<RefTable*>(ref.address() + h_->refs)) {}
+          mask_((cap_ & (cap_ - 1)) == 0 ? cap_ - 1 : 0), refs_(reinterpret_cast<RefTable*>(ref.address() + h_->refs)) {
+    }
 
     QueueHeader& header() const noexcept { return *h_; }
     std::uint64_t capacity() const noexcept { return cap_; }
@@ -377,7 +378,7 @@ public:
     /// queue that keeps up starts a lap again about every half of its resident part, with one hold
     /// of both locks, and a consumer that stops taking finds the most room ahead.
     bool leaves_resident(const QueueCursor& c, std::uint64_t need) const noexcept {
-        const std::uint64_t at = c.w.tail % cap_;
+        const std::uint64_t at = place(c.w.tail);
         return cap_ > queue_resident && at != 0 && at + 8 <= cap_ && (at >= resident() / 2 || at + need > resident());
     }
     /// Both locks: if the ring is empty, moves both ends to the start of the next lap, past a lap
@@ -389,7 +390,7 @@ public:
         const QueueCursor was = c;
         const std::uint64_t from = c.w.tail;
         write_word(c.w.tail, lap_flag);
-        c.w.tail += cap_ - from % cap_;
+        c.w.tail += cap_ - place(from);
         c.r.head = c.w.tail;
         publish_both(c, was);
         release_chunk(round_down(from, queue_chunk), c);
@@ -545,12 +546,12 @@ public:
     /// Passes the lap record at the head (cursor `c`): the producer went back to the ring's start.
     void skip_lap(QueueCursor c, QueueWakes& wakes) noexcept {
         const std::uint64_t chunk = round_down(c.r.head, queue_chunk);
-        c.r.head += cap_ - c.r.head % cap_;
+        c.r.head += cap_ - place(c.r.head);
         note_take(c, wakes);
         // The rest of the lap holds no memory (each chunk past the resident part was handed back
         // when an earlier lap's reader passed it): only the lap record's own chunk may, so only it
         // is handed back, not every chunk skipped.
-        if (cap_ > queue_resident && chunk % cap_ >= resident()) c.r.handing_back = chunk + 1;
+        if (cap_ > queue_resident && place(chunk) >= resident()) c.r.handing_back = chunk + 1;
         publish_read(c);
         hand_back(c, chunk + queue_chunk);
     }
@@ -652,6 +653,9 @@ public:
         return StreamStep::done;
     }
 
+    /// True when large items raised the resident part (needs no lock): the cheap first test of
+    /// lower_due, made before a cursor is built for it.
+    bool resident_raised() const noexcept { return resident() > queue_resident; }
     /// With `read_mutex` held, after a take left the ring empty (`c`): true when the resident part
     /// was raised by items none of which started in the last queue_resident_hold_ns, so it may go
     /// back down (lower_resident, with both locks).
@@ -789,7 +793,7 @@ public:
         while (left > 0 && pos + 8 <= c.w.tail) {
             const std::uint64_t word = read_word(pos);
             if (word == lap_flag) {
-                pos += cap_ - pos % cap_;
+                pos += cap_ - place(pos);
                 continue;
             }
             --left;
@@ -866,7 +870,7 @@ private:
     /// far behind. The head may be older than it is: that only keeps the record where it is.
     void lap_back(QueueCursor& c, std::uint64_t need) noexcept {
         if (cap_ <= queue_resident || c.w.writing) return;
-        const std::uint64_t at = c.w.tail % cap_;
+        const std::uint64_t at = place(c.w.tail);
         if (at + need <= resident()) return;
         c.r = h_->read_seen = h_->read.snapshot();  // once a lap: the head as it is
         // The live bytes [head, tail) lie within [need + chunk, at) of this lap: [0, need) is free.
@@ -960,7 +964,7 @@ private:
         if (cap_ <= queue_resident || c.r.handing_back != 0) return;
         const std::uint64_t first = round_down(from, queue_chunk);
         const std::uint64_t passed = round_down(c.r.head, queue_chunk) - first;
-        if (passed != 0 && first % cap_ + passed > resident()) c.r.handing_back = first + 1;
+        if (passed != 0 && place(first) + passed > resident()) c.r.handing_back = first + 1;
     }
     /// With `read_mutex` held, after publishing a head that marked chunks for hand-back: hands
     /// their memory back to the kernel (beyond the resident part), then publishes again with the
@@ -985,7 +989,7 @@ private:
     /// at most a capacity apart), past the resident part: at most two system calls.
     void release_between(std::uint64_t from, std::uint64_t to) noexcept {
         if (to <= from) return;
-        const std::uint64_t lo = from % cap_, n = to - from;
+        const std::uint64_t lo = place(from), n = to - from;
         const auto release = [&](std::uint64_t a, std::uint64_t b) {
             a = std::max<std::uint64_t>(a, resident());
             if (a < b) release_pages(ring_ + a, b - a);
@@ -1008,7 +1012,7 @@ private:
     /// Both locks: hands back the ring memory of the chunk at stream position `chunk` unless a live
     /// byte (one in [head, tail)) shares its place in the ring, or it lies in the resident part.
     void release_chunk(std::uint64_t chunk, const QueueCursor& c) noexcept {
-        const std::uint64_t at = chunk % cap_;
+        const std::uint64_t at = place(chunk);
         if (at < resident()) return;
         const std::uint64_t end = live_end(c);
         // Live bytes span at most one capacity, so only the neighbouring laps can overlap.
@@ -1073,13 +1077,13 @@ private:
         if (n != 0) copy_out(pos, into.body.data() + (to - head), n);
     }
     void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
-        const std::uint64_t at = pos % cap_;
+        const std::uint64_t at = place(pos);
         const std::uint64_t first = std::min(n, cap_ - at);
         if (first) std::memcpy(ring_ + at, src, first);
         if (n > first) std::memcpy(ring_, src + first, n - first);
     }
     void copy_out(std::uint64_t pos, std::byte* dst, std::uint64_t n) const noexcept {
-        const std::uint64_t at = pos % cap_;
+        const std::uint64_t at = place(pos);
         const std::uint64_t first = std::min(n, cap_ - at);
         if (first) std::memcpy(dst, ring_ + at, first);
         if (n > first) std::memcpy(dst + first, ring_, n - first);
@@ -1093,9 +1097,15 @@ private:
         return word;
     }
 
+    /// Where stream position `pos` lives in the ring: pos % capacity, by a mask when the capacity
+    /// is a power of two (the default 1 GiB is), since a division costs tens of cycles and a put
+    /// or a get makes several.
+    std::uint64_t place(std::uint64_t pos) const noexcept { return mask_ != 0 ? pos & mask_ : pos % cap_; }
+
     QueueHeader* h_;
     std::byte* ring_;
     std::uint64_t cap_;
+    std::uint64_t mask_;  // capacity - 1 when the capacity is a power of two, else 0
     RefTable* refs_;
 };
 
