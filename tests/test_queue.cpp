@@ -727,6 +727,29 @@ TEST_CASE("join wakes when the item of a consumer killed while draining it is dr
     CHECK(child_count() == 0);
 }
 
+TEST_CASE("A Queue handle whose memory gives its ring no whole pages is refused") {
+    // The header's fields agree with each other and with the segment's size, but the ring they
+    // describe is empty, or not whole pages: decoding a handle to it is a SerializationError,
+    // not a queue that divides by zero or masks with a wrong mask.
+    mproc::Queue<int> q({.buffer_bytes = 64 << 10});
+    auto* h = reinterpret_cast<mproc::detail::QueueHeader*>(mproc_test::object_address(q));
+    const auto bytes = mproc::to_bytes(q);
+    const std::uint64_t capacity = h->capacity, refs = h->refs, resident = h->resident.load();
+    for (const std::uint64_t corrupt : {std::uint64_t{0}, std::uint64_t{5000}, capacity - 1}) {
+        INFO("capacity " << corrupt);
+        h->capacity = corrupt;
+        h->refs = h->data_offset + corrupt;
+        h->resident.store(std::min(resident, corrupt));
+        CHECK_THROWS_AS(mproc::from_bytes<mproc::Queue<int>>(bytes), mproc::SerializationError);
+    }
+    h->capacity = capacity;
+    h->refs = refs;
+    h->resident.store(resident);
+    mproc::Queue<int> again = mproc::from_bytes<mproc::Queue<int>>(bytes);
+    again.put(5);
+    CHECK(q.get(5s) == 5);
+}
+
 TEST_CASE("A Queue handle crosses a Pipe; a handle of the wrong type is refused") {
     mproc::Queue<std::string> q;
     auto [a, b] = mproc::Pipe<mproc::Queue<std::string>>();

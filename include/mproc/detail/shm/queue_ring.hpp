@@ -275,9 +275,12 @@ public:
     static void check(const SharedRef& ref) {
         const auto* h = reinterpret_cast<const QueueHeader*>(ref.address());
         const std::size_t size = ref.segment()->size();
-        if (ref.offset() != 0 || h->data_offset < sizeof(QueueHeader) || h->data_offset > size ||
-            h->capacity > size - h->data_offset || h->refs != h->data_offset + h->capacity ||
-            h->resident.load(std::memory_order_relaxed) > h->capacity || size - h->refs < sizeof(RefTable))
+        // The capacity is as create() makes it — whole pages, at least 4096 bytes — or a position's
+        // place in the ring (place) is no place in it.
+        if (ref.offset() != 0 || h->data_offset < sizeof(QueueHeader) || h->data_offset > size || h->capacity < 4096 ||
+            h->capacity % page_size() != 0 || h->capacity > size - h->data_offset ||
+            h->refs != h->data_offset + h->capacity || h->resident.load(std::memory_order_relaxed) > h->capacity ||
+            size - h->refs < sizeof(RefTable))
             throw SerializationError("mproc: corrupt Queue handle: its layout does not match its memory");
         segments().mark_container(*ref.segment(), &container_view);
     }
