@@ -210,12 +210,7 @@ private:
             item.emplace(decode<T>(bytes.bytes()));
         else if (taken == detail::Take::shut_down && caller) throw_shut_down(caller);
         pins.clear();
-        // The queue no longer counts the item's handles: what only it kept alive may go. Best
-        // effort once the item is taken — a sweep that cannot allocate now must not lose the item,
-        // and the next one does its work.
-        try {
-            detail::segments().sweep();
-        } catch (const std::exception&) {}
+        detail::segments().sweep_after();  // the queue no longer counts the item's handles
         return item;
     }
     [[noreturn, gnu::cold, gnu::noinline]] static void throw_shut_down(const char* caller) {

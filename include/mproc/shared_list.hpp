@@ -312,10 +312,7 @@ private:
         ~Call() {
             if (!locked) return;
             guard.unlock();
-            try {
-                detail::segments().sweep();
-            } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the next call's sweep lets go instead
-            }
+            detail::segments().sweep_after();
         }
         void unlock() {
             locked = false;

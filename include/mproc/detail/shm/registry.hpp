@@ -207,6 +207,16 @@ public:
         ++changes_;
     }
 
+    /// sweep(), for a call that has already taken or changed what it must still return: best
+    /// effort — a sweep that cannot allocate now leaves its work to the next one, rather than
+    /// lose the call's result.
+    void sweep_after() noexcept {
+        try {
+            sweep();
+        } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the next call's sweep lets go instead
+        }
+    }
+
     /// Lets go of every retained segment that no container reachable in this process may refer to
     /// any more (see the top of this file). Cheap when nothing is retained. Never call it with
     /// the registry's mutex held.
