@@ -554,7 +554,7 @@ public:
         // The rest of the lap holds no memory (each chunk past the resident part was handed back
         // when an earlier lap's reader passed it): only the lap record's own chunk may, so only it
         // is handed back, not every chunk skipped.
-        if (cap_ > queue_resident && place(chunk) >= resident()) c.r.handing_back = chunk + 1;
+        mark_hand_back(c, chunk, chunk + queue_chunk);
         publish_read(c);
         hand_back(c, chunk + queue_chunk);
     }
@@ -964,10 +964,13 @@ private:
     /// and marks the chunks the head passed for hand_back when any lies beyond the resident part.
     void consumed(QueueCursor& c, std::uint64_t from, QueueWakes& wakes) noexcept {
         note_take(c, wakes);
-        if (cap_ <= queue_resident || c.r.handing_back != 0) return;
-        const std::uint64_t first = round_down(from, queue_chunk);
-        const std::uint64_t passed = round_down(c.r.head, queue_chunk) - first;
-        if (passed != 0 && place(first) + passed > resident()) c.r.handing_back = first + 1;
+        mark_hand_back(c, round_down(from, queue_chunk), round_down(c.r.head, queue_chunk));
+    }
+    /// Marks the chunks [first, until) behind the head for hand_back, when any of them lies beyond
+    /// the resident part (and no hand-back is marked already).
+    void mark_hand_back(QueueCursor& c, std::uint64_t first, std::uint64_t until) const noexcept {
+        if (cap_ <= queue_resident || c.r.handing_back != 0 || until <= first) return;
+        if (place(first) + (until - first) > resident()) c.r.handing_back = first + 1;
     }
     /// With `read_mutex` held, after publishing a head that marked chunks for hand-back: hands
     /// their memory back to the kernel (beyond the resident part), then publishes again with the
