@@ -4,7 +4,9 @@
 // a result gets its value.
 #include "test_pool_common.hpp"
 
+#include <mproc/process.hpp>
 #include <mproc/queue.hpp>
+#include <mproc/shared_dict.hpp>
 
 #include <atomic>
 #include <csignal>
@@ -243,5 +245,94 @@ TEST_CASE("Queue::get of a string with each of its allocations failing in turn l
             if (!fired) break;  // the get made fewer than nth allocations
         }
         CHECK(refused > 0);
+    }
+}
+
+namespace {
+
+using Holder = mproc::SharedDict<std::string, mproc::Queue<int>>;
+
+/// Leaves this process keeping a segment that nothing reaches any more, so that the next call's
+/// sweep has one to let go of (and allocates to do it): a queue kept here only because `holder`
+/// held it, which a child then erased.
+void leave_a_sweep_pending(Holder& holder) {
+    {
+        mproc::Queue<int> q({.buffer_bytes = 1 << 16});
+        holder.set("q", q);
+    }  // kept here: the dict holds it
+    mproc::Process child([&holder] { holder.erase("q"); });
+    child.start();
+    child.join();
+    REQUIRE(child.exitcode() == 0);
+    REQUIRE(mproc::detail::segments().retained_count() >= 1);
+}
+
+/// Runs `call` with each of its allocations failing in turn, a sweep pending each time; `check`
+/// gets whether the call returned (else it threw std::bad_alloc) and checks what it left.
+template <class Setup, class Call, class Check> void each_allocation_failing(Setup setup, Call call, Check check) {
+    Holder holder;
+    long failed = 0;  // calls in which an allocation failed (with a throw or not)
+    for (long nth = 1;; ++nth) {
+        INFO("allocation " << nth << " fails");
+        setup();
+        leave_a_sweep_pending(holder);
+        bool returned = false;
+        fail_allocation(nth);
+        try {
+            call();
+            returned = true;
+        } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch): check() looks at what it left
+        }
+        const bool fired = fail_countdown == 0;
+        fail_allocation(0);
+        check(returned);
+        if (!fired) break;  // the call made fewer than nth allocations
+        ++failed;
+    }
+    CHECK(failed > 0);
+    mproc::detail::segments().sweep();
+    CHECK(mproc::detail::segments().retained_count() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("SharedDict calls with each allocation failing in turn either do their change and say so, or neither",
+          "[shared_dict][memory]") {
+    // The sweep that ends a call runs once its change is made: a sweep that cannot allocate must
+    // not turn a done change into a throw (a pop's value would be lost with it).
+    Watchdog dog(280s, "SharedDict under failing allocations");
+    mproc::SharedDict<std::string, long> d;
+    SECTION("pop") {
+        std::optional<long> got;
+        each_allocation_failing([&] { d.set("k", 7); }, [&] { got = d.pop("k"); },
+                                [&](bool returned) {
+                                    if (returned) {
+                                        REQUIRE(got == 7L);
+                                        REQUIRE(!d.contains("k"));
+                                    } else {
+                                        REQUIRE(d.get("k") == 7L);
+                                    }
+                                });
+    }
+    SECTION("set") {
+        each_allocation_failing([&] { d.set("k", 1); }, [&] { d.set("k", 2); },
+                                [&](bool returned) { REQUIRE(d.at("k") == (returned ? 2 : 1)); });
+    }
+    SECTION("erase") {
+        bool removed = false;
+        each_allocation_failing([&] { d.set("k", 1); }, [&] { removed = d.erase("k"); },
+                                [&](bool returned) {
+                                    REQUIRE(d.contains("k") != returned);
+                                    if (returned) REQUIRE(removed);
+                                });
+    }
+    SECTION("update") {
+        long seen = 0;
+        each_allocation_failing([&] { d.set("k", 1); },
+                                [&] { seen = d.update("k", [](std::optional<long> v) { return v.value_or(0) + 1; }); },
+                                [&](bool returned) {
+                                    REQUIRE(d.at("k") == (returned ? 2 : 1));
+                                    if (returned) REQUIRE(seen == 2);
+                                });
     }
 }

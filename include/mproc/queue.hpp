@@ -210,7 +210,7 @@ private:
             item.emplace(decode<T>(bytes.bytes()));
         else if (taken == detail::Take::shut_down && caller) throw_shut_down(caller);
         pins.clear();
-        detail::segments().sweep_after();  // the queue no longer counts the item's handles
+        detail::segments().sweep();  // the queue no longer counts the item's handles
         return item;
     }
     [[noreturn, gnu::cold, gnu::noinline]] static void throw_shut_down(const char* caller) {

@@ -312,7 +312,7 @@ private:
         ~Call() {
             if (!locked) return;
             guard.unlock();
-            detail::segments().sweep_after();
+            detail::segments().sweep();
         }
         void unlock() {
             locked = false;

@@ -207,21 +207,21 @@ public:
         ++changes_;
     }
 
-    /// sweep(), for a call that has already taken or changed what it must still return: best
-    /// effort — a sweep that cannot allocate now leaves its work to the next one, rather than
-    /// lose the call's result.
-    void sweep_after() noexcept {
+    /// Lets go of every retained segment that no container reachable in this process may refer to
+    /// any more (see the top of this file). Cheap when nothing is retained. Never call it with
+    /// the registry's mutex held. Best effort: every call runs it once it has made its change or
+    /// taken what it returns, which a throw would lose or misreport; a sweep that cannot allocate
+    /// leaves its work to the next one.
+    void sweep() noexcept {
+        if (retained_size_.load(std::memory_order_acquire) == 0) return;
         try {
-            sweep();
+            sweep_retained();
         } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the next call's sweep lets go instead
         }
     }
 
-    /// Lets go of every retained segment that no container reachable in this process may refer to
-    /// any more (see the top of this file). Cheap when nothing is retained. Never call it with
-    /// the registry's mutex held.
-    void sweep() {
-        if (retained_size_.load(std::memory_order_acquire) == 0) return;
+private:
+    void sweep_retained() {
         {
             std::lock_guard guard(mutex_);
             if (sweeping_here()) return;  // one sweep at a time: the running one loops until nothing changes
@@ -257,7 +257,6 @@ public:
         }
     }
 
-private:
     SegmentPtr register_locked(std::uint64_t id, std::uint64_t generation, SharedMemory memory) {
         SegmentPtr segment(new Segment(id, generation, std::move(memory)), Deleter{this});
         live_[id] = segment;
@@ -300,9 +299,7 @@ private:
             ++changes_;
         }
         delete s;
-        try {
-            sweep();  // what only this segment's container referred to may go now
-        } catch (...) {}
+        sweep();  // what only this segment's container referred to may go now
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
