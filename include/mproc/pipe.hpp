@@ -1,13 +1,19 @@
 // mproc — Pipe: two connected ends that send and receive whole typed messages.
 //
 //     auto [parent_conn, child_conn] = mproc::Pipe<std::string>();        // duplex (socketpair)
-//     auto [reader, writer] = mproc::Pipe<std::string>(/*duplex=*/false);  // simplex (pipe)
+//     auto [reader, writer] = mproc::Pipe<std::string>(/*duplex=*/false);  // simplex (a pipe, and a lane)
 //
 // Messages are framed with a 64-bit length, so any size goes through. A send to a closed peer
 // throws mproc::BrokenPipeError and never raises SIGPIPE. A duplex send that finds the socket full
 // keeps reading what the peer sends into memory meanwhile, so two ends that both send large
 // messages before reading do not deadlock. A duplex connection also carries file descriptors
 // (send_fd / recv_fd, SCM_RIGHTS), each as a message of its own, in order with the others.
+//
+// A simplex pipe has a *bulk lane* beside it: a Unix socket, one way, that carries the bytes of its
+// large messages (lane_min and up) while the pipe carries a bulk frame in their place — the
+// message's turn and length (framing.hpp). A pipe moves large messages at half a socket's speed
+// (its pages are allocated and freed 4 KiB at a time), and a socket's small ones take longer than
+// a pipe's; the lane gives a simplex end both, and the pipe never has to be enlarged.
 #pragma once
 
 #include <algorithm>
@@ -79,6 +85,8 @@ public:
         require_writable("send");
         detail::begin_frame(out_);
         encode_into(out_, value);
+        const std::size_t length = out_.size() - detail::frame_header_size;
+        if (by_lane(length)) return send_by_lane(out_.bytes().subspan(detail::frame_header_size));
         detail::finish_frame(out_);
         write_all(out_.bytes());
     }
@@ -88,6 +96,12 @@ public:
     /// bytes do not decode (the message is dropped and the stream stays usable).
     T recv() {
         const auto frame = next_data_frame("recv");
+        if (const auto length = in_.next_bulk_length()) {
+            // The message is taken before it is decoded: one that does not decode is dropped.
+            Buffer bytes;
+            read_lane_into(bytes, *length, frame, "recv");
+            return decode<T>(bytes.bytes());
+        }
         try {
             T value = decode<T>(frame);
             in_.consume(frame);
@@ -116,6 +130,7 @@ public:
     /// place, behind the frame's header, in one system call (no copy).
     void send_bytes(std::span<const std::byte> bytes) {
         require_writable("send_bytes");
+        if (by_lane(bytes.size())) return send_by_lane(bytes);
         std::byte header[detail::frame_header_size];
         const std::uint64_t length = bytes.size();
         std::memcpy(header, &length, sizeof length);
@@ -137,6 +152,11 @@ public:
             fill_once("recv_bytes");
         }
         const auto frame = next_data_frame("recv_bytes");
+        if (const auto length = in_.next_bulk_length()) {
+            std::vector<std::byte> bytes;
+            read_lane_into(bytes, *length, frame, "recv_bytes");
+            return bytes;
+        }
         std::vector<std::byte> bytes(frame.begin(), frame.end());
         in_.consume(frame);
         return bytes;
@@ -153,6 +173,17 @@ public:
                         std::to_string(buffer.size()) + "-byte buffer");
         const auto frame = next_data_frame("recv_bytes_into");
         const std::size_t room = buffer.size() - offset;
+        if (const auto length = in_.next_bulk_length()) {
+            if (*length > room) throw BufferTooShort(static_cast<std::size_t>(*length), room);
+            struct Into {  // the caller's room, already the message's size
+                std::span<std::byte> room;
+                std::byte* data() const noexcept { return room.data(); }
+                std::size_t size() const noexcept { return room.size(); }
+                void resize(std::size_t) const noexcept {}
+            } into{buffer.subspan(offset, static_cast<std::size_t>(*length))};
+            read_lane_into(into, *length, frame, "recv_bytes_into");
+            return into.size();
+        }
         if (frame.size() > room) throw BufferTooShort(frame.size(), room);
         if (!frame.empty()) std::memcpy(buffer.data() + offset, frame.data(), frame.size());
         in_.consume(frame);
@@ -217,6 +248,7 @@ public:
     /// throws mproc::Error.
     void close() noexcept {
         fd_.reset();
+        lane_.reset();
         in_.clear();
         descriptors_.clear();
     }
@@ -230,8 +262,8 @@ private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
     friend class Waitable;
 
-    Connection(int fd, bool readable, bool writable, bool is_socket)
-        : fd_(fd), readable_(readable), writable_(writable), is_socket_(is_socket) {}
+    Connection(int fd, bool readable, bool writable, bool is_socket, detail::UniqueFd lane = {})
+        : fd_(fd), lane_(std::move(lane)), readable_(readable), writable_(writable), is_socket_(is_socket) {}
 
     void require_open(const char* op) const {
         if (!fd_) throw Error(std::string(op) + " on a closed connection");
@@ -262,7 +294,7 @@ private:
     void fill_once(const char* op) {
         const bool watched = watching();
         const std::int64_t since = watched ? 0 : detail::monotonic_ns();
-        const bool caught = watched && watch_for_bytes();
+        const bool caught = watched && watch_for_bytes(fd_.get());
         check_read(in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr), op);
         // Watch next time if the bytes came while watching, or, with no watch, soon enough that
         // one would have caught them. A watch that missed is not tried again until then: a peer
@@ -285,10 +317,10 @@ private:
     /// last wait was short, the reader watches the descriptor (poll, no wait) for up to
     /// watch_budget before it sleeps, yielding between looks: a peer on the same core runs in
     /// those yields, one on another core is caught as it writes. Returns whether the bytes came.
-    bool watch_for_bytes() noexcept {
+    bool watch_for_bytes(int fd) noexcept {
         const std::int64_t until = detail::monotonic_ns() + std::chrono::nanoseconds(watch_budget).count();
         for (;;) {
-            pollfd p{fd_.get(), POLLIN, 0};
+            pollfd p{fd, POLLIN, 0};
             if (::poll(&p, 1, 0) != 0) return true;
             if (detail::monotonic_ns() >= until) return false;
             ::sched_yield();
@@ -304,7 +336,7 @@ private:
         std::size_t have = in_.take_partial(dst);
         bool again = false;
         while (have < length) {
-            if (again && watching()) (void)watch_for_bytes();  // a socket's message comes in pieces
+            if (again && watching()) (void)watch_for_bytes(fd_.get());  // a socket's message comes in pieces
             const ssize_t got = detail::FrameReader::read_into(fd_.get(), dst + have, length - have,
                                                                is_socket_ ? &descriptors_ : nullptr);
             if (got <= 0) {
@@ -326,11 +358,88 @@ private:
         return frame;
     }
 
-    /// Writes `head` then `body` whole, one writev/sendmsg at a time. A simplex pipe is first
-    /// grown so that the message fits in it at once, when it can be (see detail::grow_pipe).
+    /// Whether a message of `bytes` goes by the bulk lane: a simplex pipe's large ones.
+    bool by_lane(std::size_t bytes) const noexcept { return lane_ && bytes >= lane_min; }
+
+    /// Sends `payload` by the bulk lane, and its bulk frame by the pipe. What the lane takes at
+    /// once goes first, so that the reader, woken by the frame, finds the bytes there (frame
+    /// first would wake it twice); the rest follows as the reader drains the lane. A writer that
+    /// dies before the frame leaves bytes in the lane that no frame claims: the reader sees the
+    /// pipe end, as if the message had never been sent.
+    void send_by_lane(std::span<const std::byte> payload) {
+        if (payload.size() > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(payload.size());
+        const auto lane_closed = [] { throw BrokenPipeError("send: the peer closed its end of the pipe"); };
+        std::size_t sent = 0;
+        const ssize_t first = detail::write_some(lane_.get(), payload.data(), payload.size(), true,
+                                                 /*nonblocking=*/true);
+        if (first >= 0) sent = static_cast<std::size_t>(first);
+        else if (errno == EPIPE || errno == ECONNRESET) lane_closed();
+        else if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
+        std::byte header[detail::frame_header_size];
+        const std::uint64_t bulk = detail::bulk_header(payload.size());
+        std::memcpy(header, &bulk, sizeof bulk);
+        write_all(header);
+        while (sent < payload.size()) {
+            const ssize_t put = detail::write_some(lane_.get(), payload.data() + sent, payload.size() - sent, true);
+            if (put >= 0) sent += static_cast<std::size_t>(put);
+            else if (errno == EPIPE || errno == ECONNRESET) lane_closed();
+            else detail::throw_errno("send");
+        }
+    }
+
+    /// The next frame (`frame`, in the stream) is a bulk frame of `length` bytes: drops it and
+    /// reads its bytes from the lane into `out` (resized to them). Room for up to lane_trusted
+    /// bytes is found before the frame is dropped, so a receive that cannot allocate it leaves
+    /// the message where it was; past that, room grows only as the bytes arrive, so a length
+    /// that lies costs at most that much memory. A lane that ends first (the writer died in the
+    /// middle of the message) is a truncated frame; a receive that fails half-way otherwise
+    /// drains the rest of the message from the lane, which stays in step with the pipe.
+    template <class Bytes>
+    void read_lane_into(Bytes& out, std::uint64_t length, std::span<const std::byte> frame, const char* op) {
+        if (!lane_) {
+            in_.consume(frame);
+            throw SerializationError(std::string(op) + ": a bulk frame on a connection that has no bulk lane");
+        }
+        out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, lane_trusted)));
+        in_.consume(frame);
+        std::uint64_t have = 0;
+        try {
+            bool again = false;
+            while (have < length) {
+                if (have == out.size()) out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, 2 * have)));
+                if (again && watching()) (void)watch_for_bytes(lane_.get());
+                const ssize_t got = detail::read_some(lane_.get(), out.data() + have, out.size() - have);
+                if (got == 0 || (got < 0 && errno == ECONNRESET))
+                    throw SerializationError(std::string(op) + ": truncated frame: the peer closed after " +
+                                             std::to_string(have) + " bytes of a " + std::to_string(length) +
+                                             "-byte message");
+                if (got < 0) detail::throw_errno(op);
+                have += static_cast<std::uint64_t>(got);
+                again = true;
+            }
+        } catch (const SerializationError&) {
+            throw;  // the lane is at its end: nothing to drain
+        } catch (...) {
+            drain_lane(length - have);
+            throw;
+        }
+    }
+    /// Reads `left` bytes from the lane and drops them (best effort: a lane that fails stops it).
+    void drain_lane(std::uint64_t left) noexcept {
+        std::byte sink[4096];
+        while (left > 0) {
+            const ssize_t got = detail::read_some(lane_.get(), sink,
+                                                  static_cast<std::size_t>(std::min<std::uint64_t>(left, sizeof sink)));
+            if (got <= 0) return;
+            left -= static_cast<std::uint64_t>(got);
+        }
+    }
+
+    /// Writes `head` then `body` whole, one writev/sendmsg at a time. A socket's send buffer is
+    /// first grown for a large message (grow_kernel_buffer); a pipe carries only small frames.
     void write_all(std::span<const std::byte> head, std::span<const std::byte> body = {}) {
         const std::size_t total = head.size() + body.size();
-        if (total > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(total);
+        if (is_socket_ && total > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(total);
         const bool drain_peer = is_socket_ && readable_;
         bool peer_done_sending = false;
         while (!head.empty() || !body.empty()) {
@@ -353,24 +462,16 @@ private:
         }
     }
 
-    /// A message of `bytes` is larger than the kernel holds for this end: grows the pipe so that
-    /// it fits at once, or the socket's send buffer so that a few are in flight (detail::grow_pipe,
-    /// detail::grow_socket_buffer), which takes most of the system calls and wake-ups out of
-    /// moving large messages. Sized by the messages actually sent, so small-message connections
-    /// keep the kernel's defaults.
+    /// A message of `bytes` is larger than the kernel holds for this end: grows the send buffer
+    /// of its socket (a simplex end's lane) so that a few are in flight (detail::grow_socket_buffer),
+    /// which takes most of the system calls and wake-ups out of moving large messages. Sized by
+    /// the messages actually sent, so small-message connections keep the kernel's defaults.
     void grow_kernel_buffer(std::size_t bytes) noexcept {
         // What the buffer now holds is what it was sized for: messages up to that size do not ask again.
-        if (is_socket_) {
-            const std::size_t want = std::min(bytes * 4, detail::largest_socket_buffer);
-            const std::size_t now = detail::grow_socket_buffer(fd_.get(), bytes);
-            kernel_buffer_at_limit_ = now < want;
-            grown_for_ = std::max(bytes, now / 4);
-        } else {
-            const std::size_t want = std::min(bytes, detail::largest_pipe_capacity);
-            const std::size_t now = detail::grow_pipe(fd_.get(), bytes);
-            kernel_buffer_at_limit_ = now < want;
-            grown_for_ = std::max(bytes, now);
-        }
+        const std::size_t want = std::min(bytes * 4, detail::largest_socket_buffer);
+        const std::size_t now = detail::grow_socket_buffer(lane_ ? lane_.get() : fd_.get(), bytes);
+        kernel_buffer_at_limit_ = now < want;
+        grown_for_ = std::max(bytes, now / 4);
     }
 
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
@@ -391,24 +492,29 @@ private:
     static constexpr std::size_t direct_read_min = 4096;
     static constexpr std::size_t direct_read_max = std::size_t{1} << 20;
     static constexpr std::chrono::microseconds watch_budget{30};  // see watch_for_bytes
+    // A simplex pipe's messages of lane_min bytes and more go by its bulk lane; a reader finds
+    // room for up to lane_trusted bytes of one at once (read_lane_into).
+    static constexpr std::size_t lane_min = std::size_t{16} << 10;
+    static constexpr std::size_t lane_trusted = std::size_t{64} << 20;
 
     detail::UniqueFd fd_;
+    detail::UniqueFd lane_;  // a simplex pipe's bulk lane: a socket, this end's direction only
     bool readable_ = false;
     bool writable_ = false;
     bool is_socket_ = false;
     detail::FrameReader in_;
     detail::DescriptorQueue descriptors_;  // received with the stream's bytes, for recv_fd
     Buffer out_;
-    // The largest message the kernel's buffer for this end's writes (a pipe's capacity, a
-    // socket's send buffer) was sized for; a buffer that cannot grow further (its limit, or the
-    // kernel refused) is not asked again.
+    // The largest message the send buffer of this end's socket (its own, or its lane's) was sized
+    // for; a buffer that cannot grow further (its limit, or the kernel refused) is not asked again.
     std::size_t grown_for_ = detail::default_pipe_capacity;
     bool kernel_buffer_at_limit_ = false;
     bool watch_ = true;  // the next fill watches for bytes before it sleeps (fill_once)
 };
 
 /// Two connected ends. Duplex (the default): both send and receive, over a Unix socketpair.
-/// Simplex: `first` only receives and `second` only sends, over a pipe.
+/// Simplex: `first` only receives and `second` only sends, over a pipe, with a bulk lane beside it
+/// for large messages (a socketpair, each end shut down the other way): four descriptors.
 template <class T> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
     int fds[2];
     if (duplex) {
@@ -416,7 +522,13 @@ template <class T> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
         return {Connection<T>(fds[0], true, true, true), Connection<T>(fds[1], true, true, true)};
     }
     if (::pipe2(fds, O_CLOEXEC) != 0) detail::throw_errno("pipe2");
-    return {Connection<T>(fds[0], true, false, false), Connection<T>(fds[1], false, true, false)};
+    detail::UniqueFd read_end(fds[0]), write_end(fds[1]);
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) detail::throw_errno("socketpair");
+    detail::UniqueFd lane_in(fds[0]), lane_out(fds[1]);
+    (void)::shutdown(lane_in.get(), SHUT_WR);
+    (void)::shutdown(lane_out.get(), SHUT_RD);
+    return {Connection<T>(read_end.release(), true, false, false, std::move(lane_in)),
+            Connection<T>(write_end.release(), false, true, false, std::move(lane_out))};
 }
 
 }  // namespace mproc

@@ -7,6 +7,10 @@
 // A descriptor frame is a header alone whose top bit is set (descriptor_frame): over a Unix
 // socket it is sent with one descriptor attached (SCM_RIGHTS), which the reader, filling with a
 // descriptor queue, keeps in arrival order; frames and descriptors thus pair up in order.
+//
+// A bulk frame (a simplex Pipe's large message) is a header alone with bit 62 set and the
+// payload's length in the bits below: the payload travels by the connection's bulk lane, a
+// socket beside the pipe, in the order of the bulk frames (see Connection in pipe.hpp).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +31,11 @@ namespace mproc::detail {
 inline constexpr std::size_t frame_header_size = sizeof(std::uint64_t);
 /// The header of a descriptor frame (no payload; a descriptor travels with it).
 inline constexpr std::uint64_t descriptor_frame = std::uint64_t{1} << 63;
+
+/// The flag of a bulk frame's header (no payload in the stream; its length is in the bits below).
+inline constexpr std::uint64_t bulk_frame = std::uint64_t{1} << 62;
+/// The header of a bulk frame of `length` payload bytes.
+constexpr std::uint64_t bulk_header(std::uint64_t length) noexcept { return bulk_frame | length; }
 
 /// Descriptors received with a stream's bytes, oldest first.
 using DescriptorQueue = std::deque<UniqueFd>;
@@ -59,6 +68,15 @@ public:
         std::uint64_t length = 0;
         std::memcpy(&length, begin(), sizeof length);
         return length == descriptor_frame;
+    }
+    /// The payload length of the next frame, if its header is buffered and it is a bulk frame
+    /// (its payload comes by the bulk lane; in the stream it is an empty frame).
+    std::optional<std::uint64_t> next_bulk_length() const noexcept {
+        if (size() < frame_header_size) return std::nullopt;
+        std::uint64_t header = 0;
+        std::memcpy(&header, begin(), sizeof header);
+        if (!is_bulk(header)) return std::nullopt;
+        return header & ~bulk_frame;
     }
     /// Drops the frame buffered_frame() returned.
     void consume(std::span<const std::byte> frame) noexcept {
@@ -157,11 +175,15 @@ private:
     static constexpr std::size_t max_descriptors = 253;
 
     const std::byte* begin() const noexcept { return buffer_.data() + start_; }
-    /// The payload length of the frame whose header is buffered (0 for a descriptor frame).
+    static constexpr bool is_bulk(std::uint64_t header) noexcept {
+        return (header & (descriptor_frame | bulk_frame)) == bulk_frame;
+    }
+    /// The payload length in the stream of the frame whose header is buffered (0 for a descriptor
+    /// or a bulk frame).
     std::uint64_t payload_length() const noexcept {
         std::uint64_t length = 0;
         std::memcpy(&length, begin(), sizeof length);
-        return length == descriptor_frame ? 0 : length;
+        return length == descriptor_frame || is_bulk(length) ? 0 : length;
     }
 
     /// recvmsg, retried on EINTR; every descriptor received is queued, close-on-exec.

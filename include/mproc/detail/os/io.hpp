@@ -6,9 +6,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstddef>
-#include <cstdlib>
 #include <ctime>
-#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
@@ -128,45 +126,9 @@ inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket
     return write_some(fd, &piece, 1, is_socket, nonblocking);
 }
 
-/// What a pipe holds when it is made (Linux: 16 pages).
+/// What a pipe holds when it is made (Linux: 16 pages). mproc never grows one: a simplex Pipe
+/// sends its large messages' bytes by a socket instead (pipe.hpp, the bulk lane).
 inline constexpr std::size_t default_pipe_capacity = std::size_t{64} * 1024;
-/// The most mproc grows a pipe to: pipe-max-size's default, the most an unprivileged process may
-/// ask for (every enlarged pipe counts against the user's pipe-user-pages-soft, 64 MiB by default).
-inline constexpr std::size_t largest_pipe_capacity = std::size_t{1} << 20;
-
-/// The most an unprivileged pipe may hold (/proc/sys/fs/pipe-max-size; 1 MiB when unreadable),
-/// read once per process. No lock: threads that race read the same number.
-inline std::size_t pipe_max_size() noexcept {
-    static std::atomic<std::size_t> cached{0};
-    std::size_t known = cached.load(std::memory_order_relaxed);
-    if (known != 0) return known;
-    known = largest_pipe_capacity;
-    const UniqueFd file(::open("/proc/sys/fs/pipe-max-size", O_RDONLY | O_CLOEXEC));
-    if (file) {
-        char text[32] = {};
-        if (read_some(file.get(), text, sizeof text - 1) > 0) {
-            const unsigned long long value = std::strtoull(text, nullptr, 10);
-            if (value >= default_pipe_capacity) known = static_cast<std::size_t>(value);
-        }
-    }
-    cached.store(known, std::memory_order_relaxed);
-    return known;
-}
-
-/// Grows the pipe behind `fd` so that `bytes` fit in it at once (a power of two, at most
-/// largest_pipe_capacity and pipe-max-size); never shrinks it. Returns the capacity it has after
-/// (the kernel may refuse: a user over pipe-user-pages-soft keeps what it has).
-inline std::size_t grow_pipe(int fd, std::size_t bytes) noexcept {
-    const int now = ::fcntl(fd, F_GETPIPE_SZ);
-    if (now < 0) return default_pipe_capacity;
-    const std::size_t limit = std::min(largest_pipe_capacity, pipe_max_size());
-    std::size_t want = default_pipe_capacity;
-    while (want < bytes && want < limit) want *= 2;
-    if (want > limit) want = limit;
-    if (want <= static_cast<std::size_t>(now)) return static_cast<std::size_t>(now);
-    const int grown = ::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(want));
-    return grown > 0 ? static_cast<std::size_t>(grown) : static_cast<std::size_t>(now);
-}
 
 /// The most mproc asks a Unix socket's send buffer to hold (the kernel caps it at wmem_max).
 inline constexpr std::size_t largest_socket_buffer = std::size_t{4} << 20;
