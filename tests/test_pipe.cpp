@@ -12,8 +12,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <fstream>
 #include <string>
 #include <sys/socket.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -892,13 +894,64 @@ TEST_CASE("a simplex pipe's large message by its bulk lane: recv_bytes_into, too
     CHECK_THROWS_AS(reader.recv_bytes(), mproc::EOFError);
 }
 
+namespace {
+/// Whether process `pid` sleeps in a write to a full pipe (its wchan says so).
+bool blocked_writing_pipe(pid_t pid) {
+    std::ifstream wchan("/proc/" + std::to_string(pid) + "/wchan");
+    std::string where;
+    std::getline(wchan, where);
+    return where.find("pipe_write") != std::string::npos;
+}
+}  // namespace
+
+TEST_CASE(
+    "a writer killed between its message's lane bytes and its frame: the next large message is an error, "
+    "never those bytes") {
+    // The writer's end is shared with the process that dies, as a parent shares it with the
+    // children it starts one after another. The pipe is full, so the dying writer's first bytes
+    // are in the lane when it blocks on its frame, and no frame ever claims them.
+    auto [reader, writer] = mproc::Pipe<std::string>(false);
+    for (unsigned i = 0; i < 16; ++i) writer.send_bytes(pattern_bytes(4096 - 8, i));  // 64 KiB: full
+    const auto first = pattern_bytes(1u << 20, 100), second = pattern_bytes(1u << 20, 200);
+    mproc::Process dying([&writer = writer, &first] { writer.send_bytes(first); });
+    dying.start();
+    const auto until = std::chrono::steady_clock::now() + 60s;
+    while (!blocked_writing_pipe(dying.pid()) && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(1ms);
+    REQUIRE(blocked_writing_pipe(dying.pid()));
+    dying.kill();
+    REQUIRE(dying.join(60s));
+    for (unsigned i = 0; i < 16; ++i) REQUIRE(reader.recv_bytes() == pattern_bytes(4096 - 8, i));
+    mproc::Process next([&writer = writer, &second] {
+        writer.send_bytes(pattern_bytes(10, 7));
+        try {
+            writer.send_bytes(second);  // its rest waits in the lane until the reader goes
+        } catch (const mproc::BrokenPipeError&) {}
+    });
+    next.start();
+    writer.close();
+    CHECK(reader.recv_bytes() == pattern_bytes(10, 7));
+    try {
+        const auto got = reader.recv_bytes();
+        FAIL("a large message was received: " << (got == second ? "the right one" : "the dead writer's bytes"));
+    } catch (const mproc::SerializationError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("no message claims"));
+    }
+    reader.close();
+    REQUIRE(next.join(60s));
+    CHECK(next.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
 TEST_CASE("a bulk frame on a connection without a bulk lane is a SerializationError, and the stream goes on") {
     // A duplex pipe carries every message in its socket: a header that says "the bytes come by
     // the lane" is malformed there, and must not make the reader wait for them.
     auto [a, b] = mproc::Pipe<std::string>();
-    const std::uint64_t bulk = (std::uint64_t{1} << 62) | 100'000;
-    write_raw(a.fileno(), &bulk, sizeof bulk);
+    const std::uint64_t bulk[2] = {(std::uint64_t{1} << 62) | 100'000, 12345};  // header, tag
+    write_raw(a.fileno(), bulk, sizeof bulk);
     a.send("after");
+    write_raw(a.fileno(), bulk, sizeof bulk);
+    a.send("and after");
     try {
         (void)b.recv();
         FAIL("a bulk frame was received on a duplex pipe");
@@ -906,6 +959,10 @@ TEST_CASE("a bulk frame on a connection without a bulk lane is a SerializationEr
         CHECK_THAT(e.what(), Catch::Contains("no bulk lane"));
     }
     CHECK(b.recv() == "after");
+    // Not "too short for a 100,000-byte message": the frame is malformed, and goes.
+    std::vector<std::byte> room(10);
+    CHECK_THROWS_AS(b.recv_bytes_into(room), mproc::SerializationError);
+    CHECK(b.recv() == "and after");
 }
 
 TEST_CASE("send_fd and recv_fd pass a descriptor to a child, which writes into it") {

@@ -11,9 +11,13 @@
 //
 // A simplex pipe has a *bulk lane* beside it: a Unix socket, one way, that carries the bytes of its
 // large messages (lane_min and up) while the pipe carries a bulk frame in their place — the
-// message's turn and length (framing.hpp). A pipe moves large messages at half a socket's speed
-// (its pages are allocated and freed 4 KiB at a time), and a socket's small ones take longer than
-// a pipe's; the lane gives a simplex end both, and the pipe never has to be enlarged.
+// message's turn, length and tag (framing.hpp). A pipe moves large messages at half a socket's
+// speed (its pages are allocated and freed 4 KiB at a time), and a socket's small ones take longer
+// than a pipe's; the lane gives a simplex end both, and the pipe never has to be enlarged. The
+// bytes in the lane follow the same tag, which the reader checks: a writer that died half-way
+// through a message, while another process kept the same end and sent on, leaves bytes in the
+// lane that no frame claims, and the reader says so (SerializationError) instead of handing them
+// out as the next message.
 #pragma once
 
 #include <algorithm>
@@ -174,7 +178,7 @@ public:
         const auto frame = next_data_frame("recv_bytes_into");
         const std::size_t room = buffer.size() - offset;
         if (const auto length = in_.next_bulk_length()) {
-            if (*length > room) throw BufferTooShort(static_cast<std::size_t>(*length), room);
+            if (lane_ && *length > room) throw BufferTooShort(static_cast<std::size_t>(*length), room);
             struct Into {  // the caller's room, already the message's size
                 std::span<std::byte> room;
                 std::byte* data() const noexcept { return room.data(); }
@@ -361,79 +365,120 @@ private:
     /// Whether a message of `bytes` goes by the bulk lane: a simplex pipe's large ones.
     bool by_lane(std::size_t bytes) const noexcept { return lane_ && bytes >= lane_min; }
 
-    /// Sends `payload` by the bulk lane, and its bulk frame by the pipe. What the lane takes at
-    /// once goes first, so that the reader, woken by the frame, finds the bytes there (frame
-    /// first would wake it twice); the rest follows as the reader drains the lane. A writer that
-    /// dies before the frame leaves bytes in the lane that no frame claims: the reader sees the
-    /// pipe end, as if the message had never been sent.
+    /// Sends `payload` by the bulk lane behind a fresh tag, and its bulk frame by the pipe. What
+    /// the lane takes at once goes first, so that the reader, woken by the frame, finds the bytes
+    /// there (frame first would wake it twice); the rest follows as the reader drains the lane.
+    /// The tag is this process's id and a count, so a writer that dies (or fails) between its
+    /// first bytes and the end of the message leaves bytes that no later frame's tag matches.
     void send_by_lane(std::span<const std::byte> payload) {
         if (payload.size() > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(payload.size());
+        const std::uint64_t tag = (std::uint64_t{static_cast<std::uint32_t>(::getpid())} << 32) | ++lane_count_;
         const auto lane_closed = [] { throw BrokenPipeError("send: the peer closed its end of the pipe"); };
-        std::size_t sent = 0;
-        const ssize_t first = detail::write_some(lane_.get(), payload.data(), payload.size(), true,
-                                                 /*nonblocking=*/true);
-        if (first >= 0) sent = static_cast<std::size_t>(first);
-        else if (errno == EPIPE || errno == ECONNRESET) lane_closed();
-        else if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
-        std::byte header[detail::frame_header_size];
-        const std::uint64_t bulk = detail::bulk_header(payload.size());
-        std::memcpy(header, &bulk, sizeof bulk);
-        write_all(header);
-        while (sent < payload.size()) {
-            const ssize_t put = detail::write_some(lane_.get(), payload.data() + sent, payload.size() - sent, true);
-            if (put >= 0) sent += static_cast<std::size_t>(put);
-            else if (errno == EPIPE || errno == ECONNRESET) lane_closed();
-            else detail::throw_errno("send");
-        }
+        std::byte tag_bytes[detail::bulk_tag_size];
+        std::memcpy(tag_bytes, &tag, sizeof tag);
+        std::span<const std::byte> head(tag_bytes), body = payload;
+        const auto send_some = [&](bool nonblocking) {
+            iovec pieces[2];
+            int count = 0;
+            if (!head.empty()) pieces[count++] = {const_cast<std::byte*>(head.data()), head.size()};
+            pieces[count++] = {const_cast<std::byte*>(body.data()), body.size()};
+            const ssize_t put = detail::write_some(lane_.get(), pieces, count, true, nonblocking);
+            if (put < 0) {
+                if (errno == EPIPE || errno == ECONNRESET) lane_closed();
+                if (!nonblocking || (errno != EAGAIN && errno != EWOULDBLOCK)) detail::throw_errno("send");
+                return;
+            }
+            const auto done = static_cast<std::size_t>(put);
+            const std::size_t from_head = std::min(done, head.size());
+            head = head.subspan(from_head);
+            body = body.subspan(done - from_head);
+        };
+        send_some(/*nonblocking=*/true);
+        std::byte frame[detail::frame_header_size + detail::bulk_tag_size];
+        const std::uint64_t header = detail::bulk_header(payload.size());
+        std::memcpy(frame, &header, sizeof header);
+        std::memcpy(frame + sizeof header, &tag, sizeof tag);
+        write_all(frame);
+        while (!head.empty() || !body.empty()) send_some(/*nonblocking=*/false);
     }
 
-    /// The next frame (`frame`, in the stream) is a bulk frame of `length` bytes: drops it and
-    /// reads its bytes from the lane into `out` (resized to them). Room for up to lane_trusted
-    /// bytes is found before the frame is dropped, so a receive that cannot allocate it leaves
-    /// the message where it was; past that, room grows only as the bytes arrive, so a length
-    /// that lies costs at most that much memory. A lane that ends first (the writer died in the
-    /// middle of the message) is a truncated frame; a receive that fails half-way otherwise
-    /// drains the rest of the message from the lane, which stays in step with the pipe.
+    /// The next frame (`frame`, in the stream: its tag) is a bulk frame of `length` bytes: drops
+    /// it and reads its bytes from the lane, behind their tag, into `out` (resized to them). Room
+    /// for up to lane_trusted bytes is found before the frame is dropped, so a receive that
+    /// cannot allocate it leaves the message where it was; past that, room grows only as the
+    /// bytes arrive, so a length that lies costs at most that much memory (and a message larger
+    /// than that whose room cannot be found is dropped, with the error). A lane that ends first
+    /// (the writer died in the middle of the message) is a truncated frame. A tag that is not the
+    /// frame's means bytes no frame claims are in the lane: the lane is out of step for good, and
+    /// this and every later large message throw SerializationError (small ones still arrive). A
+    /// receive that fails half-way otherwise drains the rest of the message from the lane.
     template <class Bytes>
     void read_lane_into(Bytes& out, std::uint64_t length, std::span<const std::byte> frame, const char* op) {
-        if (!lane_) {
+        if (!lane_ || lane_out_of_step_) {
             in_.consume(frame);
-            throw SerializationError(std::string(op) + ": a bulk frame on a connection that has no bulk lane");
+            throw SerializationError(
+                std::string(op) + (lane_ ? lane_out_of_step : ": a bulk frame on a connection that has no bulk lane"));
         }
+        std::uint64_t expected = 0;
+        std::memcpy(&expected, frame.data(), sizeof expected);
         out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, lane_trusted)));
         in_.consume(frame);
+        std::byte tag[detail::bulk_tag_size];
+        std::size_t tag_have = 0;
         std::uint64_t have = 0;
         try {
             bool again = false;
-            while (have < length) {
-                if (have == out.size()) out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, 2 * have)));
+            while (tag_have < sizeof tag || have < length) {
+                if (have == out.size() && have < length)
+                    out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, 2 * have)));
                 if (again && watching()) (void)watch_for_bytes(lane_.get());
-                const ssize_t got = detail::read_some(lane_.get(), out.data() + have, out.size() - have);
+                iovec pieces[2];
+                int count = 0;
+                if (tag_have < sizeof tag) pieces[count++] = {tag + tag_have, sizeof tag - tag_have};
+                if (have < length) pieces[count++] = {out.data() + have, static_cast<std::size_t>(out.size() - have)};
+                ssize_t got;
+                do got = ::readv(lane_.get(), pieces, count);
+                while (got < 0 && errno == EINTR);
                 if (got == 0 || (got < 0 && errno == ECONNRESET))
                     throw SerializationError(std::string(op) + ": truncated frame: the peer closed after " +
                                              std::to_string(have) + " bytes of a " + std::to_string(length) +
                                              "-byte message");
                 if (got < 0) detail::throw_errno(op);
-                have += static_cast<std::uint64_t>(got);
+                auto done = static_cast<std::size_t>(got);
+                if (tag_have < sizeof tag) {
+                    const std::size_t to_tag = std::min(done, sizeof tag - tag_have);
+                    tag_have += to_tag;
+                    done -= to_tag;
+                    if (tag_have == sizeof tag && std::memcmp(tag, &expected, sizeof tag) != 0) {
+                        lane_out_of_step_ = true;
+                        throw SerializationError(std::string(op) + lane_out_of_step);
+                    }
+                }
+                have += done;
                 again = true;
             }
         } catch (const SerializationError&) {
-            throw;  // the lane is at its end: nothing to drain
+            throw;  // the lane is at its end, or out of step: nothing to drain
         } catch (...) {
-            drain_lane(length - have);
+            if (!drain_lane(sizeof tag - tag_have + (length - have))) lane_out_of_step_ = true;
             throw;
         }
     }
-    /// Reads `left` bytes from the lane and drops them (best effort: a lane that fails stops it).
-    void drain_lane(std::uint64_t left) noexcept {
+    /// Reads `left` bytes from the lane and drops them; false if the lane failed first.
+    bool drain_lane(std::uint64_t left) noexcept {
         std::byte sink[4096];
         while (left > 0) {
             const ssize_t got = detail::read_some(lane_.get(), sink,
                                                   static_cast<std::size_t>(std::min<std::uint64_t>(left, sizeof sink)));
-            if (got <= 0) return;
+            if (got <= 0) return false;
             left -= static_cast<std::uint64_t>(got);
         }
+        return true;
     }
+    static constexpr const char* lane_out_of_step =
+        ": the bulk lane holds bytes no message claims (a writer died, or failed, in the middle of a large "
+        "message while another process kept the same end): large messages cannot be received from this "
+        "connection any more";
 
     /// Writes `head` then `body` whole, one writev/sendmsg at a time. A socket's send buffer is
     /// first grown for a large message (grow_kernel_buffer); a pipe carries only small frames.
@@ -499,6 +544,8 @@ private:
 
     detail::UniqueFd fd_;
     detail::UniqueFd lane_;  // a simplex pipe's bulk lane: a socket, this end's direction only
+    std::uint32_t lane_count_ = 0;   // the writer's messages sent by the lane (their tags' low half)
+    bool lane_out_of_step_ = false;  // the reader found bytes in the lane no frame claims
     bool readable_ = false;
     bool writable_ = false;
     bool is_socket_ = false;

@@ -8,9 +8,10 @@
 // socket it is sent with one descriptor attached (SCM_RIGHTS), which the reader, filling with a
 // descriptor queue, keeps in arrival order; frames and descriptors thus pair up in order.
 //
-// A bulk frame (a simplex Pipe's large message) is a header alone with bit 62 set and the
-// payload's length in the bits below: the payload travels by the connection's bulk lane, a
-// socket beside the pipe, in the order of the bulk frames (see Connection in pipe.hpp).
+// A bulk frame (a simplex Pipe's large message) is a header with bit 62 set and the payload's
+// length in the bits below, and an 8-byte tag: the payload travels by the connection's bulk
+// lane, a socket beside the pipe, behind the same tag, in the order of the bulk frames (see
+// Connection in pipe.hpp).
 #pragma once
 
 #include <cstdint>
@@ -32,8 +33,10 @@ inline constexpr std::size_t frame_header_size = sizeof(std::uint64_t);
 /// The header of a descriptor frame (no payload; a descriptor travels with it).
 inline constexpr std::uint64_t descriptor_frame = std::uint64_t{1} << 63;
 
-/// The flag of a bulk frame's header (no payload in the stream; its length is in the bits below).
+/// The flag of a bulk frame's header: its payload (the length in the bits below) comes by the
+/// lane; in the stream, the frame carries only its tag.
 inline constexpr std::uint64_t bulk_frame = std::uint64_t{1} << 62;
+inline constexpr std::size_t bulk_tag_size = sizeof(std::uint64_t);
 /// The header of a bulk frame of `length` payload bytes.
 constexpr std::uint64_t bulk_header(std::uint64_t length) noexcept { return bulk_frame | length; }
 
@@ -70,7 +73,7 @@ public:
         return length == descriptor_frame;
     }
     /// The payload length of the next frame, if its header is buffered and it is a bulk frame
-    /// (its payload comes by the bulk lane; in the stream it is an empty frame).
+    /// (its payload comes by the bulk lane; in the stream the frame is its tag).
     std::optional<std::uint64_t> next_bulk_length() const noexcept {
         if (size() < frame_header_size) return std::nullopt;
         std::uint64_t header = 0;
@@ -179,11 +182,12 @@ private:
         return (header & (descriptor_frame | bulk_frame)) == bulk_frame;
     }
     /// The payload length in the stream of the frame whose header is buffered (0 for a descriptor
-    /// or a bulk frame).
+    /// frame, the tag's for a bulk frame).
     std::uint64_t payload_length() const noexcept {
         std::uint64_t length = 0;
         std::memcpy(&length, begin(), sizeof length);
-        return length == descriptor_frame || is_bulk(length) ? 0 : length;
+        if (length == descriptor_frame) return 0;
+        return is_bulk(length) ? bulk_tag_size : length;
     }
 
     /// recvmsg, retried on EINTR; every descriptor received is queued, close-on-exec.
