@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
+#include <mproc/wait.hpp>
 
 #include <algorithm>
 #include <array>
@@ -872,6 +873,9 @@ TEST_CASE("a simplex pipe's large message by its bulk lane: recv_bytes_into, too
     });
     p.start();
     writer.close();
+    // Its frame in the pipe is what poll and mproc::wait see.
+    CHECK(reader.poll(60s));
+    CHECK(mproc::wait({reader}, 60s) == std::vector<std::size_t>{0});
     // Too short: the message stays, whole, for a larger room.
     std::vector<std::byte> room(100'010, std::byte{0x11});
     try {
