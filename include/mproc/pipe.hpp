@@ -178,13 +178,15 @@ public:
         const auto frame = next_data_frame("recv_bytes_into");
         const std::size_t room = buffer.size() - offset;
         if (const auto length = in_.next_bulk_length()) {
-            if (lane_ && *length > room) throw BufferTooShort(static_cast<std::size_t>(*length), room);
+            // A frame no lane can serve (none, or out of step) is an error below, whatever its size.
+            const bool fits = *length <= room;
+            if (!fits && lane_ && !lane_out_of_step_) throw BufferTooShort(static_cast<std::size_t>(*length), room);
             struct Into {  // the caller's room, already the message's size
                 std::span<std::byte> room;
                 std::byte* data() const noexcept { return room.data(); }
                 std::size_t size() const noexcept { return room.size(); }
                 void resize(std::size_t) const noexcept {}
-            } into{buffer.subspan(offset, static_cast<std::size_t>(*length))};
+            } into{fits ? buffer.subspan(offset, static_cast<std::size_t>(*length)) : std::span<std::byte>()};
             read_lane_into(into, *length, frame, "recv_bytes_into");
             return into.size();
         }
