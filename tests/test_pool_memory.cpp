@@ -4,10 +4,12 @@
 // a result gets its value.
 #include "test_pool_common.hpp"
 
+#include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
 #include <mproc/queue.hpp>
 #include <mproc/shared_dict.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -334,5 +336,55 @@ TEST_CASE("SharedDict calls with each allocation failing in turn either do their
                                     REQUIRE(d.at("k") == (returned ? 2 : 1));
                                     if (returned) REQUIRE(seen == 2);
                                 });
+    }
+}
+
+TEST_CASE("a simplex Pipe's large messages, each allocation of a receive failing in turn, are neither lost nor shifted",
+          "[pipe][memory]") {
+    // A message by the bulk lane gets its room before its frame is dropped, so a receive that
+    // cannot allocate it leaves the message for the next. Past 64 MiB, room grows as the bytes
+    // arrive: a receive that cannot grow it drops that message (with the error) and drains the
+    // rest of it from the lane, which stays in step with the pipe for the messages after it.
+    Watchdog dog(280s, "Pipe under failing allocations");
+    const std::size_t sizes[] = {100'000, (std::size_t{64} << 20) + 4096};
+    for (const std::size_t size : sizes) {
+        INFO("messages of " << size << " bytes");
+        auto [reader, writer] = mproc::Pipe(false);
+        long rounds = 0;
+        mproc::Process sender([&writer = writer, size] {
+            const std::vector<std::byte> big(size, std::byte{0x5a}), small(10, std::byte{0x11});
+            for (int i = 0; i < 8; ++i) {
+                writer.send_bytes(big);
+                writer.send_bytes(small);
+            }
+        });
+        sender.start();
+        writer.close();
+        bool dropped_one = false;
+        for (long nth = 1; rounds < 8; ++nth, ++rounds) {
+            std::vector<std::byte> got;
+            fail_allocation(nth);
+            bool refused = false;
+            try {
+                got = reader.recv_bytes();
+            } catch (const std::bad_alloc&) {
+                refused = true;
+            }
+            const bool fired = fail_countdown == 0;
+            fail_allocation(0);
+            if (refused && size > (std::size_t{64} << 20) && nth > 1) {
+                dropped_one = true;  // its room could not grow: the message went with the error
+            } else {
+                if (refused) got = reader.recv_bytes();  // it stayed: the next receive has it
+                REQUIRE(got.size() == size);
+                REQUIRE(std::all_of(got.begin(), got.end(), [](std::byte b) { return b == std::byte{0x5a}; }));
+            }
+            REQUIRE(reader.recv_bytes() == std::vector<std::byte>(10, std::byte{0x11}));  // in step
+            if (!fired) nth = 0;  // every allocation of a receive was failed once: start again
+        }
+        if (size > (std::size_t{64} << 20)) CHECK(dropped_one);
+        REQUIRE(sender.join(120s));
+        CHECK(sender.exitcode() == 0);
+        CHECK_THROWS_AS(reader.recv_bytes(), mproc::EOFError);
     }
 }
