@@ -16,6 +16,7 @@
 #include <fstream>
 #include <string>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -519,12 +520,34 @@ TEST_CASE("a connection's kernel buffer grows with the messages it sends, and on
     SECTION("simplex: the pipe never grows; large messages go by the bulk lane") {
         // An enlarged pipe counts against the user's pipe-user-pages-soft: a simplex pipe sends the
         // bytes of its large messages by its lane (a socket) instead, and keeps the kernel's pipe.
+        // The lane's two sockets are the ones the Pipe opened (found by their descriptors).
+        const auto sockets_open = [] {
+            std::vector<int> fds;
+            for (int fd = 0; fd < 1024; ++fd) {
+                struct stat st {};
+                if (::fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode)) fds.push_back(fd);
+            }
+            return fds;
+        };
+        const auto sockets_before = sockets_open();
         auto [reader, writer] = mproc::Pipe(false);
+        std::vector<int> lane;
+        for (const int fd : sockets_open())
+            if (std::find(sockets_before.begin(), sockets_before.end(), fd) == sockets_before.end()) lane.push_back(fd);
+        REQUIRE(lane.size() == 2);
+        const auto lane_buffer = [](int fd) {
+            int size = 0;
+            socklen_t length = sizeof size;
+            REQUIRE(::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &length) == 0);
+            return size;
+        };
+        const int lane_before = std::max(lane_buffer(lane[0]), lane_buffer(lane[1]));
         const int before = pipe_size(writer);
         for (int i = 0; i < 50; ++i) {
             writer.send_bytes(pattern_bytes(1000, static_cast<unsigned>(i)));
             CHECK(reader.recv_bytes() == pattern_bytes(1000, static_cast<unsigned>(i)));
         }
+        CHECK(std::max(lane_buffer(lane[0]), lane_buffer(lane[1])) == lane_before);  // small: untouched
         const auto big = pattern_bytes(300u << 10, 1);
         const auto bigger = pattern_bytes(3u << 20, 2);
         mproc::Process p([&reader = reader, &big, &bigger] {
@@ -537,6 +560,11 @@ TEST_CASE("a connection's kernel buffer grows with the messages it sends, and on
         CHECK(p.exitcode() == 0);
         CHECK(pipe_size(writer) == before);
         CHECK(pipe_size(reader) == before);
+        // The writer's end of the lane grew to hold a few of them; the reader's did not.
+        const long most = read_limit("/proc/sys/net/core/wmem_max", 212992) * 2;
+        const int grown = std::max(lane_buffer(lane[0]), lane_buffer(lane[1]));
+        CHECK(grown >= std::min(4L << 20, std::max<long>(lane_before, most)));
+        CHECK(std::min(lane_buffer(lane[0]), lane_buffer(lane[1])) == lane_before);
     }
     SECTION("duplex: the socket's send buffer grows") {
         auto [a, b] = mproc::Pipe();
