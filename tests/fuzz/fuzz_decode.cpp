@@ -101,7 +101,9 @@ void decode_as(std::size_t which, std::span<const std::byte> bytes, std::index_s
 }
 
 /// Frames a plain parser finds in `stream`; `tail` is the length of an incomplete last frame. A
-/// descriptor frame's header (its descriptor, over a socket, travels beside the bytes) is an empty frame.
+/// descriptor frame's header (its descriptor, over a socket, travels beside the bytes) is an empty
+/// frame; a bulk frame (bit 62 set, bit 63 clear: its payload travels by a simplex pipe's lane) is
+/// its 8-byte tag.
 std::vector<std::span<const std::byte>> reference_frames(std::span<const std::byte> stream, std::size_t& tail) {
     std::vector<std::span<const std::byte>> frames;
     std::size_t at = 0;
@@ -111,6 +113,7 @@ std::vector<std::span<const std::byte>> reference_frames(std::span<const std::by
         std::uint64_t length = 0;
         std::memcpy(&length, stream.data() + at, sizeof length);
         if (length == mproc::detail::descriptor_frame) length = 0;  // a descriptor frame: its header alone
+        else if ((length >> 62) == 1) length = 8;                    // a bulk frame: its tag
         if (length > left - sizeof length) break;
         frames.push_back(stream.subspan(at + sizeof length, static_cast<std::size_t>(length)));
         at += sizeof length + static_cast<std::size_t>(length);
