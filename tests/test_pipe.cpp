@@ -927,12 +927,20 @@ TEST_CASE("a simplex pipe's large message by its bulk lane: recv_bytes_into, too
 }
 
 namespace {
-/// Whether process `pid` sleeps in a write to a full pipe (its wchan says so).
-bool blocked_writing_pipe(pid_t pid) {
+/// Where process `pid` sleeps in the kernel (its wchan).
+std::string kernel_wait_of(pid_t pid) {
     std::ifstream wchan("/proc/" + std::to_string(pid) + "/wchan");
     std::string where;
     std::getline(wchan, where);
-    return where.find("pipe_write") != std::string::npos;
+    return where;
+}
+/// Whether process `pid` sleeps in a write to a full pipe.
+bool blocked_writing_pipe(pid_t pid) { return kernel_wait_of(pid).find("pipe_write") != std::string::npos; }
+/// Whether process `pid` sleeps in a send to a full socket.
+bool blocked_sending(pid_t pid) {
+    const std::string where = kernel_wait_of(pid);
+    return where.find("sock_alloc_send") != std::string::npos || where.find("wait_for_wmem") != std::string::npos ||
+           where.find("unix_stream") != std::string::npos;
 }
 }  // namespace
 
@@ -954,10 +962,11 @@ TEST_CASE(
     dying.kill();
     REQUIRE(dying.join(60s));
     for (unsigned i = 0; i < 16; ++i) REQUIRE(reader.recv_bytes() == pattern_bytes(4096 - 8, i));
-    mproc::Process next([&writer = writer, &second] {
+    mproc::Process next([&reader = reader, &writer = writer, &second] {
+        reader.close();
         writer.send_bytes(pattern_bytes(10, 7));
         try {
-            writer.send_bytes(second);  // its rest waits in the lane until the reader goes
+            writer.send_bytes(second);  // the reader shuts the lane when it finds it out of step
         } catch (const mproc::BrokenPipeError&) {}
     });
     next.start();
@@ -971,6 +980,39 @@ TEST_CASE(
     }
     reader.close();
     REQUIRE(next.join(60s));
+    CHECK(next.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("a writer killed in the middle of its message's lane bytes, after its frame: an error, never mixed bytes") {
+    // The message is larger than the lane holds: the frame is in the pipe and the writer waits
+    // for room when it dies. The next writer's message then follows what it left, and a reader
+    // that took the frame's length of bytes from there would hand out a mix of the two.
+    auto [reader, writer] = mproc::Pipe<std::string>(false);
+    const auto first = pattern_bytes(16u << 20, 100), second = pattern_bytes(16u << 20, 200);
+    mproc::Process dying([&writer = writer, &first] { writer.send_bytes(first); });
+    dying.start();
+    REQUIRE(reader.poll(60s));  // its frame
+    const auto until = std::chrono::steady_clock::now() + 60s;
+    while (!blocked_sending(dying.pid()) && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+    REQUIRE(blocked_sending(dying.pid()));
+    dying.kill();
+    REQUIRE(dying.join(60s));
+    mproc::Process next([&reader = reader, &writer = writer, &second] {
+        reader.close();
+        try {
+            writer.send_bytes(second);  // the reader shuts the lane when it finds it out of step
+        } catch (const mproc::BrokenPipeError&) {}
+    });
+    next.start();
+    writer.close();
+    try {
+        const auto got = reader.recv_bytes();
+        FAIL("a large message was received: " << (got == first ? "the dead writer's, whole" : "a mix of two"));
+    } catch (const mproc::SerializationError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("no message claims"));
+    }
+    REQUIRE(next.join(60s));  // not left waiting for room in a lane nobody reads
     CHECK(next.exitcode() == 0);
     CHECK(mproc_test::child_count() == 0);
 }

@@ -14,10 +14,10 @@
 // message's turn, length and tag (framing.hpp). A pipe moves large messages at half a socket's
 // speed (its pages are allocated and freed 4 KiB at a time), and a socket's small ones take longer
 // than a pipe's; the lane gives a simplex end both, and the pipe never has to be enlarged. The
-// bytes in the lane follow the same tag, which the reader checks: a writer that died half-way
-// through a message, while another process kept the same end and sent on, leaves bytes in the
-// lane that no frame claims, and the reader says so (SerializationError) instead of handing them
-// out as the next message.
+// bytes in the lane sit between two copies of the same tag, which the reader checks: a writer that
+// died half-way through a message, while another process kept the same end and sent on, leaves
+// bytes in the lane that no frame claims, and the reader says so (SerializationError) instead of
+// handing them out, or a mix of them and the next message's, as a message.
 #pragma once
 
 #include <algorithm>
@@ -367,53 +367,65 @@ private:
     /// Whether a message of `bytes` goes by the bulk lane: a simplex pipe's large ones.
     bool by_lane(std::size_t bytes) const noexcept { return lane_ && bytes >= lane_min; }
 
-    /// Sends `payload` by the bulk lane behind a fresh tag, and its bulk frame by the pipe. What
-    /// the lane takes at once goes first, so that the reader, woken by the frame, finds the bytes
-    /// there (frame first would wake it twice); the rest follows as the reader drains the lane.
-    /// The tag is this process's id and a count, so a writer that dies (or fails) between its
-    /// first bytes and the end of the message leaves bytes that no later frame's tag matches.
+    /// Sends `payload` by the bulk lane between two copies of a fresh tag, and its bulk frame by
+    /// the pipe. What the lane takes at once goes first, so that the reader, woken by the frame,
+    /// finds the bytes there (frame first would wake it twice); the rest follows as the reader
+    /// drains the lane. The tag is this process's id and a count: a writer that dies (or fails)
+    /// between its first bytes and its last leaves bytes that the reader finds under no tag of its
+    /// frames — before its frame, where the next message's first tag should be; after it, where
+    /// its own last tag should be.
     void send_by_lane(std::span<const std::byte> payload) {
         if (payload.size() > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(payload.size());
         const std::uint64_t tag = (std::uint64_t{static_cast<std::uint32_t>(::getpid())} << 32) | ++lane_count_;
-        const auto lane_closed = [] { throw BrokenPipeError("send: the peer closed its end of the pipe"); };
         std::byte tag_bytes[detail::bulk_tag_size];
         std::memcpy(tag_bytes, &tag, sizeof tag);
-        std::span<const std::byte> head(tag_bytes), body = payload;
-        const auto send_some = [&](bool nonblocking) {
-            iovec pieces[2];
-            int count = 0;
-            if (!head.empty()) pieces[count++] = {const_cast<std::byte*>(head.data()), head.size()};
-            pieces[count++] = {const_cast<std::byte*>(body.data()), body.size()};
-            const ssize_t put = detail::write_some(lane_.get(), pieces, count, true, nonblocking);
-            if (put < 0) {
-                if (errno == EPIPE || errno == ECONNRESET) lane_closed();
-                if (!nonblocking || (errno != EAGAIN && errno != EWOULDBLOCK)) detail::throw_errno("send");
-                return;
+        std::size_t left = sizeof tag_bytes + payload.size() + sizeof tag_bytes;
+        const auto send_lane = [&](bool nonblocking) {
+            while (left > 0) {
+                iovec pieces[3];
+                int count = 0;
+                std::size_t skip = sizeof tag_bytes + payload.size() + sizeof tag_bytes - left;
+                for (const std::span<const std::byte> part :
+                     {std::span<const std::byte>(tag_bytes), payload, std::span<const std::byte>(tag_bytes)}) {
+                    if (skip >= part.size()) {
+                        skip -= part.size();
+                        continue;
+                    }
+                    pieces[count++] = {const_cast<std::byte*>(part.data() + skip), part.size() - skip};
+                    skip = 0;
+                }
+                const ssize_t put = detail::write_some(lane_.get(), pieces, count, true, nonblocking);
+                if (put >= 0) {
+                    left -= static_cast<std::size_t>(put);
+                    if (nonblocking) return;  // what the lane takes at once
+                    continue;
+                }
+                if (errno == EPIPE || errno == ECONNRESET)
+                    throw BrokenPipeError("send: the peer closed its end of the pipe");
+                if (nonblocking && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+                detail::throw_errno("send");
             }
-            const auto done = static_cast<std::size_t>(put);
-            const std::size_t from_head = std::min(done, head.size());
-            head = head.subspan(from_head);
-            body = body.subspan(done - from_head);
         };
-        send_some(/*nonblocking=*/true);
+        send_lane(/*nonblocking=*/true);
         std::byte frame[detail::frame_header_size + detail::bulk_tag_size];
         const std::uint64_t header = detail::bulk_header(payload.size());
         std::memcpy(frame, &header, sizeof header);
         std::memcpy(frame + sizeof header, &tag, sizeof tag);
         write_all(frame);
-        while (!head.empty() || !body.empty()) send_some(/*nonblocking=*/false);
+        send_lane(/*nonblocking=*/false);
     }
 
     /// The next frame (`frame`, in the stream: its tag) is a bulk frame of `length` bytes: drops
-    /// it and reads its bytes from the lane, behind their tag, into `out` (resized to them). Room
-    /// for up to lane_trusted bytes is found before the frame is dropped, so a receive that
+    /// it and reads its bytes from the lane, between their two tags, into `out` (resized to them).
+    /// Room for up to lane_trusted bytes is found before the frame is dropped, so a receive that
     /// cannot allocate it leaves the message where it was; past that, room grows only as the
     /// bytes arrive, so a length that lies costs at most that much memory (and a message larger
     /// than that whose room cannot be found is dropped, with the error). A lane that ends first
     /// (the writer died in the middle of the message) is a truncated frame. A tag that is not the
-    /// frame's means bytes no frame claims are in the lane: the lane is out of step for good, and
-    /// this and every later large message throw SerializationError (small ones still arrive). A
-    /// receive that fails half-way otherwise drains the rest of the message from the lane.
+    /// frame's means bytes no frame claims are in the lane: the message is not handed out, the
+    /// lane is out of step for good (shut for reading, so writers get BrokenPipeError rather than
+    /// fill it), and this and every later large message throw SerializationError (small ones
+    /// still arrive). A receive that fails half-way otherwise drains the rest of the message.
     template <class Bytes>
     void read_lane_into(Bytes& out, std::uint64_t length, std::span<const std::byte> frame, const char* op) {
         if (!lane_ || lane_out_of_step_) {
@@ -421,23 +433,30 @@ private:
             throw SerializationError(
                 std::string(op) + (lane_ ? lane_out_of_step : ": a bulk frame on a connection that has no bulk lane"));
         }
-        std::uint64_t expected = 0;
-        std::memcpy(&expected, frame.data(), sizeof expected);
+        std::byte expected[detail::bulk_tag_size];
+        std::memcpy(expected, frame.data(), sizeof expected);
         out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, lane_trusted)));
         in_.consume(frame);
-        std::byte tag[detail::bulk_tag_size];
-        std::size_t tag_have = 0;
+        std::byte first[detail::bulk_tag_size], last[detail::bulk_tag_size];
+        std::size_t first_have = 0, last_have = 0;
         std::uint64_t have = 0;
+        const auto out_of_step = [&] {
+            lane_out_of_step_ = true;
+            (void)::shutdown(lane_.get(), SHUT_RD);
+            throw SerializationError(std::string(op) + lane_out_of_step);
+        };
         try {
             bool again = false;
-            while (tag_have < sizeof tag || have < length) {
+            while (last_have < sizeof last) {
                 if (have == out.size() && have < length)
                     out.resize(static_cast<std::size_t>(std::min<std::uint64_t>(length, 2 * have)));
                 if (again && watching()) (void)watch_for_bytes(lane_.get());
-                iovec pieces[2];
+                iovec pieces[3];
                 int count = 0;
-                if (tag_have < sizeof tag) pieces[count++] = {tag + tag_have, sizeof tag - tag_have};
-                if (have < length) pieces[count++] = {out.data() + have, static_cast<std::size_t>(out.size() - have)};
+                if (first_have < sizeof first) pieces[count++] = {first + first_have, sizeof first - first_have};
+                if (have < out.size())
+                    pieces[count++] = {out.data() + have, static_cast<std::size_t>(out.size() - have)};
+                if (out.size() == length) pieces[count++] = {last + last_have, sizeof last - last_have};
                 ssize_t got;
                 do got = ::readv(lane_.get(), pieces, count);
                 while (got < 0 && errno == EINTR);
@@ -447,22 +466,24 @@ private:
                                              "-byte message");
                 if (got < 0) detail::throw_errno(op);
                 auto done = static_cast<std::size_t>(got);
-                if (tag_have < sizeof tag) {
-                    const std::size_t to_tag = std::min(done, sizeof tag - tag_have);
-                    tag_have += to_tag;
-                    done -= to_tag;
-                    if (tag_have == sizeof tag && std::memcmp(tag, &expected, sizeof tag) != 0) {
-                        lane_out_of_step_ = true;
-                        throw SerializationError(std::string(op) + lane_out_of_step);
-                    }
+                if (first_have < sizeof first) {
+                    const std::size_t n = std::min(done, sizeof first - first_have);
+                    first_have += n;
+                    done -= n;
+                    if (first_have == sizeof first && std::memcmp(first, expected, sizeof first) != 0) out_of_step();
                 }
-                have += done;
+                const auto to_payload = static_cast<std::size_t>(std::min<std::uint64_t>(done, out.size() - have));
+                have += to_payload;
+                last_have += done - to_payload;
                 again = true;
             }
+            if (std::memcmp(last, expected, sizeof last) != 0) out_of_step();
         } catch (const SerializationError&) {
             throw;  // the lane is at its end, or out of step: nothing to drain
         } catch (...) {
-            if (!drain_lane(sizeof tag - tag_have + (length - have))) lane_out_of_step_ = true;
+            if (!lane_out_of_step_ &&
+                !drain_lane(sizeof first - first_have + (length - have) + (sizeof last - last_have)))
+                lane_out_of_step_ = true;
             throw;
         }
     }

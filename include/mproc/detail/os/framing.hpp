@@ -10,7 +10,7 @@
 //
 // A bulk frame (a simplex Pipe's large message) is a header with bit 62 set and the payload's
 // length in the bits below, and an 8-byte tag: the payload travels by the connection's bulk
-// lane, a socket beside the pipe, behind the same tag, in the order of the bulk frames (see
+// lane, a socket beside the pipe, between two copies of the same tag, in the order of the bulk frames (see
 // Connection in pipe.hpp).
 #pragma once
 
