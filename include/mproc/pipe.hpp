@@ -441,8 +441,7 @@ private:
         std::size_t first_have = 0, last_have = 0;
         std::uint64_t have = 0;
         const auto out_of_step = [&] {
-            lane_out_of_step_ = true;
-            (void)::shutdown(lane_.get(), SHUT_RD);
+            mark_lane_out_of_step();
             throw SerializationError(std::string(op) + lane_out_of_step);
         };
         try {
@@ -483,9 +482,16 @@ private:
         } catch (...) {
             if (!lane_out_of_step_ &&
                 !drain_lane(sizeof first - first_have + (length - have) + (sizeof last - last_have)))
-                lane_out_of_step_ = true;
+                mark_lane_out_of_step();
             throw;
         }
+    }
+    /// The lane holds bytes no frame claims, or may: no large message is read from it any more,
+    /// and it is shut for reading, so writers' large sends throw BrokenPipeError rather than wait
+    /// for room nobody will make.
+    void mark_lane_out_of_step() noexcept {
+        lane_out_of_step_ = true;
+        (void)::shutdown(lane_.get(), SHUT_RD);
     }
     /// Reads `left` bytes from the lane and drops them; false if the lane failed first.
     bool drain_lane(std::uint64_t left) noexcept {
