@@ -942,6 +942,14 @@ bool blocked_sending(pid_t pid) {
     return where.find("sock_alloc_send") != std::string::npos || where.find("wait_for_wmem") != std::string::npos ||
            where.find("unix_stream") != std::string::npos;
 }
+/// Kills `p` once `blocked(pid)` says it sleeps where the test wants it (within 60 s), and reaps it.
+template <class Blocked> void kill_when(mproc::Process& p, Blocked blocked) {
+    const auto until = std::chrono::steady_clock::now() + 60s;
+    while (!blocked(p.pid()) && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+    REQUIRE(blocked(p.pid()));
+    p.kill();
+    REQUIRE(p.join(60s));
+}
 }  // namespace
 
 TEST_CASE(
@@ -955,12 +963,7 @@ TEST_CASE(
     const auto first = pattern_bytes(1u << 20, 100), second = pattern_bytes(1u << 20, 200);
     mproc::Process dying([&writer = writer, &first] { writer.send_bytes(first); });
     dying.start();
-    const auto until = std::chrono::steady_clock::now() + 60s;
-    while (!blocked_writing_pipe(dying.pid()) && std::chrono::steady_clock::now() < until)
-        std::this_thread::sleep_for(1ms);
-    REQUIRE(blocked_writing_pipe(dying.pid()));
-    dying.kill();
-    REQUIRE(dying.join(60s));
+    kill_when(dying, blocked_writing_pipe);
     for (unsigned i = 0; i < 16; ++i) REQUIRE(reader.recv_bytes() == pattern_bytes(4096 - 8, i));
     mproc::Process next([&reader = reader, &writer = writer, &second] {
         reader.close();
@@ -993,11 +996,7 @@ TEST_CASE("a writer killed in the middle of its message's lane bytes, after its 
     mproc::Process dying([&writer = writer, &first] { writer.send_bytes(first); });
     dying.start();
     REQUIRE(reader.poll(60s));  // its frame
-    const auto until = std::chrono::steady_clock::now() + 60s;
-    while (!blocked_sending(dying.pid()) && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
-    REQUIRE(blocked_sending(dying.pid()));
-    dying.kill();
-    REQUIRE(dying.join(60s));
+    kill_when(dying, blocked_sending);
     mproc::Process next([&reader = reader, &writer = writer, &second] {
         reader.close();
         try {
