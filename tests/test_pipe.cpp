@@ -8,15 +8,19 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <fstream>
+#include <sched.h>
 #include <string>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -1013,6 +1017,65 @@ TEST_CASE("a writer killed in the middle of its message's lane bytes, after its 
     }
     REQUIRE(next.join(60s));  // not left waiting for room in a lane nobody reads
     CHECK(next.exitcode() == 0);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+namespace {
+/// Runs `send` in a process that is the first of a new pid namespace, so its id is 1, as is every
+/// such process's: a writer whose id a dead one had. When `kill_blocked`, the process is killed
+/// once it sleeps writing a full pipe. Returns false when this process may not make a namespace.
+template <class Send> bool as_pid_one(Send send, bool kill_blocked) {
+    mproc::Process outer([&] {
+        if (::unshare(CLONE_NEWPID) != 0) std::_Exit(77);
+        const pid_t one = ::fork();
+        if (one == 0) {
+            send();
+            std::_Exit(0);
+        }
+        if (one < 0) std::_Exit(3);
+        if (kill_blocked) {
+            const auto until = std::chrono::steady_clock::now() + 60s;
+            while (!blocked_writing_pipe(one) && std::chrono::steady_clock::now() < until) ::usleep(1000);
+            ::kill(one, SIGKILL);
+        }
+        int status = 0;
+        while (::waitpid(one, &status, 0) < 0 && errno == EINTR) {}
+        std::_Exit(kill_blocked ? (WIFSIGNALED(status) ? 0 : 4) : (WIFEXITED(status) ? WEXITSTATUS(status) : 5));
+    });
+    outer.start();
+    REQUIRE(outer.join(120s));
+    if (outer.exitcode() == 77) return false;
+    CHECK(outer.exitcode() == 0);
+    return true;
+}
+}  // namespace
+
+TEST_CASE("a writer whose process id a dead writer had, and whose count it inherited, gets no tag of that writer's") {
+    // Both writers are forked from this process after its last large message (so both count on
+    // from the same number) and both have id 1. The first dies with its whole message in the
+    // lane and its frame not sent; the second sends one of the same length: a tag made of the
+    // id and the count alone would be the same, and the reader would hand out the dead bytes.
+    auto [reader, writer] = mproc::Pipe<std::string>(false);
+    for (unsigned i = 0; i < 16; ++i) writer.send_bytes(pattern_bytes(4096 - 8, i));  // 64 KiB: full
+    const auto first = pattern_bytes(32u << 10, 100), second = pattern_bytes(32u << 10, 200);
+    if (!as_pid_one([&writer = writer, &first] { writer.send_bytes(first); }, /*kill_blocked=*/true)) {
+        WARN("skipped: this process may not make a pid namespace (CI runs as root, where it may)");
+        return;
+    }
+    bool drained = true;
+    std::thread drain([&reader = reader, &drained] {  // the second writer's frame needs room in the pipe
+        for (unsigned i = 0; i < 16; ++i) drained = reader.recv_bytes() == pattern_bytes(4096 - 8, i) && drained;
+    });
+    const bool second_ran = as_pid_one([&writer = writer, &second] { writer.send_bytes(second); }, false);
+    drain.join();
+    REQUIRE(second_ran);
+    REQUIRE(drained);
+    try {
+        const auto got = reader.recv_bytes();
+        FAIL("a large message was received: " << (got == second ? "the right one" : "the dead writer's bytes"));
+    } catch (const mproc::SerializationError& e) {
+        CHECK_THAT(e.what(), Catch::Contains("no message claims"));
+    }
     CHECK(mproc_test::child_count() == 0);
 }
 

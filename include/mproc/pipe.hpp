@@ -42,6 +42,7 @@
 #include "detail/os/fd_passing.hpp"
 #include "detail/os/framing.hpp"
 #include "detail/os/io.hpp"
+#include "detail/os/random.hpp"
 #include "detail/os/unique_fd.hpp"
 #include "errors.hpp"
 #include "serialize.hpp"
@@ -373,10 +374,17 @@ private:
     /// drains the lane. The tag is this process's id and a count: a writer that dies (or fails)
     /// between its first bytes and its last leaves bytes that the reader finds under no tag of its
     /// frames — before its frame, where the next message's first tag should be; after it, where
-    /// its own last tag should be.
+    /// its own last tag should be. The count starts at a random number in each process that sends
+    /// (a forked child inherits its parent's count): a writer given the id of a dead one, which
+    /// inherited the same count from the same parent, does not repeat its tags.
     void send_by_lane(std::span<const std::byte> payload) {
         if (payload.size() > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(payload.size());
-        const std::uint64_t tag = (std::uint64_t{static_cast<std::uint32_t>(::getpid())} << 32) | ++lane_count_;
+        const auto pid = static_cast<std::uint32_t>(::getpid());
+        if (pid != lane_pid_) {
+            lane_pid_ = pid;
+            lane_count_ = static_cast<std::uint32_t>(detail::random_u64());
+        }
+        const std::uint64_t tag = (std::uint64_t{pid} << 32) | ++lane_count_;
         std::byte tag_bytes[detail::bulk_tag_size];
         std::memcpy(tag_bytes, &tag, sizeof tag);
         std::size_t left = sizeof tag_bytes + payload.size() + sizeof tag_bytes;
@@ -573,7 +581,8 @@ private:
 
     detail::UniqueFd fd_;
     detail::UniqueFd lane_;  // a simplex pipe's bulk lane: a socket, this end's direction only
-    std::uint32_t lane_count_ = 0;   // the writer's messages sent by the lane (their tags' low half)
+    std::uint32_t lane_pid_ = 0;     // the process that counts in lane_count_ (0: none yet)
+    std::uint32_t lane_count_ = 0;   // its messages sent by the lane, from a random start (their tags' low half)
     bool lane_out_of_step_ = false;  // the reader found bytes in the lane no frame claims
     bool readable_ = false;
     bool writable_ = false;

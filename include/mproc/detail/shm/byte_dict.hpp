@@ -17,13 +17,13 @@
 #include <new>
 #include <span>
 #include <string>
-#include <sys/random.h>
 #include <unistd.h>
 #include <utility>
 #include <vector>
 
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
+#include "../os/random.hpp"
 #include "arena.hpp"
 #include "memory.hpp"
 #include "ref_table.hpp"
@@ -109,8 +109,7 @@ public:
         auto* h = new (ref.address()) DictHeader;
         h->header = {dict_magic, 0, type};
         h->mutex.init();
-        if (::getrandom(&h->seed, sizeof h->seed, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof h->seed))
-            h->seed = reinterpret_cast<std::uintptr_t>(h) ^ static_cast<std::uint64_t>(::getpid());
+        h->seed = random_u64();
         h->refs = refs;
         Arena::init(h->arena, header, max_bytes);
         segments().mark_container(*ref.segment(), &container_view);

@@ -44,12 +44,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <ctime>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <sys/random.h>
 #include <unistd.h>
 #include <unordered_map>
 #include <utility>
@@ -57,6 +55,7 @@
 
 #include "../../errors.hpp"
 #include "../os/fork_locks.hpp"
+#include "../os/random.hpp"
 #include "../os/unique_fd.hpp"
 #include "memory.hpp"
 
@@ -110,8 +109,8 @@ public:
     SegmentPtr create(std::size_t size, const char* name) {
         SharedMemory memory = SharedMemory::create(size, name);
         std::lock_guard guard(mutex_);
-        std::uint64_t id = random_id();
-        while (id == 0 || live_.count(id) != 0) id = random_id();
+        std::uint64_t id = random_u64();
+        while (id == 0 || live_.count(id) != 0) id = random_u64();
         return register_locked(id, ++generation_, std::move(memory));
     }
 
@@ -356,17 +355,6 @@ private:
     bool sweeping_here() const noexcept { return sweeper_ != 0 && sweeper_ == ::getpid(); }
     bool condemned_locked(std::uint64_t id) const noexcept {
         return sweeping_here() && std::find(condemned_.begin(), condemned_.end(), id) != condemned_.end();
-    }
-
-    static std::uint64_t random_id() noexcept {
-        std::uint64_t id = 0;
-        if (::getrandom(&id, sizeof id, GRND_NONBLOCK) == static_cast<ssize_t>(sizeof id)) return id;
-        // No entropy yet (early boot): pid, time and a counter are unique enough within a machine.
-        static std::atomic<std::uint64_t> counter{0};
-        timespec now{};
-        ::clock_gettime(CLOCK_MONOTONIC, &now);
-        return (static_cast<std::uint64_t>(::getpid()) << 40) ^ (static_cast<std::uint64_t>(now.tv_nsec) << 8) ^
-               static_cast<std::uint64_t>(now.tv_sec) ^ (counter.fetch_add(1) << 20);
     }
 
     std::mutex mutex_;
