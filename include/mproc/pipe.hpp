@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -387,40 +388,14 @@ private:
         const std::uint64_t tag = (std::uint64_t{pid} << 32) | ++lane_count_;
         std::byte tag_bytes[detail::bulk_tag_size];
         std::memcpy(tag_bytes, &tag, sizeof tag);
-        std::size_t left = sizeof tag_bytes + payload.size() + sizeof tag_bytes;
-        const auto send_lane = [&](bool nonblocking) {
-            while (left > 0) {
-                iovec pieces[3];
-                int count = 0;
-                std::size_t skip = sizeof tag_bytes + payload.size() + sizeof tag_bytes - left;
-                for (const std::span<const std::byte> part :
-                     {std::span<const std::byte>(tag_bytes), payload, std::span<const std::byte>(tag_bytes)}) {
-                    if (skip >= part.size()) {
-                        skip -= part.size();
-                        continue;
-                    }
-                    pieces[count++] = {const_cast<std::byte*>(part.data() + skip), part.size() - skip};
-                    skip = 0;
-                }
-                const ssize_t put = detail::write_some(lane_.get(), pieces, count, true, nonblocking);
-                if (put >= 0) {
-                    left -= static_cast<std::size_t>(put);
-                    if (nonblocking) return;  // what the lane takes at once
-                    continue;
-                }
-                if (errno == EPIPE || errno == ECONNRESET)
-                    throw BrokenPipeError("send: the peer closed its end of the pipe");
-                if (nonblocking && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-                detail::throw_errno("send");
-            }
-        };
-        send_lane(/*nonblocking=*/true);
+        const std::array parts{std::span<const std::byte>(tag_bytes), payload, std::span<const std::byte>(tag_bytes)};
+        const std::size_t sent = write_parts(lane_.get(), parts, 0, /*once=*/true);
         std::byte frame[detail::frame_header_size + detail::bulk_tag_size];
         const std::uint64_t header = detail::bulk_header(payload.size());
         std::memcpy(frame, &header, sizeof header);
         std::memcpy(frame + sizeof header, &tag, sizeof tag);
         write_all(frame);
-        send_lane(/*nonblocking=*/false);
+        write_parts(lane_.get(), parts, sent);
     }
 
     /// The next frame (`frame`, in the stream: its tag) is a bulk frame of `length` bytes: drops
@@ -517,31 +492,57 @@ private:
         "message while another process kept the same end): large messages cannot be received from this "
         "connection any more";
 
-    /// Writes `head` then `body` whole, one writev/sendmsg at a time. A socket's send buffer is
-    /// first grown for a large message (grow_kernel_buffer); a pipe carries only small frames.
+    /// Writes `head` then `body` whole by this end's descriptor. A socket's send buffer is first
+    /// grown for a large message (grow_kernel_buffer); a pipe carries only small frames.
     void write_all(std::span<const std::byte> head, std::span<const std::byte> body = {}) {
         const std::size_t total = head.size() + body.size();
         if (is_socket_ && total > grown_for_ && !kernel_buffer_at_limit_) grow_kernel_buffer(total);
-        const bool drain_peer = is_socket_ && readable_;
+        write_parts(fd_.get(), std::array{head, body});
+    }
+
+    /// Sends `parts` by `fd` (this end's descriptor, or its lane) from `done` bytes into them, one
+    /// writev/sendmsg at a time, and returns how many of their bytes are sent. With `once`, sends
+    /// what `fd` takes without waiting, and returns. Otherwise sends them all: a duplex end that
+    /// also receives waits for room while buffering what its peer sends (wait_for_room), so two
+    /// ends that both send before reading do not deadlock; any other blocks in its write.
+    template <std::size_t N>
+    std::size_t write_parts(int fd, const std::array<std::span<const std::byte>, N>& parts, std::size_t done = 0,
+                            bool once = false) {
+        const bool on_lane = fd != fd_.get();
+        const bool is_socket = on_lane || is_socket_;
+        const bool drain_peer = !on_lane && is_socket_ && readable_;
+        iovec pieces[N];
+        int count = 0;
+        for (const std::span<const std::byte> part : parts)
+            if (!part.empty()) pieces[count++] = {const_cast<std::byte*>(part.data()), part.size()};
+        iovec* left = pieces;
+        const auto skip = [&](std::size_t n) {  // the first n bytes of what is left are sent
+            for (; n > 0; ++left, --count) {
+                if (n < left->iov_len) {
+                    left->iov_base = static_cast<std::byte*>(left->iov_base) + n;
+                    left->iov_len -= n;
+                    return;
+                }
+                n -= left->iov_len;
+            }
+        };
+        skip(done);
         bool peer_done_sending = false;
-        while (!head.empty() || !body.empty()) {
-            iovec pieces[2];
-            int count = 0;
-            if (!head.empty()) pieces[count++] = {const_cast<std::byte*>(head.data()), head.size()};
-            if (!body.empty()) pieces[count++] = {const_cast<std::byte*>(body.data()), body.size()};
-            const ssize_t put = detail::write_some(fd_.get(), pieces, count, is_socket_, drain_peer);
+        while (count > 0) {
+            const ssize_t put = detail::write_some(fd, left, count, is_socket, once || drain_peer);
             if (put >= 0) {
-                auto done = static_cast<std::size_t>(put);
-                const std::size_t from_head = std::min(done, head.size());
-                head = head.subspan(from_head);
-                body = body.subspan(done - from_head);
+                done += static_cast<std::size_t>(put);
+                skip(static_cast<std::size_t>(put));
+                if (once) break;
                 continue;
             }
             if (errno == EPIPE || errno == ECONNRESET)
                 throw BrokenPipeError("send: the peer closed its end of the pipe");
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
+            if (once) break;
             wait_for_room(peer_done_sending);
         }
+        return done;
     }
 
     /// A message of `bytes` is larger than the kernel holds for this end: grows the send buffer
