@@ -250,6 +250,42 @@ TEST_CASE("Queue::get of a string with each of its allocations failing in turn l
     }
 }
 
+TEST_CASE(
+    "a put that gives up on its streamed item, each allocation failing in turn, throws and leaves the queue whole",
+    "[queue][memory]") {
+    // The item is larger than the ring, so it streams in; with no consumer the put times out and
+    // withdraws it, counting the handle it holds once less. Wherever an allocation fails, the put
+    // throws (Full, or std::bad_alloc) rather than end the program, and the queue holds what it held.
+    Watchdog dog(280s, "a Queue's withdrawal under failing allocations");
+    mproc::Queue<std::pair<mproc::Queue<int>, std::string>> q({.buffer_bytes = 1 << 16});
+    mproc::Queue<int> inner;
+    q.put({inner, "first"});
+    const std::pair<mproc::Queue<int>, std::string> big{inner, std::string(300'000, 'y')};
+    CHECK_THROWS_AS(q.put(big, 20ms), mproc::Full);  // what a put keeps from one call to the next is there: warm
+    long failed = 0;
+    for (long nth = 1;; ++nth) {
+        INFO("allocation " << nth << " fails");
+        fail_allocation(nth);
+        try {
+            q.put(big, 20ms);
+            FAIL("a put that streams into a full ring with no consumer returned");
+        } catch (const mproc::Full&) {  // NOLINT(bugprone-empty-catch): the timeout, as without the failure
+        } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch): refused
+        }
+        const bool fired = fail_countdown == 0;
+        fail_allocation(0);
+        REQUIRE(q.qsize() == 1);
+        if (!fired) break;  // the put made fewer than nth allocations
+        ++failed;
+    }
+    CHECK(failed > 0);
+    auto [got, text] = q.get(60s);
+    CHECK(text == "first");
+    got.put(7);
+    CHECK(got.get(5s) == 7);
+    CHECK(q.try_get() == std::nullopt);
+}
+
 namespace {
 
 using Holder = mproc::SharedDict<std::string, mproc::Queue<int>>;

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <new>
 #include <span>
 #include <string>
@@ -927,9 +928,14 @@ private:
             const std::uint64_t n = read_word(c.w.stream_at + 8);
             counts.begin();
             if (n != 0 && n <= RefTable::max_live) {
-                std::vector<std::uint64_t> ids(static_cast<std::size_t>(n));
-                copy_out(c.w.stream_at + 16, reinterpret_cast<std::byte*>(ids.data()), 8 * n);
-                counts.remove(ids);
+                // A few at a time, from the ring: nothing here may need memory (it cannot fail).
+                std::uint64_t ids[64];
+                for (std::uint64_t done = 0; done < n;) {
+                    const std::uint64_t k = std::min<std::uint64_t>(n - done, std::size(ids));
+                    copy_out(c.w.stream_at + 16 + 8 * done, reinterpret_cast<std::byte*>(ids), 8 * k);
+                    counts.remove(std::span<const std::uint64_t>(ids, static_cast<std::size_t>(k)));
+                    done += k;
+                }
             }
         }
         crash_point("queue.withdraw.uncounted");
