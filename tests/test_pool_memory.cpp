@@ -6,17 +6,21 @@
 
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
+#include <mproc/progress.hpp>
 #include <mproc/queue.hpp>
 #include <mproc/shared_dict.hpp>
 
 #include <algorithm>
 #include <atomic>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
+#include <fcntl.h>
 #include <new>
 #include <numeric>
 #include <optional>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -36,8 +40,12 @@ void fail_allocation(long nth) noexcept { fail_countdown = nth; }
 std::atomic<long> engine_countdown{0};
 thread_local bool test_thread = false;
 
+/// Every allocation the calling thread makes from now on fails (a process out of memory).
+thread_local bool fail_every = false;
+
 /// Whether this allocation is the one to fail.
 bool fails_now() noexcept {
+    if (fail_every) return true;
     if (fail_countdown > 0 && --fail_countdown == 0) return true;
     return !test_thread && engine_countdown.load(std::memory_order_relaxed) > 0 &&
            engine_countdown.fetch_sub(1, std::memory_order_relaxed) == 1;
@@ -284,6 +292,41 @@ TEST_CASE(
     got.put(7);
     CHECK(got.get(5s) == 7);
     CHECK(q.try_get() == std::nullopt);
+}
+
+TEST_CASE("a Process whose target runs out of memory exits with 1, even when saying why needs memory",
+          "[process][memory]") {
+    // The target throws std::bad_alloc and every allocation after it fails too, as in a child
+    // out of memory: the report of the exception, which builds its text, must not end the child
+    // with std::terminate (SIGABRT) instead.
+    mproc::Process p([] {
+        fail_every = true;
+        throw std::bad_alloc();
+    });
+    p.start();
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == 1);
+}
+
+TEST_CASE("a progress bar destroyed when its last line cannot be drawn for want of memory lets it go",
+          "[progress][memory]") {
+    // The bar draws only on a terminal: a pseudo-terminal's end stands in for one.
+    const int master = ::posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    REQUIRE(master >= 0);
+    REQUIRE(::grantpt(master) == 0);
+    REQUIRE(::unlockpt(master) == 0);
+    const int terminal = ::open(::ptsname(master), O_RDWR | O_NOCTTY | O_CLOEXEC);
+    REQUIRE(terminal >= 0);
+    {
+        mproc::detail::ProgressBar bar(10, terminal);  // what mproc::progress draws with, on stderr
+        bar.step();
+        fail_every = true;  // the destructor's redraw finds no memory: before, std::terminate
+    }
+    fail_every = false;
+    char drawn[4096];
+    CHECK(::read(master, drawn, sizeof drawn) > 0);  // it did draw, before
+    ::close(terminal);
+    ::close(master);
 }
 
 namespace {

@@ -264,7 +264,11 @@ private:
             target_->run();
             return 0;
         } catch (...) {
-            std::fprintf(stderr, "Process %s: %s\n", name_.c_str(), detail::describe_current_exception().c_str());
+            try {
+                std::fprintf(stderr, "Process %s: %s\n", name_.c_str(), detail::describe_current_exception().c_str());
+            } catch (...) {  // saying what needs memory: a target that ran out of it still exits with 1
+                std::fprintf(stderr, "Process %s: an exception (no memory left to say what)\n", name_.c_str());
+            }
             return 1;
         }
     }

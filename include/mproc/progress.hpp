@@ -75,7 +75,11 @@ public:
     }
     ProgressBar(const ProgressBar&) = delete;
     ProgressBar& operator=(const ProgressBar&) = delete;
-    ~ProgressBar() { finish(); }
+    ~ProgressBar() {
+        try {
+            finish();
+        } catch (...) {}  // cosmetic: a last line that cannot be drawn (no memory) is not drawn
+    }
 
     void step() {
         ++done_;

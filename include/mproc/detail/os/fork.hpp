@@ -414,7 +414,11 @@ template <class Body> pid_t fork_child(Body&& body, std::string child_name, cons
     const ChildEntry entry = [](void* context) noexcept {
         Job& j = *static_cast<Job*>(context);
         Identity& self = identity();
-        self.parent_name = *j.parent_name;
+        try {
+            self.parent_name = *j.parent_name;
+        } catch (...) {  // a long name is a copy, which may find no memory: then the child has none
+            self.parent_name.clear();
+        }
         self.parent_pid = j.parent_pid;
         self.name = std::move(*j.name);
         self.pid = ::getpid();
