@@ -171,6 +171,38 @@ TEST_CASE("map and map_async with each of their allocations failing in turn lose
     }
 }
 
+TEST_CASE("a Pool destroyed with tasks pending, each allocation of its teardown failing in turn, fails them all",
+          "[pool][memory]") {
+    // terminate() (which the destructor calls) took the pending tasks into a list before it
+    // stopped anything: with no memory for the list it threw, the destructor swallowed that, and
+    // destroyed a collector thread still running (std::terminate). Its tasks now fail one at a
+    // time once the collector has stopped, and each call settles with an mproc::Error.
+    Watchdog dog(280s, "a Pool's teardown under failing allocations");
+    long failed = 0;
+    for (long nth = 1;; ++nth) {
+        INFO("allocation " << nth << " fails");
+        std::vector<mproc::AsyncResult<long>> results;
+        bool fired = false;
+        {
+            mproc::Pool pool(1);
+            for (long x = 0; x < 64; ++x) results.push_back(pool.apply_async(slow_square, std::tuple{x}));
+            fail_allocation(nth);
+        }  // destroyed here, with most of its tasks pending
+        fired = fail_countdown == 0;
+        fail_allocation(0);
+        for (auto& result : results) {
+            REQUIRE(result.wait(60s));
+            try {
+                (void)result.get();
+            } catch (const mproc::Error&) {  // NOLINT(bugprone-empty-catch): failed as terminated
+            }
+        }
+        if (!fired) break;  // the teardown made fewer than nth allocations
+        ++failed;
+    }
+    CHECK(failed > 0);
+}
+
 // The pool's own thread when memory runs out: each allocation the collector makes in a round — a
 // pool started, a worker killed in its task and replaced, a second call run, the pool joined — is
 // failed in turn. Wherever it lands, every call settles (with its value, the lost worker's error, or

@@ -346,7 +346,7 @@ public:
         {
             std::lock_guard lock(mutex_);
             if (state_ != State::terminated) {
-                doomed = take_all_tasks_locked();  // first: if it throws, nothing has changed
+                take_doomed_locked(doomed);
                 state_ = State::terminated;
                 stop_workers_locked();
             }
@@ -363,7 +363,7 @@ public:
         if (!on_own_thread()) return false;
         std::lock_guard lock(mutex_);
         if (state_ != State::terminated) {
-            retired_doomed_ = take_all_tasks_locked();  // first: if it throws, nothing has changed
+            take_doomed_locked(retired_doomed_);
             state_ = State::terminated;
             stop_workers_locked();
         }
@@ -621,6 +621,13 @@ protected:
                 broken_error_ = error;
             }
         }
+        fail_held_tasks(error);
+        return error;
+    }
+
+    /// Fails every task the engine still holds with `error`, one at a time, allocating nothing:
+    /// once its thread has stopped (or from that thread, as it fails), nothing else takes them.
+    void fail_held_tasks(const std::exception_ptr& error) noexcept {
         for (;;) {
             Task t;
             {
@@ -630,7 +637,17 @@ protected:
             if (t.sink) t.sink->abort(t.first, t.count, error);
             finish_tasks(1);
         }
-        return error;
+    }
+
+    /// As a pool is terminated (the lock held, the state not yet changed): its tasks are taken
+    /// into `doomed`, so each fails as terminated whatever its worker does meanwhile. With no
+    /// memory for that list they stay where they are, and the teardown fails them one at a time
+    /// once the engine's thread has stopped (fail_held_tasks): terminating never fails, and a
+    /// Pool's destructor never leaves its thread running.
+    void take_doomed_locked(std::vector<Task>& doomed) noexcept {
+        try {
+            doomed = take_all_tasks_locked();
+        } catch (...) {}  // NOLINT(bugprone-empty-catch): nothing was taken (it reserves first)
     }
 
     /// run_posted() until none is left, as the engine's thread ends: a job that throws is

@@ -304,8 +304,12 @@ private:
             {
                 const OwnThreadScope callbacks(*this);
                 run_all_posted();
-                if (doomed)
-                    fail_tasks(*doomed, error_or_ready_made("the pool was terminated before this task finished"));
+                if (doomed) {
+                    const std::exception_ptr error = error_or_ready_made(
+                        "the pool was terminated before this task finished");
+                    fail_tasks(*doomed, error);
+                    fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
+                }
             }
             // (An engine retired by a callback above is torn down whole: nobody calls again.)
             if (deadline && !retired_ && !server_.wait_exit_until(*deadline)) return false;
@@ -780,7 +784,9 @@ private:
     /// goes (the thread object first lets go of this thread).
     void finish_retired() noexcept {
         run_all_posted();
-        fail_tasks(retired_doomed_, error_or_ready_made("the pool was destroyed before this task finished"));
+        const std::exception_ptr error = error_or_ready_made("the pool was destroyed before this task finished");
+        fail_tasks(retired_doomed_, error);
+        fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
         try {
             reap_server(Seconds{5});
         } catch (...) {}

@@ -343,7 +343,9 @@ public:
     void finish_terminate(std::vector<Task>& doomed) override {
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
         run_all_posted();
-        fail_tasks(doomed, error_or_ready_made("the pool was terminated before this task finished"));
+        const std::exception_ptr error = error_or_ready_made("the pool was terminated before this task finished");
+        fail_tasks(doomed, error);
+        fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
         idle_.notify_all();
     }
 
@@ -724,7 +726,9 @@ private:
 
     void finish_retired() noexcept {
         run_all_posted();
-        fail_tasks(retired_doomed_, error_or_ready_made("the pool was destroyed before this task finished"));
+        const std::exception_ptr error = error_or_ready_made("the pool was destroyed before this task finished");
+        fail_tasks(retired_doomed_, error);
+        fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
         master_.release(this);
         thread_.detach();
         delete this;
