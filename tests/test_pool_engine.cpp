@@ -414,6 +414,31 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
 }
 
 namespace {
+std::size_t descriptors_in_worker(int) { return open_fds(); }
+}  // namespace
+
+TEST_CASE("a Pool's workers hold none of the parent's close-on-exec descriptors, however many there are") {
+    // The fork server closes them a batch at a time, looking again after each batch (it may have
+    // no memory to spare for a list): 600 of them take three looks.
+    Watchdog dog(120s, "a pool started beside 600 descriptors");
+    const std::size_t before = open_fds();
+    std::vector<int> many;
+    for (int i = 0; i < 600; ++i) {
+        const int fd = ::fcntl(0, F_DUPFD_CLOEXEC, 0);
+        REQUIRE(fd >= 0);
+        many.push_back(fd);
+    }
+    std::size_t in_worker = 0;
+    {
+        mproc::Pool pool(1);
+        in_worker = pool.apply(descriptors_in_worker, 0);
+    }
+    for (int fd : many) ::close(fd);
+    INFO("this process " << before << " descriptors (and 600 more while the pool started); its worker " << in_worker);
+    CHECK(in_worker < before + 16);  // its own channel and memfds, never the 600
+}
+
+namespace {
 /// Tasks (processes and threads) the kernel counts against `uid`'s RLIMIT_NPROC.
 long tasks_of_user(uid_t uid) {
     long n = 0;

@@ -34,6 +34,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <functional>
+#include <iterator>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -156,9 +157,15 @@ public:
     pid_t pid() const noexcept { return pid_; }
 
     /// In a fresh child: closes every close-on-exec descriptor but `keep` and mproc's memfds.
+    /// Allocates nothing (there may be no memory to spare): the descriptors are closed a batch
+    /// at a time, after each look through the directory, until a look finds less than a batch.
     static void close_all_but(const std::vector<int>& keep) noexcept {
-        std::vector<int> doomed;
-        if (DIR* dir = ::opendir("/proc/self/fd")) {
+        int doomed[256];
+        for (bool more = true; more;) {
+            more = false;
+            std::size_t n = 0;
+            DIR* dir = ::opendir("/proc/self/fd");
+            if (!dir) return;
             const int own = ::dirfd(dir);
             // The fresh child that runs this has one thread: readdir's static buffer is its own.
             while (const dirent* entry = ::readdir(dir)) {  // NOLINT(concurrency-mt-unsafe)
@@ -169,11 +176,15 @@ public:
                 const int flags = ::fcntl(static_cast<int>(fd), F_GETFD);
                 if (flags < 0 || !(flags & FD_CLOEXEC)) continue;  // meant to be inherited
                 if (is_mproc_memfd(static_cast<int>(fd))) continue;
-                doomed.push_back(static_cast<int>(fd));
+                if (n == std::size(doomed)) {  // a full batch: close it and look again
+                    more = true;
+                    break;
+                }
+                doomed[n++] = static_cast<int>(fd);
             }
             ::closedir(dir);
+            for (std::size_t i = 0; i < n; ++i) ::close(doomed[i]);
         }
-        for (int fd : doomed) ::close(fd);
     }
     static bool is_mproc_memfd(int fd) noexcept {
         char path[64];
