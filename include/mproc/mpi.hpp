@@ -215,9 +215,15 @@ private:
 
     /// A worker rank that lost rank 0 leaves at once: its tasks' results can reach no one, and
     /// nothing of the job may stay on a host cut off from it.
-    [[noreturn]] static void leave_lost(const std::string& why) {
-        const std::string line = fmt::format("mproc::mpi: rank {}: {}: leaving\n", detail::Runtime::get().rank, why);
-        while (::write(STDERR_FILENO, line.data(), line.size()) < 0 && errno == EINTR) {}
+    [[noreturn]] static void leave_lost(const std::string& why) noexcept {
+        char line[512];
+        const int n = std::snprintf(line, sizeof line, "mproc::mpi: rank %d: %s: leaving\n",
+                                    detail::Runtime::get().rank, why.c_str());
+        if (n > 0) {
+            const auto length = std::min(static_cast<std::size_t>(n), sizeof line - 1);
+            line[length - 1] = '\n';  // cut short, it still ends its line
+            while (::write(STDERR_FILENO, line, length) < 0 && errno == EINTR) {}
+        }
         ::_exit(1);
     }
 

@@ -227,85 +227,97 @@ private:
         std::int64_t ran = next_beat;
         bool settled = false;
         for (;;) {
-            std::int64_t now = mproc::detail::monotonic_ns();
-            if (!settled) {
-                std::lock_guard lock(mutex_);
-                if (settled_) {
-                    settled = true;
-                    listener_.reset();
-                    newcomers_.clear();
-                    for (std::size_t r = 1; r < peers_.size(); ++r) {
-                        Peer& p = peers_[r];
-                        p.heard_ns = now;
-                        if (r >= beating_.size() || !beating_[r]) {
-                            p.fd.reset();  // the worker gave up on it: it is not watched
-                            p.lost = true;
-                        } else if (p.lost) {
-                            lost_(static_cast<int>(r), std::move(p.early_why));  // lost during Init
+            try {
+                std::int64_t now = mproc::detail::monotonic_ns();
+                if (!settled) {
+                    std::lock_guard lock(mutex_);
+                    if (settled_) {
+                        settled = true;
+                        listener_.reset();
+                        newcomers_.clear();
+                        for (std::size_t r = 1; r < peers_.size(); ++r) {
+                            Peer& p = peers_[r];
+                            p.heard_ns = now;
+                            if (r >= beating_.size() || !beating_[r]) {
+                                p.fd.reset();  // the worker gave up on it: it is not watched
+                                p.lost = true;
+                            } else if (p.lost) {
+                                lost_(static_cast<int>(r), std::move(p.early_why));  // lost during Init
+                            }
                         }
                     }
                 }
-            }
-            if (now - ran > timeout_ns / 2) {
-                // This process was stopped (SIGSTOP, a debugger) or starved: the silence was
-                // ours, not the workers'. Each gets a whole timeout from now.
-                for (Peer& p : peers_) p.heard_ns = now;
-            }
-            ran = now;
-            if (now >= next_beat) {
+                if (now - ran > timeout_ns / 2) {
+                    // This process was stopped (SIGSTOP, a debugger) or starved: the silence was
+                    // ours, not the workers'. Each gets a whole timeout from now.
+                    for (Peer& p : peers_) p.heard_ns = now;
+                }
+                ran = now;
+                if (now >= next_beat) {
+                    for (std::size_t r = 0; r < peers_.size(); ++r) {
+                        Peer& p = peers_[r];
+                        if (p.fd && !p.lost && !send_beat(p.fd.get(), beat_byte))
+                            lose(static_cast<int>(r),
+                                 fmt::format("its heartbeat connection broke ({})", std::strerror(errno)));
+                    }
+                    next_beat = now + interval_ns;
+                }
+                std::int64_t wake_at = next_beat;
                 for (std::size_t r = 0; r < peers_.size(); ++r) {
                     Peer& p = peers_[r];
-                    if (p.fd && !p.lost && !send_beat(p.fd.get(), beat_byte))
+                    if (!p.fd || p.lost) continue;
+                    if (now - p.heard_ns > timeout_ns) {
                         lose(static_cast<int>(r),
-                             fmt::format("its heartbeat connection broke ({})", std::strerror(errno)));
+                             fmt::format("not heard from for {:.1f} s", static_cast<double>(now - p.heard_ns) / 1e9));
+                        continue;
+                    }
+                    wake_at = std::min(wake_at, p.heard_ns + timeout_ns + 1);
                 }
-                next_beat = now + interval_ns;
-            }
-            std::int64_t wake_at = next_beat;
-            for (std::size_t r = 0; r < peers_.size(); ++r) {
-                Peer& p = peers_[r];
-                if (!p.fd || p.lost) continue;
-                if (now - p.heard_ns > timeout_ns) {
-                    lose(static_cast<int>(r),
-                         fmt::format("not heard from for {:.1f} s", static_cast<double>(now - p.heard_ns) / 1e9));
-                    continue;
+                // A connection that has not said who it is within the timeout is dropped.
+                std::erase_if(newcomers_, [&](const Newcomer& n) { return now - n.since_ns > timeout_ns; });
+                fds.clear();
+                who.clear();
+                fds.push_back({stop_.fd(), POLLIN, 0});
+                who.push_back(-2);
+                if (listener_) {
+                    fds.push_back({listener_.get(), POLLIN, 0});
+                    who.push_back(-1);
                 }
-                wake_at = std::min(wake_at, p.heard_ns + timeout_ns + 1);
+                for (std::size_t i = 0; i < newcomers_.size(); ++i) {
+                    fds.push_back({newcomers_[i].fd.get(), POLLIN, 0});
+                    who.push_back(-3 - static_cast<int>(i));
+                }
+                for (std::size_t r = 0; r < peers_.size(); ++r) {
+                    if (!peers_[r].fd || peers_[r].lost) continue;
+                    fds.push_back({peers_[r].fd.get(), POLLIN, 0});
+                    who.push_back(static_cast<int>(r));
+                }
+                if (poll_retrying(fds.data(), fds.size(), poll_ms_until(wake_at, now)) < 0) continue;
+                now = mproc::detail::monotonic_ns();
+                bool accept_now = false;
+                std::vector<std::size_t> greeted;
+                for (std::size_t i = 0; i < fds.size(); ++i) {
+                    if (fds[i].revents == 0) continue;
+                    if (who[i] == -2) return;
+                    if (who[i] == -1) accept_now = true;
+                    else if (who[i] <= -3) greeted.push_back(static_cast<std::size_t>(-3 - who[i]));
+                    else hear(who[i], now);
+                }
+                // Newcomers last, from the highest index down: finishing one removes it.
+                for (auto it = greeted.rbegin(); it != greeted.rend(); ++it) greet(*it, now);
+                if (accept_now) accept_all(now);
+            } catch (...) {
+                // No memory (for the words saying why a rank is lost, or the list of descriptors
+                // to watch): nothing was marked, and the turn is tried again in a moment.
+                if (stopped_within(10)) return;
             }
-            // A connection that has not said who it is within the timeout is dropped.
-            std::erase_if(newcomers_, [&](const Newcomer& n) { return now - n.since_ns > timeout_ns; });
-            fds.clear();
-            who.clear();
-            fds.push_back({stop_.fd(), POLLIN, 0});
-            who.push_back(-2);
-            if (listener_) {
-                fds.push_back({listener_.get(), POLLIN, 0});
-                who.push_back(-1);
-            }
-            for (std::size_t i = 0; i < newcomers_.size(); ++i) {
-                fds.push_back({newcomers_[i].fd.get(), POLLIN, 0});
-                who.push_back(-3 - static_cast<int>(i));
-            }
-            for (std::size_t r = 0; r < peers_.size(); ++r) {
-                if (!peers_[r].fd || peers_[r].lost) continue;
-                fds.push_back({peers_[r].fd.get(), POLLIN, 0});
-                who.push_back(static_cast<int>(r));
-            }
-            if (poll_retrying(fds.data(), fds.size(), poll_ms_until(wake_at, now)) < 0) continue;
-            now = mproc::detail::monotonic_ns();
-            bool accept_now = false;
-            std::vector<std::size_t> greeted;
-            for (std::size_t i = 0; i < fds.size(); ++i) {
-                if (fds[i].revents == 0) continue;
-                if (who[i] == -2) return;
-                if (who[i] == -1) accept_now = true;
-                else if (who[i] <= -3) greeted.push_back(static_cast<std::size_t>(-3 - who[i]));
-                else hear(who[i], now);
-            }
-            // Newcomers last, from the highest index down: finishing one removes it.
-            for (auto it = greeted.rbegin(); it != greeted.rend(); ++it) greet(*it, now);
-            if (accept_now) accept_all(now);
         }
+    }
+
+    /// Waits up to `ms` for stop(); true when it came.
+    bool stopped_within(int ms) noexcept {
+        pollfd stop{stop_.fd(), POLLIN, 0};
+        return poll_retrying(&stop, 1, ms) > 0;
     }
 
     void hear(int rank, std::int64_t now) {
@@ -494,29 +506,37 @@ private:
         std::int64_t next_beat = heard;
         std::int64_t ran = heard;
         for (;;) {
-            std::int64_t now = mproc::detail::monotonic_ns();
-            if (now - ran > timeout_ns / 2) heard = now;  // this rank was stopped: the silence was its own
-            ran = now;
-            if (now >= next_beat) {
-                if (!send_beat(fd_.get(), beat_byte))
+            try {
+                std::int64_t now = mproc::detail::monotonic_ns();
+                if (now - ran > timeout_ns / 2) heard = now;  // this rank was stopped: the silence was its own
+                ran = now;
+                if (now >= next_beat) {
+                    if (!send_beat(fd_.get(), beat_byte))
+                        lost_(fmt::format("the heartbeat connection to rank 0 broke ({})", std::strerror(errno)));
+                    next_beat = now + interval_ns;
+                }
+                if (now - heard > timeout_ns)
+                    lost_(
+                        fmt::format("rank 0 was not heard from for {:.1f} s", static_cast<double>(now - heard) / 1e9));
+                pollfd fds[2] = {{stop_.fd(), POLLIN, 0}, {fd_.get(), POLLIN, 0}};
+                if (poll_retrying(fds, 2, poll_ms_until(std::min(next_beat, heard + timeout_ns + 1), now)) < 0)
+                    continue;
+                if (fds[0].revents) return;
+                if (!fds[1].revents) continue;
+                char bytes[64];
+                const ssize_t got = read_nowait(fd_.get(), bytes, sizeof bytes);
+                if (got > 0) {
+                    if (std::memchr(bytes, beat_goodbye, static_cast<std::size_t>(got))) return;
+                    heard = mproc::detail::monotonic_ns();
+                } else if (got == 0) {
+                    lost_("rank 0's heartbeat connection closed: rank 0's process ended");
+                } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
                     lost_(fmt::format("the heartbeat connection to rank 0 broke ({})", std::strerror(errno)));
-                next_beat = now + interval_ns;
-            }
-            if (now - heard > timeout_ns)
-                lost_(fmt::format("rank 0 was not heard from for {:.1f} s", static_cast<double>(now - heard) / 1e9));
-            pollfd fds[2] = {{stop_.fd(), POLLIN, 0}, {fd_.get(), POLLIN, 0}};
-            if (poll_retrying(fds, 2, poll_ms_until(std::min(next_beat, heard + timeout_ns + 1), now)) < 0) continue;
-            if (fds[0].revents) return;
-            if (!fds[1].revents) continue;
-            char bytes[64];
-            const ssize_t got = read_nowait(fd_.get(), bytes, sizeof bytes);
-            if (got > 0) {
-                if (std::memchr(bytes, beat_goodbye, static_cast<std::size_t>(got))) return;
-                heard = mproc::detail::monotonic_ns();
-            } else if (got == 0) {
-                lost_("rank 0's heartbeat connection closed: rank 0's process ended");
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                lost_(fmt::format("the heartbeat connection to rank 0 broke ({})", std::strerror(errno)));
+                }
+            } catch (...) {
+                // No memory for the words saying how rank 0 was lost (the only thing here that
+                // needs any): this rank leaves all the same.
+                lost_(lost_without_memory_);
             }
         }
     }
@@ -524,6 +544,7 @@ private:
     UniqueFd fd_;
     std::int64_t timeout_ms_;
     Lost lost_;
+    const std::string lost_without_memory_ = "rank 0 was lost (no memory left to say how)";
     Doorbell stop_;
     std::thread thread_;
 };
