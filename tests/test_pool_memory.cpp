@@ -361,6 +361,42 @@ TEST_CASE("a progress bar destroyed when its last line cannot be drawn for want 
     ::close(master);
 }
 
+TEST_CASE(
+    "Queue::get of a type decoded from its bytes, each allocation failing in turn, leaves the item for the next get",
+    "[queue][memory]") {
+    // A vector of strings is decoded (not copied straight into its memory as one string is): a
+    // whole item is decoded before it is taken, so a get that cannot allocate loses nothing.
+    Watchdog dog(280s, "Queue::get of decoded items under failing allocations");
+    using Item = std::vector<std::string>;
+    for (const std::size_t strings : {std::size_t{1}, std::size_t{8}, std::size_t{1000}}) {
+        INFO("items of " << strings << " strings");
+        mproc::Queue<Item> q;
+        const Item first(strings, std::string(40, 'a')), second(strings, std::string(40, 'b'));
+        q.put(first);
+        REQUIRE(q.get(60s) == first);  // what a get keeps from one call to the next is there: warm
+        int refused = 0;
+        for (long nth = 1;; ++nth) {
+            q.put(first);
+            q.put(second);
+            std::optional<Item> got;
+            fail_allocation(nth);
+            try {
+                got = q.get(60s);
+            } catch (const std::bad_alloc&) {
+                ++refused;
+            }
+            const bool fired = fail_countdown == 0;
+            fail_allocation(0);
+            if (!got) REQUIRE(q.get(60s) == first);  // the item stayed at the head
+            else REQUIRE(*got == first);
+            REQUIRE(q.get(60s) == second);
+            REQUIRE(q.empty());
+            if (!fired) break;  // the get made fewer than nth allocations
+        }
+        CHECK(refused > 0);
+    }
+}
+
 namespace {
 
 using Holder = mproc::SharedDict<std::string, mproc::Queue<int>>;

@@ -204,7 +204,15 @@ private:
                 taken = detail::Take::none;  // taken already: not decoded below
             }
         } else {
-            taken = queue().get(bytes, deadline, nowait, &pins);
+            // A whole item is decoded before it is taken (ByteQueue::get): a get that runs out of
+            // memory decoding it leaves it in the queue. A streamed one is decoded after.
+            DecodePlace place;
+            bool direct = false;
+            taken = queue().get(bytes, deadline, nowait, &pins, place, direct);
+            if (taken == detail::Take::item && place.value) {
+                item = std::move(place.value);
+                taken = detail::Take::none;  // decoded already
+            }
         }
         if (taken == detail::Take::item) [[likely]]
             item.emplace(decode<T>(bytes.bytes()));
@@ -236,10 +244,18 @@ private:
             if (value.capacity() > 2 * elements + (std::size_t{1} << 20) / element) T().swap(value);
             value.reserve(elements);
         }
+        static void accept(std::span<const std::byte>) noexcept {}  // one it does not take: decoded after
         detail::ItemPlace place() noexcept {
             value.resize(elements);  // within the capacity reserve() made: nothing to allocate
             return {std::as_writable_bytes(std::span(&length, 1)), std::as_writable_bytes(std::span(value))};
         }
+    };
+
+    /// Where any other type is decoded (ByteQueue::get's `place`): a whole item, from the
+    /// buffer, before it is taken.
+    struct DecodePlace : detail::NoDirectPlace {
+        std::optional<T> value;
+        void accept(std::span<const std::byte> bytes) { value.emplace(decode<T>(bytes)); }
     };
 
     static Buffer& scratch() {

@@ -298,6 +298,7 @@ struct NoDirectPlace {
     static bool takes(std::uint64_t) noexcept { return false; }
     static void reserve(std::uint64_t) noexcept {}
     static ItemPlace place() noexcept { return {}; }
+    static void accept(std::span<const std::byte>) noexcept {}
 };
 
 /// The queue's logic on raw bytes; Queue<T> adds (de)serialisation.
@@ -366,6 +367,9 @@ public:
     /// this get, for a whole one (at most queue_piece) under the lock, just before the copy. The
     /// copy it saves — into `out`, then out of it when decoding — is the larger part of a get of
     /// a few KiB. `direct` means something only when the result is Take::item.
+    /// A whole item that goes into `out` is handed to `place.accept(bytes)` under the lock before
+    /// it is taken (Queue<T> decodes it there): std::bad_alloc from it leaves the item in the
+    /// queue; any other exception takes the item (it cannot be decoded) and goes on.
     template <class Place>
     Take get(Buffer& out, const Deadline& deadline, bool nowait, std::vector<SegmentPtr>* pins, Place& place,
              bool& direct) {
@@ -410,7 +414,19 @@ public:
                     ItemPlace into;
                     if (direct) into = place.place();
                     else into.head = {out.data(), static_cast<std::size_t>(record.len)};
-                    ring_.take_whole(c, record, into, lock.wakes);
+                    ring_.copy_whole(c, record, into);
+                    if (!direct) {
+                        try {
+                            place.accept(std::span<const std::byte>(into.head));
+                        } catch (const std::bad_alloc&) {
+                            throw;  // nothing taken: the item stays for the next get
+                        } catch (...) {
+                            ring_.take_whole(c, record, lock.wakes);  // it cannot be decoded: it goes, with the error
+                            lower_if_due(lock);
+                            throw;
+                        }
+                    }
+                    ring_.take_whole(c, record, lock.wakes);
                     lower_if_due(lock);
                     return Take::item;
                 }

@@ -560,15 +560,18 @@ public:
         hand_back(c, chunk + queue_chunk);
     }
 
-    /// Takes the whole record `r` at the head (cursor `c`) into `dst`, publishes, and stops
-    /// counting its handles (an item holding them: with both locks).
-    void take_whole(QueueCursor c, const QueueRecord& r, const ItemPlace& dst, QueueWakes& wakes) noexcept {
+    /// Copies the whole record `r` at the head (cursor `c`) into `dst`, taking nothing.
+    void copy_whole(const QueueCursor& c, const QueueRecord& r, const ItemPlace& dst) const noexcept {
+        copy_item_out(c.r.head + r.header_bytes(), dst, 0, r.len);
+    }
+    /// Takes the whole record `r` at the head (cursor `c`; copied out first: copy_whole),
+    /// publishes, and stops counting its handles (an item holding them: with both locks).
+    void take_whole(QueueCursor c, const QueueRecord& r, QueueWakes& wakes) noexcept {
         RefCounts counts(refs_);
         if (!r.ids.empty()) {
             counts.begin();
             counts.remove(r.ids);
         }
-        copy_item_out(c.r.head + r.header_bytes(), dst, 0, r.len);
         const std::uint64_t from = c.r.head;
         c.r.head += r.header_bytes() + r.len;
         ++c.r.takes;
