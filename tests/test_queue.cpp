@@ -151,6 +151,30 @@ TEST_CASE("A serialisation error surfaces in put, and the queue is unchanged") {
     CHECK(q.try_get() == std::nullopt);
 }
 
+namespace {
+/// Encodes any value, and refuses to decode 13.
+struct Fragile {
+    int value = 0;
+    template <class Archive> void serialize(Archive& ar) {
+        const int before = value;
+        ar(value);
+        if (value != before && value == 13) throw std::runtime_error("cannot decode 13");
+    }
+};
+}  // namespace
+
+TEST_CASE("An item whose decoding throws is taken with the error, and the next get has the next item") {
+    // A whole item is decoded before it is taken (so that a get out of memory leaves it): one that
+    // cannot be decoded must still go, or it would block the queue for ever.
+    mproc::Queue<Fragile> q;
+    q.put(Fragile{13});
+    q.put(Fragile{7});
+    CHECK_THROWS_WITH(q.get(5s), "cannot decode 13");
+    CHECK(q.qsize() == 1);
+    CHECK(q.get(5s).value == 7);
+    CHECK(q.try_get() == std::nullopt);
+}
+
 TEST_CASE("A 64 MiB message goes through a 64 KiB ring, between smaller ones") {
     mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
     CHECK(q.buffer_bytes() == 64 << 10);
