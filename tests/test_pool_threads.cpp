@@ -121,6 +121,26 @@ TEST_CASE("callbacks run in the parent, on one thread, one at a time; after join
     POOL_REQUIRE_NOTHING_LEFT();
 }
 
+TEST_CASE("a callback that throws while stderr is a pipe nobody reads does not end the program by SIGPIPE") {
+    // The pool reports what escaped the callback on stderr, from its own thread: with the reader
+    // of stderr gone (`prog 2>&1 | head`), that write must not raise SIGPIPE. In a child, whose
+    // stderr and SIGPIPE disposition are its own.
+    Watchdog dog(120s, "a callback's report to a closed stderr");
+    mproc::Process p([] {
+        ::signal(SIGPIPE, SIG_DFL);  // as in a program that left it alone
+        int ends[2];
+        if (::pipe2(ends, O_CLOEXEC) != 0 || ::dup2(ends[1], 2) < 0) std::_Exit(3);
+        ::close(ends[0]);  // no reader
+        mproc::Pool pool(1);
+        auto bad = pool.apply_async(square, std::tuple{4}, [](int) { throw std::runtime_error("callback boom"); });
+        if (!bad.wait(60s)) std::_Exit(4);
+        if (pool.apply(square, 3) != 9) std::_Exit(5);
+    });
+    p.start();
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == 0);
+}
+
 TEST_CASE("a callback that throws wedges nothing; get() of its result rethrows the callback's exception") {
     Watchdog dog(200s, "throwing callback");
     mproc_test::StderrCapture err;  // the pool reports what escaped the callback on stderr

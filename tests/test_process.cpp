@@ -109,6 +109,20 @@ TEST_CASE("a target that throws exits with 1 and reports the exception on stderr
     CHECK(mproc_test::child_count() == 0);
 }
 
+TEST_CASE("a target that throws while its stderr is a pipe nobody reads exits with 1, not by SIGPIPE") {
+    // `prog 2>&1 | head`, with head gone: the report of the exception must not kill the child.
+    mproc::Process p([] {
+        ::signal(SIGPIPE, SIG_DFL);  // as in a program that left it alone
+        int ends[2];
+        if (::pipe2(ends, O_CLOEXEC) != 0 || ::dup2(ends[1], 2) < 0) std::_Exit(3);
+        ::close(ends[0]);  // no reader
+        throw std::runtime_error("the disk is full");
+    });
+    p.start();
+    REQUIRE(p.join(60s));
+    CHECK(p.exitcode() == 1);
+}
+
 TEST_CASE("terminate ends the child with -15 and kill with -9") {
     mproc_test::ReadySignal ready;
     mproc::Process p(sleeper(ready));

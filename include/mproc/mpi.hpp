@@ -48,6 +48,7 @@
 #include <fmt/format.h>
 
 #include "detail/os/cpu.hpp"
+#include "detail/os/io.hpp"
 #include "errors.hpp"
 #include "mpi/detail/comm.hpp"
 #include "mpi/detail/engine.hpp"
@@ -108,11 +109,11 @@ struct Runtime {
         try {
             if (master) master->finish();
         } catch (const RankLost& e) {
-            std::fprintf(stderr, "%s: mproc ends the job (MPI_Abort)\n", e.what());
+            mproc::detail::report("%s: mproc ends the job (MPI_Abort)\n", e.what());
             std::fflush(nullptr);
             MPI_Abort(comm, 1);
         } catch (const std::exception& e) {
-            std::fprintf(stderr, "mproc::mpi: ending the pool's ranks failed: %s\n", e.what());
+            mproc::detail::report("mproc::mpi: ending the pool's ranks failed: %s\n", e.what());
             MPI_Abort(comm, 1);
         }
         MPI_Comm_free(&comm);
@@ -203,11 +204,11 @@ private:
             places.push_back({static_cast<pid_t>(h.pid), std::string(h.host, ::strnlen(h.host, sizeof h.host)),
                               static_cast<unsigned>(std::max(h.cpus, 1))});
             if (r != 0 && setup.timeout_ms != 0 && !h.heartbeat)
-                std::fprintf(stderr,
-                             "mproc::mpi: rank %d on %s has no heartbeat (%s): if its host is lost, only MPI's own "
-                             "timeouts notice\n",
-                             r, places.back().host.c_str(),
-                             setup.port == 0 ? rt.master->heartbeat_why_not().c_str() : h.why_not);
+                mproc::detail::report(
+                    "mproc::mpi: rank %d on %s has no heartbeat (%s): if its host is lost, only MPI's own "
+                    "timeouts notice\n",
+                    r, places.back().host.c_str(),
+                    setup.port == 0 ? rt.master->heartbeat_why_not().c_str() : h.why_not);
         }
         rt.master->set_places(std::move(places), beating);
         std::atexit([] { detail::Runtime::get().finish(); });
@@ -216,14 +217,7 @@ private:
     /// A worker rank that lost rank 0 leaves at once: its tasks' results can reach no one, and
     /// nothing of the job may stay on a host cut off from it.
     [[noreturn]] static void leave_lost(const std::string& why) noexcept {
-        char line[512];
-        const int n = std::snprintf(line, sizeof line, "mproc::mpi: rank %d: %s: leaving\n",
-                                    detail::Runtime::get().rank, why.c_str());
-        if (n > 0) {
-            const auto length = std::min(static_cast<std::size_t>(n), sizeof line - 1);
-            line[length - 1] = '\n';  // cut short, it still ends its line
-            while (::write(STDERR_FILENO, line, length) < 0 && errno == EINTR) {}
-        }
+        mproc::detail::report("mproc::mpi: rank %d: %s: leaving\n", detail::Runtime::get().rank, why.c_str());
         ::_exit(1);
     }
 
@@ -234,7 +228,7 @@ private:
             detail::WorkerRank(rt.comm, rt.rank, host).serve();
             heartbeat.reset();  // rank 0 said goodbye: stop watching before MPI ends
         } catch (const std::exception& e) {
-            std::fprintf(stderr, "mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
+            mproc::detail::report("mproc::mpi: rank %d cannot go on: %s\n", rt.rank, e.what());
             std::fflush(stderr);
             MPI_Abort(rt.comm, 1);
         }

@@ -27,6 +27,7 @@
 #include "detail/os/cpu.hpp"
 #include "detail/os/fork.hpp"
 #include "detail/os/guard_state.hpp"
+#include "detail/os/io.hpp"
 #include "detail/os/unique_fd.hpp"
 #include "detail/os/wait.hpp"
 #include "detail/serialize/type_name.hpp"
@@ -265,9 +266,9 @@ private:
             return 0;
         } catch (...) {
             try {
-                std::fprintf(stderr, "Process %s: %s\n", name_.c_str(), detail::describe_current_exception().c_str());
+                detail::report("Process %s: %s\n", name_.c_str(), detail::describe_current_exception().c_str());
             } catch (...) {  // saying what needs memory: a target that ran out of it still exits with 1
-                std::fprintf(stderr, "Process %s: an exception (no memory left to say what)\n", name_.c_str());
+                detail::report("Process %s: an exception (no memory left to say what)\n", name_.c_str());
             }
             return 1;
         }

@@ -5,11 +5,14 @@
 #include <atomic>
 #include <cerrno>
 #include <csignal>
+#include <cstdarg>
 #include <cstddef>
+#include <cstdio>
 #include <ctime>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -124,6 +127,38 @@ inline ssize_t write_some(int fd, const iovec* pieces, int count, bool is_socket
 inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket, bool nonblocking = false) noexcept {
     const iovec piece{const_cast<void*>(src), n};
     return write_some(fd, &piece, 1, is_socket, nonblocking);
+}
+
+/// Writes one of mproc's own reports to stderr: a line made with printf's `format`, in a fixed
+/// buffer (no memory needed; cut at 1 KiB), written whole, EINTR retried, and never raising
+/// SIGPIPE — a program whose stderr reader has gone (`prog 2>&1 | head`) keeps running. Errors
+/// are dropped: there is nowhere left to report them.
+[[gnu::format(printf, 1, 2)]] inline void report(const char* format, ...) noexcept {
+    char line[1024];
+    va_list args;
+    va_start(args, format);
+    const int n = std::vsnprintf(line, sizeof line, format, args);  // NOLINT(clang-analyzer-valist.Uninitialized)
+    va_end(args);
+    if (n <= 0) return;
+    std::size_t left = std::min(static_cast<std::size_t>(n), sizeof line - 1);
+    if (static_cast<std::size_t>(n) >= sizeof line) line[left - 1] = '\n';  // cut short, it still ends its line
+    // Only a pipe or a socket (a journal's, say) can raise SIGPIPE: a terminal or a file is
+    // written as it is.
+    struct stat about {};
+    const bool known = ::fstat(STDERR_FILENO, &about) == 0;
+    const bool is_socket = known && S_ISSOCK(about.st_mode), is_pipe = known && S_ISFIFO(about.st_mode);
+    for (const char* at = line; left > 0;) {
+        ssize_t put;
+        if (is_socket || is_pipe) {
+            put = write_some(STDERR_FILENO, at, left, is_socket);
+        } else {
+            do put = ::write(STDERR_FILENO, at, left);
+            while (put < 0 && errno == EINTR);
+        }
+        if (put <= 0) return;
+        at += put;
+        left -= static_cast<std::size_t>(put);
+    }
 }
 
 /// What a pipe holds when it is made (Linux: 16 pages). mproc never grows one: a simplex Pipe

@@ -31,6 +31,7 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "../os/io.hpp"
 #include "../serialize/remote_exception.hpp"
 #include "../shm/futex.hpp"
 #include "engine.hpp"
@@ -53,9 +54,9 @@ inline bool is_skipped(std::span<const std::uint32_t> skips, std::uint32_t i) no
 /// could catch it. The AsyncResult's get() rethrows it too.
 inline void report_callback_exception(const char* which) noexcept {
     try {
-        std::fprintf(stderr, "mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
+        report("mproc: a Pool %s threw %s\n", which, describe_current_exception().c_str());
     } catch (...) {
-        std::fprintf(stderr, "mproc: a Pool %s threw (no memory left to say what)\n", which);
+        report("mproc: a Pool %s threw (no memory left to say what)\n", which);
     }
 }
 

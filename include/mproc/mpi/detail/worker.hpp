@@ -35,6 +35,7 @@
 #include "../../detail/os/clock.hpp"
 #include "../../detail/os/cpu.hpp"
 #include "../../detail/os/framing.hpp"
+#include "../../detail/os/io.hpp"
 #include "../../detail/pool/engine.hpp"
 #include "../../detail/pool/fork_engine.hpp"
 #include "../../detail/pool/wire.hpp"
@@ -424,11 +425,11 @@ private:
             // Most likely mpirun's binding (a rank per core by default for up to two ranks):
             // the local pool then has one worker, and the other CPUs of the host stay idle.
             warned_binding_ = true;
-            std::fprintf(stderr,
-                         "mproc::mpi: %s may run on 1 of this host's %u CPUs (its affinity), so its local pool "
-                         "has 1 worker; for one rank per host, start with mpirun --bind-to none, or set "
-                         "PoolOptions::processes_per_rank\n",
-                         where_.c_str(), online);
+            mproc::detail::report(
+                "mproc::mpi: %s may run on 1 of this host's %u CPUs (its affinity), so its local pool "
+                "has 1 worker; for one rank per host, start with mpirun --bind-to none, or set "
+                "PoolOptions::processes_per_rank\n",
+                where_.c_str(), online);
         }
         o.max_tasks_per_child = static_cast<unsigned long>(spec.max_tasks_per_child);
         if (spec.task_timeout_s > 0) o.task_timeout = mproc::Seconds(spec.task_timeout_s);
