@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
@@ -447,6 +448,17 @@ TEST_CASE("use after close throws mproc::Error") {
         CHECK_THROWS_AS(reader.poll(1s), mproc::Error);
     }
 }
+
+// A Connection's moves are declared noexcept: each of its members must move without allocating
+// (a std::deque's move allocates; it once held the received descriptors).
+static_assert(std::is_nothrow_move_constructible_v<mproc::detail::DescriptorQueue>);
+static_assert(std::is_nothrow_move_assignable_v<mproc::detail::DescriptorQueue>);
+static_assert(std::is_nothrow_move_constructible_v<mproc::detail::FrameReader>);
+static_assert(std::is_nothrow_move_assignable_v<mproc::detail::FrameReader>);
+static_assert(std::is_nothrow_move_constructible_v<mproc::Buffer>);
+static_assert(std::is_nothrow_move_assignable_v<mproc::Buffer>);
+static_assert(std::is_nothrow_move_constructible_v<mproc::detail::UniqueFd>);
+static_assert(std::is_nothrow_move_assignable_v<mproc::detail::UniqueFd>);
 
 TEST_CASE("connections move, and a moved-from connection is closed") {
     auto [a, b] = mproc::Pipe<int>();

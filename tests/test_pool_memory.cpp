@@ -15,6 +15,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <dirent.h>
 #include <fcntl.h>
 #include <new>
 #include <numeric>
@@ -394,6 +395,39 @@ TEST_CASE(
             if (!fired) break;  // the get made fewer than nth allocations
         }
         CHECK(refused > 0);
+    }
+}
+
+namespace {
+/// The descriptors this process has open.
+std::size_t open_descriptors() {
+    std::size_t n = 0;
+    if (DIR* dir = ::opendir("/proc/self/fd")) {
+        while (const dirent* e = ::readdir(dir))
+            if (e->d_name[0] != '.') ++n;
+        ::closedir(dir);
+    }
+    return n - 1;  // the directory's own
+}
+}  // namespace
+
+TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leaves a descriptor behind",
+          "[pipe][memory]") {
+    // Its ends held a std::deque, which allocates as it is made and as it moves: a duplex Pipe
+    // made with no memory threw and left one of its two descriptors open, and moving an end
+    // (declared noexcept) would have ended the program.
+    for (const bool duplex : {true, false}) {
+        INFO((duplex ? "duplex" : "simplex"));
+        const std::size_t before = open_descriptors();
+        {
+            fail_every = true;
+            auto [a, b] = mproc::Pipe<std::string>(duplex);
+            auto moved = std::move(a);
+            a = std::move(moved);
+            fail_every = false;
+            CHECK(open_descriptors() == before + (duplex ? 2 : 4));
+        }
+        CHECK(open_descriptors() == before);
     }
 }
 

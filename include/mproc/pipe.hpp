@@ -83,6 +83,7 @@ template <class T> class Connection {
 
 public:
     Connection() = default;
+    // Noexcept because every member's move is (test_pipe checks them): none allocates as it moves.
     Connection(Connection&&) noexcept = default;
     Connection& operator=(Connection&&) noexcept = default;
 
@@ -270,8 +271,8 @@ private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
     friend class Waitable;
 
-    Connection(int fd, bool readable, bool writable, bool is_socket, detail::UniqueFd lane = {})
-        : fd_(fd), lane_(std::move(lane)), readable_(readable), writable_(writable), is_socket_(is_socket) {}
+    Connection(detail::UniqueFd fd, bool readable, bool writable, bool is_socket, detail::UniqueFd lane = {})
+        : fd_(std::move(fd)), lane_(std::move(lane)), readable_(readable), writable_(writable), is_socket_(is_socket) {}
 
     void require_open(const char* op) const {
         if (!fd_) throw Error(std::string(op) + " on a closed connection");
@@ -605,7 +606,8 @@ template <class T> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
     int fds[2];
     if (duplex) {
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) detail::throw_errno("socketpair");
-        return {Connection<T>(fds[0], true, true, true), Connection<T>(fds[1], true, true, true)};
+        detail::UniqueFd one(fds[0]), other(fds[1]);  // owned before a Connection may fail to be made
+        return {Connection<T>(std::move(one), true, true, true), Connection<T>(std::move(other), true, true, true)};
     }
     if (::pipe2(fds, O_CLOEXEC) != 0) detail::throw_errno("pipe2");
     detail::UniqueFd read_end(fds[0]), write_end(fds[1]);
@@ -613,8 +615,8 @@ template <class T> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex) {
     detail::UniqueFd lane_in(fds[0]), lane_out(fds[1]);
     (void)::shutdown(lane_in.get(), SHUT_WR);
     (void)::shutdown(lane_out.get(), SHUT_RD);
-    return {Connection<T>(read_end.release(), true, false, false, std::move(lane_in)),
-            Connection<T>(write_end.release(), false, true, false, std::move(lane_out))};
+    return {Connection<T>(std::move(read_end), true, false, false, std::move(lane_in)),
+            Connection<T>(std::move(write_end), false, true, false, std::move(lane_out))};
 }
 
 }  // namespace mproc

@@ -51,6 +51,13 @@ public:
     using value_type = detail::task_result_t<F, Args>;
     static_assert(!std::is_void_v<value_type>, "mproc::Pool::imap: the task returns void; use map() instead");
 
+private:
+    template <template <class> class Nothrow>
+    static constexpr bool nothrow_movable = Nothrow<F>::value && Nothrow<View>::value &&
+                                            Nothrow<std::optional<std::ranges::iterator_t<View>>>::value &&
+                                            Nothrow<typename detail::ImapState<value_type, Ordered>::Item>::value;
+
+public:
     ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
         : engine_(&engine), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
           state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
@@ -59,8 +66,10 @@ public:
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
         window_ = chunks_in_flight * chunksize_;
     }
-    ImapRange(ImapRange&&) noexcept = default;
-    ImapRange& operator=(ImapRange&&) noexcept = default;
+    // As noexcept as moving its parts is: a view that owns a std::deque allocates as it moves,
+    // and declared noexcept regardless, running out of memory there would end the program.
+    ImapRange(ImapRange&&) noexcept(nothrow_movable<std::is_nothrow_move_constructible>) = default;
+    ImapRange& operator=(ImapRange&&) noexcept(nothrow_movable<std::is_nothrow_move_assignable>) = default;
     ImapRange(const ImapRange&) = delete;
     ImapRange& operator=(const ImapRange&) = delete;
     /// Leaving the loop early cancels what is still in flight: no worker goes on with items whose

@@ -16,11 +16,12 @@
 
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <optional>
 #include <span>
 #include <string>
 #include <sys/socket.h>
+#include <utility>
+#include <vector>
 
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
@@ -41,7 +42,26 @@ inline constexpr std::size_t bulk_tag_size = sizeof(std::uint64_t);
 constexpr std::uint64_t bulk_header(std::uint64_t length) noexcept { return bulk_frame | length; }
 
 /// Descriptors received with a stream's bytes, oldest first.
-using DescriptorQueue = std::deque<UniqueFd>;
+/// Descriptors received with a stream's bytes, oldest first. A vector and the index of its front,
+/// not a std::deque, whose move allocates: what holds one (a Connection) moves without failing.
+class DescriptorQueue {
+public:
+    bool empty() const noexcept { return front_ == fds_.size(); }
+    UniqueFd& front() noexcept { return fds_[front_]; }
+    void push_back(UniqueFd fd) { fds_.push_back(std::move(fd)); }  // on failure, nothing changed
+    void pop_front() noexcept {
+        fds_[front_++].reset();
+        if (empty()) clear();  // the vector keeps its memory for the next ones
+    }
+    void clear() noexcept {
+        fds_.clear();
+        front_ = 0;
+    }
+
+private:
+    std::vector<UniqueFd> fds_;
+    std::size_t front_ = 0;
+};
 
 /// Starts a frame in `out`: reserves the header that finish_frame fills in.
 inline void begin_frame(Buffer& out) {
