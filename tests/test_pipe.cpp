@@ -1196,6 +1196,60 @@ TEST_CASE("descriptors and messages keep their order, and neither is taken for t
     ::close(third[1]);
 }
 
+namespace {
+/// Whether any descriptor of this process is open on the pipe whose inode is `inode`.
+bool pipe_open_here(ino_t inode) {
+    for (int fd = 0; fd < 4096; ++fd) {
+        struct stat st {};
+        if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && st.st_ino == inode) return true;
+    }
+    return false;
+}
+}  // namespace
+
+TEST_CASE("a control message that brings two descriptors keeps the first and closes the second") {
+    // detail::recv_with_fd (the fork server's and the pool's control messages) has room for two
+    // descriptors: the second must not stay open, owned by no one.
+    int pair[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    mproc::detail::UniqueFd sender(pair[0]), receiver(pair[1]);
+    int first[2], second[2];
+    REQUIRE(::pipe2(first, O_CLOEXEC) == 0);
+    REQUIRE(::pipe2(second, O_CLOEXEC) == 0);
+    struct stat first_pipe {
+    }, second_pipe{};
+    REQUIRE(::fstat(first[0], &first_pipe) == 0);
+    REQUIRE(::fstat(second[0], &second_pipe) == 0);
+    ::close(first[0]);
+    ::close(second[0]);
+    char byte = 'x';
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(2 * sizeof(int));
+    const int both[2] = {first[1], second[1]};
+    std::memcpy(CMSG_DATA(c), both, sizeof both);
+    REQUIRE(::sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    ::close(first[1]);
+    ::close(second[1]);  // from here, only the copies in flight hold the two pipes
+    char got = 0;
+    mproc::detail::UniqueFd kept;
+    REQUIRE(mproc::detail::recv_with_fd(receiver.get(), &got, 1, &kept) == 1);
+    CHECK(got == 'x');
+    REQUIRE(kept);
+    struct stat kept_pipe {};
+    REQUIRE(::fstat(kept.get(), &kept_pipe) == 0);
+    CHECK(kept_pipe.st_ino == first_pipe.st_ino);
+    CHECK_FALSE(pipe_open_here(second_pipe.st_ino));  // closed, not left open and unowned
+}
+
 TEST_CASE("send_fd and recv_fd: an Error on a simplex pipe's ends and for a bad descriptor") {
     auto [reader, writer] = mproc::Pipe<int>(false);
     CHECK_THROWS_AS(writer.send_fd(0), mproc::Error);

@@ -56,12 +56,18 @@ inline ssize_t recv_with_fd(int socket, void* data, std::size_t n, UniqueFd* fd,
     do got = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | (nonblocking ? MSG_DONTWAIT : 0));
     while (got < 0 && errno == EINTR);
     if (got < 0) return got;
+    // One descriptor is kept (the first); any more that came (the control room has space for two
+    // on 64-bit Linux) are closed, not left open and unowned.
+    bool kept = false;
     for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
             int received = -1;
-            std::memcpy(&received, CMSG_DATA(cmsg), sizeof received);
-            if (fd) fd->reset(received);
-            else ::close(received);
+            std::memcpy(&received, CMSG_DATA(cmsg) + i * sizeof(int), sizeof received);
+            UniqueFd owned(received);
+            if (fd && !kept) *fd = std::move(owned);
+            kept = true;
         }
     }
     return got;

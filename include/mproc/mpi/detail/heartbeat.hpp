@@ -87,10 +87,14 @@ inline int poll_ms_until(std::int64_t deadline_ns, std::int64_t now_ns) noexcept
     return static_cast<int>(std::min<std::int64_t>((deadline_ns - now_ns + 999'999) / 1'000'000, 60'000));
 }
 
+/// poll(), again after a signal with what is left of `timeout_ms` (a signal that comes often
+/// would otherwise put the deadline off for ever).
 inline int poll_retrying(pollfd* fds, std::size_t n, int timeout_ms) noexcept {
+    const std::int64_t deadline = mproc::detail::monotonic_ns() + std::int64_t{timeout_ms} * 1'000'000;
     for (;;) {
         const int rc = ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
         if (rc >= 0 || errno != EINTR) return rc;
+        if (timeout_ms > 0) timeout_ms = poll_ms_until(deadline, mproc::detail::monotonic_ns());
     }
 }
 
