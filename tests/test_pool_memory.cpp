@@ -21,6 +21,7 @@
 #include <numeric>
 #include <optional>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -429,6 +430,45 @@ TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leav
         }
         CHECK(open_descriptors() == before);
     }
+}
+
+TEST_CASE("recv_fd with each allocation failing in turn hands out each descriptor, in order, never another's",
+          "[pipe][memory]") {
+    // The room for the descriptors that come with the bytes is found before they are read: one
+    // dropped for want of room would pair each later descriptor message with the next one's.
+    auto [a, b] = mproc::Pipe<int>();
+    long failed = 0;
+    for (long nth = 1;; ++nth) {
+        INFO("allocation " << nth << " fails");
+        int first[2], second[2];
+        REQUIRE(::pipe2(first, O_CLOEXEC) == 0);
+        REQUIRE(::pipe2(second, O_CLOEXEC) == 0);
+        struct stat first_pipe {
+        }, second_pipe{};
+        REQUIRE(::fstat(first[0], &first_pipe) == 0);
+        REQUIRE(::fstat(second[0], &second_pipe) == 0);
+        a.send_fd(first[1]);
+        a.send_fd(second[1]);
+        for (int fd : {first[0], first[1], second[0], second[1]}) ::close(fd);
+        fail_allocation(nth);
+        mproc::UniqueFd got;
+        try {
+            got = b.recv_fd();
+        } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch): nothing was taken
+        }
+        const bool fired = fail_countdown == 0;
+        fail_allocation(0);
+        if (!got) got = b.recv_fd();
+        struct stat got_stat {};
+        REQUIRE(::fstat(got.get(), &got_stat) == 0);
+        CHECK(got_stat.st_ino == first_pipe.st_ino);
+        got = b.recv_fd();
+        REQUIRE(::fstat(got.get(), &got_stat) == 0);
+        CHECK(got_stat.st_ino == second_pipe.st_ino);
+        if (!fired) break;  // recv_fd made fewer than nth allocations
+        ++failed;
+    }
+    CHECK(failed > 0);
 }
 
 namespace {

@@ -163,6 +163,26 @@ struct Fragile {
 };
 }  // namespace
 
+TEST_CASE("Getting an item that holds a handle makes no shared object of its own") {
+    // decode() default-constructs the value before it reads it: a Queue made there would be a new
+    // 1 GiB memfd thrown away at once (and, a whole item being decoded under the queue's locks,
+    // work every other process would wait for).
+    mproc::Queue<std::pair<mproc::Queue<int>, std::string>> q;
+    mproc::Queue<int> inner;
+    q.put({inner, "one"});
+    q.put({inner, "two"});
+    const std::uint64_t made = mproc::detail::segments().generation();
+    auto [first, text] = q.get(5s);
+    CHECK(text == "one");
+    CHECK(mproc::from_bytes<std::pair<mproc::Queue<int>, std::string>>(
+              mproc::to_bytes(std::pair<mproc::Queue<int>, std::string>{inner, "x"}))
+              .second == "x");
+    CHECK(mproc::detail::segments().generation() == made);  // nothing created by either decode
+    first.put(5);
+    CHECK(inner.get(5s) == 5);  // the handle decoded is the queue put
+    CHECK(q.get(5s).second == "two");
+}
+
 TEST_CASE("An item whose decoding throws is taken with the error, and the next get has the next item") {
     // A whole item is decoded before it is taken (so that a get out of memory leaves it): one that
     // cannot be decoded must still go, or it would block the queue for ever.

@@ -28,6 +28,7 @@
 
 #include "detail/serialize/codec.hpp"
 #include "detail/serialize/containers.hpp"
+#include "detail/serialize/decode_scope.hpp"
 #include "detail/serialize/scalars.hpp"
 #include "detail/serialize/strings.hpp"
 #include "detail/serialize/tuples.hpp"
@@ -218,8 +219,11 @@ template <class... Ts> void encode_into(Buffer& out, const Ts&... values) {
 }
 
 /// Decodes one T from exactly `bytes`; leftover or missing bytes are a SerializationError.
+/// Shared-object handles in T are default-constructed empty before they are read (not as new
+/// shared objects thrown away at once: detail::HandleDecodeScope).
 template <class T> T decode(std::span<const std::byte> bytes) {
     static_assert(std::is_default_constructible_v<T>, "mproc: decoded types must be default-constructible");
+    detail::HandleDecodeScope decoding;
     Reader reader(bytes);
     T value{};
     reader.read(value);

@@ -46,9 +46,20 @@ constexpr std::uint64_t bulk_header(std::uint64_t length) noexcept { return bulk
 /// not a std::deque, whose move allocates: what holds one (a Connection) moves without failing.
 class DescriptorQueue {
 public:
+    DescriptorQueue() = default;
+    DescriptorQueue(DescriptorQueue&& other) noexcept
+        : fds_(std::move(other.fds_)), front_(std::exchange(other.front_, 0)) {
+        other.fds_.clear();
+    }
+    DescriptorQueue& operator=(DescriptorQueue&& other) noexcept {
+        fds_ = std::move(other.fds_);
+        front_ = std::exchange(other.front_, 0);
+        other.fds_.clear();
+        return *this;
+    }
+
     bool empty() const noexcept { return front_ == fds_.size(); }
     UniqueFd& front() noexcept { return fds_[front_]; }
-    void push_back(UniqueFd fd) { fds_.push_back(std::move(fd)); }  // on failure, nothing changed
     void pop_front() noexcept {
         fds_[front_++].reset();
         if (empty()) clear();  // the vector keeps its memory for the next ones
@@ -57,6 +68,16 @@ public:
         fds_.clear();
         front_ = 0;
     }
+    /// Room for `n` more, so that as many pushes cannot fail (std::bad_alloc here, with nothing
+    /// changed). The slots of those already taken are let go first.
+    void reserve_more(std::size_t n) {
+        if (front_ != 0) {
+            fds_.erase(fds_.begin(), fds_.begin() + static_cast<std::ptrdiff_t>(front_));  // moves: no throw
+            front_ = 0;
+        }
+        if (fds_.capacity() - fds_.size() < n) fds_.reserve(fds_.size() + n);
+    }
+    void push_back(UniqueFd fd) { fds_.push_back(std::move(fd)); }  // within reserve_more's room: no throw
 
 private:
     std::vector<UniqueFd> fds_;
@@ -159,6 +180,7 @@ public:
     /// (EAGAIN when `nonblocking` and nothing is there). With `descriptors` (a Unix socket), reads
     /// with recvmsg and appends the descriptors that came with the bytes (close-on-exec).
     ssize_t fill(int fd, bool nonblocking = false, DescriptorQueue* descriptors = nullptr) {
+        if (descriptors) descriptors->reserve_more(max_descriptors);  // may throw: before anything changes
         make_room();
         const std::size_t room = room_for_next_read();
         std::byte* at = buffer_.extend(room);
@@ -210,9 +232,13 @@ private:
         return is_bulk(length) ? bulk_tag_size : length;
     }
 
-    /// recvmsg, retried on EINTR; every descriptor received is queued, close-on-exec.
+    /// recvmsg, retried on EINTR; every descriptor received is queued, close-on-exec. The room
+    /// for them is found first: with no memory, std::bad_alloc and nothing is received (a
+    /// descriptor dropped for want of room would pair each later descriptor frame with the
+    /// descriptor of the next).
     static ssize_t receive_with_descriptors(int fd, std::byte* at, std::size_t room, bool nonblocking,
                                             DescriptorQueue& descriptors) {
+        descriptors.reserve_more(max_descriptors);
         iovec iov{at, room};
         msghdr msg{};
         msg.msg_iov = &iov;
@@ -230,13 +256,7 @@ private:
             for (std::size_t i = 0; i < count; ++i) {
                 int received = -1;
                 std::memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
-                UniqueFd owned(received);
-                try {
-                    descriptors.push_back(std::move(owned));
-                } catch (...) {
-                    // No memory to queue it: `owned` closes it, and the descriptor frame it came
-                    // with is reported as arriving without one (the bytes must not be lost).
-                }
+                descriptors.push_back(UniqueFd(received));  // room was made above
             }
         }
         return got;

@@ -32,6 +32,7 @@
 #include "../../errors.hpp"
 #include "../../serialize.hpp"
 #include "../os/fork_locks.hpp"
+#include "../serialize/decode_scope.hpp"
 #include "registry.hpp"
 
 namespace mproc::detail {
@@ -52,24 +53,6 @@ template <class T> std::uint64_t type_hash() noexcept {
     }
     return h;
 }
-
-/// While alive in a thread, default-constructed handles in that thread are empty instead of
-/// creating a new shared object. For decoders (a Pool worker reading task arguments): decode()
-/// default-constructs before it reads, and creating a Queue only to replace it is wasted work.
-class HandleDecodeScope {
-public:
-    HandleDecodeScope() noexcept { ++depth(); }
-    ~HandleDecodeScope() { --depth(); }
-    HandleDecodeScope(const HandleDecodeScope&) = delete;
-    HandleDecodeScope& operator=(const HandleDecodeScope&) = delete;
-    static bool active() noexcept { return depth() > 0; }
-
-private:
-    static int& depth() noexcept {
-        thread_local int d = 0;
-        return d;
-    }
-};
 
 /// While alive in a thread, every handle encoded in that thread is recorded: a container (a
 /// SharedDict) storing an encoded value learns which segments the value holds handles into.
