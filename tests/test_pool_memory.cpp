@@ -45,6 +45,14 @@ thread_local bool test_thread = false;
 /// Every allocation the calling thread makes from now on fails (a process out of memory).
 thread_local bool fail_every = false;
 
+/// fail_every for its lifetime: a check that fails meanwhile still leaves allocations working.
+struct NoMemory {
+    NoMemory() noexcept { fail_every = true; }
+    ~NoMemory() { fail_every = false; }
+    NoMemory(const NoMemory&) = delete;
+    NoMemory& operator=(const NoMemory&) = delete;
+};
+
 /// Whether this allocation is the one to fail.
 bool fails_now() noexcept {
     if (fail_every) return true;
@@ -421,11 +429,13 @@ TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leav
         INFO((duplex ? "duplex" : "simplex"));
         const std::size_t before = open_descriptors();
         {
-            fail_every = true;
-            auto [a, b] = mproc::Pipe<std::string>(duplex);
-            auto moved = std::move(a);
-            a = std::move(moved);
-            fail_every = false;
+            std::optional<std::pair<mproc::Connection<std::string>, mproc::Connection<std::string>>> ends;
+            {
+                NoMemory none;
+                ends.emplace(mproc::Pipe<std::string>(duplex));
+                auto moved = std::move(ends->first);
+                ends->first = std::move(moved);
+            }
             CHECK(open_descriptors() == before + (duplex ? 2 : 4));
         }
         CHECK(open_descriptors() == before);

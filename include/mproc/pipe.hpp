@@ -541,6 +541,7 @@ private:
                 throw BrokenPipeError("send: the peer closed its end of the pipe");
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
             if (once) break;
+            if (on_lane) detail::throw_errno("send (bulk lane)");  // it blocks: room is not waited for here
             wait_for_room(peer_done_sending);
         }
         return done;

@@ -130,11 +130,11 @@ inline ssize_t write_some(int fd, const void* src, std::size_t n, bool is_socket
 }
 
 /// Writes one of mproc's own reports to stderr: a line made with printf's `format`, in a fixed
-/// buffer (no memory needed; cut at 1 KiB), written whole, EINTR retried, and never raising
+/// buffer (no memory needed; cut at 4 KiB), written whole, EINTR retried, and never raising
 /// SIGPIPE — a program whose stderr reader has gone (`prog 2>&1 | head`) keeps running. Errors
 /// are dropped: there is nowhere left to report them.
 [[gnu::format(printf, 1, 2)]] inline void report(const char* format, ...) noexcept {
-    char line[1024];
+    char line[4096];
     va_list args;
     va_start(args, format);
     const int n = std::vsnprintf(line, sizeof line, format, args);  // NOLINT(clang-analyzer-valist.Uninitialized)

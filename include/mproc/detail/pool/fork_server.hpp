@@ -31,12 +31,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <dirent.h>
 #include <fcntl.h>
 #include <functional>
 #include <iterator>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -157,32 +157,41 @@ public:
     pid_t pid() const noexcept { return pid_; }
 
     /// In a fresh child: closes every close-on-exec descriptor but `keep` and mproc's memfds.
-    /// Allocates nothing (there may be no memory to spare): the descriptors are closed a batch
-    /// at a time, after each look through the directory, until a look finds less than a batch.
+    /// Allocates nothing (there may be no memory to spare; opendir would allocate): the
+    /// directory is read with getdents64 into a buffer on the stack, and the descriptors are
+    /// closed a batch at a time, after each look through it, until a look finds less than a batch.
     static void close_all_but(const std::vector<int>& keep) noexcept {
         int doomed[256];
         for (bool more = true; more;) {
             more = false;
             std::size_t n = 0;
-            DIR* dir = ::opendir("/proc/self/fd");
+            const UniqueFd dir(::open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
             if (!dir) return;
-            const int own = ::dirfd(dir);
-            // The fresh child that runs this has one thread: readdir's static buffer is its own.
-            while (const dirent* entry = ::readdir(dir)) {  // NOLINT(concurrency-mt-unsafe)
-                char* end = nullptr;
-                const long fd = std::strtol(entry->d_name, &end, 10);
-                if (end == entry->d_name || *end != '\0' || fd <= 2 || fd == own) continue;
-                if (std::find(keep.begin(), keep.end(), static_cast<int>(fd)) != keep.end()) continue;
-                const int flags = ::fcntl(static_cast<int>(fd), F_GETFD);
-                if (flags < 0 || !(flags & FD_CLOEXEC)) continue;  // meant to be inherited
-                if (is_mproc_memfd(static_cast<int>(fd))) continue;
-                if (n == std::size(doomed)) {  // a full batch: close it and look again
-                    more = true;
-                    break;
+            alignas(8) char entries[4096];
+            for (;;) {
+                const long got = ::syscall(SYS_getdents64, dir.get(), entries, sizeof entries);
+                if (got <= 0) break;
+                for (long at = 0; at < got && !more;) {
+                    // struct linux_dirent64: u64 inode, s64 offset, u16 record length, u8 type, name.
+                    unsigned short length = 0;
+                    std::memcpy(&length, entries + at + 16, sizeof length);
+                    const char* name = entries + at + 19;
+                    at += length;
+                    char* end = nullptr;
+                    const long fd = std::strtol(name, &end, 10);
+                    if (end == name || *end != '\0' || fd <= 2 || fd == dir.get()) continue;
+                    if (std::find(keep.begin(), keep.end(), static_cast<int>(fd)) != keep.end()) continue;
+                    const int flags = ::fcntl(static_cast<int>(fd), F_GETFD);
+                    if (flags < 0 || !(flags & FD_CLOEXEC)) continue;  // meant to be inherited
+                    if (is_mproc_memfd(static_cast<int>(fd))) continue;
+                    if (n == std::size(doomed)) {  // a full batch: close it and look again
+                        more = true;
+                        break;
+                    }
+                    doomed[n++] = static_cast<int>(fd);
                 }
-                doomed[n++] = static_cast<int>(fd);
+                if (more) break;
             }
-            ::closedir(dir);
             for (std::size_t i = 0; i < n; ++i) ::close(doomed[i]);
         }
     }
