@@ -62,6 +62,17 @@ inline std::vector<ProcEntry> children_of(pid_t parent = ::getpid()) {
 /// Number of children, live or zombie, this process has right now.
 inline std::size_t child_count() { return children_of().size(); }
 
+/// The number of descriptors this process has open.
+inline std::size_t open_descriptors() {
+    std::size_t n = 0;
+    if (DIR* dir = ::opendir("/proc/self/fd")) {
+        while (const dirent* e = ::readdir(dir))
+            if (e->d_name[0] != '.') ++n;
+        ::closedir(dir);
+    }
+    return n - 1;  // the directory's own
+}
+
 /// In a child: puts the signals the test framework catches back to their default action, so a
 /// child that is sent or raises one dies of it without running the framework's failure report.
 inline void default_fatal_signals() {

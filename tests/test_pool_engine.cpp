@@ -29,16 +29,7 @@ int square(int x) { return x * x; }
 }
 std::vector<char> big_result(int mib) { return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'r'); }
 
-/// The number of descriptors this process has open.
-std::size_t open_fds() {
-    std::size_t n = 0;
-    if (DIR* dir = ::opendir("/proc/self/fd")) {
-        while (const dirent* e = ::readdir(dir))
-            if (e->d_name[0] != '.') ++n;
-        ::closedir(dir);
-    }
-    return n - 1;  // the directory's own
-}
+using mproc_test::open_descriptors;
 
 /// Runs `body` in a child process (so limits and uids it changes stay there) and requires that it
 /// returned normally: a failure inside throws, and the child reports it on stderr with status 1.
@@ -319,7 +310,7 @@ TEST_CASE("a pool whose respawn cannot get descriptors keeps serving on the work
         mproc::Pool pool(2);
         const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
         // Use up every descriptor the limit allows, so that a replacement cannot get its channel.
-        ScopedLimit limit(RLIMIT_NOFILE, open_fds() + 8);
+        ScopedLimit limit(RLIMIT_NOFILE, open_descriptors() + 8);
         std::vector<int> hogs;
         for (int fd; (fd = ::dup(0)) >= 0;) hogs.push_back(fd);
         ::kill(workers[0], SIGKILL);
@@ -389,7 +380,7 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
     in_child([] {
         int failures = 0;
         for (int spare = 0; spare <= 12; ++spare) {
-            const std::size_t before = open_fds();
+            const std::size_t before = open_descriptors();
             ScopedLimit limit(RLIMIT_NOFILE, before + static_cast<rlim_t>(spare) + 8);
             std::vector<int> hogs;
             for (int i = 0; i < 8; ++i) hogs.push_back(::dup(0));
@@ -407,21 +398,21 @@ TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error 
             limit.restore();
             expect(mproc_test::child_count() == 0,
                    "no process left after spare " + std::to_string(spare) + (threw ? " (threw)" : ""));
-            expect(open_fds() == before, "no descriptor left after spare " + std::to_string(spare));
+            expect(open_descriptors() == before, "no descriptor left after spare " + std::to_string(spare));
         }
         expect(failures > 0, "some constructor failed");
     });
 }
 
 namespace {
-std::size_t descriptors_in_worker(int) { return open_fds(); }
+std::size_t descriptors_in_worker(int) { return open_descriptors(); }
 }  // namespace
 
 TEST_CASE("a Pool's workers hold none of the parent's close-on-exec descriptors, however many there are") {
     // The fork server closes them a batch at a time, looking again after each batch (it may have
     // no memory to spare for a list): 600 of them take three looks.
     Watchdog dog(120s, "a pool started beside 600 descriptors");
-    const std::size_t before = open_fds();
+    const std::size_t before = open_descriptors();
     std::vector<int> many;
     const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     REQUIRE(null >= 0);

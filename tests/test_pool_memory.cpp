@@ -15,7 +15,6 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <dirent.h>
 #include <fcntl.h>
 #include <new>
 #include <numeric>
@@ -266,6 +265,37 @@ TEST_CASE("the collector's allocations failing in turn, a worker dying meanwhile
     CHECK(broke > 0);
 }
 
+namespace {
+/// Puts `first` and `second` in a fresh queue, then gets with each allocation of the get failing
+/// in turn: a get that throws std::bad_alloc must leave `first` at the head, and none may lose
+/// or reorder an item.
+template <class T> void each_get_allocation_failing(const T& first, const T& second) {
+    mproc::Queue<T> q;
+    q.put(first);
+    REQUIRE(q.get(60s) == first);  // what a get keeps from one call to the next is there: warm
+    int refused = 0;
+    for (long nth = 1;; ++nth) {
+        q.put(first);
+        q.put(second);
+        std::optional<T> got;
+        fail_allocation(nth);
+        try {
+            got = q.get(60s);
+        } catch (const std::bad_alloc&) {
+            ++refused;
+        }
+        const bool fired = fail_countdown == 0;
+        fail_allocation(0);
+        if (!got) REQUIRE(q.get(60s) == first);  // the item stayed at the head
+        else REQUIRE(*got == first);
+        REQUIRE(q.get(60s) == second);
+        REQUIRE(q.empty());
+        if (!fired) break;  // the get made fewer than nth allocations
+    }
+    CHECK(refused > 0);
+}
+}  // namespace
+
 TEST_CASE("Queue::get of a string with each of its allocations failing in turn leaves the item for the next get",
           "[queue][memory]") {
     // Whole items of a few sizes, and a streamed one (over 256 KiB): the value's memory is found
@@ -273,30 +303,7 @@ TEST_CASE("Queue::get of a string with each of its allocations failing in turn l
     Watchdog dog(280s, "Queue::get under failing allocations");
     for (const std::size_t size : {std::size_t{64}, std::size_t{4096}, std::size_t{100'000}, std::size_t{1'000'000}}) {
         INFO("items of " << size << " bytes");
-        mproc::Queue<std::string> q;
-        const std::string first(size, 'a'), second(size, 'b');
-        q.put(first);
-        REQUIRE(q.get(60s) == first);  // what a get keeps from one call to the next is there: warm
-        int refused = 0;
-        for (long nth = 1;; ++nth) {
-            q.put(first);
-            q.put(second);
-            std::optional<std::string> got;
-            fail_allocation(nth);
-            try {
-                got = q.get(60s);
-            } catch (const std::bad_alloc&) {
-                ++refused;
-            }
-            const bool fired = fail_countdown == 0;
-            fail_allocation(0);
-            if (!got) REQUIRE(q.get(60s) == first);  // the item stayed at the head
-            else REQUIRE(*got == first);
-            REQUIRE(q.get(60s) == second);
-            REQUIRE(q.empty());
-            if (!fired) break;  // the get made fewer than nth allocations
-        }
-        CHECK(refused > 0);
+        each_get_allocation_failing(std::string(size, 'a'), std::string(size, 'b'));
     }
 }
 
@@ -380,45 +387,9 @@ TEST_CASE(
     using Item = std::vector<std::string>;
     for (const std::size_t strings : {std::size_t{1}, std::size_t{8}, std::size_t{1000}}) {
         INFO("items of " << strings << " strings");
-        mproc::Queue<Item> q;
-        const Item first(strings, std::string(40, 'a')), second(strings, std::string(40, 'b'));
-        q.put(first);
-        REQUIRE(q.get(60s) == first);  // what a get keeps from one call to the next is there: warm
-        int refused = 0;
-        for (long nth = 1;; ++nth) {
-            q.put(first);
-            q.put(second);
-            std::optional<Item> got;
-            fail_allocation(nth);
-            try {
-                got = q.get(60s);
-            } catch (const std::bad_alloc&) {
-                ++refused;
-            }
-            const bool fired = fail_countdown == 0;
-            fail_allocation(0);
-            if (!got) REQUIRE(q.get(60s) == first);  // the item stayed at the head
-            else REQUIRE(*got == first);
-            REQUIRE(q.get(60s) == second);
-            REQUIRE(q.empty());
-            if (!fired) break;  // the get made fewer than nth allocations
-        }
-        CHECK(refused > 0);
+        each_get_allocation_failing(Item(strings, std::string(40, 'a')), Item(strings, std::string(40, 'b')));
     }
 }
-
-namespace {
-/// The descriptors this process has open.
-std::size_t open_descriptors() {
-    std::size_t n = 0;
-    if (DIR* dir = ::opendir("/proc/self/fd")) {
-        while (const dirent* e = ::readdir(dir))
-            if (e->d_name[0] != '.') ++n;
-        ::closedir(dir);
-    }
-    return n - 1;  // the directory's own
-}
-}  // namespace
 
 TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leaves a descriptor behind",
           "[pipe][memory]") {
@@ -427,7 +398,7 @@ TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leav
     // (declared noexcept) would have ended the program.
     for (const bool duplex : {true, false}) {
         INFO((duplex ? "duplex" : "simplex"));
-        const std::size_t before = open_descriptors();
+        const std::size_t before = mproc_test::open_descriptors();
         {
             std::optional<std::pair<mproc::Connection<std::string>, mproc::Connection<std::string>>> ends;
             {
@@ -436,9 +407,9 @@ TEST_CASE("a Pipe is made, and its ends move, with no memory to spare; none leav
                 auto moved = std::move(ends->first);
                 ends->first = std::move(moved);
             }
-            CHECK(open_descriptors() == before + (duplex ? 2 : 4));
+            CHECK(mproc_test::open_descriptors() == before + (duplex ? 2 : 4));
         }
-        CHECK(open_descriptors() == before);
+        CHECK(mproc_test::open_descriptors() == before);
     }
 }
 
