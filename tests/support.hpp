@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 #include <vector>
@@ -61,6 +62,35 @@ inline std::vector<ProcEntry> children_of(pid_t parent = ::getpid()) {
 
 /// Number of children, live or zombie, this process has right now.
 inline std::size_t child_count() { return children_of().size(); }
+
+/// Makes this process's stderr a pipe nobody reads, SIGPIPE at its default, as for `prog 2>&1 |
+/// head` once head has gone (in a child: both are the process's own). False if it cannot.
+inline bool stderr_to_a_gone_reader() noexcept {
+    ::signal(SIGPIPE, SIG_DFL);
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0 || ends[0] == 2 || ::dup2(ends[1], 2) < 0) return false;
+    ::close(ends[0]);  // no reader
+    return true;
+}
+
+/// A pipe's write end to pass around (close-on-exec; the caller closes it), its read end closed,
+/// and the pipe's inode, by which the descriptor is recognised wherever it arrives.
+struct PipeEnd {
+    int fd;
+    ino_t inode;
+};
+inline PipeEnd pipe_write_end() {
+    int ends[2];
+    struct stat about {};
+    if (::pipe2(ends, O_CLOEXEC) != 0 || ::fstat(ends[0], &about) != 0) throw std::runtime_error("pipe2");
+    ::close(ends[0]);
+    return {ends[1], about.st_ino};
+}
+/// The inode of what `fd` is open on (0 if it is not open).
+inline ino_t inode_of(int fd) {
+    struct stat about {};
+    return ::fstat(fd, &about) == 0 ? about.st_ino : 0;
+}
 
 /// The number of descriptors this process has open.
 inline std::size_t open_descriptors() {

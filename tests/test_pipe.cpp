@@ -1213,15 +1213,7 @@ TEST_CASE("a control message that brings two descriptors keeps the first and clo
     int pair[2];
     REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
     mproc::detail::UniqueFd sender(pair[0]), receiver(pair[1]);
-    int first[2], second[2];
-    REQUIRE(::pipe2(first, O_CLOEXEC) == 0);
-    REQUIRE(::pipe2(second, O_CLOEXEC) == 0);
-    struct stat first_pipe {
-    }, second_pipe{};
-    REQUIRE(::fstat(first[0], &first_pipe) == 0);
-    REQUIRE(::fstat(second[0], &second_pipe) == 0);
-    ::close(first[0]);
-    ::close(second[0]);
+    const auto first = mproc_test::pipe_write_end(), second = mproc_test::pipe_write_end();
     char byte = 'x';
     iovec iov{&byte, 1};
     alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
@@ -1234,20 +1226,18 @@ TEST_CASE("a control message that brings two descriptors keeps the first and clo
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(2 * sizeof(int));
-    const int both[2] = {first[1], second[1]};
+    const int both[2] = {first.fd, second.fd};
     std::memcpy(CMSG_DATA(c), both, sizeof both);
     REQUIRE(::sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
-    ::close(first[1]);
-    ::close(second[1]);  // from here, only the copies in flight hold the two pipes
+    ::close(first.fd);
+    ::close(second.fd);  // from here, only the copies in flight hold the two pipes
     char got = 0;
     mproc::detail::UniqueFd kept;
     REQUIRE(mproc::detail::recv_with_fd(receiver.get(), &got, 1, &kept) == 1);
     CHECK(got == 'x');
     REQUIRE(kept);
-    struct stat kept_pipe {};
-    REQUIRE(::fstat(kept.get(), &kept_pipe) == 0);
-    CHECK(kept_pipe.st_ino == first_pipe.st_ino);
-    CHECK_FALSE(pipe_open_here(second_pipe.st_ino));  // closed, not left open and unowned
+    CHECK(mproc_test::inode_of(kept.get()) == first.inode);
+    CHECK_FALSE(pipe_open_here(second.inode));  // closed, not left open and unowned
 }
 
 TEST_CASE("send_fd and recv_fd: an Error on a simplex pipe's ends and for a bad descriptor") {

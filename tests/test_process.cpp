@@ -112,10 +112,7 @@ TEST_CASE("a target that throws exits with 1 and reports the exception on stderr
 TEST_CASE("a target that throws while its stderr is a pipe nobody reads exits with 1, not by SIGPIPE") {
     // `prog 2>&1 | head`, with head gone: the report of the exception must not kill the child.
     mproc::Process p([] {
-        ::signal(SIGPIPE, SIG_DFL);  // as in a program that left it alone
-        int ends[2];
-        if (::pipe2(ends, O_CLOEXEC) != 0 || ::dup2(ends[1], 2) < 0) std::_Exit(3);
-        ::close(ends[0]);  // no reader
+        if (!mproc_test::stderr_to_a_gone_reader()) std::_Exit(3);
         throw std::runtime_error("the disk is full");
     });
     p.start();

@@ -27,10 +27,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <functional>
 #include <iterator>
@@ -172,10 +174,10 @@ public:
                 const long got = ::syscall(SYS_getdents64, dir.get(), entries, sizeof entries);
                 if (got <= 0) break;
                 for (long at = 0; at < got && !more;) {
-                    // struct linux_dirent64: u64 inode, s64 offset, u16 record length, u8 type, name.
+                    // The kernel's records are laid out as glibc's dirent64 (only the layout is used).
                     unsigned short length = 0;
-                    std::memcpy(&length, entries + at + 16, sizeof length);
-                    const char* name = entries + at + 19;
+                    std::memcpy(&length, entries + at + offsetof(dirent64, d_reclen), sizeof length);
+                    const char* name = entries + at + offsetof(dirent64, d_name);
                     at += length;
                     char* end = nullptr;
                     const long fd = std::strtol(name, &end, 10);
