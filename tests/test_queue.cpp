@@ -183,6 +183,28 @@ TEST_CASE("Getting an item that holds a handle makes no shared object of its own
     CHECK(q.get(5s).second == "two");
 }
 
+namespace {
+/// A type whose serialize leaves its queue out: only `n` crosses.
+struct LeavesQueueOut {
+    int n = 0;
+    mproc::Queue<int> replies;
+    template <class Archive> void serialize(Archive& ar) { ar(n); }
+};
+}  // namespace
+
+TEST_CASE("A handle a type's serialize leaves out is empty after decoding: its use is a clear Error") {
+    LeavesQueueOut sent{7, {}};
+    sent.replies.put(1);  // the sender's queue works
+    const std::uint64_t made = mproc::detail::segments().generation();
+    LeavesQueueOut got = mproc::from_bytes<LeavesQueueOut>(mproc::to_bytes(sent));
+    CHECK(got.n == 7);
+    CHECK(mproc::detail::segments().generation() == made);  // no queue was made for the member
+    CHECK_THROWS_AS(got.replies.put(2), mproc::Error);
+    CHECK_THROWS_WITH(got.replies.put(2), Catch::Matchers::Contains("empty shared-object handle"));
+    CHECK_THROWS_AS(mproc::to_bytes(got.replies), mproc::SerializationError);
+    CHECK(sent.replies.get(5s) == 1);  // and the sender's is untouched
+}
+
 TEST_CASE("An item whose decoding throws is taken with the error, and the next get has the next item") {
     // A whole item is decoded before it is taken (so that a get out of memory leaves it): one that
     // cannot be decoded must still go, or it would block the queue for ever.

@@ -139,7 +139,8 @@ public:
     std::byte* address() const noexcept { return address_; }
     template <class T> T* as() const {
         if (!address_)
-            throw Error("mproc: use of an empty shared-object handle (moved from, or left empty by a failed decode)");
+            throw Error(
+                "mproc: use of an empty shared-object handle (moved from, left empty by a failed decode, or left out by its type's serialize)");
         return reinterpret_cast<T*>(address_);
     }
     const SegmentPtr& segment() const noexcept { return segment_; }
