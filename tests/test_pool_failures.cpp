@@ -8,6 +8,7 @@
 
 #include <mproc/sync.hpp>
 
+#include <limits>
 #include <numeric>
 #include <ranges>
 #include <regex>
@@ -314,6 +315,30 @@ long sleep_then(long seconds) {
     return seconds;
 }
 }  // namespace
+
+TEST_CASE("task_timeout and stall_timeout longer than mproc counts down never fire") {
+    // Seconds{1e12} in nanoseconds is past what an int64_t holds: converted as it was, the stall
+    // watchdog found the pool stalled at once (and the task_timeout was undefined behaviour).
+    Watchdog dog(120s, "huge timeouts");
+    mproc::Pool pool({.processes = 1, .task_timeout = mproc::Seconds{1e12}, .stall_timeout = mproc::Seconds{1e12}});
+    CHECK(pool.apply(sleep_then, 0L) == 0);
+    std::vector<long> zeros(4, 0);
+    CHECK(pool.map(sleep_then, zeros) == zeros);
+    const mproc::RestartCounts restarts = pool.stats().restarts();
+    CHECK(restarts.timeout == 0);
+    CHECK(restarts.crashed == 0);
+    const mproc::Seconds forever{std::numeric_limits<double>::infinity()};
+    mproc::Pool unbounded({.processes = 1, .task_timeout = forever, .stall_timeout = forever});
+    CHECK(unbounded.apply(sleep_then, 0L) == 0);
+}
+
+TEST_CASE("A NaN task_timeout or stall_timeout is refused when the pool is made") {
+    // Guards the check the pool always made (a NaN is not positive) now that the timeouts are
+    // converted once, when the pool is made.
+    const mproc::Seconds nan{std::numeric_limits<double>::quiet_NaN()};
+    CHECK_THROWS_WITH(mproc::Pool({.processes = 1, .task_timeout = nan}), Catch::Matchers::Contains("positive"));
+    CHECK_THROWS_WITH(mproc::Pool({.processes = 1, .stall_timeout = nan}), Catch::Matchers::Contains("positive"));
+}
 
 TEST_CASE("task_timeout: a task past it fails with TimeoutError, its worker is replaced, the rest complete") {
     Watchdog dog(200s, "task_timeout");

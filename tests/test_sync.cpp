@@ -1,12 +1,14 @@
 // Lock, RLock, Semaphore, Event, Barrier, Value and Array across processes: mutual exclusion,
 // timeouts, robustness against a holder killed by SIGKILL, and handles crossing processes.
 #include <catch2/catch.hpp>
+#include <mproc/guard.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
 #include <mproc/queue.hpp>
 #include <mproc/shared_dict.hpp>
 #include <mproc/sync.hpp>
+#include <mproc/wait.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -16,6 +18,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <future>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -49,6 +53,73 @@ template <class Body> void run_processes(int n, Body body) {
 
 }  // namespace
 
+namespace {
+int seven_when_set(mproc::Event go) {
+    go.wait();
+    return 7;
+}
+}  // namespace
+
+TEST_CASE("A timeout of NaN seconds is an mproc::Error that changes nothing in any timed call") {
+    // Python refuses it (ValueError); converted to clock ticks it was undefined behaviour, and in
+    // practice a deadline far in the past (and, for Process::join, a signed overflow).
+    const mproc::Seconds nan{std::numeric_limits<double>::quiet_NaN()};
+    const auto refused = Catch::Matchers::Contains("NaN");
+
+    mproc::Queue<int> q(1);
+    CHECK_THROWS_WITH(q.get(nan), refused);
+    q.put(1);
+    CHECK_THROWS_WITH(q.put(2, nan), refused);
+    CHECK(q.qsize() == 1);
+    CHECK(q.get(0s) == 1);
+
+    mproc::Lock lock;
+    CHECK_THROWS_WITH(lock.acquire(nan), refused);
+    CHECK(lock.acquire(0s));  // not taken by the refused call
+    mproc::Condition cond(lock);
+    CHECK_THROWS_WITH(cond.wait(nan), refused);
+    lock.release();  // still held by this thread: the refused wait did not let it go
+    CHECK_THROWS_AS(lock.release(), mproc::Error);
+
+    mproc::Semaphore sem(1);
+    CHECK_THROWS_WITH(sem.acquire(nan), refused);
+    CHECK(sem.get_value() == 1);
+    mproc::Event event;
+    CHECK_THROWS_WITH(event.wait(nan), refused);
+    CHECK_THROWS_WITH(mproc::Barrier(2, nullptr, nan), refused);
+    mproc::Barrier barrier(2);
+    CHECK_THROWS_WITH(barrier.wait(nan), refused);
+    CHECK(barrier.n_waiting() == 0);  // no arrival counted
+    CHECK_FALSE(barrier.broken());
+
+    auto [reader, writer] = mproc::Pipe<int>(false);
+    writer.send(5);
+    CHECK_THROWS_WITH(reader.poll(nan), refused);
+    CHECK_THROWS_WITH(mproc::wait({reader}, nan), refused);
+    CHECK(reader.recv() == 5);
+
+    mproc::Process child([] {});
+    child.start();
+    CHECK_THROWS_WITH(child.join(nan), refused);
+    REQUIRE(child.join(120s));
+    CHECK(child.exitcode() == 0);
+    CHECK_THROWS_WITH(child.join(nan), refused);  // refused the same once it is joined
+
+    mproc::Event go;
+    mproc::Pool pool(1);
+    auto result = pool.apply_async(seven_when_set, std::tuple{go});
+    CHECK_THROWS_WITH(result.wait(nan), refused);
+    CHECK_THROWS_WITH(result.get(nan), refused);
+    go.set();
+    CHECK(result.get(120s) == 7);
+    CHECK_THROWS_WITH(result.get(nan), refused);  // refused the same once the result is here
+    pool.close();
+    CHECK_THROWS_WITH(pool.join(nan), refused);
+    CHECK(pool.join(120s));
+
+    CHECK_THROWS_WITH(mproc::ChildGuard(nan), refused);
+}
+
 TEST_CASE("Lock gives processes mutual exclusion") {
     mproc::Lock lock;
     mproc::Array<long> counter(1);
@@ -61,6 +132,21 @@ TEST_CASE("Lock gives processes mutual exclusion") {
     });
     CHECK(counter[0] == 80000);
     CHECK(child_count() == 0);
+}
+
+TEST_CASE("Lock::try_lock_until a time point at the end of its clock's range does not overflow") {
+    // Subtracted in the clock's integer ticks, time_point::min() less now overflowed to a wait of
+    // centuries, and seconds::max() in nanoseconds overflowed as well.
+    mproc::Lock lock;
+    CHECK(lock.try_lock_until(std::chrono::time_point<std::chrono::system_clock, std::chrono::seconds>::max()));
+    lock.release();
+    lock.acquire();  // held here: the attempt from another thread only tries, and gives up
+    auto attempt = std::async(std::launch::async,
+                              [&lock] { return lock.try_lock_until(std::chrono::steady_clock::time_point::min()); });
+    const bool returned = attempt.wait_for(60s) == std::future_status::ready;
+    lock.release();  // lets a hung attempt end
+    REQUIRE(returned);
+    CHECK_FALSE(attempt.get());
 }
 
 TEST_CASE("Lock::acquire with a timeout fails while another process holds it") {

@@ -52,14 +52,17 @@ public:
     /// How long children get to end after SIGTERM before they are sent SIGKILL.
     static constexpr Seconds default_grace{1.0};
 
+    /// mproc::Error, changing nothing, for a grace of NaN seconds; a negative one is 0, and at most
+    /// an hour is used.
     explicit ChildGuard(Seconds grace = default_grace) {
+        const double grace_s = std::min(detail::timeout_seconds(grace, "ChildGuard grace"), 3600.0);
         detail::GuardState& g = detail::guard_state();
         const Lock lock;
         if (g.owner.load() != ::getpid()) {  // none here (or a parent's, copied by a plain fork)
             g.depth.store(0);
             g.inherited.store(false);
         }
-        if (g.depth.load() == 0) install(grace);
+        if (g.depth.load() == 0) install(grace_s);
         g.depth.fetch_add(1);
     }
 
@@ -108,12 +111,11 @@ private:
 
     /// Installs the handlers where they are not in place yet (a guarded child has them from its
     /// parent), and the atexit and terminate hooks once per program.
-    static void install(Seconds grace) {
+    static void install(double grace_s) {
         detail::GuardState& g = detail::guard_state();
         const bool inherited = g.inherited.load();
         if (!inherited) {  // a guarded child keeps the grace its parent gave it
-            const double ns = std::clamp(grace.count(), 0.0, 3600.0) * 1e9;
-            g.grace_ns.store(static_cast<long long>(ns));
+            g.grace_ns.store(static_cast<long long>(grace_s * 1e9));
         }
         g.handler.store(&on_signal);
         g.owner.store(::getpid());

@@ -247,6 +247,7 @@ public:
     /// with one it waits up to that long. End of stream counts as readable (recv will throw).
     bool poll(std::optional<Seconds> timeout = Seconds{0}) {
         require_readable("poll");
+        detail::check_timeout(timeout);
         if (in_.buffered_frame()) return true;
         const int revents = detail::wait_for(fd_.get(), POLLIN, detail::deadline_after(timeout));
         if (revents < 0) detail::throw_errno("poll");

@@ -165,6 +165,7 @@ public:
     /// Waits for the child to end and reaps it. With a timeout, returns false if it still runs.
     bool join(std::optional<Seconds> timeout = std::nullopt) {
         require_open("join");
+        detail::check_timeout(timeout);
         if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
         if (status_) return true;
         const auto status = detail::wait_child(pid_, detail::deadline_after(timeout), serial_);

@@ -75,6 +75,7 @@ public:
     /// Once the queue is shut down (also while waiting for room): mproc::ShutDown.
     void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
         if (closed_) throw Error("mproc::Queue::put: this handle was closed");
+        detail::check_timeout(timeout);  // before the item's serialize runs
         if constexpr (detail::is_length_and_bytes_v<T>) {
             // A string, or a vector of numbers: its length, then its own bytes, copied once,
             // straight into the ring (encoded into a buffer first, a large item was copied twice).

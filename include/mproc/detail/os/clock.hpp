@@ -3,10 +3,13 @@
 
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <ctime>
 #include <optional>
+#include <string>
 
+#include "../../errors.hpp"
 #include "../../time.hpp"
 
 namespace mproc::detail {
@@ -15,12 +18,37 @@ using Clock = std::chrono::steady_clock;
 /// No value means "wait forever".
 using Deadline = std::optional<Clock::time_point>;
 
+/// The longest time mproc counts down, in seconds (about 31 years): a longer timeout waits as
+/// long as it takes, rather than overflow the clock.
+inline constexpr double longest_timeout_s = 1e9;
+
+/// A timeout a caller gave (`what` names it in the error), in seconds as mproc counts them down:
+/// a negative one is 0 (the wait only tries), one past longest_timeout_s is that, and NaN is
+/// refused with mproc::Error, as Python refuses it (ValueError) — converted to a clock's
+/// integer ticks it would be undefined behaviour.
+inline double timeout_seconds(Seconds timeout, const char* what = "timeout") {
+    const double s = timeout.count();
+    if (std::isnan(s)) throw Error(std::string("mproc: a ") + what + " of NaN seconds (not a number)");
+    return s < 0 ? 0.0 : s > longest_timeout_s ? longest_timeout_s : s;
+}
+/// The same in nanoseconds: at most 1e18, which leaves room to add it to a clock reading.
+inline std::int64_t timeout_ns(Seconds timeout, const char* what) {
+    return static_cast<std::int64_t>(timeout_seconds(timeout, what) * 1e9);
+}
+
+/// Refuses a NaN timeout (mproc::Error), for a call that may return before it reads the clock (a
+/// result already there, a frame already buffered): the refusal does not hang on timing.
+inline void check_timeout(const std::optional<Seconds>& timeout) {
+    if (timeout) (void)timeout_seconds(*timeout);
+}
+
+/// When a wait of `timeout` ends (none: it waits as long as it takes, as does a timeout of
+/// longest_timeout_s or more). NaN: mproc::Error (timeout_seconds).
 inline Deadline deadline_after(std::optional<Seconds> timeout) {
     if (!timeout) return std::nullopt;
-    const Seconds clamped = timeout->count() < 0 ? Seconds{0} : *timeout;
-    // Far-future timeouts saturate rather than overflow the clock.
-    if (clamped > Seconds{1e9}) return std::nullopt;
-    return Clock::now() + std::chrono::duration_cast<Clock::duration>(clamped);
+    const double s = timeout_seconds(*timeout);
+    if (s >= longest_timeout_s) return std::nullopt;
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(Seconds{s});
 }
 
 /// Milliseconds left for poll(2): -1 forever, 0 when past, rounded up so a wait never ends early.

@@ -216,6 +216,9 @@ private:
             throw Error("PoolOptions::task_timeout must be positive (or unset for none)");
         if (options_.stall_timeout && !(options_.stall_timeout->count() > 0))
             throw Error("PoolOptions::stall_timeout must be positive (or unset for none)");
+        // In nanoseconds once (a timeout longer than mproc counts down never fires: no overflow).
+        if (options_.task_timeout) task_timeout_ns_ = detail::timeout_ns(*options_.task_timeout, "task_timeout");
+        if (options_.stall_timeout) stall_timeout_ns_ = detail::timeout_ns(*options_.stall_timeout, "stall_timeout");
         if (options_.processes == 0) options_.processes = affinity_cpu_count();
         link_ = SharedSeats(options_.processes);
         wake_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -1244,7 +1247,7 @@ private:
         broken_reason_ = std::move(reason);
     }
 
-    std::int64_t timeout_ns() const noexcept { return static_cast<std::int64_t>(options_.task_timeout->count() * 1e9); }
+    std::int64_t timeout_ns() const noexcept { return task_timeout_ns_; }
 
     /// The poll timeout (ms) until the collector must look again: the next item that could
     /// overstay task_timeout, the next worker that could be found stalled, the next retry of a
@@ -1399,7 +1402,7 @@ private:
         progress_ns_ = now;
         return now;  // the collector fails them straight away
     }
-    std::int64_t stall_ns() const noexcept { return static_cast<std::int64_t>(options_.stall_timeout->count() * 1e9); }
+    std::int64_t stall_ns() const noexcept { return stall_timeout_ns_; }
 
     void shut_down_workers_locked() {
         for (Seat& s : seats_) {
@@ -1414,6 +1417,8 @@ private:
     static constexpr std::size_t max_adopted = 64;  // segments sent to one worker and kept there
 
     PoolOptions options_;
+    std::int64_t task_timeout_ns_ = 0;  // options_.task_timeout, when set (start())
+    std::int64_t stall_timeout_ns_ = 0;  // options_.stall_timeout, when set
     SharedSeats link_;
     UniqueFd wake_;
     ForkServer server_;

@@ -283,6 +283,7 @@ public:
     /// one takes its mutex back as contended, and its unlock then wakes nobody with a system call
     /// (one of the six a pinned apply() made; docs/performance.md).
     bool wait(std::optional<Seconds> timeout) override {
+        check_timeout(timeout);
         if (ready_word_.load(std::memory_order_acquire) == published) return true;
         if (std::this_thread::get_id() == collector_)
             throw Error("waiting for a Pool result inside a Pool callback would deadlock");

@@ -68,7 +68,9 @@ public:
         return acquire(std::chrono::duration_cast<Seconds>(d));
     }
     template <class Clock, class Duration> bool try_lock_until(const std::chrono::time_point<Clock, Duration>& t) {
-        return acquire(std::chrono::duration_cast<Seconds>(t - Clock::now()));
+        // In seconds of double before the subtraction: in the clock's own integer ticks, a time
+        // point near either end of its range (time_point::min(), a max() in coarse units) overflows.
+        return acquire(Seconds(t.time_since_epoch()) - Seconds(Clock::now().time_since_epoch()));
     }
 
     /// True while the current holder got the lock from a holder that died holding it.
@@ -419,6 +421,7 @@ protected:
             throw Error("mproc::Barrier: parties must be between 1 and " + std::to_string(barrier_max_parties) +
                         ", not " + std::to_string(parties));
         if (HandleDecodeScope::active()) return;
+        const double default_timeout = timeout ? timeout_seconds(*timeout, "Barrier timeout") : -1.0;  // NaN: Error
         ref_ = SharedRef::allocate(bytes_for(parties), 64, "mproc-barrier");
         BarrierState* s = state();
         s->header = {barrier_magic, 0, type};
@@ -431,7 +434,7 @@ protected:
         s->dead_pid = 0;
         s->action = reinterpret_cast<std::uintptr_t>(action);
         s->action_target = target;
-        s->default_timeout = !timeout ? -1.0 : timeout->count() > 0 ? timeout->count() : 0.0;  // NaN: 0
+        s->default_timeout = default_timeout;
         for (std::uint32_t i = 0; i < parties; ++i) {
             WaiterSlot& w = slot(s, i);
             w.alive.init();
