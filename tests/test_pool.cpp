@@ -567,6 +567,19 @@ TEST_CASE("large arguments and results: 8 MiB strings") {
 // imap, imap_unordered
 // =================================================================================================
 
+TEST_CASE("imap with a chunksize so large that its window would wrap yields every result") {
+    // The window (chunks in flight times chunksize) wrapped to 0: imap sent nothing and waited for ever.
+    Watchdog dog(120s, "imap huge chunksize");
+    mproc::Pool pool(2);
+    const auto xs = iota_vec(50);
+    std::vector<int> got;
+    for (int v : pool.imap(square, xs, std::size_t{1} << 61)) got.push_back(v);
+    CHECK(got.size() == xs.size());
+    std::vector<int> unordered;
+    for (int v : pool.imap_unordered(square, xs, SIZE_MAX)) unordered.push_back(v);
+    CHECK(unordered.size() == xs.size());
+}
+
 TEST_CASE("imap yields results in input order; imap_unordered yields the same multiset") {
     mproc::Pool pool(2);
     const auto xs = iota_vec(500);

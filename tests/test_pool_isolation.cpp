@@ -435,6 +435,19 @@ TEST_CASE("memory_limit: a task that allocates past it fails with MemoryLimitExc
     CHECK(allocate_mib(128) == 128L << 20);
 }
 
+TEST_CASE("A memory_limit larger than the address space limits nothing") {
+    // The worker's limit is what it holds plus memory_limit: with SIZE_MAX the sum wrapped to
+    // below what it held, and every task failed with MemoryLimitExceeded.
+    if (MPROC_TEST_SANITIZED) {
+        SUCCEED("skipped: the sanitizers reserve their own address space and abort instead of failing an allocation");
+        return;
+    }
+    Watchdog dog(120s, "huge memory_limit");
+    mproc::Pool pool(mproc::PoolOptions{.processes = 1, .memory_limit = SIZE_MAX});
+    CHECK(pool.apply(allocate_mib, 8L) == 8L << 20);
+    CHECK(pool.stats().workers[0].restarts.memory == 0);
+}
+
 TEST_CASE("memory_limit with max_retries: the item runs again on a fresh worker, then fails") {
     if (MPROC_TEST_SANITIZED) {
         SUCCEED("skipped: the sanitizers reserve their own address space and abort instead of failing an allocation");

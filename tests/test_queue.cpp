@@ -217,6 +217,13 @@ TEST_CASE("An item whose decoding throws is taken with the error, and the next g
     CHECK(q.try_get() == std::nullopt);
 }
 
+TEST_CASE("A buffer_bytes so large that rounding it up would wrap is refused") {
+    // Rounded up to a page first, SIZE_MAX wrapped to 0 and passed the size check: a queue of no
+    // room, whose put waited for ever.
+    for (std::size_t bytes : {SIZE_MAX, SIZE_MAX - 4095, (std::size_t{1} << 46) + 1})
+        CHECK_THROWS_WITH(mproc::Queue<int>({.buffer_bytes = bytes}), Catch::Matchers::Contains("too large"));
+}
+
 TEST_CASE("A 64 MiB message goes through a 64 KiB ring, between smaller ones") {
     mproc::Queue<std::string> q({.buffer_bytes = 64 << 10});
     CHECK(q.buffer_bytes() == 64 << 10);

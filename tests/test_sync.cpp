@@ -360,6 +360,33 @@ TEST_CASE("Semaphore: acquire times out at zero and a release in another process
     CHECK(child_count() == 0);
 }
 
+TEST_CASE("A negative Semaphore value or a release of fewer than one unit is an mproc::Error") {
+    // Taken as unsigned 32-bit numbers, -1 became 4294967295 units (Python: ValueError).
+    CHECK_THROWS_WITH(mproc::Semaphore(-1), Catch::Matchers::Contains("initial value"));
+    CHECK_THROWS_WITH(mproc::BoundedSemaphore(-1), Catch::Matchers::Contains("initial value"));
+    CHECK_THROWS_AS(mproc::Semaphore(std::int64_t{1} << 32), mproc::Error);
+    mproc::Semaphore sem(0);
+    CHECK_THROWS_AS(sem.release(-1), mproc::Error);
+    CHECK_THROWS_AS(sem.release(0), mproc::Error);
+    CHECK(sem.get_value() == 0);
+    CHECK_FALSE(sem.acquire(0s));
+    sem.release();
+    CHECK(sem.get_value() == 1);
+}
+
+TEST_CASE("Value: integer arithmetic wraps past the type's range, as the atomic does") {
+    // fetch_add wraps; the new value was then computed again as old + n in T, a signed overflow.
+    mproc::Value<int> v(std::numeric_limits<int>::max());
+    CHECK((v += 1) == std::numeric_limits<int>::min());
+    CHECK(v.load() == std::numeric_limits<int>::min());
+    CHECK(v-- == std::numeric_limits<int>::min());
+    CHECK(v.load() == std::numeric_limits<int>::max());
+    CHECK(v++ == std::numeric_limits<int>::max());
+    CHECK((v -= std::numeric_limits<int>::min()) == 0);
+    mproc::Value<long long> big(std::numeric_limits<long long>::min());
+    CHECK(--big == std::numeric_limits<long long>::max());
+}
+
 TEST_CASE("Semaphore::release past the 32-bit value is an mproc::Error, never a silent wrap-around") {
     constexpr std::uint32_t max = 0xFFFFFFFFu;
     mproc::BoundedSemaphore bounded(2);

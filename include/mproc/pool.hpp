@@ -64,7 +64,8 @@ public:
         state_->engine = engine.link();
         state_->max_retries = options.max_retries;
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
-        window_ = chunks_in_flight * chunksize_;
+        // Items in flight at most; a chunksize so large that the product wraps means all of them.
+        window_ = chunksize_ > SIZE_MAX / chunks_in_flight ? SIZE_MAX : chunks_in_flight * chunksize_;
     }
     // As noexcept as moving its parts is: a view that owns a std::deque allocates as it moves,
     // and declared noexcept regardless, running out of memory there would end the program.

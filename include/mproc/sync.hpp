@@ -88,7 +88,8 @@ private:
 /// dies (as in Python); the semaphore itself is never left half-updated.
 class Semaphore : public detail::SemaphoreBase {
 public:
-    explicit Semaphore(std::uint32_t value = 1) { create(value, 0, detail::type_hash<Semaphore>()); }
+    /// mproc::Error for a value below 0 or above 4,294,967,295.
+    explicit Semaphore(std::int64_t value = 1) { create(value, 0, detail::type_hash<Semaphore>(), "mproc::Semaphore"); }
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
         else
@@ -100,9 +101,10 @@ public:
 /// A Semaphore that refuses (mproc::Error) to be released above its initial value.
 class BoundedSemaphore : public detail::SemaphoreBase {
 public:
-    explicit BoundedSemaphore(std::uint32_t value = 1) {
+    explicit BoundedSemaphore(std::int64_t value = 1) {
         if (value == 0) throw Error("mproc::BoundedSemaphore: the bound must be at least 1");
-        create(value, value, detail::type_hash<BoundedSemaphore>());
+        create(value, static_cast<std::uint32_t>(value), detail::type_hash<BoundedSemaphore>(),
+               "mproc::BoundedSemaphore");
     }
     template <class Archive> void serialize(Archive& ar) {
         if constexpr (std::is_same_v<Archive, Writer>) ref_.encode(ar);
@@ -375,19 +377,21 @@ public:
         return *this;
     }
 
-    /// Atomic; returns the new value.
+    /// Atomic; returns the new value. Integers wrap past their range, as the atomic's fetch_add
+    /// does (and as a ctypes value in Python's Value does).
     T operator+=(T n) requires std::is_arithmetic_v<T> { return add(n); }
-    T operator-=(T n) requires std::is_arithmetic_v<T> { return add(static_cast<T>(-n)); }
+    T operator-=(T n) requires std::is_arithmetic_v<T> { return add(negated(n)); }
     T operator++() requires std::is_integral_v<T> { return add(1); }
     T operator--() requires std::is_integral_v<T> { return add(static_cast<T>(-1)); }
-    T operator++(int) requires std::is_integral_v<T> { return add(1) - 1; }
-    T operator--(int) requires std::is_integral_v<T> { return add(static_cast<T>(-1)) + 1; }
+    T operator++(int) requires std::is_integral_v<T> { return sum(add(1), static_cast<T>(-1)); }
+    T operator--(int) requires std::is_integral_v<T> { return sum(add(static_cast<T>(-1)), 1); }
 
     /// The Lock that goes with this value, for updates of more than one step:
     /// `std::lock_guard g(v.get_lock());` (Python's `with v.get_lock():`).
     Lock& get_lock() const {
         if (!lock_)
-            throw Error("mproc: use of an empty shared-object handle (moved from, or left empty by a failed decode)");
+            throw Error(
+                "mproc: use of an empty shared-object handle (moved from, left empty by a failed decode, or left out by its type's serialize)");
         return *lock_;
     }
 
@@ -411,11 +415,29 @@ private:
     T add(T n) {
         State* s = state();
         if constexpr (lock_free) {
-            return static_cast<T>(std::atomic_ref<T>(s->value).fetch_add(n, std::memory_order_seq_cst) + n);
+            return sum(std::atomic_ref<T>(s->value).fetch_add(n, std::memory_order_seq_cst), n);
         } else {
             Access guard(s);
-            s->value = static_cast<T>(s->value + n);
+            s->value = sum(s->value, n);
             return s->value;
+        }
+    }
+    /// a + b, wrapping for integers as the atomic's fetch_add does (in T, a signed sum that
+    /// overflows is undefined); and -n, wrapping likewise (the lowest signed value is its own).
+    static T sum(T a, T b) noexcept {
+        if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+            using U = std::make_unsigned_t<T>;
+            return static_cast<T>(static_cast<U>(static_cast<U>(a) + static_cast<U>(b)));
+        } else {
+            return static_cast<T>(a + b);
+        }
+    }
+    static T negated(T n) noexcept {
+        if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+            using U = std::make_unsigned_t<T>;
+            return static_cast<T>(static_cast<U>(U{0} - static_cast<U>(n)));
+        } else {
+            return static_cast<T>(-n);
         }
     }
     State* state() const { return ref_.as<State>(); }
@@ -478,7 +500,8 @@ public:
     /// The Lock that goes with this array: `std::lock_guard g(arr.get_lock());`.
     Lock& get_lock() const {
         if (!lock_)
-            throw Error("mproc: use of an empty shared-object handle (moved from, or left empty by a failed decode)");
+            throw Error(
+                "mproc: use of an empty shared-object handle (moved from, left empty by a failed decode, or left out by its type's serialize)");
         return *lock_;
     }
 
@@ -489,7 +512,7 @@ public:
             ref_.decode(ar, detail::array_magic, detail::type_hash<Array<T>>(), sizeof(Header), "Array");
             const Header* h = header();
             const std::size_t room = ref_.segment()->size() - ref_.offset();
-            if (h->data_offset != data_offset || h->size > (room - data_offset) / sizeof(T))
+            if (h->data_offset != data_offset || room < data_offset || h->size > (room - data_offset) / sizeof(T))
                 throw SerializationError("mproc: corrupt Array handle: its size does not fit its memory");
             bind();
         }

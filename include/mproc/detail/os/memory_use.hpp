@@ -61,7 +61,10 @@ inline bool limit_new_data(std::size_t bytes) noexcept {
     const std::size_t now = data_bytes();
     rlimit limit{};
     if (::getrlimit(RLIMIT_DATA, &limit) != 0) return false;
-    const rlim_t wanted = static_cast<rlim_t>(now) + static_cast<rlim_t>(bytes);
+    // A limit past what the counter holds is no limit (the sum would wrap below `now`).
+    const rlim_t wanted = bytes >= RLIM_INFINITY - static_cast<rlim_t>(now)
+                              ? RLIM_INFINITY
+                              : static_cast<rlim_t>(now) + static_cast<rlim_t>(bytes);
     limit.rlim_cur = limit.rlim_max == RLIM_INFINITY ? wanted : (wanted < limit.rlim_max ? wanted : limit.rlim_max);
     return ::setrlimit(RLIMIT_DATA, &limit) == 0;
 }

@@ -261,8 +261,14 @@ public:
     /// Takes one unit, waiting for one up to `timeout` (forever without one). False on timeout.
     bool acquire(std::optional<Seconds> timeout = std::nullopt) { return take(deadline_after(timeout), false); }
     /// Returns `n` units and wakes as many waiters. Throws mproc::Error, changing nothing, when
-    /// the value would pass the bound (BoundedSemaphore) or the largest 32-bit value.
-    void release(std::uint32_t n = 1) {
+    /// `n` is less than 1 (as Python's release(n) raises ValueError) or the value would pass the
+    /// bound (BoundedSemaphore) or the largest 32-bit value. (A signed `n`: a negative one given
+    /// as an unsigned 32-bit number would have been a huge release.)
+    void release(std::int64_t units = 1) {
+        if (units < 1 || units > std::int64_t{UINT32_MAX})
+            throw Error("mproc::Semaphore::release: the units released must be from 1 to " +
+                        std::to_string(UINT32_MAX) + ", not " + std::to_string(units));
+        const auto n = static_cast<std::uint32_t>(units);
         SemaphoreState* s = ref_.as<SemaphoreState>();
         // The sum in 64 bits: in 32 it wraps around and a huge release would lower the value.
         const std::uint64_t limit = s->bound == 0 ? std::uint64_t{UINT32_MAX} : s->bound;
@@ -289,12 +295,17 @@ public:
 
 protected:
     SemaphoreBase() = default;
-    void create(std::uint32_t value, std::uint32_t bound, std::uint64_t type) {
+    /// `value` is signed so that a negative one is refused (mproc::Error), as Python refuses it
+    /// (ValueError), rather than wrapped to a huge count.
+    void create(std::int64_t value, std::uint32_t bound, std::uint64_t type, const char* who) {
+        if (value < 0 || value > std::int64_t{UINT32_MAX})
+            throw Error(std::string(who) + ": the initial value must be from 0 to " + std::to_string(UINT32_MAX) +
+                        ", not " + std::to_string(value));
         if (HandleDecodeScope::active()) return;
         ref_ = SharedRef::allocate(sizeof(SemaphoreState), alignof(SemaphoreState), "mproc-semaphore");
         auto* s = ref_.as<SemaphoreState>();
         s->header = {semaphore_magic, 0, type};
-        s->value.store(value, std::memory_order_relaxed);
+        s->value.store(static_cast<std::uint32_t>(value), std::memory_order_relaxed);
         s->bound = bound;
     }
     bool take(const Deadline& deadline, bool try_only) {

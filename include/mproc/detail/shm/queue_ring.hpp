@@ -250,10 +250,11 @@ struct StreamPiece {
 class QueueRing {
 public:
     static SharedRef create(std::size_t buffer_bytes, std::size_t maxsize, std::uint64_t type, std::uint64_t joinable) {
+        // Checked before it is rounded up: near SIZE_MAX the rounding wraps to 0.
+        if (buffer_bytes > (std::size_t{1} << 46))
+            throw Error("mproc::Queue: buffer_bytes " + std::to_string(buffer_bytes) + " is too large");
         std::size_t capacity = round_up(std::max<std::size_t>(buffer_bytes, 4096), page_size());
         if (capacity > queue_resident) capacity = round_up(capacity, queue_chunk);
-        if (capacity > (std::size_t{1} << 46))
-            throw Error("mproc::Queue: buffer_bytes " + std::to_string(buffer_bytes) + " is too large");
         const std::size_t data_offset = round_up(sizeof(QueueHeader), page_size());
         // The RefTable lies past the ring, in pages of its own (sparse: untouched, they cost nothing).
         SharedRef ref = SharedRef::dedicated(data_offset + capacity + sizeof(RefTable), "mproc-queue");
