@@ -316,6 +316,50 @@ long sleep_then(long seconds) {
 }
 }  // namespace
 
+namespace {
+/// While alive, this process ignores SIGCHLD (the kernel reaps its children and keeps no status).
+struct IgnoringSigchld {
+    struct sigaction before {};
+    IgnoringSigchld() {
+        struct sigaction ignore {};
+        ignore.sa_handler = SIG_IGN;
+        ::sigemptyset(&ignore.sa_mask);
+        ::sigaction(SIGCHLD, &ignore, &before);
+    }
+    ~IgnoringSigchld() { ::sigaction(SIGCHLD, &before, nullptr); }
+    IgnoringSigchld(const IgnoringSigchld&) = delete;
+    IgnoringSigchld& operator=(const IgnoringSigchld&) = delete;
+};
+long exit_3(long) { pool_test::die_by(pool_test::Death::exit3); }
+long sigchld_ignored_here(long) {
+    struct sigaction now {};
+    ::sigaction(SIGCHLD, nullptr, &now);
+    return now.sa_handler == SIG_IGN ? 1 : 0;
+}
+}  // namespace
+
+TEST_CASE("In a program that ignores SIGCHLD a pool still says how a worker ended, and joins") {
+    // The fork server inherited SIG_IGN: the kernel reaped its workers and the pool reported
+    // "exited with status 0" for a worker that exited with 3; and joining the pool failed on the
+    // server's discarded status.
+    Watchdog dog(120s, "SIGCHLD ignored");
+    const IgnoringSigchld ignoring;
+    mproc::Pool pool(1);
+    CHECK(pool.apply(sigchld_ignored_here, 0L) == 1);  // tasks run with the program's disposition
+    try {
+        pool.apply(exit_3, 0L);
+        FAIL("expected WorkerLost");
+    } catch (const mproc::WorkerLost& e) {
+        CHECK(e.exit_status() == 3);
+        CHECK(e.signal() == 0);
+    }
+    CHECK(pool.apply(sigchld_ignored_here, 0L) == 1);  // the replacement too
+    pool.close();
+    CHECK(pool.join(60s));
+    mproc::Pool terminated(1);
+    CHECK_NOTHROW(terminated.terminate());
+}
+
 TEST_CASE("task_timeout and stall_timeout longer than mproc counts down never fire") {
     // Seconds{1e12} in nanoseconds is past what an int64_t holds: converted as it was, the stall
     // watchdog found the pool stalled at once (and the task_timeout was undefined behaviour).

@@ -46,6 +46,14 @@ enum class ChildRole : int {
     daemon = 2,   ///< a daemon Process: a normal exit terminates it
 };
 
+/// Whether this process's children are reaped by the kernel as they end, their statuses
+/// discarded: SIGCHLD is ignored (SIG_IGN, or SA_NOCLDWAIT).
+inline bool sigchld_ignored() noexcept {
+    struct sigaction now {};
+    if (::sigaction(SIGCHLD, nullptr, &now) != 0) return false;
+    return now.sa_handler == SIG_IGN || (now.sa_flags & SA_NOCLDWAIT) != 0;
+}
+
 class ChildRegistry {
 public:
     /// Which records an operation applies to: every one, or those of one role.
@@ -136,10 +144,21 @@ public:
             }
             return status;
         }
-        if (got < 0 && errno == ECHILD && slot) {
-            // Another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
-            if (await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
-            errno = ECHILD;
+        if (got < 0 && errno == ECHILD) {
+            // The kernel reaps the children of a process that ignores SIGCHLD, and keeps no status.
+            const bool ignored = sigchld_ignored();
+            // Else another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
+            if (!ignored && slot && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
+            // The child is gone: its record goes too (its pid may be another process's by now,
+            // which ChildGuard must not signal).
+            if (slot) slot->state.store(free_, std::memory_order_release);
+            if (ignored)
+                throw Error("mproc: child " + std::to_string(pid) +
+                            " was reaped by the kernel and its exit status discarded: this process ignores "
+                            "SIGCHLD (SIG_IGN or SA_NOCLDWAIT); leave SIGCHLD at its default to join children");
+            throw Error("mproc: child " + std::to_string(pid) +
+                        " was reaped outside mproc (a waitpid(-1), or a SIGCHLD handler that reaps), and its "
+                        "exit status with it");
         }
         if (got < 0) throw_errno("waitpid(" + std::to_string(pid) + ")");
         return std::nullopt;

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
@@ -41,6 +42,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -125,10 +127,9 @@ public:
     /// signal) after `grace`; reaps it. Changes nothing of this object: call forget() after.
     void wait_exit(Seconds grace) const {
         if (pid_ == 0) return;
-        auto status = wait_child(pid_, deadline_after(grace));
-        if (!status) {
+        if (!ended_by(deadline_after(grace))) {
             ::kill(pid_, SIGKILL);
-            status = wait_child(pid_, std::nullopt);
+            (void)ended_by(std::nullopt);
         }
         children().forget(pid_);
     }
@@ -136,11 +137,24 @@ public:
     /// (wait_exit then waits for it again).
     bool wait_exit_until(Clock::time_point deadline) {
         if (pid_ == 0) return true;
-        if (!wait_child(pid_, deadline)) return false;
+        if (!ended_by(deadline)) return false;
         children().forget(pid_);
         pid_ = 0;
         return true;
     }
+    /// Reaps the server if it ends by `deadline` (none: waits for it); false if it still runs. Where
+    /// this process ignores SIGCHLD the kernel reaps the server itself and keeps no status, which
+    /// the pool does not need: the server has ended once its pidfd is readable, or its pid is gone.
+    bool ended_by(const Deadline& deadline) const {
+        if (!sigchld_ignored()) return wait_child(pid_, deadline).has_value();
+        if (pidfd_) return wait_for(pidfd_.get(), POLLIN, deadline) > 0;
+        for (auto nap = std::chrono::microseconds(200);; nap = std::min(nap * 2, std::chrono::microseconds(20'000))) {
+            if (::kill(pid_, 0) != 0 && errno == ESRCH) return true;
+            if (expired(deadline)) return false;
+            std::this_thread::sleep_for(nap);
+        }
+    }
+
     /// After wait_exit: this object no longer names a server.
     void forget() noexcept {
         pid_ = 0;
@@ -216,6 +230,16 @@ private:
     // The server's whole life. Single-threaded by construction: it is a fresh fork.
     static int serve(int control, const WorkerMain& worker_main) {
         std::signal(SIGINT, SIG_IGN);  // the parent (its ChildGuard) decides what Ctrl-C does
+        // The server reports how each worker ended, so it reaps them itself: where the program
+        // ignores SIGCHLD (SIG_IGN, or SA_NOCLDWAIT), the kernel would reap them and discard their
+        // statuses. Each worker gets the program's disposition back before it runs tasks.
+        struct sigaction program_sigchld {};
+        {
+            struct sigaction reaped_here {};
+            reaped_here.sa_handler = SIG_DFL;
+            ::sigemptyset(&reaped_here.sa_mask);
+            ::sigaction(SIGCHLD, &reaped_here, &program_sigchld);
+        }
         {
             // Workers are born with it blocked: one signalled before it arms its handler must not
             // die of the default action (a worker unblocks it in arm_worker, worker.hpp).
@@ -286,6 +310,7 @@ private:
                             [&]() -> int {
                                 ::close(control);
                                 for (Worker& w : workers) w.pidfd.reset();
+                                ::sigaction(SIGCHLD, &program_sigchld, nullptr);
                                 return worker_main(seat, UniqueFd(channel_fd));
                             },
                             "PoolWorker-" + std::to_string(seat + 1));
