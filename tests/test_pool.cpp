@@ -7,6 +7,7 @@
 #include <mproc/process.hpp>
 
 #include <array>
+#include <atomic>
 #include <future>
 #include <list>
 #include <map>
@@ -566,6 +567,61 @@ TEST_CASE("large arguments and results: 8 MiB strings") {
 // =================================================================================================
 // imap, imap_unordered
 // =================================================================================================
+
+TEST_CASE("An imap range read after its pool is destroyed fails its items and touches no freed pool") {
+    // The range kept a pointer to the pool's engine and submitted through it: after the pool was
+    // destroyed that was a use of freed memory (ASan: heap-use-after-free).
+    Watchdog dog(120s, "imap after its pool");
+    std::optional<mproc::Pool> pool(std::in_place, 2);
+    const auto xs = iota_vec(100);
+    auto range = pool->imap(square, xs);
+    pool.reset();
+    std::size_t values = 0;
+    std::size_t errors = 0;
+    for (auto it = range.begin(); it != range.end(); ++it) {
+        try {
+            (void)*it;
+            ++values;
+        } catch (const mproc::Error& e) {
+            ++errors;
+            CHECK(std::string(e.what()).find("destroyed") != std::string::npos);
+        }
+    }
+    CHECK(values == 0);
+    CHECK(errors == 1);  // the input's place: nothing of it was sent
+}
+
+namespace {
+/// A result type whose move constructor throws once `moves_left` reaches 0 (-1: never).
+std::atomic<int> moves_left{-1};
+struct MovesOnce {
+    int v = 0;
+    MovesOnce() = default;
+    explicit MovesOnce(int x) : v(x) {}
+    MovesOnce(const MovesOnce&) = default;
+    MovesOnce(MovesOnce&& other) : v(other.v) {
+        if (moves_left.load() == 0) throw std::runtime_error("MovesOnce: no more moves");
+        if (moves_left.load() > 0) --moves_left;
+    }
+    MovesOnce& operator=(const MovesOnce&) = default;
+    MovesOnce& operator=(MovesOnce&&) = default;
+    ~MovesOnce() = default;
+    template <class Archive> void serialize(Archive& ar) { ar(v); }
+};
+MovesOnce moves_once(int x) { return MovesOnce(x); }
+}  // namespace
+
+TEST_CASE("A result whose move throws as it is published fails its call instead of never arriving") {
+    // The collector moved the value into place with nothing to catch a throw: the call was never
+    // published, and get() waited for ever.
+    Watchdog dog(120s, "throwing result move");
+    mproc::Pool pool(1);
+    moves_left = 1;  // in this process only: the worker was forked before
+    auto r = pool.apply_async(moves_once, std::tuple{5});
+    CHECK_THROWS_WITH(r.get(60s), "MovesOnce: no more moves");
+    moves_left = -1;
+    CHECK(pool.apply(moves_once, 6).v == 6);
+}
 
 TEST_CASE("imap with a chunksize so large that its window would wrap yields every result") {
     // The window (chunks in flight times chunksize) wrapped to 0: imap sent nothing and waited for ever.

@@ -59,7 +59,7 @@ private:
 
 public:
     ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
-        : engine_(&engine), f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
+        : f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
           state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
         state_->engine = engine.link();
         state_->max_retries = options.max_retries;
@@ -130,11 +130,19 @@ private:
                 input_done_ = true;
                 break;
             }
+            // The pool is reached through the call's link, never by a pointer of the range's own:
+            // a range may outlive its pool (then the rest of the call fails, as a closed pool's).
+            const std::optional<std::uint64_t> id = state_->engine->next_task_id();
+            if (!id) {
+                input_error_ = std::make_exception_ptr(Error("mproc::Pool::imap: the pool was destroyed"));
+                input_done_ = true;
+                break;
+            }
             detail::Task task;
             task.sink = state_;
             task.first = submitted_;
             std::exception_ptr input_error;
-            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *engine_, f_, *input_, std::ranges::end(view_),
+            const std::uint32_t n = detail::encode_chunk<F, Args>(task, *id, f_, *input_, std::ranges::end(view_),
                                                                   chunksize_, SIZE_MAX, &input_error);
             if (n < chunksize_) input_done_ = true;
             if (input_error) {
@@ -143,7 +151,7 @@ private:
             }
             if (n == 0) break;
             try {
-                engine_->submit(std::move(task));
+                state_->engine->submit(std::move(task));
             } catch (...) {
                 // Not taken (the pool closed, no memory): its items, already read from the input,
                 // fail in their place, as an input that threw there does.
@@ -181,7 +189,6 @@ private:
         ++consumed_;
     }
 
-    detail::PoolEngine* engine_;
     F f_;
     View view_;
     std::optional<std::ranges::iterator_t<View>> input_;
@@ -383,7 +390,7 @@ private:
                 task.first = first;
                 const std::size_t n = guided ? detail::default_chunksize(count - first, engine().processes())
                                              : chunksize;
-                first += detail::encode_chunk<F, Args>(task, engine(), f, it, end, n, max_bytes);
+                first += detail::encode_chunk<F, Args>(task, engine().next_task_id(), f, it, end, n, max_bytes);
                 feed.encoded(first);
             }
             feed.finish();

@@ -44,10 +44,10 @@ inline constexpr std::size_t default_chunk_bytes = std::size_t{32} * 1024;
 /// (advancing it, reading an element, encoding one) propagates — or, given `input_error`, is
 /// stored there and ends the chunk after the items already encoded (the partial item is dropped).
 template <class F, class Args, class It, class End>
-std::uint32_t encode_chunk(Task& task, PoolEngine& engine, const F& f, It& it, const End& end, std::size_t n,
+std::uint32_t encode_chunk(Task& task, std::uint64_t task_id, const F& f, It& it, const End& end, std::size_t n,
                            std::size_t max_bytes = SIZE_MAX, std::exception_ptr* input_error = nullptr) {
     n = std::min<std::size_t>(n, UINT32_MAX);  // a task counts its items in 32 bits (`taken` would wrap)
-    task.id = engine.next_task_id();
+    task.id = task_id;
     if (task.sink->call == 0) task.sink->call = task.id;  // the call's first task names it
     begin_chunk_frame<F, Args>(task.frame, task.id, task.sink->call, 0, f);
     const std::size_t start = task.frame.size();

@@ -721,6 +721,18 @@ public:
         std::lock_guard lock(mutex_);
         engine_ = nullptr;
     }
+    /// A new task id of the pool; none once the pool is gone.
+    std::optional<std::uint64_t> next_task_id() {
+        std::lock_guard lock(mutex_);
+        if (!engine_) return std::nullopt;
+        return engine_->next_task_id();
+    }
+    /// PoolEngine::submit; mproc::Error, taking nothing, once the pool is gone.
+    void submit(Task&& task) {
+        std::lock_guard lock(mutex_);
+        if (!engine_) throw Error("mproc::Pool: the pool was destroyed");
+        engine_->submit(std::move(task));
+    }
 
 private:
     std::mutex mutex_;

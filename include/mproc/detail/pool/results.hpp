@@ -362,7 +362,17 @@ private:
             std::lock_guard lock(mutex_);
             error = error_;
             if constexpr (!std::is_void_v<Value>) {
-                if (!error) static_cast<Derived*>(this)->finish(value_);
+                // The value moves into place (the result type's move may throw, or allocate: a
+                // type with no move constructor is copied). Then the call fails with that error,
+                // rather than never being published.
+                if (!error) {
+                    try {
+                        static_cast<Derived*>(this)->finish(value_);
+                    } catch (...) {
+                        value_.reset();
+                        error = error_ = std::current_exception();
+                    }
+                }
             }
             callback.swap(callback_);
             error_callback.swap(error_callback_);
