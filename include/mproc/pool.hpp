@@ -60,7 +60,7 @@ private:
 public:
     ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
         : f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
-          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(engine.collector_id())) {
+          state_(std::make_shared<detail::ImapState<value_type, Ordered>>(&engine)) {
         state_->engine = engine.link();
         state_->max_retries = options.max_retries;
         const std::size_t chunks_in_flight = std::max<std::size_t>(8, std::size_t{engine.processes()} * 4);
@@ -247,7 +247,7 @@ public:
         detail::require_task_callable<F>();
         detail::require_invocable_with<F, Args>();
         auto state = std::make_shared<detail::SingleResult<R>>(1, std::move(callback), std::move(error_callback),
-                                                               engine().collector_id());
+                                                               &engine());
         state->engine = engine().link();
         state->max_retries = options.max_retries;
         detail::Task task;
@@ -376,7 +376,7 @@ private:
             const bool guided = chunksize == 0;
             const std::size_t max_bytes = guided ? detail::default_chunk_bytes : SIZE_MAX;
             auto state = std::make_shared<detail::ManyResult<R>>(count, std::move(callback), std::move(error_callback),
-                                                                 engine().collector_id());
+                                                                 &engine());
             state->engine = engine().link();
             state->max_retries = options.max_retries;
             if (count == 0) engine().post([state] { state->complete_empty(); });

@@ -371,8 +371,10 @@ public:
         return true;
     }
 
-    /// The thread callbacks run on.
-    virtual std::thread::id collector_id() const noexcept = 0;
+    /// Whether the calling thread is one on which `engine`'s outcomes are delivered — its own
+    /// thread, or one running its callbacks at teardown (OwnThreadScope) — where waiting for an
+    /// outcome of that pool would wait for ever. Compares the address only: `engine` may be gone.
+    static bool delivers_here(const PoolEngine* engine) noexcept { return own_thread_mark() == engine; }
     /// Whether the calling thread is this engine's own thread (callbacks run there). A thread id
     /// can be reused once its thread is joined; this mark cannot: it lives on that thread only.
     bool on_own_thread() const noexcept { return own_thread_mark() == this; }

@@ -97,8 +97,6 @@ public:
     }
 
     unsigned processes() const noexcept override { return options_.processes; }
-    /// The collector thread's id (callbacks run there).
-    std::thread::id collector_id() const noexcept override { return collector_id_; }
 
     /// Pids of the live workers (for tests and active-children accounting).
     std::vector<pid_t> worker_pids() override {
@@ -246,9 +244,8 @@ private:
             if (!spawn_locked(seats_[i])) throw Error(seats_[i].respawn_error);
         }
         make_ready_errors();  // the server is forked: it does not carry them
-        std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_id_
+        std::lock_guard lock(mutex_);  // the collector starts by taking it: it sees collector_
         collector_ = std::make_unique<std::thread>([this] { collector_main(); });
-        collector_id_ = collector_->get_id();
     }
 
     /// After start() threw: the server (and through it every worker) is killed and reaped.
@@ -1451,7 +1448,6 @@ private:
     bool collector_ended_ = false;  // the collector thread has returned (mutex_)
     bool collector_closing_ = false;  // the collector runs no posted job but those already there (mutex_)
     std::unique_ptr<std::thread> collector_;
-    std::thread::id collector_id_;
 };
 
 }  // namespace mproc::detail

@@ -132,9 +132,10 @@ public:
     using Callback = typename result_callback<Value>::type;
     using ErrorCallback = std::function<void(std::exception_ptr)>;
 
-    ResultCore(std::size_t items, Callback callback, ErrorCallback error_callback, std::thread::id collector)
+    /// `pool`: the engine of the call (identifies it, never used: see PoolEngine::delivers_here).
+    ResultCore(std::size_t items, Callback callback, ErrorCallback error_callback, const PoolEngine* pool)
         : items_(items), remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
-          collector_(collector) {}
+          pool_(pool) {}
 
     /// For a call with no items: completes it (on the pool's thread, see PoolEngine::post).
     void complete_empty() {
@@ -150,7 +151,7 @@ public:
     /// paced map, see detail/pool/feed.hpp). False at once on the pool's own thread, where the
     /// outcomes would never come.
     bool wait_settled(std::size_t items) {
-        if (std::this_thread::get_id() == collector_) return false;
+        if (PoolEngine::delivers_here(pool_)) return false;
         std::unique_lock lock(mutex_);
         // One waiter at a time (the thread feeding the call); settle() wakes it at its target only.
         settled_target_ = items;
@@ -285,7 +286,7 @@ public:
     bool wait(std::optional<Seconds> timeout) override {
         check_timeout(timeout);
         if (ready_word_.load(std::memory_order_acquire) == published) return true;
-        if (std::this_thread::get_id() == collector_)
+        if (PoolEngine::delivers_here(pool_))
             throw Error("waiting for a Pool result inside a Pool callback would deadlock");
         const Deadline deadline = deadline_after(timeout);
         for (;;) {
@@ -426,7 +427,7 @@ private:
     std::optional<stored_t<Value>> value_;
     Callback callback_;
     ErrorCallback error_callback_;
-    std::thread::id collector_;
+    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never used
     Continuation* continuations_ = nullptr;  // added while not ready; run by complete()
 };
 
@@ -459,8 +460,8 @@ public:
     /// results come, on the pool's: the caller does not touch memory the size of the whole result
     /// (page faults and all) before the first task goes out.
     ManyResult(std::size_t items, typename Core::Callback callback, typename Core::ErrorCallback error_callback,
-               std::thread::id collector)
-        : Core(items, std::move(callback), std::move(error_callback), collector), items_(items) {
+               const PoolEngine* pool)
+        : Core(items, std::move(callback), std::move(error_callback), pool), items_(items) {
         if constexpr (!std::is_void_v<R>) values_.reserve(items);
     }
 
@@ -510,7 +511,7 @@ public:
         std::exception_ptr error;
     };
 
-    explicit ImapState(std::thread::id collector) : collector_(collector) {}
+    explicit ImapState(const PoolEngine* pool) : pool_(pool) {}
 
     void deliver(std::size_t first, std::span<const OutcomeRecord> outcomes,
                  std::span<const std::uint32_t> skips) override {
@@ -563,7 +564,7 @@ public:
     /// Waits for the next item in the iteration's order (index `next` when ordered).
     Item take(std::size_t next) {
         std::unique_lock lock(mutex_);
-        if (std::this_thread::get_id() == collector_ && !has_locked(next))
+        if (PoolEngine::delivers_here(pool_) && !has_locked(next))
             throw Error("iterating a Pool's imap inside a Pool callback would deadlock");
         arrived_.wait(lock, [&] { return has_locked(next) || aborted_; });
         if (!has_locked(next)) return Item{std::nullopt, aborted_};
@@ -603,7 +604,7 @@ private:
     std::atomic<bool> stopped_{false};  // aborted_ is set (read without the lock by the loop)
     std::map<std::size_t, Item> ordered_;
     std::deque<Item> unordered_;
-    std::thread::id collector_;
+    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never used
 };
 
 /// The state behind apply_async (Many = false) or map_async (Many = true) of a task returning R.

@@ -284,7 +284,7 @@ public:
         }
         make_ready_errors();
         master_.acquire(this);
-        std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_id_
+        std::lock_guard lock(mutex_);  // the thread starts by taking it: it sees thread_
         try {
             thread_ = std::thread([this] {
                 mark_own_thread();
@@ -295,7 +295,6 @@ public:
             master_.release(this);  // no destructor runs: the Master must not point here
             throw;
         }
-        thread_id_ = thread_.get_id();
     }
     MpiEngine(const MpiEngine&) = delete;
     MpiEngine& operator=(const MpiEngine&) = delete;
@@ -342,14 +341,15 @@ public:
     }
     void finish_terminate(std::vector<Task>& doomed) override {
         stop_thread();  // the thread stops before the failures are delivered: callbacks never overlap
-        run_all_posted();
-        const std::exception_ptr error = error_or_ready_made("the pool was terminated before this task finished");
-        fail_tasks(doomed, error);
-        fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
+        {
+            const OwnThreadScope callbacks(*this);  // a callback here that waits for a result fails, as on the thread
+            run_all_posted();
+            const std::exception_ptr error = error_or_ready_made("the pool was terminated before this task finished");
+            fail_tasks(doomed, error);
+            fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
+        }
         idle_.notify_all();
     }
-
-    std::thread::id collector_id() const noexcept override { return thread_id_; }
 
     std::size_t placed_count_locked() const noexcept override { return inflight_count(std::span<const Seat>(seats_)); }
     /// A cancelled call's tasks are all on the ranks (the backlog's are dropped already): each rank
@@ -752,7 +752,6 @@ private:
 
     std::mutex stop_mutex_;
     std::thread thread_;
-    std::thread::id thread_id_;
 };
 
 inline void Master::mark_lost(int rank, std::string why) {
