@@ -59,7 +59,8 @@ private:
 
 public:
     ImapRange(detail::PoolEngine& engine, F f, View view, std::size_t chunksize, CallOptions options = {})
-        : f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : chunksize),
+        // A task holds at most UINT32_MAX items (encode_chunk): a larger chunksize is that one.
+        : f_(f), view_(std::move(view)), chunksize_(chunksize == 0 ? 1 : std::min<std::size_t>(chunksize, UINT32_MAX)),
           state_(std::make_shared<detail::ImapState<value_type, Ordered>>(&engine)) {
         state_->engine = engine.link();
         state_->max_retries = options.max_retries;

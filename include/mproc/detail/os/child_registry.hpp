@@ -149,13 +149,15 @@ public:
             const bool ignored = sigchld_ignored();
             // Else another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
             if (!ignored && slot && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
-            // The child is gone: its record goes too (its pid may be another process's by now,
-            // which ChildGuard must not signal).
-            if (slot) slot->state.store(free_, std::memory_order_release);
-            if (ignored)
+            if (ignored) {
+                // The kernel reaped it: its record goes too (its pid may be another process's by
+                // now, which ChildGuard must not signal). Not otherwise: a reaper late to store the
+                // status must not find the record another child's.
+                if (slot) slot->state.store(free_, std::memory_order_release);
                 throw Error("mproc: child " + std::to_string(pid) +
                             " was reaped by the kernel and its exit status discarded: this process ignores "
                             "SIGCHLD (SIG_IGN or SA_NOCLDWAIT); leave SIGCHLD at its default to join children");
+            }
             throw Error("mproc: child " + std::to_string(pid) +
                         " was reaped outside mproc (a waitpid(-1), or a SIGCHLD handler that reaps), and its "
                         "exit status with it");

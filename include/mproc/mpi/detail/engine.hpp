@@ -349,6 +349,7 @@ public:
             fail_held_tasks(error);  // those left where they were (see take_doomed_locked)
         }
         idle_.notify_all();
+        if (retired_) delete this;  // destroyed by a callback run above (its thread is stopped)
     }
 
     std::size_t placed_count_locked() const noexcept override { return inflight_count(std::span<const Seat>(seats_)); }
