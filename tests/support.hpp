@@ -189,4 +189,22 @@ private:
     int saved_ = -1;
 };
 
+/// While alive, this process ignores SIGCHLD (the kernel reaps its children and keeps no status);
+/// the disposition before is put back after.
+class IgnoringSigchld {
+public:
+    IgnoringSigchld() {
+        struct sigaction ignore {};
+        ignore.sa_handler = SIG_IGN;
+        ::sigemptyset(&ignore.sa_mask);
+        ::sigaction(SIGCHLD, &ignore, &before_);
+    }
+    ~IgnoringSigchld() { ::sigaction(SIGCHLD, &before_, nullptr); }
+    IgnoringSigchld(const IgnoringSigchld&) = delete;
+    IgnoringSigchld& operator=(const IgnoringSigchld&) = delete;
+
+private:
+    struct sigaction before_ {};
+};
+
 }  // namespace mproc_test

@@ -623,13 +623,6 @@ TEST_CASE("A result whose move throws as it is published fails its call instead 
     CHECK(pool.apply(moves_once, 6).v == 6);
 }
 
-namespace {
-long sleep_seconds(long s) {
-    std::this_thread::sleep_for(std::chrono::seconds(s));
-    return s;
-}
-}  // namespace
-
 TEST_CASE("A callback run as its pool terminates that waits for another of its results fails, never hangs") {
     // terminate() fails the pending calls on the calling thread, one after another: a callback
     // that waited there for a later one waited for ever (only the collector thread was refused).
@@ -637,7 +630,7 @@ TEST_CASE("A callback run as its pool terminates that waits for another of its r
     mproc::Pool pool(1);
     std::optional<mproc::AsyncResult<long>> other;
     std::string seen;
-    auto first = pool.apply_async(sleep_seconds, std::tuple{30L}, {}, [&](const std::exception_ptr&) {
+    auto first = pool.apply_async(pool_test::sleep_then, std::tuple{30L}, {}, [&](const std::exception_ptr&) {
         try {
             (void)other->get();
             seen = "returned";
@@ -645,7 +638,7 @@ TEST_CASE("A callback run as its pool terminates that waits for another of its r
             seen = e.what();
         }
     });
-    other = pool.apply_async(sleep_seconds, std::tuple{30L});
+    other = pool.apply_async(pool_test::sleep_then, std::tuple{30L});
     pool.terminate();
     CHECK(seen.find("deadlock") != std::string::npos);
     CHECK_THROWS_AS(other->get(0s), mproc::Error);  // failed by the terminate, after the callback

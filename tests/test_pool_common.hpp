@@ -279,6 +279,12 @@ inline const char* expected_words(Death d) {
 inline bool dies(long i) { return i % 10 == 9; }
 inline Death death_of(long i) { return static_cast<Death>((i / 10) % death_kinds); }
 
+/// Sleeps `seconds`, then returns them: a task that is still running when the test acts.
+inline long sleep_then(long seconds) {
+    std::this_thread::sleep_for(std::chrono::seconds(seconds));
+    return seconds;
+}
+
 /// The task of that workload: logs i, returns i*i+1 — or dies.
 inline long square_or_die(long i) {
     if (dies(i)) die_by(death_of(i));

@@ -310,32 +310,8 @@ TEST_CASE("a pool whose every task kills its worker still finishes and stays usa
 // =================================================================================================
 
 namespace {
-long sleep_then(long seconds) {
-    std::this_thread::sleep_for(std::chrono::seconds(seconds));
-    return seconds;
-}
-}  // namespace
-
-namespace {
-/// While alive, this process ignores SIGCHLD (the kernel reaps its children and keeps no status).
-struct IgnoringSigchld {
-    struct sigaction before {};
-    IgnoringSigchld() {
-        struct sigaction ignore {};
-        ignore.sa_handler = SIG_IGN;
-        ::sigemptyset(&ignore.sa_mask);
-        ::sigaction(SIGCHLD, &ignore, &before);
-    }
-    ~IgnoringSigchld() { ::sigaction(SIGCHLD, &before, nullptr); }
-    IgnoringSigchld(const IgnoringSigchld&) = delete;
-    IgnoringSigchld& operator=(const IgnoringSigchld&) = delete;
-};
 long exit_3(long) { pool_test::die_by(pool_test::Death::exit3); }
-long sigchld_ignored_here(long) {
-    struct sigaction now {};
-    ::sigaction(SIGCHLD, nullptr, &now);
-    return now.sa_handler == SIG_IGN ? 1 : 0;
-}
+long sigchld_ignored_here(long) { return mproc::detail::sigchld_ignored() ? 1 : 0; }
 }  // namespace
 
 TEST_CASE("In a program that ignores SIGCHLD a pool still says how a worker ended, and joins") {
@@ -343,7 +319,7 @@ TEST_CASE("In a program that ignores SIGCHLD a pool still says how a worker ende
     // "exited with status 0" for a worker that exited with 3; and joining the pool failed on the
     // server's discarded status.
     Watchdog dog(120s, "SIGCHLD ignored");
-    const IgnoringSigchld ignoring;
+    const mproc_test::IgnoringSigchld ignoring;
     mproc::Pool pool(1);
     CHECK(pool.apply(sigchld_ignored_here, 0L) == 1);  // tasks run with the program's disposition
     try {
@@ -365,15 +341,15 @@ TEST_CASE("task_timeout and stall_timeout longer than mproc counts down never fi
     // watchdog found the pool stalled at once (and the task_timeout was undefined behaviour).
     Watchdog dog(120s, "huge timeouts");
     mproc::Pool pool({.processes = 1, .task_timeout = mproc::Seconds{1e12}, .stall_timeout = mproc::Seconds{1e12}});
-    CHECK(pool.apply(sleep_then, 0L) == 0);
+    CHECK(pool.apply(pool_test::sleep_then, 0L) == 0);
     std::vector<long> zeros(4, 0);
-    CHECK(pool.map(sleep_then, zeros) == zeros);
+    CHECK(pool.map(pool_test::sleep_then, zeros) == zeros);
     const mproc::RestartCounts restarts = pool.stats().restarts();
     CHECK(restarts.timeout == 0);
     CHECK(restarts.crashed == 0);
     const mproc::Seconds forever{std::numeric_limits<double>::infinity()};
     mproc::Pool unbounded({.processes = 1, .task_timeout = forever, .stall_timeout = forever});
-    CHECK(unbounded.apply(sleep_then, 0L) == 0);
+    CHECK(unbounded.apply(pool_test::sleep_then, 0L) == 0);
 }
 
 TEST_CASE("A NaN task_timeout or stall_timeout is refused when the pool is made") {
@@ -390,7 +366,7 @@ TEST_CASE("task_timeout: a task past it fails with TimeoutError, its worker is r
     {
         mproc::Pool pool({.processes = 2, .task_timeout = 500ms});
         const auto first = pool_test::all_worker_pids(pool, 2);
-        auto slow = pool.apply_async(sleep_then, std::tuple{30L});
+        auto slow = pool.apply_async(pool_test::sleep_then, std::tuple{30L});
         std::vector<long> xs(200);
         std::iota(xs.begin(), xs.end(), 0L);
         std::vector<long> expected;
@@ -412,7 +388,7 @@ TEST_CASE("task_timeout: a task past it fails with TimeoutError, its worker is r
 
         // A slow item inside a map fails alone.
         std::vector<long> mixed = {0, 0, 30, 0, 0};
-        auto imap_results = pool.imap(sleep_then, mixed);
+        auto imap_results = pool.imap(pool_test::sleep_then, mixed);
         std::size_t i = 0;
         for (auto it = imap_results.begin(); it != imap_results.end(); ++it, ++i) {
             INFO("item " << i);

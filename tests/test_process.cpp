@@ -63,16 +63,11 @@ TEST_CASE("a process that returns exits with 0") {
 TEST_CASE("Process::join in a program that ignores SIGCHLD is an Error that names the cause") {
     // The kernel reaps the child and keeps no status: join said "waitpid: No child processes",
     // after a second spent waiting for a status nobody would store.
-    struct sigaction ignore {};
-    struct sigaction before {};
-    ignore.sa_handler = SIG_IGN;
-    ::sigemptyset(&ignore.sa_mask);
-    ::sigaction(SIGCHLD, &ignore, &before);
+    const mproc_test::IgnoringSigchld ignoring;
     mproc::Process child([] {});
     child.start();
     CHECK_THROWS_WITH(child.join(), Catch::Matchers::Contains("ignores SIGCHLD"));
     CHECK_THROWS_WITH(child.join(), Catch::Matchers::Contains("ignores SIGCHLD"));  // the same again
-    ::sigaction(SIGCHLD, &before, nullptr);
 }
 
 TEST_CASE("a target that calls exit(3) exits with 3") {

@@ -75,13 +75,14 @@ public:
     /// Once the queue is shut down (also while waiting for room): mproc::ShutDown.
     void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
         if (closed_) throw Error("mproc::Queue::put: this handle was closed");
-        detail::check_timeout(timeout);  // before the item's serialize runs
+        // From the call on (a NaN timeout is refused before the item's serialize runs).
+        const detail::Deadline deadline = detail::deadline_after(timeout);
         if constexpr (detail::is_length_and_bytes_v<T>) {
             // A string, or a vector of numbers: its length, then its own bytes, copied once,
             // straight into the ring (encoded into a buffer first, a large item was copied twice).
             const std::uint64_t length = item.size();
             const detail::ItemBytes msg{std::as_bytes(std::span(&length, 1)), std::as_bytes(std::span(item))};
-            if (!queue().put(msg, detail::deadline_after(timeout)))
+            if (!queue().put(msg, deadline))
                 throw Full("mproc::Queue::put: the queue stayed full for the whole timeout");
             return;
         }
@@ -93,7 +94,7 @@ public:
             encode_into(bytes, item);
             if (!handles.segments().empty()) ids = handles.ids();
         }
-        if (!queue().put(bytes.bytes(), detail::deadline_after(timeout), ids))
+        if (!queue().put(bytes.bytes(), deadline, ids))
             throw Full("mproc::Queue::put: the queue stayed full for the whole timeout");
     }
     void put_nowait(const T& item) { put(item, Seconds{0}); }

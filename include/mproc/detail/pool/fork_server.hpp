@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
@@ -42,7 +41,6 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
-#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -148,11 +146,7 @@ public:
     bool ended_by(const Deadline& deadline) const {
         if (!sigchld_ignored()) return wait_child(pid_, deadline).has_value();
         if (pidfd_) return wait_for(pidfd_.get(), POLLIN, deadline) > 0;
-        for (auto nap = std::chrono::microseconds(200);; nap = std::min(nap * 2, std::chrono::microseconds(20'000))) {
-            if (::kill(pid_, 0) != 0 && errno == ESRCH) return true;
-            if (expired(deadline)) return false;
-            std::this_thread::sleep_for(nap);
-        }
+        return nap_until([this] { return ::kill(pid_, 0) != 0 && errno == ESRCH; }, deadline);
     }
 
     /// After wait_exit: this object no longer names a server.

@@ -132,7 +132,7 @@ public:
     using Callback = typename result_callback<Value>::type;
     using ErrorCallback = std::function<void(std::exception_ptr)>;
 
-    /// `pool`: the engine of the call (identifies it, never used: see PoolEngine::delivers_here).
+    /// `pool`: the engine of the call (compared, never dereferenced: see PoolEngine::delivers_here).
     ResultCore(std::size_t items, Callback callback, ErrorCallback error_callback, const PoolEngine* pool)
         : items_(items), remaining_(items), callback_(std::move(callback)), error_callback_(std::move(error_callback)),
           pool_(pool) {}
@@ -427,7 +427,7 @@ private:
     std::optional<stored_t<Value>> value_;
     Callback callback_;
     ErrorCallback error_callback_;
-    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never used
+    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never dereferenced
     Continuation* continuations_ = nullptr;  // added while not ready; run by complete()
 };
 
@@ -604,7 +604,7 @@ private:
     std::atomic<bool> stopped_{false};  // aborted_ is set (read without the lock by the loop)
     std::map<std::size_t, Item> ordered_;
     std::deque<Item> unordered_;
-    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never used
+    const PoolEngine* pool_;  // identifies the call's pool (PoolEngine::delivers_here); never dereferenced
 };
 
 /// The state behind apply_async (Many = false) or map_async (Many = true) of a task returning R.
