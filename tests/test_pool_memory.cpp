@@ -16,11 +16,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fcntl.h>
+#include <mutex>
 #include <new>
 #include <numeric>
 #include <optional>
 #include <string>
 #include <sys/stat.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -263,6 +265,81 @@ TEST_CASE("the collector's allocations failing in turn, a worker dying meanwhile
     test_thread = false;
     CHECK(nth > 10);
     CHECK(broke > 0);
+}
+
+namespace {
+long napping_square(long x) {
+    std::this_thread::sleep_for(20ms);
+    return x * x;
+}
+/// A call's error_callback that cancels the call `next` holds (set once it is made).
+struct CancelNext {
+    std::mutex mutex;
+    std::optional<mproc::AsyncResult<long>> next;
+    void set(const mproc::AsyncResult<long>& call) {
+        const std::lock_guard lock(mutex);
+        next = call;
+    }
+    bool cancel() {
+        std::optional<mproc::AsyncResult<long>> call;
+        {
+            const std::lock_guard lock(mutex);
+            call = next;
+        }
+        return call && call->cancel();
+    }
+};
+}  // namespace
+
+// When the collector fails (each of its allocations in turn), the pool breaks and the collector
+// fails the calls it held, running their callbacks — no longer taking posted jobs, so a cancel
+// made then settles its call on the cancelling thread. Here the first call's error_callback
+// cancels the second, whose error_callback (run by that cancel) cancels the third: that cancel
+// took the pool's link lock the first one still held, and the collector waited for itself.
+TEST_CASE("a call cancelled from a callback of a broken pool may cancel another call from its own callback",
+          "[pool][memory]") {
+    Watchdog dog(280s, "cancels chained through the callbacks of a broken pool");
+    test_thread = true;
+    int chained = 0;  // rounds where the second call's callback got its CancelledError
+    long nth = 1;
+    for (;; ++nth) {
+        REQUIRE(nth <= 3000);
+        auto after_first = std::make_shared<CancelNext>(), after_second = std::make_shared<CancelNext>();
+        auto second_cancelled = std::make_shared<std::atomic<bool>>(false);
+        std::vector<mproc::AsyncResult<long>> calls;
+        engine_countdown = nth;
+        {
+            mproc::Pool pool(1);
+            try {
+                calls.push_back(pool.apply_async(napping_square, std::tuple{1L}, {},
+                                                 [after_first](std::exception_ptr) { after_first->cancel(); }));
+                calls.push_back(pool.apply_async(square, std::tuple{2L}, {},
+                                                 [after_second, second_cancelled](std::exception_ptr e) {
+                                                     try {
+                                                         std::rethrow_exception(e);
+                                                     } catch (const mproc::CancelledError&) {
+                                                         *second_cancelled = true;
+                                                     } catch (...) {  // NOLINT(bugprone-empty-catch): the pool's
+                                                     }
+                                                     after_second->cancel();
+                                                 }));
+                after_first->set(calls[1]);
+                calls.push_back(pool.apply_async(square, std::tuple{3L}));
+                after_second->set(calls[2]);
+            } catch (const mproc::Error&) {  // NOLINT(bugprone-empty-catch): broken already
+            }
+            for (auto& call : calls) REQUIRE(call.wait(60s));
+            pool.close();
+            pool.join();
+        }
+        chained += *second_cancelled ? 1 : 0;
+        const bool fired = engine_countdown.load() <= 0;
+        engine_countdown = 0;
+        if (!fired) break;  // the collector made fewer than nth allocations: each one failed once
+    }
+    test_thread = false;
+    CHECK(nth > 10);
+    CHECK(chained > 0);
 }
 
 namespace {

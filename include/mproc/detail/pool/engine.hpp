@@ -267,25 +267,41 @@ public:
         wake();
     }
 
+    /// What a cancel leaves to its caller when the engine's thread no longer runs posted jobs
+    /// (the pool is ending): the call, and the tasks dropped from it, to settle on the calling
+    /// thread once it holds no lock of the pool's (see EngineLink::cancel).
+    struct CancelRest {
+        std::shared_ptr<ResultSink> sink;  // none: the engine's thread settles the call
+        std::vector<Task> dropped;
+        std::exception_ptr error;
+        /// Fails the dropped tasks and completes the call: its callbacks run here. Never throws.
+        void settle() noexcept {
+            settle_failed(dropped, error);
+            sink->settle_cancelled();
+        }
+    };
+
     /// Stops the tasks of a cancelled call: those not yet given to a worker are dropped, and an
     /// engine that can stop a running one does (the fork engine: see cancel_placed_locked). The
-    /// call is settled on the engine's thread, where callbacks run. Any thread.
-    void cancel(ResultSink& sink) {
+    /// call is settled on the engine's thread, where callbacks run — or, once that thread has
+    /// ended, by the caller, with what this leaves in `rest`; the dropped tasks then count as
+    /// pending until it calls finish_tasks(rest.dropped.size()). Any thread.
+    void cancel(ResultSink& sink, CancelRest& rest) {
         check_owner();
         std::shared_ptr<ResultSink> keep = sink.shared_from_this();
         auto dropped = std::make_shared<std::vector<Task>>();
-        std::function<void()> job = [this, keep, dropped] {
-            fail_tasks(*dropped, cancelled_error());  // first: it never throws
+        std::exception_ptr error = cancelled_error();
+        std::function<void()> job = [this, keep, dropped, error] {
+            fail_tasks(*dropped, error);  // first: it never throws
             keep->settle_cancelled();
         };
-        bool posted = false;
         {
             std::lock_guard lock(mutex_);
             if (state_ == State::terminated) return;  // terminate() settles every task
             // What can throw (no memory) comes first, before any task moves: room in `dropped`
             // for every task the pool holds, and the job in posted_ (counted at once).
             dropped->reserve(backlog_.size() + placed_count_locked());
-            posted = thread_running_locked();
+            const bool posted = thread_running_locked();
             if (posted) {
                 posted_.push_back(job);
                 ++outstanding_;
@@ -303,9 +319,14 @@ public:
             }
             backlog_.erase(kept, backlog_.end());
             cancel_placed_locked(sink, *dropped);
+            if (!posted) {  // no engine thread any more: the caller settles the call
+                rest.sink = std::move(keep);
+                rest.dropped.swap(*dropped);
+                rest.error = std::move(error);
+                return;
+            }
         }
-        if (posted) wake();
-        else job();  // no engine thread any more (the pool is ending): settled here
+        wake();
     }
 
     /// No more tasks. Any number of times.
@@ -703,6 +724,7 @@ protected:
     std::exception_ptr thread_error_;       // what the engine's thread failed with (fail_from_thread)
 
 private:
+    friend class EngineLink;  // counts the tasks of a cancel it settled (finish_tasks)
     pid_t owner_;
     std::shared_ptr<EngineLink> link_;
     std::atomic<std::uint64_t> next_id_{1};
@@ -715,9 +737,20 @@ private:
 class EngineLink {
 public:
     explicit EngineLink(PoolEngine& engine) : engine_(&engine) {}
+    /// PoolEngine::cancel. A call the engine's thread can no longer settle (the pool is ending)
+    /// is settled here, with the link's lock released: its callbacks run then, and one may use
+    /// this pool's imap or destroy the pool, which take that lock.
     void cancel(ResultSink& sink) {
+        PoolEngine::CancelRest rest;
+        {
+            std::lock_guard lock(mutex_);
+            if (!engine_) return;
+            engine_->cancel(sink, rest);
+        }
+        if (!rest.sink) return;
+        rest.settle();
         std::lock_guard lock(mutex_);
-        if (engine_) engine_->cancel(sink);
+        if (engine_) engine_->finish_tasks(rest.dropped.size());  // a join waits for them until now
     }
     void detach() noexcept {
         std::lock_guard lock(mutex_);
