@@ -274,18 +274,13 @@ public:
         std::shared_ptr<ResultSink> sink;  // none: the engine's thread settles the call
         std::vector<Task> dropped;
         std::exception_ptr error;
-        /// Fails the dropped tasks and completes the call: its callbacks run here. Never throws.
-        void settle() noexcept {
-            settle_failed(dropped, error);
-            sink->settle_cancelled();
-        }
     };
 
     /// Stops the tasks of a cancelled call: those not yet given to a worker are dropped, and an
     /// engine that can stop a running one does (the fork engine: see cancel_placed_locked). The
-    /// call is settled on the engine's thread, where callbacks run — or, once that thread has
-    /// ended, by the caller, with what this leaves in `rest`; the dropped tasks then count as
-    /// pending until it calls finish_tasks(rest.dropped.size()). Any thread.
+    /// call is settled on the engine's thread, where callbacks run — or, once that thread takes
+    /// no more posted jobs (the pool is ending), by the caller, with what this leaves in `rest`
+    /// (EngineLink::cancel): the dropped tasks count as pending until it has failed them. Any thread.
     void cancel(ResultSink& sink, CancelRest& rest) {
         check_owner();
         std::shared_ptr<ResultSink> keep = sink.shared_from_this();
@@ -737,24 +732,37 @@ private:
 class EngineLink {
 public:
     explicit EngineLink(PoolEngine& engine) : engine_(&engine) {}
-    /// PoolEngine::cancel. A call the engine's thread can no longer settle (the pool is ending)
-    /// is settled here, with the link's lock released: its callbacks run then, and one may use
-    /// this pool's imap or destroy the pool, which take that lock.
+    /// PoolEngine::cancel. A call the engine's thread no longer settles (the pool is ending) is
+    /// settled here, with the link's lock released: its callbacks run now, and one may cancel
+    /// another call of this pool, read one of its imaps or destroy it, all of which take that
+    /// lock. The engine's destruction waits for such a settle on another thread (see detach).
     void cancel(ResultSink& sink) {
         PoolEngine::CancelRest rest;
         {
             std::lock_guard lock(mutex_);
             if (!engine_) return;
             engine_->cancel(sink, rest);
+            if (!rest.sink) return;
+            ++settling_;
         }
-        if (!rest.sink) return;
-        rest.settle();
-        std::lock_guard lock(mutex_);
-        if (engine_) engine_->finish_tasks(rest.dropped.size());  // a join waits for them until now
+        const Settling settling(*this);  // ends before `rest`, which keeps this link alive
+        PoolEngine::settle_failed(rest.dropped, rest.error);
+        {
+            std::lock_guard lock(mutex_);
+            if (engine_) engine_->finish_tasks(rest.dropped.size());  // before the call's callback, which may join
+        }
+        rest.sink->settle_cancelled();
     }
+    /// The engine is going: later calls find none. Waits first for the cancels that are settling
+    /// their call (see cancel) on other threads: their callbacks run before the Pool is gone, as
+    /// a callback run on the engine's thread does. (One on this thread is the caller.)
     void detach() noexcept {
-        std::lock_guard lock(mutex_);
+        std::unique_lock lock(mutex_);
         engine_ = nullptr;
+        std::size_t here = 0;
+        for (const Settling* s = Settling::innermost(); s; s = s->outer)
+            if (&s->link == this) ++here;
+        settled_.wait(lock, [&] { return settling_ == here; });
     }
     /// A new task id of the pool; none once the pool is gone.
     std::optional<std::uint64_t> next_task_id() {
@@ -770,8 +778,32 @@ public:
     }
 
 private:
+    /// A cancel settling its call on this thread (see cancel): the innermost one, and the one it
+    /// runs inside (a callback of that call cancelling another).
+    struct Settling {
+        explicit Settling(EngineLink& l) noexcept : link(l), outer(std::exchange(innermost(), this)) {}
+        Settling(const Settling&) = delete;
+        Settling& operator=(const Settling&) = delete;
+        ~Settling() {
+            innermost() = outer;
+            {
+                std::lock_guard lock(link.mutex_);
+                --link.settling_;
+            }
+            link.settled_.notify_all();
+        }
+        static const Settling*& innermost() noexcept {
+            thread_local const Settling* top = nullptr;
+            return top;
+        }
+        EngineLink& link;
+        const Settling* outer;
+    };
+
     std::mutex mutex_;
+    std::condition_variable settled_;
     PoolEngine* engine_;
+    std::size_t settling_ = 0;  // cancels settling their call outside the lock (see cancel)
 };
 
 inline PoolEngine::PoolEngine() : owner_(this_process_id()), link_(std::make_shared<EngineLink>(*this)) {}
@@ -783,7 +815,8 @@ inline void PoolEngine::make_ready_errors() {
 }
 inline PoolEngine::~PoolEngine() { detach_link(); }
 inline void PoolEngine::detach_link() noexcept {
-    if (link_) link_->detach();
+    // In a forked child the link is the parent's copy, and the threads it counts are not here.
+    if (link_ && owned_here()) link_->detach();
 }
 
 inline void ResultSink::stop_tasks() {
