@@ -6,6 +6,7 @@
 #include <mproc/process.hpp>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -270,6 +271,100 @@ TEST_CASE("a capturing lambda sees the parent's data, and arguments are passed")
     t.start();
     REQUIRE(t.join());
     CHECK(sum_in_parent == 10);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("join on one thread while others poll is_alive and exitcode: every thread sees the same end") {
+    // join reaped the child and dropped its record while a thread asking is_alive found it gone
+    // (ECHILD) and waited for a status that was no longer recorded: a false Error after ~1 s.
+    for (int round = 0; round < 40; ++round) {
+        mproc::Process p([] {
+            std::this_thread::sleep_for(2ms);
+            std::_Exit(7);
+        });
+        p.start();
+        std::atomic<int> errors{0};
+        std::vector<std::thread> askers;
+        for (int t = 0; t < 2; ++t)
+            askers.emplace_back([&, t] {
+                try {
+                    if (t == 0)
+                        while (p.is_alive()) {}
+                    else
+                        while (!p.exitcode()) {}
+                } catch (const mproc::Error&) {
+                    ++errors;
+                }
+            });
+        bool joined = false;
+        try {
+            joined = p.join(60s);
+        } catch (const mproc::Error&) {
+            ++errors;
+        }
+        for (auto& t : askers) t.join();
+        REQUIRE(errors == 0);
+        CHECK(joined);
+        CHECK(p.exitcode() == 7);
+        CHECK_FALSE(p.is_alive());
+    }
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("two threads starting one Process at once: one starts it, the other gets mproc::Error") {
+    for (int round = 0; round < 20; ++round) {
+        mproc::Process p([] { std::this_thread::sleep_for(20ms); });
+        std::atomic<int> started{0}, refused{0};
+        std::vector<std::thread> starters;
+        for (int t = 0; t < 2; ++t)
+            starters.emplace_back([&] {
+                try {
+                    p.start();
+                    ++started;
+                } catch (const mproc::Error&) {
+                    ++refused;
+                }
+            });
+        for (auto& t : starters) t.join();
+        CHECK(started == 1);
+        CHECK(refused == 1);
+        CHECK(mproc_test::child_count() == 1);
+        REQUIRE(p.join(60s));
+        CHECK(p.exitcode() == 0);
+        REQUIRE(mproc_test::child_count() == 0);
+    }
+}
+
+TEST_CASE("a Process used in another process is an mproc::Error there, and its copy's destruction touches nothing") {
+    mproc::Process sibling([] { std::this_thread::sleep_for(200ms); });
+    sibling.start();
+    mproc::Process unstarted([] {});
+    // The child has copies of both: each use is refused, and neither copy's child is touched.
+    mproc::Process child([&] {
+        int refused = 0;
+        const auto refuses = [&](auto&& use) {
+            try {
+                use();
+            } catch (const mproc::Error&) {
+                ++refused;
+            }
+        };
+        refuses([&] { (void)sibling.join(); });
+        refuses([&] { (void)sibling.is_alive(); });
+        refuses([&] { (void)sibling.exitcode(); });
+        refuses([&] { sibling.terminate(); });
+        refuses([&] { sibling.close(); });
+        refuses([&] { unstarted.start(); });
+        refuses([&] { (void)unstarted.pid(); });
+        { const mproc::Process gone(std::move(sibling)); }  // its destructor leaves the parent's child alone
+        std::_Exit(refused == 7 && mproc::active_children().empty() ? 0 : 1);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == 0);
+    CHECK(sibling.is_alive());  // the child neither signalled nor reaped it
+    REQUIRE(sibling.join(60s));
+    CHECK(sibling.exitcode() == 0);
     CHECK(mproc_test::child_count() == 0);
 }
 

@@ -6,16 +6,21 @@
 //     assert(p.exitcode() == 0);
 #pragma once
 
+#include <cerrno>
 #include <concepts>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <fcntl.h>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <poll.h>
 #include <string>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <tuple>
 #include <type_traits>
 #include <unistd.h>
@@ -109,6 +114,12 @@ inline void hook_process_exit() {
 }  // namespace detail
 
 /// A child process running one callable. Move-only, like std::thread.
+///
+/// Any thread of the process that made it may call any member, at the same time as others (a
+/// join beside an is_alive, say); moving it while another thread uses it is undefined, as for
+/// std::thread. In another process — a child forked with a copy of it — every member but name(),
+/// daemon() and closed() throws mproc::Error and changes nothing, and its destructor leaves the
+/// child alone (Python: "can only join a child process").
 class Process {
 public:
     /// How long the destructor waits after SIGTERM before it sends SIGKILL.
@@ -125,15 +136,16 @@ public:
           name_("Process-" + std::to_string(++detail::identity().process_counter)) {}
 
     Process(Process&& other) noexcept
-        : target_(std::move(other.target_)), name_(std::move(other.name_)), pid_(std::exchange(other.pid_, 0)),
-          serial_(std::exchange(other.serial_, 0)), status_(std::exchange(other.status_, std::nullopt)),
-          sentinel_(std::move(other.sentinel_)), daemon_(std::exchange(other.daemon_, false)),
-          closed_(std::exchange(other.closed_, false)) {}
+        : target_(std::move(other.target_)), name_(std::move(other.name_)), owner_(other.owner_),
+          pid_(std::exchange(other.pid_, 0)), serial_(std::exchange(other.serial_, 0)),
+          status_(std::exchange(other.status_, std::nullopt)), sentinel_(std::move(other.sentinel_)),
+          daemon_(std::exchange(other.daemon_, false)), closed_(std::exchange(other.closed_, false)) {}
     Process& operator=(Process&& other) noexcept {
         if (this != &other) {
             stop_and_reap();
             target_ = std::move(other.target_);
             name_ = std::move(other.name_);
+            owner_ = other.owner_;
             pid_ = std::exchange(other.pid_, 0);
             serial_ = std::exchange(other.serial_, 0);
             status_ = std::exchange(other.status_, std::nullopt);
@@ -152,33 +164,72 @@ public:
 
     /// Forks the child and runs the target there. Throws mproc::Error if already started or closed.
     void start() {
-        require_open("start");
-        if (pid_ != 0) throw Error("process " + name_ + " already started (pid " + std::to_string(pid_) + ")");
-        if (!target_) throw Error("process " + name_ + " has no target");
-        detail::hook_process_exit();
+        {
+            const std::lock_guard lock(mutex_);
+            require_usable("start");
+            if (pid_ != 0 || starting_)
+                throw Error("process " + name_ + " already started" +
+                            (pid_ != 0 ? " (pid " + std::to_string(pid_) + ")" : std::string()));
+            if (!target_) throw Error("process " + name_ + " has no target");
+            starting_ = true;  // the fork is made with the lock let go: no lock of mproc's is copied held
+        }
         int pidfd = -1;
-        const detail::ChildRole role = daemon_ ? detail::ChildRole::daemon : detail::ChildRole::joined;
-        pid_ = detail::fork_child([this] { return run_target(); }, name_, detail::ForkOptions{&serial_, role, &pidfd});
+        pid_t pid = 0;
+        std::uint64_t serial = 0;
+        try {
+            detail::hook_process_exit();
+            const detail::ChildRole role = daemon_ ? detail::ChildRole::daemon : detail::ChildRole::joined;
+            pid = detail::fork_child([this] { return run_target(); }, name_,
+                                     detail::ForkOptions{&serial, role, &pidfd});
+        } catch (...) {
+            const std::lock_guard lock(mutex_);
+            starting_ = false;
+            throw;
+        }
+        const std::lock_guard lock(mutex_);
+        pid_ = pid;
+        serial_ = serial;
         sentinel_.reset(pidfd);
+        starting_ = false;
     }
 
     /// Waits for the child to end and reaps it. With a timeout, returns false if it still runs.
+    /// The wait holds no lock: other threads may ask about, signal or join the child meanwhile.
     bool join(std::optional<Seconds> timeout = std::nullopt) {
-        require_open("join");
         detail::check_timeout(timeout);
-        if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
-        if (status_) return true;
-        const auto status = detail::wait_child(pid_, detail::deadline_after(timeout), serial_);
-        if (!status) return false;
-        status_ = *status;
-        detail::children().forget(pid_, serial_);
-        return true;
+        const detail::Deadline deadline = detail::deadline_after(timeout);
+        detail::UniqueFd ended;  // readable once the child has ended (this call's own pidfd)
+        pid_t pid = 0;
+        {
+            const std::lock_guard lock(mutex_);
+            require_usable("join");
+            if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
+            if (!alive_locked()) return true;
+            pid = pid_;
+            if (sentinel_) ended.reset(::fcntl(sentinel_.get(), F_DUPFD_CLOEXEC, 0));
+        }
+        for (;;) {
+            // Until it has ended, without reaping it: a reap is made under the lock, where the
+            // status is kept for every caller.
+            if (ended) {
+                detail::wait_for(ended.get(), POLLIN, deadline);
+            } else if (!deadline) {
+                siginfo_t info{};
+                while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR) {}
+            } else {
+                detail::nap_until([&] { return !alive(); }, deadline);
+            }
+            const std::lock_guard lock(mutex_);
+            if (!alive_locked()) return true;
+            if (detail::expired(deadline)) return false;
+        }
     }
 
     /// True from start() until the child has ended.
     bool is_alive() {
-        require_open("is_alive");
-        return alive();
+        const std::lock_guard lock(mutex_);
+        require_usable("is_alive");
+        return alive_locked();
     }
 
     /// SIGTERM to the child (nothing if it has been reaped).
@@ -187,36 +238,49 @@ public:
     void kill() { signal(SIGKILL); }
     /// Any signal to the child, while it has not been reaped (its pid cannot be reused before).
     void signal(int sig) {
-        require_open("signal");
-        // alive() first: the registry may have reaped the child for someone else (children().live()),
-        // and then its pid is free for the kernel to give to an unrelated process.
-        if (alive()) ::kill(pid_, sig);
+        const std::lock_guard lock(mutex_);
+        require_usable("signal");
+        // alive first: the registry may have reaped the child for someone else (children().live()),
+        // and then its pid is free for the kernel to give to an unrelated process. Under the lock,
+        // no other thread of this Process reaps it in between.
+        if (alive_locked()) ::kill(pid_, sig);
     }
 
     /// nullopt while running (or never started); N for an exit with status N; -N if killed by signal N.
     std::optional<int> exitcode() {
-        require_open("exitcode");
-        if (pid_ != 0 && !status_) alive();
+        const std::lock_guard lock(mutex_);
+        require_usable("exitcode");
+        if (pid_ != 0) alive_locked();
         if (!status_) return std::nullopt;
         return detail::exit_code_of(*status_);
     }
 
     /// The child's pid once started (0 before).
     pid_t pid() const {
-        require_open("pid");
+        const std::lock_guard lock(mutex_);
+        require_usable("pid");
         return pid_;
     }
     const std::string& name() const noexcept { return name_; }
     /// Names the child, as current_process().name() will report inside it. Before start().
-    void set_name(std::string name) { name_ = std::move(name); }
+    void set_name(std::string name) {
+        const std::lock_guard lock(mutex_);
+        require_usable("set_name");
+        name_ = std::move(name);
+    }
 
     /// Whether the child is a daemon: at a normal exit of this process (exit(), a return from
     /// main), a daemon child still running is terminated, a non-daemon one is waited for.
-    bool daemon() const noexcept { return daemon_; }
+    bool daemon() const noexcept {
+        const std::lock_guard lock(mutex_);
+        return daemon_;
+    }
     /// Sets the daemon flag (false by default, as in Python). Before start(): Error after it.
     void set_daemon(bool daemonic) {
-        require_open("set_daemon");
-        if (pid_ != 0) throw Error("cannot set the daemon flag of process " + name_ + ": it has already started");
+        const std::lock_guard lock(mutex_);
+        require_usable("set_daemon");
+        if (pid_ != 0 || starting_)
+            throw Error("cannot set the daemon flag of process " + name_ + ": it has already started");
         daemon_ = daemonic;
     }
 
@@ -224,7 +288,8 @@ public:
     /// owned by this Process until close() or destruction), for poll, epoll or mproc::wait. Error
     /// before start(), after close(), and on a kernel without pidfds (before Linux 5.3).
     int sentinel() const {
-        require_open("sentinel");
+        const std::lock_guard lock(mutex_);
+        require_usable("sentinel");
         if (pid_ == 0) throw Error("process " + name_ + " has no sentinel: it was never started");
         if (!sentinel_) throw Error("process " + name_ + " has no sentinel: this kernel has no pidfd (Linux 5.3)");
         return sentinel_.get();
@@ -234,8 +299,10 @@ public:
     /// child still runs (join() or terminate() it first), and then nothing changes. Once closed,
     /// every other call but name() and daemon() throws mproc::Error; closing again does nothing.
     void close() {
+        const std::lock_guard lock(mutex_);
         if (closed_) return;
-        if (pid_ != 0 && alive())
+        require_usable("close");
+        if (starting_ || (pid_ != 0 && alive_locked()))
             throw Error("cannot close process " + name_ + " (pid " + std::to_string(pid_) +
                         "): it is still running; join() or terminate() it first");
         sentinel_.reset();
@@ -243,15 +310,22 @@ public:
         closed_ = true;
     }
     /// Whether close() was called.
-    bool closed() const noexcept { return closed_; }
+    bool closed() const noexcept {
+        const std::lock_guard lock(mutex_);
+        return closed_;
+    }
 
 private:
-    void require_open(const char* op) const {
+    /// Error unless this is the process that made the Process and it is not closed.
+    void require_usable(const char* op) const {
+        if (::getpid() != owner_)
+            throw Error(std::string(op) + " on process " + name_ + " from process " + std::to_string(::getpid()) +
+                        ": only the process that made it (" + std::to_string(owner_) + ") may use it");
         if (closed_) throw Error(std::string(op) + " on process " + name_ + ", which is closed");
     }
 
-    /// is_alive() without the closed check: reaps a child that has ended, keeping its status.
-    bool alive() {
+    /// Whether the child runs; reaps it once it has ended, keeping its status (lock held).
+    bool alive_locked() {
         if (pid_ == 0 || status_) return false;
         if (auto status = detail::children().reap(pid_, false, serial_)) {
             status_ = *status;
@@ -259,6 +333,10 @@ private:
             return false;
         }
         return true;
+    }
+    bool alive() {
+        const std::lock_guard lock(mutex_);
+        return alive_locked();
     }
 
     int run_target() noexcept {
@@ -275,8 +353,10 @@ private:
         }
     }
 
+    /// The destructor's end of a child still running: in the process that made it only (in a
+    /// forked copy the child is another process's).
     void stop_and_reap() noexcept {
-        if (pid_ == 0 || status_ || closed_) return;
+        if (pid_ == 0 || status_ || closed_ || ::getpid() != owner_) return;
         try {
             if (!join(Seconds{0})) {
                 terminate();
@@ -292,12 +372,15 @@ private:
 
     std::unique_ptr<detail::BoundTarget> target_;
     std::string name_;
+    pid_t owner_ = ::getpid();  // the process that made it: the only one that may use it
     pid_t pid_ = 0;
     std::uint64_t serial_ = 0;   // of the child's record in detail::children()
     std::optional<int> status_;  // the raw wait status once reaped
     detail::UniqueFd sentinel_;  // a pidfd of the child, from start() to close()
     bool daemon_ = false;
     bool closed_ = false;
+    bool starting_ = false;     // start() is forking, its lock let go
+    mutable std::mutex mutex_;  // every member's state; held for no wait (see join)
 };
 
 }  // namespace mproc
