@@ -287,6 +287,62 @@ TEST_CASE("a child process calling its parent's Pool gets mproc::Error and chang
     for (pid_t w : workers) CHECK_FALSE(pool_test::gone(w));
 }
 
+TEST_CASE("in a child the parent's pending result and imap and its worker_pids are mproc::Error and not a hang") {
+    // A child's copy of a call not yet complete waited for ever for outcomes that reach only the
+    // parent; worker_pids() answered with the parent's workers.
+    Watchdog dog(120s, "a pool's results used from a child");
+    mproc::Pool pool(1);
+    auto squares = pool.imap(square, std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8}, 1);
+    auto it = squares.begin();
+    mproc::AsyncResult<long> pending = pool.apply_async(pool_test::sleep_then, std::tuple{2L});
+    REQUIRE_FALSE(pending.ready());
+    mproc::Process child([&] {
+        int refused = 0;
+        const auto refuses = [&](auto&& use) {
+            try {
+                use();
+            } catch (const mproc::Error&) {
+                ++refused;
+            }
+        };
+        refuses([&] { (void)pending.get(); });
+        refuses([&] { (void)pending.wait(30s); });
+        refuses([&] {
+            for (; it != squares.end(); ++it) {}
+        });
+        refuses([&] { (void)pool.worker_pids(); });
+        std::_Exit(refused == 4 ? 0 : 10 + refused);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    INFO("the child's exit status: 10 + the uses refused");
+    CHECK(child.exitcode().value_or(-1000) == 0);
+    CHECK(pending.get(60s) == 2);
+    std::vector<int> got;
+    for (; it != squares.end(); ++it) got.push_back(*it);
+    CHECK(got == std::vector<int>{1, 4, 9, 16, 25, 36, 49, 64});
+}
+
+TEST_CASE("a Pool destroyed in a child while a thread of the parent waits in join: the child goes on") {
+    // The child's copy destroyed its condition variables, which waited for the parent's waiter.
+    if (skip_under_thread_sanitizer()) return;
+    Watchdog dog(120s, "a pool destroyed in a child");
+    auto pool = std::make_unique<mproc::Pool>(1);
+    mproc::AsyncResult<long> pending = pool->apply_async(pool_test::sleep_then, std::tuple{1L});
+    pool->close();
+    std::thread joiner([&] { pool->join(); });
+    std::this_thread::sleep_for(200ms);  // the joiner waits on the pool's condition variable
+    mproc::Process child([&] {
+        pool.reset();
+        std::_Exit(0);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode() == std::optional<int>(0));
+    joiner.join();
+    CHECK(pending.get(60s) == 1);
+}
+
 // =================================================================================================
 // descriptors and process limits
 // =================================================================================================

@@ -353,6 +353,9 @@ private:
         return *engine_;
     }
     void release_engine() noexcept {
+        // A forked child's copy: its thread, processes and waiters are the parent's, and destroying
+        // its condition variables may wait for those waiters. The copy is left as it is.
+        if (engine_ && !engine_->owned_here()) (void)engine_.release();
         if (engine_ && engine_->retire_from_callback()) (void)engine_.release();  // it deletes itself
         engine_.reset();
     }

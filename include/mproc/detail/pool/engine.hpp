@@ -41,12 +41,14 @@ namespace mproc::detail {
 
 class EngineLink;
 
+inline pid_t this_process_id() noexcept;
+
 /// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue. One sink is one
 /// Pool call, which can be cancelled as a whole.
 class ResultSink : public std::enable_shared_from_this<ResultSink> {
 public:
     virtual ~ResultSink() = default;
-    ResultSink() = default;
+    ResultSink() : owner_(this_process_id()) {}
     ResultSink(const ResultSink&) = delete;
     ResultSink& operator=(const ResultSink&) = delete;
     /// Takes the outcomes of items first, first+1, ... — but those whose relative index is in
@@ -109,6 +111,13 @@ public:
     /// deliver is ignored.
     bool cancelled() const noexcept { return cancelled_.load(std::memory_order_acquire); }
 
+    /// mproc::Error in any process but the one that made the call, where its outcomes arrive: a
+    /// forked child's copy of a call not yet complete would wait for ever. First thing in a wait,
+    /// before any lock (a copy may have been forked held).
+    void require_owner(const char* what) const {
+        if (this_process_id() != owner_) throw_not_owner(what);
+    }
+
 protected:
     /// Marks the call cancelled (the sink has settled what that means for its outcomes) and asks
     /// the engine to stop its tasks. Any thread.
@@ -118,7 +127,9 @@ protected:
     void mark_cancelled() noexcept { cancelled_.store(true, std::memory_order_release); }
 
 private:
+    [[noreturn, gnu::cold]] void throw_not_owner(const char* what) const;
     std::atomic<bool> cancelled_{false};
+    pid_t owner_;  // the process that made the call
 };
 
 /// One chunk of items bound for one worker.
@@ -387,6 +398,9 @@ public:
         return true;
     }
 
+    /// Whether this is the process that made the engine (not a forked child's copy of it).
+    bool owned_here() const noexcept { return this_process_id() == owner_; }
+
     /// Whether the calling thread is one on which `engine`'s outcomes are delivered — its own
     /// thread, or one running its callbacks at teardown (OwnThreadScope) — where waiting for an
     /// outcome of that pool would wait for ever. Compares the address only: `engine` may be gone.
@@ -450,7 +464,6 @@ protected:
         if (this_process_id() != owner_)
             throw Error("a Pool can only be used by the process that created it (pid " + std::to_string(owner_) + ")");
     }
-    bool owned_here() const noexcept { return this_process_id() == owner_; }
     /// First thing in an engine's destructor: a cancel from now on finds no engine.
     void detach_link() noexcept;
     /// Makes the errors the engine settles tasks with when memory may have run out. An engine
@@ -817,6 +830,12 @@ inline PoolEngine::~PoolEngine() { detach_link(); }
 inline void PoolEngine::detach_link() noexcept {
     // In a forked child the link is the parent's copy, and the threads it counts are not here.
     if (link_ && owned_here()) link_->detach();
+}
+
+inline void ResultSink::throw_not_owner(const char* what) const {
+    throw Error(std::string(what) + " in process " + std::to_string(this_process_id()) +
+                ": the outcomes of a Pool call reach only the process that made it (pid " + std::to_string(owner_) +
+                ")");
 }
 
 inline void ResultSink::stop_tasks() {

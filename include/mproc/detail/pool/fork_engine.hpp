@@ -100,6 +100,7 @@ public:
 
     /// Pids of the live workers (for tests and active-children accounting).
     std::vector<pid_t> worker_pids() override {
+        check_owner();
         std::lock_guard lock(mutex_);
         std::vector<pid_t> pids;
         for (const Seat& s : seats_)

@@ -152,6 +152,7 @@ public:
     /// outcomes would never come.
     bool wait_settled(std::size_t items) {
         if (PoolEngine::delivers_here(pool_)) return false;
+        this->require_owner("feeding a Pool's map");
         std::unique_lock lock(mutex_);
         // One waiter at a time (the thread feeding the call); settle() wakes it at its target only.
         settled_target_ = items;
@@ -286,6 +287,7 @@ public:
     bool wait(std::optional<Seconds> timeout) override {
         check_timeout(timeout);
         if (ready_word_.load(std::memory_order_acquire) == published) return true;
+        this->require_owner("waiting for a Pool result");
         if (PoolEngine::delivers_here(pool_))
             throw Error("waiting for a Pool result inside a Pool callback would deadlock");
         const Deadline deadline = deadline_after(timeout);
@@ -563,6 +565,7 @@ public:
 
     /// Waits for the next item in the iteration's order (index `next` when ordered).
     Item take(std::size_t next) {
+        require_owner("iterating a Pool's imap");
         std::unique_lock lock(mutex_);
         if (PoolEngine::delivers_here(pool_) && !has_locked(next))
             throw Error("iterating a Pool's imap inside a Pool callback would deadlock");

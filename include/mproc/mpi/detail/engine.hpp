@@ -366,6 +366,7 @@ public:
     }
 
     std::vector<pid_t> worker_pids() override {
+        check_owner();
         std::vector<pid_t> pids;
         for (const Seat& s : seats_) pids.push_back(master_.place_of(s.rank).pid);
         return pids;
