@@ -287,13 +287,15 @@ TEST_CASE("a child process calling its parent's Pool gets mproc::Error and chang
     for (pid_t w : workers) CHECK_FALSE(pool_test::gone(w));
 }
 
-TEST_CASE("in a child the parent's pending result and imap and its worker_pids are mproc::Error and not a hang") {
+TEST_CASE("in a child the parent's results and imap and its worker_pids are mproc::Error and not a hang") {
     // A child's copy of a call not yet complete waited for ever for outcomes that reach only the
     // parent; worker_pids() answered with the parent's workers.
     Watchdog dog(120s, "a pool's results used from a child");
     mproc::Pool pool(1);
     auto squares = pool.imap(square, std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8}, 1);
     auto it = squares.begin();
+    mproc::AsyncResult<int> done = pool.apply_async(square, std::tuple{3});
+    REQUIRE(done.get(60s) == 9);
     mproc::AsyncResult<long> pending = pool.apply_async(pool_test::sleep_then, std::tuple{2L});
     REQUIRE_FALSE(pending.ready());
     mproc::Process child([&] {
@@ -311,7 +313,9 @@ TEST_CASE("in a child the parent's pending result and imap and its worker_pids a
             for (; it != squares.end(); ++it) {}
         });
         refuses([&] { (void)pool.worker_pids(); });
-        std::_Exit(refused == 4 ? 0 : 10 + refused);
+        refuses([&] { (void)done.get(); });  // complete before the fork, but the parent's all the same
+        refuses([&] { (void)done.ready(); });
+        std::_Exit(refused == 6 ? 0 : 10 + refused);
     });
     child.start();
     REQUIRE(child.join(60s));

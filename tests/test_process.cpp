@@ -336,7 +336,9 @@ TEST_CASE("two threads starting one Process at once: one starts it, the other ge
 }
 
 TEST_CASE("a Process used in another process is an mproc::Error there, and its copy's destruction touches nothing") {
-    mproc::Process sibling([] { std::this_thread::sleep_for(200ms); });
+    mproc::Process sibling([] {
+        for (;;) ::pause();
+    });
     sibling.start();
     mproc::Process unstarted([] {});
     // The child has copies of both: each use is refused, and neither copy's child is touched.
@@ -363,8 +365,48 @@ TEST_CASE("a Process used in another process is an mproc::Error there, and its c
     REQUIRE(child.join(60s));
     CHECK(child.exitcode() == 0);
     CHECK(sibling.is_alive());  // the child neither signalled nor reaped it
+    sibling.kill();
     REQUIRE(sibling.join(60s));
-    CHECK(sibling.exitcode() == 0);
+    CHECK(sibling.exitcode() == -SIGKILL);
+    CHECK(mproc_test::child_count() == 0);
+}
+
+TEST_CASE("a child forked while another thread is inside a Process's call gets mproc::Error from it, not a hang") {
+    // Each member held the Process's lock before it checked the process: a child forked while a
+    // thread of the parent held it had a copy held for ever.
+    mproc::Process busy([] {
+        for (;;) ::pause();
+    });
+    busy.start();
+    std::atomic<bool> stop{false};
+    std::thread asker([&] {
+        while (!stop) (void)busy.is_alive();
+    });
+    for (int round = 0; round < 20; ++round) {
+        mproc::Process child([&] {
+            int refused = 0;
+            try {
+                (void)busy.is_alive();
+            } catch (const mproc::Error&) {
+                ++refused;
+            }
+            try {
+                (void)busy.join(1s);
+            } catch (const mproc::Error&) {
+                ++refused;
+            }
+            std::_Exit(refused == 2 && !busy.closed() ? 0 : 1);
+        });
+        child.start();
+        const bool ended = child.join(30s);
+        if (!ended) child.kill();
+        REQUIRE(ended);
+        REQUIRE(child.exitcode() == 0);
+    }
+    stop = true;
+    asker.join();
+    busy.kill();
+    REQUIRE(busy.join(60s));
     CHECK(mproc_test::child_count() == 0);
 }
 

@@ -20,6 +20,7 @@
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <new>
 #include <optional>
 #include <ranges>
 #include <tuple>
@@ -170,6 +171,8 @@ private:
         input_done_ = true;
     }
     void advance() {
+        // In a forked child, before top_up takes the link's lock (a copy a parent thread held).
+        state_->require_owner("iterating a Pool's imap");
         if (input_error_shown_) {
             done_ = true;
             current_ = {};
@@ -355,9 +358,18 @@ private:
     void release_engine() noexcept {
         // A forked child's copy: its thread, processes and waiters are the parent's, and destroying
         // its condition variables may wait for those waiters. The copy is left as it is.
-        if (engine_ && !engine_->owned_here()) (void)engine_.release();
+        if (engine_ && !engine_->owned_here()) keep_inherited(engine_.release());
         if (engine_ && engine_->retire_from_callback()) (void)engine_.release();  // it deletes itself
         engine_.reset();
+    }
+    /// Keeps a child's copy of its parent's engine reachable, so that a child that ends with
+    /// exit() reports no leak of it (under LeakSanitizer).
+    static void keep_inherited(detail::PoolEngine* engine) noexcept {
+        static auto* const kept = new (std::nothrow) std::vector<detail::PoolEngine*>();
+        try {
+            if (kept) kept->push_back(engine);
+        } catch (...) {  // no memory: it stays as it is, unreachable
+        }
     }
 
     template <class F, class Args, class R, class Range, class Cb>

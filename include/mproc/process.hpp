@@ -116,8 +116,8 @@ inline void hook_process_exit() {
 /// A child process running one callable. Move-only, like std::thread.
 ///
 /// Any thread of the process that made it may call any member, at the same time as others (a
-/// join beside an is_alive, say); moving it while another thread uses it is undefined, as for
-/// std::thread. In another process — a child forked with a copy of it — every member but name(),
+/// join beside an is_alive, say) — but set_name() beside name(), whose reference it changes;
+/// moving it while another thread uses it is undefined, as for std::thread. In another process — a child forked with a copy of it — every member but name(),
 /// daemon() and closed() throws mproc::Error and changes nothing, and its destructor leaves the
 /// child alone (Python: "can only join a child process").
 class Process {
@@ -164,13 +164,16 @@ public:
 
     /// Forks the child and runs the target there. Throws mproc::Error if already started or closed.
     void start() {
+        std::string name;
+        detail::ChildRole role{};
         {
-            const std::lock_guard lock(mutex_);
-            require_usable("start");
+            const auto lock = hold("start");
             if (pid_ != 0 || starting_)
                 throw Error("process " + name_ + " already started" +
                             (pid_ != 0 ? " (pid " + std::to_string(pid_) + ")" : std::string()));
             if (!target_) throw Error("process " + name_ + " has no target");
+            name = name_;
+            role = daemon_ ? detail::ChildRole::daemon : detail::ChildRole::joined;
             starting_ = true;  // the fork is made with the lock let go: no lock of mproc's is copied held
         }
         int pidfd = -1;
@@ -178,8 +181,7 @@ public:
         std::uint64_t serial = 0;
         try {
             detail::hook_process_exit();
-            const detail::ChildRole role = daemon_ ? detail::ChildRole::daemon : detail::ChildRole::joined;
-            pid = detail::fork_child([this] { return run_target(); }, name_,
+            pid = detail::fork_child([this] { return run_target(); }, std::move(name),
                                      detail::ForkOptions{&serial, role, &pidfd});
         } catch (...) {
             const std::lock_guard lock(mutex_);
@@ -201,8 +203,7 @@ public:
         detail::UniqueFd ended;  // readable once the child has ended (this call's own pidfd)
         pid_t pid = 0;
         {
-            const std::lock_guard lock(mutex_);
-            require_usable("join");
+            const auto lock = hold("join");
             if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
             if (!alive_locked()) return true;
             pid = pid_;
@@ -227,8 +228,7 @@ public:
 
     /// True from start() until the child has ended.
     bool is_alive() {
-        const std::lock_guard lock(mutex_);
-        require_usable("is_alive");
+        const auto lock = hold("is_alive");
         return alive_locked();
     }
 
@@ -238,8 +238,7 @@ public:
     void kill() { signal(SIGKILL); }
     /// Any signal to the child, while it has not been reaped (its pid cannot be reused before).
     void signal(int sig) {
-        const std::lock_guard lock(mutex_);
-        require_usable("signal");
+        const auto lock = hold("signal");
         // alive first: the registry may have reaped the child for someone else (children().live()),
         // and then its pid is free for the kernel to give to an unrelated process. Under the lock,
         // no other thread of this Process reaps it in between.
@@ -248,8 +247,7 @@ public:
 
     /// nullopt while running (or never started); N for an exit with status N; -N if killed by signal N.
     std::optional<int> exitcode() {
-        const std::lock_guard lock(mutex_);
-        require_usable("exitcode");
+        const auto lock = hold("exitcode");
         if (pid_ != 0) alive_locked();
         if (!status_) return std::nullopt;
         return detail::exit_code_of(*status_);
@@ -257,28 +255,26 @@ public:
 
     /// The child's pid once started (0 before).
     pid_t pid() const {
-        const std::lock_guard lock(mutex_);
-        require_usable("pid");
+        const auto lock = hold("pid");
         return pid_;
     }
     const std::string& name() const noexcept { return name_; }
     /// Names the child, as current_process().name() will report inside it. Before start().
     void set_name(std::string name) {
-        const std::lock_guard lock(mutex_);
-        require_usable("set_name");
+        const auto lock = hold("set_name");
         name_ = std::move(name);
     }
 
     /// Whether the child is a daemon: at a normal exit of this process (exit(), a return from
     /// main), a daemon child still running is terminated, a non-daemon one is waited for.
     bool daemon() const noexcept {
+        if (::getpid() != owner_) return daemon_;  // a forked copy: no lock (see require_here)
         const std::lock_guard lock(mutex_);
         return daemon_;
     }
     /// Sets the daemon flag (false by default, as in Python). Before start(): Error after it.
     void set_daemon(bool daemonic) {
-        const std::lock_guard lock(mutex_);
-        require_usable("set_daemon");
+        const auto lock = hold("set_daemon");
         if (pid_ != 0 || starting_)
             throw Error("cannot set the daemon flag of process " + name_ + ": it has already started");
         daemon_ = daemonic;
@@ -288,8 +284,7 @@ public:
     /// owned by this Process until close() or destruction), for poll, epoll or mproc::wait. Error
     /// before start(), after close(), and on a kernel without pidfds (before Linux 5.3).
     int sentinel() const {
-        const std::lock_guard lock(mutex_);
-        require_usable("sentinel");
+        const auto lock = hold("sentinel");
         if (pid_ == 0) throw Error("process " + name_ + " has no sentinel: it was never started");
         if (!sentinel_) throw Error("process " + name_ + " has no sentinel: this kernel has no pidfd (Linux 5.3)");
         return sentinel_.get();
@@ -299,9 +294,9 @@ public:
     /// child still runs (join() or terminate() it first), and then nothing changes. Once closed,
     /// every other call but name() and daemon() throws mproc::Error; closing again does nothing.
     void close() {
+        require_here("close");
         const std::lock_guard lock(mutex_);
         if (closed_) return;
-        require_usable("close");
         if (starting_ || (pid_ != 0 && alive_locked()))
             throw Error("cannot close process " + name_ + " (pid " + std::to_string(pid_) +
                         "): it is still running; join() or terminate() it first");
@@ -311,17 +306,27 @@ public:
     }
     /// Whether close() was called.
     bool closed() const noexcept {
+        if (::getpid() != owner_) return closed_;  // a forked copy: no lock (see require_here)
         const std::lock_guard lock(mutex_);
         return closed_;
     }
 
 private:
     /// Error unless this is the process that made the Process and it is not closed.
-    void require_usable(const char* op) const {
+    /// Error in any process but the one that made the Process. Before its lock: a forked copy
+    /// of that lock may be held for ever (by a thread of the parent, which the child has not).
+    void require_here(const char* op) const {
         if (::getpid() != owner_)
             throw Error(std::string(op) + " on process " + name_ + " from process " + std::to_string(::getpid()) +
                         ": only the process that made it (" + std::to_string(owner_) + ") may use it");
+    }
+    /// The Process's lock, for `op`: Error in another process (require_here), and once it is
+    /// held, if the Process is closed.
+    std::unique_lock<std::mutex> hold(const char* op) const {
+        require_here(op);
+        std::unique_lock lock(mutex_);
         if (closed_) throw Error(std::string(op) + " on process " + name_ + ", which is closed");
+        return lock;
     }
 
     /// Whether the child runs; reaps it once it has ended, keeping its status (lock held).
@@ -374,12 +379,12 @@ private:
     std::string name_;
     pid_t owner_ = ::getpid();  // the process that made it: the only one that may use it
     pid_t pid_ = 0;
-    std::uint64_t serial_ = 0;   // of the child's record in detail::children()
+    std::uint64_t serial_ = 0;  // of the child's record in detail::children()
     std::optional<int> status_;  // the raw wait status once reaped
     detail::UniqueFd sentinel_;  // a pidfd of the child, from start() to close()
     bool daemon_ = false;
     bool closed_ = false;
-    bool starting_ = false;     // start() is forking, its lock let go
+    bool starting_ = false;  // start() is forking, its lock let go
     mutable std::mutex mutex_;  // every member's state; held for no wait (see join)
 };
 

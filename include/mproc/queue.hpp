@@ -35,6 +35,7 @@
 // changing them leaves them as before or as after (see detail/shm/queue_ring.hpp).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -74,7 +75,7 @@ public:
     /// given, then throws mproc::Full. Serialisation errors surface here. After close(): Error.
     /// Once the queue is shut down (also while waiting for room): mproc::ShutDown.
     void put(const T& item, std::optional<Seconds> timeout = std::nullopt) {
-        if (closed_) throw Error("mproc::Queue::put: this handle was closed");
+        if (closed_.get()) throw Error("mproc::Queue::put: this handle was closed");
         // From the call on (a NaN timeout is refused before the item's serialize runs).
         const detail::Deadline deadline = detail::deadline_after(timeout);
         if constexpr (detail::is_length_and_bytes_v<T>) {
@@ -147,8 +148,8 @@ public:
     std::size_t memory_in_use() const { return ref_ ? ref_.segment()->memory().resident_bytes() : 0; }
 
     /// This handle puts no more: put() on it throws mproc::Error. Other handles are unaffected.
-    void close() noexcept { closed_ = true; }
-    bool closed() const noexcept { return closed_; }
+    void close() noexcept { closed_.set(true); }
+    bool closed() const noexcept { return closed_.get(); }
 
     /// A Queue<T> handle decodes from a Queue<T> or a JoinableQueue<T> (which is a Queue<T>).
     template <class Archive> void serialize(Archive& ar) {
@@ -176,7 +177,7 @@ protected:
         if (joinable && detail::ByteQueue(ref).joinable() != *joinable)
             throw SerializationError(std::string("mproc: the handle does not refer to a ") + what + " of this type");
         ref_ = std::move(ref);
-        closed_ = false;
+        closed_.set(false);
     }
 
     detail::ByteQueue queue() const { return detail::ByteQueue(ref_); }
@@ -266,7 +267,24 @@ private:
     }
 
     detail::SharedRef ref_;
-    bool closed_ = false;
+    /// The handle's closed flag: close() on one thread may meet a put() through the same handle
+    /// on another. Copied with the handle.
+    class ClosedFlag {
+    public:
+        ClosedFlag() = default;
+        ClosedFlag(const ClosedFlag& other) noexcept : value_(other.get()) {}
+        ClosedFlag& operator=(const ClosedFlag& other) noexcept {
+            set(other.get());
+            return *this;
+        }
+        ~ClosedFlag() = default;
+        bool get() const noexcept { return value_.load(std::memory_order_relaxed); }
+        void set(bool closed) noexcept { value_.store(closed, std::memory_order_relaxed); }
+
+    private:
+        std::atomic<bool> value_{false};
+    };
+    ClosedFlag closed_;
 };
 
 /// A Queue that counts the items put and not yet processed (Python's JoinableQueue): each

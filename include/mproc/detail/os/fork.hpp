@@ -65,7 +65,7 @@ struct Identity {
     std::string name = "MainProcess";
     pid_t pid = 0;
     /// The number of Process objects created here, for "Process-N" names.
-    int process_counter = 0;
+    std::atomic<int> process_counter{0};  // Process objects may be made on several threads at once
     /// Nonzero in every process mproc forked.
     bool is_child = false;
     /// In a process mproc forked: the name and pid of the process that forked it.

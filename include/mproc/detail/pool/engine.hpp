@@ -115,8 +115,9 @@ public:
     /// forked child's copy of a call not yet complete would wait for ever. First thing in a wait,
     /// before any lock (a copy may have been forked held).
     void require_owner(const char* what) const {
-        if (this_process_id() != owner_) throw_not_owner(what);
+        if (!made_here()) throw_not_owner(what);
     }
+    bool made_here() const noexcept { return this_process_id() == owner_; }
 
 protected:
     /// Marks the call cancelled (the sink has settled what that means for its outcomes) and asks

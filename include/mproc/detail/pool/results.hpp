@@ -257,6 +257,7 @@ public:
     /// the pool's thread, promptly), whatever its tasks still deliver, and the engine stops them.
     /// True when the call is (now or already) cancelled, false when it had finished.
     bool cancel() override {
+        this->require_owner("AsyncResult::cancel");
         const auto settled = [&] { return remaining_ == 0 || ready_locked() || completing_; };
         {
             std::lock_guard lock(mutex_);
@@ -285,9 +286,9 @@ public:
     /// one takes its mutex back as contended, and its unlock then wakes nobody with a system call
     /// (one of the six a pinned apply() made; docs/performance.md).
     bool wait(std::optional<Seconds> timeout) override {
+        this->require_owner("waiting for a Pool result");
         check_timeout(timeout);
         if (ready_word_.load(std::memory_order_acquire) == published) return true;
-        this->require_owner("waiting for a Pool result");
         if (PoolEngine::delivers_here(pool_))
             throw Error("waiting for a Pool result inside a Pool callback would deadlock");
         const Deadline deadline = deadline_after(timeout);
@@ -300,13 +301,18 @@ public:
             futex_wait_private(ready_word_, watched, deadline);
         }
     }
-    bool ready() override { return ready_word_.load(std::memory_order_acquire) == published; }
+    bool ready() override {
+        this->require_owner("AsyncResult::ready");
+        return ready_word_.load(std::memory_order_acquire) == published;
+    }
     bool successful() override {
+        this->require_owner("AsyncResult::successful");
         std::lock_guard lock(mutex_);
         if (!ready_locked()) throw Error("AsyncResult::successful() called before the result is ready");
         return !error_ && !error_taken_;
     }
     bool add_continuation(Continuation& c) override {
+        this->require_owner("co_await of a Pool result");
         std::lock_guard lock(mutex_);
         if (ready_locked()) return false;
         c.next = continuations_;
@@ -314,6 +320,7 @@ public:
         return true;
     }
     Value take(bool move_out) override {
+        this->require_owner("AsyncResult::get");
         std::exception_ptr error;
         {
             std::lock_guard lock(mutex_);
@@ -582,6 +589,7 @@ public:
     }
     /// The loop is over: what is still in flight is cancelled, and what arrives is dropped.
     void abandon() {
+        if (!made_here()) return;  // a forked child's copy: the call is the parent's
         {
             std::lock_guard lock(mutex_);
             abandoned_ = true;
