@@ -18,6 +18,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include <mproc/errors.hpp>
+
 // 1 in a build with a sanitizer (whose runtime needs descriptors and memory of its own).
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define MPROC_TEST_SANITIZED 1
@@ -205,6 +207,19 @@ public:
 
 private:
     struct sigaction before_ {};
+};
+
+/// Counts the uses that throw mproc::Error: in a forked child, which says how many with its exit
+/// status (a failed check there cannot report).
+struct Refusals {
+    int count = 0;
+    template <class Use> void expect(Use&& use) {
+        try {
+            use();
+        } catch (const mproc::Error&) {
+            ++count;
+        }
+    }
 };
 
 }  // namespace mproc_test

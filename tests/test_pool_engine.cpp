@@ -256,28 +256,13 @@ TEST_CASE("a child process calling its parent's Pool gets mproc::Error and chang
     mproc::Pool pool(2);
     const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
     mproc::Process child([&pool] {
-        int refused = 0;
-        try {
-            pool.terminate();
-        } catch (const mproc::Error&) {
-            ++refused;
-        }
-        try {
-            pool.close();
-        } catch (const mproc::Error&) {
-            ++refused;
-        }
-        try {
-            pool.join();
-        } catch (const mproc::Error&) {
-            ++refused;
-        }
-        try {
-            (void)pool.apply(square, 2);
-        } catch (const mproc::Error&) {
-            ++refused;
-        }
-        if (refused != 4) throw std::runtime_error("only " + std::to_string(refused) + " of 4 calls refused");
+        mproc_test::Refusals refused;
+        refused.expect([&] { pool.terminate(); });
+        refused.expect([&] { pool.close(); });
+        refused.expect([&] { pool.join(); });
+        refused.expect([&] { (void)pool.apply(square, 2); });
+        if (refused.count != 4)
+            throw std::runtime_error("only " + std::to_string(refused.count) + " of 4 calls refused");
     });
     child.start();
     child.join();
@@ -299,23 +284,16 @@ TEST_CASE("in a child the parent's results and imap and its worker_pids are mpro
     mproc::AsyncResult<long> pending = pool.apply_async(pool_test::sleep_then, std::tuple{2L});
     REQUIRE_FALSE(pending.ready());
     mproc::Process child([&] {
-        int refused = 0;
-        const auto refuses = [&](auto&& use) {
-            try {
-                use();
-            } catch (const mproc::Error&) {
-                ++refused;
-            }
-        };
-        refuses([&] { (void)pending.get(); });
-        refuses([&] { (void)pending.wait(30s); });
-        refuses([&] {
+        mproc_test::Refusals refused;
+        refused.expect([&] { (void)pending.get(); });
+        refused.expect([&] { (void)pending.wait(30s); });
+        refused.expect([&] {
             for (; it != squares.end(); ++it) {}
         });
-        refuses([&] { (void)pool.worker_pids(); });
-        refuses([&] { (void)done.get(); });  // complete before the fork, but the parent's all the same
-        refuses([&] { (void)done.ready(); });
-        std::_Exit(refused == 6 ? 0 : 10 + refused);
+        refused.expect([&] { (void)pool.worker_pids(); });
+        refused.expect([&] { (void)done.get(); });  // complete before the fork, but the parent's all the same
+        refused.expect([&] { (void)done.ready(); });
+        std::_Exit(refused.count == 6 ? 0 : 10 + refused.count);
     });
     child.start();
     REQUIRE(child.join(60s));

@@ -43,6 +43,13 @@ void fail_allocation(long nth) noexcept { fail_countdown = nth; }
 std::atomic<long> engine_countdown{0};
 thread_local bool test_thread = false;
 
+/// After a round of engine_countdown: whether its allocation failed (the countdown is reset).
+bool collector_failure_fired() noexcept {
+    const bool fired = engine_countdown.load() <= 0;
+    engine_countdown = 0;
+    return fired;
+}
+
 /// Every allocation the calling thread makes from now on fails (a process out of memory).
 thread_local bool fail_every = false;
 
@@ -258,9 +265,7 @@ TEST_CASE("the collector's allocations failing in turn, a worker dying meanwhile
             pool.close();
             pool.join();
         }
-        const bool fired = engine_countdown.load() <= 0;
-        engine_countdown = 0;
-        if (!fired) break;  // the collector made fewer than nth allocations: each one failed once
+        if (!collector_failure_fired()) break;  // fewer than nth allocations: each one failed once
     }
     test_thread = false;
     CHECK(nth > 10);
@@ -333,9 +338,7 @@ TEST_CASE("a call cancelled from a callback of a broken pool may cancel another 
             pool.join();
         }
         chained += *chain_reached_third ? 1 : 0;
-        const bool fired = engine_countdown.load() <= 0;
-        engine_countdown = 0;
-        if (!fired) break;  // the collector made fewer than nth allocations: each one failed once
+        if (!collector_failure_fired()) break;  // fewer than nth allocations: each one failed once
     }
     test_thread = false;
     CHECK(nth > 10);

@@ -343,23 +343,16 @@ TEST_CASE("a Process used in another process is an mproc::Error there, and its c
     mproc::Process unstarted([] {});
     // The child has copies of both: each use is refused, and neither copy's child is touched.
     mproc::Process child([&] {
-        int refused = 0;
-        const auto refuses = [&](auto&& use) {
-            try {
-                use();
-            } catch (const mproc::Error&) {
-                ++refused;
-            }
-        };
-        refuses([&] { (void)sibling.join(); });
-        refuses([&] { (void)sibling.is_alive(); });
-        refuses([&] { (void)sibling.exitcode(); });
-        refuses([&] { sibling.terminate(); });
-        refuses([&] { sibling.close(); });
-        refuses([&] { unstarted.start(); });
-        refuses([&] { (void)unstarted.pid(); });
+        mproc_test::Refusals refused;
+        refused.expect([&] { (void)sibling.join(); });
+        refused.expect([&] { (void)sibling.is_alive(); });
+        refused.expect([&] { (void)sibling.exitcode(); });
+        refused.expect([&] { sibling.terminate(); });
+        refused.expect([&] { sibling.close(); });
+        refused.expect([&] { unstarted.start(); });
+        refused.expect([&] { (void)unstarted.pid(); });
         { const mproc::Process gone(std::move(sibling)); }  // its destructor leaves the parent's child alone
-        std::_Exit(refused == 7 && mproc::active_children().empty() ? 0 : 1);
+        std::_Exit(refused.count == 7 && mproc::active_children().empty() ? 0 : 1);
     });
     child.start();
     REQUIRE(child.join(60s));
@@ -384,18 +377,10 @@ TEST_CASE("a child forked while another thread is inside a Process's call gets m
     });
     for (int round = 0; round < 20; ++round) {
         mproc::Process child([&] {
-            int refused = 0;
-            try {
-                (void)busy.is_alive();
-            } catch (const mproc::Error&) {
-                ++refused;
-            }
-            try {
-                (void)busy.join(1s);
-            } catch (const mproc::Error&) {
-                ++refused;
-            }
-            std::_Exit(refused == 2 && !busy.closed() ? 0 : 1);
+            mproc_test::Refusals refused;
+            refused.expect([&] { (void)busy.is_alive(); });
+            refused.expect([&] { (void)busy.join(1s); });
+            std::_Exit(refused.count == 2 && !busy.closed() ? 0 : 1);
         });
         child.start();
         const bool ended = child.join(30s);
