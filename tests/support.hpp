@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <mproc/errors.hpp>
+#include <mproc/process.hpp>
 
 // 1 in a build with a sanitizer (whose runtime needs descriptors and memory of its own).
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -221,5 +222,30 @@ struct Refusals {
         }
     }
 };
+
+/// What forked_rounds saw.
+struct RoundsSeen {
+    int hung = 0;    // children that had not ended after 30 s (killed then); the rounds stop at the first
+    int failed = 0;  // children that ended with a status other than 0
+};
+
+/// Forks up to `rounds` children, one after another, each running `body` (which exits with 0 when
+/// all is well), while the caller's other threads go on. The caller checks what it returns once
+/// its threads have stopped (a failed REQUIRE would leave them running).
+template <class Body> RoundsSeen forked_rounds(int rounds, const Body& body) {
+    RoundsSeen seen;
+    for (int round = 0; round < rounds && seen.hung == 0; ++round) {
+        mproc::Process child(body);
+        child.start();
+        if (!child.join(mproc::Seconds{30})) {
+            ++seen.hung;
+            child.kill();
+            (void)child.join(mproc::Seconds{60});
+        } else if (child.exitcode() != 0) {
+            ++seen.failed;
+        }
+    }
+    return seen;
+}
 
 }  // namespace mproc_test

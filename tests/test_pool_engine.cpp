@@ -305,6 +305,30 @@ TEST_CASE("in a child the parent's results and imap and its worker_pids are mpro
     CHECK(got == std::vector<int>{1, 4, 9, 16, 25, 36, 49, 64});
 }
 
+TEST_CASE("a child forked while a parent thread is inside a result's call gets mproc::Error from it, not a hang") {
+    // get() of a complete result took the result's lock before it checked the process: a child
+    // forked while another thread held that lock had a copy held for ever.
+    if (skip_under_thread_sanitizer()) return;
+    Watchdog dog(200s, "a result's lock copied into a child");
+    mproc::Pool pool(1);
+    mproc::AsyncResult<int> done = pool.apply_async(square, std::tuple{3});
+    REQUIRE(done.get(60s) == 9);
+    std::atomic<bool> stop{false};
+    std::thread asker([&] {
+        while (!stop) (void)done.successful();
+    });
+    const mproc_test::RoundsSeen seen = mproc_test::forked_rounds(20, [&] {
+        mproc_test::Refusals refused;
+        refused.expect([&] { (void)done.get(); });
+        refused.expect([&] { (void)done.successful(); });
+        std::_Exit(refused.count == 2 ? 0 : 1);
+    });
+    stop = true;
+    asker.join();
+    CHECK(seen.hung == 0);
+    CHECK(seen.failed == 0);
+}
+
 TEST_CASE("a Pool destroyed in a child while a thread of the parent waits in join: the child goes on") {
     // The child's copy destroyed its condition variables, which waited for the parent's waiter.
     if (skip_under_thread_sanitizer()) return;

@@ -375,21 +375,16 @@ TEST_CASE("a child forked while another thread is inside a Process's call gets m
     std::thread asker([&] {
         while (!stop) (void)busy.is_alive();
     });
-    for (int round = 0; round < 20; ++round) {
-        mproc::Process child([&] {
-            mproc_test::Refusals refused;
-            refused.expect([&] { (void)busy.is_alive(); });
-            refused.expect([&] { (void)busy.join(1s); });
-            std::_Exit(refused.count == 2 && !busy.closed() ? 0 : 1);
-        });
-        child.start();
-        const bool ended = child.join(30s);
-        if (!ended) child.kill();
-        REQUIRE(ended);
-        REQUIRE(child.exitcode() == 0);
-    }
+    const mproc_test::RoundsSeen seen = mproc_test::forked_rounds(20, [&] {
+        mproc_test::Refusals refused;
+        refused.expect([&] { (void)busy.is_alive(); });
+        refused.expect([&] { (void)busy.join(1s); });
+        std::_Exit(refused.count == 2 && !busy.closed() ? 0 : 1);
+    });
     stop = true;
     asker.join();
+    CHECK(seen.hung == 0);
+    CHECK(seen.failed == 0);
     busy.kill();
     REQUIRE(busy.join(60s));
     CHECK(mproc_test::child_count() == 0);

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -364,12 +365,16 @@ private:
     }
     /// Keeps a child's copy of its parent's engine reachable, so that a child that ends with
     /// exit() reports no leak of it (under LeakSanitizer).
+    /// (A list pushed without a lock: threads of the child may drop copies at once.)
     static void keep_inherited(detail::PoolEngine* engine) noexcept {
-        static auto* const kept = new (std::nothrow) std::vector<detail::PoolEngine*>();
-        try {
-            if (kept) kept->push_back(engine);
-        } catch (...) {  // no memory: it stays as it is, unreachable
-        }
+        struct Kept {
+            detail::PoolEngine* engine;
+            Kept* next;
+        };
+        static std::atomic<Kept*> kept{nullptr};
+        auto* node = new (std::nothrow) Kept{engine, kept.load(std::memory_order_relaxed)};
+        if (!node) return;  // no memory: it stays as it is, unreachable
+        while (!kept.compare_exchange_weak(node->next, node, std::memory_order_release, std::memory_order_relaxed)) {}
     }
 
     template <class F, class Args, class R, class Range, class Cb>

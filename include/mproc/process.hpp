@@ -117,9 +117,10 @@ inline void hook_process_exit() {
 ///
 /// Any thread of the process that made it may call any member, at the same time as others (a
 /// join beside an is_alive, say) — but set_name() beside name(), whose reference it changes;
-/// moving it while another thread uses it is undefined, as for std::thread. In another process — a child forked with a copy of it — every member but name(),
-/// daemon() and closed() throws mproc::Error and changes nothing, and its destructor leaves the
-/// child alone (Python: "can only join a child process").
+/// moving it while another thread uses it is undefined, as for std::thread. In another process
+/// (a child forked with a copy of it) every member but name(), daemon() and closed() throws
+/// mproc::Error and changes nothing, and its destructor leaves the child alone (Python: "can only
+/// join a child process").
 class Process {
 public:
     /// How long the destructor waits after SIGTERM before it sends SIGKILL.

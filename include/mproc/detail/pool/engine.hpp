@@ -153,7 +153,8 @@ struct Task {
 };
 
 /// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
-/// forked through fork(3) (all of mproc's forks are).
+/// forked through fork(3) (all of mproc's forks are). A child made by a raw clone/fork system call
+/// keeps the parent's cached pid, and so is not refused as another process.
 inline pid_t this_process_id() noexcept {
     static std::atomic<pid_t> cached{0};
     [[maybe_unused]] static const int hooked = ::pthread_atfork(nullptr, nullptr, [] { cached.store(0); });
