@@ -9,6 +9,8 @@
 #include <mproc/progress.hpp>
 #include <mproc/queue.hpp>
 #include <mproc/shared_dict.hpp>
+#include <mproc/shared_memory.hpp>
+#include <mproc/sync.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -666,4 +668,40 @@ TEST_CASE("a simplex Pipe's large messages, each allocation of a receive failing
         CHECK(sender.exitcode() == 0);
         CHECK_THROWS_AS(reader.recv_bytes(), mproc::EOFError);
     }
+}
+
+TEST_CASE("shared objects made with each allocation failing in turn: std::bad_alloc or made, never a hang",
+          "[shm][memory]") {
+    // The registry made a new segment's shared_ptr, and its map entry, under its lock: when that
+    // allocation failed, the segment's deleter took the same lock again, and the thread hung.
+    Watchdog dog(280s, "shared objects made under failing allocations");
+    const auto each_allocation_failing = [](const char* what, auto make) {
+        INFO(what);
+        int refused = 0;
+        for (long nth = 1;; ++nth) {
+            REQUIRE(nth <= 500);
+            fail_allocation(nth);
+            try {
+                make();
+            } catch (const std::bad_alloc&) {
+                ++refused;
+            }
+            const bool fired = fail_countdown == 0;
+            fail_allocation(0);
+            if (!fired) break;  // made with fewer than nth allocations
+        }
+        CHECK(refused > 0);
+        make();  // and made whole once memory is back
+    };
+    each_allocation_failing("Queue", [] {
+        mproc::Queue<int> q;
+        q.put(1);
+        if (q.get() != 1) throw std::runtime_error("the queue lost its item");
+    });
+    each_allocation_failing("SharedMemory", [] { mproc::SharedMemory block(std::size_t{1} << 20); });
+    each_allocation_failing("SharedDict", [] {
+        mproc::SharedDict<std::string, int> d;
+        d["k"] = 1;
+    });
+    each_allocation_failing("Lock", [] { mproc::Lock lock; });
 }

@@ -6,6 +6,7 @@
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
 #include <mproc/queue.hpp>
+#include <mproc/shared_dict.hpp>
 #include <mproc/shared_memory.hpp>
 #include <mproc/sync.hpp>
 
@@ -320,4 +321,24 @@ TEST_CASE("SharedMemory: a handle of another kind, an empty one and a corrupt on
     bytes.front() = std::byte{1};
     bytes.pop_back();  // cut short
     CHECK_THROWS_AS(mproc::from_bytes<mproc::SharedMemory>(bytes), mproc::SerializationError);
+}
+
+TEST_CASE("SharedMemory: past the file size limit (ulimit -f) a shared object is an mproc::Error, not SIGXFSZ") {
+    // A memfd counts as a file: sizing one past RLIMIT_FSIZE raised SIGXFSZ, which ended the
+    // process. Limits set in a child stay there.
+    mproc::Process child([] {
+        rlimit fsize{};
+        ::getrlimit(RLIMIT_FSIZE, &fsize);
+        fsize.rlim_cur = 1 << 20;
+        if (::setrlimit(RLIMIT_FSIZE, &fsize) != 0) std::_Exit(2);
+        mproc_test::Refusals refused;
+        refused.expect([] { mproc::Queue<int> q; });  // a 1 GiB ring
+        refused.expect([] { mproc::SharedMemory block(std::size_t{2} << 20); });
+        refused.expect([] { mproc::SharedDict<std::string, int> d; });
+        const mproc::SharedMemory small(std::size_t{64} << 10);  // under the limit: made
+        std::_Exit(refused.count == 3 && small.size() >= (std::size_t{64} << 10) ? 0 : 10 + refused.count);
+    });
+    child.start();
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode().value_or(-1000) == 0);
 }

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <string>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <utility>
@@ -67,6 +68,13 @@ public:
     /// only labels it in /proc/<pid>/maps ("memfd:<name>").
     static SharedMemory create(std::size_t size, const char* name) {
         size = round_up(size == 0 ? 1 : size, page_size());
+        // A memfd counts as a file: sized past RLIMIT_FSIZE, ftruncate would raise SIGXFSZ, which
+        // ends the process, before it could fail with EFBIG.
+        if (rlimit fsize{};
+            ::getrlimit(RLIMIT_FSIZE, &fsize) == 0 && fsize.rlim_cur != RLIM_INFINITY && size > fsize.rlim_cur)
+            throw Error("mproc: " + std::to_string(size) + " bytes of shared memory (" + name +
+                        ") exceed this process's file size limit of " + std::to_string(fsize.rlim_cur) +
+                        " bytes (RLIMIT_FSIZE, ulimit -f), which a memfd counts against");
         UniqueFd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
         if (!fd) throw_errno("memfd_create");
         if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)

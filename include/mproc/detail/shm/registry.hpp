@@ -156,7 +156,15 @@ public:
                 adopted_.emplace(id, std::move(raced));
                 return;
             }
-        adopted_.emplace(id, register_locked(id, ++generation_, std::move(memory)));
+        // The entry first: a failure to make it (no memory) comes before the segment exists,
+        // whose last owner, gone under this lock, would take it again (see register_locked).
+        const auto [entry, inserted] = adopted_.try_emplace(id);
+        try {
+            entry->second = register_locked(id, ++generation_, std::move(memory));
+        } catch (...) {
+            if (inserted) adopted_.erase(entry);
+            throw;
+        }
         std::erase_if(unadopted_, [&](const auto& e) { return e.first == id; });
     }
 
@@ -256,9 +264,13 @@ private:
         }
     }
 
+    /// Registers a new segment under `id` (the mutex held). It gets its registry's deleter only
+    /// once registered: until then a failure to allocate (the shared_ptr's count, the map's
+    /// entry) just deletes it, as the registry's deleter would take the mutex held here.
     SegmentPtr register_locked(std::uint64_t id, std::uint64_t generation, SharedMemory memory) {
-        SegmentPtr segment(new Segment(id, generation, std::move(memory)), Deleter{this});
+        SegmentPtr segment(new Segment(id, generation, std::move(memory)), Deleter{nullptr});
         live_[id] = segment;
+        std::get_deleter<Deleter>(segment)->registry = this;
         return segment;
     }
 
@@ -267,8 +279,11 @@ private:
     /// retained_, the same mapping) instead of unmapped. Otherwise it is unregistered and
     /// unmapped; a racing find() sees an expired weak_ptr.
     struct Deleter {
-        SegmentRegistry* registry;
-        void operator()(Segment* s) const noexcept { registry->last_handle_gone(s); }
+        SegmentRegistry* registry;  // none while register_locked has not finished
+        void operator()(Segment* s) const noexcept {
+            if (registry) registry->last_handle_gone(s);
+            else delete s;
+        }
     };
     void last_handle_gone(Segment* s) noexcept {
         // The new owner is made before the decision, so that find() never sees the segment
