@@ -499,11 +499,18 @@ TEST_CASE("SIGINT to the whole process group, as Ctrl-C sends it: same, and no w
     Program program({{mode, "wait"}});
     check_tree(program, mode);
     program.signal_group(SIGINT);
-    const Ending end = program.wait_for_end();
+    Ending end = program.wait_for_end();
     CAPTURE(describe_status(end.status), end.errors);
     CHECK(WIFSIGNALED(end.status));
     CHECK(WTERMSIG(end.status) == SIGINT);
     check_nothing_orphaned(program, end);
+    // Under TSan a level of the tree may never run its handler, as in a process forked from a
+    // multithreaded one (see under_tsan): the signal kills its child, and it outlives it and says
+    // so (level 2, 1 run in about 1,000 under load; still alive 200 ms after its child died).
+    if (under_tsan())
+        std::erase_if(end.after_ready, [](const std::string& line) {
+            return line.starts_with("level ") && line.ends_with(": child ended");
+        });
     check_quiet(end);
 }
 
