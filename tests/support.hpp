@@ -2,20 +2,28 @@
 #pragma once
 
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <dirent.h>
 #include <fcntl.h>
 #include <fstream>
 #include <initializer_list>
+#include <mutex>
 #include <poll.h>
+#include <pthread.h>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 #include <mproc/errors.hpp>
@@ -247,5 +255,52 @@ template <class Body> RoundsSeen forked_rounds(int rounds, const Body& body) {
     }
     return seen;
 }
+
+/// Ends the whole test program with a message if it is still alive after `limit`: a hang becomes a
+/// failure instead of a stuck CI job. The limits are generous: they never measure speed. Its
+/// thread has every signal blocked, so signals go to the test's threads.
+class Watchdog {
+public:
+    explicit Watchdog(std::chrono::seconds limit, std::string what = "the test") : what_(std::move(what)) {
+        sigset_t all, saved;
+        sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &saved);
+        // Returns once its thread runs: a test that forks next must not copy a thread's start-up into
+        // the child (under GCC 12's AddressSanitizer the child then deadlocks on an allocator lock the
+        // starting thread held: 4 forks in 3,000 in a loop that forks beside a new thread).
+        thread_ = std::thread([this, limit] {
+            std::unique_lock lock(mutex_);
+            running_ = true;
+            changed_.notify_all();
+            if (!changed_.wait_for(lock, limit, [&] { return disarmed_; })) {
+                std::fprintf(stderr, "\nWATCHDOG: '%s' did not finish within %llds: it hangs\n", what_.c_str(),
+                             static_cast<long long>(limit.count()));
+                std::fflush(stderr);
+                std::_Exit(97);
+            }
+        });
+        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return running_; });
+    }
+    ~Watchdog() {
+        {
+            std::lock_guard lock(mutex_);
+            disarmed_ = true;
+        }
+        changed_.notify_all();
+        thread_.join();
+    }
+    Watchdog(const Watchdog&) = delete;
+    Watchdog& operator=(const Watchdog&) = delete;
+
+private:
+    std::string what_;
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    bool disarmed_ = false;
+    bool running_ = false;
+    std::thread thread_;
+};
 
 }  // namespace mproc_test

@@ -32,48 +32,7 @@
 namespace pool_test {
 
 using namespace std::chrono_literals;
-
-/// Ends the whole test program with a message if it is still alive after `limit` — a hang becomes a
-/// failure instead of a stuck CI job. The limits are generous: they never measure speed.
-class Watchdog {
-public:
-    Watchdog(std::chrono::seconds limit, std::string what) : what_(std::move(what)) {
-        // Returns once its thread runs: a test that forks next must not copy a thread's start-up into
-        // the child (under GCC 12's AddressSanitizer the child then deadlocks on an allocator lock the
-        // starting thread held: 4 forks in 3,000 in a loop that forks beside a new thread).
-        thread_ = std::thread([this, limit] {
-            std::unique_lock lock(mutex_);
-            running_ = true;
-            cv_.notify_all();
-            if (!cv_.wait_for(lock, limit, [&] { return disarmed_; })) {
-                std::fprintf(stderr, "\nWATCHDOG: '%s' did not finish within %llds: the Pool hangs\n", what_.c_str(),
-                             static_cast<long long>(limit.count()));
-                std::fflush(stderr);
-                std::_Exit(97);
-            }
-        });
-        std::unique_lock lock(mutex_);
-        cv_.wait(lock, [&] { return running_; });
-    }
-    ~Watchdog() {
-        {
-            std::lock_guard lock(mutex_);
-            disarmed_ = true;
-        }
-        cv_.notify_all();
-        thread_.join();
-    }
-    Watchdog(const Watchdog&) = delete;
-    Watchdog& operator=(const Watchdog&) = delete;
-
-private:
-    std::string what_;
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    bool disarmed_ = false;
-    bool running_ = false;
-    std::thread thread_;
-};
+using mproc_test::Watchdog;
 
 /// A pipe created *before* the pool, so that every worker (a fork of the pool's fork server, itself a
 /// fork of this process at the pool's construction) has both ends. A task blocked in gated() runs

@@ -66,44 +66,7 @@ template <class... Args> void figures(const char* format, Args... args) {
     std::fflush(stdout);
 }
 
-/// Ends the test program if a case is still running after `limit`: a hang becomes a failure.
-class Watchdog {
-public:
-    Watchdog(std::chrono::seconds limit, const char* what) {
-        // Returns once its thread runs: a test that forks next must not copy a thread's start-up into
-        // the child (under GCC 12's AddressSanitizer the child then deadlocks on an allocator lock the
-        // starting thread held: 4 forks in 3,000 in a loop that forks beside a new thread).
-        thread_ = std::thread([this, limit, what] {
-            std::unique_lock lock(mutex_);
-            running_ = true;
-            cv_.notify_all();
-            if (!cv_.wait_for(lock, limit, [&] { return disarmed_; })) {
-                std::fprintf(stderr, "\nWATCHDOG: '%s' still running after %llds: it hangs\n", what,
-                             static_cast<long long>(limit.count()));
-                std::_Exit(97);
-            }
-        });
-        std::unique_lock lock(mutex_);
-        cv_.wait(lock, [&] { return running_; });
-    }
-    ~Watchdog() {
-        {
-            std::lock_guard lock(mutex_);
-            disarmed_ = true;
-        }
-        cv_.notify_all();
-        thread_.join();
-    }
-    Watchdog(const Watchdog&) = delete;
-    Watchdog& operator=(const Watchdog&) = delete;
-
-private:
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    bool disarmed_ = false;
-    bool running_ = false;
-    std::thread thread_;
-};
+using mproc_test::Watchdog;
 
 /// The parent pid and state of `pid` from /proc/<pid>/stat; ppid 0 if it is gone.
 std::pair<pid_t, char> parent_and_state(pid_t pid) {

@@ -54,49 +54,7 @@ struct RawPipe {
     }
 };
 
-/// Ends the test program with a message if it is still alive after `limit`: a wait that never
-/// ends becomes a failure. Its thread has every signal blocked, so signals go to the test's thread.
-class Watchdog {
-public:
-    explicit Watchdog(std::chrono::seconds limit) {
-        sigset_t all, saved;
-        sigfillset(&all);
-        ::pthread_sigmask(SIG_SETMASK, &all, &saved);
-        // Returns once its thread runs: a test that forks next must not copy a thread's start-up into
-        // the child (under GCC 12's AddressSanitizer the child then deadlocks on an allocator lock the
-        // starting thread held: 4 forks in 3,000 in a loop that forks beside a new thread).
-        thread_ = std::thread([this, limit] {
-            std::unique_lock lock(mutex_);
-            running_ = true;
-            done_changed_.notify_all();
-            if (!done_changed_.wait_for(lock, limit, [&] { return done_; })) {
-                std::fprintf(stderr, "\nWATCHDOG: the wait did not end within %llds\n",
-                             static_cast<long long>(limit.count()));
-                std::_Exit(97);
-            }
-        });
-        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
-        std::unique_lock lock(mutex_);
-        done_changed_.wait(lock, [&] { return running_; });
-    }
-    ~Watchdog() {
-        {
-            std::lock_guard lock(mutex_);
-            done_ = true;
-        }
-        done_changed_.notify_all();
-        thread_.join();
-    }
-    Watchdog(const Watchdog&) = delete;
-    Watchdog& operator=(const Watchdog&) = delete;
-
-private:
-    std::mutex mutex_;
-    std::condition_variable done_changed_;
-    bool done_ = false;
-    bool running_ = false;
-    std::thread thread_;
-};
+using mproc_test::Watchdog;
 
 volatile std::sig_atomic_t alarms = 0;
 void count_alarm(int) { alarms = alarms + 1; }
