@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -16,6 +17,8 @@
 #include <cstring>
 #include <fcntl.h>
 #include <fstream>
+#include <mutex>
+#include <optional>
 #include <sched.h>
 #include <string>
 #include <sys/socket.h>
@@ -24,6 +27,7 @@
 #include <thread>
 #include <type_traits>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 #include "support.hpp"
@@ -1298,4 +1302,220 @@ TEST_CASE("send_fd to a closed peer is a BrokenPipeError without SIGPIPE, and re
         ::close(fds[0]);
     }
     CHECK_FALSE(sigpipe_pending());
+}
+
+// ---- one end shared by threads ------------------------------------------------------------------
+
+namespace {
+
+/// A message that says who sent it and checks itself: "<thread>:<seq>:" and then `size` bytes of a
+/// letter both pick (sizes from a small one to one past a socket's buffer and a simplex lane's
+/// threshold).
+std::string shared_message(int thread, int seq) {
+    static constexpr std::size_t sizes[] = {10, 5000, 70000};
+    std::string text = std::to_string(thread) + ":" + std::to_string(seq) + ":";
+    text.append(sizes[static_cast<std::size_t>(seq) % 3], static_cast<char>('a' + (thread * 31 + seq) % 26));
+    return text;
+}
+
+/// A thread of this process, for as long as the object lives; `asleep()` waits until the kernel
+/// has it asleep (in a receive's read, the only place its body sleeps).
+class Sleeper {
+public:
+    template <class Body> explicit Sleeper(Body body) {
+        thread_ = std::thread([this, body = std::move(body)]() mutable {
+            id_.store(static_cast<pid_t>(::gettid()));
+            body();
+        });
+    }
+    ~Sleeper() {
+        if (thread_.joinable()) thread_.join();
+    }
+    Sleeper(const Sleeper&) = delete;
+    Sleeper& operator=(const Sleeper&) = delete;
+
+    void asleep() const {
+        const auto limit = std::chrono::steady_clock::now() + 60s;
+        for (;;) {
+            if (const pid_t id = id_.load()) {
+                std::ifstream stat("/proc/self/task/" + std::to_string(id) + "/stat");
+                std::string line;
+                std::getline(stat, line);
+                const auto state = line.rfind(')');
+                if (state != std::string::npos && state + 2 < line.size() && line[state + 2] == 'S') return;
+            }
+            REQUIRE(std::chrono::steady_clock::now() < limit);
+            std::this_thread::sleep_for(1ms);
+        }
+    }
+    void join() { thread_.join(); }
+
+private:
+    std::atomic<pid_t> id_{0};
+    std::thread thread_;
+};
+
+}  // namespace
+
+TEST_CASE("threads that share one end take turns a whole message at a time", "[threads]") {
+    // Four threads send on one end and two receive on the other, with messages from a few bytes to
+    // one that fills the socket (and goes by a simplex pipe's lane). Before the ends had locks, two
+    // sends interleaved their bytes, and the reader got frames that did not decode.
+    const mproc_test::Watchdog dog(300s, "threads sharing one end");
+    for (const bool duplex : {true, false}) {
+        INFO((duplex ? "duplex" : "simplex"));
+        auto [reader, writer] = mproc::Pipe<std::string>(duplex);
+        constexpr int senders = 4, per_sender = 150, total = senders * per_sender;
+        std::atomic<int> claimed{0};
+        std::mutex errors_mutex;
+        std::vector<std::string> errors;
+        const auto failed = [&](const std::string& what) {
+            const std::lock_guard lock(errors_mutex);
+            errors.push_back(what);
+        };
+        std::vector<std::vector<std::pair<int, int>>> got(2);  // per receiver: (thread, seq) in order
+        {
+            std::vector<std::thread> threads;
+            for (int r = 0; r < 2; ++r)
+                threads.emplace_back([&, r, &reader = reader] {
+                    try {
+                        while (claimed.fetch_add(1) < total) {
+                            // The second receiver polls first: a poll waits for its turn, too.
+                            if (r == 1)
+                                while (!reader.poll(mproc::Seconds{0.01})) {}
+                            const std::string text = reader.recv();
+                            const auto colon = text.find(':'), second = text.find(':', colon + 1);
+                            const int thread = std::stoi(text.substr(0, colon));
+                            const int seq = std::stoi(text.substr(colon + 1, second - colon - 1));
+                            if (text != shared_message(thread, seq)) failed("a message arrived changed");
+                            got[static_cast<std::size_t>(r)].emplace_back(thread, seq);
+                        }
+                    } catch (const std::exception& e) {
+                        failed(std::string("receive: ") + e.what());
+                        reader.close();  // the senders must not wait for room for ever
+                    }
+                });
+            for (int t = 0; t < senders; ++t)
+                threads.emplace_back([&, t, &writer = writer] {
+                    try {
+                        for (int seq = 0; seq < per_sender; ++seq) writer.send(shared_message(t, seq));
+                    } catch (const std::exception& e) {
+                        failed(std::string("send: ") + e.what());
+                    }
+                });
+            for (std::thread& t : threads) t.join();
+        }
+        INFO((errors.empty() ? std::string() : errors.front()));
+        REQUIRE(errors.empty());
+        // Each message once; and in each receiver, each sender's messages in the order sent.
+        std::vector<std::vector<int>> seen(senders, std::vector<int>(per_sender, 0));
+        for (const auto& mine : got) {
+            std::vector<int> last(senders, -1);
+            for (const auto& [thread, seq] : mine) {
+                ++seen[static_cast<std::size_t>(thread)][static_cast<std::size_t>(seq)];
+                CHECK(seq > last[static_cast<std::size_t>(thread)]);
+                last[static_cast<std::size_t>(thread)] = seq;
+            }
+        }
+        for (const auto& counts : seen) CHECK(std::count(counts.begin(), counts.end(), 1) == per_sender);
+    }
+}
+
+TEST_CASE("a send that finds the socket full while another thread receives on the same end does not deadlock",
+          "[threads]") {
+    // Both ends send 8 MiB messages (past what the sockets hold) from one thread while another
+    // thread of the same end receives: the sender waits for room, and the receiver reads.
+    const mproc_test::Watchdog dog(300s, "full sockets with a receiving thread on each end");
+    auto [a, b] = mproc::Pipe<std::string>();
+    const std::string big(8u << 20, 'x');
+    constexpr int messages = 4;
+    std::atomic<int> received{0}, failures{0};
+    const auto sender = [&](mproc::Connection<std::string>& end) {
+        return std::thread([&] {
+            try {
+                for (int i = 0; i < messages; ++i) end.send(big);
+            } catch (const std::exception&) {
+                ++failures;
+            }
+        });
+    };
+    const auto receiver = [&](mproc::Connection<std::string>& end) {
+        return std::thread([&] {
+            try {
+                for (int i = 0; i < messages; ++i)
+                    if (end.recv() == big) ++received;
+            } catch (const std::exception&) {
+                ++failures;
+            }
+        });
+    };
+    std::thread threads[] = {sender(a), receiver(a), sender(b), receiver(b)};
+    for (std::thread& t : threads) t.join();
+    CHECK(failures == 0);
+    CHECK(received == 2 * messages);
+}
+
+TEST_CASE(
+    "close from another thread: later calls throw, a receive inside returns what arrives, then the "
+    "descriptors go",
+    "[threads]") {
+    auto [a, b] = mproc::Pipe<int>();
+    const std::size_t open = mproc_test::open_descriptors();
+    int got = 0;
+    std::string after;
+    Sleeper receiver([&, &a = a] {
+        got = a.recv();
+        try {
+            (void)a.recv();
+        } catch (const mproc::Error& e) {
+            after = e.what();
+        }
+    });
+    receiver.asleep();
+    a.close();  // at once, with the receive still inside
+    CHECK(a.closed());
+    CHECK(a.fileno() == -1);
+    CHECK_THROWS_AS(a.send(1), mproc::Error);
+    CHECK_THROWS_AS(a.poll(), mproc::Error);
+    // The receive still reads the descriptor: it was not closed under it (before, it was, and its
+    // number could have been reused by the next descriptor the program opened).
+    CHECK(mproc_test::open_descriptors() == open);
+    b.send(42);
+    receiver.join();
+    CHECK(got == 42);
+    CHECK(after == "recv on a closed connection");
+    CHECK(mproc_test::open_descriptors() == open - 1);  // released by the receive as it left
+}
+
+TEST_CASE("poll with a timeout while another thread receives says false in time", "[threads]") {
+    auto [a, b] = mproc::Pipe<int>();
+    int got = 0;
+    Sleeper receiver([&, &a = a] { got = a.recv(); });
+    receiver.asleep();
+    CHECK_FALSE(a.poll(mproc::Seconds{0.05}));
+    CHECK_FALSE(a.poll());
+    b.send(7);
+    receiver.join();
+    CHECK(got == 7);
+}
+
+TEST_CASE("a child forked while a parent thread waits in a poll of an end can receive from that end", "[threads]") {
+    // The child's copy of the end's receive lock was taken by a thread it does not have: the locks
+    // are made afresh in the child (without, its receive waited for ever). The parent's thread
+    // waits in poll, which takes no message: the one sent goes to the child.
+    auto [a, b] = mproc::Pipe<int>();
+    bool readable = false;
+    Sleeper poller([&, &a = a] { readable = a.poll(std::nullopt); });
+    poller.asleep();
+    mproc::Process child([&a = a] { a.send(a.recv() + 1); });
+    child.start();
+    b.send(10);
+    const bool ended = child.join(60s);
+    if (!ended) child.kill();
+    REQUIRE(ended);
+    CHECK(child.exitcode() == 0);
+    CHECK(b.recv() == 11);
+    b.send(0);  // for the parent's poll, if the child took the first message before it looked
+    poller.join();
+    CHECK(readable);
 }

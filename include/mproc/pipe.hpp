@@ -23,10 +23,12 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <fcntl.h>
+#include <mutex>
 #include <optional>
 #include <poll.h>
 #include <sched.h>
@@ -40,6 +42,7 @@
 
 #include "detail/os/clock.hpp"
 #include "detail/os/cpu.hpp"
+#include "detail/os/end_locks.hpp"
 #include "detail/os/fd_passing.hpp"
 #include "detail/os/framing.hpp"
 #include "detail/os/io.hpp"
@@ -74,7 +77,9 @@ class Waitable;
 template <class T = std::vector<std::byte>> class Connection;
 template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true);
 
-/// One end of a Pipe. Move-only; not safe for two threads at once (use one end per thread).
+/// One end of a Pipe. Move-only. Every call is safe from any thread: threads that share an end
+/// take turns a whole message at a time (sends among sends, receives among receives), and close()
+/// from another thread ends it for every later call (detail/os/end_locks.hpp).
 template <class T> class Connection {
     // The wording matches require_serializable, and the compiler names T in the instantiation note.
     static_assert(is_serializable_v<T>,
@@ -90,6 +95,7 @@ public:
     /// Sends one message. Serialisation errors surface here, before anything is written.
     void send(const T& value) {
         require_writable("send");
+        const Turn<std::mutex> turn(*this, locks_.send(), "send");
         detail::begin_frame(out_);
         encode_into(out_, value);
         const std::size_t length = out_.size() - detail::frame_header_size;
@@ -102,6 +108,8 @@ public:
     /// Throws EOFError when the peers are closed and nothing is left, SerializationError when the
     /// bytes do not decode (the message is dropped and the stream stays usable).
     T recv() {
+        require_readable("recv");
+        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv");
         const auto frame = next_data_frame("recv");
         if (const auto length = in_.next_bulk_length()) {
             // The message is taken before it is decoded: one that does not decode is dropped.
@@ -137,6 +145,7 @@ public:
     /// place, behind the frame's header, in one system call (no copy).
     void send_bytes(std::span<const std::byte> bytes) {
         require_writable("send_bytes");
+        const Turn<std::mutex> turn(*this, locks_.send(), "send_bytes");
         if (by_lane(bytes.size())) return send_by_lane(bytes);
         std::byte header[detail::frame_header_size];
         const std::uint64_t length = bytes.size();
@@ -147,6 +156,7 @@ public:
     /// Receives one message sent with send_bytes() (or send()) as raw bytes.
     std::vector<std::byte> recv_bytes() {
         require_readable("recv_bytes");
+        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_bytes");
         for (;;) {
             if (in_.buffered_frame()) break;
             if (const auto length = in_.partial_payload(direct_read_min, direct_read_max)) {
@@ -178,6 +188,7 @@ public:
         if (offset > buffer.size())
             throw Error("recv_bytes_into: offset " + std::to_string(offset) + " is past the end of a " +
                         std::to_string(buffer.size()) + "-byte buffer");
+        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_bytes_into");
         const auto frame = next_data_frame("recv_bytes_into");
         const std::size_t room = buffer.size() - offset;
         if (const auto length = in_.next_bulk_length()) {
@@ -209,6 +220,7 @@ public:
         require_socket("send_fd");
         if (descriptor < 0 || ::fcntl(descriptor, F_GETFD) < 0)
             throw Error("send_fd: " + std::to_string(descriptor) + " is not an open descriptor");
+        const Turn<std::mutex> turn(*this, locks_.send(), "send_fd");
         std::byte header[detail::frame_header_size];
         std::memcpy(header, &detail::descriptor_frame, sizeof header);
         bool peer_done_sending = false;
@@ -233,6 +245,7 @@ public:
     UniqueFd recv_fd() {
         require_readable("recv_fd");
         require_socket("recv_fd");
+        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_fd");
         const auto frame = next_frame("recv_fd");
         if (!in_.next_is_descriptor())
             throw Error("recv_fd: the next message is not a descriptor (it was sent with send or send_bytes)");
@@ -245,38 +258,90 @@ public:
 
     /// Whether there is something to read. Without a timeout it does not wait (like Python's poll);
     /// with one it waits up to that long. End of stream counts as readable (recv will throw).
+    /// While another thread receives from this end, poll waits for its turn within the timeout,
+    /// and says false if it does not come.
     bool poll(std::optional<Seconds> timeout = Seconds{0}) {
         require_readable("poll");
         detail::check_timeout(timeout);
+        const detail::Deadline deadline = detail::deadline_after(timeout);
+        const Inside inside(*this, "poll");
+        std::unique_lock turn(locks_.receive(), std::defer_lock);
+        if (!deadline) turn.lock();
+        else if (!turn.try_lock_until(std::chrono::system_clock::now() + (*deadline - detail::Clock::now())))
+            return false;  // by the system clock: ThreadSanitizer sees that wait (pthread_mutex_timedlock)
+        if (locks_.closed()) throw_closed("poll");
         if (in_.buffered_frame()) return true;
-        const int revents = detail::wait_for(fd_.get(), POLLIN, detail::deadline_after(timeout));
+        const int revents = detail::wait_for(fd_.get(), POLLIN, deadline);
         if (revents < 0) detail::throw_errno("poll");
         return revents != 0;
     }
 
     /// Closes this end (and any descriptor received but not yet taken with recv_fd). Further use
-    /// throws mproc::Error.
+    /// throws mproc::Error. A call another thread is inside goes on to its end, and the last one
+    /// to leave releases the descriptors (a receive waiting for a message is not woken).
     void close() noexcept {
-        fd_.reset();
-        lane_.reset();
-        in_.clear();
-        descriptors_.clear();
+        if (locks_.close()) release();
     }
-    bool closed() const noexcept { return !fd_; }
+    bool closed() const noexcept { return locks_.closed(); }
     bool readable() const noexcept { return readable_; }
     bool writable() const noexcept { return writable_; }
-    /// The underlying descriptor (for select/poll alongside other fds).
-    int fileno() const noexcept { return fd_.get(); }
+    /// The underlying descriptor (for select/poll alongside other fds); -1 once closed.
+    int fileno() const noexcept { return locks_.descriptor(); }
 
 private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
     friend class Waitable;
 
     Connection(detail::UniqueFd fd, bool readable, bool writable, bool is_socket, detail::UniqueFd lane = {})
-        : fd_(std::move(fd)), lane_(std::move(lane)), readable_(readable), writable_(writable), is_socket_(is_socket) {}
+        : fd_(std::move(fd)), lane_(std::move(lane)), locks_(fd_.get()), readable_(readable), writable_(writable),
+          is_socket_(is_socket) {}
+
+    /// A public call for its whole length: counted inside the end, so that close() from another
+    /// thread leaves the descriptors to the last call inside to release.
+    class Inside {
+    public:
+        Inside(Connection& end, const char* op) : end_(end) {
+            if (!end.locks_.enter()) throw_closed(op);
+        }
+        ~Inside() {
+            if (end_.locks_.leave()) end_.release();
+        }
+        Inside(const Inside&) = delete;
+        Inside& operator=(const Inside&) = delete;
+
+    private:
+        Connection& end_;
+    };
+    /// A send or a receive for its whole length: inside the end, and holding its direction's lock.
+    template <class Mutex> struct Turn {
+        Turn(Connection& end, Mutex& mutex, const char* op) : inside(end, op), lock(mutex) {
+            if (end.locks_.closed()) throw_closed(op);  // closed while it waited for its turn
+        }
+        Inside inside;
+        std::unique_lock<Mutex> lock;
+    };
+    /// Lets go of the descriptors: once closed, with no call inside.
+    void release() noexcept {
+        fd_.reset();
+        lane_.reset();
+        in_.clear();
+        descriptors_.clear();
+    }
+    /// Whether a whole message is buffered, for mproc::wait: false while another thread receives.
+    bool buffered_now() noexcept {
+        if (!locks_.enter()) return false;
+        bool buffered = false;
+        {
+            const std::unique_lock turn(locks_.receive(), std::try_to_lock);
+            buffered = turn.owns_lock() && !locks_.closed() && in_.buffered_frame().has_value();
+        }
+        if (locks_.leave()) release();
+        return buffered;
+    }
+    [[noreturn]] static void throw_closed(const char* op) { throw Error(std::string(op) + " on a closed connection"); }
 
     void require_open(const char* op) const {
-        if (!fd_) throw Error(std::string(op) + " on a closed connection");
+        if (locks_.closed()) throw_closed(op);
     }
     void require_writable(const char* op) const {
         require_open(op);
@@ -293,7 +358,6 @@ private:
     }
 
     std::span<const std::byte> next_frame(const char* op) {
-        require_readable(op);
         for (;;) {
             if (auto frame = in_.buffered_frame()) return *frame;
             fill_once(op);
@@ -562,11 +626,16 @@ private:
 
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
     /// descriptors that come with it) so a peer that is itself blocked sending can make progress.
+    /// Only with this end's receive lock, taken at once: while another thread receives, this one
+    /// waits for room in slices (that thread reads what the peer sends).
     void wait_for_room(bool& peer_done_sending) {
-        const short events = peer_done_sending ? POLLOUT : POLLOUT | POLLIN;
-        const int revents = detail::wait_for(fd_.get(), events, std::nullopt);
+        const std::unique_lock turn(locks_.receive(), std::try_to_lock);
+        const bool drain = turn.owns_lock() && !peer_done_sending;
+        const int revents = detail::wait_for(
+            fd_.get(), drain ? POLLOUT | POLLIN : POLLOUT,
+            turn.owns_lock() ? detail::Deadline{} : detail::deadline_after(room_slice));
         if (revents < 0) detail::throw_errno("send: poll");
-        if ((revents & POLLIN) && !peer_done_sending) {
+        if ((revents & POLLIN) && drain) {
             const ssize_t got = in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_);
             if (got == 0) peer_done_sending = true;
         }
@@ -578,6 +647,7 @@ private:
     static constexpr std::size_t direct_read_min = 4096;
     static constexpr std::size_t direct_read_max = std::size_t{1} << 20;
     static constexpr std::chrono::microseconds watch_budget{30};  // see watch_for_bytes
+    static constexpr std::chrono::milliseconds room_slice{10};     // see wait_for_room
     // A simplex pipe's messages of lane_min bytes and more go by its bulk lane; a reader finds
     // room for up to lane_trusted bytes of one at once (read_lane_into).
     static constexpr std::size_t lane_min = std::size_t{16} << 10;
@@ -585,6 +655,7 @@ private:
 
     detail::UniqueFd fd_;
     detail::UniqueFd lane_;  // a simplex pipe's bulk lane: a socket, this end's direction only
+    detail::EndLocks locks_;  // which threads are inside, and whose turn it is to send and to receive
     std::uint32_t lane_pid_ = 0;     // the process that counts in lane_count_ (0: none yet)
     std::uint32_t lane_count_ = 0;   // its messages sent by the lane, from a random start (their tags' low half)
     bool lane_out_of_step_ = false;  // the reader found bytes in the lane no frame claims

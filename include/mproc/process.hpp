@@ -33,6 +33,7 @@
 #include "detail/os/fork.hpp"
 #include "detail/os/guard_state.hpp"
 #include "detail/os/io.hpp"
+#include "detail/os/process_id.hpp"
 #include "detail/os/unique_fd.hpp"
 #include "detail/os/wait.hpp"
 #include "detail/serialize/type_name.hpp"
@@ -268,11 +269,7 @@ public:
 
     /// Whether the child is a daemon: at a normal exit of this process (exit(), a return from
     /// main), a daemon child still running is terminated, a non-daemon one is waited for.
-    bool daemon() const noexcept {
-        if (::getpid() != owner_) return daemon_;  // a forked copy: no lock (see require_here)
-        const std::lock_guard lock(mutex_);
-        return daemon_;
-    }
+    bool daemon() const noexcept { return read_flag(daemon_); }
     /// Sets the daemon flag (false by default, as in Python). Before start(): Error after it.
     void set_daemon(bool daemonic) {
         const auto lock = hold("set_daemon");
@@ -306,20 +303,25 @@ public:
         closed_ = true;
     }
     /// Whether close() was called.
-    bool closed() const noexcept {
-        if (::getpid() != owner_) return closed_;  // a forked copy: no lock (see require_here)
-        const std::lock_guard lock(mutex_);
-        return closed_;
-    }
+    bool closed() const noexcept { return read_flag(closed_); }
 
 private:
     /// Error unless this is the process that made the Process and it is not closed.
     /// Error in any process but the one that made the Process. Before its lock: a forked copy
     /// of that lock may be held for ever (by a thread of the parent, which the child has not).
     void require_here(const char* op) const {
-        if (::getpid() != owner_)
-            throw Error(std::string(op) + " on process " + name_ + " from process " + std::to_string(::getpid()) +
-                        ": only the process that made it (" + std::to_string(owner_) + ") may use it");
+        if (!here())
+            throw Error(std::string(op) + " on process " + name_ + " from process " +
+                        std::to_string(detail::this_process_id()) + ": only the process that made it (" +
+                        std::to_string(owner_) + ") may use it");
+    }
+    /// Whether this is the process that made the Process.
+    bool here() const noexcept { return detail::this_process_id() == owner_; }
+    /// One of its flags: under its lock, or as copied in a forked copy (no lock: see require_here).
+    bool read_flag(const bool& flag) const noexcept {
+        if (!here()) return flag;
+        const std::lock_guard lock(mutex_);
+        return flag;
     }
     /// The Process's lock, for `op`: Error in another process (require_here), and once it is
     /// held, if the Process is closed.
@@ -362,7 +364,7 @@ private:
     /// The destructor's end of a child still running: in the process that made it only (in a
     /// forked copy the child is another process's).
     void stop_and_reap() noexcept {
-        if (pid_ == 0 || status_ || closed_ || ::getpid() != owner_) return;
+        if (pid_ == 0 || status_ || closed_ || !here()) return;
         try {
             if (!join(Seconds{0})) {
                 terminate();
@@ -378,7 +380,7 @@ private:
 
     std::unique_ptr<detail::BoundTarget> target_;
     std::string name_;
-    pid_t owner_ = ::getpid();  // the process that made it: the only one that may use it
+    pid_t owner_ = detail::this_process_id();  // the process that made it: the only one that may use it
     pid_t pid_ = 0;
     std::uint64_t serial_ = 0;  // of the child's record in detail::children()
     std::optional<int> status_;  // the raw wait status once reaped

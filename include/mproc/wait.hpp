@@ -55,10 +55,10 @@ private:
     template <class T> static int connection_descriptor(void* object) {
         auto& connection = *static_cast<Connection<T>*>(object);
         connection.require_readable("wait");
-        return connection.fd_.get();
+        return connection.fileno();
     }
     template <class T> static bool connection_buffered(void* object) noexcept {
-        return static_cast<Connection<T>*>(object)->in_.buffered_frame().has_value();
+        return static_cast<Connection<T>*>(object)->buffered_now();
     }
     static int process_descriptor(void* object) { return static_cast<Process*>(object)->sentinel(); }
 

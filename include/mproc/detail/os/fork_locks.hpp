@@ -28,7 +28,8 @@ namespace mproc::detail {
 enum class ForkLockRank : std::size_t {
     small_objects = 0,  // SharedRef's small-object allocator; calls into the registry when locked
     registry = 1,       // segments(), the shared-object registry
-    count = 2,
+    connection_locks = 2,  // EndLocks::renewal(), held alone while a Connection's locks are made afresh
+    count = 3,
 };
 
 class ForkLocks {

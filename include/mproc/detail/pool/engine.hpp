@@ -33,6 +33,7 @@
 #include "../../pool_stats.hpp"
 #include "../../serialize.hpp"
 #include "../os/clock.hpp"
+#include "../os/process_id.hpp"
 #include "../serialize/type_name.hpp"
 #include "../shm/registry.hpp"
 #include "wire.hpp"
@@ -40,8 +41,6 @@
 namespace mproc::detail {
 
 class EngineLink;
-
-inline pid_t this_process_id() noexcept;
 
 /// Where a task's outcomes go: an AsyncResult, a map's vector, an imap's queue. One sink is one
 /// Pool call, which can be cancelled as a whole.
@@ -151,20 +150,6 @@ struct Task {
         return sink ? sink->task_name(id, first, count, item) : ResultSink::plain_task_name(id, first, count, item);
     }
 };
-
-/// getpid(), without a system call on every Pool submit: cached, and forgotten in every child
-/// forked through fork(3) (all of mproc's forks are). A child made by a raw clone/fork system call
-/// keeps the parent's cached pid, and so is not refused as another process.
-inline pid_t this_process_id() noexcept {
-    static std::atomic<pid_t> cached{0};
-    [[maybe_unused]] static const int hooked = ::pthread_atfork(nullptr, nullptr, [] { cached.store(0); });
-    pid_t pid = cached.load(std::memory_order_relaxed);
-    if (pid == 0) {
-        pid = ::getpid();
-        cached.store(pid, std::memory_order_relaxed);
-    }
-    return pid;
-}
 
 /// The seat with the fewest tasks in flight among those `has_room` accepts (the first such on a
 /// tie), or nullptr when none has room. A Seat has `inflight`, a container of its tasks.
