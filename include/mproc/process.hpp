@@ -214,14 +214,7 @@ public:
         for (;;) {
             // Until it has ended, without reaping it: a reap is made under the lock, where the
             // status is kept for every caller.
-            if (ended) {
-                detail::wait_for(ended.get(), POLLIN, deadline);
-            } else if (!deadline) {
-                siginfo_t info{};
-                while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR) {}
-            } else {
-                detail::nap_until([&] { return !alive(); }, deadline);
-            }
+            detail::wait_ended(pid, ended.get(), deadline, [&] { return !alive(); });
             const std::lock_guard lock(mutex_);
             if (!alive_locked()) return true;
             if (detail::expired(deadline)) return false;

@@ -30,6 +30,7 @@
 #include <optional>
 #include <sched.h>
 #include <string>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,6 +39,17 @@
 #include "../../errors.hpp"
 
 namespace mproc::detail {
+
+/// A pidfd for `pid` (close-on-exec, readable once the process ends), or -1 where the kernel has
+/// none (before Linux 5.3). Async-signal-safe.
+inline int pidfd_of(pid_t pid) noexcept {
+#ifdef SYS_pidfd_open
+    return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+#else
+    (void)pid;
+    return -1;
+#endif
+}
 
 /// What a child is to the process that started it, for what a normal exit does with it.
 enum class ChildRole : int {

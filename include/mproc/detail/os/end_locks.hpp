@@ -53,7 +53,8 @@ public:
         std::uint64_t now = state_.load(std::memory_order_relaxed);
         do
             if (now & closed_bit) return false;
-        while (!state_.compare_exchange_weak(now, now + one_call, std::memory_order_acquire, std::memory_order_relaxed));
+        while (
+            !state_.compare_exchange_weak(now, now + one_call, std::memory_order_acquire, std::memory_order_relaxed));
         return true;
     }
     /// A call that entered leaves: true if it was the last one inside a closed end, which must

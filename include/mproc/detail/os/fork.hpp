@@ -196,17 +196,6 @@ struct ThreadTraits {
 /// The child's side of a fork. It never returns: it leaves with _exit.
 using ChildEntry = void (*)(void* context) noexcept;
 
-/// A pidfd for `pid` (close-on-exec, readable once the process ends), or -1 where the kernel has
-/// none (before Linux 5.3). Async-signal-safe.
-inline int pidfd_of(pid_t pid) noexcept {
-#ifdef SYS_pidfd_open
-    return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-#else
-    (void)pid;
-    return -1;
-#endif
-}
-
 /// Forks from the calling thread, with every signal blocked in it from just before the fork until
 /// the child is published in children() under `ticket` (a guard's handler on another thread waits
 /// for that; none can run on this one). The child arms the parent-death signal, keeps or forgets
