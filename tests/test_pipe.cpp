@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <sched.h>
+#include <stdexcept>
 #include <string>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1459,6 +1460,7 @@ TEST_CASE(
     "close from another thread: later calls throw, a receive inside returns what arrives, then the "
     "descriptors go",
     "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
     auto [a, b] = mproc::Pipe<int>();
     const std::size_t open = mproc_test::open_descriptors();
     int got = 0;
@@ -1488,6 +1490,7 @@ TEST_CASE(
 }
 
 TEST_CASE("poll with a timeout while another thread receives says false in time", "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
     auto [a, b] = mproc::Pipe<int>();
     int got = 0;
     Sleeper receiver([&, &a = a] { got = a.recv(); });
@@ -1500,6 +1503,7 @@ TEST_CASE("poll with a timeout while another thread receives says false in time"
 }
 
 TEST_CASE("a child forked while a parent thread waits in a poll of an end can receive from that end", "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
     // The child's copy of the end's receive lock was taken by a thread it does not have: the locks
     // are made afresh in the child (without, its receive waited for ever). The parent's thread
     // waits in poll, which takes no message: the one sent goes to the child.
@@ -1518,4 +1522,71 @@ TEST_CASE("a child forked while a parent thread waits in a poll of an end can re
     b.send(0);  // for the parent's poll, if the child took the first message before it looked
     poller.join();
     CHECK(readable);
+}
+
+TEST_CASE("a send waiting for room in a full socket keeps no receive on the same end waiting", "[threads]") {
+    // Before, the send held the end's receive lock through its wait for room: a receive on another
+    // thread waited until the peer read, and a peer that waits for that reply before it reads
+    // never would.
+    const mproc_test::Watchdog dog(300s, "a receive beside a send waiting for room");
+    auto [a, b] = mproc::Pipe<std::string>();
+    const std::string big(32u << 20, 'x');
+    Sleeper sender([&, &a = a] { a.send(big); });
+    sender.asleep();  // waiting for room: b reads nothing yet
+    b.send("hi");
+    std::atomic<bool> got{false};
+    std::string reply;
+    std::thread receiver([&, &a = a] {
+        reply = a.recv();
+        got = true;
+    });
+    const auto limit = std::chrono::steady_clock::now() + 60s;
+    while (!got && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
+    CHECK(got.load());
+    CHECK(b.recv() == big);  // lets the send finish
+    receiver.join();
+    sender.join();
+    CHECK(reply == "hi");
+}
+
+TEST_CASE("a child's close() of an end the parent closed while a thread was inside releases the child's descriptor",
+          "[threads]") {
+    // The child's copy of the end is closed, its descriptors owed: nothing of the child is inside,
+    // so its own close() lets them go (before, they stayed open until the child ended).
+    const mproc_test::Watchdog dog(300s, "a close in a child of an end closed with a call inside");
+    auto [a, b] = mproc::Pipe<int>();
+    const int fd = a.fileno();
+    int got = 0;
+    Sleeper receiver([&, &a = a] { got = a.recv(); });
+    receiver.asleep();
+    a.close();  // the receive is inside: the descriptor stays
+    mproc::Process child([&a = a, fd] {
+        a.close();
+        if (::fcntl(fd, F_GETFD) >= 0) throw std::runtime_error("the child's descriptor is still open");
+    });
+    child.start();
+    const bool ended = child.join(60s);
+    if (!ended) child.kill();
+    REQUIRE(ended);
+    CHECK(child.exitcode() == 0);
+    b.send(5);
+    receiver.join();
+    CHECK(got == 5);
+}
+
+TEST_CASE("mproc::wait on an end closed from another thread keeps its descriptor until the wait ends", "[threads]") {
+    // Before, close() closed the descriptor under the wait's poll: its number was free for the
+    // next file the program opened, which the wait then reported on.
+    const mproc_test::Watchdog dog(300s, "a wait on an end closed from another thread");
+    auto [a, b] = mproc::Pipe<int>();
+    const std::size_t open = mproc_test::open_descriptors();
+    std::vector<std::size_t> ready;
+    Sleeper waiter([&, &a = a] { ready = mproc::wait({a}); });
+    waiter.asleep();
+    a.close();
+    CHECK(mproc_test::open_descriptors() == open);
+    b.send(1);
+    waiter.join();
+    CHECK(ready == std::vector<std::size_t>{0});
+    CHECK(mproc_test::open_descriptors() == open - 1);  // let go as the wait ended
 }

@@ -77,9 +77,10 @@ class Waitable;
 template <class T = std::vector<std::byte>> class Connection;
 template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true);
 
-/// One end of a Pipe. Move-only. Every call is safe from any thread: threads that share an end
-/// take turns a whole message at a time (sends among sends, receives among receives), and close()
-/// from another thread ends it for every later call (detail/os/end_locks.hpp).
+/// One end of a Pipe. Move-only. Every call is safe from any thread (a move or the destructor, with
+/// no thread inside a call): threads that share an end take turns a whole message at a time (sends
+/// among sends, receives among receives), and close() from another thread ends it for every later
+/// call (detail/os/end_locks.hpp).
 template <class T> class Connection {
     // The wording matches require_serializable, and the compiler names T in the instantiation note.
     static_assert(is_serializable_v<T>,
@@ -223,7 +224,7 @@ public:
         const Turn<std::mutex> turn(*this, locks_.send(), "send_fd");
         std::byte header[detail::frame_header_size];
         std::memcpy(header, &detail::descriptor_frame, sizeof header);
-        bool peer_done_sending = false;
+        RoomWait room;
         for (;;) {
             const ssize_t put = detail::send_some_with_fd(fd_.get(), header, sizeof header, descriptor, MSG_DONTWAIT);
             if (put >= 0) {  // the descriptor went with the first byte; the rest is plain bytes
@@ -233,7 +234,7 @@ public:
             if (errno == EPIPE || errno == ECONNRESET)
                 throw BrokenPipeError("send_fd: the peer closed its end of the pipe");
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send_fd");
-            wait_for_room(peer_done_sending);
+            wait_for_room(room);
         }
     }
 
@@ -268,7 +269,8 @@ public:
         std::unique_lock turn(locks_.receive(), std::defer_lock);
         if (!deadline) turn.lock();
         else if (!turn.try_lock_until(std::chrono::system_clock::now() + (*deadline - detail::Clock::now())))
-            return false;  // by the system clock: ThreadSanitizer sees that wait (pthread_mutex_timedlock)
+            return false;  // by the system clock, which ThreadSanitizer sees (pthread_mutex_timedlock); a
+                           // change of the clock in that wait lengthens or shortens it
         if (locks_.closed()) throw_closed("poll");
         if (in_.buffered_frame()) return true;
         const int revents = detail::wait_for(fd_.get(), POLLIN, deadline);
@@ -337,6 +339,16 @@ private:
         }
         if (locks_.leave()) release();
         return buffered;
+    }
+    /// mproc::wait's hold on this end for the length of its wait (Waitable::hold): counted inside,
+    /// so that close() from another thread leaves the descriptor open until leave_wait().
+    int enter_wait() {
+        require_readable("wait");
+        if (!locks_.enter()) throw_closed("wait");
+        return fd_.get();
+    }
+    void leave_wait() noexcept {
+        if (locks_.leave()) release();
     }
     [[noreturn]] static void throw_closed(const char* op) { throw Error(std::string(op) + " on a closed connection"); }
 
@@ -593,7 +605,7 @@ private:
             }
         };
         skip(done);
-        bool peer_done_sending = false;
+        RoomWait room;
         while (count > 0) {
             const ssize_t put = detail::write_some(fd, left, count, is_socket, once || drain_peer);
             if (put >= 0) {
@@ -607,7 +619,7 @@ private:
             if (errno != EAGAIN && errno != EWOULDBLOCK) detail::throw_errno("send");
             if (once) break;
             if (on_lane) detail::throw_errno("send (bulk lane)");  // it blocks: room is not waited for here
-            wait_for_room(peer_done_sending);
+            wait_for_room(room);
         }
         return done;
     }
@@ -624,21 +636,30 @@ private:
         grown_for_ = std::max(bytes, now / 4);
     }
 
+    /// A send's wait for room in a full socket (wait_for_room), across its turns.
+    struct RoomWait {
+        bool peer_done_sending = false;  // the peer's end of the stream was read: room is all there is to wait for
+        bool reader_busy = false;        // another thread held the receive lock when the peer's bytes came
+    };
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
     /// descriptors that come with it) so a peer that is itself blocked sending can make progress.
-    /// Only with this end's receive lock, taken at once: while another thread receives, this one
-    /// waits for room in slices (that thread reads what the peer sends).
-    void wait_for_room(bool& peer_done_sending) {
-        const std::unique_lock turn(locks_.receive(), std::try_to_lock);
-        const bool drain = turn.owns_lock() && !peer_done_sending;
-        const int revents = detail::wait_for(
-            fd_.get(), drain ? POLLOUT | POLLIN : POLLOUT,
-            turn.owns_lock() ? detail::Deadline{} : detail::deadline_after(room_slice));
+    /// The wait holds no lock. The peer's bytes are read only under this end's receive lock, taken
+    /// at once and held for that read alone: a thread that receives is never kept waiting by a
+    /// send, and while one holds the lock (it reads them itself), this one waits for room alone,
+    /// in slices, looking again for the peer's bytes after each.
+    void wait_for_room(RoomWait& wait) {
+        const bool busy = std::exchange(wait.reader_busy, false);
+        const bool watch_input = !wait.peer_done_sending && !busy;
+        const int revents = detail::wait_for(fd_.get(), watch_input ? POLLOUT | POLLIN : POLLOUT,
+                                             busy ? detail::deadline_after(room_slice) : detail::Deadline{});
         if (revents < 0) detail::throw_errno("send: poll");
-        if ((revents & POLLIN) && drain) {
-            const ssize_t got = in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_);
-            if (got == 0) peer_done_sending = true;
+        if (!(revents & POLLIN) || !watch_input) return;
+        const std::unique_lock turn(locks_.receive(), std::try_to_lock);
+        if (!turn.owns_lock()) {
+            wait.reader_busy = true;
+            return;
         }
+        if (in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_) == 0) wait.peer_done_sending = true;
     }
 
     // Messages of up to a megabyte whose header has arrived and a page or more of the rest has not

@@ -35,7 +35,8 @@ public:
     /// A Connection, ready when a message can be received; its read end must be open.
     template <class T>
     Waitable(Connection<T>& connection) noexcept
-        : object_(&connection), descriptor_(&connection_descriptor<T>), buffered_(&connection_buffered<T>) {}
+        : object_(&connection), descriptor_(&connection_descriptor<T>), buffered_(&connection_buffered<T>),
+          hold_(&connection_hold<T>), let_go_(&connection_let_go<T>) {}
     /// A started Process, ready once its child has ended.
     Waitable(Process& process) noexcept : object_(&process), descriptor_(&process_descriptor) {}
 
@@ -51,6 +52,14 @@ public:
     /// already buffered).
     bool buffered() const noexcept { return buffered_ && buffered_(object_); }
 
+    /// descriptor(), held for the length of a wait: a Connection closed on another thread
+    /// meanwhile keeps its descriptor until let_go() (its number is not reused under the poll).
+    int hold() const { return hold_ ? hold_(object_) : descriptor(); }
+    /// Ends what hold() began.
+    void let_go() const noexcept {
+        if (let_go_) let_go_(object_);
+    }
+
 private:
     template <class T> static int connection_descriptor(void* object) {
         auto& connection = *static_cast<Connection<T>*>(object);
@@ -60,12 +69,20 @@ private:
     template <class T> static bool connection_buffered(void* object) noexcept {
         return static_cast<Connection<T>*>(object)->buffered_now();
     }
+    template <class T> static int connection_hold(void* object) {
+        return static_cast<Connection<T>*>(object)->enter_wait();
+    }
+    template <class T> static void connection_let_go(void* object) noexcept {
+        static_cast<Connection<T>*>(object)->leave_wait();
+    }
     static int process_descriptor(void* object) { return static_cast<Process*>(object)->sentinel(); }
 
     void* object_ = nullptr;
     int fd_ = -1;
     int (*descriptor_)(void*) = nullptr;
     bool (*buffered_)(void*) noexcept = nullptr;
+    int (*hold_)(void*) = nullptr;
+    void (*let_go_)(void*) noexcept = nullptr;
 };
 
 /// Waits until at least one of `objects` is ready, or `timeout` has passed (no timeout: waits as
@@ -78,9 +95,17 @@ inline std::vector<std::size_t> wait(std::span<const Waitable> objects, std::opt
     const detail::Deadline deadline = detail::deadline_after(timeout);
     std::vector<pollfd> polled;
     polled.reserve(objects.size());
+    struct Held {  // what the wait holds (Waitable::hold), let go however it ends
+        std::span<const Waitable> objects;
+        std::size_t count = 0;
+        ~Held() {
+            for (std::size_t i = 0; i < count; ++i) objects[i].let_go();
+        }
+    } held{objects};
     bool any_buffered = false;
     for (const Waitable& object : objects) {
-        polled.push_back({object.descriptor(), POLLIN, 0});
+        polled.push_back({object.hold(), POLLIN, 0});
+        ++held.count;
         any_buffered = any_buffered || object.buffered();
     }
     for (;;) {
