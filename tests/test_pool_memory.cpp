@@ -63,6 +63,13 @@ struct NoMemory {
     NoMemory& operator=(const NoMemory&) = delete;
 };
 
+/// The next allocation the calling thread makes sleeps for slow_allocation first (set here, and
+/// taken by that allocation), and sets `slowed` as it starts to: a window that allocation is in
+/// stays open long enough for another thread to be there.
+thread_local bool slow_next = false;
+std::atomic<bool> slowed{false};
+constexpr auto slow_allocation = 500ms;
+
 /// Whether this allocation is the one to fail.
 bool fails_now() noexcept {
     if (fail_every) return true;
@@ -94,6 +101,11 @@ long killed_or_square(long x) { return x < 0 ? killed(x) : x * x; }
 // nothrow ones would otherwise be the sanitizers' own, whose memory this operator delete would
 // free): all are malloc and free. The over-aligned forms are left as they are.
 void* operator new(std::size_t n) {
+    if (slow_next) {
+        slow_next = false;
+        slowed = true;
+        std::this_thread::sleep_for(slow_allocation);
+    }
     if (fails_now()) throw std::bad_alloc();
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
     throw std::bad_alloc();
@@ -704,4 +716,39 @@ TEST_CASE("shared objects made with each allocation failing in turn: std::bad_al
         d["k"] = 1;
     });
     each_allocation_failing("Lock", [] { mproc::Lock lock; });
+}
+
+TEST_CASE("a get on another thread while the last local handle of what its items refer to goes still finds that",
+          "[memory][threads]") {
+    // The last handle of a SharedMemory goes here while a Queue's items refer to it: the registry
+    // keeps the segment, but from the moment the handle's count reached 0 until it had decided,
+    // the segment's entry was expired, and a find() then answered "not here" — the get dropped its
+    // item with a false "created after this process was forked". The window holds an allocation
+    // (the new owner), made slow here. Found by an audit (200 of 200 items lost in a probe).
+    Watchdog dog(120s, "a get beside the last handle going");
+    mproc::Queue<mproc::SharedMemory> queue;
+    std::optional<mproc::SharedMemory> block(std::in_place, 32 * 1024);
+    queue.put(*block);
+    queue.put(*block);
+    slowed = false;
+    std::thread dropper([&] {
+        slow_next = true;
+        block.reset();  // the last handle here: the decision's allocation is slow
+        slow_next = false;
+    });
+    const auto limit = std::chrono::steady_clock::now() + 60s;
+    while (!slowed && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
+    REQUIRE(slowed);
+    std::string error;
+    std::optional<mproc::SharedMemory> got;
+    try {
+        got = queue.get(mproc::Seconds{60});
+    } catch (const mproc::Error& e) {
+        error = e.what();
+    }
+    dropper.join();
+    CHECK(error.empty());
+    REQUIRE(got);
+    CHECK(got->size() == 32 * 1024);
+    CHECK(queue.get(mproc::Seconds{60}).size() == 32 * 1024);  // the other item, after the decision
 }

@@ -41,12 +41,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <pthread.h>
 #include <string>
 #include <unistd.h>
 #include <unordered_map>
@@ -62,6 +64,7 @@
 namespace mproc::detail {
 
 class SegmentRegistry;
+inline SegmentRegistry& segments();
 
 /// How the registry reads a container: a shared object that stores encoded handles.
 struct ContainerView {
@@ -101,7 +104,12 @@ using SegmentPtr = std::shared_ptr<Segment>;
 
 class SegmentRegistry {
 public:
-    SegmentRegistry() noexcept { ForkLocks::add(ForkLockRank::registry, mutex_); }
+    SegmentRegistry() noexcept {
+        ForkLocks::add(ForkLockRank::registry, mutex_);
+        // After ForkLocks' own handlers (registered first, so run first in the child): the
+        // registry's mutex is free there.
+        ::pthread_atfork(nullptr, nullptr, [] { segments().forget_unsettled(); });
+    }
     SegmentRegistry(const SegmentRegistry&) = delete;
     SegmentRegistry& operator=(const SegmentRegistry&) = delete;
 
@@ -114,11 +122,21 @@ public:
         return register_locked(id, ++generation_, std::move(memory));
     }
 
-    /// The segment with this id, or nullptr if this process does not have it.
+    /// The segment with this id, or nullptr if this process does not have it. A segment whose last
+    /// handle here is going on another thread is waited for: the registry either keeps it (a
+    /// container here refers to it) or lets it go, and until it has decided, its entry is expired
+    /// but there (see last_handle_gone).
     SegmentPtr find(std::uint64_t id) {
-        std::lock_guard guard(mutex_);
+        std::unique_lock guard(mutex_);
         auto it = live_.find(id);
         if (it == live_.end()) return nullptr;
+        if (it->second.expired() && letting_go() == nullptr) {
+            settled_.wait(guard, [&] {
+                it = live_.find(id);
+                return it == live_.end() || !it->second.expired();
+            });
+            if (it == live_.end()) return nullptr;
+        }
         SegmentPtr found = it->second.lock();
         // A segment the sweep is letting go of is in use again: it, and what it refers to, stay.
         if (found && sweeping_here()) std::erase(condemned_, id);
@@ -277,7 +295,7 @@ private:
     /// Runs when the last handle into a segment goes in this process. If a container this
     /// process maps may hold a handle into it, the segment is retained (a fresh owner in
     /// retained_, the same mapping) instead of unmapped. Otherwise it is unregistered and
-    /// unmapped; a racing find() sees an expired weak_ptr.
+    /// unmapped; a racing find() waits for that decision (last_handle_gone).
     struct Deleter {
         SegmentRegistry* registry;  // none while register_locked has not finished
         void operator()(Segment* s) const noexcept {
@@ -285,13 +303,15 @@ private:
             else delete s;
         }
     };
+    /// From the moment the last handle's count reached 0, the segment's entry is expired, and
+    /// find() waits (settled_) until this decides: kept (the entry holds the new owner) or let go
+    /// (the entry erased). The new owner is made before the decision; when the segment does not
+    /// stay, dropping that owner comes back here and lets go of it (so does a failure to allocate
+    /// the owner or the record).
     void last_handle_gone(Segment* s) noexcept {
-        // The new owner is made before the decision, so that find() never sees the segment
-        // missing while it stays; when it does not stay, dropping that owner comes back here and
-        // lets go of it (so does a failure to allocate the owner or the record).
-        thread_local Segment* letting_go = nullptr;
-        if (letting_go != s) {
-            letting_go = s;
+        Segment*& going = letting_go();
+        if (going != s) {
+            going = s;
             try {
                 SegmentPtr again(s, Deleter{this});
                 std::lock_guard guard(mutex_);
@@ -300,9 +320,10 @@ private:
                     retained_.try_emplace(s->id(), again);
                     retained_size_.store(retained_.size(), std::memory_order_release);
                     ++changes_;
+                    settled_.notify_all();
                 }
             } catch (...) {}
-            letting_go = nullptr;
+            going = nullptr;
             return;
         }
         {
@@ -311,9 +332,22 @@ private:
             if (it != live_.end() && it->second.expired()) live_.erase(it);
             if (s->container_) std::erase(containers_, s);
             ++changes_;
+            settled_.notify_all();
         }
         delete s;
         sweep();  // what only this segment's container referred to may go now
+    }
+    /// The segment whose last handle this thread is letting go of (its find() does not wait).
+    static Segment*& letting_go() noexcept {
+        thread_local Segment* going = nullptr;
+        return going;
+    }
+    /// In a child just forked: the entries of segments another thread of the parent was letting
+    /// go of at the fork stay expired for good (that thread is not here), and are forgotten, so
+    /// that find() does not wait for them. Their mappings stay, unused, until the child ends.
+    void forget_unsettled() noexcept {
+        std::lock_guard guard(mutex_);
+        std::erase_if(live_, [](const auto& entry) { return entry.second.expired(); });
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
@@ -373,6 +407,7 @@ private:
     }
 
     std::mutex mutex_;
+    std::condition_variable settled_;  // an expired entry of live_ was replaced or erased
     std::unordered_map<std::uint64_t, std::weak_ptr<Segment>> live_;
     std::unordered_map<std::uint64_t, SegmentPtr> adopted_;
     static constexpr std::size_t max_unadopted = 16;
