@@ -130,13 +130,7 @@ private:
                 installed |= 1u << i;
                 continue;
             }
-            g.previous[i] = current;
-            struct sigaction ours {};
-            ours.sa_sigaction = &on_signal;
-            ours.sa_flags = SA_SIGINFO | (current.sa_flags & (SA_RESTART | SA_ONSTACK));
-            ours.sa_mask = current.sa_mask;
-            for (int other : detail::guarded_signals) ::sigaddset(&ours.sa_mask, other);
-            if (::sigaction(sig, &ours, nullptr) == 0) {
+            if (detail::take_signal(i, current)) {
                 installed |= 1u << i;
                 own |= 1u << i;
             }

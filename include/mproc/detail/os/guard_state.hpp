@@ -63,6 +63,20 @@ inline bool guard_handles(int sig) noexcept {
     return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == guard_state().handler.load();
 }
 
+/// Puts the guard's handler (GuardState::handler) in place for guarded_signals[i], whose
+/// disposition is `current`, and keeps `current` in previous[i] for the handler to chain to.
+/// False if sigaction refused. Async-signal-safe.
+inline bool take_signal(int i, const struct sigaction& current) noexcept {
+    GuardState& g = guard_state();
+    g.previous[i] = current;
+    struct sigaction ours {};
+    ours.sa_sigaction = g.handler.load();
+    ours.sa_flags = SA_SIGINFO | (current.sa_flags & (SA_RESTART | SA_ONSTACK));
+    ours.sa_mask = current.sa_mask;
+    for (int other : guarded_signals) ::sigaddset(&ours.sa_mask, other);
+    return ::sigaction(guarded_signals[i], &ours, nullptr) == 0;
+}
+
 /// In a child that mproc just forked from `parent`. If the parent was guarded, the child is too:
 /// it becomes the owner of its copy of the guard state, with the handlers, hooks and grace it
 /// inherited. Otherwise any copy of a guard there (a grandparent's, copied by a plain fork) is
@@ -75,6 +89,20 @@ inline void inherit_guard_after_fork(pid_t parent) noexcept {
     g.busy.store(0);
     g.own.store(0);
     if (g.owner.load() == parent) {
+        // A parent thread may have been half-way through installing or putting back the guard's
+        // handlers at the fork (forks do not wait for a guard being made or destroyed): the child
+        // is guarded, with the handler in place for every signal that is not ignored.
+        unsigned installed = 0;
+        for (int i = 0; i < guarded_signal_count; ++i) {
+            struct sigaction current {};
+            if (::sigaction(guarded_signals[i], nullptr, &current) != 0) continue;
+            if (guard_handles(guarded_signals[i])) {
+                installed |= 1u << i;
+            } else if ((current.sa_flags & SA_SIGINFO) || current.sa_handler != SIG_IGN) {
+                if (take_signal(i, current)) installed |= 1u << i;
+            }
+        }
+        g.installed.store(installed);
         g.inherited.store(true);
         g.owner.store(::getpid());
         return;
