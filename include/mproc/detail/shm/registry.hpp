@@ -47,6 +47,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <pthread.h>
 #include <string>
@@ -343,10 +344,18 @@ private:
         return going;
     }
     /// In a child just forked: the entries of segments another thread of the parent was letting
-    /// go of at the fork stay expired for good (that thread is not here), and are forgotten, so
-    /// that find() does not wait for them. Their mappings stay, unused, until the child ends.
+    /// go of at the fork stay expired for good (that thread is not here), and are forgotten (and
+    /// as containers too), so that find() does not wait for them. Their mappings stay, unused,
+    /// until the child ends; a handle into one fails here as if the child had not had it. The
+    /// condition variable is made afresh: its copy may count waiters of the parent's, which a
+    /// notify here would wait for.
     void forget_unsettled() noexcept {
         std::lock_guard guard(mutex_);
+        new (&settled_) std::condition_variable;
+        std::erase_if(containers_, [&](const Segment* c) {
+            const auto it = live_.find(c->id());
+            return it == live_.end() || it->second.expired();
+        });
         std::erase_if(live_, [](const auto& entry) { return entry.second.expired(); });
     }
 
