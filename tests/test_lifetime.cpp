@@ -883,7 +883,7 @@ TEST_CASE("a child forked for a thread outlives that thread (the parent-death si
 
 TEST_CASE("a child started while other threads make and destroy guards is guarded whole or not at all") {
     // A guard sets its owner before it installs its handlers, and puts the handlers back before it
-    // clears the owner; forks do not wait for it. A child forked in between was guarded with no
+    // clears the owner; forks did not wait for it. A child forked in between was guarded with no
     // handler for SIGTERM, which then killed it outright instead of letting it end its own
     // children first. Found by an audit (16 of 3,000 children in its probe).
     std::atomic<bool> stop{false};
@@ -893,7 +893,7 @@ TEST_CASE("a child started while other threads make and destroy guards is guarde
     std::thread first(churn), second(churn);
     int torn = 0;
     std::string example;
-    const int rounds = under_tsan() ? 300 : 2000;
+    const int rounds = under_tsan() ? 300 : 5000;
     for (int k = 0; k < rounds; ++k) {
         mproc::Process child([] {
             const bool owner = mproc::detail::guard_state().owner.load() == ::getpid();
@@ -916,6 +916,35 @@ TEST_CASE("a child started while other threads make and destroy guards is guarde
     second.join();
     INFO("the first torn child: " << example);
     CHECK(torn == 0);
+}
+
+TEST_CASE("a child keeps the handlers the program put in place of its guard's") {
+    // A handler installed after the guard replaces the guard's: a child started then has the
+    // program's handler, not the guard's (a change that mended torn children by installing the
+    // guard's handler wherever it was missing overwrote these).
+    mproc::ChildGuard guard;
+    struct sigaction user {
+    }, back_to_default{}, saved_int{}, saved_term{};
+    user.sa_handler = +[](int) {};
+    back_to_default.sa_handler = SIG_DFL;
+    REQUIRE(::sigaction(SIGINT, &user, &saved_int) == 0);
+    REQUIRE(::sigaction(SIGTERM, &back_to_default, &saved_term) == 0);
+    mproc::Process child([] {
+        struct sigaction sigint {
+        }, sigterm{};
+        ::sigaction(SIGINT, nullptr, &sigint);
+        ::sigaction(SIGTERM, nullptr, &sigterm);
+        const bool users = !(sigint.sa_flags & SA_SIGINFO) && sigint.sa_handler != SIG_DFL &&
+                           sigint.sa_handler != SIG_IGN;
+        const bool default_term = !(sigterm.sa_flags & SA_SIGINFO) && sigterm.sa_handler == SIG_DFL;
+        std::_Exit(users && default_term ? 0 : 1);
+    });
+    child.start();
+    const bool ended = child.join(end_limit);
+    ::sigaction(SIGINT, &saved_int, nullptr);
+    ::sigaction(SIGTERM, &saved_term, nullptr);
+    REQUIRE(ended);
+    CHECK(child.exitcode() == 0);
 }
 
 TEST_CASE("cpu_count() honours the CPU affinity mask") {

@@ -33,6 +33,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/types.h>
@@ -62,7 +63,10 @@ public:
             g.depth.store(0);
             g.inherited.store(false);
         }
-        if (g.depth.load() == 0) install(grace_s);
+        if (g.depth.load() == 0) {
+            const std::lock_guard transition(detail::guard_transition());
+            install(grace_s);
+        }
         g.depth.fetch_add(1);
     }
 
@@ -74,6 +78,7 @@ public:
         const Lock lock;
         if (g.owner.load() != ::getpid() || g.depth.fetch_sub(1) != 1) return;
         terminate_children();
+        const std::lock_guard transition(detail::guard_transition());
         uninstall();
     }
 

@@ -3,7 +3,9 @@
 // fork() copies only the calling thread. A mutex that another thread of the parent held at that
 // instant stays locked in the child forever, and so does the data it was guarding, half-updated.
 // mproc's process-local mutexes are used by children too: the shared-object registry's (every
-// handle decoded, created or dropped) and the small-object allocator's. A Pool forks its fork
+// handle decoded, created or dropped), the small-object allocator's, the one a Connection's locks
+// are made afresh under in a child (end_locks.hpp), and the one a ChildGuard changes its handlers
+// under (guard_state.hpp: a child must not copy them half-changed). A Pool forks its fork
 // server from the constructing thread, and a Process from the caller's, while other threads of the
 // program may be creating or decoding handles.
 //
@@ -29,7 +31,8 @@ enum class ForkLockRank : std::size_t {
     small_objects = 0,  // SharedRef's small-object allocator; calls into the registry when locked
     registry = 1,       // segments(), the shared-object registry
     connection_locks = 2,  // EndLocks::renewal(), held alone while a Connection's locks are made afresh
-    count = 3,
+    guard = 3,             // guard_transition(), held alone while a ChildGuard installs or puts back its handlers
+    count = 4,
 };
 
 class ForkLocks {

@@ -12,7 +12,10 @@
 #include <atomic>
 #include <csignal>
 #include <exception>
+#include <mutex>
 #include <sys/types.h>
+
+#include "fork_locks.hpp"
 
 namespace mproc::detail {
 
@@ -63,6 +66,16 @@ inline bool guard_handles(int sig) noexcept {
     return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == guard_state().handler.load();
 }
 
+/// Held while a ChildGuard installs or puts back its handlers and sets or clears `owner`: every
+/// fork waits for it (fork_locks.hpp), so no child copies the guard half-changed (owner set and
+/// a handler missing: the child took itself for guarded, and SIGTERM killed it outright).
+/// Registered before main, so that no fork can miss it.
+inline std::mutex& guard_transition() noexcept {
+    static std::mutex mutex;
+    return mutex;
+}
+inline const bool guard_transition_registered = (ForkLocks::add(ForkLockRank::guard, guard_transition()), true);
+
 /// Puts the guard's handler (GuardState::handler) in place for guarded_signals[i], whose
 /// disposition is `current`, and keeps `current` in previous[i] for the handler to chain to.
 /// False if sigaction refused. Async-signal-safe.
@@ -88,21 +101,7 @@ inline void inherit_guard_after_fork(pid_t parent) noexcept {
     g.depth.store(0);
     g.busy.store(0);
     g.own.store(0);
-    if (g.owner.load() == parent) {
-        // A parent thread may have been half-way through installing or putting back the guard's
-        // handlers at the fork (forks do not wait for a guard being made or destroyed): the child
-        // is guarded, with the handler in place for every signal that is not ignored.
-        unsigned installed = 0;
-        for (int i = 0; i < guarded_signal_count; ++i) {
-            struct sigaction current {};
-            if (::sigaction(guarded_signals[i], nullptr, &current) != 0) continue;
-            if (guard_handles(guarded_signals[i])) {
-                installed |= 1u << i;
-            } else if ((current.sa_flags & SA_SIGINFO) || current.sa_handler != SIG_IGN) {
-                if (take_signal(i, current)) installed |= 1u << i;
-            }
-        }
-        g.installed.store(installed);
+    if (g.owner.load() == parent) {  // whole: forks wait for a guard's handlers to change (guard_transition)
         g.inherited.store(true);
         g.owner.store(::getpid());
         return;
