@@ -256,6 +256,18 @@ template <class Body> RoundsSeen forked_rounds(int rounds, const Body& body) {
     return seen;
 }
 
+/// Whether this build runs under ThreadSanitizer, which cannot follow a thread started in a child
+/// forked from a threaded process (such tests are skipped there and run in the other builds).
+constexpr bool under_thread_sanitizer() {
+#if defined(__SANITIZE_THREAD__)
+    return true;
+#elif defined(__has_feature)
+    return __has_feature(thread_sanitizer);
+#else
+    return false;
+#endif
+}
+
 /// Ends the whole test program with a message if it is still alive after `limit`: a hang becomes a
 /// failure instead of a stuck CI job. The limits are generous: they never measure speed. Its
 /// thread has every signal blocked, so signals go to the test's threads.

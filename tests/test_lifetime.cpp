@@ -69,15 +69,7 @@ void nap() { std::this_thread::sleep_for(5ms); }
 /// points, and in a process forked from a multithreaded one it switches those off for good ("in
 /// the hope that we will exec soon"): there, a SIGTERM handler never runs. A pool made while
 /// another pool's collector thread runs has such a fork server and such workers.
-constexpr bool under_tsan() {
-#if defined(__SANITIZE_THREAD__)
-    return true;
-#elif defined(__has_feature)
-    return __has_feature(thread_sanitizer);
-#else
-    return false;
-#endif
-}
+constexpr bool under_tsan() { return mproc_test::under_thread_sanitizer(); }
 
 /// An fd this test owns.
 class Fd {

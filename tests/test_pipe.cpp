@@ -24,6 +24,7 @@
 #include <string>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <thread>
 #include <type_traits>
@@ -1320,7 +1321,8 @@ std::string shared_message(int thread, int seq) {
 }
 
 /// A thread of this process, for as long as the object lives; `asleep()` waits until the kernel
-/// has it asleep (in a receive's read, the only place its body sleeps).
+/// has it asleep in a read, a readv, a recvmsg or a poll (where a receive, a send waiting for room
+/// or a wait sleeps; not on a lock, where a sanitizer's own locks would put it).
 class Sleeper {
 public:
     template <class Body> explicit Sleeper(Body body) {
@@ -1339,11 +1341,20 @@ public:
         const auto limit = std::chrono::steady_clock::now() + 60s;
         for (;;) {
             if (const pid_t id = id_.load()) {
-                std::ifstream stat("/proc/self/task/" + std::to_string(id) + "/stat");
+                const std::string task = "/proc/self/task/" + std::to_string(id);
+                std::ifstream stat(task + "/stat"), syscall(task + "/syscall");
                 std::string line;
                 std::getline(stat, line);
+                long number = -1;
+                syscall >> number;
                 const auto state = line.rfind(')');
-                if (state != std::string::npos && state + 2 < line.size() && line[state + 2] == 'S') return;
+                const bool sleeping = state != std::string::npos && state + 2 < line.size() && line[state + 2] == 'S';
+                bool in_a_wait = number == SYS_read || number == SYS_readv || number == SYS_recvmsg ||
+                                 number == SYS_ppoll;
+#ifdef SYS_poll  // not on every architecture (arm64 has ppoll alone)
+                in_a_wait = in_a_wait || number == SYS_poll;
+#endif
+                if (sleeping && in_a_wait) return;
             }
             REQUIRE(std::chrono::steady_clock::now() < limit);
             std::this_thread::sleep_for(1ms);

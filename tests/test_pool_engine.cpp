@@ -52,12 +52,9 @@ bool skip_when_sanitized() {
 /// ThreadSanitizer cannot follow a thread started in a forked child of a threaded process (it
 /// reports a "dup thread"): the tests whose child starts a Pool run in the other builds.
 bool skip_under_thread_sanitizer() {
-#if defined(__SANITIZE_THREAD__)
-    WARN("skipped under ThreadSanitizer: a Pool started in a forked child of a threaded test");
-    return true;
-#else
-    return false;
-#endif
+    if (mproc_test::under_thread_sanitizer())
+        WARN("skipped under ThreadSanitizer: a Pool started in a forked child of a threaded test");
+    return mproc_test::under_thread_sanitizer();
 }
 
 void expect(bool ok, const std::string& what) {
