@@ -20,6 +20,7 @@
 #include <string>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <thread>
 #include <unistd.h>
@@ -254,6 +255,25 @@ template <class Body> RoundsSeen forked_rounds(int rounds, const Body& body) {
         }
     }
     return seen;
+}
+
+/// Whether the kernel has thread `tid` of this process asleep ('S'), and, when `in_a_wait`, in a
+/// read, readv, recvmsg or poll (not on a lock, where a sanitizer's own locks could put it).
+inline bool thread_asleep(pid_t tid, bool in_a_wait = false) {
+    const std::string task = "/proc/self/task/" + std::to_string(tid);
+    std::ifstream stat(task + "/stat"), syscall(task + "/syscall");
+    std::string line;
+    std::getline(stat, line);
+    const auto end = line.rfind(')');
+    if (end == std::string::npos || end + 2 >= line.size() || line[end + 2] != 'S') return false;
+    if (!in_a_wait) return true;
+    long number = -1;
+    syscall >> number;
+    bool waiting = number == SYS_read || number == SYS_readv || number == SYS_recvmsg || number == SYS_ppoll;
+#ifdef SYS_poll  // not on every architecture (arm64 has ppoll alone)
+    waiting = waiting || number == SYS_poll;
+#endif
+    return waiting;
 }
 
 /// Whether this build runs under ThreadSanitizer, which cannot follow a thread started in a child

@@ -1340,22 +1340,7 @@ public:
     void asleep() const {
         const auto limit = std::chrono::steady_clock::now() + 60s;
         for (;;) {
-            if (const pid_t id = id_.load()) {
-                const std::string task = "/proc/self/task/" + std::to_string(id);
-                std::ifstream stat(task + "/stat"), syscall(task + "/syscall");
-                std::string line;
-                std::getline(stat, line);
-                long number = -1;
-                syscall >> number;
-                const auto state = line.rfind(')');
-                const bool sleeping = state != std::string::npos && state + 2 < line.size() && line[state + 2] == 'S';
-                bool in_a_wait = number == SYS_read || number == SYS_readv || number == SYS_recvmsg ||
-                                 number == SYS_ppoll;
-#ifdef SYS_poll  // not on every architecture (arm64 has ppoll alone)
-                in_a_wait = in_a_wait || number == SYS_poll;
-#endif
-                if (sleeping && in_a_wait) return;
-            }
+            if (const pid_t id = id_.load(); id != 0 && mproc_test::thread_asleep(id, /*in_a_wait=*/true)) return;
             REQUIRE(std::chrono::steady_clock::now() < limit);
             std::this_thread::sleep_for(1ms);
         }

@@ -723,15 +723,6 @@ TEST_CASE("shared objects made with each allocation failing in turn: std::bad_al
 
 namespace {
 
-/// Whether the kernel has thread `tid` of this process asleep.
-bool asleep(pid_t tid) {
-    std::ifstream stat("/proc/self/task/" + std::to_string(tid) + "/stat");
-    std::string line;
-    std::getline(stat, line);
-    const auto end = line.rfind(')');
-    return end != std::string::npos && end + 2 < line.size() && line[end + 2] == 'S';
-}
-
 /// A Queue's two items refer to a SharedMemory whose last handle here goes on another thread, with
 /// an allocation in the registry's decision made slow; meanwhile a get takes the first item (on a
 /// thread of its own when `while_get_waits` is given, which runs once that thread is asleep in
@@ -766,7 +757,8 @@ std::string get_beside_last_handle_going(const std::function<void()>& while_get_
             tid = static_cast<pid_t>(::gettid());
             get();
         });
-        while (std::chrono::steady_clock::now() < limit && (tid == 0 || !asleep(tid))) std::this_thread::sleep_for(1ms);
+        while (std::chrono::steady_clock::now() < limit && (tid == 0 || !mproc_test::thread_asleep(tid)))
+            std::this_thread::sleep_for(1ms);
         while_get_waits();
         getter.join();
     }
