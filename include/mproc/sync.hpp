@@ -41,7 +41,7 @@
 #include <variant>
 
 #include "detail/os/clock.hpp"
-#include "detail/shm/futex.hpp"
+#include "detail/os/futex.hpp"
 #include "detail/shm/lock_ops.hpp"
 #include "detail/shm/robust_mutex.hpp"
 #include "detail/shm/shared_object.hpp"

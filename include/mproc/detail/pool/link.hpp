@@ -20,7 +20,7 @@
 #include <utility>
 
 #include "../../errors.hpp"
-#include "../shm/futex.hpp"
+#include "../os/futex.hpp"
 #include "ring.hpp"
 
 namespace mproc::detail {

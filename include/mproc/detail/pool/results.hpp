@@ -31,9 +31,9 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "../os/futex.hpp"
 #include "../os/io.hpp"
 #include "../serialize/remote_exception.hpp"
-#include "../shm/futex.hpp"
 #include "engine.hpp"
 #include "wire.hpp"
 

@@ -21,8 +21,8 @@
 #include <optional>
 #include <span>
 
+#include "../os/futex.hpp"
 #include "../os/spin.hpp"
-#include "../shm/futex.hpp"
 
 namespace mproc::detail {
 

@@ -21,7 +21,7 @@
 #include "../../errors.hpp"
 #include "../../time.hpp"
 #include "../os/clock.hpp"
-#include "futex.hpp"
+#include "../os/futex.hpp"
 #include "robust_mutex.hpp"
 #include "shared_object.hpp"
 #include "sync_state.hpp"

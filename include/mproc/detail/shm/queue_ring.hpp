@@ -28,8 +28,8 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "../os/futex.hpp"
 #include "crash_points.hpp"
-#include "futex.hpp"
 #include "memory.hpp"
 #include "ref_table.hpp"
 #include "robust_mutex.hpp"

@@ -14,7 +14,7 @@
 // A wake-up can be lost: the unlocker wakes one sleeper, and when that one is killed before it
 // retakes the mutex the wake dies with it (the futex word reads "free", the other sleepers sleep
 // on). No waiter sleeps unbounded for that reason: a blocked lock() sleeps at most
-// recheck_interval() (futex.hpp) at a time, then looks again.
+// recheck_interval() (os/futex.hpp) at a time, then looks again.
 //
 // ThreadSanitizer does not intercept pthread_mutex_clocklock, so the timed lock tells it about
 // the acquisition through its annotation interface (compiled in only under TSan).
@@ -27,8 +27,8 @@
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
+#include "../os/futex.hpp"
 #include "../os/sanitizer.hpp"
-#include "futex.hpp"
 
 #ifdef MPROC_TSAN
 #include <sanitizer/tsan_interface.h>

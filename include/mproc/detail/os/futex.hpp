@@ -27,7 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "../os/clock.hpp"
+#include "clock.hpp"
 
 namespace mproc::detail {
 
