@@ -1337,10 +1337,11 @@ public:
     Sleeper(const Sleeper&) = delete;
     Sleeper& operator=(const Sleeper&) = delete;
 
-    void asleep() const {
+    /// `in_a_wait` false: asleep anywhere (a call waiting for its turn sleeps on a futex).
+    void asleep(bool in_a_wait = true) const {
         const auto limit = std::chrono::steady_clock::now() + 60s;
         for (;;) {
-            if (const pid_t id = id_.load(); id != 0 && mproc_test::thread_asleep(id, /*in_a_wait=*/true)) return;
+            if (const pid_t id = id_.load(); id != 0 && mproc_test::thread_asleep(id, in_a_wait)) return;
             REQUIRE(std::chrono::steady_clock::now() < limit);
             std::this_thread::sleep_for(1ms);
         }
@@ -1483,6 +1484,36 @@ TEST_CASE(
     CHECK(got == 42);
     CHECK(after == "recv on a closed connection");
     CHECK(mproc_test::open_descriptors() == open - 1);  // released by the receive as it left
+}
+
+TEST_CASE("close from another thread wakes a call waiting for its turn, which throws", "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
+    auto [a, b] = mproc::Pipe<int>();
+    int got = 0;
+    Sleeper first([&, &a = a] { got = a.recv(); });
+    first.asleep();
+    std::atomic<bool> second_done{false};
+    std::string second_error;
+    Sleeper second([&, &a = a] {
+        try {
+            (void)a.recv();
+        } catch (const mproc::Error& e) {
+            second_error = e.what();
+        }
+        second_done = true;
+    });
+    second.asleep(/*in_a_wait=*/false);  // waiting for the receive turn the first receive holds
+    a.close();
+    const auto limit = std::chrono::steady_clock::now() + 30s;
+    while (!second_done && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
+    // Before, the second receive waited for the first to give its turn back, which it did only
+    // once a message came: it throws with no message sent now.
+    CHECK(second_done);
+    b.send(7);  // the first receive, still inside, returns it
+    first.join();
+    second.join();
+    CHECK(got == 7);
+    CHECK(second_error == "recv on a closed connection");
 }
 
 TEST_CASE("poll with a timeout while another thread receives says false in time", "[threads]") {

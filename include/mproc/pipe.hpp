@@ -28,7 +28,6 @@
 #include <cstdint>
 #include <cstring>
 #include <fcntl.h>
-#include <mutex>
 #include <optional>
 #include <poll.h>
 #include <sched.h>
@@ -96,7 +95,7 @@ public:
     /// Sends one message. Serialisation errors surface here, before anything is written.
     void send(const T& value) {
         require_writable("send");
-        const Turn<std::mutex> turn(*this, locks_.send(), "send");
+        const Turn turn(*this, Side::send, "send");
         detail::begin_frame(out_);
         encode_into(out_, value);
         const std::size_t length = out_.size() - detail::frame_header_size;
@@ -110,7 +109,7 @@ public:
     /// bytes do not decode (the message is dropped and the stream stays usable).
     T recv() {
         require_readable("recv");
-        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv");
+        const Turn turn(*this, Side::receive, "recv");
         const auto frame = next_data_frame("recv");
         if (const auto length = in_.next_bulk_length()) {
             // The message is taken before it is decoded: one that does not decode is dropped.
@@ -146,7 +145,7 @@ public:
     /// place, behind the frame's header, in one system call (no copy).
     void send_bytes(std::span<const std::byte> bytes) {
         require_writable("send_bytes");
-        const Turn<std::mutex> turn(*this, locks_.send(), "send_bytes");
+        const Turn turn(*this, Side::send, "send_bytes");
         if (by_lane(bytes.size())) return send_by_lane(bytes);
         std::byte header[detail::frame_header_size];
         const std::uint64_t length = bytes.size();
@@ -157,7 +156,7 @@ public:
     /// Receives one message sent with send_bytes() (or send()) as raw bytes.
     std::vector<std::byte> recv_bytes() {
         require_readable("recv_bytes");
-        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_bytes");
+        const Turn turn(*this, Side::receive, "recv_bytes");
         for (;;) {
             if (in_.buffered_frame()) break;
             if (const auto length = in_.partial_payload(direct_read_min, direct_read_max)) {
@@ -189,7 +188,7 @@ public:
         if (offset > buffer.size())
             throw Error("recv_bytes_into: offset " + std::to_string(offset) + " is past the end of a " +
                         std::to_string(buffer.size()) + "-byte buffer");
-        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_bytes_into");
+        const Turn turn(*this, Side::receive, "recv_bytes_into");
         const auto frame = next_data_frame("recv_bytes_into");
         const std::size_t room = buffer.size() - offset;
         if (const auto length = in_.next_bulk_length()) {
@@ -221,7 +220,7 @@ public:
         require_socket("send_fd");
         if (descriptor < 0 || ::fcntl(descriptor, F_GETFD) < 0)
             throw Error("send_fd: " + std::to_string(descriptor) + " is not an open descriptor");
-        const Turn<std::mutex> turn(*this, locks_.send(), "send_fd");
+        const Turn turn(*this, Side::send, "send_fd");
         std::byte header[detail::frame_header_size];
         std::memcpy(header, &detail::descriptor_frame, sizeof header);
         RoomWait room;
@@ -246,7 +245,7 @@ public:
     UniqueFd recv_fd() {
         require_readable("recv_fd");
         require_socket("recv_fd");
-        const Turn<std::timed_mutex> turn(*this, locks_.receive(), "recv_fd");
+        const Turn turn(*this, Side::receive, "recv_fd");
         const auto frame = next_frame("recv_fd");
         if (!in_.next_is_descriptor())
             throw Error("recv_fd: the next message is not a descriptor (it was sent with send or send_bytes)");
@@ -265,13 +264,8 @@ public:
         require_readable("poll");
         detail::check_timeout(timeout);
         const detail::Deadline deadline = detail::deadline_after(timeout);
-        const Inside inside(*this, "poll");
-        std::unique_lock turn(locks_.receive(), std::defer_lock);
-        if (!deadline) turn.lock();
-        else if (!turn.try_lock_until(std::chrono::system_clock::now() + (*deadline - detail::Clock::now())))
-            return false;  // by the system clock, which ThreadSanitizer sees (pthread_mutex_timedlock); a
-                           // change of the clock in that wait lengthens or shortens it
-        if (locks_.closed()) throw_closed("poll");
+        const Turn turn(*this, Side::receive, "poll", deadline);
+        if (!turn.held()) return false;
         if (in_.buffered_frame()) return true;
         const int revents = detail::wait_for(fd_.get(), POLLIN, deadline);
         if (revents < 0) detail::throw_errno("poll");
@@ -279,8 +273,9 @@ public:
     }
 
     /// Closes this end (and any descriptor received but not yet taken with recv_fd). Further use
-    /// throws mproc::Error. A call another thread is inside goes on to its end, and the last one
-    /// to leave releases the descriptors (a receive waiting for a message is not woken).
+    /// throws mproc::Error. A call of another thread waiting for its turn fails at once; one in its
+    /// turn goes on to its end (a receive waiting for a message is not woken), and the last call to
+    /// leave releases the descriptors.
     void close() noexcept {
         if (locks_.close()) release();
     }
@@ -298,29 +293,34 @@ private:
         : fd_(std::move(fd)), lane_(std::move(lane)), locks_(fd_.get()), readable_(readable), writable_(writable),
           is_socket_(is_socket) {}
 
-    /// A public call for its whole length: counted inside the end, so that close() from another
-    /// thread leaves the descriptors to the last call inside to release.
-    class Inside {
+    using Side = detail::EndLocks::Turn;
+    /// A send or a receive (or a poll) for its whole length: counted inside the end, so that
+    /// close() from another thread leaves the descriptors to the last call inside to release, and
+    /// holding its direction's turn. Throws if the end is closed, also while it waits for its turn;
+    /// with a `deadline`, a turn that does not come by then leaves it not held().
+    class Turn {
     public:
-        Inside(Connection& end, const char* op) : end_(end) {
-            if (!end.locks_.enter()) throw_closed(op);
+        Turn(Connection& end, Side side, const char* op, const detail::Deadline& deadline = std::nullopt)
+            : end_(end), side_(side) {
+            switch (end.locks_.enter(side, deadline)) {
+                case detail::EndLocks::Entry::in: held_ = true; return;
+                case detail::EndLocks::Entry::timed_out: return;
+                case detail::EndLocks::Entry::closed_last: end.release(); [[fallthrough]];
+                case detail::EndLocks::Entry::closed: break;
+            }
+            throw_closed(op);
         }
-        ~Inside() {
-            if (end_.locks_.leave()) end_.release();
+        ~Turn() {
+            if (held_ && end_.locks_.leave(side_)) end_.release();
         }
-        Inside(const Inside&) = delete;
-        Inside& operator=(const Inside&) = delete;
+        Turn(const Turn&) = delete;
+        Turn& operator=(const Turn&) = delete;
+        bool held() const noexcept { return held_; }
 
     private:
         Connection& end_;
-    };
-    /// A send or a receive for its whole length: inside the end, and holding its direction's lock.
-    template <class Mutex> struct Turn {
-        Turn(Connection& end, Mutex& mutex, const char* op) : inside(end, op), lock(mutex) {
-            if (end.locks_.closed()) throw_closed(op);  // closed while it waited for its turn
-        }
-        Inside inside;
-        std::unique_lock<Mutex> lock;
+        Side side_;
+        bool held_ = false;
     };
     /// Lets go of the descriptors: once closed, with no call inside.
     void release() noexcept {
@@ -333,9 +333,9 @@ private:
     bool buffered_now() noexcept {
         if (!locks_.enter()) return false;
         bool buffered = false;
-        {
-            const std::unique_lock turn(locks_.receive(), std::try_to_lock);
-            buffered = turn.owns_lock() && !locks_.closed() && in_.buffered_frame().has_value();
+        if (locks_.try_take(Side::receive)) {
+            buffered = !locks_.closed() && in_.buffered_frame().has_value();
+            locks_.give_back(Side::receive);
         }
         if (locks_.leave()) release();
         return buffered;
@@ -639,13 +639,13 @@ private:
     /// A send's wait for room in a full socket (wait_for_room), across its turns.
     struct RoomWait {
         bool peer_done_sending = false;  // the peer's end of the stream was read: room is all there is to wait for
-        bool reader_busy = false;        // another thread held the receive lock when the peer's bytes came
+        bool reader_busy = false;        // another thread held the receive turn when the peer's bytes came
     };
     /// The socket is full: waits for room, and buffers what the peer sends meanwhile (and the
     /// descriptors that come with it) so a peer that is itself blocked sending can make progress.
-    /// The wait holds no lock. The peer's bytes are read only under this end's receive lock, taken
+    /// The wait holds no turn. The peer's bytes are read only in this end's receive turn, taken
     /// at once and held for that read alone: a thread that receives is never kept waiting by a
-    /// send, and while one holds the lock (it reads them itself), this one waits for room alone,
+    /// send, and while one holds the turn (it reads them itself), this one waits for room alone,
     /// in slices, looking again for the peer's bytes after each.
     void wait_for_room(RoomWait& wait) {
         const bool busy = std::exchange(wait.reader_busy, false);
@@ -654,11 +654,14 @@ private:
                                              busy ? detail::deadline_after(room_slice) : detail::Deadline{});
         if (revents < 0) detail::throw_errno("send: poll");
         if (!(revents & POLLIN) || !watch_input) return;
-        const std::unique_lock turn(locks_.receive(), std::try_to_lock);
-        if (!turn.owns_lock()) {
+        if (!locks_.try_take(Side::receive)) {
             wait.reader_busy = true;
             return;
         }
+        struct GiveBack {
+            detail::EndLocks& locks;
+            ~GiveBack() { locks.give_back(Side::receive); }
+        } const give_back{locks_};
         if (in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_) == 0) wait.peer_done_sending = true;
     }
 
