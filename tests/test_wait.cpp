@@ -186,3 +186,31 @@ TEST_CASE("what cannot be waited on is an mproc::Error, before any waiting") {
     CHECK(mproc::wait(std::vector<mproc::Waitable>{}, 10ms).empty());
     CHECK(mproc_test::child_count() == 0);
 }
+
+TEST_CASE("a Process closed on another thread while a wait holds it: the wait watches a descriptor of its own") {
+    // mproc::wait holds each object for the length of its poll (Waitable::hold). A Process may be
+    // joined and closed by another thread once its child has ended; the poll must still watch
+    // that child's end, not the number close() freed (the next descriptor the program opens gets
+    // it). The steps of such a race, in order, on one thread:
+    mproc::Process child([] {});
+    child.start();
+    const mproc::Waitable waitable(child);
+    const int held = waitable.hold();
+    REQUIRE(child.join(60s));
+    child.close();  // what another thread may do meanwhile
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);  // takes the lowest free numbers
+    // The held descriptor is still open, and still the child's: it reports the child's end
+    // (before, it was the sentinel itself, closed above, its number now one of the pipe's ends,
+    // which a poll would watch for ever).
+    CHECK(held != fds[0]);
+    CHECK(held != fds[1]);
+    pollfd polled{held, POLLIN, 0};
+    CHECK(::poll(&polled, 1, 0) == 1);
+    CHECK((polled.revents & POLLIN) != 0);
+    waitable.let_go(held);
+    CHECK(::fcntl(held, F_GETFD) == -1);  // let go: closed
+    ::close(fds[0]);
+    ::close(fds[1]);
+    CHECK(mproc_test::child_count() == 0);
+}

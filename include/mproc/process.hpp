@@ -41,6 +41,8 @@
 
 namespace mproc {
 
+class Waitable;
+
 /// What current_process() returns: this process's name and pid.
 class ProcessInfo {
 public:
@@ -299,6 +301,22 @@ public:
     bool closed() const noexcept { return read_flag(closed_); }
 
 private:
+    friend class Waitable;
+
+    /// A descriptor of its own that watches the child's end as sentinel() does (a duplicate of
+    /// it, close-on-exec), for a wait that must not lose it to close() on another thread. Error
+    /// for `op` as sentinel() says, and when no descriptor is left for it.
+    detail::UniqueFd sentinel_copy(const char* op) const {
+        const auto lock = hold(op);
+        if (pid_ == 0) throw Error(std::string(op) + ": process " + name_ + " was never started");
+        if (!sentinel_)
+            throw Error(std::string(op) + ": process " + name_ +
+                        " has no sentinel: this kernel has no pidfd (Linux 5.3)");
+        detail::UniqueFd copy(::fcntl(sentinel_.get(), F_DUPFD_CLOEXEC, 0));
+        if (!copy) detail::throw_errno(std::string(op) + ": a descriptor to watch process " + name_);
+        return copy;
+    }
+
     /// Error unless this is the process that made the Process and it is not closed.
     /// Error in any process but the one that made the Process. Before its lock: a forked copy
     /// of that lock may be held for ever (by a thread of the parent, which the child has not).

@@ -38,7 +38,8 @@ public:
         : object_(&connection), descriptor_(&connection_descriptor<T>), buffered_(&connection_buffered<T>),
           hold_(&connection_hold<T>), let_go_(&connection_let_go<T>) {}
     /// A started Process, ready once its child has ended.
-    Waitable(Process& process) noexcept : object_(&process), descriptor_(&process_descriptor) {}
+    Waitable(Process& process) noexcept
+        : object_(&process), descriptor_(&process_descriptor), hold_(&process_hold), let_go_(&process_let_go) {}
 
     /// The descriptor that is polled for this object. Throws mproc::Error for what cannot be
     /// waited on: a closed or write-only Connection, a Process never started or closed, a
@@ -52,12 +53,16 @@ public:
     /// already buffered).
     bool buffered() const noexcept { return buffered_ && buffered_(object_); }
 
-    /// descriptor(), held for the length of a wait: a Connection closed on another thread
-    /// meanwhile keeps its descriptor until let_go() (its number is not reused under the poll).
+    /// The descriptor to poll for the length of a wait, held until let_go(): a Connection closed
+    /// on another thread meanwhile keeps its descriptor until then, and a Process's is a
+    /// duplicate of its sentinel (close() on another thread, once the child has ended, closes
+    /// the sentinel, and the poll then watches the duplicate). Either way the number polled is
+    /// not reused under the poll. mproc::Error as descriptor() says, and for a Process when no
+    /// descriptor is left for the duplicate.
     int hold() const { return hold_ ? hold_(object_) : descriptor(); }
-    /// Ends what hold() began.
-    void let_go() const noexcept {
-        if (let_go_) let_go_(object_);
+    /// Ends what hold() began; `held` is what it returned.
+    void let_go(int held) const noexcept {
+        if (let_go_) let_go_(object_, held);
     }
 
 private:
@@ -72,17 +77,19 @@ private:
     template <class T> static int connection_hold(void* object) {
         return static_cast<Connection<T>*>(object)->enter_wait();
     }
-    template <class T> static void connection_let_go(void* object) noexcept {
+    template <class T> static void connection_let_go(void* object, int) noexcept {
         static_cast<Connection<T>*>(object)->leave_wait();
     }
     static int process_descriptor(void* object) { return static_cast<Process*>(object)->sentinel(); }
+    static int process_hold(void* object) { return static_cast<Process*>(object)->sentinel_copy("wait").release(); }
+    static void process_let_go(void*, int held) noexcept { detail::UniqueFd{held}.reset(); }
 
     void* object_ = nullptr;
     int fd_ = -1;
     int (*descriptor_)(void*) = nullptr;
     bool (*buffered_)(void*) noexcept = nullptr;
     int (*hold_)(void*) = nullptr;
-    void (*let_go_)(void*) noexcept = nullptr;
+    void (*let_go_)(void*, int) noexcept = nullptr;
 };
 
 /// Waits until at least one of `objects` is ready, or `timeout` has passed (no timeout: waits as
@@ -97,15 +104,14 @@ inline std::vector<std::size_t> wait(std::span<const Waitable> objects, std::opt
     polled.reserve(objects.size());
     struct Held {  // what the wait holds (Waitable::hold), let go however it ends
         std::span<const Waitable> objects;
-        std::size_t count = 0;
+        const std::vector<pollfd>& polled;
         ~Held() {
-            for (std::size_t i = 0; i < count; ++i) objects[i].let_go();
+            for (std::size_t i = 0; i < polled.size(); ++i) objects[i].let_go(polled[i].fd);
         }
-    } held{objects};
+    } held{objects, polled};
     bool any_buffered = false;
     for (const Waitable& object : objects) {
         polled.push_back({object.hold(), POLLIN, 0});
-        ++held.count;
         any_buffered = any_buffered || object.buffered();
     }
     for (;;) {
