@@ -1529,6 +1529,64 @@ TEST_CASE("poll with a timeout while another thread receives says false in time"
     CHECK(got == 7);
 }
 
+TEST_CASE("poll with a timeout says false in time while other threads keep sending on the same end", "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
+    auto [a, b] = mproc::Pipe<int>();
+    int got = 0;
+    Sleeper receiver([&, &a = a] { got = a.recv(); });
+    receiver.asleep();
+    // Two senders take turns on `a` as fast as they can (a drain on `b` keeps the socket from
+    // filling): the end's word changes all the time, and each hand-over of the send turn wakes
+    // whoever waits for it. The poll waits for the receive turn: its timeout must end its wait
+    // however often the word changes (before, each wake-up or change sent it round again, and
+    // only a sleep that lasted until the deadline ended it: it never came).
+    std::atomic<bool> stop{false};
+    std::atomic<long> drained{0};
+    std::thread drain([&, &b = b] {
+        try {
+            while (b.recv() >= 0) ++drained;
+        } catch (const mproc::EOFError&) {}
+    });
+    std::vector<std::thread> senders;
+    for (int t = 0; t < 2; ++t)
+        senders.emplace_back([&, &a = a] {
+            while (!stop) a.send(1);
+        });
+    while (drained < 1000) std::this_thread::sleep_for(1ms);
+    for (int i = 0; i < 5; ++i) CHECK_FALSE(a.poll(mproc::Seconds{0.02}));
+    stop = true;
+    for (auto& t : senders) t.join();
+    b.send(-1);  // the first receive
+    receiver.join();
+    CHECK(got == -1);
+    a.close();  // the drain's end of stream
+    drain.join();
+}
+
+TEST_CASE("a child forked while a parent thread waits in a recv of an end finds the end as it was", "[threads]") {
+    const mproc_test::Watchdog dog(300s, "an end shared by threads");
+    // The parent's receive sleeps in read(2), its buffer made ready for what comes: the child's
+    // copy must hold only what had come (nothing), not that room. Before, the child's poll()
+    // found a message in bytes never read, and its recv() threw "truncated input".
+    auto [a, b] = mproc::Pipe<int>();
+    int got = 0;
+    Sleeper receiver([&, &a = a] { got = a.recv(); });
+    receiver.asleep();
+    mproc::Process child([&a = a] {
+        if (a.poll()) std::_Exit(3);  // nothing was sent
+        a.send(12);  // and the end still works
+    });
+    child.start();
+    const bool ended = child.join(60s);
+    if (!ended) child.kill();
+    REQUIRE(ended);
+    CHECK(child.exitcode() == 0);
+    CHECK(b.recv() == 12);
+    b.send(5);  // the parent's receive
+    receiver.join();
+    CHECK(got == 5);
+}
+
 TEST_CASE("a child forked while a parent thread waits in a poll of an end can receive from that end", "[threads]") {
     const mproc_test::Watchdog dog(300s, "an end shared by threads");
     // The child's copy of the end's receive lock was taken by a thread it does not have: the locks

@@ -16,7 +16,10 @@
 // either, closed and released. A call that finds its turn free enters and takes it with one
 // compare-and-swap, and leaves with another: no mutex, whose lock and unlock would be two more
 // locked instructions on every message (the pinned round trip is a few microseconds). A call that
-// finds its turn taken sleeps on the word (a private futex) until the holder gives it back.
+// finds its turn taken sleeps on the word (a private futex, with its turn as the wait's bitset, so
+// that a hand-over of the other turn does not wake it) until the holder gives it back. Turns are
+// not handed out in the order they were asked for, as a mutex's are not: after a hand-over, the
+// first call to look takes the turn.
 //
 // A child forked while a parent thread was inside a call (a receive asleep, say) has a copy of
 // the word that counts calls and turns none of its own threads will end: each process makes it
@@ -101,10 +104,13 @@ public:
                     return Entry::in;
                 continue;
             }
+            // Looked at on every round: a wait that finds the word changed (any call entering or
+            // leaving changes it) returns at once, without looking at the time.
+            if (expired(deadline)) return leave() ? Entry::closed_last : Entry::timed_out;
             if (!(now & sleeper) && !state_.compare_exchange_weak(now, now | sleeper, std::memory_order_relaxed))
                 continue;
-            if (!futex_wait_private(state_, now | sleeper, deadline))  // the deadline passed
-                return leave() ? Entry::closed_last : Entry::timed_out;
+            // Woken only by a hand-over of this turn (or close()), not of the other one.
+            (void)futex_wait_private(state_, now | sleeper, deadline, sleeper);
         }
     }
     /// A call that entered without a turn leaves: true if it was the last one inside a closed end,
@@ -152,7 +158,7 @@ private:
         std::uint32_t now = state_.load(std::memory_order_relaxed);
         while (!state_.compare_exchange_weak(now, (now - calls) & ~clear, std::memory_order_acq_rel,
                                              std::memory_order_relaxed)) {}
-        if (now & sleeper_bit(turn)) futex_wake_all_private(state_);
+        if (now & sleeper_bit(turn)) futex_wake_private(state_, sleeper_bit(turn));
         return (now - calls) & ~clear;
     }
 

@@ -183,7 +183,10 @@ public:
         if (descriptors) descriptors->reserve_more(max_descriptors);  // may throw: before anything changes
         make_room();
         const std::size_t room = room_for_next_read();
-        std::byte* at = buffer_.extend(room);
+        // The read goes past the buffer's end, which moves only once bytes came: a child forked
+        // while a thread waits here copies the buffer as it is, not with `room` bytes never read.
+        buffer_.reserve(buffer_.size() + room);
+        std::byte* at = buffer_.data() + buffer_.size();
         ssize_t got;
         if (descriptors) {
             got = receive_with_descriptors(fd, at, room, nonblocking, *descriptors);
@@ -193,7 +196,7 @@ public:
         } else {
             got = read_some(fd, at, room);
         }
-        buffer_.resize(buffer_.size() - room + static_cast<std::size_t>(got > 0 ? got : 0));
+        if (got > 0) buffer_.resize(buffer_.size() + static_cast<std::size_t>(got));
         return got;
     }
     std::size_t size() const noexcept { return buffer_.size() - start_; }

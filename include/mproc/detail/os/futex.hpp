@@ -56,11 +56,13 @@ inline Clock::time_point sleep_until_for(const Deadline& deadline) noexcept {
 }
 
 /// The one futex wait loop: `op` is FUTEX_WAIT_BITSET, with FUTEX_PRIVATE_FLAG or without; `abs`
-/// an absolute CLOCK_MONOTONIC deadline, or null for none.
-inline bool futex_wait_op(FutexWord& word, std::uint32_t expected, const timespec* abs, int op) noexcept {
+/// an absolute CLOCK_MONOTONIC deadline, or null for none; `bitset` the wakes it answers (see
+/// futex_wake_private: any, by default).
+inline bool futex_wait_op(FutexWord& word, std::uint32_t expected, const timespec* abs, int op,
+                          std::uint32_t bitset = FUTEX_BITSET_MATCH_ANY) noexcept {
     for (;;) {
         const long rc = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), op, expected, abs, nullptr,
-                                  FUTEX_BITSET_MATCH_ANY);
+                                  bitset);
         if (rc == 0) return true;
         if (errno == ETIMEDOUT) return false;
         if (errno == EINTR) {
@@ -86,15 +88,22 @@ inline void futex_wake(FutexWord& word, int count) noexcept {
 inline void futex_wake_all(FutexWord& word) noexcept { futex_wake(word, INT_MAX); }
 
 /// Sleeps while `word`, in this process's own memory, holds `expected`, until a thread of this
-/// process wakes it or `deadline` passes (none: no limit). Returns as futex_wait does.
-inline bool futex_wait_private(FutexWord& word, std::uint32_t expected, const Deadline& deadline) noexcept {
+/// process wakes it or `deadline` passes (none: no limit). Returns as futex_wait does. With a
+/// `bitset`, only a wake whose bitset shares a bit with it wakes this sleeper (threads waiting on
+/// one word for different things: futex_wake_private).
+inline bool futex_wait_private(FutexWord& word, std::uint32_t expected, const Deadline& deadline,
+                               std::uint32_t bitset = FUTEX_BITSET_MATCH_ANY) noexcept {
     timespec abs{};
     if (deadline) abs = to_timespec(*deadline);
-    return futex_wait_op(word, expected, deadline ? &abs : nullptr, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG);
+    return futex_wait_op(word, expected, deadline ? &abs : nullptr, FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, bitset);
+}
+/// Wakes every thread of this process sleeping on `word` (futex_wait_private) whose bitset shares
+/// a bit with `bitset`.
+inline void futex_wake_private(FutexWord& word, std::uint32_t bitset) noexcept {
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_BITSET | FUTEX_PRIVATE_FLAG, INT_MAX,
+              nullptr, nullptr, bitset);
 }
 /// Wakes every thread of this process sleeping on `word` (futex_wait_private).
-inline void futex_wake_all_private(FutexWord& word) noexcept {
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-}
+inline void futex_wake_all_private(FutexWord& word) noexcept { futex_wake_private(word, FUTEX_BITSET_MATCH_ANY); }
 
 }  // namespace mproc::detail
