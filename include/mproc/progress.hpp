@@ -11,6 +11,9 @@
 //
 //     for (int v : mproc::progress(pool.imap(square, xs), xs.size(), pool)) { ... }
 //      37%|███▋      | 370/1000 [00:01<00:02, 312.45it/s] busy 2/2 workers, 96% since start
+//
+// A progress range is one loop's bar: iterate it on one thread at a time (each begin() starts the
+// bar afresh); two threads looping over one need a bar each.
 #pragma once
 
 #include <chrono>

@@ -18,7 +18,9 @@
 // pool sends them the memory of what their tasks name); a Process started before it cannot use it.
 //
 // Writers and readers synchronise themselves (a Lock, an Event, or the Queue that carries the
-// handle: a put happens before the get that returns it).
+// handle: a put happens before the get that returns it). A handle is a value, as a
+// std::shared_ptr is: copies of one may be used by any threads at once, but one handle object
+// that a thread changes (close(), assignment, decoding into it) is not read by another meanwhile.
 #pragma once
 
 #include <cstddef>
