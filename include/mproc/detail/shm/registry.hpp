@@ -131,14 +131,14 @@ public:
         std::unique_lock guard(mutex_);
         auto it = live_.find(id);
         if (it == live_.end()) return nullptr;
-        if (it->second.expired() && letting_go() == nullptr) {
+        if (it->second.owner.expired() && letting_go() == nullptr) {
             settled_.wait(guard, [&] {
                 it = live_.find(id);
-                return it == live_.end() || !it->second.expired();
+                return it == live_.end() || !it->second.owner.expired();
             });
             if (it == live_.end()) return nullptr;
         }
-        SegmentPtr found = it->second.lock();
+        SegmentPtr found = it->second.owner.lock();
         // A segment the sweep is letting go of is in use again: it, and what it refers to, stay.
         if (found && sweeping_here()) std::erase(condemned_, id);
         return found;
@@ -154,8 +154,8 @@ public:
     std::vector<std::pair<std::uint64_t, int>> segments_since(std::uint64_t generation) {
         std::vector<std::pair<std::uint64_t, int>> found;
         std::lock_guard guard(mutex_);
-        for (const auto& [id, weak] : live_)
-            if (SegmentPtr segment = weak.lock(); segment && segment->generation() > generation)
+        for (const auto& [id, entry] : live_)
+            if (SegmentPtr segment = entry.owner.lock(); segment && segment->generation() > generation)
                 found.emplace_back(id, segment->fd());
         return found;
     }
@@ -171,7 +171,7 @@ public:
         SharedMemory memory = SharedMemory::open(std::move(fd));
         std::lock_guard guard(mutex_);
         if (auto it = live_.find(id); it != live_.end())
-            if (SegmentPtr raced = it->second.lock()) {
+            if (SegmentPtr raced = it->second.owner.lock()) {
                 adopted_.emplace(id, std::move(raced));
                 return;
             }
@@ -217,7 +217,7 @@ public:
     std::size_t mapped_count() {
         std::lock_guard guard(mutex_);
         std::size_t n = 0;
-        for (const auto& entry : live_) n += entry.second.expired() ? 0 : 1;
+        for (const auto& entry : live_) n += entry.second.owner.expired() ? 0 : 1;
         return n;
     }
 
@@ -288,7 +288,7 @@ private:
     /// entry) just deletes it, as the registry's deleter would take the mutex held here.
     SegmentPtr register_locked(std::uint64_t id, std::uint64_t generation, SharedMemory memory) {
         SegmentPtr segment(new Segment(id, generation, std::move(memory)), Deleter{nullptr});
-        live_[id] = segment;
+        live_[id] = {segment, segment.get()};
         std::get_deleter<Deleter>(segment)->registry = this;
         return segment;
     }
@@ -298,10 +298,11 @@ private:
     /// retained_, the same mapping) instead of unmapped. Otherwise it is unregistered and
     /// unmapped; a racing find() waits for that decision (last_handle_gone).
     struct Deleter {
-        SegmentRegistry* registry;  // none while register_locked has not finished
+        SegmentRegistry* registry;  // none while register_locked (or forget_unsettled) has not finished
+        bool keep = false;          // with no registry: leave the segment be rather than delete it
         void operator()(Segment* s) const noexcept {
             if (registry) registry->last_handle_gone(s);
-            else delete s;
+            else if (!keep) delete s;
         }
     };
     /// From the moment the last handle's count reached 0, the segment's entry is expired, and
@@ -317,7 +318,7 @@ private:
                 SegmentPtr again(s, Deleter{this});
                 std::lock_guard guard(mutex_);
                 if (referenced_locked(*s)) {
-                    live_[s->id()] = again;
+                    live_[s->id()].owner = again;
                     retained_.try_emplace(s->id(), again);
                     retained_size_.store(retained_.size(), std::memory_order_release);
                     ++changes_;
@@ -330,7 +331,7 @@ private:
         {
             std::lock_guard guard(mutex_);
             auto it = live_.find(s->id());
-            if (it != live_.end() && it->second.expired()) live_.erase(it);
+            if (it != live_.end() && it->second.owner.expired()) live_.erase(it);
             if (s->container_) std::erase(containers_, s);
             ++changes_;
             settled_.notify_all();
@@ -344,19 +345,41 @@ private:
         return going;
     }
     /// In a child just forked: the entries of segments another thread of the parent was letting
-    /// go of at the fork stay expired for good (that thread is not here), and are forgotten (and
-    /// as containers too), so that find() does not wait for them. Their mappings stay, unused,
-    /// until the child ends; a handle into one fails here as if the child had not had it. The
-    /// condition variable is made afresh: its copy may count waiters of the parent's, which a
-    /// notify here would wait for.
+    /// go of at the fork stay expired for good (that thread, which was to decide whether to keep
+    /// them, is not here). The child owns each such segment again, as retained, and its next
+    /// sweep decides, as that thread would have: a container that refers to it keeps it (before,
+    /// the child forgot it, and a handle into it that a Queue's item carried failed here as if
+    /// the child had not had it, the item lost). The segment is whole: the deciding thread
+    /// deletes it only after erasing its entry, under the lock the fork held. Should memory run
+    /// out for the new owner, the entry is forgotten as before (and as a container too), so that
+    /// find() does not wait for it. The condition variable is made afresh: its copy may count
+    /// waiters of the parent's, which a notify here would wait for.
     void forget_unsettled() noexcept {
         std::lock_guard guard(mutex_);
         new (&settled_) std::condition_variable;
+        for (auto& [id, entry] : live_) {
+            if (!entry.owner.expired()) continue;
+            try {
+                const auto slot = retained_.try_emplace(id).first;  // none yet: a retained one is not expired
+                try {
+                    // No registry until made: a failure to allocate leaves the segment be (the
+                    // registry's deleter would take the lock held here).
+                    SegmentPtr again(entry.segment, Deleter{nullptr, /*keep=*/true});
+                    *std::get_deleter<Deleter>(again) = Deleter{this};
+                    entry.owner = again;
+                    slot->second = std::move(again);
+                    ++changes_;
+                } catch (...) {
+                    retained_.erase(slot);
+                }
+            } catch (...) {}
+        }
+        retained_size_.store(retained_.size(), std::memory_order_release);
         std::erase_if(containers_, [&](const Segment* c) {
             const auto it = live_.find(c->id());
-            return it == live_.end() || it->second.expired();
+            return it == live_.end() || it->second.owner.expired();
         });
-        std::erase_if(live_, [](const auto& entry) { return entry.second.expired(); });
+        std::erase_if(live_, [](const auto& entry) { return entry.second.owner.expired(); });
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
@@ -417,7 +440,11 @@ private:
 
     std::mutex mutex_;
     std::condition_variable settled_;  // an expired entry of live_ was replaced or erased
-    std::unordered_map<std::uint64_t, std::weak_ptr<Segment>> live_;
+    struct LiveEntry {
+        std::weak_ptr<Segment> owner;
+        Segment* segment;  // what `owner` owned, for a child that finds it expired (forget_unsettled)
+    };
+    std::unordered_map<std::uint64_t, LiveEntry> live_;
     std::unordered_map<std::uint64_t, SegmentPtr> adopted_;
     static constexpr std::size_t max_unadopted = 16;
     std::vector<std::pair<std::uint64_t, std::string>> unadopted_;  // note_unadopted, oldest first
