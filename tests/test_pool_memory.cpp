@@ -723,28 +723,56 @@ TEST_CASE("shared objects made with each allocation failing in turn: std::bad_al
 
 namespace {
 
-/// A Queue's two items refer to a SharedMemory whose last handle here goes on another thread, with
-/// an allocation in the registry's decision made slow; meanwhile a get takes the first item (on a
-/// thread of its own when `while_get_waits` is given, which runs once that thread is asleep in
-/// the get), then the second. What went wrong, or empty.
-std::string get_beside_last_handle_going(const std::function<void()>& while_get_waits = {}) {
+/// A Queue whose two items refer to a SharedMemory of 32 KiB (its byte 100 is 42), and a thread
+/// that lets go of this process's last handle to it, with an allocation in the registry's
+/// decision made slow: once inside() returns true, that thread is in the window for a while.
+struct LastHandleGoing {
     mproc::Queue<mproc::SharedMemory> queue;
-    std::optional<mproc::SharedMemory> block(std::in_place, 32 * 1024);
-    queue.put(*block);
-    queue.put(*block);
-    slowed = false;
-    std::thread dropper([&] {
-        slow_next = true;
-        block.reset();  // the last handle here: the decision's allocation is slow
-        slow_next = false;
-    });
+    std::optional<mproc::SharedMemory> block{std::in_place, 32 * 1024};
+    std::thread dropper;
+
+    LastHandleGoing() {
+        block->buf()[100] = std::byte{42};
+        queue.put(*block);
+        queue.put(*block);
+        slowed = false;
+        dropper = std::thread([this] {
+            slow_next = true;
+            block.reset();  // the last handle here: the decision's allocation is slow
+            slow_next = false;
+        });
+    }
+    ~LastHandleGoing() {
+        if (dropper.joinable()) dropper.join();
+    }
+    LastHandleGoing(const LastHandleGoing&) = delete;
+    LastHandleGoing& operator=(const LastHandleGoing&) = delete;
+
+    /// Waits until the dropping thread is inside the slow allocation: false if it never got there.
+    static bool inside() {
+        const auto limit = std::chrono::steady_clock::now() + 60s;
+        while (!slowed && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
+        return slowed;
+    }
+    /// Whether `block` is one of the items' block.
+    static bool is_the_block(const mproc::SharedMemory& block) {
+        return block.size() == 32 * 1024 && block.buf()[100] == std::byte{42};
+    }
+};
+
+/// A get takes the first item of a LastHandleGoing's queue while its handle goes (on a thread of
+/// its own when `while_get_waits` is given, which runs once that thread is asleep in the get),
+/// then the second. What went wrong, or empty.
+std::string get_beside_last_handle_going(const std::function<void()>& while_get_waits = {}) {
+    LastHandleGoing going;
+    auto& queue = going.queue;
     std::string error;
     const auto limit = std::chrono::steady_clock::now() + 60s;
-    while (!slowed && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
-    if (!slowed) error = "the dropping thread never reached its allocation";
+    if (!going.inside()) error = "the dropping thread never reached its allocation";
     const auto get = [&] {
         try {
-            if (queue.get(mproc::Seconds{60}).size() != 32 * 1024) error = "the first item is another size";
+            if (!LastHandleGoing::is_the_block(queue.get(mproc::Seconds{60})))
+                error = "the first item is another block";
         } catch (const mproc::Error& e) {
             error = e.what();
         }
@@ -762,10 +790,10 @@ std::string get_beside_last_handle_going(const std::function<void()>& while_get_
         while_get_waits();
         getter.join();
     }
-    dropper.join();
+    going.dropper.join();
     try {
-        if (queue.get(mproc::Seconds{60}).size() != 32 * 1024 && error.empty())
-            error = "the second item is another size";
+        if (!LastHandleGoing::is_the_block(queue.get(mproc::Seconds{60})) && error.empty())
+            error = "the second item is another block";
     } catch (const mproc::Error& e) {
         if (error.empty()) error = e.what();
     }
@@ -822,31 +850,16 @@ TEST_CASE(
     // and decides for itself (its container refers to it: it stays). Found by an audit (25 of
     // 1,000 children in a probe); the window holds an allocation, made slow here.
     Watchdog dog(120s, "a child forked beside the last handle going");
-    mproc::Queue<mproc::SharedMemory> queue;
-    std::optional<mproc::SharedMemory> block(std::in_place, 32 * 1024);
-    block->buf()[100] = std::byte{42};
-    queue.put(*block);
-    queue.put(*block);
-    slowed = false;
-    std::thread dropper([&] {
-        slow_next = true;
-        block.reset();  // the last handle here: the decision's allocation is slow
-        slow_next = false;
-    });
-    const auto limit = std::chrono::steady_clock::now() + 60s;
-    while (!slowed && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(1ms);
-    REQUIRE(slowed);
-    mproc::Process child([queue]() mutable {
-        const mproc::SharedMemory got = queue.get(mproc::Seconds{60});
-        if (got.size() != 32 * 1024 || got.buf()[100] != std::byte{42}) std::_Exit(3);
+    LastHandleGoing going;
+    REQUIRE(going.inside());
+    mproc::Process child([queue = going.queue]() mutable {
+        if (!LastHandleGoing::is_the_block(queue.get(mproc::Seconds{60}))) std::_Exit(3);
     });
     child.start();  // while the dropping thread is inside the registry's decision
-    dropper.join();
+    going.dropper.join();
     const bool ended = child.join(60s);
     if (!ended) child.kill();
     REQUIRE(ended);
     CHECK(child.exitcode() == 0);
-    const mproc::SharedMemory second = queue.get(mproc::Seconds{60});  // and here, the second item
-    CHECK(second.size() == 32 * 1024);
-    CHECK(second.buf()[100] == std::byte{42});
+    CHECK(LastHandleGoing::is_the_block(going.queue.get(mproc::Seconds{60})));  // and here, the second item
 }
