@@ -99,6 +99,9 @@ private:
     std::uint64_t generation_;
     SharedMemory memory_;
     const ContainerView* container_ = nullptr;  // guarded by the registry's mutex
+    // A child found its last handle going on a thread of the parent's, which the child does not
+    // have (SegmentRegistry::orphan_unsettled); guarded by the registry's mutex.
+    bool orphaned_ = false;
 };
 
 using SegmentPtr = std::shared_ptr<Segment>;
@@ -109,7 +112,7 @@ public:
         ForkLocks::add(ForkLockRank::registry, mutex_);
         // After ForkLocks' own handlers (registered first, so run first in the child): the
         // registry's mutex is free there.
-        ::pthread_atfork(nullptr, nullptr, [] { segments().forget_unsettled(); });
+        ::pthread_atfork(nullptr, nullptr, [] { segments().orphan_unsettled(); });
     }
     SegmentRegistry(const SegmentRegistry&) = delete;
     SegmentRegistry& operator=(const SegmentRegistry&) = delete;
@@ -129,6 +132,7 @@ public:
     /// but there (see last_handle_gone).
     SegmentPtr find(std::uint64_t id) {
         std::unique_lock guard(mutex_);
+        own_orphans_locked();
         auto it = live_.find(id);
         if (it == live_.end()) return nullptr;
         if (it->second.owner.expired() && letting_go() == nullptr) {
@@ -239,7 +243,7 @@ public:
     /// taken what it returns, which a throw would lose or misreport; a sweep that cannot allocate
     /// leaves its work to the next one.
     void sweep() noexcept {
-        if (retained_size_.load(std::memory_order_acquire) == 0) return;
+        if (retained_size_.load(std::memory_order_acquire) == 0 && !orphans_.load(std::memory_order_acquire)) return;
         try {
             sweep_retained();
         } catch (...) {  // NOLINT(bugprone-empty-catch): out of memory; the next call's sweep lets go instead
@@ -265,6 +269,7 @@ private:
             std::vector<SegmentPtr> drop;
             {
                 std::lock_guard guard(mutex_);
+                own_orphans_locked();
                 std::uint64_t stamp = changes_;
                 for (const Segment* c : containers_) stamp += c->container_->version(c->base());
                 if (stamp == swept_stamp_ || (collect_unreachable_locked(drop), drop.empty())) {
@@ -298,7 +303,7 @@ private:
     /// retained_, the same mapping) instead of unmapped. Otherwise it is unregistered and
     /// unmapped; a racing find() waits for that decision (last_handle_gone).
     struct Deleter {
-        SegmentRegistry* registry;  // none while register_locked (or forget_unsettled) has not finished
+        SegmentRegistry* registry;  // none while register_locked (or own_orphans_locked) has not finished
         bool keep = false;          // with no registry: leave the segment be rather than delete it
         void operator()(Segment* s) const noexcept {
             if (registry) registry->last_handle_gone(s);
@@ -318,7 +323,7 @@ private:
                 SegmentPtr again(s, Deleter{this});
                 std::lock_guard guard(mutex_);
                 if (referenced_locked(*s)) {
-                    live_[s->id()].owner = again;
+                    live_[s->id()] = {again, s};
                     retained_.try_emplace(s->id(), again);
                     retained_size_.store(retained_.size(), std::memory_order_release);
                     ++changes_;
@@ -344,42 +349,63 @@ private:
         thread_local Segment* going = nullptr;
         return going;
     }
-    /// In a child just forked: the entries of segments another thread of the parent was letting
-    /// go of at the fork stay expired for good (that thread, which was to decide whether to keep
-    /// them, is not here). The child owns each such segment again, as retained, and its next
-    /// sweep decides, as that thread would have: a container that refers to it keeps it (before,
-    /// the child forgot it, and a handle into it that a Queue's item carried failed here as if
-    /// the child had not had it, the item lost). The segment is whole: the deciding thread
-    /// deletes it only after erasing its entry, under the lock the fork held. Should memory run
-    /// out for the new owner, the entry is forgotten as before (and as a container too), so that
-    /// find() does not wait for it. The condition variable is made afresh: its copy may count
-    /// waiters of the parent's, which a notify here would wait for.
-    void forget_unsettled() noexcept {
+    /// In a child just forked (an atfork handler: it allocates and frees nothing): the entries of
+    /// segments another thread of the parent was letting go of at the fork stay expired for good
+    /// (that thread, which was to decide whether to keep them, is not here). Each such segment is
+    /// marked orphaned, and the child's next find() or sweep owns it again (own_orphans_locked),
+    /// so that the child decides for itself, as that thread would have: a container that refers
+    /// to it keeps it. (Before, the child forgot it, and a handle into it that a Queue's item
+    /// carried failed here as if the child had not had it, the item lost.) The segment is whole:
+    /// the deciding thread deletes it only after erasing its entry, under the lock the fork held.
+    /// The condition variable is made afresh: its copy may count waiters of the parent's, which a
+    /// notify here would wait for.
+    void orphan_unsettled() noexcept {
         std::lock_guard guard(mutex_);
         new (&settled_) std::condition_variable;
+        for (auto& entry : live_) {
+            if (!entry.second.owner.expired()) continue;
+            entry.second.segment->orphaned_ = true;
+            orphans_.store(true, std::memory_order_release);
+        }
+    }
+    /// With the mutex held: owns again, as retained, every segment orphan_unsettled marked orphaned
+    /// (its next sweep decides whether it stays). Should memory run out for one, it is forgotten,
+    /// its mapping left until the process ends, so that find() does not wait for it.
+    void own_orphans_locked() noexcept {
+        if (!orphans_.load(std::memory_order_relaxed)) [[likely]]
+            return;
+        bool forgot = false;
         for (auto& [id, entry] : live_) {
-            if (!entry.owner.expired()) continue;
+            Segment* orphan = entry.segment;
+            if (!entry.owner.expired() || !orphan->orphaned_) continue;
             try {
-                const auto slot = retained_.try_emplace(id).first;  // none yet: a retained one is not expired
+                const auto [slot, inserted] = retained_.try_emplace(id);
+                if (!inserted) continue;  // cannot be: a retained segment is owned
                 try {
                     // No registry until made: a failure to allocate leaves the segment be (the
                     // registry's deleter would take the lock held here).
-                    SegmentPtr again(entry.segment, Deleter{nullptr, /*keep=*/true});
+                    SegmentPtr again(orphan, Deleter{nullptr, /*keep=*/true});
                     *std::get_deleter<Deleter>(again) = Deleter{this};
                     entry.owner = again;
                     slot->second = std::move(again);
+                    orphan->orphaned_ = false;
                     ++changes_;
                 } catch (...) {
                     retained_.erase(slot);
+                    throw;
                 }
-            } catch (...) {}
+            } catch (...) {
+                forgot = true;
+            }
+        }
+        if (forgot) {
+            std::erase_if(containers_, [](const Segment* c) { return c->orphaned_; });
+            std::erase_if(live_, [](const auto& entry) {
+                return entry.second.owner.expired() && entry.second.segment->orphaned_;
+            });
         }
         retained_size_.store(retained_.size(), std::memory_order_release);
-        std::erase_if(containers_, [&](const Segment* c) {
-            const auto it = live_.find(c->id());
-            return it == live_.end() || it->second.owner.expired();
-        });
-        std::erase_if(live_, [](const auto& entry) { return entry.second.owner.expired(); });
+        orphans_.store(false, std::memory_order_relaxed);
     }
 
     /// With the mutex held: may a container mapped here (other than `s` itself, and other than
@@ -442,7 +468,7 @@ private:
     std::condition_variable settled_;  // an expired entry of live_ was replaced or erased
     struct LiveEntry {
         std::weak_ptr<Segment> owner;
-        Segment* segment;  // what `owner` owned, for a child that finds it expired (forget_unsettled)
+        Segment* segment;  // what `owner` owned, for a child that finds it expired (orphan_unsettled)
     };
     std::unordered_map<std::uint64_t, LiveEntry> live_;
     std::unordered_map<std::uint64_t, SegmentPtr> adopted_;
@@ -451,6 +477,7 @@ private:
     std::unordered_map<std::uint64_t, SegmentPtr> retained_;  // mapped only because a container refers to them
     std::vector<Segment*> containers_;                         // every mapped segment that holds a container
     std::atomic<std::size_t> retained_size_{0};
+    std::atomic<bool> orphans_{false};  // orphan_unsettled marked segments orphaned: own_orphans_locked owns them
     std::vector<std::uint64_t> condemned_;  // what the running sweep is letting go of
     pid_t sweeper_ = 0;                     // the process whose sweep runs (0: none)
     std::uint64_t changes_ = 0;      // bumped when retained_ or containers_ change
