@@ -378,10 +378,14 @@ private:
     /// One read into the frame reader; the end of the stream throws. While the peer streams, the
     /// next bytes are awaited awake first (see watch_for_bytes).
     void fill_once(const char* op) {
-        const bool watched = watching();
-        const std::int64_t since = watched ? 0 : detail::monotonic_ns();
+        const std::int64_t since = detail::monotonic_ns();
+        const bool one_cpu = detail::on_one_cpu(since);
+        const bool watched = watch_ && !one_cpu;
         const bool caught = watched && watch_for_bytes(fd_.get());
         check_read(in_.fill(fd_.get(), false, is_socket_ ? &descriptors_ : nullptr), op);
+        // On one CPU there is no watch, and how long the wait took does not matter: one clock
+        // read a receive (each costs tens of nanoseconds in a virtual machine, three did before).
+        if (one_cpu) return;
         // Watch next time if the bytes came while watching, or, with no watch, soon enough that
         // one would have caught them. A watch that missed is not tried again until then: a peer
         // that sends now and then is waited for asleep, and costs at most every other watch.
