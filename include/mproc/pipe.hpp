@@ -41,7 +41,7 @@
 
 #include "detail/os/clock.hpp"
 #include "detail/os/cpu.hpp"
-#include "detail/os/end_locks.hpp"
+#include "detail/os/end_turns.hpp"
 #include "detail/os/fd_passing.hpp"
 #include "detail/os/framing.hpp"
 #include "detail/os/io.hpp"
@@ -79,7 +79,7 @@ template <class T = std::vector<std::byte>> std::pair<Connection<T>, Connection<
 /// One end of a Pipe. Move-only. Every call is safe from any thread (a move or the destructor, with
 /// no thread inside a call): threads that share an end take turns a whole message at a time (sends
 /// among sends, receives among receives), and close() from another thread ends it for every later
-/// call (detail/os/end_locks.hpp).
+/// call (detail/os/end_turns.hpp).
 template <class T> class Connection {
     // The wording matches require_serializable, and the compiler names T in the instantiation note.
     static_assert(is_serializable_v<T>,
@@ -277,23 +277,23 @@ public:
     /// turn goes on to its end (a receive waiting for a message is not woken), and the last call to
     /// leave releases the descriptors.
     void close() noexcept {
-        if (locks_.close()) release();
+        if (turns_.close()) release();
     }
-    bool closed() const noexcept { return locks_.closed(); }
+    bool closed() const noexcept { return turns_.closed(); }
     bool readable() const noexcept { return readable_; }
     bool writable() const noexcept { return writable_; }
     /// The underlying descriptor (for select/poll alongside other fds); -1 once closed.
-    int fileno() const noexcept { return locks_.descriptor(); }
+    int fileno() const noexcept { return turns_.descriptor(); }
 
 private:
     friend std::pair<Connection<T>, Connection<T>> Pipe<T>(bool duplex);
     friend class Waitable;
 
     Connection(detail::UniqueFd fd, bool readable, bool writable, bool is_socket, detail::UniqueFd lane = {})
-        : fd_(std::move(fd)), lane_(std::move(lane)), locks_(fd_.get()), readable_(readable), writable_(writable),
+        : fd_(std::move(fd)), lane_(std::move(lane)), turns_(fd_.get()), readable_(readable), writable_(writable),
           is_socket_(is_socket) {}
 
-    using Side = detail::EndLocks::Turn;
+    using Side = detail::EndTurns::Side;
     /// A send or a receive (or a poll) for its whole length: counted inside the end, so that
     /// close() from another thread leaves the descriptors to the last call inside to release, and
     /// holding its direction's turn. Throws if the end is closed, also while it waits for its turn;
@@ -302,16 +302,16 @@ private:
     public:
         Turn(Connection& end, Side side, const char* op, const detail::Deadline& deadline = std::nullopt)
             : end_(end), side_(side) {
-            switch (end.locks_.enter(side, deadline)) {
-                case detail::EndLocks::Entry::in: held_ = true; return;
-                case detail::EndLocks::Entry::timed_out: return;
-                case detail::EndLocks::Entry::closed_last: end.release(); [[fallthrough]];
-                case detail::EndLocks::Entry::closed: break;
+            switch (end.turns_.enter(side, deadline)) {
+                case detail::EndTurns::Entry::in: held_ = true; return;
+                case detail::EndTurns::Entry::timed_out: return;
+                case detail::EndTurns::Entry::closed_last: end.release(); [[fallthrough]];
+                case detail::EndTurns::Entry::closed: break;
             }
             throw_closed(op);
         }
         ~Turn() {
-            if (held_ && end_.locks_.leave(side_)) end_.release();
+            if (held_ && end_.turns_.leave(side_)) end_.release();
         }
         Turn(const Turn&) = delete;
         Turn& operator=(const Turn&) = delete;
@@ -331,29 +331,29 @@ private:
     }
     /// Whether a whole message is buffered, for mproc::wait: false while another thread receives.
     bool buffered_now() noexcept {
-        if (!locks_.enter()) return false;
+        if (!turns_.enter()) return false;
         bool buffered = false;
-        if (locks_.try_take(Side::receive)) {
-            buffered = !locks_.closed() && in_.buffered_frame().has_value();
-            locks_.give_back(Side::receive);
+        if (turns_.try_take(Side::receive)) {
+            buffered = !turns_.closed() && in_.buffered_frame().has_value();
+            turns_.give_back(Side::receive);
         }
-        if (locks_.leave()) release();
+        if (turns_.leave()) release();
         return buffered;
     }
     /// mproc::wait's hold on this end for the length of its wait (Waitable::hold): counted inside,
     /// so that close() from another thread leaves the descriptor open until leave_wait().
     int enter_wait() {
         require_readable("wait");
-        if (!locks_.enter()) throw_closed("wait");
+        if (!turns_.enter()) throw_closed("wait");
         return fd_.get();
     }
     void leave_wait() noexcept {
-        if (locks_.leave()) release();
+        if (turns_.leave()) release();
     }
     [[noreturn]] static void throw_closed(const char* op) { throw Error(std::string(op) + " on a closed connection"); }
 
     void require_open(const char* op) const {
-        if (locks_.closed()) throw_closed(op);
+        if (turns_.closed()) throw_closed(op);
     }
     void require_writable(const char* op) const {
         require_open(op);
@@ -658,14 +658,14 @@ private:
                                              busy ? detail::deadline_after(room_slice) : detail::Deadline{});
         if (revents < 0) detail::throw_errno("send: poll");
         if (!(revents & POLLIN) || !watch_input) return;
-        if (!locks_.try_take(Side::receive)) {
+        if (!turns_.try_take(Side::receive)) {
             wait.reader_busy = true;
             return;
         }
         struct GiveBack {
-            detail::EndLocks& locks;
-            ~GiveBack() { locks.give_back(Side::receive); }
-        } const give_back{locks_};
+            detail::EndTurns& turns;
+            ~GiveBack() { turns.give_back(Side::receive); }
+        } const give_back{turns_};
         if (in_.fill(fd_.get(), /*nonblocking=*/true, &descriptors_) == 0) wait.peer_done_sending = true;
     }
 
@@ -683,7 +683,7 @@ private:
 
     detail::UniqueFd fd_;
     detail::UniqueFd lane_;  // a simplex pipe's bulk lane: a socket, this end's direction only
-    detail::EndLocks locks_;  // which threads are inside, and whose turn it is to send and to receive
+    detail::EndTurns turns_;  // which threads are inside, and whose turn it is to send and to receive
     std::uint32_t lane_pid_ = 0;     // the process that counts in lane_count_ (0: none yet)
     std::uint32_t lane_count_ = 0;   // its messages sent by the lane, from a random start (their tags' low half)
     bool lane_out_of_step_ = false;  // the reader found bytes in the lane no frame claims

@@ -3,8 +3,8 @@
 // fork() copies only the calling thread. A mutex that another thread of the parent held at that
 // instant stays locked in the child forever, and so does the data it was guarding, half-updated.
 // mproc's process-local mutexes are used by children too: the shared-object registry's (every
-// handle decoded, created or dropped), the small-object allocator's, the one a Connection's locks
-// are made afresh under in a child (end_locks.hpp), and the one a ChildGuard changes its handlers
+// handle decoded, created or dropped), the small-object allocator's, the one a Connection's turns
+// are made afresh under in a child (end_turns.hpp), and the one a ChildGuard changes its handlers
 // under (guard_state.hpp: a child must not copy them half-changed). A Pool forks its fork
 // server from the constructing thread, and a Process from the caller's, while other threads of the
 // program may be creating or decoding handles.
@@ -30,7 +30,7 @@ namespace mproc::detail {
 enum class ForkLockRank : std::size_t {
     small_objects = 0,  // SharedRef's small-object allocator; calls into the registry when locked
     registry = 1,       // segments(), the shared-object registry
-    connection_locks = 2,  // EndLocks::renewal(), held alone while a Connection's locks are made afresh
+    connection_turns = 2,  // EndTurns::renewal(), held alone while a Connection's turns are made afresh
     guard = 3,             // guard_transition(), held alone while a ChildGuard installs or puts back its handlers
     count = 4,
 };

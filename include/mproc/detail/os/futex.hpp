@@ -12,7 +12,7 @@
 // Idle waiters thus wake about once a second, which costs microseconds of CPU per second.
 //
 // The _private pair is for a word in one process's own memory, waited on and woken by its
-// threads only (a Pool result's, detail/pool/results.hpp; a Pipe end's turns, end_locks.hpp): the
+// threads only (a Pool result's, detail/pool/results.hpp; a Pipe end's turns, end_turns.hpp): the
 // kernel keys it by the address alone, and with no other process taking part no wake-up can be
 // lost to a death, so its waits sleep until their deadline or for good.
 #pragma once

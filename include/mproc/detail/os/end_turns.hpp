@@ -39,10 +39,10 @@
 
 namespace mproc::detail {
 
-class EndLocks {
+class EndTurns {
 public:
-    /// A turn: which of an end's two kinds of call holds it.
-    enum class Turn : std::uint32_t { send = 4, receive = 8 };
+    /// Which of an end's two kinds of call a turn is for.
+    enum class Side : std::uint32_t { send = 4, receive = 8 };
     /// What a call that asked to come in got.
     enum class Entry {
         in,          // inside, holding the turn it asked for (if any)
@@ -52,20 +52,20 @@ public:
         timed_out,   // its turn did not come by the deadline: nothing counted
     };
 
-    /// The locks of an end whose descriptor is `descriptor` (-1: an end that holds none).
-    explicit EndLocks(int descriptor = -1) noexcept
+    /// The turns of an end whose descriptor is `descriptor` (-1: an end that holds none).
+    explicit EndTurns(int descriptor = -1) noexcept
         : descriptor_(descriptor), state_(descriptor < 0 ? closed_bit | released_bit : 0), pid_(this_process_id()) {
         if (descriptor >= 0) (void)renewal();  // registered now: see renewal()
     }
     /// An end moves with no thread inside either end's calls: the word stays where it is (each
     /// object has its own), and what it describes moves. The moved-from end is closed.
-    EndLocks(EndLocks&& other) noexcept : EndLocks(-1) { take(other); }
-    EndLocks& operator=(EndLocks&& other) noexcept {
+    EndTurns(EndTurns&& other) noexcept : EndTurns(-1) { take(other); }
+    EndTurns& operator=(EndTurns&& other) noexcept {
         if (this != &other) take(other);
         return *this;
     }
-    EndLocks(const EndLocks&) = delete;
-    EndLocks& operator=(const EndLocks&) = delete;
+    EndTurns(const EndTurns&) = delete;
+    EndTurns& operator=(const EndTurns&) = delete;
 
     /// The end's descriptor, or -1 once closed (readable without a lock, from any thread).
     int descriptor() const noexcept { return descriptor_.load(std::memory_order_acquire); }
@@ -82,12 +82,12 @@ public:
             !state_.compare_exchange_weak(now, now + one_call, std::memory_order_acquire, std::memory_order_relaxed));
         return true;
     }
-    /// A call comes in and takes `turn`, waiting for it while another call holds it, until
+    /// A call comes in and takes the turn of its `side`, waiting for it while another call holds it, until
     /// `deadline` (none: for as long as it takes). A free turn is taken in the same step as the
     /// call is counted.
-    [[nodiscard]] Entry enter(Turn turn, const Deadline& deadline = std::nullopt) noexcept {
+    [[nodiscard]] Entry enter(Side side, const Deadline& deadline = std::nullopt) noexcept {
         fresh();
-        const auto bit = static_cast<std::uint32_t>(turn);
+        const auto bit = static_cast<std::uint32_t>(side);
         std::uint32_t now = state_.load(std::memory_order_relaxed);
         do
             if (now & closed_bit) return Entry::closed;
@@ -95,7 +95,7 @@ public:
                                              std::memory_order_relaxed));
         if (!(now & bit)) return Entry::in;
         // Counted inside, the turn held by another call: wait for it.
-        const std::uint32_t sleeper = sleeper_bit(turn);
+        const std::uint32_t sleeper = sleeper_bit(side);
         for (;;) {
             now = state_.load(std::memory_order_relaxed);
             if (now & closed_bit) return leave() ? Entry::closed_last : Entry::closed;
@@ -118,20 +118,20 @@ public:
     [[nodiscard]] bool leave() noexcept {
         return last_inside_closed(state_.fetch_sub(one_call, std::memory_order_acq_rel) - one_call);
     }
-    /// A call that holds `turn` gives it back and leaves (one step): true as leave() says.
-    [[nodiscard]] bool leave(Turn turn) noexcept { return last_inside_closed(give(turn, one_call)); }
+    /// A call that holds its `side`'s turn gives it back and leaves (one step): true as leave() says.
+    [[nodiscard]] bool leave(Side side) noexcept { return last_inside_closed(give(side, one_call)); }
 
-    /// For a call inside: takes `turn` if no call holds it, without waiting.
-    [[nodiscard]] bool try_take(Turn turn) noexcept {
-        const auto bit = static_cast<std::uint32_t>(turn);
+    /// For a call inside: takes `side`'s turn if no call holds it, without waiting.
+    [[nodiscard]] bool try_take(Side side) noexcept {
+        const auto bit = static_cast<std::uint32_t>(side);
         std::uint32_t now = state_.load(std::memory_order_relaxed);
         do
             if (now & bit) return false;
         while (!state_.compare_exchange_weak(now, now | bit, std::memory_order_acquire, std::memory_order_relaxed));
         return true;
     }
-    /// Gives back `turn`, taken with try_take (the call stays inside).
-    void give_back(Turn turn) noexcept { (void)give(turn, 0); }
+    /// Gives back `side`'s turn, taken with try_take (the call stays inside).
+    void give_back(Side side) noexcept { (void)give(side, 0); }
 
     /// Marks the end closed, and wakes the calls waiting for a turn (they fail): true if no call
     /// is inside and the descriptors are not released yet, and the caller must release them now
@@ -146,19 +146,19 @@ public:
 private:
     static constexpr std::uint32_t closed_bit = 1;
     static constexpr std::uint32_t released_bit = 2;  // the descriptors are let go (or owed to nobody)
-    // 4 and 8: the turns (Turn). 16 and 32: a thread sleeps for the send or the receive turn.
+    // 4 and 8: the turns (Side). 16 and 32: a thread sleeps for the send or the receive turn.
     static constexpr std::uint32_t sleepers = 16 | 32;
     static constexpr std::uint32_t one_call = 64;
-    static constexpr std::uint32_t sleeper_bit(Turn turn) noexcept { return static_cast<std::uint32_t>(turn) << 2; }
+    static constexpr std::uint32_t sleeper_bit(Side side) noexcept { return static_cast<std::uint32_t>(side) << 2; }
 
-    /// Clears `turn` (held by the caller) and its sleeper bit, less `calls`; wakes the sleepers
+    /// Clears `side`'s turn (held by the caller) and its sleeper bit, less `calls`; wakes the sleepers
     /// if there were any (each tries for the turn again). Returns the word after.
-    std::uint32_t give(Turn turn, std::uint32_t calls) noexcept {
-        const std::uint32_t clear = static_cast<std::uint32_t>(turn) | sleeper_bit(turn);
+    std::uint32_t give(Side side, std::uint32_t calls) noexcept {
+        const std::uint32_t clear = static_cast<std::uint32_t>(side) | sleeper_bit(side);
         std::uint32_t now = state_.load(std::memory_order_relaxed);
         while (!state_.compare_exchange_weak(now, (now - calls) & ~clear, std::memory_order_acq_rel,
                                              std::memory_order_relaxed)) {}
-        if (now & sleeper_bit(turn)) futex_wake_private(state_, sleeper_bit(turn));
+        if (now & sleeper_bit(side)) futex_wake_private(state_, sleeper_bit(side));
         return (now - calls) & ~clear;
     }
 
@@ -177,7 +177,7 @@ private:
         return true;
     }
 
-    void take(EndLocks& other) noexcept {
+    void take(EndTurns& other) noexcept {
         descriptor_.store(other.descriptor_.exchange(-1, std::memory_order_acq_rel), std::memory_order_release);
         state_.store(
             other.state_.exchange(closed_bit | released_bit, std::memory_order_acq_rel) & (closed_bit | released_bit),
@@ -202,7 +202,7 @@ private:
     /// fork copies it: registered lazily, a fork on another thread could copy it held).
     static std::mutex& renewal() noexcept {
         static std::mutex mutex;
-        [[maybe_unused]] static const bool registered = (ForkLocks::add(ForkLockRank::connection_locks, mutex), true);
+        [[maybe_unused]] static const bool registered = (ForkLocks::add(ForkLockRank::connection_turns, mutex), true);
         return mutex;
     }
 
