@@ -211,7 +211,7 @@ public:
             if (pid_ == 0) throw Error("cannot join process " + name_ + ": it was never started");
             if (!alive_locked()) return true;
             pid = pid_;
-            if (sentinel_) ended.reset(::fcntl(sentinel_.get(), F_DUPFD_CLOEXEC, 0));
+            ended = copy_sentinel_locked();
         }
         for (;;) {
             // Until it has ended, without reaping it: a reap is made under the lock, where the
@@ -278,9 +278,7 @@ public:
     /// before start(), after close(), and on a kernel without pidfds (before Linux 5.3).
     int sentinel() const {
         const auto lock = hold("sentinel");
-        if (pid_ == 0) throw Error("process " + name_ + " has no sentinel: it was never started");
-        if (!sentinel_) throw Error("process " + name_ + " has no sentinel: this kernel has no pidfd (Linux 5.3)");
-        return sentinel_.get();
+        return sentinel_locked();
     }
 
     /// Releases what the Process holds (its sentinel, its child's record, its target). Error if the
@@ -308,13 +306,21 @@ private:
     /// for `op` as sentinel() says, and when no descriptor is left for it.
     detail::UniqueFd sentinel_copy(const char* op) const {
         const auto lock = hold(op);
-        if (pid_ == 0) throw Error(std::string(op) + ": process " + name_ + " was never started");
-        if (!sentinel_)
-            throw Error(std::string(op) + ": process " + name_ +
-                        " has no sentinel: this kernel has no pidfd (Linux 5.3)");
-        detail::UniqueFd copy(::fcntl(sentinel_.get(), F_DUPFD_CLOEXEC, 0));
+        (void)sentinel_locked();
+        detail::UniqueFd copy = copy_sentinel_locked();
         if (!copy) detail::throw_errno(std::string(op) + ": a descriptor to watch process " + name_);
         return copy;
+    }
+    /// sentinel()'s descriptor, or its error (lock held).
+    int sentinel_locked() const {
+        if (pid_ == 0) throw Error("process " + name_ + " has no sentinel: it was never started");
+        if (!sentinel_) throw Error("process " + name_ + " has no sentinel: this kernel has no pidfd (Linux 5.3)");
+        return sentinel_.get();
+    }
+    /// A duplicate of the sentinel (close-on-exec), or none: no sentinel, or no descriptor left
+    /// (lock held).
+    detail::UniqueFd copy_sentinel_locked() const {
+        return detail::UniqueFd(sentinel_ ? ::fcntl(sentinel_.get(), F_DUPFD_CLOEXEC, 0) : -1);
     }
 
     /// Error unless this is the process that made the Process and it is not closed.
