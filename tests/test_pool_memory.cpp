@@ -66,10 +66,10 @@ struct NoMemory {
     NoMemory& operator=(const NoMemory&) = delete;
 };
 
-/// The next allocation the calling thread makes sleeps for slow_allocation first (set here, and
-/// taken by that allocation), and sets `slowed` as it starts to: a window that allocation is in
-/// stays open long enough for another thread to be there.
-thread_local bool slow_next = false;
+/// The slow_countdown-th allocation the calling thread makes from now (1: the next) sleeps for
+/// slow_allocation first, and sets `slowed` as it starts to: a window that allocation is in stays
+/// open long enough for another thread to be there. 0: none.
+thread_local long slow_countdown = 0;
 std::atomic<bool> slowed{false};
 constexpr auto slow_allocation = 500ms;
 
@@ -104,8 +104,7 @@ long killed_or_square(long x) { return x < 0 ? killed(x) : x * x; }
 // nothrow ones would otherwise be the sanitizers' own, whose memory this operator delete would
 // free): all are malloc and free. The over-aligned forms are left as they are.
 void* operator new(std::size_t n) {
-    if (slow_next) {
-        slow_next = false;
+    if (slow_countdown > 0 && --slow_countdown == 0) {
         slowed = true;
         std::this_thread::sleep_for(slow_allocation);
     }
@@ -737,9 +736,9 @@ struct LastHandleGoing {
         queue.put(*block);
         slowed = false;
         dropper = std::thread([this] {
-            slow_next = true;
+            slow_countdown = 1;
             block.reset();  // the last handle here: the decision's allocation is slow
-            slow_next = false;
+            slow_countdown = 0;
         });
     }
     ~LastHandleGoing() {
@@ -862,4 +861,58 @@ TEST_CASE(
     REQUIRE(ended);
     CHECK(child.exitcode() == 0);
     CHECK(LastHandleGoing::is_the_block(going.queue.get(mproc::Seconds{60})));  // and here, the second item
+}
+
+TEST_CASE("a child forked while another thread's sweep lets go of several segments lets go of them too",
+          "[memory][threads]") {
+    // A sweep moved what it let go of out of the registry into a vector on its own stack, and ran
+    // their deleters from there, outside the registry's lock: a child forked meanwhile copied the
+    // vector's rest, held by a thread the child does not have, and kept those segments mapped for
+    // good. Each of the sweep's allocations is made slow in turn, and a child forked in it. Found
+    // by a review.
+    Watchdog dog(280s, "children forked beside a sweep");
+    mproc::SharedDict<std::string, mproc::Queue<mproc::SharedMemory>> holder;
+    const std::size_t base = mproc::detail::segments().mapped_count();
+    long forked = 0;  // children forked while the sweep was in a slow allocation
+    for (long nth = 1;; ++nth) {
+        INFO("allocation " << nth << " of the sweep is slow");
+        {
+            mproc::Queue<mproc::SharedMemory> items;
+            items.put(mproc::SharedMemory(32 * 1024));  // a segment of its own
+            items.put(mproc::SharedMemory(32 * 1024));  // a segment of its own
+            holder.set("q", items);
+        }  // the queue and both blocks: kept here, as the dict refers to the queue and it to them
+        mproc::Process eraser([&holder] { holder.erase("q"); });
+        eraser.start();
+        eraser.join();
+        REQUIRE(eraser.exitcode() == 0);
+        REQUIRE(mproc::detail::segments().mapped_count() == base + 3);  // the next sweep lets go of all three
+
+        slowed = false;
+        std::atomic<bool> swept{false};
+        std::thread sweeper([&] {
+            slow_countdown = nth;
+            mproc::detail::segments().sweep();
+            slow_countdown = 0;
+            swept = true;
+        });
+        while (!slowed && !swept) std::this_thread::sleep_for(1ms);
+        std::optional<mproc::Process> child;
+        if (slowed) {
+            child.emplace([base] {
+                mproc::detail::segments().sweep();
+                if (mproc::detail::segments().mapped_count() != base) std::_Exit(3);
+            });
+            child->start();
+            ++forked;
+        }
+        sweeper.join();
+        CHECK(mproc::detail::segments().mapped_count() == base);
+        if (!child) break;  // the sweep made fewer than nth allocations
+        const bool ended = child->join(60s);
+        if (!ended) child->kill();
+        REQUIRE(ended);
+        CHECK(child->exitcode() == 0);
+    }
+    CHECK(forked > 0);
 }

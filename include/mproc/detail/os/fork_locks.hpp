@@ -2,10 +2,11 @@
 //
 // fork() copies only the calling thread. A mutex that another thread of the parent held at that
 // instant stays locked in the child forever, and so does the data it was guarding, half-updated.
-// mproc's process-local mutexes are used by children too: the shared-object registry's (every
-// handle decoded, created or dropped), the small-object allocator's, the one a Connection's turns
-// are made afresh under in a child (end_turns.hpp), and the one a ChildGuard changes its handlers
-// under (guard_state.hpp: a child must not copy them half-changed). A Pool forks its fork
+// mproc's process-local mutexes are used by children too: the shared-object registry's two (one
+// for every handle decoded, created or dropped; one held while it lets go of segments, so that a
+// child never copies a segment half let go), the small-object allocator's, the one a
+// Connection's turns are made afresh under in a child (end_turns.hpp), and the one a ChildGuard
+// changes its handlers under (guard_state.hpp: a child must not copy them half-changed). A Pool forks its fork
 // server from the constructing thread, and a Process from the caller's, while other threads of the
 // program may be creating or decoding handles.
 //
@@ -28,11 +29,12 @@ namespace mproc::detail {
 
 /// The order in which the locks are taken around a fork: lower first.
 enum class ForkLockRank : std::size_t {
-    small_objects = 0,  // SharedRef's small-object allocator; calls into the registry when locked
-    registry = 1,       // segments(), the shared-object registry
-    connection_turns = 2,  // EndTurns::renewal(), held alone while a Connection's turns are made afresh
-    guard = 3,             // guard_transition(), held alone while a ChildGuard installs or puts back its handlers
-    count = 4,
+    small_objects = 0,     // SharedRef's small-object allocator; calls into the registry when locked
+    registry_release = 1,  // the registry's, held while it lets go of segments; takes the registry's inside
+    registry = 2,          // segments(), the shared-object registry
+    connection_turns = 3,  // EndTurns::renewal(), held alone while a Connection's turns are made afresh
+    guard = 4,             // guard_transition(), held alone while a ChildGuard installs or puts back its handlers
+    count = 5,
 };
 
 class ForkLocks {

@@ -37,6 +37,10 @@
 //
 // The registry is guarded by a std::mutex, which every fork takes first (fork_locks.hpp): a child
 // forked while another thread of its parent was using the registry gets it unlocked and whole.
+// Letting go of segments runs outside that mutex (a segment's deleter takes it), under a second
+// one that every fork also takes (Releasing): a child never copies a segment half let go, held
+// for a moment by a thread of the parent's that the child does not have, which would keep it
+// mapped there for good.
 #pragma once
 
 #include <algorithm>
@@ -109,6 +113,7 @@ using SegmentPtr = std::shared_ptr<Segment>;
 class SegmentRegistry {
 public:
     SegmentRegistry() noexcept {
+        ForkLocks::add(ForkLockRank::registry_release, release_mutex_);
         ForkLocks::add(ForkLockRank::registry, mutex_);
         // After ForkLocks' own handlers (registered first, so run first in the child): the
         // registry's mutex is free there.
@@ -209,6 +214,7 @@ public:
 
     /// Drops the registry's own hold on an adopted segment; handles keep theirs.
     void release_adopted(std::uint64_t id) {
+        Releasing releasing(*this);
         SegmentPtr dropped;  // destroyed after the mutex is released
         std::lock_guard guard(mutex_);
         if (auto it = adopted_.find(id); it != adopted_.end()) {
@@ -266,6 +272,9 @@ private:
             }
         } finish{this};
         for (;;) {
+            // From the moment what it lets go of leaves retained_ until its deleters have run, no
+            // fork: a child would copy `drop` on a stack it never unwinds.
+            Releasing releasing(*this);
             std::vector<SegmentPtr> drop;
             {
                 std::lock_guard guard(mutex_);
@@ -334,16 +343,43 @@ private:
             return;
         }
         {
-            std::lock_guard guard(mutex_);
-            auto it = live_.find(s->id());
-            if (it != live_.end() && it->second.owner.expired()) live_.erase(it);
-            if (s->container_) std::erase(containers_, s);
-            ++changes_;
-            settled_.notify_all();
+            Releasing releasing(*this);  // no child copies it unregistered but still mapped
+            {
+                std::lock_guard guard(mutex_);
+                auto it = live_.find(s->id());
+                if (it != live_.end() && it->second.owner.expired()) live_.erase(it);
+                if (s->container_) std::erase(containers_, s);
+                ++changes_;
+                settled_.notify_all();
+            }
+            delete s;
         }
-        delete s;
         sweep();  // what only this segment's container referred to may go now
     }
+    /// Holds release_mutex_ on this thread while the registry lets go of segments (once, however
+    /// deeply their deleters nest). Every fork takes it first (fork_locks.hpp), so a child never
+    /// copies a segment that a thread of the parent's was letting go of outside the registry's
+    /// mutex: out of retained_ but still held by the sweep's `drop`, out of adopted_ but still held
+    /// by release_adopted, or unregistered but not yet unmapped. It comes before the registry's
+    /// mutex, and nothing that holds that mutex lets go of a segment.
+    class Releasing {
+    public:
+        explicit Releasing(SegmentRegistry& registry) : registry_(registry) {
+            if (depth()++ == 0) registry_.release_mutex_.lock();
+        }
+        ~Releasing() {
+            if (--depth() == 0) registry_.release_mutex_.unlock();
+        }
+        Releasing(const Releasing&) = delete;
+        Releasing& operator=(const Releasing&) = delete;
+
+    private:
+        static int& depth() noexcept {
+            thread_local int held = 0;
+            return held;
+        }
+        SegmentRegistry& registry_;
+    };
     /// The segment whose last handle this thread is letting go of (its find() does not wait).
     static Segment*& letting_go() noexcept {
         thread_local Segment* going = nullptr;
@@ -464,6 +500,7 @@ private:
         return sweeping_here() && std::find(condemned_.begin(), condemned_.end(), id) != condemned_.end();
     }
 
+    std::mutex release_mutex_;  // Releasing: held while segments are let go of, taken by every fork
     std::mutex mutex_;
     std::condition_variable settled_;  // an expired entry of live_ was replaced or erased
     struct LiveEntry {
