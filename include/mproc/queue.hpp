@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "detail/os/clock.hpp"
+#include "detail/os/memory_use.hpp"
 #include "detail/shm/byte_queue.hpp"
 #include "detail/shm/queue_ring.hpp"
 #include "detail/shm/shared_object.hpp"
@@ -246,6 +247,8 @@ private:
             // that one's memory.
             if (value.capacity() > 2 * elements + (std::size_t{1} << 20) / element) T().swap(value);
             value.reserve(elements);
+            // A large value is a fresh allocation that the copy below writes whole.
+            detail::advise_huge_pages(value.data(), value.capacity() * element);
         }
         static void accept(std::span<const std::byte>) noexcept {}  // one it does not take: decoded after
         detail::ItemPlace place() noexcept {
