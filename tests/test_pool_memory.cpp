@@ -890,7 +890,7 @@ TEST_CASE("a child forked while another thread's sweep lets go of several segmen
 
         slowed = false;
         std::atomic<bool> swept{false};
-        std::thread sweeper([&] {
+        std::jthread sweeper([&] {  // joined however the round ends
             slow_countdown = nth;
             mproc::detail::segments().sweep();
             slow_countdown = 0;

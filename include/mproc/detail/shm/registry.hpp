@@ -162,10 +162,13 @@ public:
     /// Id and memfd of every live segment created after `generation`. The fds stay owned here.
     std::vector<std::pair<std::uint64_t, int>> segments_since(std::uint64_t generation) {
         std::vector<std::pair<std::uint64_t, int>> found;
+        std::vector<SegmentPtr> held;  // let go of after the mutex: one may be the last handle
         std::lock_guard guard(mutex_);
         for (const auto& [id, entry] : live_)
-            if (SegmentPtr segment = entry.owner.lock(); segment && segment->generation() > generation)
+            if (SegmentPtr segment = entry.owner.lock(); segment && segment->generation() > generation) {
                 found.emplace_back(id, segment->fd());
+                held.push_back(std::move(segment));
+            }
         return found;
     }
 
@@ -178,12 +181,15 @@ public:
             return;
         }
         SharedMemory memory = SharedMemory::open(std::move(fd));
+        SegmentPtr raced;  // let go of after the mutex, should the emplace throw
         std::lock_guard guard(mutex_);
-        if (auto it = live_.find(id); it != live_.end())
-            if (SegmentPtr raced = it->second.owner.lock()) {
+        if (auto it = live_.find(id); it != live_.end()) {
+            raced = it->second.owner.lock();
+            if (raced) {
                 adopted_.emplace(id, std::move(raced));
                 return;
             }
+        }
         // The entry first: a failure to make it (no memory) comes before the segment exists,
         // whose last owner, gone under this lock, would take it again (see register_locked).
         const auto [entry, inserted] = adopted_.try_emplace(id);
@@ -325,6 +331,9 @@ private:
     /// stay, dropping that owner comes back here and lets go of it (so does a failure to allocate
     /// the owner or the record).
     void last_handle_gone(Segment* s) noexcept {
+        // Both passes: the first one's owner, kept in retained_, has a copy on this stack until
+        // it returns, and the second one unregisters the segment before it unmaps it.
+        Releasing releasing(*this);
         Segment*& going = letting_go();
         if (going != s) {
             going = s;
@@ -343,29 +352,29 @@ private:
             return;
         }
         {
-            Releasing releasing(*this);  // no child copies it unregistered but still mapped
-            {
-                std::lock_guard guard(mutex_);
-                auto it = live_.find(s->id());
-                if (it != live_.end() && it->second.owner.expired()) live_.erase(it);
-                if (s->container_) std::erase(containers_, s);
-                ++changes_;
-                settled_.notify_all();
-            }
-            delete s;
+            std::lock_guard guard(mutex_);
+            auto it = live_.find(s->id());
+            if (it != live_.end() && it->second.owner.expired()) live_.erase(it);
+            if (s->container_) std::erase(containers_, s);
+            ++changes_;
+            settled_.notify_all();
         }
+        delete s;
         sweep();  // what only this segment's container referred to may go now
     }
     /// Holds release_mutex_ on this thread while the registry lets go of segments (once, however
     /// deeply their deleters nest). Every fork takes it first (fork_locks.hpp), so a child never
     /// copies a segment that a thread of the parent's was letting go of outside the registry's
     /// mutex: out of retained_ but still held by the sweep's `drop`, out of adopted_ but still held
-    /// by release_adopted, or unregistered but not yet unmapped. It comes before the registry's
-    /// mutex, and nothing that holds that mutex lets go of a segment.
+    /// by release_adopted, kept but with a second owner on last_handle_gone's stack, or
+    /// unregistered but not yet unmapped. It comes before the registry's mutex: nothing that holds
+    /// that mutex lets go of a segment (a last handle's deleter takes both), and no thread that
+    /// holds it waits in find() for a decision, which takes it.
     class Releasing {
     public:
         explicit Releasing(SegmentRegistry& registry) : registry_(registry) {
-            if (depth()++ == 0) registry_.release_mutex_.lock();
+            if (depth() == 0) registry_.release_mutex_.lock();
+            ++depth();
         }
         ~Releasing() {
             if (--depth() == 0) registry_.release_mutex_.unlock();
