@@ -1112,7 +1112,14 @@ private:
         {
             std::lock_guard lock(mutex_);
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
-            const std::uint32_t item = status.item.load(std::memory_order_relaxed);
+            const TaskPhase phase = status.current_phase();
+            // A worker that died reading a task's frame (one it had no memory for, say) died of
+            // the first task it had not finished, before any item of it: its first item still to
+            // run is blamed, so that a task that cannot reach a worker fails rather than going to
+            // one fresh worker after another for ever.
+            const bool receiving = phase == TaskPhase::receiving && !s.inflight.empty();
+            const std::uint32_t item = receiving ? first_unskipped(s.inflight.front())
+                                                 : status.item.load(std::memory_order_relaxed);
             const WorkerExit why = status.left_because();
             const bool killed_for_another = s.timed_out &&
                                             (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
@@ -1122,9 +1129,8 @@ private:
             // wrong), or to stop a cancelled call (whose tasks settle as cancelled); or the item
             // already failed (a worker that died before the first item it ran).
             const bool blame = !s.inflight.empty() && !s.stalled && !s.watchdog_killed && !killed_for_another &&
-                               !s.cancel_killed && !s.inflight.front().sink->cancelled() &&
-                               status.current_phase() != TaskPhase::idle &&
-                               status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id &&
+                               !s.cancel_killed && !s.inflight.front().sink->cancelled() && phase != TaskPhase::idle &&
+                               (receiving || status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) &&
                                !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(),
                                                    item);
             if (blame) {
@@ -1226,6 +1232,15 @@ private:
 
     /// The error of an item whose worker was lost: MemoryLimitExceeded when the worker went past
     /// memory_limit, WorkerLost otherwise.
+    /// The first item of `t` not skipped (its count when every one is).
+    static std::uint32_t first_unskipped(const Task& t) noexcept {
+        std::uint32_t item = 0;
+        for (const std::uint32_t skipped : t.skips) {  // sorted
+            if (skipped != item) break;
+            ++item;
+        }
+        return item;
+    }
     std::exception_ptr lost_worker_error(const std::string& what, pid_t pid, int wait_status, WorkerExit why) const {
         if (why == WorkerExit::memory_limit)
             return std::make_exception_ptr(MemoryLimitExceeded(what + " went past the memory_limit of " +

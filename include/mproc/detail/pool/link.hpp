@@ -30,6 +30,9 @@ enum class TaskPhase : std::uint32_t {
     idle = 0,        // between tasks: the next one (if any) is not taken yet
     running = 1,     // running items: task_timeout counts from started_ns
     delivering = 2,  // every item has run; the result frame is on its way (not charged to the task)
+    receiving = 3,   // reading the next task's frame from the socket (one too large for the ring):
+                     // a worker that dies here (out of memory for it) dies of that task, the first
+                     // of those it has not finished
 };
 
 /// The signal the pool sends a worker running a task it cancelled (see worker.hpp). A real-time

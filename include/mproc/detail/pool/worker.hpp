@@ -250,9 +250,14 @@ inline int worker_main(SeatLink link, const WorkerConfig& config) {
         std::span<const std::byte> body = record->payload;
         const bool on_socket = record->kind == SpscRing::socket;
         if (on_socket) {
+            // The frame's room is made as it comes: a worker that cannot hold it dies of its task.
+            link.status.enter(TaskPhase::receiving);
             while (!socket_in.buffered_frame()) {
                 const ssize_t got = socket_in.fill(link.socket.get(), false, &descriptors);
-                if (got <= 0) return 0;
+                if (got <= 0) {
+                    link.status.enter(TaskPhase::idle);  // the pool is done with us: no task's fault
+                    return 0;
+                }
             }
             body = *socket_in.buffered_frame();
         }
