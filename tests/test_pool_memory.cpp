@@ -58,6 +58,10 @@ bool collector_failure_fired() noexcept {
 /// Every allocation the calling thread makes from now on fails (a process out of memory).
 thread_local bool fail_every = false;
 
+/// >0: every allocation of at least that many bytes made by a thread the test did not mark (see
+/// engine_countdown) fails: the pool's process has no room for a large result.
+std::atomic<std::size_t> engine_fails_from{0};
+
 /// fail_every for its lifetime: a check that fails meanwhile still leaves allocations working.
 struct NoMemory {
     NoMemory() noexcept { fail_every = true; }
@@ -74,8 +78,11 @@ std::atomic<bool> slowed{false};
 constexpr auto slow_allocation = 500ms;
 
 /// Whether this allocation is the one to fail.
-bool fails_now() noexcept {
+bool fails_now(std::size_t n) noexcept {
     if (fail_every) return true;
+    if (const std::size_t from = engine_fails_from.load(std::memory_order_relaxed);
+        from != 0 && n >= from && !test_thread)
+        return true;
     if (fail_countdown > 0 && --fail_countdown == 0) return true;
     return !test_thread && engine_countdown.load(std::memory_order_relaxed) > 0 &&
            engine_countdown.fetch_sub(1, std::memory_order_relaxed) == 1;
@@ -108,7 +115,7 @@ void* operator new(std::size_t n) {
         slowed = true;
         std::this_thread::sleep_for(slow_allocation);
     }
-    if (fails_now()) throw std::bad_alloc();
+    if (fails_now(n)) throw std::bad_alloc();
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
     throw std::bad_alloc();
 }
@@ -915,4 +922,26 @@ TEST_CASE("a child forked while another thread's sweep lets go of several segmen
         CHECK(child->exitcode() == 0);
     }
     CHECK(forked > 0);
+}
+
+TEST_CASE("A result the pool's process has no memory for fails its call; the pool goes on", "[memory]") {
+    // The collector's room for a large result frame could not grow: the std::bad_alloc broke the
+    // whole pool, every later call failing with "the pool's collector failed" (found by an audit).
+    // Now the worker sending it is replaced and that call alone fails.
+    Watchdog dog(120s, "a result with no room for it");
+    test_thread = true;
+    mproc::Pool pool(mproc::PoolOptions{.processes = 1});
+    const auto big = [](long mib) { return std::string(static_cast<std::size_t>(mib) << 20, 'r'); };
+    CHECK(pool.apply(big, 1L).size() == std::size_t{1} << 20);
+    engine_fails_from = std::size_t{16} << 20;
+    try {
+        (void)pool.apply(big, 64L);
+        FAIL("expected WorkerLost");
+    } catch (const mproc::WorkerLost& e) {
+        CHECK(std::string(e.what()).find("could not be received: no memory for it") != std::string::npos);
+    }
+    CHECK(pool.apply(big, 1L).size() == std::size_t{1} << 20);  // the pool goes on
+    engine_fails_from = 0;
+    CHECK(pool.apply(big, 64L).size() == std::size_t{64} << 20);
+    CHECK(pool.stats().workers[0].restarts.total() >= 1);
 }

@@ -185,6 +185,9 @@ private:
         unsigned long assigned = 0;  // tasks given to the current worker
         bool saw_hello = false;
         bool eof = false;  // the worker's end is closed; its exit report is on the way
+        // No memory here for a result the worker was sending (`in` could not grow): the worker was
+        // killed, and the task whose result it was fails for that (worker_exited).
+        bool result_unreceived = false;
         std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
         bool stalled = false;  // killed for leaving queued tasks untaken past task_timeout
         bool watchdog_killed = false;  // killed by the stall_timeout watchdog (its tasks already failed)
@@ -648,6 +651,7 @@ private:
         s.assigned = 0;
         s.saw_hello = false;
         s.eof = false;
+        s.result_unreceived = false;
         s.timed_out.reset();
         s.stalled = false;
         s.watchdog_killed = false;
@@ -923,7 +927,17 @@ private:
     void fill_from_socket(Seat& s) {
         if (!s.channel || s.eof) return;
         for (;;) {
-            const ssize_t got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
+            ssize_t got = 0;
+            try {
+                got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
+            } catch (const std::bad_alloc&) {
+                // No room here for the result on its way: its worker goes, and its task fails for
+                // that (worker_exited), not the whole pool. What came before it is delivered.
+                s.eof = true;
+                s.result_unreceived = true;
+                if (s.pid > 0) server_.kill(s.index, s.pid, SIGKILL);
+                return;
+            }
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) s.eof = true;
             if (got <= 0) return;
         }
@@ -1102,6 +1116,9 @@ private:
     void worker_exited(Seat& s, pid_t pid, int wait_status) {
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
+        // A result this process had no room for: how large it is, and the room it took goes.
+        const std::size_t unreceived_bytes = s.result_unreceived ? s.in.size() + s.in.bytes_wanted() : 0;
+        if (s.result_unreceived) s.in = FrameReader();
         // Every task this function takes out of the seat is held where an exception (no memory)
         // cannot lose it: a lost item is skipped in its task before its failure is delivered, so
         // its stand-in in `lost` settles the call if that never happens.
@@ -1148,6 +1165,9 @@ private:
                         ++retried_;
                     } else {
                         std::string what = t.describe(item);
+                        if (s.result_unreceived)
+                            what += "'s result (a frame of " + std::to_string(unreceived_bytes) +
+                                    " bytes) could not be received: no memory for it in the pool's process; it was";
                         if (retries != 0)
                             what += " (attempt " + std::to_string(attempts) + " of " + std::to_string(retries + 1) +
                                     ")";
