@@ -433,6 +433,37 @@ TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps 
     });
 }
 
+TEST_CASE("a fork server that cannot receive a worker's channel starts no worker without one, and recovers") {
+    // At its descriptor limit the fork server got the spawn request with the channel dropped
+    // (MSG_CTRUNC), and started the worker anyway, on no channel: a task too large for the ring
+    // reached it by the channel it did not have, and failed (before that fix, went to one such
+    // worker after another for ever). Found by an audit.
+    Watchdog dog(180s, "the fork server at its descriptor limit");
+    if (skip_under_thread_sanitizer()) return;
+    in_child([] {
+        mproc::Pool pool(1);
+        const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 1);
+        const std::vector<pid_t> server = mproc::active_children();
+        expect(server.size() == 1, "one fork server");
+        rlimit old{};
+        expect(::prlimit(server[0], RLIMIT_NOFILE, nullptr, &old) == 0, "prlimit");
+        rlimit none = old;
+        none.rlim_cur = 3;  // the server can receive no descriptor
+        expect(::prlimit(server[0], RLIMIT_NOFILE, &none, nullptr) == 0, "prlimit");
+        ::kill(workers[0], SIGKILL);
+        std::this_thread::sleep_for(300ms);  // replacements asked for meanwhile
+        const auto length = [](const std::string& s) { return s.size(); };
+        auto big = pool.apply_async(length, std::tuple{std::string(std::size_t{4} << 20, 'x')});
+        std::this_thread::sleep_for(300ms);
+        const unsigned restarts = pool.stats().workers[0].restarts.total();
+        expect(::prlimit(server[0], RLIMIT_NOFILE, &old, nullptr) == 0, "prlimit");
+        expect(restarts == 1, "no worker started without its channel (" + std::to_string(restarts) + " restarts)");
+        expect(big.wait(60s), "the large task to run once a worker could start");
+        expect(big.get() == std::size_t{4} << 20, "the large task's result");
+        expect(pool.apply(square, 7) == 49, "a task after the recovery");
+    });
+}
+
 TEST_CASE("a Pool constructor that fails (descriptor limit) throws mproc::Error and leaves no process, no descriptor") {
     Watchdog dog(180s, "constructors at the descriptor limit");
     if (skip_when_sanitized()) return;

@@ -10,7 +10,8 @@
 //   pool -> server: spawn{seat} + the worker's end of its channel (SCM_RIGHTS);
 //                   kill{seat, pid, signal}; terminate{} (SIGKILL every worker, reap, exit).
 //   server -> pool: spawned{seat, pid}; exited{seat, pid, wait status};
-//                   spawn_failed{seat, errno} (fork itself failed: no worker was born).
+//                   spawn_failed{seat, errno} (fork itself failed, or the channel did not come:
+//                   no worker was born).
 // End of stream on the control socket means "no more workers": the server waits for the ones it
 // has (they end when the pool shuts their channels) — `exit_grace` at most: a worker still there
 // then (stopped, or stuck in code of its own) is killed — reaps them and exits.
@@ -297,6 +298,15 @@ private:
             switch (m.op) {
                 case ControlMessage::spawn: {
                     const int seat = m.seat;
+                    if (!channel) {
+                        // The worker's channel did not come with the request (the kernel dropped
+                        // it: this process is at its descriptor limit). A worker without one
+                        // could take no task too large for its ring: none is born, and the pool
+                        // tries again, as after a failed fork.
+                        ControlMessage r{ControlMessage::spawn_failed, seat, 0, EMFILE};
+                        send_with_fd(control, &r, sizeof r);
+                        break;
+                    }
                     const int channel_fd = channel.get();
                     pid_t pid = 0;
                     try {
