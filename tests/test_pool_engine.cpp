@@ -8,12 +8,14 @@
 #include <mproc/process.hpp>
 #include <mproc/sync.hpp>
 
+#include <cstring>
 #include <dirent.h>
 #include <grp.h>
 #include <numeric>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <thread>
 #include <utility>
 
@@ -430,6 +432,66 @@ TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps 
         expect(!waiting.ready(), "no worker to run it yet");
         expect(::prlimit(solo_server, RLIMIT_NPROC, &old, nullptr) == 0, "prlimit");
         expect(waiting.wait(60s) && waiting.get() == 25, "the task to run once a worker could start");
+    });
+}
+
+TEST_CASE("a worker's channel the kernel will not pass now (ETOOMANYREFS) is not a dead fork server") {
+    // A user whose descriptors in flight exceed its RLIMIT_NOFILE cannot send one more
+    // (ETOOMANYREFS): the spawn request for a replacement failed, the pool took its fork server
+    // for gone and broke for good, every later call failing. Now the replacement is tried again
+    // later. (Root is exempt: the child becomes user nobody.) Found by an audit.
+    Watchdog dog(180s, "a channel refused");
+    if (skip_under_thread_sanitizer()) return;
+    if (::geteuid() != 0) {
+        SUCCEED("skipped: needs root, to run its child as another user");
+        return;
+    }
+    in_child([] {
+        expect(::setresgid(65534, 65534, 65534) == 0 && ::setresuid(65534, 65534, 65534) == 0, "become nobody");
+        mproc::Pool pool(2);
+        const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
+        // 400 descriptors in flight (sent, never received), then a limit below that.
+        int flood[2];
+        expect(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, flood) == 0, "socketpair");
+        for (int sent = 0; sent < 400; sent += 100) {
+            int fds[100];
+            for (int& fd : fds) fd = ::dup(flood[1]);
+            char byte = 'x';
+            iovec iov{&byte, 1};
+            alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
+            msghdr m{};
+            m.msg_iov = &iov;
+            m.msg_iovlen = 1;
+            m.msg_control = control;
+            m.msg_controllen = sizeof control;
+            cmsghdr* c = CMSG_FIRSTHDR(&m);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof fds);
+            std::memcpy(CMSG_DATA(c), fds, sizeof fds);
+            expect(::sendmsg(flood[0], &m, 0) == 1, "descriptors in flight");
+            for (int fd : fds) ::close(fd);
+        }
+        rlimit old{};
+        expect(::getrlimit(RLIMIT_NOFILE, &old) == 0, "getrlimit");
+        rlimit low = old;
+        low.rlim_cur = 256;
+        expect(::setrlimit(RLIMIT_NOFILE, &low) == 0, "setrlimit");
+        ::kill(workers[0], SIGKILL);
+        for (int i = 0; i < 50; ++i) expect(pool.apply(square, i) == i * i, "a task on the remaining worker");
+        std::this_thread::sleep_for(300ms);  // replacements refused meanwhile
+        for (int i = 0; i < 20; ++i) expect(pool.apply(square, i) == i * i, "a task after refused replacements");
+        expect(::setrlimit(RLIMIT_NOFILE, &old) == 0, "setrlimit");
+        ::close(flood[0]);
+        ::close(flood[1]);
+        const auto deadline = std::chrono::steady_clock::now() + 60s;
+        while (pool.worker_pids().size() != 2) {
+            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
+            std::this_thread::sleep_for(10ms);
+        }
+        std::vector<int> xs(100);
+        std::iota(xs.begin(), xs.end(), 0);
+        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
     });
 }
 

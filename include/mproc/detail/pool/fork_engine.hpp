@@ -634,9 +634,16 @@ private:
         UniqueFd ours(fds[0]);
         UniqueFd theirs(fds[1]);
         link_.reset_seat(static_cast<unsigned>(s.index));
-        if (!server_.spawn(s.index, theirs)) {
-            break_pool_locked("the pool's fork server (pid " + std::to_string(server_.pid()) + ") is gone");
-            s.respawn_error = broken_reason_;
+        if (const int error = server_.spawn(s.index, theirs); error != 0) {
+            if (error == EPIPE || error == ECONNRESET || error == ENOTCONN) {
+                break_pool_locked("the pool's fork server (pid " + std::to_string(server_.pid()) + ") is gone");
+                s.respawn_error = broken_reason_;
+            } else {  // the server is there; the kernel would not pass the channel now (ETOOMANYREFS, say)
+                char text[256];
+                schedule_respawn_locked(s,
+                                        std::string("cannot start a worker: sending its channel to the fork server: ") +
+                                            ::strerror_r(error, text, sizeof text));
+            }
             return false;
         }
         s.channel = std::move(ours);

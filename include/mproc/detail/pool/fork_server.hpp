@@ -94,10 +94,14 @@ public:
     ForkServer(ForkServer&&) noexcept = default;
     ForkServer& operator=(ForkServer&&) noexcept = default;
 
-    /// Asks for a worker on `seat` that talks over `channel` (the worker's end).
-    bool spawn(int seat, const UniqueFd& channel) {
+    /// Asks for a worker on `seat` that talks over `channel` (the worker's end). Returns 0, or
+    /// the errno of a request not sent: EPIPE and the like when the server is gone; ETOOMANYREFS,
+    /// ENOBUFS, ENOMEM when the kernel would not take the descriptor now (the server is there).
+    int spawn(int seat, const UniqueFd& channel) {
         ControlMessage m{ControlMessage::spawn, seat, 0, 0};
-        return send_with_fd(control_.get(), &m, sizeof m, channel.get());
+        const ssize_t sent = send_some_with_fd(control_.get(), &m, sizeof m, channel.get());
+        if (sent == static_cast<ssize_t>(sizeof m)) return 0;
+        return sent < 0 ? errno : EPIPE;
     }
     bool kill(int seat, pid_t pid, int sig) {
         ControlMessage m{ControlMessage::kill, seat, pid, sig};
