@@ -927,21 +927,39 @@ TEST_CASE("a child forked while another thread's sweep lets go of several segmen
 TEST_CASE("A result the pool's process has no memory for fails its call; the pool goes on", "[memory]") {
     // The collector's room for a large result frame could not grow: the std::bad_alloc broke the
     // whole pool, every later call failing with "the pool's collector failed" (found by an audit).
-    // Now the worker sending it is replaced and that call alone fails.
-    Watchdog dog(120s, "a result with no room for it");
+    // Now the worker sending it is replaced and that call alone fails: its whole task, once.
+    Watchdog dog(180s, "a result with no room for it");
     test_thread = true;
-    mproc::Pool pool(mproc::PoolOptions{.processes = 1});
-    const auto big = [](long mib) { return std::string(static_cast<std::size_t>(mib) << 20, 'r'); };
-    CHECK(pool.apply(big, 1L).size() == std::size_t{1} << 20);
-    engine_fails_from = std::size_t{16} << 20;
-    try {
-        (void)pool.apply(big, 64L);
-        FAIL("expected WorkerLost");
-    } catch (const mproc::WorkerLost& e) {
-        CHECK(std::string(e.what()).find("could not be received: no memory for it") != std::string::npos);
+    const auto big = [](long kib) { return std::string(static_cast<std::size_t>(kib) << 10, 'r'); };
+    {
+        mproc::Pool pool(mproc::PoolOptions{.processes = 1});
+        CHECK(pool.apply(big, 1024L).size() == std::size_t{1} << 20);
+        engine_fails_from = std::size_t{16} << 20;
+        try {
+            (void)pool.apply(big, 64L << 10);
+            FAIL("expected WorkerLost");
+        } catch (const mproc::WorkerLost& e) {
+            CHECK(std::string(e.what()).find("could not be received, no memory for it") != std::string::npos);
+        }
+        CHECK(pool.apply(big, 1024L).size() == std::size_t{1} << 20);  // the pool goes on
+        // A chunk whose items fit alone but whose result does not: the whole chunk fails, at the
+        // cost of one worker (one item at a time, it cost a worker per item).
+        const unsigned before = pool.stats().workers[0].restarts.total();
+        auto chunk = pool.map_async(big, std::vector<long>{6 << 10, 6 << 10, 6 << 10, 6 << 10}, 4);
+        CHECK_THROWS_AS(chunk.get(mproc::Seconds{60}), mproc::WorkerLost);
+        CHECK(pool.apply(big, 1024L).size() == std::size_t{1} << 20);
+        CHECK(pool.stats().workers[0].restarts.total() == before + 1);
+        engine_fails_from = 0;
+        CHECK(pool.apply(big, 64L << 10).size() == std::size_t{64} << 20);
     }
-    CHECK(pool.apply(big, 1L).size() == std::size_t{1} << 20);  // the pool goes on
-    engine_fails_from = 0;
-    CHECK(pool.apply(big, 64L).size() == std::size_t{64} << 20);
-    CHECK(pool.stats().workers[0].restarts.total() >= 1);
+    {
+        // A worker so new that the pool does not know its pid yet when its result finds no room:
+        // it is killed once its pid is known (before, the call waited for ever).
+        mproc::Pool pool(mproc::PoolOptions{.processes = 1});
+        engine_fails_from = std::size_t{128} << 10;
+        auto result = pool.apply_async(big, std::tuple{100L});
+        CHECK_THROWS_AS(result.get(mproc::Seconds{60}), mproc::WorkerLost);
+        engine_fails_from = 0;
+        CHECK(pool.apply(big, 100L).size() == std::size_t{100} << 10);
+    }
 }

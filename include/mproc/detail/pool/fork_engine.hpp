@@ -939,7 +939,8 @@ private:
                 got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
             } catch (const std::bad_alloc&) {
                 // No room here for the result on its way: its worker goes, and its task fails for
-                // that (worker_exited), not the whole pool. What came before it is delivered.
+                // that (worker_exited), not the whole pool. What came before it is delivered. A
+                // worker whose pid is not known yet is killed once it is (learn_pid_locked).
                 s.eof = true;
                 s.result_unreceived = true;
                 if (s.pid > 0) server_.kill(s.index, s.pid, SIGKILL);
@@ -1034,6 +1035,7 @@ private:
         if (s.pid != 0 || pid <= 0) return;
         s.pid = pid;
         s.worker_since = monotonic_ns();
+        if (s.result_unreceived) server_.kill(s.index, pid, SIGKILL);  // owed since fill_from_socket
     }
 
     /// Spawned / exited reports. Returns false when the server is gone.
@@ -1133,8 +1135,16 @@ private:
         HeldTasks dropped(*this);  // tasks of cancelled calls: settled, not run again
         HeldTasks lost(*this, /*counted=*/false);
         std::exception_ptr lost_error;
+        // The task whose result this process had no room for: the first one the worker had not
+        // delivered, whatever it was doing when the kill landed. It fails whole, not run again.
+        HeldTasks unreceived(*this);
+        if (s.result_unreceived) unreceived.tasks.reserve(1);
         {
             std::lock_guard lock(mutex_);
+            if (s.result_unreceived && !s.inflight.empty()) {
+                unreceived.tasks.push_back(std::move(s.inflight.front()));
+                s.inflight.pop_front();
+            }
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const TaskPhase phase = status.current_phase();
             // A worker that died reading a task's frame (one it had no memory for, say) died of
@@ -1145,15 +1155,18 @@ private:
             const std::uint32_t item = receiving ? first_unskipped(s.inflight.front())
                                                  : status.item.load(std::memory_order_relaxed);
             const WorkerExit why = status.left_because();
+            // (A task still being received has not run: a timeout kill was for an earlier one.)
             const bool killed_for_another = s.timed_out &&
-                                            (s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
+                                            (receiving ||
+                                             s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
                                              s.timed_out->second != item);
             // Blame the item the worker was on — unless the pool killed it for stalling, for an
             // item that finished before the kill landed (the one it was on then did nothing
             // wrong), or to stop a cancelled call (whose tasks settle as cancelled); or the item
             // already failed (a worker that died before the first item it ran).
-            const bool blame = !s.inflight.empty() && !s.stalled && !s.watchdog_killed && !killed_for_another &&
-                               !s.cancel_killed && !s.inflight.front().sink->cancelled() && phase != TaskPhase::idle &&
+            const bool blame = !s.inflight.empty() && !s.result_unreceived && !s.stalled && !s.watchdog_killed &&
+                               !killed_for_another && !s.cancel_killed && !s.inflight.front().sink->cancelled() &&
+                               phase != TaskPhase::idle &&
                                (receiving || status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) &&
                                !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(),
                                                    item);
@@ -1172,9 +1185,6 @@ private:
                         ++retried_;
                     } else {
                         std::string what = t.describe(item);
-                        if (s.result_unreceived)
-                            what += "'s result (a frame of " + std::to_string(unreceived_bytes) +
-                                    " bytes) could not be received: no memory for it in the pool's process; it was";
                         if (retries != 0)
                             what += " (attempt " + std::to_string(attempts) + " of " + std::to_string(retries + 1) +
                                     ")";
@@ -1195,7 +1205,8 @@ private:
                     }
                 }
             }
-            if (!s.saw_hello && !s.timed_out && !s.stalled && !s.watchdog_killed) ++start_failures_;
+            if (!s.saw_hello && !s.timed_out && !s.stalled && !s.watchdog_killed && !s.result_unreceived)
+                ++start_failures_;
             record_restart_locked(s, wait_status, why);
             vacate_locked(s, dropped.tasks);
 
@@ -1208,6 +1219,21 @@ private:
             const bool wanted = state_ == State::open || state_ == State::closed ||
                                 (state_ == State::draining && outstanding_ > 0);
             if (wanted) spawn_locked(s);
+        }
+        if (!unreceived.tasks.empty()) {
+            const Task& t = unreceived.tasks.front();
+            std::exception_ptr error;
+            try {
+                std::string what = t.describe(first_unskipped(t));
+                if (t.count > 1) what += " (and every other item of its chunk of " + std::to_string(t.count) + ")";
+                error = lost_worker_error(what + ": its result (a frame of " + std::to_string(unreceived_bytes) +
+                                              " bytes) could not be received, no memory for it in the pool's "
+                                              "process; it was",
+                                          pid, wait_status, WorkerExit::none);
+            } catch (...) {
+                error = undelivered_;
+            }
+            unreceived.fail(error);
         }
         // Moved: this thread keeps no reference once the sink has published the failure.
         if (!lost.tasks.empty()) {
