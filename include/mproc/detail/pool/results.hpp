@@ -33,7 +33,6 @@
 #include "../os/clock.hpp"
 #include "../os/futex.hpp"
 #include "../os/io.hpp"
-#include "../os/memory_use.hpp"
 #include "../serialize/remote_exception.hpp"
 #include "engine.hpp"
 #include "wire.hpp"
@@ -472,13 +471,7 @@ public:
     ManyResult(std::size_t items, typename Core::Callback callback, typename Core::ErrorCallback error_callback,
                const PoolEngine* pool)
         : Core(items, std::move(callback), std::move(error_callback), pool), items_(items) {
-        if constexpr (!std::is_void_v<R>) {
-            values_.reserve(items);
-            // A large result is fresh memory that the results fill whole (std::vector<bool>
-            // packs its bits and has no data()).
-            if constexpr (!std::is_same_v<R, bool>)
-                advise_huge_pages(values_.data(), values_.capacity() * sizeof(stored_t<R>));
-        }
+        if constexpr (!std::is_void_v<R>) values_.reserve(items);
     }
 
     void store(std::size_t index, std::span<const std::byte> bytes) {
