@@ -63,6 +63,18 @@ void expect(bool ok, const std::string& what) {
     if (!ok) throw std::runtime_error("expectation failed: " + what);
 }
 
+/// Waits until `pool` has `workers` workers again, then checks that a map runs on them.
+void expect_recovered(mproc::Pool& pool, std::size_t workers) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (pool.worker_pids().size() != workers) {
+        expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
+        std::this_thread::sleep_for(10ms);
+    }
+    std::vector<int> xs(100);
+    std::iota(xs.begin(), xs.end(), 0);
+    expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+}
+
 /// Root is exempt from RLIMIT_NPROC: a test of that limit run as root becomes nobody first.
 void become_subject_to_nproc() {
     if (::geteuid() != 0) return;
@@ -378,14 +390,7 @@ TEST_CASE("a pool whose respawn cannot get descriptors keeps serving on the work
         for (int i = 0; i < 50; ++i) expect(pool.apply(square, i) == i * i, "a task on the remaining worker");
         for (int fd : hogs) ::close(fd);
         limit.restore();
-        const auto deadline = std::chrono::steady_clock::now() + 60s;
-        while (pool.worker_pids().size() != 2) {
-            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
-            std::this_thread::sleep_for(10ms);
-        }
-        std::vector<int> xs(100);
-        std::iota(xs.begin(), xs.end(), 0);
-        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+        expect_recovered(pool, 2);
     });
 }
 
@@ -408,14 +413,7 @@ TEST_CASE("a failed fork (RLIMIT_NPROC) is not a worker's death: the pool keeps 
         std::this_thread::sleep_for(300ms);  // several failed forks meanwhile
         for (int i = 0; i < 20; ++i) expect(pool.apply(square, i) == i * i, "a task after failed forks");
         expect(::prlimit(server[0], RLIMIT_NPROC, &old, nullptr) == 0, "prlimit");
-        const auto deadline = std::chrono::steady_clock::now() + 60s;
-        while (pool.worker_pids().size() != 2) {
-            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
-            std::this_thread::sleep_for(10ms);
-        }
-        std::vector<int> xs(100);
-        std::iota(xs.begin(), xs.end(), 0);
-        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+        expect_recovered(pool, 2);
 
         // A pool of one: while its only worker cannot be replaced, a task waits; it runs once
         // the limit is lifted.
@@ -484,14 +482,7 @@ TEST_CASE("a worker's channel the kernel will not pass now (ETOOMANYREFS) is not
         expect(::setrlimit(RLIMIT_NOFILE, &old) == 0, "setrlimit");
         ::close(flood[0]);
         ::close(flood[1]);
-        const auto deadline = std::chrono::steady_clock::now() + 60s;
-        while (pool.worker_pids().size() != 2) {
-            expect(std::chrono::steady_clock::now() < deadline, "the pool to start a replacement");
-            std::this_thread::sleep_for(10ms);
-        }
-        std::vector<int> xs(100);
-        std::iota(xs.begin(), xs.end(), 0);
-        expect(pool.map(square, xs).back() == 99 * 99, "a map after the recovery");
+        expect_recovered(pool, 2);
     });
 }
 
