@@ -164,6 +164,35 @@ private:
         std::weak_ptr<Segment> segment;
     };
 
+    /// Why the pool killed a worker, recorded when it sends the kill: worker_exited reads it to
+    /// know whom the death is charged to (the worker's own status says only where it was).
+    enum class KillReason : std::uint8_t {
+        // Not killed by the pool: it died of the item it was on, if any.
+        none,
+        // `task`'s `item` overstayed task_timeout: that item fails, if the worker was still on it.
+        task_timeout,
+        // It left queued tasks untaken, or stopped taking a large task's bytes, past
+        // task_timeout: its tasks go to other workers.
+        stalled,
+        // The stall_timeout watchdog ended it: its tasks failed already.
+        stall_timeout,
+        // It did not stop a cancelled task within cancel_grace: that task settles as cancelled.
+        cancel,
+        // No memory here for its result (`bytes` long): the first task it had not delivered
+        // fails whole, and is not run again.
+        unreceivable,
+        // Its socket would not take a segment's descriptor now (ETOOMANYREFS, say): its tasks
+        // go to other workers.
+        channel,
+    };
+    struct Kill {
+        KillReason reason = KillReason::none;
+        std::uint64_t task = 0;
+        std::uint32_t item = 0;
+        std::size_t bytes = 0;
+        bool sent = false;  // false until the worker's pid is known (learn_pid_locked sends it)
+    };
+
     struct Seat {
         int index = 0;
         SeatState state = SeatState::dead;
@@ -185,16 +214,15 @@ private:
         unsigned long assigned = 0;  // tasks given to the current worker
         bool saw_hello = false;
         bool eof = false;  // the worker's end is closed; its exit report is on the way
-        // No memory here for a result the worker was sending (`in` could not grow): the worker was
-        // killed, and the task whose result it was fails for that (worker_exited).
-        bool result_unreceived = false;
-        std::optional<std::pair<std::uint64_t, std::uint32_t>> timed_out;  // (task, item) we killed it for
-        bool stalled = false;  // killed for leaving queued tasks untaken past task_timeout
-        bool watchdog_killed = false;  // killed by the stall_timeout watchdog (its tasks already failed)
-        // Cancel: since when the worker has been asked to stop a cancelled task (0: not asked),
-        // and whether it had to be killed because it did not.
+        Kill kill;  // why the pool killed the current worker, if it did (kill_locked)
+        // Bytes sent on the socket to the current worker, ever, and its run time, when the stall
+        // check last saw them move: a worker receiving a large task that takes them, or that runs
+        // (growing its buffer for them), is not stalled (next_deadline_ms_locked).
+        std::uint64_t sent_total = 0;
+        std::uint64_t seen_sent = 0;
+        std::int64_t seen_run_ns = 0;
+        // Cancel: since when the worker has been asked to stop a cancelled task (0: not asked).
         std::int64_t cancel_sent_ns = 0;
-        bool cancel_killed = false;
         bool cancel_signal_owed = false;  // asked before the worker's pid was known: sent once it is
         // For stats(): what this seat's workers have done, and how the replaced ones ended.
         std::uint64_t tasks_done = 0;
@@ -597,14 +625,16 @@ private:
             }
             if (put > 0) {
                 s.out_sent += static_cast<std::size_t>(put);
+                s.sent_total += static_cast<std::uint64_t>(put);
                 continue;
             }
             if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
             // The worker is gone, or (a descriptor refused: too many in flight, no memory) the
-            // bytes its ring announces can no longer follow: it is ended. Either way the fork
-            // server's report settles its tasks, and they go to a worker that starts afresh.
-            if (put < 0 && errno != EPIPE && errno != ECONNRESET && errno != ENOTCONN && s.pid > 0)
-                server_.kill(s.index, s.pid, SIGKILL);
+            // bytes its ring announces can no longer follow: it is ended, through no fault of the
+            // task it runs. Either way the fork server's report settles its tasks, and they go to
+            // a worker that starts afresh.
+            if (put < 0 && errno != EPIPE && errno != ECONNRESET && errno != ENOTCONN)
+                kill_locked(s, {.reason = KillReason::channel});
             clear_out(s);
             return false;
         }
@@ -658,12 +688,11 @@ private:
         s.assigned = 0;
         s.saw_hello = false;
         s.eof = false;
-        s.result_unreceived = false;
-        s.timed_out.reset();
-        s.stalled = false;
-        s.watchdog_killed = false;
+        s.kill = Kill{};
+        s.sent_total = 0;
+        s.seen_sent = 0;
+        s.seen_run_ns = 0;
         s.cancel_sent_ns = 0;
-        s.cancel_killed = false;
         s.cancel_signal_owed = false;
         s.seen_begun = 0;
         s.waiting_since = 0;
@@ -932,23 +961,46 @@ private:
 
     /// Reads what the worker's socket holds now (large results), without waiting.
     void fill_from_socket(Seat& s) {
-        if (!s.channel || s.eof) return;
+        if (const std::size_t lost = read_socket(s)) {
+            std::lock_guard lock(mutex_);
+            kill_locked(s, {.reason = KillReason::unreceivable, .bytes = lost});
+        }
+    }
+    void fill_from_socket_locked(Seat& s) {
+        if (const std::size_t lost = read_socket(s))
+            kill_locked(s, {.reason = KillReason::unreceivable, .bytes = lost});
+    }
+    /// Returns the size of the result frame on its way when this process has no room for it
+    /// (else 0): its worker goes, and its task fails for that (worker_exited), not the whole pool.
+    /// What came before it is delivered; the reader's memory goes now.
+    static std::size_t read_socket(Seat& s) {
+        if (!s.channel || s.eof) return 0;
         for (;;) {
             ssize_t got = 0;
             try {
                 got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
             } catch (const std::bad_alloc&) {
-                // No room here for the result on its way: its worker goes, and its task fails for
-                // that (worker_exited), not the whole pool. What came before it is delivered. A
-                // worker whose pid is not known yet is killed once it is (learn_pid_locked).
                 s.eof = true;
-                s.result_unreceived = true;
-                if (s.pid > 0) server_.kill(s.index, s.pid, SIGKILL);
-                return;
+                const std::size_t lost = s.in.size() + s.in.bytes_wanted();
+                s.in = FrameReader();
+                return std::max<std::size_t>(lost, 1);
             }
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) s.eof = true;
-            if (got <= 0) return;
+            if (got <= 0) return 0;
         }
+    }
+
+    /// Ends the seat's worker for `why` (recorded for worker_exited), now or, when its pid is not
+    /// known yet, once it is. A worker killed already keeps its first reason — except for a result
+    /// that could not be received, whose task must fail whatever else the worker was killed for.
+    void kill_locked(Seat& s, Kill why) {
+        if (s.kill.reason != KillReason::none && why.reason != KillReason::unreceivable) return;
+        const bool sent = s.kill.sent;
+        s.kill = why;
+        s.kill.sent = sent;
+        if (s.kill.sent || s.pid <= 0) return;
+        s.kill.sent = true;
+        server_.kill(s.index, s.pid, SIGKILL);
     }
 
     /// Takes every result the seat's worker has published, delivers them (callbacks run here,
@@ -966,7 +1018,7 @@ private:
                 std::span<const std::byte> body = record->payload;
                 if (record->kind == SpscRing::socket) {
                     if (!finished_.empty()) break;  // a socket frame is taken on its own
-                    fill_from_socket(s);
+                    fill_from_socket_locked(s);
                     const auto frame = s.in.buffered_frame();
                     if (!frame) break;  // not all here yet: POLLIN brings the rest
                     body = *frame;
@@ -1035,7 +1087,10 @@ private:
         if (s.pid != 0 || pid <= 0) return;
         s.pid = pid;
         s.worker_since = monotonic_ns();
-        if (s.result_unreceived) server_.kill(s.index, pid, SIGKILL);  // owed since fill_from_socket
+        if (s.kill.reason != KillReason::none && !s.kill.sent) {  // owed since kill_locked
+            s.kill.sent = true;
+            server_.kill(s.index, pid, SIGKILL);
+        }
     }
 
     /// Spawned / exited reports. Returns false when the server is gone.
@@ -1125,9 +1180,6 @@ private:
     void worker_exited(Seat& s, pid_t pid, int wait_status) {
         fill_from_socket(s);
         while (service_seat(s)) fill_from_socket(s);  // everything it sent before it died counts
-        // A result this process had no room for: how large it is, and the room it took goes.
-        const std::size_t unreceived_bytes = s.result_unreceived ? s.in.size() + s.in.bytes_wanted() : 0;
-        if (s.result_unreceived) s.in = FrameReader();
         // Every task this function takes out of the seat is held where an exception (no memory)
         // cannot lose it: a lost item is skipped in its task before its failure is delivered, so
         // its stand-in in `lost` settles the call if that never happens.
@@ -1138,12 +1190,16 @@ private:
         // The task whose result this process had no room for: the first one the worker had not
         // delivered, whatever it was doing when the kill landed. It fails whole, not run again.
         HeldTasks unreceived(*this);
-        if (s.result_unreceived) unreceived.tasks.reserve(1);
+        Kill kill;
         {
             std::lock_guard lock(mutex_);
-            if (s.result_unreceived && !s.inflight.empty()) {
-                unreceived.tasks.push_back(std::move(s.inflight.front()));
+            kill = s.kill;
+            if (kill.reason == KillReason::unreceivable && !s.inflight.empty()) {
+                HeldTasks& to = s.inflight.front().sink->cancelled() ? dropped : unreceived;
+                to.tasks.reserve(to.tasks.size() + 1);
+                to.tasks.push_back(std::move(s.inflight.front()));
                 s.inflight.pop_front();
+                if (s.placed) --s.placed;
             }
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const TaskPhase phase = status.current_phase();
@@ -1152,27 +1208,26 @@ private:
             // run is blamed, so that a task that cannot reach a worker fails rather than going to
             // one fresh worker after another for ever.
             const bool receiving = phase == TaskPhase::receiving && !s.inflight.empty();
+            const std::uint64_t task = status.task_id.load(std::memory_order_relaxed);
             const std::uint32_t item = receiving ? first_unskipped(s.inflight.front())
                                                  : status.item.load(std::memory_order_relaxed);
             const WorkerExit why = status.left_because();
-            // (A task still being received has not run: a timeout kill was for an earlier one.)
-            const bool killed_for_another = s.timed_out &&
-                                            (receiving ||
-                                             s.timed_out->first != status.task_id.load(std::memory_order_relaxed) ||
-                                             s.timed_out->second != item);
-            // Blame the item the worker was on — unless the pool killed it for stalling, for an
-            // item that finished before the kill landed (the one it was on then did nothing
-            // wrong), or to stop a cancelled call (whose tasks settle as cancelled); or the item
-            // already failed (a worker that died before the first item it ran).
-            const bool blame = !s.inflight.empty() && !s.result_unreceived && !s.stalled && !s.watchdog_killed &&
-                               !killed_for_another && !s.cancel_killed && !s.inflight.front().sink->cancelled() &&
-                               phase != TaskPhase::idle &&
-                               (receiving || status.task_id.load(std::memory_order_relaxed) == s.inflight.front().id) &&
+            // The item the worker was on — its death is charged to it when the worker died of
+            // its own accord, or was killed for that very item's timeout (not one that finished
+            // before the kill landed, nor while the next task was being received). Killed for
+            // anything else, it did nothing wrong. Not a cancelled call's (settled as cancelled),
+            // nor an item that failed already (a worker that died before the first item it ran).
+            const bool on_item = !s.inflight.empty() &&
+                                 (receiving || (phase != TaskPhase::idle && task == s.inflight.front().id));
+            const bool charged = kill.reason == KillReason::none ||
+                                 (kill.reason == KillReason::task_timeout && !receiving && kill.task == task &&
+                                  kill.item == item);
+            const bool blame = on_item && charged && !s.inflight.front().sink->cancelled() &&
                                !std::binary_search(s.inflight.front().skips.begin(), s.inflight.front().skips.end(),
                                                    item);
             if (blame) {
                 Task& t = s.inflight.front();
-                if (s.timed_out) {
+                if (kill.reason == KillReason::task_timeout) {
                     lost_error = std::make_exception_ptr(TimeoutError(t.describe(item) +
                                                                       " ran past the task_timeout of " +
                                                                       std::to_string(options_.task_timeout->count()) +
@@ -1205,8 +1260,7 @@ private:
                     }
                 }
             }
-            if (!s.saw_hello && !s.timed_out && !s.stalled && !s.watchdog_killed && !s.result_unreceived)
-                ++start_failures_;
+            if (!s.saw_hello && kill.reason == KillReason::none) ++start_failures_;
             record_restart_locked(s, wait_status, why);
             vacate_locked(s, dropped.tasks);
 
@@ -1226,7 +1280,7 @@ private:
             try {
                 std::string what = t.describe(first_unskipped(t));
                 if (t.count > 1) what += " (and every other item of its chunk of " + std::to_string(t.count) + ")";
-                error = lost_worker_error(what + ": its result (a frame of " + std::to_string(unreceived_bytes) +
+                error = lost_worker_error(what + ": its result (a frame of " + std::to_string(kill.bytes) +
                                               " bytes) could not be received, no memory for it in the pool's "
                                               "process; it was",
                                           pid, wait_status, WorkerExit::none);
@@ -1265,10 +1319,18 @@ private:
         if (!wanted) return;  // the pool is ending: nothing is replaced
         std::string how = WIFSIGNALED(wait_status) ? "killed by " + signal_name(WTERMSIG(wait_status))
                                                    : "exited with status " + std::to_string(WEXITSTATUS(wait_status));
-        if (s.timed_out || s.stalled || s.watchdog_killed) {
+        const KillReason killed = s.kill.reason;
+        if (killed == KillReason::task_timeout || killed == KillReason::stalled ||
+            killed == KillReason::stall_timeout) {
             ++s.restarts.timeout;
-            how += s.timed_out ? " (task_timeout)" : s.watchdog_killed ? " (stall_timeout)" : " (stalled)";
-        } else if (why == WorkerExit::cancelled || s.cancel_killed) {
+            how += killed == KillReason::task_timeout    ? " (task_timeout)"
+                   : killed == KillReason::stall_timeout ? " (stall_timeout)"
+                                                         : " (stalled)";
+        } else if (killed == KillReason::unreceivable || killed == KillReason::channel) {
+            ++s.restarts.crashed;
+            how += killed == KillReason::unreceivable ? " (its result could not be received)"
+                                                      : " (its socket refused a descriptor)";
+        } else if (why == WorkerExit::cancelled || killed == KillReason::cancel) {
             ++s.restarts.cancelled;
             how += " (cancel)";
         } else if (why == WorkerExit::memory_limit || why == WorkerExit::max_memory) {
@@ -1332,7 +1394,7 @@ private:
             // loaded machine may leave a healthy worker unscheduled for a few milliseconds.
             const std::int64_t stall_limit = std::max<std::int64_t>(limit, 1'000'000'000);
             for (Seat& s : seats_) {
-                if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.timed_out || s.stalled)
+                if (s.state == SeatState::dead || s.inflight.empty() || s.pid <= 0 || s.kill.reason != KillReason::none)
                     continue;
                 const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
                 const TaskPhase phase = status.current_phase();
@@ -1346,8 +1408,9 @@ private:
                     const std::int64_t started = status.started_ns.load(std::memory_order_acquire);
                     if (status.item.load(std::memory_order_acquire) != item) continue;  // moving on
                     if (now - started >= limit) {
-                        s.timed_out = {status.task_id.load(std::memory_order_relaxed), item};
-                        server_.kill(s.index, s.pid, SIGKILL);
+                        kill_locked(s, {.reason = KillReason::task_timeout,
+                                        .task = status.task_id.load(std::memory_order_relaxed),
+                                        .item = item});
                         continue;
                     }
                     next = std::min(next, started + limit);
@@ -1356,6 +1419,27 @@ private:
                 // A result on its way is not the worker's delay (the collector may be the slow one).
                 if (phase == TaskPhase::delivering) {
                     s.waiting_since = 0;
+                    continue;
+                }
+                // Receiving a large task: stalled only when it neither takes more of the bytes
+                // sent nor runs (a huge argument may take longer than task_timeout to arrive, and
+                // the worker grows its buffer for it; a stopped worker does neither). Its run
+                // time is read only when no byte moved: /proc, under the pool's lock.
+                if (phase == TaskPhase::receiving) {
+                    bool moved = s.sent_total != s.seen_sent || s.waiting_since == 0;
+                    if (!moved) {
+                        const std::int64_t ran = run_time_ns(s.pid);
+                        moved = ran != s.seen_run_ns;
+                        s.seen_run_ns = ran;
+                    }
+                    if (moved) {
+                        s.seen_sent = s.sent_total;
+                        s.waiting_since = now;
+                    } else if (now - s.waiting_since >= stall_limit) {
+                        kill_locked(s, {.reason = KillReason::stalled});
+                        continue;
+                    }
+                    next = std::min(next, s.waiting_since + stall_limit);
                     continue;
                 }
                 // Idle: does a task wait in its ring that it has not taken?
@@ -1368,8 +1452,7 @@ private:
                 }
                 if (s.waiting_since == 0) continue;
                 if (now - s.waiting_since >= stall_limit) {
-                    s.stalled = true;
-                    server_.kill(s.index, s.pid, SIGKILL);
+                    kill_locked(s, {.reason = KillReason::stalled});
                     continue;
                 }
                 next = std::min(next, s.waiting_since + stall_limit);
@@ -1407,9 +1490,8 @@ private:
             if (s.pid <= 0) continue;  // its hello, or the server's report, wakes the collector
             if (std::exchange(s.cancel_signal_owed, false)) server_.kill(s.index, s.pid, cancel_signal());
             if (now - s.cancel_sent_ns >= cancel_grace_ns) {
-                s.cancel_killed = true;
                 s.cancel_sent_ns = 0;
-                server_.kill(s.index, s.pid, SIGKILL);
+                kill_locked(s, {.reason = KillReason::cancel});
                 continue;
             }
             next = std::min(next, s.cancel_sent_ns + cancel_grace_ns);
@@ -1447,16 +1529,19 @@ private:
         for (Seat& s : seats_) {
             if (s.state == SeatState::dead || s.pid <= 0 || s.inflight.empty()) continue;
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
-            if (status.current_phase() == TaskPhase::running) {
+            const TaskPhase phase = status.current_phase();
+            if (phase == TaskPhase::running) {
                 const std::uint64_t id = status.task_id.load(std::memory_order_relaxed);
                 const std::uint32_t item = status.item.load(std::memory_order_relaxed);
                 const auto task = std::find_if(s.inflight.begin(), s.inflight.end(),
                                                [id](const Task& t) { return t.id == id; });
                 stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid);
                 if (task != s.inflight.end()) stuck += " on " + task->describe(item);
+            } else if (phase == TaskPhase::receiving) {
+                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " receiving " +
+                         s.inflight.front().describe(first_unskipped(s.inflight.front()));
             }
-            s.watchdog_killed = true;
-            server_.kill(s.index, s.pid, SIGKILL);
+            kill_locked(s, {.reason = KillReason::stall_timeout});
         }
         char seconds[32];
         std::snprintf(seconds, sizeof seconds, "%g", options_.stall_timeout->count());
