@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -83,6 +85,28 @@ inline bool stderr_to_a_gone_reader() noexcept {
     if (::pipe2(ends, O_CLOEXEC) != 0 || ends[0] == 2 || ::dup2(ends[1], 2) < 0) return false;
     ::close(ends[0]);  // no reader
     return true;
+}
+
+/// Sends one byte with `fds` attached (SCM_RIGHTS) on the Unix socket `socket`: true when sent.
+/// The descriptors stay open here; the copies in flight are the receiver's once it reads.
+inline bool send_descriptors(int socket, const std::vector<int>& fds) {
+    char byte = 'x';
+    iovec iov{&byte, 1};
+    std::vector<char> control(CMSG_SPACE(fds.size() * sizeof(int)));  // operator new: aligned for cmsghdr
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(fds.size() * sizeof(int));
+    std::memcpy(CMSG_DATA(c), fds.data(), fds.size() * sizeof(int));
+    ssize_t sent;
+    do sent = ::sendmsg(socket, &msg, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    return sent == 1;
 }
 
 /// A pipe's write end to pass around (close-on-exec; the caller closes it), its read end closed,

@@ -1220,21 +1220,7 @@ TEST_CASE("a control message that brings two descriptors keeps the first and clo
     REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
     mproc::detail::UniqueFd sender(pair[0]), receiver(pair[1]);
     const auto first = mproc_test::pipe_write_end(), second = mproc_test::pipe_write_end();
-    char byte = 'x';
-    iovec iov{&byte, 1};
-    alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(2 * sizeof(int));
-    const int both[2] = {first.fd, second.fd};
-    std::memcpy(CMSG_DATA(c), both, sizeof both);
-    REQUIRE(::sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    REQUIRE(mproc_test::send_descriptors(sender.get(), {first.fd, second.fd}));
     ::close(first.fd);
     ::close(second.fd);  // from here, only the copies in flight hold the two pipes
     char got = 0;

@@ -97,22 +97,9 @@ public:
     InFlight() {
         expect(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds_) == 0, "socketpair");
         for (int sent = 0; sent < 400; sent += 100) {
-            int fds[100];
+            std::vector<int> fds(100);
             for (int& fd : fds) fd = ::dup(fds_[1]);
-            char byte = 'x';
-            iovec iov{&byte, 1};
-            alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
-            msghdr m{};
-            m.msg_iov = &iov;
-            m.msg_iovlen = 1;
-            m.msg_control = control;
-            m.msg_controllen = sizeof control;
-            cmsghdr* c = CMSG_FIRSTHDR(&m);
-            c->cmsg_level = SOL_SOCKET;
-            c->cmsg_type = SCM_RIGHTS;
-            c->cmsg_len = CMSG_LEN(sizeof fds);
-            std::memcpy(CMSG_DATA(c), fds, sizeof fds);
-            const bool sent_them = ::sendmsg(fds_[0], &m, 0) == 1;
+            const bool sent_them = mproc_test::send_descriptors(fds_[0], fds);
             for (int fd : fds) ::close(fd);
             expect(sent_them, "descriptors in flight");
         }
@@ -127,6 +114,21 @@ public:
 private:
     int fds_[2] = {-1, -1};
 };
+
+/// Runs `body` in a child that is user nobody: root is exempt from the limit on descriptors in
+/// flight. Skipped when the tests do not run as root, and under ThreadSanitizer (a Pool in a
+/// forked child).
+template <class Body> void in_child_as_nobody(Body body) {
+    if (skip_under_thread_sanitizer()) return;
+    if (::geteuid() != 0) {
+        SUCCEED("skipped: needs root, to run its child as another user");
+        return;
+    }
+    in_child([&] {
+        expect(::setresgid(65534, 65534, 65534) == 0 && ::setresuid(65534, 65534, 65534) == 0, "become nobody");
+        body();
+    });
+}
 
 /// Root is exempt from RLIMIT_NPROC: a test of that limit run as root becomes nobody first.
 void become_subject_to_nproc() {
@@ -556,13 +558,7 @@ TEST_CASE("a worker's channel the kernel will not pass now (ETOOMANYREFS) is not
     // for gone and broke for good, every later call failing. Now the replacement is tried again
     // later. (Root is exempt: the child becomes user nobody.) Found by an audit.
     Watchdog dog(180s, "a channel refused");
-    if (skip_under_thread_sanitizer()) return;
-    if (::geteuid() != 0) {
-        SUCCEED("skipped: needs root, to run its child as another user");
-        return;
-    }
-    in_child([] {
-        expect(::setresgid(65534, 65534, 65534) == 0 && ::setresuid(65534, 65534, 65534) == 0, "become nobody");
+    in_child_as_nobody([] {
         mproc::Pool pool(2);
         const std::vector<pid_t> workers = pool_test::all_worker_pids(pool, 2);
         // 400 descriptors in flight, then a limit below that.
@@ -584,13 +580,7 @@ TEST_CASE("a worker whose socket refuses a descriptor (ETOOMANYREFS) is replaced
     // running was charged with the death and failed ("killed by SIGKILL"), though it did
     // nothing wrong. Now it runs again on the replacement. Found by an audit.
     Watchdog dog(180s, "a descriptor refused");
-    if (skip_under_thread_sanitizer()) return;
-    if (::geteuid() != 0) {
-        SUCCEED("skipped: needs root, to run its child as another user");
-        return;
-    }
-    in_child([] {
-        expect(::setresgid(65534, 65534, 65534) == 0 && ::setresuid(65534, 65534, 65534) == 0, "become nobody");
+    in_child_as_nobody([] {
         pool_test::Gate gate;
         mproc::Pool pool(1);
         const pid_t worker = pool_test::all_worker_pids(pool, 1)[0];
