@@ -458,7 +458,9 @@ private:
     static constexpr std::size_t window_min = 2, window_max = 256;
 
     bool has_room_locked(const Seat& s) const noexcept {
-        if (s.state == SeatState::dead || !s.channel) return false;
+        // (A worker the pool is killing takes no more: its tasks would only come back, or fail
+        // with what it is killed for.)
+        if (s.state == SeatState::dead || !s.channel || s.kill.reason != KillReason::none) return false;
         if (options_.max_tasks_per_child != 0 && s.assigned >= options_.max_tasks_per_child) return false;
         if (s.inflight.size() < window_min) return true;
         return s.inflight.size() < window_max && s.queued_ns < window_ns;
@@ -980,6 +982,9 @@ private:
             try {
                 got = s.in.fill(s.channel.get(), /*nonblocking=*/true);
             } catch (const std::bad_alloc&) {
+                // A whole frame is here already: the room was for the bytes after it. That result
+                // is delivered first (service_seat), and the reading goes on once it is taken.
+                if (s.in.buffered_frame()) return 0;
                 s.eof = true;
                 const std::size_t lost = s.in.size() + s.in.bytes_wanted();
                 s.in = FrameReader();
@@ -1426,6 +1431,8 @@ private:
                 // the worker grows its buffer for it; a stopped worker does neither). Its run
                 // time is read only when no byte moved: /proc, under the pool's lock.
                 if (phase == TaskPhase::receiving) {
+                    // (The run time seen last may be older than the last byte: a worker stopped
+                    // after a run of bytes is then killed within twice the limit, not once.)
                     bool moved = s.sent_total != s.seen_sent || s.waiting_since == 0;
                     if (!moved) {
                         const std::int64_t ran = run_time_ns(s.pid);
