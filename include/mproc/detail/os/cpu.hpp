@@ -1,16 +1,12 @@
 // mproc — how many CPUs this process may run on: what cpu_count() reports, a default Pool's size,
-// and whether a short watch for a peer should yield at every look (on_one_cpu); and how long
-// another process has run (a Pool's stall check asks it of a worker receiving a large task).
+// and whether a short watch for a peer should yield at every look (on_one_cpu).
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <sched.h>
-#include <sys/types.h>
 #include <unistd.h>
 
 #include "clock.hpp"
-#include "memory_use.hpp"
 
 namespace mproc {
 
@@ -26,17 +22,6 @@ inline unsigned affinity_cpu_count() noexcept {
     }
     const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? static_cast<unsigned>(n) : 1u;
-}
-
-/// How long the main thread of process `pid` has run on a CPU, in nanoseconds, from
-/// /proc/<pid>/schedstat; -1 when it cannot be read (the process is gone). It moves while the
-/// thread runs, whatever it does, and stands still while it sleeps or is stopped.
-inline std::int64_t run_time_ns(pid_t pid) noexcept {
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/%d/schedstat", static_cast<int>(pid));
-    char text[128];
-    if (!read_proc_file(path, text, sizeof text)) return -1;
-    return static_cast<std::int64_t>(std::strtoull(text, nullptr, 10));
 }
 
 /// True when the calling thread may run on one CPU only (its affinity mask): then whoever would

@@ -15,6 +15,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "proc_files.hpp"
+
 namespace mproc::detail {
 
 /// The size from which a private buffer that is about to be written whole asks for huge pages.
@@ -33,22 +35,6 @@ inline void advise_huge_pages(void* data, std::size_t bytes) noexcept {
     const std::uintptr_t last = (begin + bytes) & ~(huge - 1);
     // NOLINTNEXTLINE(performance-no-int-to-ptr): page arithmetic on an address we were given
     if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-}
-
-/// Reads a small /proc file into `text` (NUL-terminated); false when it cannot be read.
-inline bool read_proc_file(const char* path, char* text, std::size_t size) noexcept {
-    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return false;
-    std::size_t got = 0;
-    while (got + 1 < size) {
-        const ssize_t n = ::read(fd, text + got, size - 1 - got);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        got += static_cast<std::size_t>(n);
-    }
-    ::close(fd);
-    text[got] = '\0';
-    return got > 0;
 }
 
 /// The resident memory of process `pid` (0: this one) in bytes, from /proc/<pid>/statm; 0 when

@@ -50,6 +50,7 @@
 #include "../os/fd_passing.hpp"
 #include "../os/framing.hpp"
 #include "../os/memory_use.hpp"
+#include "../os/proc_files.hpp"
 #include "../os/unique_fd.hpp"
 #include "engine.hpp"
 #include "fork_server.hpp"
