@@ -521,7 +521,8 @@ private:
     /// announced in the ring), as far as there is room, and wakes the worker if it sleeps.
     /// Returns whether it placed any.
     bool place_locked(Seat& s) {
-        if (s.state == SeatState::dead || !s.channel) return false;
+        // (Nor into the ring of a worker the pool is killing: its tasks come back when it is gone.)
+        if (s.state == SeatState::dead || !s.channel || s.kill.reason != KillReason::none) return false;
         SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
         bool placed_any = false;
         if (!s.adopted.empty()) release_freed_locked(s, ring);
