@@ -3,6 +3,7 @@
 // using its parent's pool, descriptors and process limits, and a Pipe's EOF beside a pool.
 #include "test_pool_common.hpp"
 
+#include <mproc/detail/os/memory_use.hpp>
 #include <mproc/detail/os/spin.hpp>
 #include <mproc/pipe.hpp>
 #include <mproc/process.hpp>
@@ -37,13 +38,19 @@ std::size_t length_of(const std::string& s) { return s.size(); }
 int first_byte(mproc::SharedMemory block) { return static_cast<int>(block.data()[0]); }
 
 /// The resident memory of process `pid`, in bytes (a worker receiving a large task grows by
-/// what it has taken).
-std::uint64_t resident(pid_t pid) {
-    std::ifstream statm("/proc/" + std::to_string(pid) + "/statm");
-    std::uint64_t size = 0, pages = 0;
-    if (!(statm >> size >> pages)) return 0;  // gone
-    return pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-}
+/// what it has taken); 0 once it is gone.
+std::uint64_t resident(pid_t pid) { return mproc::detail::resident_bytes(pid); }
+
+/// A pool of one worker with task_timeout 1 s, whose worker is stopped (SIGSTOP) once it has run
+/// a task: what it does next, the test lets it do.
+struct StoppedWorker {
+    mproc::Pool pool{mproc::PoolOptions{.processes = 1, .task_timeout = mproc::Seconds{1}}};
+    pid_t worker = pool_test::all_worker_pids(pool, 1)[0];
+    StoppedWorker() {
+        CHECK(pool.apply(square, 2) == 4);
+        REQUIRE(::kill(worker, SIGSTOP) == 0);
+    }
+};
 
 using mproc_test::open_descriptors;
 
@@ -219,13 +226,11 @@ TEST_CASE("a worker receiving a large task slowly but steadily is not taken for 
     // a task queued behind, it was killed as stalled after max(task_timeout, 1 s), however steadily
     // the bytes came, so a task whose argument took longer than that to arrive went to one fresh
     // worker after another. Now it is stalled only when it neither takes the bytes sent nor runs
-    // (it may be growing its buffer for them). Played
-    // here by a worker that runs 3 ms in every 300. Found by a review.
+    // (it may be growing its buffer for them). Played here by a worker that runs 3 ms in every
+    // 300. Found by a review.
     Watchdog dog(180s, "a slow large task");
-    mproc::Pool pool({.processes = 1, .task_timeout = mproc::Seconds{1}});
-    const pid_t worker = pool_test::all_worker_pids(pool, 1)[0];
-    CHECK(pool.apply(square, 2) == 4);
-    REQUIRE(::kill(worker, SIGSTOP) == 0);
+    StoppedWorker stopped;
+    auto& [pool, worker] = stopped;
     const std::size_t size = std::size_t{32} << 20;
     auto big = pool.apply_async(length_of, std::tuple{std::string(size, 'x')});
     auto queued = pool.apply_async(square, std::tuple{3});  // behind it, on the same worker
@@ -256,10 +261,8 @@ TEST_CASE("a worker stopped while receiving a large task is replaced after task_
     // that task found nothing untaken: a worker stopped there held the call for ever. Found by a
     // review.
     Watchdog dog(180s, "a worker stopped while receiving");
-    mproc::Pool pool({.processes = 1, .task_timeout = mproc::Seconds{1}});
-    const pid_t worker = pool_test::all_worker_pids(pool, 1)[0];
-    CHECK(pool.apply(square, 2) == 4);
-    REQUIRE(::kill(worker, SIGSTOP) == 0);
+    StoppedWorker stopped;
+    auto& [pool, worker] = stopped;
     const std::uint64_t before = resident(worker);
     const std::size_t size = std::size_t{64} << 20;
     auto big = pool.apply_async(length_of, std::tuple{std::string(size, 'x')});

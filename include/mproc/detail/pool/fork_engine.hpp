@@ -965,20 +965,19 @@ private:
 
     /// Reads what the worker's socket holds now (large results), without waiting.
     void fill_from_socket(Seat& s) {
-        if (const std::size_t lost = read_socket(s)) {
+        if (const auto lost = read_socket(s)) {
             std::lock_guard lock(mutex_);
-            kill_locked(s, {.reason = KillReason::unreceivable, .bytes = lost});
+            kill_locked(s, {.reason = KillReason::unreceivable, .bytes = *lost});
         }
     }
     void fill_from_socket_locked(Seat& s) {
-        if (const std::size_t lost = read_socket(s))
-            kill_locked(s, {.reason = KillReason::unreceivable, .bytes = lost});
+        if (const auto lost = read_socket(s)) kill_locked(s, {.reason = KillReason::unreceivable, .bytes = *lost});
     }
-    /// Returns the size of the result frame on its way when this process has no room for it
-    /// (else 0): its worker goes, and its task fails for that (worker_exited), not the whole pool.
-    /// What came before it is delivered; the reader's memory goes now.
-    static std::size_t read_socket(Seat& s) {
-        if (!s.channel || s.eof) return 0;
+    /// Returns the size of the result frame on its way when this process has no room for it:
+    /// its worker goes, and its task fails for that (worker_exited), not the whole pool. What came
+    /// before it is delivered; the reader's memory goes now.
+    static std::optional<std::size_t> read_socket(Seat& s) {
+        if (!s.channel || s.eof) return std::nullopt;
         for (;;) {
             ssize_t got = 0;
             try {
@@ -986,14 +985,14 @@ private:
             } catch (const std::bad_alloc&) {
                 // A whole frame is here already: the room was for the bytes after it. That result
                 // is delivered first (service_seat), and the reading goes on once it is taken.
-                if (s.in.buffered_frame()) return 0;
+                if (s.in.buffered_frame()) return std::nullopt;
                 s.eof = true;
                 const std::size_t lost = s.in.size() + s.in.bytes_wanted();
                 s.in = FrameReader();
-                return std::max<std::size_t>(lost, 1);
+                return lost;
             }
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) s.eof = true;
-            if (got <= 0) return 0;
+            if (got <= 0) return std::nullopt;
         }
     }
 
@@ -1539,16 +1538,17 @@ private:
             if (s.state == SeatState::dead || s.pid <= 0 || s.inflight.empty()) continue;
             const SeatStatus& status = link_.status(static_cast<unsigned>(s.index));
             const TaskPhase phase = status.current_phase();
-            if (phase == TaskPhase::running) {
-                const std::uint64_t id = status.task_id.load(std::memory_order_relaxed);
-                const std::uint32_t item = status.item.load(std::memory_order_relaxed);
-                const auto task = std::find_if(s.inflight.begin(), s.inflight.end(),
-                                               [id](const Task& t) { return t.id == id; });
-                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid);
-                if (task != s.inflight.end()) stuck += " on " + task->describe(item);
-            } else if (phase == TaskPhase::receiving) {
-                stuck += (stuck.empty() ? "" : ", ") + std::string("worker ") + std::to_string(s.pid) + " receiving " +
-                         s.inflight.front().describe(first_unskipped(s.inflight.front()));
+            if (phase == TaskPhase::running || phase == TaskPhase::receiving) {
+                stuck += (stuck.empty() ? "worker " : ", worker ") + std::to_string(s.pid);
+                if (phase == TaskPhase::receiving) {
+                    stuck += " receiving " + s.inflight.front().describe(first_unskipped(s.inflight.front()));
+                } else {
+                    const std::uint64_t id = status.task_id.load(std::memory_order_relaxed);
+                    const auto task = std::find_if(s.inflight.begin(), s.inflight.end(),
+                                                   [id](const Task& t) { return t.id == id; });
+                    if (task != s.inflight.end())
+                        stuck += " on " + task->describe(status.item.load(std::memory_order_relaxed));
+                }
             }
             kill_locked(s, {.reason = KillReason::stall_timeout});
         }
