@@ -426,7 +426,7 @@ private:
 std::map<std::string, std::size_t> expected_roles(const std::string& mode) {
     if (mode == "pool") return {{"main", 1}, {"server", 1}, {"worker", 4}};
     if (mode == "pool_busy") return {{"main", 1}, {"server", 2}, {"worker", 5}};
-    if (mode == "tree" || mode == "nested")
+    if (mode == "tree" || mode == "nested" || mode == "stubborn")
         return {{"main", 1}, {"child", 1}, {"grandchild", 1}, {"great-grandchild", 1}};
     return {{"main", 1}, {"consumer", 1}};
 }
@@ -568,6 +568,25 @@ TEST_CASE(
             else FAIL_CHECK("pid " << pid << " (" << role_of(program, pid) << ") outlived its parent");
         }
     }
+}
+
+TEST_CASE(
+    "a great-grandchild that only SIGKILL ends: each level still reaps its own before its parent's grace is over") {
+    // Every level's guard waits out its grace for the great-grandchild, which blocks SIGINT and
+    // SIGTERM. A child ends its own children within a shorter grace than its parent gives it, so
+    // it has killed and reaped them and ended before its parent's SIGKILL would orphan them.
+    const bool group = GENERATE(false, true);
+    CAPTURE(group);
+    Program program({{"stubborn", "wait"}});
+    check_tree(program, "stubborn");
+    if (group) program.signal_group(SIGINT);
+    else program.signal(SIGTERM);
+    const Ending end = program.wait_for_end();
+    CAPTURE(describe_status(end.status), end.errors);
+    CHECK(WIFSIGNALED(end.status));
+    CHECK(WTERMSIG(end.status) == (group ? SIGINT : SIGTERM));
+    check_nothing_orphaned(program, end);
+    check_quiet(end);
 }
 
 TEST_CASE("SIGKILL: no handler runs, yet every child dies with its parent (the parent-death signal)") {

@@ -18,7 +18,9 @@
 // the same handlers chained to the same previous dispositions: so the SIGTERM that ends a Process
 // child or a Pool's fork server first makes it end and reap its own children (a Process's
 // children, the Pool's workers), and a Ctrl-C that reaches every process of a tree at once leaves
-// each one to reap its own. Nothing is ever left for init to reap. Grandchildren whose parent is
+// each one to reap its own. A guarded child gives its children three quarters of the grace it was
+// given, so that even when they wait out the whole of it, it has reaped them and ended before its
+// parent's SIGKILL. Nothing is ever left for init to reap. Grandchildren whose parent is
 // killed outright (SIGKILL) die through the parent-death signal every mproc child arms.
 //
 // A handler installed *after* the guard replaces the guard's: call
@@ -89,7 +91,8 @@ public:
     /// to end, SIGKILL to the rest; every one is reaped and its status kept, so Process::join and
     /// exitcode() still report it. Async-signal-safe (no allocation, no lock): call it from a
     /// signal handler of your own. Works with or without a ChildGuard; the grace is the one the
-    /// outermost guard was given (default_grace when there is none).
+    /// outermost guard was given (default_grace when there is none), or in a guarded child three
+    /// quarters of its parent's.
     static void terminate_children() noexcept {
         const int saved_errno = errno;
         detail::children().terminate_and_reap(detail::guard_state().grace_ns.load());

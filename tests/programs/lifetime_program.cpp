@@ -10,6 +10,8 @@
 //           loop, catching nothing (when the guard ends the children, that call fails)
 //   tree    a Process tree 3 levels deep: child -> grandchild -> great-grandchild
 //   nested  the same tree, with a ChildGuard in every level
+//   stubborn  the tree, whose great-grandchild blocks SIGINT and SIGTERM (only SIGKILL ends it),
+//           under a guard of 4 s
 //   queue   a consumer Process blocked in mproc::Queue::get on a queue nobody puts to
 //   pipe    a consumer Process blocked reading a Pipe the program keeps open
 // ending:
@@ -105,13 +107,21 @@ int quick_task(int i) { return i + 1; }
     for (;;) ::sigsuspend(&mine);
 }
 
-/// One level of the tree: reports, starts the next level (if any) and waits for it.
-void tree_level(int level, int depth, bool guarded) {
+/// One level of the tree: reports, starts the next level (if any) and waits for it. The last
+/// level, when `stubborn`, first blocks SIGINT and SIGTERM.
+void tree_level(int level, int depth, bool guarded, bool stubborn) {
     std::optional<mproc::ChildGuard> guard;
     if (guarded) guard.emplace();
+    if (level == depth && stubborn) {
+        sigset_t both;
+        sigemptyset(&both);
+        sigaddset(&both, SIGINT);
+        sigaddset(&both, SIGTERM);
+        ::pthread_sigmask(SIG_BLOCK, &both, nullptr);
+    }
     report.send(static_cast<int>(::getpid()));
     if (level == depth) sleep_forever();
-    mproc::Process next(tree_level, level + 1, depth, guarded);
+    mproc::Process next(tree_level, level + 1, depth, guarded, stubborn);
     next.start();
     // A join in slices rather than one wait: the same guess as sleep_forever's, not proven. Once
     // (in one TSan run, not reproduced in 200 since) a level that had started the next one did not
@@ -182,7 +192,9 @@ void install_handler(const std::string& style) {
 
 int main(int argc, char** argv) {
     if (argc != 3 && argc != 4)
-        fail("usage: lifetime_program pool|pool_busy|tree|nested|queue|pipe wait|exit|throw [plain|siginfo|after]");
+        fail(
+            "usage: lifetime_program pool|pool_busy|tree|nested|stubborn|queue|pipe wait|exit|throw "
+            "[plain|siginfo|after]");
     const std::string mode = argv[1];
     const std::string ending = argv[2];
     const std::string handler = argc == 4 ? argv[3] : "";
@@ -194,7 +206,8 @@ int main(int argc, char** argv) {
     // A generous grace: each process of the tree ends at once on SIGTERM, but a loaded machine
     // can take more than the default second to schedule a whole chain of them, and a child still
     // reaping its own children when its parent's grace ran out would be killed, orphaning them.
-    mproc::ChildGuard guard(mproc::Seconds{10});
+    // The stubborn tree waits out its guards' graces: a shorter one.
+    mproc::ChildGuard guard(mproc::Seconds{mode == "stubborn" ? 4.0 : 10.0});
     if (handler == "after") install_handler(handler);
     std::tie(reports, report) = mproc::Pipe<int>(/*duplex=*/false);
 
@@ -242,8 +255,8 @@ int main(int argc, char** argv) {
                 for (int i = 0;; i = (i + 1) % 1000) (void)busy->apply(quick_task, i);
             });
         }
-    } else if (mode == "tree" || mode == "nested") {
-        top.emplace(tree_level, 1, 3, mode == "nested");
+    } else if (mode == "tree" || mode == "nested" || mode == "stubborn") {
+        top.emplace(tree_level, 1, 3, mode == "nested", mode == "stubborn");
         top->start();
         const char* roles[] = {"child", "grandchild", "great-grandchild"};
         for (const char* role : roles) print_pid(next_report(), role);

@@ -46,7 +46,8 @@ struct GuardState {
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
     /// The signal the guard's handler is ending the program for (0: none).
     std::atomic<int> dying_of{0};
-    /// How long children get between SIGTERM and SIGKILL.
+    /// How long children get between SIGTERM and SIGKILL. A guarded child has three quarters of
+    /// its parent's (child_grace_ns).
     std::atomic<long long> grace_ns{1'000'000'000};
     /// The atexit and std::terminate hooks are installed once per program and check `owner`.
     std::atomic<bool> atexit_registered{false};
@@ -90,9 +91,17 @@ inline bool take_signal(int i, const struct sigaction& current) noexcept {
     return ::sigaction(guarded_signals[i], &ours, nullptr) == 0;
 }
 
+/// The grace a guarded child gives its own children when its parent's is `parent_ns`: three
+/// quarters of it. The parent's guard and the child's start their graces together (the parent's
+/// SIGTERM, or a Ctrl-C that reaches both), so a child whose children wait out the whole grace
+/// still kills them, reaps them and ends a quarter of the grace before its parent's SIGKILL —
+/// which would orphan them, left to the parent-death signal and to init. Each level of a deeper
+/// tree has three quarters of the one above.
+constexpr long long child_grace_ns(long long parent_ns) noexcept { return parent_ns - parent_ns / 4; }
+
 /// In a child that mproc just forked from `parent`. If the parent was guarded, the child is too:
-/// it becomes the owner of its copy of the guard state, with the handlers, hooks and grace it
-/// inherited. Otherwise any copy of a guard there (a grandparent's, copied by a plain fork) is
+/// it becomes the owner of its copy of the guard state, with the handlers and hooks it inherited
+/// and a shorter grace (child_grace_ns). Otherwise any copy of a guard there (a grandparent's, copied by a plain fork) is
 /// forgotten, and the dispositions it replaced are put back where its handler is still in place.
 /// Async-signal-safe.
 inline void inherit_guard_after_fork(pid_t parent) noexcept {
@@ -103,6 +112,7 @@ inline void inherit_guard_after_fork(pid_t parent) noexcept {
     g.own.store(0);
     if (g.owner.load() == parent) {  // whole: forks wait for a guard's handlers to change (guard_transition)
         g.inherited.store(true);
+        g.grace_ns.store(child_grace_ns(g.grace_ns.load()));
         g.owner.store(::getpid());
         return;
     }
