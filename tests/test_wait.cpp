@@ -135,6 +135,18 @@ TEST_CASE("wait with no timeout waits for the first one to become ready") {
     CHECK(sender.exitcode() == 0);
 }
 
+TEST_CASE("an object of a class derived from Process is waited on as its Process") {
+    struct Worker : mproc::Process {
+        using mproc::Process::Process;
+    };
+    Worker worker([] { std::this_thread::sleep_for(50ms); });
+    worker.start();
+    RawPipe idle;
+    CHECK(mproc::wait({idle.read_end, worker}, 60s) == Indices{1});
+    REQUIRE(worker.join(60s));
+    CHECK(worker.exitcode() == 0);
+}
+
 TEST_CASE("signals that interrupt wait neither end it early nor make it miss its deadline") {
     const Watchdog watchdog(120s);  // a wait that restarted its whole timeout on each alarm never ends
     struct sigaction action {

@@ -6,9 +6,14 @@
 // A Connection is ready when a message can be received without waiting for it to start (a whole
 // message already buffered, bytes or end of stream on its descriptor); a Process when it has
 // ended (its sentinel); a raw descriptor when poll(2) reports it readable, hung up or in error.
+//
+// This header includes neither <mproc/pipe.hpp> nor <mproc/process.hpp>: a program that has a
+// Connection or a Process to wait on has included them already, and one that waits on raw
+// descriptors does not compile them for nothing.
 #pragma once
 
 #include <cerrno>
+#include <concepts>
 #include <cstddef>
 #include <initializer_list>
 #include <optional>
@@ -18,12 +23,14 @@
 #include <vector>
 
 #include "detail/os/clock.hpp"
+#include "detail/os/unique_fd.hpp"
 #include "errors.hpp"
-#include "pipe.hpp"
-#include "process.hpp"
 #include "time.hpp"
 
 namespace mproc {
+
+template <class T> class Connection;  // <mproc/pipe.hpp>
+class Process;                        // <mproc/process.hpp>
 
 /// One thing mproc::wait can wait on: a Connection (its readable end), a Process (its sentinel)
 /// or a raw file descriptor. A light reference: the object must outlive the wait. Implicit from
@@ -37,9 +44,12 @@ public:
     Waitable(Connection<T>& connection) noexcept
         : object_(&connection), descriptor_(&connection_descriptor<T>), buffered_(&connection_buffered<T>),
           hold_(&connection_hold<T>), let_go_(&connection_let_go<T>) {}
-    /// A started Process, ready once its child has ended.
-    Waitable(Process& process) noexcept
-        : object_(&process), descriptor_(&process_descriptor), hold_(&process_hold), let_go_(&process_let_go) {}
+    /// A started Process (or an object of a class derived from it), ready once its child has
+    /// ended. A template only so that Process may be incomplete here.
+    template <std::derived_from<Process> P>
+    Waitable(P& process) noexcept
+        : object_(static_cast<Process*>(&process)), descriptor_(&process_descriptor<Process, P>),
+          hold_(&process_hold<Process, P>), let_go_(&process_let_go) {}
 
     /// The descriptor that is polled for this object. Throws mproc::Error for what cannot be
     /// waited on: a closed or write-only Connection, a Process never started or closed, a
@@ -80,8 +90,13 @@ private:
     template <class T> static void connection_let_go(void* object, int) noexcept {
         static_cast<Connection<T>*>(object)->leave_wait();
     }
-    static int process_descriptor(void* object) { return static_cast<Process*>(object)->sentinel(); }
-    static int process_hold(void* object) { return static_cast<Process*>(object)->sentinel_copy("wait").release(); }
+    // `Proc` is Process, named through a parameter so that these compile only where it is complete.
+    template <class Proc, class> static int process_descriptor(void* object) {
+        return static_cast<Proc*>(object)->sentinel();
+    }
+    template <class Proc, class> static int process_hold(void* object) {
+        return static_cast<Proc*>(object)->sentinel_copy("wait").release();
+    }
     static void process_let_go(void*, int held) noexcept { detail::UniqueFd{held}.reset(); }
 
     void* object_ = nullptr;
