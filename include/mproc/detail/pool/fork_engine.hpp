@@ -458,10 +458,14 @@ private:
     static constexpr std::int64_t window_ns = 500'000;
     static constexpr std::size_t window_min = 2, window_max = 256;
 
+    /// Whether the seat's worker may be given tasks and have them placed in its ring: it is not
+    /// dead, has its channel, and is not being killed (its tasks would only come back when it is
+    /// gone, or fail with what it is killed for).
+    static bool serving(const Seat& s) noexcept {
+        return s.state != SeatState::dead && s.channel && s.kill.reason == KillReason::none;
+    }
     bool has_room_locked(const Seat& s) const noexcept {
-        // (A worker the pool is killing takes no more: its tasks would only come back, or fail
-        // with what it is killed for.)
-        if (s.state == SeatState::dead || !s.channel || s.kill.reason != KillReason::none) return false;
+        if (!serving(s)) return false;
         if (options_.max_tasks_per_child != 0 && s.assigned >= options_.max_tasks_per_child) return false;
         if (s.inflight.size() < window_min) return true;
         return s.inflight.size() < window_max && s.queued_ns < window_ns;
@@ -521,8 +525,7 @@ private:
     /// announced in the ring), as far as there is room, and wakes the worker if it sleeps.
     /// Returns whether it placed any.
     bool place_locked(Seat& s) {
-        // (Nor into the ring of a worker the pool is killing: its tasks come back when it is gone.)
-        if (s.state == SeatState::dead || !s.channel || s.kill.reason != KillReason::none) return false;
+        if (!serving(s)) return false;
         SpscRing ring = link_.tasks(static_cast<unsigned>(s.index));
         bool placed_any = false;
         if (!s.adopted.empty()) release_freed_locked(s, ring);
