@@ -251,9 +251,28 @@ private:
             detail::advise_huge_pages(value.data(), value.capacity() * element);
         }
         static void accept(std::span<const std::byte>) noexcept {}  // one it does not take: decoded after
+        /// A value of characters is appended to (append_to), so its bytes are written once; a
+        /// vector of wider numbers is sized first (a run may end inside an element).
+        static constexpr bool appended = std::is_same_v<typename T::value_type, char> ||
+                                         std::is_same_v<typename T::value_type, signed char> ||
+                                         std::is_same_v<typename T::value_type, unsigned char>;
         detail::ItemPlace place() noexcept {
-            value.resize(elements);  // within the capacity reserve() made: nothing to allocate
-            return {std::as_writable_bytes(std::span(&length, 1)), std::as_writable_bytes(std::span(value))};
+            const auto head = std::as_writable_bytes(std::span(&length, 1));
+            if constexpr (appended) {
+                value.clear();
+                return {head, {}, &append_to, &value};
+            } else {
+                value.resize(elements);  // within the capacity reserve() made: nothing to allocate
+                return {head, std::as_writable_bytes(std::span(value))};
+            }
+        }
+        /// Within the capacity reserve() made (the runs add up to the record's length, which
+        /// reserve() was given): nothing to allocate, nothing to throw.
+        static void append_to(void* value, const std::byte* bytes, std::size_t n) noexcept {
+            T& v = *static_cast<T*>(value);
+            const auto* first = reinterpret_cast<const typename T::value_type*>(bytes);
+            if constexpr (std::is_same_v<T, std::string>) v.append(first, n);
+            else v.insert(v.end(), first, first + n);
         }
     };
 

@@ -214,10 +214,15 @@ struct ItemBytes {
 };
 
 /// Where a get copies a taken item: `head`, then `body` (ItemBytes' other side: a string or vector
-/// of numbers is read straight into its own memory, see Queue::take).
+/// of numbers is read straight into its own memory, see Queue::take). With `append`, the body's
+/// bytes go to `value` through it instead, in order, a contiguous run at a time, and `body` is
+/// empty: a string is then copied into the room reserved for it, never first filled with zeros
+/// to be sized and then copied over.
 struct ItemPlace {
     std::span<std::byte> head;
     std::span<std::byte> body = {};
+    void (*append)(void* value, const std::byte* bytes, std::size_t n) noexcept = nullptr;
+    void* value = nullptr;
 };
 
 /// A record as read at the head of the ring.
@@ -1090,7 +1095,15 @@ private:
             to += k;
             n -= k;
         }
-        if (n != 0) copy_out(pos, into.body.data() + (to - head), n);
+        if (n == 0) return;
+        if (!into.append) {
+            copy_out(pos, into.body.data() + (to - head), n);
+            return;
+        }
+        const std::uint64_t at = place(pos);
+        const std::uint64_t first = std::min(n, cap_ - at);
+        if (first) into.append(into.value, ring_ + at, first);
+        if (n > first) into.append(into.value, ring_, n - first);
     }
     void copy_in(std::uint64_t pos, const std::byte* src, std::uint64_t n) noexcept {
         const std::uint64_t at = place(pos);
