@@ -1002,3 +1002,42 @@ TEST_CASE("cpu_count() honours the CPU affinity mask") {
     }
     CHECK(online >= 1);
 }
+
+TEST_CASE(
+    "the first process of a pid namespace (a container's entry point) ends on SIGTERM with 143, its children gone") {
+    // A namespace's first process is not killed by a signal's default action, so the guard's
+    // handler, having ended the children, would return and let the program run on — to park for
+    // ever in its next exit(), which waits for the death it took for granted.
+    mproc::Process outer([] {
+        if (::unshare(CLONE_NEWPID) != 0) std::_Exit(77);
+        const pid_t init = ::fork();
+        if (init == 0) {  // pid 1 of the new namespace
+            for (int sig : {SIGINT, SIGTERM}) ::signal(sig, SIG_DFL);  // not the test runner's handlers
+            mproc::ChildGuard guard;
+            mproc::Process child([] {
+                for (;;) ::pause();
+            });
+            child.start();
+            ::kill(::getpid(), SIGTERM);  // as `docker stop` sends it
+            std::exit(child.exitcode() == -SIGTERM ? 20 : 21);  // here only if the guard did not end this process
+        }
+        if (init < 0) std::_Exit(3);
+        int status = 0;
+        for (int waited_ms = 0; ::waitpid(init, &status, WNOHANG) != init; waited_ms += 10) {
+            if (waited_ms >= 60'000) {
+                ::kill(init, SIGKILL);
+                while (::waitpid(init, &status, 0) < 0 && errno == EINTR) {}
+                std::_Exit(4);  // it hung
+            }
+            ::usleep(10'000);
+        }
+        std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 5);
+    });
+    outer.start();
+    REQUIRE(outer.join(120s));
+    if (outer.exitcode() == 77) {
+        WARN("skipped: this process may not make a pid namespace (CI runs as root, where it may)");
+        return;
+    }
+    CHECK(outer.exitcode() == 128 + SIGTERM);
+}

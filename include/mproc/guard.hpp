@@ -8,7 +8,9 @@
 // From its construction until the last ChildGuard is destroyed, each of these terminates and
 // reaps every live child mproc started in this process (SIGTERM, a grace period, then SIGKILL),
 // and then takes its usual effect:
-//   * SIGINT, SIGTERM  — the program then dies of the signal (the shell sees 130 / 143), or, if the
+//   * SIGINT, SIGTERM  — the program then dies of the signal (the shell sees 130 / 143; the first
+//                        process of a pid namespace, which a default action does not kill, exits
+//                        with 130 / 143), or, if the
 //                        program had installed a handler of its own before the guard, that handler
 //                        is called (a signal that was ignored stays ignored: no handler is installed);
 //   * exit(), or returning from main — an atexit hook, and the guard's destructor;
@@ -194,7 +196,11 @@ private:
     }
 
     /// The signal's default action: the process dies of it, as the shell and the parent expect.
+    /// The first process of a pid namespace (a container's entry point) is not killed by a
+    /// signal's default action: it exits with the status a shell reports for that death
+    /// (128 + the signal), rather than run on with its children gone.
     static void die_of(int sig) noexcept {
+        if (::getpid() == 1) ::_exit(128 + sig);
         struct sigaction fallback {};
         fallback.sa_handler = SIG_DFL;
         ::sigemptyset(&fallback.sa_mask);
