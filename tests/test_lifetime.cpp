@@ -1041,3 +1041,46 @@ TEST_CASE(
     }
     CHECK(outer.exitcode() == 128 + SIGTERM);
 }
+
+TEST_CASE(
+    "a Process destroyed under a guard: its child kills and reaps a grandchild that only SIGKILL ends before it is killed itself") {
+    // ~Process waits for its child after SIGTERM, then sends SIGKILL. The child, guarded, first
+    // ends its own children within its share of the guard's grace: the destructor must wait at
+    // least that long, or the grandchild is orphaned (here, to this test's process, a subreaper).
+    mproc::Process outer([] {
+        if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) std::_Exit(2);
+        mproc::ChildGuard guard;
+        int ready[2];
+        if (::pipe2(ready, O_CLOEXEC) != 0) std::_Exit(3);
+        {
+            mproc::Process child([w = ready[1]] {
+                mproc::Process grandchild([w] {
+                    sigset_t both;
+                    sigemptyset(&both);
+                    sigaddset(&both, SIGINT);
+                    sigaddset(&both, SIGTERM);
+                    ::pthread_sigmask(SIG_BLOCK, &both, nullptr);
+                    const char byte = 1;
+                    if (::write(w, &byte, 1) != 1) std::_Exit(4);
+                    for (;;) ::pause();
+                });
+                grandchild.start();
+                grandchild.join();
+            });
+            child.start();
+            char byte = 0;
+            if (::read(ready[0], &byte, 1) != 1) std::_Exit(5);
+        }  // ~Process: SIGTERM, a grace, SIGKILL
+        // An orphan came here: it shows as a child that ended (it died by the parent-death signal).
+        for (int waited_ms = 0; waited_ms < 2'000; waited_ms += 10) {
+            siginfo_t info{};
+            if (::waitid(P_ALL, 0, &info, WEXITED | WNOHANG) != 0) std::_Exit(errno == ECHILD ? 0 : 6);
+            if (info.si_pid != 0) std::_Exit(1);
+            ::usleep(10'000);
+        }
+        std::_Exit(7);
+    });
+    outer.start();
+    REQUIRE(outer.join(120s));
+    CHECK(outer.exitcode().value_or(-1) == 0);  // 1: the grandchild was orphaned
+}

@@ -6,6 +6,7 @@
 //     assert(p.exitcode() == 0);
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <concepts>
 #include <csignal>
@@ -126,7 +127,9 @@ inline void hook_process_exit() {
 /// join a child process").
 class Process {
 public:
-    /// How long the destructor waits after SIGTERM before it sends SIGKILL.
+    /// How long the destructor waits after SIGTERM before it sends SIGKILL — in a process with a
+    /// ChildGuard, at least the guard's grace: the child, guarded too, ends its own children
+    /// within three quarters of it, and is not killed while it reaps them.
     static constexpr Seconds termination_grace{0.5};
 
     Process() = default;
@@ -378,6 +381,13 @@ private:
         }
     }
 
+    /// termination_grace, or the guard's grace where this process is guarded (its children are).
+    static Seconds destructor_grace() noexcept {
+        const detail::GuardState& g = detail::guard_state();
+        if (g.owner.load() != ::getpid()) return termination_grace;
+        return std::max(termination_grace, Seconds{static_cast<double>(g.grace_ns.load()) / 1e9});
+    }
+
     /// The destructor's end of a child still running: in the process that made it only (in a
     /// forked copy the child is another process's).
     void stop_and_reap() noexcept {
@@ -385,7 +395,7 @@ private:
         try {
             if (!join(Seconds{0})) {
                 terminate();
-                if (!join(termination_grace)) {
+                if (!join(destructor_grace())) {
                     kill();
                     join();
                 }
