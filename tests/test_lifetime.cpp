@@ -1084,3 +1084,23 @@ TEST_CASE(
     REQUIRE(outer.join(120s));
     CHECK(outer.exitcode().value_or(-1) == 0);  // 1: the grandchild was orphaned
 }
+
+TEST_CASE("once the last guard is gone, terminate_children gives the default grace, not that guard's") {
+    { mproc::ChildGuard brief(mproc::Seconds{0}); }
+    int ready[2];
+    REQUIRE(::pipe2(ready, O_CLOEXEC) == 0);
+    mproc::Process child([w = ready[1]] {
+        ::signal(SIGTERM, [](int) { ::_exit(3); });  // ends on SIGTERM, well within a second
+        const char byte = 1;
+        if (::write(w, &byte, 1) != 1) std::_Exit(4);
+        for (;;) ::pause();
+    });
+    child.start();
+    ::close(ready[1]);
+    char byte = 0;
+    REQUIRE(::read(ready[0], &byte, 1) == 1);
+    ::close(ready[0]);
+    mproc::ChildGuard::terminate_children();  // a grace of 0 would send SIGKILL right after SIGTERM
+    REQUIRE(child.join(60s));
+    CHECK(child.exitcode().value_or(-1) == 3);
+}

@@ -55,7 +55,7 @@ namespace mproc {
 class ChildGuard {
 public:
     /// How long children get to end after SIGTERM before they are sent SIGKILL.
-    static constexpr Seconds default_grace{1.0};
+    static constexpr Seconds default_grace{static_cast<double>(detail::default_grace_ns) / 1e9};
 
     /// mproc::Error, changing nothing, for a grace of NaN seconds; a negative one is 0, and at most
     /// an hour is used.
@@ -163,6 +163,7 @@ private:
         g.installed.fetch_and(~restore);
         g.own.store(0);
         if (inherited) return;
+        g.grace_ns.store(detail::default_grace_ns);  // the grace of a process with no guard
         if (std::get_terminate() == &on_terminate) {
             std::set_terminate(g.previous_terminate.load());
             g.terminate_hooked.store(false);

@@ -23,6 +23,9 @@ namespace mproc::detail {
 inline constexpr int guarded_signals[] = {SIGINT, SIGTERM};
 inline constexpr int guarded_signal_count = 2;
 
+/// ChildGuard::default_grace, in nanoseconds.
+inline constexpr long long default_grace_ns = 1'000'000'000;
+
 struct GuardState {
     /// The process whose ChildGuard is active; 0 when there is none. A process that is not the
     /// owner (a child forked without mproc, which keeps a copy of this state) never cleans up.
@@ -46,9 +49,10 @@ struct GuardState {
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
     /// The signal the guard's handler is ending the program for (0: none).
     std::atomic<int> dying_of{0};
-    /// How long children get between SIGTERM and SIGKILL. A guarded child has three quarters of
-    /// its parent's (child_grace_ns).
-    std::atomic<long long> grace_ns{1'000'000'000};
+    /// How long children get between SIGTERM and SIGKILL: the outermost ChildGuard's while one is
+    /// alive, default_grace_ns when none is. A guarded child has three quarters of its parent's
+    /// (child_grace_ns).
+    std::atomic<long long> grace_ns{default_grace_ns};
     /// The atexit and std::terminate hooks are installed once per program and check `owner`.
     std::atomic<bool> atexit_registered{false};
     std::atomic<bool> terminate_hooked{false};
