@@ -1104,3 +1104,80 @@ TEST_CASE("once the last guard is gone, terminate_children gives the default gra
     REQUIRE(child.join(60s));
     CHECK(child.exitcode().value_or(-1) == 3);
 }
+
+TEST_CASE("terminate_children on a thread holding one of mproc's fork locks does not wait for a fork blocked on it") {
+    // A guard's handler runs on whatever thread the signal interrupted, which may hold one of the
+    // locks every fork takes (here the one a ChildGuard is made under). A fork on another thread
+    // then waits for that lock: the cleanup must not wait for that fork (it waited 5 s, its cap,
+    // and a parent's SIGKILL could come meanwhile), and the fork goes ahead once the lock is free.
+    mproc::detail::guard_transition().lock();
+    std::atomic<bool> asked{false};
+    int exitcode = -100;
+    std::thread other([&] {
+        mproc::Process p([] { std::_Exit(6); });
+        asked = true;
+        try {
+            p.start();  // its fork waits for the lock
+            if (p.join(60s)) exitcode = p.exitcode().value_or(-101);
+        } catch (const mproc::Error& e) {
+            exitcode = -102;
+        }
+    });
+    while (!asked) std::this_thread::sleep_for(1ms);
+    std::this_thread::sleep_for(200ms);  // into the fork, waiting for the lock
+    const auto start = std::chrono::steady_clock::now();
+    mproc::ChildGuard::terminate_children();
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    mproc::detail::guard_transition().unlock();
+    other.join();
+    CHECK(took < 2.5);  // 5.0 before the fix
+    CHECK(exitcode == 6);
+}
+
+namespace {
+void let_the_fork_go_at_exit() {
+    mproc::detail::guard_transition().unlock();
+    std::this_thread::sleep_for(300ms);  // the other thread's fork goes ahead, or is refused
+}
+}  // namespace
+
+TEST_CASE("a fork that was waiting for a lock while the guard ended the children at exit is refused, not orphaned") {
+    // The guard's exit hook no longer waits for a fork that waits for a fork lock (the thread
+    // that exits may hold it). Such a fork, let go afterwards, must not make a child that the
+    // cleanup missed: it would be orphaned. Here the lock is let go by an exit hook that runs
+    // after the guard's; the orphan would come to `outer`, a subreaper.
+    mproc::Process outer([] {
+        if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) std::_Exit(2);
+        mproc::Process exiting([] {
+            if (std::atexit(let_the_fork_go_at_exit) != 0) std::_Exit(3);  // runs after the guard's hook
+            mproc::ChildGuard guard;  // never destroyed: exit() does not unwind
+            mproc::detail::guard_transition().lock();
+            static std::atomic<bool> asked{false};
+            std::thread([] {
+                mproc::Process late([] {
+                    for (;;) ::pause();
+                });
+                asked = true;
+                try {
+                    late.start();  // waits for the lock, then is refused: the process is ending
+                } catch (const mproc::Error&) {}
+                for (;;) ::pause();
+            }).detach();
+            while (!asked) std::this_thread::sleep_for(1ms);
+            std::this_thread::sleep_for(100ms);  // into the fork, waiting for the lock
+            std::exit(0);
+        });
+        exiting.start();
+        if (!exiting.join(60s)) std::_Exit(4);
+        for (int waited_ms = 0; waited_ms < 2'000; waited_ms += 10) {
+            siginfo_t info{};
+            if (::waitid(P_ALL, 0, &info, WEXITED | WNOHANG) != 0) std::_Exit(errno == ECHILD ? 0 : 6);
+            if (info.si_pid != 0) std::_Exit(1);  // an orphan
+            ::usleep(10'000);
+        }
+        std::_Exit(7);
+    });
+    outer.start();
+    REQUIRE(outer.join(120s));
+    CHECK(outer.exitcode().value_or(-1) == 0);  // 1: a child born after the cleanup was orphaned
+}

@@ -225,13 +225,19 @@ private:
 
     static void at_exit() noexcept {
         park_while_dying();
-        if (detail::guard_state().owner.load() == ::getpid()) terminate_children();
+        detail::GuardState& g = detail::guard_state();
+        if (g.owner.load() != ::getpid()) return;
+        g.exiting.store(true);  // no fork from here on: its child would be left behind
+        terminate_children();
     }
 
     [[noreturn]] static void on_terminate() noexcept {
         park_while_dying();
         detail::GuardState& g = detail::guard_state();
-        if (g.owner.load() == ::getpid()) terminate_children();
+        if (g.owner.load() == ::getpid()) {
+            g.exiting.store(true);
+            terminate_children();
+        }
         if (const std::terminate_handler previous = g.previous_terminate.load()) previous();
         std::abort();
     }

@@ -121,6 +121,15 @@ public:
         return ticket ? slot_at(ticket.slot_ - 1).serial.load(std::memory_order_relaxed) : 0;
     }
 
+    /// Async-signal-safe, from the forking thread with every signal blocked and every fork lock
+    /// held (fork_here), just before fork(2): the fork of `ticket` is under way. From here, a
+    /// terminate_and_reap waits for its child to be published (await_forks_in_flight) and ends it
+    /// with the rest. Sequentially consistent, for fork_here's look at whether the process is
+    /// ending, which comes after it, while a guard marks it ending before it ends the children.
+    void begin_fork(Ticket ticket) noexcept {
+        if (ticket) slot_at(ticket.slot_ - 1).state.store(forking_);
+    }
+
     /// Async-signal-safe: the fork of `ticket` made child `pid`, now a live child.
     void publish(Ticket ticket, pid_t pid) noexcept {
         if (!ticket) return;
@@ -281,7 +290,8 @@ public:
     }
 
 private:
-    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3;
+    // claiming_: reserved, its fork not under way yet; forking_: begin_fork passed.
+    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3, forking_ = 4;
     struct Slot {
         std::atomic<int> state{free_};
         std::atomic<pid_t> pid{0};
@@ -316,16 +326,18 @@ private:
 
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
 
-    /// Async-signal-safe: waits until no fork is in flight (no slot claimed but not yet published),
-    /// up to a few seconds. The thread of a fork in flight has every signal blocked (fork.hpp), so
-    /// this never waits for a fork that the waiting thread itself interrupted.
+    /// Async-signal-safe: waits until no fork is under way (begin_fork passed, the child not yet
+    /// published), up to a few seconds. The thread of such a fork has every signal blocked and
+    /// every fork lock held (fork.hpp), so this never waits for a fork that the waiting thread
+    /// itself interrupted, nor for one that waits for a lock the interrupted thread holds (a
+    /// guard's handler runs on any thread). A fork not under way yet is not waited for: once the
+    /// process is ending it is refused (fork_here), and otherwise it is a child born after this.
     void await_forks_in_flight() const noexcept {
         const long long start = monotonic_now_ns();
         for (;;) {
             bool in_flight = false;
-            const std::size_t high = high_water_.load(std::memory_order_acquire);
-            for (std::size_t i = 0; i < high && !in_flight; ++i)
-                in_flight = slot_at(i).state.load(std::memory_order_acquire) == claiming_;
+            const std::size_t high = high_water_.load();
+            for (std::size_t i = 0; i < high && !in_flight; ++i) in_flight = slot_at(i).state.load() == forking_;
             if (!in_flight || monotonic_now_ns() - start > 5'000'000'000LL) return;
             const timespec nap{0, 200'000};
             ::nanosleep(&nap, nullptr);

@@ -42,6 +42,7 @@
 
 #include "../../errors.hpp"
 #include "child_registry.hpp"
+#include "fork_locks.hpp"
 #include "guard_state.hpp"
 
 namespace mproc::detail {
@@ -54,6 +55,9 @@ public:
 
 private:
     static std::string message(int error) {
+        if (error == ECANCELED)  // fork_here's own refusal
+            return "mproc: no child was started: this process is ending (its ChildGuard is ending its "
+                   "children as the program exits or dies of a signal)";
         char text[256];
         return std::string("fork: ") + ::strerror_r(error, text, sizeof text);
     }
@@ -205,15 +209,29 @@ using ChildEntry = void (*)(void* context) noexcept;
 /// child (-1 if the kernel has none), opened before the child is published: until then nothing
 /// in mproc can reap it, so the pid cannot have been given to another process. The caller has
 /// flushed stdio (before blocking signals: a flush into a full pipe must stay interruptible).
+/// Forks nothing and returns -ECANCELED once the process is ending (process_ending).
 inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ticket, const ThreadTraits* traits,
                        const sigset_t& child_mask, int* pidfd = nullptr) noexcept {
     sigset_t all, saved;
     ::sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &saved);
     const pid_t parent = ::getpid();
-    const pid_t pid = ::fork();
+    // The fork locks first, then the fork is under way (begin_fork): a guard's handler on
+    // another thread, which may hold one of those locks, waits only for forks past this point.
+    // A process that is ending (a guard is ending its children as it exits or dies of a signal)
+    // gets no new child: it would be orphaned.
+    ForkLocks::hold();
+    children().begin_fork(ticket);
+    if (process_ending()) {
+        ForkLocks::let_go();
+        children().release(ticket);
+        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+        return -ECANCELED;
+    }
+    const pid_t pid = ::fork();  // its handlers release the fork locks, in the parent and in the child
+    const int error = errno;
+    ForkLocks::let_go();  // (nothing left to release, unless no handler was ever installed)
     if (pid != 0) {
-        const int error = errno;
         if (pid > 0 && pidfd) *pidfd = pidfd_of(pid);
         if (pid > 0) children().publish(ticket, pid);
         else children().release(ticket);

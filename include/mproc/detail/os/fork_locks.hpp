@@ -46,8 +46,29 @@ public:
         slot(rank).store(&mutex, std::memory_order_release);
     }
 
+    /// Takes every lock now, for a fork this thread makes next (fork_here, which has things to
+    /// do between taking them and forking): that fork's prepare handler then finds them taken,
+    /// and its parent and child handlers release them as usual (others registered after these
+    /// may need them free). let_go() releases them when no fork follows after all.
+    static void hold() noexcept {
+        prepare_now();
+        held() = true;
+    }
+    static void let_go() noexcept {
+        if (!held()) return;
+        held() = false;
+        release_now();
+    }
+
 private:
     static constexpr std::size_t ranks = static_cast<std::size_t>(ForkLockRank::count);
+
+    /// This thread holds the locks by hold(). A child is a copy of the forking thread: it sees
+    /// the same flag.
+    static bool& held() noexcept {
+        thread_local bool taken_by_hold = false;
+        return taken_by_hold;
+    }
 
     static std::atomic<std::mutex*>& slot(ForkLockRank rank) noexcept {
         static std::atomic<std::mutex*> slots[ranks] = {};
@@ -62,6 +83,14 @@ private:
     }
 
     static void prepare() noexcept {
+        if (!held()) prepare_now();
+    }
+    /// In the parent and in the child, after the fork.
+    static void release() noexcept {
+        held() = false;
+        release_now();
+    }
+    static void prepare_now() noexcept {
         std::mutex** locked = taken();
         for (std::size_t r = 0; r < ranks; ++r) {
             std::mutex* m = slot(static_cast<ForkLockRank>(r)).load(std::memory_order_acquire);
@@ -69,8 +98,7 @@ private:
             locked[r] = m;
         }
     }
-    /// In the parent and in the child, after the fork.
-    static void release() noexcept {
+    static void release_now() noexcept {
         std::mutex** locked = taken();
         for (std::size_t r = ranks; r-- > 0;) {
             if (locked[r]) locked[r]->unlock();

@@ -49,6 +49,9 @@ struct GuardState {
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
     /// The signal the guard's handler is ending the program for (0: none).
     std::atomic<int> dying_of{0};
+    /// The guard is ending the children as the program exits (exit, std::terminate): no more
+    /// forks (process_ending).
+    std::atomic<bool> exiting{false};
     /// How long children get between SIGTERM and SIGKILL: the outermost ChildGuard's while one is
     /// alive, default_grace_ns when none is. A guarded child has three quarters of its parent's
     /// (child_grace_ns).
@@ -95,6 +98,14 @@ inline bool take_signal(int i, const struct sigaction& current) noexcept {
     return ::sigaction(guarded_signals[i], &ours, nullptr) == 0;
 }
 
+/// Whether this process is ending under its guard — dying of a signal or exiting — so that a
+/// child forked now would outlive the guard's cleanup (fork_here refuses it). Async-signal-safe;
+/// sequentially consistent (see ChildRegistry::begin_fork).
+inline bool process_ending() noexcept {
+    const GuardState& g = guard_state();
+    return g.owner.load() == ::getpid() && (g.dying_of.load() != 0 || g.exiting.load());
+}
+
 /// The grace a guarded child gives its own children when its parent's is `parent_ns`: three
 /// quarters of it. The parent's guard and the child's start their graces together (the parent's
 /// SIGTERM, or a Ctrl-C that reaches both), so a child whose children wait out the whole grace
@@ -111,6 +122,7 @@ constexpr long long child_grace_ns(long long parent_ns) noexcept { return parent
 inline void inherit_guard_after_fork(pid_t parent) noexcept {
     GuardState& g = guard_state();
     g.dying_of.store(0);
+    g.exiting.store(false);
     g.depth.store(0);
     g.busy.store(0);
     g.own.store(0);
