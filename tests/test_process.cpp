@@ -14,9 +14,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <fstream>
 #include <memory>
 #include <optional>
 #include <poll.h>
+#include <sched.h>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -972,4 +974,76 @@ TEST_CASE("at a normal exit under a ChildGuard, every child is terminated, daemo
     const int status = program.status();
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
+}
+
+namespace {
+/// In the first process of a new pid namespace (whose next pid can be set, so that a child gets
+/// the pid an earlier one had): runs `body`, whose return is the exit status reported. -1 when
+/// this process may not make such a namespace.
+template <class Body> int in_pid_namespace(Body body) {
+    mproc::Process outer([&] {
+        if (::unshare(CLONE_NEWPID) != 0) std::_Exit(77);
+        const pid_t init = ::fork();
+        if (init == 0) std::_Exit(body());
+        if (init < 0) std::_Exit(78);
+        int status = 0;
+        while (::waitpid(init, &status, 0) < 0 && errno == EINTR) {}
+        std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 79);
+    });
+    outer.start();
+    REQUIRE(outer.join(std::chrono::seconds(120)));
+    return outer.exitcode() == 77 ? -1 : outer.exitcode().value_or(-2);
+}
+
+/// Makes the next process of this pid namespace get pid `next`.
+bool next_pid_is(pid_t next) {
+    std::ofstream last("/proc/sys/kernel/ns_last_pid");
+    last << (next - 1);
+    last.flush();
+    return static_cast<bool>(last);
+}
+}  // namespace
+
+TEST_CASE(
+    "a child reaped outside mproc is never waited for again: its pid, given to a new child, is not taken for it") {
+    // Each case: Process a's child is reaped by the program itself (waitpid) or by the kernel
+    // (SIGCHLD ignored when it ended). a.join() says so; the next child gets a's pid; a.join()
+    // still says so — before, it waited for that pid and took the new child's status as a's.
+    const bool ignored = GENERATE(false, true);
+    CAPTURE(ignored);
+    const int result = in_pid_namespace([ignored] {
+        mproc::Process a([] { std::_Exit(7); });
+        if (ignored) ::signal(SIGCHLD, SIG_IGN);
+        a.start();
+        const pid_t pid = a.pid();
+        if (ignored) {
+            ::usleep(100'000);  // a ends, and the kernel reaps it
+            ::signal(SIGCHLD, SIG_DFL);
+        } else {
+            int status = 0;
+            if (::waitpid(pid, &status, 0) != pid) return 10;
+        }
+        try {
+            a.join();
+            return 11;
+        } catch (const mproc::Error&) {}
+        if (!next_pid_is(pid)) return 12;
+        mproc::Process b([] {
+            ::usleep(100'000);
+            std::_Exit(42);
+        });
+        b.start();
+        if (b.pid() != pid) return 13;
+        try {
+            a.join();
+            return a.exitcode() == 42 ? 14 : 15;  // b's status taken as a's
+        } catch (const mproc::Error&) {}
+        if (!b.join(std::chrono::seconds(60)) || b.exitcode() != 42) return 16;
+        return 0;
+    });
+    if (result == -1) {
+        WARN("skipped: this process may not make a pid namespace (CI runs as root, where it may)");
+        return;
+    }
+    CHECK(result == 0);
 }

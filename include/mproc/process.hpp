@@ -401,7 +401,9 @@ private:
                 }
             }
         } catch (...) {
-            // A destructor cannot report; the child was signalled and the registry still reaps it.
+            // A destructor cannot report; the child was signalled and the registry still reaps it
+            // — unless it was reaped outside mproc: then its record goes with this object.
+            detail::children().forget_if_gone(pid_, serial_);
         }
     }
 

@@ -155,9 +155,14 @@ public:
         if (slot && slot->state.load(std::memory_order_acquire) == reaped_)
             return slot->status.load(std::memory_order_relaxed);
         int status = 0;
-        pid_t got;
-        do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
-        while (got < 0 && errno == EINTR);
+        pid_t got = -1;
+        errno = ECHILD;
+        // A child known to be gone is never waited for again: its pid may be another's by now.
+        const bool known_gone = slot && slot->state.load(std::memory_order_acquire) == gone_;
+        if (!known_gone) {
+            do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
+            while (got < 0 && errno == EINTR);
+        }
         if (got == pid) {
             if (slot) {
                 slot->status.store(status, std::memory_order_relaxed);
@@ -169,19 +174,19 @@ public:
             // The kernel reaps the children of a process that ignores SIGCHLD, and keeps no status.
             const bool ignored = sigchld_ignored();
             // Else another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
-            if (!ignored && slot && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
-            if (ignored) {
-                // The kernel reaped it: its record goes too (its pid may be another process's by
-                // now, which ChildGuard must not signal). Not otherwise: a reaper late to store the
-                // status must not find the record another child's.
-                if (slot) slot->state.store(free_, std::memory_order_release);
+            if (slot && !known_gone && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
+            // Nobody in mproc reaped it. Its record stays, as gone (mark_gone): never signalled,
+            // waited for or reported live again, since its pid may be another process's by now;
+            // and each join of its Process says what happened, without looking at that pid.
+            if (slot) mark_gone(*slot);
+            if (ignored)
                 throw Error("mproc: child " + std::to_string(pid) +
                             " was reaped by the kernel and its exit status discarded: this process ignores "
-                            "SIGCHLD (SIG_IGN or SA_NOCLDWAIT); leave SIGCHLD at its default to join children");
-            }
+                            "SIGCHLD (SIG_IGN or SA_NOCLDWAIT), or did when the child ended; leave SIGCHLD at "
+                            "its default to join children");
             throw Error("mproc: child " + std::to_string(pid) +
-                        " was reaped outside mproc (a waitpid(-1), or a SIGCHLD handler that reaps), and its "
-                        "exit status with it");
+                        " was reaped outside mproc (a waitpid(-1), a SIGCHLD handler that reaps, or SIGCHLD "
+                        "ignored when it ended), and its exit status with it");
         }
         if (got < 0) throw_errno("waitpid(" + std::to_string(pid) + ")");
         return std::nullopt;
@@ -190,6 +195,13 @@ public:
     /// Drops the record once its owner has the status (`serial` as for reap).
     void forget(pid_t pid, std::uint64_t serial = 0) noexcept {
         if (Slot* slot = find(pid, serial)) slot->state.store(free_, std::memory_order_release);
+    }
+    /// Drops the record if its child is gone (reaped outside mproc: see reap), when its owner
+    /// will ask no more.
+    void forget_if_gone(pid_t pid, std::uint64_t serial) noexcept {
+        Slot* slot = find(pid, serial);
+        int expected = gone_;
+        if (slot) slot->state.compare_exchange_strong(expected, free_, std::memory_order_acq_rel);
     }
 
     /// Children that have not ended; reaps (and keeps the status of) those that have.
@@ -290,8 +302,9 @@ public:
     }
 
 private:
-    // claiming_: reserved, its fork not under way yet; forking_: begin_fork passed.
-    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3, forking_ = 4;
+    // claiming_: reserved, its fork not under way yet; forking_: begin_fork passed; gone_: ended
+    // and reaped outside mproc, its status lost (reap).
+    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3, forking_ = 4, gone_ = 5;
     struct Slot {
         std::atomic<int> state{free_};
         std::atomic<pid_t> pid{0};
@@ -379,7 +392,16 @@ private:
             slot.status.store(status, std::memory_order_relaxed);
             slot.state.store(reaped_, std::memory_order_release);
         }
+        // ECHILD: reaped by another caller in mproc (which stores the status now) or outside
+        // mproc. Either way it has ended; its Process's join tells which (reap).
         return false;
+    }
+
+    /// After ECHILD with no status stored by anyone in mproc: the child's record becomes gone,
+    /// unless a reaper stored its status meanwhile (then reaped_ stands). Async-signal-safe.
+    static void mark_gone(Slot& slot) noexcept {
+        int expected = live_;
+        slot.state.compare_exchange_strong(expected, gone_, std::memory_order_acq_rel);
     }
 
     /// After ECHILD: whoever reaped the child stores its status right after its waitpid returned.
@@ -405,7 +427,9 @@ private:
         for (std::size_t i = 0; i < high; ++i) {
             Slot& slot = slot_at(i);
             const int state = slot.state.load(std::memory_order_acquire);
-            if ((state != live_ && state != reaped_) || slot.pid.load(std::memory_order_relaxed) != pid) continue;
+            if ((state != live_ && state != reaped_ && state != gone_) ||
+                slot.pid.load(std::memory_order_relaxed) != pid)
+                continue;
             if (serial != 0) {
                 if (slot.serial.load(std::memory_order_relaxed) == serial) return &slot;
             } else if (state == live_) {
