@@ -16,6 +16,7 @@
 #include <mproc/guard.hpp>
 #include <mproc/pool.hpp>
 #include <mproc/process.hpp>
+#include <mproc/queue.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +30,7 @@
 #include <fcntl.h>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <poll.h>
 #include <sched.h>
@@ -1047,6 +1049,10 @@ TEST_CASE(
     // ~Process waits for its child after SIGTERM, then sends SIGKILL. The child, guarded, first
     // ends its own children within its share of the guard's grace: the destructor must wait at
     // least that long, or the grandchild is orphaned (here, to this test's process, a subreaper).
+    if (under_tsan()) {  // the child's signal handlers never run there (see under_tsan)
+        WARN("skipped under ThreadSanitizer: a child forked from this multithreaded process runs no signal handler");
+        return;
+    }
     mproc::Process outer([] {
         if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) std::_Exit(2);
         mproc::ChildGuard guard;
@@ -1086,6 +1092,10 @@ TEST_CASE(
 }
 
 TEST_CASE("once the last guard is gone, terminate_children gives the default grace, not that guard's") {
+    if (under_tsan()) {  // the child's signal handlers never run there (see under_tsan)
+        WARN("skipped under ThreadSanitizer: a child forked from this multithreaded process runs no signal handler");
+        return;
+    }
     { mproc::ChildGuard brief(mproc::Seconds{0}); }
     int ready[2];
     REQUIRE(::pipe2(ready, O_CLOEXEC) == 0);
@@ -1180,4 +1190,81 @@ TEST_CASE("a fork that was waiting for a lock while the guard ended the children
     outer.start();
     REQUIRE(outer.join(120s));
     CHECK(outer.exitcode().value_or(-1) == 0);  // 1: a child born after the cleanup was orphaned
+}
+
+namespace {
+std::mutex library_lock;  // a library's, which its own fork handlers take
+}  // namespace
+
+TEST_CASE("a library's fork handler and mproc's locks: a fork never takes them in the order that deadlocks") {
+    // Another library's pthread_atfork prepare handler, registered after mproc's, runs before it
+    // and takes that library's lock; a thread holding that lock then makes a Queue (mproc's
+    // registry lock). mproc's locks must be taken after the library's, as its prepare handler
+    // runs last: a fork that took them first waited for the library's lock while that thread
+    // waited for mproc's.
+    mproc::Process sandbox([] {
+        ::alarm(60);  // a deadlock ends as SIGALRM
+        { mproc::Queue<int> warm; }
+        ::pthread_atfork([] { library_lock.lock(); }, [] { library_lock.unlock(); }, [] { library_lock.unlock(); });
+        std::thread holder([] {
+            const std::lock_guard hold(library_lock);
+            std::this_thread::sleep_for(200ms);  // the main thread is in its fork by now
+            mproc::Queue<int> q;
+        });
+        std::this_thread::sleep_for(50ms);
+        mproc::Process p([] { std::_Exit(5); });
+        p.start();
+        const bool ended = p.join(60s);
+        holder.join();
+        std::_Exit(ended && p.exitcode() == 5 ? 0 : 1);
+    });
+    sandbox.start();
+    REQUIRE(sandbox.join(120s));
+    CHECK(sandbox.exitcode().value_or(-1) == 0);  // -SIGALRM: deadlocked
+}
+
+TEST_CASE("a child whose target returns while another of its threads starts processes leaves none of them to init") {
+    // The child's normal end ends its own children; from then on no new one may start there (it
+    // would be born after that cleanup, and orphaned). The orphans would come to `sandbox`.
+    mproc::Process sandbox([] {
+        if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) std::_Exit(2);
+        mproc::ChildGuard guard(mproc::Seconds{0.2});  // the child's cleanup: 0.15 s for the stubborn one
+        mproc::Process child([] {
+            static std::atomic<int> started{0};
+            std::thread([] {
+                auto* kept = new std::vector<mproc::Process>;  // never destroyed: the target's return ends them
+                kept->reserve(100'000);
+                for (int i = 0; i < 100'000; ++i) {  // until refused: the process is ending
+                    kept->emplace_back([stubborn = i == 0] {
+                        if (stubborn) {  // the cleanup waits out its grace for this one
+                            sigset_t term;
+                            sigemptyset(&term);
+                            sigaddset(&term, SIGTERM);
+                            ::pthread_sigmask(SIG_BLOCK, &term, nullptr);
+                        }
+                        for (;;) ::pause();
+                    });
+                    try {
+                        kept->back().start();
+                    } catch (const mproc::Error&) {
+                        break;  // refused: this process is ending
+                    }
+                    ++started;
+                }
+            }).detach();
+            while (started < 10) std::this_thread::sleep_for(1ms);  // return with the starts going on
+        });
+        child.start();
+        if (!child.join(60s)) std::_Exit(3);
+        int orphans = 0;
+        for (;;) {
+            siginfo_t info{};
+            if (::waitid(P_ALL, 0, &info, WEXITED) != 0) break;  // ECHILD: none left
+            ++orphans;
+        }
+        std::_Exit(orphans == 0 ? 0 : 1);
+    });
+    sandbox.start();
+    REQUIRE(sandbox.join(120s));
+    CHECK(sandbox.exitcode().value_or(-1) == 0);  // 1: some were orphaned
 }

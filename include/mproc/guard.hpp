@@ -227,7 +227,7 @@ private:
         park_while_dying();
         detail::GuardState& g = detail::guard_state();
         if (g.owner.load() != ::getpid()) return;
-        g.exiting.store(true);  // no fork from here on: its child would be left behind
+        detail::mark_process_ending();  // no fork from here on: its child would be left behind
         terminate_children();
     }
 
@@ -235,7 +235,7 @@ private:
         park_while_dying();
         detail::GuardState& g = detail::guard_state();
         if (g.owner.load() == ::getpid()) {
-            g.exiting.store(true);
+            detail::mark_process_ending();
             terminate_children();
         }
         if (const std::terminate_handler previous = g.previous_terminate.load()) previous();

@@ -21,6 +21,7 @@
 // are left to the other rules.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -266,7 +267,10 @@ public:
     /// its owner.
     void terminate_and_reap(long long grace_ns, int role = any_role) noexcept {
         if (!ours()) return;
-        await_forks_in_flight();
+        // Not long: a fork under way may wait for a lock of the C library's (malloc's) that the
+        // thread this call interrupted holds. Once the process is ending, such a fork ends its
+        // own child when it returns (fork_here).
+        await_forks_in_flight(std::min<long long>(grace_ns / 4 + 10'000'000LL, 5'000'000'000LL));
         if (reap_ended(role) == 0) return;
         signal_live(SIGTERM, role);
         const long long start = monotonic_now_ns();
@@ -340,18 +344,18 @@ private:
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
 
     /// Async-signal-safe: waits until no fork is under way (begin_fork passed, the child not yet
-    /// published), up to a few seconds. The thread of such a fork has every signal blocked and
+    /// published), up to `limit_ns`. The thread of such a fork has every signal blocked and
     /// every fork lock held (fork.hpp), so this never waits for a fork that the waiting thread
     /// itself interrupted, nor for one that waits for a lock the interrupted thread holds (a
     /// guard's handler runs on any thread). A fork not under way yet is not waited for: once the
     /// process is ending it is refused (fork_here), and otherwise it is a child born after this.
-    void await_forks_in_flight() const noexcept {
+    void await_forks_in_flight(long long limit_ns) const noexcept {
         const long long start = monotonic_now_ns();
         for (;;) {
             bool in_flight = false;
             const std::size_t high = high_water_.load();
             for (std::size_t i = 0; i < high && !in_flight; ++i) in_flight = slot_at(i).state.load() == forking_;
-            if (!in_flight || monotonic_now_ns() - start > 5'000'000'000LL) return;
+            if (!in_flight || monotonic_now_ns() - start > limit_ns) return;
             const timespec nap{0, 200'000};
             ::nanosleep(&nap, nullptr);
         }

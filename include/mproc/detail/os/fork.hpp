@@ -34,6 +34,7 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <thread>
 #include <type_traits>
 #include <typeinfo>
@@ -216,22 +217,36 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     ::sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &saved);
     const pid_t parent = ::getpid();
-    // The fork locks first, then the fork is under way (begin_fork): a guard's handler on
-    // another thread, which may hold one of those locks, waits only for forks past this point.
-    // A process that is ending (a guard is ending its children as it exits or dies of a signal)
-    // gets no new child: it would be orphaned.
-    ForkLocks::hold();
-    children().begin_fork(ticket);
-    if (process_ending()) {
-        ForkLocks::let_go();
-        children().release(ticket);
-        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
-        return -ECANCELED;
-    }
-    const pid_t pid = ::fork();  // its handlers release the fork locks, in the parent and in the child
+    // In mproc's prepare handler, with every fork lock held (so after every other library's
+    // handler: the order those locks have always been taken in), the fork is marked under way
+    // (begin_fork) and the process looked at: one that is ending (a guard ending its children as
+    // it dies of a signal or exits, or a child's normal end) gets no new child, which its cleanup
+    // could miss. Such a child leaves at once, and is reaped here.
+    struct Begun {
+        ChildRegistry::Ticket ticket;
+        bool refused = false;
+    } begun{ticket};
+    ForkLocks::on_locked(
+        [](void* b) noexcept {
+            Begun& self = *static_cast<Begun*>(b);
+            children().begin_fork(self.ticket);
+            self.refused = process_ending();
+        },
+        &begun);
+    const pid_t pid = ::fork();  // its handlers take and release the fork locks
     const int error = errno;
-    ForkLocks::let_go();  // (nothing left to release, unless no handler was ever installed)
+    ForkLocks::on_locked(nullptr, nullptr);
+    if (pid == 0 && begun.refused) exit_child(0);
     if (pid != 0) {
+        // Ending since: a guard's cleanup may have given up waiting for this fork (it does not
+        // wait for long: see await_forks_in_flight). The child goes, as it would have.
+        if (pid > 0 && (begun.refused || process_ending())) {
+            if (!begun.refused) ::kill(pid, SIGKILL);
+            while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {}
+            children().release(ticket);
+            ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+            return -ECANCELED;
+        }
         if (pid > 0 && pidfd) *pidfd = pidfd_of(pid);
         if (pid > 0) children().publish(ticket, pid);
         else children().release(ticket);
@@ -383,6 +398,7 @@ private:
 /// the others waited for; with `all`, the other children (a Pool's fork server) are then
 /// terminated and reaped too. Statuses are kept for their Process objects.
 inline void end_children_normally(bool all) noexcept {
+    mark_process_ending();  // another thread's fork from here on would make a child this misses
     GuardState& g = guard_state();
     const long long grace_ns = g.grace_ns.load();
     if (g.owner.load() == ::getpid()) {

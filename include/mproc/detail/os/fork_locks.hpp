@@ -42,32 +42,23 @@ public:
     /// Registers a process-local mutex that must never be copied held into a child. Each rank
     /// holds one mutex, registered once, for the life of the process (its children inherit it).
     static void add(ForkLockRank rank, std::mutex& mutex) noexcept {
-        [[maybe_unused]] static const int installed = ::pthread_atfork(&prepare, &release, &release);
+        install();
         slot(rank).store(&mutex, std::memory_order_release);
     }
 
-    /// Takes every lock now, for a fork this thread makes next (fork_here, which has things to
-    /// do between taking them and forking): that fork's prepare handler then finds them taken,
-    /// and its parent and child handlers release them as usual (others registered after these
-    /// may need them free). let_go() releases them when no fork follows after all.
-    static void hold() noexcept {
-        prepare_now();
-        held() = true;
-    }
-    static void let_go() noexcept {
-        if (!held()) return;
-        held() = false;
-        release_now();
+    /// Runs `hook(context)` in this thread's next fork, in mproc's prepare handler once every lock
+    /// is held: the last thing before the kernel copies the process (mproc's handler, installed
+    /// first, runs after every other library's). Async-signal-safe, as the hook must be.
+    static void on_locked(void (*hook)(void*) noexcept, void* context) noexcept {
+        install();
+        pending() = {hook, context};
     }
 
 private:
     static constexpr std::size_t ranks = static_cast<std::size_t>(ForkLockRank::count);
 
-    /// This thread holds the locks by hold(). A child is a copy of the forking thread: it sees
-    /// the same flag.
-    static bool& held() noexcept {
-        thread_local bool taken_by_hold = false;
-        return taken_by_hold;
+    static void install() noexcept {
+        [[maybe_unused]] static const int installed = ::pthread_atfork(&prepare, &release, &release);
     }
 
     static std::atomic<std::mutex*>& slot(ForkLockRank rank) noexcept {
@@ -81,24 +72,28 @@ private:
         thread_local std::mutex* locked[ranks] = {};
         return locked;
     }
+    struct Hook {
+        void (*run)(void*) noexcept = nullptr;
+        void* context = nullptr;
+    };
+    static Hook& pending() noexcept {
+        thread_local Hook hook;
+        return hook;
+    }
 
     static void prepare() noexcept {
-        if (!held()) prepare_now();
-    }
-    /// In the parent and in the child, after the fork.
-    static void release() noexcept {
-        held() = false;
-        release_now();
-    }
-    static void prepare_now() noexcept {
         std::mutex** locked = taken();
         for (std::size_t r = 0; r < ranks; ++r) {
             std::mutex* m = slot(static_cast<ForkLockRank>(r)).load(std::memory_order_acquire);
             if (m) m->lock();
             locked[r] = m;
         }
+        const Hook hook = pending();
+        pending() = {};
+        if (hook.run) hook.run(hook.context);
     }
-    static void release_now() noexcept {
+    /// In the parent and in the child, after the fork.
+    static void release() noexcept {
         std::mutex** locked = taken();
         for (std::size_t r = ranks; r-- > 0;) {
             if (locked[r]) locked[r]->unlock();

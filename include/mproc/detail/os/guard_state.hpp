@@ -49,9 +49,10 @@ struct GuardState {
     std::atomic<void (*)(int, siginfo_t*, void*)> handler{nullptr};
     /// The signal the guard's handler is ending the program for (0: none).
     std::atomic<int> dying_of{0};
-    /// The guard is ending the children as the program exits (exit, std::terminate): no more
-    /// forks (process_ending).
-    std::atomic<bool> exiting{false};
+    /// The process (its pid: a copy in a child is not the child's) that is ending its children
+    /// as it ends — a guard's exit or terminate hook, a normal end (end_children_normally): no
+    /// more forks there (process_ending). Kept whether or not a guard is in place.
+    std::atomic<pid_t> ending{0};
     /// How long children get between SIGTERM and SIGKILL: the outermost ChildGuard's while one is
     /// alive, default_grace_ns when none is. A guarded child has three quarters of its parent's
     /// (child_grace_ns).
@@ -98,13 +99,17 @@ inline bool take_signal(int i, const struct sigaction& current) noexcept {
     return ::sigaction(guarded_signals[i], &ours, nullptr) == 0;
 }
 
-/// Whether this process is ending under its guard — dying of a signal or exiting — so that a
-/// child forked now would outlive the guard's cleanup (fork_here refuses it). Async-signal-safe;
-/// sequentially consistent (see ChildRegistry::begin_fork).
+/// Whether this process is ending its children as it ends — its guard's handler for a fatal
+/// signal, an exit or terminate hook, or a normal end (GuardState::ending) — so that a child
+/// forked now would outlive that cleanup (fork_here refuses it). Async-signal-safe; sequentially
+/// consistent (see ChildRegistry::begin_fork).
 inline bool process_ending() noexcept {
     const GuardState& g = guard_state();
-    return g.owner.load() == ::getpid() && (g.dying_of.load() != 0 || g.exiting.load());
+    const pid_t self = ::getpid();
+    return g.ending.load() == self || (g.owner.load() == self && g.dying_of.load() != 0);
 }
+/// From now on this process is ending (process_ending). Async-signal-safe.
+inline void mark_process_ending() noexcept { guard_state().ending.store(::getpid()); }
 
 /// The grace a guarded child gives its own children when its parent's is `parent_ns`: three
 /// quarters of it. The parent's guard and the child's start their graces together (the parent's
@@ -122,7 +127,6 @@ constexpr long long child_grace_ns(long long parent_ns) noexcept { return parent
 inline void inherit_guard_after_fork(pid_t parent) noexcept {
     GuardState& g = guard_state();
     g.dying_of.store(0);
-    g.exiting.store(false);
     g.depth.store(0);
     g.busy.store(0);
     g.own.store(0);
