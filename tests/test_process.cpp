@@ -1047,3 +1047,64 @@ TEST_CASE(
     }
     CHECK(result == 0);
 }
+
+TEST_CASE(
+    "without a guard, a child started after mproc's exit hook has ended the others runs and is joined, as in Python") {
+    // An exit handler or static destructor that runs after mproc's own exit hook may start and
+    // join a child of its own; only while that hook ends the children is a start refused.
+    mproc::Process sandbox([] {
+        mproc::Process daemon([] {
+            for (;;) ::pause();
+        });
+        daemon.set_daemon(true);
+        daemon.start();
+        mproc::detail::end_process_children_at_exit();  // what the exit hook does
+        if (daemon.exitcode() != -SIGTERM) std::_Exit(2);
+        mproc::Process later([] { std::_Exit(7); });
+        try {
+            later.start();
+        } catch (const mproc::Error&) {
+            std::_Exit(3);  // refused
+        }
+        std::_Exit(later.join(std::chrono::seconds(60)) && later.exitcode() == 7 ? 0 : 4);
+    });
+    sandbox.start();
+    REQUIRE(sandbox.join(std::chrono::seconds(120)));
+    CHECK(sandbox.exitcode().value_or(-1) == 0);
+}
+
+TEST_CASE("a child whose fork was under way when the exit hook began ending the children is started, not denied") {
+    // The fork is slowed after the child is made (a fork handler of the program's that sleeps in
+    // the parent), so the exit hook finds it under way and waits for it. start() must return the
+    // child (it runs: it is joined as a non-daemon child is), not say that none was started.
+    mproc::Process sandbox([] {
+        static std::atomic<bool> slow{false};
+        ::pthread_atfork(
+            nullptr,
+            [] {
+                if (slow) ::usleep(200'000);
+            },
+            nullptr);
+        std::atomic<int> outcome{0};
+        std::atomic<bool> forking{false};
+        std::thread starter([&] {
+            mproc::Process child([] { std::_Exit(7); });
+            forking = true;
+            try {
+                child.start();
+                outcome = child.join(std::chrono::seconds(60)) && child.exitcode() == 7 ? 1 : 2;
+            } catch (const mproc::Error&) {
+                outcome = 3;  // "no child was started", though one ran
+            }
+        });
+        slow = true;
+        while (!forking) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // into the slowed fork
+        mproc::detail::end_process_children_at_exit();
+        starter.join();
+        std::_Exit(outcome == 1 ? 0 : 10 + outcome);
+    });
+    sandbox.start();
+    REQUIRE(sandbox.join(std::chrono::seconds(120)));
+    CHECK(sandbox.exitcode().value_or(-1) == 0);
+}

@@ -227,7 +227,9 @@ private:
         park_while_dying();
         detail::GuardState& g = detail::guard_state();
         if (g.owner.load() != ::getpid()) return;
-        detail::mark_process_ending();  // no fork from here on: its child would be left behind
+        // No fork from here on: its child would be missed, or outlive the program the guard
+        // promises nothing outlives (a later exit handler or static destructor gets an Error).
+        detail::mark_process_ending();
         terminate_children();
     }
 

@@ -103,7 +103,9 @@ template <class F, class Args> struct BoundTargetOf final : BoundTarget {
 /// a ChildGuard is in place (whose own hook then does it). Other children are left as they were.
 inline void end_process_children_at_exit() noexcept {
     if (guard_state().owner.load() == ::getpid()) return;  // the guard's exit hook ends them all
+    mark_process_ending();  // no fork while they are ended (see ChildGuard's exit hook)
     end_children_normally(/*all=*/false);
+    clear_process_ending();
 }
 
 /// Registers end_process_children_at_exit once per program (before the first Process starts).

@@ -131,13 +131,42 @@ public:
         if (ticket) slot_at(ticket.slot_ - 1).state.store(forking_);
     }
 
-    /// Async-signal-safe: the fork of `ticket` made child `pid`, now a live child.
-    void publish(Ticket ticket, pid_t pid) noexcept {
-        if (!ticket) return;
+    /// Async-signal-safe: the fork of `ticket` made child `pid`, now a live child. False when a
+    /// cleanup stopped waiting for that fork and went on without it (abandoned): the caller then
+    /// ends the child itself (settle_abandoned).
+    bool publish(Ticket ticket, pid_t pid) noexcept {
+        if (!ticket) return true;
         Slot& slot = slot_at(ticket.slot_ - 1);
         slot.pid.store(pid, std::memory_order_relaxed);
         slot.status.store(0, std::memory_order_relaxed);
-        slot.state.store(live_, std::memory_order_release);
+        int state = slot.state.load();
+        for (;;) {
+            if (state == abandoned_) return false;
+            if (slot.state.compare_exchange_weak(state, live_)) return true;
+        }
+    }
+    /// Async-signal-safe: child `pid` of `ticket`, which a cleanup went on without (publish), is
+    /// ended as that cleanup would have: SIGTERM, up to `grace_ns`, SIGKILL; reaped, its status
+    /// kept for its Process.
+    void settle_abandoned(Ticket ticket, pid_t pid, long long grace_ns) noexcept {
+        Slot& slot = slot_at(ticket.slot_ - 1);
+        ::kill(pid, SIGTERM);
+        const long long start = monotonic_now_ns();
+        int status = 0;
+        for (;;) {
+            const pid_t got = ::waitpid(pid, &status, WNOHANG);
+            if (got == pid) break;
+            if (got < 0 && errno != EINTR) break;
+            if (monotonic_now_ns() - start >= grace_ns) {
+                ::kill(pid, SIGKILL);
+                while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+                break;
+            }
+            const timespec nap{0, 1'000'000};
+            ::nanosleep(&nap, nullptr);
+        }
+        slot.status.store(status, std::memory_order_relaxed);
+        slot.state.store(reaped_, std::memory_order_release);
     }
 
     /// Async-signal-safe: the fork of `ticket` failed; the slot is free again.
@@ -270,7 +299,16 @@ public:
         // Not long: a fork under way may wait for a lock of the C library's (malloc's) that the
         // thread this call interrupted holds. Once the process is ending, such a fork ends its
         // own child when it returns (fork_here).
-        await_forks_in_flight(std::min<long long>(grace_ns / 4 + 10'000'000LL, 5'000'000'000LL));
+        const long long fork_wait_ns = std::min<long long>(grace_ns / 4 + 100'000'000LL, 5'000'000'000LL);
+        await_forks_in_flight(fork_wait_ns);
+        end_live(grace_ns, role);
+        // Forks that began meanwhile: in a process that is ending they were refused, and their
+        // threads reap what they forked; a moment for that before the process goes.
+        await_forks_in_flight(fork_wait_ns);
+    }
+
+    /// terminate_and_reap's own work, once no fork is under way.
+    void end_live(long long grace_ns, int role) noexcept {
         if (reap_ended(role) == 0) return;
         signal_live(SIGTERM, role);
         const long long start = monotonic_now_ns();
@@ -308,7 +346,8 @@ public:
 private:
     // claiming_: reserved, its fork not under way yet; forking_: begin_fork passed; gone_: ended
     // and reaped outside mproc, its status lost (reap).
-    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3, forking_ = 4, gone_ = 5;
+    // abandoned_: under way when a cleanup stopped waiting for it (await_forks_in_flight).
+    static constexpr int free_ = 0, claiming_ = 1, live_ = 2, reaped_ = 3, forking_ = 4, gone_ = 5, abandoned_ = 6;
     struct Slot {
         std::atomic<int> state{free_};
         std::atomic<pid_t> pid{0};
@@ -344,18 +383,26 @@ private:
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
 
     /// Async-signal-safe: waits until no fork is under way (begin_fork passed, the child not yet
-    /// published), up to `limit_ns`. The thread of such a fork has every signal blocked and
+    /// published), up to `limit_ns`; a fork still under way then is abandoned (its thread ends
+    /// its child itself: publish, settle_abandoned). The thread of such a fork has every signal blocked and
     /// every fork lock held (fork.hpp), so this never waits for a fork that the waiting thread
     /// itself interrupted, nor for one that waits for a lock the interrupted thread holds (a
     /// guard's handler runs on any thread). A fork not under way yet is not waited for: once the
     /// process is ending it is refused (fork_here), and otherwise it is a child born after this.
-    void await_forks_in_flight(long long limit_ns) const noexcept {
+    void await_forks_in_flight(long long limit_ns) noexcept {
         const long long start = monotonic_now_ns();
         for (;;) {
             bool in_flight = false;
             const std::size_t high = high_water_.load();
             for (std::size_t i = 0; i < high && !in_flight; ++i) in_flight = slot_at(i).state.load() == forking_;
-            if (!in_flight || monotonic_now_ns() - start > limit_ns) return;
+            if (!in_flight) return;
+            if (monotonic_now_ns() - start > limit_ns) {
+                for (std::size_t i = 0; i < high; ++i) {
+                    int expected = forking_;
+                    slot_at(i).state.compare_exchange_strong(expected, abandoned_);
+                }
+                return;
+            }
             const timespec nap{0, 200'000};
             ::nanosleep(&nap, nullptr);
         }

@@ -57,8 +57,8 @@ public:
 private:
     static std::string message(int error) {
         if (error == ECANCELED)  // fork_here's own refusal
-            return "mproc: no child was started: this process is ending (its ChildGuard is ending its "
-                   "children as the program exits or dies of a signal)";
+            return "mproc: no child was started: this process is ending its children (it is exiting, dying of a "
+                   "signal, or an mproc child whose target returned)";
         char text[256];
         return std::string("fork: ") + ::strerror_r(error, text, sizeof text);
     }
@@ -217,11 +217,17 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     ::sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &saved);
     const pid_t parent = ::getpid();
+    // A process that is ending (its guard ending its children as it dies of a signal or exits,
+    // or an mproc child whose target returned) starts no child its cleanup could miss.
+    if (process_ending()) {
+        children().release(ticket);
+        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+        return -ECANCELED;
+    }
     // In mproc's prepare handler, with every fork lock held (so after every other library's
     // handler: the order those locks have always been taken in), the fork is marked under way
-    // (begin_fork) and the process looked at: one that is ending (a guard ending its children as
-    // it dies of a signal or exits, or a child's normal end) gets no new child, which its cleanup
-    // could miss. Such a child leaves at once, and is reaped here.
+    // (begin_fork) and the process looked at again: if it began ending since, the child leaves
+    // at once, without running anything, and is reaped here.
     struct Begun {
         ChildRegistry::Ticket ticket;
         bool refused = false;
@@ -238,18 +244,19 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     ForkLocks::on_locked(nullptr, nullptr);
     if (pid == 0 && begun.refused) exit_child(0);
     if (pid != 0) {
-        // Ending since: a guard's cleanup may have given up waiting for this fork (it does not
-        // wait for long: see await_forks_in_flight). The child goes, as it would have.
-        if (pid > 0 && (begun.refused || process_ending())) {
-            if (!begun.refused) ::kill(pid, SIGKILL);
+        if (pid > 0 && begun.refused) {
             while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {}
             children().release(ticket);
             ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
             return -ECANCELED;
         }
         if (pid > 0 && pidfd) *pidfd = pidfd_of(pid);
-        if (pid > 0) children().publish(ticket, pid);
-        else children().release(ticket);
+        if (pid > 0 && !children().publish(ticket, pid)) {
+            // A cleanup stopped waiting for this fork and went on without it: the child, which
+            // may have run already, is ended as that cleanup would have, and reported as it ended.
+            children().settle_abandoned(ticket, pid, guard_state().grace_ns.load());
+        }
+        if (pid < 0) children().release(ticket);
         ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
         return pid > 0 ? pid : -error;
     }
@@ -398,7 +405,6 @@ private:
 /// the others waited for; with `all`, the other children (a Pool's fork server) are then
 /// terminated and reaped too. Statuses are kept for their Process objects.
 inline void end_children_normally(bool all) noexcept {
-    mark_process_ending();  // another thread's fork from here on would make a child this misses
     GuardState& g = guard_state();
     const long long grace_ns = g.grace_ns.load();
     if (g.owner.load() == ::getpid()) {
@@ -456,7 +462,8 @@ template <class Body> pid_t fork_child(Body&& body, std::string child_name, cons
         flush_stdio_at_exit(j.synced);
         // Children of this child that are still running (held by objects never destroyed, say)
         // would be orphans: end them as a normal exit does rather than leave them to the
-        // parent-death signal.
+        // parent-death signal. From here, another thread of this child starts no more.
+        mark_process_ending();
         end_children_normally(/*all=*/true);
         exit_child(status);
     };

@@ -50,8 +50,9 @@ struct GuardState {
     /// The signal the guard's handler is ending the program for (0: none).
     std::atomic<int> dying_of{0};
     /// The process (its pid: a copy in a child is not the child's) that is ending its children
-    /// as it ends — a guard's exit or terminate hook, a normal end (end_children_normally): no
-    /// more forks there (process_ending). Kept whether or not a guard is in place.
+    /// as it ends — from its guard's exit or terminate hook on, from an mproc child's return from
+    /// its target on, and while an unguarded program's exit hook ends them: no fork there
+    /// meanwhile (process_ending).
     std::atomic<pid_t> ending{0};
     /// How long children get between SIGTERM and SIGKILL: the outermost ChildGuard's while one is
     /// alive, default_grace_ns when none is. A guarded child has three quarters of its parent's
@@ -110,6 +111,12 @@ inline bool process_ending() noexcept {
 }
 /// From now on this process is ending (process_ending). Async-signal-safe.
 inline void mark_process_ending() noexcept { guard_state().ending.store(::getpid()); }
+/// It is no longer: an exit's cleanup is over, and code that runs after it (a later exit
+/// handler, a static destructor) may start and join a child of its own. Async-signal-safe.
+inline void clear_process_ending() noexcept {
+    pid_t self = ::getpid();
+    guard_state().ending.compare_exchange_strong(self, 0);
+}
 
 /// The grace a guarded child gives its own children when its parent's is `parent_ns`: three
 /// quarters of it. The parent's guard and the child's start their graces together (the parent's
