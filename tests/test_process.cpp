@@ -1075,20 +1075,24 @@ TEST_CASE(
 
 TEST_CASE("a child whose fork was under way when the exit hook began ending the children is started, not denied") {
     // The fork is slowed after the child is made (a fork handler of the program's that sleeps in
-    // the parent), so the exit hook finds it under way and waits for it. start() must return the
-    // child (it runs: it is joined as a non-daemon child is), not say that none was started.
+    // the parent, half a second), so the exit hook finds it under way and waits for it. start()
+    // must return the child (it runs: it is joined as a non-daemon child is), not say that none
+    // was started — nor may the hook give up on it and end it, as it does a daemon's.
     mproc::Process sandbox([] {
         static std::atomic<bool> slow{false};
         ::pthread_atfork(
             nullptr,
             [] {
-                if (slow) ::usleep(200'000);
+                if (slow) ::usleep(500'000);
             },
             nullptr);
         std::atomic<int> outcome{0};
         std::atomic<bool> forking{false};
         std::thread starter([&] {
-            mproc::Process child([] { std::_Exit(7); });
+            mproc::Process child([] {
+                ::usleep(1'000'000);  // still running when the slowed fork returns
+                std::_Exit(7);
+            });
             forking = true;
             try {
                 child.start();

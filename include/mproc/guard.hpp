@@ -97,7 +97,14 @@ public:
     /// quarters of its parent's.
     static void terminate_children() noexcept {
         const int saved_errno = errno;
-        detail::children().terminate_and_reap(detail::guard_state().grace_ns.load());
+        const detail::GuardState& g = detail::guard_state();
+        const long long grace_ns = g.grace_ns.load();
+        // Dying of a signal, whose handler may have interrupted a thread holding a lock a fork
+        // under way waits for (malloc's): such a fork is waited for a quarter of the grace.
+        const bool dying = g.dying_of.load() != 0 && g.owner.load() == ::getpid();
+        detail::children().terminate_and_reap(
+            grace_ns, detail::ChildRegistry::any_role,
+            dying ? grace_ns / 4 + 10'000'000LL : detail::ChildRegistry::default_fork_wait_ns);
         errno = saved_errno;
     }
 

@@ -156,10 +156,23 @@ public:
         for (;;) {
             const pid_t got = ::waitpid(pid, &status, WNOHANG);
             if (got == pid) break;
-            if (got < 0 && errno != EINTR) break;
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0) {  // reaped outside mproc: its status is lost (see reap)
+                slot.state.store(gone_, std::memory_order_release);
+                return;
+            }
             if (monotonic_now_ns() - start >= grace_ns) {
-                ::kill(pid, SIGKILL);
-                while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+                if (::kill(pid, SIGKILL) != 0 && errno == EPERM) {  // not ours to end (set-user-ID)
+                    slot.state.store(live_, std::memory_order_release);
+                    return;
+                }
+                pid_t last;
+                do last = ::waitpid(pid, &status, 0);
+                while (last < 0 && errno == EINTR);
+                if (last != pid) {
+                    slot.state.store(gone_, std::memory_order_release);
+                    return;
+                }
                 break;
             }
             const timespec nap{0, 1'000'000};
@@ -294,24 +307,26 @@ public:
     /// Async-signal-safe: SIGTERM to every live child (of `role`, when not any_role), up to
     /// `grace_ns` for them to end, SIGKILL to the rest; every one is reaped and its status kept for
     /// its owner.
-    void terminate_and_reap(long long grace_ns, int role = any_role) noexcept {
+    void terminate_and_reap(long long grace_ns, int role = any_role,
+                            long long fork_wait_ns = default_fork_wait_ns) noexcept {
         if (!ours()) return;
-        // Not long: a fork under way may wait for a lock of the C library's (malloc's) that the
-        // thread this call interrupted holds. Once the process is ending, such a fork ends its
-        // own child when it returns (fork_here).
-        const long long fork_wait_ns = std::min<long long>(grace_ns / 4 + 100'000'000LL, 5'000'000'000LL);
-        await_forks_in_flight(fork_wait_ns);
-        end_live(grace_ns, role);
-        // Forks that began meanwhile: in a process that is ending they were refused, and their
-        // threads reap what they forked; a moment for that before the process goes.
-        await_forks_in_flight(fork_wait_ns);
+        const long long start = monotonic_now_ns();
+        await_forks_in_flight(fork_wait_ns, role);
+        end_live(grace_ns, role, start);  // the grace counts from the start: waiting for forks takes from it
+        // Forks that began meanwhile (in a process that is ending they were refused, and their
+        // threads reap what they forked) and forks abandoned above, which their threads end.
+        await_forks_in_flight(fork_wait_ns, role);
     }
 
-    /// terminate_and_reap's own work, once no fork is under way.
-    void end_live(long long grace_ns, int role) noexcept {
+    /// How long terminate_and_reap waits for a fork under way, unless told otherwise: a fork takes
+    /// far less, unless it waits for a lock the calling thread holds — which only a signal
+    /// handler's thread can (ChildGuard's handler, for a fatal signal, waits less).
+    static constexpr long long default_fork_wait_ns = 5'000'000'000LL;
+
+    /// terminate_and_reap's own work, once no fork is under way; SIGKILL at `start` + the grace.
+    void end_live(long long grace_ns, int role, long long start) noexcept {
         if (reap_ended(role) == 0) return;
         signal_live(SIGTERM, role);
-        const long long start = monotonic_now_ns();
         long nap_ns = 100'000;  // children usually end at once: look again soon, then less often
         while (reap_ended(role) != 0) {
             if (monotonic_now_ns() - start >= grace_ns) {
@@ -383,23 +398,30 @@ private:
     bool ours() const noexcept { return owner_.load(std::memory_order_acquire) == ::getpid(); }
 
     /// Async-signal-safe: waits until no fork is under way (begin_fork passed, the child not yet
-    /// published), up to `limit_ns`; a fork still under way then is abandoned (its thread ends
-    /// its child itself: publish, settle_abandoned). The thread of such a fork has every signal blocked and
-    /// every fork lock held (fork.hpp), so this never waits for a fork that the waiting thread
-    /// itself interrupted, nor for one that waits for a lock the interrupted thread holds (a
-    /// guard's handler runs on any thread). A fork not under way yet is not waited for: once the
-    /// process is ending it is refused (fork_here), and otherwise it is a child born after this.
-    void await_forks_in_flight(long long limit_ns) noexcept {
+    /// published) nor abandoned (its thread ending its child), up to `limit_ns`. The thread of
+    /// such a fork has every signal blocked and every fork lock held (fork.hpp), so this never
+    /// waits for a fork that the waiting thread itself interrupted, nor for one that waits for a
+    /// lock of mproc's the interrupted thread holds (a guard's handler runs on any thread). A fork
+    /// not under way yet is not waited for: once the process is ending it is refused (fork_here),
+    /// and otherwise it is a child born after this. On time out, the forks still under way whose
+    /// children are of `role` are abandoned: their threads end their children (publish,
+    /// settle_abandoned).
+    void await_forks_in_flight(long long limit_ns, int role) noexcept {
         const long long start = monotonic_now_ns();
         for (;;) {
             bool in_flight = false;
             const std::size_t high = high_water_.load();
-            for (std::size_t i = 0; i < high && !in_flight; ++i) in_flight = slot_at(i).state.load() == forking_;
+            for (std::size_t i = 0; i < high && !in_flight; ++i) {
+                const int state = slot_at(i).state.load();
+                in_flight = state == forking_ || state == abandoned_;
+            }
             if (!in_flight) return;
             if (monotonic_now_ns() - start > limit_ns) {
                 for (std::size_t i = 0; i < high; ++i) {
+                    Slot& slot = slot_at(i);
+                    if (role != any_role && slot.role.load(std::memory_order_relaxed) != role) continue;
                     int expected = forking_;
-                    slot_at(i).state.compare_exchange_strong(expected, abandoned_);
+                    slot.state.compare_exchange_strong(expected, abandoned_);
                 }
                 return;
             }
