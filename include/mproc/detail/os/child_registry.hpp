@@ -150,36 +150,19 @@ public:
     /// kept for its Process.
     void settle_abandoned(Ticket ticket, pid_t pid, long long grace_ns) noexcept {
         Slot& slot = slot_at(ticket.slot_ - 1);
+        slot.state.store(live_, std::memory_order_release);  // reap_slot's, as any child's
         ::kill(pid, SIGTERM);
         const long long start = monotonic_now_ns();
-        int status = 0;
-        for (;;) {
-            const pid_t got = ::waitpid(pid, &status, WNOHANG);
-            if (got == pid) break;
-            if (got < 0 && errno == EINTR) continue;
-            if (got < 0) {  // reaped outside mproc: its status is lost (see reap)
-                slot.state.store(gone_, std::memory_order_release);
-                return;
-            }
+        while (reap_slot(slot, pid, false)) {
             if (monotonic_now_ns() - start >= grace_ns) {
-                if (::kill(pid, SIGKILL) != 0 && errno == EPERM) {  // not ours to end (set-user-ID)
-                    slot.state.store(live_, std::memory_order_release);
-                    return;
-                }
-                pid_t last;
-                do last = ::waitpid(pid, &status, 0);
-                while (last < 0 && errno == EINTR);
-                if (last != pid) {
-                    slot.state.store(gone_, std::memory_order_release);
-                    return;
-                }
+                if (::kill(pid, SIGKILL) != 0 && errno == EPERM) return;  // not ours to end: it stays live
+                reap_slot(slot, pid, true);
                 break;
             }
             const timespec nap{0, 1'000'000};
             ::nanosleep(&nap, nullptr);
         }
-        slot.status.store(status, std::memory_order_relaxed);
-        slot.state.store(reaped_, std::memory_order_release);
+        if (!await_status(slot)) mark_gone(slot);  // reaped outside mproc: its status is lost (see reap)
     }
 
     /// Async-signal-safe: the fork of `ticket` failed; the slot is free again.
@@ -197,15 +180,12 @@ public:
         Slot* slot = find(pid, serial);
         if (slot && slot->state.load(std::memory_order_acquire) == reaped_)
             return slot->status.load(std::memory_order_relaxed);
-        int status = 0;
-        pid_t got = -1;
-        errno = ECHILD;
         // A child known to be gone is never waited for again: its pid may be another's by now.
-        const bool known_gone = slot && slot->state.load(std::memory_order_acquire) == gone_;
-        if (!known_gone) {
-            do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
-            while (got < 0 && errno == EINTR);
-        }
+        if (slot && slot->state.load(std::memory_order_acquire) == gone_) throw_reaped_elsewhere(pid);
+        int status = 0;
+        pid_t got;
+        do got = ::waitpid(pid, &status, block ? 0 : WNOHANG);
+        while (got < 0 && errno == EINTR);
         if (got == pid) {
             if (slot) {
                 slot->status.store(status, std::memory_order_relaxed);
@@ -214,25 +194,30 @@ public:
             return status;
         }
         if (got < 0 && errno == ECHILD) {
-            // The kernel reaps the children of a process that ignores SIGCHLD, and keeps no status.
-            const bool ignored = sigchld_ignored();
-            // Else another thread (or ChildGuard's signal handler) reaped it: its status is being stored.
-            if (slot && !known_gone && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
+            // Unless the kernel reaped it (this process ignores SIGCHLD), another thread (or
+            // ChildGuard's signal handler) may have: its status is being stored.
+            if (slot && !sigchld_ignored() && await_status(*slot)) return slot->status.load(std::memory_order_relaxed);
             // Nobody in mproc reaped it. Its record stays, as gone (mark_gone): never signalled,
             // waited for or reported live again, since its pid may be another process's by now;
             // and each join of its Process says what happened, without looking at that pid.
             if (slot) mark_gone(*slot);
-            if (ignored)
-                throw Error("mproc: child " + std::to_string(pid) +
-                            " was reaped by the kernel and its exit status discarded: this process ignores "
-                            "SIGCHLD (SIG_IGN or SA_NOCLDWAIT), or did when the child ended; leave SIGCHLD at "
-                            "its default to join children");
-            throw Error("mproc: child " + std::to_string(pid) +
-                        " was reaped outside mproc (a waitpid(-1), a SIGCHLD handler that reaps, or SIGCHLD "
-                        "ignored when it ended), and its exit status with it");
+            throw_reaped_elsewhere(pid);
         }
         if (got < 0) throw_errno("waitpid(" + std::to_string(pid) + ")");
         return std::nullopt;
+    }
+
+    /// What reap says of a child whose status nobody in mproc took: the kernel discarded it
+    /// (this process ignores SIGCHLD) or something outside mproc reaped it.
+    [[noreturn]] static void throw_reaped_elsewhere(pid_t pid) {
+        if (sigchld_ignored())  // the kernel reaps the children of such a process, and keeps no status
+            throw Error("mproc: child " + std::to_string(pid) +
+                        " was reaped by the kernel and its exit status discarded: this process ignores "
+                        "SIGCHLD (SIG_IGN or SA_NOCLDWAIT), or did when the child ended; leave SIGCHLD at "
+                        "its default to join children");
+        throw Error("mproc: child " + std::to_string(pid) +
+                    " was reaped outside mproc (a waitpid(-1), a SIGCHLD handler that reaps, or SIGCHLD "
+                    "ignored when it ended), and its exit status with it");
     }
 
     /// Drops the record once its owner has the status (`serial` as for reap).

@@ -198,6 +198,19 @@ struct ThreadTraits {
     }
 };
 
+/// Every signal blocked in the calling thread while alive; the mask it replaced is `saved`.
+struct SignalsBlocked {
+    sigset_t saved{};
+    SignalsBlocked() noexcept {
+        sigset_t all;
+        ::sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &saved);
+    }
+    ~SignalsBlocked() { ::pthread_sigmask(SIG_SETMASK, &saved, nullptr); }
+    SignalsBlocked(const SignalsBlocked&) = delete;
+    SignalsBlocked& operator=(const SignalsBlocked&) = delete;
+};
+
 /// The child's side of a fork. It never returns: it leaves with _exit.
 using ChildEntry = void (*)(void* context) noexcept;
 
@@ -213,17 +226,15 @@ using ChildEntry = void (*)(void* context) noexcept;
 /// Forks nothing and returns -ECANCELED once the process is ending (process_ending).
 inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ticket, const ThreadTraits* traits,
                        const sigset_t& child_mask, int* pidfd = nullptr) noexcept {
-    sigset_t all, saved;
-    ::sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &saved);
+    const SignalsBlocked blocked;  // until the child is published (the child sets its own mask)
     const pid_t parent = ::getpid();
+    const auto refuse = [&] {
+        children().release(ticket);
+        return -ECANCELED;
+    };
     // A process that is ending (its guard ending its children as it dies of a signal or exits,
     // or an mproc child whose target returned) starts no child its cleanup could miss.
-    if (process_ending()) {
-        children().release(ticket);
-        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
-        return -ECANCELED;
-    }
+    if (process_ending()) return refuse();
     // In mproc's prepare handler, with every fork lock held (so after every other library's
     // handler: the order those locks have always been taken in), the fork is marked under way
     // (begin_fork) and the process looked at again: if it began ending since, the child leaves
@@ -242,23 +253,21 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     const pid_t pid = ::fork();  // its handlers take and release the fork locks
     const int error = errno;
     ForkLocks::on_locked(nullptr, nullptr);
-    if (pid == 0 && begun.refused) exit_child(0);
-    if (pid != 0) {
-        if (pid > 0 && begun.refused) {
-            while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {}
-            children().release(ticket);
-            ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
-            return -ECANCELED;
-        }
-        if (pid > 0 && pidfd) *pidfd = pidfd_of(pid);
-        if (pid > 0 && !children().publish(ticket, pid)) {
-            // A cleanup stopped waiting for this fork and went on without it: the child, which
-            // may have run already, is ended as that cleanup would have, and reported as it ended.
-            children().settle_abandoned(ticket, pid, guard_state().grace_ns.load());
-        }
-        if (pid < 0) children().release(ticket);
-        ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
-        return pid > 0 ? pid : -error;
+    if (pid < 0) {
+        children().release(ticket);
+        return -error;
+    }
+    if (begun.refused) {
+        if (pid == 0) exit_child(0);
+        while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {}
+        return refuse();
+    }
+    if (pid > 0) {
+        if (pidfd) *pidfd = pidfd_of(pid);
+        // False when a cleanup stopped waiting for this fork and went on without it: the child,
+        // which may have run already, is ended as that cleanup would have, and reported as it ended.
+        if (!children().publish(ticket, pid)) children().settle_abandoned(ticket, pid, guard_state().grace_ns.load());
+        return pid;
     }
     die_with_parent(parent);
     inherit_guard_after_fork(parent);
@@ -268,19 +277,6 @@ inline pid_t fork_here(ChildEntry entry, void* context, ChildRegistry::Ticket ti
     entry(context);
     exit_child(1);  // entry never returns
 }
-
-/// Every signal blocked in the calling thread while alive; the mask it replaced is `saved`.
-struct SignalsBlocked {
-    sigset_t saved{};
-    SignalsBlocked() noexcept {
-        sigset_t all;
-        ::sigfillset(&all);
-        ::pthread_sigmask(SIG_SETMASK, &all, &saved);
-    }
-    ~SignalsBlocked() { ::pthread_sigmask(SIG_SETMASK, &saved, nullptr); }
-    SignalsBlocked(const SignalsBlocked&) = delete;
-    SignalsBlocked& operator=(const SignalsBlocked&) = delete;
-};
 
 /// The forker thread of this process (see the top of this file).
 class Forker {
