@@ -1053,6 +1053,7 @@ TEST_CASE(
     // An exit handler or static destructor that runs after mproc's own exit hook may start and
     // join a child of its own; only while that hook ends the children is a start refused.
     mproc::Process sandbox([] {
+        ::signal(SIGTERM, SIG_DFL);  // the children's, not the test runner's handler
         mproc::Process daemon([] {
             for (;;) ::pause();
         });
@@ -1105,6 +1106,48 @@ TEST_CASE("a child whose fork was under way when the exit hook began ending the 
         while (!forking) std::this_thread::sleep_for(std::chrono::milliseconds(1));
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // into the slowed fork
         mproc::detail::end_process_children_at_exit();
+        starter.join();
+        std::_Exit(outcome == 1 ? 0 : 10 + outcome);
+    });
+    sandbox.start();
+    REQUIRE(sandbox.join(std::chrono::seconds(120)));
+    CHECK(sandbox.exitcode().value_or(-1) == 0);
+}
+
+TEST_CASE("a fork a cleanup stopped waiting for is ended by its own thread, and its Process says how it ended") {
+    // The fork is slowed after the child is made (the program's fork handler sleeps half a second
+    // in the parent) while a cleanup that waits 50 ms for forks under way ends every child. The
+    // cleanup goes on without it; the forking thread then ends its child as the cleanup would
+    // have (SIGTERM here), and start() returns it, its Process reporting that end.
+    mproc::Process sandbox([] {
+        ::signal(SIGTERM, SIG_DFL);  // the child's, not the test runner's handler
+        static std::atomic<bool> slow{false};
+        ::pthread_atfork(
+            nullptr,
+            [] {
+                if (slow) ::usleep(500'000);
+            },
+            nullptr);
+        std::atomic<int> outcome{0};
+        std::atomic<bool> forking{false};
+        std::thread starter([&] {
+            mproc::Process child([] {
+                ::sleep(30);  // ended long before
+                std::_Exit(7);
+            });
+            forking = true;
+            try {
+                child.start();
+                outcome = child.join(std::chrono::seconds(60)) && child.exitcode() == -SIGTERM ? 1 : 2;
+            } catch (const mproc::Error&) {
+                outcome = 3;
+            }
+        });
+        slow = true;
+        while (!forking) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // into the slowed fork
+        mproc::detail::children().terminate_and_reap(1'000'000'000LL, mproc::detail::ChildRegistry::any_role,
+                                                     50'000'000LL);
         starter.join();
         std::_Exit(outcome == 1 ? 0 : 10 + outcome);
     });
