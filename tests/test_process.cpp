@@ -1074,52 +1074,14 @@ TEST_CASE(
     CHECK(sandbox.exitcode().value_or(-1) == 0);
 }
 
-TEST_CASE("a child whose fork was under way when the exit hook began ending the children is started, not denied") {
-    // The fork is slowed after the child is made (a fork handler of the program's that sleeps in
-    // the parent, half a second), so the exit hook finds it under way and waits for it. start()
-    // must return the child (it runs: it is joined as a non-daemon child is), not say that none
-    // was started — nor may the hook give up on it and end it, as it does a daemon's.
-    mproc::Process sandbox([] {
-        static std::atomic<bool> slow{false};
-        ::pthread_atfork(
-            nullptr,
-            [] {
-                if (slow) ::usleep(500'000);
-            },
-            nullptr);
-        std::atomic<int> outcome{0};
-        std::atomic<bool> forking{false};
-        std::thread starter([&] {
-            mproc::Process child([] {
-                ::usleep(1'000'000);  // still running when the slowed fork returns
-                std::_Exit(7);
-            });
-            forking = true;
-            try {
-                child.start();
-                outcome = child.join(std::chrono::seconds(60)) && child.exitcode() == 7 ? 1 : 2;
-            } catch (const mproc::Error&) {
-                outcome = 3;  // "no child was started", though one ran
-            }
-        });
-        slow = true;
-        while (!forking) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // into the slowed fork
-        mproc::detail::end_process_children_at_exit();
-        starter.join();
-        std::_Exit(outcome == 1 ? 0 : 10 + outcome);
-    });
-    sandbox.start();
-    REQUIRE(sandbox.join(std::chrono::seconds(120)));
-    CHECK(sandbox.exitcode().value_or(-1) == 0);
-}
-
-TEST_CASE("a fork a cleanup stopped waiting for is ended by its own thread, and its Process says how it ended") {
-    // The fork is slowed after the child is made (the program's fork handler sleeps half a second
-    // in the parent) while a cleanup that waits 50 ms for forks under way ends every child. The
-    // cleanup goes on without it; the forking thread then ends its child as the cleanup would
-    // have (SIGTERM here), and start() returns it, its Process reporting that end.
-    mproc::Process sandbox([] {
+namespace {
+/// In a sandbox process: another thread starts a child running `target` whose fork is slowed
+/// half a second after the child is made (a fork handler of the program's that sleeps in the
+/// parent); 50 ms into it, `cleanup()` runs here. Returns the sandbox's exit status: 0 when
+/// start() returned the child and its exit code was `expected`; 12 for another exit code; 13
+/// when start() threw.
+template <class Target, class Cleanup> int start_in_slowed_fork(Target target, int expected, Cleanup cleanup) {
+    mproc::Process sandbox([&] {
         ::signal(SIGTERM, SIG_DFL);  // the child's, not the test runner's handler
         static std::atomic<bool> slow{false};
         ::pthread_atfork(
@@ -1131,27 +1093,54 @@ TEST_CASE("a fork a cleanup stopped waiting for is ended by its own thread, and 
         std::atomic<int> outcome{0};
         std::atomic<bool> forking{false};
         std::thread starter([&] {
-            mproc::Process child([] {
-                ::sleep(30);  // ended long before
-                std::_Exit(7);
-            });
+            mproc::Process child(target);
             forking = true;
             try {
                 child.start();
-                outcome = child.join(std::chrono::seconds(60)) && child.exitcode() == -SIGTERM ? 1 : 2;
+                outcome = child.join(std::chrono::seconds(60)) && child.exitcode() == expected ? 1 : 2;
             } catch (const mproc::Error&) {
-                outcome = 3;
+                outcome = 3;  // "no child was started"
             }
         });
         slow = true;
         while (!forking) std::this_thread::sleep_for(std::chrono::milliseconds(1));
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // into the slowed fork
-        mproc::detail::children().terminate_and_reap(1'000'000'000LL, mproc::detail::ChildRegistry::any_role,
-                                                     50'000'000LL);
+        cleanup();
         starter.join();
         std::_Exit(outcome == 1 ? 0 : 10 + outcome);
     });
     sandbox.start();
     REQUIRE(sandbox.join(std::chrono::seconds(120)));
-    CHECK(sandbox.exitcode().value_or(-1) == 0);
+    return sandbox.exitcode().value_or(-1);
+}
+}  // namespace
+
+TEST_CASE("a child whose fork was under way when the exit hook began ending the children is started, not denied") {
+    // The exit hook finds the fork under way and waits for it. start() must return the child (it
+    // runs: it is joined as a non-daemon child is), not say that none was started — nor may the
+    // hook give up on it and end it, as it does a daemon's.
+    const int status = start_in_slowed_fork(
+        [] {
+            ::usleep(1'000'000);  // still running when the slowed fork returns
+            std::_Exit(7);
+        },
+        7, [] { mproc::detail::end_process_children_at_exit(); });
+    CHECK(status == 0);
+}
+
+TEST_CASE("a fork a cleanup stopped waiting for is ended by its own thread, and its Process says how it ended") {
+    // A cleanup that waits 50 ms for forks under way ends every child and goes on without this
+    // one; the forking thread then ends its child as the cleanup would have (SIGTERM here), and
+    // start() returns it, its Process reporting that end.
+    const int status = start_in_slowed_fork(
+        [] {
+            ::sleep(30);  // ended long before
+            std::_Exit(7);
+        },
+        -SIGTERM,
+        [] {
+            mproc::detail::children().terminate_and_reap(1'000'000'000LL, mproc::detail::ChildRegistry::any_role,
+                                                         50'000'000LL);
+        });
+    CHECK(status == 0);
 }
